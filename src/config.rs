@@ -1,0 +1,348 @@
+//! `flowgate.yaml`: where the database, flows, scripts and templates are, which channels
+//! exist, and the policy settings (DESIGN §2.2).
+//!
+//! Without a file every key has a default that runs the repository's example flows on the
+//! sandbox channel and a SQLite file, so a newcomer sees flowgate work with one command.
+//! Unknown keys are errors with their location; `${VAR}` is read from the environment;
+//! secrets never print.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::diagnostic::{Diagnostic, Diagnostics};
+use crate::domain::HumanDuration;
+use crate::yaml::{self, EnvString, Secret};
+
+pub const DEFAULT_CONFIG_FILE: &str = "flowgate.yaml";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database: String,
+    pub listen: String,
+    /// Directory of `*.yaml` flows, read recursively.
+    pub flows: PathBuf,
+    pub scripts: PathBuf,
+    pub templates: PathBuf,
+    pub channels: Vec<ChannelConfig>,
+    pub policy: PolicyConfig,
+    pub fallback: Option<String>,
+    pub admin: AdminConfig,
+    /// The config file this came from, if any.
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Provider {
+    CloudApi,
+    Dialog360,
+    Sandbox,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelConfig {
+    pub name: String,
+    pub provider: Provider,
+    #[serde(default)]
+    pub phone_number_id: Option<EnvString>,
+    #[serde(default)]
+    pub waba_id: Option<EnvString>,
+    #[serde(default)]
+    pub access_token: Option<Secret>,
+    #[serde(default)]
+    pub app_secret: Option<Secret>,
+    #[serde(default)]
+    pub verify_token: Option<Secret>,
+    /// 360dialog's API key, sent as `D360-API-KEY`.
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+    /// The secret header 360dialog sends with webhooks.
+    #[serde(default)]
+    pub webhook_secret: Option<Secret>,
+    #[serde(default)]
+    pub api_base: Option<EnvString>,
+    #[serde(default = "default_throughput")]
+    pub throughput_mps: u32,
+    #[serde(default = "default_messaging_limit")]
+    pub messaging_limit: u32,
+}
+
+fn default_throughput() -> u32 {
+    80
+}
+
+fn default_messaging_limit() -> u32 {
+    2000
+}
+
+impl ChannelConfig {
+    pub fn sandbox(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            provider: Provider::Sandbox,
+            phone_number_id: None,
+            waba_id: None,
+            access_token: None,
+            app_secret: None,
+            verify_token: None,
+            api_key: None,
+            webhook_secret: None,
+            api_base: None,
+            throughput_mps: default_throughput(),
+            messaging_limit: default_messaging_limit(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    #[serde(default = "default_window", deserialize_with = "duration")]
+    pub window: HumanDuration,
+    #[serde(default = "default_margin", deserialize_with = "duration")]
+    pub safety_margin: HumanDuration,
+    #[serde(default = "default_queue_ttl", deserialize_with = "duration")]
+    pub queue_ttl: HumanDuration,
+    #[serde(default = "default_opt_out")]
+    pub opt_out_keywords: Vec<String>,
+    #[serde(default = "default_opt_in")]
+    pub opt_in_keywords: Vec<String>,
+    #[serde(default)]
+    pub opt_out_reply: Option<String>,
+    #[serde(default)]
+    pub opt_in_reply: Option<String>,
+}
+
+fn default_window() -> HumanDuration {
+    HumanDuration(chrono::Duration::hours(24))
+}
+fn default_margin() -> HumanDuration {
+    HumanDuration(chrono::Duration::minutes(2))
+}
+fn default_queue_ttl() -> HumanDuration {
+    HumanDuration(chrono::Duration::days(7))
+}
+fn default_opt_out() -> Vec<String> {
+    vec!["STOP".into(), "UNSUBSCRIBE".into()]
+}
+fn default_opt_in() -> Vec<String> {
+    vec!["START".into()]
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            window: default_window(),
+            safety_margin: default_margin(),
+            queue_ttl: default_queue_ttl(),
+            opt_out_keywords: default_opt_out(),
+            opt_in_keywords: default_opt_in(),
+            opt_out_reply: None,
+            opt_in_reply: None,
+        }
+    }
+}
+
+/// Deserializes a [`HumanDuration`] from text such as `24h`.
+pub fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HumanDuration, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(serde::de::Error::custom)
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default)]
+    pub token: Option<Secret>,
+}
+
+/// The file's shape; every key optional so a partial file keeps the other defaults.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    database: Option<EnvString>,
+    listen: Option<EnvString>,
+    flows: Option<String>,
+    scripts: Option<String>,
+    templates: Option<String>,
+    channels: Option<Vec<ChannelConfig>>,
+    policy: Option<PolicyConfig>,
+    fallback: Option<String>,
+    admin: Option<AdminConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            database: "sqlite://data/flowgate.db".into(),
+            listen: "127.0.0.1:8080".into(),
+            flows: "flows".into(),
+            scripts: "scripts".into(),
+            templates: "templates.yaml".into(),
+            channels: vec![ChannelConfig::sandbox("sandbox")],
+            policy: PolicyConfig::default(),
+            fallback: None,
+            admin: AdminConfig::default(),
+            file: None,
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path`; when `path` is the default name and no such file exists, the defaults.
+    /// A path the user named explicitly must exist.
+    pub fn load(path: Option<&Path>) -> Result<Config, Box<Diagnostics>> {
+        let (path, explicit) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_FILE), false),
+        };
+        let file = path.display().to_string();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Config::default());
+            }
+            Err(e) => {
+                let mut diags = Diagnostics::default();
+                diags.push(Diagnostic::error(&file, None, format!("cannot read the config: {e}")));
+                return Err(Box::new(diags));
+            }
+        };
+        Self::from_str(&file, &text, path.parent().unwrap_or(Path::new("")))
+    }
+
+    /// Parses config text; relative paths in it are relative to `base` (the file's directory).
+    pub fn from_str(file: &str, text: &str, base: &Path) -> Result<Config, Box<Diagnostics>> {
+        let mut diags = Diagnostics::default();
+        diags.add_source(file, Arc::from(text));
+        let raw: RawConfig = if text.trim().is_empty() {
+            serde_saphyr::from_str("{}").expect("empty config parses")
+        } else {
+            match yaml::parse(file, text) {
+                Ok(raw) => raw,
+                Err(d) => {
+                    diags.push(*d);
+                    return Err(Box::new(diags));
+                }
+            }
+        };
+        let defaults = Config::default();
+        let resolve = |p: Option<String>, default: PathBuf| match p {
+            Some(p) => base.join(p),
+            None if base.as_os_str().is_empty() => default,
+            None => base.join(default),
+        };
+        let config = Config {
+            database: raw.database.map(|s| s.0).unwrap_or(defaults.database),
+            listen: raw.listen.map(|s| s.0).unwrap_or(defaults.listen),
+            flows: resolve(raw.flows, defaults.flows),
+            scripts: resolve(raw.scripts, defaults.scripts),
+            templates: resolve(raw.templates, defaults.templates),
+            channels: raw.channels.unwrap_or(defaults.channels),
+            policy: raw.policy.unwrap_or_default(),
+            fallback: raw.fallback,
+            admin: raw.admin.unwrap_or_default(),
+            file: Some(PathBuf::from(file)),
+        };
+        for problem in config.problems() {
+            diags.push(Diagnostic::error(file, None, problem));
+        }
+        if diags.has_errors() {
+            return Err(Box::new(diags));
+        }
+        Ok(config)
+    }
+
+    /// Consistency rules serde cannot express.
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.channels.is_empty() {
+            problems.push("no channels: add at least one (provider: sandbox needs no account)".into());
+        }
+        for (i, c) in self.channels.iter().enumerate() {
+            if self.channels[..i].iter().any(|o| o.name == c.name) {
+                problems.push(format!("two channels are named `{}`: names must be unique", c.name));
+            }
+            let missing = |what: &str| {
+                format!(
+                    "channel `{}` ({:?}) needs `{what}`",
+                    c.name,
+                    c.provider
+                )
+            };
+            match c.provider {
+                Provider::CloudApi => {
+                    for (key, present) in [
+                        ("phone_number_id", c.phone_number_id.is_some()),
+                        ("access_token", c.access_token.is_some()),
+                        ("app_secret", c.app_secret.is_some()),
+                        ("verify_token", c.verify_token.is_some()),
+                    ] {
+                        if !present {
+                            problems.push(missing(key));
+                        }
+                    }
+                }
+                Provider::Dialog360 => {
+                    if c.api_key.is_none() {
+                        problems.push(missing("api_key"));
+                    }
+                }
+                Provider::Sandbox => {}
+            }
+        }
+        problems
+    }
+
+    /// The channel conversations use when none is named: the first one.
+    pub fn default_channel(&self) -> &ChannelConfig {
+        &self.channels[0]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_file_means_defaults() {
+        let c = Config::from_str("flowgate.yaml", "", Path::new("")).unwrap();
+        assert_eq!(c.database, "sqlite://data/flowgate.db");
+        assert_eq!(c.flows, PathBuf::from("flows"));
+        assert_eq!(c.default_channel().provider, Provider::Sandbox);
+        assert_eq!(c.policy.window.0, chrono::Duration::hours(24));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_location() {
+        let text = "database: \"sqlite::memory:\"\npolicy:\n  window: 24h\n  windoe: 2h\n";
+        let err = Config::from_str("flowgate.yaml", text, Path::new("")).unwrap_err();
+        let d = &err.items[0];
+        assert_eq!(d.position(), "flowgate.yaml:4:3");
+        assert!(d.message.contains("unknown field `windoe`"), "{}", d.message);
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let c = Config::from_str("x/flowgate.yaml", "flows: my_flows\n", Path::new("x")).unwrap();
+        assert_eq!(c.flows, PathBuf::from("x/my_flows"));
+        assert_eq!(c.scripts, PathBuf::from("x/scripts"));
+    }
+
+    #[test]
+    fn cloud_api_channel_needs_its_credentials() {
+        let text = "channels:\n  - name: main\n    provider: cloud_api\n    phone_number_id: '1'\n";
+        let err = Config::from_str("f.yaml", text, Path::new("")).unwrap_err();
+        assert!(err.items.iter().any(|d| d.message.contains("needs `access_token`")));
+    }
+
+    #[test]
+    fn bad_durations_point_at_the_value() {
+        let err = Config::from_str("f.yaml", "policy:\n  window: soon\n", Path::new("")).unwrap_err();
+        assert_eq!(err.items[0].position(), "f.yaml:2:11");
+        assert!(err.items[0].message.contains("not a duration"));
+    }
+}

@@ -1,0 +1,468 @@
+//! The vocabulary every other module speaks: who a contact is, what a customer sent, what the
+//! bot wants to send and what the policy decided about it.
+//!
+//! Nothing here does I/O or knows WhatsApp's JSON; `whatsapp` translates Graph API payloads
+//! into these types and back.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+
+/// A customer's WhatsApp id (their phone number in international form, without `+`).
+pub type WaId = String;
+
+/// A contact as the engine sees it: identity, profile, segmentation and window state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Contact {
+    pub wa_id: WaId,
+    pub name: Option<String>,
+    pub tags: BTreeSet<String>,
+    pub attrs: serde_json::Map<String, serde_json::Value>,
+    pub timezone: Option<String>,
+    /// Time of the last customer-authored message (webhook `timestamp`); never moves backwards.
+    pub last_customer_message_at: Option<DateTime<Utc>>,
+}
+
+impl Contact {
+    pub fn new(wa_id: impl Into<WaId>) -> Self {
+        Self {
+            wa_id: wa_id.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Records a customer-authored message at `at`, keeping the latest time.
+    pub fn saw_customer_message(&mut self, at: DateTime<Utc>) {
+        if self.last_customer_message_at.is_none_or(|t| at > t) {
+            self.last_customer_message_at = Some(at);
+        }
+    }
+}
+
+/// One message a customer sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Inbound {
+    /// The provider's message id (`wamid.…`); the sandbox makes its own.
+    pub id: String,
+    /// When the customer sent it (the webhook's `timestamp`, not the arrival time).
+    pub timestamp: DateTime<Utc>,
+    pub content: InboundContent,
+}
+
+/// What a customer sent, reduced to what flows can react to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum InboundContent {
+    Text { body: String },
+    /// A reply button tapped on an interactive message.
+    ButtonReply { id: String, title: String },
+    /// A row picked from an interactive list.
+    ListReply { id: String, title: String },
+    /// A quick-reply button on a template (`type: button`); `payload` is the id.
+    TemplateButton { payload: String, text: String },
+    Media { kind: String, caption: Option<String> },
+    Location { latitude: f64, longitude: f64 },
+    Reaction { emoji: String },
+    /// A type flowgate does not interpret; stored, never answered by a trigger.
+    Other { kind: String },
+}
+
+impl InboundContent {
+    pub fn text(body: impl Into<String>) -> Self {
+        Self::Text { body: body.into() }
+    }
+
+    /// The text a flow sees: the body, a button's title, a caption.
+    pub fn as_text(&self) -> &str {
+        match self {
+            Self::Text { body } => body,
+            Self::ButtonReply { title, .. } | Self::ListReply { title, .. } => title,
+            Self::TemplateButton { text, .. } => text,
+            Self::Media { caption, .. } => caption.as_deref().unwrap_or(""),
+            _ => "",
+        }
+    }
+
+    /// The id of a tapped reply button or template quick reply.
+    pub fn button_id(&self) -> Option<&str> {
+        match self {
+            Self::ButtonReply { id, .. } => Some(id),
+            Self::TemplateButton { payload, .. } => Some(payload),
+            _ => None,
+        }
+    }
+
+    pub fn list_id(&self) -> Option<&str> {
+        match self {
+            Self::ListReply { id, .. } => Some(id),
+            _ => None,
+        }
+    }
+
+    /// The message type as flows see it in `message.type`.
+    pub fn kind(&self) -> &str {
+        match self {
+            Self::Text { .. } => "text",
+            Self::ButtonReply { .. } => "button_reply",
+            Self::ListReply { .. } => "list_reply",
+            Self::TemplateButton { .. } => "button",
+            Self::Media { kind, .. } => kind,
+            Self::Location { .. } => "location",
+            Self::Reaction { .. } => "reaction",
+            Self::Other { kind } => kind,
+        }
+    }
+
+    /// Whether this message opens or refreshes the customer service window (DESIGN §4.1).
+    pub fn refreshes_window(&self) -> bool {
+        !matches!(self, Self::Other { .. })
+    }
+}
+
+/// A reply button.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Button {
+    pub id: String,
+    pub title: String,
+}
+
+/// One row of an interactive list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListRow {
+    pub id: String,
+    pub title: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// A titled group of list rows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListSection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    pub rows: Vec<ListRow>,
+}
+
+/// What a message says, in the shapes WhatsApp can carry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum OutboundContent {
+    Text {
+        body: String,
+        #[serde(default)]
+        preview_url: bool,
+    },
+    Buttons {
+        body: String,
+        buttons: Vec<Button>,
+    },
+    List {
+        body: String,
+        /// The label of the button that opens the list.
+        button: String,
+        sections: Vec<ListSection>,
+    },
+    Media {
+        /// image, video, audio, document or sticker.
+        kind: String,
+        link: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        caption: Option<String>,
+    },
+    Template {
+        name: String,
+        language: String,
+        params: Vec<String>,
+    },
+}
+
+impl OutboundContent {
+    pub fn text(body: impl Into<String>) -> Self {
+        Self::Text {
+            body: body.into(),
+            preview_url: false,
+        }
+    }
+
+    /// The main text, for logs, `chat` and test assertions.
+    pub fn body(&self) -> &str {
+        match self {
+            Self::Text { body, .. } | Self::Buttons { body, .. } | Self::List { body, .. } => body,
+            Self::Media { caption, .. } => caption.as_deref().unwrap_or(""),
+            Self::Template { name, .. } => name,
+        }
+    }
+
+    /// Whether this is a free-form (non-template) message, which needs an open window.
+    pub fn is_free_form(&self) -> bool {
+        !matches!(self, Self::Template { .. })
+    }
+}
+
+/// The template a free-form message becomes outside the window (the step's `outside_window`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TemplateFallback {
+    pub name: String,
+    pub language: String,
+    pub params: Vec<String>,
+}
+
+/// Where an outgoing message came from, for the message log and the policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Origin {
+    /// A flow step (a `say`, `ask`, `retry` or `template`).
+    Step { flow: String, step: String },
+    /// A script's `reply(…)`.
+    Script { flow: String, step: String },
+    /// The built-in apology after a failing script or flow.
+    Error { flow: String, step: String },
+    /// An agent's message through the API or a conversation test.
+    Agent,
+    /// A configured system reply (opt-in or opt-out confirmation).
+    System,
+}
+
+/// A message the engine wants sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outbound {
+    pub content: OutboundContent,
+    pub origin: Origin,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outside_window: Option<TemplateFallback>,
+}
+
+/// The policy's verdict on one outgoing message, stored with it (DESIGN §4).
+///
+/// Until the policy layer lands every message is `Send`; the variants are the contract the
+/// message log, `chat` and conversation tests already speak.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "decision", rename_all = "snake_case")]
+pub enum Decision {
+    Send,
+    Rewritten { template: String, reason: String },
+    Queued { reason: String },
+    Skipped { reason: String },
+    Expired,
+    Failed { reason: String },
+}
+
+impl Decision {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Send => "send",
+            Self::Rewritten { .. } => "rewritten",
+            Self::Queued { .. } => "queued",
+            Self::Skipped { .. } => "skipped",
+            Self::Expired => "expired",
+            Self::Failed { .. } => "failed",
+        }
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Self::Rewritten { reason, .. }
+            | Self::Queued { reason }
+            | Self::Skipped { reason }
+            | Self::Failed { reason } => Some(reason),
+            Self::Send | Self::Expired => None,
+        }
+    }
+}
+
+/// A duration written the way flow authors write them: `90s`, `2m`, `24h`, `7d`, `1h30m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    pub fn as_duration(self) -> Duration {
+        self.0
+    }
+}
+
+/// Why a duration did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{input}` is not a duration: write a number and a unit, e.g. 90s, 15m, 24h, 7d or 1h30m")]
+pub struct DurationError {
+    pub input: String,
+}
+
+impl std::str::FromStr for HumanDuration {
+    type Err = DurationError;
+
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        let err = || DurationError {
+            input: input.to_string(),
+        };
+        let s = input.trim();
+        if s.is_empty() {
+            return Err(err());
+        }
+        let mut total = Duration::zero();
+        let mut digits = String::new();
+        for c in s.chars() {
+            if c.is_ascii_digit() {
+                digits.push(c);
+                continue;
+            }
+            let n: i64 = digits.parse().map_err(|_| err())?;
+            digits.clear();
+            total += match c {
+                's' => Duration::seconds(n),
+                'm' => Duration::minutes(n),
+                'h' => Duration::hours(n),
+                'd' => Duration::days(n),
+                'w' => Duration::weeks(n),
+                _ => return Err(err()),
+            };
+        }
+        if !digits.is_empty() {
+            return Err(err());
+        }
+        Ok(Self(total))
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&format_duration(self.0))
+    }
+}
+
+/// Formats a duration compactly: `1d2h`, `25h` is `1d1h`, `90s` is `1m30s`.
+pub fn format_duration(d: Duration) -> String {
+    let mut secs = d.num_seconds();
+    if secs == 0 {
+        return "0s".into();
+    }
+    let mut out = String::new();
+    if secs < 0 {
+        out.push('-');
+        secs = -secs;
+    }
+    for (unit, size) in [("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)] {
+        if secs >= size {
+            out.push_str(&format!("{}{unit}", secs / size));
+            secs %= size;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_print() {
+        let d: HumanDuration = "1h30m".parse().unwrap();
+        assert_eq!(d.0, Duration::minutes(90));
+        assert_eq!("7d".parse::<HumanDuration>().unwrap().0, Duration::days(7));
+        assert_eq!(format_duration(Duration::hours(25)), "1d1h");
+        assert!("24".parse::<HumanDuration>().is_err());
+        assert!("h".parse::<HumanDuration>().is_err());
+        assert!("3y".parse::<HumanDuration>().is_err());
+    }
+
+    #[test]
+    fn window_time_never_moves_backwards() {
+        let mut c = Contact::new("1555");
+        let t = VirtualTime::at(10);
+        c.saw_customer_message(t);
+        c.saw_customer_message(VirtualTime::at(5));
+        assert_eq!(c.last_customer_message_at, Some(t));
+    }
+
+    struct VirtualTime;
+    impl VirtualTime {
+        fn at(h: i64) -> DateTime<Utc> {
+            crate::clock::VirtualClock::test_epoch() + Duration::hours(h)
+        }
+    }
+}
+
+/// WhatsApp's limits on interactive messages (FACTS.md §2). `check` applies them to literal
+/// text; [`limits::fit`] applies them at send time to interpolated text.
+pub mod limits {
+    use super::OutboundContent;
+
+    pub const TEXT_BODY: usize = 4096;
+    /// The body of a button message, and a media caption.
+    pub const CAPTION_OR_BUTTON_BODY: usize = 1024;
+    pub const MAX_BUTTONS: usize = 3;
+    pub const BUTTON_TITLE: usize = 20;
+    pub const BUTTON_ID: usize = 256;
+    pub const LIST_BUTTON: usize = 20;
+    pub const MAX_LIST_SECTIONS: usize = 10;
+    pub const MAX_LIST_ROWS: usize = 10;
+    pub const LIST_SECTION_TITLE: usize = 24;
+    pub const LIST_ROW_ID: usize = 200;
+    pub const LIST_ROW_TITLE: usize = 24;
+    pub const LIST_ROW_DESCRIPTION: usize = 72;
+
+    /// Shortens text that interpolation made too long, so WhatsApp accepts the message
+    /// instead of rejecting it; returns what was shortened, for the log.
+    pub fn fit(content: &mut OutboundContent) -> Vec<String> {
+        let mut notes = Vec::new();
+        let mut cut = |text: &mut String, max: usize, what: &str| {
+            if text.chars().count() > max {
+                let mut s: String = text.chars().take(max - 1).collect();
+                s.push('…');
+                notes.push(format!("{what} shortened to {max} characters"));
+                *text = s;
+            }
+        };
+        match content {
+            OutboundContent::Text { body, .. } => cut(body, TEXT_BODY, "text"),
+            OutboundContent::Buttons { body, buttons } => {
+                cut(body, CAPTION_OR_BUTTON_BODY, "button message body");
+                for b in buttons {
+                    cut(&mut b.title, BUTTON_TITLE, "button title");
+                }
+            }
+            OutboundContent::List { body, button, sections } => {
+                cut(body, TEXT_BODY, "list body");
+                cut(button, LIST_BUTTON, "list button");
+                for s in sections {
+                    if let Some(t) = &mut s.title {
+                        cut(t, LIST_SECTION_TITLE, "section title");
+                    }
+                    for r in &mut s.rows {
+                        cut(&mut r.title, LIST_ROW_TITLE, "row title");
+                        if let Some(d) = &mut r.description {
+                            cut(d, LIST_ROW_DESCRIPTION, "row description");
+                        }
+                    }
+                }
+            }
+            OutboundContent::Media { caption: Some(c), .. } => {
+                cut(c, CAPTION_OR_BUTTON_BODY, "caption")
+            }
+            OutboundContent::Media { .. } | OutboundContent::Template { .. } => {}
+        }
+        notes
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::domain::Button;
+
+        #[test]
+        fn fit_shortens_interpolated_titles() {
+            let mut c = OutboundContent::Buttons {
+                body: "Pick".into(),
+                buttons: vec![Button {
+                    id: "a".into(),
+                    title: "A very long button title indeed".into(),
+                }],
+            };
+            let notes = fit(&mut c);
+            assert_eq!(notes.len(), 1);
+            let OutboundContent::Buttons { buttons, .. } = c else { unreachable!() };
+            assert_eq!(buttons[0].title.chars().count(), 20);
+        }
+    }
+}

@@ -1,0 +1,1042 @@
+//! One flow file into a [`Flow`]: every reference resolved, every regex and Rhai snippet
+//! compiled, WhatsApp's limits checked on literal text. Problems become diagnostics at the
+//! key or value involved; a flow with errors is not returned.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use chrono::Duration;
+use regex::Regex;
+use serde_saphyr::Spanned;
+use sha2::{Digest, Sha256};
+
+use super::raw::{RawBranch, RawExpect, RawFlow, RawList, RawNext, RawStep, RawTemplateRef, RawWait};
+use super::{
+    Action, Ask, Body, Branch, Bundle, Cond, EXPECT_KINDS, Expect, Expr, Flow, Http, List, ListRow,
+    Message, Route, Script, Step, Target, TemplateCall, Text, Trigger, TriggerKind, Wait,
+};
+use crate::diagnostic::{Diagnostic, Diagnostics, Loc, did_you_mean};
+use crate::domain::{HumanDuration, limits};
+use crate::script::Scripting;
+use crate::templates::{Registry, Status};
+use crate::yaml::{self, loc};
+
+/// Finds a script file by the name a flow gives it: `(path for messages, text)`.
+pub type ScriptSource<'a> = &'a dyn Fn(&str) -> Result<(String, String), String>;
+
+/// A reference to another flow, checked once every flow is loaded.
+#[derive(Debug, Clone)]
+pub struct FlowRef {
+    pub flow: String,
+    pub loc: Loc,
+}
+
+/// What compiling one file produced.
+#[derive(Debug, Default)]
+pub struct Compiled {
+    pub flow: Option<Flow>,
+    pub flow_refs: Vec<FlowRef>,
+    /// The `flow:` id and its location, even when the flow has errors (for duplicate checks).
+    pub id: Option<(String, Loc)>,
+    pub diagnostics: Diagnostics,
+}
+
+/// Compiles the flow in `text` (the contents of `file`).
+pub fn compile_flow(
+    file: &str,
+    text: &str,
+    scripting: &Scripting,
+    templates: &Registry,
+    scripts: ScriptSource<'_>,
+) -> Compiled {
+    let mut out = Compiled::default();
+    out.diagnostics.add_source(file, Arc::from(text));
+    let raw: RawFlow = match yaml::parse(file, text) {
+        Ok(raw) => raw,
+        Err(d) => {
+            out.diagnostics.push(*d);
+            return out;
+        }
+    };
+    out.id = Some((raw.flow.value.clone(), loc(&raw.flow)));
+    let mut c = Compiler {
+        file,
+        text,
+        scripting,
+        templates,
+        scripts,
+        diags: &mut out.diagnostics,
+        step_ids: raw
+            .steps
+            .value
+            .0
+            .iter()
+            .map(|(k, _)| k.value.clone())
+            .collect(),
+        flow_refs: Vec::new(),
+        script_bundle: Vec::new(),
+        goto_literals: HashMap::new(),
+    };
+    let flow = c.flow(&raw);
+    out.flow_refs = std::mem::take(&mut c.flow_refs);
+    if !out.diagnostics.has_errors() {
+        out.flow = flow;
+    }
+    out
+}
+
+struct Compiler<'a> {
+    file: &'a str,
+    text: &'a str,
+    scripting: &'a Scripting,
+    templates: &'a Registry,
+    scripts: ScriptSource<'a>,
+    diags: &'a mut Diagnostics,
+    step_ids: Vec<String>,
+    flow_refs: Vec<FlowRef>,
+    script_bundle: Vec<(String, String, String)>,
+    /// Steps that scripts name in `goto("…")`, per step index, for reachability.
+    goto_literals: HashMap<usize, Vec<usize>>,
+}
+
+impl Compiler<'_> {
+    fn error(&mut self, at: Loc, message: impl Into<String>) -> &mut Diagnostic {
+        self.diags
+            .push(Diagnostic::error(self.file, Some(at), message));
+        self.diags.items.last_mut().expect("just pushed")
+    }
+
+    fn warning(&mut self, at: Loc, message: impl Into<String>) -> &mut Diagnostic {
+        self.diags
+            .push(Diagnostic::warning(self.file, Some(at), message));
+        self.diags.items.last_mut().expect("just pushed")
+    }
+
+    fn flow(&mut self, raw: &RawFlow) -> Option<Flow> {
+        let id = raw.flow.value.clone();
+        if !valid_name(&id) {
+            self.error(loc(&raw.flow), format!("`{id}` is not a valid flow id"))
+                .help = Some("use letters, digits, `_` and `-`".into());
+        }
+        if self.step_ids.is_empty() {
+            self.error(loc(&raw.steps), "a flow needs at least one step");
+            return None;
+        }
+        let start = match &raw.start {
+            Some(s) => self.step_ref(s)?,
+            None => 0,
+        };
+        let session_timeout = raw
+            .session_timeout
+            .as_ref()
+            .and_then(|t| self.duration(t));
+        let triggers = raw
+            .triggers
+            .iter()
+            .filter_map(|t| self.trigger(t))
+            .collect();
+        let mut steps = Vec::new();
+        for (index, (key, step)) in raw.steps.value.0.iter().enumerate() {
+            if !valid_name(&key.value) {
+                self.error(loc(key), format!("`{}` is not a valid step id", key.value))
+                    .help = Some("use letters, digits, `_` and `-`".into());
+            }
+            if let Some(step) = self.step(index, key, step) {
+                steps.push(step);
+            }
+        }
+        if steps.len() != self.step_ids.len() {
+            return None;
+        }
+        self.unreachable(&raw.steps.value.0, &steps, start);
+        let mut hasher = Sha256::new();
+        hasher.update(self.text.as_bytes());
+        for (name, _, text) in &self.script_bundle {
+            hasher.update(name.as_bytes());
+            hasher.update(text.as_bytes());
+        }
+        let version = hex::encode(&hasher.finalize()[..8]);
+        Some(Flow {
+            id,
+            version,
+            description: raw.description.clone(),
+            file: self.file.to_string(),
+            triggers,
+            start,
+            session_timeout,
+            steps,
+            bundle: Bundle {
+                file: self.file.to_string(),
+                text: self.text.to_string(),
+                scripts: std::mem::take(&mut self.script_bundle),
+            },
+        })
+    }
+
+    fn trigger(&mut self, raw: &Spanned<super::raw::RawTrigger>) -> Option<Trigger> {
+        let t = &raw.value;
+        let kinds = [
+            t.keywords.is_some(),
+            t.regex.is_some(),
+            t.button.is_some(),
+            t.list.is_some(),
+            t.any.is_some(),
+        ];
+        if kinds.iter().filter(|k| **k).count() != 1 {
+            self.error(
+                loc(raw),
+                "a trigger needs exactly one of `keywords`, `regex`, `button`, `list` or `any`",
+            );
+            return None;
+        }
+        let kind = if let Some(words) = &t.keywords {
+            if words.value.is_empty() {
+                self.error(loc(words), "`keywords` is empty");
+                return None;
+            }
+            let words: Vec<String> = words
+                .value
+                .iter()
+                .map(|w| w.value.trim().to_string())
+                .collect();
+            let alternation = words
+                .iter()
+                .map(|w| regex::escape(w))
+                .collect::<Vec<_>>()
+                .join("|");
+            let flags = if t.case_sensitive { "" } else { "(?i)" };
+            let pattern = Regex::new(&format!(r"{flags}(?:^|\W)(?:{alternation})(?:\W|$)"))
+                .expect("escaped keywords form a valid regex");
+            let words = if t.case_sensitive {
+                words
+            } else {
+                words.into_iter().map(|w| w.to_lowercase()).collect()
+            };
+            TriggerKind::Keywords { words, pattern }
+        } else if let Some(re) = &t.regex {
+            let source = if t.case_sensitive {
+                re.value.clone()
+            } else {
+                format!("(?i){}", re.value)
+            };
+            TriggerKind::Regex(self.regex(re, &source)?)
+        } else if let Some(b) = &t.button {
+            TriggerKind::Button(b.value.clone())
+        } else if let Some(l) = &t.list {
+            TriggerKind::List(l.value.clone())
+        } else {
+            TriggerKind::Any
+        };
+        Some(Trigger {
+            kind,
+            interrupt: t.interrupt,
+            priority: t.priority,
+            loc: loc(raw),
+        })
+    }
+
+    fn regex(&mut self, at: &Spanned<String>, source: &str) -> Option<Regex> {
+        match Regex::new(source) {
+            Ok(re) => Some(re),
+            Err(e) => {
+                let detail = e.to_string();
+                let last = detail.lines().last().unwrap_or_default().trim().to_string();
+                self.error(self.value_loc(at), "this regex does not compile")
+                    .label = Some(last.trim_start_matches("error: ").to_string());
+                None
+            }
+        }
+    }
+
+    /// The location of a scalar's content, skipping an opening quote.
+    fn value_loc(&self, at: &Spanned<String>) -> Loc {
+        let mut l = loc(at);
+        if let Some(c) = self.text[l.offset.min(self.text.len())..].chars().next()
+            && (c == '"' || c == '\'')
+        {
+            l.offset += 1;
+            l.col += 1;
+            l.len = l.len.saturating_sub(2);
+        }
+        l
+    }
+
+    fn duration(&mut self, at: &Spanned<String>) -> Option<Duration> {
+        match at.value.parse::<HumanDuration>() {
+            Ok(d) if d.0 > Duration::zero() => Some(d.0),
+            Ok(_) => {
+                self.error(loc(at), "a duration must be longer than zero");
+                None
+            }
+            Err(e) => {
+                self.error(loc(at), e.to_string());
+                None
+            }
+        }
+    }
+
+    fn step_ref(&mut self, at: &Spanned<String>) -> Option<usize> {
+        match self.step_ids.iter().position(|s| *s == at.value) {
+            Some(i) => Some(i),
+            None => {
+                let help = did_you_mean(&at.value, self.step_ids.iter().map(String::as_str));
+                let d = self.error(self.value_loc(at), format!("there is no step `{}` in this flow", at.value));
+                d.label = Some("unknown step".into());
+                d.help = help;
+                None
+            }
+        }
+    }
+
+    fn flow_ref(&mut self, at: &Spanned<String>) -> Target {
+        self.flow_refs.push(FlowRef {
+            flow: at.value.clone(),
+            loc: self.value_loc(at),
+        });
+        Target::Flow(at.value.clone())
+    }
+
+    fn text(&mut self, at: &Spanned<String>) -> Option<Text> {
+        match Text::compile(&at.value, self.scripting) {
+            Ok(t) => Some(t),
+            Err((offset, e)) => {
+                let mut l = self.value_loc(at);
+                if !at.value[..offset].contains('\n') && l.is_known() {
+                    l.offset += offset;
+                    l.col += at.value[..offset].chars().count();
+                    l.len = 2;
+                }
+                self.error(l, format!("this `{{{{ … }}}}` expression does not compile: {}", e.message));
+                None
+            }
+        }
+    }
+
+    fn expr(&mut self, at: &Spanned<String>) -> Option<Expr> {
+        match self.scripting.compile_expression(&at.value) {
+            Ok(ast) => Some(Expr {
+                source: at.value.clone(),
+                ast,
+            }),
+            Err(e) => {
+                let mut l = self.value_loc(at);
+                if let (Some(1), Some(col)) = (e.line, e.col) {
+                    l.col += col - 1;
+                    l.offset += at.value.char_indices().nth(col - 1).map(|(i, _)| i).unwrap_or(0);
+                    l.len = 1;
+                }
+                self.error(l, format!("this condition does not compile: {}", e.message));
+                None
+            }
+        }
+    }
+
+    fn step(&mut self, index: usize, key: &Spanned<String>, raw: &Spanned<RawStep>) -> Option<Step> {
+        let s = &raw.value;
+        let errors_before = self.diags.errors();
+        let key_loc = loc(key);
+
+        let actions: Vec<(&str, Loc)> = [
+            ("say", s.say.as_ref().map(loc)),
+            ("ask", s.ask.as_ref().map(loc)),
+            ("template", s.template.as_ref().map(loc)),
+            ("script", s.script.as_ref().map(loc)),
+            ("rhai", s.rhai.as_ref().map(loc)),
+            ("http", s.http.as_ref().map(loc)),
+        ]
+        .into_iter()
+        .filter_map(|(name, l)| l.map(|l| (name, l)))
+        .collect();
+        if let [(first, _), (second, at), ..] = actions.as_slice() {
+            let (first, second, at) = (*first, *second, *at);
+            self.error(at, format!("a step does one thing: it has both `{first}` and `{second}`"))
+                .help = Some("split it into two steps joined by `next`".into());
+        }
+        let routes: Vec<(&str, Loc)> = [
+            ("next", s.next.as_ref().map(loc)),
+            ("goto", s.goto.as_ref().map(loc)),
+            ("flow", s.flow.as_ref().map(loc)),
+            ("end", s.end.as_ref().map(loc)),
+        ]
+        .into_iter()
+        .filter_map(|(name, l)| l.map(|l| (name, l)))
+        .collect();
+        if let [(first, _), (second, at), ..] = routes.as_slice() {
+            let (first, second, at) = (*first, *second, *at);
+            self.error(at, format!("a step has one way on: it has both `{first}` and `{second}`"));
+        }
+        if s.ask.is_none() {
+            for (name, at) in [
+                ("save", s.save.as_ref().map(loc)),
+                ("expect", s.expect.as_ref().map(loc)),
+                ("retry", s.retry.as_ref().map(loc)),
+                ("attempts", s.attempts.as_ref().map(loc)),
+                ("on_fail", s.on_fail.as_ref().map(loc)),
+                ("timeout", s.timeout.as_ref().map(loc)),
+                ("on_timeout", s.on_timeout.as_ref().map(loc)),
+            ] {
+                if let Some(at) = at
+                    && s.http.as_ref().is_none_or(|_| name != "save")
+                {
+                    self.error(at, format!("`{name}` belongs to an `ask` step, and this step has no `ask`"));
+                }
+            }
+        }
+        if s.say.is_none() && s.ask.is_none() {
+            for (name, at) in [
+                ("buttons", s.buttons.as_ref().map(loc)),
+                ("list", s.list.as_ref().map(loc)),
+                ("media", s.media.as_ref().map(loc)),
+            ] {
+                if let Some(at) = at {
+                    self.error(at, format!("`{name}` needs a `say` or `ask` text to go with"));
+                }
+            }
+        }
+        if let (Some(_), Some(list)) = (&s.buttons, &s.list) {
+            self.error(loc(list), "a message has buttons or a list, not both");
+        }
+        if let Some(on_timeout) = &s.on_timeout
+            && s.timeout.is_none()
+        {
+            self.error(loc(on_timeout), "`on_timeout` needs a `timeout`");
+        }
+
+        let wait = match &s.wait {
+            None => None,
+            Some(w) => match &w.value {
+                RawWait::For(d) => {
+                    let spanned = Spanned {
+                        value: d.clone(),
+                        referenced: w.referenced,
+                        defined: w.defined,
+                    };
+                    self.duration(&spanned).map(Wait::For)
+                }
+                RawWait::Until(t) => {
+                    let spanned = Spanned {
+                        value: t.clone(),
+                        referenced: w.referenced,
+                        defined: w.defined,
+                    };
+                    self.text(&spanned).map(Wait::Until)
+                }
+            },
+        };
+
+        let mut set = Vec::new();
+        if let Some(vars) = &s.set {
+            for (name, value) in &vars.value.0 {
+                if !valid_var(&name.value) {
+                    self.error(loc(name), format!("`{}` is not a valid variable name", name.value));
+                    continue;
+                }
+                let text = match &value.value {
+                    serde_json::Value::String(text) => {
+                        let spanned = Spanned {
+                            value: text.clone(),
+                            referenced: value.referenced,
+                            defined: value.defined,
+                        };
+                        self.text(&spanned)
+                    }
+                    other => Text::compile(&format!("{{{{ {other} }}}}"), self.scripting).ok(),
+                };
+                if let Some(text) = text {
+                    set.push((name.value.clone(), text));
+                }
+            }
+        }
+
+        let message = |c: &mut Self, text: &Spanned<String>| c.message(text, s);
+        let action = if let Some(text) = &s.say {
+            message(self, text).map(Action::Say)
+        } else if let Some(text) = &s.ask {
+            let prompt = message(self, text);
+            let ask = self.ask(s, prompt);
+            ask.map(|a| Action::Ask(Box::new(a)))
+        } else if let Some(t) = &s.template {
+            self.template(t).map(Action::Template)
+        } else if let Some(name) = &s.script {
+            self.script_file(index, name).map(|s| Action::Script(Arc::new(s)))
+        } else if let Some(source) = &s.rhai {
+            self.script_inline(index, source).map(|s| Action::Script(Arc::new(s)))
+        } else if let Some(http) = &s.http {
+            self.http(http, s.save.as_ref()).map(|h| Action::Http(Box::new(h)))
+        } else {
+            Some(Action::None)
+        };
+
+        let route = if s.end.as_ref().is_some_and(|e| e.value) {
+            Some(Route::End)
+        } else if let Some(goto) = &s.goto {
+            self.step_ref(goto).map(|i| Route::Goto(Target::Step(i)))
+        } else if let Some(flow) = &s.flow {
+            Some(Route::Goto(self.flow_ref(flow)))
+        } else if let Some(next) = &s.next {
+            self.route(next, s)
+        } else {
+            Some(Route::End)
+        };
+
+        let on_error = s.on_error.as_ref().and_then(|e| self.step_ref(e));
+        let outside_window = s.outside_window.as_ref().and_then(|t| self.template(t));
+        if let Some(ow) = &s.outside_window
+            && s.say.is_none()
+            && s.ask.is_none()
+        {
+            self.warning(loc(ow), "`outside_window` only applies to a `say` or `ask` message");
+        }
+
+        if self.diags.errors() > errors_before {
+            return None;
+        }
+        Some(Step {
+            id: key.value.clone(),
+            loc: key_loc,
+            wait,
+            set,
+            tag: s.tag.as_ref().map(|t| t.value.0.clone()).unwrap_or_default(),
+            untag: s.untag.as_ref().map(|t| t.value.0.clone()).unwrap_or_default(),
+            action: action?,
+            handoff: s.handoff.as_ref().map(|h| h.value.clone()),
+            route: route?,
+            on_error,
+            outside_window,
+        })
+    }
+
+    /// A `say` or `ask` message with its buttons, list or media, and WhatsApp's limits.
+    fn message(&mut self, text_at: &Spanned<String>, s: &RawStep) -> Option<Message> {
+        let text = self.text(text_at)?;
+        let mut buttons = Vec::new();
+        if let Some(raw) = &s.buttons {
+            if raw.value.len() > limits::MAX_BUTTONS {
+                self.error(
+                    loc(&raw.value[limits::MAX_BUTTONS]),
+                    format!("WhatsApp allows at most {} reply buttons; this is number {}", limits::MAX_BUTTONS, limits::MAX_BUTTONS + 1),
+                )
+                .help = Some("use a `list` for up to 10 choices".into());
+            }
+            if raw.value.is_empty() {
+                self.error(loc(raw), "`buttons` is empty");
+            }
+            let mut titles: Vec<String> = Vec::new();
+            for b in &raw.value {
+                self.limit(&b.value.id, limits::BUTTON_ID, "a button id");
+                let title = self.text(&b.value.title)?;
+                if title.is_literal() {
+                    self.limit(&b.value.title, limits::BUTTON_TITLE, "a button title");
+                    if titles.contains(&title.raw) {
+                        self.error(self.value_loc(&b.value.title), "two buttons have this title: WhatsApp needs them unique");
+                    }
+                    titles.push(title.raw.clone());
+                }
+                if buttons.iter().any(|(id, _): &(String, Text)| *id == b.value.id.value) {
+                    self.error(self.value_loc(&b.value.id), format!("two buttons have the id `{}`", b.value.id.value));
+                }
+                buttons.push((b.value.id.value.clone(), title));
+            }
+        }
+        let list = match &s.list {
+            Some(l) => Some(self.list(l)?),
+            None => None,
+        };
+        let media = match &s.media {
+            Some(m) => {
+                let kinds = ["image", "video", "audio", "document", "sticker"];
+                if !kinds.contains(&m.value.kind.value.as_str()) {
+                    let help = did_you_mean(&m.value.kind.value, kinds);
+                    self.error(self.value_loc(&m.value.kind), format!("`{}` is not a media type", m.value.kind.value))
+                        .help = help.or(Some("use image, video, audio, document or sticker".into()));
+                }
+                Some((m.value.kind.value.clone(), self.text(&m.value.url)?))
+            }
+            None => None,
+        };
+        let max = if media.is_some() || !buttons.is_empty() {
+            limits::CAPTION_OR_BUTTON_BODY
+        } else {
+            limits::TEXT_BODY
+        };
+        if text.literal_len() > max {
+            self.error(
+                loc(text_at),
+                format!("this text is {} characters; WhatsApp allows {max} here", text.literal_len()),
+            );
+        }
+        Some(Message {
+            text,
+            buttons,
+            list,
+            media,
+        })
+    }
+
+    fn limit(&mut self, at: &Spanned<String>, max: usize, what: &str) {
+        let len = at.value.chars().count();
+        if len > max && !at.value.contains("{{") {
+            self.error(self.value_loc(at), format!("{what} may have at most {max} characters; this one has {len}"));
+        }
+    }
+
+    fn list(&mut self, raw: &Spanned<RawList>) -> Option<List> {
+        let l = &raw.value;
+        self.limit(&l.button, limits::LIST_BUTTON, "the list button label");
+        if !l.rows.is_empty() && !l.sections.is_empty() {
+            self.error(loc(raw), "write `rows` or `sections`, not both");
+            return None;
+        }
+        let raw_sections: Vec<(Option<&Spanned<String>>, &Vec<Spanned<super::raw::RawRow>>)> = if l.sections.is_empty() {
+            vec![(None, &l.rows)]
+        } else {
+            l.sections.iter().map(|s| (s.value.title.as_ref(), &s.value.rows)).collect()
+        };
+        if l.sections.len() > limits::MAX_LIST_SECTIONS {
+            self.error(loc(raw), format!("WhatsApp allows at most {} list sections", limits::MAX_LIST_SECTIONS));
+        }
+        let mut total = 0;
+        let mut ids: HashSet<String> = HashSet::new();
+        let mut sections = Vec::new();
+        for (title, rows) in raw_sections {
+            if let Some(t) = title {
+                self.limit(t, limits::LIST_SECTION_TITLE, "a section title");
+            }
+            let mut compiled = Vec::new();
+            for row in rows {
+                total += 1;
+                if total == limits::MAX_LIST_ROWS + 1 {
+                    self.error(loc(row), format!("WhatsApp allows at most {} list rows in all; this is number {}", limits::MAX_LIST_ROWS, total))
+                        .help = Some("split the choices over two messages".into());
+                }
+                self.limit(&row.value.id, limits::LIST_ROW_ID, "a row id");
+                self.limit(&row.value.title, limits::LIST_ROW_TITLE, "a row title");
+                if let Some(d) = &row.value.description {
+                    self.limit(d, limits::LIST_ROW_DESCRIPTION, "a row description");
+                }
+                if !ids.insert(row.value.id.value.clone()) {
+                    self.error(self.value_loc(&row.value.id), format!("two rows have the id `{}`", row.value.id.value));
+                }
+                let description = match &row.value.description {
+                    Some(d) => Some(self.text(d)?),
+                    None => None,
+                };
+                compiled.push(ListRow {
+                    id: row.value.id.value.clone(),
+                    title: self.text(&row.value.title)?,
+                    description,
+                });
+            }
+            let title = match title {
+                Some(t) => Some(self.text(t)?),
+                None => None,
+            };
+            sections.push((title, compiled));
+        }
+        if total == 0 {
+            self.error(loc(raw), "a list needs at least one row");
+        }
+        Some(List {
+            button: self.text(&l.button)?,
+            sections,
+        })
+    }
+
+    fn ask(&mut self, s: &RawStep, prompt: Option<Message>) -> Option<Ask> {
+        let prompt = prompt?;
+        let expect = match &s.expect {
+            None => Expect::Any,
+            Some(e) => match &e.value {
+                RawExpect::Regex(source) => {
+                    let spanned = Spanned {
+                        value: source.clone(),
+                        referenced: e.referenced,
+                        defined: e.defined,
+                    };
+                    Expect::Regex(self.regex(&spanned, source)?)
+                }
+                RawExpect::Kind(kind) => match kind.as_str() {
+                    "any" => Expect::Any,
+                    "number" => Expect::Number,
+                    "email" => Expect::Email,
+                    "phone" => Expect::Phone,
+                    "date" => Expect::Date,
+                    "button" => {
+                        if prompt.buttons.is_empty() && prompt.list.is_none() {
+                            self.error(loc(e), "`expect: button` needs `buttons` or a `list` on this step");
+                        }
+                        Expect::Button
+                    }
+                    other => {
+                        let help = did_you_mean(other, EXPECT_KINDS);
+                        self.error(loc(e), format!("`{other}` is not something an `ask` can expect"))
+                            .help = help.or(Some(format!("use one of {}, or {{ regex: '…' }}", EXPECT_KINDS.join(", "))));
+                        return None;
+                    }
+                },
+            },
+        };
+        if let Some(save) = &s.save
+            && !valid_var(&save.value)
+        {
+            self.error(loc(save), format!("`{}` is not a valid variable name", save.value));
+        }
+        let attempts = match &s.attempts {
+            Some(a) if a.value == 0 => {
+                self.error(loc(a), "`attempts` must be at least 1");
+                1
+            }
+            Some(a) => a.value,
+            None => 3,
+        };
+        let retry = match &s.retry {
+            Some(r) => Some(self.text(r)?),
+            None => None,
+        };
+        let timeout = s.timeout.as_ref().and_then(|t| self.duration(t));
+        let on_fail = match &s.on_fail {
+            Some(f) => Some(self.step_ref(f)?),
+            None => None,
+        };
+        let on_timeout = match &s.on_timeout {
+            Some(t) => Some(self.step_ref(t)?),
+            None => None,
+        };
+        Some(Ask {
+            prompt,
+            save: s.save.as_ref().map(|s| s.value.clone()),
+            expect,
+            retry,
+            attempts,
+            on_fail,
+            timeout,
+            on_timeout,
+        })
+    }
+
+    fn template(&mut self, raw: &Spanned<RawTemplateRef>) -> Option<TemplateCall> {
+        let t = &raw.value;
+        let params: Vec<Text> = t.params.iter().filter_map(|p| self.text(p)).collect();
+        if params.len() != t.params.len() {
+            return None;
+        }
+        let (name, language) = (&t.name.value, &t.language.value);
+        match self.templates.find(name, language) {
+            None => {
+                let languages = self.templates.languages_of(name);
+                if languages.is_empty() {
+                    let help = did_you_mean(name, self.templates.names());
+                    self.error(self.value_loc(&t.name), format!("there is no template `{name}` in the registry"))
+                        .help = help.or(Some("add it to templates.yaml, or run `flowgate templates sync`".into()));
+                } else {
+                    self.error(self.value_loc(&t.language), format!("template `{name}` has no `{language}` version"))
+                        .help = Some(format!("it exists in: {}", languages.join(", ")));
+                }
+            }
+            Some(found) => {
+                if found.param_count() != params.len() {
+                    self.error(
+                        loc(raw),
+                        format!(
+                            "template `{name}` ({language}) takes {} parameter{}, and {} {} given",
+                            found.param_count(),
+                            if found.param_count() == 1 { "" } else { "s" },
+                            params.len(),
+                            if params.len() == 1 { "is" } else { "are" }
+                        ),
+                    );
+                } else if found.status != Status::Approved {
+                    self.warning(
+                        self.value_loc(&t.name),
+                        format!("template `{name}` ({language}) is {:?}, not approved: it cannot be sent until Meta approves it", found.status).to_lowercase(),
+                    );
+                }
+            }
+        }
+        Some(TemplateCall {
+            name: name.clone(),
+            language: language.clone(),
+            params,
+            loc: loc(raw),
+        })
+    }
+
+    fn script_file(&mut self, index: usize, name: &Spanned<String>) -> Option<Script> {
+        let (path, source) = match (self.scripts)(&name.value) {
+            Ok(found) => found,
+            Err(e) => {
+                self.error(self.value_loc(name), e);
+                return None;
+            }
+        };
+        self.script_bundle
+            .push((name.value.clone(), path.clone(), source.clone()));
+        self.diags.add_source(&path, Arc::from(source.as_str()));
+        match self.scripting.compile_script(&source) {
+            Ok(ast) => {
+                self.note_gotos(index, &source);
+                Some(Script {
+                    name: path.clone(),
+                    ast,
+                    file: path,
+                    first_line: 1,
+                    first_col: 1,
+                })
+            }
+            Err(e) => {
+                let l = Loc::at(&source, e.line.unwrap_or(1), e.col.unwrap_or(1), 1);
+                self.diags.push(
+                    Diagnostic::error(&path, Some(l), format!("the script does not compile: {}", e.message))
+                        .with_help(format!("used by step `{}` in {}", self.step_ids[index], self.file)),
+                );
+                None
+            }
+        }
+    }
+
+    fn script_inline(&mut self, index: usize, source: &Spanned<String>) -> Option<Script> {
+        let at = loc(source);
+        match self.scripting.compile_script(&source.value) {
+            Ok(ast) => {
+                self.note_gotos(index, &source.value);
+                Some(Script {
+                    name: format!("{} (inline script)", self.file),
+                    ast,
+                    file: self.file.to_string(),
+                    first_line: at.line,
+                    first_col: at.col,
+                })
+            }
+            Err(e) => {
+                let line = at.line + e.line.unwrap_or(1) - 1;
+                let col = at.col + e.col.unwrap_or(1) - 1;
+                let l = Loc::at(self.text, line, col, 1);
+                self.error(l, format!("the script does not compile: {}", e.message));
+                None
+            }
+        }
+    }
+
+    /// Steps named by `goto("…")` in a script count as reachable, and must exist.
+    fn note_gotos(&mut self, index: usize, source: &str) {
+        static GOTO: std::sync::LazyLock<Regex> =
+            std::sync::LazyLock::new(|| Regex::new(r#"goto\(\s*"([^"]+)"\s*\)"#).expect("valid"));
+        for cap in GOTO.captures_iter(source) {
+            if let Some(i) = self.step_ids.iter().position(|s| *s == cap[1]) {
+                self.goto_literals.entry(index).or_default().push(i);
+            }
+        }
+    }
+
+    fn http(&mut self, raw: &Spanned<super::raw::RawHttp>, save: Option<&Spanned<String>>) -> Option<Http> {
+        let h = &raw.value;
+        let method = h
+            .method
+            .as_ref()
+            .map(|m| m.value.to_uppercase())
+            .unwrap_or_else(|| "POST".into());
+        if !["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&method.as_str()) {
+            self.error(loc(h.method.as_ref().expect("a bad method was written")), format!("`{method}` is not an HTTP method flowgate sends"));
+        }
+        let url_at = Spanned {
+            value: h.url.value.0.clone(),
+            referenced: h.url.referenced,
+            defined: h.url.defined,
+        };
+        let url = self.text(&url_at)?;
+        if url.is_literal() && !(url.raw.starts_with("http://") || url.raw.starts_with("https://")) {
+            self.error(loc(&h.url), format!("`{}` is not an http:// or https:// URL", url.raw));
+        }
+        let mut headers = Vec::new();
+        for (name, value) in &h.headers.0 {
+            let at = Spanned {
+                value: value.value.0.clone(),
+                referenced: value.referenced,
+                defined: value.defined,
+            };
+            headers.push((name.value.clone(), self.text(&at)?));
+        }
+        let body = match &h.body {
+            Some(b) => Some(self.body(&b.value, b)?),
+            None => None,
+        };
+        let save = h.save.as_ref().or(save);
+        if let Some(s) = save
+            && !valid_var(&s.value)
+        {
+            self.error(loc(s), format!("`{}` is not a valid variable name", s.value));
+        }
+        let timeout = match &h.timeout {
+            Some(t) => self.duration(t)?,
+            None => Duration::seconds(10),
+        };
+        Some(Http {
+            method,
+            url,
+            headers,
+            body,
+            save: save.map(|s| s.value.clone()),
+            timeout,
+        })
+    }
+
+    fn body(&mut self, value: &serde_json::Value, at: &Spanned<serde_json::Value>) -> Option<Body> {
+        Some(match value {
+            serde_json::Value::String(s) if s.contains("{{") => {
+                let spanned = Spanned {
+                    value: s.clone(),
+                    referenced: at.referenced,
+                    defined: at.defined,
+                };
+                Body::Text(self.text(&spanned)?)
+            }
+            serde_json::Value::Array(items) => Body::Array(
+                items
+                    .iter()
+                    .map(|v| self.body(v, at))
+                    .collect::<Option<Vec<_>>>()?,
+            ),
+            serde_json::Value::Object(map) => Body::Object(
+                map.iter()
+                    .map(|(k, v)| Some((k.clone(), self.body(v, at)?)))
+                    .collect::<Option<Vec<_>>>()?,
+            ),
+            other => Body::Value(other.clone()),
+        })
+    }
+
+    fn route(&mut self, next: &Spanned<RawNext>, s: &RawStep) -> Option<Route> {
+        match &next.value {
+            RawNext::Step(step) => {
+                let spanned = Spanned {
+                    value: step.clone(),
+                    referenced: next.referenced,
+                    defined: next.defined,
+                };
+                self.step_ref(&spanned).map(|i| Route::Goto(Target::Step(i)))
+            }
+            RawNext::Branches(raw) => {
+                if raw.is_empty() {
+                    self.error(loc(next), "`next` has no branches");
+                    return None;
+                }
+                let mut branches = Vec::new();
+                let mut default_seen: Option<Loc> = None;
+                for b in raw {
+                    if let Some(at) = default_seen {
+                        self.warning(loc(b), "this branch never runs: the branch before it always matches")
+                            .help = Some(format!("the default branch is at line {}; move it last", at.line));
+                    }
+                    let branch = self.branch(b, s)?;
+                    if matches!(branch.cond, Cond::Always) && default_seen.is_none() {
+                        default_seen = Some(loc(b));
+                    }
+                    branches.push(branch);
+                }
+                Some(Route::Branches(branches))
+            }
+        }
+    }
+
+    fn branch(&mut self, raw: &Spanned<RawBranch>, s: &RawStep) -> Option<Branch> {
+        let b = &raw.value;
+        let conds = [b.when.is_some(), b.button.is_some(), b.list.is_some(), b.matches.is_some()];
+        if conds.iter().filter(|c| **c).count() > 1 {
+            self.error(loc(raw), "a branch tests one thing: `if`, `button`, `list` or `match`");
+            return None;
+        }
+        let cond = if let Some(e) = &b.when {
+            Cond::If(self.expr(e)?)
+        } else if let Some(id) = &b.button {
+            if let Some(buttons) = &s.buttons
+                && !buttons.value.iter().any(|x| x.value.id.value == id.value)
+            {
+                let help = did_you_mean(&id.value, buttons.value.iter().map(|x| x.value.id.value.as_str()));
+                self.warning(self.value_loc(id), format!("no button of this step has the id `{}`", id.value))
+                    .help = help.or(Some("a template's quick-reply payload also works here".into()));
+            }
+            Cond::Button(id.value.clone())
+        } else if let Some(id) = &b.list {
+            if let Some(list) = &s.list {
+                let rows: Vec<&str> = list
+                    .value
+                    .rows
+                    .iter()
+                    .chain(list.value.sections.iter().flat_map(|s| s.value.rows.iter()))
+                    .map(|r| r.value.id.value.as_str())
+                    .collect();
+                if !rows.contains(&id.value.as_str()) {
+                    let help = did_you_mean(&id.value, rows.iter().copied());
+                    self.warning(self.value_loc(id), format!("no row of this step's list has the id `{}`", id.value))
+                        .help = help;
+                }
+            }
+            Cond::List(id.value.clone())
+        } else if let Some(m) = &b.matches {
+            Cond::Match(self.regex(m, &format!("(?i){}", m.value))?)
+        } else {
+            Cond::Always
+        };
+        let target = match (&b.goto, &b.flow) {
+            (Some(step), None) => Target::Step(self.step_ref(step)?),
+            (None, Some(flow)) => self.flow_ref(flow),
+            _ => {
+                self.error(loc(raw), "a branch needs exactly one of `goto` or `flow`");
+                return None;
+            }
+        };
+        Some(Branch { cond, target })
+    }
+
+    fn unreachable(&mut self, keys: &[(Spanned<String>, Spanned<RawStep>)], steps: &[Step], start: usize) {
+        let mut seen = vec![false; steps.len()];
+        let mut todo = vec![start];
+        while let Some(i) = todo.pop() {
+            if std::mem::replace(&mut seen[i], true) {
+                continue;
+            }
+            let step = &steps[i];
+            let mut edges: Vec<usize> = Vec::new();
+            match &step.route {
+                Route::Goto(Target::Step(t)) => edges.push(*t),
+                Route::Branches(bs) => edges.extend(bs.iter().filter_map(|b| match b.target {
+                    Target::Step(t) => Some(t),
+                    Target::Flow(_) => None,
+                })),
+                _ => {}
+            }
+            if let Action::Ask(ask) = &step.action {
+                edges.extend(ask.on_fail);
+                edges.extend(ask.on_timeout);
+            }
+            edges.extend(step.on_error);
+            edges.extend(self.goto_literals.get(&i).into_iter().flatten().copied());
+            todo.extend(edges);
+        }
+        for (i, reached) in seen.iter().enumerate() {
+            if !reached {
+                self.warning(loc(&keys[i].0), format!("step `{}` is never reached", steps[i].id))
+                    .help = Some(format!(
+                    "no `next`, `goto`, `on_fail`, `on_timeout` or `on_error` leads here from `{}`",
+                    steps[start].id
+                ));
+            }
+        }
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn valid_var(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !matches!(name, "contact" | "message")
+}

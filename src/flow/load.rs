@@ -1,0 +1,213 @@
+//! Loading a whole project: every flow file under the flows directory, the scripts they
+//! name and the template registry, then the checks that need all flows at once (duplicate
+//! ids, references to other flows, trigger conflicts, the `fallback` flow).
+//!
+//! This is the one loader: `check` prints its diagnostics, `serve`, `chat` and `test` refuse
+//! to start on errors and print the same diagnostics.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::compile::{Compiled, FlowRef, compile_flow};
+use super::{Bundle, Flow, TriggerKind};
+use crate::config::Config;
+use crate::diagnostic::{Diagnostic, Diagnostics, Loc, did_you_mean};
+use crate::script::Scripting;
+use crate::templates::Registry;
+
+/// Everything `check` validates and `serve` runs.
+#[derive(Debug, Default)]
+pub struct Project {
+    pub flows: Vec<Arc<Flow>>,
+    pub templates: Registry,
+    pub diagnostics: Diagnostics,
+}
+
+/// Loads the flows, scripts and templates the config names.
+pub fn load_project(config: &Config, scripting: &Scripting) -> Project {
+    let mut diags = Diagnostics::default();
+    let templates = Registry::load(&config.templates, &mut diags);
+    let files = match flow_files(&config.flows) {
+        Ok(files) => files,
+        Err(e) => {
+            diags.push(Diagnostic::error(
+                config.flows.display().to_string(),
+                None,
+                format!("cannot read the flows directory: {e}"),
+            ));
+            Vec::new()
+        }
+    };
+    let mut sources = Vec::new();
+    for path in files {
+        let file = path.display().to_string();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => sources.push((file, text)),
+            Err(e) => diags.push(Diagnostic::error(file, None, format!("cannot read: {e}"))),
+        }
+    }
+    let scripts_dir = config.scripts.clone();
+    let find_script = move |name: &str| read_script(&scripts_dir, name);
+    let mut project = load_sources(&sources, scripting, templates, &find_script, config.fallback.as_deref());
+    diags.extend(std::mem::take(&mut project.diagnostics));
+    project.diagnostics = diags;
+    project
+}
+
+/// Loads flows from in-memory sources: the core of [`load_project`], and what benchmarks use.
+pub fn load_sources(
+    sources: &[(String, String)],
+    scripting: &Scripting,
+    templates: Registry,
+    find_script: super::compile::ScriptSource<'_>,
+    fallback: Option<&str>,
+) -> Project {
+    let mut diags = Diagnostics::default();
+    let mut compiled: Vec<Compiled> = sources
+        .iter()
+        .map(|(file, text)| compile_flow(file, text, scripting, &templates, find_script))
+        .collect();
+    let ids: Vec<(String, String, Loc)> = compiled
+        .iter()
+        .zip(sources)
+        .filter_map(|(c, (file, _))| c.id.clone().map(|(id, loc)| (id, file.clone(), loc)))
+        .collect();
+    for (i, (id, file, loc)) in ids.iter().enumerate() {
+        if let Some((_, first_file, first_loc)) = ids[..i].iter().find(|(other, ..)| other == id) {
+            diags.push(
+                Diagnostic::error(file, Some(*loc), format!("two flows have the id `{id}`"))
+                    .with_label("second definition")
+                    .with_help(format!("the first is at {first_file}:{}:{}", first_loc.line, first_loc.col)),
+            );
+        }
+    }
+    let known: Vec<&str> = ids.iter().map(|(id, ..)| id.as_str()).collect();
+    for (c, (file, _)) in compiled.iter().zip(sources) {
+        for FlowRef { flow, loc } in &c.flow_refs {
+            if !known.contains(&flow.as_str()) {
+                let mut d = Diagnostic::error(file, Some(*loc), format!("there is no flow `{flow}`"))
+                    .with_label("unknown flow");
+                d.help = did_you_mean(flow, known.iter().copied());
+                diags.push(d);
+            }
+        }
+    }
+    if let Some(fallback) = fallback
+        && !known.contains(&fallback)
+    {
+        let mut d = Diagnostic::error("flowgate.yaml", None, format!("the `fallback` flow `{fallback}` does not exist"));
+        d.help = did_you_mean(fallback, known.iter().copied());
+        diags.push(d);
+    }
+    let mut flows = Vec::new();
+    for c in &mut compiled {
+        diags.extend(std::mem::take(&mut c.diagnostics));
+        if let Some(flow) = c.flow.take() {
+            flows.push(Arc::new(flow));
+        }
+    }
+    trigger_conflicts(&flows, &mut diags);
+    Project {
+        flows,
+        templates,
+        diagnostics: diags,
+    }
+}
+
+/// Compiles an old flow version again from its stored bundle.
+pub fn compile_bundle(bundle: &Bundle, scripting: &Scripting, templates: &Registry) -> Result<Flow, Diagnostics> {
+    let scripts = bundle.scripts.clone();
+    let find = move |name: &str| {
+        scripts
+            .iter()
+            .find(|(n, ..)| n == name)
+            .map(|(_, path, text)| (path.clone(), text.clone()))
+            .ok_or_else(|| format!("script `{name}` is missing from the stored flow version"))
+    };
+    let mut compiled = compile_flow(&bundle.file, &bundle.text, scripting, templates, &find);
+    compiled
+        .flow
+        .take()
+        .ok_or(compiled.diagnostics)
+}
+
+/// Two flows that claim the same message at the same priority: which one runs would depend
+/// on file order, so it is an error.
+fn trigger_conflicts(flows: &[Arc<Flow>], diags: &mut Diagnostics) {
+    let mut claims: Vec<(String, i32, &str, &Flow, Loc)> = Vec::new();
+    for flow in flows {
+        for t in &flow.triggers {
+            let keys: Vec<String> = match &t.kind {
+                TriggerKind::Keywords { words, .. } => words.iter().map(|w| format!("keyword `{w}`")).collect(),
+                TriggerKind::Button(id) => vec![format!("button `{id}`")],
+                TriggerKind::List(id) => vec![format!("list row `{id}`")],
+                TriggerKind::Any => vec!["any message".to_string()],
+                TriggerKind::Regex(_) => vec![],
+            };
+            for key in keys {
+                if let Some((_, _, _, other, other_loc)) = claims
+                    .iter()
+                    .find(|(k, p, ..)| *k == key && *p == t.priority)
+                {
+                    if other.id != flow.id {
+                        diags.push(
+                            Diagnostic::error(&flow.file, Some(t.loc), format!("{key} already starts flow `{}`", other.id))
+                                .with_label("conflicting trigger")
+                                .with_help(format!(
+                                    "see {}:{}:{}; remove one, or give one a higher `priority`",
+                                    other.file, other_loc.line, other_loc.col
+                                )),
+                        );
+                    }
+                } else {
+                    claims.push((key, t.priority, flow.id.as_str(), flow, t.loc));
+                }
+            }
+        }
+    }
+}
+
+/// Every `*.yaml`/`*.yml` file under `dir`, sorted, recursively.
+fn flow_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else if path
+                .extension()
+                .is_some_and(|e| e == "yaml" || e == "yml")
+            {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Reads `name` from the scripts directory, refusing paths that leave it.
+fn read_script(dir: &Path, name: &str) -> Result<(String, String), String> {
+    if name.contains("..") || Path::new(name).is_absolute() {
+        return Err(format!("script `{name}` must be a path inside the scripts directory"));
+    }
+    let path = dir.join(name);
+    let shown = path.display().to_string();
+    std::fs::read_to_string(&path)
+        .map(|text| (shown.clone(), text))
+        .map_err(|e| {
+            let mut message = format!("cannot read script `{shown}`: {e}");
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                let names: Vec<String> = entries
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                if let Some(hint) = did_you_mean(name, names.iter().map(String::as_str)) {
+                    message.push_str(&format!(" ({hint})"));
+                }
+            }
+            message
+        })
+}

@@ -1,0 +1,512 @@
+//! Flows: the YAML conversation language (DESIGN §2.3), compiled once at load into the form
+//! the engine runs.
+//!
+//! - [`raw`]: the file as written, with locations;
+//! - [`compile`]: one flow file into a [`Flow`] (references resolved, regexes and Rhai
+//!   compiled, WhatsApp limits checked), with diagnostics;
+//! - [`load`]: the whole project (flows, scripts, templates) and the checks across flows.
+//!   `check`, `serve`, `chat` and `test` all load through [`load::load_project`].
+//!
+//! A compiled flow is immutable and carries a content hash, its `version`: a session records
+//! the version it started on and keeps running it after a reload (see [`FlowSet`]).
+
+pub mod compile;
+pub mod load;
+pub mod raw;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::Duration;
+use regex::Regex;
+use rhai::{AST, Dynamic};
+use serde::{Deserialize, Serialize};
+
+use crate::diagnostic::Loc;
+use crate::script::{Context, ScriptError, Scripting};
+
+/// A compiled flow.
+#[derive(Debug)]
+pub struct Flow {
+    pub id: String,
+    /// A hash of the flow's file and the scripts it uses.
+    pub version: String,
+    pub description: Option<String>,
+    pub file: String,
+    pub triggers: Vec<Trigger>,
+    pub start: usize,
+    pub session_timeout: Option<Duration>,
+    pub steps: Vec<Step>,
+    /// What the flow was compiled from, so an old version can be compiled again.
+    pub bundle: Bundle,
+}
+
+impl Flow {
+    pub fn step_index(&self, id: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.id == id)
+    }
+}
+
+/// The sources of one flow version: its file and every script file it names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bundle {
+    pub file: String,
+    pub text: String,
+    /// (script name as written in the flow, file path, text)
+    pub scripts: Vec<(String, String, String)>,
+}
+
+#[derive(Debug)]
+pub struct Trigger {
+    pub kind: TriggerKind,
+    pub interrupt: bool,
+    pub priority: i32,
+    pub loc: Loc,
+}
+
+#[derive(Debug)]
+pub enum TriggerKind {
+    /// Whole-word keywords; `pattern` matches any of them.
+    Keywords {
+        words: Vec<String>,
+        pattern: Regex,
+    },
+    /// Named groups become variables.
+    Regex(Regex),
+    Button(String),
+    List(String),
+    Any,
+}
+
+impl TriggerKind {
+    /// Whether `message` fires this trigger; captured named groups go into `captures`.
+    pub fn matches(&self, message: &crate::domain::InboundContent, captures: &mut Vec<(String, String)>) -> bool {
+        match self {
+            Self::Keywords { pattern, .. } => {
+                matches!(message, crate::domain::InboundContent::Text { .. })
+                    && pattern.is_match(message.as_text())
+            }
+            Self::Regex(re) => {
+                if !matches!(message, crate::domain::InboundContent::Text { .. }) {
+                    return false;
+                }
+                match re.captures(message.as_text()) {
+                    Some(caps) => {
+                        for name in re.capture_names().flatten() {
+                            if let Some(m) = caps.name(name) {
+                                captures.push((name.to_string(), m.as_str().to_string()));
+                            }
+                        }
+                        true
+                    }
+                    None => false,
+                }
+            }
+            Self::Button(id) => message.button_id() == Some(id.as_str()),
+            Self::List(id) => message.list_id() == Some(id.as_str()),
+            Self::Any => true,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Step {
+    pub id: String,
+    pub loc: Loc,
+    pub wait: Option<Wait>,
+    pub set: Vec<(String, Text)>,
+    pub tag: Vec<String>,
+    pub untag: Vec<String>,
+    pub action: Action,
+    pub handoff: Option<String>,
+    pub route: Route,
+    pub on_error: Option<usize>,
+    pub outside_window: Option<TemplateCall>,
+}
+
+impl Step {
+    /// Whether the step waits for the customer's reply after its action.
+    pub fn awaits_reply(&self) -> bool {
+        matches!(self.action, Action::Ask(_))
+            || matches!(&self.route, Route::Branches(b) if b.iter().any(|b| b.cond.tests_reply()))
+    }
+}
+
+#[derive(Debug)]
+pub enum Wait {
+    For(Duration),
+    /// A time of day (`09:00`, in the contact's timezone) or an RFC 3339 instant.
+    Until(Text),
+}
+
+#[derive(Debug)]
+pub enum Action {
+    None,
+    Say(Message),
+    Ask(Box<Ask>),
+    Template(TemplateCall),
+    Script(Arc<Script>),
+    Http(Box<Http>),
+}
+
+/// A free-form message: text with optional buttons, list or media.
+#[derive(Debug)]
+pub struct Message {
+    pub text: Text,
+    pub buttons: Vec<(String, Text)>,
+    pub list: Option<List>,
+    pub media: Option<(String, Text)>,
+}
+
+#[derive(Debug)]
+pub struct List {
+    pub button: Text,
+    pub sections: Vec<(Option<Text>, Vec<ListRow>)>,
+}
+
+#[derive(Debug)]
+pub struct ListRow {
+    pub id: String,
+    pub title: Text,
+    pub description: Option<Text>,
+}
+
+#[derive(Debug)]
+pub struct Ask {
+    pub prompt: Message,
+    pub save: Option<String>,
+    pub expect: Expect,
+    pub retry: Option<Text>,
+    pub attempts: u32,
+    pub on_fail: Option<usize>,
+    pub timeout: Option<Duration>,
+    pub on_timeout: Option<usize>,
+}
+
+/// What an `ask` accepts.
+#[derive(Debug)]
+pub enum Expect {
+    Any,
+    Number,
+    Email,
+    Phone,
+    /// A date: `2026-12-01`, `01.12.2026`, `1/12/2026` (day first), `today`, `tomorrow`.
+    Date,
+    /// A tap on one of the step's buttons or list rows.
+    Button,
+    Regex(Regex),
+}
+
+pub const EXPECT_KINDS: [&str; 6] = ["any", "number", "email", "phone", "date", "button"];
+
+#[derive(Debug)]
+pub struct TemplateCall {
+    pub name: String,
+    pub language: String,
+    pub params: Vec<Text>,
+    pub loc: Loc,
+}
+
+#[derive(Debug)]
+pub struct Script {
+    /// `scripts/order_lookup.rhai` or `flows/x.yaml (inline)`.
+    pub name: String,
+    pub ast: AST,
+    /// Where line 1 of the script is, to report runtime errors at the right line.
+    pub file: String,
+    pub first_line: usize,
+    pub first_col: usize,
+}
+
+impl Script {
+    /// `file:line:col` of a script error.
+    pub fn locate(&self, e: &ScriptError) -> String {
+        match e.line {
+            Some(line) => format!(
+                "{}:{}:{}",
+                self.file,
+                self.first_line + line - 1,
+                self.first_col - 1 + e.col.unwrap_or(1)
+            ),
+            None => self.file.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Http {
+    pub method: String,
+    pub url: Text,
+    pub headers: Vec<(String, Text)>,
+    pub body: Option<Body>,
+    pub save: Option<String>,
+    pub timeout: Duration,
+}
+
+/// A JSON body whose strings are interpolated per call.
+#[derive(Debug)]
+pub enum Body {
+    Text(Text),
+    Value(serde_json::Value),
+    Array(Vec<Body>),
+    Object(Vec<(String, Body)>),
+}
+
+#[derive(Debug)]
+pub enum Route {
+    End,
+    Goto(Target),
+    Branches(Vec<Branch>),
+}
+
+#[derive(Debug)]
+pub struct Branch {
+    pub cond: Cond,
+    pub target: Target,
+}
+
+#[derive(Debug)]
+pub enum Cond {
+    Always,
+    If(Expr),
+    Button(String),
+    List(String),
+    Match(Regex),
+}
+
+impl Cond {
+    /// Whether this branch looks at the customer's reply (so the step waits for one).
+    pub fn tests_reply(&self) -> bool {
+        matches!(self, Self::Button(_) | Self::List(_) | Self::Match(_))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Step(usize),
+    Flow(String),
+}
+
+/// A compiled Rhai expression with its source, for messages.
+#[derive(Debug)]
+pub struct Expr {
+    pub source: String,
+    pub ast: AST,
+}
+
+/// Text with `{{ … }}` interpolation.
+#[derive(Debug)]
+pub struct Text {
+    pub raw: String,
+    parts: Vec<Part>,
+}
+
+#[derive(Debug)]
+enum Part {
+    Lit(String),
+    /// A plain variable path such as `order_id` or `contact.name`: looked up without Rhai.
+    Path(Vec<String>),
+    Expr(Expr),
+}
+
+impl Text {
+    pub fn literal(text: impl Into<String>) -> Self {
+        let raw = text.into();
+        Self {
+            parts: vec![Part::Lit(raw.clone())],
+            raw,
+        }
+    }
+
+    /// Compiles `raw`; on error, the byte offset of the failing `{{` and the error.
+    pub fn compile(raw: &str, scripting: &Scripting) -> Result<Self, (usize, ScriptError)> {
+        let mut parts = Vec::new();
+        let mut rest = raw;
+        let mut consumed = 0;
+        while let Some(start) = rest.find("{{") {
+            if start > 0 {
+                parts.push(Part::Lit(rest[..start].to_string()));
+            }
+            let after = &rest[start + 2..];
+            let Some(end) = after.find("}}") else {
+                return Err((
+                    consumed + start,
+                    ScriptError {
+                        message: "`{{` without a closing `}}`".into(),
+                        line: None,
+                        col: None,
+                    },
+                ));
+            };
+            let source = after[..end].trim();
+            if is_path(source) {
+                parts.push(Part::Path(source.split('.').map(str::to_string).collect()));
+            } else {
+                let ast = scripting
+                    .compile_expression(source)
+                    .map_err(|e| (consumed + start, e))?;
+                parts.push(Part::Expr(Expr {
+                    source: source.to_string(),
+                    ast,
+                }));
+            }
+            consumed += start + 2 + end + 2;
+            rest = &after[end + 2..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Lit(rest.to_string()));
+        }
+        Ok(Self {
+            raw: raw.to_string(),
+            parts,
+        })
+    }
+
+    /// Whether the text has no `{{ … }}`, so its length is known at load time.
+    pub fn is_literal(&self) -> bool {
+        self.parts.iter().all(|p| matches!(p, Part::Lit(_)))
+    }
+
+    /// The text without its interpolations: a lower bound of its length.
+    pub fn literal_len(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| match p {
+                Part::Lit(s) => s.chars().count(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// Interpolates the text.
+    pub fn render(&self, scripting: &Scripting, ctx: &Context<'_>) -> Result<String, ScriptError> {
+        if let [Part::Lit(s)] = self.parts.as_slice() {
+            return Ok(s.clone());
+        }
+        let mut out = String::with_capacity(self.raw.len());
+        for part in &self.parts {
+            match part {
+                Part::Lit(s) => out.push_str(s),
+                part => out.push_str(&display(&self.eval_part(part, scripting, ctx)?)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Interpolates to a typed value: a text that is exactly one `{{ expr }}` keeps the
+    /// expression's type (numbers stay numbers); YAML numbers and booleans are typed already.
+    pub fn value(&self, scripting: &Scripting, ctx: &Context<'_>) -> Result<Dynamic, ScriptError> {
+        match self.parts.as_slice() {
+            [part @ (Part::Path(_) | Part::Expr(_))] => self.eval_part(part, scripting, ctx),
+            _ => Ok(Dynamic::from(self.render(scripting, ctx)?)),
+        }
+    }
+
+    fn eval_part(&self, part: &Part, scripting: &Scripting, ctx: &Context<'_>) -> Result<Dynamic, ScriptError> {
+        match part {
+            Part::Lit(s) => Ok(Dynamic::from(s.clone())),
+            Part::Path(path) => Ok(lookup(path, ctx)),
+            Part::Expr(e) => scripting.eval(&e.ast, ctx),
+        }
+    }
+
+    /// Every expression in the text (for lints).
+    pub fn expressions(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Expr(e) => Some(e.source.as_str()),
+            _ => None,
+        })
+    }
+}
+
+fn is_path(source: &str) -> bool {
+    !source.is_empty()
+        && source.split('.').all(|seg| {
+            let mut chars = seg.chars();
+            chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+        && !matches!(source, "true" | "false")
+}
+
+/// Looks a variable path up; an unknown name is empty, like an unset template variable.
+fn lookup(path: &[String], ctx: &Context<'_>) -> Dynamic {
+    let mut current = match path[0].as_str() {
+        "contact" => ctx.contact.clone(),
+        "message" => ctx.message.clone(),
+        name => match ctx.vars.get(name) {
+            Some(v) => v.clone(),
+            None => return Dynamic::UNIT,
+        },
+    };
+    for seg in &path[1..] {
+        let next = current
+            .read_lock::<rhai::Map>()
+            .and_then(|m| m.get(seg.as_str()).cloned());
+        match next {
+            Some(v) => current = v,
+            None => return Dynamic::UNIT,
+        }
+    }
+    current
+}
+
+/// How a value reads in a message: `()` is empty, strings without quotes.
+pub fn display(value: &Dynamic) -> String {
+    if value.is_unit() {
+        String::new()
+    } else {
+        value.to_string()
+    }
+}
+
+/// The flows a process knows: the current version of each flow (what triggers start) and
+/// every version loaded since start (what running sessions are pinned to).
+#[derive(Debug, Default)]
+pub struct FlowSet {
+    current: Vec<Arc<Flow>>,
+    by_id: HashMap<String, usize>,
+    versions: HashMap<(String, String), Arc<Flow>>,
+}
+
+impl FlowSet {
+    pub fn new(flows: Vec<Arc<Flow>>) -> Self {
+        let mut set = Self::default();
+        set.replace(flows);
+        set
+    }
+
+    /// Makes `flows` current; earlier versions stay reachable for their sessions.
+    pub fn replace(&mut self, flows: Vec<Arc<Flow>>) {
+        self.by_id = flows
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.id.clone(), i))
+            .collect();
+        for f in &flows {
+            self.versions
+                .insert((f.id.clone(), f.version.clone()), f.clone());
+        }
+        self.current = flows;
+    }
+
+    /// Adds an old version (compiled again from its stored bundle).
+    pub fn add_version(&mut self, flow: Arc<Flow>) {
+        self.versions
+            .insert((flow.id.clone(), flow.version.clone()), flow);
+    }
+
+    pub fn current(&self) -> &[Arc<Flow>] {
+        &self.current
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Arc<Flow>> {
+        self.by_id.get(id).map(|&i| &self.current[i])
+    }
+
+    pub fn version(&self, id: &str, version: &str) -> Option<&Arc<Flow>> {
+        self.versions.get(&(id.to_string(), version.to_string()))
+    }
+}

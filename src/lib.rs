@@ -1,0 +1,14 @@
+//! flowgate: a WhatsApp chatbot automation engine. YAML flows and Rhai scripts answer
+//! customers; every outgoing message passes a policy that knows WhatsApp's 24-hour window.
+//!
+//! `ARCHITECTURE.md` has the map of these modules and the invariants between them.
+
+pub mod clock;
+pub mod config;
+pub mod diagnostic;
+pub mod domain;
+pub mod flow;
+pub mod script;
+pub mod store;
+pub mod templates;
+pub mod yaml;

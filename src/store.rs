@@ -1,0 +1,1396 @@
+//! Persistence: contacts, sessions, the message log, durable timers and flow versions.
+//!
+//! All of flowgate's SQL lives here; no other module writes a query. Everything else speaks
+//! [`Conversation`], [`Turn`] and the row types below, so the engine stays testable without a
+//! database schema in its head and the schema can change in one place.
+//!
+//! The SQL is portable between SQLite and PostgreSQL (`$n` placeholders, `ON CONFLICT`,
+//! `RETURNING`, times as unix milliseconds, JSON as text), and `with_pool!` runs the one
+//! query text on whichever pool a [`Db`] holds. Only SQLite is accepted by [`Db::connect`] for
+//! now: PostgreSQL needs its own migrations first.
+//!
+//! Times are stored at millisecond precision; anything finer is dropped.
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::error::BoxDynError;
+use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+use crate::domain::{Contact, Decision, Inbound, Outbound, OutboundContent};
+
+/// Everything that can go wrong talking to the database, each saying what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error(
+        "could not migrate the database: {0}; if another (newer) flowgate wrote this database, \
+         run that version or point database_url at a new file"
+    )]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("could not convert JSON for the database: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error(
+        "invalid database URL `{url}`: {reason}; use sqlite://path/to/flowgate.db or sqlite::memory:"
+    )]
+    InvalidUrl { url: String, reason: String },
+    #[error(
+        "could not create the directory {} for the database: {source}; create it or choose a \
+         writable path",
+        path.display()
+    )]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "contact {id} is no longer in the database (was it deleted during the turn?); load the \
+         conversation again"
+    )]
+    UnknownContact { id: i64 },
+    #[error(
+        "the database holds data flowgate cannot read: {0}; was it written by another program?"
+    )]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Whether a unique constraint refused the write, e.g. an inbound message stored twice
+    /// (WhatsApp redelivers webhooks); callers treat that as "already handled".
+    pub fn is_duplicate(&self) -> bool {
+        matches!(self, Self::Database(sqlx::Error::Database(e)) if e.is_unique_violation())
+    }
+}
+
+/// A connection pool to flowgate's database.
+#[derive(Clone, Debug)]
+pub enum Db {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+/// Runs `$body` with `$pool` bound to the pool inside `$db`, once per backend.
+///
+/// sqlx's pools are distinct types, so one query text needs one typed call per backend; this
+/// writes both from one body instead of duplicating every query.
+macro_rules! with_pool {
+    ($db:expr, |$pool:ident| $body:expr) => {
+        match $db {
+            Db::Sqlite($pool) => $body,
+            Db::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// The SQLite migrations, embedded so the binary carries its schema.
+///
+/// `sqlx::migrate!` would embed them too, but it lives behind sqlx's `macros` feature, which
+/// flowgate leaves off. A test checks this list against `migrations/sqlite/`.
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "init",
+    include_str!("../migrations/sqlite/0001_init.sql"),
+)];
+
+/// A [`MigrationSource`] over migrations compiled into the binary.
+#[derive(Debug)]
+struct Embedded(&'static [(i64, &'static str, &'static str)]);
+
+impl<'s> MigrationSource<'s> for Embedded {
+    fn resolve(
+        self,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<Migration>, BoxDynError>> + Send + 's>> {
+        Box::pin(async move {
+            Ok(self
+                .0
+                .iter()
+                .map(|&(version, description, sql)| {
+                    Migration::new(
+                        version,
+                        Cow::Borrowed(description),
+                        MigrationType::Simple,
+                        Cow::Borrowed(sql),
+                        false,
+                    )
+                })
+                .collect())
+        })
+    }
+}
+
+/// What the engine needs to handle one event for a contact.
+#[derive(Debug, Clone)]
+pub struct Conversation {
+    /// `None` until the contact's first turn is committed.
+    pub contact_id: Option<i64>,
+    pub contact: Contact,
+    pub session: Option<SessionRow>,
+}
+
+/// A contact's place in a flow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRow {
+    pub flow_id: String,
+    /// The flow version the session is pinned to (see [`Db::flow_version`]).
+    pub flow_version: String,
+    pub step: String,
+    pub state: serde_json::Value,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Everything one engine turn changes, written atomically by [`Db::commit_turn`].
+pub struct Turn<'a> {
+    pub channel: &'a str,
+    /// From [`Conversation::contact_id`]; `None` creates the contact.
+    pub contact_id: Option<i64>,
+    pub contact: &'a Contact,
+    /// The session after the turn; `None` ends it.
+    pub session: Option<&'a SessionRow>,
+    /// The customer's message that started the turn, if any (timers start turns too).
+    pub inbound: Option<&'a Inbound>,
+    pub outbound: &'a [OutboundRecord],
+    /// `Some` replaces all of the contact's timers with these (`Some(&[])` clears them);
+    /// `None` leaves them alone.
+    pub replace_timers: Option<&'a [NewTimer]>,
+    /// The timer that started this turn, deleted with the turn so it fires exactly once.
+    pub fired_timer: Option<i64>,
+    pub now: DateTime<Utc>,
+}
+
+/// An outgoing message with the policy's verdict, for the message log.
+#[derive(Debug, Clone)]
+pub struct OutboundRecord {
+    pub message: Outbound,
+    pub decision: Decision,
+    /// Initial delivery status: e.g. `sent` in the sandbox, `pending` for real channels.
+    pub status: String,
+}
+
+/// A timer to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTimer {
+    pub due_at: DateTime<Utc>,
+    pub payload: serde_json::Value,
+}
+
+/// A stored timer, with the contact it belongs to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimerRow {
+    pub id: i64,
+    pub channel: String,
+    pub wa_id: String,
+    pub contact_id: i64,
+    pub due_at: DateTime<Utc>,
+    pub payload: serde_json::Value,
+}
+
+/// What [`Db::commit_turn`] created.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommittedTurn {
+    pub contact_id: i64,
+    /// Ids of the outbound messages, in the order given; the sender updates their status.
+    pub outbound_ids: Vec<i64>,
+}
+
+/// One entry of the message log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageRow {
+    pub id: i64,
+    /// `in` or `out`.
+    pub direction: String,
+    pub wamid: Option<String>,
+    pub kind: String,
+    /// The [`Inbound`] or [`Outbound`], serialized.
+    pub body: serde_json::Value,
+    pub decision: Option<String>,
+    pub reason: Option<String>,
+    /// `received` for inbound messages; the delivery status for outbound ones.
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Status of every stored inbound message.
+const RECEIVED: &str = "received";
+
+// Rows as the database returns them, decoded identically by both backends.
+type ConversationRaw = (
+    i64,
+    Option<String>,
+    String,
+    String,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+);
+type TimerRaw = (i64, String, String, i64, i64, String);
+type MessageRaw = (
+    i64,
+    String,
+    Option<String>,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+    i64,
+);
+
+impl Db {
+    /// Opens the database at `url`.
+    ///
+    /// `sqlite://path/to/file.db` creates the file and its directories if missing and opens it
+    /// in WAL mode (readers don't block the writer) with foreign keys on, a 5 s busy timeout and
+    /// `synchronous = NORMAL` (durable across crashes of flowgate; WAL makes it safe).
+    /// `sqlite::memory:` is a private in-memory database for `chat`, tests and demos.
+    pub async fn connect(url: &str) -> Result<Db, StoreError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Err(StoreError::Unsupported(
+                "PostgreSQL support arrives with its migrations in a later release; use \
+                 sqlite://… for now"
+                    .into(),
+            ));
+        }
+        if !url.starts_with("sqlite:") {
+            return Err(StoreError::InvalidUrl {
+                url: url.into(),
+                reason: "flowgate supports SQLite URLs only".into(),
+            });
+        }
+        let invalid = |e: sqlx::Error| StoreError::InvalidUrl {
+            url: url.into(),
+            reason: e.to_string(),
+        };
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(invalid)?
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+
+        let pool = if is_in_memory(url) {
+            // An in-memory database lives as long as a connection to it: keep exactly one,
+            // forever, or the data vanishes when the pool recycles it.
+            SqlitePoolOptions::new()
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .connect_with(options)
+                .await?
+        } else {
+            let path = options.get_filename().to_path_buf();
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+                && !dir.exists()
+            {
+                std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+            }
+            let options = options
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal);
+            SqlitePoolOptions::new().connect_with(options).await?
+        };
+        tracing::debug!(url, "connected to SQLite");
+        Ok(Db::Sqlite(pool))
+    }
+
+    /// Brings the schema up to date; safe to run on every start.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match self {
+            Db::Sqlite(pool) => {
+                let migrator = Migrator::new(Embedded(SQLITE_MIGRATIONS)).await?;
+                migrator.run(pool).await?;
+                tracing::debug!("database schema is up to date");
+                Ok(())
+            }
+            Db::Postgres(_) => Err(StoreError::Unsupported(
+                "flowgate has no PostgreSQL migrations yet; use sqlite://… for now".into(),
+            )),
+        }
+    }
+
+    /// `sqlite` or `postgres`, for logs and `flowgate doctor`-style output.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Db::Sqlite(_) => "sqlite",
+            Db::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Closes every connection, so SQLite checkpoints its WAL before the process exits.
+    pub async fn close(&self) {
+        with_pool!(self, |pool| pool.close().await)
+    }
+
+    /// Loads the contact and its session; a contact never seen gets `contact_id: None` and a
+    /// fresh [`Contact`], so the engine handles first and later messages alike.
+    pub async fn load_conversation(
+        &self,
+        channel: &str,
+        wa_id: &str,
+    ) -> Result<Conversation, StoreError> {
+        const SQL: &str = "SELECT c.id, c.name, c.tags, c.attrs, c.timezone, \
+                c.last_customer_message_at, \
+                s.flow_id, s.flow_version, s.step, s.state, s.updated_at \
+            FROM contacts c LEFT JOIN sessions s ON s.contact_id = c.id \
+            WHERE c.channel = $1 AND c.wa_id = $2";
+        let row: Option<ConversationRaw> = with_pool!(self, |pool| {
+            sqlx::query_as(SQL)
+                .bind(channel)
+                .bind(wa_id)
+                .fetch_optional(pool)
+                .await?
+        });
+        let Some((id, name, tags, attrs, timezone, last, flow_id, version, step, state, at)) = row
+        else {
+            return Ok(Conversation {
+                contact_id: None,
+                contact: Contact::new(wa_id),
+                session: None,
+            });
+        };
+        let contact = Contact {
+            wa_id: wa_id.into(),
+            name,
+            tags: serde_json::from_str(&tags)?,
+            attrs: serde_json::from_str(&attrs)?,
+            timezone,
+            last_customer_message_at: last
+                .map(|ms| from_millis(ms, "contacts.last_customer_message_at"))
+                .transpose()?,
+        };
+        let session = match (flow_id, version, step, state, at) {
+            (Some(flow_id), Some(flow_version), Some(step), Some(state), Some(at)) => {
+                Some(SessionRow {
+                    flow_id,
+                    flow_version,
+                    step,
+                    state: serde_json::from_str(&state)?,
+                    updated_at: from_millis(at, "sessions.updated_at")?,
+                })
+            }
+            _ => None,
+        };
+        Ok(Conversation {
+            contact_id: Some(id),
+            contact,
+            session,
+        })
+    }
+
+    /// Commits one engine turn in one transaction: the contact, the session, the inbound and
+    /// outbound messages and the timers are all written or, on any error, none of them.
+    pub async fn commit_turn(&self, turn: &Turn<'_>) -> Result<CommittedTurn, StoreError> {
+        const INSERT_CONTACT: &str = "INSERT INTO contacts (channel, wa_id, name, tags, attrs, \
+                timezone, last_customer_message_at, created_at, updated_at) \
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) \
+            ON CONFLICT (channel, wa_id) DO UPDATE SET name = excluded.name, \
+                tags = excluded.tags, attrs = excluded.attrs, timezone = excluded.timezone, \
+                last_customer_message_at = excluded.last_customer_message_at, \
+                updated_at = excluded.updated_at \
+            RETURNING id";
+        const UPDATE_CONTACT: &str = "UPDATE contacts SET name = $3, tags = $4, attrs = $5, \
+                timezone = $6, last_customer_message_at = $7, updated_at = $8 \
+            WHERE id = $9 AND channel = $1 AND wa_id = $2 \
+            RETURNING id";
+        const UPSERT_SESSION: &str = "INSERT INTO sessions (contact_id, flow_id, flow_version, \
+                step, state, updated_at) \
+            VALUES ($1, $2, $3, $4, $5, $6) \
+            ON CONFLICT (contact_id) DO UPDATE SET flow_id = excluded.flow_id, \
+                flow_version = excluded.flow_version, step = excluded.step, \
+                state = excluded.state, updated_at = excluded.updated_at";
+        const DELETE_SESSION: &str = "DELETE FROM sessions WHERE contact_id = $1";
+        const INSERT_INBOUND: &str = "INSERT INTO messages (contact_id, channel, direction, \
+                wamid, kind, body, decision, reason, status, created_at) \
+            VALUES ($1, $2, 'in', $3, $4, $5, NULL, NULL, $6, $7)";
+        const INSERT_OUTBOUND: &str = "INSERT INTO messages (contact_id, channel, direction, \
+                wamid, kind, body, decision, reason, status, created_at) \
+            VALUES ($1, $2, 'out', NULL, $3, $4, $5, $6, $7, $8) \
+            RETURNING id";
+        const DELETE_TIMER: &str = "DELETE FROM timers WHERE id = $1";
+        const DELETE_TIMERS: &str = "DELETE FROM timers WHERE contact_id = $1";
+        const INSERT_TIMER: &str =
+            "INSERT INTO timers (contact_id, due_at, payload, created_at) VALUES ($1, $2, $3, $4)";
+
+        // Serialize before opening the transaction, so it holds the write lock only for I/O.
+        let now = turn.now.timestamp_millis();
+        let c = turn.contact;
+        let tags = serde_json::to_string(&c.tags)?;
+        let attrs = serde_json::to_string(&c.attrs)?;
+        let last_seen = c.last_customer_message_at.map(|t| t.timestamp_millis());
+        let session = match turn.session {
+            Some(s) => Some((
+                s,
+                serde_json::to_string(&s.state)?,
+                s.updated_at.timestamp_millis(),
+            )),
+            None => None,
+        };
+        let inbound = match turn.inbound {
+            Some(m) => Some((m, serde_json::to_string(m)?)),
+            None => None,
+        };
+        let outbound = turn
+            .outbound
+            .iter()
+            .map(|r| Ok((r, serde_json::to_string(&r.message)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let timers = match turn.replace_timers {
+            Some(timers) => Some(
+                timers
+                    .iter()
+                    .map(|t| {
+                        Ok((
+                            t.due_at.timestamp_millis(),
+                            serde_json::to_string(&t.payload)?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()?,
+            ),
+            None => None,
+        };
+
+        with_pool!(self, |pool| {
+            // Every early return drops `tx`, which rolls the whole turn back.
+            let mut tx = pool.begin().await?;
+
+            let contact_id: i64 = match turn.contact_id {
+                // Upsert rather than insert: a concurrent first turn may have created the row.
+                None => {
+                    sqlx::query_scalar(INSERT_CONTACT)
+                        .bind(turn.channel)
+                        .bind(&c.wa_id)
+                        .bind(c.name.as_deref())
+                        .bind(&tags)
+                        .bind(&attrs)
+                        .bind(c.timezone.as_deref())
+                        .bind(last_seen)
+                        .bind(now)
+                        .fetch_one(&mut *tx)
+                        .await?
+                }
+                Some(id) => sqlx::query_scalar(UPDATE_CONTACT)
+                    .bind(turn.channel)
+                    .bind(&c.wa_id)
+                    .bind(c.name.as_deref())
+                    .bind(&tags)
+                    .bind(&attrs)
+                    .bind(c.timezone.as_deref())
+                    .bind(last_seen)
+                    .bind(now)
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .ok_or(StoreError::UnknownContact { id })?,
+            };
+
+            match &session {
+                Some((s, state, updated_at)) => {
+                    sqlx::query(UPSERT_SESSION)
+                        .bind(contact_id)
+                        .bind(&s.flow_id)
+                        .bind(&s.flow_version)
+                        .bind(&s.step)
+                        .bind(state)
+                        .bind(*updated_at)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                None => {
+                    sqlx::query(DELETE_SESSION)
+                        .bind(contact_id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+
+            if let Some((m, body)) = &inbound {
+                sqlx::query(INSERT_INBOUND)
+                    .bind(contact_id)
+                    .bind(turn.channel)
+                    .bind(&m.id)
+                    .bind(m.content.kind())
+                    .bind(body)
+                    .bind(RECEIVED)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+
+            let mut outbound_ids = Vec::with_capacity(outbound.len());
+            for (r, body) in &outbound {
+                let id: i64 = sqlx::query_scalar(INSERT_OUTBOUND)
+                    .bind(contact_id)
+                    .bind(turn.channel)
+                    .bind(outbound_kind(&r.message.content))
+                    .bind(body)
+                    .bind(r.decision.name())
+                    .bind(r.decision.reason())
+                    .bind(&r.status)
+                    .bind(now)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                outbound_ids.push(id);
+            }
+
+            if let Some(id) = turn.fired_timer {
+                sqlx::query(DELETE_TIMER).bind(id).execute(&mut *tx).await?;
+            }
+            if let Some(timers) = &timers {
+                sqlx::query(DELETE_TIMERS)
+                    .bind(contact_id)
+                    .execute(&mut *tx)
+                    .await?;
+                for (due_at, payload) in timers {
+                    sqlx::query(INSERT_TIMER)
+                        .bind(contact_id)
+                        .bind(*due_at)
+                        .bind(payload)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+
+            tx.commit().await?;
+            Ok(CommittedTurn {
+                contact_id,
+                outbound_ids,
+            })
+        })
+    }
+
+    /// Timers due at or before `now`, oldest first (ties by id), at most `limit`.
+    pub async fn due_timers(
+        &self,
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<TimerRow>, StoreError> {
+        const SQL: &str = "SELECT t.id, c.channel, c.wa_id, t.contact_id, t.due_at, t.payload \
+            FROM timers t JOIN contacts c ON c.id = t.contact_id \
+            WHERE t.due_at <= $1 \
+            ORDER BY t.due_at, t.id \
+            LIMIT $2";
+        let rows: Vec<TimerRaw> = with_pool!(self, |pool| {
+            sqlx::query_as(SQL)
+                .bind(now.timestamp_millis())
+                .bind(limit.max(0))
+                .fetch_all(pool)
+                .await?
+        });
+        rows.into_iter()
+            .map(|(id, channel, wa_id, contact_id, due_at, payload)| {
+                Ok(TimerRow {
+                    id,
+                    channel,
+                    wa_id,
+                    contact_id,
+                    due_at: from_millis(due_at, "timers.due_at")?,
+                    payload: serde_json::from_str(&payload)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The earliest pending timer's due time, so the scheduler can sleep until then.
+    pub async fn next_timer_at(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        const SQL: &str = "SELECT MIN(due_at) FROM timers";
+        let at: Option<i64> =
+            with_pool!(self, |pool| sqlx::query_scalar(SQL).fetch_one(pool).await?);
+        at.map(|ms| from_millis(ms, "timers.due_at")).transpose()
+    }
+
+    /// Stores the bundle a flow version was compiled from, so a session pinned to it survives
+    /// a reload and a restart. A version is immutable: saving it again keeps the first bundle.
+    pub async fn save_flow_version(
+        &self,
+        flow_id: &str,
+        version: &str,
+        bundle: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        const SQL: &str = "INSERT INTO flow_versions (flow_id, version, bundle, created_at) \
+            VALUES ($1, $2, $3, $4) \
+            ON CONFLICT (flow_id, version) DO NOTHING";
+        with_pool!(self, |pool| {
+            sqlx::query(SQL)
+                .bind(flow_id)
+                .bind(version)
+                .bind(bundle)
+                .bind(now.timestamp_millis())
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// The bundle of a flow version, if it was ever saved.
+    pub async fn flow_version(
+        &self,
+        flow_id: &str,
+        version: &str,
+    ) -> Result<Option<String>, StoreError> {
+        const SQL: &str = "SELECT bundle FROM flow_versions WHERE flow_id = $1 AND version = $2";
+        Ok(with_pool!(self, |pool| {
+            sqlx::query_scalar(SQL)
+                .bind(flow_id)
+                .bind(version)
+                .fetch_optional(pool)
+                .await?
+        }))
+    }
+
+    /// The last `limit` messages of a contact, oldest first.
+    pub async fn messages(
+        &self,
+        channel: &str,
+        wa_id: &str,
+        limit: i64,
+    ) -> Result<Vec<MessageRow>, StoreError> {
+        const SQL: &str = "SELECT m.id, m.direction, m.wamid, m.kind, m.body, m.decision, \
+                m.reason, m.status, m.created_at \
+            FROM messages m JOIN contacts c ON c.id = m.contact_id \
+            WHERE c.channel = $1 AND c.wa_id = $2 \
+            ORDER BY m.id DESC \
+            LIMIT $3";
+        let rows: Vec<MessageRaw> = with_pool!(self, |pool| {
+            sqlx::query_as(SQL)
+                .bind(channel)
+                .bind(wa_id)
+                .bind(limit.max(0))
+                .fetch_all(pool)
+                .await?
+        });
+        rows.into_iter()
+            .rev()
+            .map(
+                |(id, direction, wamid, kind, body, decision, reason, status, created_at)| {
+                    Ok(MessageRow {
+                        id,
+                        direction,
+                        wamid,
+                        kind,
+                        body: serde_json::from_str(&body)?,
+                        decision,
+                        reason,
+                        status,
+                        created_at: from_millis(created_at, "messages.created_at")?,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    /// Forgets the contact's session and timers (the `/reset` of `flowgate chat`); the contact
+    /// and the message log stay, so the history still shows what happened.
+    pub async fn reset_conversation(&self, channel: &str, wa_id: &str) -> Result<(), StoreError> {
+        const CONTACT: &str = "(SELECT id FROM contacts WHERE channel = $1 AND wa_id = $2)";
+        let delete_session = format!("DELETE FROM sessions WHERE contact_id IN {CONTACT}");
+        let delete_timers = format!("DELETE FROM timers WHERE contact_id IN {CONTACT}");
+        with_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            for sql in [&delete_session, &delete_timers] {
+                sqlx::query(sql)
+                    .bind(channel)
+                    .bind(wa_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+}
+
+/// Whether a SQLite URL names an in-memory database (which must not be opened as a file).
+fn is_in_memory(url: &str) -> bool {
+    let rest = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:");
+    let (database, params) = rest.split_once('?').unwrap_or((rest, ""));
+    database == ":memory:" || params.split('&').any(|p| p == "mode=memory")
+}
+
+/// The message-log `kind` of an outgoing message: its content variant.
+fn outbound_kind(content: &OutboundContent) -> &'static str {
+    match content {
+        OutboundContent::Text { .. } => "text",
+        OutboundContent::Buttons { .. } => "buttons",
+        OutboundContent::List { .. } => "list",
+        OutboundContent::Media { .. } => "media",
+        OutboundContent::Template { .. } => "template",
+    }
+}
+
+/// Reads a stored millisecond timestamp; `column` names it in the error.
+fn from_millis(ms: i64, column: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::from_timestamp_millis(ms)
+        .ok_or_else(|| StoreError::Corrupt(format!("{column} holds {ms}, which is not a time")))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use chrono::Duration;
+    use serde_json::json;
+
+    use super::*;
+    use crate::clock::VirtualClock;
+    use crate::domain::{InboundContent, Origin};
+
+    const CH: &str = "sandbox";
+
+    fn t(minutes: i64) -> DateTime<Utc> {
+        VirtualClock::test_epoch() + Duration::minutes(minutes)
+    }
+
+    async fn memory_db() -> Db {
+        let db = Db::connect("sqlite::memory:").await.unwrap();
+        db.migrate().await.unwrap();
+        db
+    }
+
+    fn inbound(id: &str, body: &str, at: DateTime<Utc>) -> Inbound {
+        Inbound {
+            id: id.into(),
+            timestamp: at,
+            content: InboundContent::text(body),
+        }
+    }
+
+    fn said(content: OutboundContent, decision: Decision) -> OutboundRecord {
+        OutboundRecord {
+            message: Outbound {
+                content,
+                origin: Origin::Step {
+                    flow: "welcome".into(),
+                    step: "start".into(),
+                },
+                outside_window: None,
+            },
+            decision,
+            status: "sent".into(),
+        }
+    }
+
+    fn session(step: &str, at: DateTime<Utc>) -> SessionRow {
+        SessionRow {
+            flow_id: "welcome".into(),
+            flow_version: "v1".into(),
+            step: step.into(),
+            state: json!({ "name": "Ada", "tries": 1 }),
+            updated_at: at,
+        }
+    }
+
+    fn timer(at: DateTime<Utc>, tag: &str) -> NewTimer {
+        NewTimer {
+            due_at: at,
+            payload: json!({ "timer": tag }),
+        }
+    }
+
+    /// A turn that only touches the contact (and whatever the caller sets on top).
+    fn bare_turn<'a>(
+        contact_id: Option<i64>,
+        contact: &'a Contact,
+        now: DateTime<Utc>,
+    ) -> Turn<'a> {
+        Turn {
+            channel: CH,
+            contact_id,
+            contact,
+            session: None,
+            inbound: None,
+            outbound: &[],
+            replace_timers: None,
+            fired_timer: None,
+            now,
+        }
+    }
+
+    /// Commits a turn that creates `wa_id` with the given timers; returns its id.
+    async fn contact_with_timers(db: &Db, wa_id: &str, timers: &[NewTimer]) -> i64 {
+        let contact = Contact::new(wa_id);
+        let turn = Turn {
+            replace_timers: Some(timers),
+            ..bare_turn(None, &contact, t(0))
+        };
+        db.commit_turn(&turn).await.unwrap().contact_id
+    }
+
+    async fn timer_tags(db: &Db) -> Vec<String> {
+        db.due_timers(t(1_000_000), 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.payload["timer"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn unknown_contact_is_new() {
+        let db = memory_db().await;
+        let conv = db.load_conversation(CH, "1555").await.unwrap();
+        assert_eq!(conv.contact_id, None);
+        assert_eq!(conv.contact, Contact::new("1555"));
+        assert_eq!(conv.session, None);
+        assert!(db.messages(CH, "1555", 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn commit_turn_round_trip() {
+        let db = memory_db().await;
+        let mut contact = Contact::new("1555");
+        contact.name = Some("Ada".into());
+        contact.tags.extend(["vip".to_string(), "beta".to_string()]);
+        contact.attrs.insert("plan".into(), json!("pro"));
+        contact.timezone = Some("Europe/Berlin".into());
+        let msg = Inbound {
+            id: "wamid.1".into(),
+            timestamp: t(0),
+            content: InboundContent::ButtonReply {
+                id: "yes".into(),
+                title: "Yes".into(),
+            },
+        };
+        contact.saw_customer_message(msg.timestamp);
+        let sess = session("ask_name", t(1));
+        let out = [
+            said(OutboundContent::text("Hi Ada"), Decision::Send),
+            said(
+                OutboundContent::Template {
+                    name: "hello".into(),
+                    language: "en".into(),
+                    params: vec![],
+                },
+                Decision::Skipped {
+                    reason: "quiet hours".into(),
+                },
+            ),
+        ];
+        let timers = [timer(t(60), "late"), timer(t(30), "early")];
+        let turn = Turn {
+            session: Some(&sess),
+            inbound: Some(&msg),
+            outbound: &out,
+            replace_timers: Some(&timers),
+            ..bare_turn(None, &contact, t(1))
+        };
+        let committed = db.commit_turn(&turn).await.unwrap();
+        assert_eq!(committed.outbound_ids.len(), 2);
+        assert!(committed.outbound_ids[0] < committed.outbound_ids[1]);
+
+        let conv = db.load_conversation(CH, "1555").await.unwrap();
+        assert_eq!(conv.contact_id, Some(committed.contact_id));
+        assert_eq!(conv.contact, contact);
+        assert_eq!(conv.session, Some(sess));
+        // Same number, other channel: a different contact.
+        assert_eq!(
+            db.load_conversation("other", "1555")
+                .await
+                .unwrap()
+                .contact_id,
+            None
+        );
+
+        let log = db.messages(CH, "1555", 10).await.unwrap();
+        assert_eq!(log.len(), 3);
+        let (inb, hi, tpl) = (&log[0], &log[1], &log[2]);
+        assert_eq!(
+            (
+                inb.direction.as_str(),
+                inb.kind.as_str(),
+                inb.status.as_str()
+            ),
+            ("in", "button_reply", "received")
+        );
+        assert_eq!(inb.wamid.as_deref(), Some("wamid.1"));
+        assert_eq!(
+            (inb.decision.as_deref(), inb.reason.as_deref()),
+            (None, None)
+        );
+        assert_eq!(
+            serde_json::from_value::<Inbound>(inb.body.clone()).unwrap(),
+            msg
+        );
+        assert_eq!(inb.created_at, t(1));
+
+        assert_eq!(hi.id, committed.outbound_ids[0]);
+        assert_eq!((hi.direction.as_str(), hi.kind.as_str()), ("out", "text"));
+        assert_eq!(
+            (hi.decision.as_deref(), hi.reason.as_deref()),
+            (Some("send"), None)
+        );
+        assert_eq!((hi.wamid.as_deref(), hi.status.as_str()), (None, "sent"));
+        assert_eq!(
+            serde_json::from_value::<Outbound>(hi.body.clone()).unwrap(),
+            out[0].message
+        );
+        assert_eq!(tpl.id, committed.outbound_ids[1]);
+        assert_eq!(tpl.kind, "template");
+        assert_eq!(
+            (tpl.decision.as_deref(), tpl.reason.as_deref()),
+            (Some("skipped"), Some("quiet hours"))
+        );
+
+        let due = db.due_timers(t(60), 10).await.unwrap();
+        assert_eq!(due.len(), 2);
+        assert_eq!(
+            due[0],
+            TimerRow {
+                id: due[0].id,
+                channel: CH.into(),
+                wa_id: "1555".into(),
+                contact_id: committed.contact_id,
+                due_at: t(30),
+                payload: json!({ "timer": "early" }),
+            }
+        );
+        assert_eq!(due[1].due_at, t(60));
+
+        // The last `limit` messages, still oldest first.
+        let last_two = db.messages(CH, "1555", 2).await.unwrap();
+        assert_eq!(last_two, log[1..].to_vec());
+    }
+
+    #[tokio::test]
+    async fn second_turn_updates_the_contact() {
+        let db = memory_db().await;
+        let mut contact = Contact::new("1555");
+        let id = db
+            .commit_turn(&bare_turn(None, &contact, t(0)))
+            .await
+            .unwrap()
+            .contact_id;
+        contact.name = Some("Grace".into());
+        contact.tags.insert("new".into());
+        let again = db
+            .commit_turn(&bare_turn(Some(id), &contact, t(1)))
+            .await
+            .unwrap();
+        assert_eq!(again.contact_id, id);
+        assert_eq!(
+            db.load_conversation(CH, "1555").await.unwrap().contact,
+            contact
+        );
+
+        // A second "first" turn (a race with another worker) lands on the same row.
+        let racing = db
+            .commit_turn(&bare_turn(None, &contact, t(2)))
+            .await
+            .unwrap();
+        assert_eq!(racing.contact_id, id);
+    }
+
+    #[tokio::test]
+    async fn stale_contact_id_is_refused() {
+        let db = memory_db().await;
+        let contact = Contact::new("1555");
+        let err = db
+            .commit_turn(&bare_turn(Some(42), &contact, t(0)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::UnknownContact { id: 42 }),
+            "{err}"
+        );
+        assert_eq!(
+            db.load_conversation(CH, "1555").await.unwrap().contact_id,
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn last_customer_message_at_round_trips() {
+        let db = memory_db().await;
+        let mut contact = Contact::new("1555");
+        let id = db
+            .commit_turn(&bare_turn(None, &contact, t(0)))
+            .await
+            .unwrap()
+            .contact_id;
+        let conv = db.load_conversation(CH, "1555").await.unwrap();
+        assert_eq!(conv.contact.last_customer_message_at, None);
+
+        // Millisecond precision survives.
+        let at = t(5) + Duration::milliseconds(123);
+        contact.saw_customer_message(at);
+        db.commit_turn(&bare_turn(Some(id), &contact, t(6)))
+            .await
+            .unwrap();
+        let conv = db.load_conversation(CH, "1555").await.unwrap();
+        assert_eq!(conv.contact.last_customer_message_at, Some(at));
+    }
+
+    #[tokio::test]
+    async fn session_is_replaced_then_deleted() {
+        let db = memory_db().await;
+        let contact = Contact::new("1555");
+        let first = session("ask_name", t(0));
+        let id = db
+            .commit_turn(&Turn {
+                session: Some(&first),
+                ..bare_turn(None, &contact, t(0))
+            })
+            .await
+            .unwrap()
+            .contact_id;
+
+        let mut second = session("ask_email", t(1));
+        second.flow_version = "v2".into();
+        second.state = json!({ "email": null });
+        db.commit_turn(&Turn {
+            session: Some(&second),
+            ..bare_turn(Some(id), &contact, t(1))
+        })
+        .await
+        .unwrap();
+        let conv = db.load_conversation(CH, "1555").await.unwrap();
+        assert_eq!(conv.session, Some(second));
+
+        db.commit_turn(&bare_turn(Some(id), &contact, t(2)))
+            .await
+            .unwrap();
+        let conv = db.load_conversation(CH, "1555").await.unwrap();
+        assert_eq!(conv.contact_id, Some(id));
+        assert_eq!(conv.session, None);
+    }
+
+    #[tokio::test]
+    async fn replace_timers_none_keeps_some_replaces() {
+        let db = memory_db().await;
+        let contact = Contact::new("1555");
+        let id = contact_with_timers(&db, "1555", &[timer(t(10), "a"), timer(t(20), "b")]).await;
+        let other = contact_with_timers(&db, "1666", &[timer(t(15), "other")]).await;
+        assert_ne!(id, other);
+
+        db.commit_turn(&bare_turn(Some(id), &contact, t(1)))
+            .await
+            .unwrap();
+        assert_eq!(timer_tags(&db).await, ["a", "other", "b"]);
+
+        let new = [timer(t(30), "c")];
+        db.commit_turn(&Turn {
+            replace_timers: Some(&new),
+            ..bare_turn(Some(id), &contact, t(2))
+        })
+        .await
+        .unwrap();
+        assert_eq!(timer_tags(&db).await, ["other", "c"]);
+
+        db.commit_turn(&Turn {
+            replace_timers: Some(&[]),
+            ..bare_turn(Some(id), &contact, t(3))
+        })
+        .await
+        .unwrap();
+        assert_eq!(timer_tags(&db).await, ["other"]);
+    }
+
+    #[tokio::test]
+    async fn fired_timer_is_deleted() {
+        let db = memory_db().await;
+        let contact = Contact::new("1555");
+        let id = contact_with_timers(&db, "1555", &[timer(t(10), "a"), timer(t(20), "b")]).await;
+        let fired = db.due_timers(t(10), 1).await.unwrap().remove(0);
+        assert_eq!(fired.payload["timer"], "a");
+
+        db.commit_turn(&Turn {
+            fired_timer: Some(fired.id),
+            ..bare_turn(Some(id), &contact, t(10))
+        })
+        .await
+        .unwrap();
+        assert_eq!(timer_tags(&db).await, ["b"]);
+
+        // Firing and rescheduling in one turn keeps the new timers, even though the table
+        // was emptied first (ids are never reused).
+        let fired = db.due_timers(t(20), 1).await.unwrap().remove(0);
+        let next = [timer(t(40), "c")];
+        db.commit_turn(&Turn {
+            fired_timer: Some(fired.id),
+            replace_timers: Some(&next),
+            ..bare_turn(Some(id), &contact, t(20))
+        })
+        .await
+        .unwrap();
+        let left = db.due_timers(t(100), 10).await.unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].payload["timer"], "c");
+        assert!(left[0].id > fired.id);
+    }
+
+    #[tokio::test]
+    async fn due_timers_are_ordered_and_limited() {
+        let db = memory_db().await;
+        contact_with_timers(&db, "1", &[timer(t(30), "1@30"), timer(t(10), "1@10")]).await;
+        contact_with_timers(&db, "2", &[timer(t(10), "2@10"), timer(t(90), "2@90")]).await;
+
+        assert!(db.due_timers(t(9), 10).await.unwrap().is_empty());
+        let due = db.due_timers(t(30), 10).await.unwrap();
+        let tags: Vec<_> = due.iter().map(|r| r.payload["timer"].clone()).collect();
+        // Ties on due_at go by id, i.e. creation order.
+        assert_eq!(tags, [json!("1@10"), json!("2@10"), json!("1@30")]);
+        assert!(due[0].id < due[1].id);
+        assert_eq!((due[1].wa_id.as_str(), due[1].channel.as_str()), ("2", CH));
+
+        let first_two = db.due_timers(t(30), 2).await.unwrap();
+        assert_eq!(first_two, due[..2].to_vec());
+        assert!(db.due_timers(t(30), 0).await.unwrap().is_empty());
+        assert!(db.due_timers(t(30), -1).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn next_timer_at_is_the_earliest() {
+        let db = memory_db().await;
+        assert_eq!(db.next_timer_at().await.unwrap(), None);
+        contact_with_timers(&db, "1", &[timer(t(30), "a")]).await;
+        contact_with_timers(&db, "2", &[timer(t(20), "b"), timer(t(50), "c")]).await;
+        assert_eq!(db.next_timer_at().await.unwrap(), Some(t(20)));
+    }
+
+    #[tokio::test]
+    async fn flow_versions_are_immutable() {
+        let db = memory_db().await;
+        assert_eq!(db.flow_version("welcome", "v1").await.unwrap(), None);
+        db.save_flow_version("welcome", "v1", "{\"a\":1}", t(0))
+            .await
+            .unwrap();
+        db.save_flow_version("welcome", "v1", "{\"a\":2}", t(1))
+            .await
+            .unwrap();
+        db.save_flow_version("welcome", "v2", "{\"a\":3}", t(2))
+            .await
+            .unwrap();
+        assert_eq!(
+            db.flow_version("welcome", "v1").await.unwrap().as_deref(),
+            Some("{\"a\":1}")
+        );
+        assert_eq!(
+            db.flow_version("welcome", "v2").await.unwrap().as_deref(),
+            Some("{\"a\":3}")
+        );
+        assert_eq!(db.flow_version("other", "v1").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn reset_forgets_session_and_timers_only() {
+        let db = memory_db().await;
+        let contact = Contact::new("1555");
+        let sess = session("ask_name", t(0));
+        let msg = inbound("wamid.1", "hi", t(0));
+        let timers = [timer(t(10), "mine")];
+        let id = db
+            .commit_turn(&Turn {
+                session: Some(&sess),
+                inbound: Some(&msg),
+                replace_timers: Some(&timers),
+                ..bare_turn(None, &contact, t(0))
+            })
+            .await
+            .unwrap()
+            .contact_id;
+        contact_with_timers(&db, "1666", &[timer(t(10), "theirs")]).await;
+
+        db.reset_conversation(CH, "1555").await.unwrap();
+        let conv = db.load_conversation(CH, "1555").await.unwrap();
+        assert_eq!(conv.contact_id, Some(id));
+        assert_eq!(conv.session, None);
+        assert_eq!(timer_tags(&db).await, ["theirs"]);
+        assert_eq!(db.messages(CH, "1555", 10).await.unwrap().len(), 1);
+
+        // Resetting someone never seen is a no-op.
+        db.reset_conversation(CH, "9999").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn failing_turn_writes_nothing() {
+        let db = memory_db().await;
+        let mut contact = Contact::new("1555");
+        let first = session("ask_name", t(0));
+        let msg = inbound("wamid.1", "hi", t(0));
+        let timers = [timer(t(10), "kept")];
+        let id = db
+            .commit_turn(&Turn {
+                session: Some(&first),
+                inbound: Some(&msg),
+                replace_timers: Some(&timers),
+                ..bare_turn(None, &contact, t(0))
+            })
+            .await
+            .unwrap()
+            .contact_id;
+        let before = db.load_conversation(CH, "1555").await.unwrap();
+
+        // The same inbound message again violates the dedupe index, after the contact and the
+        // session were already written inside the transaction.
+        contact.name = Some("Changed".into());
+        let second = session("ask_email", t(1));
+        let out = [said(OutboundContent::text("again?"), Decision::Send)];
+        let new_timers = [timer(t(20), "replacement")];
+        let err = db
+            .commit_turn(&Turn {
+                session: Some(&second),
+                inbound: Some(&msg),
+                outbound: &out,
+                replace_timers: Some(&new_timers),
+                fired_timer: None,
+                ..bare_turn(Some(id), &contact, t(1))
+            })
+            .await
+            .unwrap_err();
+        assert!(err.is_duplicate(), "{err}");
+
+        let after = db.load_conversation(CH, "1555").await.unwrap();
+        assert_eq!(after.contact, before.contact);
+        assert_eq!(after.session, before.session);
+        assert_eq!(db.messages(CH, "1555", 10).await.unwrap().len(), 1);
+        assert_eq!(timer_tags(&db).await, ["kept"]);
+
+        // A new contact in a failing turn is not created either.
+        let stranger = Contact::new("1777");
+        let err = db
+            .commit_turn(&Turn {
+                inbound: Some(&msg),
+                ..bare_turn(None, &stranger, t(2))
+            })
+            .await
+            .unwrap_err();
+        assert!(err.is_duplicate(), "{err}");
+        assert_eq!(
+            db.load_conversation(CH, "1777").await.unwrap().contact_id,
+            None
+        );
+
+        // The pool is still usable after the rollback.
+        db.commit_turn(&bare_turn(Some(id), &contact, t(3)))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn file_database_uses_wal_and_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/dir/flowgate.db");
+        let url = format!("sqlite://{}", path.display());
+
+        let db = Db::connect(&url).await.unwrap();
+        db.migrate().await.unwrap();
+        assert_eq!(db.backend(), "sqlite");
+        let Db::Sqlite(pool) = &db else {
+            unreachable!()
+        };
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(fk, 1);
+
+        let contact = Contact::new("1555");
+        let sess = session("ask_name", t(0));
+        let timers = [timer(t(10), "a")];
+        db.commit_turn(&Turn {
+            session: Some(&sess),
+            replace_timers: Some(&timers),
+            ..bare_turn(None, &contact, t(0))
+        })
+        .await
+        .unwrap();
+        db.save_flow_version("welcome", "v1", "{}", t(0))
+            .await
+            .unwrap();
+        db.close().await;
+        assert!(path.exists());
+
+        let db = Db::connect(&url).await.unwrap();
+        db.migrate().await.unwrap(); // already applied: a no-op
+        let conv = db.load_conversation(CH, "1555").await.unwrap();
+        assert_eq!(conv.session, Some(sess));
+        assert_eq!(db.next_timer_at().await.unwrap(), Some(t(10)));
+        assert_eq!(
+            db.flow_version("welcome", "v1").await.unwrap().as_deref(),
+            Some("{}")
+        );
+        db.close().await;
+    }
+
+    #[tokio::test]
+    async fn memory_databases_are_private() {
+        let a = memory_db().await;
+        let b = memory_db().await;
+        contact_with_timers(&a, "1555", &[]).await;
+        assert!(
+            a.load_conversation(CH, "1555")
+                .await
+                .unwrap()
+                .contact_id
+                .is_some()
+        );
+        assert!(
+            b.load_conversation(CH, "1555")
+                .await
+                .unwrap()
+                .contact_id
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn connect_refuses_other_urls() {
+        let err = Db::connect("postgres://u:p@localhost/flowgate")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Unsupported(_)), "{err}");
+        assert!(err.to_string().contains("sqlite://"));
+        assert!(!err.to_string().contains("u:p"));
+
+        let err = Db::connect("flowgate.db").await.unwrap_err();
+        assert!(matches!(err, StoreError::InvalidUrl { .. }), "{err}");
+        let err = Db::connect("sqlite://x.db?mode=bogus").await.unwrap_err();
+        assert!(matches!(err, StoreError::InvalidUrl { .. }), "{err}");
+    }
+
+    #[test]
+    fn in_memory_urls() {
+        assert!(is_in_memory("sqlite::memory:"));
+        assert!(is_in_memory("sqlite://:memory:"));
+        assert!(is_in_memory("sqlite://?mode=memory"));
+        assert!(!is_in_memory("sqlite://data/flowgate.db"));
+        assert!(!is_in_memory("sqlite:flowgate.db?mode=rwc"));
+    }
+
+    /// The embedded list must match `migrations/sqlite/` exactly: a file added there but not
+    /// to [`SQLITE_MIGRATIONS`] would never run.
+    #[tokio::test]
+    async fn embedded_migrations_match_the_directory() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+        let on_disk = Migrator::new(dir).await.unwrap();
+        let embedded = Migrator::new(Embedded(SQLITE_MIGRATIONS)).await.unwrap();
+        let key = |m: &Migration| (m.version, m.description.to_string(), m.checksum.to_vec());
+        assert_eq!(
+            on_disk.iter().map(key).collect::<Vec<_>>(),
+            embedded.iter().map(key).collect::<Vec<_>>()
+        );
+    }
+}
