@@ -81,10 +81,19 @@ mod tests {
     fn virtual_clock_moves_forward_only() {
         let clock = VirtualClock::new(VirtualClock::test_epoch());
         clock.advance(Duration::hours(25));
-        assert_eq!(clock.now(), VirtualClock::test_epoch() + Duration::hours(25));
+        assert_eq!(
+            clock.now(),
+            VirtualClock::test_epoch() + Duration::hours(25)
+        );
         clock.advance_to(VirtualClock::test_epoch());
-        assert_eq!(clock.now(), VirtualClock::test_epoch() + Duration::hours(25));
+        assert_eq!(
+            clock.now(),
+            VirtualClock::test_epoch() + Duration::hours(25)
+        );
         clock.advance(Duration::hours(-3));
-        assert_eq!(clock.now(), VirtualClock::test_epoch() + Duration::hours(25));
+        assert_eq!(
+            clock.now(),
+            VirtualClock::test_epoch() + Duration::hours(25)
+        );
     }
 }

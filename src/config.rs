@@ -207,7 +207,11 @@ impl Config {
             }
             Err(e) => {
                 let mut diags = Diagnostics::default();
-                diags.push(Diagnostic::error(&file, None, format!("cannot read the config: {e}")));
+                diags.push(Diagnostic::error(
+                    &file,
+                    None,
+                    format!("cannot read the config: {e}"),
+                ));
                 return Err(Box::new(diags));
             }
         };
@@ -260,19 +264,18 @@ impl Config {
     fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if self.channels.is_empty() {
-            problems.push("no channels: add at least one (provider: sandbox needs no account)".into());
+            problems
+                .push("no channels: add at least one (provider: sandbox needs no account)".into());
         }
         for (i, c) in self.channels.iter().enumerate() {
             if self.channels[..i].iter().any(|o| o.name == c.name) {
-                problems.push(format!("two channels are named `{}`: names must be unique", c.name));
+                problems.push(format!(
+                    "two channels are named `{}`: names must be unique",
+                    c.name
+                ));
             }
-            let missing = |what: &str| {
-                format!(
-                    "channel `{}` ({:?}) needs `{what}`",
-                    c.name,
-                    c.provider
-                )
-            };
+            let missing =
+                |what: &str| format!("channel `{}` ({:?}) needs `{what}`", c.name, c.provider);
             match c.provider {
                 Provider::CloudApi => {
                     for (key, present) in [
@@ -322,7 +325,11 @@ mod tests {
         let err = Config::from_str("flowgate.yaml", text, Path::new("")).unwrap_err();
         let d = &err.items[0];
         assert_eq!(d.position(), "flowgate.yaml:4:3");
-        assert!(d.message.contains("unknown field `windoe`"), "{}", d.message);
+        assert!(
+            d.message.contains("unknown field `windoe`"),
+            "{}",
+            d.message
+        );
     }
 
     #[test]
@@ -336,12 +343,17 @@ mod tests {
     fn cloud_api_channel_needs_its_credentials() {
         let text = "channels:\n  - name: main\n    provider: cloud_api\n    phone_number_id: '1'\n";
         let err = Config::from_str("f.yaml", text, Path::new("")).unwrap_err();
-        assert!(err.items.iter().any(|d| d.message.contains("needs `access_token`")));
+        assert!(
+            err.items
+                .iter()
+                .any(|d| d.message.contains("needs `access_token`"))
+        );
     }
 
     #[test]
     fn bad_durations_point_at_the_value() {
-        let err = Config::from_str("f.yaml", "policy:\n  window: soon\n", Path::new("")).unwrap_err();
+        let err =
+            Config::from_str("f.yaml", "policy:\n  window: soon\n", Path::new("")).unwrap_err();
         assert_eq!(err.items[0].position(), "f.yaml:2:11");
         assert!(err.items[0].message.contains("not a duration"));
     }

@@ -202,10 +202,13 @@ impl Diagnostics {
         let mut out = String::new();
         match (d.loc, source) {
             (Some(loc), Some((_, text))) if loc.is_known() => {
-                let len = loc.len.max(1).min(text.len().saturating_sub(loc.offset).max(1));
+                let len = loc
+                    .len
+                    .max(1)
+                    .min(text.len().saturating_sub(loc.offset).max(1));
                 diag = diag.with_label(LabeledSpan::new(d.label.clone(), loc.offset, len));
                 let report = miette::Report::new(diag)
-                    .with_source_code(NamedSource::new(d.position(), text.to_string()));
+                    .with_source_code(NamedSource::new(d.file.clone(), text.to_string()));
                 let _ = handler.render_report(&mut out, report.as_ref());
             }
             _ => {
@@ -227,7 +230,10 @@ impl Diagnostics {
 }
 
 /// Suggests the closest candidate to a misspelled name ("did you mean …?").
-pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+pub fn did_you_mean<'a>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
     let mut best: Option<(usize, &str)> = None;
     for candidate in candidates {
         let distance = edit_distance(name, candidate);
@@ -246,7 +252,11 @@ fn edit_distance(a: &str, b: &str) -> usize {
         let mut current = vec![i + 1];
         for (j, cb) in b.iter().enumerate() {
             let cost = usize::from(ca != *cb);
-            current.push((previous[j] + cost).min(previous[j + 1] + 1).min(current[j] + 1));
+            current.push(
+                (previous[j] + cost)
+                    .min(previous[j + 1] + 1)
+                    .min(current[j] + 1),
+            );
         }
         previous = current;
     }

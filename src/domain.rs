@@ -51,22 +51,60 @@ pub struct Inbound {
     pub content: InboundContent,
 }
 
+impl Inbound {
+    /// A message typed on the sandbox channel (`chat`, `test`, `POST /sandbox/messages`),
+    /// with an id unique across runs.
+    pub fn sandbox(content: InboundContent, timestamp: DateTime<Utc>, now: DateTime<Utc>) -> Self {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self {
+            id: format!(
+                "wamid.sandbox.{}.{seq}",
+                now.timestamp_nanos_opt().unwrap_or_default()
+            ),
+            timestamp,
+            content,
+        }
+    }
+}
+
 /// What a customer sent, reduced to what flows can react to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum InboundContent {
-    Text { body: String },
+    Text {
+        body: String,
+    },
     /// A reply button tapped on an interactive message.
-    ButtonReply { id: String, title: String },
+    ButtonReply {
+        id: String,
+        title: String,
+    },
     /// A row picked from an interactive list.
-    ListReply { id: String, title: String },
+    ListReply {
+        id: String,
+        title: String,
+    },
     /// A quick-reply button on a template (`type: button`); `payload` is the id.
-    TemplateButton { payload: String, text: String },
-    Media { kind: String, caption: Option<String> },
-    Location { latitude: f64, longitude: f64 },
-    Reaction { emoji: String },
+    TemplateButton {
+        payload: String,
+        text: String,
+    },
+    Media {
+        kind: String,
+        caption: Option<String>,
+    },
+    Location {
+        latitude: f64,
+        longitude: f64,
+    },
+    Reaction {
+        emoji: String,
+    },
     /// A type flowgate does not interpret; stored, never answered by a trigger.
-    Other { kind: String },
+    Other {
+        kind: String,
+    },
 }
 
 impl InboundContent {
@@ -422,7 +460,11 @@ pub mod limits {
                     cut(&mut b.title, BUTTON_TITLE, "button title");
                 }
             }
-            OutboundContent::List { body, button, sections } => {
+            OutboundContent::List {
+                body,
+                button,
+                sections,
+            } => {
                 cut(body, TEXT_BODY, "list body");
                 cut(button, LIST_BUTTON, "list button");
                 for s in sections {
@@ -437,9 +479,9 @@ pub mod limits {
                     }
                 }
             }
-            OutboundContent::Media { caption: Some(c), .. } => {
-                cut(c, CAPTION_OR_BUTTON_BODY, "caption")
-            }
+            OutboundContent::Media {
+                caption: Some(c), ..
+            } => cut(c, CAPTION_OR_BUTTON_BODY, "caption"),
             OutboundContent::Media { .. } | OutboundContent::Template { .. } => {}
         }
         notes
@@ -461,7 +503,9 @@ pub mod limits {
             };
             let notes = fit(&mut c);
             assert_eq!(notes.len(), 1);
-            let OutboundContent::Buttons { buttons, .. } = c else { unreachable!() };
+            let OutboundContent::Buttons { buttons, .. } = c else {
+                unreachable!()
+            };
             assert_eq!(buttons[0].title.chars().count(), 20);
         }
     }

@@ -3,11 +3,16 @@
 //!
 //! `ARCHITECTURE.md` has the map of these modules and the invariants between them.
 
+pub mod app;
 pub mod clock;
 pub mod config;
+pub mod conversation;
 pub mod diagnostic;
+pub mod dispatch;
 pub mod domain;
+pub mod engine;
 pub mod flow;
+pub mod http;
 pub mod script;
 pub mod store;
 pub mod templates;

@@ -8,7 +8,7 @@
 //! routes the conversation to `on_error`, and every other conversation is unaffected.
 //!
 //! Scripts talk back through a few registered functions (`reply`, `reply_buttons`, `goto`,
-//! `tag`, `untag`, `now`, `today`). They write into a per-call [`ScriptEffects`] held in a
+//! `tag`, `untag`) and read time through `now`, `today`, `day_of_week` and `add_days`. They write into a per-call [`ScriptEffects`] held in a
 //! thread-local for the duration of one synchronous call, which is why the engine can stay
 //! shared and immutable.
 
@@ -122,6 +122,11 @@ fn record(f: impl FnOnce(&mut ScriptEffects)) {
     });
 }
 
+fn parse_iso_date(date: &str) -> Result<chrono::NaiveDate, Box<EvalAltResult>> {
+    chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d")
+        .map_err(|_| format!("`{date}` is not a date like 2026-01-12").into())
+}
+
 fn call_now() -> DateTime<Utc> {
     CALL.with(|c| c.borrow().as_ref().map(|s| s.now))
         .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
@@ -143,7 +148,9 @@ pub struct Scripting {
 
 impl std::fmt::Debug for Scripting {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Scripting").field("limits", &self.limits).finish()
+        f.debug_struct("Scripting")
+            .field("limits", &self.limits)
+            .finish()
     }
 }
 
@@ -165,6 +172,10 @@ impl Scripting {
             .set_max_map_size(limits.max_map_size)
             .set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
         engine.disable_symbol("eval");
+        // A variable nobody set reads as `()`, so flows can ask `if: 'order_id != ()'`.
+        // Assigning to it still needs `let` (DESIGN §2.3).
+        #[allow(deprecated)] // "volatile", not deprecated: Rhai's own wording
+        engine.on_var(|name, _, ctx| Ok((!ctx.scope().contains(name)).then_some(Dynamic::UNIT)));
         engine.on_print(|text| tracing::info!(target: "flowgate::script", "{text}"));
         engine.on_debug(|text, _, pos| tracing::debug!(target: "flowgate::script", ?pos, "{text}"));
 
@@ -201,6 +212,22 @@ impl Scripting {
             record(|e| e.tags.push((false, name.to_string())));
         });
         engine.register_fn("now", || call_now().timestamp());
+        engine.register_fn(
+            "day_of_week",
+            |date: ImmutableString| -> Result<i64, Box<EvalAltResult>> {
+                let d = parse_iso_date(&date)?;
+                Ok(i64::from(
+                    chrono::Datelike::weekday(&d).number_from_monday(),
+                ))
+            },
+        );
+        engine.register_fn(
+            "add_days",
+            |date: ImmutableString, days: i64| -> Result<String, Box<EvalAltResult>> {
+                let d = parse_iso_date(&date)? + chrono::Duration::days(days);
+                Ok(d.format("%Y-%m-%d").to_string())
+            },
+        );
         engine.register_fn("today", || call_now().format("%Y-%m-%d").to_string());
         Self { engine, limits }
     }
@@ -254,9 +281,8 @@ impl Scripting {
     /// with `_`), the possibly changed `contact`, and what the script asked for.
     pub fn run(&self, ast: &AST, ctx: &Context<'_>) -> Result<ScriptRun, ScriptError> {
         let mut scope = Self::scope(ctx);
-        let (result, effects) = with_call(ctx.now, || {
-            self.engine.run_ast_with_scope(&mut scope, ast)
-        });
+        let (result, effects) =
+            with_call(ctx.now, || self.engine.run_ast_with_scope(&mut scope, ast));
         result.map_err(|e| runtime_error(&e, self.limits))?;
         let mut vars = Vars::new();
         let mut contact = ctx.contact.clone();
@@ -340,7 +366,12 @@ fn runtime_error(e: &EvalAltResult, limits: Limits) -> ScriptError {
             limits.max_operations
         ),
         EvalAltResult::ErrorRuntime(value, _) => format!("the script threw: {value}"),
-        other => other.to_string().split(" (line ").next().unwrap_or_default().to_string(),
+        other => other
+            .to_string()
+            .split(" (line ")
+            .next()
+            .unwrap_or_default()
+            .to_string(),
     };
     ScriptError::at(message, pos)
 }
@@ -404,7 +435,10 @@ mod tests {
         let run = s.run(&ast, &ctx(&vars, &contact, &message)).unwrap();
         assert_eq!(run.vars.get("total").unwrap().as_int().unwrap(), 42);
         assert!(!run.vars.contains_key("_tmp"));
-        assert_eq!(run.effects.replies, vec![ScriptReply::Text("total 42".into())]);
+        assert_eq!(
+            run.effects.replies,
+            vec![ScriptReply::Text("total 42".into())]
+        );
         assert_eq!(run.effects.goto.as_deref(), Some("done"));
         assert_eq!(run.effects.tags, vec![(true, "vip".to_string())]);
     }
@@ -420,11 +454,17 @@ mod tests {
     #[test]
     fn endless_loops_stop_with_their_position() {
         let s = Scripting::default();
-        let ast = s.compile_script("let x = 0;\nloop {\n  x += 1;\n}").unwrap();
+        let ast = s
+            .compile_script("let x = 0;\nloop {\n  x += 1;\n}")
+            .unwrap();
         let vars = Vars::new();
         let unit = Dynamic::UNIT;
         let err = s.run(&ast, &ctx(&vars, &unit, &unit)).unwrap_err();
-        assert!(err.message.contains("more than 100000 operations"), "{}", err.message);
+        assert!(
+            err.message.contains("more than 100000 operations"),
+            "{}",
+            err.message
+        );
         assert!(err.line.is_some());
     }
 
@@ -456,8 +496,19 @@ mod tests {
         let s = Scripting::default();
         let vars = Vars::new();
         let unit = Dynamic::UNIT;
-        let ast = s.compile_script("let s = \"x\"; for i in 0..100 { s += s; }").unwrap();
+        let ast = s
+            .compile_script("let s = \"x\"; for i in 0..100 { s += s; }")
+            .unwrap();
         assert!(s.run(&ast, &ctx(&vars, &unit, &unit)).is_err());
+    }
+
+    #[test]
+    fn unset_variables_read_as_unit() {
+        let s = Scripting::default();
+        let vars = Vars::new();
+        let unit = Dynamic::UNIT;
+        let ast = s.compile_expression("order_id == ()").unwrap();
+        assert!(s.eval_condition(&ast, &ctx(&vars, &unit, &unit)).unwrap());
     }
 
     #[test]
@@ -466,7 +517,9 @@ mod tests {
         let vars = Vars::new();
         let unit = Dynamic::UNIT;
         let ast = s.compile_expression("42").unwrap();
-        let err = s.eval_condition(&ast, &ctx(&vars, &unit, &unit)).unwrap_err();
+        let err = s
+            .eval_condition(&ast, &ctx(&vars, &unit, &unit))
+            .unwrap_err();
         assert!(err.message.contains("true or false"));
     }
 

@@ -98,7 +98,11 @@ impl Registry {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Registry::default(),
             Err(e) => {
-                diags.push(Diagnostic::error(&file, None, format!("cannot read templates: {e}")));
+                diags.push(Diagnostic::error(
+                    &file,
+                    None,
+                    format!("cannot read templates: {e}"),
+                ));
                 return Registry::default();
             }
         };

@@ -20,7 +20,11 @@ pub fn parse<T: de::DeserializeOwned>(file: &str, text: &str) -> Result<T, Box<D
             }
             loc
         });
-        Box::new(Diagnostic::error(file, loc, clean_message(&e.without_snippet().to_string())))
+        Box::new(Diagnostic::error(
+            file,
+            loc,
+            clean_message(&e.without_snippet().to_string()),
+        ))
     })
 }
 
@@ -175,8 +179,14 @@ mod tests {
     #[test]
     fn expands_variables_with_defaults() {
         let lookup = |name: &str| (name == "TOKEN").then(|| "abc".to_string());
-        assert_eq!(expand_with("Bearer ${TOKEN}", lookup).unwrap(), "Bearer abc");
-        assert_eq!(expand_with("${URL:-http://x}/a", lookup).unwrap(), "http://x/a");
+        assert_eq!(
+            expand_with("Bearer ${TOKEN}", lookup).unwrap(),
+            "Bearer abc"
+        );
+        assert_eq!(
+            expand_with("${URL:-http://x}/a", lookup).unwrap(),
+            "http://x/a"
+        );
         let err = expand_with("${MISSING}", lookup).unwrap_err();
         assert!(err.contains("`MISSING` is not set"), "{err}");
         assert!(expand_with("${OPEN", lookup).is_err());
@@ -199,6 +209,10 @@ mod tests {
         }
         let err = parse::<S>("f.yaml", "a: x\nzz: 1\n").unwrap_err();
         assert_eq!(err.position(), "f.yaml:2:1");
-        assert!(err.message.starts_with("unknown field `zz`"), "{}", err.message);
+        assert!(
+            err.message.starts_with("unknown field `zz`"),
+            "{}",
+            err.message
+        );
     }
 }

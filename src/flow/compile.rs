@@ -10,7 +10,9 @@ use regex::Regex;
 use serde_saphyr::Spanned;
 use sha2::{Digest, Sha256};
 
-use super::raw::{RawBranch, RawExpect, RawFlow, RawList, RawNext, RawStep, RawTemplateRef, RawWait};
+use super::raw::{
+    RawBranch, RawExpect, RawFlow, RawList, RawNext, RawStep, RawTemplateRef, RawWait,
+};
 use super::{
     Action, Ask, Body, Branch, Bundle, Cond, EXPECT_KINDS, Expect, Expr, Flow, Http, List, ListRow,
     Message, Route, Script, Step, Target, TemplateCall, Text, Trigger, TriggerKind, Wait,
@@ -126,10 +128,7 @@ impl Compiler<'_> {
             Some(s) => self.step_ref(s)?,
             None => 0,
         };
-        let session_timeout = raw
-            .session_timeout
-            .as_ref()
-            .and_then(|t| self.duration(t));
+        let session_timeout = raw.session_timeout.as_ref().and_then(|t| self.duration(t));
         let triggers = raw
             .triggers
             .iter()
@@ -280,7 +279,10 @@ impl Compiler<'_> {
             Some(i) => Some(i),
             None => {
                 let help = did_you_mean(&at.value, self.step_ids.iter().map(String::as_str));
-                let d = self.error(self.value_loc(at), format!("there is no step `{}` in this flow", at.value));
+                let d = self.error(
+                    self.value_loc(at),
+                    format!("there is no step `{}` in this flow", at.value),
+                );
                 d.label = Some("unknown step".into());
                 d.help = help;
                 None
@@ -306,7 +308,13 @@ impl Compiler<'_> {
                     l.col += at.value[..offset].chars().count();
                     l.len = 2;
                 }
-                self.error(l, format!("this `{{{{ … }}}}` expression does not compile: {}", e.message));
+                self.error(
+                    l,
+                    format!(
+                        "this `{{{{ … }}}}` expression does not compile: {}",
+                        e.message
+                    ),
+                );
                 None
             }
         }
@@ -322,7 +330,12 @@ impl Compiler<'_> {
                 let mut l = self.value_loc(at);
                 if let (Some(1), Some(col)) = (e.line, e.col) {
                     l.col += col - 1;
-                    l.offset += at.value.char_indices().nth(col - 1).map(|(i, _)| i).unwrap_or(0);
+                    l.offset += at
+                        .value
+                        .char_indices()
+                        .nth(col - 1)
+                        .map(|(i, _)| i)
+                        .unwrap_or(0);
                     l.len = 1;
                 }
                 self.error(l, format!("this condition does not compile: {}", e.message));
@@ -331,7 +344,12 @@ impl Compiler<'_> {
         }
     }
 
-    fn step(&mut self, index: usize, key: &Spanned<String>, raw: &Spanned<RawStep>) -> Option<Step> {
+    fn step(
+        &mut self,
+        index: usize,
+        key: &Spanned<String>,
+        raw: &Spanned<RawStep>,
+    ) -> Option<Step> {
         let s = &raw.value;
         let errors_before = self.diags.errors();
         let key_loc = loc(key);
@@ -349,8 +367,11 @@ impl Compiler<'_> {
         .collect();
         if let [(first, _), (second, at), ..] = actions.as_slice() {
             let (first, second, at) = (*first, *second, *at);
-            self.error(at, format!("a step does one thing: it has both `{first}` and `{second}`"))
-                .help = Some("split it into two steps joined by `next`".into());
+            self.error(
+                at,
+                format!("a step does one thing: it has both `{first}` and `{second}`"),
+            )
+            .help = Some("split it into two steps joined by `next`".into());
         }
         let routes: Vec<(&str, Loc)> = [
             ("next", s.next.as_ref().map(loc)),
@@ -363,7 +384,10 @@ impl Compiler<'_> {
         .collect();
         if let [(first, _), (second, at), ..] = routes.as_slice() {
             let (first, second, at) = (*first, *second, *at);
-            self.error(at, format!("a step has one way on: it has both `{first}` and `{second}`"));
+            self.error(
+                at,
+                format!("a step has one way on: it has both `{first}` and `{second}`"),
+            );
         }
         if s.ask.is_none() {
             for (name, at) in [
@@ -378,7 +402,10 @@ impl Compiler<'_> {
                 if let Some(at) = at
                     && s.http.as_ref().is_none_or(|_| name != "save")
                 {
-                    self.error(at, format!("`{name}` belongs to an `ask` step, and this step has no `ask`"));
+                    self.error(
+                        at,
+                        format!("`{name}` belongs to an `ask` step, and this step has no `ask`"),
+                    );
                 }
             }
         }
@@ -389,7 +416,10 @@ impl Compiler<'_> {
                 ("media", s.media.as_ref().map(loc)),
             ] {
                 if let Some(at) = at {
-                    self.error(at, format!("`{name}` needs a `say` or `ask` text to go with"));
+                    self.error(
+                        at,
+                        format!("`{name}` needs a `say` or `ask` text to go with"),
+                    );
                 }
             }
         }
@@ -428,7 +458,10 @@ impl Compiler<'_> {
         if let Some(vars) = &s.set {
             for (name, value) in &vars.value.0 {
                 if !valid_var(&name.value) {
-                    self.error(loc(name), format!("`{}` is not a valid variable name", name.value));
+                    self.error(
+                        loc(name),
+                        format!("`{}` is not a valid variable name", name.value),
+                    );
                     continue;
                 }
                 let text = match &value.value {
@@ -458,11 +491,14 @@ impl Compiler<'_> {
         } else if let Some(t) = &s.template {
             self.template(t).map(Action::Template)
         } else if let Some(name) = &s.script {
-            self.script_file(index, name).map(|s| Action::Script(Arc::new(s)))
+            self.script_file(index, name)
+                .map(|s| Action::Script(Arc::new(s)))
         } else if let Some(source) = &s.rhai {
-            self.script_inline(index, source).map(|s| Action::Script(Arc::new(s)))
+            self.script_inline(index, source)
+                .map(|s| Action::Script(Arc::new(s)))
         } else if let Some(http) = &s.http {
-            self.http(http, s.save.as_ref()).map(|h| Action::Http(Box::new(h)))
+            self.http(http, s.save.as_ref())
+                .map(|h| Action::Http(Box::new(h)))
         } else {
             Some(Action::None)
         };
@@ -485,7 +521,10 @@ impl Compiler<'_> {
             && s.say.is_none()
             && s.ask.is_none()
         {
-            self.warning(loc(ow), "`outside_window` only applies to a `say` or `ask` message");
+            self.warning(
+                loc(ow),
+                "`outside_window` only applies to a `say` or `ask` message",
+            );
         }
 
         if self.diags.errors() > errors_before {
@@ -496,8 +535,16 @@ impl Compiler<'_> {
             loc: key_loc,
             wait,
             set,
-            tag: s.tag.as_ref().map(|t| t.value.0.clone()).unwrap_or_default(),
-            untag: s.untag.as_ref().map(|t| t.value.0.clone()).unwrap_or_default(),
+            tag: s
+                .tag
+                .as_ref()
+                .map(|t| t.value.0.clone())
+                .unwrap_or_default(),
+            untag: s
+                .untag
+                .as_ref()
+                .map(|t| t.value.0.clone())
+                .unwrap_or_default(),
             action: action?,
             handoff: s.handoff.as_ref().map(|h| h.value.clone()),
             route: route?,
@@ -514,7 +561,11 @@ impl Compiler<'_> {
             if raw.value.len() > limits::MAX_BUTTONS {
                 self.error(
                     loc(&raw.value[limits::MAX_BUTTONS]),
-                    format!("WhatsApp allows at most {} reply buttons; this is number {}", limits::MAX_BUTTONS, limits::MAX_BUTTONS + 1),
+                    format!(
+                        "WhatsApp allows at most {} reply buttons; this is number {}",
+                        limits::MAX_BUTTONS,
+                        limits::MAX_BUTTONS + 1
+                    ),
                 )
                 .help = Some("use a `list` for up to 10 choices".into());
             }
@@ -528,12 +579,21 @@ impl Compiler<'_> {
                 if title.is_literal() {
                     self.limit(&b.value.title, limits::BUTTON_TITLE, "a button title");
                     if titles.contains(&title.raw) {
-                        self.error(self.value_loc(&b.value.title), "two buttons have this title: WhatsApp needs them unique");
+                        self.error(
+                            self.value_loc(&b.value.title),
+                            "two buttons have this title: WhatsApp needs them unique",
+                        );
                     }
                     titles.push(title.raw.clone());
                 }
-                if buttons.iter().any(|(id, _): &(String, Text)| *id == b.value.id.value) {
-                    self.error(self.value_loc(&b.value.id), format!("two buttons have the id `{}`", b.value.id.value));
+                if buttons
+                    .iter()
+                    .any(|(id, _): &(String, Text)| *id == b.value.id.value)
+                {
+                    self.error(
+                        self.value_loc(&b.value.id),
+                        format!("two buttons have the id `{}`", b.value.id.value),
+                    );
                 }
                 buttons.push((b.value.id.value.clone(), title));
             }
@@ -547,8 +607,11 @@ impl Compiler<'_> {
                 let kinds = ["image", "video", "audio", "document", "sticker"];
                 if !kinds.contains(&m.value.kind.value.as_str()) {
                     let help = did_you_mean(&m.value.kind.value, kinds);
-                    self.error(self.value_loc(&m.value.kind), format!("`{}` is not a media type", m.value.kind.value))
-                        .help = help.or(Some("use image, video, audio, document or sticker".into()));
+                    self.error(
+                        self.value_loc(&m.value.kind),
+                        format!("`{}` is not a media type", m.value.kind.value),
+                    )
+                    .help = help.or(Some("use image, video, audio, document or sticker".into()));
                 }
                 Some((m.value.kind.value.clone(), self.text(&m.value.url)?))
             }
@@ -562,7 +625,10 @@ impl Compiler<'_> {
         if text.literal_len() > max {
             self.error(
                 loc(text_at),
-                format!("this text is {} characters; WhatsApp allows {max} here", text.literal_len()),
+                format!(
+                    "this text is {} characters; WhatsApp allows {max} here",
+                    text.literal_len()
+                ),
             );
         }
         Some(Message {
@@ -576,7 +642,10 @@ impl Compiler<'_> {
     fn limit(&mut self, at: &Spanned<String>, max: usize, what: &str) {
         let len = at.value.chars().count();
         if len > max && !at.value.contains("{{") {
-            self.error(self.value_loc(at), format!("{what} may have at most {max} characters; this one has {len}"));
+            self.error(
+                self.value_loc(at),
+                format!("{what} may have at most {max} characters; this one has {len}"),
+            );
         }
     }
 
@@ -587,13 +656,22 @@ impl Compiler<'_> {
             self.error(loc(raw), "write `rows` or `sections`, not both");
             return None;
         }
-        let raw_sections: Vec<(Option<&Spanned<String>>, &Vec<Spanned<super::raw::RawRow>>)> = if l.sections.is_empty() {
+        let raw_sections: Vec<RawSectionRef<'_>> = if l.sections.is_empty() {
             vec![(None, &l.rows)]
         } else {
-            l.sections.iter().map(|s| (s.value.title.as_ref(), &s.value.rows)).collect()
+            l.sections
+                .iter()
+                .map(|s| (s.value.title.as_ref(), &s.value.rows))
+                .collect()
         };
         if l.sections.len() > limits::MAX_LIST_SECTIONS {
-            self.error(loc(raw), format!("WhatsApp allows at most {} list sections", limits::MAX_LIST_SECTIONS));
+            self.error(
+                loc(raw),
+                format!(
+                    "WhatsApp allows at most {} list sections",
+                    limits::MAX_LIST_SECTIONS
+                ),
+            );
         }
         let mut total = 0;
         let mut ids: HashSet<String> = HashSet::new();
@@ -606,8 +684,15 @@ impl Compiler<'_> {
             for row in rows {
                 total += 1;
                 if total == limits::MAX_LIST_ROWS + 1 {
-                    self.error(loc(row), format!("WhatsApp allows at most {} list rows in all; this is number {}", limits::MAX_LIST_ROWS, total))
-                        .help = Some("split the choices over two messages".into());
+                    self.error(
+                        loc(row),
+                        format!(
+                            "WhatsApp allows at most {} list rows in all; this is number {}",
+                            limits::MAX_LIST_ROWS,
+                            total
+                        ),
+                    )
+                    .help = Some("split the choices over two messages".into());
                 }
                 self.limit(&row.value.id, limits::LIST_ROW_ID, "a row id");
                 self.limit(&row.value.title, limits::LIST_ROW_TITLE, "a row title");
@@ -615,7 +700,10 @@ impl Compiler<'_> {
                     self.limit(d, limits::LIST_ROW_DESCRIPTION, "a row description");
                 }
                 if !ids.insert(row.value.id.value.clone()) {
-                    self.error(self.value_loc(&row.value.id), format!("two rows have the id `{}`", row.value.id.value));
+                    self.error(
+                        self.value_loc(&row.value.id),
+                        format!("two rows have the id `{}`", row.value.id.value),
+                    );
                 }
                 let description = match &row.value.description {
                     Some(d) => Some(self.text(d)?),
@@ -663,14 +751,23 @@ impl Compiler<'_> {
                     "date" => Expect::Date,
                     "button" => {
                         if prompt.buttons.is_empty() && prompt.list.is_none() {
-                            self.error(loc(e), "`expect: button` needs `buttons` or a `list` on this step");
+                            self.error(
+                                loc(e),
+                                "`expect: button` needs `buttons` or a `list` on this step",
+                            );
                         }
                         Expect::Button
                     }
                     other => {
                         let help = did_you_mean(other, EXPECT_KINDS);
-                        self.error(loc(e), format!("`{other}` is not something an `ask` can expect"))
-                            .help = help.or(Some(format!("use one of {}, or {{ regex: '…' }}", EXPECT_KINDS.join(", "))));
+                        self.error(
+                            loc(e),
+                            format!("`{other}` is not something an `ask` can expect"),
+                        )
+                        .help = help.or(Some(format!(
+                            "use one of {}, or {{ regex: '…' }}",
+                            EXPECT_KINDS.join(", ")
+                        )));
                         return None;
                     }
                 },
@@ -679,7 +776,10 @@ impl Compiler<'_> {
         if let Some(save) = &s.save
             && !valid_var(&save.value)
         {
-            self.error(loc(save), format!("`{}` is not a valid variable name", save.value));
+            self.error(
+                loc(save),
+                format!("`{}` is not a valid variable name", save.value),
+            );
         }
         let attempts = match &s.attempts {
             Some(a) if a.value == 0 => {
@@ -726,11 +826,19 @@ impl Compiler<'_> {
                 let languages = self.templates.languages_of(name);
                 if languages.is_empty() {
                     let help = did_you_mean(name, self.templates.names());
-                    self.error(self.value_loc(&t.name), format!("there is no template `{name}` in the registry"))
-                        .help = help.or(Some("add it to templates.yaml, or run `flowgate templates sync`".into()));
+                    self.error(
+                        self.value_loc(&t.name),
+                        format!("there is no template `{name}` in the registry"),
+                    )
+                    .help = help.or(Some(
+                        "add it to templates.yaml, or run `flowgate templates sync`".into(),
+                    ));
                 } else {
-                    self.error(self.value_loc(&t.language), format!("template `{name}` has no `{language}` version"))
-                        .help = Some(format!("it exists in: {}", languages.join(", ")));
+                    self.error(
+                        self.value_loc(&t.language),
+                        format!("template `{name}` has no `{language}` version"),
+                    )
+                    .help = Some(format!("it exists in: {}", languages.join(", ")));
                 }
             }
             Some(found) => {
@@ -786,8 +894,15 @@ impl Compiler<'_> {
             Err(e) => {
                 let l = Loc::at(&source, e.line.unwrap_or(1), e.col.unwrap_or(1), 1);
                 self.diags.push(
-                    Diagnostic::error(&path, Some(l), format!("the script does not compile: {}", e.message))
-                        .with_help(format!("used by step `{}` in {}", self.step_ids[index], self.file)),
+                    Diagnostic::error(
+                        &path,
+                        Some(l),
+                        format!("the script does not compile: {}", e.message),
+                    )
+                    .with_help(format!(
+                        "used by step `{}` in {}",
+                        self.step_ids[index], self.file
+                    )),
                 );
                 None
             }
@@ -828,7 +943,11 @@ impl Compiler<'_> {
         }
     }
 
-    fn http(&mut self, raw: &Spanned<super::raw::RawHttp>, save: Option<&Spanned<String>>) -> Option<Http> {
+    fn http(
+        &mut self,
+        raw: &Spanned<super::raw::RawHttp>,
+        save: Option<&Spanned<String>>,
+    ) -> Option<Http> {
         let h = &raw.value;
         let method = h
             .method
@@ -836,7 +955,10 @@ impl Compiler<'_> {
             .map(|m| m.value.to_uppercase())
             .unwrap_or_else(|| "POST".into());
         if !["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&method.as_str()) {
-            self.error(loc(h.method.as_ref().expect("a bad method was written")), format!("`{method}` is not an HTTP method flowgate sends"));
+            self.error(
+                loc(h.method.as_ref().expect("a bad method was written")),
+                format!("`{method}` is not an HTTP method flowgate sends"),
+            );
         }
         let url_at = Spanned {
             value: h.url.value.0.clone(),
@@ -844,8 +966,12 @@ impl Compiler<'_> {
             defined: h.url.defined,
         };
         let url = self.text(&url_at)?;
-        if url.is_literal() && !(url.raw.starts_with("http://") || url.raw.starts_with("https://")) {
-            self.error(loc(&h.url), format!("`{}` is not an http:// or https:// URL", url.raw));
+        if url.is_literal() && !(url.raw.starts_with("http://") || url.raw.starts_with("https://"))
+        {
+            self.error(
+                loc(&h.url),
+                format!("`{}` is not an http:// or https:// URL", url.raw),
+            );
         }
         let mut headers = Vec::new();
         for (name, value) in &h.headers.0 {
@@ -864,7 +990,10 @@ impl Compiler<'_> {
         if let Some(s) = save
             && !valid_var(&s.value)
         {
-            self.error(loc(s), format!("`{}` is not a valid variable name", s.value));
+            self.error(
+                loc(s),
+                format!("`{}` is not a valid variable name", s.value),
+            );
         }
         let timeout = match &h.timeout {
             Some(t) => self.duration(t)?,
@@ -913,7 +1042,8 @@ impl Compiler<'_> {
                     referenced: next.referenced,
                     defined: next.defined,
                 };
-                self.step_ref(&spanned).map(|i| Route::Goto(Target::Step(i)))
+                self.step_ref(&spanned)
+                    .map(|i| Route::Goto(Target::Step(i)))
             }
             RawNext::Branches(raw) => {
                 if raw.is_empty() {
@@ -924,8 +1054,14 @@ impl Compiler<'_> {
                 let mut default_seen: Option<Loc> = None;
                 for b in raw {
                     if let Some(at) = default_seen {
-                        self.warning(loc(b), "this branch never runs: the branch before it always matches")
-                            .help = Some(format!("the default branch is at line {}; move it last", at.line));
+                        self.warning(
+                            loc(b),
+                            "this branch never runs: the branch before it always matches",
+                        )
+                        .help = Some(format!(
+                            "the default branch is at line {}; move it last",
+                            at.line
+                        ));
                     }
                     let branch = self.branch(b, s)?;
                     if matches!(branch.cond, Cond::Always) && default_seen.is_none() {
@@ -940,9 +1076,17 @@ impl Compiler<'_> {
 
     fn branch(&mut self, raw: &Spanned<RawBranch>, s: &RawStep) -> Option<Branch> {
         let b = &raw.value;
-        let conds = [b.when.is_some(), b.button.is_some(), b.list.is_some(), b.matches.is_some()];
+        let conds = [
+            b.when.is_some(),
+            b.button.is_some(),
+            b.list.is_some(),
+            b.matches.is_some(),
+        ];
         if conds.iter().filter(|c| **c).count() > 1 {
-            self.error(loc(raw), "a branch tests one thing: `if`, `button`, `list` or `match`");
+            self.error(
+                loc(raw),
+                "a branch tests one thing: `if`, `button`, `list` or `match`",
+            );
             return None;
         }
         let cond = if let Some(e) = &b.when {
@@ -951,9 +1095,17 @@ impl Compiler<'_> {
             if let Some(buttons) = &s.buttons
                 && !buttons.value.iter().any(|x| x.value.id.value == id.value)
             {
-                let help = did_you_mean(&id.value, buttons.value.iter().map(|x| x.value.id.value.as_str()));
-                self.warning(self.value_loc(id), format!("no button of this step has the id `{}`", id.value))
-                    .help = help.or(Some("a template's quick-reply payload also works here".into()));
+                let help = did_you_mean(
+                    &id.value,
+                    buttons.value.iter().map(|x| x.value.id.value.as_str()),
+                );
+                self.warning(
+                    self.value_loc(id),
+                    format!("no button of this step has the id `{}`", id.value),
+                )
+                .help = help.or(Some(
+                    "a template's quick-reply payload also works here".into(),
+                ));
             }
             Cond::Button(id.value.clone())
         } else if let Some(id) = &b.list {
@@ -967,8 +1119,11 @@ impl Compiler<'_> {
                     .collect();
                 if !rows.contains(&id.value.as_str()) {
                     let help = did_you_mean(&id.value, rows.iter().copied());
-                    self.warning(self.value_loc(id), format!("no row of this step's list has the id `{}`", id.value))
-                        .help = help;
+                    self.warning(
+                        self.value_loc(id),
+                        format!("no row of this step's list has the id `{}`", id.value),
+                    )
+                    .help = help;
                 }
             }
             Cond::List(id.value.clone())
@@ -988,7 +1143,12 @@ impl Compiler<'_> {
         Some(Branch { cond, target })
     }
 
-    fn unreachable(&mut self, keys: &[(Spanned<String>, Spanned<RawStep>)], steps: &[Step], start: usize) {
+    fn unreachable(
+        &mut self,
+        keys: &[(Spanned<String>, Spanned<RawStep>)],
+        steps: &[Step],
+        start: usize,
+    ) {
         let mut seen = vec![false; steps.len()];
         let mut todo = vec![start];
         while let Some(i) = todo.pop() {
@@ -1015,8 +1175,11 @@ impl Compiler<'_> {
         }
         for (i, reached) in seen.iter().enumerate() {
             if !reached {
-                self.warning(loc(&keys[i].0), format!("step `{}` is never reached", steps[i].id))
-                    .help = Some(format!(
+                self.warning(
+                    loc(&keys[i].0),
+                    format!("step `{}` is never reached", steps[i].id),
+                )
+                .help = Some(format!(
                     "no `next`, `goto`, `on_fail`, `on_timeout` or `on_error` leads here from `{}`",
                     steps[start].id
                 ));
@@ -1024,6 +1187,12 @@ impl Compiler<'_> {
         }
     }
 }
+
+/// A list section as written: its title and rows (the `rows:` shorthand has no title).
+type RawSectionRef<'a> = (
+    Option<&'a Spanned<String>>,
+    &'a Vec<Spanned<super::raw::RawRow>>,
+);
 
 fn valid_name(name: &str) -> bool {
     !name.is_empty()

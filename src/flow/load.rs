@@ -48,7 +48,13 @@ pub fn load_project(config: &Config, scripting: &Scripting) -> Project {
     }
     let scripts_dir = config.scripts.clone();
     let find_script = move |name: &str| read_script(&scripts_dir, name);
-    let mut project = load_sources(&sources, scripting, templates, &find_script, config.fallback.as_deref());
+    let mut project = load_sources(
+        &sources,
+        scripting,
+        templates,
+        &find_script,
+        config.fallback.as_deref(),
+    );
     diags.extend(std::mem::take(&mut project.diagnostics));
     project.diagnostics = diags;
     project
@@ -77,7 +83,10 @@ pub fn load_sources(
             diags.push(
                 Diagnostic::error(file, Some(*loc), format!("two flows have the id `{id}`"))
                     .with_label("second definition")
-                    .with_help(format!("the first is at {first_file}:{}:{}", first_loc.line, first_loc.col)),
+                    .with_help(format!(
+                        "the first is at {first_file}:{}:{}",
+                        first_loc.line, first_loc.col
+                    )),
             );
         }
     }
@@ -85,8 +94,9 @@ pub fn load_sources(
     for (c, (file, _)) in compiled.iter().zip(sources) {
         for FlowRef { flow, loc } in &c.flow_refs {
             if !known.contains(&flow.as_str()) {
-                let mut d = Diagnostic::error(file, Some(*loc), format!("there is no flow `{flow}`"))
-                    .with_label("unknown flow");
+                let mut d =
+                    Diagnostic::error(file, Some(*loc), format!("there is no flow `{flow}`"))
+                        .with_label("unknown flow");
                 d.help = did_you_mean(flow, known.iter().copied());
                 diags.push(d);
             }
@@ -95,7 +105,11 @@ pub fn load_sources(
     if let Some(fallback) = fallback
         && !known.contains(&fallback)
     {
-        let mut d = Diagnostic::error("flowgate.yaml", None, format!("the `fallback` flow `{fallback}` does not exist"));
+        let mut d = Diagnostic::error(
+            "flowgate.yaml",
+            None,
+            format!("the `fallback` flow `{fallback}` does not exist"),
+        );
         d.help = did_you_mean(fallback, known.iter().copied());
         diags.push(d);
     }
@@ -115,7 +129,11 @@ pub fn load_sources(
 }
 
 /// Compiles an old flow version again from its stored bundle.
-pub fn compile_bundle(bundle: &Bundle, scripting: &Scripting, templates: &Registry) -> Result<Flow, Diagnostics> {
+pub fn compile_bundle(
+    bundle: &Bundle,
+    scripting: &Scripting,
+    templates: &Registry,
+) -> Result<Flow, Diagnostics> {
     let scripts = bundle.scripts.clone();
     let find = move |name: &str| {
         scripts
@@ -125,10 +143,7 @@ pub fn compile_bundle(bundle: &Bundle, scripting: &Scripting, templates: &Regist
             .ok_or_else(|| format!("script `{name}` is missing from the stored flow version"))
     };
     let mut compiled = compile_flow(&bundle.file, &bundle.text, scripting, templates, &find);
-    compiled
-        .flow
-        .take()
-        .ok_or(compiled.diagnostics)
+    compiled.flow.take().ok_or(compiled.diagnostics)
 }
 
 /// Two flows that claim the same message at the same priority: which one runs would depend
@@ -138,7 +153,9 @@ fn trigger_conflicts(flows: &[Arc<Flow>], diags: &mut Diagnostics) {
     for flow in flows {
         for t in &flow.triggers {
             let keys: Vec<String> = match &t.kind {
-                TriggerKind::Keywords { words, .. } => words.iter().map(|w| format!("keyword `{w}`")).collect(),
+                TriggerKind::Keywords { words, .. } => {
+                    words.iter().map(|w| format!("keyword `{w}`")).collect()
+                }
                 TriggerKind::Button(id) => vec![format!("button `{id}`")],
                 TriggerKind::List(id) => vec![format!("list row `{id}`")],
                 TriggerKind::Any => vec!["any message".to_string()],
@@ -151,12 +168,16 @@ fn trigger_conflicts(flows: &[Arc<Flow>], diags: &mut Diagnostics) {
                 {
                     if other.id != flow.id {
                         diags.push(
-                            Diagnostic::error(&flow.file, Some(t.loc), format!("{key} already starts flow `{}`", other.id))
-                                .with_label("conflicting trigger")
-                                .with_help(format!(
-                                    "see {}:{}:{}; remove one, or give one a higher `priority`",
-                                    other.file, other_loc.line, other_loc.col
-                                )),
+                            Diagnostic::error(
+                                &flow.file,
+                                Some(t.loc),
+                                format!("{key} already starts flow `{}`", other.id),
+                            )
+                            .with_label("conflicting trigger")
+                            .with_help(format!(
+                                "see {}:{}:{}; remove one, or give one a higher `priority`",
+                                other.file, other_loc.line, other_loc.col
+                            )),
                         );
                     }
                 } else {
@@ -176,10 +197,7 @@ fn flow_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
             let path = entry?.path();
             if path.is_dir() {
                 todo.push(path);
-            } else if path
-                .extension()
-                .is_some_and(|e| e == "yaml" || e == "yml")
-            {
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
                 files.push(path);
             }
         }
@@ -191,7 +209,9 @@ fn flow_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// Reads `name` from the scripts directory, refusing paths that leave it.
 fn read_script(dir: &Path, name: &str) -> Result<(String, String), String> {
     if name.contains("..") || Path::new(name).is_absolute() {
-        return Err(format!("script `{name}` must be a path inside the scripts directory"));
+        return Err(format!(
+            "script `{name}` must be a path inside the scripts directory"
+        ));
     }
     let path = dir.join(name);
     let shown = path.display().to_string();

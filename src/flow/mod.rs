@@ -78,9 +78,16 @@ pub enum TriggerKind {
     Any,
 }
 
+/// Named regex groups a trigger or answer captured: `(name, text)`.
+pub type Captures = Vec<(String, String)>;
+
 impl TriggerKind {
     /// Whether `message` fires this trigger; captured named groups go into `captures`.
-    pub fn matches(&self, message: &crate::domain::InboundContent, captures: &mut Vec<(String, String)>) -> bool {
+    pub fn matches(
+        &self,
+        message: &crate::domain::InboundContent,
+        captures: &mut Vec<(String, String)>,
+    ) -> bool {
         match self {
             Self::Keywords { pattern, .. } => {
                 matches!(message, crate::domain::InboundContent::Text { .. })
@@ -402,7 +409,12 @@ impl Text {
         }
     }
 
-    fn eval_part(&self, part: &Part, scripting: &Scripting, ctx: &Context<'_>) -> Result<Dynamic, ScriptError> {
+    fn eval_part(
+        &self,
+        part: &Part,
+        scripting: &Scripting,
+        ctx: &Context<'_>,
+    ) -> Result<Dynamic, ScriptError> {
         match part {
             Part::Lit(s) => Ok(Dynamic::from(s.clone())),
             Part::Path(path) => Ok(lookup(path, ctx)),

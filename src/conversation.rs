@@ -1,0 +1,611 @@
+//! Conversation tests (DESIGN §2.6): a YAML script of customer messages, expected bot
+//! messages and clock jumps, run against the real engine, store and timers on a virtual
+//! clock and an in-memory database.
+//!
+//! Strict by design: every outgoing message must be asserted, in order, before the next
+//! customer message, agent message, trigger or wait, and by the end of the test.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::Duration;
+use regex::Regex;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::app::Loaded;
+use crate::clock::{Clock, VirtualClock};
+use crate::config::Config;
+use crate::diagnostic::{Diagnostic, Diagnostics};
+use crate::dispatch::{Runtime, SentMessage, TurnReport};
+use crate::domain::{HumanDuration, Inbound, InboundContent, OutboundContent};
+use crate::flow::load::load_project;
+use crate::yaml::{self, OneOrMany};
+
+/// The contact every conversation test talks as.
+pub const TEST_WA_ID: &str = "15550001234";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestFile {
+    pub test: String,
+    #[serde(default)]
+    pub flows: Option<Vec<String>>,
+    pub steps: Vec<Spanned<TestStep>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestStep {
+    pub user: Option<UserMessage>,
+    pub bot: Option<BotExpectation>,
+    pub wait: Option<String>,
+    pub agent: Option<String>,
+    pub trigger: Option<TriggerStep>,
+    pub set: Option<SetStep>,
+    /// Loads the flows in this directory (relative to the test file) as a new version.
+    pub reload: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum UserMessage {
+    Text(String),
+    Rich(RichUser),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RichUser {
+    pub text: Option<String>,
+    pub button: Option<String>,
+    pub list: Option<String>,
+    /// The message was sent this long ago (a late webhook).
+    pub ago: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum BotExpectation {
+    /// `bot: none`
+    Keyword(String),
+    Expect(Box<Expected>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expected {
+    pub text: Option<String>,
+    pub contains: Option<String>,
+    pub regex: Option<String>,
+    pub buttons: Option<Vec<String>>,
+    pub list: Option<Vec<String>>,
+    pub template: Option<String>,
+    pub params: Option<Vec<String>>,
+    pub queued: Option<bool>,
+    pub skipped: Option<bool>,
+    pub expired: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerStep {
+    pub flow: String,
+    pub step: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetStep {
+    pub name: Option<String>,
+    pub timezone: Option<String>,
+    pub tags: Option<OneOrMany>,
+    pub attrs: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// The result of one test.
+#[derive(Debug)]
+pub struct TestResult {
+    pub name: String,
+    pub file: String,
+    /// `None` when it passed.
+    pub failure: Option<String>,
+}
+
+/// Collects test files: each PATH is a file or a directory searched recursively.
+pub fn test_files(paths: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let mut todo = vec![path.clone()];
+            while let Some(dir) = todo.pop() {
+                for entry in std::fs::read_dir(&dir)? {
+                    let p = entry?.path();
+                    if p.is_dir() {
+                        todo.push(p);
+                    } else if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                        files.push(p);
+                    }
+                }
+            }
+        } else {
+            files.push(path.clone());
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Runs one test file against the project in `loaded`.
+pub async fn run_file(loaded: &Loaded, path: &Path) -> Result<TestResult, Box<Diagnostics>> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let mut d = Diagnostics::default();
+        d.push(Diagnostic::error(&file, None, format!("cannot read: {e}")));
+        Box::new(d)
+    })?;
+    let test: TestFile = yaml::parse(&file, &text).map_err(|d| {
+        let mut diags = Diagnostics::default();
+        diags.add_source(&file, Arc::from(text.as_str()));
+        diags.push(*d);
+        Box::new(diags)
+    })?;
+    let name = test.test.clone();
+    let failure = match Run::new(loaded, &test, path).await {
+        Ok(mut run) => run.steps(&test, &file).await.err(),
+        Err(e) => Some(e),
+    };
+    Ok(TestResult {
+        name,
+        file,
+        failure,
+    })
+}
+
+struct Run<'a> {
+    loaded: &'a Loaded,
+    runtime: Runtime,
+    clock: Arc<VirtualClock>,
+    pending: VecDeque<SentMessage>,
+    base: PathBuf,
+    flows_filter: Option<Vec<String>>,
+}
+
+impl<'a> Run<'a> {
+    async fn new(loaded: &'a Loaded, test: &TestFile, path: &Path) -> Result<Run<'a>, String> {
+        let clock = Arc::new(VirtualClock::new(VirtualClock::test_epoch()));
+        let mut flows = loaded.project.flows.clone();
+        if let Some(only) = &test.flows {
+            for id in only {
+                if !flows.iter().any(|f| f.id == *id) {
+                    return Err(format!("`flows:` names `{id}`, which is not loaded"));
+                }
+            }
+            flows.retain(|f| only.contains(&f.id));
+        }
+        let runtime = loaded
+            .runtime("sqlite::memory:", clock.clone())
+            .await
+            .map_err(|e| format!("cannot start the runtime: {e:#}"))?;
+        runtime.reload(flows).await.map_err(|e| e.to_string())?;
+        Ok(Run {
+            loaded,
+            runtime,
+            clock,
+            pending: VecDeque::new(),
+            base: path.parent().unwrap_or(Path::new("")).to_path_buf(),
+            flows_filter: test.flows.clone(),
+        })
+    }
+
+    async fn steps(&mut self, test: &TestFile, file: &str) -> Result<(), String> {
+        for (i, step) in test.steps.iter().enumerate() {
+            let at = format!(
+                "{file}:{}:{}",
+                step.referenced.line(),
+                step.referenced.column()
+            );
+            self.step(&step.value)
+                .await
+                .map_err(|e| format!("step {} ({at}): {e}", i + 1))?;
+        }
+        self.no_pending("at the end of the test")
+    }
+
+    fn no_pending(&self, when: &str) -> Result<(), String> {
+        match self.pending.front() {
+            None => Ok(()),
+            Some(m) => Err(format!(
+                "{} outgoing message{} not asserted {when}; the first is:\n    {}",
+                self.pending.len(),
+                if self.pending.len() == 1 {
+                    " was"
+                } else {
+                    "s were"
+                },
+                describe(m)
+            )),
+        }
+    }
+
+    fn absorb(&mut self, report: TurnReport) {
+        self.pending.extend(report.sent);
+    }
+
+    async fn step(&mut self, step: &TestStep) -> Result<(), String> {
+        let kinds = [
+            step.user.is_some(),
+            step.bot.is_some(),
+            step.wait.is_some(),
+            step.agent.is_some(),
+            step.trigger.is_some(),
+            step.set.is_some(),
+            step.reload.is_some(),
+        ];
+        if kinds.iter().filter(|k| **k).count() != 1 {
+            return Err(
+                "a test step has exactly one of user, bot, wait, agent, trigger, set, reload"
+                    .into(),
+            );
+        }
+        if let Some(expected) = &step.bot {
+            return self.bot(expected);
+        }
+        self.no_pending("before the next step")?;
+        let now = self.clock.now();
+        if let Some(user) = &step.user {
+            let (content, ago) = match user {
+                UserMessage::Text(t) => (InboundContent::text(t), None),
+                UserMessage::Rich(r) => {
+                    let content = match (&r.text, &r.button, &r.list) {
+                        (Some(t), None, None) => InboundContent::text(t),
+                        (None, Some(id), None) => InboundContent::ButtonReply {
+                            id: id.clone(),
+                            title: id.clone(),
+                        },
+                        (None, None, Some(id)) => InboundContent::ListReply {
+                            id: id.clone(),
+                            title: id.clone(),
+                        },
+                        _ => return Err("`user:` takes one of text, button or list".into()),
+                    };
+                    (content, r.ago.as_deref())
+                }
+            };
+            let ago = match ago {
+                Some(a) => parse_duration(a)?,
+                None => Duration::zero(),
+            };
+            let inbound = Inbound::sandbox(content, now - ago, now);
+            let report = self
+                .runtime
+                .inbound(TEST_WA_ID, Some("Test Customer"), inbound)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.absorb(report);
+        } else if let Some(wait) = &step.wait {
+            let target = now + parse_duration(wait)?;
+            loop {
+                match self
+                    .runtime
+                    .next_timer_at()
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    Some(due) if due <= target => {
+                        self.clock.advance_to(due);
+                        for report in self
+                            .runtime
+                            .fire_due_timers()
+                            .await
+                            .map_err(|e| e.to_string())?
+                        {
+                            self.absorb(report);
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            self.clock.advance_to(target);
+        } else if let Some(text) = &step.agent {
+            let report = self
+                .runtime
+                .agent_message(TEST_WA_ID, text)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.absorb(report);
+        } else if let Some(trigger) = &step.trigger {
+            let report = self
+                .runtime
+                .start_flow(TEST_WA_ID, &trigger.flow, trigger.step.as_deref())
+                .await
+                .map_err(|e| e.to_string())?;
+            if report
+                .notes
+                .iter()
+                .any(|n| n.starts_with("there is no flow") || n.contains("has no step"))
+            {
+                return Err(report.notes.join("; "));
+            }
+            self.absorb(report);
+        } else if let Some(set) = &step.set {
+            self.set(set).await?;
+        } else if let Some(dir) = &step.reload {
+            let mut config: Config = self.loaded.config.clone();
+            config.flows = self.base.join(dir);
+            let project = load_project(&config, &self.loaded.scripting);
+            if project.diagnostics.has_errors() {
+                return Err(format!(
+                    "the reloaded flows have errors:\n{}",
+                    project.diagnostics.render(false)
+                ));
+            }
+            let mut flows = project.flows;
+            if let Some(only) = &self.flows_filter {
+                flows.retain(|f| only.contains(&f.id));
+            }
+            self.runtime
+                .reload(flows)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn set(&mut self, set: &SetStep) -> Result<(), String> {
+        let db = &self.runtime.db;
+        let conversation = db
+            .load_conversation(&self.runtime.channel, TEST_WA_ID)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut contact = conversation.contact;
+        if let Some(name) = &set.name {
+            contact.name = Some(name.clone());
+        }
+        if let Some(tz) = &set.timezone {
+            if tz.parse::<chrono_tz::Tz>().is_err() {
+                return Err(format!("`{tz}` is not a timezone such as Europe/Berlin"));
+            }
+            contact.timezone = Some(tz.clone());
+        }
+        if let Some(tags) = &set.tags {
+            contact.tags = tags.0.iter().cloned().collect();
+        }
+        if let Some(attrs) = &set.attrs {
+            contact.attrs.extend(attrs.clone());
+        }
+        db.commit_turn(&crate::store::Turn {
+            channel: &self.runtime.channel,
+            contact_id: conversation.contact_id,
+            contact: &contact,
+            session: conversation.session.as_ref(),
+            inbound: None,
+            outbound: &[],
+            replace_timers: None,
+            fired_timer: None,
+            now: self.clock.now(),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    fn bot(&mut self, expected: &BotExpectation) -> Result<(), String> {
+        match expected {
+            BotExpectation::Keyword(k) if k == "none" => self.no_pending("(expected `bot: none`)"),
+            BotExpectation::Keyword(k) => Err(format!(
+                "`bot: {k}`: write `bot: none` or `bot: {{ text: … }}`"
+            )),
+            BotExpectation::Expect(e) => {
+                let Some(actual) = self.pending.pop_front() else {
+                    return Err(format!(
+                        "expected {}\n    but the bot sent nothing",
+                        expectation(e)
+                    ));
+                };
+                match mismatch(e, &actual) {
+                    None => Ok(()),
+                    Some(why) => Err(format!(
+                        "expected {}\n    actual   {}\n    ({why})",
+                        expectation(e),
+                        describe(&actual)
+                    )),
+                }
+            }
+        }
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    text.parse::<HumanDuration>()
+        .map(|d| d.0)
+        .map_err(|e| e.to_string())
+}
+
+/// Why `actual` does not meet `e`, or `None`.
+fn mismatch(e: &Expected, actual: &SentMessage) -> Option<String> {
+    let content = &actual.message.content;
+    let decision = actual.decision.name();
+    for (flag, name) in [
+        (e.queued, "queued"),
+        (e.skipped, "skipped"),
+        (e.expired, "expired"),
+    ] {
+        if flag == Some(true) && decision != name {
+            return Some(format!("the decision is `{decision}`, not `{name}`"));
+        }
+    }
+    let body = content.body();
+    if let Some(text) = &e.text
+        && (body != text || matches!(content, OutboundContent::Template { .. }))
+    {
+        return Some("the text differs".into());
+    }
+    if let Some(part) = &e.contains
+        && !body.contains(part.as_str())
+    {
+        return Some(format!("the text does not contain {part:?}"));
+    }
+    if let Some(re) = &e.regex {
+        match Regex::new(re) {
+            Ok(re) if re.is_match(body) => {}
+            Ok(_) => return Some("the text does not match the regex".into()),
+            Err(err) => return Some(format!("the regex does not compile: {err}")),
+        }
+    }
+    if let Some(ids) = &e.buttons {
+        let actual_ids: Vec<&str> = match content {
+            OutboundContent::Buttons { buttons, .. } => {
+                buttons.iter().map(|b| b.id.as_str()).collect()
+            }
+            _ => return Some("it has no buttons".into()),
+        };
+        if actual_ids != ids.iter().map(String::as_str).collect::<Vec<_>>() {
+            return Some("the button ids differ".into());
+        }
+    }
+    if let Some(ids) = &e.list {
+        let actual_ids: Vec<&str> = match content {
+            OutboundContent::List { sections, .. } => sections
+                .iter()
+                .flat_map(|s| s.rows.iter().map(|r| r.id.as_str()))
+                .collect(),
+            _ => return Some("it is not a list".into()),
+        };
+        if actual_ids != ids.iter().map(String::as_str).collect::<Vec<_>>() {
+            return Some("the list row ids differ".into());
+        }
+    }
+    if let Some(name) = &e.template {
+        match content {
+            OutboundContent::Template {
+                name: n, params, ..
+            } => {
+                if n != name {
+                    return Some("another template".into());
+                }
+                if let Some(expected) = &e.params
+                    && expected != params
+                {
+                    return Some("the template parameters differ".into());
+                }
+            }
+            _ => return Some("it is not a template".into()),
+        }
+    }
+    None
+}
+
+fn expectation(e: &Expected) -> String {
+    let mut parts = Vec::new();
+    if let Some(t) = &e.text {
+        parts.push(format!("text {t:?}"));
+    }
+    if let Some(t) = &e.contains {
+        parts.push(format!("contains {t:?}"));
+    }
+    if let Some(t) = &e.regex {
+        parts.push(format!("regex {t:?}"));
+    }
+    if let Some(b) = &e.buttons {
+        parts.push(format!("buttons [{}]", b.join(", ")));
+    }
+    if let Some(l) = &e.list {
+        parts.push(format!("list [{}]", l.join(", ")));
+    }
+    if let Some(t) = &e.template {
+        parts.push(format!("template {t}"));
+    }
+    if let Some(p) = &e.params {
+        parts.push(format!("params {p:?}"));
+    }
+    for (flag, name) in [
+        (e.queued, "queued"),
+        (e.skipped, "skipped"),
+        (e.expired, "expired"),
+    ] {
+        if flag == Some(true) {
+            parts.push(name.to_string());
+        }
+    }
+    parts.join(", ")
+}
+
+/// One line for an outgoing message and its policy decision, as tests show it.
+pub fn describe(m: &SentMessage) -> String {
+    let mut out = describe_content(&m.message.content);
+    let _ = write!(out, " [{}]", m.decision.name());
+    if let Some(reason) = m.decision.reason() {
+        let _ = write!(out, " ({reason})");
+    }
+    out
+}
+
+/// One line for what a message says.
+pub fn describe_content(content: &OutboundContent) -> String {
+    let mut out = String::new();
+    match content {
+        OutboundContent::Text { body, .. } => {
+            let _ = write!(out, "text {body:?}");
+        }
+        OutboundContent::Buttons { body, buttons } => {
+            let ids: Vec<String> = buttons
+                .iter()
+                .map(|b| format!("{}:{:?}", b.id, b.title))
+                .collect();
+            let _ = write!(out, "text {body:?}, buttons [{}]", ids.join(", "));
+        }
+        OutboundContent::List { body, sections, .. } => {
+            let ids: Vec<&str> = sections
+                .iter()
+                .flat_map(|s| s.rows.iter().map(|r| r.id.as_str()))
+                .collect();
+            let _ = write!(out, "text {body:?}, list [{}]", ids.join(", "));
+        }
+        OutboundContent::Media {
+            kind,
+            link,
+            caption,
+        } => {
+            let _ = write!(out, "{kind} {link}");
+            if let Some(c) = caption {
+                let _ = write!(out, ", caption {c:?}");
+            }
+        }
+        OutboundContent::Template {
+            name,
+            language,
+            params,
+        } => {
+            let _ = write!(out, "template {name} ({language}), params {params:?}");
+        }
+    }
+    out
+}
+
+/// Runs test files and prints results; returns `(passed, failed)`.
+pub async fn run_all(loaded: &Loaded, files: &[PathBuf], out: &mut String) -> (usize, usize) {
+    let (mut passed, mut failed) = (0, 0);
+    for path in files {
+        match run_file(loaded, path).await {
+            Ok(result) => match result.failure {
+                None => {
+                    passed += 1;
+                    let _ = writeln!(out, "ok   {} ({})", result.name, result.file);
+                }
+                Some(why) => {
+                    failed += 1;
+                    let _ = writeln!(out, "FAIL {} ({})\n  {why}", result.name, result.file);
+                }
+            },
+            Err(diags) => {
+                failed += 1;
+                let _ = writeln!(out, "FAIL {}\n{}", path.display(), diags.render(false));
+            }
+        }
+    }
+    let _ = writeln!(out, "{passed} passed, {failed} failed");
+    (passed, failed)
+}

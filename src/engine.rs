@@ -1,0 +1,1231 @@
+//! The conversation engine: `(contact, session, event, flows, now) -> (session, effects)`.
+//!
+//! Pure: no I/O, no clock reads, no database. It decides what the bot says, which timers to
+//! set, which HTTP request a step wants and when a conversation is handed to a person; the
+//! workers in `dispatch` carry that out and feed results back as new events. That makes every
+//! rule here testable with plain values, and lets `chat`, `test` and `serve` share it.
+//!
+//! Routing of a customer message, in order: a session in handoff stays quiet; an `interrupt`
+//! trigger takes over; the session's waiting `ask` or branch gets it; any trigger starts its
+//! flow; the `fallback` flow; otherwise it is recorded unanswered.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, NaiveDate, NaiveTime, TimeZone, Utc};
+use rhai::{Dynamic, Map};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{
+    Button, Contact, Inbound, ListRow, ListSection, Origin, Outbound, OutboundContent,
+    TemplateFallback, limits,
+};
+use crate::flow::{
+    Action, Ask, Body, Captures, Cond, Expect, Flow, FlowSet, Message, Route, Step, Target, Text,
+    Wait,
+};
+use crate::script::{self, Context, ScriptError, ScriptReply, Scripting, Vars};
+
+/// What a session is waiting for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "for", rename_all = "snake_case")]
+pub enum Waiting {
+    /// The customer's answer to an `ask`, or a reply a branch tests.
+    Reply,
+    /// A `wait` to run out before the step's action runs.
+    Timer { until: DateTime<Utc> },
+    /// The result of the step's `http` request.
+    Http,
+    /// A person: the bot stays quiet until an agent or the API resumes the conversation.
+    Handoff { queue: String },
+}
+
+/// One contact's running conversation, pinned to the flow version it started on.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub flow_id: String,
+    pub version: String,
+    pub step: usize,
+    pub waiting: Waiting,
+    pub vars: Vars,
+    /// Failed answers to the current `ask`.
+    pub attempts: u32,
+    /// Bumped at every new waiting point; a timer for an older epoch is stale.
+    pub epoch: i64,
+    pub last_activity: DateTime<Utc>,
+}
+
+/// The JSON form of a session's state, as stored.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredState {
+    waiting: Waiting,
+    vars: serde_json::Value,
+    attempts: u32,
+    epoch: i64,
+    last_activity: DateTime<Utc>,
+}
+
+impl Session {
+    /// The stored form: `(step id, state JSON)`.
+    pub fn to_stored(&self, flow: &Flow) -> (String, serde_json::Value) {
+        let state = StoredState {
+            waiting: self.waiting.clone(),
+            vars: script::vars_to_json(&self.vars),
+            attempts: self.attempts,
+            epoch: self.epoch,
+            last_activity: self.last_activity,
+        };
+        (
+            flow.steps[self.step].id.clone(),
+            serde_json::to_value(state).expect("session state serializes"),
+        )
+    }
+
+    /// Rebuilds a session from its stored form; `None` if the step no longer exists.
+    pub fn from_stored(flow: &Flow, step: &str, state: &serde_json::Value) -> Option<Session> {
+        let state: StoredState = serde_json::from_value(state.clone()).ok()?;
+        Some(Session {
+            flow_id: flow.id.clone(),
+            version: flow.version.clone(),
+            step: flow.step_index(step)?,
+            waiting: state.waiting,
+            vars: script::vars_from_json(&state.vars),
+            attempts: state.attempts,
+            epoch: state.epoch,
+            last_activity: state.last_activity,
+        })
+    }
+}
+
+/// What a durable timer carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TimerKind {
+    /// A `wait` ran out.
+    Wait { epoch: i64 },
+    /// An `ask` got no answer within its `timeout`.
+    AskTimeout { epoch: i64 },
+}
+
+/// The result of a step's HTTP request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpOutcome {
+    pub epoch: i64,
+    /// `(status, body)`; a body that is not JSON arrives as a JSON string.
+    pub result: Result<(u16, serde_json::Value), String>,
+}
+
+/// Something that happens to a conversation.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Message(Inbound),
+    Timer(TimerKind),
+    Http(HttpOutcome),
+    /// Start a flow for this contact (the API, a conversation test's `trigger:`), at its start
+    /// or at `step`; this also ends a handoff.
+    Start {
+        flow: String,
+        step: Option<String>,
+    },
+}
+
+/// An HTTP request a step wants made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpRequest {
+    pub epoch: i64,
+    pub method: String,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Option<serde_json::Value>,
+    pub timeout: Duration,
+}
+
+/// What the engine wants done.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    Send(Outbound),
+    Http(HttpRequest),
+    Handoff { queue: String },
+}
+
+/// How the event was handled, for logs, `chat` and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handled {
+    /// The session's waiting step took the message, or a timer or HTTP result moved it on.
+    Continued,
+    /// A trigger (or the API) started this flow.
+    Started(String),
+    Fallback(String),
+    /// Nothing answered: recorded, no reply.
+    Unanswered,
+    /// The contact is with a person.
+    InHandoff,
+    /// A timer or HTTP result for a session that has moved on.
+    Stale,
+    /// A message already processed (providers deliver at least once): nothing happened.
+    Duplicate,
+}
+
+/// Everything a turn produced.
+#[derive(Debug)]
+pub struct Outcome {
+    pub session: Option<Session>,
+    pub effects: Vec<Effect>,
+    /// `Some` replaces the contact's timers (empty clears them); `None` keeps them.
+    pub timers: Option<Vec<(DateTime<Utc>, TimerKind)>>,
+    pub handled: Handled,
+    /// Problems worth logging (a failing script with its location, shortened text).
+    pub notes: Vec<String>,
+    /// Whether the contact changed (tags, attributes, name, window).
+    pub contact_changed: bool,
+}
+
+/// The apology a customer gets when a script or flow fails and the step has no `on_error`.
+pub const APOLOGY: &str = "Sorry, something went wrong on our side. Please try again in a moment.";
+
+/// Steps one event may run before the engine decides the flow is looping.
+const MAX_STEPS_PER_EVENT: usize = 100;
+
+/// Sessions waiting for a reply end after this long without activity unless the flow sets
+/// `session_timeout`.
+pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::hours(24);
+
+/// The engine: the shared script sandbox and the settings that are not per flow.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    pub scripting: Arc<Scripting>,
+    pub fallback: Option<String>,
+}
+
+impl Engine {
+    pub fn new(scripting: Arc<Scripting>, fallback: Option<String>) -> Self {
+        Self {
+            scripting,
+            fallback,
+        }
+    }
+
+    /// Handles one event for one contact.
+    pub fn handle(
+        &self,
+        flows: &FlowSet,
+        contact: &mut Contact,
+        session: Option<Session>,
+        event: Event,
+        now: DateTime<Utc>,
+    ) -> Outcome {
+        let before = contact.clone();
+        let message = match &event {
+            Event::Message(m) => message_value(m),
+            _ => Dynamic::from_map(Map::new()),
+        };
+        let session = session.and_then(|s| {
+            let flow = flows.version(&s.flow_id, &s.version)?.clone();
+            Some((flow, s))
+        });
+        let mut turn = Turn {
+            engine: self,
+            flows,
+            contact_value: contact_value(contact),
+            contact,
+            message,
+            now,
+            session: session.as_ref().map(|(_, s)| s.clone()),
+            flow: session.as_ref().map(|(f, _)| f.clone()),
+            effects: Vec::new(),
+            timers: None,
+            notes: Vec::new(),
+            steps_run: 0,
+            epoch_base: session.as_ref().map(|(_, s)| s.epoch).unwrap_or(0),
+        };
+        let handled = match event {
+            Event::Message(m) => turn.message(&m),
+            Event::Timer(kind) => turn.timer(kind),
+            Event::Http(outcome) => turn.http_result(outcome),
+            Event::Start { flow, step } => turn.start_by_api(&flow, step.as_deref()),
+        };
+        let contact_changed = *turn.contact != before;
+        Outcome {
+            session: turn.session,
+            effects: turn.effects,
+            timers: turn.timers,
+            handled,
+            notes: turn.notes,
+            contact_changed,
+        }
+    }
+}
+
+/// The state of one event being handled.
+struct Turn<'a> {
+    engine: &'a Engine,
+    flows: &'a FlowSet,
+    contact: &'a mut Contact,
+    contact_value: Dynamic,
+    message: Dynamic,
+    now: DateTime<Utc>,
+    session: Option<Session>,
+    flow: Option<Arc<Flow>>,
+    effects: Vec<Effect>,
+    timers: Option<Vec<(DateTime<Utc>, TimerKind)>>,
+    notes: Vec<String>,
+    steps_run: usize,
+    epoch_base: i64,
+}
+
+/// Where execution goes after a step.
+enum Next {
+    Step(usize),
+    Flow(String),
+    Stop,
+    End,
+}
+
+impl Turn<'_> {
+    fn message(&mut self, inbound: &Inbound) -> Handled {
+        if inbound.content.refreshes_window() {
+            self.contact.saw_customer_message(inbound.timestamp);
+        }
+        if let (Some(session), Some(flow)) = (&self.session, &self.flow) {
+            let timeout = flow.session_timeout.unwrap_or(DEFAULT_SESSION_TIMEOUT);
+            if session.waiting == Waiting::Reply && self.now - session.last_activity > timeout {
+                self.notes.push(format!(
+                    "session in flow `{}` timed out after {}",
+                    flow.id,
+                    crate::domain::format_duration(timeout)
+                ));
+                self.end_session();
+            }
+        }
+        if matches!(
+            self.session.as_ref().map(|s| &s.waiting),
+            Some(Waiting::Handoff { .. })
+        ) {
+            return Handled::InHandoff;
+        }
+        if self.session.is_some()
+            && let Some((flow, vars)) = self.find_trigger(&inbound.content, true)
+        {
+            self.start(&flow, None, vars);
+            return Handled::Started(flow);
+        }
+        if self.offer_reply(inbound) {
+            return Handled::Continued;
+        }
+        if let Some((flow, vars)) = self.find_trigger(&inbound.content, false) {
+            self.start(&flow, None, vars);
+            return Handled::Started(flow);
+        }
+        if let Some(fallback) = self.engine.fallback.clone()
+            && self.flows.get(&fallback).is_some()
+        {
+            self.start(&fallback, None, Vec::new());
+            return Handled::Fallback(fallback);
+        }
+        Handled::Unanswered
+    }
+
+    /// The highest-priority trigger that fires (only `interrupt` ones when asked), first flow
+    /// first on ties.
+    fn find_trigger(
+        &self,
+        content: &crate::domain::InboundContent,
+        interrupt_only: bool,
+    ) -> Option<(String, Captures)> {
+        let mut best: Option<(i32, String, Captures)> = None;
+        for flow in self.flows.current() {
+            for t in &flow.triggers {
+                if interrupt_only && !t.interrupt {
+                    continue;
+                }
+                if best.as_ref().is_some_and(|(p, ..)| *p >= t.priority) {
+                    continue;
+                }
+                let mut captures = Vec::new();
+                if t.kind.matches(content, &mut captures) {
+                    best = Some((t.priority, flow.id.clone(), captures));
+                }
+            }
+        }
+        best.map(|(_, flow, vars)| (flow, vars))
+    }
+
+    /// Gives the message to the session's waiting step; whether it took it.
+    fn offer_reply(&mut self, inbound: &Inbound) -> bool {
+        let (Some(session), Some(flow)) = (self.session.clone(), self.flow.clone()) else {
+            return false;
+        };
+        if session.waiting != Waiting::Reply {
+            return false;
+        }
+        let step = &flow.steps[session.step];
+        if let Action::Ask(ask) = &step.action {
+            match accept(ask, step, &inbound.content, self.now) {
+                Some((value, extra)) => {
+                    let s = self.session.as_mut().expect("session exists");
+                    if let Some(name) = &ask.save {
+                        s.vars.insert(name.as_str().into(), value);
+                    }
+                    for (k, v) in extra {
+                        s.vars.insert(k.into(), Dynamic::from(v));
+                    }
+                    s.attempts = 0;
+                    self.touch();
+                    let next = self.route(&flow, step, true);
+                    self.go(flow, next);
+                }
+                None => self.failed_answer(&flow, step, ask),
+            }
+            return true;
+        }
+        let Route::Branches(branches) = &step.route else {
+            return false;
+        };
+        for b in branches {
+            let hit = match &b.cond {
+                Cond::Always => true,
+                Cond::Button(id) => inbound.content.button_id() == Some(id.as_str()),
+                Cond::List(id) => inbound.content.list_id() == Some(id.as_str()),
+                Cond::Match(re) => re.is_match(inbound.content.as_text()),
+                Cond::If(e) => match self.condition(&flow, step, &e.ast) {
+                    Some(v) => v,
+                    None => return true,
+                },
+            };
+            if hit {
+                self.touch();
+                let next = target(&b.target);
+                self.go(flow, next);
+                return true;
+            }
+        }
+        false
+    }
+
+    fn failed_answer(&mut self, flow: &Arc<Flow>, step: &Step, ask: &Ask) {
+        let s = self.session.as_mut().expect("session exists");
+        s.attempts += 1;
+        s.last_activity = self.now;
+        if s.attempts >= ask.attempts {
+            self.notes.push(format!(
+                "`{}` in flow `{}` got no valid answer in {} attempts",
+                step.id, flow.id, ask.attempts
+            ));
+            match ask.on_fail {
+                Some(i) => self.go(flow.clone(), Next::Step(i)),
+                None => self.go(flow.clone(), Next::End),
+            }
+            return;
+        }
+        // A retry keeps the prompt's buttons or list, so the customer can still tap one.
+        let text = ask.retry.as_ref().unwrap_or(&ask.prompt.text);
+        match self.render_message(text, &ask.prompt) {
+            Ok(content) => {
+                let origin = Origin::Step {
+                    flow: flow.id.clone(),
+                    step: step.id.clone(),
+                };
+                self.send(flow, step, content, origin);
+            }
+            Err(e) => self.fail(flow.clone(), step, &format!("text of `{}`", step.id), e),
+        }
+    }
+
+    fn timer(&mut self, kind: TimerKind) -> Handled {
+        let (Some(session), Some(flow)) = (self.session.clone(), self.flow.clone()) else {
+            return Handled::Stale;
+        };
+        match kind {
+            TimerKind::Wait { epoch }
+                if epoch == session.epoch && matches!(session.waiting, Waiting::Timer { .. }) =>
+            {
+                self.timers = Some(Vec::new());
+                self.touch();
+                self.run_step(flow, session.step, true);
+                Handled::Continued
+            }
+            TimerKind::AskTimeout { epoch }
+                if epoch == session.epoch && session.waiting == Waiting::Reply =>
+            {
+                self.timers = Some(Vec::new());
+                self.touch();
+                let on_timeout = match &flow.steps[session.step].action {
+                    Action::Ask(ask) => ask.on_timeout,
+                    _ => None,
+                };
+                self.go(flow, on_timeout.map(Next::Step).unwrap_or(Next::End));
+                Handled::Continued
+            }
+            _ => Handled::Stale,
+        }
+    }
+
+    fn http_result(&mut self, outcome: HttpOutcome) -> Handled {
+        let (Some(session), Some(flow)) = (self.session.clone(), self.flow.clone()) else {
+            return Handled::Stale;
+        };
+        if session.waiting != Waiting::Http || session.epoch != outcome.epoch {
+            return Handled::Stale;
+        }
+        let step = &flow.steps[session.step];
+        let Action::Http(http) = &step.action else {
+            return Handled::Stale;
+        };
+        self.touch();
+        match outcome.result {
+            Ok((status, body)) if (200..300).contains(&status) => {
+                if let Some(save) = &http.save {
+                    let mut saved = Map::new();
+                    saved.insert("status".into(), Dynamic::from(i64::from(status)));
+                    saved.insert("body".into(), script::from_json(&body));
+                    self.session_mut()
+                        .vars
+                        .insert(save.as_str().into(), Dynamic::from_map(saved));
+                }
+                let next = self.route(&flow, step, false);
+                self.go(flow, next);
+            }
+            Ok((status, _)) => {
+                let e = ScriptError {
+                    message: format!("{} {} answered HTTP {status}", http.method, http.url.raw),
+                    line: None,
+                    col: None,
+                };
+                self.fail(flow.clone(), step, &format!("http step `{}`", step.id), e);
+            }
+            Err(reason) => {
+                let e = ScriptError {
+                    message: format!("{} {} failed: {reason}", http.method, http.url.raw),
+                    line: None,
+                    col: None,
+                };
+                self.fail(flow.clone(), step, &format!("http step `{}`", step.id), e);
+            }
+        }
+        Handled::Continued
+    }
+
+    fn start_by_api(&mut self, flow: &str, step: Option<&str>) -> Handled {
+        let Some(f) = self.flows.get(flow).cloned() else {
+            self.notes
+                .push(format!("there is no flow `{flow}` to start"));
+            return Handled::Unanswered;
+        };
+        let index = match step {
+            Some(id) => match f.step_index(id) {
+                Some(i) => Some(i),
+                None => {
+                    self.notes.push(format!("flow `{flow}` has no step `{id}`"));
+                    return Handled::Unanswered;
+                }
+            },
+            None => None,
+        };
+        self.start(flow, index, Vec::new());
+        Handled::Started(flow.to_string())
+    }
+
+    /// Starts `flow` (its current version) fresh, with trigger captures as variables.
+    fn start(&mut self, flow: &str, step: Option<usize>, captures: Vec<(String, String)>) {
+        let Some(f) = self.flows.get(flow).cloned() else {
+            self.notes.push(format!("there is no flow `{flow}`"));
+            self.end_session();
+            return;
+        };
+        let mut vars = Vars::new();
+        for (k, v) in captures {
+            vars.insert(k.into(), Dynamic::from(v));
+        }
+        self.begin(f, step, vars);
+    }
+
+    fn begin(&mut self, flow: Arc<Flow>, step: Option<usize>, vars: Vars) {
+        self.epoch_base = self.epoch_base.max(self.now.timestamp_millis()) + 1;
+        self.session = Some(Session {
+            flow_id: flow.id.clone(),
+            version: flow.version.clone(),
+            step: step.unwrap_or(flow.start),
+            waiting: Waiting::Reply,
+            vars,
+            attempts: 0,
+            epoch: self.epoch_base,
+            last_activity: self.now,
+        });
+        self.flow = Some(flow.clone());
+        self.timers = Some(Vec::new());
+        self.run_step(flow.clone(), step.unwrap_or(flow.start), false);
+    }
+
+    fn end_session(&mut self) {
+        self.session = None;
+        self.flow = None;
+        self.timers = Some(Vec::new());
+    }
+
+    fn touch(&mut self) {
+        if let Some(s) = self.session.as_mut() {
+            s.last_activity = self.now;
+        }
+    }
+
+    fn session_mut(&mut self) -> &mut Session {
+        self.session.as_mut().expect("a step runs inside a session")
+    }
+
+    /// Marks a new waiting point at `step`.
+    fn wait_at(&mut self, step: usize, waiting: Waiting) -> i64 {
+        self.epoch_base += 1;
+        let epoch = self.epoch_base;
+        let now = self.now;
+        let s = self.session_mut();
+        s.step = step;
+        s.waiting = waiting;
+        s.epoch = epoch;
+        s.attempts = 0;
+        s.last_activity = now;
+        self.timers = Some(Vec::new());
+        epoch
+    }
+
+    fn go(&mut self, flow: Arc<Flow>, next: Next) {
+        match next {
+            Next::Step(i) => self.run_step(flow, i, false),
+            Next::Flow(id) => match self.flows.get(&id).cloned() {
+                Some(f) => {
+                    let vars = self
+                        .session
+                        .as_ref()
+                        .map(|s| s.vars.clone())
+                        .unwrap_or_default();
+                    self.begin(f, None, vars);
+                }
+                None => {
+                    self.notes.push(format!(
+                        "flow `{}` jumps to flow `{id}`, which no longer exists",
+                        flow.id
+                    ));
+                    self.apology(&flow, None);
+                    self.end_session();
+                }
+            },
+            Next::Stop => {}
+            Next::End => self.end_session(),
+        }
+    }
+
+    /// Runs steps from `index` until the flow waits or ends.
+    fn run_step(&mut self, flow: Arc<Flow>, index: usize, wait_done: bool) {
+        self.steps_run += 1;
+        if self.steps_run > MAX_STEPS_PER_EVENT {
+            self.notes.push(format!(
+                "flow `{}` ran {MAX_STEPS_PER_EVENT} steps without waiting for the customer (a `goto` loop?); stopped at step `{}`",
+                flow.id, flow.steps[index].id
+            ));
+            self.apology(&flow, Some(&flow.steps[index]));
+            self.end_session();
+            return;
+        }
+        let step = &flow.steps[index];
+        if let Some(s) = self.session.as_mut() {
+            s.step = index;
+        }
+        if let (Some(wait), false) = (&step.wait, wait_done) {
+            match self.wait_until(wait) {
+                Ok(until) if until > self.now => {
+                    let epoch = self.wait_at(index, Waiting::Timer { until });
+                    self.timers = Some(vec![(until, TimerKind::Wait { epoch })]);
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return self.fail(flow.clone(), step, &format!("`wait` of `{}`", step.id), e);
+                }
+            }
+        }
+        for (name, text) in &step.set {
+            match text.value(&self.engine.scripting, &self.context()) {
+                Ok(v) => {
+                    self.session_mut().vars.insert(name.as_str().into(), v);
+                }
+                Err(e) => return self.fail(flow.clone(), step, &format!("`set` of `{name}`"), e),
+            }
+        }
+        for tag in &step.tag {
+            self.contact.tags.insert(tag.clone());
+        }
+        for tag in &step.untag {
+            self.contact.tags.remove(tag);
+        }
+        if !step.tag.is_empty() || !step.untag.is_empty() {
+            self.contact_value = contact_value(self.contact);
+        }
+        let origin = Origin::Step {
+            flow: flow.id.clone(),
+            step: step.id.clone(),
+        };
+        let mut jump: Option<usize> = None;
+        match &step.action {
+            Action::None => {}
+            Action::Say(message) => match self.render_message(&message.text, message) {
+                Ok(content) => self.send(&flow, step, content, origin),
+                Err(e) => {
+                    return self.fail(flow.clone(), step, &format!("text of `{}`", step.id), e);
+                }
+            },
+            Action::Template(call) => {
+                let ctx = self.context();
+                let params: Result<Vec<String>, ScriptError> = call
+                    .params
+                    .iter()
+                    .map(|p| p.render(&self.engine.scripting, &ctx))
+                    .collect();
+                match params {
+                    Ok(params) => self.effects.push(Effect::Send(Outbound {
+                        content: OutboundContent::Template {
+                            name: call.name.clone(),
+                            language: call.language.clone(),
+                            params,
+                        },
+                        origin,
+                        outside_window: None,
+                    })),
+                    Err(e) => {
+                        return self.fail(
+                            flow.clone(),
+                            step,
+                            &format!("template parameters of `{}`", step.id),
+                            e,
+                        );
+                    }
+                }
+            }
+            Action::Ask(ask) => {
+                match self.render_message(&ask.prompt.text, &ask.prompt) {
+                    Ok(content) => self.send(&flow, step, content, origin),
+                    Err(e) => {
+                        return self.fail(
+                            flow.clone(),
+                            step,
+                            &format!("question of `{}`", step.id),
+                            e,
+                        );
+                    }
+                }
+                let epoch = self.wait_at(index, Waiting::Reply);
+                if let Some(timeout) = ask.timeout {
+                    self.timers = Some(vec![(self.now + timeout, TimerKind::AskTimeout { epoch })]);
+                }
+                return;
+            }
+            Action::Script(script) => {
+                let run = self.engine.scripting.run(&script.ast, &self.context());
+                match run {
+                    Ok(run) => {
+                        self.session_mut().vars = run.vars;
+                        apply_contact(self.contact, &run.contact);
+                        for (add, tag) in run.effects.tags {
+                            if add {
+                                self.contact.tags.insert(tag);
+                            } else {
+                                self.contact.tags.remove(&tag);
+                            }
+                        }
+                        self.contact_value = contact_value(self.contact);
+                        for reply in run.effects.replies {
+                            let content = match reply {
+                                ScriptReply::Text(text) => OutboundContent::text(text),
+                                ScriptReply::Buttons { text, buttons } => {
+                                    OutboundContent::Buttons {
+                                        body: text,
+                                        buttons: buttons
+                                            .into_iter()
+                                            .map(|(id, title)| Button { id, title })
+                                            .collect(),
+                                    }
+                                }
+                            };
+                            let origin = Origin::Script {
+                                flow: flow.id.clone(),
+                                step: step.id.clone(),
+                            };
+                            self.send(&flow, step, content, origin);
+                        }
+                        if let Some(target) = run.effects.goto {
+                            match flow.step_index(&target) {
+                                Some(i) => jump = Some(i),
+                                None => {
+                                    let e = ScriptError {
+                                        message: format!(
+                                            "goto(\"{target}\"): there is no step `{target}` in flow `{}`",
+                                            flow.id
+                                        ),
+                                        line: None,
+                                        col: None,
+                                    };
+                                    return self.fail(flow.clone(), step, &script.name, e);
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let at = script.locate(&e);
+                        return self.fail(flow.clone(), step, &at, e);
+                    }
+                }
+            }
+            Action::Http(http) => {
+                let ctx = self.context();
+                let scripting = &self.engine.scripting;
+                let request = (|| -> Result<HttpRequest, ScriptError> {
+                    Ok(HttpRequest {
+                        epoch: 0,
+                        method: http.method.clone(),
+                        url: http.url.render(scripting, &ctx)?,
+                        headers: http
+                            .headers
+                            .iter()
+                            .map(|(k, v)| Ok((k.clone(), v.render(scripting, &ctx)?)))
+                            .collect::<Result<_, ScriptError>>()?,
+                        body: match &http.body {
+                            Some(b) => Some(render_body(b, scripting, &ctx)?),
+                            None => None,
+                        },
+                        timeout: http.timeout,
+                    })
+                })();
+                match request {
+                    Ok(mut request) => {
+                        request.epoch = self.wait_at(index, Waiting::Http);
+                        self.effects.push(Effect::Http(request));
+                        return;
+                    }
+                    Err(e) => {
+                        return self.fail(
+                            flow.clone(),
+                            step,
+                            &format!("http step `{}`", step.id),
+                            e,
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(queue) = &step.handoff {
+            self.wait_at(
+                index,
+                Waiting::Handoff {
+                    queue: queue.clone(),
+                },
+            );
+            self.effects.push(Effect::Handoff {
+                queue: queue.clone(),
+            });
+            return;
+        }
+        let next = match jump {
+            Some(i) => Next::Step(i),
+            None => self.route(&flow, step, false),
+        };
+        self.go(flow, next);
+    }
+
+    /// Where a step goes after its action. `answered`: the customer's reply is in `message`
+    /// (reply branches are tested); otherwise a step with reply branches waits for one.
+    fn route(&mut self, flow: &Arc<Flow>, step: &Step, answered: bool) -> Next {
+        match &step.route {
+            Route::End => Next::End,
+            Route::Goto(t) => target(t),
+            Route::Branches(branches) => {
+                if !answered && step.awaits_reply() {
+                    let index = flow.step_index(&step.id).expect("step of this flow");
+                    self.wait_at(index, Waiting::Reply);
+                    return Next::Stop;
+                }
+                for b in branches {
+                    let hit = match &b.cond {
+                        Cond::Always => true,
+                        Cond::If(e) => match self.condition(flow, step, &e.ast) {
+                            Some(v) => v,
+                            None => return Next::Stop,
+                        },
+                        Cond::Button(id) => answered && self.message_field("button") == *id,
+                        Cond::List(id) => answered && self.message_field("list") == *id,
+                        Cond::Match(re) => answered && re.is_match(&self.message_field("text")),
+                    };
+                    if hit {
+                        return target(&b.target);
+                    }
+                }
+                Next::End
+            }
+        }
+    }
+
+    fn message_field(&self, name: &str) -> String {
+        self.message
+            .read_lock::<Map>()
+            .and_then(|m| m.get(name).map(|v| v.to_string()))
+            .unwrap_or_default()
+    }
+
+    /// Evaluates an `if:`; on error the flow fails (and `None` is returned).
+    fn condition(&mut self, flow: &Arc<Flow>, step: &Step, ast: &rhai::AST) -> Option<bool> {
+        match self.engine.scripting.eval_condition(ast, &self.context()) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.fail(
+                    flow.clone(),
+                    step,
+                    &format!("condition in `{}`", step.id),
+                    e,
+                );
+                None
+            }
+        }
+    }
+
+    /// A step failed: note where, then `on_error` or the apology and the end of the session.
+    fn fail(&mut self, flow: Arc<Flow>, step: &Step, what: &str, e: ScriptError) {
+        let at = if e.line.is_some() && !what.contains(':') {
+            format!("{what} at {}", e.where_())
+        } else {
+            what.to_string()
+        };
+        self.notes.push(format!(
+            "flow `{}` step `{}` failed in {at}: {}",
+            flow.id, step.id, e.message
+        ));
+        match step.on_error {
+            Some(i) if self.steps_run <= MAX_STEPS_PER_EVENT => self.run_step(flow, i, false),
+            _ => {
+                self.apology(&flow, Some(step));
+                self.end_session();
+            }
+        }
+    }
+
+    fn apology(&mut self, flow: &Flow, step: Option<&Step>) {
+        self.effects.push(Effect::Send(Outbound {
+            content: OutboundContent::text(APOLOGY),
+            origin: Origin::Error {
+                flow: flow.id.clone(),
+                step: step.map(|s| s.id.clone()).unwrap_or_default(),
+            },
+            outside_window: None,
+        }));
+    }
+
+    fn send(&mut self, flow: &Flow, step: &Step, mut content: OutboundContent, origin: Origin) {
+        for note in limits::fit(&mut content) {
+            self.notes
+                .push(format!("flow `{}` step `{}`: {note}", flow.id, step.id));
+        }
+        let outside_window = step.outside_window.as_ref().and_then(|t| {
+            let ctx = self.context();
+            let params: Result<Vec<String>, ScriptError> = t
+                .params
+                .iter()
+                .map(|p| p.render(&self.engine.scripting, &ctx))
+                .collect();
+            params.ok().map(|params| TemplateFallback {
+                name: t.name.clone(),
+                language: t.language.clone(),
+                params,
+            })
+        });
+        self.effects.push(Effect::Send(Outbound {
+            content,
+            origin,
+            outside_window,
+        }));
+    }
+
+    fn render_message(
+        &self,
+        text: &Text,
+        message: &Message,
+    ) -> Result<OutboundContent, ScriptError> {
+        let ctx = self.context();
+        let s = &self.engine.scripting;
+        let body = text.render(s, &ctx)?;
+        if !message.buttons.is_empty() {
+            return Ok(OutboundContent::Buttons {
+                body,
+                buttons: message
+                    .buttons
+                    .iter()
+                    .map(|(id, title)| {
+                        Ok(Button {
+                            id: id.clone(),
+                            title: title.render(s, &ctx)?,
+                        })
+                    })
+                    .collect::<Result<_, ScriptError>>()?,
+            });
+        }
+        if let Some(list) = &message.list {
+            let mut sections = Vec::new();
+            for (title, rows) in &list.sections {
+                sections.push(ListSection {
+                    title: match title {
+                        Some(t) => Some(t.render(s, &ctx)?),
+                        None => None,
+                    },
+                    rows: rows
+                        .iter()
+                        .map(|r| {
+                            Ok(ListRow {
+                                id: r.id.clone(),
+                                title: r.title.render(s, &ctx)?,
+                                description: match &r.description {
+                                    Some(d) => Some(d.render(s, &ctx)?),
+                                    None => None,
+                                },
+                            })
+                        })
+                        .collect::<Result<_, ScriptError>>()?,
+                });
+            }
+            return Ok(OutboundContent::List {
+                body,
+                button: list.button.render(s, &ctx)?,
+                sections,
+            });
+        }
+        if let Some((kind, url)) = &message.media {
+            return Ok(OutboundContent::Media {
+                kind: kind.clone(),
+                link: url.render(s, &ctx)?,
+                caption: (!body.is_empty()).then_some(body),
+            });
+        }
+        Ok(OutboundContent::text(body))
+    }
+
+    fn wait_until(&self, wait: &Wait) -> Result<DateTime<Utc>, ScriptError> {
+        match wait {
+            Wait::For(d) => Ok(self.now + *d),
+            Wait::Until(text) => {
+                let raw = text.render(&self.engine.scripting, &self.context())?;
+                parse_until(raw.trim(), self.now, self.contact.timezone.as_deref()).ok_or(
+                    ScriptError {
+                        message: format!(
+                            "`{raw}` is not a time: write HH:MM or an RFC 3339 date and time"
+                        ),
+                        line: None,
+                        col: None,
+                    },
+                )
+            }
+        }
+    }
+
+    fn context(&self) -> Context<'_> {
+        static EMPTY: std::sync::LazyLock<Vars> = std::sync::LazyLock::new(Vars::new);
+        Context {
+            vars: self.session.as_ref().map(|s| &s.vars).unwrap_or(&EMPTY),
+            contact: &self.contact_value,
+            message: &self.message,
+            now: self.now,
+        }
+    }
+}
+
+fn target(t: &Target) -> Next {
+    match t {
+        Target::Step(i) => Next::Step(*i),
+        Target::Flow(f) => Next::Flow(f.clone()),
+    }
+}
+
+/// Checks an answer against an `ask`'s `expect`: the value to save and extra variables.
+fn accept(
+    ask: &Ask,
+    step: &Step,
+    content: &crate::domain::InboundContent,
+    now: DateTime<Utc>,
+) -> Option<(Dynamic, Vec<(String, String)>)> {
+    let text = content.as_text().trim();
+    let tapped = content.button_id().or(content.list_id());
+    match &ask.expect {
+        Expect::Any => Some((Dynamic::from(tapped.unwrap_or(text).to_string()), vec![])),
+        Expect::Button => {
+            let id = tapped?;
+            let known = ask.prompt.buttons.iter().any(|(b, _)| b == id)
+                || ask
+                    .prompt
+                    .list
+                    .iter()
+                    .flat_map(|l| l.sections.iter().flat_map(|(_, rows)| rows.iter()))
+                    .any(|r| r.id == id);
+            known.then(|| (Dynamic::from(id.to_string()), vec![]))
+        }
+        Expect::Number => {
+            let n: f64 = text.replace(',', ".").parse().ok()?;
+            if n.fract() == 0.0 && n.abs() < 9.0e15 {
+                Some((Dynamic::from(n as i64), vec![]))
+            } else {
+                Some((Dynamic::from(n), vec![]))
+            }
+        }
+        Expect::Email => {
+            let (user, domain) = text.split_once('@')?;
+            (!user.is_empty() && domain.contains('.') && !text.contains(char::is_whitespace))
+                .then(|| (Dynamic::from(text.to_lowercase()), vec![]))
+        }
+        Expect::Phone => {
+            let digits: String = text.chars().filter(char::is_ascii_digit).collect();
+            let allowed = text
+                .chars()
+                .all(|c| c.is_ascii_digit() || " +-().".contains(c));
+            (allowed && (7..=15).contains(&digits.len()))
+                .then(|| (Dynamic::from(format!("+{digits}")), vec![]))
+        }
+        Expect::Date => {
+            parse_date(text, now).map(|d| (Dynamic::from(d.format("%Y-%m-%d").to_string()), vec![]))
+        }
+        Expect::Regex(re) => {
+            let caps = re.captures(text)?;
+            let extra = re
+                .capture_names()
+                .flatten()
+                .filter_map(|n| {
+                    caps.name(n)
+                        .map(|m| (n.to_string(), m.as_str().to_string()))
+                })
+                .collect();
+            let _ = step;
+            Some((Dynamic::from(text.to_string()), extra))
+        }
+    }
+}
+
+/// Dates customers type: ISO, day-first with `.`, `/` or `-`, `today`, `tomorrow`.
+pub fn parse_date(text: &str, now: DateTime<Utc>) -> Option<NaiveDate> {
+    let lower = text.to_lowercase();
+    match lower.as_str() {
+        "today" => return Some(now.date_naive()),
+        "tomorrow" => return Some(now.date_naive() + Duration::days(1)),
+        _ => {}
+    }
+    for format in [
+        "%Y-%m-%d", "%d.%m.%Y", "%d/%m/%Y", "%d-%m-%Y", "%d.%m.%y", "%d/%m/%y",
+    ] {
+        if let Ok(d) = NaiveDate::parse_from_str(text, format) {
+            return Some(d);
+        }
+    }
+    None
+}
+
+/// `HH:MM` (the next such time in `tz`, or UTC), or an RFC 3339 instant.
+fn parse_until(text: &str, now: DateTime<Utc>, tz: Option<&str>) -> Option<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Some(t.with_timezone(&Utc));
+    }
+    let time = NaiveTime::parse_from_str(text, "%H:%M").ok()?;
+    let tz: chrono_tz::Tz = tz.and_then(|t| t.parse().ok()).unwrap_or(chrono_tz::UTC);
+    let local_now = now.with_timezone(&tz);
+    for days in 0..=2 {
+        let date = local_now.date_naive() + Duration::days(days);
+        if let Some(at) = tz.from_local_datetime(&date.and_time(time)).earliest() {
+            let at = at.with_timezone(&Utc);
+            if at > now {
+                return Some(at);
+            }
+        }
+    }
+    None
+}
+
+fn render_body(
+    body: &Body,
+    s: &Scripting,
+    ctx: &Context<'_>,
+) -> Result<serde_json::Value, ScriptError> {
+    Ok(match body {
+        Body::Value(v) => v.clone(),
+        Body::Text(t) => script::to_json(&t.value(s, ctx)?),
+        Body::Array(items) => serde_json::Value::Array(
+            items
+                .iter()
+                .map(|b| render_body(b, s, ctx))
+                .collect::<Result<_, _>>()?,
+        ),
+        Body::Object(fields) => serde_json::Value::Object(
+            fields
+                .iter()
+                .map(|(k, b)| Ok((k.clone(), render_body(b, s, ctx)?)))
+                .collect::<Result<_, ScriptError>>()?,
+        ),
+    })
+}
+
+/// `message` as flows see it: `text`, `type`, `button`, `list`.
+fn message_value(m: &Inbound) -> Dynamic {
+    let mut map = Map::new();
+    map.insert(
+        "text".into(),
+        Dynamic::from(m.content.as_text().to_string()),
+    );
+    map.insert("type".into(), Dynamic::from(m.content.kind().to_string()));
+    map.insert(
+        "button".into(),
+        Dynamic::from(m.content.button_id().unwrap_or_default().to_string()),
+    );
+    map.insert(
+        "list".into(),
+        Dynamic::from(m.content.list_id().unwrap_or_default().to_string()),
+    );
+    Dynamic::from_map(map)
+}
+
+/// `contact` as flows see it: `wa_id`, `name`, `tags`, `attrs`, `timezone`.
+pub fn contact_value(c: &Contact) -> Dynamic {
+    let mut map = Map::new();
+    map.insert("wa_id".into(), Dynamic::from(c.wa_id.clone()));
+    map.insert(
+        "name".into(),
+        c.name
+            .clone()
+            .map(Dynamic::from)
+            .unwrap_or(Dynamic::from(String::new())),
+    );
+    map.insert(
+        "tags".into(),
+        Dynamic::from_array(c.tags.iter().cloned().map(Dynamic::from).collect()),
+    );
+    map.insert(
+        "attrs".into(),
+        script::from_json(&serde_json::Value::Object(c.attrs.clone())),
+    );
+    map.insert(
+        "timezone".into(),
+        Dynamic::from(c.timezone.clone().unwrap_or_default()),
+    );
+    Dynamic::from_map(map)
+}
+
+/// Takes back what a script changed in `contact` (name, tags, attrs, timezone).
+fn apply_contact(c: &mut Contact, value: &Dynamic) {
+    let Some(map) = value.read_lock::<Map>() else {
+        return;
+    };
+    if let Some(name) = map.get("name").and_then(|v| v.clone().into_string().ok()) {
+        c.name = (!name.is_empty()).then_some(name);
+    }
+    if let Some(tz) = map
+        .get("timezone")
+        .and_then(|v| v.clone().into_string().ok())
+    {
+        c.timezone = (!tz.is_empty()).then_some(tz);
+    }
+    if let Some(tags) = map
+        .get("tags")
+        .and_then(|v| v.read_lock::<rhai::Array>().map(|a| a.clone()))
+    {
+        c.tags = tags.iter().map(|t| t.to_string()).collect();
+    }
+    if let Some(serde_json::Value::Object(attrs)) = map.get("attrs").map(script::to_json) {
+        c.attrs = attrs;
+    }
+}

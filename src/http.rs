@@ -1,0 +1,118 @@
+//! The HTTP surface of `flowgate serve`: health endpoints and the sandbox channel's door.
+//!
+//! `POST /sandbox/messages` plays a customer on the sandbox channel: it takes
+//! `{"from": "15550001234", "text": "menu"}` (or `"button"`/`"list"` with an id) and answers
+//! with what the bot sent, so a newcomer can try flows with curl before any WhatsApp account
+//! exists. The WhatsApp webhooks and the admin API build on this router.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::dispatch::Runtime;
+use crate::domain::{Inbound, InboundContent};
+
+pub fn router(runtime: Arc<Runtime>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/sandbox/messages", post(sandbox_message))
+        .with_state(runtime)
+}
+
+async fn ready(State(runtime): State<Arc<Runtime>>) -> Response {
+    match runtime.next_timer_at().await {
+        Ok(_) => (StatusCode::OK, "ready").into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("database: {e}")).into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SandboxMessage {
+    from: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    button: Option<String>,
+    #[serde(default)]
+    list: Option<String>,
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message.into()}})),
+    )
+        .into_response()
+}
+
+async fn sandbox_message(State(runtime): State<Arc<Runtime>>, body: axum::body::Bytes) -> Response {
+    let message: SandboxMessage = match serde_json::from_slice(&body) {
+        Ok(m) => m,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                format!("{e}: send {{\"from\": \"15550001234\", \"text\": \"hi\"}}"),
+            );
+        }
+    };
+    let content = match (message.text, message.button, message.list) {
+        (Some(body), None, None) => InboundContent::Text { body },
+        (None, Some(id), None) => InboundContent::ButtonReply {
+            title: id.clone(),
+            id,
+        },
+        (None, None, Some(id)) => InboundContent::ListReply {
+            title: id.clone(),
+            id,
+        },
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                "give exactly one of text, button or list",
+            );
+        }
+    };
+    if message.from.is_empty() || !message.from.chars().all(|c| c.is_ascii_digit()) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_from",
+            "`from` is a phone number in digits, e.g. 15550001234",
+        );
+    }
+    let now = runtime.clock.now();
+    let inbound = Inbound::sandbox(content, now, now);
+    match runtime
+        .inbound(&message.from, message.name.as_deref(), inbound)
+        .await
+    {
+        Ok(report) => Json(json!({
+            "handled": format!("{:?}", report.handled),
+            "replies": report.sent.iter().map(|m| json!({
+                "id": m.id,
+                "message": m.message.content,
+                "decision": m.decision,
+            })).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "sandbox message failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the message could not be processed; see the server log",
+            )
+        }
+    }
+}
