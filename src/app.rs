@@ -38,6 +38,53 @@ pub fn load(config_path: Option<&Path>) -> Result<Loaded, Box<Diagnostics>> {
     })
 }
 
+/// A running server: the runtime, its timer loop and the HTTP listener.
+pub struct Application {
+    pub runtime: Arc<Runtime>,
+    listener: tokio::net::TcpListener,
+}
+
+impl Application {
+    /// Connects the database, migrates it, and binds `listen` (port 0 picks a free port).
+    pub async fn build(loaded: &Loaded, database_url: &str, listen: &str, clock: SharedClock) -> anyhow::Result<Self> {
+        let runtime = Arc::new(loaded.runtime(database_url, clock).await?);
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+        Ok(Self { runtime, listener })
+    }
+
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, firing due timers every half second meanwhile;
+    /// then stops taking requests, lets in-flight ones finish and closes the database.
+    pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let timers = self.runtime.clone();
+        let timer_task = tokio::spawn(async move {
+            loop {
+                match timers.fire_due_timers().await {
+                    Ok(reports) => {
+                        for r in reports {
+                            tracing::info!(contact = %r.wa_id, sent = r.sent.len(), "timer fired");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "firing timers failed"),
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        });
+        axum::serve(self.listener, crate::http::router(self.runtime.clone()))
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        timer_task.abort();
+        let _ = timer_task.await;
+        self.runtime.db.close().await;
+        Ok(())
+    }
+}
+
 impl Loaded {
     /// Connects (and migrates) `database_url`, and builds the runtime on `clock`.
     pub async fn runtime(&self, database_url: &str, clock: SharedClock) -> anyhow::Result<Runtime> {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use flowgate::app::{self, Loaded};
+use flowgate::app::{self, Application, Loaded};
 use flowgate::clock::{Clock, SystemClock, VirtualClock, wall_now};
 use flowgate::conversation::{self, describe_content};
 use flowgate::diagnostic::Diagnostics;
@@ -294,47 +294,36 @@ async fn serve(config: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
-    let runtime = Arc::new(
-        loaded
-            .runtime(&loaded.config.database, Arc::new(SystemClock))
-            .await?,
-    );
-    let listener = tokio::net::TcpListener::bind(&loaded.config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", loaded.config.listen))?;
-    let addr = listener.local_addr()?;
+    let application = Application::build(&loaded, &loaded.config.database, &loaded.config.listen, Arc::new(SystemClock)).await?;
+    let addr = application.local_addr();
     let flows: Vec<String> = loaded.project.flows.iter().map(|f| f.id.clone()).collect();
-    println!(
-        "flowgate serving {} flow(s) [{}] on http://{addr}",
-        flows.len(),
-        flows.join(", ")
-    );
+    println!("flowgate serving {} flow(s) [{}] on http://{addr}", flows.len(), flows.join(", "));
     println!("  database: {}", loaded.config.database);
     println!("  health:   curl http://{addr}/healthz");
     println!(
         "  try it:   curl -s http://{addr}/sandbox/messages -H 'content-type: application/json' -d '{{\"from\":\"15550001234\",\"text\":\"menu\"}}'"
     );
-    let timers = runtime.clone();
-    let timer_task = tokio::spawn(async move {
-        loop {
-            match timers.fire_due_timers().await {
-                Ok(reports) => {
-                    for r in reports {
-                        tracing::info!(contact = %r.wa_id, sent = r.sent.len(), "timer fired");
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "firing timers failed"),
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        }
-    });
-    axum::serve(listener, flowgate::http::router(runtime.clone()))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+    println!("  stop:     Ctrl-C");
+    application
+        .run_until(shutdown_signal())
         .await?;
-    timer_task.abort();
-    runtime.db.close().await;
     println!("flowgate stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Ctrl-C or SIGTERM (what a service manager sends).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler installs");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
 }

@@ -1,0 +1,437 @@
+//! `flowgate check` points at the right place: one small project per problem under
+//! `tests/fixtures/check/<case>/`, its diagnostics rendered without colour and snapshotted
+//! (`tests/snapshots/check__<case>.snap`), so a caret that moves shows up in review.
+//!
+//! Integration tests run with the crate root as the working directory, and the fixtures are
+//! named by relative paths, so the file names in the snapshots are stable.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use flowgate::app;
+use flowgate::diagnostic::Diagnostics;
+
+const FIXTURES: &str = "tests/fixtures/check";
+
+fn config_of(case: &str) -> PathBuf {
+    Path::new(FIXTURES).join(case).join("flowgate.yaml")
+}
+
+/// Everything `check` would report for the fixture `case`.
+fn diagnostics(case: &str) -> Diagnostics {
+    match app::load(Some(&config_of(case))) {
+        Ok(loaded) => loaded.project.diagnostics,
+        Err(diags) => *diags,
+    }
+}
+
+/// Snapshots the rendered diagnostics of `case` and checks how many errors and warnings
+/// there are, so a snapshot accepted by mistake still cannot hide a lost diagnostic.
+fn check(case: &str, errors: usize, warnings: usize) -> Diagnostics {
+    let diags = diagnostics(case);
+    let rendered = diags.render(false);
+    insta::assert_snapshot!(case, rendered);
+    assert_eq!(
+        (diags.errors(), diags.warnings()),
+        (errors, warnings),
+        "errors and warnings of `{case}`:\n{rendered}"
+    );
+    diags
+}
+
+/// The one diagnostic of `case` is at `position` (`file:line:col`) and its help says `help`.
+fn check_one(case: &str, position: &str, help: Option<&str>) {
+    let diags = check(case, 1, 0);
+    let d = &diags.items[0];
+    assert_eq!(d.position(), position, "{}", diags.render(false));
+    if let Some(help) = help {
+        let actual = d.help.as_deref().unwrap_or_default();
+        assert!(actual.contains(help), "help of `{case}`: {actual:?}");
+    }
+}
+
+fn fixture_file(case: &str, file: &str) -> String {
+    format!("{FIXTURES}/{case}/{file}")
+}
+
+// --- YAML and unknown keys -------------------------------------------------------------------
+
+#[test]
+fn yaml_syntax_error() {
+    let diags = check("yaml_syntax", 1, 0);
+    assert!(
+        diags.items[0]
+            .position()
+            .starts_with(&fixture_file("yaml_syntax", "flows/greet.yaml:10:"))
+    );
+}
+
+#[test]
+fn unknown_key_in_a_step() {
+    let file = fixture_file("unknown_step_key", "flows/greet.yaml");
+    check_one("unknown_step_key", &format!("{file}:9:5"), None);
+}
+
+#[test]
+fn unknown_key_in_the_config() {
+    let file = fixture_file("unknown_config_key", "flowgate.yaml");
+    check_one("unknown_config_key", &format!("{file}:7:3"), None);
+}
+
+// --- references to steps and flows -----------------------------------------------------------
+
+#[test]
+fn goto_to_a_missing_step() {
+    let file = fixture_file("unknown_goto", "flows/greet.yaml");
+    check_one(
+        "unknown_goto",
+        &format!("{file}:7:11"),
+        Some("did you mean `farewell`?"),
+    );
+}
+
+#[test]
+fn next_to_a_missing_step() {
+    let file = fixture_file("unknown_next", "flows/greet.yaml");
+    check_one(
+        "unknown_next",
+        &format!("{file}:7:11"),
+        Some("did you mean `farewell`?"),
+    );
+}
+
+#[test]
+fn branch_goto_to_a_missing_step() {
+    let file = fixture_file("unknown_next_branch", "flows/greet.yaml");
+    check_one(
+        "unknown_next_branch",
+        &format!("{file}:14:15"),
+        Some("did you mean `farewell`?"),
+    );
+}
+
+#[test]
+fn on_fail_to_a_missing_step() {
+    let file = fixture_file("unknown_on_fail", "flows/ask.yaml");
+    check_one(
+        "unknown_on_fail",
+        &format!("{file}:10:14"),
+        Some("did you mean `give_up`?"),
+    );
+}
+
+#[test]
+fn on_timeout_to_a_missing_step() {
+    let file = fixture_file("unknown_on_timeout", "flows/ask.yaml");
+    check_one(
+        "unknown_on_timeout",
+        &format!("{file}:10:17"),
+        Some("did you mean `timed_out`?"),
+    );
+}
+
+#[test]
+fn on_error_to_a_missing_step() {
+    let file = fixture_file("unknown_on_error", "flows/lookup.yaml");
+    check_one(
+        "unknown_on_error",
+        &format!("{file}:7:15"),
+        Some("did you mean `lookup_failed`?"),
+    );
+}
+
+#[test]
+fn flow_to_a_missing_flow() {
+    let file = fixture_file("unknown_flow", "flows/main_menu.yaml");
+    check_one(
+        "unknown_flow",
+        &format!("{file}:12:15"),
+        Some("did you mean `order_status`?"),
+    );
+}
+
+#[test]
+fn start_at_a_missing_step() {
+    let file = fixture_file("unknown_start", "flows/greet.yaml");
+    check_one(
+        "unknown_start",
+        &format!("{file}:4:8"),
+        Some("did you mean `hello`?"),
+    );
+}
+
+// --- templates -------------------------------------------------------------------------------
+
+#[test]
+fn template_that_does_not_exist() {
+    let file = fixture_file("unknown_template", "flows/notify.yaml");
+    check_one(
+        "unknown_template",
+        &format!("{file}:7:13"),
+        Some("did you mean `order_shipped`?"),
+    );
+}
+
+#[test]
+fn template_in_a_missing_language() {
+    let file = fixture_file("template_language", "flows/notify.yaml");
+    check_one(
+        "template_language",
+        &format!("{file}:8:17"),
+        Some("en_US, de_DE"),
+    );
+}
+
+#[test]
+fn template_with_the_wrong_parameter_count() {
+    let file = fixture_file("template_params", "flows/notify.yaml");
+    check_one("template_params", &format!("{file}:10:15"), None);
+}
+
+// --- reachability ----------------------------------------------------------------------------
+
+#[test]
+fn unreachable_step_is_a_warning() {
+    let diags = check("unreachable", 0, 1);
+    let file = fixture_file("unreachable", "flows/greet.yaml");
+    assert_eq!(diags.items[0].position(), format!("{file}:10:3"));
+}
+
+// --- regexes ---------------------------------------------------------------------------------
+
+#[test]
+fn trigger_regex_that_does_not_compile() {
+    let file = fixture_file("bad_trigger_regex", "flows/order.yaml");
+    check_one("bad_trigger_regex", &format!("{file}:4:13"), None);
+}
+
+#[test]
+fn expect_regex_that_does_not_compile() {
+    let file = fixture_file("bad_expect_regex", "flows/order.yaml");
+    check_one("bad_expect_regex", &format!("{file}:8:23"), None);
+}
+
+#[test]
+fn match_regex_that_does_not_compile() {
+    let file = fixture_file("bad_match_regex", "flows/order.yaml");
+    check_one("bad_match_regex", &format!("{file}:8:17"), None);
+}
+
+// --- Rhai ------------------------------------------------------------------------------------
+
+#[test]
+fn script_file_that_does_not_compile() {
+    let file = fixture_file("bad_script_file", "scripts/lookup.rhai");
+    check_one(
+        "bad_script_file",
+        &format!("{file}:7:5"),
+        Some("used by step `lookup`"),
+    );
+}
+
+#[test]
+fn inline_script_that_does_not_compile() {
+    let file = fixture_file("bad_inline_rhai", "flows/check.yaml");
+    check_one("bad_inline_rhai", &format!("{file}:10:44"), None);
+}
+
+#[test]
+fn if_condition_that_does_not_compile() {
+    let file = fixture_file("bad_if", "flows/order.yaml");
+    check_one("bad_if", &format!("{file}:7:33"), None);
+}
+
+#[test]
+fn interpolation_that_does_not_compile() {
+    let file = fixture_file("bad_interpolation", "flows/order.yaml");
+    check_one("bad_interpolation", &format!("{file}:9:43"), None);
+}
+
+// --- WhatsApp's limits on literal text -------------------------------------------------------
+
+#[test]
+fn four_buttons() {
+    let file = fixture_file("too_many_buttons", "flows/menu.yaml");
+    check_one("too_many_buttons", &format!("{file}:11:9"), None);
+}
+
+#[test]
+fn button_title_over_20_characters() {
+    let file = fixture_file("long_button_title", "flows/menu.yaml");
+    check_one("long_button_title", &format!("{file}:9:30"), None);
+}
+
+#[test]
+fn eleven_list_rows() {
+    let file = fixture_file("too_many_rows", "flows/menu.yaml");
+    check_one("too_many_rows", &format!("{file}:20:11"), None);
+}
+
+#[test]
+fn row_title_over_24_characters() {
+    let file = fixture_file("long_row_title", "flows/menu.yaml");
+    check_one("long_row_title", &format!("{file}:13:37"), None);
+}
+
+#[test]
+fn body_over_4096_characters() {
+    let file = fixture_file("long_body", "flows/news.yaml");
+    check_one("long_body", &format!("{file}:10:10"), None);
+}
+
+#[test]
+fn body_over_1024_characters_with_buttons() {
+    let file = fixture_file("long_button_body", "flows/news.yaml");
+    check_one("long_button_body", &format!("{file}:10:10"), None);
+}
+
+#[test]
+fn duplicate_button_titles() {
+    let file = fixture_file("duplicate_button_titles", "flows/menu.yaml");
+    check_one("duplicate_button_titles", &format!("{file}:10:35"), None);
+}
+
+// --- across flows ----------------------------------------------------------------------------
+
+#[test]
+fn duplicate_flow_ids_across_files() {
+    let first = fixture_file("duplicate_flow_ids", "flows/menu.yaml");
+    let second = fixture_file("duplicate_flow_ids", "flows/menu_copy.yaml");
+    check_one(
+        "duplicate_flow_ids",
+        &format!("{second}:4:7"),
+        Some(&format!("the first is at {first}:1:7")),
+    );
+}
+
+#[test]
+fn trigger_conflicts_at_the_same_priority_only() {
+    let first = fixture_file("trigger_conflict", "flows/a_orders.yaml");
+    let second = fixture_file("trigger_conflict", "flows/b_returns.yaml");
+    check_one(
+        "trigger_conflict",
+        &format!("{second}:4:5"),
+        Some(&format!("see {first}:3:5")),
+    );
+}
+
+// --- step shape ------------------------------------------------------------------------------
+
+#[test]
+fn step_with_two_actions() {
+    let file = fixture_file("two_actions", "flows/ask.yaml");
+    check_one(
+        "two_actions",
+        &format!("{file}:7:10"),
+        Some("split it into two steps"),
+    );
+}
+
+#[test]
+fn save_without_ask() {
+    let file = fixture_file("save_without_ask", "flows/greet.yaml");
+    check_one("save_without_ask", &format!("{file}:7:11"), None);
+}
+
+#[test]
+fn unknown_expect_kind() {
+    let file = fixture_file("unknown_expect", "flows/ask.yaml");
+    check_one(
+        "unknown_expect",
+        &format!("{file}:8:13"),
+        Some("did you mean `email`?"),
+    );
+}
+
+#[test]
+fn missing_script_file() {
+    let file = fixture_file("missing_script", "flows/lookup.yaml");
+    check_one(
+        "missing_script",
+        &format!("{file}:6:13"),
+        Some("did you mean `order_lookup.rhai`?"),
+    );
+}
+
+// --- the shipped project ---------------------------------------------------------------------
+
+#[test]
+fn shipped_project_is_clean() {
+    let loaded = match app::load(None) {
+        Ok(loaded) => loaded,
+        Err(diags) => panic!("the shipped project has errors:\n{}", diags.render(false)),
+    };
+    let diags = &loaded.project.diagnostics;
+    assert_eq!(
+        (diags.errors(), diags.warnings()),
+        (0, 0),
+        "{}",
+        diags.render(false)
+    );
+    assert!(!loaded.project.flows.is_empty());
+}
+
+// --- the command line ------------------------------------------------------------------------
+
+fn flowgate_check(config: Option<&Path>, env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flowgate"));
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG");
+    if let Some(config) = config {
+        cmd.arg("--config").arg(config);
+    }
+    cmd.arg("check");
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    cmd.output().expect("flowgate runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn cli_check_passes_on_the_shipped_project() {
+    let out = flowgate_check(None, &[]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("0 errors, 0 warnings"), "{stdout}");
+}
+
+#[test]
+fn cli_check_fails_on_errors_and_names_the_place() {
+    let out = flowgate_check(Some(&config_of("unknown_goto")), &[]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{}", text(&out.stderr));
+    let position = format!(
+        "{}:7:11",
+        fixture_file("unknown_goto", "flows/greet.yaml")
+    );
+    assert!(stdout.contains(&position), "no `{position}` in:\n{stdout}");
+    assert!(stdout.contains("1 error, 0 warnings"), "{stdout}");
+}
+
+#[test]
+fn cli_check_passes_with_only_warnings() {
+    let out = flowgate_check(Some(&config_of("unreachable")), &[]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("is never reached"), "{stdout}");
+    assert!(stdout.contains("0 errors, 1 warning"), "{stdout}");
+}
+
+const SECRET: &str = "fg-secret-7c1d9e4a-do-not-print";
+
+#[test]
+fn cli_check_never_prints_a_secret() {
+    for case in ["secret", "secret_config"] {
+        let out = flowgate_check(Some(&config_of(case)), &[("FG_TEST_SECRET", SECRET)]);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(1), "{case}: {stdout}{stderr}");
+        assert!(stdout.contains("error"), "{case}: {stdout}");
+        assert!(!stdout.contains(SECRET), "{case}: secret in stdout:\n{stdout}");
+        assert!(!stderr.contains(SECRET), "{case}: secret in stderr:\n{stderr}");
+    }
+}
