@@ -46,7 +46,12 @@ pub struct Application {
 
 impl Application {
     /// Connects the database, migrates it, and binds `listen` (port 0 picks a free port).
-    pub async fn build(loaded: &Loaded, database_url: &str, listen: &str, clock: SharedClock) -> anyhow::Result<Self> {
+    pub async fn build(
+        loaded: &Loaded,
+        database_url: &str,
+        listen: &str,
+        clock: SharedClock,
+    ) -> anyhow::Result<Self> {
         let runtime = Arc::new(loaded.runtime(database_url, clock).await?);
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -55,12 +60,17 @@ impl Application {
     }
 
     pub fn local_addr(&self) -> std::net::SocketAddr {
-        self.listener.local_addr().expect("a bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     /// Serves until `shutdown` resolves, firing due timers every half second meanwhile;
     /// then stops taking requests, lets in-flight ones finish and closes the database.
-    pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let timers = self.runtime.clone();
         let timer_task = tokio::spawn(async move {
             loop {

@@ -1229,3 +1229,229 @@ fn apply_contact(c: &mut Contact, value: &Dynamic) {
         c.attrs = attrs;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::VirtualClock;
+    use crate::domain::InboundContent;
+    use crate::flow::load::load_sources;
+    use crate::templates::Registry;
+
+    fn flows(sources: &[&str]) -> (Engine, FlowSet) {
+        let scripting = Arc::new(Scripting::default());
+        let sources: Vec<(String, String)> = sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("f{i}.yaml"), s.to_string()))
+            .collect();
+        let no_scripts = |name: &str| Err(format!("no script {name}"));
+        let project = load_sources(&sources, &scripting, Registry::default(), &no_scripts, None);
+        assert!(
+            !project.diagnostics.has_errors(),
+            "{}",
+            project.diagnostics.render(false)
+        );
+        (Engine::new(scripting, None), FlowSet::new(project.flows))
+    }
+
+    fn text(body: &str) -> Event {
+        let now = VirtualClock::test_epoch();
+        Event::Message(Inbound::sandbox(InboundContent::text(body), now, now))
+    }
+
+    fn said(outcome: &Outcome) -> Vec<String> {
+        outcome
+            .effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Send(m) => Some(m.content.body().to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    const ASK: &str = r#"
+flow: ask
+triggers: [ { keywords: [age] } ]
+steps:
+  q:
+    ask: "How old are you?"
+    save: age
+    expect: number
+    retry: "A number, please."
+    attempts: 2
+    on_fail: bye
+    timeout: 1h
+    on_timeout: bye
+    next:
+      - if: 'age >= 18'
+        goto: adult
+      - goto: minor
+  adult: { say: "Adult ({{age}})" }
+  minor: { say: "Minor" }
+  bye: { say: "Bye" }
+"#;
+
+    const MENU: &str = r#"
+flow: menu
+triggers: [ { keywords: [menu], interrupt: true, priority: 5 } ]
+steps:
+  m: { say: "Menu" }
+"#;
+
+    #[test]
+    fn an_ask_saves_a_typed_answer_and_routes_by_condition() {
+        let (engine, set) = flows(&[ASK]);
+        let mut contact = Contact::new("1");
+        let now = VirtualClock::test_epoch();
+        let out = engine.handle(&set, &mut contact, None, text("age"), now);
+        assert_eq!(said(&out), ["How old are you?"]);
+        let timers = out.timers.clone().unwrap();
+        assert!(
+            matches!(timers[..], [(at, TimerKind::AskTimeout { .. })] if at == now + Duration::hours(1))
+        );
+        let out = engine.handle(&set, &mut contact, out.session, text("42"), now);
+        assert_eq!(said(&out), ["Adult (42)"]);
+        assert!(out.session.is_none(), "the flow ended");
+        assert_eq!(out.timers, Some(vec![]), "the timeout is cleared");
+    }
+
+    #[test]
+    fn failed_attempts_retry_then_go_to_on_fail() {
+        let (engine, set) = flows(&[ASK]);
+        let mut contact = Contact::new("1");
+        let now = VirtualClock::test_epoch();
+        let out = engine.handle(&set, &mut contact, None, text("age"), now);
+        let out = engine.handle(&set, &mut contact, out.session, text("old"), now);
+        assert_eq!(said(&out), ["A number, please."]);
+        assert_eq!(out.timers, None, "a retry keeps the timeout");
+        let out = engine.handle(&set, &mut contact, out.session, text("very"), now);
+        assert_eq!(said(&out), ["Bye"]);
+    }
+
+    #[test]
+    fn interrupts_win_and_stale_timers_do_nothing() {
+        let (engine, set) = flows(&[ASK, MENU]);
+        let mut contact = Contact::new("1");
+        let now = VirtualClock::test_epoch();
+        let out = engine.handle(&set, &mut contact, None, text("age"), now);
+        let Some((_, TimerKind::AskTimeout { epoch })) =
+            out.timers.clone().unwrap().first().copied()
+        else {
+            panic!("a timeout timer")
+        };
+        let out = engine.handle(&set, &mut contact, out.session, text("menu please"), now);
+        assert_eq!(out.handled, Handled::Started("menu".into()));
+        assert_eq!(said(&out), ["Menu"]);
+        let late = engine.handle(
+            &set,
+            &mut contact,
+            out.session,
+            Event::Timer(TimerKind::AskTimeout { epoch }),
+            now + Duration::hours(1),
+        );
+        assert_eq!(late.handled, Handled::Stale);
+        assert!(late.effects.is_empty());
+    }
+
+    #[test]
+    fn a_goto_loop_is_stopped_with_an_apology() {
+        let (engine, set) = flows(&[r#"
+flow: spin
+triggers: [ { any: true } ]
+steps:
+  a: { goto: b }
+  b: { goto: a }
+"#]);
+        let mut contact = Contact::new("1");
+        let out = engine.handle(
+            &set,
+            &mut contact,
+            None,
+            text("x"),
+            VirtualClock::test_epoch(),
+        );
+        assert_eq!(said(&out), [APOLOGY]);
+        assert!(out.notes[0].contains("without waiting"), "{:?}", out.notes);
+        assert!(out.session.is_none());
+    }
+
+    #[test]
+    fn an_http_step_asks_the_runtime_and_continues_with_the_result() {
+        let (engine, set) = flows(&[r#"
+flow: crm
+triggers: [ { keywords: [lead] } ]
+steps:
+  post:
+    http: { url: "http://127.0.0.1:1/leads", body: { n: "{{ 1 + 1 }}" }, save: crm }
+    on_error: oops
+    next: done
+  done: { say: "id {{crm.body.id}}, status {{crm.status}}" }
+  oops: { say: "CRM down" }
+"#]);
+        let mut contact = Contact::new("1");
+        let now = VirtualClock::test_epoch();
+        let out = engine.handle(&set, &mut contact, None, text("lead"), now);
+        let Some(Effect::Http(request)) = out.effects.first() else {
+            panic!("an http effect")
+        };
+        assert_eq!(
+            request.body,
+            Some(serde_json::json!({"n": 2})),
+            "typed interpolation"
+        );
+        let ok = HttpOutcome {
+            epoch: request.epoch,
+            result: Ok((201, serde_json::json!({"id": "L-7"}))),
+        };
+        let done = engine.handle(
+            &set,
+            &mut contact,
+            out.session.clone(),
+            Event::Http(ok),
+            now,
+        );
+        assert_eq!(said(&done), ["id L-7, status 201"]);
+        let failed = HttpOutcome {
+            epoch: request.epoch,
+            result: Ok((500, serde_json::Value::Null)),
+        };
+        let oops = engine.handle(&set, &mut contact, out.session, Event::Http(failed), now);
+        assert_eq!(said(&oops), ["CRM down"]);
+    }
+
+    #[test]
+    fn the_window_time_comes_from_the_message_timestamp() {
+        let (engine, set) = flows(&[MENU]);
+        let mut contact = Contact::new("1");
+        let now = VirtualClock::test_epoch();
+        let late = Inbound::sandbox(InboundContent::text("menu"), now - Duration::hours(3), now);
+        let out = engine.handle(&set, &mut contact, None, Event::Message(late), now);
+        assert!(out.contact_changed);
+        assert_eq!(
+            contact.last_customer_message_at,
+            Some(now - Duration::hours(3))
+        );
+    }
+
+    #[test]
+    fn dates_customers_type() {
+        let now = VirtualClock::test_epoch();
+        assert_eq!(
+            parse_date("2026-01-12", now),
+            NaiveDate::from_ymd_opt(2026, 1, 12)
+        );
+        assert_eq!(
+            parse_date("12.01.2026", now),
+            NaiveDate::from_ymd_opt(2026, 1, 12)
+        );
+        assert_eq!(
+            parse_date("Tomorrow", now),
+            NaiveDate::from_ymd_opt(2026, 1, 6)
+        );
+        assert_eq!(parse_date("soon", now), None);
+        let nine = parse_until("09:00", now, Some("Europe/Berlin")).unwrap();
+        assert_eq!(nine, Utc.with_ymd_and_hms(2026, 1, 6, 8, 0, 0).unwrap());
+    }
+}

@@ -294,19 +294,27 @@ async fn serve(config: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
-    let application = Application::build(&loaded, &loaded.config.database, &loaded.config.listen, Arc::new(SystemClock)).await?;
+    let application = Application::build(
+        &loaded,
+        &loaded.config.database,
+        &loaded.config.listen,
+        Arc::new(SystemClock),
+    )
+    .await?;
     let addr = application.local_addr();
     let flows: Vec<String> = loaded.project.flows.iter().map(|f| f.id.clone()).collect();
-    println!("flowgate serving {} flow(s) [{}] on http://{addr}", flows.len(), flows.join(", "));
+    println!(
+        "flowgate serving {} flow(s) [{}] on http://{addr}",
+        flows.len(),
+        flows.join(", ")
+    );
     println!("  database: {}", loaded.config.database);
     println!("  health:   curl http://{addr}/healthz");
     println!(
         "  try it:   curl -s http://{addr}/sandbox/messages -H 'content-type: application/json' -d '{{\"from\":\"15550001234\",\"text\":\"menu\"}}'"
     );
     println!("  stop:     Ctrl-C");
-    application
-        .run_until(shutdown_signal())
-        .await?;
+    application.run_until(shutdown_signal()).await?;
     println!("flowgate stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -315,7 +323,8 @@ async fn serve(config: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler installs");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a SIGTERM handler installs");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
