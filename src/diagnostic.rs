@@ -206,6 +206,11 @@ impl Diagnostics {
                     .len
                     .max(1)
                     .min(text.len().saturating_sub(loc.offset).max(1));
+                // A block scalar's span runs on to the next key's indentation: stop the
+                // underline at the last visible character.
+                let len = text
+                    .get(loc.offset..loc.offset + len)
+                    .map_or(len, |s| s.trim_end().len().max(1));
                 diag = diag.with_label(LabeledSpan::new(d.label.clone(), loc.offset, len));
                 let report = miette::Report::new(diag)
                     .with_source_code(NamedSource::new(d.file.clone(), text.to_string()));
@@ -245,22 +250,31 @@ pub fn did_you_mean<'a>(
     best.map(|(_, c)| format!("did you mean `{c}`?"))
 }
 
+/// Optimal string alignment distance: insertions, deletions, substitutions, and swaps of two
+/// neighbouring characters (the commonest typo, `emial`) each count 1.
 fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
-    let mut previous: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut current = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let cost = usize::from(ca != *cb);
-            current.push(
-                (previous[j] + cost)
-                    .min(previous[j + 1] + 1)
-                    .min(current[j] + 1),
-            );
-        }
-        previous = current;
+    let mut d = vec![vec![0; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
     }
-    previous[b.len()]
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
 }
 
 #[cfg(test)]
@@ -274,6 +288,10 @@ mod tests {
             Some("did you mean `lookup`?")
         );
         assert_eq!(did_you_mean("zzz", ["lookup", "shipped"]), None);
+        assert_eq!(
+            did_you_mean("emial", ["any", "number", "email"]).as_deref(),
+            Some("did you mean `email`?")
+        );
     }
 
     #[test]

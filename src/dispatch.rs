@@ -316,7 +316,8 @@ impl Runtime {
         let mut timers = outcome.timers.take();
         let mut handled = outcome.handled.clone();
         notes.append(&mut outcome.notes);
-        for _ in 0..MAX_HTTP_ROUNDS {
+        let mut rounds = 0;
+        loop {
             let mut request = None;
             for effect in std::mem::take(&mut outcome.effects) {
                 match effect {
@@ -325,6 +326,13 @@ impl Runtime {
                 }
             }
             let Some(request) = request else { break };
+            rounds += 1;
+            if rounds > MAX_HTTP_ROUNDS {
+                notes.push(format!(
+                    "more than {MAX_HTTP_ROUNDS} http steps in one turn; the session waits at its last one"
+                ));
+                break;
+            }
             let result = self.http(&request).await;
             let event = Event::Http(HttpOutcome {
                 epoch: request.epoch,

@@ -21,31 +21,65 @@ async fn serve_answers_sandbox_messages_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let loaded = app::load(None).expect("the shipped project loads");
     let db = format!("sqlite://{}", dir.path().join("flowgate.db").display());
-    let application = Application::build(&loaded, &db, "127.0.0.1:0", Arc::new(SystemClock)).await.unwrap();
+    let application = Application::build(&loaded, &db, "127.0.0.1:0", Arc::new(SystemClock))
+        .await
+        .unwrap();
     let base = format!("http://{}", application.local_addr());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(application.run_until(async {
         let _ = stopped.await;
     }));
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
 
     let health = client.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
-    assert_eq!(client.get(format!("{base}/readyz")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        client
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 
-    let (status, body) = post(&client, &format!("{base}/sandbox/messages"), json!({"from": "15550009999", "name": "Ana", "text": "menu"})).await;
+    let (status, body) = post(
+        &client,
+        &format!("{base}/sandbox/messages"),
+        json!({"from": "15550009999", "name": "Ana", "text": "menu"}),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let reply = &body["replies"][0];
     assert_eq!(reply["message"]["type"], "buttons");
-    assert_eq!(reply["message"]["body"], "Hi Ana! 👋 How can we help you today?");
+    assert_eq!(
+        reply["message"]["body"],
+        "Hi Ana! 👋 How can we help you today?"
+    );
     assert_eq!(reply["decision"]["decision"], "send");
 
-    let (status, body) = post(&client, &format!("{base}/sandbox/messages"), json!({"from": "15550009999", "button": "orders"})).await;
+    let (status, body) = post(
+        &client,
+        &format!("{base}/sandbox/messages"),
+        json!({"from": "15550009999", "button": "orders"}),
+    )
+    .await;
     assert_eq!(status, 200);
-    assert_eq!(body["replies"][0]["message"]["body"], "What's your order number?");
+    assert_eq!(
+        body["replies"][0]["message"]["body"],
+        "What's your order number?"
+    );
 
     // Bad input: a clear error with a stable code, nothing processed.
-    let (status, body) = post(&client, &format!("{base}/sandbox/messages"), json!({"from": "15550009999"})).await;
+    let (status, body) = post(
+        &client,
+        &format!("{base}/sandbox/messages"),
+        json!({"from": "15550009999"}),
+    )
+    .await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], "invalid_body");
     let raw = client
@@ -58,13 +92,26 @@ async fn serve_answers_sandbox_messages_and_stops_cleanly() {
     assert_eq!(raw.status(), 400);
 
     stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), server).await.expect("server stops").unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("server stops")
+        .unwrap()
+        .unwrap();
 
     // The conversation was stored: a new server on the same file continues it.
-    let application = Application::build(&loaded, &db, "127.0.0.1:0", Arc::new(SystemClock)).await.unwrap();
+    let application = Application::build(&loaded, &db, "127.0.0.1:0", Arc::new(SystemClock))
+        .await
+        .unwrap();
     let runtime = application.runtime.clone();
-    let c = runtime.db.load_conversation("sandbox", "15550009999").await.unwrap();
-    assert_eq!(c.session.expect("session survives a restart").step, "ask_order");
+    let c = runtime
+        .db
+        .load_conversation("sandbox", "15550009999")
+        .await
+        .unwrap();
+    assert_eq!(
+        c.session.expect("session survives a restart").step,
+        "ask_order"
+    );
 }
 
 const V1: &str = r#"
@@ -112,9 +159,17 @@ async fn a_session_outlives_a_restart_on_changed_flows() {
     let loaded = app::load(Some(&config)).unwrap();
     let runtime = loaded.runtime(&db, clock.clone()).await.unwrap();
     let report = runtime.inbound("1555", None, text("5")).await.unwrap();
-    assert_eq!(report.sent[0].message.content.body(), "v1: thanks for 5 stars", "the session finishes on its version");
+    assert_eq!(
+        report.sent[0].message.content.body(),
+        "v1: thanks for 5 stars",
+        "the session finishes on its version"
+    );
     let report = runtime.inbound("1555", None, text("survey")).await.unwrap();
-    assert_eq!(report.sent[0].message.content.body(), "v2: how many stars?", "new sessions get the new version");
+    assert_eq!(
+        report.sent[0].message.content.body(),
+        "v2: how many stars?",
+        "new sessions get the new version"
+    );
 }
 
 #[tokio::test]
@@ -123,12 +178,30 @@ async fn a_replayed_message_is_processed_once() {
     let config = dir.path().join("flowgate.yaml");
     write_project(dir.path(), V1);
     let loaded = app::load(Some(&config)).unwrap();
-    let runtime = loaded.runtime("sqlite::memory:", Arc::new(VirtualClock::new(VirtualClock::test_epoch()))).await.unwrap();
+    let runtime = loaded
+        .runtime(
+            "sqlite::memory:",
+            Arc::new(VirtualClock::new(VirtualClock::test_epoch())),
+        )
+        .await
+        .unwrap();
     let message = text("survey");
-    let first = runtime.inbound("1555", None, message.clone()).await.unwrap();
+    let first = runtime
+        .inbound("1555", None, message.clone())
+        .await
+        .unwrap();
     assert_eq!(first.sent.len(), 1);
     let again = runtime.inbound("1555", None, message).await.unwrap();
     assert_eq!(again.handled, flowgate::engine::Handled::Duplicate);
     assert!(again.sent.is_empty());
-    assert_eq!(runtime.db.messages("sandbox", "1555", 10).await.unwrap().len(), 2, "one in, one out");
+    assert_eq!(
+        runtime
+            .db
+            .messages("sandbox", "1555", 10)
+            .await
+            .unwrap()
+            .len(),
+        2,
+        "one in, one out"
+    );
 }

@@ -40,6 +40,9 @@ pub struct Compiled {
     pub flow_refs: Vec<FlowRef>,
     /// The `flow:` id and its location, even when the flow has errors (for duplicate checks).
     pub id: Option<(String, Loc)>,
+    /// Per trigger of the flow, where each of its keywords is written (empty for other
+    /// kinds), so a trigger conflict can point at the word.
+    pub keyword_locs: Vec<Vec<Loc>>,
     pub diagnostics: Diagnostics,
 }
 
@@ -76,11 +79,13 @@ pub fn compile_flow(
             .map(|(k, _)| k.value.clone())
             .collect(),
         flow_refs: Vec::new(),
+        keyword_locs: Vec::new(),
         script_bundle: Vec::new(),
         goto_literals: HashMap::new(),
     };
     let flow = c.flow(&raw);
     out.flow_refs = std::mem::take(&mut c.flow_refs);
+    out.keyword_locs = std::mem::take(&mut c.keyword_locs);
     if !out.diagnostics.has_errors() {
         out.flow = flow;
     }
@@ -96,6 +101,7 @@ struct Compiler<'a> {
     diags: &'a mut Diagnostics,
     step_ids: Vec<String>,
     flow_refs: Vec<FlowRef>,
+    keyword_locs: Vec<Vec<Loc>>,
     script_bundle: Vec<(String, String, String)>,
     /// Steps that scripts name in `goto("…")`, per step index, for reachability.
     goto_literals: HashMap<usize, Vec<usize>>,
@@ -218,7 +224,7 @@ impl Compiler<'_> {
             } else {
                 format!("(?i){}", re.value)
             };
-            TriggerKind::Regex(self.regex(re, &source)?)
+            TriggerKind::Regex(self.regex(self.value_loc(re), &source)?)
         } else if let Some(b) = &t.button {
             TriggerKind::Button(b.value.clone())
         } else if let Some(l) = &t.list {
@@ -226,6 +232,9 @@ impl Compiler<'_> {
         } else {
             TriggerKind::Any
         };
+        let words = t.keywords.iter().flat_map(|w| &w.value);
+        let keyword_locs = words.map(|w| self.value_loc(w)).collect();
+        self.keyword_locs.push(keyword_locs);
         Some(Trigger {
             kind,
             interrupt: t.interrupt,
@@ -234,14 +243,14 @@ impl Compiler<'_> {
         })
     }
 
-    fn regex(&mut self, at: &Spanned<String>, source: &str) -> Option<Regex> {
+    fn regex(&mut self, at: Loc, source: &str) -> Option<Regex> {
         match Regex::new(source) {
             Ok(re) => Some(re),
             Err(e) => {
                 let detail = e.to_string();
                 let last = detail.lines().last().unwrap_or_default().trim().to_string();
-                self.error(self.value_loc(at), "this regex does not compile")
-                    .label = Some(last.trim_start_matches("error: ").to_string());
+                self.error(at, "this regex does not compile").label =
+                    Some(last.trim_start_matches("error: ").to_string());
                 None
             }
         }
@@ -258,6 +267,38 @@ impl Compiler<'_> {
             l.len = l.len.saturating_sub(2);
         }
         l
+    }
+
+    /// The location of the scalar after `key:` in the mapping that starts at `map`, for
+    /// values the raw shapes keep without a location of their own (`expect: { regex: … }`).
+    /// An opening quote is skipped, like [`Self::value_loc`].
+    fn value_after_key(&self, map: Loc, key: &str, value: &str) -> Option<Loc> {
+        if !map.is_known() {
+            return None;
+        }
+        let rest = self.text.get(map.offset..)?;
+        let mut from = 0;
+        while let Some(i) = rest[from..].find(key) {
+            let after_key = &rest[from + i + key.len()..];
+            let after_blanks = after_key.trim_start_matches([' ', '\t']);
+            if let Some(after_colon) = after_blanks.strip_prefix(':') {
+                let mut offset = map.offset + from + i + key.len() + 1;
+                offset += after_key.len() - after_blanks.len();
+                offset += after_colon.len() - after_colon.trim_start().len();
+                if self.text[offset..].starts_with(['"', '\'']) {
+                    offset += 1;
+                }
+                let line_start = self.text[..offset].rfind('\n').map_or(0, |n| n + 1);
+                return Some(Loc {
+                    line: self.text[..offset].matches('\n').count() + 1,
+                    col: self.text[line_start..offset].chars().count() + 1,
+                    offset,
+                    len: value.len(),
+                });
+            }
+            from += i + key.len();
+        }
+        None
     }
 
     fn duration(&mut self, at: &Spanned<String>) -> Option<Duration> {
@@ -335,7 +376,8 @@ impl Compiler<'_> {
                         .char_indices()
                         .nth(col - 1)
                         .map(|(i, _)| i)
-                        .unwrap_or(0);
+                        // Rhai reports "incomplete" one past the last character.
+                        .unwrap_or(at.value.len());
                     l.len = 1;
                 }
                 self.error(l, format!("this condition does not compile: {}", e.message));
@@ -736,12 +778,12 @@ impl Compiler<'_> {
             None => Expect::Any,
             Some(e) => match &e.value {
                 RawExpect::Regex(source) => {
-                    let spanned = Spanned {
-                        value: source.clone(),
-                        referenced: e.referenced,
-                        defined: e.defined,
-                    };
-                    Expect::Regex(self.regex(&spanned, source)?)
+                    // The raw shape keeps no location for the pattern itself: find it after
+                    // `regex:` inside the mapping, or point at the mapping.
+                    let at = self
+                        .value_after_key(loc(e), "regex", source)
+                        .unwrap_or_else(|| loc(e));
+                    Expect::Regex(self.regex(at, source)?)
                 }
                 RawExpect::Kind(kind) => match kind.as_str() {
                     "any" => Expect::Any,
@@ -843,8 +885,9 @@ impl Compiler<'_> {
             }
             Some(found) => {
                 if found.param_count() != params.len() {
+                    let at = self.params_loc(t, found.param_count());
                     self.error(
-                        loc(raw),
+                        at,
                         format!(
                             "template `{name}` ({language}) takes {} parameter{}, and {} {} given",
                             found.param_count(),
@@ -867,6 +910,29 @@ impl Compiler<'_> {
             params,
             loc: loc(raw),
         })
+    }
+
+    /// Where a wrong parameter count shows: the first surplus parameter, or the parameters
+    /// given when there are too few, or the template's name when there are none.
+    fn params_loc(&self, t: &RawTemplateRef, expected: usize) -> Loc {
+        let shown = t
+            .params
+            .get(expected..)
+            .filter(|surplus| !surplus.is_empty());
+        let shown = shown.unwrap_or(&t.params);
+        match (shown.first(), shown.last()) {
+            (Some(first), Some(last)) => self.span(first, last),
+            _ => self.value_loc(&t.name),
+        }
+    }
+
+    /// From the start of `first` to the end of `last` (two values in the same file).
+    fn span(&self, first: &Spanned<String>, last: &Spanned<String>) -> Loc {
+        let (start, end) = (loc(first), loc(last));
+        Loc {
+            len: (end.offset + end.len).saturating_sub(start.offset),
+            ..start
+        }
     }
 
     fn script_file(&mut self, index: usize, name: &Spanned<String>) -> Option<Script> {
@@ -910,7 +976,18 @@ impl Compiler<'_> {
     }
 
     fn script_inline(&mut self, index: usize, source: &Spanned<String>) -> Option<Script> {
-        let at = loc(source);
+        let mut at = loc(source);
+        // A block scalar (`rhai: |`) starts on a line of its own; a one-line script written
+        // after the key may be quoted, and its first column is after the quote.
+        let line_start = self.text[..at.offset.min(self.text.len())]
+            .rfind('\n')
+            .map_or(0, |n| n + 1);
+        if !self.text[line_start..at.offset.min(self.text.len())]
+            .trim()
+            .is_empty()
+        {
+            at = self.value_loc(source);
+        }
         match self.scripting.compile_script(&source.value) {
             Ok(ast) => {
                 self.note_gotos(index, &source.value);
@@ -1128,7 +1205,7 @@ impl Compiler<'_> {
             }
             Cond::List(id.value.clone())
         } else if let Some(m) = &b.matches {
-            Cond::Match(self.regex(m, &format!("(?i){}", m.value))?)
+            Cond::Match(self.regex(self.value_loc(m), &format!("(?i){}", m.value))?)
         } else {
             Cond::Always
         };

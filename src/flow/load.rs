@@ -114,13 +114,15 @@ pub fn load_sources(
         diags.push(d);
     }
     let mut flows = Vec::new();
+    let mut keyword_locs = Vec::new();
     for c in &mut compiled {
         diags.extend(std::mem::take(&mut c.diagnostics));
         if let Some(flow) = c.flow.take() {
             flows.push(Arc::new(flow));
+            keyword_locs.push(std::mem::take(&mut c.keyword_locs));
         }
     }
-    trigger_conflicts(&flows, &mut diags);
+    trigger_conflicts(&flows, &keyword_locs, &mut diags);
     Project {
         flows,
         templates,
@@ -147,21 +149,28 @@ pub fn compile_bundle(
 }
 
 /// Two flows that claim the same message at the same priority: which one runs would depend
-/// on file order, so it is an error.
-fn trigger_conflicts(flows: &[Arc<Flow>], diags: &mut Diagnostics) {
+/// on file order, so it is an error. `keyword_locs` holds, per flow and trigger, where each
+/// keyword is written (see [`Compiled::keyword_locs`]).
+fn trigger_conflicts(flows: &[Arc<Flow>], keyword_locs: &[Vec<Vec<Loc>>], diags: &mut Diagnostics) {
     let mut claims: Vec<(String, i32, &str, &Flow, Loc)> = Vec::new();
-    for flow in flows {
-        for t in &flow.triggers {
-            let keys: Vec<String> = match &t.kind {
-                TriggerKind::Keywords { words, .. } => {
-                    words.iter().map(|w| format!("keyword `{w}`")).collect()
-                }
-                TriggerKind::Button(id) => vec![format!("button `{id}`")],
-                TriggerKind::List(id) => vec![format!("list row `{id}`")],
-                TriggerKind::Any => vec!["any message".to_string()],
+    for (f, flow) in flows.iter().enumerate() {
+        for (i, t) in flow.triggers.iter().enumerate() {
+            let word_loc = |j: usize| {
+                let locs = keyword_locs.get(f).and_then(|locs| locs.get(i));
+                locs.and_then(|locs| locs.get(j)).copied().unwrap_or(t.loc)
+            };
+            let keys: Vec<(String, Loc)> = match &t.kind {
+                TriggerKind::Keywords { words, .. } => words
+                    .iter()
+                    .enumerate()
+                    .map(|(j, w)| (format!("keyword `{w}`"), word_loc(j)))
+                    .collect(),
+                TriggerKind::Button(id) => vec![(format!("button `{id}`"), t.loc)],
+                TriggerKind::List(id) => vec![(format!("list row `{id}`"), t.loc)],
+                TriggerKind::Any => vec![("any message".to_string(), t.loc)],
                 TriggerKind::Regex(_) => vec![],
             };
-            for key in keys {
+            for (key, at) in keys {
                 if let Some((_, _, _, other, other_loc)) = claims
                     .iter()
                     .find(|(k, p, ..)| *k == key && *p == t.priority)
@@ -170,7 +179,7 @@ fn trigger_conflicts(flows: &[Arc<Flow>], diags: &mut Diagnostics) {
                         diags.push(
                             Diagnostic::error(
                                 &flow.file,
-                                Some(t.loc),
+                                Some(at),
                                 format!("{key} already starts flow `{}`", other.id),
                             )
                             .with_label("conflicting trigger")
@@ -181,7 +190,7 @@ fn trigger_conflicts(flows: &[Arc<Flow>], diags: &mut Diagnostics) {
                         );
                     }
                 } else {
-                    claims.push((key, t.priority, flow.id.as_str(), flow, t.loc));
+                    claims.push((key, t.priority, flow.id.as_str(), flow, at));
                 }
             }
         }
