@@ -285,7 +285,9 @@ impl Runtime {
         let now = self.clock.now();
         let conversation = self.db.load_conversation(&self.channel, wa_id).await?;
         let mut contact = conversation.contact;
-        if let Some(name) = profile_name {
+        // The WhatsApp profile name fills in an unknown name; a name the business set (a
+        // flow, a script, the API, a CSV import) is not overwritten by it.
+        if let (None, Some(name)) = (&contact.name, profile_name) {
             contact.name = Some(name.to_string());
         }
         let mut notes = Vec::new();
@@ -328,9 +330,23 @@ impl Runtime {
             let Some(request) = request else { break };
             rounds += 1;
             if rounds > MAX_HTTP_ROUNDS {
+                // An `on_error` that loops back to its own `http` step: stop like the engine
+                // stops a `goto` loop, with the apology and the end of the session.
                 notes.push(format!(
-                    "more than {MAX_HTTP_ROUNDS} http steps in one turn; the session waits at its last one"
+                    "more than {MAX_HTTP_ROUNDS} http requests in one turn (an `on_error` loop?); the session ends"
                 ));
+                let (flow, step) = outcome
+                    .session
+                    .as_ref()
+                    .map(|s| (s.flow_id.clone(), String::new()))
+                    .unwrap_or_default();
+                effects.push(Effect::Send(Outbound {
+                    content: OutboundContent::text(crate::engine::APOLOGY),
+                    origin: Origin::Error { flow, step },
+                    outside_window: None,
+                }));
+                outcome.session = None;
+                timers = Some(Vec::new());
                 break;
             }
             let result = self.http(&request).await;

@@ -359,7 +359,7 @@ impl Turn<'_> {
         }
         let step = &flow.steps[session.step];
         if let Action::Ask(ask) = &step.action {
-            match accept(ask, step, &inbound.content, self.now) {
+            match accept(ask, &inbound.content, self.context().timezone, self.now) {
                 Some((value, extra)) => {
                     let s = self.session.as_mut().expect("session exists");
                     if let Some(name) = &ask.save {
@@ -1026,6 +1026,11 @@ impl Turn<'_> {
             contact: &self.contact_value,
             message: &self.message,
             now: self.now,
+            timezone: self
+                .contact
+                .timezone
+                .as_deref()
+                .and_then(|tz| tz.parse().ok()),
         }
     }
 }
@@ -1040,8 +1045,8 @@ fn target(t: &Target) -> Next {
 /// Checks an answer against an `ask`'s `expect`: the value to save and extra variables.
 fn accept(
     ask: &Ask,
-    step: &Step,
     content: &crate::domain::InboundContent,
+    timezone: Option<chrono_tz::Tz>,
     now: DateTime<Utc>,
 ) -> Option<(Dynamic, Vec<(String, String)>)> {
     let text = content.as_text().trim();
@@ -1060,7 +1065,7 @@ fn accept(
             known.then(|| (Dynamic::from(id.to_string()), vec![]))
         }
         Expect::Number => {
-            let n: f64 = text.replace(',', ".").parse().ok()?;
+            let n = parse_number(text)?;
             if n.fract() == 0.0 && n.abs() < 9.0e15 {
                 Some((Dynamic::from(n as i64), vec![]))
             } else {
@@ -1080,9 +1085,8 @@ fn accept(
             (allowed && (7..=15).contains(&digits.len()))
                 .then(|| (Dynamic::from(format!("+{digits}")), vec![]))
         }
-        Expect::Date => {
-            parse_date(text, now).map(|d| (Dynamic::from(d.format("%Y-%m-%d").to_string()), vec![]))
-        }
+        Expect::Date => parse_date(text, script::local_date(now, timezone))
+            .map(|d| (Dynamic::from(d.format("%Y-%m-%d").to_string()), vec![])),
         Expect::Regex(re) => {
             let caps = re.captures(text)?;
             let extra = re
@@ -1093,18 +1097,51 @@ fn accept(
                         .map(|m| (n.to_string(), m.as_str().to_string()))
                 })
                 .collect();
-            let _ = step;
             Some((Dynamic::from(text.to_string()), extra))
         }
     }
 }
 
-/// Dates customers type: ISO, day-first with `.`, `/` or `-`, `today`, `tomorrow`.
-pub fn parse_date(text: &str, now: DateTime<Utc>) -> Option<NaiveDate> {
+/// Numbers customers type: `42`, `-3.5`, `3,5` (decimal comma), `1,000` and `1.000,50`
+/// (thousands separators). Not `nan` or `inf`, which Rust's float parser would take.
+pub fn parse_number(text: &str) -> Option<f64> {
+    let t: String = text
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '_')
+        .collect();
+    let body = t.strip_prefix(['-', '+']).unwrap_or(&t);
+    if body.is_empty()
+        || !body
+            .chars()
+            .all(|c| c.is_ascii_digit() || c == '.' || c == ',')
+    {
+        return None;
+    }
+    let normalized = match (t.rfind('.'), t.rfind(',')) {
+        // Both: the last one is the decimal mark, the other groups thousands.
+        (Some(dot), Some(comma)) if comma > dot => t.replace('.', "").replace(',', "."),
+        (Some(_), Some(_)) => t.replace(',', ""),
+        // Only commas: `1,000` and `1,000,000` group thousands, `3,5` is a decimal comma.
+        (None, Some(_)) => {
+            let groups: Vec<&str> = t.split(',').collect();
+            if groups.len() > 2 || groups[1].len() == 3 {
+                groups.concat()
+            } else {
+                t.replace(',', ".")
+            }
+        }
+        _ => t,
+    };
+    normalized.parse::<f64>().ok().filter(|n| n.is_finite())
+}
+
+/// Dates customers type: ISO, day-first with `.`, `/` or `-`, `today`, `tomorrow` (relative
+/// to `today`, the date where the contact lives).
+pub fn parse_date(text: &str, today: NaiveDate) -> Option<NaiveDate> {
     let lower = text.to_lowercase();
     match lower.as_str() {
-        "today" => return Some(now.date_naive()),
-        "tomorrow" => return Some(now.date_naive() + Duration::days(1)),
+        "today" => return Some(today),
+        "tomorrow" => return Some(today + Duration::days(1)),
         _ => {}
     }
     for format in [
@@ -1436,21 +1473,40 @@ steps:
     }
 
     #[test]
+    fn numbers_customers_type() {
+        assert_eq!(parse_number("42"), Some(42.0));
+        assert_eq!(parse_number("-3.5"), Some(-3.5));
+        assert_eq!(parse_number("3,5"), Some(3.5));
+        assert_eq!(parse_number("1,000"), Some(1000.0));
+        assert_eq!(parse_number("1.000,50"), Some(1000.5));
+        assert_eq!(parse_number("1,000,000"), Some(1_000_000.0));
+        for bad in ["nan", "inf", "-infinity", "", "12a", "1e5"] {
+            assert_eq!(parse_number(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn dates_customers_type() {
         let now = VirtualClock::test_epoch();
+        let today = now.date_naive();
+        let new_york = script::local_date(
+            now - Duration::hours(12),
+            Some(chrono_tz::America::New_York),
+        );
+        assert_eq!(new_york, NaiveDate::from_ymd_opt(2026, 1, 4).unwrap());
         assert_eq!(
-            parse_date("2026-01-12", now),
+            parse_date("2026-01-12", today),
             NaiveDate::from_ymd_opt(2026, 1, 12)
         );
         assert_eq!(
-            parse_date("12.01.2026", now),
+            parse_date("12.01.2026", today),
             NaiveDate::from_ymd_opt(2026, 1, 12)
         );
         assert_eq!(
-            parse_date("Tomorrow", now),
+            parse_date("Tomorrow", today),
             NaiveDate::from_ymd_opt(2026, 1, 6)
         );
-        assert_eq!(parse_date("soon", now), None);
+        assert_eq!(parse_date("soon", today), None);
         let nine = parse_until("09:00", now, Some("Europe/Berlin")).unwrap();
         assert_eq!(nine, Utc.with_ymd_and_hms(2026, 1, 6, 8, 0, 0).unwrap());
     }

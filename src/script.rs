@@ -94,6 +94,7 @@ pub enum ScriptReply {
 
 struct CallState {
     now: DateTime<Utc>,
+    timezone: Option<chrono_tz::Tz>,
     effects: ScriptEffects,
 }
 
@@ -102,10 +103,11 @@ thread_local! {
 }
 
 /// Runs `f` with a fresh per-call state and returns what the script asked for.
-fn with_call<T>(now: DateTime<Utc>, f: impl FnOnce() -> T) -> (T, ScriptEffects) {
+fn with_call<T>(ctx: &Context<'_>, f: impl FnOnce() -> T) -> (T, ScriptEffects) {
     let previous = CALL.with(|c| {
         c.borrow_mut().replace(CallState {
-            now,
+            now: ctx.now,
+            timezone: ctx.timezone,
             effects: ScriptEffects::default(),
         })
     });
@@ -132,12 +134,28 @@ fn call_now() -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
 }
 
+fn call_today() -> chrono::NaiveDate {
+    CALL.with(|c| c.borrow().as_ref().map(|s| local_date(s.now, s.timezone)))
+        .unwrap_or_default()
+}
+
+/// The calendar date at `now` where the contact lives (UTC when their timezone is unknown):
+/// what "today" means to them.
+pub fn local_date(now: DateTime<Utc>, timezone: Option<chrono_tz::Tz>) -> chrono::NaiveDate {
+    match timezone {
+        Some(tz) => now.with_timezone(&tz).date_naive(),
+        None => now.date_naive(),
+    }
+}
+
 /// The inputs of one evaluation: the conversation's variables, `contact` and `message`.
 pub struct Context<'a> {
     pub vars: &'a Vars,
     pub contact: &'a Dynamic,
     pub message: &'a Dynamic,
     pub now: DateTime<Utc>,
+    /// The contact's timezone, for `today()`.
+    pub timezone: Option<chrono_tz::Tz>,
 }
 
 /// The shared Rhai engine.
@@ -228,7 +246,7 @@ impl Scripting {
                 Ok(d.format("%Y-%m-%d").to_string())
             },
         );
-        engine.register_fn("today", || call_now().format("%Y-%m-%d").to_string());
+        engine.register_fn("today", || call_today().format("%Y-%m-%d").to_string());
         Self { engine, limits }
     }
 
@@ -261,7 +279,7 @@ impl Scripting {
     /// Evaluates an expression to a value.
     pub fn eval(&self, ast: &AST, ctx: &Context<'_>) -> Result<Dynamic, ScriptError> {
         let mut scope = Self::scope(ctx);
-        let (result, _) = with_call(ctx.now, || {
+        let (result, _) = with_call(ctx, || {
             self.engine.eval_ast_with_scope::<Dynamic>(&mut scope, ast)
         });
         result.map_err(|e| runtime_error(&e, self.limits))
@@ -281,8 +299,7 @@ impl Scripting {
     /// with `_`), the possibly changed `contact`, and what the script asked for.
     pub fn run(&self, ast: &AST, ctx: &Context<'_>) -> Result<ScriptRun, ScriptError> {
         let mut scope = Self::scope(ctx);
-        let (result, effects) =
-            with_call(ctx.now, || self.engine.run_ast_with_scope(&mut scope, ast));
+        let (result, effects) = with_call(ctx, || self.engine.run_ast_with_scope(&mut scope, ast));
         result.map_err(|e| runtime_error(&e, self.limits))?;
         let mut vars = Vars::new();
         let mut contact = ctx.contact.clone();
@@ -419,6 +436,7 @@ mod tests {
             contact,
             message,
             now: crate::clock::VirtualClock::test_epoch(),
+            timezone: None,
         }
     }
 
