@@ -165,6 +165,20 @@ pub enum Handled {
     Duplicate,
 }
 
+impl std::fmt::Display for Handled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Continued => f.write_str("continued"),
+            Self::Started(flow) => write!(f, "started {flow}"),
+            Self::Fallback(flow) => write!(f, "fallback {flow}"),
+            Self::Unanswered => f.write_str("unanswered"),
+            Self::InHandoff => f.write_str("in handoff"),
+            Self::Stale => f.write_str("stale"),
+            Self::Duplicate => f.write_str("duplicate"),
+        }
+    }
+}
+
 /// Everything a turn produced.
 #[derive(Debug)]
 pub struct Outcome {

@@ -98,7 +98,7 @@ async fn sandbox_message(State(runtime): State<Arc<Runtime>>, body: axum::body::
         .await
     {
         Ok(report) => Json(json!({
-            "handled": format!("{:?}", report.handled),
+            "handled": report.handled.to_string(),
             "replies": report.sent.iter().map(|m| json!({
                 "id": m.id,
                 "message": m.message.content,
