@@ -10,9 +10,7 @@ use regex::Regex;
 use serde_saphyr::Spanned;
 use sha2::{Digest, Sha256};
 
-use super::raw::{
-    RawBranch, RawExpect, RawFlow, RawList, RawNext, RawStep, RawTemplateRef, RawWait,
-};
+use super::raw::{RawBranch, RawFlow, RawList, RawNext, RawStep, RawTemplateRef, ScalarOr};
 use super::{
     Action, Ask, Body, Branch, Bundle, Cond, EXPECT_KINDS, Expect, Expr, Flow, Http, List, ListRow,
     Message, Route, Script, Step, Target, TemplateCall, Text, Trigger, TriggerKind, Wait,
@@ -477,7 +475,7 @@ impl Compiler<'_> {
         let wait = match &s.wait {
             None => None,
             Some(w) => match &w.value {
-                RawWait::For(d) => {
+                ScalarOr::Scalar(d) => {
                     let spanned = Spanned {
                         value: d.clone(),
                         referenced: w.referenced,
@@ -485,7 +483,7 @@ impl Compiler<'_> {
                     };
                     self.duration(&spanned).map(Wait::For)
                 }
-                RawWait::Until(t) => {
+                ScalarOr::Keyed(t, _) => {
                     let spanned = Spanned {
                         value: t.clone(),
                         referenced: w.referenced,
@@ -777,7 +775,7 @@ impl Compiler<'_> {
         let expect = match &s.expect {
             None => Expect::Any,
             Some(e) => match &e.value {
-                RawExpect::Regex(source) => {
+                ScalarOr::Keyed(source, _) => {
                     // The raw shape keeps no location for the pattern itself: find it after
                     // `regex:` inside the mapping, or point at the mapping.
                     let at = self
@@ -785,7 +783,7 @@ impl Compiler<'_> {
                         .unwrap_or_else(|| loc(e));
                     Expect::Regex(self.regex(at, source)?)
                 }
-                RawExpect::Kind(kind) => match kind.as_str() {
+                ScalarOr::Scalar(kind) => match kind.as_str() {
                     "any" => Expect::Any,
                     "number" => Expect::Number,
                     "email" => Expect::Email,

@@ -5,6 +5,7 @@
 //! dangling references) with the location of the key involved.
 
 use std::fmt;
+use std::marker::PhantomData;
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -196,73 +197,66 @@ impl<'de> Deserialize<'de> for RawNext {
     }
 }
 
-/// `expect: number` or `expect: { regex: '…' }`.
+/// A scalar, or a mapping with the one key `K::NAME`: `expect: number` or
+/// `expect: { regex: '…' }`, `wait: 26h` or `wait: { until: "09:00" }`.
 #[derive(Debug)]
-pub enum RawExpect {
-    Kind(String),
-    Regex(String),
+pub enum ScalarOr<K> {
+    Scalar(String),
+    Keyed(String, PhantomData<K>),
 }
 
-impl<'de> Deserialize<'de> for RawExpect {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ExpectVisitor;
-        impl<'de> Visitor<'de> for ExpectVisitor {
-            type Value = RawExpect;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("one of any, number, email, phone, date, button, or { regex: '…' }")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawExpect, E> {
-                Ok(RawExpect::Kind(v.to_string()))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawExpect, A::Error> {
-                let mut regex = None;
-                while let Some(key) = map.next_key::<String>()? {
-                    if key != "regex" {
-                        return Err(de::Error::unknown_field(&key, &["regex"]));
-                    }
-                    regex = Some(map.next_value::<String>()?);
-                }
-                regex
-                    .map(RawExpect::Regex)
-                    .ok_or_else(|| de::Error::missing_field("regex"))
-            }
-        }
-        deserializer.deserialize_any(ExpectVisitor)
-    }
+/// The key of a [`ScalarOr`] mapping.
+pub trait KeyName {
+    const NAME: &'static str;
+    const EXPECTING: &'static str;
 }
+
+#[derive(Debug)]
+pub struct RegexKey;
+impl KeyName for RegexKey {
+    const NAME: &'static str = "regex";
+    const EXPECTING: &'static str =
+        "one of any, number, email, phone, date, button, or { regex: '…' }";
+}
+
+#[derive(Debug)]
+pub struct UntilKey;
+impl KeyName for UntilKey {
+    const NAME: &'static str = "until";
+    const EXPECTING: &'static str = "a duration such as 26h, or { until: \"09:00\" }";
+}
+
+/// `expect: number` or `expect: { regex: '…' }`.
+pub type RawExpect = ScalarOr<RegexKey>;
 
 /// `wait: 26h` or `wait: { until: "09:00" }` (a time of day in the contact's timezone, or an
 /// RFC 3339 instant; `{{ … }}` allowed).
-#[derive(Debug)]
-pub enum RawWait {
-    For(String),
-    Until(String),
-}
+pub type RawWait = ScalarOr<UntilKey>;
 
-impl<'de> Deserialize<'de> for RawWait {
+impl<'de, K: KeyName> Deserialize<'de> for ScalarOr<K> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct WaitVisitor;
-        impl<'de> Visitor<'de> for WaitVisitor {
-            type Value = RawWait;
+        struct ScalarOrVisitor<K>(PhantomData<K>);
+        impl<'de, K: KeyName> Visitor<'de> for ScalarOrVisitor<K> {
+            type Value = ScalarOr<K>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a duration such as 26h, or { until: \"09:00\" }")
+                f.write_str(K::EXPECTING)
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawWait, E> {
-                Ok(RawWait::For(v.to_string()))
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(ScalarOr::Scalar(v.to_string()))
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawWait, A::Error> {
-                let mut until = None;
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut value = None;
                 while let Some(key) = map.next_key::<String>()? {
-                    if key != "until" {
-                        return Err(de::Error::unknown_field(&key, &["until"]));
+                    if key != K::NAME {
+                        return Err(de::Error::unknown_field(&key, &[K::NAME]));
                     }
-                    until = Some(map.next_value::<String>()?);
+                    value = Some(map.next_value::<String>()?);
                 }
-                until
-                    .map(RawWait::Until)
-                    .ok_or_else(|| de::Error::missing_field("until"))
+                value
+                    .map(|v| ScalarOr::Keyed(v, PhantomData))
+                    .ok_or_else(|| de::Error::missing_field(K::NAME))
             }
         }
-        deserializer.deserialize_any(WaitVisitor)
+        deserializer.deserialize_any(ScalarOrVisitor(PhantomData))
     }
 }
