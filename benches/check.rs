@@ -5,8 +5,9 @@
 //! Run with `cargo bench --bench check`. Target: under 1 s for 1,000 flows.
 
 use std::hint::black_box;
+use std::time::Duration;
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
 use flowgate::config::Config;
 use flowgate::flow::load::{load_project, load_sources};
 use flowgate::script::Scripting;
@@ -106,10 +107,12 @@ fn check_benches(c: &mut Criterion) {
          status: approved\n    body: \"Your order {{1}} shipped on {{2}}.\"\n",
     )
     .unwrap();
-    let mut config = Config::default();
-    config.flows = flows_dir;
-    config.scripts = scripts_dir;
-    config.templates = templates;
+    let config = Config {
+        flows: flows_dir,
+        scripts: scripts_dir,
+        templates,
+        ..Config::default()
+    };
     let project = load_project(&config, &scripting);
     assert!(
         !project.diagnostics.has_errors(),
@@ -120,7 +123,11 @@ fn check_benches(c: &mut Criterion) {
     assert_eq!(project.templates.templates.len(), 1);
 
     let mut group = c.benchmark_group("check_1000_flows");
-    group.sample_size(10);
+    // About a second per iteration: ten samples of one iteration each.
+    group
+        .sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .measurement_time(Duration::from_secs(15));
     group.bench_function("load_sources", |b| {
         b.iter(|| {
             load_sources(

@@ -157,7 +157,7 @@ steps:
     handoff: support
 "#;
 
-const ORDER_LOOKUP: &str = r#"
+const ORDER_LOOKUP: &str = r##"
 let orders = #{
     "123456": #{ status: "shipped", ship_date: "2026-11-20", carrier: "DHL" },
     "222222": #{ status: "processing" },
@@ -180,7 +180,7 @@ if id in orders {
         tracking_url = `https://track.example.com/${order.carrier}/${id}`;
     }
 }
-"#;
+"##;
 
 /// Interrupt triggers every message is checked against while a session runs.
 const MENU: &str = r#"
@@ -245,7 +245,7 @@ steps:
 
 fn topic_flow(i: usize, topic: &str) -> String {
     let id = topic.replace(' ', "_");
-    let regex = if i % 2 == 0 {
+    let regex = if i.is_multiple_of(2) {
         format!("  - regex: '^{id}\\s*#?(?P<reference>\\d{{4,8}})$'")
     } else {
         String::new()
