@@ -157,30 +157,8 @@ steps:
     handoff: support
 "#;
 
-const ORDER_LOOKUP: &str = r##"
-let orders = #{
-    "123456": #{ status: "shipped", ship_date: "2026-11-20", carrier: "DHL" },
-    "222222": #{ status: "processing" },
-};
-
-let id = order_id.to_string();
-if id.starts_with("#") {
-    id = id.sub_string(1);
-}
-order_id = id;
-
-let status = "not_found";
-let ship_date = ();
-let tracking_url = ();
-if id in orders {
-    let order = orders[id];
-    status = order.status;
-    if status == "shipped" {
-        ship_date = order.ship_date;
-        tracking_url = `https://track.example.com/${order.carrier}/${id}`;
-    }
-}
-"##;
+/// The shipped example, `scripts/order_lookup.rhai`.
+const ORDER_LOOKUP: &str = include_str!("../scripts/order_lookup.rhai");
 
 /// Interrupt triggers every message is checked against while a session runs.
 const MENU: &str = r#"

@@ -229,7 +229,7 @@ impl Engine {
     ) -> Outcome {
         let before = contact.clone();
         let message = match &event {
-            Event::Message(m) => message_value(m),
+            Event::Message(m) => message_value(m).into_shared(),
             _ => Dynamic::from_map(Map::new()),
         };
         let session = session.and_then(|s| {
@@ -346,6 +346,7 @@ impl Turn<'_> {
         interrupt_only: bool,
     ) -> Option<(String, Captures)> {
         let mut best: Option<(i32, String, Captures)> = None;
+        let lowercase = content.as_text().to_lowercase();
         for flow in self.flows.current() {
             for t in &flow.triggers {
                 if interrupt_only && !t.interrupt {
@@ -355,7 +356,7 @@ impl Turn<'_> {
                     continue;
                 }
                 let mut captures = Vec::new();
-                if t.kind.matches(content, &mut captures) {
+                if t.kind.matches(content, &lowercase, &mut captures) {
                     best = Some((t.priority, flow.id.clone(), captures));
                 }
             }
@@ -735,15 +736,17 @@ impl Turn<'_> {
                 match run {
                     Ok(run) => {
                         self.session_mut().vars = run.vars;
-                        apply_contact(self.contact, &run.contact);
+                        let mut changed = apply_contact(self.contact, &run.contact);
                         for (add, tag) in run.effects.tags {
-                            if add {
-                                self.contact.tags.insert(tag);
+                            changed |= if add {
+                                self.contact.tags.insert(tag)
                             } else {
-                                self.contact.tags.remove(&tag);
-                            }
+                                self.contact.tags.remove(&tag)
+                            };
                         }
-                        self.contact_value = contact_value(self.contact);
+                        if changed {
+                            self.contact_value = contact_value(self.contact);
+                        }
                         for reply in run.effects.replies {
                             let content = match reply {
                                 ScriptReply::Text(text) => OutboundContent::text(text),
@@ -1253,32 +1256,47 @@ pub fn contact_value(c: &Contact) -> Dynamic {
         "timezone".into(),
         Dynamic::from(c.timezone.clone().unwrap_or_default()),
     );
-    Dynamic::from_map(map)
+    Dynamic::from_map(map).into_shared()
 }
 
-/// Takes back what a script changed in `contact` (name, tags, attrs, timezone).
-fn apply_contact(c: &mut Contact, value: &Dynamic) {
+/// Takes back what a script changed in `contact` (name, tags, attrs, timezone); whether
+/// anything changed.
+fn apply_contact(c: &mut Contact, value: &Dynamic) -> bool {
     let Some(map) = value.read_lock::<Map>() else {
-        return;
+        return false;
     };
-    if let Some(name) = map.get("name").and_then(|v| v.clone().into_string().ok()) {
-        c.name = (!name.is_empty()).then_some(name);
-    }
-    if let Some(tz) = map
-        .get("timezone")
-        .and_then(|v| v.clone().into_string().ok())
+    let mut changed = false;
+    let text = |key: &str| {
+        map.get(key)
+            .and_then(|v| v.clone().into_string().ok())
+            .map(|s| (!s.is_empty()).then_some(s))
+    };
+    if let Some(name) = text("name")
+        && name != c.name
     {
-        c.timezone = (!tz.is_empty()).then_some(tz);
+        c.name = name;
+        changed = true;
     }
-    if let Some(tags) = map
-        .get("tags")
-        .and_then(|v| v.read_lock::<rhai::Array>().map(|a| a.clone()))
+    if let Some(tz) = text("timezone")
+        && tz != c.timezone
     {
-        c.tags = tags.iter().map(|t| t.to_string()).collect();
+        c.timezone = tz;
+        changed = true;
     }
-    if let Some(serde_json::Value::Object(attrs)) = map.get("attrs").map(script::to_json) {
+    if let Some(tags) = map.get("tags").and_then(|v| v.read_lock::<rhai::Array>()) {
+        let tags: std::collections::BTreeSet<String> = tags.iter().map(|t| t.to_string()).collect();
+        if tags != c.tags {
+            c.tags = tags;
+            changed = true;
+        }
+    }
+    if let Some(serde_json::Value::Object(attrs)) = map.get("attrs").map(script::to_json)
+        && attrs != c.attrs
+    {
         c.attrs = attrs;
+        changed = true;
     }
+    changed
 }
 
 #[cfg(test)]

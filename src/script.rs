@@ -266,19 +266,27 @@ impl Scripting {
             .map_err(|e| ScriptError::at(e.0.to_string(), e.1))
     }
 
-    fn scope<'s>(ctx: &Context<'_>) -> Scope<'s> {
+    /// The scope of one evaluation. `message` and `contact` arrive as shared values (cheap
+    /// to clone); a script gets its own copy of `contact`, so a script that fails halfway
+    /// changes nothing.
+    fn scope<'s>(ctx: &Context<'_>, own_contact: bool) -> Scope<'s> {
         let mut scope = Scope::with_capacity(ctx.vars.len() + 2);
         for (name, value) in ctx.vars {
             scope.push_dynamic(name.as_str(), value.clone());
         }
         scope.push_constant_dynamic("message", ctx.message.clone());
-        scope.push_dynamic("contact", ctx.contact.clone());
+        let contact = if own_contact {
+            ctx.contact.flatten_clone()
+        } else {
+            ctx.contact.clone()
+        };
+        scope.push_dynamic("contact", contact);
         scope
     }
 
     /// Evaluates an expression to a value.
     pub fn eval(&self, ast: &AST, ctx: &Context<'_>) -> Result<Dynamic, ScriptError> {
-        let mut scope = Self::scope(ctx);
+        let mut scope = Self::scope(ctx, false);
         let (result, _) = with_call(ctx, || {
             self.engine.eval_ast_with_scope::<Dynamic>(&mut scope, ast)
         });
@@ -298,7 +306,7 @@ impl Scripting {
     /// Runs a script. Returns the variables to keep (every top-level variable not starting
     /// with `_`), the possibly changed `contact`, and what the script asked for.
     pub fn run(&self, ast: &AST, ctx: &Context<'_>) -> Result<ScriptRun, ScriptError> {
-        let mut scope = Self::scope(ctx);
+        let mut scope = Self::scope(ctx, true);
         let (result, effects) = with_call(ctx, || self.engine.run_ast_with_scope(&mut scope, ast));
         result.map_err(|e| runtime_error(&e, self.limits))?;
         let mut vars = Vars::new();
@@ -306,7 +314,7 @@ impl Scripting {
         for (name, _, value) in scope.iter_raw() {
             match name {
                 "message" => {}
-                "contact" => contact = value.clone(),
+                "contact" => contact = value.flatten_clone(),
                 n if n.starts_with('_') => {}
                 n => {
                     vars.insert(n.into(), value.clone());

@@ -202,20 +202,15 @@ impl Compiler<'_> {
                 .iter()
                 .map(|w| w.value.trim().to_string())
                 .collect();
-            let alternation = words
-                .iter()
-                .map(|w| regex::escape(w))
-                .collect::<Vec<_>>()
-                .join("|");
-            let flags = if t.case_sensitive { "" } else { "(?i)" };
-            let pattern = Regex::new(&format!(r"{flags}(?:^|\W)(?:{alternation})(?:\W|$)"))
-                .expect("escaped keywords form a valid regex");
             let words = if t.case_sensitive {
                 words
             } else {
                 words.into_iter().map(|w| w.to_lowercase()).collect()
             };
-            TriggerKind::Keywords { words, pattern }
+            TriggerKind::Keywords {
+                words,
+                case_sensitive: t.case_sensitive,
+            }
         } else if let Some(re) = &t.regex {
             let source = if t.case_sensitive {
                 re.value.clone()

@@ -66,10 +66,12 @@ pub struct Trigger {
 
 #[derive(Debug)]
 pub enum TriggerKind {
-    /// Whole-word keywords; `pattern` matches any of them.
+    /// Whole-word keywords, anywhere in a text message (lowercased unless case-sensitive).
+    /// Matched by a word search rather than a regex: a case-insensitive Unicode regex per
+    /// trigger made loading 1,000 flows take a second.
     Keywords {
         words: Vec<String>,
-        pattern: Regex,
+        case_sensitive: bool,
     },
     /// Named groups become variables.
     Regex(Regex),
@@ -83,15 +85,25 @@ pub type Captures = Vec<(String, String)>;
 
 impl TriggerKind {
     /// Whether `message` fires this trigger; captured named groups go into `captures`.
+    /// `lowercase` is the message text lowercased, computed once per message by the caller.
     pub fn matches(
         &self,
         message: &crate::domain::InboundContent,
-        captures: &mut Vec<(String, String)>,
+        lowercase: &str,
+        captures: &mut Captures,
     ) -> bool {
         match self {
-            Self::Keywords { pattern, .. } => {
+            Self::Keywords {
+                words,
+                case_sensitive,
+            } => {
+                let text = if *case_sensitive {
+                    message.as_text()
+                } else {
+                    lowercase
+                };
                 matches!(message, crate::domain::InboundContent::Text { .. })
-                    && pattern.is_match(message.as_text())
+                    && words.iter().any(|w| contains_word(text, w))
             }
             Self::Regex(re) => {
                 if !matches!(message, crate::domain::InboundContent::Text { .. }) {
@@ -114,6 +126,16 @@ impl TriggerKind {
             Self::Any => true,
         }
     }
+}
+
+/// Whether `word` occurs in `text` with no letter, digit or `_` right before or after it.
+pub fn contains_word(text: &str, word: &str) -> bool {
+    let is_word = |c: char| c.is_alphanumeric() || c == '_';
+    !word.is_empty()
+        && text.match_indices(word).any(|(i, _)| {
+            !text[..i].chars().next_back().is_some_and(is_word)
+                && !text[i + word.len()..].chars().next().is_some_and(is_word)
+        })
 }
 
 #[derive(Debug)]
@@ -445,24 +467,29 @@ fn is_path(source: &str) -> bool {
 
 /// Looks a variable path up; an unknown name is empty, like an unset template variable.
 fn lookup(path: &[String], ctx: &Context<'_>) -> Dynamic {
-    let mut current = match path[0].as_str() {
-        "contact" => ctx.contact.clone(),
-        "message" => ctx.message.clone(),
+    let root = match path[0].as_str() {
+        "contact" => ctx.contact,
+        "message" => ctx.message,
         name => match ctx.vars.get(name) {
-            Some(v) => v.clone(),
+            Some(v) => v,
             None => return Dynamic::UNIT,
         },
     };
-    for seg in &path[1..] {
-        let next = current
-            .read_lock::<rhai::Map>()
-            .and_then(|m| m.get(seg.as_str()).cloned());
-        match next {
-            Some(v) => current = v,
-            None => return Dynamic::UNIT,
-        }
+    descend(root, &path[1..])
+}
+
+/// Follows `rest` into nested maps, copying only the value found.
+fn descend(value: &Dynamic, rest: &[String]) -> Dynamic {
+    let Some((first, rest)) = rest.split_first() else {
+        return value.flatten_clone();
+    };
+    match value.read_lock::<rhai::Map>() {
+        Some(map) => match map.get(first.as_str()) {
+            Some(v) => descend(v, rest),
+            None => Dynamic::UNIT,
+        },
+        None => Dynamic::UNIT,
     }
-    current
 }
 
 /// How a value reads in a message: `()` is empty, strings without quotes.
@@ -471,6 +498,23 @@ pub fn display(value: &Dynamic) -> String {
         String::new()
     } else {
         value.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::contains_word;
+
+    #[test]
+    fn keywords_match_whole_words_only() {
+        assert!(contains_word("where is my order?", "order"));
+        assert!(contains_word("order", "order"));
+        assert!(contains_word("hi, where is my order", "where is my order"));
+        assert!(!contains_word("reorder please", "order"));
+        assert!(!contains_word("orders", "order"));
+        assert!(contains_word("go #menu now", "#menu"));
+        assert!(contains_word("menü bitte", "menü"));
+        assert!(!contains_word("anything", ""));
     }
 }
 
