@@ -119,22 +119,29 @@ pub fn test_files(paths: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for path in paths {
         if path.is_dir() {
-            let mut todo = vec![path.clone()];
-            while let Some(dir) = todo.pop() {
-                for entry in std::fs::read_dir(&dir)? {
-                    let p = entry?.path();
-                    if p.is_dir() {
-                        todo.push(p);
-                    } else if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
-                        files.push(p);
-                    }
-                }
-            }
+            files.extend(yaml::yaml_files(path)?);
         } else {
             files.push(path.clone());
         }
     }
-    files.sort();
+    Ok(files)
+}
+
+/// What `flowgate test` runs without arguments: `tests/conversations` (if it exists) and the
+/// `*.test.yaml` files beside the flows.
+pub fn default_test_files(config: &Config) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let dir = Path::new("tests/conversations");
+    if dir.is_dir() {
+        files.extend(yaml::yaml_files(dir)?);
+    }
+    if config.flows.is_dir() {
+        files.extend(
+            yaml::yaml_files(&config.flows)?
+                .into_iter()
+                .filter(|f| yaml::is_test_file(f)),
+        );
+    }
     Ok(files)
 }
 

@@ -41,7 +41,7 @@ enum Command {
         #[arg(long, default_value = "15550001234")]
         from: String,
     },
-    /// Run conversation tests (default: tests/conversations).
+    /// Run conversation tests (default: tests/conversations and *.test.yaml beside the flows).
     Test { paths: Vec<PathBuf> },
     /// Apply database migrations.
     Migrate,
@@ -121,12 +121,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(l) => l,
                 Err(code) => return Ok(code),
             };
-            let paths = if paths.is_empty() {
-                vec![PathBuf::from("tests/conversations")]
+            let files = if paths.is_empty() {
+                conversation::default_test_files(&loaded.config)
             } else {
-                paths
-            };
-            let files = conversation::test_files(&paths).context("cannot list the test files")?;
+                conversation::test_files(&paths)
+            }
+            .context("cannot list the test files")?;
             let mut out = String::new();
             let (_, failed) = conversation::run_all(&loaded, &files, &mut out).await;
             print!("{out}");

@@ -38,6 +38,31 @@ fn clean_message(message: &str) -> String {
     message.trim().to_string()
 }
 
+/// Every `*.yaml`/`*.yml` file under `dir`, recursively, sorted.
+pub fn yaml_files(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let mut files = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Conversation tests may sit beside the flows as `*.test.yaml`; the flow loader skips them.
+pub fn is_test_file(path: &std::path::Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(".test.yaml") || n.ends_with(".test.yml"))
+}
+
 /// The location of a spanned YAML value.
 pub fn loc<T>(value: &Spanned<T>) -> Loc {
     Loc::from_yaml(&value.referenced)

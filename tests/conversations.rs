@@ -293,7 +293,13 @@ async fn flowgate_test_without_arguments_passes() {
         .expect("the binary's runner thread");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{}", show(&output));
-    let count = files_in("tests/conversations").len();
+    // tests/conversations plus the `*.test.yaml` files beside the flows.
+    let beside_flows = files_in("flows")
+        .iter()
+        .filter(|f| f.to_string_lossy().ends_with(".test.yaml"))
+        .count();
+    assert!(beside_flows > 0, "the examples keep a test beside a flow");
+    let count = files_in("tests/conversations").len() + beside_flows;
     assert!(
         stdout.ends_with(&format!("{count} passed, 0 failed\n")),
         "{}",

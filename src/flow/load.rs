@@ -197,21 +197,10 @@ fn trigger_conflicts(flows: &[Arc<Flow>], keyword_locs: &[Vec<Vec<Loc>>], diags:
     }
 }
 
-/// Every `*.yaml`/`*.yml` file under `dir`, sorted, recursively.
+/// The flow files under `dir`: every YAML file except conversation tests (`*.test.yaml`).
 fn flow_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(dir) = todo.pop() {
-        for entry in std::fs::read_dir(&dir)? {
-            let path = entry?.path();
-            if path.is_dir() {
-                todo.push(path);
-            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
-                files.push(path);
-            }
-        }
-    }
-    files.sort();
+    let mut files = crate::yaml::yaml_files(dir)?;
+    files.retain(|f| !crate::yaml::is_test_file(f));
     Ok(files)
 }
 
