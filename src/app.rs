@@ -107,7 +107,7 @@ impl Loaded {
             self.project.flows.clone(),
             self.project.templates.clone(),
             clock,
-            &self.config.default_channel().name,
+            self.config.channels.clone(),
         );
         runtime.remember_flow_versions().await?;
         Ok(runtime)

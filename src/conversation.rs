@@ -288,7 +288,12 @@ impl<'a> Run<'a> {
             let inbound = Inbound::sandbox(content, now - ago, now);
             let report = self
                 .runtime
-                .inbound(TEST_WA_ID, Some("Test Customer"), inbound)
+                .inbound(
+                    &self.runtime.default_channel,
+                    TEST_WA_ID,
+                    Some("Test Customer"),
+                    inbound,
+                )
                 .await
                 .map_err(|e| e.to_string())?;
             self.absorb(report);
@@ -319,14 +324,19 @@ impl<'a> Run<'a> {
         } else if let Some(text) = &step.agent {
             let report = self
                 .runtime
-                .agent_message(TEST_WA_ID, text)
+                .agent_message(&self.runtime.default_channel, TEST_WA_ID, text)
                 .await
                 .map_err(|e| e.to_string())?;
             self.absorb(report);
         } else if let Some(trigger) = &step.trigger {
             let report = self
                 .runtime
-                .start_flow(TEST_WA_ID, &trigger.flow, trigger.step.as_deref())
+                .start_flow(
+                    &self.runtime.default_channel,
+                    TEST_WA_ID,
+                    &trigger.flow,
+                    trigger.step.as_deref(),
+                )
                 .await
                 .map_err(|e| e.to_string())?;
             if report
@@ -364,7 +374,7 @@ impl<'a> Run<'a> {
     async fn set(&mut self, set: &SetStep) -> Result<(), String> {
         let db = &self.runtime.db;
         let conversation = db
-            .load_conversation(&self.runtime.channel, TEST_WA_ID)
+            .load_conversation(&self.runtime.default_channel, TEST_WA_ID)
             .await
             .map_err(|e| e.to_string())?;
         let mut contact = conversation.contact;
@@ -384,7 +394,7 @@ impl<'a> Run<'a> {
             contact.attrs.extend(attrs.clone());
         }
         db.commit_turn(&crate::store::Turn {
-            channel: &self.runtime.channel,
+            channel: &self.runtime.default_channel,
             contact_id: conversation.contact_id,
             contact: &contact,
             session: conversation.session.as_ref(),

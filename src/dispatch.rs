@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use chrono::{DateTime, Utc};
 
 use crate::clock::SharedClock;
+use crate::config::{ChannelConfig, Provider};
 use crate::domain::{Decision, Inbound, Origin, Outbound, OutboundContent, WaId};
 use crate::engine::{Effect, Engine, Event, Handled, HttpOutcome, HttpRequest, Session, TimerKind};
 use crate::flow::load::compile_bundle;
@@ -56,19 +57,19 @@ pub struct Runtime {
     pub flows: RwLock<FlowSet>,
     pub templates: Registry,
     pub clock: SharedClock,
-    /// The channel conversations belong to.
-    pub channel: String,
-    /// The status outgoing messages are recorded with: `sent` on the sandbox, where storing
-    /// is sending, `pending` where a sender still has to deliver them.
-    pub outbound_status: &'static str,
+    pub channels: Vec<ChannelConfig>,
+    /// The channel `chat`, `test` and the sandbox door talk on: the first sandbox channel,
+    /// else the first channel.
+    pub default_channel: String,
     http: reqwest::Client,
-    locks: Mutex<HashMap<WaId, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per (channel, contact): a contact's events run one at a time, in order.
+    locks: Mutex<HashMap<(String, WaId), Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Runtime")
-            .field("channel", &self.channel)
+            .field("default_channel", &self.default_channel)
             .finish()
     }
 }
@@ -80,21 +81,36 @@ impl Runtime {
         flows: Vec<Arc<Flow>>,
         templates: Registry,
         clock: SharedClock,
-        channel: &str,
+        channels: Vec<ChannelConfig>,
     ) -> Self {
+        let default_channel = channels
+            .iter()
+            .find(|c| c.provider == Provider::Sandbox)
+            .or(channels.first())
+            .map(|c| c.name.clone())
+            .unwrap_or_else(|| "sandbox".into());
         Self {
             db,
             engine,
             flows: RwLock::new(FlowSet::new(flows)),
             templates,
             clock,
-            channel: channel.to_string(),
-            outbound_status: "sent",
+            channels,
+            default_channel,
             http: reqwest::Client::builder()
                 .user_agent(concat!("flowgate/", env!("CARGO_PKG_VERSION")))
                 .build()
                 .expect("an HTTP client with default settings builds"),
             locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The status outgoing messages are recorded with: `sent` on a sandbox channel, where
+    /// storing is sending; `pending` where the outbox sender still has to deliver them.
+    pub fn outbound_status(&self, channel: &str) -> &'static str {
+        match self.channels.iter().find(|c| c.name == channel) {
+            Some(c) if c.provider != Provider::Sandbox => "pending",
+            _ => "sent",
         }
     }
 
@@ -129,18 +145,20 @@ impl Runtime {
     /// A customer's message.
     pub async fn inbound(
         &self,
+        channel: &str,
         wa_id: &str,
         profile_name: Option<&str>,
         inbound: Inbound,
     ) -> Result<TurnReport, DispatchError> {
         let event = Event::Message(inbound.clone());
-        self.turn(wa_id, event, Some(&inbound), profile_name, None)
+        self.turn(channel, wa_id, event, Some(&inbound), profile_name, None)
             .await
     }
 
     /// Starts a flow for a contact, as the API and a test's `trigger:` do.
     pub async fn start_flow(
         &self,
+        channel: &str,
         wa_id: &str,
         flow: &str,
         step: Option<&str>,
@@ -149,18 +167,19 @@ impl Runtime {
             flow: flow.to_string(),
             step: step.map(str::to_string),
         };
-        self.turn(wa_id, event, None, None, None).await
+        self.turn(channel, wa_id, event, None, None, None).await
     }
 
     /// An agent's free-text message to a contact.
     pub async fn agent_message(
         &self,
+        channel: &str,
         wa_id: &str,
         text: &str,
     ) -> Result<TurnReport, DispatchError> {
-        let lock = self.lock(wa_id);
+        let lock = self.lock(channel, wa_id);
         let _guard = lock.lock().await;
-        let conversation = self.db.load_conversation(&self.channel, wa_id).await?;
+        let conversation = self.db.load_conversation(channel, wa_id).await?;
         let record = OutboundRecord {
             message: Outbound {
                 content: OutboundContent::text(text),
@@ -168,14 +187,14 @@ impl Runtime {
                 outside_window: None,
             },
             decision: Decision::Send,
-            status: self.outbound_status.to_string(),
+            status: self.outbound_status(channel).to_string(),
         };
         let records = [record];
         let session = conversation.session.clone();
         let committed = self
             .db
             .commit_turn(&Turn {
-                channel: &self.channel,
+                channel,
                 contact_id: conversation.contact_id,
                 contact: &conversation.contact,
                 session: session.as_ref(),
@@ -217,7 +236,14 @@ impl Runtime {
                     }
                 };
                 let report = self
-                    .turn(&timer.wa_id, Event::Timer(kind), None, None, Some(timer.id))
+                    .turn(
+                        &timer.channel,
+                        &timer.wa_id,
+                        Event::Timer(kind),
+                        None,
+                        None,
+                        Some(timer.id),
+                    )
                     .await?;
                 reports.push(report);
             }
@@ -228,12 +254,15 @@ impl Runtime {
         Ok(self.db.next_timer_at().await?)
     }
 
-    fn lock(&self, wa_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn lock(&self, channel: &str, wa_id: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().expect("locks");
         if locks.len() > 10_000 {
             locks.retain(|_, l| Arc::strong_count(l) > 1);
         }
-        locks.entry(wa_id.to_string()).or_default().clone()
+        locks
+            .entry((channel.to_string(), wa_id.to_string()))
+            .or_default()
+            .clone()
     }
 
     /// The flow a stored session is pinned to: in memory, or compiled again from the database.
@@ -274,16 +303,17 @@ impl Runtime {
     /// Handles one event for one contact, end to end.
     async fn turn(
         &self,
+        channel: &str,
         wa_id: &str,
         event: Event,
         inbound: Option<&Inbound>,
         profile_name: Option<&str>,
         fired_timer: Option<i64>,
     ) -> Result<TurnReport, DispatchError> {
-        let lock = self.lock(wa_id);
+        let lock = self.lock(channel, wa_id);
         let _guard = lock.lock().await;
         let now = self.clock.now();
-        let conversation = self.db.load_conversation(&self.channel, wa_id).await?;
+        let conversation = self.db.load_conversation(channel, wa_id).await?;
         let mut contact = conversation.contact;
         // The WhatsApp profile name fills in an unknown name; a name the business set (a
         // flow, a script, the API, a CSV import) is not overwritten by it.
@@ -398,7 +428,7 @@ impl Runtime {
                 Effect::Send(message) => records.push(OutboundRecord {
                     message,
                     decision: Decision::Send,
-                    status: self.outbound_status.to_string(),
+                    status: self.outbound_status(channel).to_string(),
                 }),
                 Effect::Handoff { queue } => {
                     tracing::info!(contact = %wa_id, %queue, "conversation handed to a person");
@@ -418,7 +448,7 @@ impl Runtime {
         let committed = self
             .db
             .commit_turn(&Turn {
-                channel: &self.channel,
+                channel,
                 contact_id: conversation.contact_id,
                 contact: &contact,
                 session: session_row.as_ref(),

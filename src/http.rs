@@ -94,7 +94,12 @@ async fn sandbox_message(State(runtime): State<Arc<Runtime>>, body: axum::body::
     let now = runtime.clock.now();
     let inbound = Inbound::sandbox(content, now, now);
     match runtime
-        .inbound(&message.from, message.name.as_deref(), inbound)
+        .inbound(
+            &runtime.default_channel,
+            &message.from,
+            message.name.as_deref(),
+            inbound,
+        )
         .await
     {
         Ok(report) => Json(json!({

@@ -219,7 +219,10 @@ async fn chat(config: Option<&std::path::Path>, from: &str) -> anyhow::Result<Ex
                 continue;
             }
             "/state" => {
-                let c = runtime.db.load_conversation(&runtime.channel, from).await?;
+                let c = runtime
+                    .db
+                    .load_conversation(&runtime.default_channel, from)
+                    .await?;
                 match &c.session {
                     Some(s) => println!(
                         "  [state] flow {} (version {}) at step {}: {}",
@@ -242,7 +245,7 @@ async fn chat(config: Option<&std::path::Path>, from: &str) -> anyhow::Result<Ex
             "/reset" => {
                 runtime
                     .db
-                    .reset_conversation(&runtime.channel, from)
+                    .reset_conversation(&runtime.default_channel, from)
                     .await?;
                 println!("  [reset] session and timers forgotten");
                 continue;
@@ -257,7 +260,9 @@ async fn chat(config: Option<&std::path::Path>, from: &str) -> anyhow::Result<Ex
         };
         let now = clock.now();
         let inbound = Inbound::sandbox(content, now, now);
-        let report = runtime.inbound(from, Some("You"), inbound).await?;
+        let report = runtime
+            .inbound(&runtime.default_channel, from, Some("You"), inbound)
+            .await?;
         print_report(&report);
     }
     Ok(ExitCode::SUCCESS)

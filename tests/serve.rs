@@ -149,7 +149,10 @@ async fn a_session_outlives_a_restart_on_changed_flows() {
     write_project(dir.path(), V1);
     let loaded = app::load(Some(&config)).unwrap();
     let runtime = loaded.runtime(&db, clock.clone()).await.unwrap();
-    let report = runtime.inbound("1555", None, text("survey")).await.unwrap();
+    let report = runtime
+        .inbound("sandbox", "1555", None, text("survey"))
+        .await
+        .unwrap();
     assert_eq!(report.sent[0].message.content.body(), "v1: how many stars?");
     runtime.db.close().await;
     drop(runtime);
@@ -158,13 +161,19 @@ async fn a_session_outlives_a_restart_on_changed_flows() {
     write_project(dir.path(), &V1.replace("v1:", "v2:"));
     let loaded = app::load(Some(&config)).unwrap();
     let runtime = loaded.runtime(&db, clock.clone()).await.unwrap();
-    let report = runtime.inbound("1555", None, text("5")).await.unwrap();
+    let report = runtime
+        .inbound("sandbox", "1555", None, text("5"))
+        .await
+        .unwrap();
     assert_eq!(
         report.sent[0].message.content.body(),
         "v1: thanks for 5 stars",
         "the session finishes on its version"
     );
-    let report = runtime.inbound("1555", None, text("survey")).await.unwrap();
+    let report = runtime
+        .inbound("sandbox", "1555", None, text("survey"))
+        .await
+        .unwrap();
     assert_eq!(
         report.sent[0].message.content.body(),
         "v2: how many stars?",
@@ -187,11 +196,14 @@ async fn a_replayed_message_is_processed_once() {
         .unwrap();
     let message = text("survey");
     let first = runtime
-        .inbound("1555", None, message.clone())
+        .inbound("sandbox", "1555", None, message.clone())
         .await
         .unwrap();
     assert_eq!(first.sent.len(), 1);
-    let again = runtime.inbound("1555", None, message).await.unwrap();
+    let again = runtime
+        .inbound("sandbox", "1555", None, message)
+        .await
+        .unwrap();
     assert_eq!(again.handled, flowgate::engine::Handled::Duplicate);
     assert!(again.sent.is_empty());
     assert_eq!(
