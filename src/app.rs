@@ -41,6 +41,8 @@ pub fn load(config_path: Option<&Path>) -> Result<Loaded, Box<Diagnostics>> {
 /// A running server: the runtime, its timer loop and the HTTP listener.
 pub struct Application {
     pub runtime: Arc<Runtime>,
+    pub config: Arc<Config>,
+    pub inbox: Arc<tokio::sync::Notify>,
     listener: tokio::net::TcpListener,
 }
 
@@ -56,7 +58,12 @@ impl Application {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-        Ok(Self { runtime, listener })
+        Ok(Self {
+            runtime,
+            config: Arc::new(loaded.config.clone()),
+            inbox: Arc::new(tokio::sync::Notify::new()),
+            listener,
+        })
     }
 
     pub fn local_addr(&self) -> std::net::SocketAddr {
@@ -85,7 +92,12 @@ impl Application {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
         });
-        axum::serve(self.listener, crate::http::router(self.runtime.clone()))
+        let state = crate::http::AppState {
+            runtime: self.runtime.clone(),
+            config: self.config.clone(),
+            inbox: self.inbox.clone(),
+        };
+        axum::serve(self.listener, crate::http::router(state))
             .with_graceful_shutdown(shutdown)
             .await?;
         timer_task.abort();

@@ -13,6 +13,7 @@ pub mod domain;
 pub mod engine;
 pub mod flow;
 pub mod http;
+pub mod metrics;
 pub mod script;
 pub mod store;
 pub mod templates;

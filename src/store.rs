@@ -91,15 +91,29 @@ macro_rules! with_pool {
     };
 }
 
+// After `with_pool!`, so the submodules can use it.
+mod inbox;
+mod outbox;
+
+pub use inbox::*;
+pub use outbox::*;
+
 /// The SQLite migrations, embedded so the binary carries its schema.
 ///
 /// `sqlx::migrate!` would embed them too, but it lives behind sqlx's `macros` feature, which
 /// flowgate leaves off. A test checks this list against `migrations/sqlite/`.
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../migrations/sqlite/0001_init.sql"),
-)];
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "channels",
+        include_str!("../migrations/sqlite/0002_channels.sql"),
+    ),
+];
 
 /// A [`MigrationSource`] over migrations compiled into the binary.
 #[derive(Debug)]

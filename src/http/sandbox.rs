@@ -1,37 +1,17 @@
-//! The HTTP surface of `flowgate serve`: health endpoints and the sandbox channel's door.
-//!
-//! `POST /sandbox/messages` plays a customer on the sandbox channel: it takes
+//! The sandbox channel's door: `POST /sandbox/messages` plays a customer. It takes
 //! `{"from": "15550001234", "text": "menu"}` (or `"button"`/`"list"` with an id) and answers
 //! with what the bot sent, so a newcomer can try flows with curl before any WhatsApp account
-//! exists. The WhatsApp webhooks and the admin API build on this router.
+//! exists.
 
-use std::sync::Arc;
-
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::dispatch::Runtime;
+use super::{AppState, error};
 use crate::domain::{Inbound, InboundContent};
-
-pub fn router(runtime: Arc<Runtime>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(ready))
-        .route("/sandbox/messages", post(sandbox_message))
-        .with_state(runtime)
-}
-
-async fn ready(State(runtime): State<Arc<Runtime>>) -> Response {
-    match runtime.next_timer_at().await {
-        Ok(_) => (StatusCode::OK, "ready").into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("database: {e}")).into_response(),
-    }
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,15 +27,8 @@ struct SandboxMessage {
     list: Option<String>,
 }
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (
-        status,
-        Json(json!({"error": {"code": code, "message": message.into()}})),
-    )
-        .into_response()
-}
-
-async fn sandbox_message(State(runtime): State<Arc<Runtime>>, body: axum::body::Bytes) -> Response {
+pub async fn sandbox_message(State(state): State<AppState>, body: axum::body::Bytes) -> Response {
+    let runtime = &state.runtime;
     let message: SandboxMessage = match serde_json::from_slice(&body) {
         Ok(m) => m,
         Err(e) => {

@@ -1,0 +1,52 @@
+//! The HTTP surface of `flowgate serve`, on axum: health and metrics, the sandbox door, and
+//! (as they land) the WhatsApp webhooks and the admin API.
+//!
+//! Every handler gets [`AppState`]; errors are JSON `{"error": {"code", "message"}}` with a
+//! stable `code`.
+
+pub mod sandbox;
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::config::Config;
+use crate::dispatch::Runtime;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub runtime: Arc<Runtime>,
+    pub config: Arc<Config>,
+    /// Wakes the inbound worker when a webhook stored new updates.
+    pub inbox: Arc<tokio::sync::Notify>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/sandbox/messages", post(sandbox::sandbox_message))
+        .with_state(state)
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    match state.runtime.next_timer_at().await {
+        Ok(_) => (StatusCode::OK, "ready").into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("database: {e}")).into_response(),
+    }
+}
+
+/// A JSON error with a stable `code`.
+pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message.into()}})),
+    )
+        .into_response()
+}

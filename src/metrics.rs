@@ -1,0 +1,143 @@
+//! Process metrics in Prometheus text format, for `GET /metrics`.
+//!
+//! A small registry of labelled counters and histograms behind one global, so any module can
+//! count without threading a handle through every call. Gauges that live in the database
+//! (outbox depth) are read at scrape time by the caller and passed to [`render`].
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{Mutex, OnceLock};
+
+/// Latency buckets in seconds.
+const BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+type Labels = Vec<(&'static str, String)>;
+
+#[derive(Default)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+#[derive(Default)]
+struct Registry {
+    counters: BTreeMap<(&'static str, Labels), u64>,
+    histograms: BTreeMap<(&'static str, Labels), Histogram>,
+    help: BTreeMap<&'static str, &'static str>,
+}
+
+fn registry() -> &'static Mutex<Registry> {
+    static REGISTRY: OnceLock<Mutex<Registry>> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+fn labels(pairs: &[(&'static str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
+}
+
+/// Adds `by` to the counter `name{labels}`.
+pub fn count(name: &'static str, help: &'static str, pairs: &[(&'static str, &str)], by: u64) {
+    let mut r = registry().lock().expect("metrics lock");
+    r.help.entry(name).or_insert(help);
+    *r.counters.entry((name, labels(pairs))).or_default() += by;
+}
+
+/// Records one observation (in seconds) in the histogram `name{labels}`.
+pub fn observe(name: &'static str, help: &'static str, pairs: &[(&'static str, &str)], seconds: f64) {
+    let mut r = registry().lock().expect("metrics lock");
+    r.help.entry(name).or_insert(help);
+    let h = r.histograms.entry((name, labels(pairs))).or_default();
+    for (i, le) in BUCKETS.iter().enumerate() {
+        if seconds <= *le {
+            h.counts[i] += 1;
+        }
+    }
+    h.sum += seconds;
+    h.count += 1;
+}
+
+/// The value of a counter, for tests.
+pub fn counter_value(name: &str, pairs: &[(&'static str, &str)]) -> u64 {
+    let r = registry().lock().expect("metrics lock");
+    r.counters
+        .iter()
+        .find(|((n, l), _)| *n == name && *l == labels(pairs))
+        .map(|(_, v)| *v)
+        .unwrap_or(0)
+}
+
+fn label_text(labels: &Labels, extra: Option<(&str, String)>) -> String {
+    let mut parts: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect();
+    if let Some((k, v)) = extra {
+        parts.push(format!("{k}=\"{v}\""));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("{{{}}}", parts.join(","))
+    }
+}
+
+/// Everything in Prometheus text format; `gauges` are `(name, help, labels, value)` read by
+/// the caller at scrape time.
+pub fn render(gauges: &[(&str, &str, Vec<(&'static str, String)>, f64)]) -> String {
+    let r = registry().lock().expect("metrics lock");
+    let mut out = String::new();
+    let mut last = "";
+    for ((name, l), value) in &r.counters {
+        if *name != last {
+            let _ = writeln!(out, "# HELP {name} {}", r.help.get(name).unwrap_or(&""));
+            let _ = writeln!(out, "# TYPE {name} counter");
+            last = name;
+        }
+        let _ = writeln!(out, "{name}{} {value}", label_text(l, None));
+    }
+    last = "";
+    for ((name, l), h) in &r.histograms {
+        if *name != last {
+            let _ = writeln!(out, "# HELP {name} {}", r.help.get(name).unwrap_or(&""));
+            let _ = writeln!(out, "# TYPE {name} histogram");
+            last = name;
+        }
+        for (i, le) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(out, "{name}_bucket{} {}", label_text(l, Some(("le", le.to_string()))), h.counts[i]);
+        }
+        let _ = writeln!(out, "{name}_bucket{} {}", label_text(l, Some(("le", "+Inf".into()))), h.count);
+        let _ = writeln!(out, "{name}_sum{} {}", label_text(l, None), h.sum);
+        let _ = writeln!(out, "{name}_count{} {}", label_text(l, None), h.count);
+    }
+    last = "";
+    for (name, help, l, value) in gauges {
+        if *name != last {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} gauge");
+            last = name;
+        }
+        let _ = writeln!(out, "{name}{} {value}", label_text(l, None));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_histograms_and_gauges() {
+        count("flowgate_test_total", "A test counter.", &[("type", "text")], 2);
+        observe("flowgate_test_seconds", "A test histogram.", &[], 0.003);
+        let text = render(&[("flowgate_test_depth", "A gauge.", vec![("channel", "main".into())], 7.0)]);
+        assert!(text.contains("# TYPE flowgate_test_total counter"));
+        assert!(text.contains("flowgate_test_total{type=\"text\"} 2"));
+        assert!(text.contains("flowgate_test_seconds_bucket{le=\"0.005\"} 1"));
+        assert!(text.contains("flowgate_test_seconds_count 1"));
+        assert!(text.contains("flowgate_test_depth{channel=\"main\"} 7"));
+        assert_eq!(counter_value("flowgate_test_total", &[("type", "text")]), 2);
+    }
+}
