@@ -188,6 +188,7 @@ impl Runtime {
             },
             decision: Decision::Send,
             status: self.outbound_status(channel).to_string(),
+            in_reply_to: None,
         };
         let records = [record];
         let session = conversation.session.clone();
@@ -428,6 +429,7 @@ impl Runtime {
                 Effect::Send(message) => records.push(OutboundRecord {
                     message,
                     decision: Decision::Send,
+                    in_reply_to: inbound.map(|i| i.id.clone()),
                     status: self.outbound_status(channel).to_string(),
                 }),
                 Effect::Handoff { queue } => {

@@ -187,6 +187,8 @@ pub struct OutboundRecord {
     pub decision: Decision,
     /// Initial delivery status: e.g. `sent` in the sandbox, `pending` for real channels.
     pub status: String,
+    /// The wamid of the inbound message this answers, if any (for mark-as-read).
+    pub in_reply_to: Option<String>,
 }
 
 /// A timer to create.
@@ -432,8 +434,8 @@ impl Db {
                 wamid, kind, body, decision, reason, status, created_at) \
             VALUES ($1, $2, 'in', $3, $4, $5, NULL, NULL, $6, $7)";
         const INSERT_OUTBOUND: &str = "INSERT INTO messages (contact_id, channel, direction, \
-                wamid, kind, body, decision, reason, status, created_at) \
-            VALUES ($1, $2, 'out', NULL, $3, $4, $5, $6, $7, $8) \
+                wamid, kind, body, decision, reason, status, created_at, in_reply_to, updated_at) \
+            VALUES ($1, $2, 'out', NULL, $3, $4, $5, $6, $7, $8, $9, $8) \
             RETURNING id";
         const DELETE_TIMER: &str = "DELETE FROM timers WHERE id = $1";
         const DELETE_TIMERS: &str = "DELETE FROM timers WHERE contact_id = $1";
@@ -556,6 +558,7 @@ impl Db {
                     .bind(r.decision.reason())
                     .bind(&r.status)
                     .bind(now)
+                    .bind(r.in_reply_to.as_deref())
                     .fetch_one(&mut *tx)
                     .await?;
                 outbound_ids.push(id);
@@ -798,6 +801,7 @@ mod tests {
                 outside_window: None,
             },
             decision,
+            in_reply_to: None,
             status: "sent".into(),
         }
     }
