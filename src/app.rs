@@ -54,6 +54,7 @@ impl Application {
         listen: &str,
         clock: SharedClock,
     ) -> anyhow::Result<Self> {
+        refuse_open_admin(listen, &loaded.config)?;
         let runtime = Arc::new(loaded.runtime(database_url, clock).await?);
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -105,6 +106,26 @@ impl Application {
         self.runtime.db.close().await;
         Ok(())
     }
+}
+
+/// The admin API needs a token unless only this machine can reach it.
+fn refuse_open_admin(listen: &str, config: &Config) -> anyhow::Result<()> {
+    let has_token = config
+        .admin
+        .token
+        .as_ref()
+        .is_some_and(|t| !t.expose().is_empty());
+    let loopback = match listen.parse::<std::net::SocketAddr>() {
+        Ok(addr) => addr.ip().is_loopback(),
+        Err(_) => listen.starts_with("localhost:"),
+    };
+    if !loopback && !has_token {
+        anyhow::bail!(
+            "refusing to listen on {listen} without an admin token: set `admin.token` in the config \
+             (e.g. `token: ${{FLOWGATE_ADMIN_TOKEN}}`), or listen on 127.0.0.1"
+        );
+    }
+    Ok(())
 }
 
 impl Loaded {

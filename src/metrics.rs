@@ -46,7 +46,12 @@ pub fn count(name: &'static str, help: &'static str, pairs: &[(&'static str, &st
 }
 
 /// Records one observation (in seconds) in the histogram `name{labels}`.
-pub fn observe(name: &'static str, help: &'static str, pairs: &[(&'static str, &str)], seconds: f64) {
+pub fn observe(
+    name: &'static str,
+    help: &'static str,
+    pairs: &[(&'static str, &str)],
+    seconds: f64,
+) {
     let mut r = registry().lock().expect("metrics lock");
     r.help.entry(name).or_insert(help);
     let h = r.histograms.entry((name, labels(pairs))).or_default();
@@ -106,9 +111,19 @@ pub fn render(gauges: &[(&str, &str, Vec<(&'static str, String)>, f64)]) -> Stri
             last = name;
         }
         for (i, le) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(out, "{name}_bucket{} {}", label_text(l, Some(("le", le.to_string()))), h.counts[i]);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{} {}",
+                label_text(l, Some(("le", le.to_string()))),
+                h.counts[i]
+            );
         }
-        let _ = writeln!(out, "{name}_bucket{} {}", label_text(l, Some(("le", "+Inf".into()))), h.count);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{} {}",
+            label_text(l, Some(("le", "+Inf".into()))),
+            h.count
+        );
         let _ = writeln!(out, "{name}_sum{} {}", label_text(l, None), h.sum);
         let _ = writeln!(out, "{name}_count{} {}", label_text(l, None), h.count);
     }
@@ -130,9 +145,19 @@ mod tests {
 
     #[test]
     fn renders_counters_histograms_and_gauges() {
-        count("flowgate_test_total", "A test counter.", &[("type", "text")], 2);
+        count(
+            "flowgate_test_total",
+            "A test counter.",
+            &[("type", "text")],
+            2,
+        );
         observe("flowgate_test_seconds", "A test histogram.", &[], 0.003);
-        let text = render(&[("flowgate_test_depth", "A gauge.", vec![("channel", "main".into())], 7.0)]);
+        let text = render(&[(
+            "flowgate_test_depth",
+            "A gauge.",
+            vec![("channel", "main".into())],
+            7.0,
+        )]);
         assert!(text.contains("# TYPE flowgate_test_total counter"));
         assert!(text.contains("flowgate_test_total{type=\"text\"} 2"));
         assert!(text.contains("flowgate_test_seconds_bucket{le=\"0.005\"} 1"));

@@ -4,6 +4,7 @@
 //! Every handler gets [`AppState`]; errors are JSON `{"error": {"code", "message"}}` with a
 //! stable `code`.
 
+pub mod admin;
 pub mod sandbox;
 
 use std::sync::Arc;
@@ -31,7 +32,9 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
         .route("/sandbox/messages", post(sandbox::sandbox_message))
+        .nest("/api", admin::router(state.clone()))
         .with_state(state)
 }
 
@@ -40,6 +43,31 @@ async fn ready(State(state): State<AppState>) -> Response {
         Ok(_) => (StatusCode::OK, "ready").into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("database: {e}")).into_response(),
     }
+}
+
+/// Prometheus text: the process counters plus gauges read now.
+async fn metrics(State(state): State<AppState>) -> Response {
+    let flows = state
+        .runtime
+        .flows
+        .read()
+        .expect("flows lock")
+        .current()
+        .len();
+    let gauges = vec![(
+        "flowgate_flows_loaded",
+        "Flows loaded (current versions).",
+        Vec::new(),
+        flows as f64,
+    )];
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        crate::metrics::render(&gauges),
+    )
+        .into_response()
 }
 
 /// A JSON error with a stable `code`.

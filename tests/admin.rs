@@ -1,0 +1,141 @@
+//! The admin API basics: bearer-token auth on `/api`, `/metrics`, and the refusal to listen on
+//! a public address without a token.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flowgate::app::{self, Application};
+use flowgate::clock::SystemClock;
+
+fn project(dir: &Path, admin: &str) -> std::path::PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = format!(
+        "flows: {}\nscripts: {}\ntemplates: {}\n{admin}",
+        root.join("flows").display(),
+        root.join("scripts").display(),
+        root.join("templates.yaml").display()
+    );
+    let path = dir.join("flowgate.yaml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn the_api_needs_the_bearer_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = project(dir.path(), "admin:\n  token: s3cret-token\n");
+    let loaded = app::load(Some(&config)).unwrap();
+    let db = format!("sqlite://{}", dir.path().join("db.sqlite").display());
+    let application = Application::build(&loaded, &db, "127.0.0.1:0", Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let base = format!("http://{}", application.local_addr());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(application.run_until(async {
+        let _ = stopped.await;
+    }));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+
+    let missing = client
+        .get(format!("{base}/api/flows"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 401);
+    let body: serde_json::Value = missing.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "missing_token");
+
+    let wrong = client
+        .get(format!("{base}/api/flows"))
+        .bearer_auth("s3cret-tokem")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+
+    let ok = client
+        .get(format!("{base}/api/flows"))
+        .bearer_auth("s3cret-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let body: serde_json::Value = ok.json().await.unwrap();
+    let ids: Vec<&str> = body["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"order_status"), "{body}");
+
+    // A conversation through the sandbox door, then read through the API.
+    let reply = client
+        .post(format!("{base}/sandbox/messages"))
+        .json(&serde_json::json!({"from": "15550007777", "text": "order"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200);
+    let conversation: serde_json::Value = client
+        .get(format!("{base}/api/conversations/15550007777"))
+        .bearer_auth("s3cret-token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(conversation["session"]["flow"], "order_status");
+    assert_eq!(
+        conversation["messages"].as_array().unwrap().len(),
+        2,
+        "{conversation}"
+    );
+    let unknown = client
+        .get(format!("{base}/api/conversations/15550000000"))
+        .bearer_auth("s3cret-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+
+    // Health and metrics need no token.
+    let metrics = client.get(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(metrics.status(), 200);
+    let text = metrics.text().await.unwrap();
+    assert!(
+        text.contains("# TYPE flowgate_flows_loaded gauge"),
+        "{text}"
+    );
+    assert!(!text.contains("s3cret-token"));
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_public_address_needs_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("db.sqlite").display());
+    let open = app::load(Some(&project(dir.path(), ""))).unwrap();
+    let err = Application::build(&open, &db, "0.0.0.0:0", Arc::new(SystemClock))
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("without an admin token"), "{err}");
+    let closed = app::load(Some(&project(dir.path(), "admin:\n  token: t0ken\n"))).unwrap();
+    assert!(
+        Application::build(&closed, &db, "0.0.0.0:0", Arc::new(SystemClock))
+            .await
+            .is_ok()
+    );
+}
