@@ -17,4 +17,5 @@ pub mod metrics;
 pub mod script;
 pub mod store;
 pub mod templates;
+pub mod whatsapp;
 pub mod yaml;

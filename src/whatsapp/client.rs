@@ -1,0 +1,167 @@
+//! A thin HTTP client for sending: posts the bodies [`super::send`] builds to the Cloud API or
+//! 360dialog and reads the answers with [`super::parse_send_response`].
+//!
+//! The only file of `whatsapp` that does I/O. It does not retry, queue or rate-limit: the
+//! outbox sender decides that from [`GraphError::class`] and [`super::retry_after`].
+
+use std::fmt;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::errors::GraphError;
+use super::send::{SendOk, mark_read_body, parse_mark_read_response, parse_send_response};
+
+/// The Graph API version flowgate speaks (Meta's current examples).
+pub const GRAPH_VERSION: &str = "v25.0";
+pub const GRAPH_BASE_URL: &str = "https://graph.facebook.com";
+pub const DIALOG360_BASE_URL: &str = "https://waba-v2.360dialog.io";
+/// How long one request may take before it counts as a transport failure.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where a channel's messages go, with its credentials.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST {base_url}/{version}/{phone_number_id}/messages`, `Authorization: Bearer …`.
+    CloudApi {
+        base_url: String,
+        version: String,
+        phone_number_id: String,
+        access_token: String,
+    },
+    /// `POST {base_url}/messages`, `D360-API-KEY: …` (the key names the number).
+    Dialog360 { base_url: String, api_key: String },
+}
+
+impl Endpoint {
+    /// Meta's Cloud API at `graph.facebook.com`, current version.
+    pub fn cloud_api(phone_number_id: impl Into<String>, access_token: impl Into<String>) -> Self {
+        Self::CloudApi {
+            base_url: GRAPH_BASE_URL.into(),
+            version: GRAPH_VERSION.into(),
+            phone_number_id: phone_number_id.into(),
+            access_token: access_token.into(),
+        }
+    }
+
+    /// 360dialog's Cloud API gateway.
+    pub fn dialog360(api_key: impl Into<String>) -> Self {
+        Self::Dialog360 {
+            base_url: DIALOG360_BASE_URL.into(),
+            api_key: api_key.into(),
+        }
+    }
+
+    /// The URL messages and mark-as-read are posted to.
+    pub fn messages_url(&self) -> String {
+        match self {
+            Self::CloudApi {
+                base_url,
+                version,
+                phone_number_id,
+                ..
+            } => format!(
+                "{}/{version}/{phone_number_id}/messages",
+                base_url.trim_end_matches('/')
+            ),
+            Self::Dialog360 { base_url, .. } => {
+                format!("{}/messages", base_url.trim_end_matches('/'))
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::CloudApi {
+                base_url,
+                version,
+                phone_number_id,
+                ..
+            } => f
+                .debug_struct("CloudApi")
+                .field("base_url", base_url)
+                .field("version", version)
+                .field("phone_number_id", phone_number_id)
+                .field("access_token", &"***")
+                .finish(),
+            Self::Dialog360 { base_url, .. } => f
+                .debug_struct("Dialog360")
+                .field("base_url", base_url)
+                .field("api_key", &"***")
+                .finish(),
+        }
+    }
+}
+
+/// Posts to one channel's endpoint.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    endpoint: Endpoint,
+}
+
+impl Client {
+    pub fn new(endpoint: Endpoint) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(TIMEOUT)
+            .build()
+            .unwrap_or_default();
+        Self::with_http(http, endpoint)
+    }
+
+    /// With a shared `reqwest::Client` (one connection pool for every channel).
+    pub fn with_http(http: reqwest::Client, endpoint: Endpoint) -> Self {
+        Self { http, endpoint }
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Sends a body from [`super::message_body`] or [`super::reaction_body`].
+    ///
+    /// A transport failure (including a timeout) is a [`GraphError::transport`]: the message
+    /// may or may not have been accepted, so a retry can deliver it twice.
+    pub async fn send(&self, body: &Value) -> Result<SendOk, GraphError> {
+        let (status, bytes) = self.post(body).await?;
+        parse_send_response(status, &bytes)
+    }
+
+    /// Marks `wamid` read, with the typing indicator if `typing`.
+    pub async fn mark_read(&self, wamid: &str, typing: bool) -> Result<(), GraphError> {
+        let (status, bytes) = self.post(&mark_read_body(wamid, typing)).await?;
+        parse_mark_read_response(status, &bytes)
+    }
+
+    async fn post(&self, body: &Value) -> Result<(u16, Vec<u8>), GraphError> {
+        let request = self.http.post(self.endpoint.messages_url()).json(body);
+        let request = match &self.endpoint {
+            Endpoint::CloudApi { access_token, .. } => request.bearer_auth(access_token),
+            Endpoint::Dialog360 { api_key, .. } => request.header("D360-API-KEY", api_key),
+        };
+        let response = request
+            .send()
+            .await
+            .map_err(|e| GraphError::transport(transport_message(&e)))?;
+        let status = response.status().as_u16();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| GraphError::transport(transport_message(&e)))?;
+        Ok((status, bytes.to_vec()))
+    }
+}
+
+/// reqwest's error with its causes ("error sending request…: connection refused").
+fn transport_message(e: &reqwest::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}

@@ -1,0 +1,28 @@
+//! The only module that knows the WhatsApp Graph API's JSON (Cloud API, and 360dialog, which
+//! forwards the same bodies).
+//!
+//! | file | owns | does I/O? |
+//! | --- | --- | --- |
+//! | [`webhook`] | webhook POST bodies -> [`Update`]s (messages, system messages, statuses, errors, template status, marketing preferences, anything else as `Unknown`), dedupe keys | no |
+//! | [`signature`] | `X-Hub-Signature-256` HMAC check and 360dialog's shared-secret header, both constant-time | no |
+//! | [`send`] | request bodies for `POST …/messages` (messages, reactions, mark-as-read) and reading the responses | no |
+//! | [`errors`] | [`GraphError`], what each error code means for the sender ([`ErrorClass`]) and the retry schedule | no |
+//! | [`client`] | a thin HTTP client that posts those bodies to the Cloud API or 360dialog | **yes** |
+//!
+//! Everything except `client` is pure: it takes bytes and values and returns values, so the
+//! webhook receiver, the outbox sender and the tests share one translation.
+
+pub mod client;
+pub mod errors;
+pub mod send;
+pub mod signature;
+pub mod webhook;
+
+pub use client::{Client, Endpoint};
+pub use errors::{ErrorClass, ErrorOrigin, GraphError, classify, retry_after};
+pub use send::{
+    Recipient, SendOk, mark_read_body, message_body, parse_mark_read_response, parse_send_response,
+    reaction_body,
+};
+pub use signature::{SignatureError, verify_shared_secret, verify_signature};
+pub use webhook::{Preference, Referral, StatusKind, Update, WebhookError, parse_webhook};

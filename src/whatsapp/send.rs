@@ -1,0 +1,360 @@
+//! Outgoing requests to `POST /{phone-number-id}/messages` (360dialog: `POST /messages`,
+//! same body) and reading what comes back.
+//!
+//! Owns the Cloud API body of every [`OutboundContent`], reactions and mark-as-read, and
+//! [`parse_send_response`]: a wamid, or a [`GraphError`] from Meta's or 360dialog's error
+//! envelope. Pure.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use super::errors::GraphError;
+use crate::domain::{Button, ListSection, OutboundContent};
+
+/// Who a message goes to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "id", rename_all = "snake_case")]
+pub enum Recipient {
+    /// A phone number (a `wa_id`), sent as `to` with a leading `+`: without it Meta
+    /// prepends the business number's country code (FACTS.md §2).
+    Phone(String),
+    /// A business-scoped user id (`US.1234…`), sent as `recipient` (FACTS.md §10.5). Use it
+    /// only when no phone is known; authentication templates need the phone.
+    UserId(String),
+}
+
+/// The request body that sends `content` to `to`, quoting `reply_to` (a wamid) if given.
+pub fn message_body(to: Recipient, content: &OutboundContent, reply_to: Option<&str>) -> Value {
+    let (kind, payload) = match content {
+        OutboundContent::Text { body, preview_url } => {
+            ("text", json!({ "preview_url": preview_url, "body": body }))
+        }
+        OutboundContent::Buttons { body, buttons } => ("interactive", buttons_json(body, buttons)),
+        OutboundContent::List {
+            body,
+            button,
+            sections,
+        } => ("interactive", list_json(body, button, sections)),
+        OutboundContent::Media {
+            kind,
+            link,
+            caption,
+        } => (kind.as_str(), media_json(kind, link, caption.as_deref())),
+        OutboundContent::Template {
+            name,
+            language,
+            params,
+        } => ("template", template_json(name, language, params)),
+    };
+    let mut body = envelope(to, kind);
+    if let Some(wamid) = reply_to {
+        body.insert("context".into(), json!({ "message_id": wamid }));
+    }
+    body.insert(kind.to_string(), payload);
+    Value::Object(body)
+}
+
+/// A reaction (`emoji`) to the message `message_id`; an empty emoji removes the reaction.
+pub fn reaction_body(to: Recipient, message_id: &str, emoji: &str) -> Value {
+    let mut body = envelope(to, "reaction");
+    body.insert(
+        "reaction".into(),
+        json!({ "message_id": message_id, "emoji": emoji }),
+    );
+    Value::Object(body)
+}
+
+/// Marks an inbound message (and those before it) read; with `typing`, also shows "typing…"
+/// until we answer or for 25 s, so only ask for it when an answer is coming.
+pub fn mark_read_body(wamid: &str, typing: bool) -> Value {
+    let mut body = json!({
+        "messaging_product": "whatsapp",
+        "status": "read",
+        "message_id": wamid,
+    });
+    if typing {
+        body["typing_indicator"] = json!({ "type": "text" });
+    }
+    body
+}
+
+fn envelope(to: Recipient, kind: &str) -> Map<String, Value> {
+    let mut body = Map::new();
+    body.insert("messaging_product".into(), json!("whatsapp"));
+    body.insert("recipient_type".into(), json!("individual"));
+    match to {
+        Recipient::Phone(phone) => {
+            let digits = phone.trim().trim_start_matches('+');
+            body.insert("to".into(), json!(format!("+{digits}")));
+        }
+        Recipient::UserId(id) => {
+            body.insert("recipient".into(), json!(id.trim()));
+        }
+    }
+    body.insert("type".into(), json!(kind));
+    body
+}
+
+fn buttons_json(body: &str, buttons: &[Button]) -> Value {
+    let buttons: Vec<Value> = buttons
+        .iter()
+        .map(|b| json!({ "type": "reply", "reply": { "id": b.id, "title": b.title } }))
+        .collect();
+    json!({
+        "type": "button",
+        "body": { "text": body },
+        "action": { "buttons": buttons },
+    })
+}
+
+fn list_json(body: &str, button: &str, sections: &[ListSection]) -> Value {
+    let sections: Vec<Value> = sections
+        .iter()
+        .map(|s| {
+            let rows: Vec<Value> = s
+                .rows
+                .iter()
+                .map(|r| {
+                    let mut row = json!({ "id": r.id, "title": r.title });
+                    if let Some(d) = &r.description {
+                        row["description"] = json!(d);
+                    }
+                    row
+                })
+                .collect();
+            let mut section = json!({ "rows": rows });
+            if let Some(t) = &s.title {
+                section["title"] = json!(t);
+            }
+            section
+        })
+        .collect();
+    json!({
+        "type": "list",
+        "body": { "text": body },
+        "action": { "button": button, "sections": sections },
+    })
+}
+
+/// Media by link. Audio and stickers take no caption, so none is sent for them; a document
+/// is named after the last segment of its URL when that looks like a file name, so the
+/// customer does not see "Untitled".
+fn media_json(kind: &str, link: &str, caption: Option<&str>) -> Value {
+    let mut media = json!({ "link": link });
+    if let Some(c) = caption.filter(|_| !matches!(kind, "audio" | "sticker")) {
+        media["caption"] = json!(c);
+    }
+    if kind == "document"
+        && let Some(name) = file_name(link)
+    {
+        media["filename"] = json!(name);
+    }
+    media
+}
+
+fn file_name(link: &str) -> Option<&str> {
+    let path = link.split(['?', '#']).next()?;
+    let path = path.split_once("://").map_or(path, |(_, rest)| rest);
+    let (_, name) = path.rsplit_once('/')?;
+    (name.contains('.') && !name.starts_with('.') && !name.ends_with('.')).then_some(name)
+}
+
+/// `template{name, language{code}, components:[{type:body, parameters:[text…]}]}`; no
+/// `components` when the template has no parameters.
+fn template_json(name: &str, language: &str, params: &[String]) -> Value {
+    let mut template = json!({ "name": name, "language": { "code": language } });
+    if !params.is_empty() {
+        let parameters: Vec<Value> = params
+            .iter()
+            .map(|p| json!({ "type": "text", "text": p }))
+            .collect();
+        template["components"] = json!([{ "type": "body", "parameters": parameters }]);
+    }
+    template
+}
+
+/// An accepted send: WhatsApp took the message (it is not delivered yet; statuses follow).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendOk {
+    /// The message id statuses will carry.
+    pub wamid: String,
+    /// Only for paced templates: `accepted`, `held_for_quality_assessment` or `paused`.
+    pub message_status: Option<String>,
+    /// `contacts[0].wa_id`: present when sent to a phone (it may differ from the input).
+    pub wa_id: Option<String>,
+    /// `contacts[0].user_id`: present when sent to a BSUID.
+    pub user_id: Option<String>,
+}
+
+/// Reads the answer to a send: the wamid, or the error from Meta's envelope
+/// (`{"error":{code, message, error_data.details, fbtrace_id}}`), 360dialog's own
+/// (`{"meta":{"httpCode","developerMessage","success":false}}`, code 0), or, for anything
+/// else that is not a success, an error carrying the HTTP status and the start of the body.
+pub fn parse_send_response(status: u16, body: &[u8]) -> Result<SendOk, GraphError> {
+    let json = read_answer(status, body)?;
+    let message = json
+        .get("messages")
+        .and_then(|m| m.get(0))
+        .ok_or_else(|| no_message_id(status, body))?;
+    let wamid = message
+        .get("id")
+        .and_then(Value::as_str)
+        .filter(|id| !id.is_empty())
+        .ok_or_else(|| no_message_id(status, body))?;
+    let contact = json.get("contacts").and_then(|c| c.get(0));
+    let contact_field = |key: &str| {
+        contact
+            .and_then(|c| c.get(key))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    Ok(SendOk {
+        wamid: wamid.to_string(),
+        message_status: message
+            .get("message_status")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        wa_id: contact_field("wa_id"),
+        user_id: contact_field("user_id"),
+    })
+}
+
+/// Reads the answer to a mark-as-read (`{"success": true}`).
+pub fn parse_mark_read_response(status: u16, body: &[u8]) -> Result<(), GraphError> {
+    let json = read_answer(status, body)?;
+    if json.get("success").and_then(Value::as_bool) == Some(true) {
+        Ok(())
+    } else {
+        Err(GraphError::http(
+            status,
+            format!(
+                "mark-as-read answer has no `success: true`: {}",
+                snippet(body)
+            ),
+        ))
+    }
+}
+
+/// The JSON of a successful answer, or the error it carries.
+fn read_answer(status: u16, body: &[u8]) -> Result<Value, GraphError> {
+    let json: Option<Value> = serde_json::from_slice(body).ok();
+    if let Some(error) = json.as_ref().and_then(|j| j.get("error")) {
+        if error.is_object() {
+            return Err(GraphError::from_graph_json(error, Some(status)));
+        }
+        // Some gateways put a string here.
+        if let Some(message) = error.as_str() {
+            return Err(GraphError::http(status, message));
+        }
+    }
+    if let Some(meta) = json.as_ref().and_then(|j| j.get("meta"))
+        && (meta.get("success").and_then(Value::as_bool) == Some(false)
+            || !(200..300).contains(&status))
+    {
+        let message = meta
+            .get("developerMessage")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| snippet(body));
+        return Err(GraphError::dialog360(status, message));
+    }
+    match json {
+        Some(json) if (200..300).contains(&status) => Ok(json),
+        Some(_) => Err(GraphError::http(status, snippet(body))),
+        None if (200..300).contains(&status) => Err(GraphError::http(
+            status,
+            format!("answer is not JSON: {}", snippet(body)),
+        )),
+        None => Err(GraphError::http(status, snippet(body))),
+    }
+}
+
+fn no_message_id(status: u16, body: &[u8]) -> GraphError {
+    GraphError::http(
+        status,
+        format!("answer has no `messages[0].id`: {}", snippet(body)),
+    )
+}
+
+/// The start of a body, for an error message.
+fn snippet(body: &[u8]) -> String {
+    const MAX: usize = 200;
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        return "(empty body)".into();
+    }
+    let mut s: String = text.chars().take(MAX).collect();
+    if text.chars().count() > MAX {
+        s.push('…');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_come_from_the_link_path() {
+        assert_eq!(
+            file_name("https://example.com/docs/invoice-ABC123.pdf?x=1#p"),
+            Some("invoice-ABC123.pdf")
+        );
+        assert_eq!(file_name("https://example.com/download"), None);
+        assert_eq!(file_name("https://example.com"), None);
+        assert_eq!(file_name("https://example.com/"), None);
+    }
+
+    #[test]
+    fn phones_get_exactly_one_plus() {
+        let text = OutboundContent::text("hi");
+        for phone in ["15555550123", "+15555550123", " 15555550123 "] {
+            let body = message_body(Recipient::Phone(phone.into()), &text, None);
+            assert_eq!(body["to"], "+15555550123");
+            assert!(body.get("recipient").is_none());
+        }
+    }
+
+    #[test]
+    fn audio_and_stickers_carry_no_caption() {
+        let audio = OutboundContent::Media {
+            kind: "audio".into(),
+            link: "https://example.com/a.ogg".into(),
+            caption: Some("ignored".into()),
+        };
+        let body = message_body(Recipient::Phone("1".into()), &audio, None);
+        assert_eq!(
+            body["audio"],
+            json!({ "link": "https://example.com/a.ogg" })
+        );
+        assert_eq!(body["type"], "audio");
+    }
+
+    #[test]
+    fn templates_without_params_have_no_components() {
+        let t = OutboundContent::Template {
+            name: "hello_world".into(),
+            language: "en_US".into(),
+            params: vec![],
+        };
+        let body = message_body(Recipient::Phone("1".into()), &t, None);
+        assert_eq!(
+            body["template"],
+            json!({ "name": "hello_world", "language": { "code": "en_US" } })
+        );
+    }
+
+    #[test]
+    fn unreadable_answers_are_errors_that_say_so() {
+        let e = parse_send_response(502, b"<html>Bad gateway</html>").unwrap_err();
+        assert_eq!(e.http_status, Some(502));
+        assert!(e.to_string().contains("Bad gateway"), "{e}");
+        let e = parse_send_response(200, b"").unwrap_err();
+        assert!(e.to_string().contains("not JSON"), "{e}");
+        let e = parse_send_response(200, br#"{"messages":[]}"#).unwrap_err();
+        assert!(e.to_string().contains("messages[0].id"), "{e}");
+        let e = parse_mark_read_response(200, br#"{"success":false}"#).unwrap_err();
+        assert!(e.to_string().contains("success"), "{e}");
+    }
+}
