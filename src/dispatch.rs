@@ -50,6 +50,9 @@ pub struct TurnReport {
     pub notes: Vec<String>,
 }
 
+/// Held while one event of one contact is handled.
+type ContactLock = Arc<tokio::sync::Mutex<()>>;
+
 /// The worker state shared by every command that talks to flows.
 pub struct Runtime {
     pub db: Db,
@@ -63,7 +66,7 @@ pub struct Runtime {
     pub default_channel: String,
     http: reqwest::Client,
     /// One lock per (channel, contact): a contact's events run one at a time, in order.
-    locks: Mutex<HashMap<(String, WaId), Arc<tokio::sync::Mutex<()>>>>,
+    locks: Mutex<HashMap<(String, WaId), ContactLock>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -255,7 +258,7 @@ impl Runtime {
         Ok(self.db.next_timer_at().await?)
     }
 
-    fn lock(&self, channel: &str, wa_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn lock(&self, channel: &str, wa_id: &str) -> ContactLock {
         let mut locks = self.locks.lock().expect("locks");
         if locks.len() > 10_000 {
             locks.retain(|_, l| Arc::strong_count(l) > 1);

@@ -15,6 +15,9 @@ const BUCKETS: [f64; 12] = [
 
 type Labels = Vec<(&'static str, String)>;
 
+/// A gauge read at scrape time: `(name, help, labels, value)`.
+pub type Gauge<'a> = (&'a str, &'a str, Labels, f64);
+
 #[derive(Default)]
 struct Histogram {
     counts: [u64; BUCKETS.len()],
@@ -91,7 +94,7 @@ fn label_text(labels: &Labels, extra: Option<(&str, String)>) -> String {
 
 /// Everything in Prometheus text format; `gauges` are `(name, help, labels, value)` read by
 /// the caller at scrape time.
-pub fn render(gauges: &[(&str, &str, Vec<(&'static str, String)>, f64)]) -> String {
+pub fn render(gauges: &[Gauge<'_>]) -> String {
     let r = registry().lock().expect("metrics lock");
     let mut out = String::new();
     let mut last = "";
