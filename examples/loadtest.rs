@@ -98,7 +98,11 @@ async fn fake_send(State(fake): State<Fake>, body: Bytes) -> axum::response::Res
     if json.get("status").and_then(|s| s.as_str()) == Some("read") {
         return axum::Json(serde_json::json!({"success": true})).into_response();
     }
-    let to = json["to"].as_str().unwrap_or_default().trim_start_matches('+').to_string();
+    let to = json["to"]
+        .as_str()
+        .unwrap_or_default()
+        .trim_start_matches('+')
+        .to_string();
     let n = fake.sends.fetch_add(1, Ordering::Relaxed);
     if let Some(tx) = fake.waiters.lock().unwrap().get(&to) {
         let _ = tx.send(Instant::now());
@@ -132,7 +136,11 @@ fn sign(body: &str) -> String {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -163,7 +171,9 @@ async fn main() {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let fake_addr: SocketAddr = listener.local_addr().unwrap();
-    let app = Router::new().route("/{*path}", post(fake_send)).with_state(fake.clone());
+    let app = Router::new()
+        .route("/{*path}", post(fake_send))
+        .with_state(fake.clone());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
     let port = free_port();
@@ -181,10 +191,18 @@ async fn main() {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {} (run `cargo build --release` first): {e}", args.binary)),
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {} (run `cargo build --release` first): {e}",
+                    args.binary
+                )
+            }),
     );
     let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::builder().pool_max_idle_per_host(args.customers).build().unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.customers)
+        .build()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while client.get(format!("{base}/healthz")).send().await.is_err() {
         assert!(Instant::now() < deadline, "the server did not come up");
@@ -249,8 +267,21 @@ async fn main() {
     drop(server);
     replies.sort();
     acks.sort();
-    println!("replies:            {} in {:.1} s = {:.0} replies/s", replies.len(), elapsed.as_secs_f64(), replies.len() as f64 / elapsed.as_secs_f64());
-    println!("webhook -> reply:   p50 {:.1} ms, p99 {:.1} ms", percentile(&replies, 0.5).as_secs_f64() * 1e3, percentile(&replies, 0.99).as_secs_f64() * 1e3);
-    println!("webhook ack:        p50 {:.1} ms, p99 {:.1} ms", percentile(&acks, 0.5).as_secs_f64() * 1e3, percentile(&acks, 0.99).as_secs_f64() * 1e3);
+    println!(
+        "replies:            {} in {:.1} s = {:.0} replies/s",
+        replies.len(),
+        elapsed.as_secs_f64(),
+        replies.len() as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "webhook -> reply:   p50 {:.1} ms, p99 {:.1} ms",
+        percentile(&replies, 0.5).as_secs_f64() * 1e3,
+        percentile(&replies, 0.99).as_secs_f64() * 1e3
+    );
+    println!(
+        "webhook ack:        p50 {:.1} ms, p99 {:.1} ms",
+        percentile(&acks, 0.5).as_secs_f64() * 1e3,
+        percentile(&acks, 0.99).as_secs_f64() * 1e3
+    );
     println!("errors/timeouts:    {errors}");
 }

@@ -98,11 +98,17 @@ impl Application {
             config: self.config.clone(),
             inbox: self.inbox.clone(),
         };
+        let (stop_inbound, inbound_stop) = tokio::sync::watch::channel(false);
+        let inbound_task = tokio::spawn(crate::inbound::run(state.clone(), inbound_stop));
+        let senders = crate::outbox::spawn_senders(&self.runtime, &Default::default());
         axum::serve(self.listener, crate::http::router(state))
             .with_graceful_shutdown(shutdown)
             .await?;
+        let _ = stop_inbound.send(true);
+        let _ = inbound_task.await;
         timer_task.abort();
         let _ = timer_task.await;
+        crate::outbox::shutdown_senders(senders).await;
         self.runtime.db.close().await;
         Ok(())
     }

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod sandbox;
+pub mod webhook;
 
 use std::sync::Arc;
 
@@ -34,6 +35,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .route("/sandbox/messages", post(sandbox::sandbox_message))
+        .route("/webhook/{channel}", webhook::routes())
         .nest("/api", admin::router(state.clone()))
         .with_state(state)
 }

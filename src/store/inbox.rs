@@ -1,1 +1,786 @@
-//! (being written)
+//! The inbox: webhook updates stored before the webhook is acknowledged, then processed
+//! asynchronously by [`crate::inbound`]; and the status updates that land on outbound
+//! messages.
+//!
+//! A webhook's updates are written in one transaction ([`Db::insert_updates`]); a second copy
+//! of an update (Meta delivers at least once, for up to 7 days) hits `UNIQUE (channel,
+//! dedupe_key)` and is counted as a duplicate. The worker takes due rows with
+//! [`Db::claim_inbox`], marks them done with [`Db::finish_inbox`], or postpones them with
+//! [`Db::retry_inbox`].
+//!
+//! Per-contact order: updates of the [`ORDERED_KINDS`] with the same `contact_key` are
+//! processed one at a time in id order, so a claim never returns one while an earlier one of
+//! the same contact waits for a retry. Statuses, errors and the rest carry no such order.
+
+use chrono::{DateTime, Utc};
+
+use super::{Db, StoreError, from_millis};
+
+/// Kinds that belong to a contact's conversation and are processed in order per contact.
+pub const ORDERED_KINDS: [&str; 3] = ["message", "system", "user_preference"];
+
+/// How long processed rows are kept: longer than Meta's 7 days of redelivery, so a late
+/// copy of an update is still recognised.
+pub const INBOX_RETENTION: chrono::Duration = chrono::Duration::days(14);
+
+/// One update to store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewInboxRow {
+    /// The channel the update is for (the webhook's channel, or the one its
+    /// `phone_number_id` names).
+    pub channel: String,
+    /// What recognises a second copy: the wamid of a message, `wamid:status` of a status, a
+    /// content hash otherwise.
+    pub dedupe_key: String,
+    /// `message`, `system`, `status`, `error`, `template_status`, `user_preference`,
+    /// `unknown` or `malformed`.
+    pub kind: String,
+    /// The contact (wa_id, else BSUID), if the update is about one.
+    pub contact_key: Option<String>,
+    /// The parsed update with its raw JSON.
+    pub payload: serde_json::Value,
+}
+
+/// A stored update, as the worker claims it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InboxRow {
+    pub id: i64,
+    pub channel: String,
+    pub dedupe_key: String,
+    pub kind: String,
+    pub contact_key: Option<String>,
+    pub payload: serde_json::Value,
+    pub received_at: DateTime<Utc>,
+    /// Failed or postponed attempts so far.
+    pub attempts: i64,
+    pub last_error: Option<String>,
+}
+
+/// What [`Db::insert_updates`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stored {
+    /// New rows.
+    pub stored: u64,
+    /// Updates already stored (by an earlier delivery, or twice in this one).
+    pub duplicates: u64,
+}
+
+/// A status webhook for an outbound message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusChange<'a> {
+    /// The wamid from the send response.
+    pub wamid: &'a str,
+    /// `sent`, `delivered`, `read` or `failed` (a `played` voice message counts as `read`).
+    pub status: &'a str,
+    /// The first error of a `failed` status.
+    pub error_code: Option<i64>,
+    pub error: Option<&'a str>,
+    /// The status's `biz_opaque_callback_data`: the message's `idempotency_key`, which finds
+    /// the message when its wamid was never recorded (the sender crashed after sending).
+    pub idempotency_key: Option<&'a str>,
+}
+
+/// What [`Db::apply_status`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatusOutcome {
+    /// The message moved forward to the new status.
+    Updated { message_id: i64 },
+    /// The message is already at or past this status (statuses arrive out of order), or
+    /// `failed`, which is final.
+    Unchanged { message_id: i64, current: String },
+    /// No outbound message has this wamid (or idempotency key) yet: the status may have
+    /// overtaken the send's response. Try again later.
+    Unknown,
+}
+
+/// Rank of a delivery status: a status only ever moves to a higher rank. `failed` is final.
+pub fn status_rank(status: &str) -> Option<i64> {
+    match status {
+        "sent" => Some(1),
+        "delivered" => Some(2),
+        "read" | "played" => Some(3),
+        "failed" => Some(4),
+        _ => None,
+    }
+}
+
+/// The same ranking in SQL, for the current `status` column (anything else, e.g. `pending`
+/// or `sending`, ranks 0).
+const RANK_SQL: &str = "(CASE status WHEN 'sent' THEN 1 WHEN 'delivered' THEN 2 \
+    WHEN 'read' THEN 3 WHEN 'failed' THEN 4 ELSE 0 END)";
+
+type InboxRaw = (
+    i64,
+    String,
+    String,
+    String,
+    Option<String>,
+    String,
+    i64,
+    i64,
+    Option<String>,
+);
+
+/// Rows per multi-row `INSERT` (6 parameters each; well under SQLite's variable limit).
+const INSERT_CHUNK: usize = 200;
+/// Ids per `IN (…)` list.
+const ID_CHUNK: usize = 500;
+
+impl Db {
+    /// Stores a webhook's updates in one transaction: all of them or, on error, none. An
+    /// update already stored (same channel and dedupe key) is skipped and counted.
+    pub async fn insert_updates(
+        &self,
+        rows: &[NewInboxRow],
+        now: DateTime<Utc>,
+    ) -> Result<Stored, StoreError> {
+        if rows.is_empty() {
+            return Ok(Stored::default());
+        }
+        let now = now.timestamp_millis();
+        let payloads = rows
+            .iter()
+            .map(|r| serde_json::to_string(&r.payload))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut statements = Vec::new();
+        for (chunk_index, chunk) in rows.chunks(INSERT_CHUNK).enumerate() {
+            let mut sql = String::from(
+                "INSERT INTO inbox (channel, dedupe_key, kind, contact_key, payload, \
+                 received_at) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                if i > 0 {
+                    sql.push(',');
+                }
+                let p = i * 5;
+                sql.push_str(&format!(
+                    "(${}, ${}, ${}, ${}, ${}, $1)",
+                    p + 2,
+                    p + 3,
+                    p + 4,
+                    p + 5,
+                    p + 6
+                ));
+            }
+            sql.push_str(" ON CONFLICT (channel, dedupe_key) DO NOTHING");
+            statements.push((sql, chunk, chunk_index * INSERT_CHUNK));
+        }
+        let inserted: u64 = with_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            let mut inserted = 0;
+            for (sql, chunk, offset) in &statements {
+                let mut query = sqlx::query(sql).bind(now);
+                for (i, row) in chunk.iter().enumerate() {
+                    query = query
+                        .bind(&row.channel)
+                        .bind(&row.dedupe_key)
+                        .bind(&row.kind)
+                        .bind(row.contact_key.as_deref())
+                        .bind(&payloads[offset + i]);
+                }
+                inserted += query.execute(&mut *tx).await?.rows_affected();
+            }
+            tx.commit().await?;
+            inserted
+        });
+        Ok(Stored {
+            stored: inserted,
+            duplicates: rows.len() as u64 - inserted,
+        })
+    }
+
+    /// Unprocessed updates due at `now`, in id order, at most `limit`. An update of the
+    /// [`ORDERED_KINDS`] is left out while an earlier one of the same contact waits for a
+    /// retry, so a contact's messages are never taken out of order.
+    pub async fn claim_inbox(
+        &self,
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<InboxRow>, StoreError> {
+        self.claim_inbox_after(0, now, limit).await
+    }
+
+    /// [`Db::claim_inbox`], only rows with an id above `after` (the worker's high-water mark,
+    /// so a wake-up reads only what arrived since the last claim).
+    pub async fn claim_inbox_after(
+        &self,
+        after: i64,
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<InboxRow>, StoreError> {
+        const SQL: &str = "SELECT i.id, i.channel, i.dedupe_key, i.kind, i.contact_key, \
+                i.payload, i.received_at, i.attempts, i.last_error \
+            FROM inbox i \
+            WHERE i.processed_at IS NULL AND i.next_attempt_at <= $1 AND i.id > $2 \
+              AND NOT (i.contact_key IS NOT NULL \
+                AND i.kind IN ('message', 'system', 'user_preference') \
+                AND EXISTS (SELECT 1 FROM inbox e \
+                  WHERE e.processed_at IS NULL AND e.next_attempt_at > $1 \
+                    AND e.channel = i.channel AND e.contact_key = i.contact_key \
+                    AND e.id < i.id \
+                    AND e.kind IN ('message', 'system', 'user_preference'))) \
+            ORDER BY i.id \
+            LIMIT $3";
+        let rows: Vec<InboxRaw> = with_pool!(self, |pool| {
+            sqlx::query_as(SQL)
+                .bind(now.timestamp_millis())
+                .bind(after)
+                .bind(limit.max(0))
+                .fetch_all(pool)
+                .await?
+        });
+        rows.into_iter()
+            .map(
+                |(
+                    id,
+                    channel,
+                    dedupe_key,
+                    kind,
+                    contact_key,
+                    payload,
+                    received_at,
+                    attempts,
+                    last_error,
+                )| {
+                    Ok(InboxRow {
+                        id,
+                        channel,
+                        dedupe_key,
+                        kind,
+                        contact_key,
+                        payload: serde_json::from_str(&payload)?,
+                        received_at: from_millis(received_at, "inbox.received_at")?,
+                        attempts,
+                        last_error,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    /// Marks updates processed.
+    pub async fn finish_inbox(&self, ids: &[i64], now: DateTime<Utc>) -> Result<(), StoreError> {
+        let now = now.timestamp_millis();
+        for chunk in ids.chunks(ID_CHUNK) {
+            let sql = format!(
+                "UPDATE inbox SET processed_at = $1 WHERE id IN ({})",
+                placeholders(2, chunk.len())
+            );
+            with_pool!(self, |pool| {
+                let mut query = sqlx::query(&sql).bind(now);
+                for id in chunk {
+                    query = query.bind(id);
+                }
+                query.execute(pool).await?;
+            });
+        }
+        Ok(())
+    }
+
+    /// Postpones an update to `not_before`, counting the attempt and keeping the error.
+    pub async fn retry_inbox(
+        &self,
+        id: i64,
+        not_before: DateTime<Utc>,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        const SQL: &str = "UPDATE inbox SET attempts = attempts + 1, next_attempt_at = $2, \
+            last_error = $3 WHERE id = $1";
+        with_pool!(self, |pool| {
+            sqlx::query(SQL)
+                .bind(id)
+                .bind(not_before.timestamp_millis())
+                .bind(error)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Gives up on an update: processed, with the reason it was not (kept for inspection).
+    pub async fn abandon_inbox(
+        &self,
+        id: i64,
+        now: DateTime<Utc>,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        const SQL: &str = "UPDATE inbox SET attempts = attempts + 1, processed_at = $2, \
+            last_error = $3 WHERE id = $1";
+        with_pool!(self, |pool| {
+            sqlx::query(SQL)
+                .bind(id)
+                .bind(now.timestamp_millis())
+                .bind(error)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Updates not yet processed (the inbox depth, for metrics and readiness).
+    pub async fn inbox_depth(&self) -> Result<i64, StoreError> {
+        const SQL: &str = "SELECT COUNT(*) FROM inbox WHERE processed_at IS NULL";
+        Ok(with_pool!(self, |pool| sqlx::query_scalar(SQL)
+            .fetch_one(pool)
+            .await?))
+    }
+
+    /// Deletes processed updates older than `before`, at most `limit`; returns how many.
+    /// Keep them at least [`INBOX_RETENTION`], or a late redelivery would run again.
+    pub async fn prune_inbox(&self, before: DateTime<Utc>, limit: i64) -> Result<u64, StoreError> {
+        const SQL: &str = "DELETE FROM inbox WHERE id IN (SELECT id FROM inbox \
+            WHERE processed_at IS NOT NULL AND processed_at < $1 ORDER BY id LIMIT $2)";
+        Ok(with_pool!(self, |pool| {
+            sqlx::query(SQL)
+                .bind(before.timestamp_millis())
+                .bind(limit.max(0))
+                .execute(pool)
+                .await?
+                .rows_affected()
+        }))
+    }
+
+    /// Whether an inbound message with this wamid is already in the message log (its turn
+    /// committed), so a redelivered update can be skipped without running the flow again.
+    pub async fn inbound_seen(&self, channel: &str, wamid: &str) -> Result<bool, StoreError> {
+        const SQL: &str =
+            "SELECT COUNT(*) FROM messages WHERE channel = $1 AND direction = 'in' AND wamid = $2";
+        let n: i64 = with_pool!(self, |pool| {
+            sqlx::query_scalar(SQL)
+                .bind(channel)
+                .bind(wamid)
+                .fetch_one(pool)
+                .await?
+        });
+        Ok(n > 0)
+    }
+
+    /// Applies a status webhook to the outbound message with that wamid (else the one whose
+    /// `idempotency_key` is the status's callback data, recording the wamid on it).
+    ///
+    /// Statuses arrive out of order and `delivered` may be skipped, so a message only moves
+    /// forward: `sent` < `delivered` < `read`; `failed` is final and keeps its error. A
+    /// status that is not a delivery status (`deleted`, …) changes nothing.
+    pub async fn apply_status(
+        &self,
+        channel: &str,
+        change: &StatusChange<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<StatusOutcome, StoreError> {
+        let update = format!(
+            "UPDATE messages SET status = $1, updated_at = $2, \
+                error_code = COALESCE($3, error_code), error = COALESCE($4, error) \
+            WHERE channel = $5 AND direction = 'out' AND wamid = $6 \
+              AND status <> 'failed' AND {RANK_SQL} < $7 \
+            RETURNING id"
+        );
+        const FIND: &str = "SELECT id, status FROM messages \
+            WHERE channel = $1 AND direction = 'out' AND wamid = $2";
+        const ADOPT: &str = "UPDATE messages SET wamid = $1 \
+            WHERE channel = $2 AND direction = 'out' AND idempotency_key = $3 AND wamid IS NULL";
+
+        let Some(rank) = status_rank(change.status) else {
+            return Ok(
+                match self.find_outbound(FIND, channel, change.wamid).await? {
+                    Some((message_id, current)) => StatusOutcome::Unchanged {
+                        message_id,
+                        current,
+                    },
+                    None => StatusOutcome::Unknown,
+                },
+            );
+        };
+        // `played` (a voice message) is `read` as far as delivery goes.
+        let status = if change.status == "played" {
+            "read"
+        } else {
+            change.status
+        };
+        let (code, error) = if status == "failed" {
+            (change.error_code, change.error)
+        } else {
+            (None, None)
+        };
+        let now = now.timestamp_millis();
+        let try_update = || async {
+            let id: Option<i64> = with_pool!(self, |pool| {
+                sqlx::query_scalar(&update)
+                    .bind(status)
+                    .bind(now)
+                    .bind(code)
+                    .bind(error)
+                    .bind(channel)
+                    .bind(change.wamid)
+                    .bind(rank)
+                    .fetch_optional(pool)
+                    .await?
+            });
+            Ok::<_, StoreError>(id)
+        };
+        if let Some(message_id) = try_update().await? {
+            return Ok(StatusOutcome::Updated { message_id });
+        }
+        if let Some((message_id, current)) = self.find_outbound(FIND, channel, change.wamid).await?
+        {
+            return Ok(StatusOutcome::Unchanged {
+                message_id,
+                current,
+            });
+        }
+        let Some(key) = change.idempotency_key.filter(|k| !k.is_empty()) else {
+            return Ok(StatusOutcome::Unknown);
+        };
+        let adopted = with_pool!(self, |pool| {
+            sqlx::query(ADOPT)
+                .bind(change.wamid)
+                .bind(channel)
+                .bind(key)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        if adopted == 0 {
+            return Ok(StatusOutcome::Unknown);
+        }
+        if let Some(message_id) = try_update().await? {
+            return Ok(StatusOutcome::Updated { message_id });
+        }
+        Ok(
+            match self.find_outbound(FIND, channel, change.wamid).await? {
+                Some((message_id, current)) => StatusOutcome::Unchanged {
+                    message_id,
+                    current,
+                },
+                None => StatusOutcome::Unknown,
+            },
+        )
+    }
+
+    async fn find_outbound(
+        &self,
+        sql: &str,
+        channel: &str,
+        wamid: &str,
+    ) -> Result<Option<(i64, String)>, StoreError> {
+        Ok(with_pool!(self, |pool| {
+            sqlx::query_as(sql)
+                .bind(channel)
+                .bind(wamid)
+                .fetch_optional(pool)
+                .await?
+        }))
+    }
+}
+
+/// `$first, $first+1, …` (`n` of them).
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Duration;
+    use serde_json::json;
+
+    use super::*;
+    use crate::clock::VirtualClock;
+
+    fn t(seconds: i64) -> DateTime<Utc> {
+        VirtualClock::test_epoch() + Duration::seconds(seconds)
+    }
+
+    async fn memory_db() -> Db {
+        let db = Db::connect("sqlite::memory:").await.unwrap();
+        db.migrate().await.unwrap();
+        db
+    }
+
+    fn row(key: &str, kind: &str, contact: Option<&str>) -> NewInboxRow {
+        NewInboxRow {
+            channel: "main".into(),
+            dedupe_key: key.into(),
+            kind: kind.into(),
+            contact_key: contact.map(str::to_string),
+            payload: json!({ "key": key }),
+        }
+    }
+
+    fn keys(rows: &[InboxRow]) -> Vec<&str> {
+        rows.iter().map(|r| r.dedupe_key.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_counted_not_stored() {
+        let db = memory_db().await;
+        let first = [row("a", "message", Some("1")), row("b", "status", None)];
+        let s = db.insert_updates(&first, t(0)).await.unwrap();
+        assert_eq!((s.stored, s.duplicates), (2, 0));
+
+        // A redelivery with one new update, and one update twice in the same body.
+        let again = [
+            row("a", "message", Some("1")),
+            row("c", "message", Some("1")),
+            row("c", "message", Some("1")),
+        ];
+        let s = db.insert_updates(&again, t(1)).await.unwrap();
+        assert_eq!((s.stored, s.duplicates), (1, 2));
+        // The same key on another channel is another update.
+        let other = NewInboxRow {
+            channel: "other".into(),
+            ..row("a", "message", Some("1"))
+        };
+        assert_eq!(db.insert_updates(&[other], t(1)).await.unwrap().stored, 1);
+
+        let claimed = db.claim_inbox(t(1), 100).await.unwrap();
+        assert_eq!(keys(&claimed), ["a", "b", "c", "a"]);
+        assert_eq!(claimed[0].payload, json!({"key": "a"}));
+        assert_eq!(claimed[0].received_at, t(0));
+        assert_eq!(db.inbox_depth().await.unwrap(), 4);
+    }
+
+    #[tokio::test]
+    async fn large_batches_are_one_transaction() {
+        let db = memory_db().await;
+        let rows: Vec<_> = (0..1001)
+            .map(|i| row(&format!("k{i}"), "message", Some(&i.to_string())))
+            .collect();
+        let s = db.insert_updates(&rows, t(0)).await.unwrap();
+        assert_eq!((s.stored, s.duplicates), (1001, 0));
+        assert_eq!(db.claim_inbox(t(0), 5000).await.unwrap().len(), 1001);
+        let ids: Vec<i64> = db
+            .claim_inbox(t(0), 5000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        db.finish_inbox(&ids, t(1)).await.unwrap();
+        assert_eq!(db.inbox_depth().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn claims_keep_each_contacts_order_across_retries() {
+        let db = memory_db().await;
+        db.insert_updates(
+            &[
+                row("m1", "message", Some("ana")),
+                row("m2", "message", Some("ana")),
+                row("s1", "status", Some("ana")),
+                row("b1", "message", Some("bob")),
+            ],
+            t(0),
+        )
+        .await
+        .unwrap();
+        let all = db.claim_inbox(t(0), 10).await.unwrap();
+        assert_eq!(keys(&all), ["m1", "m2", "s1", "b1"]);
+
+        // m1 fails and waits: ana's m2 waits behind it; her status and bob do not.
+        db.retry_inbox(all[0].id, t(10), "database is locked")
+            .await
+            .unwrap();
+        assert_eq!(keys(&db.claim_inbox(t(5), 10).await.unwrap()), ["s1", "b1"]);
+        // After the high-water mark only.
+        assert_eq!(
+            keys(&db.claim_inbox_after(all[2].id, t(5), 10).await.unwrap()),
+            ["b1"]
+        );
+
+        let due = db.claim_inbox(t(10), 10).await.unwrap();
+        assert_eq!(keys(&due), ["m1", "m2", "s1", "b1"]);
+        assert_eq!(due[0].attempts, 1);
+        assert_eq!(due[0].last_error.as_deref(), Some("database is locked"));
+
+        db.finish_inbox(&[due[0].id, due[2].id], t(11))
+            .await
+            .unwrap();
+        db.abandon_inbox(due[3].id, t(11), "gave up").await.unwrap();
+        assert_eq!(keys(&db.claim_inbox(t(11), 10).await.unwrap()), ["m2"]);
+        assert_eq!(db.claim_inbox(t(11), 0).await.unwrap().len(), 0);
+
+        // Pruning removes processed rows only.
+        assert_eq!(db.prune_inbox(t(12), 100).await.unwrap(), 3);
+        assert_eq!(keys(&db.claim_inbox(t(12), 10).await.unwrap()), ["m2"]);
+    }
+
+    /// An outbound message with a wamid, as the sender leaves it.
+    async fn outbound(db: &Db, wamid: Option<&str>, key: Option<&str>, status: &str) -> i64 {
+        let Db::Sqlite(pool) = db else { unreachable!() };
+        let contact: i64 = sqlx::query_scalar(
+            "INSERT INTO contacts (channel, wa_id, created_at, updated_at) VALUES ('main', $1, 0, 0) \
+             ON CONFLICT (channel, wa_id) DO UPDATE SET updated_at = 0 RETURNING id",
+        )
+        .bind("15550001")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        sqlx::query_scalar(
+            "INSERT INTO messages (contact_id, channel, direction, wamid, kind, body, status, \
+             created_at, idempotency_key) VALUES ($1, 'main', 'out', $2, 'text', '{}', $3, 0, $4) \
+             RETURNING id",
+        )
+        .bind(contact)
+        .bind(wamid)
+        .bind(status)
+        .bind(key)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    }
+
+    async fn status_of(db: &Db, id: i64) -> (String, Option<i64>, Option<String>) {
+        let Db::Sqlite(pool) = db else { unreachable!() };
+        sqlx::query_as("SELECT status, error_code, error FROM messages WHERE id = $1")
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+
+    fn change<'a>(wamid: &'a str, status: &'a str) -> StatusChange<'a> {
+        StatusChange {
+            wamid,
+            status,
+            error_code: None,
+            error: None,
+            idempotency_key: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn statuses_only_move_forward() {
+        let db = memory_db().await;
+        let id = outbound(&db, Some("wamid.A"), None, "sent").await;
+        let apply = |s| {
+            let db = db.clone();
+            async move { db.apply_status("main", &change("wamid.A", s), t(1)).await }
+        };
+        // read before delivered; delivered and sent afterwards change nothing.
+        assert_eq!(
+            apply("read").await.unwrap(),
+            StatusOutcome::Updated { message_id: id }
+        );
+        for late in ["delivered", "sent", "read", "deleted"] {
+            assert_eq!(
+                apply(late).await.unwrap(),
+                StatusOutcome::Unchanged {
+                    message_id: id,
+                    current: "read".into()
+                },
+                "{late}"
+            );
+        }
+        assert_eq!(status_of(&db, id).await.0, "read");
+
+        // A wamid on another channel, or none at all, is unknown.
+        assert_eq!(
+            db.apply_status("other", &change("wamid.A", "read"), t(1))
+                .await
+                .unwrap(),
+            StatusOutcome::Unknown
+        );
+        assert_eq!(
+            db.apply_status("main", &change("wamid.nope", "sent"), t(1))
+                .await
+                .unwrap(),
+            StatusOutcome::Unknown
+        );
+    }
+
+    #[tokio::test]
+    async fn failed_is_final_and_keeps_its_error() {
+        let db = memory_db().await;
+        let id = outbound(&db, Some("wamid.F"), None, "sent").await;
+        let failed = StatusChange {
+            error_code: Some(131047),
+            error: Some("Re-engagement message"),
+            ..change("wamid.F", "failed")
+        };
+        assert_eq!(
+            db.apply_status("main", &failed, t(1)).await.unwrap(),
+            StatusOutcome::Updated { message_id: id }
+        );
+        assert_eq!(
+            db.apply_status("main", &change("wamid.F", "delivered"), t(2))
+                .await
+                .unwrap(),
+            StatusOutcome::Unchanged {
+                message_id: id,
+                current: "failed".into()
+            }
+        );
+        assert_eq!(
+            status_of(&db, id).await,
+            (
+                "failed".into(),
+                Some(131047),
+                Some("Re-engagement message".into())
+            )
+        );
+
+        // An error on a non-failed status is not recorded.
+        let id = outbound(&db, Some("wamid.G"), None, "pending").await;
+        let odd = StatusChange {
+            error_code: Some(1),
+            error: Some("x"),
+            ..change("wamid.G", "delivered")
+        };
+        db.apply_status("main", &odd, t(1)).await.unwrap();
+        assert_eq!(status_of(&db, id).await, ("delivered".into(), None, None));
+    }
+
+    #[tokio::test]
+    async fn callback_data_finds_a_send_whose_wamid_was_lost() {
+        let db = memory_db().await;
+        let id = outbound(&db, None, Some("idem-1"), "sending").await;
+        let status = StatusChange {
+            idempotency_key: Some("idem-1"),
+            ..change("wamid.L", "delivered")
+        };
+        assert_eq!(
+            db.apply_status("main", &status, t(1)).await.unwrap(),
+            StatusOutcome::Updated { message_id: id }
+        );
+        assert_eq!(status_of(&db, id).await.0, "delivered");
+        // The wamid is recorded: later statuses find it directly.
+        assert_eq!(
+            db.apply_status("main", &change("wamid.L", "read"), t(2))
+                .await
+                .unwrap(),
+            StatusOutcome::Updated { message_id: id }
+        );
+        // An unknown key is still unknown.
+        let stray = StatusChange {
+            idempotency_key: Some("idem-2"),
+            ..change("wamid.M", "sent")
+        };
+        assert_eq!(
+            db.apply_status("main", &stray, t(2)).await.unwrap(),
+            StatusOutcome::Unknown
+        );
+    }
+
+    #[tokio::test]
+    async fn inbound_seen_reads_the_message_log() {
+        let db = memory_db().await;
+        assert!(!db.inbound_seen("main", "wamid.in").await.unwrap());
+        let Db::Sqlite(pool) = &db else {
+            unreachable!()
+        };
+        outbound(&db, Some("wamid.out"), None, "sent").await;
+        sqlx::query(
+            "INSERT INTO messages (contact_id, channel, direction, wamid, kind, body, status, \
+             created_at) SELECT id, 'main', 'in', 'wamid.in', 'text', '{}', 'received', 0 \
+             FROM contacts LIMIT 1",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+        assert!(db.inbound_seen("main", "wamid.in").await.unwrap());
+        assert!(!db.inbound_seen("other", "wamid.in").await.unwrap());
+        assert!(!db.inbound_seen("main", "wamid.out").await.unwrap());
+    }
+}

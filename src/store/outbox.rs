@@ -1,1 +1,509 @@
-//! (being written)
+//! The outbox: outbound rows of `messages` that a sender still has to deliver, and the
+//! per-channel stop switch (`channel_state`).
+//!
+//! A row's life: `pending` (written by [`Db::commit_turn`]) -> `sending` (claimed with a
+//! lease, [`Db::claim_outbox`]) -> `sent` with its wamid ([`Db::record_sent`]), `failed`
+//! with the reason ([`Db::record_failed`]), or back to `pending` for later
+//! ([`Db::record_retry`], [`Db::record_deferred`], [`Db::release_leases`]). Statuses from
+//! webhooks (`delivered`, `read`, …) move it on from `sent`; that is the inbox's business.
+//!
+//! A `sending` row whose lease ran out belongs to a sender that died between claiming it
+//! and recording the outcome: it is claimed again, with the same idempotency key (see
+//! `crate::outbox` for what that does and does not guarantee).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize as _;
+
+use super::{Db, StoreError, from_millis};
+use crate::domain::Outbound;
+
+/// One claimed outbound message: what the sender needs to deliver it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub channel: String,
+    pub contact_id: i64,
+    /// The contact's WhatsApp id: a phone number, or a business-scoped user id.
+    pub wa_id: String,
+    /// The stored [`Outbound`], as JSON (read it with [`OutboxRow::outbound`]); kept raw so
+    /// one unreadable row fails alone instead of failing the whole claim.
+    pub body: serde_json::Value,
+    /// The inbound wamid this message answers, if any.
+    pub in_reply_to: Option<String>,
+    /// Whether no earlier outbound message answers the same inbound message (the one to
+    /// precede with mark-as-read and the typing indicator).
+    pub first_reply: bool,
+    /// Sent as `biz_opaque_callback_data`; the same on every attempt of this row.
+    pub idempotency_key: String,
+    /// Attempts including this one.
+    pub attempts: i64,
+    /// The claim is this sender's until then.
+    pub lease_until: DateTime<Utc>,
+    /// The row was `sending` under an expired lease: a sender died with it in flight, so the
+    /// previous attempt may or may not have reached WhatsApp.
+    pub reclaimed: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+impl OutboxRow {
+    /// The message to send.
+    pub fn outbound(&self) -> Result<Outbound, serde_json::Error> {
+        Outbound::deserialize(&self.body)
+    }
+}
+
+/// The delivery state of one outbound message, for the admin API, logs and tests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxEntry {
+    pub id: i64,
+    pub wa_id: String,
+    /// `pending`, `sending`, `sent`, `delivered`, `read`, `failed`…
+    pub status: String,
+    pub wamid: Option<String>,
+    pub attempts: i64,
+    pub next_attempt_at: DateTime<Utc>,
+    pub lease_until: Option<DateTime<Utc>>,
+    pub lease_owner: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub in_reply_to: Option<String>,
+    pub error_code: Option<i64>,
+    pub error: Option<String>,
+}
+
+/// Why a channel's sender is stopped.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelStop {
+    /// The WhatsApp error code that stopped it, if one did.
+    pub code: Option<i64>,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+/// Rows that may be claimed at `$2` (now): due pending rows and `sending` rows whose lease
+/// ran out, each only if it is its contact's oldest undelivered message (a contact's
+/// messages leave in order, one at a time), and only while the channel is not stopped.
+const CLAIMABLE: &str = "m.channel = $1 AND m.direction = 'out' \
+    AND ((m.status = 'pending' AND m.next_attempt_at <= $2) \
+        OR (m.status = 'sending' AND m.lease_until < $2)) \
+    AND NOT EXISTS (SELECT 1 FROM messages o \
+        WHERE o.contact_id = m.contact_id AND o.direction = 'out' \
+            AND o.status IN ('pending', 'sending') AND o.id < m.id) \
+    AND NOT EXISTS (SELECT 1 FROM channel_state s \
+        WHERE s.channel = $1 AND s.stopped_at IS NOT NULL)";
+
+type ClaimRaw = (
+    i64,
+    i64,
+    Option<String>,
+    String,
+    Option<String>,
+    i64,
+    Option<String>,
+    i64,
+    i64,
+);
+
+type EntryRaw = (
+    i64,
+    String,
+    String,
+    Option<String>,
+    i64,
+    i64,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+);
+
+/// `$first, $first+1, …` for `n` values.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Db {
+    /// Claims up to `limit` rows of `channel` for `lease_owner` until `now + lease_for`, in
+    /// id order: each becomes `sending`, its attempts go up by one and it gets an idempotency
+    /// key (`fg-{id}`) if it had none. Two senders never claim one row: the claiming UPDATE
+    /// checks each row is still claimable.
+    pub async fn claim_outbox(
+        &self,
+        channel: &str,
+        now: DateTime<Utc>,
+        limit: i64,
+        lease_owner: &str,
+        lease_for: Duration,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        if limit <= 0 {
+            return Ok(Vec::new());
+        }
+        let now_ms = now.timestamp_millis();
+        let lease_ms = now_ms.saturating_add(millis(lease_for));
+        // Two statements, no explicit transaction: a read that takes no lock (and usually
+        // finds nothing), then one UPDATE that claims what is still claimable, so the
+        // database's write lock is held for one statement only. Another sender may claim a
+        // candidate in between; the UPDATE's own conditions then skip it.
+        let select =
+            format!("SELECT m.id, m.status FROM messages m WHERE {CLAIMABLE} ORDER BY m.id LIMIT $3");
+        let candidates: Vec<(i64, String)> = with_pool!(self, |pool| {
+            sqlx::query_as(&select)
+                .bind(channel)
+                .bind(now_ms)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+        });
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let update = format!(
+            "UPDATE messages SET status = 'sending', lease_until = $3, lease_owner = $4, \
+                attempts = attempts + 1, \
+                idempotency_key = COALESCE(idempotency_key, 'fg-' || CAST(id AS TEXT)), \
+                updated_at = $2 \
+            WHERE id IN ({}) AND channel = $1 AND direction = 'out' \
+                AND ((status = 'pending' AND next_attempt_at <= $2) \
+                    OR (status = 'sending' AND lease_until < $2)) \
+                AND NOT EXISTS (SELECT 1 FROM channel_state s \
+                    WHERE s.channel = $1 AND s.stopped_at IS NOT NULL) \
+            RETURNING id, contact_id, \
+                (SELECT c.wa_id FROM contacts c WHERE c.id = messages.contact_id), \
+                body, in_reply_to, \
+                CAST(CASE WHEN in_reply_to IS NOT NULL AND EXISTS (SELECT 1 FROM messages f \
+                    WHERE f.contact_id = messages.contact_id AND f.direction = 'out' \
+                        AND f.in_reply_to = messages.in_reply_to AND f.id < messages.id) \
+                    THEN 0 ELSE 1 END AS BIGINT), \
+                idempotency_key, attempts, created_at",
+            placeholders(5, candidates.len())
+        );
+        let mut rows: Vec<ClaimRaw> = with_pool!(self, |pool| {
+            let mut query = sqlx::query_as(&update)
+                .bind(channel)
+                .bind(now_ms)
+                .bind(lease_ms)
+                .bind(lease_owner);
+            for (id, _) in &candidates {
+                query = query.bind(*id);
+            }
+            query.fetch_all(pool).await?
+        });
+        rows.sort_by_key(|r| r.0);
+
+        let lease_until = from_millis(lease_ms, "messages.lease_until")?;
+        rows.into_iter()
+            .map(
+                |(id, contact_id, wa_id, body, in_reply_to, first, key, attempts, created)| {
+                    let reclaimed = candidates
+                        .iter()
+                        .any(|(c, status)| *c == id && status == "sending");
+                    Ok(OutboxRow {
+                        id,
+                        channel: channel.to_string(),
+                        contact_id,
+                        wa_id: wa_id.unwrap_or_default(),
+                        // Unreadable JSON fails this row when it is sent, not the claim.
+                        body: serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+                        in_reply_to,
+                        first_reply: first != 0,
+                        idempotency_key: key.unwrap_or_else(|| format!("fg-{id}")),
+                        attempts,
+                        lease_until,
+                        reclaimed,
+                        created_at: from_millis(created, "messages.created_at")?,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    /// WhatsApp accepted message `id` as `wamid`: the row is `sent` and its lease ends, in
+    /// one statement. Recorded whoever holds the lease (an accepted send is a fact), and a
+    /// status that already moved on (a webhook matched the row first) is kept. Returns
+    /// whether the row exists.
+    pub async fn record_sent(
+        &self,
+        id: i64,
+        wamid: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        const SQL: &str = "UPDATE messages SET wamid = COALESCE(wamid, $2), \
+                status = CASE WHEN status IN ('pending', 'sending') THEN 'sent' ELSE status END, \
+                lease_until = NULL, lease_owner = NULL, error_code = NULL, error = NULL, \
+                updated_at = $3 \
+            WHERE id = $1 AND direction = 'out'";
+        let done = with_pool!(self, |pool| {
+            sqlx::query(SQL)
+                .bind(id)
+                .bind(wamid)
+                .bind(now.timestamp_millis())
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(done > 0)
+    }
+
+    /// The attempt failed and counts: back to `pending`, not before `not_before`, with the
+    /// error. Only the lease holder can do this; returns whether it did.
+    pub async fn record_retry(
+        &self,
+        id: i64,
+        lease_owner: &str,
+        not_before: DateTime<Utc>,
+        code: Option<i64>,
+        error: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        const SQL: &str = "UPDATE messages SET status = 'pending', next_attempt_at = $3, \
+                lease_until = NULL, lease_owner = NULL, error_code = $4, error = $5, \
+                updated_at = $6 \
+            WHERE id = $1 AND status = 'sending' AND lease_owner = $2";
+        let done = with_pool!(self, |pool| {
+            sqlx::query(SQL)
+                .bind(id)
+                .bind(lease_owner)
+                .bind(not_before.timestamp_millis())
+                .bind(code)
+                .bind(error)
+                .bind(now.timestamp_millis())
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(done > 0)
+    }
+
+    /// Not now, and not the message's fault (pacing, a rate limit, a stopped channel): back
+    /// to `pending`, not before `not_before`, and the attempt is given back so it does not
+    /// count against the message's retry cap. `error` (with `code`) replaces the last error
+    /// when given. Only the lease holder can do this; returns whether it did.
+    pub async fn record_deferred(
+        &self,
+        id: i64,
+        lease_owner: &str,
+        not_before: DateTime<Utc>,
+        error: Option<(Option<i64>, &str)>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        const SQL: &str = "UPDATE messages SET status = 'pending', next_attempt_at = $3, \
+                lease_until = NULL, lease_owner = NULL, \
+                attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, \
+                error_code = CASE WHEN $4 = 1 THEN $5 ELSE error_code END, \
+                error = CASE WHEN $4 = 1 THEN $6 ELSE error END, \
+                updated_at = $7 \
+            WHERE id = $1 AND status = 'sending' AND lease_owner = $2";
+        let (replace, code, text) = match error {
+            Some((code, text)) => (1i64, code, Some(text)),
+            None => (0, None, None),
+        };
+        let done = with_pool!(self, |pool| {
+            sqlx::query(SQL)
+                .bind(id)
+                .bind(lease_owner)
+                .bind(not_before.timestamp_millis())
+                .bind(replace)
+                .bind(code)
+                .bind(text)
+                .bind(now.timestamp_millis())
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(done > 0)
+    }
+
+    /// Message `id` will not be sent: `failed`, with the WhatsApp code (if any) and the
+    /// reason. Only the lease holder can do this; returns whether it did.
+    pub async fn record_failed(
+        &self,
+        id: i64,
+        lease_owner: &str,
+        code: Option<i64>,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        const SQL: &str = "UPDATE messages SET status = 'failed', lease_until = NULL, \
+                lease_owner = NULL, error_code = $3, error = $4, updated_at = $5 \
+            WHERE id = $1 AND status = 'sending' AND lease_owner = $2";
+        let done = with_pool!(self, |pool| {
+            sqlx::query(SQL)
+                .bind(id)
+                .bind(lease_owner)
+                .bind(code)
+                .bind(reason)
+                .bind(now.timestamp_millis())
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(done > 0)
+    }
+
+    /// Gives back every row `lease_owner` still holds (claimed, never sent: a sender shutting
+    /// down after its in-flight sends finished): `pending` again, due at once, the attempt
+    /// given back. Returns how many.
+    pub async fn release_leases(
+        &self,
+        lease_owner: &str,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        const SQL: &str = "UPDATE messages SET status = 'pending', lease_until = NULL, \
+                lease_owner = NULL, attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, \
+                updated_at = $2 \
+            WHERE status = 'sending' AND lease_owner = $1";
+        Ok(with_pool!(self, |pool| {
+            sqlx::query(SQL)
+                .bind(lease_owner)
+                .bind(now.timestamp_millis())
+                .execute(pool)
+                .await?
+                .rows_affected()
+        }))
+    }
+
+    /// Outbound messages of `channel` not yet accepted by WhatsApp (`pending` or `sending`).
+    pub async fn outbox_depth(&self, channel: &str) -> Result<i64, StoreError> {
+        const SQL: &str = "SELECT COUNT(*) FROM messages \
+            WHERE channel = $1 AND direction = 'out' AND status IN ('pending', 'sending')";
+        Ok(with_pool!(self, |pool| {
+            sqlx::query_scalar(SQL)
+                .bind(channel)
+                .fetch_one(pool)
+                .await?
+        }))
+    }
+
+    /// The delivery state of `channel`'s outbound messages, oldest first, at most `limit`.
+    pub async fn outbox_entries(
+        &self,
+        channel: &str,
+        limit: i64,
+    ) -> Result<Vec<OutboxEntry>, StoreError> {
+        const SQL: &str = "SELECT m.id, c.wa_id, m.status, m.wamid, m.attempts, \
+                m.next_attempt_at, m.lease_until, m.lease_owner, m.idempotency_key, \
+                m.in_reply_to, m.error_code, m.error \
+            FROM messages m JOIN contacts c ON c.id = m.contact_id \
+            WHERE m.channel = $1 AND m.direction = 'out' \
+            ORDER BY m.id LIMIT $2";
+        let rows: Vec<EntryRaw> = with_pool!(self, |pool| {
+            sqlx::query_as(SQL)
+                .bind(channel)
+                .bind(limit.max(0))
+                .fetch_all(pool)
+                .await?
+        });
+        rows.into_iter()
+            .map(
+                |(
+                    id,
+                    wa_id,
+                    status,
+                    wamid,
+                    attempts,
+                    next,
+                    lease,
+                    owner,
+                    key,
+                    reply,
+                    code,
+                    error,
+                )| {
+                    Ok(OutboxEntry {
+                        id,
+                        wa_id,
+                        status,
+                        wamid,
+                        attempts,
+                        next_attempt_at: from_millis(next, "messages.next_attempt_at")?,
+                        lease_until: lease
+                            .map(|ms| from_millis(ms, "messages.lease_until"))
+                            .transpose()?,
+                        lease_owner: owner,
+                        idempotency_key: key,
+                        in_reply_to: reply,
+                        error_code: code,
+                        error,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    /// Stops `channel`'s sender (an account-level error) until [`Db::resume_channel`]:
+    /// nothing of the channel is claimed meanwhile.
+    pub async fn stop_channel(
+        &self,
+        channel: &str,
+        code: Option<i64>,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        const SQL: &str = "INSERT INTO channel_state (channel, stopped_reason, stopped_code, \
+                stopped_at, updated_at) \
+            VALUES ($1, $2, $3, $4, $4) \
+            ON CONFLICT (channel) DO UPDATE SET stopped_reason = excluded.stopped_reason, \
+                stopped_code = excluded.stopped_code, stopped_at = excluded.stopped_at, \
+                updated_at = excluded.updated_at";
+        with_pool!(self, |pool| {
+            sqlx::query(SQL)
+                .bind(channel)
+                .bind(reason)
+                .bind(code)
+                .bind(now.timestamp_millis())
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Why `channel` is stopped, or `None` if it is not.
+    pub async fn channel_stopped(&self, channel: &str) -> Result<Option<ChannelStop>, StoreError> {
+        const SQL: &str = "SELECT stopped_code, stopped_reason, stopped_at FROM channel_state \
+            WHERE channel = $1 AND stopped_at IS NOT NULL";
+        let row: Option<(Option<i64>, Option<String>, i64)> = with_pool!(self, |pool| {
+            sqlx::query_as(SQL)
+                .bind(channel)
+                .fetch_optional(pool)
+                .await?
+        });
+        row.map(|(code, reason, at)| {
+            Ok(ChannelStop {
+                code,
+                reason: reason.unwrap_or_default(),
+                at: from_millis(at, "channel_state.stopped_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Lets `channel`'s sender go again; returns whether it was stopped.
+    pub async fn resume_channel(
+        &self,
+        channel: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        const SQL: &str = "UPDATE channel_state SET stopped_reason = NULL, stopped_code = NULL, \
+                stopped_at = NULL, updated_at = $2 \
+            WHERE channel = $1 AND stopped_at IS NOT NULL";
+        let done = with_pool!(self, |pool| {
+            sqlx::query(SQL)
+                .bind(channel)
+                .bind(now.timestamp_millis())
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(done > 0)
+    }
+}

@@ -2,7 +2,13 @@
 //! 360dialog and reads the answers with [`super::parse_send_response`].
 //!
 //! The only file of `whatsapp` that does I/O. It does not retry, queue or rate-limit: the
-//! outbox sender decides that from [`GraphError::class`] and [`super::retry_after`].
+//! outbox sender (`crate::outbox`) decides that from [`GraphError::class`] and
+//! [`super::retry_after`].
+//!
+//! One error type for everything: an answer WhatsApp gave is a [`GraphError`] with its code,
+//! and a request that got no answer (connection refused, a timeout) is a [`GraphError`] with
+//! origin [`super::ErrorOrigin::Transport`], which [`GraphError::class`] calls transient.
+//! Credentials go only into headers and never into logs: [`Endpoint`]'s `Debug` hides them.
 
 use std::fmt;
 use std::time::Duration;
@@ -11,13 +17,33 @@ use serde_json::Value;
 
 use super::errors::GraphError;
 use super::send::{SendOk, mark_read_body, parse_mark_read_response, parse_send_response};
+use crate::config::{ChannelConfig, Provider};
 
 /// The Graph API version flowgate speaks (Meta's current examples).
 pub const GRAPH_VERSION: &str = "v25.0";
 pub const GRAPH_BASE_URL: &str = "https://graph.facebook.com";
 pub const DIALOG360_BASE_URL: &str = "https://waba-v2.360dialog.io";
-/// How long one request may take before it counts as a transport failure.
-pub const TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one request may take, connecting included, before it counts as a transport
+/// failure.
+pub const TIMEOUT: Duration = Duration::from_secs(15);
+/// How long connecting may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The name [`Client`] goes by in the outbox's docs.
+pub type GraphClient = Client;
+
+/// An HTTP client for the Graph API: rustls, pooled keep-alive connections, and the given
+/// timeouts. Share one between channels; the timeouts are the only reason to build another.
+pub fn http_client(connect_timeout: Duration, timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .user_agent(concat!("flowgate/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(connect_timeout)
+        .timeout(timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+        .build()
+        .expect("an HTTP client with these settings builds")
+}
 
 /// Where a channel's messages go, with its credentials.
 #[derive(Clone, PartialEq, Eq)]
@@ -52,9 +78,73 @@ impl Endpoint {
         }
     }
 
-    /// The URL messages and mark-as-read are posted to.
+    /// A configured channel's endpoint: `api_base` (for the Cloud API it includes the
+    /// version, e.g. `https://graph.facebook.com/v25.0`) or the provider's default, and its
+    /// credentials. `Err` says what is missing; sandbox channels have no endpoint.
+    pub fn for_channel(channel: &ChannelConfig) -> Result<Self, String> {
+        let missing = |key: &str| format!("channel `{}` needs `{key}` to send", channel.name);
+        let api_base = channel
+            .api_base
+            .as_ref()
+            .map(|b| b.0.trim().to_string())
+            .filter(|b| !b.is_empty());
+        match channel.provider {
+            Provider::CloudApi => {
+                let phone_number_id = channel
+                    .phone_number_id
+                    .as_ref()
+                    .map(|p| p.0.trim().to_string())
+                    .filter(|p| !p.is_empty())
+                    .ok_or_else(|| missing("phone_number_id"))?;
+                let access_token = channel
+                    .access_token
+                    .as_ref()
+                    .map(|t| t.expose().to_string())
+                    .filter(|t| !t.is_empty())
+                    .ok_or_else(|| missing("access_token"))?;
+                let (base_url, version) = match api_base {
+                    Some(base) => (base, String::new()),
+                    None => (GRAPH_BASE_URL.to_string(), GRAPH_VERSION.to_string()),
+                };
+                Ok(Self::CloudApi {
+                    base_url,
+                    version,
+                    phone_number_id,
+                    access_token,
+                })
+            }
+            Provider::Dialog360 => {
+                let api_key = channel
+                    .api_key
+                    .as_ref()
+                    .map(|k| k.expose().to_string())
+                    .filter(|k| !k.is_empty())
+                    .ok_or_else(|| missing("api_key"))?;
+                Ok(Self::Dialog360 {
+                    base_url: api_base.unwrap_or_else(|| DIALOG360_BASE_URL.to_string()),
+                    api_key,
+                })
+            }
+            Provider::Sandbox => Err(format!(
+                "channel `{}` is a sandbox: its messages are not sent anywhere",
+                channel.name
+            )),
+        }
+    }
+
+    /// The URL messages and mark-as-read are posted to. An empty `version` means `base_url`
+    /// already ends with it (a configured `api_base`).
     pub fn messages_url(&self) -> String {
         match self {
+            Self::CloudApi {
+                base_url,
+                version,
+                phone_number_id,
+                ..
+            } if version.is_empty() => format!(
+                "{}/{phone_number_id}/messages",
+                base_url.trim_end_matches('/')
+            ),
             Self::CloudApi {
                 base_url,
                 version,
@@ -103,12 +193,10 @@ pub struct Client {
 }
 
 impl Client {
+    /// With its own connection pool and the default timeouts ([`CONNECT_TIMEOUT`],
+    /// [`TIMEOUT`]).
     pub fn new(endpoint: Endpoint) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(TIMEOUT)
-            .build()
-            .unwrap_or_default();
-        Self::with_http(http, endpoint)
+        Self::with_http(http_client(CONNECT_TIMEOUT, TIMEOUT), endpoint)
     }
 
     /// With a shared `reqwest::Client` (one connection pool for every channel).

@@ -1,0 +1,1098 @@
+//! The inbound worker: processes the webhook updates that `http::webhook` stored in the
+//! inbox, after the webhook was acknowledged.
+//!
+//! Owns the inbox payload format ([`StoredUpdate`], written by [`inbox_row`]) and the loop
+//! that works through it ([`run`], [`drain_once`]):
+//!
+//! * **Order per contact, parallel across contacts.** Claimed rows are grouped by contact
+//!   (`channel` + `contact_key`); a group runs as one task that takes its rows in id order,
+//!   one at a time; at most [`CONCURRENCY`] rows are processed at once. Rows that are not
+//!   part of a conversation (statuses, errors, template and preference events…) each run on
+//!   their own.
+//! * **Pipelined.** A wake-up (the webhook's `Notify`) claims only rows above the last one
+//!   seen and hands them to the running groups, so a new message does not wait for a whole
+//!   batch to finish; a full claim every second picks up retries.
+//! * **Exactly once.** A row is marked processed after its work committed. A crash in between
+//!   leaves it to be processed again: a message whose turn already committed is recognised by
+//!   its wamid (in the message log, and unique there: the runtime answers
+//!   `Handled::Duplicate`), a status only ever moves a message forward, so nothing runs twice.
+//! * **Retries.** A row that fails (a database error, a status for a send not recorded yet) is
+//!   postponed with exponential backoff, and the rest of its contact's rows wait behind it;
+//!   after [`MAX_ATTEMPTS`] ([`MAX_STATUS_ATTEMPTS`] for statuses) it is given up, processed
+//!   with its error, and logged.
+//!
+//! What each kind does: messages run the flows (`Runtime::inbound`, keyed by the wa_id, else
+//! the BSUID); system messages (identity changes), template status updates and marketing
+//! preferences are logged and counted for the policy layer to act on; statuses update the
+//! outbound message ([`crate::store::Db::apply_status`]); `errors` are logged and counted by
+//! code; unknown and malformed updates are logged and skipped.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{Notify, Semaphore, watch};
+
+use crate::domain::Inbound;
+use crate::engine::Handled;
+use crate::http::AppState;
+use crate::metrics;
+use crate::store::{
+    INBOX_RETENTION, InboxRow, NewInboxRow, ORDERED_KINDS, StatusChange, StatusOutcome, status_rank,
+};
+use crate::whatsapp::{GraphError, Preference, Update};
+
+/// Rows processed at the same time, across contacts.
+pub const CONCURRENCY: usize = 64;
+/// Rows per claim.
+pub const BATCH: i64 = 1000;
+/// Claimed rows held in memory at most; beyond this the worker claims again only as rows
+/// finish.
+pub const MAX_IN_FLIGHT: usize = 5000;
+/// Attempts before a failing update is given up.
+pub const MAX_ATTEMPTS: i64 = 20;
+/// Attempts before a status whose message is unknown is given up (about 8.5 minutes).
+pub const MAX_STATUS_ATTEMPTS: i64 = 10;
+/// How often the worker looks for due retries without being woken.
+const TICK: Duration = Duration::from_secs(1);
+/// How often processed rows older than [`INBOX_RETENTION`] are deleted.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+const PRUNE_BATCH: i64 = 10_000;
+/// How long shutdown waits for the rows in flight (turns with `http` steps included).
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
+/// How long [`drain_once`] waits for one round of rows.
+const DRAIN_WAIT: Duration = Duration::from_secs(120);
+
+/// An inbox row's `payload`: a webhook [`Update`] with its raw JSON, in a shape that reads
+/// back (`kind` tells the variant).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StoredUpdate {
+    Message {
+        phone_number_id: String,
+        wa_id: Option<String>,
+        user_id: Option<String>,
+        parent_user_id: Option<String>,
+        profile_name: Option<String>,
+        username: Option<String>,
+        inbound: Inbound,
+        context_id: Option<String>,
+        /// The `messages[]` item (with its `referral`, if any).
+        raw: Value,
+    },
+    System {
+        phone_number_id: String,
+        wamid: String,
+        timestamp: DateTime<Utc>,
+        /// `user_changed_number`, `user_changed_user_id`…
+        system_type: String,
+        body: Option<String>,
+        previous_wa_id: Option<String>,
+        new_wa_id: Option<String>,
+        previous_user_id: Option<String>,
+        new_user_id: Option<String>,
+        previous_parent_user_id: Option<String>,
+        new_parent_user_id: Option<String>,
+        raw: Value,
+    },
+    Status {
+        phone_number_id: String,
+        wamid: String,
+        status: String,
+        timestamp: DateTime<Utc>,
+        recipient_id: Option<String>,
+        recipient_user_id: Option<String>,
+        errors: Vec<GraphError>,
+        pricing_category: Option<String>,
+        pricing_type: Option<String>,
+        biz_opaque_callback_data: Option<String>,
+        raw: Value,
+    },
+    Error {
+        phone_number_id: Option<String>,
+        errors: Vec<GraphError>,
+        raw: Value,
+    },
+    TemplateStatus {
+        waba_id: Option<String>,
+        timestamp: Option<DateTime<Utc>>,
+        event: String,
+        name: Option<String>,
+        language: Option<String>,
+        template_id: Option<String>,
+        reason: Option<String>,
+        category: Option<String>,
+        raw: Value,
+    },
+    UserPreference {
+        phone_number_id: Option<String>,
+        wa_id: Option<String>,
+        user_id: Option<String>,
+        category: Option<String>,
+        /// `stop`, `resume` or what Meta sent.
+        value: String,
+        detail: Option<String>,
+        timestamp: Option<DateTime<Utc>>,
+        raw: Value,
+    },
+    Unknown {
+        field: String,
+        waba_id: Option<String>,
+        timestamp: Option<DateTime<Utc>>,
+        value: Value,
+    },
+    Malformed {
+        field: String,
+        phone_number_id: Option<String>,
+        reason: String,
+        raw: Value,
+    },
+}
+
+impl StoredUpdate {
+    /// The contact an update is about: the phone (wa_id) when known, else the BSUID.
+    pub fn contact_key(&self) -> Option<&str> {
+        fn pick<'a>(phone: &'a Option<String>, bsuid: &'a Option<String>) -> Option<&'a str> {
+            phone
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .or(bsuid.as_deref().filter(|s| !s.is_empty()))
+        }
+        match self {
+            Self::Message { wa_id, user_id, .. } | Self::UserPreference { wa_id, user_id, .. } => {
+                pick(wa_id, user_id)
+            }
+            Self::System {
+                previous_wa_id,
+                previous_user_id,
+                ..
+            } => pick(previous_wa_id, previous_user_id),
+            Self::Status {
+                recipient_id,
+                recipient_user_id,
+                ..
+            } => pick(recipient_id, recipient_user_id),
+            Self::Error { .. }
+            | Self::TemplateStatus { .. }
+            | Self::Unknown { .. }
+            | Self::Malformed { .. } => None,
+        }
+    }
+}
+
+impl From<Update> for StoredUpdate {
+    fn from(update: Update) -> Self {
+        match update {
+            Update::Message {
+                phone_number_id,
+                wa_id,
+                user_id,
+                parent_user_id,
+                profile_name,
+                username,
+                inbound,
+                referral: _,
+                context_id,
+                raw,
+            } => Self::Message {
+                phone_number_id,
+                wa_id,
+                user_id,
+                parent_user_id,
+                profile_name,
+                username,
+                inbound,
+                context_id,
+                raw,
+            },
+            Update::System {
+                phone_number_id,
+                wamid,
+                timestamp,
+                kind,
+                body,
+                previous_wa_id,
+                new_wa_id,
+                previous_user_id,
+                new_user_id,
+                previous_parent_user_id,
+                new_parent_user_id,
+                raw,
+            } => Self::System {
+                phone_number_id,
+                wamid,
+                timestamp,
+                system_type: kind,
+                body,
+                previous_wa_id,
+                new_wa_id,
+                previous_user_id,
+                new_user_id,
+                previous_parent_user_id,
+                new_parent_user_id,
+                raw,
+            },
+            Update::Status {
+                phone_number_id,
+                wamid,
+                status,
+                timestamp,
+                recipient_id,
+                recipient_user_id,
+                errors,
+                pricing_category,
+                pricing_type,
+                biz_opaque_callback_data,
+                raw,
+            } => Self::Status {
+                phone_number_id,
+                wamid,
+                status: status.as_str().to_string(),
+                timestamp,
+                recipient_id,
+                recipient_user_id,
+                errors,
+                pricing_category,
+                pricing_type,
+                biz_opaque_callback_data,
+                raw,
+            },
+            Update::Error {
+                phone_number_id,
+                errors,
+                raw,
+            } => Self::Error {
+                phone_number_id,
+                errors,
+                raw,
+            },
+            Update::TemplateStatus {
+                waba_id,
+                timestamp,
+                event,
+                name,
+                language,
+                template_id,
+                reason,
+                category,
+                raw,
+            } => Self::TemplateStatus {
+                waba_id,
+                timestamp,
+                event,
+                name,
+                language,
+                template_id,
+                reason,
+                category,
+                raw,
+            },
+            Update::UserPreference {
+                phone_number_id,
+                wa_id,
+                user_id,
+                category,
+                value,
+                detail,
+                timestamp,
+                raw,
+            } => Self::UserPreference {
+                phone_number_id,
+                wa_id,
+                user_id,
+                category,
+                value: match value {
+                    Preference::Stop => "stop".into(),
+                    Preference::Resume => "resume".into(),
+                    Preference::Other(other) => other,
+                },
+                detail,
+                timestamp,
+                raw,
+            },
+            Update::Unknown {
+                field,
+                waba_id,
+                timestamp,
+                value,
+            } => Self::Unknown {
+                field,
+                waba_id,
+                timestamp,
+                value,
+            },
+            Update::Malformed {
+                field,
+                phone_number_id,
+                reason,
+                raw,
+            } => Self::Malformed {
+                field,
+                phone_number_id,
+                reason,
+                raw,
+            },
+        }
+    }
+}
+
+/// The inbox row for one parsed update on `channel`.
+pub fn inbox_row(channel: &str, update: Update) -> NewInboxRow {
+    let dedupe_key = update.dedupe_key();
+    let kind = update.kind().to_string();
+    let stored = StoredUpdate::from(update);
+    let contact_key = stored.contact_key().map(str::to_string);
+    NewInboxRow {
+        channel: channel.to_string(),
+        dedupe_key,
+        kind,
+        contact_key,
+        payload: serde_json::to_value(&stored).expect("a stored update serializes"),
+    }
+}
+
+/// Processes inbox rows until `shutdown` turns true (or its sender is dropped), woken by
+/// `state.inbox` and every second. On shutdown it stops claiming, lets the rows it holds
+/// finish and records them.
+pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
+    let worker = Worker::new(state);
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_prune: Option<tokio::time::Instant> = None;
+    tracing::debug!("inbound worker started");
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        // Unbiased: under load rows finish all the time, and new webhooks must still be
+        // claimed promptly (and the other way round).
+        let full = tokio::select! {
+            changed = shutdown.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                continue;
+            }
+            _ = worker.finished.notified() => {
+                worker.flush().await;
+                // Rows finished: room for more if the last claim was cut short.
+                if !worker.wants_more.swap(false, Ordering::Relaxed) {
+                    continue;
+                }
+                false
+            }
+            _ = worker.state.inbox.notified() => false,
+            _ = tick.tick() => true,
+        };
+        worker.pump_logged(full).await;
+        if full {
+            worker.flush().await;
+            if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) && worker.prune().await {
+                last_prune = Some(tokio::time::Instant::now());
+            }
+        }
+    }
+    worker.wait_idle(SHUTDOWN_WAIT).await;
+    tracing::debug!("inbound worker stopped");
+}
+
+/// Processes every inbox row due now (and those that become due while it runs, e.g. the
+/// later rows of a contact), waiting for all of them; returns how many rows it processed or
+/// gave up. Safe beside a running [`run`] (a row taken by both is handled once: see the
+/// module docs), though tests normally use one or the other.
+pub async fn drain_once(state: &AppState) -> usize {
+    let worker = Worker::new(state.clone());
+    loop {
+        let before = worker.settled.load(Ordering::Relaxed);
+        let dispatched = match worker.pump(true).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "claiming inbox rows failed");
+                0
+            }
+        };
+        worker.wait_idle(DRAIN_WAIT).await;
+        if dispatched == 0 || worker.settled.load(Ordering::Relaxed) == before {
+            break;
+        }
+    }
+    worker.handled.load(Ordering::Relaxed)
+}
+
+/// What processing one row came to.
+#[derive(Debug)]
+enum Outcome {
+    Done,
+    /// Try again after `delay`; the contact's later rows wait.
+    Retry {
+        delay: chrono::Duration,
+        error: String,
+    },
+    /// Processed without success: recorded with the reason, never tried again.
+    GiveUp(String),
+}
+
+struct Worker {
+    state: AppState,
+    /// Rows received before this worker started may have been processed by a previous
+    /// process that crashed before recording it: those are checked against the message log.
+    started_at: DateTime<Utc>,
+    permits: Semaphore,
+    inner: Mutex<Inner>,
+    /// A row finished: flush, and maybe claim more.
+    finished: Notify,
+    /// A group ended or a flush happened (for [`Worker::wait_idle`]).
+    progress: Notify,
+    /// The last claim stopped at [`MAX_IN_FLIGHT`].
+    wants_more: std::sync::atomic::AtomicBool,
+    /// Rows processed or given up.
+    handled: AtomicUsize,
+    /// Rows processed, given up or postponed (progress, for [`drain_once`]).
+    settled: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Claimed rows not yet recorded as processed or postponed.
+    in_flight: HashSet<i64>,
+    /// Rows waiting in each running group (a group runs while it has an entry here).
+    queues: HashMap<String, VecDeque<InboxRow>>,
+    /// Groups whose row was postponed, with the count of full claims begun before that: a
+    /// claim begun earlier may hold their later rows, which must not run first.
+    stopped: HashMap<String, u64>,
+    full_claims: u64,
+    /// The highest row id claimed so far.
+    high_water: i64,
+    /// Processed rows not yet recorded.
+    done: Vec<i64>,
+}
+
+impl Worker {
+    fn new(state: AppState) -> Arc<Self> {
+        let started_at = state.runtime.clock.now();
+        Arc::new(Self {
+            state,
+            started_at,
+            permits: Semaphore::new(CONCURRENCY),
+            inner: Mutex::new(Inner::default()),
+            finished: Notify::new(),
+            progress: Notify::new(),
+            wants_more: Default::default(),
+            handled: AtomicUsize::new(0),
+            settled: AtomicUsize::new(0),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("inbound worker lock")
+    }
+
+    async fn pump_logged(self: &Arc<Self>, full: bool) {
+        if let Err(e) = self.pump(full).await {
+            tracing::error!(error = %e, "claiming inbox rows failed; retrying in a second");
+            metrics::count(
+                "flowgate_inbound_worker_errors_total",
+                "Inbound worker failures to claim or record inbox rows.",
+                &[],
+                1,
+            );
+        }
+    }
+
+    /// Claims due rows (all of them, or only those above the high-water mark) and hands them
+    /// to their groups; returns how many it dispatched.
+    async fn pump(self: &Arc<Self>, full: bool) -> Result<usize, crate::store::StoreError> {
+        let (after, generation) = {
+            let mut inner = self.lock();
+            if inner.in_flight.len() >= MAX_IN_FLIGHT {
+                self.wants_more.store(true, Ordering::Relaxed);
+                return Ok(0);
+            }
+            if full {
+                inner.full_claims += 1;
+                (0, inner.full_claims)
+            } else {
+                (inner.high_water, inner.full_claims)
+            }
+        };
+        let now = self.state.runtime.clock.now();
+        let db = &self.state.runtime.db;
+        let rows = db.claim_inbox_after(after, now, BATCH).await?;
+        let claimed = rows.len();
+        let mut start = Vec::new();
+        let mut dispatched = 0;
+        {
+            let mut inner = self.lock();
+            if full {
+                // This claim saw every postponement recorded before it began.
+                inner.stopped.retain(|_, g| *g >= generation);
+            }
+            for row in rows {
+                inner.high_water = inner.high_water.max(row.id);
+                if inner.in_flight.contains(&row.id) {
+                    continue;
+                }
+                let key = group_key(&row);
+                if let Some(&g) = inner.stopped.get(&key)
+                    && (!full || g >= generation)
+                {
+                    continue;
+                }
+                inner.in_flight.insert(row.id);
+                dispatched += 1;
+                match inner.queues.get_mut(&key) {
+                    Some(queue) => queue.push_back(row),
+                    None => {
+                        inner.queues.insert(key.clone(), VecDeque::from([row]));
+                        start.push(key);
+                    }
+                }
+            }
+            if claimed as i64 >= BATCH || inner.in_flight.len() >= MAX_IN_FLIGHT {
+                self.wants_more.store(true, Ordering::Relaxed);
+            }
+        }
+        for key in start {
+            tokio::spawn(self.clone().run_group(key));
+        }
+        if claimed as i64 >= BATCH && !full {
+            // More may be waiting above the new high-water mark.
+            self.state.inbox.notify_one();
+        }
+        Ok(dispatched)
+    }
+
+    /// Works through one group's rows in order until its queue is empty or a row is
+    /// postponed.
+    async fn run_group(self: Arc<Self>, key: String) {
+        loop {
+            let row = {
+                let mut inner = self.lock();
+                match inner.queues.get_mut(&key).and_then(VecDeque::pop_front) {
+                    Some(row) => row,
+                    None => {
+                        inner.queues.remove(&key);
+                        drop(inner);
+                        self.progress.notify_waiters();
+                        return;
+                    }
+                }
+            };
+            let outcome = {
+                let _permit = self.permits.acquire().await.expect("never closed");
+                self.process(&row).await
+            };
+            if !self.settle(&row, outcome).await {
+                let mut inner = self.lock();
+                if let Some(rest) = inner.queues.remove(&key) {
+                    for r in rest {
+                        inner.in_flight.remove(&r.id);
+                    }
+                }
+                inner.in_flight.remove(&row.id);
+                let generation = inner.full_claims;
+                inner.stopped.insert(key, generation);
+                drop(inner);
+                self.progress.notify_waiters();
+                return;
+            }
+        }
+    }
+
+    /// Records an outcome; `false` when the row stays to do (the group stops).
+    async fn settle(&self, row: &InboxRow, outcome: Outcome) -> bool {
+        let db = &self.state.runtime.db;
+        let now = self.state.runtime.clock.now();
+        match outcome {
+            Outcome::Done => {
+                self.lock().done.push(row.id);
+                self.handled.fetch_add(1, Ordering::Relaxed);
+                self.settled.fetch_add(1, Ordering::Relaxed);
+                self.finished.notify_one();
+                true
+            }
+            Outcome::GiveUp(reason) => {
+                tracing::error!(
+                    inbox = row.id, kind = %row.kind, channel = %row.channel,
+                    attempts = row.attempts + 1, error = %reason,
+                    "giving up on a webhook update"
+                );
+                metrics::count(
+                    "flowgate_inbox_abandoned_total",
+                    "Webhook updates given up after repeated failures, by kind.",
+                    &[("kind", label(&row.kind))],
+                    1,
+                );
+                match db.abandon_inbox(row.id, now, &reason).await {
+                    Ok(()) => {
+                        self.lock().in_flight.remove(&row.id);
+                        self.handled.fetch_add(1, Ordering::Relaxed);
+                        self.settled.fetch_add(1, Ordering::Relaxed);
+                        true
+                    }
+                    Err(e) => {
+                        tracing::error!(inbox = row.id, error = %e, "could not record an abandoned update");
+                        false
+                    }
+                }
+            }
+            Outcome::Retry { delay, error } => {
+                tracing::warn!(
+                    inbox = row.id, kind = %row.kind, channel = %row.channel,
+                    attempt = row.attempts + 1, retry_in_s = delay.num_seconds(), error = %error,
+                    "webhook update postponed"
+                );
+                match db.retry_inbox(row.id, now + delay, &error).await {
+                    Ok(()) => {
+                        self.settled.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::error!(inbox = row.id, error = %e, "could not postpone an update");
+                    }
+                }
+                false
+            }
+        }
+    }
+
+    /// Records processed rows in one statement.
+    async fn flush(&self) {
+        let ids = std::mem::take(&mut self.lock().done);
+        if ids.is_empty() {
+            return;
+        }
+        let now = self.state.runtime.clock.now();
+        match self.state.runtime.db.finish_inbox(&ids, now).await {
+            Ok(()) => {
+                let mut inner = self.lock();
+                for id in &ids {
+                    inner.in_flight.remove(id);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, rows = ids.len(), "could not mark inbox rows processed; will retry");
+                self.lock().done.extend(ids);
+            }
+        }
+        self.progress.notify_waiters();
+    }
+
+    /// Waits until every claimed row is processed and recorded, or `limit` passed (rows
+    /// not recorded by then are processed again after a restart, and recognised).
+    async fn wait_idle(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            self.flush().await;
+            let notified = self.progress.notified();
+            {
+                let inner = self.lock();
+                if inner.queues.is_empty() && inner.in_flight.is_empty() {
+                    return;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!(
+                        rows = inner.in_flight.len(),
+                        "inbound worker stopped with rows still in flight; they run again on restart"
+                    );
+                    return;
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+        }
+    }
+
+    /// Deletes old processed rows; `true` when nothing more is left to delete.
+    async fn prune(&self) -> bool {
+        let before = self.state.runtime.clock.now() - INBOX_RETENTION;
+        match self.state.runtime.db.prune_inbox(before, PRUNE_BATCH).await {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::info!(rows = n, "pruned processed webhook updates");
+                }
+                (n as i64) < PRUNE_BATCH
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pruning the inbox failed");
+                true
+            }
+        }
+    }
+
+    /// Does what one row asks.
+    async fn process(&self, row: &InboxRow) -> Outcome {
+        let update = match StoredUpdate::deserialize(&row.payload) {
+            Ok(update) => update,
+            Err(e) => return Outcome::GiveUp(format!("unreadable inbox payload: {e}")),
+        };
+        let channel = row.channel.as_str();
+        let runtime = &self.state.runtime;
+        match update {
+            StoredUpdate::Message {
+                wa_id,
+                user_id,
+                profile_name,
+                inbound,
+                ..
+            } => {
+                let Some(contact) = wa_id
+                    .filter(|s| !s.is_empty())
+                    .or(user_id.filter(|s| !s.is_empty()))
+                else {
+                    return Outcome::GiveUp("a message without a sender".into());
+                };
+                if !self.state.config.channels.iter().any(|c| c.name == channel) {
+                    return Outcome::GiveUp(format!(
+                        "channel `{channel}` is no longer configured; the message is not answered"
+                    ));
+                }
+                if row.attempts > 0 || row.received_at <= self.started_at {
+                    match runtime.db.inbound_seen(channel, &inbound.id).await {
+                        Ok(true) => return Outcome::Done,
+                        Ok(false) => {}
+                        Err(e) => return retry(row, e.to_string(), MAX_ATTEMPTS),
+                    }
+                }
+                let kind = inbound.content.kind().to_string();
+                match runtime
+                    .inbound(channel, &contact, profile_name.as_deref(), inbound)
+                    .await
+                {
+                    Ok(report) => {
+                        if report.handled != Handled::Duplicate {
+                            metrics::count(
+                                "flowgate_inbound_messages_total",
+                                "Customer messages processed, by type.",
+                                &[("type", label(&kind))],
+                                1,
+                            );
+                        }
+                        tracing::debug!(
+                            channel, contact = %contact, handled = %report.handled,
+                            replies = report.sent.len(), "inbound message processed"
+                        );
+                        Outcome::Done
+                    }
+                    Err(e) => retry(row, e.to_string(), MAX_ATTEMPTS),
+                }
+            }
+            StoredUpdate::System {
+                system_type,
+                previous_wa_id,
+                new_wa_id,
+                previous_user_id,
+                new_user_id,
+                ..
+            } => {
+                tracing::info!(
+                    channel,
+                    r#type = %system_type,
+                    previous_wa_id = previous_wa_id.as_deref().unwrap_or(""),
+                    new_wa_id = new_wa_id.as_deref().unwrap_or(""),
+                    previous_user_id = previous_user_id.as_deref().unwrap_or(""),
+                    new_user_id = new_user_id.as_deref().unwrap_or(""),
+                    "a customer's WhatsApp identity changed"
+                );
+                metrics::count(
+                    "flowgate_system_messages_total",
+                    "System messages (identity changes), by type.",
+                    &[("type", label(&system_type))],
+                    1,
+                );
+                Outcome::Done
+            }
+            StoredUpdate::Status {
+                wamid,
+                status,
+                errors,
+                biz_opaque_callback_data,
+                ..
+            } => {
+                let first = errors.first();
+                let error_text = first.map(|e| match &e.title {
+                    Some(title) if !e.message.contains(title.as_str()) => format!("{title}: {e}"),
+                    _ => e.to_string(),
+                });
+                let change = StatusChange {
+                    wamid: &wamid,
+                    status: &status,
+                    error_code: first.map(|e| e.code),
+                    error: error_text.as_deref(),
+                    idempotency_key: biz_opaque_callback_data.as_deref(),
+                };
+                match runtime
+                    .db
+                    .apply_status(channel, &change, runtime.clock.now())
+                    .await
+                {
+                    Ok(StatusOutcome::Updated { message_id }) => {
+                        metrics::count(
+                            "flowgate_message_statuses_total",
+                            "Delivery statuses applied to outbound messages, by status.",
+                            &[("status", label(&status))],
+                            1,
+                        );
+                        if let Some(e) = first.filter(|_| status == "failed") {
+                            tracing::warn!(channel, message = message_id, code = e.code, error = %e, "a message failed");
+                            metrics::count(
+                                "flowgate_message_failures_total",
+                                "Outbound messages that WhatsApp reported failed, by error code.",
+                                &[("code", &e.code.to_string())],
+                                1,
+                            );
+                        }
+                        Outcome::Done
+                    }
+                    Ok(StatusOutcome::Unchanged { .. }) => Outcome::Done,
+                    Ok(StatusOutcome::Unknown) if status_rank(&status).is_none() => Outcome::Done,
+                    Ok(StatusOutcome::Unknown) => retry(
+                        row,
+                        format!("no outbound message has wamid {wamid} (yet)"),
+                        MAX_STATUS_ATTEMPTS,
+                    ),
+                    Err(e) => retry(row, e.to_string(), MAX_ATTEMPTS),
+                }
+            }
+            StoredUpdate::Error { errors, .. } => {
+                for e in &errors {
+                    tracing::warn!(
+                        channel,
+                        code = e.code,
+                        title = e.title.as_deref().unwrap_or(""),
+                        details = e.details.as_deref().unwrap_or(""),
+                        error = %e,
+                        "WhatsApp reported an error"
+                    );
+                    metrics::count(
+                        "flowgate_webhook_errors_total",
+                        "Errors WhatsApp reported in webhooks (value.errors), by code.",
+                        &[("code", &e.code.to_string())],
+                        1,
+                    );
+                }
+                Outcome::Done
+            }
+            StoredUpdate::TemplateStatus {
+                event,
+                name,
+                language,
+                reason,
+                category,
+                ..
+            } => {
+                tracing::info!(
+                    channel,
+                    event = %event,
+                    template = name.as_deref().unwrap_or(""),
+                    language = language.as_deref().unwrap_or(""),
+                    category = category.as_deref().unwrap_or(""),
+                    reason = reason.as_deref().unwrap_or(""),
+                    "template status changed"
+                );
+                metrics::count(
+                    "flowgate_template_status_updates_total",
+                    "Template status updates from WhatsApp, by event.",
+                    &[("event", label(&event))],
+                    1,
+                );
+                Outcome::Done
+            }
+            StoredUpdate::UserPreference {
+                value, category, ..
+            } => {
+                tracing::info!(
+                    channel,
+                    contact = row.contact_key.as_deref().unwrap_or(""),
+                    preference = %value,
+                    category = category.as_deref().unwrap_or(""),
+                    "a customer changed their marketing preference"
+                );
+                metrics::count(
+                    "flowgate_user_preferences_total",
+                    "Marketing preference changes from customers, by value.",
+                    &[("value", label(&value))],
+                    1,
+                );
+                Outcome::Done
+            }
+            StoredUpdate::Unknown { field, .. } => {
+                tracing::debug!(channel, field = %field, "webhook field not handled; skipped");
+                metrics::count(
+                    "flowgate_webhook_unknown_total",
+                    "Webhook updates flowgate does not read, by field.",
+                    &[("field", label(&field))],
+                    1,
+                );
+                Outcome::Done
+            }
+            StoredUpdate::Malformed { field, reason, .. } => {
+                tracing::warn!(channel, field = %field, inbox = row.id, reason = %reason, "unreadable webhook update skipped");
+                metrics::count(
+                    "flowgate_webhook_malformed_total",
+                    "Webhook updates that could not be read.",
+                    &[],
+                    1,
+                );
+                Outcome::Done
+            }
+        }
+    }
+}
+
+/// The group a row runs in: its contact for conversation updates, else the row alone.
+fn group_key(row: &InboxRow) -> String {
+    match &row.contact_key {
+        Some(contact) if ORDERED_KINDS.contains(&row.kind.as_str()) => {
+            format!("{}\u{0}{contact}", row.channel)
+        }
+        _ => format!("#{}", row.id),
+    }
+}
+
+/// Postpones a failed row with exponential backoff (1 s, 2 s, 4 s… at most 5 minutes), or
+/// gives up after `max_attempts`.
+fn retry(row: &InboxRow, error: String, max_attempts: i64) -> Outcome {
+    let attempt = row.attempts + 1;
+    if attempt >= max_attempts {
+        Outcome::GiveUp(error)
+    } else {
+        Outcome::Retry {
+            delay: backoff(attempt),
+            error,
+        }
+    }
+}
+
+fn backoff(attempt: i64) -> chrono::Duration {
+    let seconds = 1i64 << (attempt - 1).clamp(0, 9);
+    chrono::Duration::seconds(seconds.min(300))
+}
+
+/// A metric label from webhook text: short identifiers pass, anything else is `other`.
+fn label(value: &str) -> &str {
+    let ok = !value.is_empty()
+        && value.len() <= 48
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok { value } else { "other" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::whatsapp::parse_webhook;
+
+    #[test]
+    fn backoff_doubles_up_to_five_minutes() {
+        let s: Vec<i64> = (1..=11).map(|a| backoff(a).num_seconds()).collect();
+        assert_eq!(s, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+        // A status waits about 8.5 minutes for its send before it is given up.
+        let waited: i64 = (1..MAX_STATUS_ATTEMPTS)
+            .map(|a| backoff(a).num_seconds())
+            .sum();
+        assert_eq!(waited, 511);
+    }
+
+    #[test]
+    fn labels_are_bounded() {
+        assert_eq!(label("text"), "text");
+        assert_eq!(label("user_changed_number"), "user_changed_number");
+        assert_eq!(label("a b"), "other");
+        assert_eq!(label(""), "other");
+        assert_eq!(label(&"x".repeat(100)), "other");
+    }
+
+    fn rows(body: &str) -> Vec<NewInboxRow> {
+        parse_webhook(body.as_bytes())
+            .unwrap()
+            .into_iter()
+            .map(|u| inbox_row("main", u))
+            .collect()
+    }
+
+    #[test]
+    fn every_kind_round_trips_with_its_contact() {
+        let body = r#"{"object":"whatsapp_business_account","entry":[{"id":"1","time":1760000000,"changes":[
+          {"field":"messages","value":{"metadata":{"phone_number_id":"P"},
+            "contacts":[{"profile":{"name":"Ana"},"user_id":"US.1"}],
+            "messages":[
+              {"from_user_id":"US.1","id":"wamid.a","timestamp":"1760000000","type":"text","text":{"body":"hi"}},
+              {"from":"155","id":"wamid.s","timestamp":"1760000000","type":"system","system":{"type":"user_changed_number","wa_id":"166"}}],
+            "statuses":[{"id":"wamid.o","status":"read","timestamp":"1760000000","recipient_id":"155"}],
+            "errors":[{"code":130429,"title":"Rate limit hit"}]}},
+          {"field":"user_preferences","value":{"user_preferences":[{"user_id":"US.2","value":"stop","category":"marketing_messages"}]}},
+          {"field":"message_template_status_update","value":{"event":"APPROVED","message_template_name":"t"}},
+          {"field":"account_update","value":{"x":1}}]}]}"#;
+        let rows = rows(body);
+        let seen: Vec<(&str, Option<&str>)> = rows
+            .iter()
+            .map(|r| (r.kind.as_str(), r.contact_key.as_deref()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("error", None),
+                ("message", Some("US.1")),
+                ("system", Some("155")),
+                ("status", Some("155")),
+                ("user_preference", Some("US.2")),
+                ("template_status", None),
+                ("unknown", None),
+            ]
+        );
+        assert_eq!(rows[1].dedupe_key, "wamid.a");
+        assert_eq!(rows[3].dedupe_key, "wamid.o:read");
+        for r in &rows {
+            let back = StoredUpdate::deserialize(&r.payload).unwrap();
+            assert_eq!(
+                serde_json::to_value(&back).unwrap(),
+                r.payload,
+                "{}",
+                r.kind
+            );
+            assert_eq!(back.contact_key(), r.contact_key.as_deref());
+        }
+        let StoredUpdate::Message {
+            inbound,
+            profile_name,
+            ..
+        } = StoredUpdate::deserialize(&rows[1].payload).unwrap()
+        else {
+            panic!("not a message")
+        };
+        assert_eq!(inbound.content.as_text(), "hi");
+        assert_eq!(profile_name.as_deref(), Some("Ana"));
+    }
+
+    #[test]
+    fn groups_keep_conversations_together_only() {
+        let row = |id, kind: &str, contact: Option<&str>| InboxRow {
+            id,
+            channel: "main".into(),
+            dedupe_key: String::new(),
+            kind: kind.into(),
+            contact_key: contact.map(str::to_string),
+            payload: Value::Null,
+            received_at: DateTime::UNIX_EPOCH,
+            attempts: 0,
+            last_error: None,
+        };
+        assert_eq!(
+            group_key(&row(1, "message", Some("155"))),
+            group_key(&row(2, "system", Some("155")))
+        );
+        assert_ne!(
+            group_key(&row(1, "message", Some("155"))),
+            group_key(&row(2, "message", Some("166")))
+        );
+        assert_ne!(
+            group_key(&row(1, "status", Some("155"))),
+            group_key(&row(2, "status", Some("155")))
+        );
+        assert_eq!(group_key(&row(7, "unknown", None)), "#7");
+    }
+}

@@ -1,0 +1,1125 @@
+//! The outbox sender: delivers the `pending` outbound messages of one WhatsApp channel.
+//!
+//! One [`Sender`] per `cloud_api` / `dialog360` channel. It claims rows with a lease
+//! ([`Db::claim_outbox`]: the oldest undelivered message of each contact only, so a
+//! contact's messages leave in order, one at a time, while different contacts go in
+//! parallel), paces them, posts them with [`Client`], and records the outcome.
+//!
+//! **Pacing.** Per channel, a token bucket at `throughput_mps` with a burst of a tenth of a
+//! second's worth; a `130429` halves the rate (recovering 1 % per accepted message) and
+//! retries the message after [`retry_after`]. Per recipient, Meta's pair limit
+//! ([`PairLimit`]: a burst of 20, then one message every 6 s); a message over it waits in the outbox (`next_attempt_at`) instead of being sent to
+//! collect a `131056`, and a `131056` backs that recipient off 4^X s (X = its strikes)
+//! while other recipients go on. Rate-limit waits are the channel's, not the message's:
+//! they give the attempt back ([`Db::record_deferred`]), so only real failures count
+//! towards the retry cap. The channel's bucket runs on tokio's monotonic clock (it decides
+//! how long a send sleeps); the pair limit runs on the [`Clock`](crate::clock::Clock), like
+//! the `next_attempt_at` its waits become, and so do leases and retry times.
+//!
+//! **Outcomes** go by [`GraphError::class`] (FACTS.md §3): transient errors and transport
+//! failures retry with jitter, up to [`crate::whatsapp::errors::TRANSIENT_MAX_ATTEMPTS`]
+//! retries, then fail with the last error; permanent errors fail at once with the Graph code
+//! and message; `131047` fails with [`REENGAGE_REASON`] (the policy layer will turn it into
+//! a template; it is never retried as free-form); `131050` and `131049` fail with their
+//! reason; account-level errors (`131048`, `368`, `131031`, `190`, …) **stop the channel**:
+//! [`Db::stop_channel`], a loud `error!`, `flowgate_channel_stops_total` and the
+//! `flowgate_channel_stopped` gauge, and the message goes back to `pending` to leave when an
+//! operator resumes the channel ([`Db::resume_channel`]).
+//!
+//! **Mark-as-read.** Before the first reply to an inbound message the sender marks that
+//! message read with the typing indicator. Best effort: bounded by
+//! [`SenderOptions::mark_read_timeout`], sent at most once per inbound message by a process
+//! (never retried), and its failure never holds back or fails the reply.
+//!
+//! **Crash safety and the at-least-once window.** The engine's state and its messages
+//! commit in one transaction, so nothing the engine decided to send is lost. Each row is
+//! claimed with a lease; the wamid is recorded in the same statement that ends the lease,
+//! right after the response ([`Db::record_sent`]). Meta has no idempotent send, so one
+//! window remains: if the process dies (or the response is lost to a timeout) after
+//! WhatsApp accepted a message and before that statement commits, the row is still
+//! `sending` (or is retried as a transport failure), and when its lease runs out it is sent
+//! **again**. The customer may then see it twice. The retry carries the same idempotency
+//! key in `biz_opaque_callback_data`, which WhatsApp echoes in status webhooks, so a
+//! duplicate is recognisable afterwards (two wamids, one key), and a status webhook that
+//! arrives before the lease runs out can tie the first wamid to the row and settle it. The
+//! window is one HTTP round trip plus one local write per message; it never loses a message
+//! and it cannot be closed from our side without Meta's help.
+//!
+//! **Shutdown.** [`SenderHandle::shutdown`] stops claiming, lets in-flight sends finish and
+//! records them, gives rows still waiting for a pacing token back
+//! ([`Db::release_leases`]), and returns.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::clock::SharedClock;
+use crate::config::{ChannelConfig, Provider};
+use crate::dispatch::Runtime;
+use crate::metrics;
+use crate::store::{Db, OutboxRow, StoreError};
+use crate::whatsapp::client::{Client, Endpoint, http_client};
+use crate::whatsapp::errors::{ErrorOrigin, NO_CODE};
+use crate::whatsapp::{ErrorClass, GraphError, Recipient, message_body, retry_after};
+
+/// The reason a message that met `131047` fails with.
+pub const REENGAGE_REASON: &str = "outside the 24-hour window: needs a template";
+
+/// A gauge for [`metrics::render`]: name, help, labels, value.
+pub type Gauge = (&'static str, &'static str, Vec<(&'static str, String)>, f64);
+
+/// How a sender works; the defaults suit production.
+#[derive(Debug, Clone)]
+pub struct SenderOptions {
+    /// Rows claimed at most at once.
+    pub batch: usize,
+    /// Messages being sent (or waiting for a pacing token) at most at once.
+    pub max_in_flight: usize,
+    /// How long a claim lasts. At least the request and mark-as-read timeouts plus 10 s.
+    pub lease: Duration,
+    /// How often an idle sender looks for new rows.
+    pub idle_poll: Duration,
+    /// How often a stopped channel checks whether it was resumed.
+    pub stopped_poll: Duration,
+    /// Pacing per recipient ahead of Meta's pair limit; `None` sends as fast as the channel
+    /// allows and only backs off when WhatsApp answers `131056`.
+    pub pair_limit: Option<PairLimit>,
+    /// How long mark-as-read may hold back the reply.
+    pub mark_read_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+impl Default for SenderOptions {
+    fn default() -> Self {
+        Self {
+            batch: 256,
+            max_in_flight: 256,
+            lease: Duration::from_secs(60),
+            idle_poll: Duration::from_millis(20),
+            stopped_poll: Duration::from_secs(2),
+            pair_limit: None, // TEMP
+            mark_read_timeout: Duration::from_secs(3),
+            connect_timeout: crate::whatsapp::client::CONNECT_TIMEOUT,
+            request_timeout: crate::whatsapp::client::TIMEOUT,
+        }
+    }
+}
+
+/// Meta's pair limit as the sender paces it: `burst` messages to one recipient at once,
+/// then one per `interval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PairLimit {
+    pub burst: u32,
+    pub interval: Duration,
+}
+
+impl Default for PairLimit {
+    /// 20 at once, then one per 6 s: under Meta's documented 1 per 6 s with bursts of up to
+    /// 45 (FACTS.md §4), so the burst of a busy conversation is not refused.
+    fn default() -> Self {
+        Self {
+            burst: 20,
+            interval: Duration::from_secs(6),
+        }
+    }
+}
+
+/// Delivers one channel's outbox. Cheap to clone handles are not needed: [`Sender::spawn`]
+/// runs it in the background, [`Sender::run_once`] and [`Sender::drain`] step it by hand.
+pub struct Sender {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    channel: String,
+    db: Db,
+    client: Client,
+    clock: SharedClock,
+    owner: String,
+    options: SenderOptions,
+    pace: Mutex<ChannelPace>,
+    pairs: Mutex<HashMap<String, PairState>>,
+    /// Inbound wamids already marked read by this process.
+    marked: Mutex<HashSet<String>>,
+    /// Set when an account-level error stopped the channel; cleared when the database says
+    /// it was resumed.
+    stopped: AtomicBool,
+    wake: Arc<Notify>,
+    /// Never set: the stop signal of [`Sender::run_once`].
+    never: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender")
+            .field("channel", &self.inner.channel)
+            .field("owner", &self.inner.owner)
+            .field("endpoint", self.inner.client.endpoint())
+            .finish()
+    }
+}
+
+impl Sender {
+    /// A sender for a configured `cloud_api` or `dialog360` channel; `Err` says what is
+    /// missing (or that the channel is a sandbox, which has nothing to send).
+    pub fn new(
+        db: Db,
+        channel: &ChannelConfig,
+        clock: SharedClock,
+        options: SenderOptions,
+    ) -> Result<Self, String> {
+        let endpoint = Endpoint::for_channel(channel)?;
+        let http = http_client(options.connect_timeout, options.request_timeout);
+        Ok(Self::with_client(
+            db,
+            &channel.name,
+            channel.throughput_mps,
+            Client::with_http(http, endpoint),
+            clock,
+            options,
+        ))
+    }
+
+    /// A sender posting through `client`, at `throughput_mps` messages per second.
+    pub fn with_client(
+        db: Db,
+        channel: &str,
+        throughput_mps: u32,
+        client: Client,
+        clock: SharedClock,
+        mut options: SenderOptions,
+    ) -> Self {
+        let floor = options.request_timeout + options.mark_read_timeout + Duration::from_secs(10);
+        options.lease = options.lease.max(floor);
+        options.batch = options.batch.max(1);
+        options.max_in_flight = options.max_in_flight.max(1);
+        let owner = format!(
+            "{channel}-{}-{:08x}",
+            std::process::id(),
+            (random_fraction() * f64::from(u32::MAX)) as u32
+        );
+        let (never, _) = watch::channel(false);
+        Self {
+            inner: Arc::new(Inner {
+                channel: channel.to_string(),
+                db,
+                client,
+                clock,
+                owner,
+                pace: Mutex::new(ChannelPace::new(throughput_mps)),
+                pairs: Mutex::new(HashMap::new()),
+                marked: Mutex::new(HashSet::new()),
+                stopped: AtomicBool::new(false),
+                wake: Arc::new(Notify::new()),
+                never,
+                options,
+            }),
+        }
+    }
+
+    pub fn channel(&self) -> &str {
+        &self.inner.channel
+    }
+
+    /// The lease owner this sender claims rows as.
+    pub fn owner(&self) -> &str {
+        &self.inner.owner
+    }
+
+    /// Claims one batch, sends every claimed row (concurrently; one row per contact) and
+    /// records the outcomes. Returns how many rows it claimed; 0 when nothing is due or the
+    /// channel is stopped.
+    pub async fn run_once(&self) -> Result<usize, StoreError> {
+        let inner = &self.inner;
+        if inner.still_stopped().await? {
+            return Ok(0);
+        }
+        let limit = inner.options.batch.min(inner.pace_budget());
+        let rows = inner.claim(limit).await?;
+        let claimed = rows.len();
+        let mut tasks = JoinSet::new();
+        for row in rows {
+            let inner = inner.clone();
+            let stop = inner.never.subscribe();
+            tasks.spawn(async move { inner.deliver(row, stop).await });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            if let Err(e) = joined {
+                tracing::error!(channel = %inner.channel, error = %e, "a send task panicked");
+            }
+        }
+        Ok(claimed)
+    }
+
+    /// [`Sender::run_once`] until nothing more is due now (by the clock); returns how many
+    /// rows were claimed in all. For tests and one-shot tools.
+    pub async fn drain(&self) -> Result<usize, StoreError> {
+        let mut total = 0;
+        for _ in 0..100_000 {
+            let n = self.run_once().await?;
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        Ok(total)
+    }
+
+    /// Runs the sender in the background until [`SenderHandle::shutdown`].
+    pub fn spawn(self) -> SenderHandle {
+        let (stop, stopped) = watch::channel(false);
+        let inner = self.inner.clone();
+        let task = tokio::spawn(run(inner, stopped));
+        SenderHandle {
+            channel: self.inner.channel.clone(),
+            wake: self.inner.wake.clone(),
+            stop,
+            task,
+        }
+    }
+}
+
+/// A running sender.
+#[derive(Debug)]
+pub struct SenderHandle {
+    channel: String,
+    wake: Arc<Notify>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SenderHandle {
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// Looks for new rows now instead of at the next poll (call after committing messages).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Stops claiming, finishes the sends in flight, releases what was claimed but not
+    /// sent, and waits for all of that.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        if let Err(e) = self.task.await {
+            tracing::error!(channel = %self.channel, error = %e, "the sender task failed");
+        }
+    }
+}
+
+/// Starts one sender per `cloud_api` / `dialog360` channel of `runtime` (a channel that
+/// cannot send is logged and skipped).
+pub fn spawn_senders(runtime: &Runtime, options: &SenderOptions) -> Vec<SenderHandle> {
+    runtime
+        .channels
+        .iter()
+        .filter(|c| c.provider != Provider::Sandbox)
+        .filter_map(|c| {
+            match Sender::new(
+                runtime.db.clone(),
+                c,
+                runtime.clock.clone(),
+                options.clone(),
+            ) {
+                Ok(sender) => {
+                    tracing::info!(channel = %c.name, owner = %sender.owner(), "outbox sender started");
+                    Some(sender.spawn())
+                }
+                Err(e) => {
+                    tracing::error!(channel = %c.name, error = %e, "cannot send on this channel");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// Shuts every sender down (concurrently) and waits for them.
+pub async fn shutdown_senders(senders: Vec<SenderHandle>) {
+    let mut tasks = JoinSet::new();
+    for s in senders {
+        tasks.spawn(s.shutdown());
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Gauges read at scrape time for `GET /metrics`: `flowgate_outbox_depth{channel}` (messages
+/// not yet accepted by WhatsApp) and `flowgate_channel_stopped{channel}` (1 while an
+/// account-level error keeps the channel's sender stopped).
+pub async fn gauges(db: &Db, channels: &[ChannelConfig]) -> Result<Vec<Gauge>, StoreError> {
+    let mut gauges = Vec::new();
+    for c in channels.iter().filter(|c| c.provider != Provider::Sandbox) {
+        let depth = db.outbox_depth(&c.name).await?;
+        gauges.push((
+            "flowgate_outbox_depth",
+            "Outbound messages not yet accepted by WhatsApp.",
+            vec![("channel", c.name.clone())],
+            depth as f64,
+        ));
+    }
+    for c in channels.iter().filter(|c| c.provider != Provider::Sandbox) {
+        let stopped = db.channel_stopped(&c.name).await?.is_some();
+        gauges.push((
+            "flowgate_channel_stopped",
+            "1 while an account-level WhatsApp error keeps the channel's sender stopped.",
+            vec![("channel", c.name.clone())],
+            if stopped { 1.0 } else { 0.0 },
+        ));
+    }
+    Ok(gauges)
+}
+
+/// The background loop: claim while there is room, send each row in its own task, and on
+/// stop finish the tasks and release what is left.
+async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        while let Some(joined) = tasks.try_join_next() {
+            if let Err(e) = joined {
+                tracing::error!(channel = %inner.channel, error = %e, "a send task panicked");
+            }
+        }
+        match inner.still_stopped().await {
+            Ok(true) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(inner.options.stopped_poll) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(channel = %inner.channel, error = %e, "reading the channel state failed")
+            }
+        }
+        let room = inner.options.max_in_flight.saturating_sub(tasks.len());
+        if room == 0 {
+            tokio::select! {
+                _ = tasks.join_next() => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        let limit = room.min(inner.options.batch).min(inner.pace_budget());
+        match inner.claim(limit).await {
+            Ok(rows) if !rows.is_empty() => {
+                for row in rows {
+                    let inner = inner.clone();
+                    let stop = stop.clone();
+                    tasks.spawn(async move { inner.deliver(row, stop).await });
+                }
+            }
+            Ok(_) => {
+                // Nothing due: wait for new rows, a finished send (its contact's next
+                // message may be due), or the poll.
+                tokio::select! {
+                    _ = tokio::time::sleep(inner.options.idle_poll) => {}
+                    _ = inner.wake.notified() => {}
+                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                    _ = stop.changed() => {}
+                }
+            }
+            Err(e) => {
+                tracing::error!(channel = %inner.channel, error = %e, "claiming outbox rows failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    }
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(e) = joined {
+            tracing::error!(channel = %inner.channel, error = %e, "a send task panicked");
+        }
+    }
+    match inner
+        .db
+        .release_leases(&inner.owner, inner.clock.now())
+        .await
+    {
+        Ok(n) => {
+            tracing::info!(channel = %inner.channel, released = n, "outbox sender stopped")
+        }
+        Err(e) => tracing::error!(
+            channel = %inner.channel,
+            error = %e,
+            "releasing leases failed; the rows go out again when their leases run out"
+        ),
+    }
+}
+
+/// How a send ended, for `flowgate_outbound_total{status}`.
+#[derive(Clone, Copy)]
+enum Outcome {
+    Sent,
+    Retry,
+    Deferred,
+    Failed,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Sent => "sent",
+            Self::Retry => "retry",
+            Self::Deferred => "deferred",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+impl Inner {
+    async fn claim(&self, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        let rows = self
+            .db
+            .claim_outbox(
+                &self.channel,
+                self.clock.now(),
+                i64::try_from(limit).unwrap_or(i64::MAX),
+                &self.owner,
+                self.options.lease,
+            )
+            .await?;
+        for row in rows.iter().filter(|r| r.reclaimed) {
+            tracing::warn!(
+                channel = %self.channel,
+                message = row.id,
+                idempotency_key = %row.idempotency_key,
+                attempt = row.attempts,
+                "sending again a message whose lease ran out while it was being sent: the \
+                 previous attempt may have reached WhatsApp, so the customer may get it twice"
+            );
+        }
+        Ok(rows)
+    }
+
+    /// Whether the channel is (still) stopped. Only asks the database once this process saw
+    /// an account-level error; another process's stop shows as empty claims.
+    async fn still_stopped(&self) -> Result<bool, StoreError> {
+        if !self.stopped.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        if self.db.channel_stopped(&self.channel).await?.is_some() {
+            return Ok(true);
+        }
+        self.stopped.store(false, Ordering::SeqCst);
+        tracing::info!(channel = %self.channel, "channel resumed: sending again");
+        Ok(false)
+    }
+
+    /// Rows worth claiming at the current pace: about five seconds of sending, so claimed
+    /// rows do not sit out their lease waiting for tokens.
+    fn pace_budget(&self) -> usize {
+        let rate = self.pace.lock().expect("pace lock").rate();
+        ((rate * 5.0).ceil() as usize).max(1)
+    }
+
+    async fn deliver(self: Arc<Self>, row: OutboxRow, mut stop: watch::Receiver<bool>) {
+        let t_start = Instant::now();
+        if self.stopped.load(Ordering::SeqCst) {
+            self.defer(&row, self.clock.now(), None).await;
+            return;
+        }
+        let outbound = match row.outbound() {
+            Ok(o) => o,
+            Err(e) => {
+                let reason = format!("the stored message is unreadable: {e}");
+                self.fail(&row, None, &reason).await;
+                return;
+            }
+        };
+
+        // The pair limit: over it, the message waits in the outbox rather than here.
+        if let Err(wait) = self.pair_try(&row.wa_id) {
+            tracing::debug!(channel = %self.channel, message = row.id, wait_ms = wait.as_millis() as u64, "pair limit: deferred");
+            self.defer(&row, self.clock.now() + chrono_duration(wait), None)
+                .await;
+            return;
+        }
+        // The channel's pace: wait for a token here (a stop gives the row back unsent).
+        let at = self.pace.lock().expect("pace lock").reserve(Instant::now());
+        if at > Instant::now() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(at) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+        // Never send on a lease that could run out before the outcome is recorded.
+        let margin = self.options.request_timeout + self.options.mark_read_timeout;
+        if self.clock.now() + chrono_duration(margin) + chrono::Duration::seconds(5)
+            > row.lease_until
+        {
+            self.defer(&row, self.clock.now(), None).await;
+            return;
+        }
+
+        if row.first_reply
+            && !row.reclaimed
+            && let Some(inbound) = &row.in_reply_to
+        {
+            self.mark_read(inbound).await;
+        }
+
+        let t_mark = Instant::now();
+        let mut body = message_body(recipient_for(&row.wa_id), &outbound.content, None);
+        body["biz_opaque_callback_data"] = json!(row.idempotency_key);
+        let started = Instant::now();
+        let result = self.client.send(&body).await;
+        metrics::observe(
+            "flowgate_send_seconds",
+            "Latency of WhatsApp send requests.",
+            &[("channel", &self.channel)],
+            started.elapsed().as_secs_f64(),
+        );
+        match result {
+            Ok(ok) => {
+                let t_sent = Instant::now();
+                let now = self.clock.now();
+                let recorded = retrying("record the send", row.id, || {
+                    self.db.record_sent(row.id, &ok.wamid, now)
+                })
+                .await;
+                if recorded.is_none() {
+                    tracing::error!(
+                        channel = %self.channel,
+                        message = row.id,
+                        wamid = %ok.wamid,
+                        "WhatsApp accepted the message but recording it failed; it will be \
+                         sent again when its lease runs out"
+                    );
+                }
+                tmp_stats((self.clock.now() - row.created_at).to_std().unwrap_or_default().saturating_sub(t_start.elapsed()), t_mark.duration_since(t_start), t_sent.duration_since(t_mark), t_sent.elapsed());
+                self.pace.lock().expect("pace lock").accepted();
+                if let Some(pair) = self.pairs.lock().expect("pairs lock").get_mut(&row.wa_id) {
+                    pair.strikes = 0;
+                }
+                self.count(Outcome::Sent);
+                tracing::debug!(channel = %self.channel, message = row.id, wamid = %ok.wamid, "sent");
+            }
+            Err(e) => self.failed_send(&row, e).await,
+        }
+    }
+
+    async fn failed_send(&self, row: &OutboxRow, e: GraphError) {
+        metrics::count(
+            "flowgate_send_errors_total",
+            "WhatsApp send errors by code (`transport` when there was no answer).",
+            &[("code", &error_label(&e))],
+            1,
+        );
+        let class = e.class();
+        let code = (e.code != NO_CODE).then_some(e.code);
+        let text = e.to_string();
+        let now = self.clock.now();
+        match class {
+            ErrorClass::RateLimited => {
+                let level = self.pace.lock().expect("pace lock").slow_down();
+                let wait =
+                    retry_after(class, level, random_fraction()).unwrap_or(Duration::from_secs(60));
+                tracing::warn!(
+                    channel = %self.channel,
+                    message = row.id,
+                    rate_mps = self.pace.lock().expect("pace lock").rate(),
+                    wait_ms = wait.as_millis() as u64,
+                    error = %text,
+                    "rate limited: slowing the channel down"
+                );
+                self.defer(row, now + chrono_duration(wait), Some((code, &text)))
+                    .await;
+            }
+            ErrorClass::PairRateLimited => {
+                let wait = {
+                    let mut pairs = self.pairs.lock().expect("pairs lock");
+                    let pair = pairs
+                        .entry(row.wa_id.clone())
+                        .or_insert_with(|| self.new_pair());
+                    // The row's `next_attempt_at` holds the recipient back: it is the
+                    // contact's oldest undelivered message, so nothing of theirs goes before.
+                    let wait = retry_after(class, pair.strikes, random_fraction());
+                    pair.strikes += 1;
+                    wait.map(|w| (w, pair.strikes))
+                };
+                match wait {
+                    Some((wait, strikes)) => {
+                        tracing::warn!(
+                            channel = %self.channel,
+                            message = row.id,
+                            strikes,
+                            wait_ms = wait.as_millis() as u64,
+                            "pair rate limit: backing this recipient off"
+                        );
+                        self.defer(row, now + chrono_duration(wait), Some((code, &text)))
+                            .await;
+                    }
+                    None => {
+                        let reason = format!("the pair rate limit did not let up: {text}");
+                        self.fail(row, code, &reason).await;
+                    }
+                }
+            }
+            ErrorClass::Transient => {
+                let retry = u32::try_from(row.attempts.saturating_sub(1)).unwrap_or(u32::MAX);
+                match retry_after(class, retry, random_fraction()) {
+                    Some(wait) => {
+                        tracing::warn!(
+                            channel = %self.channel,
+                            message = row.id,
+                            attempt = row.attempts,
+                            wait_ms = wait.as_millis() as u64,
+                            error = %text,
+                            "send failed; retrying"
+                        );
+                        let not_before = now + chrono_duration(wait);
+                        let done = retrying("record the retry", row.id, || {
+                            self.db
+                                .record_retry(row.id, &self.owner, not_before, code, &text, now)
+                        })
+                        .await;
+                        self.lost_lease(row, done);
+                        self.count(Outcome::Retry);
+                    }
+                    None => {
+                        let reason = format!("gave up after {} attempts: {text}", row.attempts);
+                        self.fail(row, code, &reason).await;
+                    }
+                }
+            }
+            ErrorClass::Reengage => self.fail(row, Some(131047), REENGAGE_REASON).await,
+            ErrorClass::MarketingOptOut => {
+                let reason = format!("the recipient stopped marketing messages: {text}");
+                self.fail(row, code, &reason).await;
+            }
+            ErrorClass::EcosystemBackoff => {
+                let reason = format!(
+                    "not delivered to keep ecosystem engagement healthy; Meta says wait 24 h \
+                     before sending again: {text}"
+                );
+                self.fail(row, code, &reason).await;
+            }
+            ErrorClass::Permanent => self.fail(row, code, &text).await,
+            ErrorClass::AccountStopped => {
+                self.stop_channel(code, &text).await;
+                self.defer(row, now, Some((code, &text))).await;
+            }
+        }
+    }
+
+    async fn stop_channel(&self, code: Option<i64>, reason: &str) {
+        if self.stopped.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let now = self.clock.now();
+        if retrying("stop the channel", 0, || {
+            self.db.stop_channel(&self.channel, code, reason, now)
+        })
+        .await
+        .is_none()
+        {
+            tracing::error!(channel = %self.channel, "could not record the stop in the database");
+        }
+        metrics::count(
+            "flowgate_channel_stops_total",
+            "Times a channel's sender stopped on an account-level WhatsApp error.",
+            &[("channel", &self.channel)],
+            1,
+        );
+        tracing::error!(
+            channel = %self.channel,
+            code = code.unwrap_or(NO_CODE),
+            reason,
+            "CHANNEL STOPPED: WhatsApp refused this number's messages with an account-level \
+             error (blocked, restricted, locked or bad credentials). Nothing more is sent on \
+             this channel; its messages wait in the outbox. Fix the cause, then resume the \
+             channel."
+        );
+    }
+
+    async fn mark_read(&self, inbound: &str) {
+        {
+            let mut marked = self.marked.lock().expect("marked lock");
+            if marked.len() >= 100_000 {
+                marked.clear();
+            }
+            if !marked.insert(inbound.to_string()) {
+                return;
+            }
+        }
+        let outcome = tokio::time::timeout(
+            self.options.mark_read_timeout,
+            self.client.mark_read(inbound, true),
+        )
+        .await;
+        let status = match outcome {
+            Ok(Ok(())) => "ok",
+            Ok(Err(e)) => {
+                tracing::debug!(channel = %self.channel, wamid = inbound, error = %e, "mark-as-read failed");
+                "error"
+            }
+            Err(_) => {
+                tracing::debug!(channel = %self.channel, wamid = inbound, "mark-as-read timed out");
+                "timeout"
+            }
+        };
+        metrics::count(
+            "flowgate_mark_read_total",
+            "Mark-as-read requests (with the typing indicator) by outcome.",
+            &[("channel", &self.channel), ("status", status)],
+            1,
+        );
+    }
+
+    /// Back to `pending` without counting the attempt.
+    async fn defer(
+        &self,
+        row: &OutboxRow,
+        not_before: DateTime<Utc>,
+        error: Option<(Option<i64>, &str)>,
+    ) {
+        let now = self.clock.now();
+        let done = retrying("defer", row.id, || {
+            self.db
+                .record_deferred(row.id, &self.owner, not_before, error, now)
+        })
+        .await;
+        self.lost_lease(row, done);
+        self.count(Outcome::Deferred);
+    }
+
+    async fn fail(&self, row: &OutboxRow, code: Option<i64>, reason: &str) {
+        tracing::warn!(channel = %self.channel, message = row.id, code = code.unwrap_or(NO_CODE), reason, "message failed");
+        let now = self.clock.now();
+        let done = retrying("record the failure", row.id, || {
+            self.db
+                .record_failed(row.id, &self.owner, code, reason, now)
+        })
+        .await;
+        self.lost_lease(row, done);
+        self.count(Outcome::Failed);
+    }
+
+    /// Logs an outcome that could not be recorded because the row is no longer ours.
+    fn lost_lease(&self, row: &OutboxRow, done: Option<bool>) {
+        if done == Some(false) {
+            tracing::warn!(
+                channel = %self.channel,
+                message = row.id,
+                "the lease on this message ran out before its outcome was recorded"
+            );
+        }
+    }
+
+    fn count(&self, outcome: Outcome) {
+        metrics::count(
+            "flowgate_outbound_total",
+            "Outbound send outcomes by channel and status.",
+            &[("channel", &self.channel), ("status", outcome.as_str())],
+            1,
+        );
+    }
+
+    fn new_pair(&self) -> PairState {
+        // Without a pair limit the state only counts 131056 strikes.
+        let limit = self.options.pair_limit.unwrap_or_default();
+        PairState {
+            pace: Gcra::new(limit.interval, limit.burst),
+            strikes: 0,
+        }
+    }
+
+    /// Takes a token of the recipient's pair limit, or says how long until one is free.
+    fn pair_try(&self, recipient: &str) -> Result<(), Duration> {
+        if self.options.pair_limit.is_none() {
+            return Ok(());
+        }
+        let now = clock_offset(self.clock.now());
+        let mut pairs = self.pairs.lock().expect("pairs lock");
+        if pairs.len() >= 50_000 {
+            // Forget recipients whose bucket is full again and who have no strikes.
+            pairs.retain(|_, p| p.strikes > 0 || p.pace.busy_at(now));
+        }
+        pairs
+            .entry(recipient.to_string())
+            .or_insert_with(|| self.new_pair())
+            .pace
+            .try_reserve(now)
+    }
+}
+
+/// Runs a database write up to three times (a busy database, a dropped connection), so an
+/// outcome is not lost to a hiccup.
+async fn retrying<T, F, Fut>(what: &str, id: i64, mut write: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    for attempt in 1..=3u32 {
+        match write().await {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                tracing::error!(message = id, attempt, error = %e, "could not {what}");
+                tokio::time::sleep(Duration::from_millis(100) * attempt).await;
+            }
+        }
+    }
+    None
+}
+
+/// A phone number goes `to`, a business-scoped user id (`US.1349…`, letters in it) goes as
+/// `recipient` (FACTS.md §10.5).
+pub fn recipient_for(wa_id: &str) -> Recipient {
+    if wa_id.chars().any(|c| c.is_ascii_alphabetic()) {
+        Recipient::UserId(wa_id.to_string())
+    } else {
+        Recipient::Phone(wa_id.to_string())
+    }
+}
+
+/// The `code` label of `flowgate_send_errors_total`.
+fn error_label(e: &GraphError) -> String {
+    match (e.origin, e.http_status) {
+        (ErrorOrigin::Transport, _) => "transport".into(),
+        (ErrorOrigin::Http, Some(status)) => format!("http_{status}"),
+        _ => e.code.to_string(),
+    }
+}
+
+/// A clock reading as an offset from the Unix epoch, for [`Gcra`].
+fn clock_offset(at: DateTime<Utc>) -> Duration {
+    Duration::from_millis(u64::try_from(at.timestamp_millis()).unwrap_or(0))
+}
+
+fn chrono_duration(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// A fraction in `[0, 1)` for jitter, from the standard library's randomly keyed hasher.
+fn random_fraction() -> f64 {
+    use std::hash::BuildHasher;
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let x = std::collections::hash_map::RandomState::new()
+        .hash_one(SEQ.fetch_add(1, Ordering::Relaxed));
+    (x >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// A token bucket as a generic cell rate algorithm: one token per `interval`, up to `burst`
+/// at once. Times are offsets from any fixed origin (the caller's clock); `tat` is the
+/// theoretical arrival time of the next request at the steady rate.
+#[derive(Debug, Clone)]
+struct Gcra {
+    interval: Duration,
+    burst: u32,
+    tat: Option<Duration>,
+}
+
+impl Gcra {
+    fn new(interval: Duration, burst: u32) -> Self {
+        Self {
+            interval,
+            burst: burst.max(1),
+            tat: None,
+        }
+    }
+
+    /// How far ahead of `tat` a request may go: the burst.
+    fn tolerance(&self) -> Duration {
+        self.interval * (self.burst - 1)
+    }
+
+    /// The earliest time a request may go.
+    fn allowed_at(&self, now: Duration) -> Duration {
+        match self.tat.map(|t| t.saturating_sub(self.tolerance())) {
+            Some(at) if at > now => at,
+            _ => now,
+        }
+    }
+
+    /// Takes the next token, which may be in the future: returns when to go.
+    fn reserve(&mut self, now: Duration) -> Duration {
+        let at = self.allowed_at(now);
+        let base = self.tat.map_or(at, |t| t.max(at));
+        self.tat = Some(base + self.interval);
+        at
+    }
+
+    /// Takes a token if one is free now, else says how long until one is.
+    fn try_reserve(&mut self, now: Duration) -> Result<(), Duration> {
+        let at = self.allowed_at(now);
+        if at > now {
+            return Err(at - now);
+        }
+        self.reserve(now);
+        Ok(())
+    }
+
+    /// Whether the bucket is not full at `now` (it still remembers recent requests).
+    fn busy_at(&self, now: Duration) -> bool {
+        self.tat.is_some_and(|t| t > now)
+    }
+}
+
+/// The channel's pace: `throughput_mps`, halved on each `130429`, recovering 1 % per
+/// accepted message. On tokio's monotonic clock: it decides how long a task sleeps.
+#[derive(Debug)]
+struct ChannelPace {
+    origin: Instant,
+    configured: f64,
+    factor: f64,
+    /// `130429`s since the last accepted message: the exponent of the retry delay.
+    level: u32,
+    gcra: Gcra,
+}
+
+impl ChannelPace {
+    fn new(throughput_mps: u32) -> Self {
+        let mut pace = Self {
+            origin: Instant::now(),
+            configured: f64::from(throughput_mps.max(1)),
+            factor: 1.0,
+            level: 0,
+            gcra: Gcra::new(Duration::from_secs(1), 1),
+        };
+        pace.apply();
+        pace
+    }
+
+    fn rate(&self) -> f64 {
+        (self.configured * self.factor).max(1.0)
+    }
+
+    fn apply(&mut self) {
+        let rate = self.rate();
+        self.gcra.interval = Duration::from_secs_f64(1.0 / rate);
+        // A tenth of a second's worth at once.
+        self.gcra.burst = ((rate / 10.0).ceil() as u32).max(1);
+    }
+
+    /// When the next message may go.
+    fn reserve(&mut self, now: Instant) -> Instant {
+        let since = now.saturating_duration_since(self.origin);
+        self.origin + self.gcra.reserve(since)
+    }
+
+    /// A `130429`: half the rate; returns the retry exponent.
+    fn slow_down(&mut self) -> u32 {
+        let level = self.level;
+        self.level = self.level.saturating_add(1);
+        self.factor = (self.factor / 2.0).max(1.0 / self.configured);
+        self.apply();
+        level
+    }
+
+    fn accepted(&mut self) {
+        self.level = 0;
+        if self.factor < 1.0 {
+            self.factor = (self.factor * 1.01).min(1.0);
+            self.apply();
+        }
+    }
+}
+
+/// One recipient's pair-limit bucket, on the [`Clock`](crate::clock::Clock) like the
+/// `next_attempt_at` its waits become.
+#[derive(Debug)]
+struct PairState {
+    pace: Gcra,
+    /// `131056`s since the last accepted message: X in Meta's 4^X s.
+    strikes: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    #[test]
+    fn gcra_allows_the_burst_then_paces() {
+        let start = secs(1_000);
+        let mut g = Gcra::new(secs(6), 3);
+        assert_eq!(g.try_reserve(start), Ok(()));
+        assert_eq!(g.try_reserve(start), Ok(()));
+        assert_eq!(g.try_reserve(start), Ok(()));
+        assert_eq!(g.try_reserve(start), Err(secs(6)));
+        assert_eq!(g.try_reserve(start + secs(2)), Err(secs(4)));
+        assert_eq!(g.try_reserve(start + secs(6)), Ok(()));
+        assert!(g.try_reserve(start + secs(6)).is_err());
+        assert!(g.busy_at(start + secs(6)));
+        // A long pause refills the burst, no more.
+        let later = start + secs(600);
+        assert!(!g.busy_at(later));
+        for _ in 0..3 {
+            assert_eq!(g.try_reserve(later), Ok(()));
+        }
+        assert!(g.try_reserve(later).is_err());
+    }
+
+    #[test]
+    fn gcra_reservations_queue_up() {
+        let mut g = Gcra::new(Duration::from_millis(100), 1);
+        let at: Vec<Duration> = (0..4).map(|_| g.reserve(Duration::ZERO)).collect();
+        assert_eq!(at, [0, 100, 200, 300].map(Duration::from_millis).to_vec());
+        // Time passing does not bank tokens beyond the burst.
+        assert_eq!(g.reserve(secs(10)), secs(10));
+        assert_eq!(g.reserve(secs(10)), secs(10) + Duration::from_millis(100));
+    }
+
+    #[test]
+    fn rate_limits_halve_the_pace_and_recover() {
+        let mut p = ChannelPace::new(80);
+        assert_eq!(p.rate(), 80.0);
+        assert_eq!(p.gcra.burst, 8);
+        assert_eq!(p.slow_down(), 0);
+        assert_eq!(p.slow_down(), 1);
+        assert_eq!(p.rate(), 20.0);
+        for _ in 0..1000 {
+            p.accepted();
+        }
+        assert_eq!(p.rate(), 80.0);
+        assert_eq!(p.level, 0);
+        for _ in 0..20 {
+            p.slow_down();
+        }
+        assert_eq!(p.rate(), 1.0, "never below one message a second");
+    }
+
+    #[test]
+    fn recipients_by_shape() {
+        assert_eq!(
+            recipient_for("15555550123"),
+            Recipient::Phone("15555550123".into())
+        );
+        assert_eq!(
+            recipient_for("US.13491208655302741918"),
+            Recipient::UserId("US.13491208655302741918".into())
+        );
+    }
+
+    #[test]
+    fn random_fractions_vary_in_range() {
+        let xs: Vec<f64> = (0..100).map(|_| random_fraction()).collect();
+        assert!(xs.iter().all(|x| (0.0..1.0).contains(x)));
+        assert!(xs.windows(2).any(|w| w[0] != w[1]));
+    }
+}
+
+fn tmp_stats(z: Duration, a: Duration, b: Duration, c: Duration) {
+    static S: Mutex<(u64, f64, f64, f64, f64)> = Mutex::new((0, 0.0, 0.0, 0.0, 0.0));
+    let mut s = S.lock().unwrap();
+    s.0 += 1; s.4 += z.as_secs_f64(); s.1 += a.as_secs_f64(); s.2 += b.as_secs_f64(); s.3 += c.as_secs_f64();
+    if s.0 % 2000 == 0 { eprintln!("TMP n={} commit->deliver={:.1}ms pre+mark={:.1}ms send={:.1}ms record={:.1}ms", s.0, s.4/s.0 as f64*1e3, s.1/s.0 as f64*1e3, s.2/s.0 as f64*1e3, s.3/s.0 as f64*1e3); }
+}

@@ -1,0 +1,463 @@
+//! A fake WhatsApp Graph API on 127.0.0.1 for integration tests: a real HTTP server (axum,
+//! port 0) that checks credentials like Meta or 360dialog, records every request, and
+//! answers like the Cloud API — or as a test scripts it (errors, HTTP failures, delays).
+//!
+//! ```ignore
+//! let fake = FakeGraph::start(FakeAuth::cloud_api("110000000000001", "token")).await;
+//! fake.script(Script::next(2, Reply::graph_error(130429)));
+//! // … point a channel's api_base at fake.cloud_api_base() …
+//! let sends = fake.wait_for_sends(3, Duration::from_secs(5)).await;
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::{Value, json};
+
+/// The Graph API version in the fake's Cloud API paths.
+pub const VERSION: &str = "v25.0";
+
+/// Which provider the fake plays, with the credentials it accepts.
+#[derive(Debug, Clone)]
+pub enum FakeAuth {
+    /// `POST /{VERSION}/{phone_number_id}/messages` with `Authorization: Bearer {token}`.
+    CloudApi {
+        phone_number_id: String,
+        token: String,
+    },
+    /// `POST /messages` with `D360-API-KEY: {key}`.
+    Dialog360 { key: String },
+}
+
+impl FakeAuth {
+    pub fn cloud_api(phone_number_id: &str, token: &str) -> Self {
+        Self::CloudApi {
+            phone_number_id: phone_number_id.into(),
+            token: token.into(),
+        }
+    }
+
+    pub fn dialog360(key: &str) -> Self {
+        Self::Dialog360 { key: key.into() }
+    }
+}
+
+/// One request as the fake received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// The request path, e.g. `/v25.0/110000000000001/messages`.
+    pub path: String,
+    /// Header names in lower case.
+    pub headers: BTreeMap<String, String>,
+    pub body: Value,
+    /// What the fake answered: the HTTP status and, for an accepted send, the wamid.
+    pub status: u16,
+    pub wamid: Option<String>,
+    /// When it arrived, for ordering and pacing checks.
+    pub at: std::time::Instant,
+}
+
+impl Recorded {
+    /// A mark-as-read (`"status": "read"`) rather than a message.
+    pub fn is_mark_read(&self) -> bool {
+        self.body.get("status").and_then(Value::as_str) == Some("read")
+    }
+
+    /// Who a message went to: `to` (without the `+`), else `recipient`.
+    pub fn to(&self) -> Option<String> {
+        self.body
+            .get("to")
+            .and_then(Value::as_str)
+            .map(|t| t.trim_start_matches('+').to_string())
+            .or_else(|| {
+                self.body
+                    .get("recipient")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            })
+    }
+
+    /// The text of a text message, the body of an interactive one, or a template's name.
+    pub fn text(&self) -> Option<&str> {
+        let b = &self.body;
+        b["text"]["body"]
+            .as_str()
+            .or_else(|| b["interactive"]["body"]["text"].as_str())
+            .or_else(|| b["template"]["name"].as_str())
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
+    }
+}
+
+/// How the fake answers a send.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// The Cloud API's success: `{"messaging_product", "contacts", "messages":[{"id"}]}`.
+    Success,
+    /// A Graph error envelope with this code (and Meta's title for it), at `http` status.
+    GraphError { http: u16, code: i64 },
+    /// Any status and raw body (a proxy's 502 page, an empty 500…).
+    Http { status: u16, body: String },
+    /// Waits, then answers (to exceed a client's timeout).
+    Delay(Duration, Box<Reply>),
+}
+
+impl Reply {
+    /// The error `code` at the HTTP status Meta's table gives it.
+    pub fn graph_error(code: i64) -> Self {
+        let http = match code {
+            130429 => 429,
+            131000 | 131016 | 131057 => 500,
+            2 | 133004 => 503,
+            131031 | 368 | 130497 => 403,
+            132001 => 404,
+            190 | 0 => 401,
+            _ => 400,
+        };
+        Self::GraphError { http, code }
+    }
+
+    pub fn delayed(by: Duration, then: Reply) -> Self {
+        Self::Delay(by, Box::new(then))
+    }
+}
+
+/// A scripted answer: for which sends, and how often.
+#[derive(Debug, Clone)]
+pub struct Script {
+    /// Only sends to this recipient (`to` without `+`, or `recipient`); `None` for any.
+    pub to: Option<String>,
+    /// How many sends it answers; `None` for all of them.
+    pub times: Option<usize>,
+    pub reply: Reply,
+}
+
+impl Script {
+    /// The next `n` sends.
+    pub fn next(n: usize, reply: Reply) -> Self {
+        Self {
+            to: None,
+            times: Some(n),
+            reply,
+        }
+    }
+
+    /// Every send from now on.
+    pub fn always(reply: Reply) -> Self {
+        Self {
+            to: None,
+            times: None,
+            reply,
+        }
+    }
+
+    /// The next `n` sends to `to`.
+    pub fn next_to(to: &str, n: usize, reply: Reply) -> Self {
+        Self {
+            to: Some(to.trim_start_matches('+').to_string()),
+            times: Some(n),
+            reply,
+        }
+    }
+}
+
+#[derive(Default)]
+struct FakeState {
+    requests: Vec<Recorded>,
+    scripts: Vec<Script>,
+    mark_read_fails: bool,
+    sent: u64,
+}
+
+#[derive(Clone)]
+struct Shared {
+    auth: FakeAuth,
+    state: Arc<Mutex<FakeState>>,
+    changed: Arc<tokio::sync::Notify>,
+}
+
+/// The running fake; it stops when dropped.
+pub struct FakeGraph {
+    /// `http://127.0.0.1:{port}`.
+    pub url: String,
+    shared: Shared,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeGraph {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeGraph {
+    pub async fn start(auth: FakeAuth) -> Self {
+        let shared = Shared {
+            auth,
+            state: Arc::new(Mutex::new(FakeState::default())),
+            changed: Arc::new(tokio::sync::Notify::new()),
+        };
+        let app = Router::new()
+            .route("/{*path}", post(handle))
+            .with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the fake Graph API");
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { url, shared, task }
+    }
+
+    /// The `api_base` of a `cloud_api` channel pointed at this fake (version included).
+    pub fn cloud_api_base(&self) -> String {
+        format!("{}/{VERSION}", self.url)
+    }
+
+    /// Adds a scripted answer. Scripts are tried in the order added; the first one that
+    /// matches a send answers it (and is used up after its `times`).
+    pub fn script(&self, script: Script) {
+        self.shared.state.lock().unwrap().scripts.push(script);
+    }
+
+    /// Forgets every script: sends succeed again.
+    pub fn clear_scripts(&self) {
+        self.shared.state.lock().unwrap().scripts.clear();
+    }
+
+    /// Makes mark-as-read answer HTTP 500.
+    pub fn fail_mark_reads(&self, fail: bool) {
+        self.shared.state.lock().unwrap().mark_read_fails = fail;
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.shared.state.lock().unwrap().requests.clone()
+    }
+
+    /// The message sends so far (not mark-as-read), in arrival order.
+    pub fn sends(&self) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| !r.is_mark_read())
+            .collect()
+    }
+
+    /// The mark-as-read requests so far.
+    pub fn mark_reads(&self) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(Recorded::is_mark_read)
+            .collect()
+    }
+
+    /// Waits until at least `n` sends arrived (and were answered), or panics after `timeout`.
+    pub async fn wait_for_sends(&self, n: usize, timeout: Duration) -> Vec<Recorded> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.shared.changed.notified();
+            let sends = self.sends();
+            if sends.len() >= n {
+                return sends;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                panic!(
+                    "waited {timeout:?} for {n} sends at the fake Graph API, got {}: {:#?}",
+                    sends.len(),
+                    sends.iter().map(|s| &s.body).collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+}
+
+/// Meta's title for the error codes tests use.
+fn title(code: i64) -> &'static str {
+    match code {
+        130429 => "Rate limit hit",
+        131056 => "(Business Account, Consumer Account) pair rate limit hit",
+        131047 => "Re-engagement message",
+        131026 => "Message undeliverable",
+        131000 => "Something went wrong",
+        131048 => "Spam rate limit hit",
+        368 => "Temporarily blocked for policies violations",
+        131031 => "Account has been locked",
+        190 => "Error validating access token: Session has expired",
+        132001 => "Template name does not exist in the translation",
+        131049 => "This message was not delivered to maintain healthy ecosystem engagement.",
+        131050 => {
+            "Unable to deliver the message. This recipient has chosen to stop receiving marketing messages on WhatsApp from your business"
+        }
+        _ => "Error",
+    }
+}
+
+fn graph_error_body(code: i64) -> Value {
+    json!({
+        "error": {
+            "message": format!("(#{code}) {}", title(code)),
+            "type": "OAuthException",
+            "code": code,
+            "error_data": {
+                "messaging_product": "whatsapp",
+                "details": format!("{} (fake)", title(code)),
+            },
+            "fbtrace_id": "AfakeTraceId",
+        }
+    })
+}
+
+async fn handle(
+    State(shared): State<Shared>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Response {
+    let path = format!("/{path}");
+    let headers: BTreeMap<String, String> = headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_ascii_lowercase(),
+                v.to_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let mut recorded = Recorded {
+        path: path.clone(),
+        headers: headers.clone(),
+        body: body.clone(),
+        status: 0,
+        wamid: None,
+        at: std::time::Instant::now(),
+    };
+
+    // Where and how a real provider would refuse the request.
+    let refusal = match &shared.auth {
+        FakeAuth::CloudApi {
+            phone_number_id,
+            token,
+        } => {
+            if path != format!("/{VERSION}/{phone_number_id}/messages") {
+                Some((
+                    404,
+                    json!({"error": {"message": format!("Unknown path {path}"), "type": "GraphMethodException", "code": 100}}),
+                ))
+            } else if headers.get("authorization") != Some(&format!("Bearer {token}")) {
+                Some((401, graph_error_body(190)))
+            } else {
+                None
+            }
+        }
+        FakeAuth::Dialog360 { key } => {
+            if path != "/messages" {
+                Some((
+                    404,
+                    json!({"meta": {"success": false, "httpCode": 404, "developerMessage": "Not found"}}),
+                ))
+            } else if headers.get("d360-api-key") != Some(key)
+                || headers.contains_key("authorization")
+            {
+                Some((
+                    401,
+                    json!({"meta": {"success": false, "httpCode": 401, "developerMessage": "Invalid api key"}}),
+                ))
+            } else {
+                None
+            }
+        }
+    };
+    if let Some((status, answer)) = refusal {
+        return finish(&shared, recorded, status, answer.to_string());
+    }
+
+    if recorded.is_mark_read() {
+        let fails = shared.state.lock().unwrap().mark_read_fails;
+        return if fails {
+            finish(&shared, recorded, 500, String::new())
+        } else {
+            finish(&shared, recorded, 200, json!({"success": true}).to_string())
+        };
+    }
+
+    let mut reply = {
+        let mut state = shared.state.lock().unwrap();
+        let to = recorded.to();
+        let found = state
+            .scripts
+            .iter()
+            .position(|s| s.to.is_none() || s.to == to);
+        match found {
+            Some(i) => {
+                let reply = state.scripts[i].reply.clone();
+                if let Some(times) = &mut state.scripts[i].times {
+                    *times -= 1;
+                    if *times == 0 {
+                        state.scripts.remove(i);
+                    }
+                }
+                reply
+            }
+            None => Reply::Success,
+        }
+    };
+    loop {
+        match reply {
+            Reply::Delay(by, then) => {
+                tokio::time::sleep(by).await;
+                reply = *then;
+            }
+            Reply::Success => {
+                let wamid = {
+                    let mut state = shared.state.lock().unwrap();
+                    state.sent += 1;
+                    format!("wamid.fake.{}", state.sent)
+                };
+                let contact = match (
+                    body.get("to").and_then(Value::as_str),
+                    body.get("recipient").and_then(Value::as_str),
+                ) {
+                    (Some(to), _) => json!({"input": to, "wa_id": to.trim_start_matches('+')}),
+                    (None, Some(user)) => json!({"input": user, "user_id": user}),
+                    (None, None) => json!({}),
+                };
+                recorded.wamid = Some(wamid.clone());
+                let answer = json!({
+                    "messaging_product": "whatsapp",
+                    "contacts": [contact],
+                    "messages": [{"id": wamid}],
+                });
+                return finish(&shared, recorded, 200, answer.to_string());
+            }
+            Reply::GraphError { http, code } => {
+                return finish(&shared, recorded, http, graph_error_body(code).to_string());
+            }
+            Reply::Http { status, body } => return finish(&shared, recorded, status, body),
+        }
+    }
+}
+
+fn finish(shared: &Shared, mut recorded: Recorded, status: u16, body: String) -> Response {
+    recorded.status = status;
+    shared.state.lock().unwrap().requests.push(recorded);
+    shared.changed.notify_waiters();
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}

@@ -1,0 +1,916 @@
+//! WhatsApp webhooks end to end: the real server on port 0 with a SQLite file, a `cloud_api`
+//! and a `dialog360` channel, signed webhooks in (payloads from `tests/fixtures/whatsapp/`,
+//! Meta's documented shapes), and the database checked until the inbound worker is done.
+//! Loopback only; every wait polls with a deadline.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flowgate::app::{self, Application};
+use flowgate::clock::SystemClock;
+use flowgate::http::AppState;
+use flowgate::inbound::{drain_once, inbox_row};
+use flowgate::store::Db;
+use flowgate::whatsapp::parse_webhook;
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+const APP_SECRET: &str = "test-app-secret";
+const VERIFY_TOKEN: &str = "test-verify-token";
+const D360_SECRET: &str = "test-webhook-secret";
+const PHONE_NUMBER_ID: &str = "110000000000001";
+const WA_ID: &str = "15555550123";
+const BSUID: &str = "US.20000000000000000123";
+const REPLY: &str = "Hello from flowgate";
+
+const CONFIG: &str = r#"
+flows: flows
+channels:
+  - name: main
+    provider: cloud_api
+    phone_number_id: "110000000000001"
+    access_token: test-access-token
+    app_secret: test-app-secret
+    verify_token: test-verify-token
+    api_base: http://127.0.0.1:9
+  - name: d360
+    provider: dialog360
+    api_key: test-api-key
+    webhook_secret: test-webhook-secret
+    api_base: http://127.0.0.1:9
+"#;
+
+const FLOW: &str = r#"
+flow: hello
+triggers:
+  - keywords: [hi, hello, color]
+steps:
+  greet:
+    say: "Hello from flowgate"
+"#;
+
+const SURVEY: &str = r#"
+flow: survey
+triggers:
+  - keywords: [survey]
+steps:
+  ask_name:
+    ask: "Your name?"
+    save: name
+    next: thanks
+  thanks:
+    say: "Thanks, {{name}}"
+"#;
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/whatsapp")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn sign(secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// A `messages` webhook for the `main` number with `value` merged in.
+fn envelope(value: Value) -> Vec<u8> {
+    let mut v = json!({
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "15550001111", "phone_number_id": PHONE_NUMBER_ID}
+    });
+    v.as_object_mut()
+        .unwrap()
+        .extend(value.as_object().unwrap().clone());
+    serde_json::to_vec(&json!({
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "100000000000001", "changes": [{"field": "messages", "value": v}]}]
+    }))
+    .unwrap()
+}
+
+fn status_webhook(wamid: &str, status: &str, errors: Option<Value>) -> Vec<u8> {
+    let mut s = json!({
+        "id": wamid, "status": status, "timestamp": "1760000500", "recipient_id": WA_ID
+    });
+    if let Some(errors) = errors {
+        s["errors"] = errors;
+    }
+    envelope(json!({"statuses": [s]}))
+}
+
+struct Server {
+    base: String,
+    db: Db,
+    client: reqwest::Client,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+/// A project in a temp dir: the config above and one flow.
+fn project() -> (tempfile::TempDir, app::Loaded, String) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("flows")).unwrap();
+    std::fs::write(dir.path().join("flows/hello.yaml"), FLOW).unwrap();
+    std::fs::write(dir.path().join("flows/survey.yaml"), SURVEY).unwrap();
+    let config = dir.path().join("flowgate.yaml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let loaded = app::load(Some(&config)).unwrap_or_else(|d| panic!("{d:?}"));
+    let db = format!("sqlite://{}", dir.path().join("flowgate.db").display());
+    (dir, loaded, db)
+}
+
+impl Server {
+    async fn start() -> Self {
+        let (dir, loaded, db) = project();
+        let application = Application::build(&loaded, &db, "127.0.0.1:0", Arc::new(SystemClock))
+            .await
+            .unwrap();
+        let base = format!("http://{}", application.local_addr());
+        let db = application.runtime.db.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(application.run_until(async {
+            let _ = stopped.await;
+        }));
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap();
+        Self {
+            base,
+            db,
+            client,
+            stop,
+            task,
+            _dir: dir,
+        }
+    }
+
+    async fn shutdown(self) {
+        self.stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("the server stops")
+            .unwrap()
+            .unwrap();
+    }
+
+    async fn post(&self, path: &str, body: &[u8], headers: &[(&str, &str)]) -> (u16, Value) {
+        let mut request = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_vec());
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// A webhook to `main`, signed with the app secret.
+    async fn signed(&self, body: &[u8]) -> (u16, Value) {
+        let signature = sign(APP_SECRET, body);
+        self.post(
+            "/webhook/main",
+            body,
+            &[("X-Hub-Signature-256", signature.as_str())],
+        )
+        .await
+    }
+
+    async fn get(&self, path_and_query: &str) -> (u16, String, String) {
+        let response = self
+            .client
+            .get(format!("{}{path_and_query}", self.base))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        (status, content_type, response.text().await.unwrap())
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        count(&self.db, sql).await
+    }
+
+    /// Waits until every stored update is processed (and at least `stored` exist).
+    async fn processed(&self, stored: i64) {
+        let db = self.db.clone();
+        eventually("the inbox is processed", || {
+            let db = db.clone();
+            async move {
+                count(&db, "SELECT COUNT(*) FROM inbox").await >= stored
+                    && count(&db, "SELECT COUNT(*) FROM inbox WHERE processed_at IS NULL").await
+                        == 0
+            }
+        })
+        .await;
+    }
+}
+
+async fn count(db: &Db, sql: &str) -> i64 {
+    let Db::Sqlite(pool) = db else {
+        unreachable!("tests use SQLite")
+    };
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+async fn exec(db: &Db, sql: &str) {
+    let Db::Sqlite(pool) = db else {
+        unreachable!("tests use SQLite")
+    };
+    sqlx::query(sql).execute(pool).await.unwrap();
+}
+
+async fn text_of(db: &Db, sql: &str) -> String {
+    let Db::Sqlite(pool) = db else {
+        unreachable!("tests use SQLite")
+    };
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// Polls `check` every 20 ms for up to 60 s.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// (direction, text) of a contact's messages, oldest first.
+async fn conversation(db: &Db, channel: &str, contact: &str) -> Vec<(String, String)> {
+    db.messages(channel, contact, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| {
+            let text = m.body["content"]["body"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            (m.direction, text)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_handshake_checks_mode_and_token() {
+    let server = Server::start().await;
+    let ok = "/webhook/main?hub.mode=subscribe&hub.challenge=1158201444&hub.verify_token=test-verify-token";
+    let (status, content_type, body) = server.get(ok).await;
+    assert_eq!((status, body.as_str()), (200, "1158201444"));
+    assert!(content_type.starts_with("text/plain"), "{content_type}");
+
+    for bad in [
+        "/webhook/main?hub.mode=subscribe&hub.challenge=1&hub.verify_token=wrong",
+        "/webhook/main?hub.mode=subscribe&hub.challenge=1&hub.verify_token=test-verify-tokenX",
+        "/webhook/main?hub.mode=unsubscribe&hub.challenge=1&hub.verify_token=test-verify-token",
+        "/webhook/main?hub.mode=subscribe&hub.challenge=1",
+        "/webhook/main?hub.mode=subscribe&hub.verify_token=test-verify-token",
+        "/webhook/main",
+    ] {
+        let (status, _, body) = server.get(bad).await;
+        assert_eq!(status, 403, "{bad}: {body}");
+        assert!(!body.contains(VERIFY_TOKEN), "{body}");
+    }
+
+    let (status, content_type, body) = server
+        .get("/webhook/nope?hub.mode=subscribe&hub.challenge=1&hub.verify_token=x")
+        .await;
+    assert_eq!(status, 404);
+    assert!(content_type.starts_with("application/json"));
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"]["code"], "unknown_channel");
+    let (status, body) = server.post("/webhook/nope", b"{}", &[]).await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (404, &json!("unknown_channel"))
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_signed_message_is_stored_answered_and_processed_once() {
+    let server = Server::start().await;
+    let body = fixture("inbound_text.json");
+    let (status, ack) = server.signed(&body).await;
+    assert_eq!(status, 200, "{ack}");
+    assert_eq!(ack, json!({"stored": 1, "duplicates": 0}));
+    server.processed(1).await;
+    assert_eq!(
+        conversation(&server.db, "main", WA_ID).await,
+        [
+            ("in".to_string(), "Hi, is my order shipped?".to_string()),
+            ("out".to_string(), REPLY.to_string())
+        ]
+    );
+    let out = server
+        .db
+        .messages("main", WA_ID, 10)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(out.decision.as_deref(), Some("send"));
+    // The profile name came along.
+    let contact = server.db.load_conversation("main", WA_ID).await.unwrap();
+    assert_eq!(contact.contact.name.as_deref(), Some("Ana Example"));
+
+    // Meta delivers at least once: the same webhook again, and the same message in a
+    // differently serialized body, are acknowledged and not processed again.
+    let (status, ack) = server.signed(&body).await;
+    assert_eq!((status, ack), (200, json!({"stored": 0, "duplicates": 1})));
+    let reencoded =
+        serde_json::to_vec_pretty(&serde_json::from_slice::<Value>(&body).unwrap()).unwrap();
+    let (status, ack) = server.signed(&reencoded).await;
+    assert_eq!((status, ack), (200, json!({"stored": 0, "duplicates": 1})));
+    server.processed(1).await;
+    assert_eq!(server.count("SELECT COUNT(*) FROM inbox").await, 1);
+    assert_eq!(conversation(&server.db, "main", WA_ID).await.len(), 2);
+
+    let metrics = flowgate::metrics::render(&[]);
+    assert!(
+        metrics.contains("flowgate_webhook_updates_total{type=\"message\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("flowgate_webhook_ack_seconds_count"));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn unauthenticated_or_malformed_webhooks_store_nothing() {
+    let server = Server::start().await;
+    let body = fixture("inbound_text.json");
+    let wrong = sign("another-secret", &body);
+    let other_body = sign(APP_SECRET, b"{}");
+    for (what, headers) in [
+        (
+            "wrong secret",
+            vec![("X-Hub-Signature-256", wrong.as_str())],
+        ),
+        (
+            "signature of another body",
+            vec![("X-Hub-Signature-256", other_body.as_str())],
+        ),
+        ("missing", vec![]),
+        ("malformed", vec![("X-Hub-Signature-256", "sha1=abc")]),
+        (
+            "360dialog's header on a cloud_api channel",
+            vec![("X-Flowgate-Secret", APP_SECRET)],
+        ),
+    ] {
+        let (status, answer) = server.post("/webhook/main", &body, &headers).await;
+        assert_eq!(status, 401, "{what}: {answer}");
+        assert_eq!(answer["error"]["code"], "invalid_signature", "{what}");
+        assert!(!answer.to_string().contains(APP_SECRET));
+    }
+    // A body changed after signing.
+    let signature = sign(APP_SECRET, &body);
+    let tampered = String::from_utf8(body.clone())
+        .unwrap()
+        .replace("shipped", "shopped")
+        .into_bytes();
+    assert_ne!(tampered, body);
+    let (status, _) = server
+        .post(
+            "/webhook/main",
+            &tampered,
+            &[("X-Hub-Signature-256", signature.as_str())],
+        )
+        .await;
+    assert_eq!(status, 401);
+
+    // Signed, but not a WhatsApp webhook.
+    for bad in [
+        &b"{\"object\": \"whatsapp_business_account\", \"entry\": [ "[..],
+        b"not json",
+        b"[1, 2]",
+        b"{\"object\": \"page\", \"entry\": []}",
+        b"{\"object\": \"whatsapp_business_account\"}",
+    ] {
+        let (status, answer) = server.signed(bad).await;
+        assert_eq!(status, 400, "{answer}");
+        assert_eq!(answer["error"]["code"], "invalid_webhook");
+        assert!(answer["error"]["message"].as_str().unwrap().len() > 10);
+    }
+
+    // Larger than 4 MB.
+    let huge = vec![b' '; 4 * 1024 * 1024 + 1];
+    let signature = sign(APP_SECRET, &huge);
+    let (status, answer) = server
+        .post(
+            "/webhook/main",
+            &huge,
+            &[("X-Hub-Signature-256", signature.as_str())],
+        )
+        .await;
+    assert_eq!(status, 413, "{answer}");
+
+    assert_eq!(server.count("SELECT COUNT(*) FROM inbox").await, 0);
+    assert_eq!(server.count("SELECT COUNT(*) FROM messages").await, 0);
+
+    // A body of 3 MB (Meta's maximum) goes through.
+    let padding = "x".repeat(3 * 1024 * 1024);
+    let big = envelope(json!({"padding": padding, "messages": [{
+        "from": WA_ID, "id": "wamid.big", "timestamp": "1760000000",
+        "type": "text", "text": {"body": "hello"}
+    }]}));
+    let (status, answer) = server.signed(&big).await;
+    assert_eq!(status, 200, "{answer}");
+    server.processed(1).await;
+    assert_eq!(conversation(&server.db, "main", WA_ID).await.len(), 2);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_fields_are_stored_and_skipped() {
+    let server = Server::start().await;
+    let body = serde_json::to_vec(&json!({
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "100000000000001", "time": 1760000000, "changes": [
+            {"field": "account_update", "value": {"event": "VERIFIED_ACCOUNT", "phone_number": "15550001111"}},
+            {"field": "messages", "value": {"messaging_product": "whatsapp",
+                "metadata": {"phone_number_id": PHONE_NUMBER_ID}, "something_new": [1]}},
+            {"field": "messages", "value": {"messaging_product": "whatsapp",
+                "metadata": {"phone_number_id": PHONE_NUMBER_ID},
+                "messages": [{"from": WA_ID, "id": "wamid.weird", "timestamp": "1760000000", "type": "text"}]}}
+        ]}]
+    }))
+    .unwrap();
+    let (status, ack) = server.signed(&body).await;
+    assert_eq!((status, ack), (200, json!({"stored": 3, "duplicates": 0})));
+    server.processed(3).await;
+    assert_eq!(
+        server
+            .count("SELECT COUNT(*) FROM inbox WHERE kind IN ('unknown', 'malformed') AND processed_at IS NOT NULL AND last_error IS NULL")
+            .await,
+        3
+    );
+    assert_eq!(server.count("SELECT COUNT(*) FROM messages").await, 0);
+
+    // Every webhook fixture is accepted and processed, whatever it holds.
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/whatsapp");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".json"))
+        .collect();
+    names.sort();
+    let mut webhooks = 0;
+    for name in names {
+        let body = fixture(&name);
+        let json: Value = serde_json::from_slice(&body).unwrap();
+        if json.get("object").is_none() {
+            continue;
+        }
+        webhooks += 1;
+        let (status, ack) = server.signed(&body).await;
+        assert_eq!(status, 200, "{name}: {ack}");
+    }
+    assert!(webhooks >= 15, "{webhooks}");
+    // Statuses of messages flowgate never sent wait for them (their send may not be recorded
+    // yet); everything else is done.
+    let db = server.db.clone();
+    eventually("every fixture is processed", || {
+        let db = db.clone();
+        async move {
+            count(
+                &db,
+                "SELECT COUNT(*) FROM inbox WHERE processed_at IS NULL \
+                 AND NOT (kind = 'status' AND attempts >= 1)",
+            )
+            .await
+                == 0
+        }
+    })
+    .await;
+    // The status fixtures share one wamid: sent, delivered, read and failed, once each
+    // (three failed fixtures and two sent ones are duplicates by wamid + status).
+    assert_eq!(
+        server
+            .count("SELECT COUNT(*) FROM inbox WHERE kind = 'status'")
+            .await,
+        4
+    );
+    assert_eq!(
+        server
+            .count("SELECT COUNT(*) FROM inbox WHERE processed_at IS NOT NULL AND kind IN ('system', 'error', 'template_status', 'user_preference')")
+            .await,
+        server
+            .count("SELECT COUNT(*) FROM inbox WHERE kind IN ('system', 'error', 'template_status', 'user_preference')")
+            .await
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_thousand_customers_in_one_webhook_are_each_answered_once() {
+    let server = Server::start().await;
+    let n = 1000;
+    let wa = |i: usize| format!("1555{i:07}");
+    let contacts: Vec<Value> = (0..n)
+        .map(|i| json!({"profile": {"name": format!("Customer {i}")}, "wa_id": wa(i)}))
+        .collect();
+    let messages: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({"from": wa(i), "id": format!("wamid.batch.{i}"), "timestamp": "1760000000",
+                   "type": "text", "text": {"body": "hi"}})
+        })
+        .collect();
+    let body = envelope(json!({"contacts": contacts, "messages": messages}));
+    let (status, ack) = server.signed(&body).await;
+    assert_eq!((status, ack), (200, json!({"stored": n, "duplicates": 0})));
+    server.processed(n as i64).await;
+    assert_eq!(
+        server
+            .count("SELECT COUNT(*) FROM messages WHERE direction = 'in'")
+            .await,
+        n as i64
+    );
+    assert_eq!(
+        server
+            .count("SELECT COUNT(*) FROM messages WHERE direction = 'out'")
+            .await,
+        n as i64
+    );
+    assert_eq!(
+        server
+            .count("SELECT COUNT(DISTINCT contact_id) FROM messages WHERE direction = 'out'")
+            .await,
+        n as i64
+    );
+    assert_eq!(
+        conversation(&server.db, "main", &wa(n - 1)).await,
+        [
+            ("in".to_string(), "hi".to_string()),
+            ("out".to_string(), REPLY.to_string())
+        ]
+    );
+    // Replayed whole: all duplicates, nothing runs again.
+    let (status, ack) = server.signed(&body).await;
+    assert_eq!((status, ack), (200, json!({"stored": 0, "duplicates": n})));
+    assert_eq!(
+        server
+            .count("SELECT COUNT(*) FROM messages WHERE direction = 'out'")
+            .await,
+        n as i64
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_customer_known_only_by_bsuid_is_answered() {
+    let server = Server::start().await;
+    let (status, ack) = server
+        .signed(&fixture("inbound_text_username_only.json"))
+        .await;
+    assert_eq!((status, ack), (200, json!({"stored": 1, "duplicates": 0})));
+    server.processed(1).await;
+    assert_eq!(
+        conversation(&server.db, "main", BSUID).await,
+        [
+            (
+                "in".to_string(),
+                "Does it come in another color?".to_string()
+            ),
+            ("out".to_string(), REPLY.to_string())
+        ]
+    );
+    assert_eq!(
+        server
+            .count("SELECT COUNT(*) FROM inbox WHERE contact_key = 'US.20000000000000000123'")
+            .await,
+        1
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn statuses_in_any_order_end_in_the_right_status() {
+    let server = Server::start().await;
+    // A customer writes; four messages to them are then inserted as the sender leaves them
+    // (so the running sender, which takes only `pending` rows and expired leases, leaves
+    // them alone): three sent with a wamid, one still being sent under a lease.
+    let body = envelope(json!({"messages": [{
+        "from": WA_ID, "id": "wamid.in.0", "timestamp": "1760000000",
+        "type": "text", "text": {"body": "hello"}
+    }]}));
+    assert_eq!(server.signed(&body).await.0, 200);
+    server.processed(1).await;
+    let Db::Sqlite(pool) = &server.db else {
+        unreachable!()
+    };
+    let contact: i64 =
+        sqlx::query_scalar("SELECT id FROM contacts WHERE channel = 'main' AND wa_id = $1")
+            .bind(WA_ID)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let (wamid, status, lease) = if i < 3 {
+            (Some(format!("wamid.out.{i}")), "sent", None)
+        } else {
+            (None, "sending", Some(i64::MAX))
+        };
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO messages (contact_id, channel, direction, wamid, kind, body, decision, \
+             status, created_at, lease_until, lease_owner, idempotency_key) \
+             VALUES ($1, 'main', 'out', $2, 'text', '{}', 'send', $3, 0, $4, 'test', $5) \
+             RETURNING id",
+        )
+        .bind(contact)
+        .bind(wamid)
+        .bind(status)
+        .bind(lease)
+        .bind(format!("test-{i}"))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    let status_of = |i: usize| {
+        let db = server.db.clone();
+        let id = ids[i];
+        async move { text_of(&db, &format!("SELECT status FROM messages WHERE id = {id}")).await }
+    };
+
+    // 0: read arrives before delivered, then a late sent.
+    for s in ["read", "delivered", "sent"] {
+        assert_eq!(
+            server
+                .signed(&status_webhook("wamid.out.0", s, None))
+                .await
+                .0,
+            200
+        );
+    }
+    // 1: delivered is skipped; the same read twice is one update.
+    for s in ["sent", "read", "read"] {
+        server.signed(&status_webhook("wamid.out.1", s, None)).await;
+    }
+    // 2: failed, with its error; a later delivered does not undo it. All in one webhook.
+    let failed = json!([{"code": 131047, "title": "Re-engagement message",
+        "message": "Re-engagement message",
+        "error_data": {"details": "Message failed to send because more than 24 hours have passed since the customer last replied to this number."}}]);
+    let batch = envelope(json!({"statuses": [
+        {"id": "wamid.out.2", "status": "sent", "timestamp": "1760000400", "recipient_id": WA_ID},
+        {"id": "wamid.out.2", "status": "failed", "timestamp": "1760000500", "recipient_id": WA_ID, "errors": failed},
+        {"id": "wamid.out.2", "status": "delivered", "timestamp": "1760000600", "recipient_id": WA_ID}
+    ]}));
+    assert_eq!(server.signed(&batch).await.0, 200);
+    server.processed(1 + 3 + 2 + 3).await;
+
+    assert_eq!(status_of(0).await, "read");
+    assert_eq!(status_of(1).await, "read");
+    assert_eq!(status_of(2).await, "failed");
+    let (code, error): (Option<i64>, Option<String>) =
+        sqlx::query_as("SELECT error_code, error FROM messages WHERE id = $1")
+            .bind(ids[2])
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(code, Some(131047));
+    assert!(error.unwrap().contains("Re-engagement message"));
+
+    // 3: the status overtakes the send's response: it waits, and lands once the wamid is
+    // recorded.
+    server
+        .signed(&status_webhook("wamid.out.3", "delivered", None))
+        .await;
+    let db = server.db.clone();
+    eventually("the early status is postponed", || {
+        let db = db.clone();
+        async move {
+            count(
+                &db,
+                "SELECT COUNT(*) FROM inbox WHERE dedupe_key = 'wamid.out.3:delivered' AND attempts >= 1 AND processed_at IS NULL",
+            )
+            .await
+                == 1
+        }
+    })
+    .await;
+    assert_eq!(status_of(3).await, "sending");
+    exec(
+        &server.db,
+        &format!(
+            "UPDATE messages SET wamid = 'wamid.out.3', status = 'sent' WHERE id = {}",
+            ids[3]
+        ),
+    )
+    .await;
+    let db = server.db.clone();
+    let id = ids[3];
+    eventually("the early status lands", || {
+        let db = db.clone();
+        async move {
+            text_of(&db, &format!("SELECT status FROM messages WHERE id = {id}")).await
+                == "delivered"
+        }
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn dialog360_webhooks_need_the_secret_header() {
+    let server = Server::start().await;
+    let body = fixture("inbound_text.json");
+    for (what, headers) in [
+        ("wrong", vec![("X-Flowgate-Secret", "nope")]),
+        ("missing", vec![]),
+        (
+            "Meta's signature instead",
+            vec![("X-Hub-Signature-256", "sha256=00")],
+        ),
+    ] {
+        let (status, answer) = server.post("/webhook/d360", &body, &headers).await;
+        assert_eq!(status, 401, "{what}: {answer}");
+    }
+    assert_eq!(server.count("SELECT COUNT(*) FROM inbox").await, 0);
+
+    let (status, ack) = server
+        .post(
+            "/webhook/d360",
+            &body,
+            &[("X-Flowgate-Secret", D360_SECRET)],
+        )
+        .await;
+    assert_eq!((status, ack), (200, json!({"stored": 1, "duplicates": 0})));
+    server.processed(1).await;
+    assert_eq!(
+        conversation(&server.db, "d360", WA_ID).await,
+        [
+            ("in".to_string(), "Hi, is my order shipped?".to_string()),
+            ("out".to_string(), REPLY.to_string())
+        ]
+    );
+    assert!(conversation(&server.db, "main", WA_ID).await.is_empty());
+    server.shutdown().await;
+}
+
+/// No server: the worker's own entry point, and the crash window between a committed turn
+/// and the inbox row being marked processed.
+#[tokio::test]
+async fn drain_once_processes_everything_exactly_once() {
+    let (_dir, loaded, db) = project();
+    let application = Application::build(&loaded, &db, "127.0.0.1:0", Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let state = AppState {
+        runtime: application.runtime.clone(),
+        config: application.config.clone(),
+        inbox: application.inbox.clone(),
+    };
+    let db = state.runtime.db.clone();
+    let rows: Vec<_> = parse_webhook(&fixture("inbound_text.json"))
+        .unwrap()
+        .into_iter()
+        .chain(parse_webhook(&status_webhook("wamid.unknown", "read", None)).unwrap())
+        .map(|u| inbox_row("main", u))
+        .collect();
+    let now = state.runtime.clock.now();
+    db.insert_updates(&rows, now).await.unwrap();
+
+    // The message is processed; the status of an unknown message is postponed.
+    assert_eq!(drain_once(&state).await, 1);
+    assert_eq!(
+        conversation(&db, "main", WA_ID).await,
+        [
+            ("in".to_string(), "Hi, is my order shipped?".to_string()),
+            ("out".to_string(), REPLY.to_string())
+        ]
+    );
+    let out = db.messages("main", WA_ID, 10).await.unwrap().pop().unwrap();
+    assert_eq!(out.status, "pending");
+    assert_eq!(drain_once(&state).await, 0);
+
+    // A crash after the turn committed, before the row was marked: processed again, and
+    // recognised.
+    exec(
+        &db,
+        "UPDATE inbox SET processed_at = NULL WHERE kind = 'message'",
+    )
+    .await;
+    assert_eq!(drain_once(&state).await, 1);
+    assert_eq!(conversation(&db, "main", WA_ID).await.len(), 2);
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM inbox WHERE processed_at IS NULL").await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_contacts_messages_run_in_order_others_alongside() {
+    let server = Server::start().await;
+    let message = |from: &str, i: usize, text: &str| {
+        json!({"from": from, "id": format!("wamid.{from}.{i}"), "timestamp": "1760000000",
+               "type": "text", "text": {"body": text}})
+    };
+    // Two customers' conversations interleaved in one webhook, and a third in the next.
+    let first = envelope(json!({"messages": [
+        message("1777000001", 0, "survey"),
+        message("1777000002", 0, "survey"),
+        message("1777000001", 1, "Ana"),
+        message("1777000002", 1, "Bob"),
+    ]}));
+    let second = envelope(json!({"messages": [
+        message("1777000003", 0, "survey"),
+        message("1777000003", 1, "Cy"),
+    ]}));
+    assert_eq!(server.signed(&first).await.0, 200);
+    assert_eq!(server.signed(&second).await.0, 200);
+    server.processed(6).await;
+    for (contact, name) in [
+        ("1777000001", "Ana"),
+        ("1777000002", "Bob"),
+        ("1777000003", "Cy"),
+    ] {
+        let texts: Vec<String> = conversation(&server.db, "main", contact)
+            .await
+            .into_iter()
+            .map(|(direction, text)| format!("{direction}: {text}"))
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                "in: survey".to_string(),
+                "out: Your name?".to_string(),
+                format!("in: {name}"),
+                format!("out: Thanks, {name}"),
+            ]
+        );
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn updates_stored_before_a_restart_are_processed_on_start() {
+    let (dir, loaded, db_url) = project();
+    // Stored by a server that stopped (or died) before processing them.
+    {
+        let runtime = loaded
+            .runtime(&db_url, Arc::new(SystemClock))
+            .await
+            .unwrap();
+        let rows: Vec<_> = parse_webhook(&fixture("inbound_text.json"))
+            .unwrap()
+            .into_iter()
+            .map(|u| inbox_row("main", u))
+            .collect();
+        runtime
+            .db
+            .insert_updates(&rows, runtime.clock.now())
+            .await
+            .unwrap();
+        runtime.db.close().await;
+    }
+    let application = Application::build(&loaded, &db_url, "127.0.0.1:0", Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let db = application.runtime.db.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(application.run_until(async {
+        let _ = stopped.await;
+    }));
+    let check = db.clone();
+    eventually("the stored update is processed", || {
+        let db = check.clone();
+        async move { count(&db, "SELECT COUNT(*) FROM inbox WHERE processed_at IS NULL").await == 0 }
+    })
+    .await;
+    assert_eq!(conversation(&db, "main", WA_ID).await.len(), 2);
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    drop(dir);
+}
