@@ -100,7 +100,22 @@ impl Application {
         };
         let (stop_inbound, inbound_stop) = tokio::sync::watch::channel(false);
         let inbound_task = tokio::spawn(crate::inbound::run(state.clone(), inbound_stop));
-        let senders = crate::outbox::spawn_senders(&self.runtime, &Default::default());
+        let options = crate::outbox::SenderOptions {
+            lease: self
+                .config
+                .outbox
+                .lease
+                .0
+                .to_std()
+                .unwrap_or(std::time::Duration::from_secs(60)),
+            pair_limit: self
+                .config
+                .outbox
+                .pace_recipients
+                .then(crate::outbox::PairLimit::default),
+            ..Default::default()
+        };
+        let senders = crate::outbox::spawn_senders(&self.runtime, &options);
         axum::serve(self.listener, crate::http::router(state))
             .with_graceful_shutdown(shutdown)
             .await?;

@@ -29,6 +29,7 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub fallback: Option<String>,
     pub admin: AdminConfig,
+    pub outbox: OutboxConfig,
     /// The config file this came from, if any.
     pub file: Option<PathBuf>,
 }
@@ -152,6 +153,39 @@ pub fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HumanDuration,
     text.parse().map_err(serde::de::Error::custom)
 }
 
+/// How the outbox sender works (defaults suit production).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// How long a sender owns a claimed message. After a crash, a message whose send may or
+    /// may not have reached WhatsApp waits this long for the `sent` status webhook (which
+    /// settles it) before it is sent again.
+    #[serde(default = "default_lease", deserialize_with = "duration")]
+    pub lease: HumanDuration,
+    /// Pace each recipient ahead of Meta's pair limit (a burst, then one per 6 s). `false`
+    /// sends as fast as the channel allows and backs off only when WhatsApp answers `131056`
+    /// (load tests against a fake Graph API).
+    #[serde(default = "default_true")]
+    pub pace_recipients: bool,
+}
+
+fn default_lease() -> HumanDuration {
+    HumanDuration(chrono::Duration::seconds(60))
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            lease: default_lease(),
+            pace_recipients: true,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
@@ -172,6 +206,7 @@ struct RawConfig {
     policy: Option<PolicyConfig>,
     fallback: Option<String>,
     admin: Option<AdminConfig>,
+    outbox: Option<OutboxConfig>,
 }
 
 impl Default for Config {
@@ -186,6 +221,7 @@ impl Default for Config {
             policy: PolicyConfig::default(),
             fallback: None,
             admin: AdminConfig::default(),
+            outbox: OutboxConfig::default(),
             file: None,
         }
     }
@@ -249,6 +285,7 @@ impl Config {
             policy: raw.policy.unwrap_or_default(),
             fallback: raw.fallback,
             admin: raw.admin.unwrap_or_default(),
+            outbox: raw.outbox.unwrap_or_default(),
             file: Some(PathBuf::from(file)),
         };
         for problem in config.problems() {
