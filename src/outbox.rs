@@ -32,18 +32,29 @@
 //! (never retried), and its failure never holds back or fails the reply.
 //!
 //! **Crash safety and the at-least-once window.** The engine's state and its messages
-//! commit in one transaction, so nothing the engine decided to send is lost. Each row is
+//! commit in one transaction, so nothing the engine decided to send is lost, and a message
+//! that WhatsApp refused is retried or failed with its reason, never dropped. Each row is
 //! claimed with a lease; the wamid is recorded in the same statement that ends the lease,
-//! right after the response ([`Db::record_sent`]). Meta has no idempotent send, so one
-//! window remains: if the process dies (or the response is lost to a timeout) after
-//! WhatsApp accepted a message and before that statement commits, the row is still
-//! `sending` (or is retried as a transport failure), and when its lease runs out it is sent
-//! **again**. The customer may then see it twice. The retry carries the same idempotency
-//! key in `biz_opaque_callback_data`, which WhatsApp echoes in status webhooks, so a
-//! duplicate is recognisable afterwards (two wamids, one key), and a status webhook that
-//! arrives before the lease runs out can tie the first wamid to the row and settle it. The
-//! window is one HTTP round trip plus one local write per message; it never loses a message
-//! and it cannot be closed from our side without Meta's help.
+//! right after the response ([`Db::record_sent_many`]: sends that finish together share one
+//! statement, so under load a record waits for one write, not for a queue of them).
+//!
+//! Meta has no idempotent send, so delivery is **at least once**, and a duplicate is
+//! possible in exactly two cases, both after WhatsApp accepted a message but before we
+//! learned or recorded it:
+//! 1. the process dies between the HTTP response and the commit of that statement: the row
+//!    stays `sending`, its lease runs out, and the next claim sends it again;
+//! 2. the response is lost (a timeout, a reset connection after the request went out): that
+//!    is a transport error, which is retried.
+//!
+//! Every attempt of a row carries the same idempotency key in `biz_opaque_callback_data`,
+//! which WhatsApp echoes in status webhooks. The inbox uses it (`Db::apply_status`): a
+//! `sent` status for the first attempt that arrives before the retry settles the row with
+//! the first wamid, and the retry never happens; a duplicate that did go out is recognisable
+//! afterwards (two wamids, one key). The window is one HTTP round trip plus one local write
+//! per message (case 1), or the request timeout (case 2). Rows that were claimed but still
+//! waiting for a pacing token when the process died were never sent; they are claimed again
+//! like case 1 (logged as possible duplicates, without a second typing indicator), which is
+//! why a sender claims only about a second of sending ahead.
 //!
 //! **Shutdown.** [`SenderHandle::shutdown`] stops claiming, lets in-flight sends finish and
 //! records them, gives rows still waiting for a pacing token back
@@ -56,7 +67,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -82,7 +93,10 @@ pub struct SenderOptions {
     pub batch: usize,
     /// Messages being sent (or waiting for a pacing token) at most at once.
     pub max_in_flight: usize,
-    /// How long a claim lasts. At least the request and mark-as-read timeouts plus 10 s.
+    /// How long a claim lasts (at least 1 s). After a crash, a message that was being sent
+    /// waits this long for its `sent` status webhook before it is sent again. Keep it above
+    /// the request and mark-as-read timeouts (plus a few seconds): a request that outlives
+    /// the lease can be sent twice.
     pub lease: Duration,
     /// How often an idle sender looks for new rows.
     pub idle_poll: Duration,
@@ -105,7 +119,7 @@ impl Default for SenderOptions {
             lease: Duration::from_secs(60),
             idle_poll: Duration::from_millis(20),
             stopped_poll: Duration::from_secs(2),
-            pair_limit: None, // TEMP
+            pair_limit: Some(PairLimit::default()),
             mark_read_timeout: Duration::from_secs(3),
             connect_timeout: crate::whatsapp::client::CONNECT_TIMEOUT,
             request_timeout: crate::whatsapp::client::TIMEOUT,
@@ -132,8 +146,8 @@ impl Default for PairLimit {
     }
 }
 
-/// Delivers one channel's outbox. Cheap to clone handles are not needed: [`Sender::spawn`]
-/// runs it in the background, [`Sender::run_once`] and [`Sender::drain`] step it by hand.
+/// Delivers one channel's outbox: [`Sender::spawn`] runs it in the background,
+/// [`Sender::run_once`] and [`Sender::drain`] step it by hand (tests, one-shot tools).
 pub struct Sender {
     inner: Arc<Inner>,
 }
@@ -153,6 +167,10 @@ struct Inner {
     /// it was resumed.
     stopped: AtomicBool,
     wake: Arc<Notify>,
+    /// Accepted sends waiting to be recorded, and the turn to write them (group commit, see
+    /// `Inner::record_sent`).
+    sent_queue: Mutex<Vec<SentRecord>>,
+    sent_writer: tokio::sync::Mutex<()>,
     /// Never set: the stop signal of [`Sender::run_once`].
     never: watch::Sender<bool>,
 }
@@ -197,8 +215,7 @@ impl Sender {
         clock: SharedClock,
         mut options: SenderOptions,
     ) -> Self {
-        let floor = options.request_timeout + options.mark_read_timeout + Duration::from_secs(10);
-        options.lease = options.lease.max(floor);
+        options.lease = options.lease.max(Duration::from_secs(1));
         options.batch = options.batch.max(1);
         options.max_in_flight = options.max_in_flight.max(1);
         let owner = format!(
@@ -219,6 +236,8 @@ impl Sender {
                 marked: Mutex::new(HashSet::new()),
                 stopped: AtomicBool::new(false),
                 wake: Arc::new(Notify::new()),
+                sent_queue: Mutex::new(Vec::new()),
+                sent_writer: tokio::sync::Mutex::new(()),
                 never,
                 options,
             }),
@@ -404,7 +423,12 @@ async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
                 tracing::error!(channel = %inner.channel, error = %e, "reading the channel state failed")
             }
         }
-        let room = inner.options.max_in_flight.saturating_sub(tasks.len());
+        // In flight (sending or waiting for a token): at most about a second of sending.
+        let room = inner
+            .options
+            .max_in_flight
+            .min(inner.pace_budget())
+            .saturating_sub(tasks.len());
         if room == 0 {
             tokio::select! {
                 _ = tasks.join_next() => {}
@@ -412,7 +436,7 @@ async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             }
             continue;
         }
-        let limit = room.min(inner.options.batch).min(inner.pace_budget());
+        let limit = room.min(inner.options.batch);
         match inner.claim(limit).await {
             Ok(rows) if !rows.is_empty() => {
                 for row in rows {
@@ -460,6 +484,9 @@ async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
         ),
     }
 }
+
+/// An accepted send waiting for the group commit: id, wamid, and whether it was recorded.
+type SentRecord = (i64, String, oneshot::Sender<Option<bool>>);
 
 /// How a send ended, for `flowgate_outbound_total{status}`.
 #[derive(Clone, Copy)]
@@ -520,15 +547,23 @@ impl Inner {
         Ok(false)
     }
 
-    /// Rows worth claiming at the current pace: about five seconds of sending, so claimed
-    /// rows do not sit out their lease waiting for tokens.
+    /// How much of its lease a row must have left to be sent: time for mark-as-read, the
+    /// request and recording it, but at most half the lease (a lease shorter than that is
+    /// the operator's choice; see [`SenderOptions::lease`]).
+    fn lease_margin(&self) -> Duration {
+        let o = &self.options;
+        (o.request_timeout + o.mark_read_timeout + Duration::from_secs(5)).min(o.lease / 2)
+    }
+
+    /// Rows worth claiming at the current pace: about a second of sending, so a claimed row
+    /// waits for its token briefly, well inside its lease (after a crash, rows claimed but
+    /// not yet sent look like interrupted sends; this keeps them few).
     fn pace_budget(&self) -> usize {
         let rate = self.pace.lock().expect("pace lock").rate();
-        ((rate * 5.0).ceil() as usize).max(1)
+        (rate.ceil() as usize).max(1)
     }
 
     async fn deliver(self: Arc<Self>, row: OutboxRow, mut stop: watch::Receiver<bool>) {
-        let t_start = Instant::now();
         if self.stopped.load(Ordering::SeqCst) {
             self.defer(&row, self.clock.now(), None).await;
             return;
@@ -558,10 +593,7 @@ impl Inner {
             }
         }
         // Never send on a lease that could run out before the outcome is recorded.
-        let margin = self.options.request_timeout + self.options.mark_read_timeout;
-        if self.clock.now() + chrono_duration(margin) + chrono::Duration::seconds(5)
-            > row.lease_until
-        {
+        if self.clock.now() + chrono_duration(self.lease_margin()) > row.lease_until {
             self.defer(&row, self.clock.now(), None).await;
             return;
         }
@@ -573,7 +605,6 @@ impl Inner {
             self.mark_read(inbound).await;
         }
 
-        let t_mark = Instant::now();
         let mut body = message_body(recipient_for(&row.wa_id), &outbound.content, None);
         body["biz_opaque_callback_data"] = json!(row.idempotency_key);
         let started = Instant::now();
@@ -586,13 +617,7 @@ impl Inner {
         );
         match result {
             Ok(ok) => {
-                let t_sent = Instant::now();
-                let now = self.clock.now();
-                let recorded = retrying("record the send", row.id, || {
-                    self.db.record_sent(row.id, &ok.wamid, now)
-                })
-                .await;
-                if recorded.is_none() {
+                if self.record_sent(row.id, &ok.wamid).await.is_none() {
                     tracing::error!(
                         channel = %self.channel,
                         message = row.id,
@@ -601,7 +626,6 @@ impl Inner {
                          sent again when its lease runs out"
                     );
                 }
-                tmp_stats((self.clock.now() - row.created_at).to_std().unwrap_or_default().saturating_sub(t_start.elapsed()), t_mark.duration_since(t_start), t_sent.duration_since(t_mark), t_sent.elapsed());
                 self.pace.lock().expect("pace lock").accepted();
                 if let Some(pair) = self.pairs.lock().expect("pairs lock").get_mut(&row.wa_id) {
                     pair.strikes = 0;
@@ -717,6 +741,47 @@ impl Inner {
         }
     }
 
+    /// Records an accepted send: `sent`, the wamid, the lease ended. Sends that finish
+    /// together are written in one statement (group commit): each queues its record and
+    /// waits for the writer's turn; whoever gets it writes everything queued by then. Under
+    /// load that is one write for dozens of sends instead of dozens of writes queueing for
+    /// the database; alone, it is one statement right after the response, as before.
+    /// `None` if the database refused it.
+    async fn record_sent(&self, id: i64, wamid: &str) -> Option<bool> {
+        let (done, mut outcome) = oneshot::channel();
+        self.sent_queue
+            .lock()
+            .expect("sent queue lock")
+            .push((id, wamid.to_string(), done));
+        let _turn = self.sent_writer.lock().await;
+        if let Ok(recorded) = outcome.try_recv() {
+            return recorded;
+        }
+        let batch = std::mem::take(&mut *self.sent_queue.lock().expect("sent queue lock"));
+        let now = self.clock.now();
+        let pairs: Vec<(i64, &str)> = batch.iter().map(|(id, w, _)| (*id, w.as_str())).collect();
+        let written: Option<HashSet<i64>> = match self.db.record_sent_many(&pairs, now).await {
+            Ok(ids) => Some(ids.into_iter().collect()),
+            Err(e) => {
+                tracing::warn!(channel = %self.channel, rows = pairs.len(), error = %e, "recording sends together failed; recording them one by one");
+                None
+            }
+        };
+        for (id, wamid, done) in batch {
+            let recorded = match &written {
+                Some(ids) => Some(ids.contains(&id)),
+                None => {
+                    retrying("record the send", id, || {
+                        self.db.record_sent(id, &wamid, now)
+                    })
+                    .await
+                }
+            };
+            let _ = done.send(recorded);
+        }
+        outcome.await.unwrap_or(None)
+    }
+
     async fn stop_channel(&self, code: Option<i64>, reason: &str) {
         if self.stopped.swap(true, Ordering::SeqCst) {
             return;
@@ -816,7 +881,8 @@ impl Inner {
             tracing::warn!(
                 channel = %self.channel,
                 message = row.id,
-                "the lease on this message ran out before its outcome was recorded"
+                "the message changed while it was being sent (its lease ran out, or a status \
+                 webhook settled it); this attempt's outcome is not recorded"
             );
         }
     }
@@ -1115,11 +1181,4 @@ mod tests {
         assert!(xs.iter().all(|x| (0.0..1.0).contains(x)));
         assert!(xs.windows(2).any(|w| w[0] != w[1]));
     }
-}
-
-fn tmp_stats(z: Duration, a: Duration, b: Duration, c: Duration) {
-    static S: Mutex<(u64, f64, f64, f64, f64)> = Mutex::new((0, 0.0, 0.0, 0.0, 0.0));
-    let mut s = S.lock().unwrap();
-    s.0 += 1; s.4 += z.as_secs_f64(); s.1 += a.as_secs_f64(); s.2 += b.as_secs_f64(); s.3 += c.as_secs_f64();
-    if s.0 % 2000 == 0 { eprintln!("TMP n={} commit->deliver={:.1}ms pre+mark={:.1}ms send={:.1}ms record={:.1}ms", s.0, s.4/s.0 as f64*1e3, s.1/s.0 as f64*1e3, s.2/s.0 as f64*1e3, s.3/s.0 as f64*1e3); }
 }

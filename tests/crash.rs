@@ -202,6 +202,8 @@ impl Setup {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
+        // Owned by a `Server` at once, so a failed start still kills and reaps the process.
+        let server = Server { child, log };
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -211,12 +213,12 @@ impl Setup {
                 .await
                 .is_ok_and(|r| r.status().is_success());
             if up {
-                return Server { child, log };
+                return server;
             }
             assert!(
                 Instant::now() < deadline,
                 "the server did not start: {}",
-                read(&log)
+                read(&server.log)
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -154,8 +154,9 @@ impl Db {
         // finds nothing), then one UPDATE that claims what is still claimable, so the
         // database's write lock is held for one statement only. Another sender may claim a
         // candidate in between; the UPDATE's own conditions then skip it.
-        let select =
-            format!("SELECT m.id, m.status FROM messages m WHERE {CLAIMABLE} ORDER BY m.id LIMIT $3");
+        let select = format!(
+            "SELECT m.id, m.status FROM messages m WHERE {CLAIMABLE} ORDER BY m.id LIMIT $3"
+        );
         let candidates: Vec<(i64, String)> = with_pool!(self, |pool| {
             sqlx::query_as(&select)
                 .bind(channel)
@@ -252,6 +253,44 @@ impl Db {
                 .rows_affected()
         });
         Ok(done > 0)
+    }
+
+    /// [`Db::record_sent`] for many messages in one statement (a sender's group commit);
+    /// returns the ids that exist.
+    pub async fn record_sent_many(
+        &self,
+        sent: &[(i64, &str)],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<i64>, StoreError> {
+        let mut done = Vec::with_capacity(sent.len());
+        // Two parameters per row; SQLite allows 32,766.
+        for chunk in sent.chunks(1000) {
+            let cases: String = (0..chunk.len())
+                .map(|i| format!(" WHEN ${} THEN ${}", 2 + 2 * i, 3 + 2 * i))
+                .collect();
+            let ids = (0..chunk.len())
+                .map(|i| format!("${}", 2 + 2 * i))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "UPDATE messages SET wamid = COALESCE(wamid, CASE id{cases} END), \
+                    status = CASE WHEN status IN ('pending', 'sending') THEN 'sent' \
+                        ELSE status END, \
+                    lease_until = NULL, lease_owner = NULL, error_code = NULL, error = NULL, \
+                    updated_at = $1 \
+                WHERE direction = 'out' AND id IN ({ids}) \
+                RETURNING id"
+            );
+            let ids: Vec<i64> = with_pool!(self, |pool| {
+                let mut query = sqlx::query_scalar(&sql).bind(now.timestamp_millis());
+                for (id, wamid) in chunk {
+                    query = query.bind(*id).bind(*wamid);
+                }
+                query.fetch_all(pool).await?
+            });
+            done.extend(ids);
+        }
+        Ok(done)
     }
 
     /// The attempt failed and counts: back to `pending`, not before `not_before`, with the
