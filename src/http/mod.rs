@@ -56,12 +56,25 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .expect("flows lock")
         .current()
         .len();
-    let gauges = vec![(
+    let mut gauges = vec![(
         "flowgate_flows_loaded",
         "Flows loaded (current versions).",
         Vec::new(),
         flows as f64,
     )];
+    match crate::outbox::gauges(&state.runtime.db, &state.runtime.channels).await {
+        Ok(g) => gauges.extend(g),
+        Err(e) => tracing::warn!(error = %e, "reading the outbox gauges failed"),
+    }
+    match state.runtime.db.inbox_depth().await {
+        Ok(depth) => gauges.push((
+            "flowgate_inbox_depth",
+            "Webhook updates stored and not yet processed.",
+            Vec::new(),
+            depth as f64,
+        )),
+        Err(e) => tracing::warn!(error = %e, "reading the inbox depth failed"),
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
