@@ -1,7 +1,7 @@
 //! The inbound worker: processes the webhook updates that `http::webhook` stored in the
 //! inbox, after the webhook was acknowledged.
 //!
-//! Owns the inbox payload format ([`StoredUpdate`], written by [`inbox_row`]) and the loop
+//! Stores each update as `whatsapp::Update` serialized (by [`inbox_row`]) and owns the loop
 //! that works through it ([`run`], [`drain_once`]):
 //!
 //! * **Order per contact, parallel across contacts.** Claimed rows are grouped by contact
@@ -33,18 +33,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde::Deserialize;
 use tokio::sync::{Notify, Semaphore, watch};
 
-use crate::domain::Inbound;
 use crate::engine::Handled;
 use crate::http::AppState;
 use crate::metrics;
 use crate::store::{
     INBOX_RETENTION, InboxRow, NewInboxRow, ORDERED_KINDS, StatusChange, StatusOutcome, status_rank,
 };
-use crate::whatsapp::{GraphError, Preference, Update};
+use crate::whatsapp::{Preference, Update};
 
 /// Rows processed at the same time, across contacts.
 pub const CONCURRENCY: usize = 64;
@@ -67,276 +65,32 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
 /// How long [`drain_once`] waits for one round of rows.
 const DRAIN_WAIT: Duration = Duration::from_secs(120);
 
-/// An inbox row's `payload`: a webhook [`Update`] with its raw JSON, in a shape that reads
-/// back (`kind` tells the variant).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum StoredUpdate {
-    Message {
-        phone_number_id: String,
-        wa_id: Option<String>,
-        user_id: Option<String>,
-        parent_user_id: Option<String>,
-        profile_name: Option<String>,
-        username: Option<String>,
-        inbound: Inbound,
-        context_id: Option<String>,
-        /// The `messages[]` item (with its `referral`, if any).
-        raw: Value,
-    },
-    System {
-        phone_number_id: String,
-        wamid: String,
-        timestamp: DateTime<Utc>,
-        /// `user_changed_number`, `user_changed_user_id`…
-        system_type: String,
-        body: Option<String>,
-        previous_wa_id: Option<String>,
-        new_wa_id: Option<String>,
-        previous_user_id: Option<String>,
-        new_user_id: Option<String>,
-        previous_parent_user_id: Option<String>,
-        new_parent_user_id: Option<String>,
-        raw: Value,
-    },
-    Status {
-        phone_number_id: String,
-        wamid: String,
-        status: String,
-        timestamp: DateTime<Utc>,
-        recipient_id: Option<String>,
-        recipient_user_id: Option<String>,
-        errors: Vec<GraphError>,
-        pricing_category: Option<String>,
-        pricing_type: Option<String>,
-        biz_opaque_callback_data: Option<String>,
-        raw: Value,
-    },
-    Error {
-        phone_number_id: Option<String>,
-        errors: Vec<GraphError>,
-        raw: Value,
-    },
-    TemplateStatus {
-        waba_id: Option<String>,
-        timestamp: Option<DateTime<Utc>>,
-        event: String,
-        name: Option<String>,
-        language: Option<String>,
-        template_id: Option<String>,
-        reason: Option<String>,
-        category: Option<String>,
-        raw: Value,
-    },
-    UserPreference {
-        phone_number_id: Option<String>,
-        wa_id: Option<String>,
-        user_id: Option<String>,
-        category: Option<String>,
-        /// `stop`, `resume` or what Meta sent.
-        value: String,
-        detail: Option<String>,
-        timestamp: Option<DateTime<Utc>>,
-        raw: Value,
-    },
-    Unknown {
-        field: String,
-        waba_id: Option<String>,
-        timestamp: Option<DateTime<Utc>>,
-        value: Value,
-    },
-    Malformed {
-        field: String,
-        phone_number_id: Option<String>,
-        reason: String,
-        raw: Value,
-    },
-}
-
-impl StoredUpdate {
-    /// The contact an update is about: the phone (wa_id) when known, else the BSUID.
-    pub fn contact_key(&self) -> Option<&str> {
-        fn pick<'a>(phone: &'a Option<String>, bsuid: &'a Option<String>) -> Option<&'a str> {
-            phone
-                .as_deref()
-                .filter(|s| !s.is_empty())
-                .or(bsuid.as_deref().filter(|s| !s.is_empty()))
-        }
-        match self {
-            Self::Message { wa_id, user_id, .. } | Self::UserPreference { wa_id, user_id, .. } => {
-                pick(wa_id, user_id)
-            }
-            Self::System {
-                previous_wa_id,
-                previous_user_id,
-                ..
-            } => pick(previous_wa_id, previous_user_id),
-            Self::Status {
-                recipient_id,
-                recipient_user_id,
-                ..
-            } => pick(recipient_id, recipient_user_id),
-            Self::Error { .. }
-            | Self::TemplateStatus { .. }
-            | Self::Unknown { .. }
-            | Self::Malformed { .. } => None,
-        }
+/// The contact an update is about: the phone (wa_id) when known, else the BSUID.
+pub fn contact_key(update: &Update) -> Option<&str> {
+    fn pick<'a>(phone: &'a Option<String>, bsuid: &'a Option<String>) -> Option<&'a str> {
+        phone
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .or(bsuid.as_deref().filter(|s| !s.is_empty()))
     }
-}
-
-impl From<Update> for StoredUpdate {
-    fn from(update: Update) -> Self {
-        match update {
-            Update::Message {
-                phone_number_id,
-                wa_id,
-                user_id,
-                parent_user_id,
-                profile_name,
-                username,
-                inbound,
-                referral: _,
-                context_id,
-                raw,
-            } => Self::Message {
-                phone_number_id,
-                wa_id,
-                user_id,
-                parent_user_id,
-                profile_name,
-                username,
-                inbound,
-                context_id,
-                raw,
-            },
-            Update::System {
-                phone_number_id,
-                wamid,
-                timestamp,
-                kind,
-                body,
-                previous_wa_id,
-                new_wa_id,
-                previous_user_id,
-                new_user_id,
-                previous_parent_user_id,
-                new_parent_user_id,
-                raw,
-            } => Self::System {
-                phone_number_id,
-                wamid,
-                timestamp,
-                system_type: kind,
-                body,
-                previous_wa_id,
-                new_wa_id,
-                previous_user_id,
-                new_user_id,
-                previous_parent_user_id,
-                new_parent_user_id,
-                raw,
-            },
-            Update::Status {
-                phone_number_id,
-                wamid,
-                status,
-                timestamp,
-                recipient_id,
-                recipient_user_id,
-                errors,
-                pricing_category,
-                pricing_type,
-                biz_opaque_callback_data,
-                raw,
-            } => Self::Status {
-                phone_number_id,
-                wamid,
-                status: status.as_str().to_string(),
-                timestamp,
-                recipient_id,
-                recipient_user_id,
-                errors,
-                pricing_category,
-                pricing_type,
-                biz_opaque_callback_data,
-                raw,
-            },
-            Update::Error {
-                phone_number_id,
-                errors,
-                raw,
-            } => Self::Error {
-                phone_number_id,
-                errors,
-                raw,
-            },
-            Update::TemplateStatus {
-                waba_id,
-                timestamp,
-                event,
-                name,
-                language,
-                template_id,
-                reason,
-                category,
-                raw,
-            } => Self::TemplateStatus {
-                waba_id,
-                timestamp,
-                event,
-                name,
-                language,
-                template_id,
-                reason,
-                category,
-                raw,
-            },
-            Update::UserPreference {
-                phone_number_id,
-                wa_id,
-                user_id,
-                category,
-                value,
-                detail,
-                timestamp,
-                raw,
-            } => Self::UserPreference {
-                phone_number_id,
-                wa_id,
-                user_id,
-                category,
-                value: match value {
-                    Preference::Stop => "stop".into(),
-                    Preference::Resume => "resume".into(),
-                    Preference::Other(other) => other,
-                },
-                detail,
-                timestamp,
-                raw,
-            },
-            Update::Unknown {
-                field,
-                waba_id,
-                timestamp,
-                value,
-            } => Self::Unknown {
-                field,
-                waba_id,
-                timestamp,
-                value,
-            },
-            Update::Malformed {
-                field,
-                phone_number_id,
-                reason,
-                raw,
-            } => Self::Malformed {
-                field,
-                phone_number_id,
-                reason,
-                raw,
-            },
+    match update {
+        Update::Message { wa_id, user_id, .. } | Update::UserPreference { wa_id, user_id, .. } => {
+            pick(wa_id, user_id)
         }
+        Update::System {
+            previous_wa_id,
+            previous_user_id,
+            ..
+        } => pick(previous_wa_id, previous_user_id),
+        Update::Status {
+            recipient_id,
+            recipient_user_id,
+            ..
+        } => pick(recipient_id, recipient_user_id),
+        Update::Error { .. }
+        | Update::TemplateStatus { .. }
+        | Update::Unknown { .. }
+        | Update::Malformed { .. } => None,
     }
 }
 
@@ -344,14 +98,13 @@ impl From<Update> for StoredUpdate {
 pub fn inbox_row(channel: &str, update: Update) -> NewInboxRow {
     let dedupe_key = update.dedupe_key();
     let kind = update.kind().to_string();
-    let stored = StoredUpdate::from(update);
-    let contact_key = stored.contact_key().map(str::to_string);
+    let contact_key = contact_key(&update).map(str::to_string);
     NewInboxRow {
         channel: channel.to_string(),
         dedupe_key,
         kind,
         contact_key,
-        payload: serde_json::to_value(&stored).expect("a stored update serializes"),
+        payload: serde_json::to_value(&update).expect("an update serializes"),
     }
 }
 
@@ -724,14 +477,14 @@ impl Worker {
 
     /// Does what one row asks.
     async fn process(&self, row: &InboxRow) -> Outcome {
-        let update = match StoredUpdate::deserialize(&row.payload) {
+        let update = match Update::deserialize(&row.payload) {
             Ok(update) => update,
             Err(e) => return Outcome::GiveUp(format!("unreadable inbox payload: {e}")),
         };
         let channel = row.channel.as_str();
         let runtime = &self.state.runtime;
         match update {
-            StoredUpdate::Message {
+            Update::Message {
                 wa_id,
                 user_id,
                 profile_name,
@@ -779,8 +532,8 @@ impl Worker {
                     Err(e) => retry(row, e.to_string(), MAX_ATTEMPTS),
                 }
             }
-            StoredUpdate::System {
-                system_type,
+            Update::System {
+                kind: system_type,
                 previous_wa_id,
                 new_wa_id,
                 previous_user_id,
@@ -804,13 +557,14 @@ impl Worker {
                 );
                 Outcome::Done
             }
-            StoredUpdate::Status {
+            Update::Status {
                 wamid,
                 status,
                 errors,
                 biz_opaque_callback_data,
                 ..
             } => {
+                let status = status.as_str();
                 let first = errors.first();
                 let error_text = first.map(|e| match &e.title {
                     Some(title) if !e.message.contains(title.as_str()) => format!("{title}: {e}"),
@@ -818,7 +572,7 @@ impl Worker {
                 });
                 let change = StatusChange {
                     wamid: &wamid,
-                    status: &status,
+                    status,
                     error_code: first.map(|e| e.code),
                     error: error_text.as_deref(),
                     idempotency_key: biz_opaque_callback_data.as_deref(),
@@ -832,7 +586,7 @@ impl Worker {
                         metrics::count(
                             "flowgate_message_statuses_total",
                             "Delivery statuses applied to outbound messages, by status.",
-                            &[("status", label(&status))],
+                            &[("status", label(status))],
                             1,
                         );
                         if let Some(e) = first.filter(|_| status == "failed") {
@@ -847,7 +601,7 @@ impl Worker {
                         Outcome::Done
                     }
                     Ok(StatusOutcome::Unchanged { .. }) => Outcome::Done,
-                    Ok(StatusOutcome::Unknown) if status_rank(&status).is_none() => Outcome::Done,
+                    Ok(StatusOutcome::Unknown) if status_rank(status).is_none() => Outcome::Done,
                     Ok(StatusOutcome::Unknown) => retry(
                         row,
                         format!("no outbound message has wamid {wamid} (yet)"),
@@ -856,7 +610,7 @@ impl Worker {
                     Err(e) => retry(row, e.to_string(), MAX_ATTEMPTS),
                 }
             }
-            StoredUpdate::Error { errors, .. } => {
+            Update::Error { errors, .. } => {
                 for e in &errors {
                     tracing::warn!(
                         channel,
@@ -875,7 +629,7 @@ impl Worker {
                 }
                 Outcome::Done
             }
-            StoredUpdate::TemplateStatus {
+            Update::TemplateStatus {
                 event,
                 name,
                 language,
@@ -900,9 +654,14 @@ impl Worker {
                 );
                 Outcome::Done
             }
-            StoredUpdate::UserPreference {
+            Update::UserPreference {
                 value, category, ..
             } => {
+                let value = match value {
+                    Preference::Stop => "stop".to_string(),
+                    Preference::Resume => "resume".to_string(),
+                    Preference::Other(other) => other,
+                };
                 tracing::info!(
                     channel,
                     contact = row.contact_key.as_deref().unwrap_or(""),
@@ -918,7 +677,7 @@ impl Worker {
                 );
                 Outcome::Done
             }
-            StoredUpdate::Unknown { field, .. } => {
+            Update::Unknown { field, .. } => {
                 tracing::debug!(channel, field = %field, "webhook field not handled; skipped");
                 metrics::count(
                     "flowgate_webhook_unknown_total",
@@ -928,7 +687,7 @@ impl Worker {
                 );
                 Outcome::Done
             }
-            StoredUpdate::Malformed { field, reason, .. } => {
+            Update::Malformed { field, reason, .. } => {
                 tracing::warn!(channel, field = %field, inbox = row.id, reason = %reason, "unreadable webhook update skipped");
                 metrics::count(
                     "flowgate_webhook_malformed_total",
@@ -1047,20 +806,20 @@ mod tests {
         assert_eq!(rows[1].dedupe_key, "wamid.a");
         assert_eq!(rows[3].dedupe_key, "wamid.o:read");
         for r in &rows {
-            let back = StoredUpdate::deserialize(&r.payload).unwrap();
+            let back = Update::deserialize(&r.payload).unwrap();
             assert_eq!(
                 serde_json::to_value(&back).unwrap(),
                 r.payload,
                 "{}",
                 r.kind
             );
-            assert_eq!(back.contact_key(), r.contact_key.as_deref());
+            assert_eq!(contact_key(&back), r.contact_key.as_deref());
         }
-        let StoredUpdate::Message {
+        let Update::Message {
             inbound,
             profile_name,
             ..
-        } = StoredUpdate::deserialize(&rows[1].payload).unwrap()
+        } = Update::deserialize(&rows[1].payload).unwrap()
         else {
             panic!("not a message")
         };
@@ -1076,7 +835,7 @@ mod tests {
             dedupe_key: String::new(),
             kind: kind.into(),
             contact_key: contact.map(str::to_string),
-            payload: Value::Null,
+            payload: serde_json::Value::Null,
             received_at: DateTime::UNIX_EPOCH,
             attempts: 0,
             last_error: None,

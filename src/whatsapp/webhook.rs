@@ -34,7 +34,8 @@ pub enum WebhookError {
 
 /// One thing a webhook told us. Every variant keeps the raw JSON it was read from, for
 /// storage and for reading it again when flowgate learns more.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "update", rename_all = "snake_case")]
 pub enum Update {
     /// A message a customer sent (field `messages`, `value.messages[]`, any type but
     /// `system`).
@@ -166,7 +167,8 @@ pub enum Update {
 }
 
 /// The `status` of a [`Update::Status`].
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum StatusKind {
     Sent,
     Delivered,
@@ -202,7 +204,8 @@ impl StatusKind {
 }
 
 /// The `value` of a [`Update::UserPreference`].
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Preference {
     Stop,
     Resume,
@@ -210,7 +213,7 @@ pub enum Preference {
 }
 
 /// Where a customer came from when they tapped a Click-to-WhatsApp ad (`messages[].referral`).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Referral {
     pub source_url: Option<String>,
     pub source_id: Option<String>,
