@@ -68,11 +68,6 @@ impl Clock for VirtualClock {
     }
 }
 
-/// Wall-clock start for a virtual clock used interactively (`flowgate chat`).
-pub fn wall_now() -> DateTime<Utc> {
-    Utc::now()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -299,28 +299,14 @@ impl<'a> Run<'a> {
             self.absorb(report);
         } else if let Some(wait) = &step.wait {
             let target = now + parse_duration(wait)?;
-            loop {
-                match self
-                    .runtime
-                    .next_timer_at()
-                    .await
-                    .map_err(|e| e.to_string())?
-                {
-                    Some(due) if due <= target => {
-                        self.clock.advance_to(due);
-                        for report in self
-                            .runtime
-                            .fire_due_timers()
-                            .await
-                            .map_err(|e| e.to_string())?
-                        {
-                            self.absorb(report);
-                        }
-                    }
-                    _ => break,
-                }
+            let reports = self
+                .runtime
+                .advance_clock(&self.clock, target)
+                .await
+                .map_err(|e| e.to_string())?;
+            for report in reports {
+                self.absorb(report);
             }
-            self.clock.advance_to(target);
         } else if let Some(text) = &step.agent {
             let report = self
                 .runtime

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use chrono::{DateTime, Utc};
 
-use crate::clock::SharedClock;
+use crate::clock::{SharedClock, VirtualClock};
 use crate::config::{ChannelConfig, Provider};
 use crate::domain::{Decision, Inbound, Origin, Outbound, OutboundContent, WaId};
 use crate::engine::{Effect, Engine, Event, Handled, HttpOutcome, HttpRequest, Session, TimerKind};
@@ -254,6 +254,25 @@ impl Runtime {
         }
     }
 
+    /// Moves a virtual clock to `to`, firing every timer that falls due on the way at its
+    /// own time, in time order (`/wait` in `chat`, `wait:` in conversation tests).
+    pub async fn advance_clock(
+        &self,
+        clock: &VirtualClock,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<TurnReport>, DispatchError> {
+        let mut reports = Vec::new();
+        while let Some(due) = self.next_timer_at().await? {
+            if due > to {
+                break;
+            }
+            clock.advance_to(due);
+            reports.extend(self.fire_due_timers().await?);
+        }
+        clock.advance_to(to);
+        Ok(reports)
+    }
+
     pub async fn next_timer_at(&self) -> Result<Option<DateTime<Utc>>, DispatchError> {
         Ok(self.db.next_timer_at().await?)
     }
@@ -369,16 +388,11 @@ impl Runtime {
                 notes.push(format!(
                     "more than {MAX_HTTP_ROUNDS} http requests in one turn (an `on_error` loop?); the session ends"
                 ));
-                let (flow, step) = outcome
-                    .session
-                    .as_ref()
-                    .map(|s| (s.flow_id.clone(), String::new()))
-                    .unwrap_or_default();
-                effects.push(Effect::Send(Outbound {
-                    content: OutboundContent::text(crate::engine::APOLOGY),
-                    origin: Origin::Error { flow, step },
-                    outside_window: None,
-                }));
+                let flow = outcome.session.as_ref().map(|s| s.flow_id.as_str());
+                effects.push(Effect::Send(crate::engine::apology(
+                    flow.unwrap_or_default(),
+                    "",
+                )));
                 outcome.session = None;
                 timers = Some(Vec::new());
                 break;

@@ -196,6 +196,18 @@ pub struct Outcome {
 /// The apology a customer gets when a script or flow fails and the step has no `on_error`.
 pub const APOLOGY: &str = "Sorry, something went wrong on our side. Please try again in a moment.";
 
+/// The [`APOLOGY`] message, sent when `flow`'s `step` failed and has no `on_error`.
+pub fn apology(flow: &str, step: &str) -> Outbound {
+    Outbound {
+        content: OutboundContent::text(APOLOGY),
+        origin: Origin::Error {
+            flow: flow.to_string(),
+            step: step.to_string(),
+        },
+        outside_window: None,
+    }
+}
+
 /// Steps one event may run before the engine decides the flow is looping.
 const MAX_STEPS_PER_EVENT: usize = 100;
 
@@ -240,6 +252,7 @@ impl Engine {
             engine: self,
             flows,
             contact_value: contact_value(contact),
+            timezone: timezone_of(contact),
             contact,
             message,
             now,
@@ -275,6 +288,8 @@ struct Turn<'a> {
     flows: &'a FlowSet,
     contact: &'a mut Contact,
     contact_value: Dynamic,
+    /// The contact's timezone, parsed once (not at every evaluation).
+    timezone: Option<chrono_tz::Tz>,
     message: Dynamic,
     now: DateTime<Utc>,
     session: Option<Session>,
@@ -671,7 +686,7 @@ impl Turn<'_> {
             self.contact.tags.remove(tag);
         }
         if !step.tag.is_empty() || !step.untag.is_empty() {
-            self.contact_value = contact_value(self.contact);
+            self.refresh_contact();
         }
         let origin = Origin::Step {
             flow: flow.id.clone(),
@@ -745,7 +760,7 @@ impl Turn<'_> {
                             };
                         }
                         if changed {
-                            self.contact_value = contact_value(self.contact);
+                            self.refresh_contact();
                         }
                         for reply in run.effects.replies {
                             let content = match reply {
@@ -921,14 +936,8 @@ impl Turn<'_> {
     }
 
     fn apology(&mut self, flow: &Flow, step: Option<&Step>) {
-        self.effects.push(Effect::Send(Outbound {
-            content: OutboundContent::text(APOLOGY),
-            origin: Origin::Error {
-                flow: flow.id.clone(),
-                step: step.map(|s| s.id.clone()).unwrap_or_default(),
-            },
-            outside_window: None,
-        }));
+        let step = step.map(|s| s.id.as_str()).unwrap_or_default();
+        self.effects.push(Effect::Send(apology(&flow.id, step)));
     }
 
     fn send(&mut self, flow: &Flow, step: &Step, mut content: OutboundContent, origin: Origin) {
@@ -1036,6 +1045,12 @@ impl Turn<'_> {
         }
     }
 
+    /// Rebuilds what expressions see of the contact after a step changed it.
+    fn refresh_contact(&mut self) {
+        self.contact_value = contact_value(self.contact);
+        self.timezone = timezone_of(self.contact);
+    }
+
     fn context(&self) -> Context<'_> {
         static EMPTY: std::sync::LazyLock<Vars> = std::sync::LazyLock::new(Vars::new);
         Context {
@@ -1043,13 +1058,13 @@ impl Turn<'_> {
             contact: &self.contact_value,
             message: &self.message,
             now: self.now,
-            timezone: self
-                .contact
-                .timezone
-                .as_deref()
-                .and_then(|tz| tz.parse().ok()),
+            timezone: self.timezone,
         }
     }
+}
+
+fn timezone_of(contact: &Contact) -> Option<chrono_tz::Tz> {
+    contact.timezone.as_deref().and_then(|tz| tz.parse().ok())
 }
 
 fn target(t: &Target) -> Next {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use flowgate::app::{self, Application, Loaded};
-use flowgate::clock::{Clock, SystemClock, VirtualClock, wall_now};
+use flowgate::clock::{Clock, SystemClock, VirtualClock};
 use flowgate::conversation::{self, describe_content};
 use flowgate::diagnostic::Diagnostics;
 use flowgate::domain::{HumanDuration, Inbound, InboundContent, format_duration};
@@ -157,7 +157,7 @@ async fn chat(config: Option<&std::path::Path>, from: &str) -> anyhow::Result<Ex
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
-    let clock = Arc::new(VirtualClock::new(wall_now()));
+    let clock = Arc::new(VirtualClock::new(SystemClock.now()));
     let runtime = loaded.runtime("sqlite::memory:", clock.clone()).await?;
     let flows: Vec<String> = loaded.project.flows.iter().map(|f| f.id.clone()).collect();
     println!(
@@ -200,17 +200,9 @@ async fn chat(config: Option<&std::path::Path>, from: &str) -> anyhow::Result<Ex
                         continue;
                     }
                 };
-                let target = clock.now() + by.0;
-                while let Some(due) = runtime.next_timer_at().await? {
-                    if due > target {
-                        break;
-                    }
-                    clock.advance_to(due);
-                    for report in runtime.fire_due_timers().await? {
-                        print_report(&report);
-                    }
+                for report in runtime.advance_clock(&clock, clock.now() + by.0).await? {
+                    print_report(&report);
                 }
-                clock.advance_to(target);
                 println!(
                     "  [clock] {} later: {}",
                     format_duration(by.0),
