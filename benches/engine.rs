@@ -299,6 +299,7 @@ impl Fixture {
             id: "wamid.bench".into(),
             timestamp: self.now,
             content,
+            from_ad: false,
         })
     }
 

@@ -160,10 +160,12 @@ impl Loaded {
             engine,
             self.project.flows.clone(),
             self.project.templates.clone(),
+            crate::policy::Policy::new(&self.config.policy),
             clock,
             self.config.channels.clone(),
         );
         runtime.remember_flow_versions().await?;
+        runtime.load_template_statuses().await?;
         Ok(runtime)
     }
 }

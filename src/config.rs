@@ -115,6 +115,27 @@ pub struct PolicyConfig {
     pub opt_out_reply: Option<String>,
     #[serde(default)]
     pub opt_in_reply: Option<String>,
+    /// Templates for free-form messages outside the window whose step names no
+    /// `outside_window`; the first matching rule wins.
+    #[serde(default)]
+    pub outside_window: Vec<FallbackTemplate>,
+}
+
+/// A policy-level rewrite (`policy.outside_window[]`): messages from `flow` and/or of
+/// `origin` (`step`, `script`, `agent`, `system`, `error`) become this template outside the
+/// window. Parameters may use `{{text}}` (the message's text), `{{contact.name}}`,
+/// `{{contact.wa_id}}` and `{{contact.attrs.KEY}}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackTemplate {
+    #[serde(default)]
+    pub flow: Option<String>,
+    #[serde(default)]
+    pub origin: Option<String>,
+    pub template: String,
+    pub language: String,
+    #[serde(default)]
+    pub params: Vec<String>,
 }
 
 fn default_window() -> HumanDuration {
@@ -143,6 +164,7 @@ impl Default for PolicyConfig {
             opt_in_keywords: default_opt_in(),
             opt_out_reply: None,
             opt_in_reply: None,
+            outside_window: Vec::new(),
         }
     }
 }

@@ -310,7 +310,11 @@ impl<'a> Run<'a> {
         } else if let Some(text) = &step.agent {
             let report = self
                 .runtime
-                .agent_message(&self.runtime.default_channel, TEST_WA_ID, text)
+                .agent_message(
+                    &self.runtime.default_channel,
+                    TEST_WA_ID,
+                    OutboundContent::text(text),
+                )
                 .await
                 .map_err(|e| e.to_string())?;
             self.absorb(report);
@@ -386,6 +390,7 @@ impl<'a> Run<'a> {
             session: conversation.session.as_ref(),
             inbound: None,
             outbound: &[],
+            dequeued: &[],
             replace_timers: None,
             fired_timer: None,
             now: self.clock.now(),
@@ -539,10 +544,7 @@ fn expectation(e: &Expected) -> String {
 /// One line for an outgoing message and its policy decision, as tests show it.
 pub fn describe(m: &SentMessage) -> String {
     let mut out = describe_content(&m.message.content);
-    let _ = write!(out, " [{}]", m.decision.name());
-    if let Some(reason) = m.decision.reason() {
-        let _ = write!(out, " ({reason})");
-    }
+    let _ = write!(out, " [{}] ({})", m.decision.name(), m.decision.reason());
     out
 }
 

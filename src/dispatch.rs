@@ -14,12 +14,16 @@ use chrono::{DateTime, Utc};
 
 use crate::clock::{SharedClock, VirtualClock};
 use crate::config::{ChannelConfig, Provider};
-use crate::domain::{Decision, Inbound, Origin, Outbound, OutboundContent, WaId};
+use crate::domain::{Contact, Decision, Inbound, Origin, Outbound, OutboundContent, WaId};
 use crate::engine::{Effect, Engine, Event, Handled, HttpOutcome, HttpRequest, Session, TimerKind};
 use crate::flow::load::compile_bundle;
 use crate::flow::{Bundle, Flow, FlowSet};
-use crate::store::{Db, NewTimer, OutboundRecord, SessionRow, StoreError, Turn};
-use crate::templates::Registry;
+use crate::policy::{ConsentChange, Policy};
+use crate::store::{
+    Db, DequeuedRecord, NewTimer, OutboundRecord, OutboxRow, SessionRow, StoreError,
+    TemplateStatusRow, Turn,
+};
+use crate::templates::{Registry, Status};
 
 /// HTTP round trips one event may trigger (a flow of chained `http` steps).
 const MAX_HTTP_ROUNDS: usize = 16;
@@ -50,6 +54,16 @@ pub struct TurnReport {
     pub notes: Vec<String>,
 }
 
+/// What running one event did, before the policy and the commit.
+struct Ran {
+    handled: Handled,
+    effects: Vec<Effect>,
+    /// The session to store (`None` ends it).
+    session: Option<SessionRow>,
+    timers: Option<Vec<(DateTime<Utc>, TimerKind)>>,
+    notes: Vec<String>,
+}
+
 /// Held while one event of one contact is handled.
 type ContactLock = Arc<tokio::sync::Mutex<()>>;
 
@@ -58,7 +72,9 @@ pub struct Runtime {
     pub db: Db,
     pub engine: Engine,
     pub flows: RwLock<FlowSet>,
-    pub templates: Registry,
+    /// The template registry; status webhooks change it while the server runs.
+    templates: RwLock<Arc<Registry>>,
+    pub policy: Policy,
     pub clock: SharedClock,
     pub channels: Vec<ChannelConfig>,
     /// The channel `chat`, `test` and the sandbox door talk on: the first sandbox channel,
@@ -83,6 +99,7 @@ impl Runtime {
         engine: Engine,
         flows: Vec<Arc<Flow>>,
         templates: Registry,
+        policy: Policy,
         clock: SharedClock,
         channels: Vec<ChannelConfig>,
     ) -> Self {
@@ -96,7 +113,8 @@ impl Runtime {
             db,
             engine,
             flows: RwLock::new(FlowSet::new(flows)),
-            templates,
+            templates: RwLock::new(Arc::new(templates)),
+            policy,
             clock,
             channels,
             default_channel,
@@ -173,40 +191,42 @@ impl Runtime {
         self.turn(channel, wa_id, event, None, None, None).await
     }
 
-    /// An agent's free-text message to a contact.
+    /// An agent's message to a contact (the API's `POST /api/conversations/{wa_id}/messages`,
+    /// a test's `agent:`): it passes the policy like every other message.
     pub async fn agent_message(
         &self,
         channel: &str,
         wa_id: &str,
-        text: &str,
+        content: OutboundContent,
     ) -> Result<TurnReport, DispatchError> {
         let lock = self.lock(channel, wa_id);
         let _guard = lock.lock().await;
+        let now = self.clock.now();
         let conversation = self.db.load_conversation(channel, wa_id).await?;
-        let record = OutboundRecord {
-            message: Outbound {
-                content: OutboundContent::text(text),
-                origin: Origin::Agent,
-                outside_window: None,
-            },
-            decision: Decision::Send,
-            status: self.outbound_status(channel).to_string(),
-            in_reply_to: None,
-        };
+        let mut contact = conversation.contact;
+        let templates = self.templates();
+        let record = self.decide(
+            channel,
+            Outbound::new(content, Origin::Agent),
+            &mut contact,
+            &templates,
+            None,
+            now,
+        );
         let records = [record];
-        let session = conversation.session.clone();
         let committed = self
             .db
             .commit_turn(&Turn {
                 channel,
                 contact_id: conversation.contact_id,
-                contact: &conversation.contact,
-                session: session.as_ref(),
+                contact: &contact,
+                session: conversation.session.as_ref(),
                 inbound: None,
                 outbound: &records,
+                dequeued: &[],
                 replace_timers: None,
                 fired_timer: None,
-                now: self.clock.now(),
+                now,
             })
             .await?;
         let [record] = records;
@@ -223,9 +243,288 @@ impl Runtime {
         })
     }
 
+    /// The template registry as it is now.
+    pub fn templates(&self) -> Arc<Registry> {
+        self.templates.read().expect("templates lock").clone()
+    }
+
+    /// Applies the template statuses WhatsApp reported after the registry file was written
+    /// (they survive a restart; a newer file, e.g. from `templates sync`, wins).
+    pub async fn load_template_statuses(&self) -> Result<(), DispatchError> {
+        let rows = self.db.template_statuses().await?;
+        let mut registry = (*self.templates()).clone();
+        let mut changed = false;
+        for row in rows {
+            let newer = registry.written_at.is_none_or(|at| row.updated_at > at);
+            if let (true, Some(status)) = (newer, Status::parse(&row.status)) {
+                changed |= registry.set_status(&row.name, &row.language, status);
+            }
+        }
+        if changed {
+            *self.templates.write().expect("templates lock") = Arc::new(registry);
+        }
+        Ok(())
+    }
+
+    /// A `message_template_status_update`: the template's new status applies to every
+    /// message decided from now on (pending ones are decided again when the sender takes
+    /// them). Returns the new status, `None` when the event changes nothing sendable.
+    pub async fn template_status_changed(
+        &self,
+        name: &str,
+        language: &str,
+        event: &str,
+        reason: Option<&str>,
+    ) -> Result<Option<Status>, DispatchError> {
+        let Some(status) = Status::from_event(event) else {
+            return Ok(None);
+        };
+        let language = crate::templates::normalize_language(language);
+        self.db
+            .save_template_status(&TemplateStatusRow {
+                name: name.to_string(),
+                language: language.clone(),
+                status: status.as_str().to_string(),
+                event: event.to_string(),
+                reason: reason.map(str::to_string),
+                updated_at: self.clock.now(),
+            })
+            .await?;
+        let mut registry = (*self.templates()).clone();
+        if !registry.set_status(name, &language, status) {
+            tracing::warn!(template = name, %language, "a status update for a template the registry does not list");
+        }
+        *self.templates.write().expect("templates lock") = Arc::new(registry);
+        Ok(Some(status))
+    }
+
+    /// Changes a contact's policy state outside a turn (consent from `user_preferences`, a
+    /// `131049`/`131050` from WhatsApp), under the contact's lock. A contact never seen is
+    /// created, so the change holds when they first write.
+    pub async fn update_contact_policy(
+        &self,
+        channel: &str,
+        wa_id: &str,
+        change: impl FnOnce(&mut Contact),
+    ) -> Result<(), DispatchError> {
+        let lock = self.lock(channel, wa_id);
+        let _guard = lock.lock().await;
+        let now = self.clock.now();
+        let conversation = self.db.load_conversation(channel, wa_id).await?;
+        let mut contact = conversation.contact;
+        change(&mut contact);
+        match conversation.contact_id {
+            Some(id) => {
+                self.db
+                    .save_contact_policy(id, &contact.policy, now)
+                    .await?
+            }
+            None => {
+                self.db
+                    .commit_turn(&Turn {
+                        channel,
+                        contact_id: None,
+                        contact: &contact,
+                        session: None,
+                        inbound: None,
+                        outbound: &[],
+                        dequeued: &[],
+                        replace_timers: None,
+                        fired_timer: None,
+                        now,
+                    })
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A claimed outbound message decided again at send time, under its contact's lock
+    /// (DESIGN §4.4). `window_refused` records a `131047` first. A decision that sends
+    /// leaves the row with `then_status` (`sending` to send it now, `pending` to send it
+    /// at the next claim); otherwise the row is queued or skipped. Returns the decision
+    /// and the message to send, or `None` when the lease was lost.
+    pub async fn redecide_claimed(
+        &self,
+        row: &OutboxRow,
+        lease_owner: &str,
+        window_refused: bool,
+        then_status: &str,
+    ) -> Result<Option<(Decision, Outbound)>, DispatchError> {
+        let lock = self.lock(&row.channel, &row.wa_id);
+        let _guard = lock.lock().await;
+        let now = self.clock.now();
+        let conversation = self.db.load_conversation(&row.channel, &row.wa_id).await?;
+        let mut contact = conversation.contact;
+        if window_refused {
+            Policy::close_window(&mut contact, now);
+            if let Some(id) = conversation.contact_id {
+                self.db
+                    .save_contact_policy(id, &contact.policy, now)
+                    .await?;
+            }
+        }
+        let requested: Outbound = row
+            .outbound()
+            .map_err(|e| DispatchError::Corrupt(e.to_string()))?;
+        let decision = self
+            .policy
+            .decide(&requested, &contact, &self.templates(), now);
+        let record = OutboundRecord {
+            message: Policy::apply(&decision, &requested),
+            status: if decision.sends() {
+                then_status
+            } else {
+                decision.status("pending")
+            }
+            .to_string(),
+            expires_at: matches!(decision, Decision::Queued { .. })
+                .then(|| self.policy.expires_at(now)),
+            decision,
+            in_reply_to: None,
+        };
+        let done = self
+            .db
+            .redecide_claimed(row.id, lease_owner, &record, now)
+            .await?;
+        tracing::info!(
+            channel = %row.channel, message = row.id, decision = record.decision.name(),
+            reason = record.decision.reason(), "decided again at send time"
+        );
+        Ok(done.then_some((record.decision, record.message)))
+    }
+
+    /// WhatsApp reported an outbound message `failed` with `code` (a status webhook): a
+    /// `131047` closes the window and decides the message again as a new one (a template
+    /// or the queue, never free-form again); `131050` records the marketing opt-out;
+    /// `131049` pauses marketing to the contact for 24 h. Returns the new message, if any.
+    pub async fn message_failed(
+        &self,
+        message_id: i64,
+        code: i64,
+    ) -> Result<Option<SentMessage>, DispatchError> {
+        let Some(failed) = self.db.message(message_id).await? else {
+            return Ok(None);
+        };
+        let now = self.clock.now();
+        match code {
+            131050 => {
+                self.update_contact_policy(&failed.channel, &failed.wa_id, |c| {
+                    Policy::set_consent(c, ConsentChange::OptOut, "131050", now)
+                })
+                .await?;
+                Ok(None)
+            }
+            131049 => {
+                self.update_contact_policy(&failed.channel, &failed.wa_id, |c| {
+                    Policy::pause_marketing(c, now)
+                })
+                .await?;
+                Ok(None)
+            }
+            131047 => {
+                let requested: Outbound = serde_json::from_value(failed.body.clone())
+                    .map_err(|e| DispatchError::Corrupt(e.to_string()))?;
+                // Templates never meet 131047; a message already decided again is done.
+                if !requested.requested().is_free_form()
+                    || failed.decision.as_deref() == Some("failed")
+                {
+                    return Ok(None);
+                }
+                let lock = self.lock(&failed.channel, &failed.wa_id);
+                let _guard = lock.lock().await;
+                let conversation = self
+                    .db
+                    .load_conversation(&failed.channel, &failed.wa_id)
+                    .await?;
+                let mut contact = conversation.contact;
+                Policy::close_window(&mut contact, now);
+                let record = self.decide(
+                    &failed.channel,
+                    requested,
+                    &mut contact,
+                    &self.templates(),
+                    None,
+                    now,
+                );
+                let records = [record];
+                let committed = self
+                    .db
+                    .commit_turn(&Turn {
+                        channel: &failed.channel,
+                        contact_id: conversation.contact_id,
+                        contact: &contact,
+                        session: conversation.session.as_ref(),
+                        inbound: None,
+                        outbound: &records,
+                        dequeued: &[],
+                        replace_timers: None,
+                        fired_timer: None,
+                        now,
+                    })
+                    .await?;
+                let [record] = records;
+                let id = committed.outbound_ids[0];
+                self.db
+                    .set_decision(
+                        message_id,
+                        &Decision::Failed {
+                            reason: format!(
+                                "WhatsApp refused it: outside the 24-hour window (131047); \
+                                 decided again as message {id} ({})",
+                                record.decision.name()
+                            ),
+                        },
+                        now,
+                    )
+                    .await?;
+                Ok(Some(SentMessage {
+                    id,
+                    message: record.message,
+                    decision: record.decision,
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Expires every queued message whose `queue_ttl` ran out by the clock's now.
+    pub async fn expire_queued(&self) -> Result<Vec<TurnReport>, DispatchError> {
+        let now = self.clock.now();
+        let mut reports = Vec::new();
+        loop {
+            let due = self.db.due_expiries(now, 100).await?;
+            if due.is_empty() {
+                return Ok(reports);
+            }
+            for m in due {
+                let decision = self
+                    .policy
+                    .expiry(m.queued_at, now)
+                    .unwrap_or(Decision::Expired {
+                        reason: "queued longer than queue_ttl".into(),
+                    });
+                if self.db.expire_message(m.id, decision.reason(), now).await? {
+                    tracing::info!(channel = %m.channel, contact = %m.wa_id, message = m.id, "{}", decision.explain());
+                    reports.push(TurnReport {
+                        wa_id: m.wa_id,
+                        handled: Handled::Continued,
+                        sent: vec![SentMessage {
+                            id: m.id,
+                            message: m.message,
+                            decision,
+                        }],
+                        handoff: None,
+                        notes: Vec::new(),
+                    });
+                }
+            }
+        }
+    }
+
     /// Fires every timer due by the clock's now, oldest first.
     pub async fn fire_due_timers(&self) -> Result<Vec<TurnReport>, DispatchError> {
-        let mut reports = Vec::new();
+        let mut reports = self.expire_queued().await?;
         loop {
             let due = self.db.due_timers(self.clock.now(), 100).await?;
             if due.is_empty() {
@@ -273,8 +572,11 @@ impl Runtime {
         Ok(reports)
     }
 
+    /// The next time something is due: a timer or a queued message's expiry.
     pub async fn next_timer_at(&self) -> Result<Option<DateTime<Utc>>, DispatchError> {
-        Ok(self.db.next_timer_at().await?)
+        let timer = self.db.next_timer_at().await?;
+        let expiry = self.db.next_expiry_at().await?;
+        Ok(timer.into_iter().chain(expiry).min())
     }
 
     fn lock(&self, channel: &str, wa_id: &str) -> ContactLock {
@@ -307,7 +609,7 @@ impl Runtime {
         };
         let bundle: Bundle =
             serde_json::from_str(&bundle).map_err(|e| DispatchError::Corrupt(e.to_string()))?;
-        match compile_bundle(&bundle, &self.engine.scripting, &self.templates) {
+        match compile_bundle(&bundle, &self.engine.scripting, &self.templates()) {
             Ok(flow) => {
                 let flow = Arc::new(flow);
                 self.flows
@@ -343,9 +645,200 @@ impl Runtime {
         if let (None, Some(name)) = (&contact.name, profile_name) {
             contact.name = Some(name.to_string());
         }
+        let customer_wrote = inbound.filter(|m| m.content.refreshes_window());
+        if let Some(m) = customer_wrote.filter(|m| m.from_ad)
+            && contact.policy.referral_at.is_none_or(|t| m.timestamp > t)
+        {
+            contact.policy.referral_at = Some(m.timestamp);
+        }
+        let consent = customer_wrote.and_then(|m| self.policy.consent_keyword(&m.content));
+        let ran = match consent {
+            // Consent keywords are the policy's, not the flows': the session stays as it is.
+            Some(change) => {
+                let m = customer_wrote.expect("a keyword comes with a message");
+                contact.saw_customer_message(m.timestamp);
+                let source = format!("keyword {}", m.content.as_text().trim());
+                Policy::set_consent(&mut contact, change, &source, now);
+                let reply = match change {
+                    ConsentChange::OptOut => self.policy.opt_out_reply.clone(),
+                    ConsentChange::OptIn => self.policy.opt_in_reply.clone(),
+                };
+                Ran {
+                    handled: Handled::Continued,
+                    effects: reply
+                        .map(|text| {
+                            Effect::Send(Outbound::new(OutboundContent::text(text), Origin::System))
+                        })
+                        .into_iter()
+                        .collect(),
+                    session: conversation.session.clone(),
+                    timers: None,
+                    notes: vec![format!("marketing consent: {change:?} ({source})")],
+                }
+            }
+            None => {
+                self.run_engine(
+                    wa_id,
+                    &mut contact,
+                    conversation.session.as_ref(),
+                    event,
+                    now,
+                )
+                .await?
+            }
+        };
+
+        let templates = self.templates();
+        let in_reply_to = inbound.map(|i| i.id.clone());
+        // The customer wrote: the queue goes first, in order, decided again with the window
+        // their message opened.
+        let mut dequeued = Vec::new();
+        if let (Some(_), Some(contact_id), true) = (
+            customer_wrote,
+            conversation.contact_id,
+            conversation.has_queued,
+        ) {
+            for q in self.db.queued_messages(contact_id).await? {
+                let decision = match self.policy.expiry(q.queued_at, now) {
+                    Some(expired) => expired,
+                    None => self.policy.decide(&q.message, &contact, &templates, now),
+                };
+                if decision.sends() {
+                    self.policy.record_sent(&mut contact, now);
+                }
+                dequeued.push(DequeuedRecord {
+                    id: q.id,
+                    message: Policy::apply(&decision, &q.message),
+                    status: decision.status(self.outbound_status(channel)).to_string(),
+                    decision,
+                    in_reply_to: in_reply_to.clone(),
+                });
+            }
+        }
+        let mut handoff = None;
+        let mut records = Vec::new();
+        for effect in ran.effects {
+            match effect {
+                Effect::Send(message) => records.push(self.decide(
+                    channel,
+                    message,
+                    &mut contact,
+                    &templates,
+                    in_reply_to.clone(),
+                    now,
+                )),
+                Effect::Handoff { queue } => {
+                    tracing::info!(contact = %wa_id, %queue, "conversation handed to a person");
+                    handoff = Some(queue);
+                }
+                Effect::Http(_) => {}
+            }
+        }
+        let new_timers: Option<Vec<NewTimer>> = ran.timers.map(|ts| {
+            ts.into_iter()
+                .map(|(due_at, kind)| NewTimer {
+                    due_at,
+                    payload: serde_json::to_value(kind).expect("timer serializes"),
+                })
+                .collect()
+        });
+        let committed = self
+            .db
+            .commit_turn(&Turn {
+                channel,
+                contact_id: conversation.contact_id,
+                contact: &contact,
+                session: ran.session.as_ref(),
+                inbound,
+                outbound: &records,
+                dequeued: &dequeued,
+                replace_timers: new_timers.as_deref(),
+                fired_timer,
+                now,
+            })
+            .await;
+        let committed = match committed {
+            Err(e) if e.is_duplicate() && inbound.is_some() => {
+                // The same message again: the first delivery's turn stands, this one is dropped whole.
+                return Ok(TurnReport {
+                    wa_id: wa_id.to_string(),
+                    handled: Handled::Duplicate,
+                    sent: Vec::new(),
+                    handoff: None,
+                    notes: Vec::new(),
+                });
+            }
+            other => other?,
+        };
+        // What left the queue (a message that stays queued is not news), then the new ones.
+        let flushed = dequeued
+            .into_iter()
+            .filter(|d| committed.dequeued_ids.contains(&d.id))
+            .filter(|d| !matches!(d.decision, Decision::Queued { .. }))
+            .map(|d| SentMessage {
+                id: d.id,
+                message: d.message,
+                decision: d.decision,
+            });
+        let new = records
+            .into_iter()
+            .zip(committed.outbound_ids)
+            .map(|(r, id)| SentMessage {
+                id,
+                message: r.message,
+                decision: r.decision,
+            });
+        let sent: Vec<SentMessage> = flushed.chain(new).collect();
+        for m in &sent {
+            tracing::debug!(contact = %wa_id, message = m.id, "[policy] {}", m.decision.explain());
+        }
+        Ok(TurnReport {
+            wa_id: wa_id.to_string(),
+            handled: ran.handled,
+            sent,
+            handoff,
+            notes: ran.notes,
+        })
+    }
+
+    /// Decides one outgoing message for `contact` and builds its record (the one place
+    /// decisions are made at plan time). A message that is sent may open the free entry
+    /// point, so `contact` changes with it.
+    fn decide(
+        &self,
+        channel: &str,
+        message: Outbound,
+        contact: &mut Contact,
+        templates: &Registry,
+        in_reply_to: Option<String>,
+        now: DateTime<Utc>,
+    ) -> OutboundRecord {
+        let decision = self.policy.decide(&message, contact, templates, now);
+        if decision.sends() {
+            self.policy.record_sent(contact, now);
+        }
+        OutboundRecord {
+            message: Policy::apply(&decision, &message),
+            status: decision.status(self.outbound_status(channel)).to_string(),
+            expires_at: matches!(decision, Decision::Queued { .. })
+                .then(|| self.policy.expires_at(now)),
+            decision,
+            in_reply_to,
+        }
+    }
+
+    /// Runs the engine for one event, performing the HTTP requests its steps ask for.
+    async fn run_engine(
+        &self,
+        wa_id: &str,
+        contact: &mut Contact,
+        stored: Option<&SessionRow>,
+        event: Event,
+        now: DateTime<Utc>,
+    ) -> Result<Ran, DispatchError> {
         let mut notes = Vec::new();
         let mut session = None;
-        if let Some(row) = &conversation.session {
+        if let Some(row) = stored {
             match self.pinned_flow(row).await? {
                 Some(flow) => {
                     session = Session::from_stored(&flow, &row.step, &row.state);
@@ -364,8 +857,7 @@ impl Runtime {
         }
         let mut outcome = {
             let flows = self.flows.read().expect("flows lock");
-            self.engine
-                .handle(&flows, &mut contact, session, event, now)
+            self.engine.handle(&flows, contact, session, event, now)
         };
         let mut effects = Vec::new();
         let mut timers = outcome.timers.take();
@@ -405,8 +897,7 @@ impl Runtime {
             let session = outcome.session.take();
             outcome = {
                 let flows = self.flows.read().expect("flows lock");
-                self.engine
-                    .handle(&flows, &mut contact, session, event, now)
+                self.engine.handle(&flows, contact, session, event, now)
             };
             if let Some(t) = outcome.timers.take() {
                 timers = Some(t);
@@ -419,7 +910,7 @@ impl Runtime {
         for note in &notes {
             tracing::warn!(contact = %wa_id, "{note}");
         }
-        let session_row = match &outcome.session {
+        let session = match &outcome.session {
             Some(s) => {
                 let flow = self
                     .flows
@@ -439,71 +930,11 @@ impl Runtime {
             }
             None => None,
         };
-        let mut handoff = None;
-        let mut records = Vec::new();
-        for effect in effects {
-            match effect {
-                Effect::Send(message) => records.push(OutboundRecord {
-                    message,
-                    decision: Decision::Send,
-                    in_reply_to: inbound.map(|i| i.id.clone()),
-                    status: self.outbound_status(channel).to_string(),
-                }),
-                Effect::Handoff { queue } => {
-                    tracing::info!(contact = %wa_id, %queue, "conversation handed to a person");
-                    handoff = Some(queue);
-                }
-                Effect::Http(_) => {}
-            }
-        }
-        let new_timers: Option<Vec<NewTimer>> = timers.map(|ts| {
-            ts.into_iter()
-                .map(|(due_at, kind)| NewTimer {
-                    due_at,
-                    payload: serde_json::to_value(kind).expect("timer serializes"),
-                })
-                .collect()
-        });
-        let committed = self
-            .db
-            .commit_turn(&Turn {
-                channel,
-                contact_id: conversation.contact_id,
-                contact: &contact,
-                session: session_row.as_ref(),
-                inbound,
-                outbound: &records,
-                replace_timers: new_timers.as_deref(),
-                fired_timer,
-                now,
-            })
-            .await;
-        let committed = match committed {
-            Err(e) if e.is_duplicate() && inbound.is_some() => {
-                // The same message again: the first delivery's turn stands, this one is dropped whole.
-                return Ok(TurnReport {
-                    wa_id: wa_id.to_string(),
-                    handled: Handled::Duplicate,
-                    sent: Vec::new(),
-                    handoff: None,
-                    notes: Vec::new(),
-                });
-            }
-            other => other?,
-        };
-        Ok(TurnReport {
-            wa_id: wa_id.to_string(),
+        Ok(Ran {
             handled,
-            sent: records
-                .into_iter()
-                .zip(committed.outbound_ids)
-                .map(|(r, id)| SentMessage {
-                    id,
-                    message: r.message,
-                    decision: r.decision,
-                })
-                .collect(),
-            handoff,
+            effects,
+            session,
+            timers,
             notes,
         })
     }

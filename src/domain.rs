@@ -23,6 +23,39 @@ pub struct Contact {
     pub timezone: Option<String>,
     /// Time of the last customer-authored message (webhook `timestamp`); never moves backwards.
     pub last_customer_message_at: Option<DateTime<Utc>>,
+    /// What the policy layer remembers about this contact besides the last message time.
+    pub policy: PolicyState,
+}
+
+/// The policy layer's memory of one contact (DESIGN §4): WhatsApp's word on the window, the
+/// free entry point, and marketing consent. Stored as one JSON column with the contact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PolicyState {
+    /// WhatsApp refused a free-form message with `131047` at this time: the window counts as
+    /// closed until the customer writes after it, whatever our own clock says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_closed_at: Option<DateTime<Utc>>,
+    /// The customer wrote from a Click-to-WhatsApp ad (a `referral`) at this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub referral_at: Option<DateTime<Utc>>,
+    /// The business answered that ad within 24 h: everything it sends until then is free
+    /// (the free entry point). The free-form rule stays the 24-hour window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_entry_until: Option<DateTime<Utc>>,
+    /// The customer stopped marketing messages; `None` while they accept them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marketing_opt_out: Option<OptOut>,
+    /// WhatsApp answered `131049` (per-user marketing limit): no marketing before this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marketing_paused_until: Option<DateTime<Utc>>,
+}
+
+/// When and how a customer stopped marketing messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OptOut {
+    pub at: DateTime<Utc>,
+    /// `keyword STOP`, `user_preferences`, `131050`, `api`.
+    pub source: String,
 }
 
 impl Contact {
@@ -38,6 +71,14 @@ impl Contact {
         if self.last_customer_message_at.is_none_or(|t| at > t) {
             self.last_customer_message_at = Some(at);
         }
+        // A message written after WhatsApp closed the window opens it again.
+        if self
+            .policy
+            .window_closed_at
+            .is_some_and(|closed| at > closed)
+        {
+            self.policy.window_closed_at = None;
+        }
     }
 }
 
@@ -49,6 +90,10 @@ pub struct Inbound {
     /// When the customer sent it (the webhook's `timestamp`, not the arrival time).
     pub timestamp: DateTime<Utc>,
     pub content: InboundContent,
+    /// The customer came from a Click-to-WhatsApp ad (the message carries a `referral`):
+    /// answering within 24 h opens the free entry point.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_ad: bool,
 }
 
 impl Inbound {
@@ -64,6 +109,7 @@ impl Inbound {
             ),
             timestamp,
             content,
+            from_ad: false,
         }
     }
 }
@@ -263,6 +309,30 @@ pub enum Origin {
     System,
 }
 
+impl Origin {
+    /// `step`, `script`, `error`, `agent`, `system`: what a policy-level template mapping
+    /// matches on.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Step { .. } => "step",
+            Self::Script { .. } => "script",
+            Self::Error { .. } => "error",
+            Self::Agent => "agent",
+            Self::System => "system",
+        }
+    }
+
+    /// The flow that produced the message, if a flow did.
+    pub fn flow(&self) -> Option<&str> {
+        match self {
+            Self::Step { flow, .. } | Self::Script { flow, .. } | Self::Error { flow, .. } => {
+                Some(flow)
+            }
+            Self::Agent | Self::System => None,
+        }
+    }
+}
+
 /// A message the engine wants sent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Outbound {
@@ -270,42 +340,104 @@ pub struct Outbound {
     pub origin: Origin,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outside_window: Option<TemplateFallback>,
+    /// The free-form message the policy replaced with the template in `content`; every new
+    /// decision starts again from it (the window may have opened since).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original: Option<OutboundContent>,
 }
 
-/// The policy's verdict on one outgoing message, stored with it (DESIGN §4).
-///
-/// Until the policy layer lands every message is `Send`; the variants are the contract the
-/// message log, `chat` and conversation tests already speak.
+impl Outbound {
+    pub fn new(content: OutboundContent, origin: Origin) -> Self {
+        Self {
+            content,
+            origin,
+            outside_window: None,
+            original: None,
+        }
+    }
+
+    /// What the flow, script or agent asked to send, before any rewrite.
+    pub fn requested(&self) -> &OutboundContent {
+        self.original.as_ref().unwrap_or(&self.content)
+    }
+}
+
+/// The policy's verdict on one outgoing message, stored with it (DESIGN §4): what happens
+/// to it and, always, why.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "decision", rename_all = "snake_case")]
 pub enum Decision {
-    Send,
-    Rewritten { template: String, reason: String },
+    /// Sent as it is.
+    Send { reason: String },
+    /// Outside the window: sent as this approved template instead.
+    Rewritten {
+        template: TemplateFallback,
+        reason: String,
+    },
+    /// Held until the customer writes again (or `queue_ttl` passes).
     Queued { reason: String },
+    /// Not sent, on purpose (consent, a marketing back-off).
     Skipped { reason: String },
-    Expired,
+    /// Queued longer than `queue_ttl`.
+    Expired { reason: String },
+    /// WhatsApp refused it for good.
     Failed { reason: String },
 }
 
 impl Decision {
     pub fn name(&self) -> &'static str {
         match self {
-            Self::Send => "send",
+            Self::Send { .. } => "send",
             Self::Rewritten { .. } => "rewritten",
             Self::Queued { .. } => "queued",
             Self::Skipped { .. } => "skipped",
-            Self::Expired => "expired",
+            Self::Expired { .. } => "expired",
             Self::Failed { .. } => "failed",
         }
     }
 
-    pub fn reason(&self) -> Option<&str> {
+    pub fn reason(&self) -> &str {
         match self {
-            Self::Rewritten { reason, .. }
+            Self::Send { reason }
+            | Self::Rewritten { reason, .. }
             | Self::Queued { reason }
             | Self::Skipped { reason }
-            | Self::Failed { reason } => Some(reason),
-            Self::Send | Self::Expired => None,
+            | Self::Expired { reason }
+            | Self::Failed { reason } => reason,
+        }
+    }
+
+    /// Whether the message goes to WhatsApp (as it is or rewritten).
+    pub fn sends(&self) -> bool {
+        matches!(self, Self::Send { .. } | Self::Rewritten { .. })
+    }
+
+    /// The message status a row with this decision starts in; `sent_status` is the
+    /// channel's status for a message handed to it (`pending`, or `sent` in the sandbox).
+    pub fn status<'a>(&self, sent_status: &'a str) -> &'a str {
+        match self {
+            Self::Send { .. } | Self::Rewritten { .. } => sent_status,
+            Self::Queued { .. } => "queued",
+            Self::Skipped { .. } => "skipped",
+            Self::Expired { .. } => "expired",
+            Self::Failed { .. } => "failed",
+        }
+    }
+
+    /// One line for `chat` and logs: `window closed 1h12m ago → rewritten to template
+    /// order_shipped (en_US)`.
+    pub fn explain(&self) -> String {
+        let reason = self.reason();
+        match self {
+            Self::Send { .. } => format!("{reason} → sent"),
+            Self::Rewritten { template, .. } => format!(
+                "{reason} → rewritten to template {} ({})",
+                template.name, template.language
+            ),
+            Self::Queued { .. } => format!("{reason} → queued until the customer writes"),
+            Self::Skipped { .. } => format!("{reason} → skipped"),
+            Self::Expired { .. } => format!("{reason} → expired"),
+            Self::Failed { .. } => format!("{reason} → failed"),
         }
     }
 }

@@ -198,14 +198,13 @@ pub const APOLOGY: &str = "Sorry, something went wrong on our side. Please try a
 
 /// The [`APOLOGY`] message, sent when `flow`'s `step` failed and has no `on_error`.
 pub fn apology(flow: &str, step: &str) -> Outbound {
-    Outbound {
-        content: OutboundContent::text(APOLOGY),
-        origin: Origin::Error {
+    Outbound::new(
+        OutboundContent::text(APOLOGY),
+        Origin::Error {
             flow: flow.to_string(),
             step: step.to_string(),
         },
-        outside_window: None,
-    }
+    )
 }
 
 /// Steps one event may run before the engine decides the flow is looping.
@@ -709,15 +708,14 @@ impl Turn<'_> {
                     .map(|p| p.render(&self.engine.scripting, &ctx))
                     .collect();
                 match params {
-                    Ok(params) => self.effects.push(Effect::Send(Outbound {
-                        content: OutboundContent::Template {
+                    Ok(params) => self.effects.push(Effect::Send(Outbound::new(
+                        OutboundContent::Template {
                             name: call.name.clone(),
                             language: call.language.clone(),
                             params,
                         },
                         origin,
-                        outside_window: None,
-                    })),
+                    ))),
                     Err(e) => {
                         return self.fail(
                             flow.clone(),
@@ -959,9 +957,8 @@ impl Turn<'_> {
             })
         });
         self.effects.push(Effect::Send(Outbound {
-            content,
-            origin,
             outside_window,
+            ..Outbound::new(content, origin)
         }));
     }
 

@@ -22,10 +22,12 @@
 //!   with its error, and logged.
 //!
 //! What each kind does: messages run the flows (`Runtime::inbound`, keyed by the wa_id, else
-//! the BSUID); system messages (identity changes), template status updates and marketing
-//! preferences are logged and counted for the policy layer to act on; statuses update the
-//! outbound message ([`crate::store::Db::apply_status`]); `errors` are logged and counted by
-//! code; unknown and malformed updates are logged and skipped.
+//! the BSUID); statuses update the outbound message ([`crate::store::Db::apply_status`]) and
+//! a `failed` one with `131047`, `131050` or `131049` goes to the policy
+//! (`Runtime::message_failed`); template status updates change the registry
+//! (`Runtime::template_status_changed`); marketing preferences change the contact's consent;
+//! system messages (identity changes) are logged and counted; `errors` are logged and counted
+//! by code; unknown and malformed updates are logged and skipped.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,6 +41,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use crate::engine::Handled;
 use crate::http::AppState;
 use crate::metrics;
+use crate::policy::{ConsentChange, Policy};
 use crate::store::{
     INBOX_RETENTION, InboxRow, NewInboxRow, ORDERED_KINDS, StatusChange, StatusOutcome, status_rank,
 };
@@ -597,8 +600,35 @@ impl Worker {
                                 &[("code", &e.code.to_string())],
                                 1,
                             );
+                            // 131047 decides the message again; 131050/131049 change consent.
+                            match runtime.message_failed(message_id, e.code).await {
+                                Ok(Some(again)) => tracing::warn!(
+                                    channel,
+                                    message = message_id,
+                                    new_message = again.id,
+                                    "{}: {}",
+                                    e.code,
+                                    again.decision.explain()
+                                ),
+                                Ok(None) => {}
+                                Err(err) => return retry(row, err.to_string(), MAX_ATTEMPTS),
+                            }
                         }
                         Outcome::Done
+                    }
+                    // A failed status seen again (a retry after a crash): make sure the
+                    // policy acted on it; `message_failed` does each thing once.
+                    Ok(StatusOutcome::Unchanged {
+                        message_id,
+                        current,
+                    }) if status == "failed" && current == "failed" => {
+                        match first.map(|e| e.code) {
+                            Some(code) => match runtime.message_failed(message_id, code).await {
+                                Ok(_) => Outcome::Done,
+                                Err(err) => retry(row, err.to_string(), MAX_ATTEMPTS),
+                            },
+                            None => Outcome::Done,
+                        }
                     }
                     Ok(StatusOutcome::Unchanged { .. }) => Outcome::Done,
                     Ok(StatusOutcome::Unknown) if status_rank(status).is_none() => Outcome::Done,
@@ -637,6 +667,19 @@ impl Worker {
                 category,
                 ..
             } => {
+                if let (Some(name), Some(language)) = (&name, &language) {
+                    match runtime
+                        .template_status_changed(name, language, &event, reason.as_deref())
+                        .await
+                    {
+                        Ok(Some(status)) => tracing::info!(
+                            channel, template = %name, %language, status = status.as_str(),
+                            "template status applied"
+                        ),
+                        Ok(None) => {}
+                        Err(e) => return retry(row, e.to_string(), MAX_ATTEMPTS),
+                    }
+                }
                 tracing::info!(
                     channel,
                     event = %event,
@@ -655,8 +698,27 @@ impl Worker {
                 Outcome::Done
             }
             Update::UserPreference {
-                value, category, ..
+                value,
+                category,
+                timestamp,
+                ..
             } => {
+                let change = match &value {
+                    Preference::Stop => Some(ConsentChange::OptOut),
+                    Preference::Resume => Some(ConsentChange::OptIn),
+                    Preference::Other(_) => None,
+                };
+                if let (Some(change), Some(contact)) = (change, row.contact_key.as_deref()) {
+                    let at = timestamp.unwrap_or_else(|| runtime.clock.now());
+                    if let Err(e) = runtime
+                        .update_contact_policy(channel, contact, |c| {
+                            Policy::set_consent(c, change, "user_preferences", at)
+                        })
+                        .await
+                    {
+                        return retry(row, e.to_string(), MAX_ATTEMPTS);
+                    }
+                }
                 let value = match value {
                     Preference::Stop => "stop".to_string(),
                     Preference::Resume => "resume".to_string(),

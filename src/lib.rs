@@ -16,6 +16,7 @@ pub mod http;
 pub mod inbound;
 pub mod metrics;
 pub mod outbox;
+pub mod policy;
 pub mod script;
 pub mod store;
 pub mod templates;

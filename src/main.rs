@@ -263,10 +263,7 @@ async fn chat(config: Option<&std::path::Path>, from: &str) -> anyhow::Result<Ex
 fn print_report(report: &flowgate::dispatch::TurnReport) {
     for m in &report.sent {
         println!("bot> {}", describe_content(&m.message.content));
-        match m.decision.reason() {
-            Some(reason) => println!("  [policy] {}: {reason}", m.decision.name()),
-            None => println!("  [policy] {}", m.decision.name()),
-        }
+        println!("  [policy] {}", m.decision.explain());
     }
     if let Some(queue) = &report.handoff {
         println!("  [handoff] the conversation is with a person now (queue {queue})");

@@ -74,7 +74,9 @@ use tokio::time::Instant;
 use crate::clock::SharedClock;
 use crate::config::{ChannelConfig, Provider};
 use crate::dispatch::Runtime;
+use crate::domain::{Contact, Decision, Outbound};
 use crate::metrics;
+use crate::policy::{ConsentChange, Policy};
 use crate::store::{Db, OutboxRow, StoreError};
 use crate::whatsapp::client::{Client, Endpoint, http_client};
 use crate::whatsapp::errors::{ErrorOrigin, NO_CODE};
@@ -82,6 +84,16 @@ use crate::whatsapp::{ErrorClass, GraphError, Recipient, message_body, retry_aft
 
 /// The reason a message that met `131047` fails with.
 pub const REENGAGE_REASON: &str = "outside the 24-hour window: needs a template";
+
+/// Counts a policy decision taken at `stage` (`plan`, `send_time`, `131047`).
+pub fn count_decision(decision: &Decision, stage: &str) {
+    metrics::count(
+        "flowgate_policy_decisions_total",
+        "Policy decisions on outgoing messages, by decision and when they were taken.",
+        &[("decision", decision.name()), ("stage", stage)],
+        1,
+    );
+}
 
 /// A gauge for [`metrics::render`]: name, help, labels, value.
 pub type Gauge = (&'static str, &'static str, Vec<(&'static str, String)>, f64);
@@ -154,6 +166,8 @@ pub struct Sender {
 
 struct Inner {
     channel: String,
+    /// The policy, the template registry and the contact locks (decisions at send time).
+    runtime: Arc<Runtime>,
     db: Db,
     client: Client,
     clock: SharedClock,
@@ -189,32 +203,31 @@ impl Sender {
     /// A sender for a configured `cloud_api` or `dialog360` channel; `Err` says what is
     /// missing (or that the channel is a sandbox, which has nothing to send).
     pub fn new(
-        db: Db,
+        runtime: Arc<Runtime>,
         channel: &ChannelConfig,
-        clock: SharedClock,
         options: SenderOptions,
     ) -> Result<Self, String> {
         let endpoint = Endpoint::for_channel(channel)?;
         let http = http_client(options.connect_timeout, options.request_timeout);
         Ok(Self::with_client(
-            db,
+            runtime,
             &channel.name,
             channel.throughput_mps,
             Client::with_http(http, endpoint),
-            clock,
             options,
         ))
     }
 
     /// A sender posting through `client`, at `throughput_mps` messages per second.
     pub fn with_client(
-        db: Db,
+        runtime: Arc<Runtime>,
         channel: &str,
         throughput_mps: u32,
         client: Client,
-        clock: SharedClock,
         mut options: SenderOptions,
     ) -> Self {
+        let db = runtime.db.clone();
+        let clock: SharedClock = runtime.clock.clone();
         options.lease = options.lease.max(Duration::from_secs(1));
         options.batch = options.batch.max(1);
         options.max_in_flight = options.max_in_flight.max(1);
@@ -227,6 +240,7 @@ impl Sender {
         Self {
             inner: Arc::new(Inner {
                 channel: channel.to_string(),
+                runtime,
                 db,
                 client,
                 clock,
@@ -265,10 +279,10 @@ impl Sender {
         let rows = inner.claim(limit).await?;
         let claimed = rows.len();
         let mut tasks = JoinSet::new();
-        for row in rows {
+        for (row, contact) in rows {
             let inner = inner.clone();
             let stop = inner.never.subscribe();
-            tasks.spawn(async move { inner.deliver(row, stop).await });
+            tasks.spawn(async move { inner.deliver(row, contact, stop).await });
         }
         while let Some(joined) = tasks.join_next().await {
             if let Err(e) = joined {
@@ -337,26 +351,19 @@ impl SenderHandle {
 
 /// Starts one sender per `cloud_api` / `dialog360` channel of `runtime` (a channel that
 /// cannot send is logged and skipped).
-pub fn spawn_senders(runtime: &Runtime, options: &SenderOptions) -> Vec<SenderHandle> {
+pub fn spawn_senders(runtime: &Arc<Runtime>, options: &SenderOptions) -> Vec<SenderHandle> {
     runtime
         .channels
         .iter()
         .filter(|c| c.provider != Provider::Sandbox)
-        .filter_map(|c| {
-            match Sender::new(
-                runtime.db.clone(),
-                c,
-                runtime.clock.clone(),
-                options.clone(),
-            ) {
-                Ok(sender) => {
-                    tracing::info!(channel = %c.name, owner = %sender.owner(), "outbox sender started");
-                    Some(sender.spawn())
-                }
-                Err(e) => {
-                    tracing::error!(channel = %c.name, error = %e, "cannot send on this channel");
-                    None
-                }
+        .filter_map(|c| match Sender::new(runtime.clone(), c, options.clone()) {
+            Ok(sender) => {
+                tracing::info!(channel = %c.name, owner = %sender.owner(), "outbox sender started");
+                Some(sender.spawn())
+            }
+            Err(e) => {
+                tracing::error!(channel = %c.name, error = %e, "cannot send on this channel");
+                None
             }
         })
         .collect()
@@ -439,10 +446,10 @@ async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
         let limit = room.min(inner.options.batch);
         match inner.claim(limit).await {
             Ok(rows) if !rows.is_empty() => {
-                for row in rows {
+                for (row, contact) in rows {
                     let inner = inner.clone();
                     let stop = stop.clone();
-                    tasks.spawn(async move { inner.deliver(row, stop).await });
+                    tasks.spawn(async move { inner.deliver(row, contact, stop).await });
                 }
             }
             Ok(_) => {
@@ -509,7 +516,9 @@ impl Outcome {
 }
 
 impl Inner {
-    async fn claim(&self, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+    /// Claims up to `limit` rows, each with its contact's window and consent as they are
+    /// now (the policy decides each message again before it is sent).
+    async fn claim(&self, limit: usize) -> Result<Vec<(OutboxRow, Contact)>, StoreError> {
         let rows = self
             .db
             .claim_outbox(
@@ -530,7 +539,67 @@ impl Inner {
                  previous attempt may have reached WhatsApp, so the customer may get it twice"
             );
         }
-        Ok(rows)
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = rows.iter().map(|r| r.contact_id).collect();
+        let mut contacts: HashMap<i64, Contact> = self
+            .db
+            .contacts_for_policy(&ids)
+            .await?
+            .into_iter()
+            .collect();
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let contact = contacts
+                    .remove(&row.contact_id)
+                    .unwrap_or_else(|| Contact::new(row.wa_id.clone()));
+                (row, contact)
+            })
+            .collect())
+    }
+
+    /// The policy's verdict on a claimed message now: the message to send, or `None` when
+    /// it is not sent now (decided again as queued or skipped, or the claim is gone).
+    async fn decide_again(&self, row: &OutboxRow, contact: &Contact) -> Option<Outbound> {
+        let outbound = match row.outbound() {
+            Ok(o) => o,
+            Err(e) => {
+                let reason = format!("the stored message is unreadable: {e}");
+                self.fail(row, None, &reason).await;
+                return None;
+            }
+        };
+        let runtime = &self.runtime;
+        let now = self.clock.now();
+        let decision = runtime
+            .policy
+            .decide(&outbound, contact, &runtime.templates(), now);
+        if decision.sends() && Policy::apply(&decision, &outbound) == outbound {
+            return Some(outbound);
+        }
+        // Something changed since the message was planned (the window closed, a template
+        // was paused, consent changed): decide again under the contact's lock and record it.
+        match runtime
+            .redecide_claimed(row, &self.owner, false, "sending")
+            .await
+        {
+            Ok(Some((decision, message))) => {
+                count_decision(&decision, "send_time");
+                decision.sends().then_some(message)
+            }
+            Ok(None) => {
+                self.lost_lease(row, Some(false));
+                None
+            }
+            Err(e) => {
+                tracing::error!(channel = %self.channel, message = row.id, error = %e, "deciding a message again failed; retrying it later");
+                self.defer(row, now + chrono::Duration::seconds(5), None)
+                    .await;
+                None
+            }
+        }
     }
 
     /// Whether the channel is (still) stopped. Only asks the database once this process saw
@@ -563,18 +632,18 @@ impl Inner {
         (rate.ceil() as usize).max(1)
     }
 
-    async fn deliver(self: Arc<Self>, row: OutboxRow, mut stop: watch::Receiver<bool>) {
+    async fn deliver(
+        self: Arc<Self>,
+        row: OutboxRow,
+        contact: Contact,
+        mut stop: watch::Receiver<bool>,
+    ) {
         if self.stopped.load(Ordering::SeqCst) {
             self.defer(&row, self.clock.now(), None).await;
             return;
         }
-        let outbound = match row.outbound() {
-            Ok(o) => o,
-            Err(e) => {
-                let reason = format!("the stored message is unreadable: {e}");
-                self.fail(&row, None, &reason).await;
-                return;
-            }
+        let Some(outbound) = self.decide_again(&row, &contact).await else {
+            return;
         };
 
         // The pair limit: over it, the message waits in the outbox rather than here.
@@ -721,10 +790,36 @@ impl Inner {
                     }
                 }
             }
-            ErrorClass::Reengage => self.fail(row, Some(131047), REENGAGE_REASON).await,
+            ErrorClass::Reengage => {
+                // WhatsApp says the window is closed, whatever our clock says: record that
+                // and decide again (a template, or the queue); never free-form again.
+                match self
+                    .runtime
+                    .redecide_claimed(row, &self.owner, true, "pending")
+                    .await
+                {
+                    Ok(Some((decision, _))) => {
+                        tracing::warn!(
+                            channel = %self.channel, message = row.id,
+                            "131047: {}", decision.explain()
+                        );
+                        count_decision(&decision, "131047");
+                        self.wake.notify_one();
+                    }
+                    Ok(None) => self.lost_lease(row, Some(false)),
+                    Err(e) => {
+                        tracing::error!(channel = %self.channel, message = row.id, error = %e, "could not decide a 131047 message again");
+                        self.fail(row, Some(131047), REENGAGE_REASON).await;
+                    }
+                }
+            }
             ErrorClass::MarketingOptOut => {
                 let reason = format!("the recipient stopped marketing messages: {text}");
                 self.fail(row, code, &reason).await;
+                self.contact_policy(row, |c| {
+                    Policy::set_consent(c, ConsentChange::OptOut, "131050", now)
+                })
+                .await;
             }
             ErrorClass::EcosystemBackoff => {
                 let reason = format!(
@@ -732,6 +827,8 @@ impl Inner {
                      before sending again: {text}"
                 );
                 self.fail(row, code, &reason).await;
+                self.contact_policy(row, |c| Policy::pause_marketing(c, now))
+                    .await;
             }
             ErrorClass::Permanent => self.fail(row, code, &text).await,
             ErrorClass::AccountStopped => {
@@ -873,6 +970,17 @@ impl Inner {
         .await;
         self.lost_lease(row, done);
         self.count(Outcome::Failed);
+    }
+
+    /// Records a consent or back-off change WhatsApp's answer implies for the row's contact.
+    async fn contact_policy(&self, row: &OutboxRow, change: impl FnOnce(&mut Contact)) {
+        if let Err(e) = self
+            .runtime
+            .update_contact_policy(&row.channel, &row.wa_id, change)
+            .await
+        {
+            tracing::error!(channel = %self.channel, message = row.id, error = %e, "could not record the contact's marketing state");
+        }
     }
 
     /// Logs an outcome that could not be recorded because the row is no longer ours.

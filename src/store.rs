@@ -94,9 +94,11 @@ macro_rules! with_pool {
 // After `with_pool!`, so the submodules can use it.
 mod inbox;
 mod outbox;
+mod policy;
 
 pub use inbox::*;
 pub use outbox::*;
+pub use policy::*;
 
 /// The SQLite migrations, embedded so the binary carries its schema.
 ///
@@ -112,6 +114,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "channels",
         include_str!("../migrations/sqlite/0002_channels.sql"),
+    ),
+    (
+        3,
+        "policy",
+        include_str!("../migrations/sqlite/0003_policy.sql"),
     ),
 ];
 
@@ -148,6 +155,8 @@ pub struct Conversation {
     pub contact_id: Option<i64>,
     pub contact: Contact,
     pub session: Option<SessionRow>,
+    /// Whether the contact has queued messages (to flush when the customer writes).
+    pub has_queued: bool,
 }
 
 /// A contact's place in a flow.
@@ -172,6 +181,8 @@ pub struct Turn<'a> {
     /// The customer's message that started the turn, if any (timers start turns too).
     pub inbound: Option<&'a Inbound>,
     pub outbound: &'a [OutboundRecord],
+    /// Queued messages leaving the queue (flushed or expired), updated in place.
+    pub dequeued: &'a [DequeuedRecord],
     /// `Some` replaces all of the contact's timers with these (`Some(&[])` clears them);
     /// `None` leaves them alone.
     pub replace_timers: Option<&'a [NewTimer]>,
@@ -188,6 +199,19 @@ pub struct OutboundRecord {
     /// Initial delivery status: e.g. `sent` in the sandbox, `pending` for real channels.
     pub status: String,
     /// The wamid of the inbound message this answers, if any (for mark-as-read).
+    pub in_reply_to: Option<String>,
+    /// For a queued message: when it expires.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A queued message's new decision (it leaves the queue, or stays with a new reason).
+#[derive(Debug, Clone)]
+pub struct DequeuedRecord {
+    pub id: i64,
+    pub message: Outbound,
+    pub decision: Decision,
+    pub status: String,
+    /// The wamid of the customer message that flushed it.
     pub in_reply_to: Option<String>,
 }
 
@@ -215,6 +239,9 @@ pub struct CommittedTurn {
     pub contact_id: i64,
     /// Ids of the outbound messages, in the order given; the sender updates their status.
     pub outbound_ids: Vec<i64>,
+    /// Ids of the dequeued messages that were still queued (another path may have expired
+    /// one in between).
+    pub dequeued_ids: Vec<i64>,
 }
 
 /// One entry of the message log.
@@ -245,6 +272,8 @@ type ConversationRaw = (
     String,
     Option<String>,
     Option<i64>,
+    String,
+    bool,
     Option<String>,
     Option<String>,
     Option<String>,
@@ -360,7 +389,9 @@ impl Db {
         wa_id: &str,
     ) -> Result<Conversation, StoreError> {
         const SQL: &str = "SELECT c.id, c.name, c.tags, c.attrs, c.timezone, \
-                c.last_customer_message_at, \
+                c.last_customer_message_at, c.policy, \
+                EXISTS (SELECT 1 FROM messages q WHERE q.contact_id = c.id \
+                    AND q.status = 'queued'), \
                 s.flow_id, s.flow_version, s.step, s.state, s.updated_at \
             FROM contacts c LEFT JOIN sessions s ON s.contact_id = c.id \
             WHERE c.channel = $1 AND c.wa_id = $2";
@@ -371,12 +402,27 @@ impl Db {
                 .fetch_optional(pool)
                 .await?
         });
-        let Some((id, name, tags, attrs, timezone, last, flow_id, version, step, state, at)) = row
+        let Some((
+            id,
+            name,
+            tags,
+            attrs,
+            timezone,
+            last,
+            policy,
+            has_queued,
+            flow_id,
+            version,
+            step,
+            state,
+            at,
+        )) = row
         else {
             return Ok(Conversation {
                 contact_id: None,
                 contact: Contact::new(wa_id),
                 session: None,
+                has_queued: false,
             });
         };
         let contact = Contact {
@@ -388,6 +434,7 @@ impl Db {
             last_customer_message_at: last
                 .map(|ms| from_millis(ms, "contacts.last_customer_message_at"))
                 .transpose()?,
+            policy: serde_json::from_str(&policy)?,
         };
         let session = match (flow_id, version, step, state, at) {
             (Some(flow_id), Some(flow_version), Some(step), Some(state), Some(at)) => {
@@ -405,6 +452,7 @@ impl Db {
             contact_id: Some(id),
             contact,
             session,
+            has_queued,
         })
     }
 
@@ -412,15 +460,15 @@ impl Db {
     /// outbound messages and the timers are all written or, on any error, none of them.
     pub async fn commit_turn(&self, turn: &Turn<'_>) -> Result<CommittedTurn, StoreError> {
         const INSERT_CONTACT: &str = "INSERT INTO contacts (channel, wa_id, name, tags, attrs, \
-                timezone, last_customer_message_at, created_at, updated_at) \
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) \
+                timezone, last_customer_message_at, created_at, updated_at, policy) \
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9) \
             ON CONFLICT (channel, wa_id) DO UPDATE SET name = excluded.name, \
                 tags = excluded.tags, attrs = excluded.attrs, timezone = excluded.timezone, \
                 last_customer_message_at = excluded.last_customer_message_at, \
-                updated_at = excluded.updated_at \
+                updated_at = excluded.updated_at, policy = excluded.policy \
             RETURNING id";
         const UPDATE_CONTACT: &str = "UPDATE contacts SET name = $3, tags = $4, attrs = $5, \
-                timezone = $6, last_customer_message_at = $7, updated_at = $8 \
+                timezone = $6, last_customer_message_at = $7, updated_at = $8, policy = $10 \
             WHERE id = $9 AND channel = $1 AND wa_id = $2 \
             RETURNING id";
         const UPSERT_SESSION: &str = "INSERT INTO sessions (contact_id, flow_id, flow_version, \
@@ -434,8 +482,14 @@ impl Db {
                 wamid, kind, body, decision, reason, status, created_at) \
             VALUES ($1, $2, 'in', $3, $4, $5, NULL, NULL, $6, $7)";
         const INSERT_OUTBOUND: &str = "INSERT INTO messages (contact_id, channel, direction, \
-                wamid, kind, body, decision, reason, status, created_at, in_reply_to, updated_at) \
-            VALUES ($1, $2, 'out', NULL, $3, $4, $5, $6, $7, $8, $9, $8) \
+                wamid, kind, body, decision, reason, status, created_at, in_reply_to, updated_at, \
+                expires_at) \
+            VALUES ($1, $2, 'out', NULL, $3, $4, $5, $6, $7, $8, $9, $8, $10) \
+            RETURNING id";
+        const DEQUEUE: &str = "UPDATE messages SET kind = $1, body = $2, decision = $3, \
+                reason = $4, status = $5, in_reply_to = COALESCE($6, in_reply_to), \
+                expires_at = CASE WHEN $5 = 'queued' THEN expires_at END, updated_at = $7 \
+            WHERE id = $8 AND contact_id = $9 AND status = 'queued' \
             RETURNING id";
         const DELETE_TIMER: &str = "DELETE FROM timers WHERE id = $1";
         const DELETE_TIMERS: &str = "DELETE FROM timers WHERE contact_id = $1";
@@ -447,6 +501,7 @@ impl Db {
         let c = turn.contact;
         let tags = serde_json::to_string(&c.tags)?;
         let attrs = serde_json::to_string(&c.attrs)?;
+        let policy = serde_json::to_string(&c.policy)?;
         let last_seen = c.last_customer_message_at.map(|t| t.timestamp_millis());
         let session = match turn.session {
             Some(s) => Some((
@@ -462,6 +517,11 @@ impl Db {
         };
         let outbound = turn
             .outbound
+            .iter()
+            .map(|r| Ok((r, serde_json::to_string(&r.message)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let dequeued = turn
+            .dequeued
             .iter()
             .map(|r| Ok((r, serde_json::to_string(&r.message)?)))
             .collect::<Result<Vec<_>, StoreError>>()?;
@@ -496,6 +556,7 @@ impl Db {
                         .bind(c.timezone.as_deref())
                         .bind(last_seen)
                         .bind(now)
+                        .bind(&policy)
                         .fetch_one(&mut *tx)
                         .await?
                 }
@@ -509,6 +570,7 @@ impl Db {
                     .bind(last_seen)
                     .bind(now)
                     .bind(id)
+                    .bind(&policy)
                     .fetch_optional(&mut *tx)
                     .await?
                     .ok_or(StoreError::UnknownContact { id })?,
@@ -547,6 +609,25 @@ impl Db {
                     .await?;
             }
 
+            // The queue first: flushed messages keep their (lower) ids, so they leave before
+            // this turn's new messages.
+            let mut dequeued_ids = Vec::with_capacity(dequeued.len());
+            for (r, body) in &dequeued {
+                let updated: Option<i64> = sqlx::query_scalar(DEQUEUE)
+                    .bind(outbound_kind(&r.message.content))
+                    .bind(body)
+                    .bind(r.decision.name())
+                    .bind(r.decision.reason())
+                    .bind(&r.status)
+                    .bind(r.in_reply_to.as_deref())
+                    .bind(now)
+                    .bind(r.id)
+                    .bind(contact_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                dequeued_ids.extend(updated);
+            }
+
             let mut outbound_ids = Vec::with_capacity(outbound.len());
             for (r, body) in &outbound {
                 let id: i64 = sqlx::query_scalar(INSERT_OUTBOUND)
@@ -559,6 +640,7 @@ impl Db {
                     .bind(&r.status)
                     .bind(now)
                     .bind(r.in_reply_to.as_deref())
+                    .bind(r.expires_at.map(|t| t.timestamp_millis()))
                     .fetch_one(&mut *tx)
                     .await?;
                 outbound_ids.push(id);
@@ -587,6 +669,7 @@ impl Db {
             Ok(CommittedTurn {
                 contact_id,
                 outbound_ids,
+                dequeued_ids,
             })
         })
     }
@@ -787,22 +870,23 @@ mod tests {
             id: id.into(),
             timestamp: at,
             content: InboundContent::text(body),
+            from_ad: false,
         }
     }
 
     fn said(content: OutboundContent, decision: Decision) -> OutboundRecord {
         OutboundRecord {
-            message: Outbound {
+            message: Outbound::new(
                 content,
-                origin: Origin::Step {
+                Origin::Step {
                     flow: "welcome".into(),
                     step: "start".into(),
                 },
-                outside_window: None,
-            },
+            ),
             decision,
             in_reply_to: None,
             status: "sent".into(),
+            expires_at: None,
         }
     }
 
@@ -836,6 +920,7 @@ mod tests {
             session: None,
             inbound: None,
             outbound: &[],
+            dequeued: &[],
             replace_timers: None,
             fired_timer: None,
             now,
@@ -886,11 +971,17 @@ mod tests {
                 id: "yes".into(),
                 title: "Yes".into(),
             },
+            from_ad: false,
         };
         contact.saw_customer_message(msg.timestamp);
         let sess = session("ask_name", t(1));
         let out = [
-            said(OutboundContent::text("Hi Ada"), Decision::Send),
+            said(
+                OutboundContent::text("Hi Ada"),
+                Decision::Send {
+                    reason: "window open".into(),
+                },
+            ),
             said(
                 OutboundContent::Template {
                     name: "hello".into(),
@@ -953,7 +1044,7 @@ mod tests {
         assert_eq!((hi.direction.as_str(), hi.kind.as_str()), ("out", "text"));
         assert_eq!(
             (hi.decision.as_deref(), hi.reason.as_deref()),
-            (Some("send"), None)
+            (Some("send"), Some("window open"))
         );
         assert_eq!((hi.wamid.as_deref(), hi.status.as_str()), (None, "sent"));
         assert_eq!(
@@ -1260,7 +1351,12 @@ mod tests {
         // session were already written inside the transaction.
         contact.name = Some("Changed".into());
         let second = session("ask_email", t(1));
-        let out = [said(OutboundContent::text("again?"), Decision::Send)];
+        let out = [said(
+            OutboundContent::text("again?"),
+            Decision::Send {
+                reason: "window open".into(),
+            },
+        )];
         let new_timers = [timer(t(20), "replacement")];
         let err = db
             .commit_turn(&Turn {

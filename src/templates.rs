@@ -29,6 +29,49 @@ pub enum Status {
     Disabled,
 }
 
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Approved => "approved",
+            Self::Pending => "pending",
+            Self::Rejected => "rejected",
+            Self::Paused => "paused",
+            Self::Disabled => "disabled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "approved" => Self::Approved,
+            "pending" => Self::Pending,
+            "rejected" => Self::Rejected,
+            "paused" => Self::Paused,
+            "disabled" => Self::Disabled,
+            _ => return None,
+        })
+    }
+
+    /// The status a `message_template_status_update` event leaves a template in (FACTS.md
+    /// §1.7); `None` for events that do not change whether it can be sent (`FLAGGED` is a
+    /// quality warning: the template still sends).
+    pub fn from_event(event: &str) -> Option<Self> {
+        Some(match event.to_ascii_uppercase().as_str() {
+            "APPROVED" | "REINSTATED" | "UNPAUSED" | "UNARCHIVED" => Self::Approved,
+            "PENDING" | "IN_APPEAL" => Self::Pending,
+            "REJECTED" => Self::Rejected,
+            "PAUSED" => Self::Paused,
+            "DISABLED" | "DELETED" | "PENDING_DELETION" | "ARCHIVED" | "LOCKED"
+            | "LIMIT_EXCEEDED" => Self::Disabled,
+            _ => return None,
+        })
+    }
+}
+
+/// Meta writes languages both as `en_US` and `en-US`; the registry uses `en_US`.
+pub fn normalize_language(language: &str) -> String {
+    language.replace('-', "_")
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateButton {
@@ -88,6 +131,9 @@ struct RawRegistry {
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
     pub templates: Vec<Template>,
+    /// When the registry file was last written: template statuses WhatsApp reported after
+    /// that override the file's (see `Runtime::load_template_statuses`).
+    pub written_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Registry {
@@ -109,7 +155,13 @@ impl Registry {
         diags.add_source(&file, Arc::from(text.as_str()));
         match yaml::parse::<RawRegistry>(&file, &text) {
             Ok(raw) => {
-                let mut registry = Registry::default();
+                let mut registry = Registry {
+                    written_at: std::fs::metadata(path)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .map(chrono::DateTime::<chrono::Utc>::from),
+                    ..Registry::default()
+                };
                 for t in raw.templates {
                     if registry.find(&t.value.name, &t.value.language).is_some() {
                         diags.push(Diagnostic::error(
@@ -149,6 +201,22 @@ impl Registry {
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.templates.iter().map(|t| t.name.as_str())
+    }
+
+    /// Sets a template's status (a status webhook); `false` if the registry does not list it.
+    pub fn set_status(&mut self, name: &str, language: &str, status: Status) -> bool {
+        let language = normalize_language(language);
+        match self
+            .templates
+            .iter_mut()
+            .find(|t| t.name == name && t.language == language)
+        {
+            Some(t) => {
+                t.status = status;
+                true
+            }
+            None => false,
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use flowgate::clock::{SharedClock, SystemClock, VirtualClock};
 use flowgate::config::ChannelConfig;
 use flowgate::dispatch::Runtime;
 use flowgate::domain::{Inbound, InboundContent};
-use flowgate::outbox::{PairLimit, REENGAGE_REASON, Sender, SenderOptions, gauges};
+use flowgate::outbox::{PairLimit, Sender, SenderOptions, gauges};
 use flowgate::store::OutboxEntry;
 use flowgate::whatsapp::client::{Client, Endpoint, http_client};
 use flowgate::whatsapp::errors::TRANSIENT_MAX_ATTEMPTS;
@@ -91,6 +91,18 @@ steps:
 "#,
     ),
     (
+        "fallback.yaml",
+        r#"
+flow: fallback
+triggers:
+  - keywords: [fallback]
+steps:
+  news:
+    say: "Your order A-1 shipped on Monday."
+    outside_window: { template: order_shipped, language: en_US, params: ["A-1", "Monday"] }
+"#,
+    ),
+    (
         "three.yaml",
         r#"
 flow: three
@@ -128,7 +140,7 @@ enum Provider {
 struct Harness {
     _dir: tempfile::TempDir,
     fake: FakeGraph,
-    runtime: Runtime,
+    runtime: Arc<Runtime>,
     channel: ChannelConfig,
     clock: Option<Arc<VirtualClock>>,
     sender: Sender,
@@ -202,10 +214,10 @@ impl Setup {
             (Some(clock.clone()), clock)
         };
         let db = format!("sqlite://{}", root.join("flowgate.db").display());
-        let runtime = loaded.runtime(&db, shared.clone()).await.unwrap();
+        let runtime = Arc::new(loaded.runtime(&db, shared).await.unwrap());
         let channel = loaded.config.channels[0].clone();
-        let sender = Sender::new(runtime.db.clone(), &channel, shared, self.options)
-            .expect("a sender for the channel");
+        let sender =
+            Sender::new(runtime.clone(), &channel, self.options).expect("a sender for the channel");
         Harness {
             _dir: dir,
             fake,
@@ -241,6 +253,7 @@ impl Harness {
             id: wamid.clone(),
             timestamp: self.now(),
             content: InboundContent::text(text),
+            from_ad: false,
         };
         let report = self
             .runtime
@@ -518,14 +531,9 @@ async fn a_contacts_messages_leave_in_order_one_at_a_time() {
     let (_, ben_rows) = h.customer(BEN, "three").await;
     assert_eq!((ana_rows.len(), ben_rows.len()), (3, 3));
 
-    let handle = Sender::new(
-        h.runtime.db.clone(),
-        &h.channel,
-        h.runtime.clock.clone(),
-        test_options(),
-    )
-    .unwrap()
-    .spawn();
+    let handle = Sender::new(h.runtime.clone(), &h.channel, test_options())
+        .unwrap()
+        .spawn();
     h.fake.wait_for_sends(6, Duration::from_secs(10)).await;
     handle.shutdown().await;
 
@@ -805,15 +813,7 @@ async fn transport_failures_are_capped_too() {
             access_token: TOKEN.into(),
         },
     );
-    let clock: SharedClock = h.clock.clone().unwrap();
-    let sender = Sender::with_client(
-        h.runtime.db.clone(),
-        h.name(),
-        80,
-        client,
-        clock,
-        test_options(),
-    );
+    let sender = Sender::with_client(h.runtime.clone(), h.name(), 80, client, test_options());
     for _ in 0..30 {
         sender.drain().await.unwrap();
         let e = h.entry(rows[0]).await;
@@ -869,21 +869,81 @@ async fn permanent_errors_fail_at_once_with_the_reason() {
 }
 
 #[tokio::test]
-async fn reengage_131047_fails_with_the_window_reason_and_is_never_resent() {
+async fn reengage_131047_queues_what_has_no_template_and_never_resends_free_form() {
     let h = Setup::new("reengage").start().await;
-    h.fake.script(Script::always(Reply::graph_error(131047)));
+    h.fake.script(Script::next(1, Reply::graph_error(131047)));
     let (_, rows) = h.customer(ANA, "three").await;
     h.drain().await;
+    // WhatsApp closed the window on the first message: it and the two behind it are decided
+    // again as queued (no template fallback), at send time.
+    assert_eq!(h.fake.sends().len(), 1);
     for id in &rows {
-        let e = h.entry(*id).await;
-        assert_eq!(e.status, "failed");
-        assert_eq!(e.error_code, Some(131047));
-        assert_eq!(e.error.as_deref(), Some(REENGAGE_REASON));
+        let m = h.runtime.db.message(*id).await.unwrap().unwrap();
+        assert_eq!(m.status, "queued", "message {id}");
+        assert_eq!(m.decision.as_deref(), Some("queued"));
+        let reason = m.reason.unwrap();
+        assert!(reason.contains("131047"), "{reason}");
     }
-    assert_eq!(h.fake.sends().len(), 3);
     h.clock().advance(chrono::Duration::days(3));
     h.drain().await;
-    assert_eq!(h.fake.sends().len(), 3, "never resent as free-form");
+    assert_eq!(h.fake.sends().len(), 1, "never resent as free-form");
+
+    // The customer writes again: the queue leaves first, in order, then the new reply.
+    h.customer(ANA, "text").await;
+    h.drain().await;
+    let texts: Vec<String> = h
+        .fake
+        .sends()
+        .iter()
+        .skip(1)
+        .map(|s| s.text().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(texts, ["one", "two", "three", "Plain text reply."]);
+}
+
+#[tokio::test]
+async fn reengage_131047_rewrites_to_the_step_template() {
+    let h = Setup::new("reengage_template").start().await;
+    h.fake.script(Script::next(1, Reply::graph_error(131047)));
+    let (_, rows) = h.customer(ANA, "fallback").await;
+    h.drain().await;
+    let sends = h.fake.sends();
+    assert_eq!(sends.len(), 2, "the free-form attempt, then the template");
+    assert_eq!(sends[0].body["type"], "text");
+    assert_eq!(sends[1].body["type"], "template");
+    assert_eq!(sends[1].body["template"]["name"], "order_shipped");
+    let m = h.runtime.db.message(rows[0]).await.unwrap().unwrap();
+    assert_eq!(
+        (m.status.as_str(), m.decision.as_deref()),
+        ("sent", Some("rewritten"))
+    );
+    assert!(m.reason.unwrap().contains("131047"));
+    // The record keeps what the flow asked for.
+    assert_eq!(
+        m.body["original"]["body"],
+        "Your order A-1 shipped on Monday."
+    );
+}
+
+#[tokio::test]
+async fn a_message_planned_in_the_window_is_decided_again_when_sent_late() {
+    let h = Setup::new("late_send").start().await;
+    let (_, rows) = h.customer(ANA, "fallback").await;
+    let (_, plain) = h.customer(BEN, "text").await;
+    // A backlog: nothing is sent for 25 hours, and the window closes meanwhile.
+    h.clock().advance(chrono::Duration::hours(25));
+    h.drain().await;
+    let sends = h.fake.sends();
+    assert_eq!(sends.len(), 1, "only the template goes: {sends:?}");
+    assert_eq!(sends[0].body["type"], "template");
+    let m = h.runtime.db.message(rows[0]).await.unwrap().unwrap();
+    assert_eq!(m.decision.as_deref(), Some("rewritten"));
+    assert!(m.reason.unwrap().starts_with("window closed 1h2m ago"));
+    let m = h.runtime.db.message(plain[0]).await.unwrap().unwrap();
+    assert_eq!(
+        (m.status.as_str(), m.decision.as_deref()),
+        ("queued", Some("queued"))
+    );
 }
 
 #[tokio::test]
@@ -1013,13 +1073,7 @@ async fn a_wrong_api_key_stops_a_360dialog_channel() {
     let (_, rows) = h.customer(ANA, "text").await;
     let mut channel = h.channel.clone();
     channel.api_key = Some(flowgate::yaml::Secret::new("wrong-key"));
-    let sender = Sender::new(
-        h.runtime.db.clone(),
-        &channel,
-        h.runtime.clock.clone(),
-        test_options(),
-    )
-    .unwrap();
+    let sender = Sender::new(h.runtime.clone(), &channel, test_options()).unwrap();
     sender.drain().await.unwrap();
     let stop = h
         .runtime
@@ -1084,13 +1138,7 @@ async fn shutdown_finishes_in_flight_sends_and_releases_the_rest() {
     for wa_id in [ANA, BEN, CAL] {
         rows.extend(h.customer(wa_id, "text").await.1);
     }
-    let sender = Sender::new(
-        h.runtime.db.clone(),
-        &h.channel,
-        h.runtime.clock.clone(),
-        test_options(),
-    )
-    .unwrap();
+    let sender = Sender::new(h.runtime.clone(), &h.channel, test_options()).unwrap();
     let owner = sender.owner().to_string();
     let handle = sender.spawn();
     tokio::time::timeout(Duration::from_secs(5), async {

@@ -602,6 +602,7 @@ fn read_message(
             id,
             timestamp: at,
             content,
+            from_ad: msg.get("referral").is_some_and(|r| r.is_object()),
         },
         referral: msg.get("referral").and_then(referral).map(Box::new),
         context_id: text(message.pointer("/context/id")),
