@@ -45,6 +45,21 @@ enum Command {
     Test { paths: Vec<PathBuf> },
     /// Apply database migrations.
     Migrate,
+    /// The template registry (templates.yaml).
+    Templates {
+        #[command(subcommand)]
+        command: TemplatesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TemplatesCommand {
+    /// Pull the channel's templates from the Graph API into the registry file.
+    Sync {
+        /// The channel to read (default: the first cloud_api channel).
+        #[arg(long)]
+        channel: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -148,7 +163,179 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Chat { from } => chat(config, &from).await,
         Command::Serve => serve(config).await,
+        Command::Templates {
+            command: TemplatesCommand::Sync { channel },
+        } => templates_sync(config, channel.as_deref()).await,
     }
+}
+
+/// `flowgate templates sync`: Meta's templates for the channel's WABA, merged into the
+/// registry (`Registry::merge_synced`) and written atomically.
+///
+/// Reads only the config and the registry, not the flows: a sync is how a project whose
+/// flows name templates the file does not have yet gets fixed, so broken flows must not stop
+/// it. A registry file with errors does stop it, since merging into a file that did not
+/// parse would drop its entries.
+async fn templates_sync(
+    config_path: Option<&std::path::Path>,
+    channel: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    use flowgate::config::{Config, Provider};
+    use flowgate::templates::{Registry, Status, status_name, sync_comment};
+    use flowgate::whatsapp::{Client, Endpoint};
+
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(diags) => {
+            eprint!("{}", diags.render(color()));
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let config_file = config
+        .file
+        .as_ref()
+        .map(|f| f.display().to_string())
+        .unwrap_or_else(|| flowgate::config::DEFAULT_CONFIG_FILE.to_string());
+    let chosen = match channel {
+        Some(name) => config
+            .channels
+            .iter()
+            .find(|c| c.name == name)
+            .with_context(|| format!("there is no channel `{name}` in {config_file}"))?,
+        None => config
+            .channels
+            .iter()
+            .find(|c| c.provider == Provider::CloudApi)
+            // A dialog360 channel only to say why it cannot be synced.
+            .or_else(|| config.channels.iter().find(|c| c.provider != Provider::Sandbox))
+            .with_context(|| {
+                format!("{config_file} has no cloud_api channel: templates sync reads a WhatsApp Business Account's templates")
+            })?,
+    };
+    match chosen.provider {
+        Provider::CloudApi => {}
+        Provider::Dialog360 => anyhow::bail!(
+            "channel `{}` is a dialog360 channel: templates sync supports cloud_api channels only (360dialog's template list is not read by flowgate); write its templates into {} by hand",
+            chosen.name,
+            config.templates.display()
+        ),
+        Provider::Sandbox => anyhow::bail!(
+            "channel `{}` is a sandbox channel: it has no templates at Meta; templates sync needs a cloud_api channel",
+            chosen.name
+        ),
+    }
+    let waba_id = chosen
+        .waba_id
+        .as_ref()
+        .map(|w| w.0.trim().to_string())
+        .filter(|w| !w.is_empty())
+        .with_context(|| {
+            format!(
+                "channel `{}` in {config_file} needs `waba_id` (its WhatsApp Business Account id) for templates sync",
+                chosen.name
+            )
+        })?;
+    let endpoint = Endpoint::for_channel(chosen).map_err(anyhow::Error::msg)?;
+
+    let mut diags = Diagnostics::default();
+    let current = Registry::load(&config.templates, &mut diags);
+    if diags.has_errors() {
+        eprint!("{}", diags.render(color()));
+        anyhow::bail!(
+            "{} has errors: fix them (or move the file away) before syncing into it",
+            config.templates.display()
+        );
+    }
+
+    let list = match Client::new(endpoint).list_templates(&waba_id).await {
+        Ok(list) => list,
+        Err(e) => {
+            let hint = if e.code == 190 {
+                format!(
+                    " (the access token of channel `{}` was refused: renew `access_token` in {config_file})",
+                    chosen.name
+                )
+            } else {
+                String::new()
+            };
+            anyhow::bail!(
+                "templates sync from channel `{}` failed, {} is unchanged: {e}{hint}",
+                chosen.name,
+                config.templates.display()
+            );
+        }
+    };
+    for warning in list.skipped.iter().chain(&list.warnings) {
+        eprintln!("warning: {warning}");
+    }
+    let merge = current.merge_synced(list.templates);
+    for duplicate in &merge.duplicates {
+        eprintln!("warning: Meta listed template {duplicate} twice: the first one is used");
+    }
+    for t in &merge.kept {
+        eprintln!(
+            "warning: Meta does not list template `{}` ({}) for channel `{}`: kept as it was ({})",
+            t.name,
+            t.language,
+            chosen.name,
+            status_name(t.status)
+        );
+    }
+    let comment = sync_comment(&chosen.name, &waba_id, SystemClock.now());
+    merge.registry.write_atomic(&config.templates, &comment)?;
+
+    let synced: Vec<_> = merge
+        .registry
+        .templates
+        .iter()
+        .filter(|t| {
+            !merge
+                .kept
+                .iter()
+                .any(|k| k.name == t.name && k.language == t.language)
+        })
+        .collect();
+    // In the registry's order of statuses; one added later counts too, after these.
+    let order = [
+        Status::Approved,
+        Status::Pending,
+        Status::Rejected,
+        Status::Paused,
+        Status::Disabled,
+    ];
+    let mut counts: Vec<(Status, usize)> = Vec::new();
+    for t in &synced {
+        match counts.iter_mut().find(|(s, _)| *s == t.status) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((t.status, 1)),
+        }
+    }
+    counts.sort_by_key(|(s, _)| order.iter().position(|o| o == s).unwrap_or(order.len()));
+    let breakdown: Vec<String> = counts
+        .iter()
+        .map(|(s, n)| format!("{n} {}", status_name(*s)))
+        .collect();
+    let mut summary = format!(
+        "synced {} template{} ({}) from channel {} into {}",
+        synced.len(),
+        if synced.len() == 1 { "" } else { "s" },
+        if breakdown.is_empty() {
+            "none".to_string()
+        } else {
+            breakdown.join(", ")
+        },
+        chosen.name,
+        config.templates.display()
+    );
+    if !list.skipped.is_empty() {
+        summary.push_str(&format!("; {} skipped", list.skipped.len()));
+    }
+    summary.push_str(&format!(
+        "; {} kept that Meta does not list",
+        merge.kept.len()
+    ));
+    println!("{summary}");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The terminal chat: a customer on the sandbox channel, with a virtual clock.

@@ -9,15 +9,20 @@
 //! and a request that got no answer (connection refused, a timeout) is a [`GraphError`] with
 //! origin [`super::ErrorOrigin::Transport`], which [`GraphError::class`] calls transient.
 //! Credentials go only into headers and never into logs: [`Endpoint`]'s `Debug` hides them.
+//!
+//! [`Client::list_templates`] reads a WABA's templates for `flowgate templates sync`, page by
+//! page (`paging.next`), bounded by [`MAX_TEMPLATE_PAGES`].
 
 use std::fmt;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use super::errors::GraphError;
+use super::errors::{ErrorOrigin, GraphError, NO_CODE};
 use super::send::{SendOk, mark_read_body, parse_mark_read_response, parse_send_response};
+use super::templates::parse_templates_page;
 use crate::config::{ChannelConfig, Provider};
+use crate::templates::Template;
 
 /// The Graph API version flowgate speaks (Meta's current examples).
 pub const GRAPH_VERSION: &str = "v25.0";
@@ -28,6 +33,14 @@ pub const DIALOG360_BASE_URL: &str = "https://waba-v2.360dialog.io";
 pub const TIMEOUT: Duration = Duration::from_secs(15);
 /// How long connecting may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The most pages [`Client::list_templates`] reads (100 templates each: far more than a WABA
+/// may have), so a `paging.next` that never ends cannot hang a sync.
+pub const MAX_TEMPLATE_PAGES: usize = 1_000;
+/// Templates per page: a few requests even for a large WABA.
+const TEMPLATE_PAGE_SIZE: usize = 100;
+/// The fields a sync needs, so Meta does not send quality scores and rejection reasons too.
+const TEMPLATE_FIELDS: &str = "name,language,status,category,components";
 
 /// The name [`Client`] goes by in the outbox's docs.
 pub type GraphClient = Client;
@@ -159,6 +172,27 @@ impl Endpoint {
             }
         }
     }
+
+    /// `{base}/{version}/{waba_id}/message_templates`, the first page of a WABA's templates;
+    /// `None` for 360dialog, whose template list flowgate does not read (see
+    /// [`Client::list_templates`]).
+    pub fn templates_url(&self, waba_id: &str) -> Option<String> {
+        match self {
+            Self::CloudApi {
+                base_url, version, ..
+            } if version.is_empty() => Some(format!(
+                "{}/{waba_id}/message_templates",
+                base_url.trim_end_matches('/')
+            )),
+            Self::CloudApi {
+                base_url, version, ..
+            } => Some(format!(
+                "{}/{version}/{waba_id}/message_templates",
+                base_url.trim_end_matches('/')
+            )),
+            Self::Dialog360 { .. } => None,
+        }
+    }
 }
 
 impl fmt::Debug for Endpoint {
@@ -223,12 +257,94 @@ impl Client {
         parse_mark_read_response(status, &bytes)
     }
 
-    async fn post(&self, body: &Value) -> Result<(u16, Vec<u8>), GraphError> {
-        let request = self.http.post(self.endpoint.messages_url()).json(body);
-        let request = match &self.endpoint {
+    /// Every template of the WhatsApp Business Account `waba_id`: `GET
+    /// …/{waba_id}/message_templates?limit=100&fields=…`, then each `paging.next` until there
+    /// is none. Templates that cannot be read are skipped and named in
+    /// [`TemplateList::skipped`]; an error answer on any page fails the whole list (a partial
+    /// list would look like templates Meta deleted).
+    ///
+    /// Bounded: at most [`MAX_TEMPLATE_PAGES`] pages, a `next` that repeats a page already read
+    /// is an error, and so is a `next` on another host than `api_base` (the access token goes
+    /// only where the channel's config sends it). An `access_token` in a `next` URL (Graph adds
+    /// it when the first request carried one) is removed: the token goes in the header, and
+    /// URLs can end up in error messages.
+    ///
+    /// Cloud API only. 360dialog's list (`GET /v1/configs/templates`) answers in another shape
+    /// (`waba_templates`, offset paging, lowercase statuses) that FACTS §6 has not verified, so
+    /// a `dialog360` endpoint gets an error rather than a guess.
+    pub async fn list_templates(&self, waba_id: &str) -> Result<TemplateList, GraphError> {
+        let Some(first) = self.endpoint.templates_url(waba_id) else {
+            return Err(unsupported(
+                "templates sync supports cloud_api channels only: 360dialog's template list is not read by flowgate",
+            ));
+        };
+        let mut url = reqwest::Url::parse(&first)
+            .map_err(|e| unsupported(format!("the channel's api_base does not make a URL: {e}")))?;
+        url.query_pairs_mut()
+            .append_pair("limit", &TEMPLATE_PAGE_SIZE.to_string())
+            .append_pair("fields", TEMPLATE_FIELDS);
+        let origin = url.origin();
+        let mut list = TemplateList::default();
+        let mut seen = std::collections::HashSet::new();
+        loop {
+            seen.insert(url.to_string());
+            let (status, bytes) = self.get(url.clone()).await?;
+            let page = parse_templates_page(status, &bytes)?;
+            list.pages += 1;
+            list.templates.extend(page.templates);
+            list.skipped.extend(page.skipped);
+            list.warnings.extend(page.warnings);
+            let Some(next) = page.next else {
+                return Ok(list);
+            };
+            let next = reqwest::Url::parse(&next)
+                .map(without_access_token)
+                .map_err(|e| unsupported(format!("`paging.next` is not a URL: {e}")))?;
+            if next.origin() != origin {
+                return Err(unsupported(format!(
+                    "`paging.next` points at another host ({}): not sending the channel's credentials there",
+                    next.host_str().unwrap_or("none")
+                )));
+            }
+            if seen.contains(next.as_str()) {
+                return Err(unsupported(format!(
+                    "`paging.next` of page {} repeats a page already read: stopping",
+                    list.pages
+                )));
+            }
+            if list.pages >= MAX_TEMPLATE_PAGES {
+                return Err(unsupported(format!(
+                    "more than {MAX_TEMPLATE_PAGES} pages of templates: stopping"
+                )));
+            }
+            url = next;
+        }
+    }
+
+    async fn get(&self, url: reqwest::Url) -> Result<(u16, Vec<u8>), GraphError> {
+        let request = self.authorize(self.http.get(url));
+        // `without_url`: a `next` URL is Meta's to shape, so it stays out of error text.
+        let response = request
+            .send()
+            .await
+            .map_err(|e| GraphError::transport(transport_message(&e.without_url())))?;
+        let status = response.status().as_u16();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| GraphError::transport(transport_message(&e.without_url())))?;
+        Ok((status, bytes.to_vec()))
+    }
+
+    fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.endpoint {
             Endpoint::CloudApi { access_token, .. } => request.bearer_auth(access_token),
             Endpoint::Dialog360 { api_key, .. } => request.header("D360-API-KEY", api_key),
-        };
+        }
+    }
+
+    async fn post(&self, body: &Value) -> Result<(u16, Vec<u8>), GraphError> {
+        let request = self.authorize(self.http.post(self.endpoint.messages_url()).json(body));
         let response = request
             .send()
             .await
@@ -242,6 +358,48 @@ impl Client {
     }
 }
 
+/// Every template [`Client::list_templates`] read, over all pages.
+#[derive(Debug, Clone, Default)]
+pub struct TemplateList {
+    pub templates: Vec<Template>,
+    /// Templates left out, each named with the reason.
+    pub skipped: Vec<String>,
+    /// Notes about templates that were read (an unknown status, a component left out).
+    pub warnings: Vec<String>,
+    /// How many pages were read.
+    pub pages: usize,
+}
+
+/// A list request flowgate refuses or cannot follow; no WhatsApp answer behind it.
+fn unsupported(message: impl Into<String>) -> GraphError {
+    GraphError {
+        code: NO_CODE,
+        title: None,
+        message: message.into(),
+        details: None,
+        fbtrace_id: None,
+        http_status: None,
+        origin: ErrorOrigin::Http,
+    }
+}
+
+/// `url` without an `access_token` query parameter.
+fn without_access_token(mut url: reqwest::Url) -> reqwest::Url {
+    if !url.query_pairs().any(|(k, _)| k == "access_token") {
+        return url;
+    }
+    let kept: Vec<(String, String)> = url
+        .query_pairs()
+        .filter(|(k, _)| k != "access_token")
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    url.set_query(None);
+    if !kept.is_empty() {
+        url.query_pairs_mut().extend_pairs(kept);
+    }
+    url
+}
+
 /// reqwest's error with its causes ("error sending request…: connection refused").
 fn transport_message(e: &reqwest::Error) -> String {
     let mut message = e.to_string();
@@ -252,4 +410,54 @@ fn transport_message(e: &reqwest::Error) -> String {
         source = cause.source();
     }
     message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_url_follows_api_base() {
+        let mut endpoint = Endpoint::cloud_api("110", "t");
+        assert_eq!(
+            endpoint.templates_url("100").as_deref(),
+            Some("https://graph.facebook.com/v25.0/100/message_templates")
+        );
+        if let Endpoint::CloudApi {
+            base_url, version, ..
+        } = &mut endpoint
+        {
+            *base_url = "http://127.0.0.1:9/v23.0/".into();
+            version.clear();
+        }
+        assert_eq!(
+            endpoint.templates_url("100").as_deref(),
+            Some("http://127.0.0.1:9/v23.0/100/message_templates")
+        );
+        assert_eq!(Endpoint::dialog360("k").templates_url("100"), None);
+    }
+
+    #[test]
+    fn next_links_lose_their_access_token() {
+        let url = reqwest::Url::parse(
+            "https://graph.facebook.com/v25.0/100/message_templates?access_token=SECRET&limit=100&after=MjQZD",
+        )
+        .unwrap();
+        let stripped = without_access_token(url);
+        assert_eq!(
+            stripped.as_str(),
+            "https://graph.facebook.com/v25.0/100/message_templates?limit=100&after=MjQZD"
+        );
+        assert!(!stripped.as_str().contains("SECRET"));
+    }
+
+    #[tokio::test]
+    async fn dialog360_is_refused_without_a_request() {
+        let client = Client::new(Endpoint::Dialog360 {
+            base_url: "http://127.0.0.1:9".into(),
+            api_key: "k".into(),
+        });
+        let e = client.list_templates("100").await.unwrap_err();
+        assert!(e.message.contains("cloud_api channels only"), "{e}");
+    }
 }

@@ -235,8 +235,8 @@ pub fn parse_mark_read_response(status: u16, body: &[u8]) -> Result<(), GraphErr
     }
 }
 
-/// The JSON of a successful answer, or the error it carries.
-fn read_answer(status: u16, body: &[u8]) -> Result<Value, GraphError> {
+/// The JSON of a successful answer, or the error it carries (also for the template list).
+pub(super) fn read_answer(status: u16, body: &[u8]) -> Result<Value, GraphError> {
     let json: Option<Value> = serde_json::from_slice(body).ok();
     if let Some(error) = json.as_ref().and_then(|j| j.get("error")) {
         if error.is_object() {
@@ -277,7 +277,7 @@ fn no_message_id(status: u16, body: &[u8]) -> GraphError {
 }
 
 /// The start of a body, for an error message.
-fn snippet(body: &[u8]) -> String {
+pub(super) fn snippet(body: &[u8]) -> String {
     const MAX: usize = 200;
     let text = String::from_utf8_lossy(body);
     let text = text.trim();

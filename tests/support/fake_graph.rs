@@ -8,6 +8,10 @@
 //! // … point a channel's api_base at fake.cloud_api_base() …
 //! let sends = fake.wait_for_sends(3, Duration::from_secs(5)).await;
 //! ```
+//!
+//! It also lists templates (`GET /{VERSION}/{waba_id}/message_templates`, Cloud API only) in
+//! the pages a test gives [`FakeGraph::serve_templates`], linked by `paging.next` as Meta does
+//! (with an `access_token` in the link, as Graph adds when a request carried one).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -15,7 +19,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -54,6 +58,8 @@ impl FakeAuth {
 pub struct Recorded {
     /// The request path, e.g. `/v25.0/110000000000001/messages`.
     pub path: String,
+    /// The query string (without `?`), empty when there is none.
+    pub query: String,
     /// Header names in lower case.
     pub headers: BTreeMap<String, String>,
     pub body: Value,
@@ -178,6 +184,8 @@ struct FakeState {
     scripts: Vec<Script>,
     mark_read_fails: bool,
     sent: u64,
+    /// The WABA id and the pages of `data` its template list answers with.
+    templates: Option<(String, Vec<Vec<Value>>)>,
 }
 
 #[derive(Clone)]
@@ -209,7 +217,7 @@ impl FakeGraph {
             changed: Arc::new(tokio::sync::Notify::new()),
         };
         let app = Router::new()
-            .route("/{*path}", post(handle))
+            .route("/{*path}", post(handle).get(list_templates))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -235,6 +243,19 @@ impl FakeGraph {
     /// Forgets every script: sends succeed again.
     pub fn clear_scripts(&self) {
         self.shared.state.lock().unwrap().scripts.clear();
+    }
+
+    /// Serves `pages` (each the `data` of one page) as the templates of `waba_id`.
+    pub fn serve_templates(&self, waba_id: &str, pages: Vec<Vec<Value>>) {
+        self.shared.state.lock().unwrap().templates = Some((waba_id.to_string(), pages));
+    }
+
+    /// The template-list requests so far, in arrival order.
+    pub fn template_requests(&self) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.path.ends_with("/message_templates"))
+            .collect()
     }
 
     /// Makes mark-as-read answer HTTP 500.
@@ -338,6 +359,7 @@ async fn handle(
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let mut recorded = Recorded {
         path: path.clone(),
+        query: String::new(),
         headers: headers.clone(),
         body: body.clone(),
         status: 0,
@@ -448,6 +470,70 @@ async fn handle(
             Reply::Http { status, body } => return finish(&shared, recorded, status, body),
         }
     }
+}
+
+/// `GET /{VERSION}/{waba_id}/message_templates`: the page the `after` cursor names
+/// (`page-N`; none is the first), with `paging.next` while more pages follow.
+async fn list_templates(
+    State(shared): State<Shared>,
+    Path(path): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let path = format!("/{path}");
+    let query = query.unwrap_or_default();
+    let host = headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1")
+        .to_string();
+    let recorded = Recorded {
+        path: path.clone(),
+        query: query.clone(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_ascii_lowercase(),
+                    v.to_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect(),
+        body: Value::Null,
+        status: 0,
+        wamid: None,
+        at: std::time::Instant::now(),
+    };
+    let FakeAuth::CloudApi { token, .. } = &shared.auth else {
+        let answer =
+            json!({"meta": {"success": false, "httpCode": 404, "developerMessage": "Not found"}});
+        return finish(&shared, recorded, 404, answer.to_string());
+    };
+    let templates = shared.state.lock().unwrap().templates.clone();
+    let Some((waba_id, pages)) =
+        templates.filter(|(waba, _)| path == format!("/{VERSION}/{waba}/message_templates"))
+    else {
+        let answer = json!({"error": {"message": format!("Unknown path {path}"), "type": "GraphMethodException", "code": 100}});
+        return finish(&shared, recorded, 404, answer.to_string());
+    };
+    if recorded.header("authorization") != Some(&format!("Bearer {token}")) {
+        return finish(&shared, recorded, 401, graph_error_body(190).to_string());
+    }
+    let page: usize = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("after=page-"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let data = pages.get(page).cloned().unwrap_or_default();
+    let mut paging = json!({"cursors": {"before": format!("page-{page}"), "after": format!("page-{}", page + 1)}});
+    if page + 1 < pages.len() {
+        paging["next"] = json!(format!(
+            "http://{host}/{VERSION}/{waba_id}/message_templates?access_token={token}&limit=100&after=page-{}",
+            page + 1
+        ));
+    }
+    let answer = json!({"data": data, "paging": paging});
+    finish(&shared, recorded, 200, answer.to_string())
 }
 
 fn finish(shared: &Shared, mut recorded: Recorded, status: u16, body: String) -> Response {
