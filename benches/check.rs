@@ -8,7 +8,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
-use flowgate::config::Config;
+use flowgate::config::{Config, PolicyConfig};
+use flowgate::flow::lint::Window;
 use flowgate::flow::load::{load_project, load_sources};
 use flowgate::script::Scripting;
 use flowgate::templates::Registry;
@@ -82,7 +83,15 @@ fn check_benches(c: &mut Criterion) {
     let sources = sources();
 
     // Checked once before timing: every flow compiles without errors.
-    let project = load_sources(&sources, &scripting, Registry::default(), &no_scripts, None);
+    let window = Window::from_policy(&PolicyConfig::default());
+    let project = load_sources(
+        &sources,
+        &scripting,
+        Registry::default(),
+        &no_scripts,
+        None,
+        window,
+    );
     assert!(
         !project.diagnostics.has_errors(),
         "{}",
@@ -136,6 +145,7 @@ fn check_benches(c: &mut Criterion) {
                 Registry::default(),
                 &no_scripts,
                 None,
+                window,
             )
         })
     });

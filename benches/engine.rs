@@ -14,9 +14,11 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use flowgate::config::PolicyConfig;
 use flowgate::domain::{Contact, Inbound, InboundContent, OutboundContent};
 use flowgate::engine::{Effect, Engine, Event, Handled, Session, Waiting};
 use flowgate::flow::FlowSet;
+use flowgate::flow::lint::Window;
 use flowgate::flow::load::load_sources;
 use flowgate::script::Scripting;
 use flowgate::templates::Registry;
@@ -273,6 +275,7 @@ impl Fixture {
             Registry::default(),
             &find_script,
             None,
+            Window::from_policy(&PolicyConfig::default()),
         );
         assert!(
             !project.diagnostics.has_errors(),

@@ -276,7 +276,7 @@ impl Runtime {
         event: &str,
         reason: Option<&str>,
     ) -> Result<Option<Status>, DispatchError> {
-        let Some(status) = Status::from_event(event) else {
+        let Some(status) = Status::from_meta(event) else {
             return Ok(None);
         };
         let language = crate::templates::normalize_language(language);
@@ -423,8 +423,13 @@ impl Runtime {
                 Ok(None)
             }
             131047 => {
-                let requested: Outbound = serde_json::from_value(failed.body.clone())
-                    .map_err(|e| DispatchError::Corrupt(e.to_string()))?;
+                let requested: Outbound = match serde_json::from_value(failed.body.clone()) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::error!(message = message_id, error = %e, "a message WhatsApp refused with 131047 is unreadable; it cannot be decided again");
+                        return Ok(None);
+                    }
+                };
                 // Templates never meet 131047; a message already decided again is done.
                 if !requested.requested().is_free_form()
                     || failed.decision.as_deref() == Some("failed")

@@ -1315,7 +1315,9 @@ fn apply_contact(c: &mut Contact, value: &Dynamic) -> bool {
 mod tests {
     use super::*;
     use crate::clock::VirtualClock;
+    use crate::config::PolicyConfig;
     use crate::domain::InboundContent;
+    use crate::flow::lint::Window;
     use crate::flow::load::load_sources;
     use crate::templates::Registry;
 
@@ -1327,7 +1329,15 @@ mod tests {
             .map(|(i, s)| (format!("f{i}.yaml"), s.to_string()))
             .collect();
         let no_scripts = |name: &str| Err(format!("no script {name}"));
-        let project = load_sources(&sources, &scripting, Registry::default(), &no_scripts, None);
+        let window = Window::from_policy(&PolicyConfig::default());
+        let project = load_sources(
+            &sources,
+            &scripting,
+            Registry::default(),
+            &no_scripts,
+            None,
+            window,
+        );
         assert!(
             !project.diagnostics.has_errors(),
             "{}",

@@ -181,7 +181,7 @@ async fn templates_sync(
     channel: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
     use flowgate::config::{Config, Provider};
-    use flowgate::templates::{Registry, Status, status_name, sync_comment};
+    use flowgate::templates::{Registry, Status, sync_comment};
     use flowgate::whatsapp::{Client, Endpoint};
 
     let config = match Config::load(config_path) {
@@ -278,7 +278,7 @@ async fn templates_sync(
             t.name,
             t.language,
             chosen.name,
-            status_name(t.status)
+            t.status.as_str()
         );
     }
     let comment = sync_comment(&chosen.name, &waba_id, SystemClock.now());
@@ -313,7 +313,7 @@ async fn templates_sync(
     counts.sort_by_key(|(s, _)| order.iter().position(|o| o == s).unwrap_or(order.len()));
     let breakdown: Vec<String> = counts
         .iter()
-        .map(|(s, n)| format!("{n} {}", status_name(*s)))
+        .map(|(s, n)| format!("{n} {}", s.as_str()))
         .collect();
     let mut summary = format!(
         "synced {} template{} ({}) from channel {} into {}",

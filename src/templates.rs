@@ -51,17 +51,18 @@ impl Status {
         })
     }
 
-    /// The status a `message_template_status_update` event leaves a template in (FACTS.md
-    /// §1.7); `None` for events that do not change whether it can be sent (`FLAGGED` is a
-    /// quality warning: the template still sends).
-    pub fn from_event(event: &str) -> Option<Self> {
-        Some(match event.to_ascii_uppercase().as_str() {
+    /// Meta's word for a template's state, from the template list (`status`) or a
+    /// `message_template_status_update` webhook (`event`), as the registry's status; `None`
+    /// for a value Meta does not document (FACTS §1.7, §5.5). Every value but the approving
+    /// ones maps to a status that is not sent, the nearest by what has to happen before the
+    /// template could be sent again (see `whatsapp::templates`).
+    pub fn from_meta(value: &str) -> Option<Self> {
+        Some(match value.trim().to_ascii_uppercase().as_str() {
             "APPROVED" | "REINSTATED" | "UNPAUSED" | "UNARCHIVED" => Self::Approved,
-            "PENDING" | "IN_APPEAL" => Self::Pending,
-            "REJECTED" => Self::Rejected,
-            "PAUSED" => Self::Paused,
-            "DISABLED" | "DELETED" | "PENDING_DELETION" | "ARCHIVED" | "LOCKED"
-            | "LIMIT_EXCEEDED" => Self::Disabled,
+            "PENDING" => Self::Pending,
+            "REJECTED" | "IN_APPEAL" | "LIMIT_EXCEEDED" => Self::Rejected,
+            "PAUSED" | "FLAGGED" => Self::Paused,
+            "DISABLED" | "PENDING_DELETION" | "DELETED" | "ARCHIVED" | "LOCKED" => Self::Disabled,
             _ => return None,
         })
     }
@@ -337,7 +338,7 @@ impl Registry {
             out.push_str(&format!("  - name: {}\n", yaml_key_like(&t.name)));
             out.push_str(&format!("    language: {}\n", yaml_key_like(&t.language)));
             out.push_str(&format!("    category: {}\n", serde_name(&t.category)));
-            out.push_str(&format!("    status: {}\n", serde_name(&t.status)));
+            out.push_str(&format!("    status: {}\n", t.status.as_str()));
             if let Some(header) = &t.header {
                 out.push_str(&format!("    header: {}\n", yaml_quoted(header)));
             }
@@ -403,11 +404,6 @@ impl Registry {
     }
 }
 
-/// A status as the registry writes it (`approved`, `paused`…), for messages.
-pub fn status_name(status: Status) -> String {
-    serde_name(&status)
-}
-
 /// A value's serde name (`approved`, `utility`): follows the enums' own `rename_all`, so a
 /// status added later is written the way it is read.
 fn serde_name<T: Serialize>(value: &T) -> String {
@@ -471,6 +467,7 @@ mod sync_tests {
                 template("order_shipped", "en_US", Status::Pending, "Old {{1}}"),
                 template("other_waba", "de", Status::Approved, "Hallo"),
             ],
+            written_at: None,
         };
         let synced = vec![
             template("zeta", "en_US", Status::Approved, "Z"),
@@ -540,6 +537,7 @@ mod sync_tests {
                 auth,
                 template("order_ready", "en_US", Status::Approved, "Ready"),
             ],
+            written_at: None,
         };
         let path = dir.path().join("templates.yaml");
         let at = chrono::DateTime::from_timestamp(1_780_000_000, 0).unwrap();

@@ -9,6 +9,8 @@
 //! the server, retrying until the server is up again. That status is how a restarted
 //! flowgate learns that a message it cannot remember sending did go out.
 
+mod support;
+
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -229,16 +231,6 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
-/// The webhook `timestamp` of a message written now: the server runs on the system clock,
-/// and an old timestamp would put the customer outside the 24-hour window.
-fn now_timestamp() -> String {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("the clock is after 1970")
-        .as_secs()
-        .to_string()
-}
-
 fn inbound(customer: &str, wamid: &str, text: &str) -> String {
     json!({
         "object": "whatsapp_business_account",
@@ -246,7 +238,7 @@ fn inbound(customer: &str, wamid: &str, text: &str) -> String {
             "messaging_product": "whatsapp",
             "metadata": {"display_phone_number": "15550001111", "phone_number_id": PHONE},
             "contacts": [{"profile": {"name": "Crash"}, "wa_id": customer}],
-            "messages": [{"from": customer, "id": wamid, "timestamp": now_timestamp(),
+            "messages": [{"from": customer, "id": wamid, "timestamp": support::now_timestamp(),
                           "type": "text", "text": {"body": text}}],
         }}]}],
     })

@@ -3,6 +3,8 @@
 //! Meta's documented shapes), and the database checked until the inbound worker is done.
 //! Loopback only; every wait polls with a deadline.
 
+mod support;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -65,11 +67,31 @@ steps:
     say: "Thanks, {{name}}"
 "#;
 
+/// A webhook fixture whose customer messages were written just now (the server runs on the
+/// system clock; the fixtures' 2025 timestamps would leave every window closed).
 fn fixture(name: &str) -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/whatsapp")
         .join(name);
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return bytes;
+    };
+    let now = support::now_timestamp();
+    for entry in json["entry"].as_array_mut().into_iter().flatten() {
+        for change in entry["changes"].as_array_mut().into_iter().flatten() {
+            for m in change["value"]["messages"]
+                .as_array_mut()
+                .into_iter()
+                .flatten()
+            {
+                if m.get("timestamp").is_some() {
+                    m["timestamp"] = serde_json::Value::String(now.clone());
+                }
+            }
+        }
+    }
+    serde_json::to_vec(&json).expect("JSON serializes")
 }
 
 fn sign(secret: &str, body: &[u8]) -> String {
@@ -437,7 +459,7 @@ async fn unauthenticated_or_malformed_webhooks_store_nothing() {
     // A body of 3 MB (Meta's maximum) goes through.
     let padding = "x".repeat(3 * 1024 * 1024);
     let big = envelope(json!({"padding": padding, "messages": [{
-        "from": WA_ID, "id": "wamid.big", "timestamp": "1760000000",
+        "from": WA_ID, "id": "wamid.big", "timestamp": support::now_timestamp(),
         "type": "text", "text": {"body": "hello"}
     }]}));
     let (status, answer) = server.signed(&big).await;
@@ -458,7 +480,7 @@ async fn unknown_fields_are_stored_and_skipped() {
                 "metadata": {"phone_number_id": PHONE_NUMBER_ID}, "something_new": [1]}},
             {"field": "messages", "value": {"messaging_product": "whatsapp",
                 "metadata": {"phone_number_id": PHONE_NUMBER_ID},
-                "messages": [{"from": WA_ID, "id": "wamid.weird", "timestamp": "1760000000", "type": "text"}]}}
+                "messages": [{"from": WA_ID, "id": "wamid.weird", "timestamp": support::now_timestamp(), "type": "text"}]}}
         ]}]
     }))
     .unwrap();
@@ -538,7 +560,7 @@ async fn a_thousand_customers_in_one_webhook_are_each_answered_once() {
         .collect();
     let messages: Vec<Value> = (0..n)
         .map(|i| {
-            json!({"from": wa(i), "id": format!("wamid.batch.{i}"), "timestamp": "1760000000",
+            json!({"from": wa(i), "id": format!("wamid.batch.{i}"), "timestamp": support::now_timestamp(),
                    "type": "text", "text": {"body": "hi"}})
         })
         .collect();
@@ -617,7 +639,7 @@ async fn statuses_in_any_order_end_in_the_right_status() {
     // (so the running sender, which takes only `pending` rows and expired leases, leaves
     // them alone): three sent with a wamid, one still being sent under a lease.
     let body = envelope(json!({"messages": [{
-        "from": WA_ID, "id": "wamid.in.0", "timestamp": "1760000000",
+        "from": WA_ID, "id": "wamid.in.0", "timestamp": support::now_timestamp(),
         "type": "text", "text": {"body": "hello"}
     }]}));
     assert_eq!(server.signed(&body).await.0, 200);
@@ -830,7 +852,7 @@ async fn drain_once_processes_everything_exactly_once() {
 async fn a_contacts_messages_run_in_order_others_alongside() {
     let server = Server::start().await;
     let message = |from: &str, i: usize, text: &str| {
-        json!({"from": from, "id": format!("wamid.{from}.{i}"), "timestamp": "1760000000",
+        json!({"from": from, "id": format!("wamid.{from}.{i}"), "timestamp": support::now_timestamp(),
                "type": "text", "text": {"body": text}})
     };
     // Two customers' conversations interleaved in one webhook, and a third in the next.

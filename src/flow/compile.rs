@@ -2,7 +2,7 @@
 //! compiled, WhatsApp's limits checked on literal text. Problems become diagnostics at the
 //! key or value involved; a flow with errors is not returned.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use chrono::Duration;
@@ -79,7 +79,6 @@ pub fn compile_flow(
         flow_refs: Vec::new(),
         keyword_locs: Vec::new(),
         script_bundle: Vec::new(),
-        goto_literals: HashMap::new(),
     };
     let flow = c.flow(&raw);
     out.flow_refs = std::mem::take(&mut c.flow_refs);
@@ -101,8 +100,6 @@ struct Compiler<'a> {
     flow_refs: Vec<FlowRef>,
     keyword_locs: Vec<Vec<Loc>>,
     script_bundle: Vec<(String, String, String)>,
-    /// Steps that scripts name in `goto("…")`, per step index, for reachability.
-    goto_literals: HashMap<usize, Vec<usize>>,
 }
 
 impl Compiler<'_> {
@@ -529,7 +526,7 @@ impl Compiler<'_> {
             self.script_file(index, name)
                 .map(|s| Action::Script(Arc::new(s)))
         } else if let Some(source) = &s.rhai {
-            self.script_inline(index, source)
+            self.script_inline(source)
                 .map(|s| Action::Script(Arc::new(s)))
         } else if let Some(http) = &s.http {
             self.http(http, s.save.as_ref())
@@ -568,6 +565,7 @@ impl Compiler<'_> {
         Some(Step {
             id: key.value.clone(),
             loc: key_loc,
+            action_loc: actions.first().map_or(key_loc, |&(_, at)| at),
             wait,
             set,
             tag: s
@@ -941,13 +939,15 @@ impl Compiler<'_> {
         self.diags.add_source(&path, Arc::from(source.as_str()));
         match self.scripting.compile_script(&source) {
             Ok(ast) => {
-                self.note_gotos(index, &source);
+                let jumps = self.note_gotos(&source);
                 Some(Script {
                     name: path.clone(),
                     ast,
                     file: path,
                     first_line: 1,
                     first_col: 1,
+                    jumps,
+                    replies: calls_reply(&source),
                 })
             }
             Err(e) => {
@@ -968,7 +968,7 @@ impl Compiler<'_> {
         }
     }
 
-    fn script_inline(&mut self, index: usize, source: &Spanned<String>) -> Option<Script> {
+    fn script_inline(&mut self, source: &Spanned<String>) -> Option<Script> {
         let mut at = loc(source);
         // A block scalar (`rhai: |`) starts on a line of its own; a one-line script written
         // after the key may be quoted, and its first column is after the quote.
@@ -983,13 +983,15 @@ impl Compiler<'_> {
         }
         match self.scripting.compile_script(&source.value) {
             Ok(ast) => {
-                self.note_gotos(index, &source.value);
+                let jumps = self.note_gotos(&source.value);
                 Some(Script {
                     name: format!("{} (inline script)", self.file),
                     ast,
                     file: self.file.to_string(),
                     first_line: at.line,
                     first_col: at.col,
+                    jumps,
+                    replies: calls_reply(&source.value),
                 })
             }
             Err(e) => {
@@ -1002,15 +1004,14 @@ impl Compiler<'_> {
         }
     }
 
-    /// Steps named by `goto("…")` in a script count as reachable, and must exist.
-    fn note_gotos(&mut self, index: usize, source: &str) {
+    /// The steps a script names in `goto("…")`: they count as reachable from its step, and
+    /// the window lint follows them.
+    fn note_gotos(&self, source: &str) -> Vec<usize> {
         static GOTO: std::sync::LazyLock<Regex> =
             std::sync::LazyLock::new(|| Regex::new(r#"goto\(\s*"([^"]+)"\s*\)"#).expect("valid"));
-        for cap in GOTO.captures_iter(source) {
-            if let Some(i) = self.step_ids.iter().position(|s| *s == cap[1]) {
-                self.goto_literals.entry(index).or_default().push(i);
-            }
-        }
+        GOTO.captures_iter(source)
+            .filter_map(|cap| self.step_ids.iter().position(|s| *s == cap[1]))
+            .collect()
     }
 
     fn http(
@@ -1240,7 +1241,9 @@ impl Compiler<'_> {
                 edges.extend(ask.on_timeout);
             }
             edges.extend(step.on_error);
-            edges.extend(self.goto_literals.get(&i).into_iter().flatten().copied());
+            if let Action::Script(script) = &step.action {
+                edges.extend(&script.jumps);
+            }
             todo.extend(edges);
         }
         for (i, reached) in seen.iter().enumerate() {
@@ -1278,4 +1281,12 @@ fn valid_var(name: &str) -> bool {
         .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
         && !matches!(name, "contact" | "message")
+}
+
+/// Whether a script's source calls `reply(…)` or `reply_buttons(…)`: a textual test, enough
+/// for the window lint to know the script can send (a reply in a comment counts too).
+fn calls_reply(source: &str) -> bool {
+    static REPLY: std::sync::LazyLock<Regex> =
+        std::sync::LazyLock::new(|| Regex::new(r"\breply(_buttons)?\s*\(").expect("valid"));
+    REPLY.is_match(source)
 }

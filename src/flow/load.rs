@@ -1,6 +1,6 @@
 //! Loading a whole project: every flow file under the flows directory, the scripts they
 //! name and the template registry, then the checks that need all flows at once (duplicate
-//! ids, references to other flows, trigger conflicts, the `fallback` flow).
+//! ids, references to other flows, trigger conflicts, the `fallback` flow, the window lint).
 //!
 //! This is the one loader: `check` prints its diagnostics, `serve`, `chat` and `test` refuse
 //! to start on errors and print the same diagnostics.
@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::compile::{Compiled, FlowRef, compile_flow};
+use super::lint::{Window, window_hazards};
 use super::{Bundle, Flow, TriggerKind};
 use crate::config::Config;
 use crate::diagnostic::{Diagnostic, Diagnostics, Loc, did_you_mean};
@@ -54,6 +55,7 @@ pub fn load_project(config: &Config, scripting: &Scripting) -> Project {
         templates,
         &find_script,
         config.fallback.as_deref(),
+        Window::from_policy(&config.policy),
     );
     diags.extend(std::mem::take(&mut project.diagnostics));
     project.diagnostics = diags;
@@ -67,6 +69,7 @@ pub fn load_sources(
     templates: Registry,
     find_script: super::compile::ScriptSource<'_>,
     fallback: Option<&str>,
+    window: Window,
 ) -> Project {
     let mut diags = Diagnostics::default();
     let mut compiled: Vec<Compiled> = sources
@@ -123,6 +126,9 @@ pub fn load_sources(
         }
     }
     trigger_conflicts(&flows, &keyword_locs, &mut diags);
+    for warning in window_hazards(&flows, window, &[]) {
+        diags.push(warning);
+    }
     Project {
         flows,
         templates,

@@ -5,12 +5,14 @@
 //! - [`compile`]: one flow file into a [`Flow`] (references resolved, regexes and Rhai
 //!   compiled, WhatsApp limits checked), with diagnostics;
 //! - [`load`]: the whole project (flows, scripts, templates) and the checks across flows.
-//!   `check`, `serve`, `chat` and `test` all load through [`load::load_project`].
+//!   `check`, `serve`, `chat` and `test` all load through [`load::load_project`];
+//! - [`lint`]: analyses of compiled flows that need every flow at once (the window lint).
 //!
 //! A compiled flow is immutable and carries a content hash, its `version`: a session records
 //! the version it started on and keeps running it after a reload (see [`FlowSet`]).
 
 pub mod compile;
+pub mod lint;
 pub mod load;
 pub mod raw;
 
@@ -142,6 +144,9 @@ pub fn contains_word(text: &str, word: &str) -> bool {
 pub struct Step {
     pub id: String,
     pub loc: Loc,
+    /// Where the step's action is written (the value of `say:`, `ask:`, `script:`…; the step
+    /// key when it has none), so a lint about what the step sends can point at it.
+    pub action_loc: Loc,
     pub wait: Option<Wait>,
     pub set: Vec<(String, Text)>,
     pub tag: Vec<String>,
@@ -245,6 +250,10 @@ pub struct Script {
     pub file: String,
     pub first_line: usize,
     pub first_col: usize,
+    /// Steps the source names in a literal `goto("…")`: where the script can jump.
+    pub jumps: Vec<usize>,
+    /// Whether the source calls `reply` or `reply_buttons`, so the script can send.
+    pub replies: bool,
 }
 
 impl Script {

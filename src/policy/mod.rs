@@ -370,12 +370,9 @@ impl Policy {
             )));
         };
         if t.status != Status::Approved {
-            let status = serde_json::to_value(t.status)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default();
             return Some(Refusal::Queue(format!(
-                "template {name} ({language}) is {status}, not approved"
+                "template {name} ({language}) is {}, not approved",
+                t.status.as_str()
             )));
         }
         let wanted = t.param_count();

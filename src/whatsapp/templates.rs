@@ -12,7 +12,7 @@
 //!
 //! How Meta's fields become the registry's (DESIGN §2.4):
 //!
-//! - **Status** ([`map_status`]): `APPROVED`, `PENDING`, `REJECTED`, `PAUSED`, `DISABLED` map
+//! - **Status** ([`Status::from_meta`]): `APPROVED`, `PENDING`, `REJECTED`, `PAUSED`, `DISABLED` map
 //!   one to one. The other values Meta uses (FACTS §1.7, §5.5) cannot be sent either, so each
 //!   goes to the nearest status that is not sendable, chosen by what has to happen before
 //!   it could be sent again: `IN_APPEAL` and `LIMIT_EXCEEDED` -> `rejected` (Meta said no, or
@@ -108,7 +108,7 @@ pub fn read_template(item: &Value) -> Result<(Template, Vec<String>), String> {
     let mut warnings = Vec::new();
 
     let status_text = text(item, "status").ok_or("it has no `status`")?;
-    let status = map_status(&status_text).unwrap_or_else(|| {
+    let status = Status::from_meta(&status_text).unwrap_or_else(|| {
         warnings.push(format!(
             "{who} has the status `{status_text}`, which flowgate does not know: recorded as disabled"
         ));
@@ -184,20 +184,6 @@ pub fn read_template(item: &Value) -> Result<(Template, Vec<String>), String> {
         },
         warnings,
     ))
-}
-
-/// Meta's template status -> the registry's; `None` for a value not in FACTS §1.7 (the
-/// caller records it as disabled and warns). See the module docs for why each maps where it
-/// does.
-pub fn map_status(status: &str) -> Option<Status> {
-    Some(match status.trim().to_uppercase().as_str() {
-        "APPROVED" => Status::Approved,
-        "PENDING" => Status::Pending,
-        "REJECTED" | "IN_APPEAL" | "LIMIT_EXCEEDED" => Status::Rejected,
-        "PAUSED" | "FLAGGED" => Status::Paused,
-        "DISABLED" | "PENDING_DELETION" | "DELETED" | "ARCHIVED" | "LOCKED" => Status::Disabled,
-        _ => return None,
-    })
 }
 
 fn map_category(category: &str) -> Option<Category> {
@@ -389,11 +375,11 @@ mod tests {
             "LOCKED",
             "FLAGGED",
         ] {
-            let mapped = map_status(s).unwrap_or_else(|| panic!("{s} is not mapped"));
+            let mapped = Status::from_meta(s).unwrap_or_else(|| panic!("{s} is not mapped"));
             assert_ne!(mapped, Status::Approved, "{s}");
         }
-        assert_eq!(map_status("approved"), Some(Status::Approved));
-        assert_eq!(map_status("REINSTATED_SOMEHOW"), None);
+        assert_eq!(Status::from_meta("approved"), Some(Status::Approved));
+        assert_eq!(Status::from_meta("REINSTATED_SOMEHOW"), None);
     }
 
     #[test]

@@ -1,0 +1,502 @@
+//! The window lint (DESIGN §4.6): a warning for each step that can send a free-form message
+//! after the customer's window has closed and has no `outside_window` template to fall back
+//! on. At run time the policy layer queues such a message until the customer writes again;
+//! `check` says so while the flow is still being written.
+//!
+//! The analysis is pure and runs over every compiled flow at once, because `flow:` jumps carry
+//! the delay into another flow. For each step it bounds how long after the customer's last
+//! message the step's action can run:
+//!
+//! - a customer message resets the clock: a flow started by a trigger, the steps after an
+//!   `ask` is answered, after a reply branch matched, after `on_fail` (a failed answer is a
+//!   message too);
+//! - a `wait: D` adds `D` before the step's own action; an `ask`'s `timeout: D` adds `D` on the
+//!   way to its `on_timeout` step; `wait: { until: … }` adds an unknown delay;
+//! - everything else passes the bound on unchanged: `next`, `goto`, branches that only test
+//!   `if`, a script's literal `goto("…")`, `on_error`, `flow:` (to that flow's start step), and
+//!   an `http` step (its timeout is seconds, not hours).
+//!
+//! The bound is the longest such path, so a delay reached by two routes takes the later one,
+//! and waits add up along a path (`wait: 12h` then `wait: 13h` closes a 24 h window). A step is
+//! outside the window when its bound reaches `window - safety_margin` (the policy treats the
+//! window as closed that early), and may be outside when an unknown delay leads to it.
+//!
+//! Warned there: a `say` or an `ask`'s question without `outside_window`, and a script step
+//! whose source calls `reply`/`reply_buttons` (script replies have no template fallback).
+//! Not warned: `template` steps (always allowed), steps with `outside_window`, and steps that
+//! send nothing. One warning per step, at its message, naming the first cause found.
+//!
+//! Not linted, because the flow alone does not say when they run: a flow started by the API
+//! or an agent (`Event::Start`, which is also how a handoff ends: the engine never resumes
+//! the handoff step's `next`), and campaigns (§2.5, not built yet; see [`Entry`]). The engine's
+//! own apology after a failure is not a step's message and is not linted either.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use chrono::Duration;
+
+use super::{Action, Flow, Route, Step, Target, Wait};
+use crate::config::PolicyConfig;
+use crate::diagnostic::Diagnostic;
+
+/// The window as the policy applies it (DESIGN §4.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// How long after the customer's last message free-form messages are accepted.
+    pub length: Duration,
+    /// The window counts as closed this long before it ends.
+    pub safety_margin: Duration,
+}
+
+impl Window {
+    pub fn from_policy(policy: &PolicyConfig) -> Self {
+        Self {
+            length: policy.window.0,
+            safety_margin: policy.safety_margin.0,
+        }
+    }
+
+    /// How long after the customer's last message the policy stops sending free-form text.
+    fn closes_after(&self) -> Duration {
+        self.length - self.safety_margin
+    }
+}
+
+/// Where a step can be entered with a known delay since the customer's last message, besides
+/// the flows' own structure. Empty today: a flow's start is entered right after the message
+/// that triggered it. Campaigns (DESIGN §2.5) will add their `on_reply` flows here, with how
+/// late the campaign lets that flow's first message go out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub flow: String,
+    /// The longest time between the customer's last message and the flow's start.
+    pub after: Duration,
+    /// How the warning names the cause, e.g. "campaign `spring_sale`'s `on_reply`".
+    pub via: String,
+}
+
+/// Warnings for every step that can send outside the window without a template fallback.
+pub fn window_hazards(flows: &[Arc<Flow>], window: Window, entries: &[Entry]) -> Vec<Diagnostic> {
+    let graph = Graph::new(flows);
+    let late = graph.propagate(window.closes_after(), entries);
+    let mut warnings = Vec::new();
+    for (node, &(f, s)) in graph.nodes.iter().enumerate() {
+        let step = &flows[f].steps[s];
+        let (at_action, cause) = arrive(
+            late[node].0,
+            late[node].1.clone(),
+            step_delay(step),
+            (f, s),
+            window.closes_after(),
+        );
+        if let Some(warning) = warning(flows, (f, s), at_action, cause.as_ref(), window) {
+            warnings.push(warning);
+        }
+    }
+    warnings
+}
+
+/// How late a step can run, as far as the window cares. Ordered: a later value wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Late {
+    /// At most this long after the customer's last message, still inside the window.
+    Within(Duration),
+    /// After an unknown delay (`wait: { until: … }`): the window may have closed.
+    Maybe,
+    /// Possibly at or after the point where the window is closed.
+    Closed,
+}
+
+/// The delay that made a step late: where it is written and what it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Cause {
+    /// `(flow, step)` indices of the step with the delay; `None` for an [`Entry`].
+    at: Option<(usize, usize)>,
+    what: String,
+    /// The whole time since the customer's last message, when earlier delays add to it.
+    total: Option<Duration>,
+}
+
+/// A delay a step or an edge adds.
+#[derive(Debug, Clone)]
+enum Delay {
+    None,
+    For(Duration, String),
+    Unknown(String),
+}
+
+/// The bound after `delay`, written at `at`, is added to `late`.
+fn arrive(
+    late: Late,
+    cause: Option<Cause>,
+    delay: Delay,
+    at: (usize, usize),
+    closes_after: Duration,
+) -> (Late, Option<Cause>) {
+    let fresh = |what: String, total: Option<Duration>| {
+        Some(Cause {
+            at: Some(at),
+            what,
+            total,
+        })
+    };
+    match (late, delay) {
+        (late, Delay::None) => (late, cause),
+        // A delay that closes the window on its own is the nearest cause, whatever came before.
+        (_, Delay::For(d, what)) if d >= closes_after => (Late::Closed, fresh(what, None)),
+        (Late::Closed, _) => (Late::Closed, cause),
+        (Late::Within(before), Delay::For(d, what)) => {
+            let total = before + d;
+            if total >= closes_after {
+                let summed = (before > Duration::zero()).then_some(total);
+                (Late::Closed, fresh(what, summed))
+            } else {
+                (Late::Within(total), None)
+            }
+        }
+        (Late::Maybe, Delay::For(..)) => (Late::Maybe, cause),
+        (Late::Within(_), Delay::Unknown(what)) => (Late::Maybe, fresh(what, None)),
+        (Late::Maybe, Delay::Unknown(_)) => (Late::Maybe, cause),
+    }
+}
+
+/// The step's own `wait`, which runs before its action.
+fn step_delay(step: &Step) -> Delay {
+    match &step.wait {
+        None => Delay::None,
+        Some(Wait::For(d)) => Delay::For(*d, format!("`wait: {}`", written(*d))),
+        Some(Wait::Until(t)) => Delay::Unknown(format!("`wait: {{ until: \"{}\" }}`", t.raw)),
+    }
+}
+
+/// Every step of every flow as one graph of the ways on that need no customer message.
+struct Graph<'a> {
+    flows: &'a [Arc<Flow>],
+    /// `(flow, step)` of each node.
+    nodes: Vec<(usize, usize)>,
+    /// The node of each flow's first step.
+    first: Vec<usize>,
+    by_id: HashMap<&'a str, usize>,
+}
+
+impl<'a> Graph<'a> {
+    fn new(flows: &'a [Arc<Flow>]) -> Self {
+        let mut nodes = Vec::new();
+        let mut first = Vec::new();
+        for (f, flow) in flows.iter().enumerate() {
+            first.push(nodes.len());
+            nodes.extend((0..flow.steps.len()).map(|s| (f, s)));
+        }
+        let by_id = flows
+            .iter()
+            .enumerate()
+            .map(|(f, flow)| (flow.id.as_str(), f))
+            .collect();
+        Self {
+            flows,
+            nodes,
+            first,
+            by_id,
+        }
+    }
+
+    fn node(&self, flow: usize, step: usize) -> usize {
+        self.first[flow] + step
+    }
+
+    fn start_of(&self, flow: &str) -> Option<usize> {
+        let f = *self.by_id.get(flow)?;
+        Some(self.node(f, self.flows[f].start))
+    }
+
+    /// Where the step's run goes on without waiting for the customer, with the delay on the
+    /// way. After a reply (an `ask`'s answer, reply branches, `on_fail`) nothing is carried:
+    /// the reply reopened the window.
+    fn successors(&self, f: usize, step: &Step) -> Vec<(usize, Delay)> {
+        let mut out = Vec::new();
+        let to = |t: &Target| match t {
+            Target::Step(s) => Some(self.node(f, *s)),
+            Target::Flow(id) => self.start_of(id),
+        };
+        if let Some(e) = step.on_error {
+            out.push((self.node(f, e), Delay::None));
+        }
+        if let Action::Ask(ask) = &step.action {
+            if let (Some(timeout), Some(t)) = (ask.timeout, ask.on_timeout) {
+                let what = format!("`timeout: {}`", written(timeout));
+                out.push((self.node(f, t), Delay::For(timeout, what)));
+            }
+            return out;
+        }
+        if step.handoff.is_some() {
+            // A handoff ends with a new start by the API, never with this step's `next`.
+            return out;
+        }
+        if let Action::Script(script) = &step.action {
+            out.extend(script.jumps.iter().map(|&s| (self.node(f, s), Delay::None)));
+        }
+        if step.awaits_reply() {
+            return out;
+        }
+        match &step.route {
+            Route::End => {}
+            Route::Goto(t) => out.extend(to(t).map(|n| (n, Delay::None))),
+            Route::Branches(branches) => out.extend(
+                branches
+                    .iter()
+                    .filter_map(|b| to(&b.target))
+                    .map(|n| (n, Delay::None)),
+            ),
+        }
+        out
+    }
+
+    /// The latest each step can be entered (before its own `wait`), with the cause: a
+    /// longest-path search from every step, where a path that keeps growing around a loop
+    /// (a `wait` that can repeat without a reply) ends up closed.
+    fn propagate(&self, closes_after: Duration, entries: &[Entry]) -> Vec<(Late, Option<Cause>)> {
+        let n = self.nodes.len();
+        let mut late: Vec<(Late, Option<Cause>)> = vec![(Late::Within(Duration::zero()), None); n];
+        let mut hops = vec![0usize; n];
+        for entry in entries {
+            if let Some(node) = self.start_of(&entry.flow) {
+                let cause = Cause {
+                    at: None,
+                    what: entry.via.clone(),
+                    total: None,
+                };
+                late[node] = if entry.after >= closes_after {
+                    (Late::Closed, Some(cause))
+                } else {
+                    (Late::Within(entry.after), None)
+                };
+            }
+        }
+        let mut queue: VecDeque<usize> = (0..n).collect();
+        let mut queued = vec![true; n];
+        while let Some(u) = queue.pop_front() {
+            queued[u] = false;
+            let (f, s) = self.nodes[u];
+            let step = &self.flows[f].steps[s];
+            let (at_action, cause) = arrive(
+                late[u].0,
+                late[u].1.clone(),
+                step_delay(step),
+                (f, s),
+                closes_after,
+            );
+            for (v, delay) in self.successors(f, step) {
+                let (mut value, mut why) =
+                    arrive(at_action, cause.clone(), delay, (f, s), closes_after);
+                if value <= late[v].0 {
+                    continue;
+                }
+                hops[v] = hops[u] + 1;
+                if hops[v] > n && matches!(value, Late::Within(_)) {
+                    // Longer than any path without a loop: the delay repeats with no reply.
+                    value = Late::Closed;
+                    why = Some(Cause {
+                        at: Some((f, s)),
+                        what: "a loop of waits with no reply".into(),
+                        total: None,
+                    });
+                }
+                late[v] = (value, why);
+                if !queued[v] {
+                    queued[v] = true;
+                    queue.push_back(v);
+                }
+            }
+        }
+        late
+    }
+}
+
+/// The warning for step `s` of flow `f` if it sends free-form content at `late` with no fallback.
+fn warning(
+    flows: &[Arc<Flow>],
+    (f, s): (usize, usize),
+    late: Late,
+    cause: Option<&Cause>,
+    window: Window,
+) -> Option<Diagnostic> {
+    let (Late::Closed | Late::Maybe, Some(cause)) = (late, cause) else {
+        return None;
+    };
+    let step = &flows[f].steps[s];
+    let sends = match &step.action {
+        Action::Say(_) | Action::Ask(_) if step.outside_window.is_none() => "its message",
+        Action::Script(script) if script.replies => "a `reply` of its script",
+        _ => return None,
+    };
+    let flow = &flows[f];
+    let own = cause.at == Some((f, s));
+    let mut when = format!("after {}", cause.what);
+    match cause.at {
+        Some((f, s)) if !own => {
+            let other = &flows[f];
+            when.push_str(&format!(" in step `{}`", other.steps[s].id));
+            if other.id != flow.id {
+                when.push_str(&format!(" of flow `{}`", other.id));
+            }
+            when.push_str(" with no reply since");
+        }
+        None => when = format!("from {}", cause.what),
+        _ => {}
+    }
+    if let Some(total) = cause.total {
+        when.push_str(&format!(
+            " (up to {} after the customer's last message)",
+            written(total)
+        ));
+    }
+    let length = written(window.length);
+    let (verdict, fate) = match late {
+        Late::Closed => ("is closed", "will be queued"),
+        _ => ("may have closed", "would be queued"),
+    };
+    let message = format!(
+        "step `{}` runs {when}, when the {length} window {verdict}: {sends} {fate}",
+        step.id
+    );
+    let help = match step.action {
+        Action::Script(_) => "a script's replies have no template fallback: send a `template` step instead, or they wait until the customer writes again".to_string(),
+        _ => "add `outside_window: { template: NAME, language: LANG, params: [...] }` to send an approved template instead, or it will be queued until the customer writes again".to_string(),
+    };
+    Some(
+        Diagnostic::warning(&flow.file, Some(step.action_loc), message)
+            .with_label("no template fallback")
+            .with_help(help),
+    )
+}
+
+/// A duration as flows usually write it: whole days from two days up (`2d`, `7d`), else in
+/// hours (`24h`, `26h`, `1h30m`), since `1d2h` reads badly next to a 24 h window.
+fn written(d: Duration) -> String {
+    let secs = d.num_seconds();
+    if secs >= 2 * 86_400 && secs % 86_400 == 0 {
+        return format!("{}d", secs / 86_400);
+    }
+    let parts = [
+        ("h", secs / 3600),
+        ("m", secs % 3600 / 60),
+        ("s", secs % 60),
+    ];
+    let text: String = parts
+        .iter()
+        .filter(|(_, n)| *n != 0)
+        .map(|(unit, n)| format!("{n}{unit}"))
+        .collect();
+    if text.is_empty() { "0s".into() } else { text }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::load::load_sources;
+    use crate::script::Scripting;
+    use crate::templates::Registry;
+
+    const DAY: Window = Window {
+        length: Duration::hours(24),
+        safety_margin: Duration::minutes(2),
+    };
+
+    fn flows(sources: &[&str], window: Window) -> (Vec<Arc<Flow>>, Vec<String>) {
+        let sources: Vec<(String, String)> = sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("f{i}.yaml"), s.to_string()))
+            .collect();
+        let no_scripts = |name: &str| Err(format!("no script `{name}`"));
+        let project = load_sources(
+            &sources,
+            &Scripting::default(),
+            Registry::default(),
+            &no_scripts,
+            None,
+            window,
+        );
+        assert!(!project.diagnostics.has_errors());
+        let warnings = project
+            .diagnostics
+            .sorted()
+            .iter()
+            .map(|d| format!("{}: {}", d.position(), d.message))
+            .collect();
+        (project.flows, warnings)
+    }
+
+    fn waits(first: &str, second: &str) -> String {
+        format!(
+            "flow: w\nsteps:\n  a:\n    say: hi\n    next: b\n  b:\n    wait: {first}\n    next: c\n  c:\n    wait: {second}\n    say: later\n"
+        )
+    }
+
+    #[test]
+    fn waits_add_up_to_the_safety_margin() {
+        let (_, warnings) = flows(&[&waits("12h", "11h58m")], DAY);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("up to 23h58m"), "{warnings:?}");
+        let (_, warnings) = flows(&[&waits("12h", "11h57m")], DAY);
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    #[test]
+    fn the_configured_window_decides() {
+        let short = Window {
+            length: Duration::hours(1),
+            safety_margin: Duration::zero(),
+        };
+        let (_, warnings) = flows(&[&waits("30m", "30m")], short);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("the 1h window is closed"),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn a_wait_that_repeats_without_a_reply_closes_the_window() {
+        let source =
+            "flow: nag\nsteps:\n  nag:\n    wait: 6h\n    say: still there?\n    next: nag\n";
+        let (_, warnings) = flows(&[source], DAY);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("a loop of waits"), "{warnings:?}");
+    }
+
+    #[test]
+    fn a_time_of_day_may_close_the_window() {
+        let source = "flow: t\nsteps:\n  a:\n    wait: { until: \"09:00\" }\n    say: morning\n";
+        let (_, warnings) = flows(&[source], DAY);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("may have closed"), "{warnings:?}");
+    }
+
+    #[test]
+    fn a_handoff_is_not_followed_by_its_next() {
+        // The engine never runs `next` after a handoff: the API starts a flow anew.
+        let source = "flow: h\nsteps:\n  a:\n    wait: 26h\n    handoff: support\n    next: b\n  b:\n    say: back\n";
+        let (_, warnings) = flows(&[source], DAY);
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    #[test]
+    fn an_entry_carries_its_delay_into_a_flow() {
+        // The hook campaigns will use for their `on_reply` flows.
+        let (flows, _) = flows(&["flow: r\nsteps:\n  a:\n    say: hi\n"], DAY);
+        let entry = Entry {
+            flow: "r".into(),
+            after: Duration::hours(30),
+            via: "campaign `spring`'s `on_reply`".into(),
+        };
+        let warnings = window_hazards(&flows, DAY, &[entry]);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].message.contains("runs from campaign `spring`"),
+            "{}",
+            warnings[0].message
+        );
+    }
+}
