@@ -22,9 +22,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
-use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value, json};
-use sha2::Sha256;
 
 const SECRET: &str = "crash-app-secret";
 const PHONE: &str = "110000000000001";
@@ -49,9 +47,7 @@ struct Fake {
 }
 
 fn sign(body: &str) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
-    mac.update(body.as_bytes());
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    support::sign(SECRET, body.as_bytes())
 }
 
 async fn fake_send(State(fake): State<Fake>, body: Bytes) -> axum::Json<Value> {

@@ -5,7 +5,8 @@
 
 mod support;
 
-use std::future::Future;
+use support::{eventually, sign};
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,9 +17,7 @@ use flowgate::http::AppState;
 use flowgate::inbound::{drain_once, inbox_row};
 use flowgate::store::Db;
 use flowgate::whatsapp::parse_webhook;
-use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value, json};
-use sha2::Sha256;
 
 const APP_SECRET: &str = "test-app-secret";
 const VERIFY_TOKEN: &str = "test-verify-token";
@@ -94,26 +93,9 @@ fn fixture(name: &str) -> Vec<u8> {
     serde_json::to_vec(&json).expect("JSON serializes")
 }
 
-fn sign(secret: &str, body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
-}
-
 /// A `messages` webhook for the `main` number with `value` merged in.
 fn envelope(value: Value) -> Vec<u8> {
-    let mut v = json!({
-        "messaging_product": "whatsapp",
-        "metadata": {"display_phone_number": "15550001111", "phone_number_id": PHONE_NUMBER_ID}
-    });
-    v.as_object_mut()
-        .unwrap()
-        .extend(value.as_object().unwrap().clone());
-    serde_json::to_vec(&json!({
-        "object": "whatsapp_business_account",
-        "entry": [{"id": "100000000000001", "changes": [{"field": "messages", "value": v}]}]
-    }))
-    .unwrap()
+    support::envelope(PHONE_NUMBER_ID, value)
 }
 
 fn status_webhook(wamid: &str, status: &str, errors: Option<Value>) -> Vec<u8> {
@@ -266,22 +248,6 @@ async fn text_of(db: &Db, sql: &str) -> String {
         unreachable!("tests use SQLite")
     };
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
-}
-
-/// Polls `check` every 20 ms for up to 60 s.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// (direction, text) of a contact's messages, oldest first.

@@ -1,6 +1,7 @@
-//! The admin API under `/api`: bearer-token auth, and the first read endpoints (flows, a
-//! conversation's state and messages). Later issues add contacts, campaigns and templates
-//! here.
+//! The admin API under `/api`: bearer-token auth; flows; a conversation's state (with its
+//! window) and messages; an agent's message (`POST /api/conversations/{contact}/messages`,
+//! which passes the policy like every other message); one message with its decision
+//! (`GET /api/messages/{id}`). Later issues add contacts, campaigns and templates here.
 //!
 //! Auth: `Authorization: Bearer <admin.token>`, compared in constant time. Without a
 //! configured token the API answers only on a loopback listener (the server refuses to start
@@ -10,17 +11,21 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
 use super::{AppState, error};
+use crate::domain::{OutboundContent, limits};
+use crate::policy::Window;
 
 pub fn router(state: AppState) -> Router<AppState> {
     Router::new()
         .route("/flows", get(flows))
         .route("/conversations/{contact}", get(conversation))
+        .route("/conversations/{contact}/messages", post(agent_message))
+        .route("/messages/{id}", get(message))
         .layer(axum::middleware::from_fn_with_state(state, require_token))
 }
 
@@ -108,12 +113,7 @@ async fn conversation(
     let conversation = match runtime.db.load_conversation(&channel, &contact).await {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(error = %e, "loading a conversation failed");
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "the database failed; see the server log",
-            );
+            return internal("loading a conversation failed", e);
         }
     };
     let Some(contact_id) = conversation.contact_id else {
@@ -130,17 +130,15 @@ async fn conversation(
     {
         Ok(m) => m,
         Err(e) => {
-            tracing::error!(error = %e, "loading messages failed");
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "the database failed; see the server log",
-            );
+            return internal("loading messages failed", e);
         }
     };
+    let now = runtime.clock.now();
+    let window = runtime.policy.window(&conversation.contact, now);
     Json(json!({
         "id": contact_id,
         "channel": channel,
+        "window": window_json(&window, now),
         "contact": conversation.contact,
         "session": conversation.session.map(|s| json!({
             "flow": s.flow_id, "version": s.flow_version, "step": s.step, "state": s.state,
@@ -151,6 +149,177 @@ async fn conversation(
         })).collect::<Vec<_>>(),
     }))
     .into_response()
+}
+
+/// A 500 for a failure of ours: the detail goes to the log, not to the caller.
+fn internal(what: &str, e: impl std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "{what}");
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "the database failed; see the server log",
+    )
+}
+
+/// A contact's window for the API: its state, when it closes or closed, and the sentence the
+/// policy gives as a reason.
+fn window_json(window: &Window, now: chrono::DateTime<chrono::Utc>) -> serde_json::Value {
+    let (state, at) = match window {
+        Window::Never => ("never", None),
+        Window::Open { closes_at } => ("open", Some(*closes_at)),
+        Window::Closed { since, .. } => ("closed", Some(*since)),
+    };
+    json!({ "state": state, "at": at, "describe": window.describe(now) })
+}
+
+/// `POST /api/conversations/{contact}/messages`: `{"text": "…"}` or
+/// `{"template": {"name": …, "language": …, "params": […]}}`, optionally `"channel"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentMessage {
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    template: Option<TemplateRequest>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TemplateRequest {
+    name: String,
+    language: String,
+    #[serde(default)]
+    params: Vec<String>,
+}
+
+/// An agent's message: it passes the policy (sent, rewritten, queued…) and the answer says
+/// what was decided and why.
+async fn agent_message(
+    State(state): State<AppState>,
+    Path(contact): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let request: AgentMessage = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                format!("the body must be {{\"text\": …}} or {{\"template\": {{…}}}}: {e}"),
+            );
+        }
+    };
+    let runtime = &state.runtime;
+    let channel = request
+        .channel
+        .unwrap_or_else(|| runtime.default_channel.clone());
+    if !runtime.channels.iter().any(|c| c.name == channel) {
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown_channel",
+            format!("there is no channel `{channel}`"),
+        );
+    }
+    let content = match (request.text, request.template) {
+        (Some(text), None) => {
+            if text.trim().is_empty() || text.chars().count() > limits::TEXT_BODY {
+                return error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_text",
+                    format!("`text` must be 1 to {} characters", limits::TEXT_BODY),
+                );
+            }
+            OutboundContent::text(text)
+        }
+        (None, Some(t)) => {
+            let registry = runtime.templates();
+            let Some(found) = registry.find(&t.name, &t.language) else {
+                return error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "unknown_template",
+                    format!(
+                        "template `{}` ({}) is not in the registry; run `flowgate templates sync` or add it to the templates file",
+                        t.name, t.language
+                    ),
+                );
+            };
+            if found.param_count() != t.params.len() {
+                return error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "template_params",
+                    format!(
+                        "template `{}` ({}) takes {} parameters, {} given",
+                        t.name,
+                        t.language,
+                        found.param_count(),
+                        t.params.len()
+                    ),
+                );
+            }
+            OutboundContent::Template {
+                name: t.name,
+                language: t.language,
+                params: t.params,
+            }
+        }
+        _ => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_body",
+                "give exactly one of `text` and `template`",
+            );
+        }
+    };
+    match runtime.agent_message(&channel, &contact, content).await {
+        Ok(report) => {
+            let m = &report.sent[0];
+            (
+                StatusCode::CREATED,
+                Json(json!({
+                    "id": m.id,
+                    "decision": m.decision.name(),
+                    "reason": m.decision.reason(),
+                    "explain": m.decision.explain(),
+                    "message": m.message,
+                })),
+            )
+                .into_response()
+        }
+        Err(e) => internal("an agent message failed", e),
+    }
+}
+
+/// `GET /api/messages/{id}`: one message with its policy decision, reason and delivery state.
+async fn message(State(state): State<AppState>, Path(id): Path<i64>) -> Response {
+    match state.runtime.db.message(id).await {
+        Ok(Some(m)) => Json(json!({
+            "id": m.id,
+            "channel": m.channel,
+            "contact": m.wa_id,
+            "direction": m.direction,
+            "kind": m.kind,
+            "body": m.body,
+            "decision": m.decision,
+            "reason": m.reason,
+            "status": m.status,
+            "wamid": m.wamid,
+            "attempts": m.attempts,
+            "error_code": m.error_code,
+            "error": m.error,
+            "expires_at": m.expires_at,
+            "created_at": m.created_at,
+            "updated_at": m.updated_at,
+        }))
+        .into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_message",
+            format!("there is no message {id}"),
+        ),
+        Err(e) => internal("loading a message failed", e),
+    }
 }
 
 #[cfg(test)]

@@ -14,3 +14,44 @@ pub fn now_timestamp() -> String {
         .as_secs()
         .to_string()
 }
+
+/// `sha256=<hex>`: the `X-Hub-Signature-256` Meta sends, over `body` with the app secret.
+pub fn sign(secret: &str, body: &[u8]) -> String {
+    use hmac::{Hmac, KeyInit, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// A `messages` webhook for business number `phone_number_id` with `value` merged into its
+/// `value` (`{"messages": […]}`, `{"statuses": […]}`).
+pub fn envelope(phone_number_id: &str, value: serde_json::Value) -> Vec<u8> {
+    let mut v = serde_json::json!({
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "15550001111", "phone_number_id": phone_number_id}
+    });
+    if let (Some(v), Some(extra)) = (v.as_object_mut(), value.as_object()) {
+        v.extend(extra.clone());
+    }
+    serde_json::to_vec(&serde_json::json!({
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "100000000000001", "changes": [{"field": "messages", "value": v}]}]
+    }))
+    .expect("JSON serializes")
+}
+
+/// Polls `check` every 20 ms for up to 60 s; panics with `what` when it never holds.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
