@@ -31,10 +31,10 @@ pub struct Contact {
 /// free entry point, and marketing consent. Stored as one JSON column with the contact.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct PolicyState {
-    /// WhatsApp refused a free-form message with `131047` at this time: the window counts as
-    /// closed until the customer writes after it, whatever our own clock says.
+    /// WhatsApp refused a free-form message with `131047`: the window counts as closed until
+    /// the customer writes again, whatever our own clock says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub window_closed_at: Option<DateTime<Utc>>,
+    pub window_closed: Option<WindowClosed>,
     /// The customer wrote from a Click-to-WhatsApp ad (a `referral`) at this time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub referral_at: Option<DateTime<Utc>>,
@@ -48,6 +48,15 @@ pub struct PolicyState {
     /// WhatsApp answered `131049` (per-user marketing limit): no marketing before this time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub marketing_paused_until: Option<DateTime<Utc>>,
+}
+
+/// WhatsApp's `131047`: when it came, and the customer's last message we knew of then (a
+/// newer one reopens the window; comparing messages, not clocks, keeps a message in the same
+/// second as the refusal from reopening it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowClosed {
+    pub at: DateTime<Utc>,
+    pub last_message_at: Option<DateTime<Utc>>,
 }
 
 /// When and how a customer stopped marketing messages.
@@ -71,13 +80,12 @@ impl Contact {
         if self.last_customer_message_at.is_none_or(|t| at > t) {
             self.last_customer_message_at = Some(at);
         }
-        // A message written after WhatsApp closed the window opens it again.
-        if self
-            .policy
-            .window_closed_at
-            .is_some_and(|closed| at > closed)
+        // A message newer than the ones WhatsApp had seen when it closed the window opens it
+        // again.
+        if let Some(closed) = &self.policy.window_closed
+            && closed.last_message_at < self.last_customer_message_at
         {
-            self.policy.window_closed_at = None;
+            self.policy.window_closed = None;
         }
     }
 }

@@ -26,6 +26,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/conversations/{contact}", get(conversation))
         .route("/conversations/{contact}/messages", post(agent_message))
         .route("/messages/{id}", get(message))
+        .route("/templates", get(templates))
         .layer(axum::middleware::from_fn_with_state(state, require_token))
 }
 
@@ -149,6 +150,26 @@ async fn conversation(
         })).collect::<Vec<_>>(),
     }))
     .into_response()
+}
+
+/// `GET /api/templates`: the registry as the policy sees it now (status webhooks applied).
+async fn templates(State(state): State<AppState>) -> Response {
+    let registry = state.runtime.templates();
+    let list: Vec<_> = registry
+        .templates
+        .iter()
+        .map(|t| {
+            json!({
+                "name": t.name,
+                "language": t.language,
+                "category": t.category,
+                "status": t.status.as_str(),
+                "params": t.param_count(),
+                "body": t.body,
+            })
+        })
+        .collect();
+    Json(json!({ "templates": list })).into_response()
 }
 
 /// A 500 for a failure of ours: the detail goes to the log, not to the caller.

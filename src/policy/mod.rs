@@ -12,7 +12,7 @@ use chrono::{DateTime, Duration, Utc};
 use crate::config::{FallbackTemplate, PolicyConfig};
 use crate::domain::{
     Contact, Decision, InboundContent, OptOut, Outbound, OutboundContent, TemplateFallback,
-    format_duration,
+    WindowClosed, format_duration,
 };
 use crate::templates::{Category, Registry, Status};
 
@@ -115,11 +115,11 @@ impl Policy {
         let Some(last) = contact.last_customer_message_at else {
             return Window::Never;
         };
-        if let Some(closed) = contact.policy.window_closed_at
-            && closed >= last
+        if let Some(closed) = &contact.policy.window_closed
+            && closed.last_message_at >= Some(last)
         {
             return Window::Closed {
-                since: closed,
+                since: closed.at,
                 by_whatsapp: true,
             };
         }
@@ -292,7 +292,10 @@ impl Policy {
 
     /// WhatsApp answered `131047`: the window is closed until the customer writes again.
     pub fn close_window(contact: &mut Contact, now: DateTime<Utc>) {
-        contact.policy.window_closed_at = Some(now);
+        contact.policy.window_closed = Some(WindowClosed {
+            at: now,
+            last_message_at: contact.last_customer_message_at,
+        });
     }
 
     fn free_entry(&self, contact: &Contact, now: DateTime<Utc>) -> FreeEntry {

@@ -216,6 +216,12 @@ fn whatsapp_closing_the_window_wins_until_the_customer_writes() {
     let d = p.decide(&text("hi"), &c, &registry(), t(61));
     assert_eq!(d.name(), "queued");
     assert!(d.reason().contains("131047"), "{}", d.reason());
+    // The message WhatsApp already knew does not reopen it, even seen again.
+    c.saw_customer_message(t(0));
+    assert_eq!(
+        p.decide(&text("hi"), &c, &registry(), t(61)).name(),
+        "queued"
+    );
     c.saw_customer_message(t(70));
     assert_eq!(p.decide(&text("hi"), &c, &registry(), t(71)).name(), "send");
 }

@@ -26,6 +26,12 @@ pub fn sign(secret: &str, body: &[u8]) -> String {
 /// A `messages` webhook for business number `phone_number_id` with `value` merged into its
 /// `value` (`{"messages": […]}`, `{"statuses": […]}`).
 pub fn envelope(phone_number_id: &str, value: serde_json::Value) -> Vec<u8> {
+    webhook("messages", phone_number_id, value)
+}
+
+/// A webhook of `field` (`messages`, `user_preferences`…) for business number
+/// `phone_number_id`, with `value` merged into its `value`.
+pub fn webhook(field: &str, phone_number_id: &str, value: serde_json::Value) -> Vec<u8> {
     let mut v = serde_json::json!({
         "messaging_product": "whatsapp",
         "metadata": {"display_phone_number": "15550001111", "phone_number_id": phone_number_id}
@@ -35,7 +41,7 @@ pub fn envelope(phone_number_id: &str, value: serde_json::Value) -> Vec<u8> {
     }
     serde_json::to_vec(&serde_json::json!({
         "object": "whatsapp_business_account",
-        "entry": [{"id": "100000000000001", "changes": [{"field": "messages", "value": v}]}]
+        "entry": [{"id": "100000000000001", "changes": [{"field": field, "value": v}]}]
     }))
     .expect("JSON serializes")
 }
