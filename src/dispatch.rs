@@ -18,6 +18,7 @@ use crate::domain::{Contact, Decision, Inbound, Origin, Outbound, OutboundConten
 use crate::engine::{Effect, Engine, Event, Handled, HttpOutcome, HttpRequest, Session, TimerKind};
 use crate::flow::load::compile_bundle;
 use crate::flow::{Bundle, Flow, FlowSet};
+use crate::metrics;
 use crate::policy::{ConsentChange, Policy};
 use crate::store::{
     Db, DequeuedRecord, NewTimer, OutboundRecord, OutboxRow, SessionRow, StoreError,
@@ -52,6 +53,16 @@ pub struct TurnReport {
     pub sent: Vec<SentMessage>,
     pub handoff: Option<String>,
     pub notes: Vec<String>,
+}
+
+/// Counts a policy decision taken at `stage` (`plan`, `flush`, `expiry`, `send_time`, `131047`).
+pub fn count_decision(decision: &Decision, stage: &str) {
+    metrics::count(
+        "flowgate_policy_decisions_total",
+        "Policy decisions on outgoing messages, by decision and when they were taken.",
+        &[("decision", decision.name()), ("stage", stage)],
+        1,
+    );
 }
 
 /// What running one event did, before the policy and the commit.
@@ -510,6 +521,7 @@ impl Runtime {
                         reason: "queued longer than queue_ttl".into(),
                     });
                 if self.db.expire_message(m.id, decision.reason(), now).await? {
+                    count_decision(&decision, "expiry");
                     tracing::info!(channel = %m.channel, contact = %m.wa_id, message = m.id, "{}", decision.explain());
                     reports.push(TurnReport {
                         wa_id: m.wa_id,
@@ -678,7 +690,14 @@ impl Runtime {
                         .collect(),
                     session: conversation.session.clone(),
                     timers: None,
-                    notes: vec![format!("marketing consent: {change:?} ({source})")],
+                    notes: vec![match change {
+                        ConsentChange::OptOut => {
+                            format!("the customer stopped marketing messages ({source})")
+                        }
+                        ConsentChange::OptIn => {
+                            format!("the customer accepts marketing messages again ({source})")
+                        }
+                    }],
                 }
             }
             None => {
@@ -708,6 +727,7 @@ impl Runtime {
                     Some(expired) => expired,
                     None => self.policy.decide(&q.message, &contact, &templates, now),
                 };
+                count_decision(&decision, "flush");
                 if decision.sends() {
                     self.policy.record_sent(&mut contact, now);
                 }
@@ -819,6 +839,7 @@ impl Runtime {
         now: DateTime<Utc>,
     ) -> OutboundRecord {
         let decision = self.policy.decide(&message, contact, templates, now);
+        count_decision(&decision, "plan");
         if decision.sends() {
             self.policy.record_sent(contact, now);
         }

@@ -449,7 +449,15 @@ async fn chat(config: Option<&std::path::Path>, from: &str) -> anyhow::Result<Ex
 
 fn print_report(report: &flowgate::dispatch::TurnReport) {
     for m in &report.sent {
-        println!("bot> {}", describe_content(&m.message.content));
+        if m.decision.sends() {
+            println!("bot> {}", describe_content(&m.message.content));
+        } else {
+            println!(
+                "bot [{}]> {}",
+                m.decision.name(),
+                describe_content(&m.message.content)
+            );
+        }
         println!("  [policy] {}", m.decision.explain());
     }
     if let Some(queue) = &report.handoff {

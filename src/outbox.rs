@@ -73,8 +73,8 @@ use tokio::time::Instant;
 
 use crate::clock::SharedClock;
 use crate::config::{ChannelConfig, Provider};
-use crate::dispatch::Runtime;
-use crate::domain::{Contact, Decision, Outbound};
+use crate::dispatch::{Runtime, count_decision};
+use crate::domain::{Contact, Outbound};
 use crate::metrics;
 use crate::policy::{ConsentChange, Policy};
 use crate::store::{Db, OutboxRow, StoreError};
@@ -84,16 +84,6 @@ use crate::whatsapp::{ErrorClass, GraphError, Recipient, message_body, retry_aft
 
 /// The reason a message that met `131047` fails with.
 pub const REENGAGE_REASON: &str = "outside the 24-hour window: needs a template";
-
-/// Counts a policy decision taken at `stage` (`plan`, `send_time`, `131047`).
-pub fn count_decision(decision: &Decision, stage: &str) {
-    metrics::count(
-        "flowgate_policy_decisions_total",
-        "Policy decisions on outgoing messages, by decision and when they were taken.",
-        &[("decision", decision.name()), ("stage", stage)],
-        1,
-    );
-}
 
 /// A gauge for [`metrics::render`]: name, help, labels, value.
 pub type Gauge = (&'static str, &'static str, Vec<(&'static str, String)>, f64);

@@ -58,6 +58,16 @@ pub fn load_project(config: &Config, scripting: &Scripting) -> Project {
         Window::from_policy(&config.policy),
     );
     diags.extend(std::mem::take(&mut project.diagnostics));
+    let flow_ids: Vec<&str> = project.flows.iter().map(|f| f.id.as_str()).collect();
+    let config_file = config
+        .file
+        .as_ref()
+        .map_or_else(|| "flowgate.yaml".to_string(), |f| f.display().to_string());
+    for problem in
+        crate::policy::check_fallbacks(&config.policy.outside_window, &project.templates, &flow_ids)
+    {
+        diags.push(Diagnostic::error(&config_file, None, problem));
+    }
     project.diagnostics = diags;
     project
 }

@@ -425,6 +425,12 @@ enum FreeEntry {
 /// Fills `{{text}}`, `{{contact.name}}`, `{{contact.wa_id}}` and `{{contact.attrs.KEY}}` in a
 /// policy-level template parameter. Anything else is left as written (`check` refuses it).
 pub fn render_placeholders(param: &str, text: &str, contact: &Contact) -> String {
+    fill(param, |name| placeholder(name, text, contact))
+}
+
+/// Replaces each `{{ name }}` in `param` with `value(name)`, leaving it as written when that
+/// is `None`.
+fn fill(param: &str, mut value: impl FnMut(&str) -> Option<String>) -> String {
     let mut out = String::new();
     let mut rest = param;
     while let Some(start) = rest.find("{{") {
@@ -434,9 +440,8 @@ pub fn render_placeholders(param: &str, text: &str, contact: &Contact) -> String
             out.push_str(&rest[start..]);
             return out;
         };
-        let name = after[..end].trim();
-        match placeholder(name, text, contact) {
-            Some(value) => out.push_str(&value),
+        match value(after[..end].trim()) {
+            Some(v) => out.push_str(&v),
             None => out.push_str(&rest[start..start + 2 + end + 2]),
         }
         rest = &after[end + 2..];
@@ -468,6 +473,55 @@ pub fn is_known_placeholder(name: &str) -> bool {
         || name
             .strip_prefix("contact.attrs.")
             .is_some_and(|k| !k.is_empty())
+}
+
+/// What is wrong with the policy-level `outside_window` rules, for `check`: an unknown
+/// origin or flow, a template missing from the registry, a wrong parameter count, a
+/// placeholder nobody fills. One sentence each, naming the rule.
+pub fn check_fallbacks(
+    rules: &[FallbackTemplate],
+    templates: &Registry,
+    flow_ids: &[&str],
+) -> Vec<String> {
+    const ORIGINS: [&str; 5] = ["step", "script", "agent", "system", "error"];
+    let mut problems = Vec::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let at = format!("policy.outside_window[{i}] (template `{}`)", rule.template);
+        if let Some(origin) = rule.origin.as_deref().filter(|o| !ORIGINS.contains(o)) {
+            problems.push(format!(
+                "{at}: origin `{origin}` is not one of {}",
+                ORIGINS.join(", ")
+            ));
+        }
+        if let Some(flow) = rule.flow.as_deref().filter(|f| !flow_ids.contains(f)) {
+            problems.push(format!("{at}: there is no flow `{flow}`"));
+        }
+        match templates.find(&rule.template, &rule.language) {
+            None => problems.push(format!(
+                "{at}: the registry has no `{}` in {}; add it to the templates file or run \
+                 `flowgate templates sync`",
+                rule.template, rule.language
+            )),
+            Some(t) if t.param_count() != rule.params.len() => problems.push(format!(
+                "{at}: the template takes {} parameters, {} given",
+                t.param_count(),
+                rule.params.len()
+            )),
+            Some(_) => {}
+        }
+        for param in &rule.params {
+            fill(param, |name| {
+                if !is_known_placeholder(name) {
+                    problems.push(format!(
+                        "{at}: `{{{{{name}}}}}` is not a placeholder; use {{{{text}}}}, \
+                         {{{{contact.name}}}}, {{{{contact.wa_id}}}} or {{{{contact.attrs.KEY}}}}"
+                    ));
+                }
+                None
+            });
+        }
+    }
+    problems
 }
 
 #[cfg(test)]

@@ -282,3 +282,33 @@ fn placeholders_render_known_names_and_keep_others() {
     assert!(is_known_placeholder("contact.attrs.city"));
     assert!(!is_known_placeholder("contact.attrs."));
 }
+
+#[test]
+fn check_names_every_problem_of_a_fallback_rule() {
+    let rule = |template: &str, params: &[&str], origin: Option<&str>, flow: Option<&str>| {
+        FallbackTemplate {
+            flow: flow.map(str::to_string),
+            origin: origin.map(str::to_string),
+            template: template.into(),
+            language: "en_US".into(),
+            params: params.iter().map(|p| p.to_string()).collect(),
+        }
+    };
+    let rules = [
+        rule(
+            "agent_note",
+            &["{{contact.name}}", "{{text}}"],
+            Some("agent"),
+            None,
+        ),
+        rule("nope", &[], None, None),
+        rule("order_shipped", &["{{x}}"], Some("bot"), Some("ghost")),
+    ];
+    let problems = check_fallbacks(&rules, &registry(), &["f"]);
+    assert_eq!(problems.len(), 5, "{problems:#?}");
+    assert!(problems[0].contains("no `nope` in en_US"));
+    assert!(problems[1].contains("origin `bot`"));
+    assert!(problems[2].contains("no flow `ghost`"));
+    assert!(problems[3].contains("takes 2 parameters, 1 given"));
+    assert!(problems[4].contains("`{{x}}` is not a placeholder"));
+}
