@@ -419,6 +419,22 @@ async fn chat(config: Option<&std::path::Path>, from: &str) -> anyhow::Result<Ex
                     c.contact.attrs,
                     window.unwrap_or_else(|| "never".into())
                 );
+                let p = &c.contact.policy;
+                println!(
+                    "  [policy] {}; marketing {}{}",
+                    runtime
+                        .policy
+                        .window(&c.contact, clock.now())
+                        .describe(clock.now()),
+                    match &p.marketing_opt_out {
+                        Some(o) => format!("stopped ({})", o.source),
+                        None => "accepted".into(),
+                    },
+                    match p.free_entry_until {
+                        Some(t) if t > clock.now() => format!("; free entry point until {t}"),
+                        _ => String::new(),
+                    }
+                );
                 continue;
             }
             "/reset" => {

@@ -369,7 +369,8 @@ pub async fn shutdown_senders(senders: Vec<SenderHandle>) {
 }
 
 /// Gauges read at scrape time for `GET /metrics`: `flowgate_outbox_depth{channel}` (messages
-/// not yet accepted by WhatsApp) and `flowgate_channel_stopped{channel}` (1 while an
+/// not yet accepted by WhatsApp), `flowgate_queue_depth{channel}` (messages the policy
+/// holds until the customer writes again) and `flowgate_channel_stopped{channel}` (1 while an
 /// account-level error keeps the channel's sender stopped).
 pub async fn gauges(db: &Db, channels: &[ChannelConfig]) -> Result<Vec<Gauge>, StoreError> {
     let mut gauges = Vec::new();
@@ -378,6 +379,15 @@ pub async fn gauges(db: &Db, channels: &[ChannelConfig]) -> Result<Vec<Gauge>, S
         gauges.push((
             "flowgate_outbox_depth",
             "Outbound messages not yet accepted by WhatsApp.",
+            vec![("channel", c.name.clone())],
+            depth as f64,
+        ));
+    }
+    for c in channels {
+        let depth = db.queue_depth(&c.name).await?;
+        gauges.push((
+            "flowgate_queue_depth",
+            "Messages the policy queued until the customer writes again.",
             vec![("channel", c.name.clone())],
             depth as f64,
         ));

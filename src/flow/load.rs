@@ -66,7 +66,10 @@ pub fn load_project(config: &Config, scripting: &Scripting) -> Project {
     for problem in
         crate::policy::check_fallbacks(&config.policy.outside_window, &project.templates, &flow_ids)
     {
-        diags.push(Diagnostic::error(&config_file, None, problem));
+        diags.push(match problem.error {
+            true => Diagnostic::error(&config_file, None, problem.message),
+            false => Diagnostic::warning(&config_file, None, problem.message),
+        });
     }
     project.diagnostics = diags;
     project

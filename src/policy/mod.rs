@@ -475,47 +475,72 @@ pub fn is_known_placeholder(name: &str) -> bool {
             .is_some_and(|k| !k.is_empty())
 }
 
+impl RuleProblem {
+    fn error(message: String) -> Self {
+        Self {
+            error: true,
+            message,
+        }
+    }
+}
+
+/// A problem `check` reports about the policy-level `outside_window` rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleProblem {
+    /// Errors stop the project from loading; a warning says what will happen at run time.
+    pub error: bool,
+    pub message: String,
+}
+
 /// What is wrong with the policy-level `outside_window` rules, for `check`: an unknown
-/// origin or flow, a template missing from the registry, a wrong parameter count, a
-/// placeholder nobody fills. One sentence each, naming the rule.
+/// origin or flow, a wrong parameter count or a placeholder nobody fills are errors; a
+/// template missing from the registry is a warning (messages the rule covers will be
+/// queued until the template is added or synced). One sentence each, naming the rule.
 pub fn check_fallbacks(
     rules: &[FallbackTemplate],
     templates: &Registry,
     flow_ids: &[&str],
-) -> Vec<String> {
+) -> Vec<RuleProblem> {
     const ORIGINS: [&str; 5] = ["step", "script", "agent", "system", "error"];
     let mut problems = Vec::new();
     for (i, rule) in rules.iter().enumerate() {
         let at = format!("policy.outside_window[{i}] (template `{}`)", rule.template);
         if let Some(origin) = rule.origin.as_deref().filter(|o| !ORIGINS.contains(o)) {
-            problems.push(format!(
+            problems.push(RuleProblem::error(format!(
                 "{at}: origin `{origin}` is not one of {}",
                 ORIGINS.join(", ")
-            ));
+            )));
         }
         if let Some(flow) = rule.flow.as_deref().filter(|f| !flow_ids.contains(f)) {
-            problems.push(format!("{at}: there is no flow `{flow}`"));
+            problems.push(RuleProblem::error(format!(
+                "{at}: there is no flow `{flow}`"
+            )));
         }
         match templates.find(&rule.template, &rule.language) {
-            None => problems.push(format!(
-                "{at}: the registry has no `{}` in {}; add it to the templates file or run \
-                 `flowgate templates sync`",
-                rule.template, rule.language
-            )),
-            Some(t) if t.param_count() != rule.params.len() => problems.push(format!(
-                "{at}: the template takes {} parameters, {} given",
-                t.param_count(),
-                rule.params.len()
-            )),
+            None => problems.push(RuleProblem {
+                error: false,
+                message: format!(
+                    "{at}: the registry has no `{}` in {}, so the messages it covers will be \
+                     queued; add it to the templates file or run `flowgate templates sync`",
+                    rule.template, rule.language
+                ),
+            }),
+            Some(t) if t.param_count() != rule.params.len() => {
+                problems.push(RuleProblem::error(format!(
+                    "{at}: the template takes {} parameters, {} given",
+                    t.param_count(),
+                    rule.params.len()
+                )))
+            }
             Some(_) => {}
         }
         for param in &rule.params {
             fill(param, |name| {
                 if !is_known_placeholder(name) {
-                    problems.push(format!(
+                    problems.push(RuleProblem::error(format!(
                         "{at}: `{{{{{name}}}}}` is not a placeholder; use {{{{text}}}}, \
                          {{{{contact.name}}}}, {{{{contact.wa_id}}}} or {{{{contact.attrs.KEY}}}}"
-                    ));
+                    )));
                 }
                 None
             });

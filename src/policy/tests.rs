@@ -306,9 +306,13 @@ fn check_names_every_problem_of_a_fallback_rule() {
     ];
     let problems = check_fallbacks(&rules, &registry(), &["f"]);
     assert_eq!(problems.len(), 5, "{problems:#?}");
-    assert!(problems[0].contains("no `nope` in en_US"));
-    assert!(problems[1].contains("origin `bot`"));
-    assert!(problems[2].contains("no flow `ghost`"));
-    assert!(problems[3].contains("takes 2 parameters, 1 given"));
-    assert!(problems[4].contains("`{{x}}` is not a placeholder"));
+    let said = |i: usize, what: &str, error: bool| {
+        assert!(problems[i].message.contains(what), "{:?}", problems[i]);
+        assert_eq!(problems[i].error, error, "{:?}", problems[i]);
+    };
+    said(0, "no `nope` in en_US", false);
+    said(1, "origin `bot`", true);
+    said(2, "no flow `ghost`", true);
+    said(3, "takes 2 parameters, 1 given", true);
+    said(4, "`{{x}}` is not a placeholder", true);
 }

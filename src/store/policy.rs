@@ -130,6 +130,17 @@ impl Db {
             .collect()
     }
 
+    /// How many messages of `channel` wait in the queue.
+    pub async fn queue_depth(&self, channel: &str) -> Result<i64, StoreError> {
+        const SQL: &str = "SELECT COUNT(*) FROM messages WHERE channel = $1 AND status = 'queued'";
+        Ok(with_pool!(self, |pool| {
+            sqlx::query_scalar(SQL)
+                .bind(channel)
+                .fetch_one(pool)
+                .await?
+        }))
+    }
+
     /// When the next queued message expires.
     pub async fn next_expiry_at(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
         const SQL: &str = "SELECT MIN(expires_at) FROM messages WHERE status = 'queued'";
