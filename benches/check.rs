@@ -90,7 +90,7 @@ fn check_benches(c: &mut Criterion) {
         Registry::default(),
         &no_scripts,
         None,
-        window,
+        window.clone(),
     );
     assert!(
         !project.diagnostics.has_errors(),
@@ -145,7 +145,7 @@ fn check_benches(c: &mut Criterion) {
                 Registry::default(),
                 &no_scripts,
                 None,
-                window,
+                window.clone(),
             )
         })
     });

@@ -40,13 +40,16 @@ use super::{Action, Flow, Route, Step, Target, Wait};
 use crate::config::PolicyConfig;
 use crate::diagnostic::Diagnostic;
 
-/// The window as the policy applies it (DESIGN §4.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The window as the policy applies it (DESIGN §4.1), and the policy-level templates that
+/// cover steps without their own `outside_window`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
     /// How long after the customer's last message free-form messages are accepted.
     pub length: Duration,
     /// The window counts as closed this long before it ends.
     pub safety_margin: Duration,
+    /// The scopes of `policy.outside_window` rules: (flow, origin), `None` matching any.
+    pub fallbacks: Vec<(Option<String>, Option<String>)>,
 }
 
 impl Window {
@@ -54,7 +57,20 @@ impl Window {
         Self {
             length: policy.window.0,
             safety_margin: policy.safety_margin.0,
+            fallbacks: policy
+                .outside_window
+                .iter()
+                .map(|r| (r.flow.clone(), r.origin.clone()))
+                .collect(),
         }
+    }
+
+    /// Whether a policy-level rule gives messages of `flow` from `origin` (`step`, `script`)
+    /// a template fallback.
+    fn covers(&self, flow: &str, origin: &str) -> bool {
+        self.fallbacks.iter().any(|(f, o)| {
+            f.as_deref().is_none_or(|f| f == flow) && o.as_deref().is_none_or(|o| o == origin)
+        })
     }
 
     /// How long after the customer's last message the policy stops sending free-form text.
@@ -90,7 +106,7 @@ pub fn window_hazards(flows: &[Arc<Flow>], window: Window, entries: &[Entry]) ->
             (f, s),
             window.closes_after(),
         );
-        if let Some(warning) = warning(flows, (f, s), at_action, cause.as_ref(), window) {
+        if let Some(warning) = warning(flows, (f, s), at_action, cause.as_ref(), &window) {
             warnings.push(warning);
         }
     }
@@ -319,18 +335,24 @@ fn warning(
     (f, s): (usize, usize),
     late: Late,
     cause: Option<&Cause>,
-    window: Window,
+    window: &Window,
 ) -> Option<Diagnostic> {
     let (Late::Closed | Late::Maybe, Some(cause)) = (late, cause) else {
         return None;
     };
     let step = &flows[f].steps[s];
+    let flow = &flows[f];
     let sends = match &step.action {
-        Action::Say(_) | Action::Ask(_) if step.outside_window.is_none() => "its message",
-        Action::Script(script) if script.replies => "a `reply` of its script",
+        Action::Say(_) | Action::Ask(_)
+            if step.outside_window.is_none() && !window.covers(&flow.id, "step") =>
+        {
+            "its message"
+        }
+        Action::Script(script) if script.replies && !window.covers(&flow.id, "script") => {
+            "a `reply` of its script"
+        }
         _ => return None,
     };
-    let flow = &flows[f];
     let own = cause.at == Some((f, s));
     let mut when = format!("after {}", cause.what);
     match cause.at {
@@ -401,6 +423,7 @@ mod tests {
     const DAY: Window = Window {
         length: Duration::hours(24),
         safety_margin: Duration::minutes(2),
+        fallbacks: Vec::new(),
     };
 
     fn flows(sources: &[&str], window: Window) -> (Vec<Arc<Flow>>, Vec<String>) {
@@ -444,10 +467,28 @@ mod tests {
     }
 
     #[test]
+    fn a_policy_level_template_covers_the_flows_it_names() {
+        let covered = |flow: Option<&str>, origin: Option<&str>| Window {
+            fallbacks: vec![(flow.map(str::to_string), origin.map(str::to_string))],
+            ..DAY
+        };
+        let source = waits("12h", "13h");
+        for window in [covered(Some("w"), None), covered(None, Some("step"))] {
+            let (_, warnings) = flows(&[&source], window);
+            assert!(warnings.is_empty(), "{warnings:?}");
+        }
+        for window in [covered(Some("other"), None), covered(None, Some("agent"))] {
+            let (_, warnings) = flows(&[&source], window);
+            assert_eq!(warnings.len(), 1, "{warnings:?}");
+        }
+    }
+
+    #[test]
     fn the_configured_window_decides() {
         let short = Window {
             length: Duration::hours(1),
             safety_margin: Duration::zero(),
+            fallbacks: Vec::new(),
         };
         let (_, warnings) = flows(&[&waits("30m", "30m")], short);
         assert_eq!(warnings.len(), 1, "{warnings:?}");
