@@ -134,6 +134,30 @@ const FAILING: &[(&str, &[&str])] = &[
         "nothing_sent.yaml",
         &["expected contains \"anything\"", "but the bot sent nothing"],
     ),
+    (
+        "none_but_queued.yaml",
+        &[
+            "step 5 (",
+            "1 outgoing message was not asserted (expected `bot: none`)",
+            "text \"Are you still there?\" [queued] (window closed 1h2m ago; no template fallback)",
+        ],
+    ),
+    (
+        "queued_asserted_as_sent.yaml",
+        &[
+            "expected text \"Are you still there?\"",
+            "actual   text \"Are you still there?\" [queued]",
+            "(the decision is `queued`, not sent (write `queued: true` to expect it))",
+        ],
+    ),
+    (
+        "wrong_reason.yaml",
+        &[
+            "expected buttons [orders, book, more], reason contains \"window closed\"",
+            "[send] (window open, closes in 23h58m)",
+            "(the decision's reason does not contain \"window closed\")",
+        ],
+    ),
 ];
 
 #[tokio::test]
