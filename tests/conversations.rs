@@ -2,6 +2,10 @@
 //!
 //! - `tests/conversations/*.yaml` run against the shipped example flows (default config);
 //! - `tests/fixtures/edge/` is a project of its own with flows for the edge cases;
+//! - `tests/fixtures/policy/` is a project of its own with a conversation test for each rule
+//!   of the policy layer (window, safety margin, rewrite, queue and flush, TTL, consent, free
+//!   entry point), and `tests/fixtures/policy/defaults/` the same flows under the
+//!   default-like policy (2-minute margin, no policy-level rewrites);
 //! - `tests/fixtures/failing/` holds deliberately wrong tests, which must fail, and say why;
 //! - `tests/fixtures/lead_capture_crm.yaml` runs through the real binary against a CRM
 //!   served here on loopback, which checks what the `http` step posted;
@@ -87,6 +91,57 @@ async fn edge_case_conversations_pass() {
     assert_eq!(failed, 0, "edge-case conversation tests failed:\n{out}");
     assert!(
         out.ends_with(&format!("{passed} passed, 0 failed\n")),
+        "{out}"
+    );
+}
+
+/// The policy project's conversation tests, one file per rule; each must run and pass.
+const POLICY_TESTS: usize = 11;
+/// The same flows under the default-like policy (`tests/fixtures/policy/defaults/`).
+const POLICY_DEFAULTS_TESTS: usize = 3;
+
+#[tokio::test]
+async fn policy_conversations_pass() {
+    let loaded = load(Some(Path::new("tests/fixtures/policy/flowgate.yaml")));
+    let policy = &loaded.config.policy;
+    assert_eq!(
+        (policy.safety_margin.0, policy.queue_ttl.0),
+        (chrono::Duration::zero(), chrono::Duration::days(2)),
+        "the policy project runs without a safety margin and with a 2-day queue"
+    );
+    assert_eq!(policy.outside_window.len(), 3, "its policy-level rules");
+    let (passed, failed, out) = run_dir(&loaded, "tests/fixtures/policy/conversations").await;
+    assert_eq!(
+        (passed, failed),
+        (POLICY_TESTS, 0),
+        "policy conversation tests:\n{out}"
+    );
+    assert!(
+        out.ends_with(&format!("{POLICY_TESTS} passed, 0 failed\n")),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn policy_defaults_conversations_pass() {
+    let loaded = load(Some(Path::new(
+        "tests/fixtures/policy/defaults/flowgate.yaml",
+    )));
+    let policy = &loaded.config.policy;
+    assert_eq!(policy.safety_margin.0, chrono::Duration::minutes(2));
+    assert!(
+        policy.outside_window.is_empty(),
+        "no policy-level rewrites here"
+    );
+    let (passed, failed, out) =
+        run_dir(&loaded, "tests/fixtures/policy/defaults/conversations").await;
+    assert_eq!(
+        (passed, failed),
+        (POLICY_DEFAULTS_TESTS, 0),
+        "policy (defaults) conversation tests:\n{out}"
+    );
+    assert!(
+        out.ends_with(&format!("{POLICY_DEFAULTS_TESTS} passed, 0 failed\n")),
         "{out}"
     );
 }
