@@ -4,6 +4,15 @@
 //!
 //! Strict by design: every outgoing message must be asserted, in order, before the next
 //! customer message, agent message, trigger or wait, and by the end of the test.
+//!
+//! The vocabulary beyond DESIGN §2.6:
+//! - `user: { text: …, from_ad: true }`: the message answers a Click-to-WhatsApp ad (the
+//!   webhook carries a `referral`), so the business's first answer within 24 h opens the
+//!   free entry point (DESIGN §4.2).
+//! - `bot: { …, reason: "window closed 1h12m ago" }`: the policy decision's reason contains
+//!   this text (the reason `chat` and the API show beside the decision).
+//! - `bot:` without `queued`, `skipped` or `expired` expects a message that goes out (the
+//!   decision is `send` or `rewritten`): a queued message must be asserted as queued.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -64,6 +73,9 @@ pub struct RichUser {
     pub list: Option<String>,
     /// The message was sent this long ago (a late webhook).
     pub ago: Option<String>,
+    /// The message answers a Click-to-WhatsApp ad (its webhook carries a `referral`).
+    #[serde(default)]
+    pub from_ad: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,6 +99,8 @@ pub struct Expected {
     pub queued: Option<bool>,
     pub skipped: Option<bool>,
     pub expired: Option<bool>,
+    /// Text the policy decision's reason contains.
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -263,8 +277,8 @@ impl<'a> Run<'a> {
         self.no_pending("before the next step")?;
         let now = self.clock.now();
         if let Some(user) = &step.user {
-            let (content, ago) = match user {
-                UserMessage::Text(t) => (InboundContent::text(t), None),
+            let (content, ago, from_ad) = match user {
+                UserMessage::Text(t) => (InboundContent::text(t), None, false),
                 UserMessage::Rich(r) => {
                     let content = match (&r.text, &r.button, &r.list) {
                         (Some(t), None, None) => InboundContent::text(t),
@@ -278,14 +292,15 @@ impl<'a> Run<'a> {
                         },
                         _ => return Err("`user:` takes one of text, button or list".into()),
                     };
-                    (content, r.ago.as_deref())
+                    (content, r.ago.as_deref(), r.from_ad)
                 }
             };
             let ago = match ago {
                 Some(a) => parse_duration(a)?,
                 None => Duration::zero(),
             };
-            let inbound = Inbound::sandbox(content, now - ago, now);
+            let mut inbound = Inbound::sandbox(content, now - ago, now);
+            inbound.from_ad = from_ad;
             let report = self
                 .runtime
                 .inbound(
@@ -436,14 +451,27 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 fn mismatch(e: &Expected, actual: &SentMessage) -> Option<String> {
     let content = &actual.message.content;
     let decision = actual.decision.name();
-    for (flag, name) in [
+    let flags = [
         (e.queued, "queued"),
         (e.skipped, "skipped"),
         (e.expired, "expired"),
-    ] {
+    ];
+    for (flag, name) in flags {
         if flag == Some(true) && decision != name {
             return Some(format!("the decision is `{decision}`, not `{name}`"));
         }
+    }
+    // Without a flag the message must go out: a queued, skipped or expired one is asserted
+    // as such, so a test cannot pass over a message the customer never gets.
+    if flags.iter().all(|(flag, _)| *flag != Some(true)) && !actual.decision.sends() {
+        return Some(format!(
+            "the decision is `{decision}`, not sent (write `{decision}: true` to expect it)"
+        ));
+    }
+    if let Some(part) = &e.reason
+        && !actual.decision.reason().contains(part.as_str())
+    {
+        return Some(format!("the decision's reason does not contain {part:?}"));
     }
     let body = content.body();
     if let Some(text) = &e.text
@@ -537,6 +565,9 @@ fn expectation(e: &Expected) -> String {
         if flag == Some(true) {
             parts.push(name.to_string());
         }
+    }
+    if let Some(r) = &e.reason {
+        parts.push(format!("reason contains {r:?}"));
     }
     parts.join(", ")
 }

@@ -2,6 +2,10 @@
 //!
 //! - `tests/conversations/*.yaml` run against the shipped example flows (default config);
 //! - `tests/fixtures/edge/` is a project of its own with flows for the edge cases;
+//! - `tests/fixtures/policy/` is a project of its own with a conversation test for each rule
+//!   of the policy layer (window, safety margin, rewrite, queue and flush, TTL, consent, free
+//!   entry point), and `tests/fixtures/policy/defaults/` the same flows under the
+//!   default-like policy (2-minute margin, no policy-level rewrites);
 //! - `tests/fixtures/failing/` holds deliberately wrong tests, which must fail, and say why;
 //! - `tests/fixtures/lead_capture_crm.yaml` runs through the real binary against a CRM
 //!   served here on loopback, which checks what the `http` step posted;
@@ -91,6 +95,57 @@ async fn edge_case_conversations_pass() {
     );
 }
 
+/// The policy project's conversation tests, one file per rule; each must run and pass.
+const POLICY_TESTS: usize = 11;
+/// The same flows under the default-like policy (`tests/fixtures/policy/defaults/`).
+const POLICY_DEFAULTS_TESTS: usize = 3;
+
+#[tokio::test]
+async fn policy_conversations_pass() {
+    let loaded = load(Some(Path::new("tests/fixtures/policy/flowgate.yaml")));
+    let policy = &loaded.config.policy;
+    assert_eq!(
+        (policy.safety_margin.0, policy.queue_ttl.0),
+        (chrono::Duration::zero(), chrono::Duration::days(2)),
+        "the policy project runs without a safety margin and with a 2-day queue"
+    );
+    assert_eq!(policy.outside_window.len(), 3, "its policy-level rules");
+    let (passed, failed, out) = run_dir(&loaded, "tests/fixtures/policy/conversations").await;
+    assert_eq!(
+        (passed, failed),
+        (POLICY_TESTS, 0),
+        "policy conversation tests:\n{out}"
+    );
+    assert!(
+        out.ends_with(&format!("{POLICY_TESTS} passed, 0 failed\n")),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn policy_defaults_conversations_pass() {
+    let loaded = load(Some(Path::new(
+        "tests/fixtures/policy/defaults/flowgate.yaml",
+    )));
+    let policy = &loaded.config.policy;
+    assert_eq!(policy.safety_margin.0, chrono::Duration::minutes(2));
+    assert!(
+        policy.outside_window.is_empty(),
+        "no policy-level rewrites here"
+    );
+    let (passed, failed, out) =
+        run_dir(&loaded, "tests/fixtures/policy/defaults/conversations").await;
+    assert_eq!(
+        (passed, failed),
+        (POLICY_DEFAULTS_TESTS, 0),
+        "policy (defaults) conversation tests:\n{out}"
+    );
+    assert!(
+        out.ends_with(&format!("{POLICY_DEFAULTS_TESTS} passed, 0 failed\n")),
+        "{out}"
+    );
+}
+
 /// Each deliberately wrong test, and what its failure must say.
 const FAILING: &[(&str, &[&str])] = &[
     (
@@ -133,6 +188,30 @@ const FAILING: &[(&str, &[&str])] = &[
     (
         "nothing_sent.yaml",
         &["expected contains \"anything\"", "but the bot sent nothing"],
+    ),
+    (
+        "none_but_queued.yaml",
+        &[
+            "step 5 (",
+            "1 outgoing message was not asserted (expected `bot: none`)",
+            "text \"Are you still there?\" [queued] (window closed 1h2m ago; no template fallback)",
+        ],
+    ),
+    (
+        "queued_asserted_as_sent.yaml",
+        &[
+            "expected text \"Are you still there?\"",
+            "actual   text \"Are you still there?\" [queued]",
+            "(the decision is `queued`, not sent (write `queued: true` to expect it))",
+        ],
+    ),
+    (
+        "wrong_reason.yaml",
+        &[
+            "expected buttons [orders, book, more], reason contains \"window closed\"",
+            "[send] (window open, closes in 23h58m)",
+            "(the decision's reason does not contain \"window closed\")",
+        ],
     ),
 ];
 

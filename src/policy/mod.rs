@@ -306,8 +306,9 @@ impl Policy {
         match p.referral_at {
             Some(ad)
                 if now < ad + Duration::hours(FREE_ENTRY_ANSWER_WITHIN)
-                // Each ad conversation opens one free entry point, with its first answer.
-                && p.free_entry_until.is_none_or(|u| u < ad) =>
+                // Each ad conversation opens one free entry point, with its first answer;
+                // an entry point that ended by the time of the new ad message is over.
+                && p.free_entry_until.is_none_or(|u| u <= ad) =>
             {
                 FreeEntry::Opens {
                     until: now + Duration::hours(FREE_ENTRY_POINT),

@@ -253,6 +253,24 @@ fn answering_an_ad_within_24h_opens_the_free_entry_point_once() {
 }
 
 #[test]
+fn an_ad_message_when_the_free_entry_point_ends_opens_a_new_one() {
+    let p = Policy::default();
+    let mut c = contact_last_wrote(t(0));
+    c.policy.referral_at = Some(t(0));
+    assert!(p.record_sent(&mut c, t(0)));
+    let end = t(72 * 60);
+    assert_eq!(c.policy.free_entry_until, Some(end));
+    // The customer comes from an ad again at the very minute the first one ends.
+    c.saw_customer_message(end);
+    c.policy.referral_at = Some(end);
+    assert!(
+        p.record_sent(&mut c, end),
+        "a new ad conversation opens again"
+    );
+    assert_eq!(c.policy.free_entry_until, Some(end + Duration::hours(72)));
+}
+
+#[test]
 fn queued_messages_expire_after_the_ttl() {
     let p = Policy::default();
     assert!(p.expiry(t(0), t(7 * 24 * 60 - 1)).is_none());
