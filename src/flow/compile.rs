@@ -890,7 +890,7 @@ impl Compiler<'_> {
                 } else if found.status != Status::Approved {
                     self.warning(
                         self.value_loc(&t.name),
-                        format!("template `{name}` ({language}) is {:?}, not approved: it cannot be sent until Meta approves it", found.status).to_lowercase(),
+                        format!("template `{name}` ({language}) is {}, not approved: the policy queues its messages until Meta approves it", found.status.as_str()),
                     );
                 }
             }
