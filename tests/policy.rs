@@ -501,3 +501,90 @@ async fn an_agent_message_outside_the_window_waits_for_the_customer() {
     assert_eq!(c["window"]["state"], "open");
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn failed_statuses_131050_and_131049_change_marketing_consent() {
+    let s = Server::start().await;
+    s.customer("hi").await;
+    let sends = s.fake.wait_for_sends(1, Duration::from_secs(20)).await;
+    s.settled(1).await;
+    let offer =
+        json!({"template": {"name": "winback_offer", "language": "en_US", "params": ["Ana"]}});
+
+    // 131049: WhatsApp asks for 24 h without marketing; utility still goes.
+    s.failed_status(sends[0].wamid.as_deref().unwrap(), 131049)
+        .await;
+    eventually("the marketing pause applies", || async {
+        let (_, c) = s
+            .api(reqwest::Method::GET, &format!("/conversations/{ANA}"), None)
+            .await;
+        c["contact"]["policy"]["marketing_paused_until"].is_string()
+    })
+    .await;
+    let answer = s.agent(offer.clone()).await;
+    assert_eq!(answer["decision"], "skipped", "{answer}");
+    assert!(
+        answer["reason"].as_str().unwrap().contains("131049"),
+        "{answer}"
+    );
+    s.advance_hours(25);
+    assert_eq!(s.agent(offer.clone()).await["decision"], "send");
+
+    // 131050: the customer stopped marketing; recorded as an opt-out.
+    let sends = s.fake.wait_for_sends(2, Duration::from_secs(20)).await;
+    s.settled(3).await;
+    s.failed_status(sends[1].wamid.as_deref().unwrap(), 131050)
+        .await;
+    s.opted_out(true).await;
+    let answer = s.agent(offer).await;
+    assert_eq!(answer["decision"], "skipped", "{answer}");
+    assert!(
+        answer["reason"].as_str().unwrap().contains("131050"),
+        "{answer}"
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reported_template_status_survives_a_restart_until_the_file_is_newer() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("flows")).unwrap();
+    std::fs::write(root.join("flows/hello.yaml"), FLOWS[1].1).unwrap();
+    std::fs::write(root.join("templates.yaml"), TEMPLATES).unwrap();
+    std::fs::write(
+        root.join("flowgate.yaml"),
+        "flows: flows\ntemplates: templates.yaml\n",
+    )
+    .unwrap();
+    let db = format!("sqlite://{}", root.join("flowgate.db").display());
+    let status = |runtime: &flowgate::dispatch::Runtime| {
+        runtime
+            .templates()
+            .find("winback_offer", "en_US")
+            .map(|t| t.status.as_str())
+            .unwrap()
+    };
+    let clock = Arc::new(flowgate::clock::SystemClock);
+    let loaded = app::load(Some(&root.join("flowgate.yaml"))).unwrap();
+    let runtime = loaded.runtime(&db, clock.clone()).await.unwrap();
+    runtime
+        .template_status_changed("winback_offer", "en-US", "PAUSED", Some("NONE"))
+        .await
+        .unwrap();
+    assert_eq!(status(&runtime), "paused");
+    runtime.db.close().await;
+
+    // A restart on the same file: the reported status still holds.
+    let loaded = app::load(Some(&root.join("flowgate.yaml"))).unwrap();
+    let runtime = loaded.runtime(&db, clock.clone()).await.unwrap();
+    assert_eq!(status(&runtime), "paused");
+    runtime.db.close().await;
+
+    // The file written again afterwards (as `templates sync` does) wins.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    std::fs::write(root.join("templates.yaml"), TEMPLATES).unwrap();
+    let loaded = app::load(Some(&root.join("flowgate.yaml"))).unwrap();
+    let runtime = loaded.runtime(&db, clock).await.unwrap();
+    assert_eq!(status(&runtime), "approved");
+}
