@@ -399,16 +399,13 @@ impl<'a> Run<'a> {
             contact.attrs.extend(attrs.clone());
         }
         db.commit_turn(&crate::store::Turn {
-            channel: &self.runtime.default_channel,
-            contact_id: conversation.contact_id,
-            contact: &contact,
             session: conversation.session.as_ref(),
-            inbound: None,
-            outbound: &[],
-            dequeued: &[],
-            replace_timers: None,
-            fired_timer: None,
-            now: self.clock.now(),
+            ..crate::store::Turn::new(
+                &self.runtime.default_channel,
+                conversation.contact_id,
+                &contact,
+                self.clock.now(),
+            )
         })
         .await
         .map_err(|e| e.to_string())?;

@@ -21,7 +21,7 @@ use crate::flow::{Bundle, Flow, FlowSet};
 use crate::metrics;
 use crate::policy::{ConsentChange, Policy};
 use crate::store::{
-    Db, DequeuedRecord, NewTimer, OutboundRecord, OutboxRow, SessionRow, StoreError,
+    Conversation, Db, DequeuedRecord, NewTimer, OutboundRecord, OutboxRow, SessionRow, StoreError,
     TemplateStatusRow, Turn,
 };
 use crate::templates::{Registry, Status};
@@ -214,7 +214,7 @@ impl Runtime {
         let _guard = lock.lock().await;
         let now = self.clock.now();
         let conversation = self.db.load_conversation(channel, wa_id).await?;
-        let mut contact = conversation.contact;
+        let mut contact = conversation.contact.clone();
         let templates = self.templates();
         let record = self.decide(
             channel,
@@ -224,33 +224,42 @@ impl Runtime {
             None,
             now,
         );
+        let sent = self
+            .commit_message(channel, &conversation, &contact, record, now)
+            .await?;
+        Ok(TurnReport {
+            wa_id: wa_id.to_string(),
+            handled: Handled::Continued,
+            sent: vec![sent],
+            handoff: None,
+            notes: Vec::new(),
+        })
+    }
+
+    /// Commits one outgoing message outside a turn (an agent's, one decided again): the
+    /// contact as changed, the session as it was.
+    async fn commit_message(
+        &self,
+        channel: &str,
+        conversation: &Conversation,
+        contact: &Contact,
+        record: OutboundRecord,
+        now: DateTime<Utc>,
+    ) -> Result<SentMessage, DispatchError> {
         let records = [record];
         let committed = self
             .db
             .commit_turn(&Turn {
-                channel,
-                contact_id: conversation.contact_id,
-                contact: &contact,
                 session: conversation.session.as_ref(),
-                inbound: None,
                 outbound: &records,
-                dequeued: &[],
-                replace_timers: None,
-                fired_timer: None,
-                now,
+                ..Turn::new(channel, conversation.contact_id, contact, now)
             })
             .await?;
         let [record] = records;
-        Ok(TurnReport {
-            wa_id: wa_id.to_string(),
-            handled: Handled::Continued,
-            sent: vec![SentMessage {
-                id: committed.outbound_ids[0],
-                message: record.message,
-                decision: record.decision,
-            }],
-            handoff: None,
-            notes: Vec::new(),
+        Ok(SentMessage {
+            id: committed.outbound_ids[0],
+            message: record.message,
+            decision: record.decision,
         })
     }
 
@@ -332,18 +341,7 @@ impl Runtime {
             }
             None => {
                 self.db
-                    .commit_turn(&Turn {
-                        channel,
-                        contact_id: None,
-                        contact: &contact,
-                        session: None,
-                        inbound: None,
-                        outbound: &[],
-                        dequeued: &[],
-                        replace_timers: None,
-                        fired_timer: None,
-                        now,
-                    })
+                    .commit_turn(&Turn::new(channel, None, &contact, now))
                     .await?;
             }
         }
@@ -453,7 +451,7 @@ impl Runtime {
                     .db
                     .load_conversation(&failed.channel, &failed.wa_id)
                     .await?;
-                let mut contact = conversation.contact;
+                let mut contact = conversation.contact.clone();
                 Policy::close_window(&mut contact, now);
                 let record = self.decide(
                     &failed.channel,
@@ -463,24 +461,10 @@ impl Runtime {
                     None,
                     now,
                 );
-                let records = [record];
-                let committed = self
-                    .db
-                    .commit_turn(&Turn {
-                        channel: &failed.channel,
-                        contact_id: conversation.contact_id,
-                        contact: &contact,
-                        session: conversation.session.as_ref(),
-                        inbound: None,
-                        outbound: &records,
-                        dequeued: &[],
-                        replace_timers: None,
-                        fired_timer: None,
-                        now,
-                    })
+                let again = self
+                    .commit_message(&failed.channel, &conversation, &contact, record, now)
                     .await?;
-                let [record] = records;
-                let id = committed.outbound_ids[0];
+                let id = again.id;
                 self.db
                     .set_decision(
                         message_id,
@@ -488,17 +472,13 @@ impl Runtime {
                             reason: format!(
                                 "WhatsApp refused it: outside the 24-hour window (131047); \
                                  decided again as message {id} ({})",
-                                record.decision.name()
+                                again.decision.name()
                             ),
                         },
                         now,
                     )
                     .await?;
-                Ok(Some(SentMessage {
-                    id,
-                    message: record.message,
-                    decision: record.decision,
-                }))
+                Ok(Some(again))
             }
             _ => Ok(None),
         }

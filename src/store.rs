@@ -191,6 +191,30 @@ pub struct Turn<'a> {
     pub now: DateTime<Utc>,
 }
 
+impl<'a> Turn<'a> {
+    /// A turn that writes only the contact (`session: None` ends a session: set it to keep
+    /// one); the other fields are set with struct update syntax.
+    pub fn new(
+        channel: &'a str,
+        contact_id: Option<i64>,
+        contact: &'a Contact,
+        now: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            channel,
+            contact_id,
+            contact,
+            session: None,
+            inbound: None,
+            outbound: &[],
+            dequeued: &[],
+            replace_timers: None,
+            fired_timer: None,
+            now,
+        }
+    }
+}
+
 /// An outgoing message with the policy's verdict, for the message log.
 #[derive(Debug, Clone)]
 pub struct OutboundRecord {
@@ -913,18 +937,7 @@ mod tests {
         contact: &'a Contact,
         now: DateTime<Utc>,
     ) -> Turn<'a> {
-        Turn {
-            channel: CH,
-            contact_id,
-            contact,
-            session: None,
-            inbound: None,
-            outbound: &[],
-            dequeued: &[],
-            replace_timers: None,
-            fired_timer: None,
-            now,
-        }
+        Turn::new(CH, contact_id, contact, now)
     }
 
     /// Commits a turn that creates `wa_id` with the given timers; returns its id.
