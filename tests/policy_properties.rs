@@ -27,7 +27,7 @@ use flowgate::config::{FallbackTemplate, PolicyConfig};
 use flowgate::dispatch::{Runtime, TurnReport};
 use flowgate::domain::{
     Contact, Decision, Inbound, InboundContent, OptOut, Origin, Outbound, OutboundContent,
-    TemplateFallback,
+    TemplateFallback, WindowClosed,
 };
 use flowgate::policy::Policy;
 use flowgate::templates::{Category, Registry, Status, Template};
@@ -804,7 +804,8 @@ fn contact() -> impl Strategy<Value = Contact> {
     let past = || -3000i64..=0;
     (
         prop::option::of(prop_oneof![past(), -1440i64..=-1436]),
-        prop::option::of(past()),
+        // A 131047: when, and the customer's last message WhatsApp knew of then.
+        prop::option::of((past(), prop::option::of(past()))),
         prop::option::of(past()),
         any::<bool>(),
         prop::option::of(-1500i64..=1500),
@@ -812,7 +813,10 @@ fn contact() -> impl Strategy<Value = Contact> {
         .prop_map(|(last, closed, referral, opted_out, paused)| {
             let mut c = Contact::new(WA_ID);
             c.last_customer_message_at = last.map(at);
-            c.policy.window_closed_at = closed.map(at);
+            c.policy.window_closed = closed.map(|(when, known)| WindowClosed {
+                at: at(when),
+                last_message_at: known.map(at),
+            });
             c.policy.referral_at = referral.map(at);
             c.policy.marketing_opt_out = opted_out.then(|| OptOut {
                 at: at(-10),
@@ -889,9 +893,14 @@ proptest! {
         let now = at(0);
         let window = policy.window(&contact, now);
         // DESIGN §4.1, written out again: open iff the customer wrote, WhatsApp did not
-        // close it after that, and now < last + window - safety margin.
+        // close it after that message (a 131047 holds until a newer message than the ones
+        // it knew), and now < last + window - safety margin.
         let open = contact.last_customer_message_at.is_some_and(|last| {
-            contact.policy.window_closed_at.is_none_or(|c| c < last)
+            contact
+                .policy
+                .window_closed
+                .as_ref()
+                .is_none_or(|c| c.last_message_at < Some(last))
                 && now < last + Duration::hours(WINDOW_H) - Duration::minutes(MARGIN_M)
         });
         prop_assert_eq!(window.is_open(), open, "{:?}", window);
