@@ -71,27 +71,44 @@ impl StoreError {
     }
 }
 
-/// A connection pool to flowgate's database.
+/// Connection pools to flowgate's database.
 #[derive(Clone, Debug)]
 pub enum Db {
-    Sqlite(sqlx::SqlitePool),
+    /// SQLite has one writer at a time. Readers share `pool` (WAL lets them run beside the
+    /// writer); every write goes through `writer`, a pool of one connection, so writes queue
+    /// in the process, first come first served, instead of colliding on SQLite's lock and
+    /// sleeping in its busy handler. For an in-memory database both are the same connection.
+    Sqlite {
+        pool: sqlx::SqlitePool,
+        writer: sqlx::SqlitePool,
+    },
     Postgres(sqlx::PgPool),
 }
 
-/// Runs `$body` with `$pool` bound to the pool inside `$db`, once per backend.
+/// Runs `$body` with `$pool` bound to the (reading) pool inside `$db`, once per backend.
 ///
 /// sqlx's pools are distinct types, so one query text needs one typed call per backend; this
 /// writes both from one body instead of duplicating every query.
 macro_rules! with_pool {
     ($db:expr, |$pool:ident| $body:expr) => {
         match $db {
-            Db::Sqlite($pool) => $body,
+            Db::Sqlite { pool: $pool, .. } => $body,
             Db::Postgres($pool) => $body,
         }
     };
 }
 
-// After `with_pool!`, so the submodules can use it.
+/// [`with_pool!`] for statements that write: SQLite's writer connection, PostgreSQL's pool.
+macro_rules! with_writer {
+    ($db:expr, |$pool:ident| $body:expr) => {
+        match $db {
+            Db::Sqlite { writer: $pool, .. } => $body,
+            Db::Postgres($pool) => $body,
+        }
+    };
+}
+
+// After the macros, so the submodules can use them.
 mod inbox;
 mod outbox;
 mod policy;
@@ -347,17 +364,23 @@ impl Db {
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
 
-        let pool = if is_in_memory(url) {
+        if is_in_memory(url) {
             // An in-memory database lives as long as a connection to it: keep exactly one,
             // forever, or the data vanishes when the pool recycles it.
-            SqlitePoolOptions::new()
+            let pool = SqlitePoolOptions::new()
                 .max_connections(1)
                 .min_connections(1)
                 .idle_timeout(None)
                 .max_lifetime(None)
                 .connect_with(options)
-                .await?
-        } else {
+                .await?;
+            tracing::debug!(url, "connected to SQLite in memory");
+            return Ok(Db::Sqlite {
+                writer: pool.clone(),
+                pool,
+            });
+        }
+        {
             let path = options.get_filename().to_path_buf();
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
                 && !dir.exists()
@@ -371,18 +394,23 @@ impl Db {
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal);
-            SqlitePoolOptions::new().connect_with(options).await?
-        };
-        tracing::debug!(url, "connected to SQLite");
-        Ok(Db::Sqlite(pool))
+            // The writer first: it creates the file and switches it to WAL.
+            let writer = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(options.clone())
+                .await?;
+            let pool = SqlitePoolOptions::new().connect_with(options).await?;
+            tracing::debug!(url, "connected to SQLite");
+            Ok(Db::Sqlite { pool, writer })
+        }
     }
 
     /// Brings the schema up to date; safe to run on every start.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         match self {
-            Db::Sqlite(pool) => {
+            Db::Sqlite { writer, .. } => {
                 let migrator = Migrator::new(Embedded(SQLITE_MIGRATIONS)).await?;
-                migrator.run(pool).await?;
+                migrator.run(writer).await?;
                 tracing::debug!("database schema is up to date");
                 Ok(())
             }
@@ -395,14 +423,15 @@ impl Db {
     /// `sqlite` or `postgres`, for logs and `flowgate doctor`-style output.
     pub fn backend(&self) -> &'static str {
         match self {
-            Db::Sqlite(_) => "sqlite",
+            Db::Sqlite { .. } => "sqlite",
             Db::Postgres(_) => "postgres",
         }
     }
 
     /// Closes every connection, so SQLite checkpoints its WAL before the process exits.
     pub async fn close(&self) {
-        with_pool!(self, |pool| pool.close().await)
+        with_pool!(self, |pool| pool.close().await);
+        with_writer!(self, |pool| pool.close().await)
     }
 
     /// Loads the contact and its session; a contact never seen gets `contact_id: None` and a
@@ -564,7 +593,7 @@ impl Db {
             None => None,
         };
 
-        with_pool!(self, |pool| {
+        with_writer!(self, |pool| {
             // Every early return drops `tx`, which rolls the whole turn back.
             let mut tx = pool.begin().await?;
 
@@ -750,7 +779,7 @@ impl Db {
         const SQL: &str = "INSERT INTO flow_versions (flow_id, version, bundle, created_at) \
             VALUES ($1, $2, $3, $4) \
             ON CONFLICT (flow_id, version) DO NOTHING";
-        with_pool!(self, |pool| {
+        with_writer!(self, |pool| {
             sqlx::query(SQL)
                 .bind(flow_id)
                 .bind(version)
@@ -825,7 +854,7 @@ impl Db {
         const CONTACT: &str = "(SELECT id FROM contacts WHERE channel = $1 AND wa_id = $2)";
         let delete_session = format!("DELETE FROM sessions WHERE contact_id IN {CONTACT}");
         let delete_timers = format!("DELETE FROM timers WHERE contact_id IN {CONTACT}");
-        with_pool!(self, |pool| {
+        with_writer!(self, |pool| {
             let mut tx = pool.begin().await?;
             for sql in [&delete_session, &delete_timers] {
                 sqlx::query(sql)
@@ -1420,7 +1449,7 @@ mod tests {
         let db = Db::connect(&url).await.unwrap();
         db.migrate().await.unwrap();
         assert_eq!(db.backend(), "sqlite");
-        let Db::Sqlite(pool) = &db else {
+        let Db::Sqlite { writer: pool, .. } = &db else {
             unreachable!()
         };
         let mode: String = sqlx::query_scalar("PRAGMA journal_mode")

@@ -353,6 +353,7 @@ async fn a_failed_131047_status_decides_the_message_again() {
     s.customer("thanks").await;
     let sends = s.fake.wait_for_sends(4, Duration::from_secs(20)).await;
     assert_eq!(texts(&sends)[3], "Hello!");
+    s.settled(4).await;
     let m = s.message(queued["id"].as_i64().unwrap()).await;
     assert_eq!(
         (m["status"].as_str(), m["decision"].as_str()),

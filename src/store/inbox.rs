@@ -165,7 +165,7 @@ impl Db {
             sql.push_str(" ON CONFLICT (channel, dedupe_key) DO NOTHING");
             statements.push((sql, chunk, chunk_index * INSERT_CHUNK));
         }
-        let inserted: u64 = with_pool!(self, |pool| {
+        let inserted: u64 = with_writer!(self, |pool| {
             let mut tx = pool.begin().await?;
             let mut inserted = 0;
             for (sql, chunk, offset) in &statements {
@@ -266,7 +266,7 @@ impl Db {
                 "UPDATE inbox SET processed_at = $1 WHERE id IN ({})",
                 placeholders(2, chunk.len())
             );
-            with_pool!(self, |pool| {
+            with_writer!(self, |pool| {
                 let mut query = sqlx::query(&sql).bind(now);
                 for id in chunk {
                     query = query.bind(id);
@@ -286,7 +286,7 @@ impl Db {
     ) -> Result<(), StoreError> {
         const SQL: &str = "UPDATE inbox SET attempts = attempts + 1, next_attempt_at = $2, \
             last_error = $3 WHERE id = $1";
-        with_pool!(self, |pool| {
+        with_writer!(self, |pool| {
             sqlx::query(SQL)
                 .bind(id)
                 .bind(not_before.timestamp_millis())
@@ -306,7 +306,7 @@ impl Db {
     ) -> Result<(), StoreError> {
         const SQL: &str = "UPDATE inbox SET attempts = attempts + 1, processed_at = $2, \
             last_error = $3 WHERE id = $1";
-        with_pool!(self, |pool| {
+        with_writer!(self, |pool| {
             sqlx::query(SQL)
                 .bind(id)
                 .bind(now.timestamp_millis())
@@ -330,7 +330,7 @@ impl Db {
     pub async fn prune_inbox(&self, before: DateTime<Utc>, limit: i64) -> Result<u64, StoreError> {
         const SQL: &str = "DELETE FROM inbox WHERE id IN (SELECT id FROM inbox \
             WHERE processed_at IS NOT NULL AND processed_at < $1 ORDER BY id LIMIT $2)";
-        Ok(with_pool!(self, |pool| {
+        Ok(with_writer!(self, |pool| {
             sqlx::query(SQL)
                 .bind(before.timestamp_millis())
                 .bind(limit.max(0))
@@ -403,7 +403,7 @@ impl Db {
         };
         let now = now.timestamp_millis();
         let try_update = || async {
-            let id: Option<i64> = with_pool!(self, |pool| {
+            let id: Option<i64> = with_writer!(self, |pool| {
                 sqlx::query_scalar(&update)
                     .bind(status)
                     .bind(now)
@@ -430,7 +430,7 @@ impl Db {
         let Some(key) = change.idempotency_key.filter(|k| !k.is_empty()) else {
             return Ok(StatusOutcome::Unknown);
         };
-        let adopted = with_pool!(self, |pool| {
+        let adopted = with_writer!(self, |pool| {
             sqlx::query(ADOPT)
                 .bind(change.wamid)
                 .bind(channel)
@@ -462,7 +462,7 @@ impl Db {
         channel: &str,
         wamid: &str,
     ) -> Result<Option<(i64, String)>, StoreError> {
-        Ok(with_pool!(self, |pool| {
+        Ok(with_writer!(self, |pool| {
             sqlx::query_as(sql)
                 .bind(channel)
                 .bind(wamid)
@@ -608,7 +608,9 @@ mod tests {
 
     /// An outbound message with a wamid, as the sender leaves it.
     async fn outbound(db: &Db, wamid: Option<&str>, key: Option<&str>, status: &str) -> i64 {
-        let Db::Sqlite(pool) = db else { unreachable!() };
+        let Db::Sqlite { writer: pool, .. } = db else {
+            unreachable!()
+        };
         let contact: i64 = sqlx::query_scalar(
             "INSERT INTO contacts (channel, wa_id, created_at, updated_at) VALUES ('main', $1, 0, 0) \
              ON CONFLICT (channel, wa_id) DO UPDATE SET updated_at = 0 RETURNING id",
@@ -632,7 +634,9 @@ mod tests {
     }
 
     async fn status_of(db: &Db, id: i64) -> (String, Option<i64>, Option<String>) {
-        let Db::Sqlite(pool) = db else { unreachable!() };
+        let Db::Sqlite { writer: pool, .. } = db else {
+            unreachable!()
+        };
         sqlx::query_as("SELECT status, error_code, error FROM messages WHERE id = $1")
             .bind(id)
             .fetch_one(pool)
@@ -767,7 +771,7 @@ mod tests {
     async fn inbound_seen_reads_the_message_log() {
         let db = memory_db().await;
         assert!(!db.inbound_seen("main", "wamid.in").await.unwrap());
-        let Db::Sqlite(pool) = &db else {
+        let Db::Sqlite { writer: pool, .. } = &db else {
             unreachable!()
         };
         outbound(&db, Some("wamid.out"), None, "sent").await;

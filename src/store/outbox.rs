@@ -188,7 +188,7 @@ impl Db {
                 idempotency_key, attempts, created_at",
             placeholders(5, candidates.len())
         );
-        let mut rows: Vec<ClaimRaw> = with_pool!(self, |pool| {
+        let mut rows: Vec<ClaimRaw> = with_writer!(self, |pool| {
             let mut query = sqlx::query_as(&update)
                 .bind(channel)
                 .bind(now_ms)
@@ -243,7 +243,7 @@ impl Db {
                 lease_until = NULL, lease_owner = NULL, error_code = NULL, error = NULL, \
                 updated_at = $3 \
             WHERE id = $1 AND direction = 'out'";
-        let done = with_pool!(self, |pool| {
+        let done = with_writer!(self, |pool| {
             sqlx::query(SQL)
                 .bind(id)
                 .bind(wamid)
@@ -281,7 +281,7 @@ impl Db {
                 WHERE direction = 'out' AND id IN ({ids}) \
                 RETURNING id"
             );
-            let ids: Vec<i64> = with_pool!(self, |pool| {
+            let ids: Vec<i64> = with_writer!(self, |pool| {
                 let mut query = sqlx::query_scalar(&sql).bind(now.timestamp_millis());
                 for (id, wamid) in chunk {
                     query = query.bind(*id).bind(*wamid);
@@ -308,7 +308,7 @@ impl Db {
                 lease_until = NULL, lease_owner = NULL, error_code = $4, error = $5, \
                 updated_at = $6 \
             WHERE id = $1 AND status = 'sending' AND lease_owner = $2";
-        let done = with_pool!(self, |pool| {
+        let done = with_writer!(self, |pool| {
             sqlx::query(SQL)
                 .bind(id)
                 .bind(lease_owner)
@@ -346,7 +346,7 @@ impl Db {
             Some((code, text)) => (1i64, code, Some(text)),
             None => (0, None, None),
         };
-        let done = with_pool!(self, |pool| {
+        let done = with_writer!(self, |pool| {
             sqlx::query(SQL)
                 .bind(id)
                 .bind(lease_owner)
@@ -375,7 +375,7 @@ impl Db {
         const SQL: &str = "UPDATE messages SET status = 'failed', lease_until = NULL, \
                 lease_owner = NULL, error_code = $3, error = $4, updated_at = $5 \
             WHERE id = $1 AND status = 'sending' AND lease_owner = $2";
-        let done = with_pool!(self, |pool| {
+        let done = with_writer!(self, |pool| {
             sqlx::query(SQL)
                 .bind(id)
                 .bind(lease_owner)
@@ -401,7 +401,7 @@ impl Db {
                 lease_owner = NULL, attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, \
                 updated_at = $2 \
             WHERE status = 'sending' AND lease_owner = $1";
-        Ok(with_pool!(self, |pool| {
+        Ok(with_writer!(self, |pool| {
             sqlx::query(SQL)
                 .bind(lease_owner)
                 .bind(now.timestamp_millis())
@@ -494,7 +494,7 @@ impl Db {
             ON CONFLICT (channel) DO UPDATE SET stopped_reason = excluded.stopped_reason, \
                 stopped_code = excluded.stopped_code, stopped_at = excluded.stopped_at, \
                 updated_at = excluded.updated_at";
-        with_pool!(self, |pool| {
+        with_writer!(self, |pool| {
             sqlx::query(SQL)
                 .bind(channel)
                 .bind(reason)
@@ -535,7 +535,7 @@ impl Db {
         const SQL: &str = "UPDATE channel_state SET stopped_reason = NULL, stopped_code = NULL, \
                 stopped_at = NULL, updated_at = $2 \
             WHERE channel = $1 AND stopped_at IS NOT NULL";
-        let done = with_pool!(self, |pool| {
+        let done = with_writer!(self, |pool| {
             sqlx::query(SQL)
                 .bind(channel)
                 .bind(now.timestamp_millis())

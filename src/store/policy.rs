@@ -160,7 +160,7 @@ impl Db {
         const SQL: &str = "UPDATE messages SET status = 'expired', decision = 'expired', \
                 reason = $2, expires_at = NULL, updated_at = $3 \
             WHERE id = $1 AND status = 'queued'";
-        let n = with_pool!(self, |pool| {
+        let n = with_writer!(self, |pool| {
             sqlx::query(SQL)
                 .bind(id)
                 .bind(reason)
@@ -182,7 +182,7 @@ impl Db {
     ) -> Result<(), StoreError> {
         const SQL: &str = "UPDATE contacts SET policy = $1, updated_at = $2 WHERE id = $3";
         let json = serde_json::to_string(policy)?;
-        let n = with_pool!(self, |pool| {
+        let n = with_writer!(self, |pool| {
             sqlx::query(SQL)
                 .bind(json)
                 .bind(now.timestamp_millis())
@@ -252,7 +252,7 @@ impl Db {
                 lease_owner = CASE WHEN $5 = 'sending' THEN lease_owner END \
             WHERE id = $8 AND status = 'sending' AND lease_owner = $9";
         let body = serde_json::to_string(message)?;
-        let n = with_pool!(self, |pool| {
+        let n = with_writer!(self, |pool| {
             sqlx::query(SQL)
                 .bind(outbound_kind(&message.content))
                 .bind(body)
@@ -280,7 +280,7 @@ impl Db {
     ) -> Result<(), StoreError> {
         const SQL: &str =
             "UPDATE messages SET decision = $1, reason = $2, updated_at = $3 WHERE id = $4";
-        with_pool!(self, |pool| {
+        with_writer!(self, |pool| {
             sqlx::query(SQL)
                 .bind(decision.name())
                 .bind(decision.reason())
@@ -339,7 +339,7 @@ impl Db {
                 updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
             ON CONFLICT (name, language) DO UPDATE SET status = excluded.status, \
                 event = excluded.event, reason = excluded.reason, updated_at = excluded.updated_at";
-        with_pool!(self, |pool| {
+        with_writer!(self, |pool| {
             sqlx::query(SQL)
                 .bind(&row.name)
                 .bind(&row.language)
@@ -375,7 +375,7 @@ impl Db {
 
     /// Forgets every reported template status (after `templates sync` wrote fresh ones).
     pub async fn clear_template_statuses(&self) -> Result<(), StoreError> {
-        with_pool!(self, |pool| {
+        with_writer!(self, |pool| {
             sqlx::query("DELETE FROM template_statuses")
                 .execute(pool)
                 .await?;
