@@ -121,8 +121,9 @@ type InboxRaw = (
     Option<String>,
 );
 
-/// Rows per multi-row `INSERT` (6 parameters each; well under SQLite's variable limit).
-const INSERT_CHUNK: usize = 200;
+/// Rows per multi-row `INSERT` (5 parameters each, 5,001 in all: under SQLite's 32,766).
+/// A webhook carries up to 1,000 updates, so it is one statement.
+const INSERT_CHUNK: usize = 1000;
 /// Ids per `IN (…)` list.
 const ID_CHUNK: usize = 500;
 
@@ -166,7 +167,11 @@ impl Db {
             statements.push((sql, chunk, chunk_index * INSERT_CHUNK));
         }
         let inserted: u64 = with_writer!(self, |pool| {
-            let mut tx = pool.begin().await?;
+            // One statement is atomic by itself: no BEGIN and COMMIT to wait for.
+            let mut tx = match statements.len() {
+                1 => None,
+                _ => Some(pool.begin().await?),
+            };
             let mut inserted = 0;
             for (sql, chunk, offset) in &statements {
                 let mut query = sqlx::query(sql).bind(now);
@@ -178,9 +183,15 @@ impl Db {
                         .bind(row.contact_key.as_deref())
                         .bind(&payloads[offset + i]);
                 }
-                inserted += query.execute(&mut *tx).await?.rows_affected();
+                let done = match tx.as_mut() {
+                    Some(tx) => query.execute(&mut **tx).await?,
+                    None => query.execute(pool).await?,
+                };
+                inserted += done.rows_affected();
             }
-            tx.commit().await?;
+            if let Some(tx) = tx {
+                tx.commit().await?;
+            }
             inserted
         });
         Ok(Stored {
