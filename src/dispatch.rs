@@ -94,6 +94,9 @@ pub struct Runtime {
     http: reqwest::Client,
     /// One lock per (channel, contact): a contact's events run one at a time, in order.
     locks: Mutex<HashMap<(String, WaId), ContactLock>>,
+    /// Per channel: rung when a commit leaves messages for the channel's sender, so it
+    /// claims them now instead of at its next poll.
+    outbox_ready: HashMap<String, Arc<tokio::sync::Notify>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -120,6 +123,10 @@ impl Runtime {
             .or(channels.first())
             .map(|c| c.name.clone())
             .unwrap_or_else(|| "sandbox".into());
+        let outbox_ready = channels
+            .iter()
+            .map(|c| (c.name.clone(), Arc::new(tokio::sync::Notify::new())))
+            .collect();
         Self {
             db,
             engine,
@@ -134,6 +141,24 @@ impl Runtime {
                 .build()
                 .expect("an HTTP client with default settings builds"),
             locks: Mutex::new(HashMap::new()),
+            outbox_ready,
+        }
+    }
+
+    /// The bell a channel's sender listens to for new messages.
+    pub fn outbox_ready(&self, channel: &str) -> Arc<tokio::sync::Notify> {
+        self.outbox_ready
+            .get(channel)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(tokio::sync::Notify::new()))
+    }
+
+    /// Rings the channel's sender when `statuses` hold a message for it to send.
+    fn ring<'a>(&self, channel: &str, mut statuses: impl Iterator<Item = &'a str>) {
+        if statuses.any(|s| s == "pending")
+            && let Some(bell) = self.outbox_ready.get(channel)
+        {
+            bell.notify_one();
         }
     }
 
@@ -256,6 +281,7 @@ impl Runtime {
             })
             .await?;
         let [record] = records;
+        self.ring(channel, std::iter::once(record.status.as_str()));
         Ok(SentMessage {
             id: committed.outbound_ids[0],
             message: record.message,
@@ -775,6 +801,13 @@ impl Runtime {
             }
             other => other?,
         };
+        self.ring(
+            channel,
+            dequeued
+                .iter()
+                .map(|d| d.status.as_str())
+                .chain(records.iter().map(|r| r.status.as_str())),
+        );
         // What left the queue (a message that stays queued is not news), then the new ones.
         let flushed = dequeued
             .into_iter()

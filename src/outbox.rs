@@ -218,6 +218,7 @@ impl Sender {
     ) -> Self {
         let db = runtime.db.clone();
         let clock: SharedClock = runtime.clock.clone();
+        let wake = runtime.outbox_ready(channel);
         options.lease = options.lease.max(Duration::from_secs(1));
         options.batch = options.batch.max(1);
         options.max_in_flight = options.max_in_flight.max(1);
@@ -239,7 +240,7 @@ impl Sender {
                 pairs: Mutex::new(HashMap::new()),
                 marked: Mutex::new(HashSet::new()),
                 stopped: AtomicBool::new(false),
-                wake: Arc::new(Notify::new()),
+                wake,
                 sent_queue: Mutex::new(Vec::new()),
                 sent_writer: tokio::sync::Mutex::new(()),
                 never,

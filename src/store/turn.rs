@@ -2,10 +2,9 @@
 //!
 //! The turn's statements (contact, session, the queue, the inbound and outbound messages,
 //! timers) are written as one SQL batch with absolutely numbered parameters (`$1`, `$2`, …
-//! shared by every statement), and SQLite runs the whole batch in one call on its
-//! connection's thread, between sqlx's `BEGIN` and `COMMIT`. A statement at a time would
-//! cost a thread hand-off each, and the writer connection is the one place every turn
-//! waits for (see [`Db`]). Statements after the first find the contact by
+//! shared by every statement), and SQLite runs the whole batch, `BEGIN` to `COMMIT`, in one
+//! call on its connection's thread. A statement at a time would cost a thread hand-off
+//! each, and the writer connection is the one place every turn waits for (see [`Db`]). Statements after the first find the contact by
 //! `(channel, wa_id)`, so a contact created by this very turn needs no round trip for its id.
 //!
 //! Rows come back tagged: `(0, contact id)`, `(1, outbound id)`, `(2, dequeued id)`.
@@ -19,6 +18,42 @@ use super::{CommittedTurn, Db, RECEIVED, StoreError, Turn, outbound_kind};
 
 /// The contact the turn is about, for every statement after the upsert.
 const CONTACT: &str = "(SELECT id FROM contacts WHERE channel = $1 AND wa_id = $2)";
+
+/// What the stale-contact guard's error says (see [`build`]).
+const GUARD_FAILS_ON: &str = "contacts.channel";
+
+/// Runs a turn's batch, `BEGIN` to `COMMIT`, as one call on the writer connection.
+///
+/// In a task of its own, so the caller going away (a timeout, a shutdown) cannot stop the
+/// batch half-way and leave its transaction open on the pooled connection. A batch that
+/// fails stops at the failing statement, inside its transaction, which is rolled back (if
+/// even that fails, the connection is closed, which rolls back too, and the pool opens a
+/// fresh one).
+async fn run_batch(writer: &sqlx::SqlitePool, batch: Batch) -> Result<Vec<(i64, i64)>, StoreError> {
+    let writer = writer.clone();
+    let sql = format!("BEGIN;\n{}COMMIT;", batch.sql);
+    let args = batch.args;
+    let task = tokio::spawn(async move {
+        let mut conn = writer.acquire().await?;
+        let result = sqlx::query_as_with(&sql, args).fetch_all(&mut *conn).await;
+        if result.is_err() {
+            match sqlx::query("ROLLBACK").execute(&mut *conn).await {
+                Ok(_) => {}
+                // It failed at BEGIN: there was nothing to roll back.
+                Err(sqlx::Error::Database(e)) if e.message().contains("no transaction") => {}
+                // Leave no open transaction behind on a pooled connection.
+                Err(_) => {
+                    let _ = conn.close().await;
+                }
+            }
+        }
+        result
+    });
+    match task.await {
+        Ok(result) => Ok(result?),
+        Err(e) => Err(StoreError::Corrupt(format!("a turn's write stopped: {e}"))),
+    }
+}
 
 /// A growing SQL batch and its parameters.
 struct Batch {
@@ -62,11 +97,17 @@ impl Db {
         let batch = build(turn)?;
         let (contact_id, mut outbound_ids, dequeued_ids) = match self {
             Db::Sqlite { writer, .. } => {
-                // Every early return drops `tx`, which rolls the whole turn back.
-                let mut tx = writer.begin().await?;
-                let rows: Vec<(i64, i64)> = sqlx::query_as_with(&batch.sql, batch.args)
-                    .fetch_all(&mut *tx)
-                    .await?;
+                let rows = run_batch(writer, batch).await.map_err(|e| match e {
+                    // The guard's NOT NULL failure: the contact id the caller loaded is gone.
+                    StoreError::Database(sqlx::Error::Database(db))
+                        if db.message().contains(GUARD_FAILS_ON) =>
+                    {
+                        StoreError::UnknownContact {
+                            id: turn.contact_id.unwrap_or_default(),
+                        }
+                    }
+                    other => other,
+                })?;
                 let mut contact_id = None;
                 let mut outbound_ids = Vec::with_capacity(turn.outbound.len());
                 let mut dequeued_ids = Vec::new();
@@ -80,14 +121,6 @@ impl Db {
                 let contact_id = contact_id.ok_or_else(|| {
                     StoreError::Corrupt("the contact upsert returned no id".into())
                 })?;
-                // The contact row was deleted (and made again) while the turn ran: the
-                // caller's state belongs to the old one.
-                if let Some(expected) = turn.contact_id
-                    && expected != contact_id
-                {
-                    return Err(StoreError::UnknownContact { id: expected });
-                }
-                tx.commit().await?;
                 (contact_id, outbound_ids, dequeued_ids)
             }
             // PostgreSQL's protocol takes one statement per parameterised query: its
@@ -124,6 +157,17 @@ fn build(turn: &Turn<'_>) -> Result<Batch, StoreError> {
     b.param(serde_json::to_string(&c.policy)?)?;
     const NOW: &str = "$8";
 
+    // The contact the caller loaded must still be this row: if it is gone, the guard inserts
+    // a row without a channel, whose NOT NULL failure stops the batch (SQLite has no RAISE
+    // outside triggers).
+    if let Some(id) = turn.contact_id {
+        let id = b.param(id)?;
+        b.statement(&format!(
+            "INSERT INTO contacts (channel, wa_id, created_at, updated_at) \
+            SELECT NULL, NULL, 0, 0 WHERE NOT EXISTS (SELECT 1 FROM contacts \
+                WHERE id = {id} AND channel = $1 AND wa_id = $2)"
+        ));
+    }
     b.statement(
         "INSERT INTO contacts (channel, wa_id, name, tags, attrs, timezone, \
             last_customer_message_at, created_at, updated_at, policy) \
