@@ -464,5 +464,83 @@ fn engine_benches(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, engine_benches);
+/// The policy's decision for one message: (a) inside the window, (b) outside it, rewritten to
+/// the step's template (registry lookup, status, parameter count), (c) outside it with a
+/// policy-level rule that renders placeholders.
+fn policy_benches(c: &mut Criterion) {
+    use flowgate::config::{FallbackTemplate, PolicyConfig};
+    use flowgate::domain::{Contact, Origin, Outbound, TemplateFallback};
+    use flowgate::policy::Policy;
+    use flowgate::templates::{Category, Registry, Status, Template};
+
+    let now = flowgate::clock::VirtualClock::test_epoch();
+    let template = |name: &str, body: &str| Template {
+        name: name.into(),
+        language: "en_US".into(),
+        category: Category::Utility,
+        status: Status::Approved,
+        header: None,
+        body: body.into(),
+        footer: None,
+        buttons: vec![],
+    };
+    let mut registry = Registry::default();
+    for i in 0..50 {
+        registry
+            .templates
+            .push(template(&format!("t{i}"), "Hi {{1}}"));
+    }
+    registry
+        .templates
+        .push(template("order_shipped", "Order {{1}} shipped on {{2}}."));
+    registry
+        .templates
+        .push(template("agent_note", "Hi {{1}}: {{2}}"));
+    let policy = Policy::new(&PolicyConfig {
+        outside_window: vec![FallbackTemplate {
+            flow: None,
+            origin: Some("agent".into()),
+            template: "agent_note".into(),
+            language: "en_US".into(),
+            params: vec!["{{contact.name}}".into(), "{{text}}".into()],
+        }],
+        ..PolicyConfig::default()
+    });
+    let mut contact = Contact::new("15550001234");
+    contact.name = Some("Ada".into());
+    contact.saw_customer_message(now - chrono::Duration::hours(2));
+    let mut step = Outbound::new(
+        OutboundContent::text("Your order 123456 shipped."),
+        Origin::Step {
+            flow: "order_status".into(),
+            step: "shipped".into(),
+        },
+    );
+    step.outside_window = Some(TemplateFallback {
+        name: "order_shipped".into(),
+        language: "en_US".into(),
+        params: vec!["123456".into(), "2026-11-20".into()],
+    });
+    let agent = Outbound::new(OutboundContent::text("Your parcel left."), Origin::Agent);
+    let late = now + chrono::Duration::hours(30);
+    c.bench_function("policy_in_window", |b| {
+        b.iter(|| policy.decide(std::hint::black_box(&step), &contact, &registry, now))
+    });
+    c.bench_function("policy_rewrite_step_template", |b| {
+        b.iter(|| policy.decide(std::hint::black_box(&step), &contact, &registry, late))
+    });
+    c.bench_function("policy_rewrite_policy_rule", |b| {
+        b.iter(|| policy.decide(std::hint::black_box(&agent), &contact, &registry, late))
+    });
+    assert_eq!(
+        policy.decide(&step, &contact, &registry, late).name(),
+        "rewritten"
+    );
+    assert_eq!(
+        policy.decide(&agent, &contact, &registry, late).name(),
+        "rewritten"
+    );
+}
+
+criterion_group!(benches, engine_benches, policy_benches);
 criterion_main!(benches);
