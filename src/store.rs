@@ -933,6 +933,74 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn concurrent_turns_commit_and_fail_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
+            .await
+            .unwrap();
+        db.migrate().await.unwrap();
+        let first = Contact::new("1000");
+        let seen = inbound("wamid.seen", "hi", t(0));
+        db.commit_turn(&Turn {
+            inbound: Some(&seen),
+            ..bare_turn(None, &first, t(0))
+        })
+        .await
+        .unwrap();
+        // 60 contacts at once through the one writer, one of them replaying the message
+        // already stored: only that turn fails, and writes nothing.
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..60 {
+            let db = db.clone();
+            tasks.spawn(async move {
+                let contact = Contact::new(format!("{}", 2000 + i));
+                let id = if i == 30 {
+                    "wamid.seen".to_string()
+                } else {
+                    format!("wamid.{i}")
+                };
+                let message = inbound(&id, "hello", t(1));
+                let out = [said(
+                    OutboundContent::text(format!("reply {i}")),
+                    Decision::Send {
+                        reason: "window open".into(),
+                    },
+                )];
+                let result = db
+                    .commit_turn(&Turn {
+                        inbound: Some(&message),
+                        outbound: &out,
+                        ..bare_turn(None, &contact, t(1))
+                    })
+                    .await;
+                (i, contact.wa_id.clone(), result)
+            });
+        }
+        let mut committed = 0;
+        while let Some(joined) = tasks.join_next().await {
+            let (i, wa_id, result) = joined.unwrap();
+            match result {
+                Ok(turn) => {
+                    committed += 1;
+                    let log = db.messages(CH, &wa_id, 10).await.unwrap();
+                    assert_eq!(log.len(), 2, "contact {wa_id}");
+                    assert_eq!(log[1].id, turn.outbound_ids[0]);
+                    assert_eq!(log[1].body["content"]["body"], format!("reply {i}"));
+                }
+                Err(e) => {
+                    assert_eq!(i, 30, "only the replay fails: {e}");
+                    assert!(e.is_duplicate(), "{e}");
+                    assert_eq!(
+                        db.load_conversation(CH, &wa_id).await.unwrap().contact_id,
+                        None
+                    );
+                }
+            }
+        }
+        assert_eq!(committed, 59);
+    }
+
+    #[tokio::test]
     async fn stale_contact_id_is_refused() {
         let db = memory_db().await;
         let contact = Contact::new("1555");
