@@ -465,9 +465,9 @@ impl Runtime {
                         return Ok(None);
                     }
                 };
-                // Templates never meet 131047; a message already decided again is done.
-                if !requested.requested().is_free_form()
-                    || failed.decision.as_deref() == Some("failed")
+                // Only free-form messages meet 131047 (a template that did would be rewritten
+                // to itself, again and again); a message already decided again is done.
+                if !requested.content.is_free_form() || failed.decision.as_deref() == Some("failed")
                 {
                     return Ok(None);
                 }

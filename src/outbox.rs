@@ -703,11 +703,15 @@ impl Inner {
                 self.count(Outcome::Sent);
                 tracing::debug!(channel = %self.channel, message = row.id, wamid = %ok.wamid, "sent");
             }
-            Err(e) => self.failed_send(&row, e).await,
+            Err(e) => {
+                self.failed_send(&row, e, outbound.content.is_free_form())
+                    .await
+            }
         }
     }
 
-    async fn failed_send(&self, row: &OutboxRow, e: GraphError) {
+    /// `sent_free_form`: whether the refused message was free-form (not a template).
+    async fn failed_send(&self, row: &OutboxRow, e: GraphError, sent_free_form: bool) {
         metrics::count(
             "flowgate_send_errors_total",
             "WhatsApp send errors by code (`transport` when there was no answer).",
@@ -790,6 +794,11 @@ impl Inner {
                         self.fail(row, code, &reason).await;
                     }
                 }
+            }
+            // A template refused with 131047 is not a window problem: deciding again would
+            // send the same template again. It fails with the reason.
+            ErrorClass::Reengage if !sent_free_form => {
+                self.fail(row, Some(131047), REENGAGE_REASON).await
             }
             ErrorClass::Reengage => {
                 // WhatsApp says the window is closed, whatever our clock says: record that

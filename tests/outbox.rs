@@ -16,7 +16,7 @@ use flowgate::clock::{SharedClock, SystemClock, VirtualClock};
 use flowgate::config::ChannelConfig;
 use flowgate::dispatch::Runtime;
 use flowgate::domain::{Inbound, InboundContent};
-use flowgate::outbox::{PairLimit, Sender, SenderOptions, gauges};
+use flowgate::outbox::{PairLimit, REENGAGE_REASON, Sender, SenderOptions, gauges};
 use flowgate::store::OutboxEntry;
 use flowgate::whatsapp::client::{Client, Endpoint, http_client};
 use flowgate::whatsapp::errors::TRANSIENT_MAX_ATTEMPTS;
@@ -899,6 +899,24 @@ async fn reengage_131047_queues_what_has_no_template_and_never_resends_free_form
         .map(|s| s.text().unwrap_or_default().to_string())
         .collect();
     assert_eq!(texts, ["one", "two", "three", "Plain text reply."]);
+}
+
+#[tokio::test]
+async fn a_template_refused_with_131047_fails_and_is_not_sent_again() {
+    let h = Setup::new("reengage_loop").start().await;
+    h.fake.script(Script::always(Reply::graph_error(131047)));
+    let (_, rows) = h.customer(ANA, "template").await;
+    h.drain().await;
+    h.clock().advance(chrono::Duration::minutes(5));
+    h.drain().await;
+    assert_eq!(
+        h.fake.sends().len(),
+        1,
+        "the same template is not sent again"
+    );
+    let e = h.entry(rows[0]).await;
+    assert_eq!((e.status.as_str(), e.error_code), ("failed", Some(131047)));
+    assert_eq!(e.error.as_deref(), Some(REENGAGE_REASON));
 }
 
 #[tokio::test]

@@ -589,3 +589,48 @@ async fn a_reported_template_status_survives_a_restart_until_the_file_is_newer()
     let runtime = loaded.runtime(&db, clock).await.unwrap();
     assert_eq!(status(&runtime), "approved");
 }
+
+#[tokio::test]
+async fn a_template_failed_with_131047_is_not_decided_again() {
+    let s = Server::start().await;
+    // A message written 25 hours ago arrives only now: the reply is rewritten to its
+    // template, and WhatsApp refuses even that with 131047.
+    let written = s.clock.now() - chrono::Duration::hours(25);
+    s.webhook(&envelope(
+        PHONE,
+        json!({"contacts": [{"profile": {"name": "Ana"}, "wa_id": ANA}],
+            "messages": [{"from": ANA, "id": "wamid.late",
+                "timestamp": written.timestamp().to_string(),
+                "type": "text", "text": {"body": "order"}}]}),
+    ))
+    .await;
+    let sends = s.fake.wait_for_sends(1, Duration::from_secs(20)).await;
+    assert_eq!(texts(&sends), ["template:order_shipped"]);
+    let out = s.settled(1).await;
+    assert_eq!(out[0]["decision"], "rewritten");
+    s.failed_status(sends[0].wamid.as_deref().unwrap(), 131047)
+        .await;
+    let id = out[0]["id"].as_i64().unwrap();
+    // The status is processed (the inbox is empty): the failure is recorded, and no new
+    // message was made from it.
+    eventually("the status is processed", || async {
+        let metrics = s
+            .http
+            .get(format!("{}/metrics", s.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metrics.contains("flowgate_inbox_depth 0") && s.message(id).await["status"] == "failed"
+    })
+    .await;
+    assert_eq!(
+        s.outbound().await.len(),
+        1,
+        "the same template is not made again"
+    );
+    assert_eq!(s.fake.sends().len(), 1);
+    s.shutdown().await;
+}
