@@ -22,7 +22,7 @@ use crate::metrics;
 use crate::policy::{ConsentChange, Policy};
 use crate::store::{
     Conversation, Db, DequeuedRecord, NewTimer, OutboundRecord, OutboxRow, SessionRow, StoreError,
-    TemplateStatusRow, Turn,
+    Superseded, TemplateStatusRow, Turn,
 };
 use crate::templates::{Registry, Status};
 
@@ -271,12 +271,28 @@ impl Runtime {
         record: OutboundRecord,
         now: DateTime<Utc>,
     ) -> Result<SentMessage, DispatchError> {
+        self.commit_message_superseding(channel, conversation, contact, record, None, now)
+            .await
+    }
+
+    /// [`Runtime::commit_message`], marking the message it replaces `failed` in the same
+    /// transaction.
+    async fn commit_message_superseding(
+        &self,
+        channel: &str,
+        conversation: &Conversation,
+        contact: &Contact,
+        record: OutboundRecord,
+        superseded: Option<&Superseded>,
+        now: DateTime<Utc>,
+    ) -> Result<SentMessage, DispatchError> {
         let records = [record];
         let committed = self
             .db
             .commit_turn(&Turn {
                 session: conversation.session.as_ref(),
                 outbound: &records,
+                superseded,
                 ..Turn::new(channel, conversation.contact_id, contact, now)
             })
             .await?;
@@ -336,11 +352,13 @@ impl Runtime {
                 updated_at: self.clock.now(),
             })
             .await?;
-        let mut registry = (*self.templates()).clone();
+        // Clone, change and store under one write lock: two updates at once both apply.
+        let mut current = self.templates.write().expect("templates lock");
+        let mut registry = (**current).clone();
         if !registry.set_status(name, &language, status) {
             tracing::warn!(template = name, %language, "a status update for a template the registry does not list");
         }
-        *self.templates.write().expect("templates lock") = Arc::new(registry);
+        *current = Arc::new(registry);
         Ok(Some(status))
     }
 
@@ -375,7 +393,8 @@ impl Runtime {
     }
 
     /// A claimed outbound message decided again at send time, under its contact's lock
-    /// (DESIGN §4.4). `window_refused` records a `131047` first. A decision that sends
+    /// (DESIGN §4.4). `window_refused` records a `131047` first, for the customer's last
+    /// message as known when the message was sent. A decision that sends
     /// leaves the row with `then_status` (`sending` to send it now, `pending` to send it
     /// at the next claim); otherwise the row is queued or skipped. Returns the decision
     /// and the message to send, or `None` when the lease was lost.
@@ -383,7 +402,7 @@ impl Runtime {
         &self,
         row: &OutboxRow,
         lease_owner: &str,
-        window_refused: bool,
+        window_refused: Option<Option<DateTime<Utc>>>,
         then_status: &str,
     ) -> Result<Option<(Decision, Outbound)>, DispatchError> {
         let lock = self.lock(&row.channel, &row.wa_id);
@@ -391,13 +410,13 @@ impl Runtime {
         let now = self.clock.now();
         let conversation = self.db.load_conversation(&row.channel, &row.wa_id).await?;
         let mut contact = conversation.contact;
-        if window_refused {
-            Policy::close_window(&mut contact, now);
-            if let Some(id) = conversation.contact_id {
-                self.db
-                    .save_contact_policy(id, &contact.policy, now)
-                    .await?;
-            }
+        if let Some(known) = window_refused
+            && Policy::close_window(&mut contact, now, known)
+            && let Some(id) = conversation.contact_id
+        {
+            self.db
+                .save_contact_policy(id, &contact.policy, now)
+                .await?;
         }
         let requested: Outbound = row
             .outbound()
@@ -466,19 +485,37 @@ impl Runtime {
                     }
                 };
                 // Only free-form messages meet 131047 (a template that did would be rewritten
-                // to itself, again and again); a message already decided again is done.
-                if !requested.content.is_free_form() || failed.decision.as_deref() == Some("failed")
-                {
+                // to itself, again and again).
+                if !requested.content.is_free_form() {
                     return Ok(None);
                 }
                 let lock = self.lock(&failed.channel, &failed.wa_id);
                 let _guard = lock.lock().await;
+                // Read again under the lock: a message already decided again is done (a
+                // status webhook processed twice).
+                if self
+                    .db
+                    .message(message_id)
+                    .await?
+                    .is_none_or(|m| m.decision.as_deref() == Some("failed"))
+                {
+                    return Ok(None);
+                }
                 let conversation = self
                     .db
                     .load_conversation(&failed.channel, &failed.wa_id)
                     .await?;
                 let mut contact = conversation.contact.clone();
-                Policy::close_window(&mut contact, now);
+                // A customer message that arrived after this one was planned reopened the
+                // window: then nothing is closed, and the message is decided in it.
+                let wrote_since = match conversation.contact_id {
+                    Some(id) => self.db.inbound_after(id, message_id).await?,
+                    None => false,
+                };
+                if !wrote_since {
+                    let known = contact.last_customer_message_at;
+                    Policy::close_window(&mut contact, now, known);
+                }
                 let record = self.decide(
                     &failed.channel,
                     requested,
@@ -487,20 +524,23 @@ impl Runtime {
                     None,
                     now,
                 );
+                // The refused message says what became of it, in the same transaction as
+                // the new one: a crash in between can neither lose it nor make it twice.
+                let superseded = Superseded {
+                    id: message_id,
+                    reason: format!(
+                        "WhatsApp refused it: outside the 24-hour window (131047); decided \
+                         again ({}) as message ",
+                        record.decision.name()
+                    ),
+                };
                 let again = self
-                    .commit_message(&failed.channel, &conversation, &contact, record, now)
-                    .await?;
-                let id = again.id;
-                self.db
-                    .set_decision(
-                        message_id,
-                        &Decision::Failed {
-                            reason: format!(
-                                "WhatsApp refused it: outside the 24-hour window (131047); \
-                                 decided again as message {id} ({})",
-                                again.decision.name()
-                            ),
-                        },
+                    .commit_message_superseding(
+                        &failed.channel,
+                        &conversation,
+                        &contact,
+                        record,
+                        Some(&superseded),
                         now,
                     )
                     .await?;
@@ -520,12 +560,7 @@ impl Runtime {
                 return Ok(reports);
             }
             for m in due {
-                let decision = self
-                    .policy
-                    .expiry(m.queued_at, now)
-                    .unwrap_or(Decision::Expired {
-                        reason: "queued longer than queue_ttl".into(),
-                    });
+                let decision = self.policy.expired(m.queued_at, now);
                 if self.db.expire_message(m.id, decision.reason(), now).await? {
                     count_decision(&decision, "expiry");
                     tracing::info!(channel = %m.channel, contact = %m.wa_id, message = m.id, "{}", decision.explain());
@@ -729,9 +764,9 @@ impl Runtime {
             conversation.has_queued,
         ) {
             for q in self.db.queued_messages(contact_id).await? {
-                let decision = match self.policy.expiry(q.queued_at, now) {
-                    Some(expired) => expired,
-                    None => self.policy.decide(&q.message, &contact, &templates, now),
+                let decision = match q.expires_at {
+                    Some(at) if now >= at => self.policy.expired(q.queued_at, now),
+                    _ => self.policy.decide(&q.message, &contact, &templates, now),
                 };
                 count_decision(&decision, "flush");
                 if decision.sends() {
@@ -776,16 +811,13 @@ impl Runtime {
         let committed = self
             .db
             .commit_turn(&Turn {
-                channel,
-                contact_id: conversation.contact_id,
-                contact: &contact,
                 session: ran.session.as_ref(),
                 inbound,
                 outbound: &records,
                 dequeued: &dequeued,
                 replace_timers: new_timers.as_deref(),
                 fired_timer,
-                now,
+                ..Turn::new(channel, conversation.contact_id, &contact, now)
             })
             .await;
         let committed = match committed {

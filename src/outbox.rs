@@ -496,6 +496,14 @@ async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
 /// An accepted send waiting for the group commit: id, wamid, and whether it was recorded.
 type SentRecord = (i64, String, oneshot::Sender<Option<bool>>);
 
+/// What was sent, as far as a refusal's handling needs it.
+struct Sent {
+    /// Free-form (not a template): only those meet 131047 for the window.
+    free_form: bool,
+    /// The customer's last message as known when it was sent.
+    customer_last_wrote: Option<DateTime<Utc>>,
+}
+
 /// How a send ended, for `flowgate_outbound_total{status}`.
 #[derive(Clone, Copy)]
 enum Outcome {
@@ -583,7 +591,7 @@ impl Inner {
         // Something changed since the message was planned (the window closed, a template
         // was paused, consent changed): decide again under the contact's lock and record it.
         match runtime
-            .redecide_claimed(row, &self.owner, false, "sending")
+            .redecide_claimed(row, &self.owner, None, "sending")
             .await
         {
             Ok(Some((decision, message))) => {
@@ -704,14 +712,16 @@ impl Inner {
                 tracing::debug!(channel = %self.channel, message = row.id, wamid = %ok.wamid, "sent");
             }
             Err(e) => {
-                self.failed_send(&row, e, outbound.content.is_free_form())
-                    .await
+                let sent = Sent {
+                    free_form: outbound.content.is_free_form(),
+                    customer_last_wrote: contact.last_customer_message_at,
+                };
+                self.failed_send(&row, e, sent).await
             }
         }
     }
 
-    /// `sent_free_form`: whether the refused message was free-form (not a template).
-    async fn failed_send(&self, row: &OutboxRow, e: GraphError, sent_free_form: bool) {
+    async fn failed_send(&self, row: &OutboxRow, e: GraphError, sent: Sent) {
         metrics::count(
             "flowgate_send_errors_total",
             "WhatsApp send errors by code (`transport` when there was no answer).",
@@ -797,7 +807,7 @@ impl Inner {
             }
             // A template refused with 131047 is not a window problem: deciding again would
             // send the same template again. It fails with the reason.
-            ErrorClass::Reengage if !sent_free_form => {
+            ErrorClass::Reengage if !sent.free_form => {
                 self.fail(row, Some(131047), REENGAGE_REASON).await
             }
             ErrorClass::Reengage => {
@@ -805,7 +815,7 @@ impl Inner {
                 // and decide again (a template, or the queue); never free-form again.
                 match self
                     .runtime
-                    .redecide_claimed(row, &self.owner, true, "pending")
+                    .redecide_claimed(row, &self.owner, Some(sent.customer_last_wrote), "pending")
                     .await
                 {
                     Ok(Some((decision, _))) => {

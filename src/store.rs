@@ -206,7 +206,18 @@ pub struct Turn<'a> {
     pub replace_timers: Option<&'a [NewTimer]>,
     /// The timer that started this turn, deleted with the turn so it fires exactly once.
     pub fired_timer: Option<i64>,
+    /// A message this turn's (single) outbound message replaces: marked `failed` with a
+    /// reason that names the new message.
+    pub superseded: Option<&'a Superseded>,
     pub now: DateTime<Utc>,
+}
+
+/// An outbound message replaced by a new one (a 131047 decided again).
+#[derive(Debug, Clone)]
+pub struct Superseded {
+    pub id: i64,
+    /// The start of its new reason; the new message's id is appended.
+    pub reason: String,
 }
 
 impl<'a> Turn<'a> {
@@ -228,6 +239,7 @@ impl<'a> Turn<'a> {
             dequeued: &[],
             replace_timers: None,
             fired_timer: None,
+            superseded: None,
             now,
         }
     }

@@ -214,13 +214,18 @@ impl Policy {
 
     /// `Some(expired)` when a message queued at `queued_at` has outlived `queue_ttl`.
     pub fn expiry(&self, queued_at: DateTime<Utc>, now: DateTime<Utc>) -> Option<Decision> {
-        (now >= self.expires_at(queued_at)).then(|| Decision::Expired {
+        (now >= self.expires_at(queued_at)).then(|| self.expired(queued_at, now))
+    }
+
+    /// The decision for a queued message whose time ran out (first decided at `queued_at`).
+    pub fn expired(&self, queued_at: DateTime<Utc>, now: DateTime<Utc>) -> Decision {
+        Decision::Expired {
             reason: format!(
                 "queued {} ago, longer than queue_ttl {}: the customer did not write again",
                 format_duration(now - queued_at),
                 format_duration(self.queue_ttl)
             ),
-        })
+        }
     }
 
     /// When a message queued at `queued_at` expires.
@@ -277,10 +282,8 @@ impl Policy {
                     });
                 }
             }
-            ConsentChange::OptIn => {
-                contact.policy.marketing_opt_out = None;
-                contact.policy.marketing_paused_until = None;
-            }
+            // WhatsApp's 131049 back-off is not the customer's to lift: it stays.
+            ConsentChange::OptIn => contact.policy.marketing_opt_out = None,
         }
     }
 
@@ -291,11 +294,23 @@ impl Policy {
     }
 
     /// WhatsApp answered `131047`: the window is closed until the customer writes again.
-    pub fn close_window(contact: &mut Contact, now: DateTime<Utc>) {
+    ///
+    /// `known` is the customer's last message time as it was when the refused message was
+    /// sent: if they have written since, that newer message reopened the window and nothing
+    /// is closed (returns `false`).
+    pub fn close_window(
+        contact: &mut Contact,
+        now: DateTime<Utc>,
+        known: Option<DateTime<Utc>>,
+    ) -> bool {
+        if contact.last_customer_message_at > known {
+            return false;
+        }
         contact.policy.window_closed = Some(WindowClosed {
             at: now,
             last_message_at: contact.last_customer_message_at,
         });
+        true
     }
 
     fn free_entry(&self, contact: &Contact, now: DateTime<Utc>) -> FreeEntry {

@@ -212,7 +212,9 @@ fn templates_go_outside_the_window_and_marketing_respects_consent() {
 fn whatsapp_closing_the_window_wins_until_the_customer_writes() {
     let p = Policy::default();
     let mut c = contact_last_wrote(t(0));
-    Policy::close_window(&mut c, t(60));
+    // A refusal of a message sent before a newer customer message closes nothing.
+    assert!(!Policy::close_window(&mut c.clone(), t(60), None));
+    assert!(Policy::close_window(&mut c, t(60), Some(t(0))));
     let d = p.decide(&text("hi"), &c, &registry(), t(61));
     assert_eq!(d.name(), "queued");
     assert!(d.reason().contains("131047"), "{}", d.reason());

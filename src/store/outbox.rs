@@ -153,7 +153,8 @@ impl Db {
         // Two statements, no explicit transaction: a read that takes no lock (and usually
         // finds nothing), then one UPDATE that claims what is still claimable, so the
         // database's write lock is held for one statement only. Another sender may claim a
-        // candidate in between; the UPDATE's own conditions then skip it.
+        // candidate in between, or an older message of its contact may become pending (a
+        // flushed queue); the UPDATE checks both again and skips the candidate.
         let select = format!(
             "SELECT m.id, m.status FROM messages m WHERE {CLAIMABLE} ORDER BY m.id LIMIT $3"
         );
@@ -176,6 +177,9 @@ impl Db {
             WHERE id IN ({}) AND channel = $1 AND direction = 'out' \
                 AND ((status = 'pending' AND next_attempt_at <= $2) \
                     OR (status = 'sending' AND lease_until < $2)) \
+                AND NOT EXISTS (SELECT 1 FROM messages o \
+                    WHERE o.contact_id = messages.contact_id AND o.direction = 'out' \
+                        AND o.status IN ('pending', 'sending') AND o.id < messages.id) \
                 AND NOT EXISTS (SELECT 1 FROM channel_state s \
                     WHERE s.channel = $1 AND s.stopped_at IS NOT NULL) \
             RETURNING id, contact_id, \

@@ -7,12 +7,19 @@ use chrono::{DateTime, Utc};
 use super::{Db, OutboundRecord, StoreError, from_millis, outbound_kind};
 use crate::domain::{Contact, Decision, Outbound, PolicyState};
 
+/// Queued messages one turn flushes at most.
+pub const FLUSH_LIMIT: i64 = 1000;
+
 /// A queued message, as the flush needs it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueuedMessage {
     pub id: i64,
     pub message: Outbound,
+    /// When the message was first decided (its row's creation).
     pub queued_at: DateTime<Utc>,
+    /// When it expires: `queue_ttl` after it was queued, which may be later than
+    /// `queued_at` (a message queued at send time).
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// A queued message whose time ran out.
@@ -82,18 +89,28 @@ type DetailRaw = (
 
 impl Db {
     /// The contact's queued messages, oldest first.
+    ///
+    /// At most [`FLUSH_LIMIT`] at a time, so one turn stays within SQLite's parameter limit;
+    /// the rest leave with the customer's next message.
     pub async fn queued_messages(&self, contact_id: i64) -> Result<Vec<QueuedMessage>, StoreError> {
-        const SQL: &str = "SELECT id, body, created_at FROM messages \
-            WHERE contact_id = $1 AND status = 'queued' ORDER BY id";
-        let rows: Vec<(i64, String, i64)> = with_pool!(self, |pool| {
-            sqlx::query_as(SQL).bind(contact_id).fetch_all(pool).await?
+        const SQL: &str = "SELECT id, body, created_at, expires_at FROM messages \
+            WHERE contact_id = $1 AND status = 'queued' ORDER BY id LIMIT $2";
+        let rows: Vec<(i64, String, i64, Option<i64>)> = with_pool!(self, |pool| {
+            sqlx::query_as(SQL)
+                .bind(contact_id)
+                .bind(FLUSH_LIMIT)
+                .fetch_all(pool)
+                .await?
         });
         rows.into_iter()
-            .map(|(id, body, created)| {
+            .map(|(id, body, created, expires)| {
                 Ok(QueuedMessage {
                     id,
                     message: serde_json::from_str(&body)?,
                     queued_at: from_millis(created, "messages.created_at")?,
+                    expires_at: expires
+                        .map(|t| from_millis(t, "messages.expires_at"))
+                        .transpose()?,
                 })
             })
             .collect()
@@ -128,6 +145,20 @@ impl Db {
                 })
             })
             .collect()
+    }
+
+    /// Whether the contact wrote after message `id` was recorded (an inbound row with a
+    /// higher id).
+    pub async fn inbound_after(&self, contact_id: i64, id: i64) -> Result<bool, StoreError> {
+        const SQL: &str = "SELECT EXISTS (SELECT 1 FROM messages \
+            WHERE contact_id = $1 AND direction = 'in' AND id > $2)";
+        Ok(with_pool!(self, |pool| {
+            sqlx::query_scalar(SQL)
+                .bind(contact_id)
+                .bind(id)
+                .fetch_one(pool)
+                .await?
+        }))
     }
 
     /// How many messages of `channel` wait in the queue.
@@ -268,28 +299,6 @@ impl Db {
                 .rows_affected()
         });
         Ok(n > 0)
-    }
-
-    /// Replaces a message's recorded decision (a `failed` message that was decided again
-    /// as a new one says which).
-    pub async fn set_decision(
-        &self,
-        id: i64,
-        decision: &Decision,
-        now: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        const SQL: &str =
-            "UPDATE messages SET decision = $1, reason = $2, updated_at = $3 WHERE id = $4";
-        with_writer!(self, |pool| {
-            sqlx::query(SQL)
-                .bind(decision.name())
-                .bind(decision.reason())
-                .bind(now.timestamp_millis())
-                .bind(id)
-                .execute(pool)
-                .await?;
-        });
-        Ok(())
     }
 
     /// One message, in full.

@@ -259,6 +259,17 @@ fn build(turn: &Turn<'_>) -> Result<Batch, StoreError> {
         b.statement(&sql);
     }
 
+    if let Some(old) = turn.superseded {
+        let id = b.param(old.id)?;
+        let reason = b.param(old.reason.clone())?;
+        b.statement(&format!(
+            "UPDATE messages SET decision = 'failed', \
+                reason = {reason} || (SELECT MAX(id) FROM messages \
+                    WHERE contact_id = {CONTACT} AND direction = 'out'), \
+                updated_at = {NOW} \
+            WHERE id = {id}"
+        ));
+    }
     if let Some(id) = turn.fired_timer {
         let id = b.param(id)?;
         b.statement(&format!("DELETE FROM timers WHERE id = {id}"));
