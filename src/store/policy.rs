@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 
 use super::{Db, OutboundRecord, StoreError, from_millis, outbound_kind};
-use crate::domain::{Contact, Decision, Outbound, PolicyState};
+use crate::domain::{Contact, Outbound, PolicyState};
 
 /// Queued messages one turn flushes at most.
 pub const FLUSH_LIMIT: i64 = 1000;
