@@ -902,6 +902,27 @@ async fn reengage_131047_queues_what_has_no_template_and_never_resends_free_form
 }
 
 #[tokio::test]
+async fn a_message_queued_at_send_time_keeps_its_full_queue_ttl() {
+    let h = Setup::new("late_queue").start().await;
+    let (_, rows) = h.customer(ANA, "text").await;
+    // Nothing is sent for 8 days (a backlog, a stopped channel): the sender queues it then,
+    // with queue_ttl (7 days) from that moment.
+    h.clock().advance(chrono::Duration::days(8));
+    h.drain().await;
+    assert_eq!(h.entry(rows[0]).await.status, "queued");
+    h.clock().advance(chrono::Duration::days(1));
+    h.runtime.fire_due_timers().await.unwrap();
+    // The customer writes on day 9: the message is flushed, not expired.
+    h.customer(ANA, "text").await;
+    h.drain().await;
+    let m = h.runtime.db.message(rows[0]).await.unwrap().unwrap();
+    assert_eq!(
+        (m.status.as_str(), m.decision.as_deref()),
+        ("sent", Some("send"))
+    );
+}
+
+#[tokio::test]
 async fn a_template_refused_with_131047_fails_and_is_not_sent_again() {
     let h = Setup::new("reengage_loop").start().await;
     h.fake.script(Script::always(Reply::graph_error(131047)));

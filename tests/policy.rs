@@ -634,3 +634,35 @@ async fn a_template_failed_with_131047_is_not_decided_again() {
     assert_eq!(s.fake.sends().len(), 1);
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_late_131047_does_not_close_a_window_the_customer_reopened() {
+    let s = Server::start().await;
+    s.customer("hi").await;
+    let sends = s.fake.wait_for_sends(1, Duration::from_secs(20)).await;
+    s.settled(1).await;
+    // The customer writes again before the refusal of the first reply arrives.
+    s.clock.advance(chrono::Duration::minutes(1));
+    s.customer("thanks").await;
+    eventually("the second message is in", || async {
+        let (_, c) = s
+            .api(reqwest::Method::GET, &format!("/conversations/{ANA}"), None)
+            .await;
+        c["messages"].as_array().is_some_and(|m| m.len() >= 3)
+    })
+    .await;
+    s.failed_status(sends[0].wamid.as_deref().unwrap(), 131047)
+        .await;
+    // Decided again in the window the newer message opened: sent as it was.
+    let sends = s.fake.wait_for_sends(2, Duration::from_secs(20)).await;
+    assert_eq!(texts(&sends), ["Hello!", "Hello!"]);
+    let (_, c) = s
+        .api(reqwest::Method::GET, &format!("/conversations/{ANA}"), None)
+        .await;
+    assert_eq!(c["window"]["state"], "open", "{c}");
+    assert_eq!(
+        s.agent(json!({"text": "Anything else?"})).await["decision"],
+        "send"
+    );
+    s.shutdown().await;
+}
