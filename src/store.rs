@@ -687,6 +687,14 @@ fn outbound_kind(content: &OutboundContent) -> &'static str {
     }
 }
 
+/// `$first, $first+1, …` for `n` values.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Reads a stored millisecond timestamp; `column` names it in the error.
 fn from_millis(ms: i64, column: &str) -> Result<DateTime<Utc>, StoreError> {
     DateTime::from_timestamp_millis(ms)

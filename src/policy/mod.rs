@@ -212,11 +212,6 @@ impl Policy {
         out
     }
 
-    /// `Some(expired)` when a message queued at `queued_at` has outlived `queue_ttl`.
-    pub fn expiry(&self, queued_at: DateTime<Utc>, now: DateTime<Utc>) -> Option<Decision> {
-        (now >= self.expires_at(queued_at)).then(|| self.expired(queued_at, now))
-    }
-
     /// The decision for a queued message whose time ran out (first decided at `queued_at`).
     pub fn expired(&self, queued_at: DateTime<Utc>, now: DateTime<Utc>) -> Decision {
         Decision::Expired {

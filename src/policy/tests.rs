@@ -275,8 +275,8 @@ fn an_ad_message_when_the_free_entry_point_ends_opens_a_new_one() {
 #[test]
 fn queued_messages_expire_after_the_ttl() {
     let p = Policy::default();
-    assert!(p.expiry(t(0), t(7 * 24 * 60 - 1)).is_none());
-    let e = p.expiry(t(0), t(7 * 24 * 60)).unwrap();
+    assert_eq!(p.expires_at(t(0)), t(7 * 24 * 60));
+    let e = p.expired(t(0), t(7 * 24 * 60));
     assert_eq!(e.name(), "expired");
     assert!(e.reason().contains("queue_ttl 7d"), "{}", e.reason());
 }

@@ -14,7 +14,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{Db, StoreError, from_millis};
+use super::{Db, StoreError, from_millis, placeholders};
 
 /// Kinds that belong to a contact's conversation and are processed in order per contact.
 pub const ORDERED_KINDS: [&str; 3] = ["message", "system", "user_preference"];
@@ -481,14 +481,6 @@ impl Db {
                 .await?
         }))
     }
-}
-
-/// `$first, $first+1, …` (`n` of them).
-fn placeholders(first: usize, n: usize) -> String {
-    (first..first + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Deserialize as _;
 
-use super::{Db, StoreError, from_millis};
+use super::{Db, StoreError, from_millis, placeholders};
 use crate::domain::Outbound;
 
 /// One claimed outbound message: what the sender needs to deliver it.
@@ -119,14 +119,6 @@ type EntryRaw = (
     Option<i64>,
     Option<String>,
 );
-
-/// `$first, $first+1, …` for `n` values.
-fn placeholders(first: usize, n: usize) -> String {
-    (first..first + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)

@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{Db, OutboundRecord, StoreError, from_millis, outbound_kind};
+use super::{Db, OutboundRecord, StoreError, from_millis, outbound_kind, placeholders};
 use crate::domain::{Contact, Outbound, PolicyState};
 
 /// Queued messages one turn flushes at most.
@@ -236,10 +236,7 @@ impl Db {
     ) -> Result<Vec<(i64, Contact)>, StoreError> {
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(500) {
-            let list = (1..=chunk.len())
-                .map(|i| format!("${i}"))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let list = placeholders(1, chunk.len());
             let sql = format!(
                 "SELECT id, wa_id, name, attrs, last_customer_message_at, policy FROM contacts \
                 WHERE id IN ({list})"
