@@ -15,6 +15,9 @@
 //! (Meta's pair limit: a burst, then one message per 6 s) is off, so the benchmark measures
 //! flowgate, not the pacing it applies on purpose: each simulated customer gets a reply to
 //! every message as fast as the engine can produce it.
+//!
+//! For profiling: `LOADTEST_SERVER_LOG` sets the server's `RUST_LOG` (e.g. `sqlx=debug` logs
+//! every statement), and `LOADTEST_KEEP_DB=path` copies the database there at the end.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -189,7 +192,10 @@ async fn main() {
         Command::new(&args.binary)
             .args(["serve", "--config"])
             .arg(&config_path)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("LOADTEST_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -267,6 +273,14 @@ async fn main() {
     }
     let elapsed = start.elapsed();
     drop(server);
+    if let Ok(keep) = std::env::var("LOADTEST_KEEP_DB") {
+        for suffix in ["", "-wal"] {
+            let from = dir.path().join(format!("flowgate.db{suffix}"));
+            if from.exists() {
+                std::fs::copy(from, format!("{keep}{suffix}")).expect("copy the database");
+            }
+        }
+    }
     replies.sort();
     acks.sort();
     println!(

@@ -11,6 +11,7 @@
 //!
 //! Times are stored at millisecond precision; anything finer is dropped.
 
+use sqlx::Connection as _;
 use std::borrow::Cow;
 use std::future::Future;
 use std::path::PathBuf;
@@ -61,6 +62,12 @@ pub enum StoreError {
         "the database holds data flowgate cannot read: {0}; was it written by another program?"
     )]
     Corrupt(String),
+    #[error("the database is closed (flowgate is shutting down); the write was not made")]
+    Closed,
+    #[error("could not start the database's writer thread: {0}")]
+    WriterThread(std::io::Error),
+    #[error("{0}; write it again")]
+    GroupFailed(String),
 }
 
 impl StoreError {
@@ -69,18 +76,45 @@ impl StoreError {
     pub fn is_duplicate(&self) -> bool {
         matches!(self, Self::Database(sqlx::Error::Database(e)) if e.is_unique_violation())
     }
+
+    /// Whether the failed write left its transaction as it was: a constraint refused one
+    /// statement (SQLite undid just that statement), or the failure was not the database's.
+    /// Anything else may have ended or broken the transaction.
+    fn is_statement_error(&self) -> bool {
+        use sqlx::error::ErrorKind;
+        match self {
+            Self::Database(sqlx::Error::Database(e)) => matches!(
+                e.kind(),
+                ErrorKind::UniqueViolation
+                    | ErrorKind::ForeignKeyViolation
+                    | ErrorKind::NotNullViolation
+                    | ErrorKind::CheckViolation
+            ),
+            Self::Database(
+                sqlx::Error::RowNotFound
+                | sqlx::Error::ColumnNotFound(_)
+                | sqlx::Error::ColumnIndexOutOfBounds { .. }
+                | sqlx::Error::ColumnDecode { .. }
+                | sqlx::Error::Decode(_)
+                | sqlx::Error::Encode(_)
+                | sqlx::Error::TypeNotFound { .. },
+            ) => true,
+            Self::Database(_) | Self::Migrate(_) => false,
+            _ => true,
+        }
+    }
 }
 
 /// Connection pools to flowgate's database.
 #[derive(Clone, Debug)]
 pub enum Db {
     /// SQLite has one writer at a time. Readers share `pool` (WAL lets them run beside the
-    /// writer); every write goes through `writer`, a pool of one connection, so writes queue
-    /// in the process, first come first served, instead of colliding on SQLite's lock and
-    /// sleeping in its busy handler. For an in-memory database both are the same connection.
+    /// writer); every write goes through `writer`, one connection on a thread of its own
+    /// ([`writer`]), so writes queue in the process, first come first served, and commit
+    /// in groups, instead of colliding on SQLite's lock and sleeping in its busy handler.
     Sqlite {
         pool: sqlx::SqlitePool,
-        writer: sqlx::SqlitePool,
+        writer: Writer,
     },
     Postgres(sqlx::PgPool),
 }
@@ -98,11 +132,25 @@ macro_rules! with_pool {
     };
 }
 
-/// [`with_pool!`] for statements that write: SQLite's writer connection, PostgreSQL's pool.
+/// [`with_pool!`] for statements that write: a job on SQLite's writer connection,
+/// PostgreSQL's pool.
+///
+/// The SQLite body runs on the writer's thread (see [`writer`]), so it owns what it uses:
+/// list the borrowed values it reads in `own(…)`, and the SQLite arm works on owned copies
+/// (`ToOwned`: a `&str` becomes a `String`, a slice a `Vec`) under the same names. Values
+/// already owned move in as they are.
 macro_rules! with_writer {
     ($db:expr, |$pool:ident| $body:expr) => {
+        with_writer!($db, own(), |$pool| $body)
+    };
+    ($db:expr, own($($owned:ident),*), |$pool:ident| $body:expr) => {
         match $db {
-            Db::Sqlite { writer: $pool, .. } => $body,
+            Db::Sqlite { writer, .. } => {
+                $(let $owned = ::std::borrow::ToOwned::to_owned(&*$owned);)*
+                writer
+                    .run(move |$pool| Box::pin(async move { Ok($body) }))
+                    .await?
+            }
             Db::Postgres($pool) => $body,
         }
     };
@@ -113,6 +161,9 @@ mod inbox;
 mod outbox;
 mod policy;
 mod turn;
+pub mod writer;
+
+use writer::Writer;
 
 pub use inbox::*;
 pub use outbox::*;
@@ -378,20 +429,20 @@ impl Db {
             .busy_timeout(Duration::from_secs(5));
 
         if is_in_memory(url) {
-            // An in-memory database lives as long as a connection to it: keep exactly one,
-            // forever, or the data vanishes when the pool recycles it.
+            // sqlx names each in-memory database and opens it with a shared cache, so the
+            // writer and the readers see one database. It lives as long as a connection to
+            // it: the writer's, which stays open until `close`.
+            let writer = Writer::start(
+                sqlx::ConnectOptions::connect(&options).await?,
+                options.clone(),
+            )
+            .map_err(StoreError::WriterThread)?;
             let pool = SqlitePoolOptions::new()
-                .max_connections(1)
-                .min_connections(1)
-                .idle_timeout(None)
-                .max_lifetime(None)
+                .test_before_acquire(false)
                 .connect_with(options)
                 .await?;
             tracing::debug!(url, "connected to SQLite in memory");
-            return Ok(Db::Sqlite {
-                writer: pool.clone(),
-                pool,
-            });
+            return Ok(Db::Sqlite { pool, writer });
         }
         {
             let path = options.get_filename().to_path_buf();
@@ -411,11 +462,15 @@ impl Db {
                 .synchronous(SqliteSynchronous::Normal)
                 .pragma("mmap_size", "268435456");
             // The writer first: it creates the file and switches it to WAL.
-            let writer = SqlitePoolOptions::new()
-                .max_connections(1)
-                .connect_with(options.clone())
+            let writer = Writer::start(
+                sqlx::ConnectOptions::connect(&options).await?,
+                options.clone(),
+            )
+            .map_err(StoreError::WriterThread)?;
+            let pool = SqlitePoolOptions::new()
+                .test_before_acquire(false)
+                .connect_with(options)
                 .await?;
-            let pool = SqlitePoolOptions::new().connect_with(options).await?;
             tracing::debug!(url, "connected to SQLite");
             Ok(Db::Sqlite { pool, writer })
         }
@@ -426,7 +481,9 @@ impl Db {
         match self {
             Db::Sqlite { writer, .. } => {
                 let migrator = Migrator::new(Embedded(SQLITE_MIGRATIONS)).await?;
-                migrator.run(writer).await?;
+                writer
+                    .run(move |conn| Box::pin(async move { Ok(migrator.run_direct(conn).await?) }))
+                    .await?;
                 tracing::debug!("database schema is up to date");
                 Ok(())
             }
@@ -446,8 +503,13 @@ impl Db {
 
     /// Closes every connection, so SQLite checkpoints its WAL before the process exits.
     pub async fn close(&self) {
-        with_pool!(self, |pool| pool.close().await);
-        with_writer!(self, |pool| pool.close().await)
+        match self {
+            Db::Sqlite { pool, writer } => {
+                pool.close().await;
+                writer.close().await;
+            }
+            Db::Postgres(pool) => pool.close().await,
+        }
     }
 
     /// Loads the contact and its session; a contact never seen gets `contact_id: None` and a
@@ -577,7 +639,7 @@ impl Db {
         const SQL: &str = "INSERT INTO flow_versions (flow_id, version, bundle, created_at) \
             VALUES ($1, $2, $3, $4) \
             ON CONFLICT (flow_id, version) DO NOTHING";
-        with_writer!(self, |pool| {
+        with_writer!(self, own(flow_id, version, bundle), |pool| {
             sqlx::query(SQL)
                 .bind(flow_id)
                 .bind(version)
@@ -652,12 +714,12 @@ impl Db {
         const CONTACT: &str = "(SELECT id FROM contacts WHERE channel = $1 AND wa_id = $2)";
         let delete_session = format!("DELETE FROM sessions WHERE contact_id IN {CONTACT}");
         let delete_timers = format!("DELETE FROM timers WHERE contact_id IN {CONTACT}");
-        with_writer!(self, |pool| {
+        with_writer!(self, own(channel, wa_id), |pool| {
             let mut tx = pool.begin().await?;
             for sql in [&delete_session, &delete_timers] {
                 sqlx::query(sql)
-                    .bind(channel)
-                    .bind(wa_id)
+                    .bind(channel.to_string())
+                    .bind(wa_id.to_string())
                     .execute(&mut *tx)
                     .await?;
             }
@@ -971,7 +1033,13 @@ mod tests {
         .await
         .unwrap();
         // 60 contacts at once through the one writer, one of them replaying the message
-        // already stored: only that turn fails, and writes nothing.
+        // already stored: only that turn fails, and writes nothing. The writer is held while
+        // they queue, so they commit as one group, the failing turn in the middle of it (its
+        // contact upsert ran before its inbound message failed, and is undone).
+        let Db::Sqlite { writer, .. } = &db else {
+            unreachable!()
+        };
+        let release = writer.hold().await;
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..60 {
             let db = db.clone();
@@ -999,6 +1067,8 @@ mod tests {
                 (i, contact.wa_id.clone(), result)
             });
         }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        release.send(()).unwrap();
         let mut committed = 0;
         while let Some(joined) = tasks.join_next().await {
             let (i, wa_id, result) = joined.unwrap();
@@ -1323,7 +1393,7 @@ mod tests {
         let db = Db::connect(&url).await.unwrap();
         db.migrate().await.unwrap();
         assert_eq!(db.backend(), "sqlite");
-        let Db::Sqlite { writer: pool, .. } = &db else {
+        let Db::Sqlite { pool, .. } = &db else {
             unreachable!()
         };
         let mode: String = sqlx::query_scalar("PRAGMA journal_mode")

@@ -230,21 +230,21 @@ impl Server {
 }
 
 async fn count(db: &Db, sql: &str) -> i64 {
-    let Db::Sqlite { writer: pool, .. } = db else {
+    let Db::Sqlite { pool, .. } = db else {
         unreachable!("tests use SQLite")
     };
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
 async fn exec(db: &Db, sql: &str) {
-    let Db::Sqlite { writer: pool, .. } = db else {
+    let Db::Sqlite { pool, .. } = db else {
         unreachable!("tests use SQLite")
     };
     sqlx::query(sql).execute(pool).await.unwrap();
 }
 
 async fn text_of(db: &Db, sql: &str) -> String {
-    let Db::Sqlite { writer: pool, .. } = db else {
+    let Db::Sqlite { pool, .. } = db else {
         unreachable!("tests use SQLite")
     };
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
@@ -610,7 +610,7 @@ async fn statuses_in_any_order_end_in_the_right_status() {
     }]}));
     assert_eq!(server.signed(&body).await.0, 200);
     server.processed(1).await;
-    let Db::Sqlite { writer: pool, .. } = &server.db else {
+    let Db::Sqlite { pool, .. } = &server.db else {
         unreachable!()
     };
     let contact: i64 =

@@ -13,6 +13,7 @@
 //! the same contact waits for a retry. Statuses, errors and the rest carry no such order.
 
 use chrono::{DateTime, Utc};
+use sqlx::Connection as _;
 
 use super::{Db, StoreError, from_millis, placeholders};
 
@@ -164,39 +165,45 @@ impl Db {
                 ));
             }
             sql.push_str(" ON CONFLICT (channel, dedupe_key) DO NOTHING");
-            statements.push((sql, chunk, chunk_index * INSERT_CHUNK));
+            statements.push((sql, chunk_index * INSERT_CHUNK, chunk.len()));
         }
+        let count = rows.len() as u64;
+        let keys: Vec<[String; 3]> = rows
+            .iter()
+            .map(|r| [r.channel.clone(), r.dedupe_key.clone(), r.kind.clone()])
+            .collect();
+        let contacts: Vec<Option<String>> = rows.iter().map(|r| r.contact_key.clone()).collect();
         let inserted: u64 = with_writer!(self, |pool| {
-            // One statement is atomic by itself: no BEGIN and COMMIT to wait for.
-            let mut tx = match statements.len() {
-                1 => None,
-                _ => Some(pool.begin().await?),
-            };
-            let mut inserted = 0;
-            for (sql, chunk, offset) in &statements {
-                let mut query = sqlx::query(sql).bind(now);
-                for (i, row) in chunk.iter().enumerate() {
+            let query = |i: usize| {
+                let (sql, offset, len) = &statements[i];
+                let mut query = sqlx::query(sql.as_str()).bind(now);
+                for row in *offset..offset + len {
+                    let [channel, dedupe_key, kind] = &keys[row];
                     query = query
-                        .bind(&row.channel)
-                        .bind(&row.dedupe_key)
-                        .bind(&row.kind)
-                        .bind(row.contact_key.as_deref())
-                        .bind(&payloads[offset + i]);
+                        .bind(channel.as_str())
+                        .bind(dedupe_key.as_str())
+                        .bind(kind.as_str())
+                        .bind(contacts[row].as_deref())
+                        .bind(payloads[row].as_str());
                 }
-                let done = match tx.as_mut() {
-                    Some(tx) => query.execute(&mut **tx).await?,
-                    None => query.execute(pool).await?,
-                };
-                inserted += done.rows_affected();
-            }
-            if let Some(tx) = tx {
+                query
+            };
+            // One statement is atomic by itself: no BEGIN and COMMIT to wait for.
+            if statements.len() == 1 {
+                query(0).execute(pool).await?.rows_affected()
+            } else {
+                let mut tx = pool.begin().await?;
+                let mut inserted = 0;
+                for i in 0..statements.len() {
+                    inserted += query(i).execute(&mut *tx).await?.rows_affected();
+                }
                 tx.commit().await?;
+                inserted
             }
-            inserted
         });
         Ok(Stored {
             stored: inserted,
-            duplicates: rows.len() as u64 - inserted,
+            duplicates: count - inserted,
         })
     }
 
@@ -277,9 +284,9 @@ impl Db {
                 "UPDATE inbox SET processed_at = $1 WHERE id IN ({})",
                 placeholders(2, chunk.len())
             );
-            with_writer!(self, |pool| {
+            with_writer!(self, own(chunk), |pool| {
                 let mut query = sqlx::query(&sql).bind(now);
-                for id in chunk {
+                for id in chunk.iter() {
                     query = query.bind(id);
                 }
                 query.execute(pool).await?;
@@ -297,7 +304,7 @@ impl Db {
     ) -> Result<(), StoreError> {
         const SQL: &str = "UPDATE inbox SET attempts = attempts + 1, next_attempt_at = $2, \
             last_error = $3 WHERE id = $1";
-        with_writer!(self, |pool| {
+        with_writer!(self, own(error), |pool| {
             sqlx::query(SQL)
                 .bind(id)
                 .bind(not_before.timestamp_millis())
@@ -317,7 +324,7 @@ impl Db {
     ) -> Result<(), StoreError> {
         const SQL: &str = "UPDATE inbox SET attempts = attempts + 1, processed_at = $2, \
             last_error = $3 WHERE id = $1";
-        with_writer!(self, |pool| {
+        with_writer!(self, own(error), |pool| {
             sqlx::query(SQL)
                 .bind(id)
                 .bind(now.timestamp_millis())
@@ -413,15 +420,17 @@ impl Db {
             (None, None)
         };
         let now = now.timestamp_millis();
+        let wamid = change.wamid;
         let try_update = || async {
-            let id: Option<i64> = with_writer!(self, |pool| {
+            let error = error.map(str::to_owned);
+            let id: Option<i64> = with_writer!(self, own(update, status, channel, wamid), |pool| {
                 sqlx::query_scalar(&update)
                     .bind(status)
                     .bind(now)
                     .bind(code)
                     .bind(error)
                     .bind(channel)
-                    .bind(change.wamid)
+                    .bind(wamid)
                     .bind(rank)
                     .fetch_optional(pool)
                     .await?
@@ -441,9 +450,9 @@ impl Db {
         let Some(key) = change.idempotency_key.filter(|k| !k.is_empty()) else {
             return Ok(StatusOutcome::Unknown);
         };
-        let adopted = with_writer!(self, |pool| {
+        let adopted = with_writer!(self, own(wamid, channel, key), |pool| {
             sqlx::query(ADOPT)
-                .bind(change.wamid)
+                .bind(wamid)
                 .bind(channel)
                 .bind(key)
                 .execute(pool)
@@ -469,11 +478,11 @@ impl Db {
 
     async fn find_outbound(
         &self,
-        sql: &str,
+        sql: &'static str,
         channel: &str,
         wamid: &str,
     ) -> Result<Option<(i64, String)>, StoreError> {
-        Ok(with_writer!(self, |pool| {
+        Ok(with_writer!(self, own(channel, wamid), |pool| {
             sqlx::query_as(sql)
                 .bind(channel)
                 .bind(wamid)
@@ -611,7 +620,7 @@ mod tests {
 
     /// An outbound message with a wamid, as the sender leaves it.
     async fn outbound(db: &Db, wamid: Option<&str>, key: Option<&str>, status: &str) -> i64 {
-        let Db::Sqlite { writer: pool, .. } = db else {
+        let Db::Sqlite { pool, .. } = db else {
             unreachable!()
         };
         let contact: i64 = sqlx::query_scalar(
@@ -637,7 +646,7 @@ mod tests {
     }
 
     async fn status_of(db: &Db, id: i64) -> (String, Option<i64>, Option<String>) {
-        let Db::Sqlite { writer: pool, .. } = db else {
+        let Db::Sqlite { pool, .. } = db else {
             unreachable!()
         };
         sqlx::query_as("SELECT status, error_code, error FROM messages WHERE id = $1")
@@ -774,7 +783,7 @@ mod tests {
     async fn inbound_seen_reads_the_message_log() {
         let db = memory_db().await;
         assert!(!db.inbound_seen("main", "wamid.in").await.unwrap());
-        let Db::Sqlite { writer: pool, .. } = &db else {
+        let Db::Sqlite { pool, .. } = &db else {
             unreachable!()
         };
         outbound(&db, Some("wamid.out"), None, "sent").await;

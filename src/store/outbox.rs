@@ -184,13 +184,14 @@ impl Db {
                 idempotency_key, attempts, created_at",
             placeholders(5, candidates.len())
         );
-        let mut rows: Vec<ClaimRaw> = with_writer!(self, |pool| {
+        let ids: Vec<i64> = candidates.iter().map(|(id, _)| *id).collect();
+        let mut rows: Vec<ClaimRaw> = with_writer!(self, own(channel, lease_owner), |pool| {
             let mut query = sqlx::query_as(&update)
                 .bind(channel)
                 .bind(now_ms)
                 .bind(lease_ms)
                 .bind(lease_owner);
-            for (id, _) in &candidates {
+            for id in &ids[..] {
                 query = query.bind(*id);
             }
             query.fetch_all(pool).await?
@@ -239,7 +240,7 @@ impl Db {
                 lease_until = NULL, lease_owner = NULL, error_code = NULL, error = NULL, \
                 updated_at = $3 \
             WHERE id = $1 AND direction = 'out'";
-        let done = with_writer!(self, |pool| {
+        let done = with_writer!(self, own(wamid), |pool| {
             sqlx::query(SQL)
                 .bind(id)
                 .bind(wamid)
@@ -277,10 +278,12 @@ impl Db {
                 WHERE direction = 'out' AND id IN ({ids}) \
                 RETURNING id"
             );
+            let chunk: Vec<(i64, String)> =
+                chunk.iter().map(|(id, w)| (*id, (*w).to_owned())).collect();
             let ids: Vec<i64> = with_writer!(self, |pool| {
                 let mut query = sqlx::query_scalar(&sql).bind(now.timestamp_millis());
-                for (id, wamid) in chunk {
-                    query = query.bind(*id).bind(*wamid);
+                for (id, wamid) in &chunk[..] {
+                    query = query.bind(*id).bind(wamid.as_str());
                 }
                 query.fetch_all(pool).await?
             });
@@ -304,7 +307,7 @@ impl Db {
                 lease_until = NULL, lease_owner = NULL, error_code = $4, error = $5, \
                 updated_at = $6 \
             WHERE id = $1 AND status = 'sending' AND lease_owner = $2";
-        let done = with_writer!(self, |pool| {
+        let done = with_writer!(self, own(lease_owner, error), |pool| {
             sqlx::query(SQL)
                 .bind(id)
                 .bind(lease_owner)
@@ -339,10 +342,10 @@ impl Db {
                 updated_at = $7 \
             WHERE id = $1 AND status = 'sending' AND lease_owner = $2";
         let (replace, code, text) = match error {
-            Some((code, text)) => (1i64, code, Some(text)),
+            Some((code, text)) => (1i64, code, Some(text.to_owned())),
             None => (0, None, None),
         };
-        let done = with_writer!(self, |pool| {
+        let done = with_writer!(self, own(lease_owner), |pool| {
             sqlx::query(SQL)
                 .bind(id)
                 .bind(lease_owner)
@@ -371,7 +374,7 @@ impl Db {
         const SQL: &str = "UPDATE messages SET status = 'failed', lease_until = NULL, \
                 lease_owner = NULL, error_code = $3, error = $4, updated_at = $5 \
             WHERE id = $1 AND status = 'sending' AND lease_owner = $2";
-        let done = with_writer!(self, |pool| {
+        let done = with_writer!(self, own(lease_owner, reason), |pool| {
             sqlx::query(SQL)
                 .bind(id)
                 .bind(lease_owner)
@@ -397,7 +400,7 @@ impl Db {
                 lease_owner = NULL, attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, \
                 updated_at = $2 \
             WHERE status = 'sending' AND lease_owner = $1";
-        Ok(with_writer!(self, |pool| {
+        Ok(with_writer!(self, own(lease_owner), |pool| {
             sqlx::query(SQL)
                 .bind(lease_owner)
                 .bind(now.timestamp_millis())
@@ -490,7 +493,7 @@ impl Db {
             ON CONFLICT (channel) DO UPDATE SET stopped_reason = excluded.stopped_reason, \
                 stopped_code = excluded.stopped_code, stopped_at = excluded.stopped_at, \
                 updated_at = excluded.updated_at";
-        with_writer!(self, |pool| {
+        with_writer!(self, own(channel, reason), |pool| {
             sqlx::query(SQL)
                 .bind(channel)
                 .bind(reason)
@@ -531,7 +534,7 @@ impl Db {
         const SQL: &str = "UPDATE channel_state SET stopped_reason = NULL, stopped_code = NULL, \
                 stopped_at = NULL, updated_at = $2 \
             WHERE channel = $1 AND stopped_at IS NOT NULL";
-        let done = with_writer!(self, |pool| {
+        let done = with_writer!(self, own(channel), |pool| {
             sqlx::query(SQL)
                 .bind(channel)
                 .bind(now.timestamp_millis())

@@ -191,7 +191,7 @@ impl Db {
         const SQL: &str = "UPDATE messages SET status = 'expired', decision = 'expired', \
                 reason = $2, expires_at = NULL, updated_at = $3 \
             WHERE id = $1 AND status = 'queued'";
-        let n = with_writer!(self, |pool| {
+        let n = with_writer!(self, own(reason), |pool| {
             sqlx::query(SQL)
                 .bind(id)
                 .bind(reason)
@@ -280,14 +280,21 @@ impl Db {
                 lease_owner = CASE WHEN $5 = 'sending' THEN lease_owner END \
             WHERE id = $8 AND status = 'sending' AND lease_owner = $9";
         let body = serde_json::to_string(message)?;
-        let n = with_writer!(self, |pool| {
+        let (kind, name, status) = (
+            outbound_kind(&message.content),
+            decision.name(),
+            &*record.status,
+        );
+        let reason = decision.reason();
+        let expires_at = record.expires_at.map(|t| t.timestamp_millis());
+        let n = with_writer!(self, own(reason, status, lease_owner), |pool| {
             sqlx::query(SQL)
-                .bind(outbound_kind(&message.content))
+                .bind(kind)
                 .bind(body)
-                .bind(decision.name())
-                .bind(decision.reason())
-                .bind(&record.status)
-                .bind(record.expires_at.map(|t| t.timestamp_millis()))
+                .bind(name)
+                .bind(reason)
+                .bind(status)
+                .bind(expires_at)
                 .bind(now.timestamp_millis())
                 .bind(id)
                 .bind(lease_owner)
@@ -345,7 +352,7 @@ impl Db {
                 updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
             ON CONFLICT (name, language) DO UPDATE SET status = excluded.status, \
                 event = excluded.event, reason = excluded.reason, updated_at = excluded.updated_at";
-        with_writer!(self, |pool| {
+        with_writer!(self, own(row), |pool| {
             sqlx::query(SQL)
                 .bind(&row.name)
                 .bind(&row.language)

@@ -2,10 +2,11 @@
 //!
 //! The turn's statements (contact, session, the queue, the inbound and outbound messages,
 //! timers) are written as one SQL batch with absolutely numbered parameters (`$1`, `$2`, …
-//! shared by every statement), and SQLite runs the whole batch, `BEGIN` to `COMMIT`, in one
-//! call on its connection's thread. A statement at a time would cost a thread hand-off
-//! each, and the writer connection is the one place every turn waits for (see [`Db`]). Statements after the first find the contact by
-//! `(channel, wa_id)`, so a contact created by this very turn needs no round trip for its id.
+//! shared by every statement), and SQLite runs the whole batch, inside a savepoint, in one
+//! call on the writer's connection. A statement at a time would cost a thread hand-off
+//! each, and the writer connection is the one place every turn waits for (see [`Db`]).
+//! Statements after the first find the contact by `(channel, wa_id)`, so a contact created
+//! by this very turn needs no round trip for its id.
 //!
 //! Rows come back tagged: `(0, contact id)`, `(1, outbound id)`, `(2, dequeued id)`.
 
@@ -14,7 +15,7 @@ use std::fmt::Write as _;
 use sqlx::Arguments as _;
 use sqlx::sqlite::SqliteArguments;
 
-use super::{CommittedTurn, Db, RECEIVED, StoreError, Turn, outbound_kind};
+use super::{CommittedTurn, Db, RECEIVED, StoreError, Turn, Writer, outbound_kind};
 
 /// The contact the turn is about, for every statement after the upsert.
 const CONTACT: &str = "(SELECT id FROM contacts WHERE channel = $1 AND wa_id = $2)";
@@ -22,37 +23,29 @@ const CONTACT: &str = "(SELECT id FROM contacts WHERE channel = $1 AND wa_id = $
 /// What the stale-contact guard's error says (see [`build`]).
 const GUARD_FAILS_ON: &str = "contacts.channel";
 
-/// Runs a turn's batch, `BEGIN` to `COMMIT`, as one call on the writer connection.
-///
-/// In a task of its own, so the caller going away (a timeout, a shutdown) cannot stop the
-/// batch half-way and leave its transaction open on the pooled connection. A batch that
-/// fails stops at the failing statement, inside its transaction, which is rolled back (if
-/// even that fails, the connection is closed, which rolls back too, and the pool opens a
-/// fresh one).
-async fn run_batch(writer: &sqlx::SqlitePool, batch: Batch) -> Result<Vec<(i64, i64)>, StoreError> {
-    let writer = writer.clone();
-    let sql = format!("BEGIN;\n{}COMMIT;", batch.sql);
+/// Runs a turn's batch as one job on the writer, inside a savepoint of its own: alone it
+/// is the turn's transaction, in a group commit it keeps a failing turn from leaving half
+/// its statements in the group. A batch that fails stops at the failing statement and is
+/// rolled back to the savepoint; if even that fails, the error says so and the writer
+/// treats its connection as broken.
+async fn run_batch(writer: &Writer, batch: Batch) -> Result<Vec<(i64, i64)>, StoreError> {
+    let sql = format!("SAVEPOINT turn;\n{}RELEASE turn;", batch.sql);
     let args = batch.args;
-    let task = tokio::spawn(async move {
-        let mut conn = writer.acquire().await?;
-        let result = sqlx::query_as_with(&sql, args).fetch_all(&mut *conn).await;
-        if result.is_err() {
-            match sqlx::query("ROLLBACK").execute(&mut *conn).await {
-                Ok(_) => {}
-                // It failed at BEGIN: there was nothing to roll back.
-                Err(sqlx::Error::Database(e)) if e.message().contains("no transaction") => {}
-                // Leave no open transaction behind on a pooled connection.
-                Err(_) => {
-                    let _ = conn.close().await;
+    writer
+        .run(move |conn| {
+            Box::pin(async move {
+                let result = sqlx::query_as_with(&sql, args).fetch_all(&mut *conn).await;
+                if result.is_err()
+                    && let Err(e) = sqlx::query("ROLLBACK TO turn; RELEASE turn;")
+                        .execute(&mut *conn)
+                        .await
+                {
+                    return Err(StoreError::Database(e));
                 }
-            }
-        }
-        result
-    });
-    match task.await {
-        Ok(result) => Ok(result?),
-        Err(e) => Err(StoreError::Corrupt(format!("a turn's write stopped: {e}"))),
-    }
+                Ok(result?)
+            })
+        })
+        .await
 }
 
 /// A growing SQL batch and its parameters.
