@@ -189,6 +189,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "policy",
         include_str!("../migrations/sqlite/0003_policy.sql"),
     ),
+    (
+        4,
+        "outbox indexes",
+        include_str!("../migrations/sqlite/0004_outbox_indexes.sql"),
+    ),
 ];
 
 /// A [`MigrationSource`] over migrations compiled into the binary.

@@ -84,7 +84,10 @@ pub struct ChannelStop {
 /// Rows that may be claimed at `$2` (now): due pending rows and `sending` rows whose lease
 /// ran out, each only if it is its contact's oldest undelivered message (a contact's
 /// messages leave in order, one at a time), and only while the channel is not stopped.
+/// Every term is served by an index (`messages_outbox` through the `status IN` term,
+/// `messages_unsent_by_contact`), so a claim costs the same however much history there is.
 const CLAIMABLE: &str = "m.channel = $1 AND m.direction = 'out' \
+    AND m.status IN ('pending', 'sending') \
     AND ((m.status = 'pending' AND m.next_attempt_at <= $2) \
         OR (m.status = 'sending' AND m.lease_until < $2)) \
     AND NOT EXISTS (SELECT 1 FROM messages o \
@@ -124,6 +127,35 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// The claiming UPDATE for `ids` candidates (`$5`…): [`CLAIMABLE`] checked again, as it
+/// stands when the writer runs it.
+fn claim_update(ids: usize) -> String {
+    format!(
+        "UPDATE messages SET status = 'sending', lease_until = $3, lease_owner = $4, \
+            attempts = attempts + 1, \
+            idempotency_key = COALESCE(idempotency_key, 'fg-' || CAST(id AS TEXT)), \
+            updated_at = $2 \
+        WHERE id IN ({}) AND channel = $1 AND direction = 'out' \
+            AND status IN ('pending', 'sending') \
+            AND ((status = 'pending' AND next_attempt_at <= $2) \
+                OR (status = 'sending' AND lease_until < $2)) \
+            AND NOT EXISTS (SELECT 1 FROM messages o \
+                WHERE o.contact_id = messages.contact_id AND o.direction = 'out' \
+                    AND o.status IN ('pending', 'sending') AND o.id < messages.id) \
+            AND NOT EXISTS (SELECT 1 FROM channel_state s \
+                WHERE s.channel = $1 AND s.stopped_at IS NOT NULL) \
+        RETURNING id, contact_id, \
+            (SELECT c.wa_id FROM contacts c WHERE c.id = messages.contact_id), \
+            body, in_reply_to, \
+            CAST(CASE WHEN in_reply_to IS NOT NULL AND EXISTS (SELECT 1 FROM messages f \
+                WHERE f.contact_id = messages.contact_id AND f.direction = 'out' \
+                    AND f.in_reply_to = messages.in_reply_to AND f.id < messages.id) \
+                THEN 0 ELSE 1 END AS BIGINT), \
+            idempotency_key, attempts, created_at",
+        placeholders(5, ids)
+    )
+}
+
 impl Db {
     /// Claims up to `limit` rows of `channel` for `lease_owner` until `now + lease_for`, in
     /// id order: each becomes `sending`, its attempts go up by one and it gets an idempotency
@@ -161,29 +193,7 @@ impl Db {
         if candidates.is_empty() {
             return Ok(Vec::new());
         }
-        let update = format!(
-            "UPDATE messages SET status = 'sending', lease_until = $3, lease_owner = $4, \
-                attempts = attempts + 1, \
-                idempotency_key = COALESCE(idempotency_key, 'fg-' || CAST(id AS TEXT)), \
-                updated_at = $2 \
-            WHERE id IN ({}) AND channel = $1 AND direction = 'out' \
-                AND ((status = 'pending' AND next_attempt_at <= $2) \
-                    OR (status = 'sending' AND lease_until < $2)) \
-                AND NOT EXISTS (SELECT 1 FROM messages o \
-                    WHERE o.contact_id = messages.contact_id AND o.direction = 'out' \
-                        AND o.status IN ('pending', 'sending') AND o.id < messages.id) \
-                AND NOT EXISTS (SELECT 1 FROM channel_state s \
-                    WHERE s.channel = $1 AND s.stopped_at IS NOT NULL) \
-            RETURNING id, contact_id, \
-                (SELECT c.wa_id FROM contacts c WHERE c.id = messages.contact_id), \
-                body, in_reply_to, \
-                CAST(CASE WHEN in_reply_to IS NOT NULL AND EXISTS (SELECT 1 FROM messages f \
-                    WHERE f.contact_id = messages.contact_id AND f.direction = 'out' \
-                        AND f.in_reply_to = messages.in_reply_to AND f.id < messages.id) \
-                    THEN 0 ELSE 1 END AS BIGINT), \
-                idempotency_key, attempts, created_at",
-            placeholders(5, candidates.len())
-        );
+        let update = claim_update(candidates.len());
         let ids: Vec<i64> = candidates.iter().map(|(id, _)| *id).collect();
         let mut rows: Vec<ClaimRaw> = with_writer!(self, own(channel, lease_owner), |pool| {
             let mut query = sqlx::query_as(&update)
@@ -543,5 +553,54 @@ impl Db {
                 .rows_affected()
         });
         Ok(done > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plan SQLite picks for `sql`, one line per step.
+    async fn plan(db: &Db, sql: &str) -> String {
+        let Db::Sqlite { pool, .. } = db else {
+            unreachable!()
+        };
+        let rows: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .fetch_all(pool)
+                .await
+                .unwrap();
+        rows.into_iter().map(|r| r.3).collect::<Vec<_>>().join("\n")
+    }
+
+    /// The claim must not read a contact's whole history (or the channel's) on every call:
+    /// under load that made every claim slower than the last.
+    #[tokio::test]
+    async fn claiming_reads_only_unsent_rows() {
+        let db = Db::connect("sqlite::memory:").await.unwrap();
+        db.migrate().await.unwrap();
+        let select = plan(
+            &db,
+            &format!("SELECT m.id, m.status FROM messages m WHERE {CLAIMABLE} ORDER BY m.id"),
+        )
+        .await;
+        assert!(
+            select.contains("messages_outbox (channel=? AND status=?)"),
+            "{select}"
+        );
+        assert!(
+            select.contains("messages_unsent_by_contact (contact_id=? AND id<?)"),
+            "{select}"
+        );
+        let update = plan(&db, &claim_update(2)).await;
+        assert!(
+            update.contains("messages_unsent_by_contact (contact_id=? AND id<?)"),
+            "{update}"
+        );
+        assert!(
+            update.contains("messages_replies (in_reply_to=? AND contact_id=? AND id<?)"),
+            "{update}"
+        );
+        assert!(!update.contains("messages_by_contact"), "{update}");
     }
 }
