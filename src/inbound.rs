@@ -119,27 +119,20 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_prune: Option<tokio::time::Instant> = None;
+    // Finished rows are recorded by a task of their own: a record waits for the database's
+    // writer, and new webhooks must not wait behind it to be claimed.
+    let recorder = tokio::spawn(record_finished(worker.clone(), shutdown.clone()));
     tracing::debug!("inbound worker started");
     loop {
         if *shutdown.borrow() {
             break;
         }
-        // Unbiased: under load rows finish all the time, and new webhooks must still be
-        // claimed promptly (and the other way round).
         let full = tokio::select! {
             changed = shutdown.changed() => {
                 if changed.is_err() {
                     break;
                 }
                 continue;
-            }
-            _ = worker.finished.notified() => {
-                worker.flush().await;
-                // Rows finished: room for more if the last claim was cut short.
-                if !worker.wants_more.swap(false, Ordering::Relaxed) {
-                    continue;
-                }
-                false
             }
             _ = worker.state.inbox.notified() => false,
             _ = tick.tick() => true,
@@ -152,8 +145,24 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
             }
         }
     }
+    let _ = recorder.await;
     worker.wait_idle(SHUTDOWN_WAIT).await;
     tracing::debug!("inbound worker stopped");
+}
+
+/// Records finished rows as they finish (each record takes every row finished by then);
+/// when the last claim was cut short, rings for more.
+async fn record_finished(worker: Arc<Worker>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = worker.finished.notified() => {}
+        }
+        worker.flush().await;
+        if worker.wants_more.swap(false, Ordering::Relaxed) {
+            worker.state.inbox.notify_one();
+        }
+    }
 }
 
 /// Processes every inbox row due now (and those that become due while it runs, e.g. the
