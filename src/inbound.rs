@@ -214,6 +214,10 @@ struct Worker {
     progress: Notify,
     /// The last claim stopped at [`MAX_IN_FLIGHT`].
     wants_more: std::sync::atomic::AtomicBool,
+    /// Held by a full claim and by a record of finished rows: a full claim reads every
+    /// unprocessed row, and one it read just before their record committed must still be
+    /// in flight when it dispatches, or it would run again.
+    full_claim: tokio::sync::Mutex<()>,
     /// Rows processed or given up.
     handled: AtomicUsize,
     /// Rows processed, given up or postponed (progress, for [`drain_once`]).
@@ -247,6 +251,7 @@ impl Worker {
             finished: Notify::new(),
             progress: Notify::new(),
             wants_more: Default::default(),
+            full_claim: tokio::sync::Mutex::new(()),
             handled: AtomicUsize::new(0),
             settled: AtomicUsize::new(0),
         })
@@ -271,6 +276,10 @@ impl Worker {
     /// Claims due rows (all of them, or only those above the high-water mark) and hands them
     /// to their groups; returns how many it dispatched.
     async fn pump(self: &Arc<Self>, full: bool) -> Result<usize, crate::store::StoreError> {
+        let _exclusive = match full {
+            true => Some(self.full_claim.lock().await),
+            false => None,
+        };
         let (after, generation) = {
             let mut inner = self.lock();
             if inner.in_flight.len() >= MAX_IN_FLIGHT {
@@ -426,6 +435,7 @@ impl Worker {
 
     /// Records processed rows in one statement.
     async fn flush(&self) {
+        let _exclusive = self.full_claim.lock().await;
         let ids = std::mem::take(&mut self.lock().done);
         if ids.is_empty() {
             return;
