@@ -815,7 +815,10 @@ impl Runtime {
                 inbound,
                 outbound: &records,
                 dequeued: &dequeued,
-                replace_timers: new_timers.as_deref(),
+                // Clearing timers the contact does not have would be a wasted statement.
+                replace_timers: new_timers
+                    .as_deref()
+                    .filter(|t| !t.is_empty() || conversation.has_timers),
                 fired_timer,
                 ..Turn::new(channel, conversation.contact_id, &contact, now)
             })

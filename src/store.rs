@@ -231,6 +231,8 @@ pub struct Conversation {
     pub session: Option<SessionRow>,
     /// Whether the contact has queued messages (to flush when the customer writes).
     pub has_queued: bool,
+    /// Whether the contact has timers (a turn that sets none need not clear them).
+    pub has_timers: bool,
 }
 
 /// A contact's place in a flow.
@@ -384,6 +386,7 @@ type ConversationRaw = (
     Option<i64>,
     String,
     bool,
+    bool,
     Option<String>,
     Option<String>,
     Option<String>,
@@ -528,6 +531,7 @@ impl Db {
                 c.last_customer_message_at, c.policy, \
                 EXISTS (SELECT 1 FROM messages q WHERE q.contact_id = c.id \
                     AND q.status = 'queued'), \
+                EXISTS (SELECT 1 FROM timers t WHERE t.contact_id = c.id), \
                 s.flow_id, s.flow_version, s.step, s.state, s.updated_at \
             FROM contacts c LEFT JOIN sessions s ON s.contact_id = c.id \
             WHERE c.channel = $1 AND c.wa_id = $2";
@@ -547,6 +551,7 @@ impl Db {
             last,
             policy,
             has_queued,
+            has_timers,
             flow_id,
             version,
             step,
@@ -559,6 +564,7 @@ impl Db {
                 contact: Contact::new(wa_id),
                 session: None,
                 has_queued: false,
+                has_timers: false,
             });
         };
         let contact = Contact {
@@ -589,6 +595,7 @@ impl Db {
             contact,
             session,
             has_queued,
+            has_timers,
         })
     }
 
@@ -1114,6 +1121,55 @@ mod tests {
             db.load_conversation(CH, "1555").await.unwrap().contact_id,
             None
         );
+
+        // With a customer message the message itself is the guard (its foreign key): the
+        // contact was deleted and created again since it was loaded, under a new id.
+        let msg = inbound("wamid.stale", "hi", t(1));
+        let old = db
+            .commit_turn(&Turn {
+                inbound: Some(&msg),
+                ..bare_turn(None, &contact, t(1))
+            })
+            .await
+            .unwrap()
+            .contact_id;
+        db.commit_turn(&bare_turn(None, &Contact::new("1666"), t(1)))
+            .await
+            .unwrap();
+        let Db::Sqlite { pool, .. } = &db else {
+            unreachable!()
+        };
+        sqlx::query("DELETE FROM contacts WHERE id = $1")
+            .bind(old)
+            .execute(pool)
+            .await
+            .unwrap();
+        let new = db
+            .commit_turn(&bare_turn(None, &contact, t(2)))
+            .await
+            .unwrap()
+            .contact_id;
+        assert_ne!(new, old);
+        let again = inbound("wamid.stale.2", "hi again", t(3));
+        let out = [said(
+            OutboundContent::text("hello"),
+            Decision::Send {
+                reason: "window open".into(),
+            },
+        )];
+        let err = db
+            .commit_turn(&Turn {
+                inbound: Some(&again),
+                outbound: &out,
+                ..bare_turn(Some(old), &contact, t(3))
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::UnknownContact { id } if id == old),
+            "{err}"
+        );
+        assert!(db.messages(CH, "1555", 10).await.unwrap().is_empty());
     }
 
     #[tokio::test]

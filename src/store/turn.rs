@@ -15,27 +15,36 @@ use std::fmt::Write as _;
 use sqlx::Arguments as _;
 use sqlx::sqlite::SqliteArguments;
 
+use crate::domain::Inbound;
+
 use super::{CommittedTurn, Db, RECEIVED, StoreError, Turn, Writer, outbound_kind};
 
 /// The contact the turn is about, for every statement after the upsert.
 const CONTACT: &str = "(SELECT id FROM contacts WHERE channel = $1 AND wa_id = $2)";
 
+/// The turn's time, a parameter of every batch (see [`build`]).
+const NOW: &str = "$8";
+
 /// What the stale-contact guard's error says (see [`build`]).
 const GUARD_FAILS_ON: &str = "contacts.channel";
 
-/// Runs a turn's batch as one job on the writer, inside a savepoint of its own: alone it
-/// is the turn's transaction, in a group commit it keeps a failing turn from leaving half
-/// its statements in the group. A batch that fails stops at the failing statement and is
-/// rolled back to the savepoint; if even that fails, the error says so and the writer
-/// treats its connection as broken.
+/// Runs a turn's batch as one job on the writer (in the writer's transaction, so its
+/// statements commit together). A batch that can fail after it wrote ([`Batch::savepoint`])
+/// runs inside `SAVEPOINT turn` and is rolled back to it when it fails; if even that fails,
+/// the error says so and the writer treats its connection as broken.
 async fn run_batch(writer: &Writer, batch: Batch) -> Result<Vec<(i64, i64)>, StoreError> {
-    let sql = format!("SAVEPOINT turn;\n{}RELEASE turn;", batch.sql);
+    let savepoint = batch.savepoint;
+    let sql = match savepoint {
+        true => format!("SAVEPOINT turn;\n{}RELEASE turn;", batch.sql),
+        false => batch.sql,
+    };
     let args = batch.args;
     writer
         .run(move |conn| {
             Box::pin(async move {
                 let result = sqlx::query_as_with(&sql, args).fetch_all(&mut *conn).await;
                 if result.is_err()
+                    && savepoint
                     && let Err(e) = sqlx::query("ROLLBACK TO turn; RELEASE turn;")
                         .execute(&mut *conn)
                         .await
@@ -53,6 +62,8 @@ struct Batch {
     sql: String,
     args: SqliteArguments<'static>,
     count: usize,
+    /// A statement after the first write can fail: the batch needs a savepoint.
+    savepoint: bool,
 }
 
 impl Batch {
@@ -61,6 +72,7 @@ impl Batch {
             sql: String::with_capacity(2048),
             args: SqliteArguments::default(),
             count: 0,
+            savepoint: false,
         }
     }
 
@@ -91,9 +103,12 @@ impl Db {
         let (contact_id, mut outbound_ids, dequeued_ids) = match self {
             Db::Sqlite { writer, .. } => {
                 let rows = run_batch(writer, batch).await.map_err(|e| match e {
-                    // The guard's NOT NULL failure: the contact id the caller loaded is gone.
+                    // The contact id the caller loaded is gone: the guard's NOT NULL failure,
+                    // or the customer message's foreign key.
                     StoreError::Database(sqlx::Error::Database(db))
-                        if db.message().contains(GUARD_FAILS_ON) =>
+                        if turn.contact_id.is_some()
+                            && (db.message().contains(GUARD_FAILS_ON)
+                                || db.kind() == sqlx::error::ErrorKind::ForeignKeyViolation) =>
                     {
                         StoreError::UnknownContact {
                             id: turn.contact_id.unwrap_or_default(),
@@ -111,7 +126,7 @@ impl Db {
                         _ => dequeued_ids.push(id),
                     }
                 }
-                let contact_id = contact_id.ok_or_else(|| {
+                let contact_id = contact_id.or(turn.contact_id).ok_or_else(|| {
                     StoreError::Corrupt("the contact upsert returned no id".into())
                 })?;
                 (contact_id, outbound_ids, dequeued_ids)
@@ -148,29 +163,50 @@ fn build(turn: &Turn<'_>) -> Result<Batch, StoreError> {
     b.param(c.last_customer_message_at.map(|t| t.timestamp_millis()))?;
     b.param(turn.now.timestamp_millis())?;
     b.param(serde_json::to_string(&c.policy)?)?;
-    const NOW: &str = "$8";
 
-    // The contact the caller loaded must still be this row: if it is gone, the guard inserts
-    // a row without a channel, whose NOT NULL failure stops the batch (SQLite has no RAISE
-    // outside triggers).
-    if let Some(id) = turn.contact_id {
-        let id = b.param(id)?;
+    let contact = match turn.contact_id {
+        Some(id) => b.param(id)?,
+        None => CONTACT.to_string(),
+    };
+    let mut inbound_written = false;
+    if turn.contact_id.is_some() {
+        // A known contact: the turn's first write is the only one that can fail, so a
+        // failure leaves nothing behind. With a customer message, that write is the message:
+        // a replay fails its unique wamid, and a contact deleted since it was loaded fails
+        // the foreign key (one created again has a new id).
+        if let Some(m) = turn.inbound {
+            insert_inbound(&mut b, m, &contact)?;
+            inbound_written = true;
+        } else {
+            // Without one, a guard: if the contact is gone it inserts a row without a
+            // channel, whose NOT NULL failure stops the batch (SQLite has no RAISE outside
+            // triggers).
+            b.statement(&format!(
+                "INSERT INTO contacts (channel, wa_id, created_at, updated_at) \
+                SELECT NULL, NULL, 0, 0 WHERE NOT EXISTS (SELECT 1 FROM contacts \
+                    WHERE id = {contact} AND channel = $1 AND wa_id = $2)"
+            ));
+        }
         b.statement(&format!(
-            "INSERT INTO contacts (channel, wa_id, created_at, updated_at) \
-            SELECT NULL, NULL, 0, 0 WHERE NOT EXISTS (SELECT 1 FROM contacts \
-                WHERE id = {id} AND channel = $1 AND wa_id = $2)"
+            "UPDATE contacts SET name = $3, tags = $4, attrs = $5, timezone = $6, \
+                last_customer_message_at = $7, updated_at = $8, policy = $9 \
+            WHERE id = {contact}"
         ));
+    } else {
+        // A new contact is written first (or updated, if it appeared meanwhile), and later
+        // statements find it by `(channel, wa_id)`; one of them failing must undo it.
+        b.savepoint = true;
+        b.statement(
+            "INSERT INTO contacts (channel, wa_id, name, tags, attrs, timezone, \
+                last_customer_message_at, created_at, updated_at, policy) \
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9) \
+            ON CONFLICT (channel, wa_id) DO UPDATE SET name = excluded.name, \
+                tags = excluded.tags, attrs = excluded.attrs, timezone = excluded.timezone, \
+                last_customer_message_at = excluded.last_customer_message_at, \
+                updated_at = excluded.updated_at, policy = excluded.policy \
+            RETURNING 0, id",
+        );
     }
-    b.statement(
-        "INSERT INTO contacts (channel, wa_id, name, tags, attrs, timezone, \
-            last_customer_message_at, created_at, updated_at, policy) \
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9) \
-        ON CONFLICT (channel, wa_id) DO UPDATE SET name = excluded.name, \
-            tags = excluded.tags, attrs = excluded.attrs, timezone = excluded.timezone, \
-            last_customer_message_at = excluded.last_customer_message_at, \
-            updated_at = excluded.updated_at, policy = excluded.policy \
-        RETURNING 0, id",
-    );
 
     match turn.session {
         Some(s) => {
@@ -183,14 +219,14 @@ fn build(turn: &Turn<'_>) -> Result<Batch, StoreError> {
             let at = b.param(s.updated_at.timestamp_millis())?;
             b.statement(&format!(
                 "INSERT INTO sessions (contact_id, flow_id, flow_version, step, state, updated_at) \
-                VALUES ({CONTACT}, {flow}, {version}, {step}, {state}, {at}) \
+                VALUES ({contact}, {flow}, {version}, {step}, {state}, {at}) \
                 ON CONFLICT (contact_id) DO UPDATE SET flow_id = excluded.flow_id, \
                     flow_version = excluded.flow_version, step = excluded.step, \
                     state = excluded.state, updated_at = excluded.updated_at"
             ));
         }
         None => b.statement(&format!(
-            "DELETE FROM sessions WHERE contact_id = {CONTACT}"
+            "DELETE FROM sessions WHERE contact_id = {contact}"
         )),
     }
 
@@ -210,20 +246,13 @@ fn build(turn: &Turn<'_>) -> Result<Batch, StoreError> {
                 in_reply_to = COALESCE({reply_to}, in_reply_to), \
                 expires_at = CASE WHEN {status} = 'queued' THEN expires_at END, \
                 updated_at = {NOW} \
-            WHERE id = {id} AND contact_id = {CONTACT} AND status = 'queued' \
+            WHERE id = {id} AND contact_id = {contact} AND status = 'queued' \
             RETURNING 2, id"
         ));
     }
 
-    if let Some(m) = turn.inbound {
-        let wamid = b.param(m.id.clone())?;
-        let kind = b.param(m.content.kind().to_string())?;
-        let body = b.param(serde_json::to_string(m)?)?;
-        b.statement(&format!(
-            "INSERT INTO messages (contact_id, channel, direction, wamid, kind, body, decision, \
-                reason, status, created_at) \
-            VALUES ({CONTACT}, $1, 'in', {wamid}, {kind}, {body}, NULL, NULL, '{RECEIVED}', {NOW})"
-        ));
+    if let Some(m) = turn.inbound.filter(|_| !inbound_written) {
+        insert_inbound(&mut b, m, &contact)?;
     }
 
     if !turn.outbound.is_empty() {
@@ -244,7 +273,7 @@ fn build(turn: &Turn<'_>) -> Result<Batch, StoreError> {
             }
             let _ = write!(
                 sql,
-                "({CONTACT}, $1, 'out', NULL, {kind}, {body}, {decision}, {reason}, {status}, \
+                "({contact}, $1, 'out', NULL, {kind}, {body}, {decision}, {reason}, {status}, \
                     {NOW}, {reply_to}, {NOW}, {expires})"
             );
         }
@@ -258,7 +287,7 @@ fn build(turn: &Turn<'_>) -> Result<Batch, StoreError> {
         b.statement(&format!(
             "UPDATE messages SET decision = 'failed', \
                 reason = {reason} || (SELECT MAX(id) FROM messages \
-                    WHERE contact_id = {CONTACT} AND direction = 'out'), \
+                    WHERE contact_id = {contact} AND direction = 'out'), \
                 updated_at = {NOW} \
             WHERE id = {id}"
         ));
@@ -268,7 +297,7 @@ fn build(turn: &Turn<'_>) -> Result<Batch, StoreError> {
         b.statement(&format!("DELETE FROM timers WHERE id = {id}"));
     }
     if let Some(timers) = turn.replace_timers {
-        b.statement(&format!("DELETE FROM timers WHERE contact_id = {CONTACT}"));
+        b.statement(&format!("DELETE FROM timers WHERE contact_id = {contact}"));
         if !timers.is_empty() {
             let mut sql = String::from(
                 "INSERT INTO timers (contact_id, due_at, payload, created_at) VALUES ",
@@ -279,10 +308,23 @@ fn build(turn: &Turn<'_>) -> Result<Batch, StoreError> {
                 if i > 0 {
                     sql.push_str(", ");
                 }
-                let _ = write!(sql, "({CONTACT}, {due}, {payload}, {NOW})");
+                let _ = write!(sql, "({contact}, {due}, {payload}, {NOW})");
             }
             b.statement(&sql);
         }
     }
     Ok(b)
+}
+
+/// The customer's message, into the message log.
+fn insert_inbound(b: &mut Batch, m: &Inbound, contact: &str) -> Result<(), StoreError> {
+    let wamid = b.param(m.id.clone())?;
+    let kind = b.param(m.content.kind().to_string())?;
+    let body = b.param(serde_json::to_string(m)?)?;
+    b.statement(&format!(
+        "INSERT INTO messages (contact_id, channel, direction, wamid, kind, body, decision, \
+            reason, status, created_at) \
+        VALUES ({contact}, $1, 'in', {wamid}, {kind}, {body}, NULL, NULL, '{RECEIVED}', {NOW})"
+    ));
+    Ok(())
 }

@@ -18,9 +18,12 @@
 //!   stop its job half-way, so no transaction is ever left open on the connection.
 //!
 //! A job is a closure over data it owns (`'static`): it gets the connection, runs its
-//! statements, and returns its result. Jobs must not begin or commit transactions with
-//! plain `BEGIN`/`COMMIT` text: within a group they run inside one. `Connection::begin`
-//! works (sqlx makes it a savepoint), and so does `SAVEPOINT`/`RELEASE` text.
+//! statements, and returns its result. Every job runs inside a transaction (its group's,
+//! even when it is alone), so a job's statements commit together. Jobs must not begin or
+//! commit transactions with plain `BEGIN`/`COMMIT` text; `Connection::begin` works (sqlx
+//! makes it a savepoint), and so does `SAVEPOINT`/`RELEASE` text. A job that can fail on a
+//! constraint after it has written must undo its own writes (a savepoint); one whose only
+//! statement that can fail is its first needs nothing.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -143,10 +146,10 @@ async fn drive(
                 Err(_) => break,
             }
         }
-        if group.len() > 1 && !run_group(&mut conn, &mut group).await {
+        if !group.is_empty() && !run_group(&mut conn, &mut group).await {
             conn = reconnect(conn, &options).await;
         }
-        // A single job, or those a broken group never started: each on its own.
+        // Jobs a broken group never started (or all, if it could not begin): each alone.
         for job in group.drain(..) {
             let ran = job(&mut conn).await;
             (ran.reply)(None);
