@@ -401,6 +401,8 @@ impl Worker {
                     &[("kind", label(&row.kind))],
                     1,
                 );
+                // Like a record of finished rows: not beside a full claim.
+                let _exclusive = self.full_claim.lock().await;
                 match db.abandon_inbox(row.id, now, &reason).await {
                     Ok(()) => {
                         self.lock().in_flight.remove(&row.id);

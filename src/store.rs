@@ -78,8 +78,9 @@ impl StoreError {
     }
 
     /// Whether the failed write left its transaction as it was: a constraint refused one
-    /// statement (SQLite undid just that statement), or the failure was not the database's.
-    /// Anything else may have ended or broken the transaction.
+    /// statement (SQLite undid just that statement), or a value did not bind (nothing ran).
+    /// Anything else may have ended the transaction, or failed after a statement wrote (a
+    /// row of `RETURNING` that does not decode), so it counts as breaking it.
     fn is_statement_error(&self) -> bool {
         use sqlx::error::ErrorKind;
         match self {
@@ -90,17 +91,8 @@ impl StoreError {
                     | ErrorKind::NotNullViolation
                     | ErrorKind::CheckViolation
             ),
-            Self::Database(
-                sqlx::Error::RowNotFound
-                | sqlx::Error::ColumnNotFound(_)
-                | sqlx::Error::ColumnIndexOutOfBounds { .. }
-                | sqlx::Error::ColumnDecode { .. }
-                | sqlx::Error::Decode(_)
-                | sqlx::Error::Encode(_)
-                | sqlx::Error::TypeNotFound { .. },
-            ) => true,
-            Self::Database(_) | Self::Migrate(_) => false,
-            _ => true,
+            Self::Database(sqlx::Error::Encode(_)) => true,
+            _ => false,
         }
     }
 }
@@ -1122,8 +1114,8 @@ mod tests {
             None
         );
 
-        // With a customer message the message itself is the guard (its foreign key): the
-        // contact was deleted and created again since it was loaded, under a new id.
+        // With a customer message the message itself is the guard: the contact was deleted
+        // and created again since it was loaded, under a new id.
         let msg = inbound("wamid.stale", "hi", t(1));
         let old = db
             .commit_turn(&Turn {
@@ -1170,6 +1162,38 @@ mod tests {
             "{err}"
         );
         assert!(db.messages(CH, "1555", 10).await.unwrap().is_empty());
+
+        // The highest id, deleted, is given to the next contact: the stale id now names
+        // someone else, who must not get this turn's message, contact or session.
+        sqlx::query("DELETE FROM contacts WHERE id = $1")
+            .bind(new)
+            .execute(pool)
+            .await
+            .unwrap();
+        let other = Contact::new("1888");
+        let reused = db
+            .commit_turn(&bare_turn(None, &other, t(4)))
+            .await
+            .unwrap()
+            .contact_id;
+        assert_eq!(reused, new, "SQLite hands the freed highest id out again");
+        let last = inbound("wamid.stale.3", "hi once more", t(5));
+        let err = db
+            .commit_turn(&Turn {
+                inbound: Some(&last),
+                outbound: &out,
+                ..bare_turn(Some(new), &contact, t(5))
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::UnknownContact { id } if id == new),
+            "{err}"
+        );
+        assert!(db.messages(CH, "1888", 10).await.unwrap().is_empty());
+        let untouched = db.load_conversation(CH, "1888").await.unwrap();
+        assert_eq!(untouched.contact.wa_id, "1888");
+        assert_eq!(untouched.session, None);
     }
 
     #[tokio::test]

@@ -25,8 +25,9 @@ const CONTACT: &str = "(SELECT id FROM contacts WHERE channel = $1 AND wa_id = $
 /// The turn's time, a parameter of every batch (see [`build`]).
 const NOW: &str = "$8";
 
-/// What the stale-contact guard's error says (see [`build`]).
-const GUARD_FAILS_ON: &str = "contacts.channel";
+/// What the stale-contact checks' errors say (see [`build`]): the guard's, and the
+/// customer message's.
+const GUARD_FAILS_ON: [&str; 2] = ["contacts.channel", "messages.contact_id"];
 
 /// Runs a turn's batch as one job on the writer (in the writer's transaction, so its
 /// statements commit together). A batch that can fail after it wrote ([`Batch::savepoint`])
@@ -103,12 +104,10 @@ impl Db {
         let (contact_id, mut outbound_ids, dequeued_ids) = match self {
             Db::Sqlite { writer, .. } => {
                 let rows = run_batch(writer, batch).await.map_err(|e| match e {
-                    // The contact id the caller loaded is gone: the guard's NOT NULL failure,
-                    // or the customer message's foreign key.
+                    // The contact id the caller loaded no longer names this contact.
                     StoreError::Database(sqlx::Error::Database(db))
                         if turn.contact_id.is_some()
-                            && (db.message().contains(GUARD_FAILS_ON)
-                                || db.kind() == sqlx::error::ErrorKind::ForeignKeyViolation) =>
+                            && GUARD_FAILS_ON.iter().any(|m| db.message().contains(m)) =>
                     {
                         StoreError::UnknownContact {
                             id: turn.contact_id.unwrap_or_default(),
@@ -172,10 +171,14 @@ fn build(turn: &Turn<'_>) -> Result<Batch, StoreError> {
     if turn.contact_id.is_some() {
         // A known contact: the turn's first write is the only one that can fail, so a
         // failure leaves nothing behind. With a customer message, that write is the message:
-        // a replay fails its unique wamid, and a contact deleted since it was loaded fails
-        // the foreign key (one created again has a new id).
+        // a replay fails its unique wamid, and a contact id that no longer names this
+        // contact (deleted, or its id reused by another) gives it no contact, which fails
+        // NOT NULL.
         if let Some(m) = turn.inbound {
-            insert_inbound(&mut b, m, &contact)?;
+            let checked = format!(
+                "(SELECT id FROM contacts WHERE id = {contact} AND channel = $1 AND wa_id = $2)"
+            );
+            insert_inbound(&mut b, m, &checked)?;
             inbound_written = true;
         } else {
             // Without one, a guard: if the contact is gone it inserts a row without a

@@ -13,7 +13,9 @@
 //!   commit. A job that fails on a constraint (a statement SQLite undid by itself, or a
 //!   batch that rolled back to its own savepoint) fails alone; any other error, or a failed
 //!   commit, rolls the whole group back and every job in it reports the error, as if each
-//!   had failed on its own connection.
+//!   had failed on its own connection. The connection is then opened again, and the jobs
+//!   the group never started run in a new transaction on it. A panic in a job stops the
+//!   process (without its writer the server can store nothing; a restart resumes).
 //! * **Jobs run to the end.** A caller that stops waiting (a timeout, a shutdown) does not
 //!   stop its job half-way, so no transaction is ever left open on the connection.
 //!
@@ -77,7 +79,17 @@ impl Writer {
             .build()?;
         std::thread::Builder::new()
             .name("flowgate-writer".into())
-            .spawn(move || runtime.block_on(drive(conn, options, queue)))?;
+            .spawn(move || {
+                let driven = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    runtime.block_on(drive(conn, options, queue))
+                }));
+                if driven.is_err() {
+                    // Without its writer the server can take no webhook; a restart (which
+                    // processes every stored webhook exactly once) is the way back.
+                    tracing::error!("the database's writer panicked; stopping flowgate");
+                    std::process::abort();
+                }
+            })?;
         Ok(Self { jobs })
     }
 
@@ -146,13 +158,18 @@ async fn drive(
                 Err(_) => break,
             }
         }
-        if !group.is_empty() && !run_group(&mut conn, &mut group).await {
+        // Jobs a broken group never started (or all of them, if it could not begin) run
+        // again in a new transaction, on a new connection.
+        while !group.is_empty() {
+            let before = group.len();
+            if run_group(&mut conn, &mut group).await {
+                continue;
+            }
+            if group.len() == before {
+                // Not even BEGIN worked: wait a little before the next try.
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
             conn = reconnect(conn, &options).await;
-        }
-        // Jobs a broken group never started (or all, if it could not begin): each alone.
-        for job in group.drain(..) {
-            let ran = job(&mut conn).await;
-            (ran.reply)(None);
         }
     }
     if let Err(e) = conn.close().await {
@@ -164,15 +181,14 @@ async fn drive(
 }
 
 /// Runs `jobs` in one transaction and answers each after the commit (or the rollback).
-/// Jobs it did not start stay in `jobs`. Returns `false` when the group broke: the
-/// connection's transaction state is then unknown, and it must be opened again.
+/// Jobs it did not start stay in `jobs`. Returns `false` when the group broke or could not
+/// begin: the connection's transaction state is then unknown, and it must be opened again.
 async fn run_group(conn: &mut SqliteConnection, jobs: &mut Vec<Job>) -> bool {
     let mut tx = match conn.begin().await {
         Ok(tx) => tx,
         Err(e) => {
-            // Not even BEGIN: the caller writes them one at a time instead.
-            tracing::warn!(error = %e, "could not begin a group commit; writing one at a time");
-            return true;
+            tracing::error!(error = %e, "the database's writer could not begin a transaction; opening it again");
+            return false;
         }
     };
     let mut ran = Vec::with_capacity(jobs.len());
@@ -213,10 +229,13 @@ async fn run_group(conn: &mut SqliteConnection, jobs: &mut Vec<Job>) -> bool {
 /// Closes a connection in an unknown state (an open transaction is rolled back) and opens
 /// a fresh one, retrying every second until the database can be opened.
 async fn reconnect(conn: SqliteConnection, options: &SqliteConnectOptions) -> SqliteConnection {
-    let _ = conn.close().await;
+    // The new connection first: an in-memory database lives only while one is open.
     loop {
         match sqlx::ConnectOptions::connect(options).await {
-            Ok(conn) => return conn,
+            Ok(fresh) => {
+                let _ = conn.close().await;
+                return fresh;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot open the database's writer connection again; retrying in a second");
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
