@@ -15,7 +15,7 @@ use std::fmt::Write as _;
 use sqlx::Arguments as _;
 use sqlx::sqlite::SqliteArguments;
 
-use crate::domain::Inbound;
+use crate::domain::{Decision, Inbound, Outbound};
 
 use super::{CommittedTurn, Db, RECEIVED, StoreError, Turn, Writer, outbound_kind};
 
@@ -236,12 +236,8 @@ fn build(turn: &Turn<'_>) -> Result<Batch, StoreError> {
     // The queue first: flushed messages keep their (lower) ids, so they leave before this
     // turn's new messages.
     for r in turn.dequeued {
-        let kind = b.param(outbound_kind(&r.message.content).to_string())?;
-        let body = b.param(serde_json::to_string(&r.message)?)?;
-        let decision = b.param(r.decision.name().to_string())?;
-        let reason = b.param(r.decision.reason().to_string())?;
-        let status = b.param(r.status.clone())?;
-        let reply_to = b.param(r.in_reply_to.clone())?;
+        let [kind, body, decision, reason, status, reply_to] =
+            outbound_params(&mut b, &r.message, &r.decision, &r.status, &r.in_reply_to)?;
         let id = b.param(r.id)?;
         b.statement(&format!(
             "UPDATE messages SET kind = {kind}, body = {body}, decision = {decision}, \
@@ -264,12 +260,8 @@ fn build(turn: &Turn<'_>) -> Result<Batch, StoreError> {
                 reason, status, created_at, in_reply_to, updated_at, expires_at) VALUES ",
         );
         for (i, r) in turn.outbound.iter().enumerate() {
-            let kind = b.param(outbound_kind(&r.message.content).to_string())?;
-            let body = b.param(serde_json::to_string(&r.message)?)?;
-            let decision = b.param(r.decision.name().to_string())?;
-            let reason = b.param(r.decision.reason().to_string())?;
-            let status = b.param(r.status.clone())?;
-            let reply_to = b.param(r.in_reply_to.clone())?;
+            let [kind, body, decision, reason, status, reply_to] =
+                outbound_params(&mut b, &r.message, &r.decision, &r.status, &r.in_reply_to)?;
             let expires = b.param(r.expires_at.map(|t| t.timestamp_millis()))?;
             if i > 0 {
                 sql.push_str(", ");
@@ -317,6 +309,25 @@ fn build(turn: &Turn<'_>) -> Result<Batch, StoreError> {
         }
     }
     Ok(b)
+}
+
+/// An outgoing message's columns as parameters: kind, body, decision, reason, status and
+/// the message it answers.
+fn outbound_params(
+    b: &mut Batch,
+    message: &Outbound,
+    decision: &Decision,
+    status: &str,
+    reply_to: &Option<String>,
+) -> Result<[String; 6], StoreError> {
+    Ok([
+        b.param(outbound_kind(&message.content).to_string())?,
+        b.param(serde_json::to_string(message)?)?,
+        b.param(decision.name().to_string())?,
+        b.param(decision.reason().to_string())?,
+        b.param(status.to_string())?,
+        b.param(reply_to.clone())?,
+    ])
 }
 
 /// The customer's message, into the message log.
