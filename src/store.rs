@@ -428,23 +428,12 @@ impl Db {
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
 
-        if is_in_memory(url) {
-            // sqlx names each in-memory database and opens it with a shared cache, so the
-            // writer and the readers see one database. It lives as long as a connection to
-            // it: the writer's, which stays open until `close`.
-            let writer = Writer::start(
-                sqlx::ConnectOptions::connect(&options).await?,
-                options.clone(),
-            )
-            .map_err(StoreError::WriterThread)?;
-            let pool = SqlitePoolOptions::new()
-                .test_before_acquire(false)
-                .connect_with(options)
-                .await?;
-            tracing::debug!(url, "connected to SQLite in memory");
-            return Ok(Db::Sqlite { pool, writer });
-        }
-        {
+        // In memory, sqlx names each database and opens it with a shared cache, so the
+        // writer and the readers see one database; it lives as long as a connection to it:
+        // the writer's, which stays open until `close`.
+        let options = if is_in_memory(url) {
+            options
+        } else {
             let path = options.get_filename().to_path_buf();
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
                 && !dir.exists()
@@ -456,24 +445,24 @@ impl Db {
             }
             // Pages are read through a memory map rather than a read() call each: under load
             // the readers spend less time in the kernel.
-            let options = options
+            options
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
-                .pragma("mmap_size", "268435456");
-            // The writer first: it creates the file and switches it to WAL.
-            let writer = Writer::start(
-                sqlx::ConnectOptions::connect(&options).await?,
-                options.clone(),
-            )
-            .map_err(StoreError::WriterThread)?;
-            let pool = SqlitePoolOptions::new()
-                .test_before_acquire(false)
-                .connect_with(options)
-                .await?;
-            tracing::debug!(url, "connected to SQLite");
-            Ok(Db::Sqlite { pool, writer })
-        }
+                .pragma("mmap_size", "268435456")
+        };
+        // The writer first: it creates the file and switches it to WAL.
+        let writer = Writer::start(
+            sqlx::ConnectOptions::connect(&options).await?,
+            options.clone(),
+        )
+        .map_err(StoreError::WriterThread)?;
+        let pool = SqlitePoolOptions::new()
+            .test_before_acquire(false)
+            .connect_with(options)
+            .await?;
+        tracing::debug!(url, "connected to SQLite");
+        Ok(Db::Sqlite { pool, writer })
     }
 
     /// Brings the schema up to date; safe to run on every start.
@@ -1142,25 +1131,29 @@ mod tests {
             .unwrap()
             .contact_id;
         assert_ne!(new, old);
-        let again = inbound("wamid.stale.2", "hi again", t(3));
-        let out = [said(
-            OutboundContent::text("hello"),
-            Decision::Send {
-                reason: "window open".into(),
-            },
-        )];
-        let err = db
-            .commit_turn(&Turn {
-                inbound: Some(&again),
-                outbound: &out,
-                ..bare_turn(Some(old), &contact, t(3))
-            })
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err, StoreError::UnknownContact { id } if id == old),
-            "{err}"
-        );
+        // A turn with a message and a reply for the contact as loaded with `id`, refused.
+        let refused = async |id: i64, wamid: &str, at: DateTime<Utc>| {
+            let message = inbound(wamid, "hi again", at);
+            let out = [said(
+                OutboundContent::text("hello"),
+                Decision::Send {
+                    reason: "window open".into(),
+                },
+            )];
+            let err = db
+                .commit_turn(&Turn {
+                    inbound: Some(&message),
+                    outbound: &out,
+                    ..bare_turn(Some(id), &contact, at)
+                })
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, StoreError::UnknownContact { id: e } if e == id),
+                "{err}"
+            );
+        };
+        refused(old, "wamid.stale.2", t(3)).await;
         assert!(db.messages(CH, "1555", 10).await.unwrap().is_empty());
 
         // The highest id, deleted, is given to the next contact: the stale id now names
@@ -1177,19 +1170,7 @@ mod tests {
             .unwrap()
             .contact_id;
         assert_eq!(reused, new, "SQLite hands the freed highest id out again");
-        let last = inbound("wamid.stale.3", "hi once more", t(5));
-        let err = db
-            .commit_turn(&Turn {
-                inbound: Some(&last),
-                outbound: &out,
-                ..bare_turn(Some(new), &contact, t(5))
-            })
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err, StoreError::UnknownContact { id } if id == new),
-            "{err}"
-        );
+        refused(new, "wamid.stale.3", t(5)).await;
         assert!(db.messages(CH, "1888", 10).await.unwrap().is_empty());
         let untouched = db.load_conversation(CH, "1888").await.unwrap();
         assert_eq!(untouched.contact.wa_id, "1888");

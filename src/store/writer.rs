@@ -294,16 +294,18 @@ mod tests {
         (writer, pool, dir)
     }
 
-    fn insert(writer: &Writer, v: &str) -> tokio::task::JoinHandle<Result<u64, StoreError>> {
+    /// Runs `sql` (binding `v`) as a job in a task of its own, as a caller would.
+    fn write(
+        writer: &Writer,
+        sql: &'static str,
+        v: &str,
+    ) -> tokio::task::JoinHandle<Result<u64, StoreError>> {
         let (writer, v) = (writer.clone(), v.to_string());
         tokio::spawn(async move {
             writer
                 .run(move |conn| {
                     Box::pin(async move {
-                        let done = sqlx::query("INSERT INTO t (v) VALUES ($1)")
-                            .bind(v)
-                            .execute(conn)
-                            .await?;
+                        let done = sqlx::query(sql).bind(v).execute(conn).await?;
                         Ok(done.rows_affected())
                     })
                 })
@@ -311,20 +313,13 @@ mod tests {
         })
     }
 
+    fn insert(writer: &Writer, v: &str) -> tokio::task::JoinHandle<Result<u64, StoreError>> {
+        write(writer, "INSERT INTO t (v) VALUES ($1)", v)
+    }
+
+    /// A job that breaks its transaction's group (not a constraint: a missing table).
     fn broken(writer: &Writer) -> tokio::task::JoinHandle<Result<u64, StoreError>> {
-        let writer = writer.clone();
-        tokio::spawn(async move {
-            writer
-                .run(|conn| {
-                    Box::pin(async move {
-                        let done = sqlx::query("INSERT INTO nowhere VALUES (1)")
-                            .execute(conn)
-                            .await?;
-                        Ok(done.rows_affected())
-                    })
-                })
-                .await
-        })
+        write(writer, "INSERT INTO nowhere VALUES ($1)", "x")
     }
 
     async fn values(pool: &SqlitePool) -> Vec<String> {
