@@ -14,6 +14,12 @@ use flowgate::diagnostic::Diagnostics;
 use flowgate::domain::{HumanDuration, Inbound, InboundContent, format_duration};
 use flowgate::store::Db;
 
+/// mimalloc instead of the system allocator: a reply allocates in many small pieces across
+/// threads (HTTP buffers, JSON, SQL arguments), and glibc's malloc spent about a third of the
+/// server's runtime threads' time on them under load (see ARCHITECTURE.md, "Decisions").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "flowgate",
