@@ -20,6 +20,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use rusqlite::types::Value;
 use sqlx::error::BoxDynError;
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -31,6 +32,9 @@ use crate::domain::{Contact, Decision, Inbound, Outbound, OutboundContent};
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// An error of a write made directly on the writer's SQLite handle ([`writer`]).
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error(
         "could not migrate the database: {0}; if another (newer) flowgate wrote this database, \
          run that version or point database_url at a new file"
@@ -74,7 +78,15 @@ impl StoreError {
     /// Whether a unique constraint refused the write, e.g. an inbound message stored twice
     /// (WhatsApp redelivers webhooks); callers treat that as "already handled".
     pub fn is_duplicate(&self) -> bool {
-        matches!(self, Self::Database(sqlx::Error::Database(e)) if e.is_unique_violation())
+        use rusqlite::ffi;
+        match self {
+            Self::Database(sqlx::Error::Database(e)) => e.is_unique_violation(),
+            Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.extended_code,
+                ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+            ),
+            _ => false,
+        }
     }
 
     /// Whether the failed write left its transaction as it was: a constraint refused one
@@ -92,6 +104,14 @@ impl StoreError {
                     | ErrorKind::CheckViolation
             ),
             Self::Database(sqlx::Error::Encode(_)) => true,
+            Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                e.code == rusqlite::ErrorCode::ConstraintViolation
+            }
+            Self::Sqlite(
+                rusqlite::Error::ToSqlConversionFailure(_)
+                | rusqlite::Error::InvalidParameterCount(..)
+                | rusqlite::Error::InvalidParameterName(_),
+            ) => true,
             _ => false,
         }
     }
@@ -146,6 +166,48 @@ macro_rules! with_writer {
             Db::Postgres($pool) => $body,
         }
     };
+}
+
+impl Db {
+    /// One writing statement with `$n` parameters (`$n` is `args[n - 1]`), on SQLite's
+    /// writer handle or PostgreSQL's pool; returns the rows it returns.
+    async fn write_rows<T>(&self, sql: String, args: Vec<Value>) -> Result<Vec<T>, StoreError>
+    where
+        T: for<'r> TryFrom<&'r rusqlite::Row<'r>, Error = rusqlite::Error>
+            + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+            + Send
+            + Unpin
+            + 'static,
+    {
+        match self {
+            Db::Sqlite { writer, .. } => writer.query(sql, args).await,
+            Db::Postgres(pool) => Ok(sqlx::query_as_with(&sql, pg_arguments(&args)?)
+                .fetch_all(pool)
+                .await?),
+        }
+    }
+
+    /// [`Db::write_rows`] for a statement that returns no rows.
+    async fn write(&self, sql: String, args: Vec<Value>) -> Result<(), StoreError> {
+        self.write_rows::<()>(sql, args).await.map(drop)
+    }
+}
+
+/// `args` as PostgreSQL arguments.
+fn pg_arguments(args: &[Value]) -> Result<sqlx::postgres::PgArguments, StoreError> {
+    use sqlx::Arguments as _;
+    let mut out = sqlx::postgres::PgArguments::default();
+    for value in args {
+        match value {
+            Value::Null => out.add(None::<i64>),
+            Value::Integer(i) => out.add(*i),
+            Value::Real(f) => out.add(*f),
+            Value::Text(s) => out.add(s.clone()),
+            Value::Blob(b) => out.add(b.clone()),
+        }
+        .map_err(|e| StoreError::Corrupt(format!("a value does not bind: {e}")))?;
+    }
+    Ok(out)
 }
 
 // After the macros, so the submodules can use them.

@@ -13,9 +13,10 @@
 //! the same contact waits for a retry. Statuses, errors and the rest carry no such order.
 
 use chrono::{DateTime, Utc};
-use sqlx::Connection as _;
+use rusqlite::types::Value;
 
-use super::{Db, StoreError, from_millis, placeholders};
+use super::writer::bind_numbered;
+use super::{Db, StoreError, from_millis, pg_arguments, placeholders};
 
 /// Kinds that belong to a contact's conversation and are processed in order per contact.
 pub const ORDERED_KINDS: [&str; 3] = ["message", "system", "user_preference"];
@@ -168,39 +169,53 @@ impl Db {
             statements.push((sql, chunk_index * INSERT_CHUNK, chunk.len()));
         }
         let count = rows.len() as u64;
-        let keys: Vec<[String; 3]> = rows
-            .iter()
-            .map(|r| [r.channel.clone(), r.dedupe_key.clone(), r.kind.clone()])
-            .collect();
-        let contacts: Vec<Option<String>> = rows.iter().map(|r| r.contact_key.clone()).collect();
-        let inserted: u64 = with_writer!(self, |pool| {
-            let query = |i: usize| {
-                let (sql, offset, len) = &statements[i];
-                let mut query = sqlx::query(sql.as_str()).bind(now);
-                for row in *offset..offset + len {
-                    let [channel, dedupe_key, kind] = &keys[row];
-                    query = query
-                        .bind(channel.as_str())
-                        .bind(dedupe_key.as_str())
-                        .bind(kind.as_str())
-                        .bind(contacts[row].as_deref())
-                        .bind(payloads[row].as_str());
+        // Each statement's parameters: the time, then five per row.
+        let statements: Vec<(String, Vec<Value>)> = statements
+            .into_iter()
+            .map(|(sql, offset, len)| {
+                let mut args = Vec::with_capacity(1 + len * 5);
+                args.push(Value::Integer(now));
+                for (row, payload) in rows[offset..offset + len]
+                    .iter()
+                    .zip(&payloads[offset..offset + len])
+                {
+                    args.push(Value::Text(row.channel.clone()));
+                    args.push(Value::Text(row.dedupe_key.clone()));
+                    args.push(Value::Text(row.kind.clone()));
+                    args.push(row.contact_key.clone().into());
+                    args.push(Value::Text(payload.clone()));
                 }
-                query
-            };
-            // One statement is atomic by itself: no BEGIN and COMMIT to wait for.
-            if statements.len() == 1 {
-                query(0).execute(pool).await?.rows_affected()
-            } else {
+                (sql, args)
+            })
+            .collect();
+        // All statements in one job (SQLite) or transaction (PostgreSQL): all rows or none.
+        let inserted: u64 = match self {
+            Db::Sqlite { writer, .. } => {
+                writer
+                    .run_raw(move |conn| {
+                        let mut inserted = 0;
+                        for (sql, args) in &statements {
+                            let mut statement = conn.prepare_cached(sql)?;
+                            bind_numbered(&mut statement, args)?;
+                            inserted += statement.raw_execute()? as u64;
+                        }
+                        Ok(inserted)
+                    })
+                    .await?
+            }
+            Db::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
                 let mut inserted = 0;
-                for i in 0..statements.len() {
-                    inserted += query(i).execute(&mut *tx).await?.rows_affected();
+                for (sql, args) in &statements {
+                    inserted += sqlx::query_with(sql, pg_arguments(args)?)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
                 }
                 tx.commit().await?;
                 inserted
             }
-        });
+        };
         Ok(Stored {
             stored: inserted,
             duplicates: count - inserted,
@@ -284,13 +299,10 @@ impl Db {
                 "UPDATE inbox SET processed_at = $1 WHERE id IN ({})",
                 placeholders(2, chunk.len())
             );
-            with_writer!(self, own(chunk), |pool| {
-                let mut query = sqlx::query(&sql).bind(now);
-                for id in chunk.iter() {
-                    query = query.bind(id);
-                }
-                query.execute(pool).await?;
-            });
+            let mut args = Vec::with_capacity(1 + chunk.len());
+            args.push(Value::Integer(now));
+            args.extend(chunk.iter().map(|id| Value::Integer(*id)));
+            self.write(sql, args).await?;
         }
         Ok(())
     }

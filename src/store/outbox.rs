@@ -14,6 +14,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use rusqlite::types::Value;
 use serde::Deserialize as _;
 
 use super::{Db, StoreError, from_millis, placeholders};
@@ -194,18 +195,14 @@ impl Db {
             return Ok(Vec::new());
         }
         let update = claim_update(candidates.len());
-        let ids: Vec<i64> = candidates.iter().map(|(id, _)| *id).collect();
-        let mut rows: Vec<ClaimRaw> = with_writer!(self, own(channel, lease_owner), |pool| {
-            let mut query = sqlx::query_as(&update)
-                .bind(channel)
-                .bind(now_ms)
-                .bind(lease_ms)
-                .bind(lease_owner);
-            for id in &ids[..] {
-                query = query.bind(*id);
-            }
-            query.fetch_all(pool).await?
-        });
+        let mut args = vec![
+            Value::Text(channel.to_owned()),
+            Value::Integer(now_ms),
+            Value::Integer(lease_ms),
+            Value::Text(lease_owner.to_owned()),
+        ];
+        args.extend(candidates.iter().map(|(id, _)| Value::Integer(*id)));
+        let mut rows: Vec<ClaimRaw> = self.write_rows(update, args).await?;
         rows.sort_by_key(|r| r.0);
 
         let lease_until = from_millis(lease_ms, "messages.lease_until")?;
@@ -288,15 +285,17 @@ impl Db {
                 WHERE direction = 'out' AND id IN ({ids}) \
                 RETURNING id"
             );
-            let chunk: Vec<(i64, String)> =
-                chunk.iter().map(|(id, w)| (*id, (*w).to_owned())).collect();
-            let ids: Vec<i64> = with_writer!(self, |pool| {
-                let mut query = sqlx::query_scalar(&sql).bind(now.timestamp_millis());
-                for (id, wamid) in &chunk[..] {
-                    query = query.bind(*id).bind(wamid.as_str());
-                }
-                query.fetch_all(pool).await?
-            });
+            let mut args = Vec::with_capacity(1 + 2 * chunk.len());
+            args.push(Value::Integer(now.timestamp_millis()));
+            for (id, wamid) in chunk {
+                args.push(Value::Integer(*id));
+                args.push(Value::Text((*wamid).to_owned()));
+            }
+            let ids = self
+                .write_rows::<(i64,)>(sql, args)
+                .await?
+                .into_iter()
+                .map(|(id,)| id);
             done.extend(ids);
         }
         Ok(done)

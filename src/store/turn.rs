@@ -1,22 +1,22 @@
 //! [`Db::commit_turn`]: everything one engine turn changes, in one transaction.
 //!
 //! The turn's statements (contact, session, the queue, the inbound and outbound messages,
-//! timers) are written as one SQL batch with absolutely numbered parameters (`$1`, `$2`, …
-//! shared by every statement), and SQLite runs the whole batch, inside a savepoint, in one
-//! call on the writer's connection. A statement at a time would cost a thread hand-off
-//! each, and the writer connection is the one place every turn waits for (see [`Db`]).
-//! Statements after the first find the contact by `(channel, wa_id)`, so a contact created
-//! by this very turn needs no round trip for its id.
+//! timers) are written as one batch with absolutely numbered parameters (`$1`, `$2`, …
+//! shared by every statement), run as one raw job on the writer's thread (see
+//! [`super::writer`]): its statements cost no thread hand-off, and the writer connection is
+//! the one place every turn waits for (see [`Db`]). Statements after the first find the
+//! contact by `(channel, wa_id)`, so a contact created by this very turn needs no round trip
+//! for its id.
 //!
 //! Rows come back tagged: `(0, contact id)`, `(1, outbound id)`, `(2, dequeued id)`.
 
 use std::fmt::Write as _;
 
-use sqlx::Arguments as _;
-use sqlx::sqlite::SqliteArguments;
+use rusqlite::types::Value;
 
 use crate::domain::{Decision, Inbound, Outbound};
 
+use super::writer::bind_numbered;
 use super::{CommittedTurn, Db, RECEIVED, StoreError, Turn, Writer, outbound_kind};
 
 /// The contact the turn is about, for every statement after the upsert.
@@ -34,35 +34,29 @@ const GUARD_FAILS_ON: [&str; 2] = ["contacts.channel", "messages.contact_id"];
 /// runs inside `SAVEPOINT turn` and is rolled back to it when it fails; if even that fails,
 /// the error says so and the writer treats its connection as broken.
 async fn run_batch(writer: &Writer, batch: Batch) -> Result<Vec<(i64, i64)>, StoreError> {
-    let savepoint = batch.savepoint;
-    let sql = match savepoint {
-        true => format!("SAVEPOINT turn;\n{}RELEASE turn;", batch.sql),
-        false => batch.sql,
-    };
-    let args = batch.args;
     writer
-        .run(move |conn| {
-            Box::pin(async move {
-                let result = sqlx::query_as_with(&sql, args).fetch_all(&mut *conn).await;
-                if result.is_err()
-                    && savepoint
-                    && let Err(e) = sqlx::query("ROLLBACK TO turn; RELEASE turn;")
-                        .execute(&mut *conn)
-                        .await
-                {
-                    return Err(StoreError::Database(e));
-                }
-                Ok(result?)
-            })
+        .run_raw(move |conn| {
+            if batch.savepoint {
+                conn.execute_batch("SAVEPOINT turn")?;
+            }
+            let result = batch.run(conn);
+            if batch.savepoint {
+                let end = match result {
+                    Ok(_) => "RELEASE turn",
+                    Err(_) => "ROLLBACK TO turn; RELEASE turn",
+                };
+                conn.execute_batch(end)?;
+            }
+            result
         })
         .await
 }
 
 /// A growing SQL batch and its parameters.
 struct Batch {
-    sql: String,
-    args: SqliteArguments<'static>,
-    count: usize,
+    /// The statements, each with absolutely numbered parameters (`$n` is `args[n - 1]`).
+    statements: Vec<String>,
+    args: Vec<Value>,
     /// A statement after the first write can fail: the batch needs a savepoint.
     savepoint: bool,
 }
@@ -70,28 +64,37 @@ struct Batch {
 impl Batch {
     fn new() -> Self {
         Self {
-            sql: String::with_capacity(2048),
-            args: SqliteArguments::default(),
-            count: 0,
+            statements: Vec::with_capacity(8),
+            args: Vec::with_capacity(32),
             savepoint: false,
         }
     }
 
     /// Adds a parameter and returns its placeholder (`$n`).
-    fn param<T>(&mut self, value: T) -> Result<String, StoreError>
-    where
-        T: sqlx::Encode<'static, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite> + 'static,
-    {
-        self.args
-            .add(value)
-            .map_err(|e| StoreError::Corrupt(format!("a value does not bind: {e}")))?;
-        self.count += 1;
-        Ok(format!("${}", self.count))
+    fn param(&mut self, value: impl Into<Value>) -> Result<String, StoreError> {
+        self.args.push(value.into());
+        Ok(format!("${}", self.args.len()))
     }
 
     fn statement(&mut self, sql: &str) {
-        self.sql.push_str(sql);
-        self.sql.push_str(";\n");
+        self.statements.push(sql.to_string());
+    }
+
+    /// Runs the statements in order; returns the rows they return (two integers each).
+    fn run(&self, conn: &rusqlite::Connection) -> Result<Vec<(i64, i64)>, StoreError> {
+        let mut out = Vec::new();
+        for sql in &self.statements {
+            let mut statement = conn.prepare_cached(sql)?;
+            bind_numbered(&mut statement, &self.args)?;
+            let returns = statement.column_count() == 2;
+            let mut rows = statement.raw_query();
+            while let Some(row) = rows.next()? {
+                if returns {
+                    out.push((row.get(0)?, row.get(1)?));
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -105,9 +108,9 @@ impl Db {
             Db::Sqlite { writer, .. } => {
                 let rows = run_batch(writer, batch).await.map_err(|e| match e {
                     // The contact id the caller loaded no longer names this contact.
-                    StoreError::Database(sqlx::Error::Database(db))
+                    StoreError::Sqlite(rusqlite::Error::SqliteFailure(_, Some(message)))
                         if turn.contact_id.is_some()
-                            && GUARD_FAILS_ON.iter().any(|m| db.message().contains(m)) =>
+                            && GUARD_FAILS_ON.iter().any(|m| message.contains(m)) =>
                     {
                         StoreError::UnknownContact {
                             id: turn.contact_id.unwrap_or_default(),

@@ -19,18 +19,30 @@
 //! * **Jobs run to the end.** A caller that stops waiting (a timeout, a shutdown) does not
 //!   stop its job half-way, so no transaction is ever left open on the connection.
 //!
+//! * **Hot writes skip sqlx's worker thread.** sqlx runs each SQLite connection on a worker
+//!   thread of its own and hands it every statement through a channel: two thread switches
+//!   per statement, which under load cost the writer more than SQLite did. A *raw* job
+//!   ([`Writer::run_raw`], [`Writer::query`]) instead runs on this thread, directly on the
+//!   connection's SQLite handle (through rusqlite, while sqlx's `lock_handle` keeps sqlx's
+//!   worker off it). The raw jobs of a group run first, together, under one lock; a group
+//!   of raw jobs only also begins and commits on the handle, so it costs one hand-off in
+//!   all. The hot writes (webhook updates, turns, claims, recorded sends, finished inbox
+//!   rows) are raw; the rest stay on sqlx.
+//!
 //! A job is a closure over data it owns (`'static`): it gets the connection, runs its
 //! statements, and returns its result. Every job runs inside a transaction (its group's,
-//! even when it is alone), so a job's statements commit together. Jobs must not begin or
-//! commit transactions with plain `BEGIN`/`COMMIT` text; `Connection::begin` works (sqlx
-//! makes it a savepoint), and so does `SAVEPOINT`/`RELEASE` text. A job that can fail on a
-//! constraint after it has written must undo its own writes (a savepoint); one whose only
-//! statement that can fail is its first needs nothing.
+//! even when it is alone), so a job's statements commit together. Jobs of one group have no
+//! order between them (raw jobs run first); a caller's own jobs run in the order it awaits
+//! them. Jobs must not begin or commit transactions with plain `BEGIN`/`COMMIT` text;
+//! `Connection::begin` works (sqlx makes it a savepoint), and so does `SAVEPOINT`/`RELEASE`
+//! text. A job that can fail on a constraint after it has written must undo its own writes
+//! (a savepoint); one whose only statement that can fail is its first needs nothing.
 
 use std::future::Future;
 use std::pin::Pin;
 
-use sqlx::sqlite::SqliteConnectOptions;
+use rusqlite::types::Value;
+use sqlx::sqlite::{LockedSqliteHandle, SqliteConnectOptions};
 use sqlx::{Connection as _, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
@@ -57,7 +69,16 @@ enum Failure {
     Transaction,
 }
 
-type Job = Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Ran> + Send>;
+/// A job on the connection through sqlx.
+type SqlxJob = Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Ran> + Send>;
+
+/// A job on the connection's SQLite handle, called directly on the writer thread.
+type RawJob = Box<dyn FnOnce(&rusqlite::Connection) -> Ran + Send>;
+
+enum Job {
+    Sqlx(SqlxJob),
+    Raw(RawJob),
+}
 
 enum Command {
     Run(Job),
@@ -102,25 +123,24 @@ impl Writer {
             + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
-            Box::pin(async move {
-                let result = work(conn).await;
-                let failed = match &result {
-                    Ok(_) => None,
-                    Err(e) if e.is_statement_error() => Some(Failure::Statement),
-                    Err(_) => Some(Failure::Transaction),
-                };
-                Ran {
-                    failed,
-                    reply: Box::new(move |group_error: Option<StoreError>| {
-                        let _ = tx.send(match group_error {
-                            Some(e) if result.is_ok() => Err(e),
-                            _ => result,
-                        });
-                    }),
-                }
-            })
-        });
+        let job = Job::Sqlx(Box::new(move |conn| {
+            Box::pin(async move { Ran::new(work(conn).await, tx) })
+        }));
+        self.jobs
+            .send(Command::Run(job))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `work` directly on the connection's SQLite handle (through rusqlite), on the
+    /// writer thread, and returns its result once it is committed.
+    pub async fn run_raw<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job = Job::Raw(Box::new(move |conn| Ran::new(work(conn), tx)));
         self.jobs
             .send(Command::Run(job))
             .map_err(|_| StoreError::Closed)?;
@@ -137,12 +157,77 @@ impl Writer {
     }
 }
 
+impl Writer {
+    /// Runs one statement with `$n` parameters on the handle; returns its rows.
+    pub async fn query<T>(&self, sql: String, args: Vec<Value>) -> Result<Vec<T>, StoreError>
+    where
+        T: for<'r> TryFrom<&'r rusqlite::Row<'r>, Error = rusqlite::Error> + Send + 'static,
+    {
+        self.run_raw(move |db| {
+            let mut statement = db.prepare_cached(&sql)?;
+            bind_numbered(&mut statement, &args)?;
+            let mut rows = statement.raw_query();
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                out.push(T::try_from(row)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+impl Ran {
+    fn new<T: Send + 'static>(
+        result: Result<T, StoreError>,
+        tx: oneshot::Sender<Result<T, StoreError>>,
+    ) -> Self {
+        let failed = match &result {
+            Ok(_) => None,
+            Err(e) if e.is_statement_error() => Some(Failure::Statement),
+            Err(_) => Some(Failure::Transaction),
+        };
+        Ran {
+            failed,
+            reply: Box::new(move |group_error: Option<StoreError>| {
+                let _ = tx.send(match group_error {
+                    Some(e) if result.is_ok() => Err(e),
+                    _ => result,
+                });
+            }),
+        }
+    }
+}
+
+/// Binds a statement's `$n` parameters to `args[n - 1]`. SQLite numbers named parameters
+/// in the order they first appear, so `$n` is found by its name, not its position.
+pub(crate) fn bind_numbered(
+    statement: &mut rusqlite::Statement<'_>,
+    args: &[Value],
+) -> Result<(), StoreError> {
+    for index in 1..=statement.parameter_count() {
+        let value = statement
+            .parameter_name(index)
+            .and_then(|name| name.strip_prefix('$'))
+            .and_then(|n| n.parse::<usize>().ok())
+            .and_then(|n| args.get(n.checked_sub(1)?))
+            .ok_or_else(|| {
+                rusqlite::Error::InvalidParameterName(
+                    statement.parameter_name(index).unwrap_or("?").to_string(),
+                )
+            })?;
+        statement.raw_bind_parameter(index, value)?;
+    }
+    Ok(())
+}
+
 /// The writer thread's loop: take what is queued, run it, commit, answer.
 async fn drive(
     mut conn: SqliteConnection,
     options: SqliteConnectOptions,
     mut queue: mpsc::UnboundedReceiver<Command>,
 ) {
+    let mut raw = RawView::default();
     let mut closing = None;
     let mut group: Vec<Job> = Vec::with_capacity(GROUP_MAX);
     while closing.is_none() {
@@ -162,16 +247,18 @@ async fn drive(
         // again in a new transaction, on a new connection.
         while !group.is_empty() {
             let before = group.len();
-            if run_group(&mut conn, &mut group).await {
+            if run_group(&mut conn, &mut raw, &mut group).await {
                 continue;
             }
             if group.len() == before {
                 // Not even BEGIN worked: wait a little before the next try.
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
+            raw.release(&mut conn).await;
             conn = reconnect(conn, &options).await;
         }
     }
+    raw.release(&mut conn).await;
     if let Err(e) = conn.close().await {
         tracing::warn!(error = %e, "closing the database's writer connection failed");
     }
@@ -180,50 +267,181 @@ async fn drive(
     }
 }
 
+/// rusqlite's view of the writer connection's SQLite handle, kept for its statement cache.
+/// It is used only while the handle is locked out of sqlx's worker thread
+/// ([`RawView::get`] takes the lock as proof), and dropped before the connection closes.
+#[derive(Default)]
+struct RawView(Option<rusqlite::Connection>);
+
+/// Statements kept prepared: every shape of the hot writes, with room to spare.
+const STATEMENT_CACHE: usize = 256;
+
+impl RawView {
+    fn get<'a>(
+        &'a mut self,
+        locked: &'a mut LockedSqliteHandle<'_>,
+    ) -> Result<&'a rusqlite::Connection, rusqlite::Error> {
+        if self.0.is_none() {
+            // SAFETY: the handle stays open until `release`, which drops this view first;
+            // the view does not close the handle, and it is only ever used while `locked`
+            // keeps sqlx's worker off the handle (the borrow ties every use to the lock).
+            let raw =
+                unsafe { rusqlite::Connection::from_handle(locked.as_raw_handle().as_ptr()) }?;
+            raw.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+            self.0 = Some(raw);
+        }
+        Ok(self.0.as_ref().expect("just set"))
+    }
+
+    /// Finalizes the cached statements (before `conn` closes or is replaced).
+    async fn release(&mut self, conn: &mut SqliteConnection) {
+        let Some(raw) = self.0.take() else { return };
+        // Finalizing touches the handle: under the lock, or with sqlx's worker gone.
+        let locked = conn.lock_handle().await;
+        drop(raw);
+        drop(locked);
+    }
+}
+
 /// Runs `jobs` in one transaction and answers each after the commit (or the rollback).
 /// Jobs it did not start stay in `jobs`. Returns `false` when the group broke or could not
 /// begin: the connection's transaction state is then unknown, and it must be opened again.
-async fn run_group(conn: &mut SqliteConnection, jobs: &mut Vec<Job>) -> bool {
-    let mut tx = match conn.begin().await {
-        Ok(tx) => tx,
-        Err(e) => {
-            tracing::error!(error = %e, "the database's writer could not begin a transaction; opening it again");
-            return false;
-        }
-    };
-    let mut ran = Vec::with_capacity(jobs.len());
-    let mut broken = false;
-    let mut started = 0;
-    let mut pending = std::mem::take(jobs).into_iter();
-    for job in pending.by_ref() {
-        started += 1;
-        let outcome = job(&mut tx).await;
-        broken = outcome.failed == Some(Failure::Transaction);
-        ran.push(outcome);
-        if broken {
-            break;
-        }
-    }
-    jobs.extend(pending);
-    debug_assert_eq!(started, ran.len());
-    let group_error = if broken {
-        // Whatever the group wrote goes, and each job in it hears that it failed.
-        let _ = tx.rollback().await;
-        Some("another write in its group commit failed, so none of the group was written")
+///
+/// Raw jobs run first, together, under one lock of the handle. A group of raw jobs only
+/// (the usual case: the hot writes are raw) also begins and commits on the handle, so the
+/// whole group costs one hand-off to sqlx's worker thread instead of one per statement.
+async fn run_group(conn: &mut SqliteConnection, raw: &mut RawView, jobs: &mut Vec<Job>) -> bool {
+    jobs.sort_by_key(|job| matches!(job, Job::Sqlx(_)));
+    let all_raw = jobs.iter().all(|job| matches!(job, Job::Raw(_)));
+    let mut pending = std::mem::take(jobs).into_iter().peekable();
+    let mut ran = Vec::with_capacity(pending.len());
+    let (begun, group_error) = if all_raw {
+        run_raw_group(conn, raw, &mut pending, &mut ran).await
     } else {
-        match tx.commit().await {
-            Ok(()) => None,
-            Err(e) => {
-                tracing::error!(error = %e, "a group commit failed; its writes are undone");
-                broken = true;
-                Some("the group commit failed, so none of the group was written")
-            }
-        }
+        run_mixed_group(conn, raw, &mut pending, &mut ran).await
     };
+    jobs.extend(pending);
+    let broken = !begun || group_error.is_some();
     for outcome in ran {
         (outcome.reply)(group_error.map(|reason| StoreError::GroupFailed(reason.into())));
     }
     !broken
+}
+
+type Pending = std::iter::Peekable<std::vec::IntoIter<Job>>;
+
+/// Why a group's jobs all failed.
+const GROUP_BROKE: &str =
+    "another write in its group commit failed, so none of the group was written";
+const COMMIT_FAILED: &str = "the group commit failed, so none of the group was written";
+
+/// A group of raw jobs, begun and committed on the locked handle. Returns whether it began,
+/// and the group's error if it did not commit.
+async fn run_raw_group(
+    conn: &mut SqliteConnection,
+    raw: &mut RawView,
+    pending: &mut Pending,
+    ran: &mut Vec<Ran>,
+) -> (bool, Option<&'static str>) {
+    let mut locked = match conn.lock_handle().await {
+        Ok(locked) => locked,
+        Err(e) => {
+            tracing::error!(error = %e, "the database's writer could not reach its connection; opening it again");
+            return (false, None);
+        }
+    };
+    let db = match raw.get(&mut locked) {
+        Ok(db) => db,
+        Err(e) => {
+            tracing::error!(error = %e, "the database's writer could not use its connection; opening it again");
+            return (false, None);
+        }
+    };
+    if let Err(e) = db.execute_batch("BEGIN IMMEDIATE") {
+        tracing::error!(error = %e, "the database's writer could not begin a transaction; opening it again");
+        return (false, None);
+    }
+    if run_raw_jobs(db, pending, ran) {
+        let _ = db.execute_batch("ROLLBACK");
+        return (true, Some(GROUP_BROKE));
+    }
+    match db.execute_batch("COMMIT") {
+        Ok(()) => (true, None),
+        Err(e) => {
+            tracing::error!(error = %e, "a group commit failed; its writes are undone");
+            let _ = db.execute_batch("ROLLBACK");
+            (true, Some(COMMIT_FAILED))
+        }
+    }
+}
+
+/// A group with sqlx jobs: begun and committed through sqlx, its raw jobs under one lock.
+async fn run_mixed_group(
+    conn: &mut SqliteConnection,
+    raw: &mut RawView,
+    pending: &mut Pending,
+    ran: &mut Vec<Ran>,
+) -> (bool, Option<&'static str>) {
+    let mut tx = match conn.begin().await {
+        Ok(tx) => tx,
+        Err(e) => {
+            tracing::error!(error = %e, "the database's writer could not begin a transaction; opening it again");
+            return (false, None);
+        }
+    };
+    let mut broken = false;
+    if matches!(pending.peek(), Some(Job::Raw(_))) {
+        broken = match tx.lock_handle().await {
+            Ok(mut locked) => match raw.get(&mut locked) {
+                Ok(db) => run_raw_jobs(db, pending, ran),
+                Err(e) => {
+                    tracing::error!(error = %e, "the database's writer could not use its connection");
+                    true
+                }
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "the database's writer could not reach its connection");
+                true
+            }
+        };
+    }
+    while !broken && let Some(Job::Sqlx(_)) = pending.peek() {
+        let Some(Job::Sqlx(job)) = pending.next() else {
+            unreachable!("just peeked")
+        };
+        let outcome = job(&mut tx).await;
+        broken = outcome.failed == Some(Failure::Transaction);
+        ran.push(outcome);
+    }
+    if broken {
+        // Whatever the group wrote goes, and each job in it hears that it failed.
+        let _ = tx.rollback().await;
+        return (true, Some(GROUP_BROKE));
+    }
+    match tx.commit().await {
+        Ok(()) => (true, None),
+        Err(e) => {
+            tracing::error!(error = %e, "a group commit failed; its writes are undone");
+            (true, Some(COMMIT_FAILED))
+        }
+    }
+}
+
+/// Runs the raw jobs at the front of `pending`; `true` when one broke the transaction (the
+/// jobs after it stay in `pending`).
+fn run_raw_jobs(db: &rusqlite::Connection, pending: &mut Pending, ran: &mut Vec<Ran>) -> bool {
+    while let Some(Job::Raw(_)) = pending.peek() {
+        let Some(Job::Raw(job)) = pending.next() else {
+            unreachable!("just peeked")
+        };
+        let outcome = job(db);
+        let broken = outcome.failed == Some(Failure::Transaction);
+        ran.push(outcome);
+        if broken {
+            return true;
+        }
+    }
+    false
 }
 
 /// Closes a connection in an unknown state (an open transaction is rolled back) and opens
@@ -294,14 +512,39 @@ mod tests {
         (writer, pool, dir)
     }
 
-    /// Runs `sql` (binding `v`) as a job in a task of its own, as a caller would.
+    /// How a test's jobs reach the connection: through sqlx, on the handle, or alternating
+    /// (groups mixing both).
+    #[derive(Clone, Copy, Debug)]
+    enum Mode {
+        Sqlx,
+        Raw,
+        Mixed,
+    }
+
+    const MODES: [Mode; 3] = [Mode::Sqlx, Mode::Raw, Mode::Mixed];
+
+    /// Runs `sql` (binding `v`) as a job in a task of its own, as a caller would: the `n`th
+    /// job of a test in `mode`.
     fn write(
         writer: &Writer,
         sql: &'static str,
         v: &str,
+        mode: Mode,
+        n: usize,
     ) -> tokio::task::JoinHandle<Result<u64, StoreError>> {
         let (writer, v) = (writer.clone(), v.to_string());
+        let raw = match mode {
+            Mode::Sqlx => false,
+            Mode::Raw => true,
+            Mode::Mixed => n % 2 == 1,
+        };
         tokio::spawn(async move {
+            if raw {
+                let rows = writer
+                    .run_raw(move |db| Ok(db.execute(sql, [v])? as u64))
+                    .await?;
+                return Ok(rows);
+            }
             writer
                 .run(move |conn| {
                     Box::pin(async move {
@@ -313,13 +556,22 @@ mod tests {
         })
     }
 
-    fn insert(writer: &Writer, v: &str) -> tokio::task::JoinHandle<Result<u64, StoreError>> {
-        write(writer, "INSERT INTO t (v) VALUES ($1)", v)
+    fn insert(
+        writer: &Writer,
+        v: &str,
+        mode: Mode,
+        n: usize,
+    ) -> tokio::task::JoinHandle<Result<u64, StoreError>> {
+        write(writer, "INSERT INTO t (v) VALUES ($1)", v, mode, n)
     }
 
     /// A job that breaks its transaction's group (not a constraint: a missing table).
-    fn broken(writer: &Writer) -> tokio::task::JoinHandle<Result<u64, StoreError>> {
-        write(writer, "INSERT INTO nowhere VALUES ($1)", "x")
+    fn broken(
+        writer: &Writer,
+        mode: Mode,
+        n: usize,
+    ) -> tokio::task::JoinHandle<Result<u64, StoreError>> {
+        write(writer, "INSERT INTO nowhere VALUES ($1)", "x", mode, n)
     }
 
     async fn values(pool: &SqlitePool) -> Vec<String> {
@@ -336,69 +588,83 @@ mod tests {
 
     #[tokio::test]
     async fn queued_jobs_commit_together_and_each_hears_its_own_result() {
-        let (writer, pool, _dir) = setup().await;
-        let release = writer.hold().await;
-        let calls: Vec<_> = (0..50)
-            .map(|i| insert(&writer, &format!("v{i:02}")))
-            .collect();
-        let duplicate = insert(&writer, "v07");
-        queued().await;
-        assert!(
-            values(&pool).await.is_empty(),
-            "nothing runs while the writer is held"
-        );
-        release.send(()).unwrap();
-        for call in calls {
-            assert_eq!(call.await.unwrap().unwrap(), 1);
+        for mode in MODES {
+            let (writer, pool, _dir) = setup().await;
+            let release = writer.hold().await;
+            let calls: Vec<_> = (0..50)
+                .map(|i| insert(&writer, &format!("v{i:02}"), mode, i))
+                .collect();
+            // Each the same kind of job as the one it repeats (in a mixed group, raw jobs run
+            // first: jobs of one group have no order between them, only their callers').
+            let duplicates = [
+                insert(&writer, "v07", mode, 7),
+                insert(&writer, "v08", mode, 8),
+            ];
+            queued().await;
+            assert!(
+                values(&pool).await.is_empty(),
+                "nothing runs while the writer is held"
+            );
+            release.send(()).unwrap();
+            for call in calls {
+                assert_eq!(call.await.unwrap().unwrap(), 1, "{mode:?}");
+            }
+            // A constraint refuses one statement; the rest of its group stands.
+            for duplicate in duplicates {
+                let err = duplicate.await.unwrap().unwrap_err();
+                assert!(err.is_duplicate(), "{mode:?}: {err}");
+            }
+            assert_eq!(values(&pool).await.len(), 50, "{mode:?}");
         }
-        // A constraint refuses one statement; the rest of its group stands.
-        let err = duplicate.await.unwrap().unwrap_err();
-        assert!(err.is_duplicate(), "{err}");
-        assert_eq!(values(&pool).await.len(), 50);
     }
 
     #[tokio::test]
     async fn a_broken_job_undoes_its_group_and_the_writer_goes_on() {
-        let (writer, pool, _dir) = setup().await;
-        let release = writer.hold().await;
-        let before = insert(&writer, "before");
-        queued().await;
-        let bad = broken(&writer);
-        queued().await;
-        let after = insert(&writer, "after");
-        queued().await;
-        release.send(()).unwrap();
+        // In a mixed group the raw jobs run first: the raw one comes before the broken one.
+        for mode in MODES {
+            let (writer, pool, _dir) = setup().await;
+            let release = writer.hold().await;
+            let before = insert(&writer, "before", mode, 1);
+            queued().await;
+            let bad = broken(&writer, mode, 0);
+            queued().await;
+            let after = insert(&writer, "after", mode, 0);
+            queued().await;
+            release.send(()).unwrap();
 
-        let err = before.await.unwrap().unwrap_err();
-        assert!(matches!(err, StoreError::GroupFailed(_)), "{err}");
-        assert!(err.to_string().contains("write it again"), "{err}");
-        let err = bad.await.unwrap().unwrap_err();
-        assert!(err.to_string().contains("no such table"), "{err}");
-        // Queued behind the broken job, it runs on its own once the group is undone.
-        assert_eq!(after.await.unwrap().unwrap(), 1);
-        assert_eq!(values(&pool).await, ["after"]);
-        assert_eq!(insert(&writer, "later").await.unwrap().unwrap(), 1);
-        assert_eq!(values(&pool).await, ["after", "later"]);
+            let err = before.await.unwrap().unwrap_err();
+            assert!(matches!(err, StoreError::GroupFailed(_)), "{mode:?}: {err}");
+            assert!(err.to_string().contains("write it again"), "{err}");
+            let err = bad.await.unwrap().unwrap_err();
+            assert!(err.to_string().contains("no such table"), "{mode:?}: {err}");
+            // Queued behind the broken job, it runs on its own once the group is undone.
+            assert_eq!(after.await.unwrap().unwrap(), 1, "{mode:?}");
+            assert_eq!(values(&pool).await, ["after"], "{mode:?}");
+            assert_eq!(insert(&writer, "later", mode, 1).await.unwrap().unwrap(), 1);
+            assert_eq!(values(&pool).await, ["after", "later"], "{mode:?}");
+        }
     }
 
     #[tokio::test]
     async fn a_caller_that_stops_waiting_does_not_stop_its_job() {
-        let (writer, pool, _dir) = setup().await;
-        let release = writer.hold().await;
-        let call = insert(&writer, "orphan");
-        queued().await;
-        call.abort();
-        assert!(call.await.unwrap_err().is_cancelled());
-        release.send(()).unwrap();
-        assert_eq!(insert(&writer, "next").await.unwrap().unwrap(), 1);
-        assert_eq!(values(&pool).await, ["next", "orphan"]);
+        for mode in MODES {
+            let (writer, pool, _dir) = setup().await;
+            let release = writer.hold().await;
+            let call = insert(&writer, "orphan", mode, 1);
+            queued().await;
+            call.abort();
+            assert!(call.await.unwrap_err().is_cancelled());
+            release.send(()).unwrap();
+            assert_eq!(insert(&writer, "next", mode, 0).await.unwrap().unwrap(), 1);
+            assert_eq!(values(&pool).await, ["next", "orphan"], "{mode:?}");
+        }
     }
 
     #[tokio::test]
     async fn close_finishes_what_is_queued_then_refuses() {
         let (writer, pool, _dir) = setup().await;
         let release = writer.hold().await;
-        let queued_first = insert(&writer, "queued");
+        let queued_first = insert(&writer, "queued", Mode::Raw, 0);
         queued().await;
         let closing = {
             let writer = writer.clone();
@@ -408,7 +674,10 @@ mod tests {
         release.send(()).unwrap();
         closing.await.unwrap();
         assert_eq!(queued_first.await.unwrap().unwrap(), 1);
-        let err = insert(&writer, "too late").await.unwrap().unwrap_err();
+        let err = insert(&writer, "too late", Mode::Sqlx, 0)
+            .await
+            .unwrap()
+            .unwrap_err();
         assert!(matches!(err, StoreError::Closed), "{err}");
         assert_eq!(values(&pool).await, ["queued"]);
     }
