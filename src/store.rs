@@ -89,7 +89,8 @@ impl StoreError {
         }
     }
 
-    /// Whether the failed write left its transaction as it was: a constraint refused one
+    /// Whether the failed write of a sqlx job left its transaction as it was (a raw job runs
+    /// in a savepoint of its own instead; see [`writer`]): a constraint refused one
     /// statement (SQLite undid just that statement), or a value did not bind (nothing ran).
     /// Anything else may have ended the transaction, or failed after a statement wrote (a
     /// row of `RETURNING` that does not decode), so it counts as breaking it.
@@ -104,14 +105,6 @@ impl StoreError {
                     | ErrorKind::CheckViolation
             ),
             Self::Database(sqlx::Error::Encode(_)) => true,
-            Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
-                e.code == rusqlite::ErrorCode::ConstraintViolation
-            }
-            Self::Sqlite(
-                rusqlite::Error::ToSqlConversionFailure(_)
-                | rusqlite::Error::InvalidParameterCount(..)
-                | rusqlite::Error::InvalidParameterName(_),
-            ) => true,
             _ => false,
         }
     }
@@ -169,21 +162,15 @@ macro_rules! with_writer {
 }
 
 impl Db {
-    /// One writing statement with `$n` parameters (`$n` is `args[n - 1]`), on SQLite's
-    /// writer handle or PostgreSQL's pool; returns the rows it returns.
+    /// One writing statement with `$n` parameters (`$n` is `args[n - 1]`), run on SQLite's
+    /// writer handle; returns the rows it returns.
     async fn write_rows<T>(&self, sql: String, args: Vec<Value>) -> Result<Vec<T>, StoreError>
     where
-        T: for<'r> TryFrom<&'r rusqlite::Row<'r>, Error = rusqlite::Error>
-            + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
-            + Send
-            + Unpin
-            + 'static,
+        T: for<'r> TryFrom<&'r rusqlite::Row<'r>, Error = rusqlite::Error> + Send + 'static,
     {
         match self {
             Db::Sqlite { writer, .. } => writer.query(sql, args).await,
-            Db::Postgres(pool) => Ok(sqlx::query_as_with(&sql, pg_arguments(&args)?)
-                .fetch_all(pool)
-                .await?),
+            Db::Postgres(_) => Err(postgres_writes()),
         }
     }
 
@@ -193,21 +180,10 @@ impl Db {
     }
 }
 
-/// `args` as PostgreSQL arguments.
-fn pg_arguments(args: &[Value]) -> Result<sqlx::postgres::PgArguments, StoreError> {
-    use sqlx::Arguments as _;
-    let mut out = sqlx::postgres::PgArguments::default();
-    for value in args {
-        match value {
-            Value::Null => out.add(None::<i64>),
-            Value::Integer(i) => out.add(*i),
-            Value::Real(f) => out.add(*f),
-            Value::Text(s) => out.add(s.clone()),
-            Value::Blob(b) => out.add(b.clone()),
-        }
-        .map_err(|e| StoreError::Corrupt(format!("a value does not bind: {e}")))?;
-    }
-    Ok(out)
+/// The hot writes (webhook updates, turns, claims, recorded sends) take typed arguments on
+/// PostgreSQL, which arrive with its support; [`Db::connect`] refuses it until then.
+fn postgres_writes() -> StoreError {
+    StoreError::Unsupported("PostgreSQL writes arrive with its migrations".into())
 }
 
 // After the macros, so the submodules can use them.
@@ -1561,6 +1537,44 @@ mod tests {
             Some("{}")
         );
         db.close().await;
+    }
+
+    #[tokio::test]
+    async fn raw_writes_wait_for_an_in_memory_reader() {
+        // In memory, readers share the writer's cache and lock the tables they read while
+        // their transaction lasts: a raw write waits for them (SQLite's unlock-notify), as a
+        // write through sqlx does, instead of failing its group.
+        let db = memory_db().await;
+        let Db::Sqlite { pool, .. } = &db else {
+            unreachable!()
+        };
+        let mut reader = pool.acquire().await.unwrap();
+        sqlx::query("BEGIN").execute(&mut *reader).await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM inbox")
+            .fetch_one(&mut *reader)
+            .await
+            .unwrap();
+        assert_eq!(n, 0);
+        let row = NewInboxRow {
+            channel: CH.into(),
+            dedupe_key: "wamid.locked".into(),
+            kind: "message".into(),
+            contact_key: None,
+            payload: json!({}),
+        };
+        let write = tokio::spawn({
+            let db = db.clone();
+            async move { db.insert_updates(&[row], t(0)).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!write.is_finished(), "the write waits for the reader");
+        sqlx::query("COMMIT").execute(&mut *reader).await.unwrap();
+        let stored = tokio::time::timeout(std::time::Duration::from_secs(5), write)
+            .await
+            .expect("the write goes on once the reader is done")
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.stored, 1);
     }
 
     #[tokio::test]

@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::types::Value;
 
 use super::writer::bind_numbered;
-use super::{Db, StoreError, from_millis, pg_arguments, placeholders};
+use super::{Db, StoreError, from_millis, placeholders, postgres_writes};
 
 /// Kinds that belong to a contact's conversation and are processed in order per contact.
 pub const ORDERED_KINDS: [&str; 3] = ["message", "system", "user_preference"];
@@ -188,7 +188,7 @@ impl Db {
                 (sql, args)
             })
             .collect();
-        // All statements in one job (SQLite) or transaction (PostgreSQL): all rows or none.
+        // All statements in one job: all rows or none.
         let inserted: u64 = match self {
             Db::Sqlite { writer, .. } => {
                 writer
@@ -203,18 +203,7 @@ impl Db {
                     })
                     .await?
             }
-            Db::Postgres(pool) => {
-                let mut tx = pool.begin().await?;
-                let mut inserted = 0;
-                for (sql, args) in &statements {
-                    inserted += sqlx::query_with(sql, pg_arguments(args)?)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
-                }
-                tx.commit().await?;
-                inserted
-            }
+            Db::Postgres(_) => return Err(postgres_writes()),
         };
         Ok(Stored {
             stored: inserted,

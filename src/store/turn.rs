@@ -17,7 +17,9 @@ use rusqlite::types::Value;
 use crate::domain::{Decision, Inbound, Outbound};
 
 use super::writer::bind_numbered;
-use super::{CommittedTurn, Db, RECEIVED, StoreError, Turn, Writer, outbound_kind};
+use super::{
+    CommittedTurn, Db, RECEIVED, StoreError, Turn, Writer, outbound_kind, postgres_writes,
+};
 
 /// The contact the turn is about, for every statement after the upsert.
 const CONTACT: &str = "(SELECT id FROM contacts WHERE channel = $1 AND wa_id = $2)";
@@ -29,36 +31,19 @@ const NOW: &str = "$8";
 /// customer message's.
 const GUARD_FAILS_ON: [&str; 2] = ["contacts.channel", "messages.contact_id"];
 
-/// Runs a turn's batch as one job on the writer (in the writer's transaction, so its
-/// statements commit together). A batch that can fail after it wrote ([`Batch::savepoint`])
-/// runs inside `SAVEPOINT turn` and is rolled back to it when it fails; if even that fails,
-/// the error says so and the writer treats its connection as broken.
+/// Runs a turn's batch as one raw job on the writer: in the writer's transaction, so its
+/// statements commit together, and inside the savepoint the writer gives every raw job, so
+/// a turn that fails half-way leaves nothing behind.
 async fn run_batch(writer: &Writer, batch: Batch) -> Result<Vec<(i64, i64)>, StoreError> {
-    writer
-        .run_raw(move |conn| {
-            if batch.savepoint {
-                conn.execute_batch("SAVEPOINT turn")?;
-            }
-            let result = batch.run(conn);
-            if batch.savepoint {
-                let end = match result {
-                    Ok(_) => "RELEASE turn",
-                    Err(_) => "ROLLBACK TO turn; RELEASE turn",
-                };
-                conn.execute_batch(end)?;
-            }
-            result
-        })
-        .await
+    writer.run_raw(move |conn| batch.run(conn)).await
 }
 
 /// A growing SQL batch and its parameters.
 struct Batch {
-    /// The statements, each with absolutely numbered parameters (`$n` is `args[n - 1]`).
-    statements: Vec<String>,
+    /// The statements, each with absolutely numbered parameters (`$n` is `args[n - 1]`),
+    /// and whether it returns tagged rows.
+    statements: Vec<(String, bool)>,
     args: Vec<Value>,
-    /// A statement after the first write can fail: the batch needs a savepoint.
-    savepoint: bool,
 }
 
 impl Batch {
@@ -66,7 +51,6 @@ impl Batch {
         Self {
             statements: Vec::with_capacity(8),
             args: Vec::with_capacity(32),
-            savepoint: false,
         }
     }
 
@@ -76,20 +60,25 @@ impl Batch {
         Ok(format!("${}", self.args.len()))
     }
 
+    /// Adds a statement that returns no rows.
     fn statement(&mut self, sql: &str) {
-        self.statements.push(sql.to_string());
+        self.statements.push((sql.to_string(), false));
     }
 
-    /// Runs the statements in order; returns the rows they return (two integers each).
+    /// Adds a statement that returns tagged rows: `RETURNING tag, id`.
+    fn returning(&mut self, sql: &str) {
+        self.statements.push((sql.to_string(), true));
+    }
+
+    /// Runs the statements in order; returns the tagged rows.
     fn run(&self, conn: &rusqlite::Connection) -> Result<Vec<(i64, i64)>, StoreError> {
         let mut out = Vec::new();
-        for sql in &self.statements {
+        for (sql, returns) in &self.statements {
             let mut statement = conn.prepare_cached(sql)?;
             bind_numbered(&mut statement, &self.args)?;
-            let returns = statement.column_count() == 2;
             let mut rows = statement.raw_query();
             while let Some(row) = rows.next()? {
-                if returns {
+                if *returns {
                     out.push((row.get(0)?, row.get(1)?));
                 }
             }
@@ -108,8 +97,9 @@ impl Db {
             Db::Sqlite { writer, .. } => {
                 let rows = run_batch(writer, batch).await.map_err(|e| match e {
                     // The contact id the caller loaded no longer names this contact.
-                    StoreError::Sqlite(rusqlite::Error::SqliteFailure(_, Some(message)))
+                    StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, Some(message)))
                         if turn.contact_id.is_some()
+                            && e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_NOTNULL
                             && GUARD_FAILS_ON.iter().any(|m| message.contains(m)) =>
                     {
                         StoreError::UnknownContact {
@@ -135,11 +125,7 @@ impl Db {
             }
             // PostgreSQL's protocol takes one statement per parameterised query: its
             // support (a later release) runs the batch's statements one by one.
-            Db::Postgres(_) => {
-                return Err(StoreError::Unsupported(
-                    "PostgreSQL turns arrive with its migrations".into(),
-                ));
-            }
+            Db::Postgres(_) => return Err(postgres_writes()),
         };
         // One multi-row INSERT: RETURNING order is not promised, ids grow with the rows.
         outbound_ids.sort_unstable();
@@ -172,11 +158,10 @@ fn build(turn: &Turn<'_>) -> Result<Batch, StoreError> {
     };
     let mut inbound_written = false;
     if turn.contact_id.is_some() {
-        // A known contact: the turn's first write is the only one that can fail, so a
-        // failure leaves nothing behind. With a customer message, that write is the message:
-        // a replay fails its unique wamid, and a contact id that no longer names this
-        // contact (deleted, or its id reused by another) gives it no contact, which fails
-        // NOT NULL.
+        // A known contact, checked by the turn's first write. With a customer message, that
+        // write is the message: a replay fails its unique wamid, and a contact id that no
+        // longer names this contact (deleted, or its id reused by another) gives it no
+        // contact, which fails NOT NULL.
         if let Some(m) = turn.inbound {
             let checked = format!(
                 "(SELECT id FROM contacts WHERE id = {contact} AND channel = $1 AND wa_id = $2)"
@@ -200,9 +185,8 @@ fn build(turn: &Turn<'_>) -> Result<Batch, StoreError> {
         ));
     } else {
         // A new contact is written first (or updated, if it appeared meanwhile), and later
-        // statements find it by `(channel, wa_id)`; one of them failing must undo it.
-        b.savepoint = true;
-        b.statement(
+        // statements find it by `(channel, wa_id)`.
+        b.returning(
             "INSERT INTO contacts (channel, wa_id, name, tags, attrs, timezone, \
                 last_customer_message_at, created_at, updated_at, policy) \
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9) \
@@ -242,7 +226,7 @@ fn build(turn: &Turn<'_>) -> Result<Batch, StoreError> {
         let [kind, body, decision, reason, status, reply_to] =
             outbound_params(&mut b, &r.message, &r.decision, &r.status, &r.in_reply_to)?;
         let id = b.param(r.id)?;
-        b.statement(&format!(
+        b.returning(&format!(
             "UPDATE messages SET kind = {kind}, body = {body}, decision = {decision}, \
                 reason = {reason}, status = {status}, \
                 in_reply_to = COALESCE({reply_to}, in_reply_to), \
@@ -276,7 +260,7 @@ fn build(turn: &Turn<'_>) -> Result<Batch, StoreError> {
             );
         }
         sql.push_str(" RETURNING 1, id");
-        b.statement(&sql);
+        b.returning(&sql);
     }
 
     if let Some(old) = turn.superseded {

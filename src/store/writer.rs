@@ -35,8 +35,14 @@
 //! order between them (raw jobs run first); a caller's own jobs run in the order it awaits
 //! them. Jobs must not begin or commit transactions with plain `BEGIN`/`COMMIT` text;
 //! `Connection::begin` works (sqlx makes it a savepoint), and so does `SAVEPOINT`/`RELEASE`
-//! text. A job that can fail on a constraint after it has written must undo its own writes
-//! (a savepoint); one whose only statement that can fail is its first needs nothing.
+//! text. A raw job runs inside a savepoint of its own: whatever it fails on, it leaves
+//! nothing behind and fails alone (unless the failure ended the whole transaction). A sqlx
+//! job that can fail on a constraint after it has written must undo its own writes (a
+//! savepoint); one whose only statement that can fail is its first needs nothing.
+//!
+//! Raw writes wait for readers of an in-memory (shared-cache) database through SQLite's
+//! unlock-notify, as sqlx's do; a file database in WAL mode never makes a writer wait for
+//! a reader.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -124,7 +130,15 @@ impl Writer {
     {
         let (tx, rx) = oneshot::channel();
         let job = Job::Sqlx(Box::new(move |conn| {
-            Box::pin(async move { Ran::new(work(conn).await, tx) })
+            Box::pin(async move {
+                let result = work(conn).await;
+                let failed = match &result {
+                    Ok(_) => None,
+                    Err(e) if e.is_statement_error() => Some(Failure::Statement),
+                    Err(_) => Some(Failure::Transaction),
+                };
+                Ran::new(result, failed, tx)
+            })
         }));
         self.jobs
             .send(Command::Run(job))
@@ -140,7 +154,30 @@ impl Writer {
         F: FnOnce(&rusqlite::Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let job = Job::Raw(Box::new(move |conn| Ran::new(work(conn), tx)));
+        let job = Job::Raw(Box::new(move |db| {
+            // A savepoint around the job: whatever fails, the job leaves nothing behind and
+            // fails alone, unless the failure ended the whole transaction.
+            if let Err(e) = db
+                .prepare_cached("SAVEPOINT job")
+                .and_then(|mut s| s.execute([]))
+            {
+                return Ran::new(Err(e.into()), Some(Failure::Transaction), tx);
+            }
+            let result = work(db);
+            let end = match result {
+                Ok(_) => "RELEASE job",
+                Err(_) => "ROLLBACK TO job",
+            };
+            let failed = match db.prepare_cached(end).and_then(|mut s| s.execute([])) {
+                Ok(_) if result.is_ok() => None,
+                Ok(_) => match db.execute_batch("RELEASE job") {
+                    Ok(()) => Some(Failure::Statement),
+                    Err(_) => Some(Failure::Transaction),
+                },
+                Err(_) => Some(Failure::Transaction),
+            };
+            Ran::new(result, failed, tx)
+        }));
         self.jobs
             .send(Command::Run(job))
             .map_err(|_| StoreError::Closed)?;
@@ -158,13 +195,15 @@ impl Writer {
 }
 
 impl Writer {
-    /// Runs one statement with `$n` parameters on the handle; returns its rows.
+    /// Runs one statement with `$n` parameters on the handle; returns its rows. The
+    /// statement is prepared each time, not cached: these statements' texts vary with the
+    /// length of their lists, and would push the turns' statements out of the cache.
     pub async fn query<T>(&self, sql: String, args: Vec<Value>) -> Result<Vec<T>, StoreError>
     where
         T: for<'r> TryFrom<&'r rusqlite::Row<'r>, Error = rusqlite::Error> + Send + 'static,
     {
         self.run_raw(move |db| {
-            let mut statement = db.prepare_cached(&sql)?;
+            let mut statement = db.prepare(&sql)?;
             bind_numbered(&mut statement, &args)?;
             let mut rows = statement.raw_query();
             let mut out = Vec::new();
@@ -180,13 +219,9 @@ impl Writer {
 impl Ran {
     fn new<T: Send + 'static>(
         result: Result<T, StoreError>,
+        failed: Option<Failure>,
         tx: oneshot::Sender<Result<T, StoreError>>,
     ) -> Self {
-        let failed = match &result {
-            Ok(_) => None,
-            Err(e) if e.is_statement_error() => Some(Failure::Statement),
-            Err(_) => Some(Failure::Transaction),
-        };
         Ran {
             failed,
             reply: Box::new(move |group_error: Option<StoreError>| {
@@ -293,13 +328,24 @@ impl RawView {
         Ok(self.0.as_ref().expect("just set"))
     }
 
-    /// Finalizes the cached statements (before `conn` closes or is replaced).
+    /// Finalizes the cached statements (before `conn` closes or is replaced: sqlx's close
+    /// fails, and aborts, while statements are left).
     async fn release(&mut self, conn: &mut SqliteConnection) {
         let Some(raw) = self.0.take() else { return };
         // Finalizing touches the handle: under the lock, or with sqlx's worker gone.
         let locked = conn.lock_handle().await;
         drop(raw);
         drop(locked);
+    }
+}
+
+impl Drop for RawView {
+    /// Not released (a panic is unwinding): finalizing now could race sqlx's worker, so the
+    /// statements are left to the process's end (which a writer panic brings at once).
+    fn drop(&mut self) {
+        if let Some(raw) = self.0.take() {
+            std::mem::forget(raw);
+        }
     }
 }
 
@@ -382,7 +428,7 @@ async fn run_mixed_group(
     pending: &mut Pending,
     ran: &mut Vec<Ran>,
 ) -> (bool, Option<&'static str>) {
-    let mut tx = match conn.begin().await {
+    let mut tx = match conn.begin_with("BEGIN IMMEDIATE").await {
         Ok(tx) => tx,
         Err(e) => {
             tracing::error!(error = %e, "the database's writer could not begin a transaction; opening it again");
@@ -533,11 +579,7 @@ mod tests {
         n: usize,
     ) -> tokio::task::JoinHandle<Result<u64, StoreError>> {
         let (writer, v) = (writer.clone(), v.to_string());
-        let raw = match mode {
-            Mode::Sqlx => false,
-            Mode::Raw => true,
-            Mode::Mixed => n % 2 == 1,
-        };
+        let raw = is_raw(mode, n);
         tokio::spawn(async move {
             if raw {
                 let rows = writer
@@ -556,6 +598,14 @@ mod tests {
         })
     }
 
+    fn is_raw(mode: Mode, n: usize) -> bool {
+        match mode {
+            Mode::Sqlx => false,
+            Mode::Raw => true,
+            Mode::Mixed => n % 2 == 1,
+        }
+    }
+
     fn insert(
         writer: &Writer,
         v: &str,
@@ -565,13 +615,26 @@ mod tests {
         write(writer, "INSERT INTO t (v) VALUES ($1)", v, mode, n)
     }
 
-    /// A job that breaks its transaction's group (not a constraint: a missing table).
+    /// A job that breaks its transaction's group: through sqlx, any error but a constraint
+    /// (here a missing table); a raw job (which runs in a savepoint of its own), one that
+    /// ends the transaction itself.
     fn broken(
         writer: &Writer,
         mode: Mode,
         n: usize,
     ) -> tokio::task::JoinHandle<Result<u64, StoreError>> {
-        write(writer, "INSERT INTO nowhere VALUES ($1)", "x", mode, n)
+        if !is_raw(mode, n) {
+            return write(writer, "INSERT INTO nowhere VALUES ($1)", "x", mode, n);
+        }
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            writer
+                .run_raw(|db| {
+                    db.execute_batch("ROLLBACK")?;
+                    Ok(db.execute("INSERT INTO nowhere VALUES (1)", [])? as u64)
+                })
+                .await
+        })
     }
 
     async fn values(pool: &SqlitePool) -> Vec<String> {
@@ -643,6 +706,101 @@ mod tests {
             assert_eq!(insert(&writer, "later", mode, 1).await.unwrap().unwrap(), 1);
             assert_eq!(values(&pool).await, ["after", "later"], "{mode:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_failed_raw_job_leaves_nothing_and_fails_alone() {
+        let (writer, pool, _dir) = setup().await;
+        insert(&writer, "taken", Mode::Raw, 0)
+            .await
+            .unwrap()
+            .unwrap();
+        let release = writer.hold().await;
+        let other = insert(&writer, "other", Mode::Raw, 0);
+        queued().await;
+        let half = {
+            let writer = writer.clone();
+            tokio::spawn(async move {
+                writer
+                    .run_raw(|db| {
+                        db.execute("INSERT INTO t (v) VALUES ('half')", [])?;
+                        Ok(db.execute("INSERT INTO t (v) VALUES ('taken')", [])?)
+                    })
+                    .await
+            })
+        };
+        queued().await;
+        release.send(()).unwrap();
+        let err = half.await.unwrap().unwrap_err();
+        assert!(err.is_duplicate(), "{err}");
+        assert_eq!(other.await.unwrap().unwrap(), 1);
+        // Its first insert went with its savepoint; the job before it in its group stands.
+        assert_eq!(values(&pool).await, ["other", "taken"]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_fails_the_group_and_the_writer_goes_on() {
+        let (writer, pool, _dir) = setup().await;
+        sqlx::query(
+            "CREATE TABLE parent (id INTEGER PRIMARY KEY); \
+             CREATE TABLE child (parent INTEGER REFERENCES parent (id) \
+                DEFERRABLE INITIALLY DEFERRED)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        for mode in [Mode::Raw, Mode::Mixed] {
+            let release = writer.hold().await;
+            let orphan = {
+                let writer = writer.clone();
+                // A deferred foreign key is checked only at COMMIT.
+                tokio::spawn(async move {
+                    writer
+                        .run_raw(|db| Ok(db.execute("INSERT INTO child VALUES (99)", [])?))
+                        .await
+                })
+            };
+            let beside = insert(&writer, "beside", mode, 0);
+            queued().await;
+            release.send(()).unwrap();
+            for err in [
+                orphan.await.unwrap().unwrap_err(),
+                beside.await.unwrap().map(|_| ()).unwrap_err(),
+            ] {
+                assert!(matches!(err, StoreError::GroupFailed(_)), "{mode:?}: {err}");
+            }
+            assert!(values(&pool).await.is_empty(), "{mode:?}");
+        }
+        assert_eq!(
+            insert(&writer, "later", Mode::Raw, 0)
+                .await
+                .unwrap()
+                .unwrap(),
+            1
+        );
+        assert_eq!(values(&pool).await, ["later"]);
+    }
+
+    #[tokio::test]
+    async fn close_finalizes_the_cached_statements_and_checkpoints() {
+        let (writer, pool, dir) = setup().await;
+        // A cached statement stays prepared on the handle; closing must finalize it first,
+        // or SQLite refuses to close (and the WAL is left behind).
+        writer
+            .run_raw(|db| {
+                db.prepare_cached("INSERT INTO t (v) VALUES (?1)")?
+                    .execute(["cached"])?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(values(&pool).await, ["cached"]);
+        pool.close().await;
+        writer.close().await;
+        assert!(
+            !dir.path().join("w.db-wal").exists(),
+            "the WAL was checkpointed away"
+        );
     }
 
     #[tokio::test]
