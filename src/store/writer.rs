@@ -195,15 +195,15 @@ impl Writer {
 }
 
 impl Writer {
-    /// Runs one statement with `$n` parameters on the handle; returns its rows. The
-    /// statement is prepared each time, not cached: these statements' texts vary with the
-    /// length of their lists, and would push the turns' statements out of the cache.
+    /// Runs one statement with `$n` parameters on the handle; returns its rows. Statements
+    /// whose text varies with the length of a list are cached too: the cache drops the
+    /// least recently used, and the turns' statements, used by every turn, stay.
     pub async fn query<T>(&self, sql: String, args: Vec<Value>) -> Result<Vec<T>, StoreError>
     where
         T: for<'r> TryFrom<&'r rusqlite::Row<'r>, Error = rusqlite::Error> + Send + 'static,
     {
         self.run_raw(move |db| {
-            let mut statement = db.prepare(&sql)?;
+            let mut statement = db.prepare_cached(&sql)?;
             bind_numbered(&mut statement, &args)?;
             let mut rows = statement.raw_query();
             let mut out = Vec::new();
@@ -308,8 +308,9 @@ async fn drive(
 #[derive(Default)]
 struct RawView(Option<rusqlite::Connection>);
 
-/// Statements kept prepared: every shape of the hot writes, with room to spare.
-const STATEMENT_CACHE: usize = 256;
+/// Statements kept prepared: the turns' shapes, and the list shapes (claims, recorded
+/// sends, finished inbox rows) most recently used.
+const STATEMENT_CACHE: usize = 512;
 
 impl RawView {
     fn get<'a>(
