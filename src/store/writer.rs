@@ -128,22 +128,20 @@ impl Writer {
             + Send
             + 'static,
     {
-        let (tx, rx) = oneshot::channel();
-        let job = Job::Sqlx(Box::new(move |conn| {
-            Box::pin(async move {
-                let result = work(conn).await;
-                let failed = match &result {
-                    Ok(_) => None,
-                    Err(e) if e.is_statement_error() => Some(Failure::Statement),
-                    Err(_) => Some(Failure::Transaction),
-                };
-                Ran::new(result, failed, tx)
-            })
-        }));
-        self.jobs
-            .send(Command::Run(job))
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.submit(|tx| {
+            Job::Sqlx(Box::new(move |conn| {
+                Box::pin(async move {
+                    let result = work(conn).await;
+                    let failed = match &result {
+                        Ok(_) => None,
+                        Err(e) if e.is_statement_error() => Some(Failure::Statement),
+                        Err(_) => Some(Failure::Transaction),
+                    };
+                    Ran::new(result, failed, tx)
+                })
+            }))
+        })
+        .await
     }
 
     /// Runs `work` directly on the connection's SQLite handle (through rusqlite), on the
@@ -153,33 +151,38 @@ impl Writer {
         T: Send + 'static,
         F: FnOnce(&rusqlite::Connection) -> Result<T, StoreError> + Send + 'static,
     {
+        self.submit(|tx| {
+            Job::Raw(Box::new(move |db| {
+                // A savepoint around the job: whatever fails, the job leaves nothing behind
+                // and fails alone, unless the failure ended the whole transaction.
+                let exec = |sql: &str| db.prepare_cached(sql).and_then(|mut s| s.execute([]));
+                if let Err(e) = exec("SAVEPOINT job") {
+                    return Ran::new(Err(e.into()), Some(Failure::Transaction), tx);
+                }
+                let result = work(db);
+                let ended = match result {
+                    Ok(_) => exec("RELEASE job"),
+                    Err(_) => exec("ROLLBACK TO job").and_then(|_| exec("RELEASE job")),
+                };
+                let failed = match (ended, &result) {
+                    (Ok(_), Ok(_)) => None,
+                    (Ok(_), Err(_)) => Some(Failure::Statement),
+                    (Err(_), _) => Some(Failure::Transaction),
+                };
+                Ran::new(result, failed, tx)
+            }))
+        })
+        .await
+    }
+
+    /// Queues the job `make` builds around its reply channel, and waits for the reply.
+    async fn submit<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Job,
+    ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        let job = Job::Raw(Box::new(move |db| {
-            // A savepoint around the job: whatever fails, the job leaves nothing behind and
-            // fails alone, unless the failure ended the whole transaction.
-            if let Err(e) = db
-                .prepare_cached("SAVEPOINT job")
-                .and_then(|mut s| s.execute([]))
-            {
-                return Ran::new(Err(e.into()), Some(Failure::Transaction), tx);
-            }
-            let result = work(db);
-            let end = match result {
-                Ok(_) => "RELEASE job",
-                Err(_) => "ROLLBACK TO job",
-            };
-            let failed = match db.prepare_cached(end).and_then(|mut s| s.execute([])) {
-                Ok(_) if result.is_ok() => None,
-                Ok(_) => match db.execute_batch("RELEASE job") {
-                    Ok(()) => Some(Failure::Statement),
-                    Err(_) => Some(Failure::Transaction),
-                },
-                Err(_) => Some(Failure::Transaction),
-            };
-            Ran::new(result, failed, tx)
-        }));
         self.jobs
-            .send(Command::Run(job))
+            .send(Command::Run(make(tx)))
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
