@@ -10,7 +10,7 @@
 //! - an agent's message outside the window is queued and leaves first when the customer
 //!   writes.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;

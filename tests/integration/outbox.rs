@@ -3,7 +3,7 @@
 //! records the exact requests and answers as each test scripts it (FACTS.md §3's error
 //! classes, timeouts, pacing). Retries wait on a virtual clock that the tests advance.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::sync::Arc;

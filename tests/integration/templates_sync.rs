@@ -2,7 +2,7 @@
 //! 127.0.0.1, in a temporary project. Pages linked by `paging.next`, the registry written and
 //! loaded back, a refused token, a template the sync cannot read.
 
-mod support;
+use crate::support;
 
 use std::path::PathBuf;
 use std::process::Output;

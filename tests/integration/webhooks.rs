@@ -3,7 +3,7 @@
 //! Meta's documented shapes), and the database checked until the inbound worker is done.
 //! Loopback only; every wait polls with a deadline.
 
-mod support;
+use crate::support;
 
 use support::{eventually, sign};
 

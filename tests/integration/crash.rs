@@ -9,7 +9,7 @@
 //! the server, retrying until the server is up again. That status is how a restarted
 //! flowgate learns that a message it cannot remember sending did go out.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};

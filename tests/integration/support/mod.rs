@@ -1,6 +1,4 @@
-//! Helpers shared by integration tests (`mod support;` in a test file). Each test binary
-//! uses only some of them.
-#![allow(dead_code)]
+//! Helpers shared by the integration test modules (`use crate::support;`).
 
 pub mod fake_graph;
 

@@ -1,6 +1,6 @@
 //! `flowgate check` points at the right place: one small project per problem under
 //! `tests/fixtures/check/<case>/`, its diagnostics rendered without colour and snapshotted
-//! (`tests/snapshots/check__<case>.snap`), so a caret that moves shows up in review.
+//! (`tests/integration/snapshots/integration__check__<case>.snap`), so a caret that moves shows up in review.
 //!
 //! Integration tests run with the crate root as the working directory, and the fixtures are
 //! named by relative paths, so the file names in the snapshots are stable.

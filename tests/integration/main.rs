@@ -1,0 +1,16 @@
+//! The integration tests, as one test binary: each module is one area, `support` holds what
+//! they share. One binary links once (a binary per file linked eleven times, and a fresh
+//! `cargo test` wrote gigabytes). Run one area with `cargo test --test integration outbox::`.
+
+mod admin;
+mod check;
+mod conversations;
+mod crash;
+mod outbox;
+mod policy;
+mod policy_properties;
+mod serve;
+mod support;
+mod templates_sync;
+mod webhooks;
+mod whatsapp;
