@@ -547,10 +547,16 @@ mod tests {
 
     /// A writer on a fresh file database with `t(v TEXT UNIQUE)`, and a reader pool.
     async fn setup() -> (Writer, SqlitePool, tempfile::TempDir) {
+        setup_with_busy_timeout(Duration::from_secs(5)).await
+    }
+
+    /// [`setup`], with connections that wait `busy` for a lock another connection holds.
+    async fn setup_with_busy_timeout(busy: Duration) -> (Writer, SqlitePool, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let options = SqliteConnectOptions::new()
             .filename(dir.path().join("w.db"))
             .create_if_missing(true)
+            .busy_timeout(busy)
             .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
         let mut conn = sqlx::ConnectOptions::connect(&options).await.unwrap();
         sqlx::query("CREATE TABLE t (v TEXT NOT NULL UNIQUE)")
@@ -783,6 +789,84 @@ mod tests {
             1
         );
         assert_eq!(values(&pool).await, ["later"]);
+    }
+
+    #[tokio::test]
+    async fn a_group_that_cannot_begin_fails_nobody_and_runs_on_a_new_connection() {
+        for mode in MODES {
+            let (writer, pool, _dir) = setup_with_busy_timeout(Duration::from_millis(50)).await;
+            // Another connection holds the write lock: the writer's BEGIN IMMEDIATE gives up
+            // after its busy timeout, again and again.
+            let mut blocker = pool.acquire().await.unwrap();
+            sqlx::query("BEGIN IMMEDIATE")
+                .execute(&mut *blocker)
+                .await
+                .unwrap();
+            let calls: Vec<_> = (0..3)
+                .map(|i| insert(&writer, &format!("v{i}"), mode, i))
+                .collect();
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            assert!(
+                calls.iter().all(|call| !call.is_finished()),
+                "{mode:?}: jobs whose group could not begin wait, and fail nobody"
+            );
+            sqlx::query("COMMIT").execute(&mut *blocker).await.unwrap();
+            for call in calls {
+                let written = tokio::time::timeout(Duration::from_secs(10), call)
+                    .await
+                    .expect("the jobs run once the lock is released")
+                    .unwrap();
+                assert_eq!(written.unwrap(), 1, "{mode:?}");
+            }
+            assert_eq!(values(&pool).await, ["v0", "v1", "v2"], "{mode:?}");
+            // The connection it opened again goes on writing.
+            assert_eq!(insert(&writer, "v3", mode, 1).await.unwrap().unwrap(), 1);
+        }
+    }
+
+    /// A panic inside a job stops the process (its callers would otherwise wait forever for
+    /// a writer that is gone). Checked in a child process: this test binary, run again on
+    /// this one test with `PANIC_IN_A_WRITER_JOB` set.
+    #[tokio::test]
+    async fn a_panic_in_a_job_aborts_the_process() {
+        const CHILD: &str = "PANIC_IN_A_WRITER_JOB";
+        if let Some(mode) = std::env::var_os(CHILD) {
+            let (writer, _pool, _dir) = setup().await;
+            let outcome = if mode == "raw" {
+                writer
+                    .run_raw(|_| -> Result<(), StoreError> { panic!("a job panics") })
+                    .await
+            } else {
+                writer
+                    .run(|_| Box::pin(async { panic!("a job panics") }))
+                    .await
+            };
+            // The caller may hear an error first (the writer's unwinding drops its reply),
+            // but the abort follows at once; the parent sees a normal exit otherwise.
+            eprintln!("the caller heard back: {outcome:?}");
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            std::process::exit(0);
+        }
+        for mode in ["raw", "sqlx"] {
+            let child = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "store::writer::tests::a_panic_in_a_job_aborts_the_process",
+                    "--nocapture",
+                ])
+                .env(CHILD, mode)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&child.stderr);
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(
+                child.status.signal(),
+                Some(6),
+                "{mode}: SIGABRT expected, got {:?}; stderr: {stderr}",
+                child.status
+            );
+            assert!(stderr.contains("a job panics"), "{mode}: {stderr}");
+        }
     }
 
     #[tokio::test]
