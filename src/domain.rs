@@ -13,6 +13,12 @@ use serde::{Deserialize, Serialize};
 /// A customer's WhatsApp id (their phone number in international form, without `+`).
 pub type WaId = String;
 
+/// Whether a WhatsApp identifier is a business-scoped user id (`US.1349…`: letters in it)
+/// rather than a phone number (digits).
+pub fn is_bsuid(identifier: &str) -> bool {
+    identifier.chars().any(|c| c.is_ascii_alphabetic())
+}
+
 /// A contact as the engine sees it: identity, profile, segmentation and window state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Contact {

@@ -43,7 +43,8 @@ use crate::http::AppState;
 use crate::metrics;
 use crate::policy::{ConsentChange, Policy};
 use crate::store::{
-    INBOX_RETENTION, InboxRow, NewInboxRow, ORDERED_KINDS, StatusChange, StatusOutcome, status_rank,
+    INBOX_RETENTION, Identifiers, IdentityChanged, InboxRow, NewInboxRow, ORDERED_KINDS,
+    StatusChange, StatusOutcome, StoreError, status_rank,
 };
 use crate::whatsapp::{Preference, Update};
 
@@ -499,6 +500,26 @@ impl Worker {
         }
     }
 
+    /// The key of the contact `ids` name (see [`Db::resolve_contact`]), warning when they
+    /// name two contacts.
+    async fn resolve(
+        &self,
+        channel: &str,
+        ids: Identifiers<'_>,
+    ) -> Result<Option<String>, StoreError> {
+        let runtime = &self.state.runtime;
+        let resolved = runtime
+            .db
+            .resolve_contact(channel, ids, runtime.clock.now())
+            .await?;
+        Ok(resolved.map(|resolved| {
+            if let Some(conflict) = &resolved.conflict {
+                tracing::warn!(channel, contact = %resolved.key, conflict = %conflict, "a customer has two contacts");
+            }
+            resolved.key
+        }))
+    }
+
     /// Does what one row asks.
     async fn process(&self, row: &InboxRow) -> Outcome {
         let update = match Update::deserialize(&row.payload) {
@@ -515,12 +536,6 @@ impl Worker {
                 inbound,
                 ..
             } => {
-                let Some(contact) = wa_id
-                    .filter(|s| !s.is_empty())
-                    .or(user_id.filter(|s| !s.is_empty()))
-                else {
-                    return Outcome::GiveUp("a message without a sender".into());
-                };
                 if !self.state.config.channels.iter().any(|c| c.name == channel) {
                     return Outcome::GiveUp(format!(
                         "channel `{channel}` is no longer configured; the message is not answered"
@@ -533,6 +548,12 @@ impl Worker {
                         Err(e) => return retry(row, e.to_string(), MAX_ATTEMPTS),
                     }
                 }
+                let ids = Identifiers::new(wa_id.as_deref(), user_id.as_deref());
+                let contact = match self.resolve(channel, ids).await {
+                    Ok(Some(contact)) => contact,
+                    Ok(None) => return Outcome::GiveUp("a message without a sender".into()),
+                    Err(e) => return retry(row, e.to_string(), MAX_ATTEMPTS),
+                };
                 let kind = inbound.content.kind().to_string();
                 match runtime
                     .inbound(channel, &contact, profile_name.as_deref(), inbound)
@@ -564,6 +585,28 @@ impl Worker {
                 new_user_id,
                 ..
             } => {
+                let previous =
+                    Identifiers::new(previous_wa_id.as_deref(), previous_user_id.as_deref());
+                let new = Identifiers::new(new_wa_id.as_deref(), new_user_id.as_deref());
+                let changed = if new.new_key().is_some() {
+                    let at = runtime.clock.now();
+                    match runtime.db.change_identity(channel, previous, new, at).await {
+                        Ok(changed) => Some(changed),
+                        Err(e) => return retry(row, e.to_string(), MAX_ATTEMPTS),
+                    }
+                } else {
+                    None
+                };
+                let outcome = match &changed {
+                    Some(IdentityChanged::Changed { key, .. }) => {
+                        format!("the contact is now {key}")
+                    }
+                    Some(IdentityChanged::UnknownContact) => {
+                        "no contact has the previous identifiers".into()
+                    }
+                    Some(IdentityChanged::Conflict(why)) => format!("not applied: {why}"),
+                    None => "no new identifier given".into(),
+                };
                 tracing::info!(
                     channel,
                     r#type = %system_type,
@@ -571,8 +614,12 @@ impl Worker {
                     new_wa_id = new_wa_id.as_deref().unwrap_or(""),
                     previous_user_id = previous_user_id.as_deref().unwrap_or(""),
                     new_user_id = new_user_id.as_deref().unwrap_or(""),
+                    outcome = %outcome,
                     "a customer's WhatsApp identity changed"
                 );
+                if let Some(IdentityChanged::Conflict(why)) = &changed {
+                    tracing::warn!(channel, conflict = %why, "a customer's new identity is another contact's; the two are not merged");
+                }
                 metrics::count(
                     "flowgate_system_messages_total",
                     "System messages (identity changes), by type.",
@@ -722,6 +769,8 @@ impl Worker {
                 value,
                 category,
                 timestamp,
+                wa_id,
+                user_id,
                 ..
             } => {
                 let change = match &value {
@@ -729,7 +778,17 @@ impl Worker {
                     Preference::Resume => Some(ConsentChange::OptIn),
                     Preference::Other(_) => None,
                 };
-                if let (Some(change), Some(contact)) = (change, row.contact_key.as_deref()) {
+                let contact = match change {
+                    Some(_) => {
+                        let ids = Identifiers::new(wa_id.as_deref(), user_id.as_deref());
+                        match self.resolve(channel, ids).await {
+                            Ok(contact) => contact,
+                            Err(e) => return retry(row, e.to_string(), MAX_ATTEMPTS),
+                        }
+                    }
+                    None => None,
+                };
+                if let (Some(change), Some(contact)) = (change, contact.as_deref()) {
                     let at = timestamp.unwrap_or_else(|| runtime.clock.now());
                     if let Err(e) = runtime
                         .update_contact_policy(channel, contact, |c| {

@@ -1074,7 +1074,7 @@ where
 /// A phone number goes `to`, a business-scoped user id (`US.1349…`, letters in it) goes as
 /// `recipient` (FACTS.md §10.5).
 pub fn recipient_for(wa_id: &str) -> Recipient {
-    if wa_id.chars().any(|c| c.is_ascii_alphabetic()) {
+    if crate::domain::is_bsuid(wa_id) {
         Recipient::UserId(wa_id.to_string())
     } else {
         Recipient::Phone(wa_id.to_string())

@@ -187,6 +187,7 @@ fn postgres_writes() -> StoreError {
 }
 
 // After the macros, so the submodules can use them.
+mod identity;
 mod inbox;
 mod outbox;
 mod policy;
@@ -195,6 +196,7 @@ pub mod writer;
 
 use writer::Writer;
 
+pub use identity::*;
 pub use inbox::*;
 pub use outbox::*;
 pub use policy::*;
@@ -223,6 +225,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         4,
         "outbox indexes",
         include_str!("../migrations/sqlite/0004_outbox_indexes.sql"),
+    ),
+    (
+        5,
+        "contact aliases",
+        include_str!("../migrations/sqlite/0005_contact_aliases.sql"),
     ),
 ];
 
