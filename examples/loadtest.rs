@@ -120,14 +120,18 @@ async fn fake_send(State(fake): State<Fake>, body: Bytes) -> axum::response::Res
     .into_response()
 }
 
+/// A customer's text as Meta sends it since April 2026: the phone and the business-scoped
+/// user id (here `US.` and the phone) side by side.
 fn webhook(wa_id: &str, wamid: &str, text: &str) -> String {
+    let user_id = format!("US.{wa_id}");
     serde_json::json!({
         "object": "whatsapp_business_account",
         "entry": [{"id": "100000000000001", "changes": [{"field": "messages", "value": {
             "messaging_product": "whatsapp",
             "metadata": {"display_phone_number": "15550001111", "phone_number_id": PHONE_NUMBER_ID},
-            "contacts": [{"profile": {"name": "Load"}, "wa_id": wa_id}],
-            "messages": [{"from": wa_id, "id": wamid, "timestamp": chrono::Utc::now().timestamp().to_string(),
+            "contacts": [{"profile": {"name": "Load"}, "wa_id": wa_id, "user_id": user_id}],
+            "messages": [{"from": wa_id, "from_user_id": user_id, "id": wamid,
+                          "timestamp": chrono::Utc::now().timestamp().to_string(),
                           "type": "text", "text": {"body": text}}],
         }}]}],
     })

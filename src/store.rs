@@ -120,6 +120,8 @@ pub enum Db {
     Sqlite {
         pool: sqlx::SqlitePool,
         writer: Writer,
+        /// Contacts' identities this process has resolved ([`identity`]).
+        identities: std::sync::Arc<ResolvedCache>,
     },
     Postgres(sqlx::PgPool),
 }
@@ -507,7 +509,11 @@ impl Db {
             .connect_with(options)
             .await?;
         tracing::debug!(url, "connected to SQLite");
-        Ok(Db::Sqlite { pool, writer })
+        Ok(Db::Sqlite {
+            pool,
+            writer,
+            identities: Default::default(),
+        })
     }
 
     /// Brings the schema up to date; safe to run on every start.
@@ -538,7 +544,7 @@ impl Db {
     /// Closes every connection, so SQLite checkpoints its WAL before the process exits.
     pub async fn close(&self) {
         match self {
-            Db::Sqlite { pool, writer } => {
+            Db::Sqlite { pool, writer, .. } => {
                 pool.close().await;
                 writer.close().await;
             }

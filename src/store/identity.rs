@@ -12,6 +12,13 @@
 //! that turn out to be one customer (each written before Meta paired their identifiers) are
 //! not merged: their histories stay apart, the BSUID's contact answers, and the caller
 //! warns.
+//!
+//! A resolution that wrote nothing is remembered ([`ResolvedCache`]), so a known customer's
+//! next webhook costs no query: only this process writes identities (SQLite has one server
+//! process), and every identity write forgets everything remembered.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
 use rusqlite::OptionalExtension as _;
@@ -61,6 +68,69 @@ pub enum IdentityChanged {
     Conflict(String),
 }
 
+/// Resolutions that needed no write: `(channel, phone, bsuid)` to the contact's key.
+#[derive(Debug, Default)]
+pub struct ResolvedCache(Mutex<Remembered>);
+
+/// The resolutions, and how many identity writes have forgotten them: a lookup that began
+/// before a write is not remembered after it.
+#[derive(Debug, Default)]
+struct Remembered {
+    keys: HashMap<ResolvedBy, String>,
+    generation: u64,
+}
+
+type ResolvedBy = (String, Option<String>, Option<String>);
+
+/// Resolutions remembered at most; the cache starts again when full.
+const RESOLVED_CACHE: usize = 100_000;
+
+impl ResolvedCache {
+    fn by(channel: &str, ids: Identifiers<'_>) -> ResolvedBy {
+        (
+            channel.to_string(),
+            ids.phone.map(str::to_string),
+            ids.bsuid.map(str::to_string),
+        )
+    }
+
+    /// The key remembered, else the generation to remember a lookup made now under.
+    fn get(&self, by: &ResolvedBy) -> Result<String, u64> {
+        let remembered = self.lock();
+        remembered
+            .keys
+            .get(by)
+            .cloned()
+            .ok_or(remembered.generation)
+    }
+
+    /// Remembers what a lookup begun in `generation` found, unless an identity write has
+    /// been made since.
+    fn remember(&self, generation: u64, by: ResolvedBy, key: &str) {
+        let mut remembered = self.lock();
+        if remembered.generation != generation {
+            return;
+        }
+        if remembered.keys.len() >= RESOLVED_CACHE {
+            remembered.keys.clear();
+        }
+        remembered.keys.insert(by, key.to_string());
+    }
+
+    fn forget_all(&self) {
+        let mut remembered = self.lock();
+        remembered.keys.clear();
+        remembered.generation += 1;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Remembered> {
+        // A panic while holding it leaves a map that is still whole.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 /// A contact found by one of its identifiers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Known {
@@ -101,7 +171,29 @@ impl Db {
         let Some(new_key) = ids.new_key() else {
             return Ok(None);
         };
+        let cache = self.resolved_cache();
+        let by = ResolvedCache::by(channel, ids);
+        let generation = match cache.map(|cache| cache.get(&by)) {
+            Some(Ok(key)) => {
+                return Ok(Some(Resolved {
+                    key,
+                    conflict: None,
+                }));
+            }
+            Some(Err(generation)) => generation,
+            None => 0,
+        };
         let (by_bsuid, by_phone) = self.lookup(channel, ids).await?;
+        // Nothing to write: what the database says now holds until an identity write.
+        let settled = |key: String| {
+            if let Some(cache) = cache {
+                cache.remember(generation, by.clone(), &key);
+            }
+            Resolved {
+                key,
+                conflict: None,
+            }
+        };
         let link = |contact, key: Option<&str>, alias: Option<&str>| Link {
             channel: channel.to_string(),
             contact,
@@ -109,12 +201,8 @@ impl Db {
             alias: alias.map(str::to_string),
             now: now.timestamp_millis(),
         };
-        let known = |k: Known| Resolved {
-            key: k.key,
-            conflict: None,
-        };
         let resolved = match (by_bsuid, by_phone) {
-            (Some(b), Some(p)) if b.id == p.id => known(b),
+            (Some(b), Some(p)) if b.id == p.id => settled(b.key),
             (Some(b), Some(p)) => Resolved {
                 conflict: Some(format!(
                     "BSUID {} is contact {} and phone {} is contact {}: one customer, two \
@@ -127,7 +215,7 @@ impl Db {
                 key: b.key,
             },
             (Some(b), None) => match ids.phone {
-                None => known(b),
+                None => settled(b.key),
                 // Meta paired this BSUID with a phone no contact has: the phone is theirs now.
                 Some(phone) => {
                     self.linked(link(Some(b.id), Some(phone), None), b.key)
@@ -135,7 +223,7 @@ impl Db {
                 }
             },
             (None, Some(p)) => match ids.bsuid {
-                None => known(p),
+                None => settled(p.key),
                 Some(bsuid) => {
                     self.linked(link(Some(p.id), None, Some(bsuid)), p.key)
                         .await?
@@ -146,7 +234,8 @@ impl Db {
                     self.linked(link(None, Some(phone), Some(bsuid)), phone.to_string())
                         .await?
                 }
-                // A new contact, created by its first turn.
+                // A new contact, created by its first turn (not remembered: until it is,
+                // the lookup is what would notice a BSUID-keyed contact learn a phone).
                 _ => Resolved {
                     key: new_key.to_string(),
                     conflict: None,
@@ -246,8 +335,23 @@ impl Db {
     /// them (all or nothing).
     async fn link(&self, link: Link) -> Result<Linked, StoreError> {
         match self {
-            Db::Sqlite { writer, .. } => writer.run_raw(move |db| link.run(db)).await,
+            Db::Sqlite {
+                writer, identities, ..
+            } => {
+                let linked = writer.run_raw(move |db| link.run(db)).await?;
+                if matches!(linked, Linked::Key { .. }) {
+                    identities.forget_all();
+                }
+                Ok(linked)
+            }
             Db::Postgres(_) => Err(postgres_writes()),
+        }
+    }
+
+    fn resolved_cache(&self) -> Option<&ResolvedCache> {
+        match self {
+            Db::Sqlite { identities, .. } => Some(identities),
+            Db::Postgres(_) => None,
         }
     }
 }
@@ -451,6 +555,8 @@ mod tests {
     async fn a_bsuid_contact_that_shares_its_phone_is_keyed_by_it() {
         let db = db().await;
         let id = contact(&db, BSUID).await;
+        // Remembered, then forgotten by the write below.
+        assert_eq!(resolve(&db, None, Some(BSUID)).await, key(BSUID));
         // Replies go `to` the phone once it is known; the BSUID stays as an alias.
         assert_eq!(resolve(&db, Some(PHONE), Some(BSUID)).await, key(PHONE));
         assert_eq!(
@@ -458,6 +564,18 @@ mod tests {
             [(id, PHONE.to_string(), vec![BSUID.to_string()])]
         );
         assert_eq!(resolve(&db, None, Some(BSUID)).await, key(PHONE));
+    }
+
+    #[test]
+    fn a_lookup_begun_before_an_identity_write_is_not_remembered() {
+        let cache = ResolvedCache::default();
+        let by = ResolvedCache::by(CH, ids(None, Some(BSUID)));
+        let generation = cache.get(&by).unwrap_err();
+        cache.forget_all();
+        cache.remember(generation, by.clone(), BSUID);
+        let generation = cache.get(&by).expect_err("stale: not remembered");
+        cache.remember(generation, by.clone(), PHONE);
+        assert_eq!(cache.get(&by), Ok(PHONE.to_string()));
     }
 
     #[tokio::test]

@@ -598,6 +598,87 @@ async fn a_customer_known_only_by_bsuid_is_answered() {
     server.shutdown().await;
 }
 
+/// A text from a customer who shows `phone`, `bsuid` or both, as Meta sends it (the
+/// identifiers in `from`/`from_user_id` and in one `contacts[]` entry).
+fn text_from(phone: Option<&str>, bsuid: Option<&str>, wamid: &str, body: &str) -> Vec<u8> {
+    let mut contact = json!({"profile": {"name": "Ana"}});
+    let mut message = json!({
+        "id": wamid, "timestamp": support::now_timestamp(), "type": "text",
+        "text": {"body": body}
+    });
+    if let Some(phone) = phone {
+        contact["wa_id"] = json!(phone);
+        message["from"] = json!(phone);
+    }
+    if let Some(bsuid) = bsuid {
+        contact["user_id"] = json!(bsuid);
+        message["from_user_id"] = json!(bsuid);
+    }
+    envelope(json!({"contacts": [contact], "messages": [message]}))
+}
+
+#[tokio::test]
+async fn a_customer_is_one_contact_whatever_identifiers_webhooks_use() {
+    const NEW_PHONE: &str = "15555550999";
+    const NEW_BSUID: &str = "US.20000000000000000456";
+    let server = Server::start().await;
+    let webhooks = [
+        text_from(Some(WA_ID), Some(BSUID), "wamid.identity.1", "survey"),
+        // The customer took a username: the BSUID alone, answering the question.
+        fixture("inbound_text_username_only.json"),
+        // A new phone number (`from` the old one), then a new BSUID.
+        fixture("inbound_system_user_changed_number.json"),
+        fixture("inbound_system_user_changed_user_id.json"),
+        text_from(None, Some(NEW_BSUID), "wamid.identity.2", "hi"),
+        // A late redelivery under the old BSUID still finds them.
+        text_from(None, Some(BSUID), "wamid.identity.3", "hello"),
+        text_from(
+            Some(NEW_PHONE),
+            Some(NEW_BSUID),
+            "wamid.identity.4",
+            "color",
+        ),
+    ];
+    for (n, webhook) in webhooks.iter().enumerate() {
+        let (status, _) = server.signed(webhook).await;
+        assert_eq!(status, 200);
+        server.processed(n as i64 + 1).await;
+    }
+    assert_eq!(server.count("SELECT COUNT(*) FROM contacts").await, 1);
+    assert_eq!(
+        text_of(&server.db, "SELECT wa_id FROM contacts").await,
+        NEW_PHONE,
+        "replies go to the new number"
+    );
+    assert_eq!(
+        text_of(
+            &server.db,
+            "SELECT group_concat(identifier, ' ') FROM \
+                (SELECT identifier FROM contact_aliases ORDER BY identifier)"
+        )
+        .await,
+        format!("{BSUID} {NEW_BSUID}")
+    );
+    let said = |direction: &str, text: &str| (direction.to_string(), text.to_string());
+    assert_eq!(
+        conversation(&server.db, "main", NEW_PHONE).await,
+        [
+            said("in", "survey"),
+            said("out", "Your name?"),
+            said("in", "Does it come in another color?"),
+            said("out", "Thanks, Does it come in another color?"),
+            said("in", "hi"),
+            said("out", REPLY),
+            said("in", "hello"),
+            said("out", REPLY),
+            said("in", "color"),
+            said("out", REPLY),
+        ],
+        "one conversation, in order, under the contact's current number"
+    );
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn statuses_in_any_order_end_in_the_right_status() {
     let server = Server::start().await;
