@@ -17,8 +17,10 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{AppState, error};
+use crate::dispatch::Runtime;
 use crate::domain::{OutboundContent, limits};
 use crate::policy::Window;
+use crate::store::{Identifiers, StoreError};
 
 pub fn router(state: AppState) -> Router<AppState> {
     Router::new()
@@ -111,6 +113,10 @@ async fn conversation(
             format!("there is no channel `{channel}`"),
         );
     }
+    let contact = match contact_key(runtime, &channel, contact).await {
+        Ok(key) => key,
+        Err(e) => return internal("finding a contact failed", e),
+    };
     let conversation = match runtime.db.load_conversation(&channel, &contact).await {
         Ok(c) => c,
         Err(e) => {
@@ -215,6 +221,21 @@ struct TemplateRequest {
     params: Vec<String>,
 }
 
+/// The key of the contact an operator names by phone or by BSUID (a current or an old
+/// one); a contact never seen keeps the identifier given.
+async fn contact_key(
+    runtime: &Runtime,
+    channel: &str,
+    identifier: String,
+) -> Result<String, StoreError> {
+    let ids = Identifiers::of(&identifier);
+    let resolved = runtime
+        .db
+        .resolve_contact(channel, ids, runtime.clock.now())
+        .await?;
+    Ok(resolved.map_or(identifier, |r| r.key))
+}
+
 /// An agent's message: it passes the policy (sent, rewritten, queued…) and the answer says
 /// what was decided and why.
 async fn agent_message(
@@ -292,6 +313,10 @@ async fn agent_message(
                 "give exactly one of `text` and `template`",
             );
         }
+    };
+    let contact = match contact_key(runtime, &channel, contact).await {
+        Ok(key) => key,
+        Err(e) => return internal("finding a contact failed", e),
     };
     match runtime.agent_message(&channel, &contact, content).await {
         Ok(report) => {

@@ -42,6 +42,15 @@ impl<'a> Identifiers<'a> {
         }
     }
 
+    /// One identifier, either kind (an operator's, in the API).
+    pub fn of(identifier: &'a str) -> Self {
+        if is_bsuid(identifier) {
+            Self::new(None, Some(identifier))
+        } else {
+            Self::new(Some(identifier), None)
+        }
+    }
+
     /// The key a new contact gets: the phone when known, else the BSUID.
     pub fn new_key(&self) -> Option<&'a str> {
         self.phone.or(self.bsuid)

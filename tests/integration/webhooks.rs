@@ -676,6 +676,20 @@ async fn a_customer_is_one_contact_whatever_identifiers_webhooks_use() {
         ],
         "one conversation, in order, under the contact's current number"
     );
+    // The API finds them by any of their identifiers, old BSUIDs too.
+    for identifier in [NEW_PHONE, NEW_BSUID, BSUID] {
+        let (status, _, body) = server
+            .get(&format!("/api/conversations/{identifier}?channel=main"))
+            .await;
+        assert_eq!(status, 200, "{identifier}: {body}");
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["contact"]["wa_id"], NEW_PHONE, "{identifier}");
+        assert_eq!(
+            body["messages"].as_array().unwrap().len(),
+            10,
+            "{identifier}"
+        );
+    }
     server.shutdown().await;
 }
 
