@@ -69,7 +69,8 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
 /// How long [`drain_once`] waits for one round of rows.
 const DRAIN_WAIT: Duration = Duration::from_secs(120);
 
-/// The contact an update is about: the phone (wa_id) when known, else the BSUID.
+/// The contact an update is about: the phone (wa_id) when known, else the BSUID. The inbox
+/// groups updates by it (see [`group_key`]).
 pub fn contact_key(update: &Update) -> Option<&str> {
     fn pick<'a>(phone: &'a Option<String>, bsuid: &'a Option<String>) -> Option<&'a str> {
         phone
@@ -81,11 +82,15 @@ pub fn contact_key(update: &Update) -> Option<&str> {
         Update::Message { wa_id, user_id, .. } | Update::UserPreference { wa_id, user_id, .. } => {
             pick(wa_id, user_id)
         }
+        // In the group of the customer's new identity: their next message, which may come
+        // soon after, must find the change made.
         Update::System {
             previous_wa_id,
             previous_user_id,
+            new_wa_id,
+            new_user_id,
             ..
-        } => pick(previous_wa_id, previous_user_id),
+        } => pick(new_wa_id, new_user_id).or(pick(previous_wa_id, previous_user_id)),
         Update::Status {
             recipient_id,
             recipient_user_id,
@@ -938,7 +943,7 @@ mod tests {
             [
                 ("error", None),
                 ("message", Some("US.1")),
-                ("system", Some("155")),
+                ("system", Some("166")),
                 ("status", Some("155")),
                 ("user_preference", Some("US.2")),
                 ("template_status", None),

@@ -63,6 +63,11 @@ pub enum StoreError {
     )]
     UnknownContact { id: i64 },
     #[error(
+        "`{identifier}` became another contact's identifier during the turn (an identity \
+         change); handle the event again"
+    )]
+    IdentifierTaken { identifier: String },
+    #[error(
         "the database holds data flowgate cannot read: {0}; was it written by another program?"
     )]
     Corrupt(String),
@@ -1135,6 +1140,63 @@ mod tests {
             }
         }
         assert_eq!(committed, 59);
+    }
+
+    #[tokio::test]
+    async fn turns_refuse_identifiers_that_changed_since_they_were_resolved() {
+        use crate::store::Identifiers;
+        let db = memory_db().await;
+        let (phone, bsuid, new_phone) = ("1555", "US.1", "1666");
+        let resolved = db
+            .resolve_contact(CH, Identifiers::new(Some(phone), Some(bsuid)), t(0))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resolved.key, phone);
+        let loaded = db.load_conversation(CH, phone).await.unwrap();
+        let id = loaded.contact_id.expect("created with both identifiers");
+        db.change_identity(
+            CH,
+            Identifiers::new(Some(phone), None),
+            Identifiers::new(Some(new_phone), None),
+            t(1),
+        )
+        .await
+        .unwrap();
+        // A turn on the contact as loaded before the change: its key no longer matches.
+        let msg = inbound("wamid.before", "hi", t(2));
+        let err = db
+            .commit_turn(&Turn {
+                inbound: Some(&msg),
+                ..bare_turn(Some(id), &loaded.contact, t(2))
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::UnknownContact { id: e } if e == id),
+            "{err}"
+        );
+        // A turn that would create a contact under what is now an alias (the BSUID,
+        // resolved to itself before the contact learned it): refused, not a second contact.
+        let err = db
+            .commit_turn(&bare_turn(None, &Contact::new(bsuid), t(2)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::IdentifierTaken { identifier } if identifier == bsuid),
+            "{err}"
+        );
+        assert_eq!(count_contacts(&db).await, 1);
+    }
+
+    async fn count_contacts(db: &Db) -> i64 {
+        let Db::Sqlite { pool, .. } = db else {
+            unreachable!("tests use SQLite")
+        };
+        sqlx::query_scalar("SELECT COUNT(*) FROM contacts")
+            .fetch_one(pool)
+            .await
+            .unwrap()
     }
 
     #[tokio::test]

@@ -7,6 +7,10 @@ CREATE TABLE contact_aliases (
     channel TEXT NOT NULL,
     identifier TEXT NOT NULL,
     contact_id INTEGER NOT NULL REFERENCES contacts (id) ON DELETE CASCADE,
+    -- 1 for the BSUID the contact's phone (its key) is paired with now; 0 for BSUIDs from
+    -- before a number change. A phone whose contact has a current BSUID, paired by Meta
+    -- with another, has changed hands.
+    current INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (channel, identifier)
 ) WITHOUT ROWID;
 

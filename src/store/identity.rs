@@ -145,32 +145,58 @@ impl ResolvedCache {
 struct Known {
     id: i64,
     key: String,
+    /// Found by its key (not by an old identifier kept as an alias).
+    by_key: bool,
+    /// Whether its phone (its key) is paired with a BSUID now.
+    paired: bool,
 }
 
-/// What a link job does to one contact: a new key (the old one becomes an alias if it is a
-/// BSUID), a new alias. `contact: None` creates the contact, keyed by `key`.
-#[derive(Debug, Clone)]
+/// What a link job does. `contact: Some` gives that contact a new key (its old key stays
+/// as an alias if it is a BSUID) and a new alias; `number_changed` marks its BSUIDs as from
+/// before a number change. `None` creates a contact keyed by `key` with `alias`, first
+/// moving `key` off the contact holding it when `displace` is set. A BSUID alias of a
+/// phone-keyed contact is its current pairing unless the number changed.
+#[derive(Debug, Clone, Default)]
 struct Link {
     channel: String,
     contact: Option<i64>,
     key: Option<String>,
     alias: Option<String>,
+    displace: bool,
+    number_changed: bool,
     now: i64,
 }
 
 /// How a link job ended.
 #[derive(Debug)]
 enum Linked {
-    Key { contact_id: i64, key: String },
-    Conflict(String),
+    Key {
+        contact_id: i64,
+        key: String,
+    },
+    /// Nothing was written: an identifier names another contact (whose key, if the link
+    /// was to create a contact, answers instead).
+    Conflict {
+        why: String,
+        owner: Option<String>,
+    },
 }
 
 impl Db {
     /// The contact `ids` name on `channel`, by BSUID first, then phone; `None` when `ids` is
-    /// empty. A pairing the database does not know yet is recorded: a phone for a contact
-    /// known by BSUID alone becomes its key (replies go to the phone), a BSUID for a contact
-    /// known by phone becomes its alias, and a new customer who comes with both is created
-    /// with both (so a later webhook with the BSUID alone finds them).
+    /// empty. A pairing the database does not know yet is recorded:
+    ///
+    /// * a new customer who comes with both is created with both (so a later webhook with
+    ///   the BSUID alone finds them);
+    /// * a contact known by phone alone learns its BSUID (an alias);
+    /// * a contact keyed by this BSUID (no phone known) that now shares its phone is keyed
+    ///   by the phone (replies go to it);
+    /// * a phone whose contact has other BSUIDs has changed hands (a BSUID is regenerated
+    ///   with every number change): the old contact keeps its BSUID as its key, and the
+    ///   new owner gets a contact of their own.
+    ///
+    /// An old BSUID (an alias) with a phone the contact no longer has is a late webhook: it
+    /// finds the contact and changes nothing.
     pub async fn resolve_contact(
         &self,
         channel: &str,
@@ -203,16 +229,18 @@ impl Db {
                 conflict: None,
             }
         };
-        let link = |contact, key: Option<&str>, alias: Option<&str>| Link {
+        let link = |contact, key: Option<&str>, alias: Option<&str>, displace| Link {
             channel: channel.to_string(),
             contact,
             key: key.map(str::to_string),
             alias: alias.map(str::to_string),
+            displace,
+            number_changed: false,
             now: now.timestamp_millis(),
         };
-        let resolved = match (by_bsuid, by_phone) {
-            (Some(b), Some(p)) if b.id == p.id => settled(b.key),
-            (Some(b), Some(p)) => Resolved {
+        let resolved = match (by_bsuid, by_phone, ids.phone, ids.bsuid) {
+            (Some(b), Some(p), ..) if b.id == p.id => settled(b.key),
+            (Some(b), Some(p), ..) => Resolved {
                 conflict: Some(format!(
                     "BSUID {} is contact {} and phone {} is contact {}: one customer, two \
                      contacts (not merged); the BSUID's contact answers",
@@ -223,41 +251,46 @@ impl Db {
                 )),
                 key: b.key,
             },
-            (Some(b), None) => match ids.phone {
-                None => settled(b.key),
-                // Meta paired this BSUID with a phone no contact has: the phone is theirs now.
-                Some(phone) => {
-                    self.linked(link(Some(b.id), Some(phone), None), b.key)
+            // Known by this BSUID alone, now with a phone: the phone is theirs.
+            (Some(b), None, Some(phone), _) if b.by_key && is_bsuid(&b.key) => {
+                self.linked(link(Some(b.id), Some(phone), None, false), b.key)
+                    .await?
+            }
+            (Some(b), None, ..) => settled(b.key),
+            (None, Some(p), _, Some(bsuid)) => {
+                if p.paired {
+                    // The phone's contact is paired with another BSUID: the number has a
+                    // new owner.
+                    self.linked(link(None, Some(&p.key), Some(bsuid), true), p.key)
+                        .await?
+                } else {
+                    self.linked(link(Some(p.id), None, Some(bsuid), false), p.key)
                         .await?
                 }
-            },
-            (None, Some(p)) => match ids.bsuid {
-                None => settled(p.key),
-                Some(bsuid) => {
-                    self.linked(link(Some(p.id), None, Some(bsuid)), p.key)
-                        .await?
-                }
-            },
-            (None, None) => match (ids.phone, ids.bsuid) {
-                (Some(phone), Some(bsuid)) => {
-                    self.linked(link(None, Some(phone), Some(bsuid)), phone.to_string())
-                        .await?
-                }
-                // A new contact, created by its first turn (not remembered: until it is,
-                // the lookup is what would notice a BSUID-keyed contact learn a phone).
-                _ => Resolved {
-                    key: new_key.to_string(),
-                    conflict: None,
-                },
+            }
+            (None, Some(p), _, None) => settled(p.key),
+            (None, None, Some(phone), Some(bsuid)) => {
+                self.linked(
+                    link(None, Some(phone), Some(bsuid), false),
+                    phone.to_string(),
+                )
+                .await?
+            }
+            // A new contact, created by its first turn (not remembered: until it is, the
+            // lookup is what would notice a BSUID-keyed contact learn a phone).
+            (None, None, ..) => Resolved {
+                key: new_key.to_string(),
+                conflict: None,
             },
         };
         Ok(Some(resolved))
     }
 
-    /// Applies a `system` identity change: the contact the previous identifiers name (by
-    /// BSUID first) takes the new phone as its key, and the new BSUID as an alias (or as its
-    /// key, when it has no phone). Its previous BSUID stays an alias; its previous phone is
-    /// dropped.
+    /// Applies a `system` identity change, which WhatsApp sends when a customer changes
+    /// their phone number (which regenerates their BSUID): the contact the previous
+    /// identifiers name (by BSUID first) is keyed by the new phone, else (the new phone is
+    /// not shared: `user_changed_user_id`) by the new BSUID. Its BSUIDs stay as aliases, for
+    /// late webhooks; its previous phone is dropped, since it now belongs to someone else.
     pub async fn change_identity(
         &self,
         channel: &str,
@@ -265,6 +298,9 @@ impl Db {
         new: Identifiers<'_>,
         now: DateTime<Utc>,
     ) -> Result<IdentityChanged, StoreError> {
+        let Some(key) = new.new_key() else {
+            return Ok(IdentityChanged::UnknownContact);
+        };
         if previous.new_key().is_none() {
             return Ok(IdentityChanged::UnknownContact);
         }
@@ -272,24 +308,21 @@ impl Db {
         let Some(contact) = by_bsuid.or(by_phone) else {
             return Ok(IdentityChanged::UnknownContact);
         };
-        let key = match (new.phone, new.bsuid) {
-            (Some(phone), _) => Some(phone),
-            (None, Some(bsuid)) if is_bsuid(&contact.key) => Some(bsuid),
-            _ => None,
-        };
-        let alias = new.bsuid.filter(|b| Some(*b) != key);
+        let alias = new.bsuid.filter(|b| *b != key);
         let linked = self
             .link(Link {
                 channel: channel.to_string(),
                 contact: Some(contact.id),
-                key: key.map(str::to_string),
+                key: Some(key.to_string()),
                 alias: alias.map(str::to_string),
+                displace: false,
+                number_changed: true,
                 now: now.timestamp_millis(),
             })
             .await?;
         Ok(match linked {
             Linked::Key { contact_id, key } => IdentityChanged::Changed { contact_id, key },
-            Linked::Conflict(why) => IdentityChanged::Conflict(why),
+            Linked::Conflict { why, .. } => IdentityChanged::Conflict(why),
         })
     }
 
@@ -300,13 +333,16 @@ impl Db {
         ids: Identifiers<'_>,
     ) -> Result<(Option<Known>, Option<Known>), StoreError> {
         // A key match first: it outranks an alias that (written before the key) repeats it.
-        const SQL: &str = "SELECT wa_id, id, wa_id, 0 FROM contacts \
-                WHERE channel = $1 AND wa_id IN ($2, $3) \
-            UNION ALL SELECT a.identifier, c.id, c.wa_id, 1 FROM contact_aliases a \
-                JOIN contacts c ON c.id = a.contact_id \
-                WHERE a.channel = $1 AND a.identifier IN ($2, $3) \
-            ORDER BY 4";
-        let rows: Vec<(String, i64, String, i64)> = with_pool!(self, |pool| {
+        const SQL: &str = "SELECT x.identifier, c.id, c.wa_id, x.by_key, \
+                EXISTS (SELECT 1 FROM contact_aliases o WHERE o.contact_id = c.id \
+                    AND o.current = 1) \
+            FROM (SELECT wa_id AS identifier, id AS contact_id, 1 AS by_key FROM contacts \
+                    WHERE channel = $1 AND wa_id IN ($2, $3) \
+                UNION ALL SELECT identifier, contact_id, 0 FROM contact_aliases \
+                    WHERE channel = $1 AND identifier IN ($2, $3)) x \
+            JOIN contacts c ON c.id = x.contact_id \
+            ORDER BY x.by_key DESC";
+        let rows: Vec<(String, i64, String, bool, bool)> = with_pool!(self, |pool| {
             sqlx::query_as(SQL)
                 .bind(channel)
                 .bind(ids.bsuid)
@@ -316,37 +352,45 @@ impl Db {
         });
         let find = |id: Option<&str>| {
             let id = id?;
-            rows.iter()
-                .find(|(identifier, ..)| identifier == id)
-                .map(|(_, contact, key, _)| Known {
+            rows.iter().find(|(identifier, ..)| identifier == id).map(
+                |(_, contact, key, by_key, paired)| Known {
                     id: *contact,
                     key: key.clone(),
-                })
+                    by_key: *by_key,
+                    paired: *paired,
+                },
+            )
         };
         Ok((find(ids.bsuid), find(ids.phone)))
     }
 
-    /// Runs `link`; `fallback` is the key to answer with if it conflicts.
+    /// Runs `link`; `fallback` is the key to answer with if it conflicts (unless the
+    /// conflict names the contact that answers).
     async fn linked(&self, link: Link, fallback: String) -> Result<Resolved, StoreError> {
         Ok(match self.link(link).await? {
             Linked::Key { key, .. } => Resolved {
                 key,
                 conflict: None,
             },
-            Linked::Conflict(why) => Resolved {
-                key: fallback,
+            Linked::Conflict { why, owner } => Resolved {
+                key: owner.unwrap_or(fallback),
                 conflict: Some(why),
             },
         })
     }
 
     /// One writer job: checks that the new identifiers name no other contact, then writes
-    /// them (all or nothing).
+    /// them (all or nothing). What is remembered is forgotten before the job (a lookup
+    /// meanwhile is not remembered) and again after its commit (a cache hit in between
+    /// could still answer the old key: a turn refuses to create a contact under an alias,
+    /// and a turn on a contact whose key changed fails its stale-contact check, and either
+    /// is retried).
     async fn link(&self, link: Link) -> Result<Linked, StoreError> {
         match self {
             Db::Sqlite {
                 writer, identities, ..
             } => {
+                identities.forget_all();
                 let linked = writer.run_raw(move |db| link.run(db)).await?;
                 if matches!(linked, Linked::Key { .. }) {
                     identities.forget_all();
@@ -368,16 +412,59 @@ impl Db {
 impl Link {
     fn run(&self, db: &rusqlite::Connection) -> Result<Linked, StoreError> {
         let channel = self.channel.as_str();
-        let contact = match (self.contact, &self.key) {
+        let owner = |identifier: &str| -> Result<Option<(i64, String)>, StoreError> {
+            Ok(db
+                .prepare_cached(
+                    "SELECT c.id, c.wa_id FROM contacts c WHERE c.channel = ?1 AND c.wa_id = ?2 \
+                     UNION ALL SELECT c.id, c.wa_id FROM contact_aliases a \
+                        JOIN contacts c ON c.id = a.contact_id \
+                        WHERE a.channel = ?1 AND a.identifier = ?2 LIMIT 1",
+                )?
+                .query_row([channel, identifier], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()?)
+        };
+        let conflict = |identifier: &str, other: (i64, String), contact: Option<i64>| {
+            let whose = contact.map_or("a new contact".to_string(), |c| format!("contact {c}"));
+            Linked::Conflict {
+                why: format!(
+                    "{identifier} already names contact {}, not {whose} (not merged)",
+                    other.0
+                ),
+                owner: contact.is_none().then_some(other.1),
+            }
+        };
+        // Everything is checked before anything is written.
+        let contact = match (self.contact, self.key.as_deref()) {
             (Some(id), _) => id,
             (None, Some(key)) => {
+                if let Some(alias) = self.alias.as_deref()
+                    && let Some(other) = owner(alias)?
+                {
+                    return Ok(conflict(alias, other, None));
+                }
+                if let Some(holder) = owner(key)? {
+                    if !self.displace || holder.1 != key {
+                        return Ok(conflict(key, holder, None));
+                    }
+                    // The number has a new owner: its old contact is keyed by its BSUID.
+                    let Some(bsuid) = self.take_current_alias(db, holder.0)? else {
+                        return Ok(conflict(key, holder, None));
+                    };
+                    self.set_key(db, holder.0, &bsuid)?;
+                }
                 db.prepare_cached(
                     "INSERT INTO contacts (channel, wa_id, created_at, updated_at) \
-                     VALUES (?1, ?2, ?3, ?3) ON CONFLICT (channel, wa_id) DO NOTHING",
+                     VALUES (?1, ?2, ?3, ?3)",
                 )?
                 .execute(rusqlite::params![channel, key, self.now])?;
-                db.prepare_cached("SELECT id FROM contacts WHERE channel = ?1 AND wa_id = ?2")?
-                    .query_row([channel, key], |row| row.get(0))?
+                let id = db.last_insert_rowid();
+                if let Some(alias) = self.alias.as_deref() {
+                    self.add_alias(db, id, alias, !is_bsuid(key))?;
+                }
+                return Ok(Linked::Key {
+                    contact_id: id,
+                    key: key.to_string(),
+                });
             }
             (None, None) => return Err(StoreError::Corrupt("a new contact without a key".into())),
         };
@@ -386,54 +473,94 @@ impl Link {
             .query_row(rusqlite::params![contact, channel], |row| row.get(0))
             .optional()?
             .ok_or(StoreError::UnknownContact { id: contact })?;
-        let owner = |identifier: &str| -> Result<Option<i64>, StoreError> {
-            Ok(db
-                .prepare_cached(
-                    "SELECT id FROM contacts WHERE channel = ?1 AND wa_id = ?2 \
-                     UNION ALL SELECT contact_id FROM contact_aliases \
-                        WHERE channel = ?1 AND identifier = ?2 LIMIT 1",
-                )?
-                .query_row([channel, identifier], |row| row.get(0))
-                .optional()?)
-        };
         let new_key = self.key.as_deref().filter(|k| *k != old_key);
         let alias = self.alias.as_deref();
         for identifier in new_key.iter().chain(alias.iter()) {
-            if let Some(other) = owner(identifier)?.filter(|other| *other != contact) {
-                return Ok(Linked::Conflict(format!(
-                    "{identifier} already names contact {other}, not contact {contact} \
-                     (not merged)"
-                )));
+            if let Some(other) = owner(identifier)?.filter(|other| other.0 != contact) {
+                return Ok(conflict(identifier, other, Some(contact)));
             }
         }
-        let add_alias = |identifier: &str| -> Result<(), StoreError> {
-            db.prepare_cached(
-                "INSERT INTO contact_aliases (channel, identifier, contact_id) \
-                 VALUES (?1, ?2, ?3) ON CONFLICT (channel, identifier) DO NOTHING",
-            )?
-            .execute(rusqlite::params![channel, identifier, contact])?;
-            Ok(())
-        };
+        if self.number_changed {
+            db.prepare_cached("UPDATE contact_aliases SET current = 0 WHERE contact_id = ?1")?
+                .execute([contact])?;
+        }
         let mut key = old_key.clone();
         if let Some(new_key) = new_key {
             db.prepare_cached(
                 "DELETE FROM contact_aliases WHERE channel = ?1 AND identifier = ?2",
             )?
             .execute([channel, new_key])?;
-            db.prepare_cached("UPDATE contacts SET wa_id = ?1, updated_at = ?2 WHERE id = ?3")?
-                .execute(rusqlite::params![new_key, self.now, contact])?;
+            self.set_key(db, contact, new_key)?;
             if is_bsuid(&old_key) {
-                add_alias(&old_key)?;
+                // Known by this BSUID alone until now, it is the phone's pairing, unless
+                // the number changed (which made a new BSUID).
+                let current = !self.number_changed && !is_bsuid(new_key);
+                self.add_alias(db, contact, &old_key, current)?;
             }
             key = new_key.to_string();
         }
         if let Some(alias) = alias.filter(|a| *a != key) {
-            add_alias(alias)?;
+            self.add_alias(db, contact, alias, !is_bsuid(&key))?;
         }
         Ok(Linked::Key {
             contact_id: contact,
             key,
         })
+    }
+
+    fn set_key(
+        &self,
+        db: &rusqlite::Connection,
+        contact: i64,
+        key: &str,
+    ) -> Result<(), StoreError> {
+        db.prepare_cached("UPDATE contacts SET wa_id = ?1, updated_at = ?2 WHERE id = ?3")?
+            .execute(rusqlite::params![key, self.now, contact])?;
+        Ok(())
+    }
+
+    /// Adds (or updates) an alias of `contact`, which the caller checked names no other
+    /// contact; a `current` one replaces the contact's current pairing.
+    fn add_alias(
+        &self,
+        db: &rusqlite::Connection,
+        contact: i64,
+        identifier: &str,
+        current: bool,
+    ) -> Result<(), StoreError> {
+        if current {
+            db.prepare_cached("UPDATE contact_aliases SET current = 0 WHERE contact_id = ?1")?
+                .execute([contact])?;
+        }
+        db.prepare_cached(
+            "INSERT INTO contact_aliases (channel, identifier, contact_id, current) \
+             VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (channel, identifier) DO UPDATE SET current = excluded.current",
+        )?
+        .execute(rusqlite::params![
+            self.channel,
+            identifier,
+            contact,
+            current
+        ])?;
+        Ok(())
+    }
+
+    /// Removes `contact`'s current BSUID alias and returns it.
+    fn take_current_alias(
+        &self,
+        db: &rusqlite::Connection,
+        contact: i64,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(db
+            .prepare_cached(
+                "DELETE FROM contact_aliases WHERE channel = ?1 AND identifier = \
+                    (SELECT identifier FROM contact_aliases WHERE contact_id = ?2 \
+                     AND current = 1 LIMIT 1) \
+                 RETURNING identifier",
+            )?
+            .query_row(rusqlite::params![self.channel, contact], |row| row.get(0))
+            .optional()?)
     }
 }
 
@@ -447,6 +574,7 @@ mod tests {
     const NEW_PHONE: &str = "15555550999";
     const BSUID: &str = "US.20000000000000000123";
     const NEW_BSUID: &str = "US.20000000000000000456";
+    const STRANGER: &str = "US.20000000000000000789";
 
     async fn db() -> Db {
         let db = Db::connect("sqlite::memory:").await.unwrap();
@@ -642,11 +770,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_changed_bsuid_keeps_the_old_one_as_an_alias() {
+    async fn a_number_change_without_the_new_number_keys_the_contact_by_its_new_bsuid() {
         let db = db().await;
-        // Keyed by phone: the new BSUID joins the old one as an alias.
-        let with_phone = contact(&db, PHONE).await;
-        resolve(&db, Some(PHONE), Some(BSUID)).await;
+        assert_eq!(resolve(&db, Some(PHONE), Some(BSUID)).await, key(PHONE));
+        let id = contacts(&db).await[0].0;
+        // `user_changed_user_id`: the new number is not shared, only the new BSUID.
         let changed = db
             .change_identity(
                 CH,
@@ -659,34 +787,113 @@ mod tests {
         assert_eq!(
             changed,
             IdentityChanged::Changed {
-                contact_id: with_phone,
-                key: PHONE.into()
+                contact_id: id,
+                key: NEW_BSUID.into()
             }
         );
+        let ours = (id, NEW_BSUID.to_string(), vec![BSUID.to_string()]);
+        assert_eq!(contacts(&db).await, std::slice::from_ref(&ours));
         for bsuid in [BSUID, NEW_BSUID] {
-            assert_eq!(resolve(&db, None, Some(bsuid)).await, key(PHONE));
+            assert_eq!(resolve(&db, None, Some(bsuid)).await, key(NEW_BSUID));
         }
+        // The old number's next owner is someone else.
+        assert_eq!(resolve(&db, Some(PHONE), Some(STRANGER)).await, key(PHONE));
+        let all = contacts(&db).await;
+        assert_eq!(all[0], ours);
+        assert_eq!(all[1].1, PHONE);
+    }
 
-        // Keyed by BSUID (no phone known): the new BSUID is the key, the old one an alias.
-        let db = super::tests::db().await;
-        let without_phone = contact(&db, BSUID).await;
+    #[tokio::test]
+    async fn a_late_webhook_with_the_old_identifiers_changes_nothing() {
+        let db = db().await;
+        resolve(&db, Some(PHONE), Some(BSUID)).await;
         db.change_identity(
             CH,
-            ids(None, Some(BSUID)),
-            ids(None, Some(NEW_BSUID)),
+            ids(Some(PHONE), Some(BSUID)),
+            ids(Some(NEW_PHONE), Some(NEW_BSUID)),
             now(),
         )
         .await
         .unwrap();
+        let after = contacts(&db).await;
+        assert_eq!(after[0].1, NEW_PHONE);
+        // Redelivered from before the change: it finds the contact by its old BSUID.
+        assert_eq!(resolve(&db, Some(PHONE), Some(BSUID)).await, key(NEW_PHONE));
+        assert_eq!(contacts(&db).await, after);
+    }
+
+    #[tokio::test]
+    async fn a_number_that_changed_hands_unannounced_gets_a_contact_of_its_own() {
+        let db = db().await;
+        resolve(&db, Some(PHONE), Some(BSUID)).await;
+        let ours = contacts(&db).await[0].0;
+        // Meta pairs the number with another BSUID: a BSUID is regenerated with every
+        // number change, so this is the number's next owner (the change was never seen).
+        assert_eq!(resolve(&db, Some(PHONE), Some(STRANGER)).await, key(PHONE));
+        let all = contacts(&db).await;
+        assert_eq!(all[0], (ours, BSUID.to_string(), vec![]), "ours, by BSUID");
+        assert_eq!(all[1].1.as_str(), PHONE);
+        assert_eq!(all[1].2, [STRANGER.to_string()]);
+        assert_eq!(resolve(&db, None, Some(BSUID)).await, key(BSUID));
+    }
+
+    #[tokio::test]
+    async fn a_new_number_announced_without_its_bsuid_learns_it_from_the_next_message() {
+        let db = db().await;
+        resolve(&db, Some(PHONE), Some(BSUID)).await;
+        let id = contacts(&db).await[0].0;
+        // The older `user_changed_number`: the new phone, no new BSUID.
+        db.change_identity(
+            CH,
+            ids(Some(PHONE), None),
+            ids(Some(NEW_PHONE), None),
+            now(),
+        )
+        .await
+        .unwrap();
+        // Its next message pairs the new phone with the new BSUID: the same customer, not a
+        // new owner of the number (their old BSUID is no longer their pairing).
+        assert_eq!(
+            resolve(&db, Some(NEW_PHONE), Some(NEW_BSUID)).await,
+            key(NEW_PHONE)
+        );
         assert_eq!(
             contacts(&db).await,
             [(
-                without_phone,
-                NEW_BSUID.to_string(),
-                vec![BSUID.to_string()]
+                id,
+                NEW_PHONE.to_string(),
+                vec![BSUID.to_string(), NEW_BSUID.to_string()]
             )]
         );
-        assert_eq!(resolve(&db, None, Some(BSUID)).await, key(NEW_BSUID));
+        // And now that pairing is current: another BSUID with this number is a new owner.
+        assert_eq!(
+            resolve(&db, Some(NEW_PHONE), Some(STRANGER)).await,
+            key(NEW_PHONE)
+        );
+        let all = contacts(&db).await;
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].1, NEW_BSUID, "ours, keyed by its current BSUID");
+    }
+
+    #[tokio::test]
+    async fn a_link_that_would_create_a_taken_identifier_writes_nothing() {
+        let db = db().await;
+        let by_bsuid = contact(&db, BSUID).await;
+        let linked = db
+            .link(Link {
+                channel: CH.into(),
+                contact: None,
+                key: Some(PHONE.into()),
+                alias: Some(BSUID.into()),
+                ..Link::default()
+            })
+            .await
+            .unwrap();
+        assert!(
+            matches!(&linked, Linked::Conflict { owner: Some(owner), .. } if owner == BSUID),
+            "{linked:?}"
+        );
+        assert_eq!(contacts(&db).await, [(by_bsuid, BSUID.to_string(), vec![])]);
     }
 
     #[tokio::test]

@@ -96,14 +96,17 @@ impl Db {
         let (contact_id, mut outbound_ids, dequeued_ids) = match self {
             Db::Sqlite { writer, .. } => {
                 let rows = run_batch(writer, batch).await.map_err(|e| match e {
-                    // The contact id the caller loaded no longer names this contact.
                     StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, Some(message)))
-                        if turn.contact_id.is_some()
-                            && e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_NOTNULL
+                        if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_NOTNULL
                             && GUARD_FAILS_ON.iter().any(|m| message.contains(m)) =>
                     {
-                        StoreError::UnknownContact {
-                            id: turn.contact_id.unwrap_or_default(),
+                        match turn.contact_id {
+                            // The contact id the caller loaded no longer names this contact.
+                            Some(id) => StoreError::UnknownContact { id },
+                            // The new contact's key is another contact's alias by now.
+                            None => StoreError::IdentifierTaken {
+                                identifier: turn.contact.wa_id.to_string(),
+                            },
                         }
                     }
                     other => other,
@@ -185,7 +188,14 @@ fn build(turn: &Turn<'_>) -> Result<Batch, StoreError> {
         ));
     } else {
         // A new contact is written first (or updated, if it appeared meanwhile), and later
-        // statements find it by `(channel, wa_id)`.
+        // statements find it by `(channel, wa_id)`; not under an identifier that names
+        // another contact (an identity change since the turn resolved it): the same guard
+        // as above stops the batch.
+        b.statement(
+            "INSERT INTO contacts (channel, wa_id, created_at, updated_at) \
+            SELECT NULL, NULL, 0, 0 WHERE EXISTS (SELECT 1 FROM contact_aliases \
+                WHERE channel = $1 AND identifier = $2)",
+        );
         b.returning(
             "INSERT INTO contacts (channel, wa_id, name, tags, attrs, timezone, \
                 last_customer_message_at, created_at, updated_at, policy) \

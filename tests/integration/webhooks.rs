@@ -622,16 +622,25 @@ async fn a_customer_is_one_contact_whatever_identifiers_webhooks_use() {
     const NEW_PHONE: &str = "15555550999";
     const NEW_BSUID: &str = "US.20000000000000000456";
     let server = Server::start().await;
+    // Since August 2026 a number change names the new phone and the new BSUID (a number
+    // change regenerates it), and the previous BSUID.
+    let number_changed = envelope(json!({"messages": [{
+        "from": WA_ID, "id": "wamid.identity.system", "timestamp": support::now_timestamp(),
+        "type": "system",
+        "system": {
+            "body": format!("User Ana changed from {WA_ID} to {NEW_PHONE}"),
+            "type": "user_changed_number", "wa_id": NEW_PHONE,
+            "user_id": NEW_BSUID, "previous_user_id": BSUID
+        }
+    }]}));
     let webhooks = [
         text_from(Some(WA_ID), Some(BSUID), "wamid.identity.1", "survey"),
         // The customer took a username: the BSUID alone, answering the question.
         fixture("inbound_text_username_only.json"),
-        // A new phone number (`from` the old one), then a new BSUID.
-        fixture("inbound_system_user_changed_number.json"),
-        fixture("inbound_system_user_changed_user_id.json"),
+        number_changed,
         text_from(None, Some(NEW_BSUID), "wamid.identity.2", "hi"),
-        // A late redelivery under the old BSUID still finds them.
-        text_from(None, Some(BSUID), "wamid.identity.3", "hello"),
+        // A late redelivery from before the change finds them, and changes nothing.
+        text_from(Some(WA_ID), Some(BSUID), "wamid.identity.3", "hello"),
         text_from(
             Some(NEW_PHONE),
             Some(NEW_BSUID),
@@ -690,6 +699,30 @@ async fn a_customer_is_one_contact_whatever_identifiers_webhooks_use() {
             "{identifier}"
         );
     }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_number_change_that_hides_the_new_number_keys_the_contact_by_bsuid() {
+    const NEW_BSUID: &str = "US.20000000000000000456";
+    let server = Server::start().await;
+    let webhooks = [
+        text_from(Some(WA_ID), Some(BSUID), "wamid.hidden.1", "hi"),
+        // `user_changed_user_id`: a new number that is not shared, only the new BSUID.
+        fixture("inbound_system_user_changed_user_id.json"),
+        text_from(None, Some(NEW_BSUID), "wamid.hidden.2", "hello"),
+    ];
+    for (n, webhook) in webhooks.iter().enumerate() {
+        assert_eq!(server.signed(webhook).await.0, 200);
+        server.processed(n as i64 + 1).await;
+    }
+    assert_eq!(server.count("SELECT COUNT(*) FROM contacts").await, 1);
+    assert_eq!(
+        text_of(&server.db, "SELECT wa_id FROM contacts").await,
+        NEW_BSUID,
+        "replies go to the new BSUID, not to the number the customer left"
+    );
+    assert_eq!(conversation(&server.db, "main", NEW_BSUID).await.len(), 4);
     server.shutdown().await;
 }
 
