@@ -21,12 +21,13 @@
 //!   after [`MAX_ATTEMPTS`] ([`MAX_STATUS_ATTEMPTS`] for statuses) it is given up, processed
 //!   with its error, and logged.
 //!
-//! What each kind does: messages run the flows (`Runtime::inbound`, keyed by the wa_id, else
-//! the BSUID); statuses update the outbound message ([`crate::store::Db::apply_status`]) and
+//! What each kind does: messages run the flows (`Runtime::inbound`, on the contact their
+//! phone and BSUID name: [`crate::store::Db::resolve_contact`]); statuses update the outbound message ([`crate::store::Db::apply_status`]) and
 //! a `failed` one with `131047`, `131050` or `131049` goes to the policy
 //! (`Runtime::message_failed`); template status updates change the registry
 //! (`Runtime::template_status_changed`); marketing preferences change the contact's consent;
-//! system messages (identity changes) are logged and counted; `errors` are logged and counted
+//! system messages (number changes) move the contact to its new identity
+//! ([`crate::store::Db::change_identity`]); `errors` are logged and counted
 //! by code; unknown and malformed updates are logged and skipped.
 
 use std::collections::{HashMap, HashSet, VecDeque};
