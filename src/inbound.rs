@@ -71,7 +71,7 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
 const DRAIN_WAIT: Duration = Duration::from_secs(120);
 
 /// The contact an update is about: the phone (wa_id) when known, else the BSUID. The inbox
-/// groups updates by it (see [`group_key`]).
+/// groups updates by it (`group_key`).
 pub fn contact_key(update: &Update) -> Option<&str> {
     fn pick<'a>(phone: &'a Option<String>, bsuid: &'a Option<String>) -> Option<&'a str> {
         phone

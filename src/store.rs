@@ -125,7 +125,7 @@ pub enum Db {
     Sqlite {
         pool: sqlx::SqlitePool,
         writer: Writer,
-        /// Contacts' identities this process has resolved ([`identity`]).
+        /// Contacts' identities this process has resolved (`store::identity`).
         identities: std::sync::Arc<ResolvedCache>,
     },
     Postgres(sqlx::PgPool),
