@@ -3,9 +3,11 @@
 //! the customer's identity changed (DESIGN §3, FACTS.md §10.10).
 //!
 //! A contact is keyed by `contacts.wa_id`: its phone number when one is known (replies go
-//! `to` it), else its BSUID. Its other identifiers are in `contact_aliases`: its BSUID while
-//! it is keyed by phone, and BSUIDs it had before a change, for late or retried webhooks.
-//! Old phone numbers are dropped: WhatsApp gives a number to someone else, a BSUID never.
+//! `to` it), else its BSUID. Its BSUIDs are in `contact_aliases`: the one its phone is
+//! paired with now (`current`), and those it had before a number change, for late or
+//! retried webhooks. A number change regenerates the BSUID, so a phone that Meta pairs with
+//! another BSUID than its contact's current one has changed hands. Old phone numbers are
+//! dropped: WhatsApp gives a number to someone else, a BSUID never.
 //!
 //! Identifiers are linked only on pairings Meta asserts: both in one webhook (`from` and
 //! `from_user_id`, or one `contacts[]` entry), or a `system` identity change. Two contacts
