@@ -599,6 +599,11 @@ mod tests {
             .expect("an identifier was given")
     }
 
+    /// A `system` identity change, from `previous` to `new`.
+    async fn change(db: &Db, previous: Identifiers<'_>, new: Identifiers<'_>) -> IdentityChanged {
+        db.change_identity(CH, previous, new, now()).await.unwrap()
+    }
+
     fn key(key: &str) -> Resolved {
         Resolved {
             key: key.into(),
@@ -742,15 +747,7 @@ mod tests {
         assert_eq!(resolve(&db, Some(PHONE), Some(BSUID)).await, key(PHONE));
         let id = contacts(&db).await[0].0;
         // `user_changed_number`: from the old phone, `system.wa_id` the new one.
-        let changed = db
-            .change_identity(
-                CH,
-                ids(Some(PHONE), None),
-                ids(Some(NEW_PHONE), None),
-                now(),
-            )
-            .await
-            .unwrap();
+        let changed = change(&db, ids(Some(PHONE), None), ids(Some(NEW_PHONE), None)).await;
         assert_eq!(
             changed,
             IdentityChanged::Changed {
@@ -777,15 +774,7 @@ mod tests {
         assert_eq!(resolve(&db, Some(PHONE), Some(BSUID)).await, key(PHONE));
         let id = contacts(&db).await[0].0;
         // `user_changed_user_id`: the new number is not shared, only the new BSUID.
-        let changed = db
-            .change_identity(
-                CH,
-                ids(None, Some(BSUID)),
-                ids(None, Some(NEW_BSUID)),
-                now(),
-            )
-            .await
-            .unwrap();
+        let changed = change(&db, ids(None, Some(BSUID)), ids(None, Some(NEW_BSUID))).await;
         assert_eq!(
             changed,
             IdentityChanged::Changed {
@@ -809,14 +798,12 @@ mod tests {
     async fn a_late_webhook_with_the_old_identifiers_changes_nothing() {
         let db = db().await;
         resolve(&db, Some(PHONE), Some(BSUID)).await;
-        db.change_identity(
-            CH,
+        change(
+            &db,
             ids(Some(PHONE), Some(BSUID)),
             ids(Some(NEW_PHONE), Some(NEW_BSUID)),
-            now(),
         )
-        .await
-        .unwrap();
+        .await;
         let after = contacts(&db).await;
         assert_eq!(after[0].1, NEW_PHONE);
         // Redelivered from before the change: it finds the contact by its old BSUID.
@@ -845,14 +832,7 @@ mod tests {
         resolve(&db, Some(PHONE), Some(BSUID)).await;
         let id = contacts(&db).await[0].0;
         // The older `user_changed_number`: the new phone, no new BSUID.
-        db.change_identity(
-            CH,
-            ids(Some(PHONE), None),
-            ids(Some(NEW_PHONE), None),
-            now(),
-        )
-        .await
-        .unwrap();
+        change(&db, ids(Some(PHONE), None), ids(Some(NEW_PHONE), None)).await;
         // Its next message pairs the new phone with the new BSUID: the same customer, not a
         // new owner of the number (their old BSUID is no longer their pairing).
         assert_eq!(
@@ -901,27 +881,16 @@ mod tests {
     #[tokio::test]
     async fn identity_changes_that_cannot_apply_change_nothing() {
         let db = db().await;
-        let unknown = db
-            .change_identity(
-                CH,
-                ids(Some(PHONE), None),
-                ids(Some(NEW_PHONE), None),
-                now(),
-            )
-            .await
-            .unwrap();
+        let unknown = change(&db, ids(Some(PHONE), None), ids(Some(NEW_PHONE), None)).await;
         assert_eq!(unknown, IdentityChanged::UnknownContact);
         let old = contact(&db, PHONE).await;
         let other = contact(&db, NEW_PHONE).await;
-        let conflict = db
-            .change_identity(
-                CH,
-                ids(Some(PHONE), None),
-                ids(Some(NEW_PHONE), Some(NEW_BSUID)),
-                now(),
-            )
-            .await
-            .unwrap();
+        let conflict = change(
+            &db,
+            ids(Some(PHONE), None),
+            ids(Some(NEW_PHONE), Some(NEW_BSUID)),
+        )
+        .await;
         assert!(
             matches!(&conflict, IdentityChanged::Conflict(why) if why.contains(NEW_PHONE)),
             "{conflict:?}"
