@@ -594,24 +594,18 @@ impl Worker {
                 let previous =
                     Identifiers::new(previous_wa_id.as_deref(), previous_user_id.as_deref());
                 let new = Identifiers::new(new_wa_id.as_deref(), new_user_id.as_deref());
-                let changed = if new.new_key().is_some() {
-                    let at = runtime.clock.now();
-                    match runtime.db.change_identity(channel, previous, new, at).await {
-                        Ok(changed) => Some(changed),
-                        Err(e) => return retry(row, e.to_string(), MAX_ATTEMPTS),
-                    }
-                } else {
-                    None
+                let at = runtime.clock.now();
+                let changed = match runtime.db.change_identity(channel, previous, new, at).await {
+                    Ok(changed) => changed,
+                    Err(e) => return retry(row, e.to_string(), MAX_ATTEMPTS),
                 };
                 let outcome = match &changed {
-                    Some(IdentityChanged::Changed { key, .. }) => {
-                        format!("the contact is now {key}")
-                    }
-                    Some(IdentityChanged::UnknownContact) => {
+                    IdentityChanged::Changed { key, .. } => format!("the contact is now {key}"),
+                    IdentityChanged::UnknownContact => {
                         "no contact has the previous identifiers".into()
                     }
-                    Some(IdentityChanged::Conflict(why)) => format!("not applied: {why}"),
-                    None => "no new identifier given".into(),
+                    IdentityChanged::NothingNew => "no new identifier given".into(),
+                    IdentityChanged::Conflict(why) => format!("not applied: {why}"),
                 };
                 tracing::info!(
                     channel,
@@ -623,7 +617,7 @@ impl Worker {
                     outcome = %outcome,
                     "a customer's WhatsApp identity changed"
                 );
-                if let Some(IdentityChanged::Conflict(why)) = &changed {
+                if let IdentityChanged::Conflict(why) = &changed {
                     tracing::warn!(channel, conflict = %why, "a customer's new identity is another contact's; the two are not merged");
                 }
                 metrics::count(

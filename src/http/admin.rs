@@ -20,7 +20,7 @@ use super::{AppState, error};
 use crate::dispatch::Runtime;
 use crate::domain::{OutboundContent, limits};
 use crate::policy::Window;
-use crate::store::{Identifiers, StoreError};
+use crate::store::Identifiers;
 
 pub fn router(state: AppState) -> Router<AppState> {
     Router::new()
@@ -115,7 +115,7 @@ async fn conversation(
     }
     let contact = match contact_key(runtime, &channel, contact).await {
         Ok(key) => key,
-        Err(e) => return internal("finding a contact failed", e),
+        Err(response) => return response,
     };
     let conversation = match runtime.db.load_conversation(&channel, &contact).await {
         Ok(c) => c,
@@ -227,13 +227,16 @@ async fn contact_key(
     runtime: &Runtime,
     channel: &str,
     identifier: String,
-) -> Result<String, StoreError> {
+) -> Result<String, Response> {
     let ids = Identifiers::of(&identifier);
-    let resolved = runtime
+    match runtime
         .db
         .resolve_contact(channel, ids, runtime.clock.now())
-        .await?;
-    Ok(resolved.map_or(identifier, |r| r.key))
+        .await
+    {
+        Ok(resolved) => Ok(resolved.map_or(identifier, |r| r.key)),
+        Err(e) => Err(internal("finding a contact failed", e)),
+    }
 }
 
 /// An agent's message: it passes the policy (sent, rewritten, queued…) and the answer says
@@ -316,7 +319,7 @@ async fn agent_message(
     };
     let contact = match contact_key(runtime, &channel, contact).await {
         Ok(key) => key,
-        Err(e) => return internal("finding a contact failed", e),
+        Err(response) => return response,
     };
     match runtime.agent_message(&channel, &contact, content).await {
         Ok(report) => {

@@ -75,6 +75,8 @@ pub enum IdentityChanged {
     Changed { contact_id: i64, key: String },
     /// No contact has the previous identifiers: nothing to change.
     UnknownContact,
+    /// The change names no new identifier: nothing to change.
+    NothingNew,
     /// A new identifier already names another contact: nothing changed.
     Conflict(String),
 }
@@ -301,7 +303,7 @@ impl Db {
         now: DateTime<Utc>,
     ) -> Result<IdentityChanged, StoreError> {
         let Some(key) = new.new_key() else {
-            return Ok(IdentityChanged::UnknownContact);
+            return Ok(IdentityChanged::NothingNew);
         };
         if previous.new_key().is_none() {
             return Ok(IdentityChanged::UnknownContact);
@@ -883,6 +885,10 @@ mod tests {
         let db = db().await;
         let unknown = change(&db, ids(Some(PHONE), None), ids(Some(NEW_PHONE), None)).await;
         assert_eq!(unknown, IdentityChanged::UnknownContact);
+        assert_eq!(
+            change(&db, ids(Some(PHONE), None), ids(None, None)).await,
+            IdentityChanged::NothingNew
+        );
         let old = contact(&db, PHONE).await;
         let other = contact(&db, NEW_PHONE).await;
         let conflict = change(

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flowgate::app::{self, Application};
+
+use crate::support;
 use flowgate::clock::SystemClock;
 
 fn project(dir: &Path, admin: &str) -> std::path::PathBuf {
@@ -27,14 +29,8 @@ async fn the_api_needs_the_bearer_token() {
     let config = project(dir.path(), "admin:\n  token: s3cret-token\n");
     let loaded = app::load(Some(&config)).unwrap();
     let db = format!("sqlite://{}", dir.path().join("db.sqlite").display());
-    let application = Application::build(&loaded, &db, "127.0.0.1:0", Arc::new(SystemClock))
-        .await
-        .unwrap();
-    let base = format!("http://{}", application.local_addr());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(application.run_until(async {
-        let _ = stopped.await;
-    }));
+    let server = support::Running::start(&loaded, &db, Arc::new(SystemClock)).await;
+    let base = server.base.clone();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -114,12 +110,7 @@ async fn the_api_needs_the_bearer_token() {
     );
     assert!(!text.contains("s3cret-token"));
 
-    stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    server.shutdown().await;
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ use crate::support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flowgate::app::{self, Application};
+use flowgate::app;
 use flowgate::clock::{Clock, VirtualClock};
 use serde_json::{Value, json};
 use support::fake_graph::{FakeAuth, FakeGraph, Reply, Script};
@@ -71,8 +71,7 @@ struct Server {
     clock: Arc<VirtualClock>,
     fake: FakeGraph,
     http: reqwest::Client,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    running: support::Running,
     _dir: tempfile::TempDir,
 }
 
@@ -98,35 +97,22 @@ impl Server {
             app::load(Some(&root.join("flowgate.yaml"))).unwrap_or_else(|d| panic!("{d:?}"));
         let db = format!("sqlite://{}", root.join("flowgate.db").display());
         let clock = Arc::new(VirtualClock::new(VirtualClock::test_epoch()));
-        let application = Application::build(&loaded, &db, "127.0.0.1:0", clock.clone())
-            .await
-            .unwrap();
-        let base = format!("http://{}", application.local_addr());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(application.run_until(async {
-            let _ = stopped.await;
-        }));
+        let running = support::Running::start(&loaded, &db, clock.clone()).await;
         Self {
-            base,
+            base: running.base.clone(),
             clock,
             fake,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(20))
                 .build()
                 .unwrap(),
-            stop,
-            task,
+            running,
             _dir: dir,
         }
     }
 
     async fn shutdown(self) {
-        self.stop.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(20), self.task)
-            .await
-            .expect("the server stops")
-            .unwrap()
-            .unwrap();
+        self.running.shutdown().await;
     }
 
     /// A signed webhook to the channel; it must be answered 200.

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flowgate::app::{self, Application};
+
+use crate::support;
 use flowgate::clock::{SystemClock, VirtualClock};
 use flowgate::domain::{Inbound, InboundContent};
 use serde_json::{Value, json};
@@ -21,14 +23,8 @@ async fn serve_answers_sandbox_messages_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let loaded = app::load(None).expect("the shipped project loads");
     let db = format!("sqlite://{}", dir.path().join("flowgate.db").display());
-    let application = Application::build(&loaded, &db, "127.0.0.1:0", Arc::new(SystemClock))
-        .await
-        .unwrap();
-    let base = format!("http://{}", application.local_addr());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(application.run_until(async {
-        let _ = stopped.await;
-    }));
+    let server = support::Running::start(&loaded, &db, Arc::new(SystemClock)).await;
+    let base = server.base.clone();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -91,12 +87,7 @@ async fn serve_answers_sandbox_messages_and_stops_cleanly() {
         .unwrap();
     assert_eq!(raw.status(), 400);
 
-    stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .expect("server stops")
-        .unwrap()
-        .unwrap();
+    server.shutdown().await;
 
     // The conversation was stored: a new server on the same file continues it.
     let application = Application::build(&loaded, &db, "127.0.0.1:0", Arc::new(SystemClock))

@@ -112,8 +112,7 @@ struct Server {
     base: String,
     db: Db,
     client: reqwest::Client,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    running: support::Running,
     _dir: tempfile::TempDir,
 }
 
@@ -133,36 +132,22 @@ fn project() -> (tempfile::TempDir, app::Loaded, String) {
 impl Server {
     async fn start() -> Self {
         let (dir, loaded, db) = project();
-        let application = Application::build(&loaded, &db, "127.0.0.1:0", Arc::new(SystemClock))
-            .await
-            .unwrap();
-        let base = format!("http://{}", application.local_addr());
-        let db = application.runtime.db.clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(application.run_until(async {
-            let _ = stopped.await;
-        }));
+        let running = support::Running::start(&loaded, &db, Arc::new(SystemClock)).await;
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(20))
             .build()
             .unwrap();
         Self {
-            base,
-            db,
+            base: running.base.clone(),
+            db: running.db.clone(),
             client,
-            stop,
-            task,
+            running,
             _dir: dir,
         }
     }
 
     async fn shutdown(self) {
-        self.stop.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(20), self.task)
-            .await
-            .expect("the server stops")
-            .unwrap()
-            .unwrap();
+        self.running.shutdown().await;
     }
 
     async fn post(&self, path: &str, body: &[u8], headers: &[(&str, &str)]) -> (u16, Value) {
@@ -1007,14 +992,8 @@ async fn updates_stored_before_a_restart_are_processed_on_start() {
             .unwrap();
         runtime.db.close().await;
     }
-    let application = Application::build(&loaded, &db_url, "127.0.0.1:0", Arc::new(SystemClock))
-        .await
-        .unwrap();
-    let db = application.runtime.db.clone();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(application.run_until(async {
-        let _ = stopped.await;
-    }));
+    let running = support::Running::start(&loaded, &db_url, Arc::new(SystemClock)).await;
+    let db = running.db.clone();
     let check = db.clone();
     eventually("the stored update is processed", || {
         let db = check.clone();
@@ -1022,11 +1001,6 @@ async fn updates_stored_before_a_restart_are_processed_on_start() {
     })
     .await;
     assert_eq!(conversation(&db, "main", WA_ID).await.len(), 2);
-    stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(20), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    running.shutdown().await;
     drop(dir);
 }

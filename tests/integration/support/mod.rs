@@ -59,3 +59,47 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// The real server (`Application`) on 127.0.0.1:0, running until [`Running::shutdown`].
+pub struct Running {
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    pub db: flowgate::store::Db,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    pub async fn start(
+        loaded: &flowgate::app::Loaded,
+        database_url: &str,
+        clock: flowgate::clock::SharedClock,
+    ) -> Self {
+        let application =
+            flowgate::app::Application::build(loaded, database_url, "127.0.0.1:0", clock)
+                .await
+                .unwrap();
+        let base = format!("http://{}", application.local_addr());
+        let db = application.runtime.db.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(application.run_until(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            base,
+            db,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops it as Ctrl-C would, and waits (bounded) for a clean stop.
+    pub async fn shutdown(self) {
+        self.stop.send(()).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(20), self.task)
+            .await
+            .expect("the server stops")
+            .unwrap()
+            .unwrap();
+    }
+}
