@@ -3,7 +3,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use flowgate::app::{self, Application};
 
@@ -31,10 +30,7 @@ async fn the_api_needs_the_bearer_token() {
     let db = format!("sqlite://{}", dir.path().join("db.sqlite").display());
     let server = support::Running::start(&loaded, &db, Arc::new(SystemClock)).await;
     let base = server.base.clone();
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let client = server.client.clone();
 
     let missing = client
         .get(format!("{base}/api/flows"))

@@ -102,10 +102,7 @@ impl Server {
             base: running.base.clone(),
             clock,
             fake,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(20))
-                .build()
-                .unwrap(),
+            http: running.client.clone(),
             running,
             _dir: dir,
         }

@@ -3,7 +3,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use flowgate::app::{self, Application};
 
@@ -25,10 +24,7 @@ async fn serve_answers_sandbox_messages_and_stops_cleanly() {
     let db = format!("sqlite://{}", dir.path().join("flowgate.db").display());
     let server = support::Running::start(&loaded, &db, Arc::new(SystemClock)).await;
     let base = server.base.clone();
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let client = server.client.clone();
 
     let health = client.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);

@@ -9,7 +9,6 @@ use support::{eventually, sign};
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use flowgate::app::{self, Application};
 use flowgate::clock::SystemClock;
@@ -133,10 +132,7 @@ impl Server {
     async fn start() -> Self {
         let (dir, loaded, db) = project();
         let running = support::Running::start(&loaded, &db, Arc::new(SystemClock)).await;
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(20))
-            .build()
-            .unwrap();
+        let client = running.client.clone();
         Self {
             base: running.base.clone(),
             db: running.db.clone(),

@@ -65,6 +65,8 @@ pub struct Running {
     /// `http://127.0.0.1:<port>`.
     pub base: String,
     pub db: flowgate::store::Db,
+    /// An HTTP client whose requests give up after 20 s.
+    pub client: reqwest::Client,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -85,9 +87,14 @@ impl Running {
         let task = tokio::spawn(application.run_until(async {
             let _ = stopped.await;
         }));
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(20))
+            .build()
+            .unwrap();
         Self {
             base,
             db,
+            client,
             stop,
             task,
         }
