@@ -398,9 +398,9 @@ impl<'a> Run<'a> {
         if let Some(attrs) = &set.attrs {
             contact.attrs.extend(attrs.clone());
         }
-        db.commit_turn(&crate::store::Turn {
+        db.commit_turn(&crate::store::TurnWrite {
             session: conversation.session.as_ref(),
-            ..crate::store::Turn::new(
+            ..crate::store::TurnWrite::new(
                 &self.runtime.default_channel,
                 conversation.contact_id,
                 &contact,

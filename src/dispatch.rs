@@ -22,7 +22,7 @@ use crate::metrics;
 use crate::policy::{ConsentChange, Policy};
 use crate::store::{
     Conversation, Db, DequeuedRecord, NewTimer, OutboundRecord, OutboxRow, SessionRow, StoreError,
-    Superseded, TemplateStatusRow, Turn,
+    Superseded, TemplateStatusRow, TurnWrite,
 };
 use crate::templates::{Registry, Status};
 
@@ -208,7 +208,7 @@ impl Runtime {
         inbound: Inbound,
     ) -> Result<TurnReport, DispatchError> {
         let event = Event::Message(inbound.clone());
-        self.turn(channel, wa_id, event, Some(&inbound), profile_name, None)
+        self.handle(channel, wa_id, event, Some(&inbound), profile_name, None)
             .await
     }
 
@@ -224,7 +224,7 @@ impl Runtime {
             flow: flow.to_string(),
             step: step.map(str::to_string),
         };
-        self.turn(channel, wa_id, event, None, None, None).await
+        self.handle(channel, wa_id, event, None, None, None).await
     }
 
     /// An agent's message to a contact (the API's `POST /api/conversations/{wa_id}/messages`,
@@ -289,11 +289,11 @@ impl Runtime {
         let records = [record];
         let committed = self
             .db
-            .commit_turn(&Turn {
+            .commit_turn(&TurnWrite {
                 session: conversation.session.as_ref(),
                 outbound: &records,
                 superseded,
-                ..Turn::new(channel, conversation.contact_id, contact, now)
+                ..TurnWrite::new(channel, conversation.contact_id, contact, now)
             })
             .await?;
         let [record] = records;
@@ -385,7 +385,7 @@ impl Runtime {
             }
             None => {
                 self.db
-                    .commit_turn(&Turn::new(channel, None, &contact, now))
+                    .commit_turn(&TurnWrite::new(channel, None, &contact, now))
                     .await?;
             }
         }
@@ -597,7 +597,7 @@ impl Runtime {
                     }
                 };
                 let report = self
-                    .turn(
+                    .handle(
                         &timer.channel,
                         &timer.wa_id,
                         Event::Timer(kind),
@@ -684,7 +684,7 @@ impl Runtime {
     }
 
     /// Handles one event for one contact, end to end.
-    async fn turn(
+    async fn handle(
         &self,
         channel: &str,
         wa_id: &str,
@@ -810,7 +810,7 @@ impl Runtime {
         });
         let committed = self
             .db
-            .commit_turn(&Turn {
+            .commit_turn(&TurnWrite {
                 session: ran.session.as_ref(),
                 inbound,
                 outbound: &records,
@@ -820,7 +820,7 @@ impl Runtime {
                     .as_deref()
                     .filter(|t| !t.is_empty() || conversation.has_timers),
                 fired_timer,
-                ..Turn::new(channel, conversation.contact_id, &contact, now)
+                ..TurnWrite::new(channel, conversation.contact_id, &contact, now)
             })
             .await;
         let committed = match committed {

@@ -247,7 +247,7 @@ impl Engine {
             let flow = flows.version(&s.flow_id, &s.version)?.clone();
             Some((flow, s))
         });
-        let mut turn = Turn {
+        let mut run = Executor {
             engine: self,
             flows,
             contact_value: contact_value(contact),
@@ -264,25 +264,26 @@ impl Engine {
             epoch_base: session.as_ref().map(|(_, s)| s.epoch).unwrap_or(0),
         };
         let handled = match event {
-            Event::Message(m) => turn.message(&m),
-            Event::Timer(kind) => turn.timer(kind),
-            Event::Http(outcome) => turn.http_result(outcome),
-            Event::Start { flow, step } => turn.start_by_api(&flow, step.as_deref()),
+            Event::Message(m) => run.message(&m),
+            Event::Timer(kind) => run.timer(kind),
+            Event::Http(outcome) => run.http_result(outcome),
+            Event::Start { flow, step } => run.start_by_api(&flow, step.as_deref()),
         };
-        let contact_changed = *turn.contact != before;
+        let contact_changed = *run.contact != before;
         Outcome {
-            session: turn.session,
-            effects: turn.effects,
-            timers: turn.timers,
+            session: run.session,
+            effects: run.effects,
+            timers: run.timers,
             handled,
-            notes: turn.notes,
+            notes: run.notes,
             contact_changed,
         }
     }
 }
 
-/// The state of one event being handled.
-struct Turn<'a> {
+/// Runs a flow's steps for one event: the state of one event being handled, from the
+/// event to the [`Outcome`] (the engine's part of a turn).
+struct Executor<'a> {
     engine: &'a Engine,
     flows: &'a FlowSet,
     contact: &'a mut Contact,
@@ -308,7 +309,7 @@ enum Next {
     End,
 }
 
-impl Turn<'_> {
+impl Executor<'_> {
     fn message(&mut self, inbound: &Inbound) -> Handled {
         if inbound.content.refreshes_window() {
             self.contact.saw_customer_message(inbound.timestamp);

@@ -1,7 +1,7 @@
 //! Persistence: contacts, sessions, the message log, durable timers and flow versions.
 //!
 //! All of flowgate's SQL lives here; no other module writes a query. Everything else speaks
-//! [`Conversation`], [`Turn`] and the row types below, so the engine stays testable without a
+//! [`Conversation`], [`TurnWrite`] and the row types below, so the engine stays testable without a
 //! database schema in its head and the schema can change in one place.
 //!
 //! The SQL is portable between SQLite and PostgreSQL (`$n` placeholders, `ON CONFLICT`,
@@ -291,7 +291,7 @@ pub struct SessionRow {
 }
 
 /// Everything one engine turn changes, written atomically by [`Db::commit_turn`].
-pub struct Turn<'a> {
+pub struct TurnWrite<'a> {
     pub channel: &'a str,
     /// From [`Conversation::contact_id`]; `None` creates the contact.
     pub contact_id: Option<i64>,
@@ -322,7 +322,7 @@ pub struct Superseded {
     pub reason: String,
 }
 
-impl<'a> Turn<'a> {
+impl<'a> TurnWrite<'a> {
     /// A turn that writes only the contact (`session: None` ends a session: set it to keep
     /// one); the other fields are set with struct update syntax.
     pub fn new(
@@ -882,14 +882,14 @@ mod tests {
         contact_id: Option<i64>,
         contact: &'a Contact,
         now: DateTime<Utc>,
-    ) -> Turn<'a> {
-        Turn::new(CH, contact_id, contact, now)
+    ) -> TurnWrite<'a> {
+        TurnWrite::new(CH, contact_id, contact, now)
     }
 
     /// Commits a turn that creates `wa_id` with the given timers; returns its id.
     async fn contact_with_timers(db: &Db, wa_id: &str, timers: &[NewTimer]) -> i64 {
         let contact = Contact::new(wa_id);
-        let turn = Turn {
+        let turn = TurnWrite {
             replace_timers: Some(timers),
             ..bare_turn(None, &contact, t(0))
         };
@@ -953,7 +953,7 @@ mod tests {
             ),
         ];
         let timers = [timer(t(60), "late"), timer(t(30), "early")];
-        let turn = Turn {
+        let turn = TurnWrite {
             session: Some(&sess),
             inbound: Some(&msg),
             outbound: &out,
@@ -1075,7 +1075,7 @@ mod tests {
         db.migrate().await.unwrap();
         let first = Contact::new("1000");
         let seen = inbound("wamid.seen", "hi", t(0));
-        db.commit_turn(&Turn {
+        db.commit_turn(&TurnWrite {
             inbound: Some(&seen),
             ..bare_turn(None, &first, t(0))
         })
@@ -1107,7 +1107,7 @@ mod tests {
                     },
                 )];
                 let result = db
-                    .commit_turn(&Turn {
+                    .commit_turn(&TurnWrite {
                         inbound: Some(&message),
                         outbound: &out,
                         ..bare_turn(None, &contact, t(1))
@@ -1166,7 +1166,7 @@ mod tests {
         // A turn on the contact as loaded before the change: its key no longer matches.
         let msg = inbound("wamid.before", "hi", t(2));
         let err = db
-            .commit_turn(&Turn {
+            .commit_turn(&TurnWrite {
                 inbound: Some(&msg),
                 ..bare_turn(Some(id), &loaded.contact, t(2))
             })
@@ -1220,7 +1220,7 @@ mod tests {
         // and created again since it was loaded, under a new id.
         let msg = inbound("wamid.stale", "hi", t(1));
         let old = db
-            .commit_turn(&Turn {
+            .commit_turn(&TurnWrite {
                 inbound: Some(&msg),
                 ..bare_turn(None, &contact, t(1))
             })
@@ -1254,7 +1254,7 @@ mod tests {
                 },
             )];
             let err = db
-                .commit_turn(&Turn {
+                .commit_turn(&TurnWrite {
                     inbound: Some(&message),
                     outbound: &out,
                     ..bare_turn(Some(id), &contact, at)
@@ -1318,7 +1318,7 @@ mod tests {
         let contact = Contact::new("1555");
         let first = session("ask_name", t(0));
         let id = db
-            .commit_turn(&Turn {
+            .commit_turn(&TurnWrite {
                 session: Some(&first),
                 ..bare_turn(None, &contact, t(0))
             })
@@ -1329,7 +1329,7 @@ mod tests {
         let mut second = session("ask_email", t(1));
         second.flow_version = "v2".into();
         second.state = json!({ "email": null });
-        db.commit_turn(&Turn {
+        db.commit_turn(&TurnWrite {
             session: Some(&second),
             ..bare_turn(Some(id), &contact, t(1))
         })
@@ -1360,7 +1360,7 @@ mod tests {
         assert_eq!(timer_tags(&db).await, ["a", "other", "b"]);
 
         let new = [timer(t(30), "c")];
-        db.commit_turn(&Turn {
+        db.commit_turn(&TurnWrite {
             replace_timers: Some(&new),
             ..bare_turn(Some(id), &contact, t(2))
         })
@@ -1368,7 +1368,7 @@ mod tests {
         .unwrap();
         assert_eq!(timer_tags(&db).await, ["other", "c"]);
 
-        db.commit_turn(&Turn {
+        db.commit_turn(&TurnWrite {
             replace_timers: Some(&[]),
             ..bare_turn(Some(id), &contact, t(3))
         })
@@ -1385,7 +1385,7 @@ mod tests {
         let fired = db.due_timers(t(10), 1).await.unwrap().remove(0);
         assert_eq!(fired.payload["timer"], "a");
 
-        db.commit_turn(&Turn {
+        db.commit_turn(&TurnWrite {
             fired_timer: Some(fired.id),
             ..bare_turn(Some(id), &contact, t(10))
         })
@@ -1397,7 +1397,7 @@ mod tests {
         // was emptied first (ids are never reused).
         let fired = db.due_timers(t(20), 1).await.unwrap().remove(0);
         let next = [timer(t(40), "c")];
-        db.commit_turn(&Turn {
+        db.commit_turn(&TurnWrite {
             fired_timer: Some(fired.id),
             replace_timers: Some(&next),
             ..bare_turn(Some(id), &contact, t(20))
@@ -1471,7 +1471,7 @@ mod tests {
         let msg = inbound("wamid.1", "hi", t(0));
         let timers = [timer(t(10), "mine")];
         let id = db
-            .commit_turn(&Turn {
+            .commit_turn(&TurnWrite {
                 session: Some(&sess),
                 inbound: Some(&msg),
                 replace_timers: Some(&timers),
@@ -1501,7 +1501,7 @@ mod tests {
         let msg = inbound("wamid.1", "hi", t(0));
         let timers = [timer(t(10), "kept")];
         let id = db
-            .commit_turn(&Turn {
+            .commit_turn(&TurnWrite {
                 session: Some(&first),
                 inbound: Some(&msg),
                 replace_timers: Some(&timers),
@@ -1524,7 +1524,7 @@ mod tests {
         )];
         let new_timers = [timer(t(20), "replacement")];
         let err = db
-            .commit_turn(&Turn {
+            .commit_turn(&TurnWrite {
                 session: Some(&second),
                 inbound: Some(&msg),
                 outbound: &out,
@@ -1545,7 +1545,7 @@ mod tests {
         // A new contact in a failing turn is not created either.
         let stranger = Contact::new("1777");
         let err = db
-            .commit_turn(&Turn {
+            .commit_turn(&TurnWrite {
                 inbound: Some(&msg),
                 ..bare_turn(None, &stranger, t(2))
             })
@@ -1589,7 +1589,7 @@ mod tests {
         let contact = Contact::new("1555");
         let sess = session("ask_name", t(0));
         let timers = [timer(t(10), "a")];
-        db.commit_turn(&Turn {
+        db.commit_turn(&TurnWrite {
             session: Some(&sess),
             replace_timers: Some(&timers),
             ..bare_turn(None, &contact, t(0))

@@ -18,7 +18,7 @@ use crate::domain::{Decision, Inbound, Outbound};
 
 use super::writer::bind_numbered;
 use super::{
-    CommittedTurn, Db, RECEIVED, StoreError, Turn, Writer, outbound_kind, postgres_writes,
+    CommittedTurn, Db, RECEIVED, StoreError, TurnWrite, Writer, outbound_kind, postgres_writes,
 };
 
 /// The contact the turn is about, for every statement after the upsert.
@@ -91,7 +91,7 @@ impl Db {
     /// Commits one engine turn in one transaction: the contact, the session, the inbound and
     /// outbound messages, the queue and the timers are all written or, on any error, none
     /// of them.
-    pub async fn commit_turn(&self, turn: &Turn<'_>) -> Result<CommittedTurn, StoreError> {
+    pub async fn commit_turn(&self, turn: &TurnWrite<'_>) -> Result<CommittedTurn, StoreError> {
         let batch = build(turn)?;
         let (contact_id, mut outbound_ids, dequeued_ids) = match self {
             Db::Sqlite { writer, .. } => {
@@ -141,7 +141,7 @@ impl Db {
 }
 
 /// The turn as one SQL batch.
-fn build(turn: &Turn<'_>) -> Result<Batch, StoreError> {
+fn build(turn: &TurnWrite<'_>) -> Result<Batch, StoreError> {
     let c = turn.contact;
     let mut b = Batch::new();
     // $1..$9, used throughout.
