@@ -255,125 +255,117 @@ impl<'a> Run<'a> {
         self.pending.extend(report.sent);
     }
 
+    /// One test step: a `bot:` expectation is checked against what is pending; any other
+    /// step first needs every outgoing message asserted, then runs.
     async fn step(&mut self, step: &TestStep) -> Result<(), String> {
-        let kinds = [
-            step.user.is_some(),
-            step.bot.is_some(),
-            step.wait.is_some(),
-            step.agent.is_some(),
-            step.trigger.is_some(),
-            step.set.is_some(),
-            step.reload.is_some(),
-        ];
-        if kinds.iter().filter(|k| **k).count() != 1 {
-            return Err(
-                "a test step has exactly one of user, bot, wait, agent, trigger, set, reload"
-                    .into(),
-            );
-        }
+        step.check_one_kind()?;
         if let Some(expected) = &step.bot {
             return self.bot(expected);
         }
         self.no_pending("before the next step")?;
-        let now = self.clock.now();
         if let Some(user) = &step.user {
-            let (content, ago, from_ad) = match user {
-                UserMessage::Text(t) => (InboundContent::text(t), None, false),
-                UserMessage::Rich(r) => {
-                    let content = match (&r.text, &r.button, &r.list) {
-                        (Some(t), None, None) => InboundContent::text(t),
-                        (None, Some(id), None) => InboundContent::ButtonReply {
-                            id: id.clone(),
-                            title: id.clone(),
-                        },
-                        (None, None, Some(id)) => InboundContent::ListReply {
-                            id: id.clone(),
-                            title: id.clone(),
-                        },
-                        _ => return Err("`user:` takes one of text, button or list".into()),
-                    };
-                    (content, r.ago.as_deref(), r.from_ad)
-                }
-            };
-            let ago = match ago {
-                Some(a) => parse_duration(a)?,
-                None => Duration::zero(),
-            };
-            let mut inbound = Inbound::sandbox(content, now - ago, now);
-            inbound.from_ad = from_ad;
-            let report = self
-                .runtime
-                .inbound(
-                    &self.runtime.default_channel,
-                    TEST_WA_ID,
-                    Some("Test Customer"),
-                    inbound,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            self.absorb(report);
+            self.user(user).await
         } else if let Some(wait) = &step.wait {
-            let target = now + parse_duration(wait)?;
-            let reports = self
-                .runtime
-                .advance_clock(&self.clock, target)
-                .await
-                .map_err(|e| e.to_string())?;
-            for report in reports {
-                self.absorb(report);
-            }
+            self.wait(wait).await
         } else if let Some(text) = &step.agent {
-            let report = self
-                .runtime
-                .agent_message(
-                    &self.runtime.default_channel,
-                    TEST_WA_ID,
-                    OutboundContent::text(text),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            self.absorb(report);
+            self.agent(text).await
         } else if let Some(trigger) = &step.trigger {
-            let report = self
-                .runtime
-                .start_flow(
-                    &self.runtime.default_channel,
-                    TEST_WA_ID,
-                    &trigger.flow,
-                    trigger.step.as_deref(),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            if report
-                .notes
-                .iter()
-                .any(|n| n.starts_with("there is no flow") || n.contains("has no step"))
-            {
-                return Err(report.notes.join("; "));
-            }
-            self.absorb(report);
+            self.trigger(trigger).await
         } else if let Some(set) = &step.set {
-            self.set(set).await?;
+            self.set(set).await
         } else if let Some(dir) = &step.reload {
-            let mut config: Config = self.loaded.config.clone();
-            config.flows = self.base.join(dir);
-            let project = load_project(&config, &self.loaded.scripting);
-            if project.diagnostics.has_errors() {
-                return Err(format!(
-                    "the reloaded flows have errors:\n{}",
-                    project.diagnostics.render(false)
-                ));
-            }
-            let mut flows = project.flows;
-            if let Some(only) = &self.flows_filter {
-                flows.retain(|f| only.contains(&f.id));
-            }
-            self.runtime
-                .reload(flows)
-                .await
-                .map_err(|e| e.to_string())?;
+            self.reload(dir).await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// `user:`: the customer's message, from the test customer's profile.
+    async fn user(&mut self, user: &UserMessage) -> Result<(), String> {
+        let inbound = user.inbound(self.clock.now())?;
+        let report = self
+            .runtime
+            .inbound(
+                &self.runtime.default_channel,
+                TEST_WA_ID,
+                Some("Test Customer"),
+                inbound,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        self.absorb(report);
+        Ok(())
+    }
+
+    /// `wait:`: the clock moves on, firing what falls due on the way.
+    async fn wait(&mut self, wait: &str) -> Result<(), String> {
+        let target = self.clock.now() + parse_duration(wait)?;
+        let reports = self
+            .runtime
+            .advance_clock(&self.clock, target)
+            .await
+            .map_err(|e| e.to_string())?;
+        for report in reports {
+            self.absorb(report);
         }
         Ok(())
+    }
+
+    /// `agent:`: an agent's text message.
+    async fn agent(&mut self, text: &str) -> Result<(), String> {
+        let report = self
+            .runtime
+            .agent_message(
+                &self.runtime.default_channel,
+                TEST_WA_ID,
+                OutboundContent::text(text),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        self.absorb(report);
+        Ok(())
+    }
+
+    /// `trigger:`: a flow started as the API starts it; a flow or step that does not exist
+    /// fails the test.
+    async fn trigger(&mut self, trigger: &TriggerStep) -> Result<(), String> {
+        let report = self
+            .runtime
+            .start_flow(
+                &self.runtime.default_channel,
+                TEST_WA_ID,
+                &trigger.flow,
+                trigger.step.as_deref(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if report
+            .notes
+            .iter()
+            .any(|n| n.starts_with("there is no flow") || n.contains("has no step"))
+        {
+            return Err(report.notes.join("; "));
+        }
+        self.absorb(report);
+        Ok(())
+    }
+
+    /// `reload:`: the flows in `dir` (relative to the test file) become the current version.
+    async fn reload(&mut self, dir: &str) -> Result<(), String> {
+        let mut config: Config = self.loaded.config.clone();
+        config.flows = self.base.join(dir);
+        let project = load_project(&config, &self.loaded.scripting);
+        if project.diagnostics.has_errors() {
+            return Err(format!(
+                "the reloaded flows have errors:\n{}",
+                project.diagnostics.render(false)
+            ));
+        }
+        let mut flows = project.flows;
+        if let Some(only) = &self.flows_filter {
+            flows.retain(|f| only.contains(&f.id));
+        }
+        self.runtime.reload(flows).await.map_err(|e| e.to_string())
     }
 
     async fn set(&mut self, set: &SetStep) -> Result<(), String> {
@@ -438,15 +430,77 @@ impl<'a> Run<'a> {
     }
 }
 
+impl TestStep {
+    /// A test step does exactly one thing.
+    fn check_one_kind(&self) -> Result<(), String> {
+        let kinds = [
+            self.user.is_some(),
+            self.bot.is_some(),
+            self.wait.is_some(),
+            self.agent.is_some(),
+            self.trigger.is_some(),
+            self.set.is_some(),
+            self.reload.is_some(),
+        ];
+        if kinds.iter().filter(|k| **k).count() != 1 {
+            return Err(
+                "a test step has exactly one of user, bot, wait, agent, trigger, set, reload"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl UserMessage {
+    /// The customer's message as the sandbox receives it at `now` (sent `ago` earlier).
+    fn inbound(&self, now: chrono::DateTime<chrono::Utc>) -> Result<Inbound, String> {
+        let (content, ago, from_ad) = match self {
+            UserMessage::Text(t) => (InboundContent::text(t), None, false),
+            UserMessage::Rich(r) => {
+                let content = match (&r.text, &r.button, &r.list) {
+                    (Some(t), None, None) => InboundContent::text(t),
+                    (None, Some(id), None) => InboundContent::ButtonReply {
+                        id: id.clone(),
+                        title: id.clone(),
+                    },
+                    (None, None, Some(id)) => InboundContent::ListReply {
+                        id: id.clone(),
+                        title: id.clone(),
+                    },
+                    _ => return Err("`user:` takes one of text, button or list".into()),
+                };
+                (content, r.ago.as_deref(), r.from_ad)
+            }
+        };
+        let ago = match ago {
+            Some(a) => parse_duration(a)?,
+            None => Duration::zero(),
+        };
+        let mut inbound = Inbound::sandbox(content, now - ago, now);
+        inbound.from_ad = from_ad;
+        Ok(inbound)
+    }
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     text.parse::<HumanDuration>()
         .map(|d| d.0)
         .map_err(|e| e.to_string())
 }
 
-/// Why `actual` does not meet `e`, or `None`.
+/// Why `actual` does not meet `e`, or `None`: its decision, then its text, its buttons or
+/// list, its template.
 fn mismatch(e: &Expected, actual: &SentMessage) -> Option<String> {
     let content = &actual.message.content;
+    decision_mismatch(e, actual)
+        .or_else(|| text_mismatch(e, content))
+        .or_else(|| choices_mismatch(e, content))
+        .or_else(|| template_mismatch(e, content))
+}
+
+/// The decision: the one a flag names, else one that sends; and its reason.
+fn decision_mismatch(e: &Expected, actual: &SentMessage) -> Option<String> {
     let decision = actual.decision.name();
     let flags = [
         (e.queued, "queued"),
@@ -470,6 +524,11 @@ fn mismatch(e: &Expected, actual: &SentMessage) -> Option<String> {
     {
         return Some(format!("the decision's reason does not contain {part:?}"));
     }
+    None
+}
+
+/// The text: exactly, a part of it, or a regex.
+fn text_mismatch(e: &Expected, content: &OutboundContent) -> Option<String> {
     let body = content.body();
     if let Some(text) = &e.text
         && (body != text || matches!(content, OutboundContent::Template { .. }))
@@ -488,6 +547,11 @@ fn mismatch(e: &Expected, actual: &SentMessage) -> Option<String> {
             Err(err) => return Some(format!("the regex does not compile: {err}")),
         }
     }
+    None
+}
+
+/// The button ids, or the list's row ids, in order.
+fn choices_mismatch(e: &Expected, content: &OutboundContent) -> Option<String> {
     if let Some(ids) = &e.buttons {
         let actual_ids: Vec<&str> = match content {
             OutboundContent::Buttons { buttons, .. } => {
@@ -511,22 +575,25 @@ fn mismatch(e: &Expected, actual: &SentMessage) -> Option<String> {
             return Some("the list row ids differ".into());
         }
     }
-    if let Some(name) = &e.template {
-        match content {
-            OutboundContent::Template {
-                name: n, params, ..
-            } => {
-                if n != name {
-                    return Some("another template".into());
-                }
-                if let Some(expected) = &e.params
-                    && expected != params
-                {
-                    return Some("the template parameters differ".into());
-                }
-            }
-            _ => return Some("it is not a template".into()),
-        }
+    None
+}
+
+/// The template's name and parameters.
+fn template_mismatch(e: &Expected, content: &OutboundContent) -> Option<String> {
+    let name = e.template.as_ref()?;
+    let OutboundContent::Template {
+        name: n, params, ..
+    } = content
+    else {
+        return Some("it is not a template".into());
+    };
+    if n != name {
+        return Some("another template".into());
+    }
+    if let Some(expected) = &e.params
+        && expected != params
+    {
+        return Some("the template parameters differ".into());
     }
     None
 }

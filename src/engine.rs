@@ -20,8 +20,8 @@ use crate::domain::{
     TemplateFallback, limits,
 };
 use crate::flow::{
-    Action, Ask, Body, Captures, Cond, Expect, Flow, FlowSet, Message, Route, Step, Target, Text,
-    Wait,
+    Action, Ask, Body, Captures, Cond, Expect, Flow, FlowSet, Http, Message, Route, Script, Step,
+    Target, TemplateCall, Text, Wait,
 };
 use crate::script::{self, Context, ScriptError, ScriptReply, Scripting, Vars};
 
@@ -299,6 +299,14 @@ struct Executor<'a> {
     notes: Vec<String>,
     steps_run: usize,
     epoch_base: i64,
+}
+
+/// What a step's action leaves to do.
+enum Acted {
+    /// Go on: a handoff, else the step a script's `goto` named, else the step's route.
+    GoOn { goto: Option<usize> },
+    /// The step waits (an `ask`, an `http` request) or failed (and `fail` went on).
+    Stop,
 }
 
 /// Where execution goes after a step.
@@ -642,41 +650,82 @@ impl Executor<'_> {
         }
     }
 
-    /// Runs steps from `index` until the flow waits or ends.
+    /// Runs steps from `index` until the flow waits or ends: the step's `wait`, its `set`
+    /// and tags, its action, then the way on.
     fn run_step(&mut self, flow: Arc<Flow>, index: usize, wait_done: bool) {
-        self.steps_run += 1;
-        if self.steps_run > MAX_STEPS_PER_EVENT {
-            self.notes.push(format!(
-                "flow `{}` ran {MAX_STEPS_PER_EVENT} steps without waiting for the customer (a `goto` loop?); stopped at step `{}`",
-                flow.id, flow.steps[index].id
-            ));
-            self.apology(&flow, Some(&flow.steps[index]));
-            self.end_session();
+        if self.looping(&flow, index) {
             return;
         }
         let step = &flow.steps[index];
         if let Some(s) = self.session.as_mut() {
             s.step = index;
         }
-        if let (Some(wait), false) = (&step.wait, wait_done) {
-            match self.wait_until(wait) {
-                Ok(until) if until > self.now => {
-                    let epoch = self.wait_at(index, Waiting::Timer { until });
-                    self.timers = Some(vec![(until, TimerKind::Wait { epoch })]);
-                    return;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    return self.fail(flow.clone(), step, &format!("`wait` of `{}`", step.id), e);
-                }
+        if !wait_done && self.waits(&flow, step, index) {
+            return;
+        }
+        if !self.set_and_tag(&flow, step) {
+            return;
+        }
+        let goto = match self.act(&flow, step, index) {
+            Acted::GoOn { goto } => goto,
+            Acted::Stop => return,
+        };
+        if self.hand_off(step, index) {
+            return;
+        }
+        let next = match goto {
+            Some(i) => Next::Step(i),
+            None => self.route(&flow, step, false),
+        };
+        self.go(flow, next);
+    }
+
+    /// Counts a step run; past [`MAX_STEPS_PER_EVENT`] the flow is stopped as a loop (with
+    /// the apology and the end of the session) and `true` is returned.
+    fn looping(&mut self, flow: &Flow, index: usize) -> bool {
+        self.steps_run += 1;
+        if self.steps_run <= MAX_STEPS_PER_EVENT {
+            return false;
+        }
+        self.notes.push(format!(
+            "flow `{}` ran {MAX_STEPS_PER_EVENT} steps without waiting for the customer (a `goto` loop?); stopped at step `{}`",
+            flow.id, flow.steps[index].id
+        ));
+        self.apology(flow, Some(&flow.steps[index]));
+        self.end_session();
+        true
+    }
+
+    /// The step's `wait`: whether the step now waits for its timer (or failed computing it).
+    fn waits(&mut self, flow: &Arc<Flow>, step: &Step, index: usize) -> bool {
+        let Some(wait) = &step.wait else {
+            return false;
+        };
+        match self.wait_until(wait) {
+            Ok(until) if until > self.now => {
+                let epoch = self.wait_at(index, Waiting::Timer { until });
+                self.timers = Some(vec![(until, TimerKind::Wait { epoch })]);
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                self.fail(flow.clone(), step, &format!("`wait` of `{}`", step.id), e);
+                true
             }
         }
+    }
+
+    /// The step's `set` variables and `tag`/`untag`; `false` when a `set` failed.
+    fn set_and_tag(&mut self, flow: &Arc<Flow>, step: &Step) -> bool {
         for (name, text) in &step.set {
             match text.value(&self.engine.scripting, &self.context()) {
                 Ok(v) => {
                     self.session_mut().vars.insert(name.as_str().into(), v);
                 }
-                Err(e) => return self.fail(flow.clone(), step, &format!("`set` of `{name}`"), e),
+                Err(e) => {
+                    self.fail(flow.clone(), step, &format!("`set` of `{name}`"), e);
+                    return false;
+                }
             }
         }
         for tag in &step.tag {
@@ -688,175 +737,184 @@ impl Executor<'_> {
         if !step.tag.is_empty() || !step.untag.is_empty() {
             self.refresh_contact();
         }
-        let origin = Origin::Step {
-            flow: flow.id.clone(),
-            step: step.id.clone(),
-        };
-        let mut jump: Option<usize> = None;
+        true
+    }
+
+    /// The step's action, one function per kind.
+    fn act(&mut self, flow: &Arc<Flow>, step: &Step, index: usize) -> Acted {
         match &step.action {
-            Action::None => {}
-            Action::Say(message) => match self.render_message(&message.text, message) {
-                Ok(content) => self.send(&flow, step, content, origin),
-                Err(e) => {
-                    return self.fail(flow.clone(), step, &format!("text of `{}`", step.id), e);
-                }
-            },
-            Action::Template(call) => {
-                let ctx = self.context();
-                let params: Result<Vec<String>, ScriptError> = call
-                    .params
-                    .iter()
-                    .map(|p| p.render(&self.engine.scripting, &ctx))
-                    .collect();
-                match params {
-                    Ok(params) => self.effects.push(Effect::Send(Outbound::new(
-                        OutboundContent::Template {
-                            name: call.name.clone(),
-                            language: call.language.clone(),
-                            params,
-                        },
-                        origin,
-                    ))),
-                    Err(e) => {
-                        return self.fail(
-                            flow.clone(),
-                            step,
-                            &format!("template parameters of `{}`", step.id),
-                            e,
-                        );
-                    }
-                }
+            Action::None => Acted::GoOn { goto: None },
+            Action::Say(message) => self.say(flow, step, message),
+            Action::Template(call) => self.send_template(flow, step, call),
+            Action::Ask(ask) => self.ask(flow, step, index, ask),
+            Action::Script(script) => self.run_script(flow, step, script),
+            Action::Http(http) => self.request(flow, step, index, http),
+        }
+    }
+
+    /// `say`: the message, rendered.
+    fn say(&mut self, flow: &Arc<Flow>, step: &Step, message: &Message) -> Acted {
+        match self.render_message(&message.text, message) {
+            Ok(content) => {
+                self.send(flow, step, content, step_origin(flow, step));
+                Acted::GoOn { goto: None }
             }
-            Action::Ask(ask) => {
-                match self.render_message(&ask.prompt.text, &ask.prompt) {
-                    Ok(content) => self.send(&flow, step, content, origin),
-                    Err(e) => {
-                        return self.fail(
-                            flow.clone(),
-                            step,
-                            &format!("question of `{}`", step.id),
-                            e,
-                        );
-                    }
-                }
-                let epoch = self.wait_at(index, Waiting::Reply);
-                if let Some(timeout) = ask.timeout {
-                    self.timers = Some(vec![(self.now + timeout, TimerKind::AskTimeout { epoch })]);
-                }
-                return;
-            }
-            Action::Script(script) => {
-                let run = self.engine.scripting.run(&script.ast, &self.context());
-                match run {
-                    Ok(run) => {
-                        self.session_mut().vars = run.vars;
-                        let mut changed = apply_contact(self.contact, &run.contact);
-                        for (add, tag) in run.effects.tags {
-                            changed |= if add {
-                                self.contact.tags.insert(tag)
-                            } else {
-                                self.contact.tags.remove(&tag)
-                            };
-                        }
-                        if changed {
-                            self.refresh_contact();
-                        }
-                        for reply in run.effects.replies {
-                            let content = match reply {
-                                ScriptReply::Text(text) => OutboundContent::text(text),
-                                ScriptReply::Buttons { text, buttons } => {
-                                    OutboundContent::Buttons {
-                                        body: text,
-                                        buttons: buttons
-                                            .into_iter()
-                                            .map(|(id, title)| Button { id, title })
-                                            .collect(),
-                                    }
-                                }
-                            };
-                            let origin = Origin::Script {
-                                flow: flow.id.clone(),
-                                step: step.id.clone(),
-                            };
-                            self.send(&flow, step, content, origin);
-                        }
-                        if let Some(target) = run.effects.goto {
-                            match flow.step_index(&target) {
-                                Some(i) => jump = Some(i),
-                                None => {
-                                    let e = ScriptError {
-                                        message: format!(
-                                            "goto(\"{target}\"): there is no step `{target}` in flow `{}`",
-                                            flow.id
-                                        ),
-                                        line: None,
-                                        col: None,
-                                    };
-                                    return self.fail(flow.clone(), step, &script.name, e);
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        let at = script.locate(&e);
-                        return self.fail(flow.clone(), step, &at, e);
-                    }
-                }
-            }
-            Action::Http(http) => {
-                let ctx = self.context();
-                let scripting = &self.engine.scripting;
-                let request = (|| -> Result<HttpRequest, ScriptError> {
-                    Ok(HttpRequest {
-                        epoch: 0,
-                        method: http.method.clone(),
-                        url: http.url.render(scripting, &ctx)?,
-                        headers: http
-                            .headers
-                            .iter()
-                            .map(|(k, v)| Ok((k.clone(), v.render(scripting, &ctx)?)))
-                            .collect::<Result<_, ScriptError>>()?,
-                        body: match &http.body {
-                            Some(b) => Some(render_body(b, scripting, &ctx)?),
-                            None => None,
-                        },
-                        timeout: http.timeout,
-                    })
-                })();
-                match request {
-                    Ok(mut request) => {
-                        request.epoch = self.wait_at(index, Waiting::Http);
-                        self.effects.push(Effect::Http(request));
-                        return;
-                    }
-                    Err(e) => {
-                        return self.fail(
-                            flow.clone(),
-                            step,
-                            &format!("http step `{}`", step.id),
-                            e,
-                        );
-                    }
-                }
+            Err(e) => {
+                self.fail(flow.clone(), step, &format!("text of `{}`", step.id), e);
+                Acted::Stop
             }
         }
-        if let Some(queue) = &step.handoff {
-            self.wait_at(
-                index,
-                Waiting::Handoff {
-                    queue: queue.clone(),
-                },
-            );
-            self.effects.push(Effect::Handoff {
-                queue: queue.clone(),
-            });
-            return;
+    }
+
+    /// `template`: the template with its parameters rendered.
+    fn send_template(&mut self, flow: &Arc<Flow>, step: &Step, call: &TemplateCall) -> Acted {
+        let ctx = self.context();
+        let params: Result<Vec<String>, ScriptError> = call
+            .params
+            .iter()
+            .map(|p| p.render(&self.engine.scripting, &ctx))
+            .collect();
+        match params {
+            Ok(params) => {
+                self.effects.push(Effect::Send(Outbound::new(
+                    OutboundContent::Template {
+                        name: call.name.clone(),
+                        language: call.language.clone(),
+                        params,
+                    },
+                    step_origin(flow, step),
+                )));
+                Acted::GoOn { goto: None }
+            }
+            Err(e) => {
+                let what = format!("template parameters of `{}`", step.id);
+                self.fail(flow.clone(), step, &what, e);
+                Acted::Stop
+            }
         }
-        let next = match jump {
-            Some(i) => Next::Step(i),
-            None => self.route(&flow, step, false),
+    }
+
+    /// `ask`: the question, then the step waits for the answer (and its timeout).
+    fn ask(&mut self, flow: &Arc<Flow>, step: &Step, index: usize, ask: &Ask) -> Acted {
+        match self.render_message(&ask.prompt.text, &ask.prompt) {
+            Ok(content) => self.send(flow, step, content, step_origin(flow, step)),
+            Err(e) => {
+                self.fail(flow.clone(), step, &format!("question of `{}`", step.id), e);
+                return Acted::Stop;
+            }
+        }
+        let epoch = self.wait_at(index, Waiting::Reply);
+        if let Some(timeout) = ask.timeout {
+            self.timers = Some(vec![(self.now + timeout, TimerKind::AskTimeout { epoch })]);
+        }
+        Acted::Stop
+    }
+
+    /// `script`: its variables and contact changes kept, its replies sent, its `goto`
+    /// followed.
+    fn run_script(&mut self, flow: &Arc<Flow>, step: &Step, script: &Script) -> Acted {
+        let run = match self.engine.scripting.run(&script.ast, &self.context()) {
+            Ok(run) => run,
+            Err(e) => {
+                let at = script.locate(&e);
+                self.fail(flow.clone(), step, &at, e);
+                return Acted::Stop;
+            }
         };
-        self.go(flow, next);
+        self.session_mut().vars = run.vars;
+        self.apply_script_contact(&run.contact, run.effects.tags);
+        for reply in run.effects.replies {
+            let origin = Origin::Script {
+                flow: flow.id.clone(),
+                step: step.id.clone(),
+            };
+            self.send(flow, step, script_reply(reply), origin);
+        }
+        let Some(target) = run.effects.goto else {
+            return Acted::GoOn { goto: None };
+        };
+        match flow.step_index(&target) {
+            Some(i) => Acted::GoOn { goto: Some(i) },
+            None => {
+                let e = ScriptError {
+                    message: format!(
+                        "goto(\"{target}\"): there is no step `{target}` in flow `{}`",
+                        flow.id
+                    ),
+                    line: None,
+                    col: None,
+                };
+                self.fail(flow.clone(), step, &script.name, e);
+                Acted::Stop
+            }
+        }
+    }
+
+    /// The contact as a script left it, and the tags it added (`true`) or removed.
+    fn apply_script_contact(&mut self, contact: &Dynamic, tags: Vec<(bool, String)>) {
+        let mut changed = apply_contact(self.contact, contact);
+        for (add, tag) in tags {
+            changed |= if add {
+                self.contact.tags.insert(tag)
+            } else {
+                self.contact.tags.remove(&tag)
+            };
+        }
+        if changed {
+            self.refresh_contact();
+        }
+    }
+
+    /// `http`: the request, rendered, for the runtime to perform; the step waits for its
+    /// result.
+    fn request(&mut self, flow: &Arc<Flow>, step: &Step, index: usize, http: &Http) -> Acted {
+        match self.render_request(http) {
+            Ok(mut request) => {
+                request.epoch = self.wait_at(index, Waiting::Http);
+                self.effects.push(Effect::Http(request));
+            }
+            Err(e) => self.fail(flow.clone(), step, &format!("http step `{}`", step.id), e),
+        }
+        Acted::Stop
+    }
+
+    /// An `http` step's request with its URL, headers and body rendered (its epoch is set
+    /// when the step waits).
+    fn render_request(&self, http: &Http) -> Result<HttpRequest, ScriptError> {
+        let ctx = self.context();
+        let scripting = &self.engine.scripting;
+        Ok(HttpRequest {
+            epoch: 0,
+            method: http.method.clone(),
+            url: http.url.render(scripting, &ctx)?,
+            headers: http
+                .headers
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), v.render(scripting, &ctx)?)))
+                .collect::<Result<_, ScriptError>>()?,
+            body: match &http.body {
+                Some(b) => Some(render_body(b, scripting, &ctx)?),
+                None => None,
+            },
+            timeout: http.timeout,
+        })
+    }
+
+    /// A step with `handoff`: the conversation waits for a person; whether it does.
+    fn hand_off(&mut self, step: &Step, index: usize) -> bool {
+        let Some(queue) = &step.handoff else {
+            return false;
+        };
+        self.wait_at(
+            index,
+            Waiting::Handoff {
+                queue: queue.clone(),
+            },
+        );
+        self.effects.push(Effect::Handoff {
+            queue: queue.clone(),
+        });
+        true
     }
 
     /// Where a step goes after its action. `answered`: the customer's reply is in `message`
@@ -1058,6 +1116,28 @@ impl Executor<'_> {
             now: self.now,
             timezone: self.timezone,
         }
+    }
+}
+
+/// Where a step's own message comes from.
+fn step_origin(flow: &Flow, step: &Step) -> Origin {
+    Origin::Step {
+        flow: flow.id.clone(),
+        step: step.id.clone(),
+    }
+}
+
+/// A script's `reply` as a message.
+fn script_reply(reply: ScriptReply) -> OutboundContent {
+    match reply {
+        ScriptReply::Text(text) => OutboundContent::text(text),
+        ScriptReply::Buttons { text, buttons } => OutboundContent::Buttons {
+            body: text,
+            buttons: buttons
+                .into_iter()
+                .map(|(id, title)| Button { id, title })
+                .collect(),
+        },
     }
 }
 

@@ -10,7 +10,10 @@ use regex::Regex;
 use serde_saphyr::Spanned;
 use sha2::{Digest, Sha256};
 
-use super::raw::{RawBranch, RawFlow, RawList, RawNext, RawStep, RawTemplateRef, ScalarOr};
+use super::raw::{
+    RawBranch, RawButton, RawExpect, RawFlow, RawList, RawMedia, RawNext, RawStep, RawTemplateRef,
+    ScalarOr,
+};
 use super::{
     Action, Ask, Body, Branch, Bundle, Cond, EXPECT_KINDS, Expect, Expr, Flow, Http, List, ListRow,
     Message, Route, Script, Step, Target, TemplateCall, Text, Trigger, TriggerKind, Wait,
@@ -376,6 +379,8 @@ impl Compiler<'_> {
         }
     }
 
+    /// One step: its shape checked (one action, one way on, only the keys its action
+    /// takes), then each part compiled. `None` when any part had an error.
     fn step(
         &mut self,
         index: usize,
@@ -385,7 +390,44 @@ impl Compiler<'_> {
         let s = &raw.value;
         let errors_before = self.diags.errors();
         let key_loc = loc(key);
+        let action_loc = self.one_action(s);
+        self.one_way_on(s);
+        self.misplaced_keys(s);
+        let wait = self.step_wait(s);
+        let set = self.step_set(s);
+        let action = self.action(index, s);
+        let route = self.way_on(s);
+        let on_error = s.on_error.as_ref().and_then(|e| self.step_ref(e));
+        let outside_window = self.outside_window(s);
+        if self.diags.errors() > errors_before {
+            return None;
+        }
+        Some(Step {
+            id: key.value.clone(),
+            loc: key_loc,
+            action_loc: action_loc.unwrap_or(key_loc),
+            wait,
+            set,
+            tag: s
+                .tag
+                .as_ref()
+                .map(|t| t.value.0.clone())
+                .unwrap_or_default(),
+            untag: s
+                .untag
+                .as_ref()
+                .map(|t| t.value.0.clone())
+                .unwrap_or_default(),
+            action: action?,
+            handoff: s.handoff.as_ref().map(|h| h.value.clone()),
+            route: route?,
+            on_error,
+            outside_window,
+        })
+    }
 
+    /// A step does one thing: an error for a second action. Returns where the first is.
+    fn one_action(&mut self, s: &RawStep) -> Option<Loc> {
         let actions: Vec<(&str, Loc)> = [
             ("say", s.say.as_ref().map(loc)),
             ("ask", s.ask.as_ref().map(loc)),
@@ -405,6 +447,11 @@ impl Compiler<'_> {
             )
             .help = Some("split it into two steps joined by `next`".into());
         }
+        actions.first().map(|&(_, at)| at)
+    }
+
+    /// A step has one way on: an error for a second one.
+    fn one_way_on(&mut self, s: &RawStep) {
         let routes: Vec<(&str, Loc)> = [
             ("next", s.next.as_ref().map(loc)),
             ("goto", s.goto.as_ref().map(loc)),
@@ -421,6 +468,12 @@ impl Compiler<'_> {
                 format!("a step has one way on: it has both `{first}` and `{second}`"),
             );
         }
+    }
+
+    /// Keys the step's action does not take: an `ask`'s keys without an `ask` (but an
+    /// `http` step's `save`), a message's parts without a message, buttons with a list,
+    /// `on_timeout` without a `timeout`.
+    fn misplaced_keys(&mut self, s: &RawStep) {
         if s.ask.is_none() {
             for (name, at) in [
                 ("save", s.save.as_ref().map(loc)),
@@ -463,61 +516,69 @@ impl Compiler<'_> {
         {
             self.error(loc(on_timeout), "`on_timeout` needs a `timeout`");
         }
+    }
 
-        let wait = match &s.wait {
-            None => None,
-            Some(w) => match &w.value {
-                ScalarOr::Scalar(d) => {
-                    let spanned = Spanned {
-                        value: d.clone(),
-                        referenced: w.referenced,
-                        defined: w.defined,
-                    };
-                    self.duration(&spanned).map(Wait::For)
-                }
-                ScalarOr::Keyed(t, _) => {
-                    let spanned = Spanned {
-                        value: t.clone(),
-                        referenced: w.referenced,
-                        defined: w.defined,
-                    };
-                    self.text(&spanned).map(Wait::Until)
-                }
-            },
-        };
-
-        let mut set = Vec::new();
-        if let Some(vars) = &s.set {
-            for (name, value) in &vars.value.0 {
-                if !valid_var(&name.value) {
-                    self.error(
-                        loc(name),
-                        format!("`{}` is not a valid variable name", name.value),
-                    );
-                    continue;
-                }
-                let text = match &value.value {
-                    serde_json::Value::String(text) => {
-                        let spanned = Spanned {
-                            value: text.clone(),
-                            referenced: value.referenced,
-                            defined: value.defined,
-                        };
-                        self.text(&spanned)
-                    }
-                    other => Text::compile(&format!("{{{{ {other} }}}}"), self.scripting).ok(),
+    /// The step's `wait`: a duration, or a time to wait until.
+    fn step_wait(&mut self, s: &RawStep) -> Option<Wait> {
+        let w = s.wait.as_ref()?;
+        match &w.value {
+            ScalarOr::Scalar(d) => {
+                let spanned = Spanned {
+                    value: d.clone(),
+                    referenced: w.referenced,
+                    defined: w.defined,
                 };
-                if let Some(text) = text {
-                    set.push((name.value.clone(), text));
-                }
+                self.duration(&spanned).map(Wait::For)
+            }
+            ScalarOr::Keyed(t, _) => {
+                let spanned = Spanned {
+                    value: t.clone(),
+                    referenced: w.referenced,
+                    defined: w.defined,
+                };
+                self.text(&spanned).map(Wait::Until)
             }
         }
+    }
 
-        let message = |c: &mut Self, text: &Spanned<String>| c.message(text, s);
-        let action = if let Some(text) = &s.say {
-            message(self, text).map(Action::Say)
+    /// The step's `set`: each variable with the text (or JSON value) it gets.
+    fn step_set(&mut self, s: &RawStep) -> Vec<(String, Text)> {
+        let mut set = Vec::new();
+        let Some(vars) = &s.set else {
+            return set;
+        };
+        for (name, value) in &vars.value.0 {
+            if !valid_var(&name.value) {
+                self.error(
+                    loc(name),
+                    format!("`{}` is not a valid variable name", name.value),
+                );
+                continue;
+            }
+            let text = match &value.value {
+                serde_json::Value::String(text) => {
+                    let spanned = Spanned {
+                        value: text.clone(),
+                        referenced: value.referenced,
+                        defined: value.defined,
+                    };
+                    self.text(&spanned)
+                }
+                other => Text::compile(&format!("{{{{ {other} }}}}"), self.scripting).ok(),
+            };
+            if let Some(text) = text {
+                set.push((name.value.clone(), text));
+            }
+        }
+        set
+    }
+
+    /// The step's action (the first one it names).
+    fn action(&mut self, index: usize, s: &RawStep) -> Option<Action> {
+        if let Some(text) = &s.say {
+            self.message(text, s).map(Action::Say)
         } else if let Some(text) = &s.ask {
-            let prompt = message(self, text);
+            let prompt = self.message(text, s);
             let ask = self.ask(s, prompt);
             ask.map(|a| Action::Ask(Box::new(a)))
         } else if let Some(t) = &s.template {
@@ -533,9 +594,12 @@ impl Compiler<'_> {
                 .map(|h| Action::Http(Box::new(h)))
         } else {
             Some(Action::None)
-        };
+        }
+    }
 
-        let route = if s.end.as_ref().is_some_and(|e| e.value) {
+    /// Where the step goes after its action (the end when it names nothing).
+    fn way_on(&mut self, s: &RawStep) -> Option<Route> {
+        if s.end.as_ref().is_some_and(|e| e.value) {
             Some(Route::End)
         } else if let Some(goto) = &s.goto {
             self.step_ref(goto).map(|i| Route::Goto(Target::Step(i)))
@@ -545,9 +609,11 @@ impl Compiler<'_> {
             self.route(next, s)
         } else {
             Some(Route::End)
-        };
+        }
+    }
 
-        let on_error = s.on_error.as_ref().and_then(|e| self.step_ref(e));
+    /// The template a `say` or `ask` is sent as outside the window.
+    fn outside_window(&mut self, s: &RawStep) -> Option<TemplateCall> {
         let outside_window = s.outside_window.as_ref().and_then(|t| self.template(t));
         if let Some(ow) = &s.outside_window
             && s.say.is_none()
@@ -558,96 +624,22 @@ impl Compiler<'_> {
                 "`outside_window` only applies to a `say` or `ask` message",
             );
         }
-
-        if self.diags.errors() > errors_before {
-            return None;
-        }
-        Some(Step {
-            id: key.value.clone(),
-            loc: key_loc,
-            action_loc: actions.first().map_or(key_loc, |&(_, at)| at),
-            wait,
-            set,
-            tag: s
-                .tag
-                .as_ref()
-                .map(|t| t.value.0.clone())
-                .unwrap_or_default(),
-            untag: s
-                .untag
-                .as_ref()
-                .map(|t| t.value.0.clone())
-                .unwrap_or_default(),
-            action: action?,
-            handoff: s.handoff.as_ref().map(|h| h.value.clone()),
-            route: route?,
-            on_error,
-            outside_window,
-        })
+        outside_window
     }
 
     /// A `say` or `ask` message with its buttons, list or media, and WhatsApp's limits.
     fn message(&mut self, text_at: &Spanned<String>, s: &RawStep) -> Option<Message> {
         let text = self.text(text_at)?;
-        let mut buttons = Vec::new();
-        if let Some(raw) = &s.buttons {
-            if raw.value.len() > limits::MAX_BUTTONS {
-                self.error(
-                    loc(&raw.value[limits::MAX_BUTTONS]),
-                    format!(
-                        "WhatsApp allows at most {} reply buttons; this is number {}",
-                        limits::MAX_BUTTONS,
-                        limits::MAX_BUTTONS + 1
-                    ),
-                )
-                .help = Some("use a `list` for up to 10 choices".into());
-            }
-            if raw.value.is_empty() {
-                self.error(loc(raw), "`buttons` is empty");
-            }
-            let mut titles: Vec<String> = Vec::new();
-            for b in &raw.value {
-                self.limit(&b.value.id, limits::BUTTON_ID, "a button id");
-                let title = self.text(&b.value.title)?;
-                if title.is_literal() {
-                    self.limit(&b.value.title, limits::BUTTON_TITLE, "a button title");
-                    if titles.contains(&title.raw) {
-                        self.error(
-                            self.value_loc(&b.value.title),
-                            "two buttons have this title: WhatsApp needs them unique",
-                        );
-                    }
-                    titles.push(title.raw.clone());
-                }
-                if buttons
-                    .iter()
-                    .any(|(id, _): &(String, Text)| *id == b.value.id.value)
-                {
-                    self.error(
-                        self.value_loc(&b.value.id),
-                        format!("two buttons have the id `{}`", b.value.id.value),
-                    );
-                }
-                buttons.push((b.value.id.value.clone(), title));
-            }
-        }
+        let buttons = match &s.buttons {
+            Some(raw) => self.buttons(raw)?,
+            None => Vec::new(),
+        };
         let list = match &s.list {
             Some(l) => Some(self.list(l)?),
             None => None,
         };
         let media = match &s.media {
-            Some(m) => {
-                let kinds = ["image", "video", "audio", "document", "sticker"];
-                if !kinds.contains(&m.value.kind.value.as_str()) {
-                    let help = did_you_mean(&m.value.kind.value, kinds);
-                    self.error(
-                        self.value_loc(&m.value.kind),
-                        format!("`{}` is not a media type", m.value.kind.value),
-                    )
-                    .help = help.or(Some("use image, video, audio, document or sticker".into()));
-                }
-                Some((m.value.kind.value.clone(), self.text(&m.value.url)?))
-            }
+            Some(m) => Some(self.media(m)?),
             None => None,
         };
         let max = if media.is_some() || !buttons.is_empty() {
@@ -670,6 +662,63 @@ impl Compiler<'_> {
             list,
             media,
         })
+    }
+
+    /// A message's reply buttons: how many, ids and titles within WhatsApp's limits and
+    /// unique.
+    fn buttons(&mut self, raw: &Spanned<Vec<Spanned<RawButton>>>) -> Option<Vec<(String, Text)>> {
+        if raw.value.len() > limits::MAX_BUTTONS {
+            self.error(
+                loc(&raw.value[limits::MAX_BUTTONS]),
+                format!(
+                    "WhatsApp allows at most {} reply buttons; this is number {}",
+                    limits::MAX_BUTTONS,
+                    limits::MAX_BUTTONS + 1
+                ),
+            )
+            .help = Some("use a `list` for up to 10 choices".into());
+        }
+        if raw.value.is_empty() {
+            self.error(loc(raw), "`buttons` is empty");
+        }
+        let mut buttons: Vec<(String, Text)> = Vec::new();
+        let mut titles: Vec<String> = Vec::new();
+        for b in &raw.value {
+            self.limit(&b.value.id, limits::BUTTON_ID, "a button id");
+            let title = self.text(&b.value.title)?;
+            if title.is_literal() {
+                self.limit(&b.value.title, limits::BUTTON_TITLE, "a button title");
+                if titles.contains(&title.raw) {
+                    self.error(
+                        self.value_loc(&b.value.title),
+                        "two buttons have this title: WhatsApp needs them unique",
+                    );
+                }
+                titles.push(title.raw.clone());
+            }
+            if buttons.iter().any(|(id, _)| *id == b.value.id.value) {
+                self.error(
+                    self.value_loc(&b.value.id),
+                    format!("two buttons have the id `{}`", b.value.id.value),
+                );
+            }
+            buttons.push((b.value.id.value.clone(), title));
+        }
+        Some(buttons)
+    }
+
+    /// A message's media: a kind WhatsApp knows and its URL.
+    fn media(&mut self, m: &Spanned<RawMedia>) -> Option<(String, Text)> {
+        let kinds = ["image", "video", "audio", "document", "sticker"];
+        if !kinds.contains(&m.value.kind.value.as_str()) {
+            let help = did_you_mean(&m.value.kind.value, kinds);
+            self.error(
+                self.value_loc(&m.value.kind),
+                format!("`{}` is not a media type", m.value.kind.value),
+            )
+            .help = help.or(Some("use image, video, audio, document or sticker".into()));
+        }
+        Some((m.value.kind.value.clone(), self.text(&m.value.url)?))
     }
 
     fn limit(&mut self, at: &Spanned<String>, max: usize, what: &str) {
@@ -763,48 +812,13 @@ impl Compiler<'_> {
         })
     }
 
+    /// An `ask`: its prompt, what it expects, where the answer is saved, its retries and
+    /// timeout.
     fn ask(&mut self, s: &RawStep, prompt: Option<Message>) -> Option<Ask> {
         let prompt = prompt?;
         let expect = match &s.expect {
             None => Expect::Any,
-            Some(e) => match &e.value {
-                ScalarOr::Keyed(source, _) => {
-                    // The raw shape keeps no location for the pattern itself: find it after
-                    // `regex:` inside the mapping, or point at the mapping.
-                    let at = self
-                        .value_after_key(loc(e), "regex", source)
-                        .unwrap_or_else(|| loc(e));
-                    Expect::Regex(self.regex(at, source)?)
-                }
-                ScalarOr::Scalar(kind) => match kind.as_str() {
-                    "any" => Expect::Any,
-                    "number" => Expect::Number,
-                    "email" => Expect::Email,
-                    "phone" => Expect::Phone,
-                    "date" => Expect::Date,
-                    "button" => {
-                        if prompt.buttons.is_empty() && prompt.list.is_none() {
-                            self.error(
-                                loc(e),
-                                "`expect: button` needs `buttons` or a `list` on this step",
-                            );
-                        }
-                        Expect::Button
-                    }
-                    other => {
-                        let help = did_you_mean(other, EXPECT_KINDS);
-                        self.error(
-                            loc(e),
-                            format!("`{other}` is not something an `ask` can expect"),
-                        )
-                        .help = help.or(Some(format!(
-                            "use one of {}, or {{ regex: '…' }}",
-                            EXPECT_KINDS.join(", ")
-                        )));
-                        return None;
-                    }
-                },
-            },
+            Some(e) => self.expect(e, &prompt)?,
         };
         if let Some(save) = &s.save
             && !valid_var(&save.value)
@@ -844,6 +858,49 @@ impl Compiler<'_> {
             on_fail,
             timeout,
             on_timeout,
+        })
+    }
+
+    /// An `ask`'s `expect`: a kind of answer, or `{ regex: … }`.
+    fn expect(&mut self, e: &Spanned<RawExpect>, prompt: &Message) -> Option<Expect> {
+        let kind = match &e.value {
+            ScalarOr::Keyed(source, _) => {
+                // The raw shape keeps no location for the pattern itself: find it after
+                // `regex:` inside the mapping, or point at the mapping.
+                let at = self
+                    .value_after_key(loc(e), "regex", source)
+                    .unwrap_or_else(|| loc(e));
+                return Some(Expect::Regex(self.regex(at, source)?));
+            }
+            ScalarOr::Scalar(kind) => kind,
+        };
+        Some(match kind.as_str() {
+            "any" => Expect::Any,
+            "number" => Expect::Number,
+            "email" => Expect::Email,
+            "phone" => Expect::Phone,
+            "date" => Expect::Date,
+            "button" => {
+                if prompt.buttons.is_empty() && prompt.list.is_none() {
+                    self.error(
+                        loc(e),
+                        "`expect: button` needs `buttons` or a `list` on this step",
+                    );
+                }
+                Expect::Button
+            }
+            other => {
+                let help = did_you_mean(other, EXPECT_KINDS);
+                self.error(
+                    loc(e),
+                    format!("`{other}` is not something an `ask` can expect"),
+                )
+                .help = help.or(Some(format!(
+                    "use one of {}, or {{ regex: '…' }}",
+                    EXPECT_KINDS.join(", ")
+                )));
+                return None;
+            }
         })
     }
 

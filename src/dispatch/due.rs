@@ -1,0 +1,98 @@
+//! What falls due by the clock: queued messages whose `queue_ttl` ran out, and timers
+//! (`wait`, an `ask`'s timeout), each fired as a turn of its own.
+
+use chrono::{DateTime, Utc};
+
+use crate::clock::VirtualClock;
+use crate::engine::{Event, Handled, TimerKind};
+
+use super::{DispatchError, Runtime, SentMessage, TurnReport, count_decision};
+
+impl Runtime {
+    /// Expires every queued message whose `queue_ttl` ran out by the clock's now.
+    pub async fn expire_queued(&self) -> Result<Vec<TurnReport>, DispatchError> {
+        let now = self.clock.now();
+        let mut reports = Vec::new();
+        loop {
+            let due = self.db.due_expiries(now, 100).await?;
+            if due.is_empty() {
+                return Ok(reports);
+            }
+            for m in due {
+                let decision = self.policy.expired(m.queued_at, now);
+                if self.db.expire_message(m.id, decision.reason(), now).await? {
+                    count_decision(&decision, "expiry");
+                    tracing::info!(channel = %m.channel, contact = %m.wa_id, message = m.id, "{}", decision.explain());
+                    reports.push(TurnReport {
+                        wa_id: m.wa_id,
+                        handled: Handled::Continued,
+                        sent: vec![SentMessage {
+                            id: m.id,
+                            message: m.message,
+                            decision,
+                        }],
+                        handoff: None,
+                        notes: Vec::new(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Fires every timer due by the clock's now, oldest first.
+    pub async fn fire_due_timers(&self) -> Result<Vec<TurnReport>, DispatchError> {
+        let mut reports = self.expire_queued().await?;
+        loop {
+            let due = self.db.due_timers(self.clock.now(), 100).await?;
+            if due.is_empty() {
+                return Ok(reports);
+            }
+            for timer in due {
+                let kind: TimerKind = match serde_json::from_value(timer.payload.clone()) {
+                    Ok(kind) => kind,
+                    Err(e) => {
+                        tracing::error!(timer = timer.id, error = %e, "unreadable timer; dropping it");
+                        TimerKind::Wait { epoch: -1 }
+                    }
+                };
+                let report = self
+                    .handle(
+                        &timer.channel,
+                        &timer.wa_id,
+                        Event::Timer(kind),
+                        None,
+                        None,
+                        Some(timer.id),
+                    )
+                    .await?;
+                reports.push(report);
+            }
+        }
+    }
+
+    /// Moves a virtual clock to `to`, firing every timer that falls due on the way at its
+    /// own time, in time order (`/wait` in `chat`, `wait:` in conversation tests).
+    pub async fn advance_clock(
+        &self,
+        clock: &VirtualClock,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<TurnReport>, DispatchError> {
+        let mut reports = Vec::new();
+        while let Some(due) = self.next_timer_at().await? {
+            if due > to {
+                break;
+            }
+            clock.advance_to(due);
+            reports.extend(self.fire_due_timers().await?);
+        }
+        clock.advance_to(to);
+        Ok(reports)
+    }
+
+    /// The next time something is due: a timer or a queued message's expiry.
+    pub async fn next_timer_at(&self) -> Result<Option<DateTime<Utc>>, DispatchError> {
+        let timer = self.db.next_timer_at().await?;
+        let expiry = self.db.next_expiry_at().await?;
+        Ok(timer.into_iter().chain(expiry).min())
+    }
+}
