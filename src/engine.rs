@@ -768,13 +768,7 @@ impl Executor<'_> {
 
     /// `template`: the template with its parameters rendered.
     fn send_template(&mut self, flow: &Arc<Flow>, step: &Step, call: &TemplateCall) -> Acted {
-        let ctx = self.context();
-        let params: Result<Vec<String>, ScriptError> = call
-            .params
-            .iter()
-            .map(|p| p.render(&self.engine.scripting, &ctx))
-            .collect();
-        match params {
+        match self.template_params(call) {
             Ok(params) => {
                 self.effects.push(Effect::Send(Outbound::new(
                     OutboundContent::Template {
@@ -1003,13 +997,7 @@ impl Executor<'_> {
                 .push(format!("flow `{}` step `{}`: {note}", flow.id, step.id));
         }
         let outside_window = step.outside_window.as_ref().and_then(|t| {
-            let ctx = self.context();
-            let params: Result<Vec<String>, ScriptError> = t
-                .params
-                .iter()
-                .map(|p| p.render(&self.engine.scripting, &ctx))
-                .collect();
-            params.ok().map(|params| TemplateFallback {
+            self.template_params(t).ok().map(|params| TemplateFallback {
                 name: t.name.clone(),
                 language: t.language.clone(),
                 params,
@@ -1019,6 +1007,15 @@ impl Executor<'_> {
             outside_window,
             ..Outbound::new(content, origin)
         }));
+    }
+
+    /// A template's parameters, rendered.
+    fn template_params(&self, call: &TemplateCall) -> Result<Vec<String>, ScriptError> {
+        let ctx = self.context();
+        call.params
+            .iter()
+            .map(|p| p.render(&self.engine.scripting, &ctx))
+            .collect()
     }
 
     fn render_message(

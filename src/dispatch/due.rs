@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 
 use crate::clock::VirtualClock;
-use crate::engine::{Event, Handled, TimerKind};
+use crate::engine::{Event, TimerKind};
 
 use super::{DispatchError, Runtime, SentMessage, TurnReport, count_decision};
 
@@ -23,17 +23,12 @@ impl Runtime {
                 if self.db.expire_message(m.id, decision.reason(), now).await? {
                     count_decision(&decision, "expiry");
                     tracing::info!(channel = %m.channel, contact = %m.wa_id, message = m.id, "{}", decision.explain());
-                    reports.push(TurnReport {
-                        wa_id: m.wa_id,
-                        handled: Handled::Continued,
-                        sent: vec![SentMessage {
-                            id: m.id,
-                            message: m.message,
-                            decision,
-                        }],
-                        handoff: None,
-                        notes: Vec::new(),
-                    });
+                    let sent = SentMessage {
+                        id: m.id,
+                        message: m.message,
+                        decision,
+                    };
+                    reports.push(TurnReport::one_message(m.wa_id, sent));
                 }
             }
         }

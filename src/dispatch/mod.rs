@@ -57,6 +57,30 @@ pub struct TurnReport {
     pub notes: Vec<String>,
 }
 
+impl TurnReport {
+    /// A turn that recorded one message and nothing else (an agent's message, an expiry).
+    fn one_message(wa_id: WaId, sent: SentMessage) -> Self {
+        Self {
+            wa_id,
+            handled: Handled::Continued,
+            sent: vec![sent],
+            handoff: None,
+            notes: Vec::new(),
+        }
+    }
+
+    /// A turn for a customer message handled before: it did nothing.
+    fn duplicate(wa_id: &str) -> Self {
+        Self {
+            wa_id: wa_id.to_string(),
+            handled: Handled::Duplicate,
+            sent: Vec::new(),
+            handoff: None,
+            notes: Vec::new(),
+        }
+    }
+}
+
 /// Counts a policy decision taken at `stage` (`plan`, `flush`, `expiry`, `send_time`, `131047`).
 pub fn count_decision(decision: &Decision, stage: &str) {
     metrics::count(
@@ -244,13 +268,7 @@ impl Runtime {
         let sent = self
             .commit_message(channel, &conversation, &contact, record, now)
             .await?;
-        Ok(TurnReport {
-            wa_id: wa_id.to_string(),
-            handled: Handled::Continued,
-            sent: vec![sent],
-            handoff: None,
-            notes: Vec::new(),
-        })
+        Ok(TurnReport::one_message(wa_id.to_string(), sent))
     }
 
     /// Commits one outgoing message outside a turn (an agent's, one decided again): the

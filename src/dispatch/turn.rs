@@ -337,16 +337,3 @@ impl Planned {
         }
     }
 }
-
-impl TurnReport {
-    /// A turn for a customer message handled before: it did nothing.
-    fn duplicate(wa_id: &str) -> Self {
-        Self {
-            wa_id: wa_id.to_string(),
-            handled: Handled::Duplicate,
-            sent: Vec::new(),
-            handoff: None,
-            notes: Vec::new(),
-        }
-    }
-}
