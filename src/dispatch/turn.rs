@@ -283,6 +283,7 @@ impl<'a> Turn<'a> {
         {
             contact.policy.referral_at = Some(message.timestamp);
         }
+        // The engine notes the window too (it is used without a runtime); twice is once.
         contact.saw_customer_message(message.timestamp);
     }
 }
