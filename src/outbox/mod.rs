@@ -874,25 +874,33 @@ impl Inner {
         error: Option<(Option<i64>, &str)>,
     ) {
         let now = self.clock.now();
-        let done = retrying("defer", row.id, || {
+        self.record_outcome(row, "defer", Outcome::Deferred, || {
             self.db
                 .record_deferred(row.id, &self.owner, not_before, error, now)
         })
         .await;
-        self.lost_lease(row, done);
-        self.count(Outcome::Deferred);
     }
 
     async fn fail(&self, row: &OutboxRow, code: Option<i64>, reason: &str) {
         tracing::warn!(channel = %self.channel, message = row.id, code = code.unwrap_or(NO_CODE), reason, "message failed");
         let now = self.clock.now();
-        let done = retrying("record the failure", row.id, || {
+        self.record_outcome(row, "record the failure", Outcome::Failed, || {
             self.db
                 .record_failed(row.id, &self.owner, code, reason, now)
         })
         .await;
+    }
+
+    /// Records a send's outcome with `write` (see [`retrying`]), says so when the row was no
+    /// longer ours, and counts the outcome.
+    async fn record_outcome<F, Fut>(&self, row: &OutboxRow, what: &str, outcome: Outcome, write: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<bool, StoreError>>,
+    {
+        let done = retrying(what, row.id, write).await;
         self.lost_lease(row, done);
-        self.count(Outcome::Failed);
+        self.count(outcome);
     }
 
     /// Records a consent or back-off change WhatsApp's answer implies for the row's contact.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::pace::random_fraction;
-use super::{Inner, Outcome, REENGAGE_REASON, chrono_duration, retrying};
+use super::{Inner, Outcome, REENGAGE_REASON, chrono_duration};
 use crate::dispatch::count_decision;
 use crate::metrics;
 use crate::policy::{ConsentChange, Policy};
@@ -132,13 +132,11 @@ impl Inner {
         );
         let Refusal { code, text, now } = refusal;
         let not_before = *now + chrono_duration(wait);
-        let done = retrying("record the retry", row.id, || {
+        self.record_outcome(row, "record the retry", Outcome::Retry, || {
             self.db
                 .record_retry(row.id, &self.owner, not_before, *code, text, *now)
         })
         .await;
-        self.lost_lease(row, done);
-        self.count(Outcome::Retry);
     }
 
     /// `131047` for a free-form message: WhatsApp says the window is closed, whatever our
