@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod clock;
+pub mod commands;
 pub mod config;
 pub mod conversation;
 pub mod diagnostic;

@@ -1,17 +1,20 @@
-//! The `flowgate` command line: a thin shell over the library (see `flowgate::app`).
+//! The `flowgate` command line: clap parsing, a call into the library per command
+//! (`flowgate::app`, `flowgate::commands`, `flowgate::conversation`), and printing.
 
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use flowgate::app::{self, Application, Loaded};
-use flowgate::clock::{Clock, SystemClock, VirtualClock};
-use flowgate::conversation::{self, describe_content};
+use flowgate::clock::SystemClock;
+use flowgate::commands::templates_sync::{self, SyncError};
+use flowgate::commands::{
+    self,
+    chat::{Chat, Reply},
+};
 use flowgate::diagnostic::Diagnostics;
-use flowgate::domain::{HumanDuration, Inbound, InboundContent, format_duration};
 use flowgate::store::Db;
 
 /// mimalloc instead of the system allocator: a reply allocates in many small pieces across
@@ -97,21 +100,25 @@ fn main() -> ExitCode {
     }
 }
 
-fn color() -> bool {
-    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+/// Whether diagnostics on `stream` get colours: a terminal, and `NO_COLOR` unset.
+fn color(stream: &impl IsTerminal) -> bool {
+    stream.is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }
 
 /// Loads the project or prints why not.
-fn load(config: Option<&std::path::Path>) -> Result<Loaded, ExitCode> {
+fn load(config: Option<&Path>) -> Result<Loaded, ExitCode> {
     match app::load(config) {
         Ok(loaded) => {
             if loaded.project.diagnostics.warnings() > 0 {
-                eprint!("{}", loaded.project.diagnostics.render(color()));
+                eprint!(
+                    "{}",
+                    loaded.project.diagnostics.render(color(&std::io::stderr()))
+                );
             }
             Ok(loaded)
         }
         Err(diags) => {
-            eprint!("{}", diags.render(color()));
+            eprint!("{}", diags.render(color(&std::io::stderr())));
             Err(ExitCode::FAILURE)
         }
     }
@@ -120,53 +127,9 @@ fn load(config: Option<&std::path::Path>) -> Result<Loaded, ExitCode> {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = cli.config.as_deref();
     match cli.command {
-        Command::Check => {
-            let diags: Diagnostics = match app::load(config) {
-                Ok(loaded) => loaded.project.diagnostics,
-                Err(diags) => *diags,
-            };
-            print!(
-                "{}",
-                diags.render(
-                    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
-                )
-            );
-            Ok(if diags.has_errors() {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            })
-        }
-        Command::Test { paths } => {
-            let loaded = match load(config) {
-                Ok(l) => l,
-                Err(code) => return Ok(code),
-            };
-            let files = if paths.is_empty() {
-                conversation::default_test_files(&loaded.config)
-            } else {
-                conversation::test_files(&paths)
-            }
-            .context("cannot list the test files")?;
-            let mut out = String::new();
-            let (_, failed) = conversation::run_all(&loaded, &files, &mut out).await;
-            print!("{out}");
-            Ok(if failed > 0 {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            })
-        }
-        Command::Migrate => {
-            let loaded = match load(config) {
-                Ok(l) => l,
-                Err(code) => return Ok(code),
-            };
-            let db = Db::connect(&loaded.config.database).await?;
-            db.migrate().await?;
-            println!("migrated {}", loaded.config.database);
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Check => Ok(check(config)),
+        Command::Test { paths } => test(config, &paths).await,
+        Command::Migrate => migrate(config).await,
         Command::Chat { from } => chat(config, &from).await,
         Command::Serve => serve(config).await,
         Command::Templates {
@@ -175,189 +138,77 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `flowgate templates sync`: Meta's templates for the channel's WABA, merged into the
-/// registry (`Registry::merge_synced`) and written atomically.
-///
-/// Reads only the config and the registry, not the flows: a sync is how a project whose
-/// flows name templates the file does not have yet gets fixed, so broken flows must not stop
-/// it. A registry file with errors does stop it, since merging into a file that did not
-/// parse would drop its entries.
-async fn templates_sync(
-    config_path: Option<&std::path::Path>,
-    channel: Option<&str>,
-) -> anyhow::Result<ExitCode> {
-    use flowgate::config::{Config, Provider};
-    use flowgate::templates::{Registry, Status, sync_comment};
-    use flowgate::whatsapp::{Client, Endpoint};
-
-    let config = match Config::load(config_path) {
-        Ok(c) => c,
-        Err(diags) => {
-            eprint!("{}", diags.render(color()));
-            return Ok(ExitCode::FAILURE);
-        }
-    };
-    let config_file = config
-        .file
-        .as_ref()
-        .map(|f| f.display().to_string())
-        .unwrap_or_else(|| flowgate::config::DEFAULT_CONFIG_FILE.to_string());
-    let chosen = match channel {
-        Some(name) => config
-            .channels
-            .iter()
-            .find(|c| c.name == name)
-            .with_context(|| format!("there is no channel `{name}` in {config_file}"))?,
-        None => config
-            .channels
-            .iter()
-            .find(|c| c.provider == Provider::CloudApi)
-            // A dialog360 channel only to say why it cannot be synced.
-            .or_else(|| config.channels.iter().find(|c| c.provider != Provider::Sandbox))
-            .with_context(|| {
-                format!("{config_file} has no cloud_api channel: templates sync reads a WhatsApp Business Account's templates")
-            })?,
-    };
-    match chosen.provider {
-        Provider::CloudApi => {}
-        Provider::Dialog360 => anyhow::bail!(
-            "channel `{}` is a dialog360 channel: templates sync supports cloud_api channels only (360dialog's template list is not read by flowgate); write its templates into {} by hand",
-            chosen.name,
-            config.templates.display()
-        ),
-        Provider::Sandbox => anyhow::bail!(
-            "channel `{}` is a sandbox channel: it has no templates at Meta; templates sync needs a cloud_api channel",
-            chosen.name
-        ),
+fn exit_code(success: bool) -> ExitCode {
+    if success {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
-    let waba_id = chosen
-        .waba_id
-        .as_ref()
-        .map(|w| w.0.trim().to_string())
-        .filter(|w| !w.is_empty())
-        .with_context(|| {
-            format!(
-                "channel `{}` in {config_file} needs `waba_id` (its WhatsApp Business Account id) for templates sync",
-                chosen.name
-            )
-        })?;
-    let endpoint = Endpoint::for_channel(chosen).map_err(anyhow::Error::msg)?;
-
-    let mut diags = Diagnostics::default();
-    let current = Registry::load(&config.templates, &mut diags);
-    if diags.has_errors() {
-        eprint!("{}", diags.render(color()));
-        anyhow::bail!(
-            "{} has errors: fix them (or move the file away) before syncing into it",
-            config.templates.display()
-        );
-    }
-
-    let list = match Client::new(endpoint).list_templates(&waba_id).await {
-        Ok(list) => list,
-        Err(e) => {
-            let hint = if e.code == 190 {
-                format!(
-                    " (the access token of channel `{}` was refused: renew `access_token` in {config_file})",
-                    chosen.name
-                )
-            } else {
-                String::new()
-            };
-            anyhow::bail!(
-                "templates sync from channel `{}` failed, {} is unchanged: {e}{hint}",
-                chosen.name,
-                config.templates.display()
-            );
-        }
-    };
-    for warning in list.skipped.iter().chain(&list.warnings) {
-        eprintln!("warning: {warning}");
-    }
-    let merge = current.merge_synced(list.templates);
-    for duplicate in &merge.duplicates {
-        eprintln!("warning: Meta listed template {duplicate} twice: the first one is used");
-    }
-    for t in &merge.kept {
-        eprintln!(
-            "warning: Meta does not list template `{}` ({}) for channel `{}`: kept as it was ({})",
-            t.name,
-            t.language,
-            chosen.name,
-            t.status.as_str()
-        );
-    }
-    let comment = sync_comment(&chosen.name, &waba_id, SystemClock.now());
-    merge.registry.write_atomic(&config.templates, &comment)?;
-
-    let synced: Vec<_> = merge
-        .registry
-        .templates
-        .iter()
-        .filter(|t| {
-            !merge
-                .kept
-                .iter()
-                .any(|k| k.name == t.name && k.language == t.language)
-        })
-        .collect();
-    // In the registry's order of statuses; one added later counts too, after these.
-    let order = [
-        Status::Approved,
-        Status::Pending,
-        Status::Rejected,
-        Status::Paused,
-        Status::Disabled,
-    ];
-    let mut counts: Vec<(Status, usize)> = Vec::new();
-    for t in &synced {
-        match counts.iter_mut().find(|(s, _)| *s == t.status) {
-            Some((_, n)) => *n += 1,
-            None => counts.push((t.status, 1)),
-        }
-    }
-    counts.sort_by_key(|(s, _)| order.iter().position(|o| o == s).unwrap_or(order.len()));
-    let breakdown: Vec<String> = counts
-        .iter()
-        .map(|(s, n)| format!("{n} {}", s.as_str()))
-        .collect();
-    let mut summary = format!(
-        "synced {} template{} ({}) from channel {} into {}",
-        synced.len(),
-        if synced.len() == 1 { "" } else { "s" },
-        if breakdown.is_empty() {
-            "none".to_string()
-        } else {
-            breakdown.join(", ")
-        },
-        chosen.name,
-        config.templates.display()
-    );
-    if !list.skipped.is_empty() {
-        summary.push_str(&format!("; {} skipped", list.skipped.len()));
-    }
-    summary.push_str(&format!(
-        "; {} kept that Meta does not list",
-        merge.kept.len()
-    ));
-    println!("{summary}");
-    Ok(ExitCode::SUCCESS)
 }
 
-/// The terminal chat: a customer on the sandbox channel, with a virtual clock.
-async fn chat(config: Option<&std::path::Path>, from: &str) -> anyhow::Result<ExitCode> {
+/// `flowgate check`: every diagnostic, on stdout; exit 1 on any error.
+fn check(config: Option<&Path>) -> ExitCode {
+    let diags: Diagnostics = match app::load(config) {
+        Ok(loaded) => loaded.project.diagnostics,
+        Err(diags) => *diags,
+    };
+    print!("{}", diags.render(color(&std::io::stdout())));
+    exit_code(!diags.has_errors())
+}
+
+/// `flowgate test`: the conversation tests' report; exit 1 when one failed.
+async fn test(config: Option<&Path>, paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let loaded = match load(config) {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
-    let clock = Arc::new(VirtualClock::new(SystemClock.now()));
-    let runtime = loaded.runtime("sqlite::memory:", clock.clone()).await?;
-    let flows: Vec<String> = loaded.project.flows.iter().map(|f| f.id.clone()).collect();
-    println!(
-        "flowgate chat: you are +{from} on the sandbox channel. Flows: {}",
-        flows.join(", ")
-    );
-    println!("Type a message, or /button ID, /list ID, /wait 25h, /state, /reset, /quit.");
+    let run = commands::test::run(&loaded, paths).await?;
+    print!("{}", run.output);
+    Ok(exit_code(run.failed == 0))
+}
+
+async fn migrate(config: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let loaded = match load(config) {
+        Ok(l) => l,
+        Err(code) => return Ok(code),
+    };
+    let db = Db::connect(&loaded.config.database).await?;
+    db.migrate().await?;
+    println!("migrated {}", loaded.config.database);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `flowgate templates sync`: the warnings, then the file written, then the summary.
+async fn templates_sync(config: Option<&Path>, channel: Option<&str>) -> anyhow::Result<ExitCode> {
+    let fetched = match templates_sync::fetch(config, channel).await {
+        Ok(fetched) => fetched,
+        Err(SyncError::Config(diags)) => {
+            eprint!("{}", diags.render(color(&std::io::stderr())));
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(e) => {
+            if let SyncError::Registry { diagnostics, .. } = &e {
+                eprint!("{}", diagnostics.render(color(&std::io::stderr())));
+            }
+            return Err(e.into());
+        }
+    };
+    for warning in fetched.warnings() {
+        eprintln!("warning: {warning}");
+    }
+    fetched.write()?;
+    println!("{}", fetched.summary());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The terminal chat: reads lines until end of input or `/quit`, printing what each did.
+async fn chat(config: Option<&Path>, from: &str) -> anyhow::Result<ExitCode> {
+    let loaded = match load(config) {
+        Ok(l) => l,
+        Err(code) => return Ok(code),
+    };
+    let chat = Chat::start(&loaded, from).await?;
+    print!("{}", chat.greeting());
     let stdin = std::io::stdin();
     let mut line = String::new();
     loop {
@@ -367,140 +218,16 @@ async fn chat(config: Option<&std::path::Path>, from: &str) -> anyhow::Result<Ex
         if stdin.lock().read_line(&mut line)? == 0 {
             break;
         }
-        let input = line.trim();
-        if input.is_empty() {
-            continue;
+        match chat.input(&line).await? {
+            Reply::Print(text) => print!("{text}"),
+            Reply::Quit => break,
         }
-        let (command, arg) = input
-            .split_once(' ')
-            .map(|(c, a)| (c, a.trim()))
-            .unwrap_or((input, ""));
-        let content = match command {
-            "/quit" | "/exit" => break,
-            "/button" => InboundContent::ButtonReply {
-                id: arg.into(),
-                title: arg.into(),
-            },
-            "/list" => InboundContent::ListReply {
-                id: arg.into(),
-                title: arg.into(),
-            },
-            "/wait" => {
-                let by: HumanDuration = match arg.parse() {
-                    Ok(d) => d,
-                    Err(e) => {
-                        println!("  {e}");
-                        continue;
-                    }
-                };
-                for report in runtime.advance_clock(&clock, clock.now() + by.0).await? {
-                    print_report(&report);
-                }
-                println!(
-                    "  [clock] {} later: {}",
-                    format_duration(by.0),
-                    clock.now().format("%Y-%m-%d %H:%M UTC")
-                );
-                continue;
-            }
-            "/state" => {
-                let c = runtime
-                    .db
-                    .load_conversation(&runtime.default_channel, from)
-                    .await?;
-                match &c.session {
-                    Some(s) => println!(
-                        "  [state] flow {} (version {}) at step {}: {}",
-                        s.flow_id, s.flow_version, s.step, s.state
-                    ),
-                    None => println!("  [state] no active session"),
-                }
-                let window = c
-                    .contact
-                    .last_customer_message_at
-                    .map(|t| format_duration(clock.now() - t) + " ago");
-                println!(
-                    "  [contact] tags {:?}, attrs {:?}, last customer message {}",
-                    c.contact.tags,
-                    c.contact.attrs,
-                    window.unwrap_or_else(|| "never".into())
-                );
-                let p = &c.contact.policy;
-                println!(
-                    "  [policy] {}; marketing {}{}",
-                    runtime
-                        .policy
-                        .window(&c.contact, clock.now())
-                        .describe(clock.now()),
-                    match &p.marketing_opt_out {
-                        Some(o) => format!("stopped ({})", o.source),
-                        None => "accepted".into(),
-                    },
-                    match p.free_entry_until {
-                        Some(t) if t > clock.now() => format!("; free entry point until {t}"),
-                        _ => String::new(),
-                    }
-                );
-                continue;
-            }
-            "/reset" => {
-                runtime
-                    .db
-                    .reset_conversation(&runtime.default_channel, from)
-                    .await?;
-                println!("  [reset] session and timers forgotten");
-                continue;
-            }
-            c if c.starts_with('/') => {
-                println!(
-                    "  unknown command {c}: try /button ID, /list ID, /wait 25h, /state, /reset, /quit"
-                );
-                continue;
-            }
-            _ => InboundContent::text(input),
-        };
-        let now = clock.now();
-        let inbound = Inbound::sandbox(content, now, now);
-        let report = runtime
-            .inbound(&runtime.default_channel, from, Some("You"), inbound)
-            .await?;
-        print_report(&report);
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_report(report: &flowgate::dispatch::TurnReport) {
-    for m in &report.sent {
-        if m.decision.sends() {
-            println!("bot> {}", describe_content(&m.message.content));
-        } else {
-            println!(
-                "bot [{}]> {}",
-                m.decision.name(),
-                describe_content(&m.message.content)
-            );
-        }
-        println!("  [policy] {}", m.decision.explain());
-    }
-    if let Some(queue) = &report.handoff {
-        println!("  [handoff] the conversation is with a person now (queue {queue})");
-    }
-    match report.handled {
-        flowgate::engine::Handled::Unanswered if report.sent.is_empty() => {
-            println!("  [no flow answered this message]")
-        }
-        flowgate::engine::Handled::InHandoff => {
-            println!("  [handoff] a person has this conversation: the bot stays quiet")
-        }
-        _ => {}
-    }
-    for note in &report.notes {
-        println!("  [note] {note}");
-    }
-}
-
-/// The server: webhooks arrive in later releases; today the sandbox door and the timers.
-async fn serve(config: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+/// `flowgate serve`: the banner, then the server until Ctrl-C or SIGTERM.
+async fn serve(config: Option<&Path>) -> anyhow::Result<ExitCode> {
     let loaded = match load(config) {
         Ok(l) => l,
         Err(code) => return Ok(code),

@@ -5,7 +5,7 @@
 //! | --- | --- | --- |
 //! | [`webhook`] | webhook POST bodies -> [`Update`]s (messages, system messages, statuses, errors, template status, marketing preferences, anything else as `Unknown`), dedupe keys | no |
 //! | [`signature`] | `X-Hub-Signature-256` HMAC check and 360dialog's shared-secret header, both constant-time | no |
-//! | [`send`] | request bodies for `POST …/messages` (messages, reactions, mark-as-read) and reading the responses | no |
+//! | [`send`] | request bodies for `POST …/messages` (messages, with the outbox's idempotency key or without, reactions, mark-as-read) and reading the responses | no |
 //! | [`templates`] | one page of `GET /{waba_id}/message_templates` -> registry [`crate::templates::Template`]s (status mapping, media headers, skipped templates named) | no |
 //! | [`errors`] | [`GraphError`], what each error code means for the sender ([`ErrorClass`]) and the retry schedule | no |
 //! | [`client`] | a thin HTTP client that posts those bodies to the Cloud API or 360dialog, and reads every page of a WABA's templates | **yes** |
@@ -23,8 +23,8 @@ pub mod webhook;
 pub use client::{Client, Endpoint, MAX_TEMPLATE_PAGES, TemplateList};
 pub use errors::{ErrorClass, ErrorOrigin, GraphError, classify, retry_after};
 pub use send::{
-    Recipient, SendOk, mark_read_body, message_body, parse_mark_read_response, parse_send_response,
-    reaction_body,
+    Recipient, SendOk, mark_read_body, message_body, message_body_with_key,
+    parse_mark_read_response, parse_send_response, reaction_body,
 };
 pub use signature::{SignatureError, verify_shared_secret, verify_signature};
 pub use templates::{TemplatePage, parse_templates_page};

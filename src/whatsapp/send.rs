@@ -54,6 +54,19 @@ pub fn message_body(to: Recipient, content: &OutboundContent, reply_to: Option<&
     Value::Object(body)
 }
 
+/// [`message_body`] for the outbox: carries `idempotency_key` as `biz_opaque_callback_data`,
+/// which WhatsApp echoes in the message's status webhooks, so every attempt of one outbox
+/// row can be recognised by the same key.
+pub fn message_body_with_key(
+    to: Recipient,
+    content: &OutboundContent,
+    idempotency_key: &str,
+) -> Value {
+    let mut body = message_body(to, content, None);
+    body["biz_opaque_callback_data"] = json!(idempotency_key);
+    body
+}
+
 /// A reaction (`emoji`) to the message `message_id`; an empty emoji removes the reaction.
 pub fn reaction_body(to: Recipient, message_id: &str, emoji: &str) -> Value {
     let mut body = envelope(to, "reaction");
@@ -314,6 +327,19 @@ mod tests {
             assert_eq!(body["to"], "+15555550123");
             assert!(body.get("recipient").is_none());
         }
+    }
+
+    #[test]
+    fn the_idempotency_key_rides_in_biz_opaque_callback_data() {
+        let text = OutboundContent::text("hi");
+        let to = || Recipient::Phone("15555550123".into());
+        let mut keyed = message_body_with_key(to(), &text, "key-1");
+        assert_eq!(keyed["biz_opaque_callback_data"], "key-1");
+        keyed
+            .as_object_mut()
+            .unwrap()
+            .remove("biz_opaque_callback_data");
+        assert_eq!(keyed, message_body(to(), &text, None));
     }
 
     #[test]

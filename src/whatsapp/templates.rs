@@ -90,15 +90,9 @@ pub fn parse_templates_page(status: u16, body: &[u8]) -> Result<TemplatePage, Gr
 }
 
 /// Reads one item of `data`; `Err` says why it cannot be a registry entry. The `Ok` side
-/// carries warnings about parts left out.
+/// carries warnings about parts left out. Checks go in a fixed order (name, language, status,
+/// category, then the components in Meta's order), so the first problem is the one named.
 pub fn read_template(item: &Value) -> Result<(Template, Vec<String>), String> {
-    let text = |v: &Value, key: &str| {
-        v.get(key)
-            .and_then(Value::as_str)
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-    };
     if !item.is_object() {
         return Err("it is not a JSON object".into());
     }
@@ -106,84 +100,130 @@ pub fn read_template(item: &Value) -> Result<(Template, Vec<String>), String> {
     let language = text(item, "language").ok_or("it has no `language`")?;
     let who = format!("template `{name}` ({language})");
     let mut warnings = Vec::new();
-
-    let status_text = text(item, "status").ok_or("it has no `status`")?;
-    let status = Status::from_meta(&status_text).unwrap_or_else(|| {
-        warnings.push(format!(
-            "{who} has the status `{status_text}`, which flowgate does not know: recorded as disabled"
-        ));
-        Status::Disabled
-    });
-    let category = match text(item, "category").as_deref() {
-        Some(c) => map_category(c).ok_or_else(|| format!("unknown category `{c}`"))?,
-        None => return Err("it has no `category`".into()),
-    };
-
-    let components = match item.get("components") {
-        Some(Value::Array(c)) => c.as_slice(),
-        Some(_) => return Err("`components` is not a list".into()),
-        None => &[],
-    };
-    let (mut header, mut body, mut footer, mut buttons) = (None, None, None, Vec::new());
-    for component in components {
-        let kind = text(component, "type").unwrap_or_default().to_uppercase();
-        match kind.as_str() {
-            "HEADER" => {
-                let format = text(component, "format")
-                    .unwrap_or_else(|| "TEXT".into())
-                    .to_uppercase();
-                header = Some(if format == "TEXT" {
-                    text(component, "text").ok_or("its text header has no `text`")?
-                } else {
-                    format!("{{{{{format}}}}}")
-                });
-            }
-            "BODY" => body = Some(text(component, "text").ok_or("its body has no `text`")?),
-            "FOOTER" => footer = text(component, "text"),
-            "BUTTONS" => {
-                let list = component
-                    .get("buttons")
-                    .and_then(Value::as_array)
-                    .ok_or("its BUTTONS component has no `buttons` list")?;
-                for button in list {
-                    match text(button, "type").unwrap_or_default().to_uppercase().as_str() {
-                        "QUICK_REPLY" => buttons.push(TemplateButton {
-                            quick_reply: Some(
-                                text(button, "text").ok_or("a quick reply button has no `text`")?,
-                            ),
-                            payload: None,
-                            url: None,
-                        }),
-                        "URL" => buttons.push(TemplateButton {
-                            quick_reply: None,
-                            payload: None,
-                            url: Some(text(button, "url").ok_or("a URL button has no `url`")?),
-                        }),
-                        // PHONE_NUMBER, COPY_CODE, OTP, FLOW, CATALOG…: see the module docs.
-                        _ => {}
-                    }
-                }
-            }
-            other => warnings.push(format!(
-                "{who}: its `{}` component is left out (the registry has no place for it, so its parameters are not counted)",
-                if other.is_empty() { "untyped" } else { other }
-            )),
-        }
-    }
-    let body = body.ok_or("it has no BODY component")?;
+    let status = read_status(item, &who, &mut warnings)?;
+    let category = read_category(item)?;
+    let parts = read_components(item, &who, &mut warnings)?;
+    let body = parts.body.ok_or("it has no BODY component")?;
     Ok((
         Template {
             name,
             language,
             category,
             status,
-            header,
+            header: parts.header,
             body,
-            footer,
-            buttons,
+            footer: parts.footer,
+            buttons: parts.buttons,
         },
         warnings,
     ))
+}
+
+/// A trimmed, non-empty string field of `v`.
+fn text(v: &Value, key: &str) -> Option<String> {
+    v.get(key)
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// The registry status of Meta's `status` (an unknown one is `disabled`, with a warning).
+fn read_status(item: &Value, who: &str, warnings: &mut Vec<String>) -> Result<Status, String> {
+    let status_text = text(item, "status").ok_or("it has no `status`")?;
+    Ok(Status::from_meta(&status_text).unwrap_or_else(|| {
+        warnings.push(format!(
+            "{who} has the status `{status_text}`, which flowgate does not know: recorded as disabled"
+        ));
+        Status::Disabled
+    }))
+}
+
+fn read_category(item: &Value) -> Result<Category, String> {
+    match text(item, "category").as_deref() {
+        Some(c) => map_category(c).ok_or_else(|| format!("unknown category `{c}`")),
+        None => Err("it has no `category`".into()),
+    }
+}
+
+/// The parts of a template its `components` hold; the body is required by the caller.
+#[derive(Default)]
+struct Components {
+    header: Option<String>,
+    body: Option<String>,
+    footer: Option<String>,
+    buttons: Vec<TemplateButton>,
+}
+
+fn read_components(
+    item: &Value,
+    who: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Components, String> {
+    let components = match item.get("components") {
+        Some(Value::Array(c)) => c.as_slice(),
+        Some(_) => return Err("`components` is not a list".into()),
+        None => &[],
+    };
+    let mut parts = Components::default();
+    for component in components {
+        let kind = text(component, "type").unwrap_or_default().to_uppercase();
+        match kind.as_str() {
+            "HEADER" => parts.header = Some(read_header(component)?),
+            "BODY" => parts.body = Some(text(component, "text").ok_or("its body has no `text`")?),
+            "FOOTER" => parts.footer = text(component, "text"),
+            "BUTTONS" => parts.buttons.extend(read_buttons(component)?),
+            other => warnings.push(format!(
+                "{who}: its `{}` component is left out (the registry has no place for it, so its parameters are not counted)",
+                if other.is_empty() { "untyped" } else { other }
+            )),
+        }
+    }
+    Ok(parts)
+}
+
+/// A text header's text, or a media header as the placeholder `{{FORMAT}}`.
+fn read_header(component: &Value) -> Result<String, String> {
+    let format = text(component, "format")
+        .unwrap_or_else(|| "TEXT".into())
+        .to_uppercase();
+    if format == "TEXT" {
+        Ok(text(component, "text").ok_or("its text header has no `text`")?)
+    } else {
+        Ok(format!("{{{{{format}}}}}"))
+    }
+}
+
+/// The quick reply and URL buttons of a `BUTTONS` component, in order.
+fn read_buttons(component: &Value) -> Result<Vec<TemplateButton>, String> {
+    let list = component
+        .get("buttons")
+        .and_then(Value::as_array)
+        .ok_or("its BUTTONS component has no `buttons` list")?;
+    let mut buttons = Vec::new();
+    for button in list {
+        match text(button, "type")
+            .unwrap_or_default()
+            .to_uppercase()
+            .as_str()
+        {
+            "QUICK_REPLY" => buttons.push(TemplateButton {
+                quick_reply: Some(
+                    text(button, "text").ok_or("a quick reply button has no `text`")?,
+                ),
+                payload: None,
+                url: None,
+            }),
+            "URL" => buttons.push(TemplateButton {
+                quick_reply: None,
+                payload: None,
+                url: Some(text(button, "url").ok_or("a URL button has no `url`")?),
+            }),
+            // PHONE_NUMBER, COPY_CODE, OTP, FLOW, CATALOG…: see the module docs.
+            _ => {}
+        }
+    }
+    Ok(buttons)
 }
 
 fn map_category(category: &str) -> Option<Category> {

@@ -634,6 +634,7 @@ fn find_contact<'a>(
     }
 }
 
+/// A message's content by its `type`; a type flowgate does not read is `Other`, never an error.
 fn content(kind: &str, msg: &Map<String, Value>) -> Result<InboundContent, String> {
     let part = |key: &str| msg.get(key).and_then(Value::as_object);
     Ok(match kind {
@@ -642,68 +643,13 @@ fn content(kind: &str, msg: &Map<String, Value>) -> Result<InboundContent, Strin
                 .and_then(|t| text(t.get("body")))
                 .ok_or("a `text` message without `text.body`")?,
         },
-        "interactive" => {
-            let interactive =
-                part("interactive").ok_or("an `interactive` message without `interactive`")?;
-            let itype = text(interactive.get("type")).unwrap_or_default();
-            match itype.as_str() {
-                "button_reply" | "list_reply" => {
-                    let reply = interactive.get(itype.as_str());
-                    let id = reply.and_then(|r| text(r.get("id")));
-                    let title = reply.and_then(|r| text(r.get("title")));
-                    let (Some(id), Some(title)) = (id, title) else {
-                        return Err(format!(
-                            "an `interactive` message without `{itype}.id` and `{itype}.title`"
-                        ));
-                    };
-                    if itype == "button_reply" {
-                        InboundContent::ButtonReply { id, title }
-                    } else {
-                        InboundContent::ListReply { id, title }
-                    }
-                }
-                // Flows (`nfm_reply`) and whatever comes next: stored, not interpreted.
-                "" => InboundContent::Other {
-                    kind: "interactive".into(),
-                },
-                _ => InboundContent::Other { kind: itype },
-            }
-        }
-        "button" => {
-            let button = part("button");
-            let payload = button.and_then(|b| text(b.get("payload")));
-            let label = button.and_then(|b| text(b.get("text")));
-            match (payload, label) {
-                (None, None) => {
-                    return Err(
-                        "a `button` message without `button.payload` or `button.text`".into(),
-                    );
-                }
-                (payload, label) => InboundContent::TemplateButton {
-                    payload: payload.clone().or(label.clone()).unwrap_or_default(),
-                    text: label.or(payload).unwrap_or_default(),
-                },
-            }
-        }
+        "interactive" => interactive_content(part("interactive"))?,
+        "button" => button_content(part("button"))?,
         "image" | "audio" | "video" | "document" | "sticker" => InboundContent::Media {
             kind: kind.to_string(),
             caption: part(kind).and_then(|m| text(m.get("caption"))),
         },
-        "location" => {
-            let location = part("location");
-            let coordinate = |key: &str| location.and_then(|l| number(l.get(key)));
-            let (Some(latitude), Some(longitude)) =
-                (coordinate("latitude"), coordinate("longitude"))
-            else {
-                return Err(
-                    "a `location` message without numeric `latitude` and `longitude`".into(),
-                );
-            };
-            InboundContent::Location {
-                latitude,
-                longitude,
-            }
-        }
+        "location" => location_content(part("location"))?,
         // An emoji that is absent or empty is a reaction being removed.
         "reaction" => InboundContent::Reaction {
             emoji: part("reaction")
@@ -714,6 +660,59 @@ fn content(kind: &str, msg: &Map<String, Value>) -> Result<InboundContent, Strin
         other => InboundContent::Other {
             kind: other.to_string(),
         },
+    })
+}
+
+/// A button or list reply; any other interactive type is stored, not interpreted.
+fn interactive_content(interactive: Option<&Map<String, Value>>) -> Result<InboundContent, String> {
+    let interactive = interactive.ok_or("an `interactive` message without `interactive`")?;
+    let itype = text(interactive.get("type")).unwrap_or_default();
+    Ok(match itype.as_str() {
+        "button_reply" | "list_reply" => {
+            let reply = interactive.get(itype.as_str());
+            let id = reply.and_then(|r| text(r.get("id")));
+            let title = reply.and_then(|r| text(r.get("title")));
+            let (Some(id), Some(title)) = (id, title) else {
+                return Err(format!(
+                    "an `interactive` message without `{itype}.id` and `{itype}.title`"
+                ));
+            };
+            if itype == "button_reply" {
+                InboundContent::ButtonReply { id, title }
+            } else {
+                InboundContent::ListReply { id, title }
+            }
+        }
+        // Flows (`nfm_reply`) and whatever comes next: stored, not interpreted.
+        "" => InboundContent::Other {
+            kind: "interactive".into(),
+        },
+        _ => InboundContent::Other { kind: itype },
+    })
+}
+
+/// A template's quick reply button: its payload and its label, each standing in for the other.
+fn button_content(button: Option<&Map<String, Value>>) -> Result<InboundContent, String> {
+    let payload = button.and_then(|b| text(b.get("payload")));
+    let label = button.and_then(|b| text(b.get("text")));
+    match (payload, label) {
+        (None, None) => Err("a `button` message without `button.payload` or `button.text`".into()),
+        (payload, label) => Ok(InboundContent::TemplateButton {
+            payload: payload.clone().or(label.clone()).unwrap_or_default(),
+            text: label.or(payload).unwrap_or_default(),
+        }),
+    }
+}
+
+fn location_content(location: Option<&Map<String, Value>>) -> Result<InboundContent, String> {
+    let coordinate = |key: &str| location.and_then(|l| number(l.get(key)));
+    let (Some(latitude), Some(longitude)) = (coordinate("latitude"), coordinate("longitude"))
+    else {
+        return Err("a `location` message without numeric `latitude` and `longitude`".into());
+    };
+    Ok(InboundContent::Location {
+        latitude,
+        longitude,
     })
 }
 

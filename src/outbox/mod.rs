@@ -59,14 +59,20 @@
 //! **Shutdown.** [`SenderHandle::shutdown`] stops claiming, lets in-flight sends finish and
 //! records them, gives rows still waiting for a pacing token back
 //! ([`Db::release_leases`]), and returns.
+//!
+//! Files: this one has the [`Sender`], its background loop and a message's way out
+//! (decide again, pace, post, record); `refusal` handles WhatsApp's refusals by class;
+//! `pace` has the token buckets and the jitter.
+
+mod pace;
+mod refusal;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde_json::json;
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -76,11 +82,13 @@ use crate::config::{ChannelConfig, Provider};
 use crate::dispatch::{Runtime, count_decision};
 use crate::domain::{Contact, Outbound};
 use crate::metrics;
-use crate::policy::{ConsentChange, Policy};
+use crate::policy::Policy;
 use crate::store::{Db, OutboxRow, StoreError};
 use crate::whatsapp::client::{Client, Endpoint, http_client};
-use crate::whatsapp::errors::{ErrorOrigin, NO_CODE};
-use crate::whatsapp::{ErrorClass, GraphError, Recipient, message_body, retry_after};
+use crate::whatsapp::errors::NO_CODE;
+use crate::whatsapp::{GraphError, Recipient, SendOk, message_body_with_key};
+use pace::{ChannelPace, Gcra, PairState, clock_offset, random_fraction};
+use refusal::Sent;
 
 /// The reason a message that met `131047` fails with.
 pub const REENGAGE_REASON: &str = "outside the 24-hour window: needs a template";
@@ -276,9 +284,7 @@ impl Sender {
             tasks.spawn(async move { inner.deliver(row, contact, stop).await });
         }
         while let Some(joined) = tasks.join_next().await {
-            if let Err(e) = joined {
-                tracing::error!(channel = %inner.channel, error = %e, "a send task panicked");
-            }
+            log_panic(&inner.channel, joined);
         }
         Ok(claimed)
     }
@@ -414,22 +420,10 @@ async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             break;
         }
         while let Some(joined) = tasks.try_join_next() {
-            if let Err(e) = joined {
-                tracing::error!(channel = %inner.channel, error = %e, "a send task panicked");
-            }
+            log_panic(&inner.channel, joined);
         }
-        match inner.still_stopped().await {
-            Ok(true) => {
-                tokio::select! {
-                    _ = tokio::time::sleep(inner.options.stopped_poll) => {}
-                    _ = stop.changed() => {}
-                }
-                continue;
-            }
-            Ok(false) => {}
-            Err(e) => {
-                tracing::error!(channel = %inner.channel, error = %e, "reading the channel state failed")
-            }
+        if wait_while_stopped(&inner, &mut stop).await {
+            continue;
         }
         // In flight (sending or waiting for a token): at most about a second of sending.
         let room = inner
@@ -445,37 +439,70 @@ async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             continue;
         }
         let limit = room.min(inner.options.batch);
-        match inner.claim(limit).await {
-            Ok(rows) if !rows.is_empty() => {
-                for (row, contact) in rows {
-                    let inner = inner.clone();
-                    let stop = stop.clone();
-                    tasks.spawn(async move { inner.deliver(row, contact, stop).await });
-                }
+        claim_and_send(&inner, limit, &mut tasks, &mut stop).await;
+    }
+    finish(&inner, tasks).await;
+}
+
+/// While an account-level error keeps the channel stopped, waits one `stopped_poll` (or
+/// for the stop) and says so; `false` when the channel may send.
+async fn wait_while_stopped(inner: &Inner, stop: &mut watch::Receiver<bool>) -> bool {
+    match inner.still_stopped().await {
+        Ok(true) => {
+            tokio::select! {
+                _ = tokio::time::sleep(inner.options.stopped_poll) => {}
+                _ = stop.changed() => {}
             }
-            Ok(_) => {
-                // Nothing due: wait for new rows, a finished send (its contact's next
-                // message may be due), or the poll.
-                tokio::select! {
-                    _ = tokio::time::sleep(inner.options.idle_poll) => {}
-                    _ = inner.wake.notified() => {}
-                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                    _ = stop.changed() => {}
-                }
+            true
+        }
+        Ok(false) => false,
+        Err(e) => {
+            tracing::error!(channel = %inner.channel, error = %e, "reading the channel state failed");
+            false
+        }
+    }
+}
+
+/// Claims up to `limit` rows and sends each in its own task; with nothing due, waits for new
+/// rows, a finished send, the poll or the stop; after a failed claim, waits a second.
+async fn claim_and_send(
+    inner: &Arc<Inner>,
+    limit: usize,
+    tasks: &mut JoinSet<()>,
+    stop: &mut watch::Receiver<bool>,
+) {
+    match inner.claim(limit).await {
+        Ok(rows) if !rows.is_empty() => {
+            for (row, contact) in rows {
+                let inner = inner.clone();
+                let stop = stop.clone();
+                tasks.spawn(async move { inner.deliver(row, contact, stop).await });
             }
-            Err(e) => {
-                tracing::error!(channel = %inner.channel, error = %e, "claiming outbox rows failed");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = stop.changed() => {}
-                }
+        }
+        Ok(_) => {
+            // Nothing due: wait for new rows, a finished send (its contact's next
+            // message may be due), or the poll.
+            tokio::select! {
+                _ = tokio::time::sleep(inner.options.idle_poll) => {}
+                _ = inner.wake.notified() => {}
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = stop.changed() => {}
+            }
+        }
+        Err(e) => {
+            tracing::error!(channel = %inner.channel, error = %e, "claiming outbox rows failed");
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.changed() => {}
             }
         }
     }
+}
+
+/// On stop: lets the sends in flight finish, then gives back the rows still claimed.
+async fn finish(inner: &Inner, mut tasks: JoinSet<()>) {
     while let Some(joined) = tasks.join_next().await {
-        if let Err(e) = joined {
-            tracing::error!(channel = %inner.channel, error = %e, "a send task panicked");
-        }
+        log_panic(&inner.channel, joined);
     }
     match inner
         .db
@@ -493,16 +520,15 @@ async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Logs a send task that panicked.
+fn log_panic(channel: &str, joined: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = joined {
+        tracing::error!(channel = %channel, error = %e, "a send task panicked");
+    }
+}
+
 /// An accepted send waiting for the group commit: id, wamid, and whether it was recorded.
 type SentRecord = (i64, String, oneshot::Sender<Option<bool>>);
-
-/// What was sent, as far as a refusal's handling needs it.
-struct Sent {
-    /// Free-form (not a template): only those meet 131047 for the window.
-    free_form: bool,
-    /// The customer's last message as known when it was sent.
-    customer_last_wrote: Option<DateTime<Utc>>,
-}
 
 /// How a send ended, for `flowgate_outbound_total{status}`.
 #[derive(Clone, Copy)]
@@ -641,6 +667,8 @@ impl Inner {
         (rate.ceil() as usize).max(1)
     }
 
+    /// One claimed row's way out: decided again, paced (recipient, then channel), marked
+    /// read if it is the first reply, posted, and its outcome recorded.
     async fn deliver(
         self: Arc<Self>,
         row: OutboxRow,
@@ -683,34 +711,8 @@ impl Inner {
             self.mark_read(inbound).await;
         }
 
-        let mut body = message_body(recipient_for(&row.wa_id), &outbound.content, None);
-        body["biz_opaque_callback_data"] = json!(row.idempotency_key);
-        let started = Instant::now();
-        let result = self.client.send(&body).await;
-        metrics::observe(
-            "flowgate_send_seconds",
-            "Latency of WhatsApp send requests.",
-            &[("channel", &self.channel)],
-            started.elapsed().as_secs_f64(),
-        );
-        match result {
-            Ok(ok) => {
-                if self.record_sent(row.id, &ok.wamid).await.is_none() {
-                    tracing::error!(
-                        channel = %self.channel,
-                        message = row.id,
-                        wamid = %ok.wamid,
-                        "WhatsApp accepted the message but recording it failed; it will be \
-                         sent again when its lease runs out"
-                    );
-                }
-                self.pace.lock().expect("pace lock").accepted();
-                if let Some(pair) = self.pairs.lock().expect("pairs lock").get_mut(&row.wa_id) {
-                    pair.strikes = 0;
-                }
-                self.count(Outcome::Sent);
-                tracing::debug!(channel = %self.channel, message = row.id, wamid = %ok.wamid, "sent");
-            }
+        match self.post(&row, &outbound).await {
+            Ok(ok) => self.accepted(&row, &ok.wamid).await,
             Err(e) => {
                 let sent = Sent {
                     free_form: outbound.content.is_free_form(),
@@ -721,141 +723,42 @@ impl Inner {
         }
     }
 
-    async fn failed_send(&self, row: &OutboxRow, e: GraphError, sent: Sent) {
-        metrics::count(
-            "flowgate_send_errors_total",
-            "WhatsApp send errors by code (`transport` when there was no answer).",
-            &[("code", &error_label(&e))],
-            1,
+    /// Posts the message with the row's idempotency key, timing the request.
+    async fn post(&self, row: &OutboxRow, outbound: &Outbound) -> Result<SendOk, GraphError> {
+        let body = message_body_with_key(
+            recipient_for(&row.wa_id),
+            &outbound.content,
+            &row.idempotency_key,
         );
-        let class = e.class();
-        let code = (e.code != NO_CODE).then_some(e.code);
-        let text = e.to_string();
-        let now = self.clock.now();
-        match class {
-            ErrorClass::RateLimited => {
-                let level = self.pace.lock().expect("pace lock").slow_down();
-                let wait =
-                    retry_after(class, level, random_fraction()).unwrap_or(Duration::from_secs(60));
-                tracing::warn!(
-                    channel = %self.channel,
-                    message = row.id,
-                    rate_mps = self.pace.lock().expect("pace lock").rate(),
-                    wait_ms = wait.as_millis() as u64,
-                    error = %text,
-                    "rate limited: slowing the channel down"
-                );
-                self.defer(row, now + chrono_duration(wait), Some((code, &text)))
-                    .await;
-            }
-            ErrorClass::PairRateLimited => {
-                let wait = {
-                    let mut pairs = self.pairs.lock().expect("pairs lock");
-                    let pair = pairs
-                        .entry(row.wa_id.clone())
-                        .or_insert_with(|| self.new_pair());
-                    // The row's `next_attempt_at` holds the recipient back: it is the
-                    // contact's oldest undelivered message, so nothing of theirs goes before.
-                    let wait = retry_after(class, pair.strikes, random_fraction());
-                    pair.strikes += 1;
-                    wait.map(|w| (w, pair.strikes))
-                };
-                match wait {
-                    Some((wait, strikes)) => {
-                        tracing::warn!(
-                            channel = %self.channel,
-                            message = row.id,
-                            strikes,
-                            wait_ms = wait.as_millis() as u64,
-                            "pair rate limit: backing this recipient off"
-                        );
-                        self.defer(row, now + chrono_duration(wait), Some((code, &text)))
-                            .await;
-                    }
-                    None => {
-                        let reason = format!("the pair rate limit did not let up: {text}");
-                        self.fail(row, code, &reason).await;
-                    }
-                }
-            }
-            ErrorClass::Transient => {
-                let retry = u32::try_from(row.attempts.saturating_sub(1)).unwrap_or(u32::MAX);
-                match retry_after(class, retry, random_fraction()) {
-                    Some(wait) => {
-                        tracing::warn!(
-                            channel = %self.channel,
-                            message = row.id,
-                            attempt = row.attempts,
-                            wait_ms = wait.as_millis() as u64,
-                            error = %text,
-                            "send failed; retrying"
-                        );
-                        let not_before = now + chrono_duration(wait);
-                        let done = retrying("record the retry", row.id, || {
-                            self.db
-                                .record_retry(row.id, &self.owner, not_before, code, &text, now)
-                        })
-                        .await;
-                        self.lost_lease(row, done);
-                        self.count(Outcome::Retry);
-                    }
-                    None => {
-                        let reason = format!("gave up after {} attempts: {text}", row.attempts);
-                        self.fail(row, code, &reason).await;
-                    }
-                }
-            }
-            // A template refused with 131047 is not a window problem: deciding again would
-            // send the same template again. It fails with the reason.
-            ErrorClass::Reengage if !sent.free_form => {
-                self.fail(row, Some(131047), REENGAGE_REASON).await
-            }
-            ErrorClass::Reengage => {
-                // WhatsApp says the window is closed, whatever our clock says: record that
-                // and decide again (a template, or the queue); never free-form again.
-                match self
-                    .runtime
-                    .redecide_claimed(row, &self.owner, Some(sent.customer_last_wrote), "pending")
-                    .await
-                {
-                    Ok(Some((decision, _))) => {
-                        tracing::warn!(
-                            channel = %self.channel, message = row.id,
-                            "131047: {}", decision.explain()
-                        );
-                        count_decision(&decision, "131047");
-                        self.wake.notify_one();
-                    }
-                    Ok(None) => self.lost_lease(row, Some(false)),
-                    Err(e) => {
-                        tracing::error!(channel = %self.channel, message = row.id, error = %e, "could not decide a 131047 message again");
-                        self.fail(row, Some(131047), REENGAGE_REASON).await;
-                    }
-                }
-            }
-            ErrorClass::MarketingOptOut => {
-                let reason = format!("the recipient stopped marketing messages: {text}");
-                self.fail(row, code, &reason).await;
-                self.contact_policy(row, |c| {
-                    Policy::set_consent(c, ConsentChange::OptOut, "131050", now)
-                })
-                .await;
-            }
-            ErrorClass::EcosystemBackoff => {
-                let reason = format!(
-                    "not delivered to keep ecosystem engagement healthy; Meta says wait 24 h \
-                     before sending again: {text}"
-                );
-                self.fail(row, code, &reason).await;
-                self.contact_policy(row, |c| Policy::pause_marketing(c, now))
-                    .await;
-            }
-            ErrorClass::Permanent => self.fail(row, code, &text).await,
-            ErrorClass::AccountStopped => {
-                self.stop_channel(code, &text).await;
-                self.defer(row, now, Some((code, &text))).await;
-            }
+        let started = Instant::now();
+        let result = self.client.send(&body).await;
+        metrics::observe(
+            "flowgate_send_seconds",
+            "Latency of WhatsApp send requests.",
+            &[("channel", &self.channel)],
+            started.elapsed().as_secs_f64(),
+        );
+        result
+    }
+
+    /// WhatsApp accepted the message: records its wamid, and the channel's pace and the
+    /// recipient's strikes recover.
+    async fn accepted(&self, row: &OutboxRow, wamid: &str) {
+        if self.record_sent(row.id, wamid).await.is_none() {
+            tracing::error!(
+                channel = %self.channel,
+                message = row.id,
+                wamid = %wamid,
+                "WhatsApp accepted the message but recording it failed; it will be \
+                 sent again when its lease runs out"
+            );
         }
+        self.pace.lock().expect("pace lock").accepted();
+        if let Some(pair) = self.pairs.lock().expect("pairs lock").get_mut(&row.wa_id) {
+            pair.strikes = 0;
+        }
+        self.count(Outcome::Sent);
+        tracing::debug!(channel = %self.channel, message = row.id, wamid = %wamid, "sent");
     }
 
     /// Records an accepted send: `sent`, the wamid, the lease ended. Sends that finish
@@ -971,25 +874,33 @@ impl Inner {
         error: Option<(Option<i64>, &str)>,
     ) {
         let now = self.clock.now();
-        let done = retrying("defer", row.id, || {
+        self.record_outcome(row, "defer", Outcome::Deferred, || {
             self.db
                 .record_deferred(row.id, &self.owner, not_before, error, now)
         })
         .await;
-        self.lost_lease(row, done);
-        self.count(Outcome::Deferred);
     }
 
     async fn fail(&self, row: &OutboxRow, code: Option<i64>, reason: &str) {
         tracing::warn!(channel = %self.channel, message = row.id, code = code.unwrap_or(NO_CODE), reason, "message failed");
         let now = self.clock.now();
-        let done = retrying("record the failure", row.id, || {
+        self.record_outcome(row, "record the failure", Outcome::Failed, || {
             self.db
                 .record_failed(row.id, &self.owner, code, reason, now)
         })
         .await;
+    }
+
+    /// Records a send's outcome with `write` (see [`retrying`]), says so when the row was no
+    /// longer ours, and counts the outcome.
+    async fn record_outcome<F, Fut>(&self, row: &OutboxRow, what: &str, outcome: Outcome, write: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<bool, StoreError>>,
+    {
+        let done = retrying(what, row.id, write).await;
         self.lost_lease(row, done);
-        self.count(Outcome::Failed);
+        self.count(outcome);
     }
 
     /// Records a consent or back-off change WhatsApp's answer implies for the row's contact.
@@ -1081,215 +992,13 @@ pub fn recipient_for(wa_id: &str) -> Recipient {
     }
 }
 
-/// The `code` label of `flowgate_send_errors_total`.
-fn error_label(e: &GraphError) -> String {
-    match (e.origin, e.http_status) {
-        (ErrorOrigin::Transport, _) => "transport".into(),
-        (ErrorOrigin::Http, Some(status)) => format!("http_{status}"),
-        _ => e.code.to_string(),
-    }
-}
-
-/// A clock reading as an offset from the Unix epoch, for [`Gcra`].
-fn clock_offset(at: DateTime<Utc>) -> Duration {
-    Duration::from_millis(u64::try_from(at.timestamp_millis()).unwrap_or(0))
-}
-
 fn chrono_duration(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
-}
-
-/// A fraction in `[0, 1)` for jitter, from the standard library's randomly keyed hasher.
-fn random_fraction() -> f64 {
-    use std::hash::BuildHasher;
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let x = std::collections::hash_map::RandomState::new()
-        .hash_one(SEQ.fetch_add(1, Ordering::Relaxed));
-    (x >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// A token bucket as a generic cell rate algorithm: one token per `interval`, up to `burst`
-/// at once. Times are offsets from any fixed origin (the caller's clock); `tat` is the
-/// theoretical arrival time of the next request at the steady rate.
-#[derive(Debug, Clone)]
-struct Gcra {
-    interval: Duration,
-    burst: u32,
-    tat: Option<Duration>,
-}
-
-impl Gcra {
-    fn new(interval: Duration, burst: u32) -> Self {
-        Self {
-            interval,
-            burst: burst.max(1),
-            tat: None,
-        }
-    }
-
-    /// How far ahead of `tat` a request may go: the burst.
-    fn tolerance(&self) -> Duration {
-        self.interval * (self.burst - 1)
-    }
-
-    /// The earliest time a request may go.
-    fn allowed_at(&self, now: Duration) -> Duration {
-        match self.tat.map(|t| t.saturating_sub(self.tolerance())) {
-            Some(at) if at > now => at,
-            _ => now,
-        }
-    }
-
-    /// Takes the next token, which may be in the future: returns when to go.
-    fn reserve(&mut self, now: Duration) -> Duration {
-        let at = self.allowed_at(now);
-        let base = self.tat.map_or(at, |t| t.max(at));
-        self.tat = Some(base + self.interval);
-        at
-    }
-
-    /// Takes a token if one is free now, else says how long until one is.
-    fn try_reserve(&mut self, now: Duration) -> Result<(), Duration> {
-        let at = self.allowed_at(now);
-        if at > now {
-            return Err(at - now);
-        }
-        self.reserve(now);
-        Ok(())
-    }
-
-    /// Whether the bucket is not full at `now` (it still remembers recent requests).
-    fn busy_at(&self, now: Duration) -> bool {
-        self.tat.is_some_and(|t| t > now)
-    }
-}
-
-/// The channel's pace: `throughput_mps`, halved on each `130429`, recovering 1 % per
-/// accepted message. On tokio's monotonic clock: it decides how long a task sleeps.
-#[derive(Debug)]
-struct ChannelPace {
-    origin: Instant,
-    configured: f64,
-    factor: f64,
-    /// `130429`s since the last accepted message: the exponent of the retry delay.
-    level: u32,
-    gcra: Gcra,
-}
-
-impl ChannelPace {
-    fn new(throughput_mps: u32) -> Self {
-        let mut pace = Self {
-            origin: Instant::now(),
-            configured: f64::from(throughput_mps.max(1)),
-            factor: 1.0,
-            level: 0,
-            gcra: Gcra::new(Duration::from_secs(1), 1),
-        };
-        pace.apply();
-        pace
-    }
-
-    fn rate(&self) -> f64 {
-        (self.configured * self.factor).max(1.0)
-    }
-
-    fn apply(&mut self) {
-        let rate = self.rate();
-        self.gcra.interval = Duration::from_secs_f64(1.0 / rate);
-        // A tenth of a second's worth at once.
-        self.gcra.burst = ((rate / 10.0).ceil() as u32).max(1);
-    }
-
-    /// When the next message may go.
-    fn reserve(&mut self, now: Instant) -> Instant {
-        let since = now.saturating_duration_since(self.origin);
-        self.origin + self.gcra.reserve(since)
-    }
-
-    /// A `130429`: half the rate; returns the retry exponent.
-    fn slow_down(&mut self) -> u32 {
-        let level = self.level;
-        self.level = self.level.saturating_add(1);
-        self.factor = (self.factor / 2.0).max(1.0 / self.configured);
-        self.apply();
-        level
-    }
-
-    fn accepted(&mut self) {
-        self.level = 0;
-        if self.factor < 1.0 {
-            self.factor = (self.factor * 1.01).min(1.0);
-            self.apply();
-        }
-    }
-}
-
-/// One recipient's pair-limit bucket, on the [`Clock`](crate::clock::Clock) like the
-/// `next_attempt_at` its waits become.
-#[derive(Debug)]
-struct PairState {
-    pace: Gcra,
-    /// `131056`s since the last accepted message: X in Meta's 4^X s.
-    strikes: u32,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn secs(n: u64) -> Duration {
-        Duration::from_secs(n)
-    }
-
-    #[test]
-    fn gcra_allows_the_burst_then_paces() {
-        let start = secs(1_000);
-        let mut g = Gcra::new(secs(6), 3);
-        assert_eq!(g.try_reserve(start), Ok(()));
-        assert_eq!(g.try_reserve(start), Ok(()));
-        assert_eq!(g.try_reserve(start), Ok(()));
-        assert_eq!(g.try_reserve(start), Err(secs(6)));
-        assert_eq!(g.try_reserve(start + secs(2)), Err(secs(4)));
-        assert_eq!(g.try_reserve(start + secs(6)), Ok(()));
-        assert!(g.try_reserve(start + secs(6)).is_err());
-        assert!(g.busy_at(start + secs(6)));
-        // A long pause refills the burst, no more.
-        let later = start + secs(600);
-        assert!(!g.busy_at(later));
-        for _ in 0..3 {
-            assert_eq!(g.try_reserve(later), Ok(()));
-        }
-        assert!(g.try_reserve(later).is_err());
-    }
-
-    #[test]
-    fn gcra_reservations_queue_up() {
-        let mut g = Gcra::new(Duration::from_millis(100), 1);
-        let at: Vec<Duration> = (0..4).map(|_| g.reserve(Duration::ZERO)).collect();
-        assert_eq!(at, [0, 100, 200, 300].map(Duration::from_millis).to_vec());
-        // Time passing does not bank tokens beyond the burst.
-        assert_eq!(g.reserve(secs(10)), secs(10));
-        assert_eq!(g.reserve(secs(10)), secs(10) + Duration::from_millis(100));
-    }
-
-    #[test]
-    fn rate_limits_halve_the_pace_and_recover() {
-        let mut p = ChannelPace::new(80);
-        assert_eq!(p.rate(), 80.0);
-        assert_eq!(p.gcra.burst, 8);
-        assert_eq!(p.slow_down(), 0);
-        assert_eq!(p.slow_down(), 1);
-        assert_eq!(p.rate(), 20.0);
-        for _ in 0..1000 {
-            p.accepted();
-        }
-        assert_eq!(p.rate(), 80.0);
-        assert_eq!(p.level, 0);
-        for _ in 0..20 {
-            p.slow_down();
-        }
-        assert_eq!(p.rate(), 1.0, "never below one message a second");
-    }
 
     #[test]
     fn recipients_by_shape() {
@@ -1301,12 +1010,5 @@ mod tests {
             recipient_for("US.13491208655302741918"),
             Recipient::UserId("US.13491208655302741918".into())
         );
-    }
-
-    #[test]
-    fn random_fractions_vary_in_range() {
-        let xs: Vec<f64> = (0..100).map(|_| random_fraction()).collect();
-        assert!(xs.iter().all(|x| (0.0..1.0).contains(x)));
-        assert!(xs.windows(2).any(|w| w[0] != w[1]));
     }
 }

@@ -1,0 +1,274 @@
+//! `flowgate chat`: a customer on the sandbox channel talking to the flows in the terminal,
+//! on a virtual clock and an in-memory database.
+//!
+//! [`Chat::input`] takes one line (a message, or a `/command`) and returns the text to print;
+//! reading the terminal and printing is `main.rs`'s.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use crate::app::Loaded;
+use crate::clock::{Clock, SystemClock, VirtualClock};
+use crate::conversation::describe_content;
+use crate::dispatch::{DispatchError, Runtime, TurnReport};
+use crate::domain::{HumanDuration, Inbound, InboundContent, format_duration};
+use crate::engine::Handled;
+use crate::store::StoreError;
+
+/// Why the chat cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    /// The runtime did not start (the database, its migrations).
+    #[error(transparent)]
+    Start(#[from] anyhow::Error),
+    #[error(transparent)]
+    Dispatch(#[from] DispatchError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What to do after a line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// Print this (possibly nothing) and read the next line.
+    Print(String),
+    /// The customer left (`/quit`, `/exit`).
+    Quit,
+}
+
+/// One line of the customer's, read.
+#[derive(Debug, Clone, PartialEq)]
+enum Input<'a> {
+    Empty,
+    Quit,
+    Message(InboundContent),
+    Wait(&'a str),
+    State,
+    Reset,
+    Unknown(&'a str),
+}
+
+impl<'a> Input<'a> {
+    fn parse(line: &'a str) -> Self {
+        let input = line.trim();
+        if input.is_empty() {
+            return Self::Empty;
+        }
+        let (command, arg) = input
+            .split_once(' ')
+            .map(|(c, a)| (c, a.trim()))
+            .unwrap_or((input, ""));
+        match command {
+            "/quit" | "/exit" => Self::Quit,
+            "/button" => Self::Message(InboundContent::ButtonReply {
+                id: arg.into(),
+                title: arg.into(),
+            }),
+            "/list" => Self::Message(InboundContent::ListReply {
+                id: arg.into(),
+                title: arg.into(),
+            }),
+            "/wait" => Self::Wait(arg),
+            "/state" => Self::State,
+            "/reset" => Self::Reset,
+            c if c.starts_with('/') => Self::Unknown(c),
+            _ => Self::Message(InboundContent::text(input)),
+        }
+    }
+}
+
+/// A chat session: the runtime on its virtual clock, and who the customer is.
+pub struct Chat {
+    runtime: Runtime,
+    clock: Arc<VirtualClock>,
+    from: String,
+    flows: Vec<String>,
+}
+
+impl Chat {
+    /// Starts the runtime on an in-memory database, its clock at the system's time.
+    pub async fn start(loaded: &Loaded, from: &str) -> Result<Self, ChatError> {
+        let clock = Arc::new(VirtualClock::new(SystemClock.now()));
+        let runtime = loaded.runtime("sqlite::memory:", clock.clone()).await?;
+        Ok(Self {
+            runtime,
+            clock,
+            from: from.to_string(),
+            flows: loaded.project.flows.iter().map(|f| f.id.clone()).collect(),
+        })
+    }
+
+    /// Who the customer is, the flows, and the commands.
+    pub fn greeting(&self) -> String {
+        format!(
+            "flowgate chat: you are +{} on the sandbox channel. Flows: {}\n\
+             Type a message, or /button ID, /list ID, /wait 25h, /state, /reset, /quit.\n",
+            self.from,
+            self.flows.join(", ")
+        )
+    }
+
+    /// Handles one line of the customer's.
+    pub async fn input(&self, line: &str) -> Result<Reply, ChatError> {
+        let text = match Input::parse(line) {
+            Input::Empty => String::new(),
+            Input::Quit => return Ok(Reply::Quit),
+            Input::Message(content) => self.message(content).await?,
+            Input::Wait(by) => self.wait(by).await?,
+            Input::State => self.state().await?,
+            Input::Reset => {
+                self.runtime
+                    .db
+                    .reset_conversation(&self.runtime.default_channel, &self.from)
+                    .await?;
+                "  [reset] session and timers forgotten\n".to_string()
+            }
+            Input::Unknown(c) => format!(
+                "  unknown command {c}: try /button ID, /list ID, /wait 25h, /state, /reset, /quit\n"
+            ),
+        };
+        Ok(Reply::Print(text))
+    }
+
+    /// The customer's message, now: what the bot did with it.
+    async fn message(&self, content: InboundContent) -> Result<String, ChatError> {
+        let now = self.clock.now();
+        let inbound = Inbound::sandbox(content, now, now);
+        let report = self
+            .runtime
+            .inbound(
+                &self.runtime.default_channel,
+                &self.from,
+                Some("You"),
+                inbound,
+            )
+            .await?;
+        Ok(render_report(&report))
+    }
+
+    /// `/wait 25h`: moves the clock, firing the timers due on the way.
+    async fn wait(&self, by: &str) -> Result<String, ChatError> {
+        let by: HumanDuration = match by.parse() {
+            Ok(d) => d,
+            Err(e) => return Ok(format!("  {e}\n")),
+        };
+        let clock = &self.clock;
+        let mut out = String::new();
+        for report in self
+            .runtime
+            .advance_clock(clock, clock.now() + by.0)
+            .await?
+        {
+            out.push_str(&render_report(&report));
+        }
+        let _ = writeln!(
+            out,
+            "  [clock] {} later: {}",
+            format_duration(by.0),
+            clock.now().format("%Y-%m-%d %H:%M UTC")
+        );
+        Ok(out)
+    }
+
+    /// `/state`: the session, the contact and what the policy would allow now.
+    async fn state(&self) -> Result<String, ChatError> {
+        let runtime = &self.runtime;
+        let now = self.clock.now();
+        let c = runtime
+            .db
+            .load_conversation(&runtime.default_channel, &self.from)
+            .await?;
+        let mut out = String::new();
+        let _ = match &c.session {
+            Some(s) => writeln!(
+                out,
+                "  [state] flow {} (version {}) at step {}: {}",
+                s.flow_id, s.flow_version, s.step, s.state
+            ),
+            None => writeln!(out, "  [state] no active session"),
+        };
+        let window = c
+            .contact
+            .last_customer_message_at
+            .map(|t| format_duration(now - t) + " ago");
+        let _ = writeln!(
+            out,
+            "  [contact] tags {:?}, attrs {:?}, last customer message {}",
+            c.contact.tags,
+            c.contact.attrs,
+            window.unwrap_or_else(|| "never".into())
+        );
+        let p = &c.contact.policy;
+        let _ = writeln!(
+            out,
+            "  [policy] {}; marketing {}{}",
+            runtime.policy.window(&c.contact, now).describe(now),
+            match &p.marketing_opt_out {
+                Some(o) => format!("stopped ({})", o.source),
+                None => "accepted".into(),
+            },
+            match p.free_entry_until {
+                Some(t) if t > now => format!("; free entry point until {t}"),
+                _ => String::new(),
+            }
+        );
+        Ok(out)
+    }
+}
+
+/// What the bot sent (with the policy's word on each), a handoff, and the engine's notes.
+fn render_report(report: &TurnReport) -> String {
+    let mut out = String::new();
+    for m in &report.sent {
+        let content = describe_content(&m.message.content);
+        let _ = if m.decision.sends() {
+            writeln!(out, "bot> {content}")
+        } else {
+            writeln!(out, "bot [{}]> {content}", m.decision.name())
+        };
+        let _ = writeln!(out, "  [policy] {}", m.decision.explain());
+    }
+    if let Some(queue) = &report.handoff {
+        let _ = writeln!(
+            out,
+            "  [handoff] the conversation is with a person now (queue {queue})"
+        );
+    }
+    match report.handled {
+        Handled::Unanswered if report.sent.is_empty() => {
+            out.push_str("  [no flow answered this message]\n")
+        }
+        Handled::InHandoff => {
+            out.push_str("  [handoff] a person has this conversation: the bot stays quiet\n")
+        }
+        _ => {}
+    }
+    for note in &report.notes {
+        let _ = writeln!(out, "  [note] {note}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_messages_or_commands() {
+        assert_eq!(Input::parse("  \n"), Input::Empty);
+        assert_eq!(Input::parse("/exit\n"), Input::Quit);
+        assert_eq!(Input::parse("/wait  25h\n"), Input::Wait("25h"));
+        assert_eq!(Input::parse("/nope x"), Input::Unknown("/nope"));
+        assert_eq!(
+            Input::parse("/button yes"),
+            Input::Message(InboundContent::ButtonReply {
+                id: "yes".into(),
+                title: "yes".into()
+            })
+        );
+        assert_eq!(
+            Input::parse(" hi there \n"),
+            Input::Message(InboundContent::text("hi there"))
+        );
+    }
+}
