@@ -40,9 +40,9 @@ use serde::Deserialize;
 use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::engine::Handled;
-use crate::http::AppState;
 use crate::metrics;
 use crate::policy::{ConsentChange, Policy};
+use crate::state::AppState;
 use crate::store::{
     INBOX_RETENTION, Identifiers, IdentityChanged, InboxRow, NewInboxRow, ORDERED_KINDS,
     StatusChange, StatusOutcome, StoreError, status_rank,

@@ -16,10 +16,11 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{AppState, error};
+use super::error;
 use crate::dispatch::Runtime;
 use crate::domain::{OutboundContent, limits};
 use crate::policy::Window;
+use crate::state::AppState;
 use crate::store::Identifiers;
 
 pub fn router(state: AppState) -> Router<AppState> {

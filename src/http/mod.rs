@@ -1,14 +1,12 @@
 //! The HTTP surface of `flowgate serve`, on axum: health and metrics, the sandbox door, and
 //! (as they land) the WhatsApp webhooks and the admin API.
 //!
-//! Every handler gets [`AppState`]; errors are JSON `{"error": {"code", "message"}}` with a
+//! Every handler gets the [`AppState`] it shares with the inbound worker; errors are JSON `{"error": {"code", "message"}}` with a
 //! stable `code`.
 
 pub mod admin;
 pub mod sandbox;
 pub mod webhook;
-
-use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -17,17 +15,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::config::Config;
-use crate::dispatch::Runtime;
-
-/// What every handler can reach.
-#[derive(Clone)]
-pub struct AppState {
-    pub runtime: Arc<Runtime>,
-    pub config: Arc<Config>,
-    /// Wakes the inbound worker when a webhook stored new updates.
-    pub inbox: Arc<tokio::sync::Notify>,
-}
+use crate::state::AppState;
 
 pub fn router(state: AppState) -> Router {
     Router::new()

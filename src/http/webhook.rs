@@ -33,10 +33,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
 use serde_json::json;
 
-use super::{AppState, error};
+use super::error;
 use crate::config::{ChannelConfig, Provider};
 use crate::inbound::inbox_row;
 use crate::metrics;
+use crate::state::AppState;
 use crate::whatsapp::signature::SIGNATURE_HEADER;
 use crate::whatsapp::{SignatureError, parse_webhook, verify_shared_secret, verify_signature};
 
