@@ -81,3 +81,12 @@ pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp
     )
         .into_response()
 }
+
+/// A handler step's refusal: the error answer to give instead of going on (boxed: a
+/// `Response` is large to pass back through every step).
+pub type Refused = Box<Response>;
+
+/// [`error`], as a step's refusal.
+pub fn refused(status: StatusCode, code: &str, message: impl Into<String>) -> Refused {
+    Box::new(error(status, code, message))
+}
