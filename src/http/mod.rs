@@ -1,8 +1,9 @@
-//! The HTTP surface of `flowgate serve`, on axum: health and metrics, the sandbox door, and
-//! (as they land) the WhatsApp webhooks and the admin API.
+//! The HTTP surface of `flowgate serve`, on axum: health and metrics, the sandbox door, the
+//! WhatsApp webhooks and the admin API.
 //!
-//! Every handler gets the [`AppState`] it shares with the inbound worker; errors are JSON `{"error": {"code", "message"}}` with a
-//! stable `code`.
+//! Every handler gets the [`AppState`] it shares with the inbound worker; errors are JSON
+//! `{"error": {"code", "message"}}` with a stable `code`. A handler's steps refuse with a
+//! [`Refused`] answer, so the handler reads top to bottom.
 
 pub mod admin;
 pub mod sandbox;
