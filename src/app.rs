@@ -13,6 +13,7 @@ use crate::dispatch::Runtime;
 use crate::engine::Engine;
 use crate::flow::load::{Project, load_project};
 use crate::script::Scripting;
+use crate::state::AppState;
 use crate::store::Db;
 
 /// A loaded project: the config and everything it names, checked.
@@ -67,6 +68,15 @@ impl Application {
         })
     }
 
+    /// What the HTTP handlers and the inbound worker share.
+    pub fn state(&self) -> AppState {
+        AppState {
+            runtime: self.runtime.clone(),
+            config: self.config.clone(),
+            inbox: self.inbox.clone(),
+        }
+    }
+
     pub fn local_addr(&self) -> std::net::SocketAddr {
         self.listener
             .local_addr()
@@ -93,11 +103,7 @@ impl Application {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
         });
-        let state = crate::http::AppState {
-            runtime: self.runtime.clone(),
-            config: self.config.clone(),
-            inbox: self.inbox.clone(),
-        };
+        let state = self.state();
         let (stop_inbound, inbound_stop) = tokio::sync::watch::channel(false);
         let inbound_task = tokio::spawn(crate::inbound::run(state.clone(), inbound_stop));
         let options = crate::outbox::SenderOptions {

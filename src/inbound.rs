@@ -1,8 +1,9 @@
 //! The inbound worker: processes the webhook updates that `http::webhook` stored in the
 //! inbox, after the webhook was acknowledged.
 //!
-//! Stores each update as `whatsapp::Update` serialized (by [`inbox_row`]) and owns the loop
-//! that works through it ([`run`], [`drain_once`]):
+//! Owns the row a webhook update is stored as ([`inbox_row`]: the `whatsapp::Update`
+//! serialized, with its contact) and the loop that works through the rows ([`run`],
+//! [`drain_once`]), on the [`AppState`] it shares with the HTTP handlers:
 //!
 //! * **Order per contact, parallel across contacts.** Claimed rows are grouped by contact
 //!   (`channel` + `contact_key`); a group runs as one task that takes its rows in id order,
@@ -21,14 +22,20 @@
 //!   after [`MAX_ATTEMPTS`] ([`MAX_STATUS_ATTEMPTS`] for statuses) it is given up, processed
 //!   with its error, and logged.
 //!
-//! What each kind does: messages run the flows (`Runtime::inbound`, on the contact their
-//! phone and BSUID name: [`crate::store::Db::resolve_contact`]); statuses update the outbound message ([`crate::store::Db::apply_status`]) and
-//! a `failed` one with `131047`, `131050` or `131049` goes to the policy
-//! (`Runtime::message_failed`); template status updates change the registry
-//! (`Runtime::template_status_changed`); marketing preferences change the contact's consent;
-//! system messages (number changes) move the contact to its new identity
-//! ([`crate::store::Db::change_identity`]); `errors` are logged and counted
-//! by code; unknown and malformed updates are logged and skipped.
+//! What each kind does (one step each; `Worker::route` only picks the step):
+//!
+//! * a customer's message (`customer_message`) runs the flows (`Runtime::inbound`) on the
+//!   contact its phone and BSUID name ([`crate::store::Db::resolve_contact`]);
+//! * a status (`status`) moves the outbound message forward
+//!   ([`crate::store::Db::apply_status`]); a `failed` one with `131047`, `131050` or `131049`
+//!   goes to the policy (`message_failed`, `Runtime::message_failed`);
+//! * a marketing preference (`preference`) changes the contact's consent;
+//! * a system message (`identity_change`: a number or BSUID change) moves the contact to its
+//!   new identity ([`crate::store::Db::change_identity`]);
+//! * a template status update (`template_status`) changes the registry
+//!   (`Runtime::template_status_changed`);
+//! * `errors` (`whatsapp_errors`) are logged and counted by code; unknown and malformed
+//!   updates are logged and skipped.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,15 +46,16 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use tokio::sync::{Notify, Semaphore, watch};
 
+use crate::domain::Inbound;
 use crate::engine::Handled;
-use crate::http::AppState;
 use crate::metrics;
 use crate::policy::{ConsentChange, Policy};
+use crate::state::AppState;
 use crate::store::{
     INBOX_RETENTION, Identifiers, IdentityChanged, InboxRow, NewInboxRow, ORDERED_KINDS,
     StatusChange, StatusOutcome, StoreError, status_rank,
 };
-use crate::whatsapp::{Preference, Update};
+use crate::whatsapp::{GraphError, Preference, Update};
 
 /// Rows processed at the same time, across contacts.
 pub const CONCURRENCY: usize = 64;
@@ -282,62 +290,24 @@ impl Worker {
 
     /// Claims due rows (all of them, or only those above the high-water mark) and hands them
     /// to their groups; returns how many it dispatched.
-    async fn pump(self: &Arc<Self>, full: bool) -> Result<usize, crate::store::StoreError> {
+    async fn pump(self: &Arc<Self>, full: bool) -> Result<usize, StoreError> {
         let _exclusive = match full {
             true => Some(self.full_claim.lock().await),
             false => None,
         };
-        let (after, generation) = {
-            let mut inner = self.lock();
-            if inner.in_flight.len() >= MAX_IN_FLIGHT {
-                self.wants_more.store(true, Ordering::Relaxed);
-                return Ok(0);
-            }
-            if full {
-                inner.full_claims += 1;
-                (0, inner.full_claims)
-            } else {
-                (inner.high_water, inner.full_claims)
-            }
+        let Some((after, generation)) = self.begin_claim(full) else {
+            return Ok(0);
         };
         let now = self.state.runtime.clock.now();
-        let db = &self.state.runtime.db;
-        let rows = db.claim_inbox_after(after, now, BATCH).await?;
+        let rows = self
+            .state
+            .runtime
+            .db
+            .claim_inbox_after(after, now, BATCH)
+            .await?;
         let claimed = rows.len();
-        let mut start = Vec::new();
-        let mut dispatched = 0;
-        {
-            let mut inner = self.lock();
-            if full {
-                // This claim saw every postponement recorded before it began.
-                inner.stopped.retain(|_, g| *g >= generation);
-            }
-            for row in rows {
-                inner.high_water = inner.high_water.max(row.id);
-                if inner.in_flight.contains(&row.id) {
-                    continue;
-                }
-                let key = group_key(&row);
-                if let Some(&g) = inner.stopped.get(&key)
-                    && (!full || g >= generation)
-                {
-                    continue;
-                }
-                inner.in_flight.insert(row.id);
-                dispatched += 1;
-                match inner.queues.get_mut(&key) {
-                    Some(queue) => queue.push_back(row),
-                    None => {
-                        inner.queues.insert(key.clone(), VecDeque::from([row]));
-                        start.push(key);
-                    }
-                }
-            }
-            if claimed as i64 >= BATCH || inner.in_flight.len() >= MAX_IN_FLIGHT {
-                self.wants_more.store(true, Ordering::Relaxed);
-            }
-        }
-        for key in start {
+        let (dispatched, started) = self.dispatch(rows, full, generation);
+        for key in started {
             tokio::spawn(self.clone().run_group(key));
         }
         if claimed as i64 >= BATCH && !full {
@@ -347,47 +317,107 @@ impl Worker {
         Ok(dispatched)
     }
 
+    /// Where a claim starts (0 for a full claim, else the high-water mark) and the full
+    /// claims begun so far, this one included; `None` when [`MAX_IN_FLIGHT`] rows are held
+    /// already (the worker claims again as they finish).
+    fn begin_claim(&self, full: bool) -> Option<(i64, u64)> {
+        let mut inner = self.lock();
+        if inner.in_flight.len() >= MAX_IN_FLIGHT {
+            self.wants_more.store(true, Ordering::Relaxed);
+            return None;
+        }
+        if full {
+            inner.full_claims += 1;
+            Some((0, inner.full_claims))
+        } else {
+            Some((inner.high_water, inner.full_claims))
+        }
+    }
+
+    /// Queues claimed rows behind their groups, skipping rows already in flight and rows of
+    /// a stopped group; returns how many it queued and the groups that must start.
+    fn dispatch(&self, rows: Vec<InboxRow>, full: bool, generation: u64) -> (usize, Vec<String>) {
+        let claimed = rows.len();
+        let mut started = Vec::new();
+        let mut dispatched = 0;
+        let mut inner = self.lock();
+        if full {
+            // This claim saw every postponement recorded before it began.
+            inner.stopped.retain(|_, g| *g >= generation);
+        }
+        for row in rows {
+            inner.high_water = inner.high_water.max(row.id);
+            if inner.in_flight.contains(&row.id) {
+                continue;
+            }
+            let key = group_key(&row);
+            if let Some(&g) = inner.stopped.get(&key)
+                && (!full || g >= generation)
+            {
+                continue;
+            }
+            inner.in_flight.insert(row.id);
+            dispatched += 1;
+            match inner.queues.get_mut(&key) {
+                Some(queue) => queue.push_back(row),
+                None => {
+                    inner.queues.insert(key.clone(), VecDeque::from([row]));
+                    started.push(key);
+                }
+            }
+        }
+        if claimed as i64 >= BATCH || inner.in_flight.len() >= MAX_IN_FLIGHT {
+            self.wants_more.store(true, Ordering::Relaxed);
+        }
+        (dispatched, started)
+    }
+
     /// Works through one group's rows in order until its queue is empty or a row is
     /// postponed.
     async fn run_group(self: Arc<Self>, key: String) {
-        loop {
-            let row = {
-                let mut inner = self.lock();
-                match inner.queues.get_mut(&key).and_then(VecDeque::pop_front) {
-                    Some(row) => row,
-                    None => {
-                        inner.queues.remove(&key);
-                        drop(inner);
-                        self.progress.notify_waiters();
-                        return;
-                    }
-                }
-            };
+        while let Some(row) = self.next_in_group(&key) {
             let outcome = {
                 let _permit = self.permits.acquire().await.expect("never closed");
                 self.process(&row).await
             };
             if !self.settle(&row, outcome).await {
-                let mut inner = self.lock();
-                if let Some(rest) = inner.queues.remove(&key) {
-                    for r in rest {
-                        inner.in_flight.remove(&r.id);
-                    }
-                }
-                inner.in_flight.remove(&row.id);
-                let generation = inner.full_claims;
-                inner.stopped.insert(key, generation);
-                drop(inner);
-                self.progress.notify_waiters();
+                self.stop_group(key, &row);
                 return;
             }
         }
     }
 
+    /// The group's next row; `None` ends the group (its queue is removed).
+    fn next_in_group(&self, key: &str) -> Option<InboxRow> {
+        let mut inner = self.lock();
+        if let Some(row) = inner.queues.get_mut(key).and_then(VecDeque::pop_front) {
+            return Some(row);
+        }
+        inner.queues.remove(key);
+        drop(inner);
+        self.progress.notify_waiters();
+        None
+    }
+
+    /// Ends a group at a row that stays to do: its later rows are let go (a later claim
+    /// takes them again, after the row), and the group is marked stopped until a full claim
+    /// begun after now.
+    fn stop_group(&self, key: String, row: &InboxRow) {
+        let mut inner = self.lock();
+        if let Some(rest) = inner.queues.remove(&key) {
+            for r in rest {
+                inner.in_flight.remove(&r.id);
+            }
+        }
+        inner.in_flight.remove(&row.id);
+        let generation = inner.full_claims;
+        inner.stopped.insert(key, generation);
+        drop(inner);
+        self.progress.notify_waiters();
+    }
+
     /// Records an outcome; `false` when the row stays to do (the group stops).
     async fn settle(&self, row: &InboxRow, outcome: Outcome) -> bool {
-        let db = &self.state.runtime.db;
-        let now = self.state.runtime.clock.now();
         match outcome {
             Outcome::Done => {
                 self.lock().done.push(row.id);
@@ -396,48 +426,71 @@ impl Worker {
                 self.finished.notify_one();
                 true
             }
-            Outcome::GiveUp(reason) => {
-                tracing::error!(
-                    inbox = row.id, kind = %row.kind, channel = %row.channel,
-                    attempts = row.attempts + 1, error = %reason,
-                    "giving up on a webhook update"
-                );
-                metrics::count(
-                    "flowgate_inbox_abandoned_total",
-                    "Webhook updates given up after repeated failures, by kind.",
-                    &[("kind", label(&row.kind))],
-                    1,
-                );
-                // Like a record of finished rows: not beside a full claim.
-                let _exclusive = self.full_claim.lock().await;
-                match db.abandon_inbox(row.id, now, &reason).await {
-                    Ok(()) => {
-                        self.lock().in_flight.remove(&row.id);
-                        self.handled.fetch_add(1, Ordering::Relaxed);
-                        self.settled.fetch_add(1, Ordering::Relaxed);
-                        true
-                    }
-                    Err(e) => {
-                        tracing::error!(inbox = row.id, error = %e, "could not record an abandoned update");
-                        false
-                    }
-                }
-            }
+            Outcome::GiveUp(reason) => self.give_up(row, &reason).await,
             Outcome::Retry { delay, error } => {
-                tracing::warn!(
-                    inbox = row.id, kind = %row.kind, channel = %row.channel,
-                    attempt = row.attempts + 1, retry_in_s = delay.num_seconds(), error = %error,
-                    "webhook update postponed"
-                );
-                match db.retry_inbox(row.id, now + delay, &error).await {
-                    Ok(()) => {
-                        self.settled.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        tracing::error!(inbox = row.id, error = %e, "could not postpone an update");
-                    }
-                }
+                self.postpone(row, delay, &error).await;
                 false
+            }
+        }
+    }
+
+    /// Records a row as given up, with its reason; `false` when that could not be recorded
+    /// (the row stays to do).
+    async fn give_up(&self, row: &InboxRow, reason: &str) -> bool {
+        let now = self.state.runtime.clock.now();
+        tracing::error!(
+            inbox = row.id, kind = %row.kind, channel = %row.channel,
+            attempts = row.attempts + 1, error = %reason,
+            "giving up on a webhook update"
+        );
+        metrics::count(
+            "flowgate_inbox_abandoned_total",
+            "Webhook updates given up after repeated failures, by kind.",
+            &[("kind", label(&row.kind))],
+            1,
+        );
+        // Like a record of finished rows: not beside a full claim.
+        let _exclusive = self.full_claim.lock().await;
+        match self
+            .state
+            .runtime
+            .db
+            .abandon_inbox(row.id, now, reason)
+            .await
+        {
+            Ok(()) => {
+                self.lock().in_flight.remove(&row.id);
+                self.handled.fetch_add(1, Ordering::Relaxed);
+                self.settled.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                tracing::error!(inbox = row.id, error = %e, "could not record an abandoned update");
+                false
+            }
+        }
+    }
+
+    /// Postpones a row by `delay`, with its error.
+    async fn postpone(&self, row: &InboxRow, delay: chrono::Duration, error: &str) {
+        let now = self.state.runtime.clock.now();
+        tracing::warn!(
+            inbox = row.id, kind = %row.kind, channel = %row.channel,
+            attempt = row.attempts + 1, retry_in_s = delay.num_seconds(), error = %error,
+            "webhook update postponed"
+        );
+        match self
+            .state
+            .runtime
+            .db
+            .retry_inbox(row.id, now + delay, error)
+            .await
+        {
+            Ok(()) => {
+                self.settled.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::error!(inbox = row.id, error = %e, "could not postpone an update");
             }
         }
     }
@@ -526,14 +579,16 @@ impl Worker {
         }))
     }
 
-    /// Does what one row asks.
+    /// Does what one row asks; a payload that cannot be read is given up.
     async fn process(&self, row: &InboxRow) -> Outcome {
-        let update = match Update::deserialize(&row.payload) {
-            Ok(update) => update,
-            Err(e) => return Outcome::GiveUp(format!("unreadable inbox payload: {e}")),
-        };
-        let channel = row.channel.as_str();
-        let runtime = &self.state.runtime;
+        match Update::deserialize(&row.payload) {
+            Ok(update) => self.route(row, update).await,
+            Err(e) => Outcome::GiveUp(format!("unreadable inbox payload: {e}")),
+        }
+    }
+
+    /// Hands an update to the step for its kind.
+    async fn route(&self, row: &InboxRow, update: Update) -> Outcome {
         match update {
             Update::Message {
                 wa_id,
@@ -542,91 +597,26 @@ impl Worker {
                 inbound,
                 ..
             } => {
-                if !self.state.config.channels.iter().any(|c| c.name == channel) {
-                    return Outcome::GiveUp(format!(
-                        "channel `{channel}` is no longer configured; the message is not answered"
-                    ));
-                }
-                if row.attempts > 0 || row.received_at <= self.started_at {
-                    match runtime.db.inbound_seen(channel, &inbound.id).await {
-                        Ok(true) => return Outcome::Done,
-                        Ok(false) => {}
-                        Err(e) => return retry(row, e.to_string(), MAX_ATTEMPTS),
-                    }
-                }
                 let ids = Identifiers::new(wa_id.as_deref(), user_id.as_deref());
-                let contact = match self.resolve(channel, ids).await {
-                    Ok(Some(contact)) => contact,
-                    Ok(None) => return Outcome::GiveUp("a message without a sender".into()),
-                    Err(e) => return retry(row, e.to_string(), MAX_ATTEMPTS),
-                };
-                let kind = inbound.content.kind().to_string();
-                match runtime
-                    .inbound(channel, &contact, profile_name.as_deref(), inbound)
+                self.customer_message(row, ids, profile_name.as_deref(), inbound)
                     .await
-                {
-                    Ok(report) => {
-                        if report.handled != Handled::Duplicate {
-                            metrics::count(
-                                "flowgate_inbound_messages_total",
-                                "Customer messages processed, by type.",
-                                &[("type", label(&kind))],
-                                1,
-                            );
-                        }
-                        tracing::debug!(
-                            channel, contact = %contact, handled = %report.handled,
-                            replies = report.sent.len(), "inbound message processed"
-                        );
-                        Outcome::Done
-                    }
-                    Err(e) => retry(row, e.to_string(), MAX_ATTEMPTS),
-                }
             }
             Update::System {
-                kind: system_type,
+                kind,
                 previous_wa_id,
                 new_wa_id,
                 previous_user_id,
                 new_user_id,
                 ..
             } => {
-                let previous =
-                    Identifiers::new(previous_wa_id.as_deref(), previous_user_id.as_deref());
-                let new = Identifiers::new(new_wa_id.as_deref(), new_user_id.as_deref());
-                let at = runtime.clock.now();
-                let changed = match runtime.db.change_identity(channel, previous, new, at).await {
-                    Ok(changed) => changed,
-                    Err(e) => return retry(row, e.to_string(), MAX_ATTEMPTS),
+                let change = IdentityChange {
+                    kind,
+                    previous_wa_id,
+                    new_wa_id,
+                    previous_user_id,
+                    new_user_id,
                 };
-                let outcome = match &changed {
-                    IdentityChanged::Changed { key, .. } => format!("the contact is now {key}"),
-                    IdentityChanged::UnknownContact => {
-                        "no contact has the previous identifiers".into()
-                    }
-                    IdentityChanged::NothingNew => "no new identifier given".into(),
-                    IdentityChanged::Conflict(why) => format!("not applied: {why}"),
-                };
-                tracing::info!(
-                    channel,
-                    r#type = %system_type,
-                    previous_wa_id = previous_wa_id.as_deref().unwrap_or(""),
-                    new_wa_id = new_wa_id.as_deref().unwrap_or(""),
-                    previous_user_id = previous_user_id.as_deref().unwrap_or(""),
-                    new_user_id = new_user_id.as_deref().unwrap_or(""),
-                    outcome = %outcome,
-                    "a customer's WhatsApp identity changed"
-                );
-                if let IdentityChanged::Conflict(why) = &changed {
-                    tracing::warn!(channel, conflict = %why, "a customer's new identity is another contact's; the two are not merged");
-                }
-                metrics::count(
-                    "flowgate_system_messages_total",
-                    "System messages (identity changes), by type.",
-                    &[("type", label(&system_type))],
-                    1,
-                );
-                Outcome::Done
+                self.identity_change(row, change).await
             }
             Update::Status {
                 wamid,
@@ -635,98 +625,16 @@ impl Worker {
                 biz_opaque_callback_data,
                 ..
             } => {
-                let status = status.as_str();
-                let first = errors.first();
-                let error_text = first.map(|e| match &e.title {
-                    Some(title) if !e.message.contains(title.as_str()) => format!("{title}: {e}"),
-                    _ => e.to_string(),
-                });
-                let change = StatusChange {
-                    wamid: &wamid,
-                    status,
-                    error_code: first.map(|e| e.code),
-                    error: error_text.as_deref(),
-                    idempotency_key: biz_opaque_callback_data.as_deref(),
-                };
-                match runtime
-                    .db
-                    .apply_status(channel, &change, runtime.clock.now())
-                    .await
-                {
-                    Ok(StatusOutcome::Updated { message_id }) => {
-                        metrics::count(
-                            "flowgate_message_statuses_total",
-                            "Delivery statuses applied to outbound messages, by status.",
-                            &[("status", label(status))],
-                            1,
-                        );
-                        if let Some(e) = first.filter(|_| status == "failed") {
-                            tracing::warn!(channel, message = message_id, code = e.code, error = %e, "a message failed");
-                            metrics::count(
-                                "flowgate_message_failures_total",
-                                "Outbound messages that WhatsApp reported failed, by error code.",
-                                &[("code", &e.code.to_string())],
-                                1,
-                            );
-                            // 131047 decides the message again; 131050/131049 change consent.
-                            match runtime.message_failed(message_id, e.code).await {
-                                Ok(Some(again)) => tracing::warn!(
-                                    channel,
-                                    message = message_id,
-                                    new_message = again.id,
-                                    "{}: {}",
-                                    e.code,
-                                    again.decision.explain()
-                                ),
-                                Ok(None) => {}
-                                Err(err) => return retry(row, err.to_string(), MAX_ATTEMPTS),
-                            }
-                        }
-                        Outcome::Done
-                    }
-                    // A failed status seen again (a retry after a crash): make sure the
-                    // policy acted on it; `message_failed` does each thing once.
-                    Ok(StatusOutcome::Unchanged {
-                        message_id,
-                        current,
-                    }) if status == "failed" && current == "failed" => {
-                        match first.map(|e| e.code) {
-                            Some(code) => match runtime.message_failed(message_id, code).await {
-                                Ok(_) => Outcome::Done,
-                                Err(err) => retry(row, err.to_string(), MAX_ATTEMPTS),
-                            },
-                            None => Outcome::Done,
-                        }
-                    }
-                    Ok(StatusOutcome::Unchanged { .. }) => Outcome::Done,
-                    Ok(StatusOutcome::Unknown) if status_rank(status).is_none() => Outcome::Done,
-                    Ok(StatusOutcome::Unknown) => retry(
-                        row,
-                        format!("no outbound message has wamid {wamid} (yet)"),
-                        MAX_STATUS_ATTEMPTS,
-                    ),
-                    Err(e) => retry(row, e.to_string(), MAX_ATTEMPTS),
-                }
+                self.status(
+                    row,
+                    &wamid,
+                    status.as_str(),
+                    errors.first(),
+                    biz_opaque_callback_data.as_deref(),
+                )
+                .await
             }
-            Update::Error { errors, .. } => {
-                for e in &errors {
-                    tracing::warn!(
-                        channel,
-                        code = e.code,
-                        title = e.title.as_deref().unwrap_or(""),
-                        details = e.details.as_deref().unwrap_or(""),
-                        error = %e,
-                        "WhatsApp reported an error"
-                    );
-                    metrics::count(
-                        "flowgate_webhook_errors_total",
-                        "Errors WhatsApp reported in webhooks (value.errors), by code.",
-                        &[("code", &e.code.to_string())],
-                        1,
-                    );
-                }
-                Outcome::Done
-            }
+            Update::Error { errors, .. } => whatsapp_errors(row, &errors),
             Update::TemplateStatus {
                 event,
                 name,
@@ -735,35 +643,14 @@ impl Worker {
                 category,
                 ..
             } => {
-                if let (Some(name), Some(language)) = (&name, &language) {
-                    match runtime
-                        .template_status_changed(name, language, &event, reason.as_deref())
-                        .await
-                    {
-                        Ok(Some(status)) => tracing::info!(
-                            channel, template = %name, %language, status = status.as_str(),
-                            "template status applied"
-                        ),
-                        Ok(None) => {}
-                        Err(e) => return retry(row, e.to_string(), MAX_ATTEMPTS),
-                    }
-                }
-                tracing::info!(
-                    channel,
-                    event = %event,
-                    template = name.as_deref().unwrap_or(""),
-                    language = language.as_deref().unwrap_or(""),
-                    category = category.as_deref().unwrap_or(""),
-                    reason = reason.as_deref().unwrap_or(""),
-                    "template status changed"
-                );
-                metrics::count(
-                    "flowgate_template_status_updates_total",
-                    "Template status updates from WhatsApp, by event.",
-                    &[("event", label(&event))],
-                    1,
-                );
-                Outcome::Done
+                let change = TemplateChange {
+                    event,
+                    name,
+                    language,
+                    reason,
+                    category,
+                };
+                self.template_status(row, change).await
             }
             Update::UserPreference {
                 value,
@@ -773,74 +660,368 @@ impl Worker {
                 user_id,
                 ..
             } => {
-                let change = match &value {
-                    Preference::Stop => Some(ConsentChange::OptOut),
-                    Preference::Resume => Some(ConsentChange::OptIn),
-                    Preference::Other(_) => None,
-                };
-                let contact = match change {
-                    Some(_) => {
-                        let ids = Identifiers::new(wa_id.as_deref(), user_id.as_deref());
-                        match self.resolve(channel, ids).await {
-                            Ok(contact) => contact,
-                            Err(e) => return retry(row, e.to_string(), MAX_ATTEMPTS),
-                        }
-                    }
-                    None => None,
-                };
-                if let (Some(change), Some(contact)) = (change, contact.as_deref()) {
-                    let at = timestamp.unwrap_or_else(|| runtime.clock.now());
-                    if let Err(e) = runtime
-                        .update_contact_policy(channel, contact, |c| {
-                            Policy::set_consent(c, change, "user_preferences", at)
-                        })
-                        .await
-                    {
-                        return retry(row, e.to_string(), MAX_ATTEMPTS);
-                    }
-                }
-                let value = match value {
-                    Preference::Stop => "stop".to_string(),
-                    Preference::Resume => "resume".to_string(),
-                    Preference::Other(other) => other,
-                };
-                tracing::info!(
-                    channel,
-                    contact = row.contact_key.as_deref().unwrap_or(""),
-                    preference = %value,
-                    category = category.as_deref().unwrap_or(""),
-                    "a customer changed their marketing preference"
-                );
-                metrics::count(
-                    "flowgate_user_preferences_total",
-                    "Marketing preference changes from customers, by value.",
-                    &[("value", label(&value))],
-                    1,
-                );
-                Outcome::Done
+                let ids = Identifiers::new(wa_id.as_deref(), user_id.as_deref());
+                self.preference(row, ids, value, category.as_deref(), timestamp)
+                    .await
             }
-            Update::Unknown { field, .. } => {
-                tracing::debug!(channel, field = %field, "webhook field not handled; skipped");
-                metrics::count(
-                    "flowgate_webhook_unknown_total",
-                    "Webhook updates flowgate does not read, by field.",
-                    &[("field", label(&field))],
-                    1,
-                );
-                Outcome::Done
-            }
-            Update::Malformed { field, reason, .. } => {
-                tracing::warn!(channel, field = %field, inbox = row.id, reason = %reason, "unreadable webhook update skipped");
-                metrics::count(
-                    "flowgate_webhook_malformed_total",
-                    "Webhook updates that could not be read.",
-                    &[],
-                    1,
-                );
-                Outcome::Done
-            }
+            Update::Unknown { field, .. } => unknown_field(row, &field),
+            Update::Malformed { field, reason, .. } => malformed(row, &field, &reason),
         }
     }
+
+    /// A customer's message: runs the flows (`Runtime::inbound`) on the contact its phone
+    /// and BSUID name. One seen before (a retry, or a row an earlier process may have done)
+    /// is looked up in the message log first.
+    async fn customer_message(
+        &self,
+        row: &InboxRow,
+        ids: Identifiers<'_>,
+        profile_name: Option<&str>,
+        inbound: Inbound,
+    ) -> Outcome {
+        let channel = row.channel.as_str();
+        let runtime = &self.state.runtime;
+        if !self.state.config.channels.iter().any(|c| c.name == channel) {
+            return Outcome::GiveUp(format!(
+                "channel `{channel}` is no longer configured; the message is not answered"
+            ));
+        }
+        if row.attempts > 0 || row.received_at <= self.started_at {
+            match runtime.db.inbound_seen(channel, &inbound.id).await {
+                Ok(true) => return Outcome::Done,
+                Ok(false) => {}
+                Err(e) => return retry(row, e.to_string(), MAX_ATTEMPTS),
+            }
+        }
+        let contact = match self.resolve(channel, ids).await {
+            Ok(Some(contact)) => contact,
+            Ok(None) => return Outcome::GiveUp("a message without a sender".into()),
+            Err(e) => return retry(row, e.to_string(), MAX_ATTEMPTS),
+        };
+        let kind = inbound.content.kind().to_string();
+        let report = match runtime
+            .inbound(channel, &contact, profile_name, inbound)
+            .await
+        {
+            Ok(report) => report,
+            Err(e) => return retry(row, e.to_string(), MAX_ATTEMPTS),
+        };
+        if report.handled != Handled::Duplicate {
+            metrics::count(
+                "flowgate_inbound_messages_total",
+                "Customer messages processed, by type.",
+                &[("type", label(&kind))],
+                1,
+            );
+        }
+        tracing::debug!(
+            channel, contact = %contact, handled = %report.handled,
+            replies = report.sent.len(), "inbound message processed"
+        );
+        Outcome::Done
+    }
+
+    /// A system message: the customer changed phone number or BSUID, so the contact moves
+    /// to its new identity ([`crate::store::Db::change_identity`]); a new identity that is
+    /// another contact's is logged, not merged.
+    async fn identity_change(&self, row: &InboxRow, change: IdentityChange) -> Outcome {
+        let channel = row.channel.as_str();
+        let runtime = &self.state.runtime;
+        let previous = Identifiers::new(
+            change.previous_wa_id.as_deref(),
+            change.previous_user_id.as_deref(),
+        );
+        let new = Identifiers::new(change.new_wa_id.as_deref(), change.new_user_id.as_deref());
+        let at = runtime.clock.now();
+        let changed = match runtime.db.change_identity(channel, previous, new, at).await {
+            Ok(changed) => changed,
+            Err(e) => return retry(row, e.to_string(), MAX_ATTEMPTS),
+        };
+        let outcome = match &changed {
+            IdentityChanged::Changed { key, .. } => format!("the contact is now {key}"),
+            IdentityChanged::UnknownContact => "no contact has the previous identifiers".into(),
+            IdentityChanged::NothingNew => "no new identifier given".into(),
+            IdentityChanged::Conflict(why) => format!("not applied: {why}"),
+        };
+        tracing::info!(
+            channel,
+            r#type = %change.kind,
+            previous_wa_id = change.previous_wa_id.as_deref().unwrap_or(""),
+            new_wa_id = change.new_wa_id.as_deref().unwrap_or(""),
+            previous_user_id = change.previous_user_id.as_deref().unwrap_or(""),
+            new_user_id = change.new_user_id.as_deref().unwrap_or(""),
+            outcome = %outcome,
+            "a customer's WhatsApp identity changed"
+        );
+        if let IdentityChanged::Conflict(why) = &changed {
+            tracing::warn!(channel, conflict = %why, "a customer's new identity is another contact's; the two are not merged");
+        }
+        metrics::count(
+            "flowgate_system_messages_total",
+            "System messages (identity changes), by type.",
+            &[("type", label(&change.kind))],
+            1,
+        );
+        Outcome::Done
+    }
+
+    /// A delivery status: moves the outbound message forward
+    /// ([`crate::store::Db::apply_status`]); a `failed` one goes to the policy. A status for
+    /// a send not recorded yet waits for it ([`MAX_STATUS_ATTEMPTS`]).
+    async fn status(
+        &self,
+        row: &InboxRow,
+        wamid: &str,
+        status: &str,
+        first_error: Option<&GraphError>,
+        idempotency_key: Option<&str>,
+    ) -> Outcome {
+        let runtime = &self.state.runtime;
+        let error_text = first_error.map(|e| match &e.title {
+            Some(title) if !e.message.contains(title.as_str()) => format!("{title}: {e}"),
+            _ => e.to_string(),
+        });
+        let change = StatusChange {
+            wamid,
+            status,
+            error_code: first_error.map(|e| e.code),
+            error: error_text.as_deref(),
+            idempotency_key,
+        };
+        let applied = runtime
+            .db
+            .apply_status(&row.channel, &change, runtime.clock.now())
+            .await;
+        match applied {
+            Ok(StatusOutcome::Updated { message_id }) => {
+                metrics::count(
+                    "flowgate_message_statuses_total",
+                    "Delivery statuses applied to outbound messages, by status.",
+                    &[("status", label(status))],
+                    1,
+                );
+                match first_error.filter(|_| status == "failed") {
+                    Some(e) => self.message_failed(row, message_id, e).await,
+                    None => Outcome::Done,
+                }
+            }
+            // A failed status seen again (a retry after a crash): make sure the policy acted
+            // on it; `message_failed` does each thing once.
+            Ok(StatusOutcome::Unchanged {
+                message_id,
+                current,
+            }) if status == "failed" && current == "failed" => match first_error.map(|e| e.code) {
+                Some(code) => match runtime.message_failed(message_id, code).await {
+                    Ok(_) => Outcome::Done,
+                    Err(err) => retry(row, err.to_string(), MAX_ATTEMPTS),
+                },
+                None => Outcome::Done,
+            },
+            Ok(StatusOutcome::Unchanged { .. }) => Outcome::Done,
+            Ok(StatusOutcome::Unknown) if status_rank(status).is_none() => Outcome::Done,
+            Ok(StatusOutcome::Unknown) => retry(
+                row,
+                format!("no outbound message has wamid {wamid} (yet)"),
+                MAX_STATUS_ATTEMPTS,
+            ),
+            Err(e) => retry(row, e.to_string(), MAX_ATTEMPTS),
+        }
+    }
+
+    /// A message WhatsApp reported failed: logged, counted by code and handed to the policy
+    /// (`Runtime::message_failed`: 131047 decides the message again; 131050/131049 change
+    /// consent).
+    async fn message_failed(&self, row: &InboxRow, message_id: i64, e: &GraphError) -> Outcome {
+        let channel = row.channel.as_str();
+        tracing::warn!(channel, message = message_id, code = e.code, error = %e, "a message failed");
+        metrics::count(
+            "flowgate_message_failures_total",
+            "Outbound messages that WhatsApp reported failed, by error code.",
+            &[("code", &e.code.to_string())],
+            1,
+        );
+        match self.state.runtime.message_failed(message_id, e.code).await {
+            Ok(Some(again)) => {
+                tracing::warn!(
+                    channel,
+                    message = message_id,
+                    new_message = again.id,
+                    "{}: {}",
+                    e.code,
+                    again.decision.explain()
+                );
+                Outcome::Done
+            }
+            Ok(None) => Outcome::Done,
+            Err(err) => retry(row, err.to_string(), MAX_ATTEMPTS),
+        }
+    }
+
+    /// A template was approved, rejected, paused…: the registry changes
+    /// (`Runtime::template_status_changed`).
+    async fn template_status(&self, row: &InboxRow, change: TemplateChange) -> Outcome {
+        let channel = row.channel.as_str();
+        let TemplateChange {
+            event,
+            name,
+            language,
+            reason,
+            category,
+        } = change;
+        if let (Some(name), Some(language)) = (&name, &language) {
+            match self
+                .state
+                .runtime
+                .template_status_changed(name, language, &event, reason.as_deref())
+                .await
+            {
+                Ok(Some(status)) => tracing::info!(
+                    channel, template = %name, %language, status = status.as_str(),
+                    "template status applied"
+                ),
+                Ok(None) => {}
+                Err(e) => return retry(row, e.to_string(), MAX_ATTEMPTS),
+            }
+        }
+        tracing::info!(
+            channel,
+            event = %event,
+            template = name.as_deref().unwrap_or(""),
+            language = language.as_deref().unwrap_or(""),
+            category = category.as_deref().unwrap_or(""),
+            reason = reason.as_deref().unwrap_or(""),
+            "template status changed"
+        );
+        metrics::count(
+            "flowgate_template_status_updates_total",
+            "Template status updates from WhatsApp, by event.",
+            &[("event", label(&event))],
+            1,
+        );
+        Outcome::Done
+    }
+
+    /// A customer's marketing preference: `stop` and `resume` change the consent of the
+    /// contact its phone and BSUID name; other values are only logged.
+    async fn preference(
+        &self,
+        row: &InboxRow,
+        ids: Identifiers<'_>,
+        value: Preference,
+        category: Option<&str>,
+        at: Option<DateTime<Utc>>,
+    ) -> Outcome {
+        let channel = row.channel.as_str();
+        let runtime = &self.state.runtime;
+        let change = match &value {
+            Preference::Stop => Some(ConsentChange::OptOut),
+            Preference::Resume => Some(ConsentChange::OptIn),
+            Preference::Other(_) => None,
+        };
+        if let Some(change) = change {
+            let contact = match self.resolve(channel, ids).await {
+                Ok(contact) => contact,
+                Err(e) => return retry(row, e.to_string(), MAX_ATTEMPTS),
+            };
+            if let Some(contact) = contact.as_deref() {
+                let at = at.unwrap_or_else(|| runtime.clock.now());
+                if let Err(e) = runtime
+                    .update_contact_policy(channel, contact, |c| {
+                        Policy::set_consent(c, change, "user_preferences", at)
+                    })
+                    .await
+                {
+                    return retry(row, e.to_string(), MAX_ATTEMPTS);
+                }
+            }
+        }
+        let value = match value {
+            Preference::Stop => "stop".to_string(),
+            Preference::Resume => "resume".to_string(),
+            Preference::Other(other) => other,
+        };
+        tracing::info!(
+            channel,
+            contact = row.contact_key.as_deref().unwrap_or(""),
+            preference = %value,
+            category = category.unwrap_or(""),
+            "a customer changed their marketing preference"
+        );
+        metrics::count(
+            "flowgate_user_preferences_total",
+            "Marketing preference changes from customers, by value.",
+            &[("value", label(&value))],
+            1,
+        );
+        Outcome::Done
+    }
+}
+
+/// What a system message says changed about a customer's identity (as sent, for the log).
+struct IdentityChange {
+    /// `system.type`: `user_changed_number`, `user_changed_user_id`…
+    kind: String,
+    previous_wa_id: Option<String>,
+    new_wa_id: Option<String>,
+    previous_user_id: Option<String>,
+    new_user_id: Option<String>,
+}
+
+/// What a template status update says.
+struct TemplateChange {
+    event: String,
+    name: Option<String>,
+    language: Option<String>,
+    reason: Option<String>,
+    category: Option<String>,
+}
+
+/// Errors WhatsApp reported, not tied to one message: logged and counted by code.
+fn whatsapp_errors(row: &InboxRow, errors: &[GraphError]) -> Outcome {
+    let channel = row.channel.as_str();
+    for e in errors {
+        tracing::warn!(
+            channel,
+            code = e.code,
+            title = e.title.as_deref().unwrap_or(""),
+            details = e.details.as_deref().unwrap_or(""),
+            error = %e,
+            "WhatsApp reported an error"
+        );
+        metrics::count(
+            "flowgate_webhook_errors_total",
+            "Errors WhatsApp reported in webhooks (value.errors), by code.",
+            &[("code", &e.code.to_string())],
+            1,
+        );
+    }
+    Outcome::Done
+}
+
+/// A webhook field flowgate does not read: skipped, counted by field.
+fn unknown_field(row: &InboxRow, field: &str) -> Outcome {
+    let channel = row.channel.as_str();
+    tracing::debug!(channel, field = %field, "webhook field not handled; skipped");
+    metrics::count(
+        "flowgate_webhook_unknown_total",
+        "Webhook updates flowgate does not read, by field.",
+        &[("field", label(field))],
+        1,
+    );
+    Outcome::Done
+}
+
+/// An update that could not be read: skipped, counted.
+fn malformed(row: &InboxRow, field: &str, reason: &str) -> Outcome {
+    let channel = row.channel.as_str();
+    tracing::warn!(channel, field = %field, inbox = row.id, reason = %reason, "unreadable webhook update skipped");
+    metrics::count(
+        "flowgate_webhook_malformed_total",
+        "Webhook updates that could not be read.",
+        &[],
+        1,
+    );
+    Outcome::Done
 }
 
 /// The group a row runs in: its contact for conversation updates, else the row alone.

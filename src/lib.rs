@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod policy;
 pub mod script;
+pub mod state;
 pub mod store;
 pub mod templates;
 pub mod whatsapp;

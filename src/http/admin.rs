@@ -15,11 +15,13 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
+use subtle::ConstantTimeEq;
 
-use super::{AppState, error};
+use super::{Refused, error, refused};
 use crate::dispatch::Runtime;
 use crate::domain::{OutboundContent, limits};
 use crate::policy::Window;
+use crate::state::AppState;
 use crate::store::Identifiers;
 
 pub fn router(state: AppState) -> Router<AppState> {
@@ -50,9 +52,7 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => {
-            next.run(request).await
-        }
+        Some(token) if token_matches(token, expected) => next.run(request).await,
         Some(_) => error(
             StatusCode::UNAUTHORIZED,
             "invalid_token",
@@ -66,13 +66,10 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
     }
 }
 
-/// Compares without an early exit, so the time taken does not tell how much matched.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0));
-    }
-    diff == 0
+/// Whether the bearer token given is the configured one, compared in constant time (only a
+/// length difference shows).
+fn token_matches(given: &str, expected: &str) -> bool {
+    bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
 }
 
 async fn flows(State(state): State<AppState>) -> Response {
@@ -105,17 +102,13 @@ async fn conversation(
     Query(q): Query<ChannelQuery>,
 ) -> Response {
     let runtime = &state.runtime;
-    let channel = q.channel.unwrap_or_else(|| runtime.default_channel.clone());
-    if !runtime.channels.iter().any(|c| c.name == channel) {
-        return error(
-            StatusCode::NOT_FOUND,
-            "unknown_channel",
-            format!("there is no channel `{channel}`"),
-        );
-    }
+    let channel = match known_channel(runtime, q.channel) {
+        Ok(channel) => channel,
+        Err(response) => return *response,
+    };
     let contact = match contact_key(runtime, &channel, contact).await {
         Ok(key) => key,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let conversation = match runtime.db.load_conversation(&channel, &contact).await {
         Ok(c) => c,
@@ -221,13 +214,26 @@ struct TemplateRequest {
     params: Vec<String>,
 }
 
+/// The channel an API call names (the default channel when it names none), if it exists.
+fn known_channel(runtime: &Runtime, channel: Option<String>) -> Result<String, Refused> {
+    let channel = channel.unwrap_or_else(|| runtime.default_channel.clone());
+    if !runtime.channels.iter().any(|c| c.name == channel) {
+        return Err(refused(
+            StatusCode::NOT_FOUND,
+            "unknown_channel",
+            format!("there is no channel `{channel}`"),
+        ));
+    }
+    Ok(channel)
+}
+
 /// The key of the contact an operator names by phone or by BSUID (a current or an old
 /// one); a contact never seen keeps the identifier given.
 async fn contact_key(
     runtime: &Runtime,
     channel: &str,
     identifier: String,
-) -> Result<String, Response> {
+) -> Result<String, Refused> {
     let ids = Identifiers::of(&identifier);
     match runtime
         .db
@@ -235,7 +241,7 @@ async fn contact_key(
         .await
     {
         Ok(resolved) => Ok(resolved.map_or(identifier, |r| r.key)),
-        Err(e) => Err(internal("finding a contact failed", e)),
+        Err(e) => Err(Box::new(internal("finding a contact failed", e))),
     }
 }
 
@@ -246,98 +252,98 @@ async fn agent_message(
     Path(contact): Path<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let request: AgentMessage = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_body",
-                format!("the body must be {{\"text\": …}} or {{\"template\": {{…}}}}: {e}"),
-            );
-        }
-    };
-    let runtime = &state.runtime;
-    let channel = request
-        .channel
-        .unwrap_or_else(|| runtime.default_channel.clone());
-    if !runtime.channels.iter().any(|c| c.name == channel) {
-        return error(
-            StatusCode::NOT_FOUND,
-            "unknown_channel",
-            format!("there is no channel `{channel}`"),
-        );
-    }
+    send_agent_message(&state.runtime, contact, &body)
+        .await
+        .unwrap_or_else(|refused| *refused)
+}
+
+/// The steps of [`agent_message`]; `Err` is the refusal to answer.
+async fn send_agent_message(
+    runtime: &Runtime,
+    contact: String,
+    body: &[u8],
+) -> Result<Response, Refused> {
+    let request: AgentMessage = serde_json::from_slice(body).map_err(|e| {
+        refused(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            format!("the body must be {{\"text\": …}} or {{\"template\": {{…}}}}: {e}"),
+        )
+    })?;
+    let channel = known_channel(runtime, request.channel)?;
     let content = match (request.text, request.template) {
-        (Some(text), None) => {
-            if text.trim().is_empty() || text.chars().count() > limits::TEXT_BODY {
-                return error(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "invalid_text",
-                    format!("`text` must be 1 to {} characters", limits::TEXT_BODY),
-                );
-            }
-            OutboundContent::text(text)
-        }
-        (None, Some(t)) => {
-            let registry = runtime.templates();
-            let Some(found) = registry.find(&t.name, &t.language) else {
-                return error(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "unknown_template",
-                    format!(
-                        "template `{}` ({}) is not in the registry; run `flowgate templates sync` or add it to the templates file",
-                        t.name, t.language
-                    ),
-                );
-            };
-            if found.param_count() != t.params.len() {
-                return error(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "template_params",
-                    format!(
-                        "template `{}` ({}) takes {} parameters, {} given",
-                        t.name,
-                        t.language,
-                        found.param_count(),
-                        t.params.len()
-                    ),
-                );
-            }
-            OutboundContent::Template {
-                name: t.name,
-                language: t.language,
-                params: t.params,
-            }
-        }
+        (Some(text), None) => text_content(text)?,
+        (None, Some(template)) => template_content(runtime, template)?,
         _ => {
-            return error(
+            return Err(refused(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_body",
                 "give exactly one of `text` and `template`",
-            );
+            ));
         }
     };
-    let contact = match contact_key(runtime, &channel, contact).await {
-        Ok(key) => key,
-        Err(response) => return response,
-    };
-    match runtime.agent_message(&channel, &contact, content).await {
-        Ok(report) => {
-            let m = &report.sent[0];
-            (
-                StatusCode::CREATED,
-                Json(json!({
-                    "id": m.id,
-                    "decision": m.decision.name(),
-                    "reason": m.decision.reason(),
-                    "explain": m.decision.explain(),
-                    "message": m.message,
-                })),
-            )
-                .into_response()
-        }
-        Err(e) => internal("an agent message failed", e),
+    let contact = contact_key(runtime, &channel, contact).await?;
+    let report = runtime
+        .agent_message(&channel, &contact, content)
+        .await
+        .map_err(|e| Box::new(internal("an agent message failed", e)))?;
+    let m = &report.sent[0];
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "id": m.id,
+            "decision": m.decision.name(),
+            "reason": m.decision.reason(),
+            "explain": m.decision.explain(),
+            "message": m.message,
+        })),
+    )
+        .into_response())
+}
+
+/// An agent's text, if it is not empty and fits a WhatsApp text message.
+fn text_content(text: String) -> Result<OutboundContent, Refused> {
+    if text.trim().is_empty() || text.chars().count() > limits::TEXT_BODY {
+        return Err(refused(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_text",
+            format!("`text` must be 1 to {} characters", limits::TEXT_BODY),
+        ));
     }
+    Ok(OutboundContent::text(text))
+}
+
+/// An agent's template, if the registry has it and it is given all its parameters.
+fn template_content(runtime: &Runtime, t: TemplateRequest) -> Result<OutboundContent, Refused> {
+    let registry = runtime.templates();
+    let Some(found) = registry.find(&t.name, &t.language) else {
+        return Err(refused(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_template",
+            format!(
+                "template `{}` ({}) is not in the registry; run `flowgate templates sync` or add it to the templates file",
+                t.name, t.language
+            ),
+        ));
+    };
+    if found.param_count() != t.params.len() {
+        return Err(refused(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "template_params",
+            format!(
+                "template `{}` ({}) takes {} parameters, {} given",
+                t.name,
+                t.language,
+                found.param_count(),
+                t.params.len()
+            ),
+        ));
+    }
+    Ok(OutboundContent::Template {
+        name: t.name,
+        language: t.language,
+        params: t.params,
+    })
 }
 
 /// `GET /api/messages/{id}`: one message with its policy decision, reason and delivery state.
@@ -373,13 +379,14 @@ async fn message(State(state): State<AppState>, Path(id): Path<i64>) -> Response
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::token_matches;
 
     #[test]
-    fn compares_whole_values() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert!(!constant_time_eq(b"", b"x"));
+    fn only_the_whole_token_matches() {
+        assert!(token_matches("secret", "secret"));
+        assert!(!token_matches("secreT", "secret"));
+        assert!(!token_matches("secret2", "secret"));
+        assert!(!token_matches("secre", "secret"));
+        assert!(!token_matches("", "secret"));
     }
 }

@@ -1,14 +1,13 @@
-//! The HTTP surface of `flowgate serve`, on axum: health and metrics, the sandbox door, and
-//! (as they land) the WhatsApp webhooks and the admin API.
+//! The HTTP surface of `flowgate serve`, on axum: health and metrics, the sandbox door, the
+//! WhatsApp webhooks and the admin API.
 //!
-//! Every handler gets [`AppState`]; errors are JSON `{"error": {"code", "message"}}` with a
-//! stable `code`.
+//! Every handler gets the [`AppState`] it shares with the inbound worker; errors are JSON
+//! `{"error": {"code", "message"}}` with a stable `code`. A handler's steps refuse with a
+//! [`Refused`] answer, so the handler reads top to bottom.
 
 pub mod admin;
 pub mod sandbox;
 pub mod webhook;
-
-use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -17,17 +16,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::config::Config;
-use crate::dispatch::Runtime;
-
-/// What every handler can reach.
-#[derive(Clone)]
-pub struct AppState {
-    pub runtime: Arc<Runtime>,
-    pub config: Arc<Config>,
-    /// Wakes the inbound worker when a webhook stored new updates.
-    pub inbox: Arc<tokio::sync::Notify>,
-}
+use crate::state::AppState;
 
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -92,4 +81,13 @@ pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp
         Json(json!({"error": {"code": code, "message": message.into()}})),
     )
         .into_response()
+}
+
+/// A handler step's refusal: the error answer to give instead of going on (boxed: a
+/// `Response` is large to pass back through every step).
+pub type Refused = Box<Response>;
+
+/// [`error`], as a step's refusal.
+pub fn refused(status: StatusCode, code: &str, message: impl Into<String>) -> Refused {
+    Box::new(error(status, code, message))
 }

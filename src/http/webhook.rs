@@ -33,12 +33,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
 use serde_json::json;
 
-use super::{AppState, error};
+use super::{Refused, error, refused};
 use crate::config::{ChannelConfig, Provider};
 use crate::inbound::inbox_row;
 use crate::metrics;
+use crate::state::AppState;
+use crate::store::{NewInboxRow, Stored};
 use crate::whatsapp::signature::SIGNATURE_HEADER;
-use crate::whatsapp::{SignatureError, parse_webhook, verify_shared_secret, verify_signature};
+use crate::whatsapp::{
+    SignatureError, Update, parse_webhook, verify_shared_secret, verify_signature,
+};
+use crate::yaml::Secret;
 
 /// The header a `dialog360` channel's webhooks carry the channel's `webhook_secret` in.
 pub const SECRET_HEADER: &str = "X-Flowgate-Secret";
@@ -54,20 +59,13 @@ pub fn routes() -> MethodRouter<AppState> {
 }
 
 /// The channel named in the URL, if it takes webhooks; else the 404 answer.
-fn webhook_channel<'a>(
-    state: &'a AppState,
-    name: &str,
-) -> Result<&'a ChannelConfig, Box<Response>> {
+fn webhook_channel<'a>(state: &'a AppState, name: &str) -> Result<&'a ChannelConfig, Refused> {
     let message = match state.config.channels.iter().find(|c| c.name == name) {
         Some(c) if c.provider != Provider::Sandbox => return Ok(c),
         Some(_) => format!("channel `{name}` is a sandbox channel and takes no webhooks"),
         None => format!("no channel is named `{name}`"),
     };
-    Err(Box::new(error(
-        StatusCode::NOT_FOUND,
-        "unknown_channel",
-        message,
-    )))
+    Err(refused(StatusCode::NOT_FOUND, "unknown_channel", message))
 }
 
 /// The verification handshake.
@@ -80,11 +78,7 @@ pub async fn verify(
         Ok(c) => c,
         Err(response) => return *response,
     };
-    let expected = channel
-        .verify_token
-        .as_ref()
-        .map(|t| t.expose())
-        .unwrap_or("");
+    let expected = configured(&channel.verify_token);
     let mode_ok = query.get("hub.mode").map(String::as_str) == Some("subscribe");
     let token = verify_shared_secret(expected, query.get("hub.verify_token").map(String::as_str));
     match (mode_ok, token, query.get("hub.challenge")) {
@@ -124,88 +118,138 @@ pub async fn receive(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    let channel = match webhook_channel(&state, &name) {
-        Ok(c) => c,
-        Err(response) => return *response,
-    };
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+    match store_webhook(&state, &name, &headers, body).await {
+        Ok(received) => {
+            count_received(&received, started);
+            let Stored { stored, duplicates } = received.stored;
+            tracing::debug!(channel = %name, stored, duplicates, "webhook stored");
+            Json(json!({"stored": stored, "duplicates": duplicates})).into_response()
+        }
+        Err(response) => *response,
+    }
+}
+
+/// What a stored webhook held: the updates by kind, and how many were new.
+struct Received {
+    kinds: BTreeMap<&'static str, u64>,
+    stored: Stored,
+}
+
+/// The steps of [`receive`] up to the acknowledgement; `Err` is the refusal to answer.
+async fn store_webhook(
+    state: &AppState,
+    name: &str,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Received, Refused> {
+    let channel = webhook_channel(state, name)?;
+    let body = read_body(name, body)?;
+    authenticate(channel, name, headers, &body)?;
+    let updates = parse(name, &body)?;
+    let (rows, kinds) = inbox_rows(channel, &state.config.channels, updates);
+    let stored = store(state, name, &rows).await?;
+    state.inbox.notify_one();
+    Ok(Received { kinds, stored })
+}
+
+/// The body, unless it was too large or could not be read.
+fn read_body(name: &str, body: Result<Bytes, BytesRejection>) -> Result<Bytes, Refused> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             tracing::warn!(channel = %name, "webhook refused: body larger than {MAX_BODY} bytes");
-            rejected("too_large");
-            return error(
+            reject(
+                "too_large",
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
                 format!("webhook bodies are limited to {MAX_BODY} bytes"),
-            );
+            )
+        } else {
+            refused(rejection.status(), "unreadable_body", rejection.body_text())
         }
-        Err(rejection) => {
-            return error(rejection.status(), "unreadable_body", rejection.body_text());
-        }
-    };
+    })
+}
 
+/// Checks the raw body came from the channel's provider: Meta's signature for `cloud_api`,
+/// the shared secret header for `dialog360`.
+fn authenticate(
+    channel: &ChannelConfig,
+    name: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(), Refused> {
     let header_text = |name: &str| {
         headers
             .get(name)
             .map(|v| v.to_str().unwrap_or("<not text>"))
     };
-    let checked = match channel.provider {
-        Provider::CloudApi => {
-            let secret = channel
-                .app_secret
-                .as_ref()
-                .map(|s| s.expose())
-                .unwrap_or("");
-            verify_signature(secret.as_bytes(), &body, header_text(SIGNATURE_HEADER))
-        }
-        Provider::Dialog360 => {
-            let secret = channel
-                .webhook_secret
-                .as_ref()
-                .map(|s| s.expose())
-                .unwrap_or("");
-            verify_shared_secret(secret, header_text(SECRET_HEADER))
-        }
+    let (key, checked) = match channel.provider {
+        Provider::CloudApi => (
+            "app_secret",
+            verify_signature(
+                configured(&channel.app_secret).as_bytes(),
+                body,
+                header_text(SIGNATURE_HEADER),
+            ),
+        ),
+        Provider::Dialog360 => (
+            "webhook_secret",
+            verify_shared_secret(
+                configured(&channel.webhook_secret),
+                header_text(SECRET_HEADER),
+            ),
+        ),
         Provider::Sandbox => unreachable!("webhook_channel refuses sandbox channels"),
     };
     match checked {
-        Ok(()) => {}
+        Ok(()) => Ok(()),
         Err(SignatureError::NoSecret) => {
-            let key = match channel.provider {
-                Provider::CloudApi => "app_secret",
-                _ => "webhook_secret",
-            };
             tracing::error!(channel = %name, "webhook refused: the channel has no `{key}` to check it with; set it in the config");
-            rejected("not_configured");
-            return error(
+            Err(reject(
+                "not_configured",
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "webhook_not_configured",
                 format!("channel `{name}` has no `{key}` to authenticate webhooks with"),
-            );
+            ))
         }
         Err(e) => {
             tracing::warn!(channel = %name, bytes = body.len(), reason = %e, "webhook refused: not authenticated");
-            rejected("signature");
-            return error(StatusCode::UNAUTHORIZED, "invalid_signature", e.to_string());
+            Err(reject(
+                "signature",
+                StatusCode::UNAUTHORIZED,
+                "invalid_signature",
+                e.to_string(),
+            ))
         }
     }
+}
 
-    let updates = match parse_webhook(&body) {
-        Ok(updates) => updates,
-        Err(e) => {
-            tracing::warn!(channel = %name, bytes = body.len(), error = %e, "webhook refused: not a WhatsApp webhook");
-            rejected("invalid_body");
-            return error(StatusCode::BAD_REQUEST, "invalid_webhook", e.to_string());
-        }
-    };
+/// The updates in an authenticated body; a body that is not a WhatsApp webhook is 400.
+fn parse(name: &str, body: &[u8]) -> Result<Vec<Update>, Refused> {
+    parse_webhook(body).map_err(|e| {
+        tracing::warn!(channel = %name, bytes = body.len(), error = %e, "webhook refused: not a WhatsApp webhook");
+        reject(
+            "invalid_body",
+            StatusCode::BAD_REQUEST,
+            "invalid_webhook",
+            e.to_string(),
+        )
+    })
+}
 
+/// The inbox rows for a webhook's updates, each on the channel its number names (else the
+/// URL's, with a warning), and the count of updates by kind.
+fn inbox_rows(
+    channel: &ChannelConfig,
+    channels: &[ChannelConfig],
+    updates: Vec<Update>,
+) -> (Vec<NewInboxRow>, BTreeMap<&'static str, u64>) {
     let mut kinds: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut strays = 0;
     let rows: Vec<_> = updates
         .into_iter()
         .map(|update| {
             *kinds.entry(update.kind()).or_default() += 1;
-            let target = route(channel, &state.config.channels, update.phone_number_id());
+            let target = route(channel, channels, update.phone_number_id());
             if target.is_none() {
                 strays += 1;
             }
@@ -214,39 +258,44 @@ pub async fn receive(
         .collect();
     if strays > 0 {
         tracing::warn!(
-            channel = %name, updates = strays,
+            channel = %channel.name, updates = strays,
             "webhook updates for a phone_number_id no channel has; stored on this channel"
         );
     }
-    let now = state.runtime.clock.now();
-    let stored = match state.runtime.db.insert_updates(&rows, now).await {
-        Ok(stored) => stored,
-        Err(e) => {
-            tracing::error!(channel = %name, updates = rows.len(), error = %e, "could not store a webhook; WhatsApp will deliver it again");
-            rejected("storage");
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "storage_failed",
-                "the webhook could not be stored; deliver it again",
-            );
-        }
-    };
-    state.inbox.notify_one();
+    (rows, kinds)
+}
 
-    for (kind, n) in kinds {
+/// Stores the rows in one transaction; a failure is 503, so WhatsApp delivers again.
+async fn store(state: &AppState, name: &str, rows: &[NewInboxRow]) -> Result<Stored, Refused> {
+    let now = state.runtime.clock.now();
+    state.runtime.db.insert_updates(rows, now).await.map_err(|e| {
+        tracing::error!(channel = %name, updates = rows.len(), error = %e, "could not store a webhook; WhatsApp will deliver it again");
+        reject(
+            "storage",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage_failed",
+            "the webhook could not be stored; deliver it again",
+        )
+    })
+}
+
+/// Counts a stored webhook's updates (by kind, duplicates apart) and the time it took to
+/// acknowledge.
+fn count_received(received: &Received, started: Instant) {
+    for (kind, n) in &received.kinds {
         metrics::count(
             "flowgate_webhook_updates_total",
             "Webhook updates received, by type (duplicates included).",
             &[("type", kind)],
-            n,
+            *n,
         );
     }
-    if stored.duplicates > 0 {
+    if received.stored.duplicates > 0 {
         metrics::count(
             "flowgate_webhook_duplicates_total",
             "Webhook updates received again and ignored.",
             &[],
-            stored.duplicates,
+            received.stored.duplicates,
         );
     }
     metrics::observe(
@@ -255,8 +304,11 @@ pub async fn receive(
         &[],
         started.elapsed().as_secs_f64(),
     );
-    tracing::debug!(channel = %name, stored = stored.stored, duplicates = stored.duplicates, "webhook stored");
-    Json(json!({"stored": stored.stored, "duplicates": stored.duplicates})).into_response()
+}
+
+/// A configured secret's text; empty when none is set (the checks refuse an empty one).
+fn configured(secret: &Option<Secret>) -> &str {
+    secret.as_ref().map(Secret::expose).unwrap_or("")
 }
 
 /// The channel an update belongs to: the URL's channel when it has no `phone_number_id` or
@@ -281,13 +333,20 @@ fn route<'a>(
         .find(|c| c.provider == url_channel.provider && number(c).as_deref() == Some(wanted))
 }
 
-fn rejected(reason: &'static str) {
+/// A refused webhook (nothing stored): counted by `reason`, answered with `code`.
+fn reject(
+    reason: &'static str,
+    status: StatusCode,
+    code: &str,
+    message: impl Into<String>,
+) -> Refused {
     metrics::count(
         "flowgate_webhook_rejected_total",
         "Webhooks refused (nothing stored), by reason.",
         &[("reason", reason)],
         1,
     );
+    refused(status, code, message)
 }
 
 #[cfg(test)]

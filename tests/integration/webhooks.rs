@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use flowgate::app::{self, Application};
 use flowgate::clock::SystemClock;
-use flowgate::http::AppState;
 use flowgate::inbound::{drain_once, inbox_row};
 use flowgate::store::Db;
 use flowgate::whatsapp::parse_webhook;
@@ -880,11 +879,7 @@ async fn drain_once_processes_everything_exactly_once() {
     let application = Application::build(&loaded, &db, "127.0.0.1:0", Arc::new(SystemClock))
         .await
         .unwrap();
-    let state = AppState {
-        runtime: application.runtime.clone(),
-        config: application.config.clone(),
-        inbox: application.inbox.clone(),
-    };
+    let state = application.state();
     let db = state.runtime.db.clone();
     let rows: Vec<_> = parse_webhook(&fixture("inbound_text.json"))
         .unwrap()

@@ -1,0 +1,19 @@
+//! What the server's workers share: the runtime, the config and the inbox's wake-up. The
+//! HTTP handlers ([`crate::http`]) and the inbound worker ([`crate::inbound`]) both take an
+//! [`AppState`]; `app` builds it. It imports neither, so they need not import each other.
+
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::dispatch::Runtime;
+
+/// What every HTTP handler and the inbound worker can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub runtime: Arc<Runtime>,
+    pub config: Arc<Config>,
+    /// Wakes the inbound worker when a webhook stored new updates.
+    pub inbox: Arc<Notify>,
+}
