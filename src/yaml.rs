@@ -189,6 +189,22 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0.0
     }
+
+    /// Whether `given` is this secret (a bearer token, a webhook's shared secret), compared
+    /// by [`secrets_match`].
+    pub fn matches(&self, given: &str) -> bool {
+        secrets_match(self.expose(), given)
+    }
+}
+
+/// Compares a secret with what a request presented, in constant time. Both sides are hashed
+/// first, so neither the secret's bytes nor its length show in the timing.
+pub fn secrets_match(expected: &str, given: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    let a = Sha256::digest(expected.as_bytes());
+    let b = Sha256::digest(given.as_bytes());
+    bool::from(a.as_slice().ct_eq(b.as_slice()))
 }
 
 impl fmt::Debug for Secret {

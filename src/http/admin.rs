@@ -7,6 +7,7 @@
 //! configured token the API answers only on a loopback listener (the server refuses to start
 //! on any other address without one, see `app::Application::build`).
 
+use crate::yaml::secrets_match;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
@@ -15,7 +16,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
-use subtle::ConstantTimeEq;
 
 use super::{Refused, error, refused};
 use crate::dispatch::Runtime;
@@ -66,10 +66,10 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
     }
 }
 
-/// Whether the bearer token given is the configured one, compared in constant time (only a
-/// length difference shows).
+/// Whether the bearer token given is the configured one, compared in constant time, its
+/// length hidden too ([`secrets_match`]).
 fn token_matches(given: &str, expected: &str) -> bool {
-    bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
+    secrets_match(expected, given)
 }
 
 async fn flows(State(state): State<AppState>) -> Response {
