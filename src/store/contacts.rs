@@ -1,6 +1,7 @@
-//! Contacts: who a contact is (`contacts`, `contact_aliases`): the identifiers WhatsApp gives a customer (a phone number, a
-//! business-scoped user id) resolved to one contact per channel, and changed when Meta says
-//! the customer's identity changed (DESIGN §3, FACTS.md §10.10).
+//! Contacts (`contacts`, `contact_aliases`): who a contact is, the identifiers WhatsApp
+//! gives a customer (a phone number, a business-scoped user id) resolved to one contact per
+//! channel, and changed when Meta says the customer's identity changed (DESIGN §3,
+//! FACTS.md §10.10).
 //!
 //! A contact is keyed by `contacts.wa_id`: its phone number when one is known (replies go
 //! `to` it), else its BSUID. Its BSUIDs are in `contact_aliases`: the one its phone is

@@ -30,8 +30,8 @@ mod inbox;
 mod turns;
 
 /// A fresh database for one test, with what must outlive it.
-pub(in crate::store) struct Fixture {
-    pub(in crate::store) db: Db,
+struct Fixture {
+    db: Db,
     /// The directory of a file database, removed when the test ends.
     _dir: Option<tempfile::TempDir>,
 }
