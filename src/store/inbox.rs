@@ -15,8 +15,9 @@
 use chrono::{DateTime, Utc};
 use rusqlite::types::Value;
 
-use super::writer::bind_numbered;
-use super::{Db, StoreError, from_millis, placeholders, postgres_writes};
+use super::db::{Backend, Db};
+use super::error::StoreError;
+use super::sql::{bind_numbered, from_millis, placeholders, with_pool, with_writer};
 
 /// Kinds that belong to a contact's conversation and are processed in order per contact.
 pub const ORDERED_KINDS: [&str; 3] = ["message", "system", "user_preference"];
@@ -189,22 +190,19 @@ impl Db {
             })
             .collect();
         // All statements in one job: all rows or none.
-        let inserted: u64 = match self {
-            Db::Sqlite { writer, .. } => {
-                writer
-                    .run_raw(move |conn| {
-                        let mut inserted = 0;
-                        for (sql, args) in &statements {
-                            let mut statement = conn.prepare_cached(sql)?;
-                            bind_numbered(&mut statement, args)?;
-                            inserted += statement.raw_execute()? as u64;
-                        }
-                        Ok(inserted)
-                    })
-                    .await?
-            }
-            Db::Postgres(_) => return Err(postgres_writes()),
-        };
+        let Backend::Sqlite(sqlite) = &self.backend;
+        let inserted: u64 = sqlite
+            .writer
+            .run_raw(move |conn| {
+                let mut inserted = 0;
+                for (sql, args) in &statements {
+                    let mut statement = conn.prepare_cached(sql)?;
+                    bind_numbered(&mut statement, args)?;
+                    inserted += statement.raw_execute()? as u64;
+                }
+                Ok(inserted)
+            })
+            .await?;
         Ok(Stored {
             stored: inserted,
             duplicates: count - inserted,
@@ -282,6 +280,7 @@ impl Db {
 
     /// Marks updates processed.
     pub async fn finish_inbox(&self, ids: &[i64], now: DateTime<Utc>) -> Result<(), StoreError> {
+        let Backend::Sqlite(sqlite) = &self.backend;
         let now = now.timestamp_millis();
         for chunk in ids.chunks(ID_CHUNK) {
             let sql = format!(
@@ -291,7 +290,7 @@ impl Db {
             let mut args = Vec::with_capacity(1 + chunk.len());
             args.push(Value::Integer(now));
             args.extend(chunk.iter().map(|id| Value::Integer(*id)));
-            self.write(sql, args).await?;
+            sqlite.writer.query::<()>(sql, args).await?;
         }
         Ok(())
     }
@@ -386,29 +385,130 @@ impl Db {
         change: &StatusChange<'_>,
         now: DateTime<Utc>,
     ) -> Result<StatusOutcome, StoreError> {
-        let update = format!(
-            "UPDATE messages SET status = $1, updated_at = $2, \
-                error_code = COALESCE($3, error_code), error = COALESCE($4, error) \
-            WHERE channel = $5 AND direction = 'out' AND wamid = $6 \
-              AND status <> 'failed' AND {RANK_SQL} < $7 \
-            RETURNING id"
-        );
-        const FIND: &str = "SELECT id, status FROM messages \
-            WHERE channel = $1 AND direction = 'out' AND wamid = $2";
+        let Some(rank) = status_rank(change.status) else {
+            return self.current_status(channel, change.wamid).await;
+        };
+        let update = StatusUpdate::new(change, rank, now);
+        if let Some(message_id) = self.update_status(channel, change.wamid, &update).await? {
+            return Ok(StatusOutcome::Updated { message_id });
+        }
+        if let Some((message_id, current)) = self.find_outbound(channel, change.wamid).await? {
+            return Ok(StatusOutcome::Unchanged {
+                message_id,
+                current,
+            });
+        }
+        let Some(key) = change.idempotency_key.filter(|k| !k.is_empty()) else {
+            return Ok(StatusOutcome::Unknown);
+        };
+        if !self.adopt_wamid(channel, change.wamid, key).await? {
+            return Ok(StatusOutcome::Unknown);
+        }
+        if let Some(message_id) = self.update_status(channel, change.wamid, &update).await? {
+            return Ok(StatusOutcome::Updated { message_id });
+        }
+        self.current_status(channel, change.wamid).await
+    }
+
+    /// Moves the outbound message with `wamid` forward to the update's status, unless it is
+    /// already there or past it; returns its id if it moved.
+    async fn update_status(
+        &self,
+        channel: &str,
+        wamid: &str,
+        update: &StatusUpdate<'_>,
+    ) -> Result<Option<i64>, StoreError> {
+        let StatusUpdate {
+            status,
+            rank,
+            code,
+            error,
+            now,
+        } = *update;
+        let sql: &str = &STATUS_UPDATE;
+        let error = error.map(str::to_owned);
+        Ok(with_writer!(
+            self,
+            own(sql, status, channel, wamid),
+            |pool| {
+                sqlx::query_scalar(&sql)
+                    .bind(status)
+                    .bind(now)
+                    .bind(code)
+                    .bind(error)
+                    .bind(channel)
+                    .bind(wamid)
+                    .bind(rank)
+                    .fetch_optional(pool)
+                    .await?
+            }
+        ))
+    }
+
+    /// Records `wamid` on the outbound message whose idempotency key is `key` and that has
+    /// none yet (its send's response was lost); returns whether one did.
+    async fn adopt_wamid(&self, channel: &str, wamid: &str, key: &str) -> Result<bool, StoreError> {
         const ADOPT: &str = "UPDATE messages SET wamid = $1 \
             WHERE channel = $2 AND direction = 'out' AND idempotency_key = $3 AND wamid IS NULL";
+        let adopted = with_writer!(self, own(wamid, channel, key), |pool| {
+            sqlx::query(ADOPT)
+                .bind(wamid)
+                .bind(channel)
+                .bind(key)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(adopted > 0)
+    }
 
-        let Some(rank) = status_rank(change.status) else {
-            return Ok(
-                match self.find_outbound(FIND, channel, change.wamid).await? {
-                    Some((message_id, current)) => StatusOutcome::Unchanged {
-                        message_id,
-                        current,
-                    },
-                    None => StatusOutcome::Unknown,
-                },
-            );
-        };
+    /// The outbound message with `wamid` as it stands: `Unchanged`, else `Unknown`.
+    async fn current_status(
+        &self,
+        channel: &str,
+        wamid: &str,
+    ) -> Result<StatusOutcome, StoreError> {
+        Ok(match self.find_outbound(channel, wamid).await? {
+            Some((message_id, current)) => StatusOutcome::Unchanged {
+                message_id,
+                current,
+            },
+            None => StatusOutcome::Unknown,
+        })
+    }
+
+    /// The id and status of the outbound message with `wamid`; read on the writer, after
+    /// the writes queued before it.
+    async fn find_outbound(
+        &self,
+        channel: &str,
+        wamid: &str,
+    ) -> Result<Option<(i64, String)>, StoreError> {
+        const FIND: &str = "SELECT id, status FROM messages \
+            WHERE channel = $1 AND direction = 'out' AND wamid = $2";
+        Ok(with_writer!(self, own(channel, wamid), |pool| {
+            sqlx::query_as(FIND)
+                .bind(channel)
+                .bind(wamid)
+                .fetch_optional(pool)
+                .await?
+        }))
+    }
+}
+
+/// What a status webhook writes on its message.
+#[derive(Clone, Copy)]
+struct StatusUpdate<'a> {
+    status: &'a str,
+    rank: i64,
+    /// The error, kept only for `failed`.
+    code: Option<i64>,
+    error: Option<&'a str>,
+    now: i64,
+}
+
+impl<'a> StatusUpdate<'a> {
+    fn new(change: &StatusChange<'a>, rank: i64, now: DateTime<Utc>) -> Self {
         // `played` (a voice message) is `read` as far as delivery goes.
         let status = if change.status == "played" {
             "read"
@@ -420,384 +520,23 @@ impl Db {
         } else {
             (None, None)
         };
-        let now = now.timestamp_millis();
-        let wamid = change.wamid;
-        let try_update = || async {
-            let error = error.map(str::to_owned);
-            let id: Option<i64> = with_writer!(self, own(update, status, channel, wamid), |pool| {
-                sqlx::query_scalar(&update)
-                    .bind(status)
-                    .bind(now)
-                    .bind(code)
-                    .bind(error)
-                    .bind(channel)
-                    .bind(wamid)
-                    .bind(rank)
-                    .fetch_optional(pool)
-                    .await?
-            });
-            Ok::<_, StoreError>(id)
-        };
-        if let Some(message_id) = try_update().await? {
-            return Ok(StatusOutcome::Updated { message_id });
-        }
-        if let Some((message_id, current)) = self.find_outbound(FIND, channel, change.wamid).await?
-        {
-            return Ok(StatusOutcome::Unchanged {
-                message_id,
-                current,
-            });
-        }
-        let Some(key) = change.idempotency_key.filter(|k| !k.is_empty()) else {
-            return Ok(StatusOutcome::Unknown);
-        };
-        let adopted = with_writer!(self, own(wamid, channel, key), |pool| {
-            sqlx::query(ADOPT)
-                .bind(wamid)
-                .bind(channel)
-                .bind(key)
-                .execute(pool)
-                .await?
-                .rows_affected()
-        });
-        if adopted == 0 {
-            return Ok(StatusOutcome::Unknown);
-        }
-        if let Some(message_id) = try_update().await? {
-            return Ok(StatusOutcome::Updated { message_id });
-        }
-        Ok(
-            match self.find_outbound(FIND, channel, change.wamid).await? {
-                Some((message_id, current)) => StatusOutcome::Unchanged {
-                    message_id,
-                    current,
-                },
-                None => StatusOutcome::Unknown,
-            },
-        )
-    }
-
-    async fn find_outbound(
-        &self,
-        sql: &'static str,
-        channel: &str,
-        wamid: &str,
-    ) -> Result<Option<(i64, String)>, StoreError> {
-        Ok(with_writer!(self, own(channel, wamid), |pool| {
-            sqlx::query_as(sql)
-                .bind(channel)
-                .bind(wamid)
-                .fetch_optional(pool)
-                .await?
-        }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use chrono::Duration;
-    use serde_json::json;
-
-    use super::*;
-    use crate::clock::VirtualClock;
-
-    fn t(seconds: i64) -> DateTime<Utc> {
-        VirtualClock::test_epoch() + Duration::seconds(seconds)
-    }
-
-    async fn memory_db() -> Db {
-        let db = Db::connect("sqlite::memory:").await.unwrap();
-        db.migrate().await.unwrap();
-        db
-    }
-
-    fn row(key: &str, kind: &str, contact: Option<&str>) -> NewInboxRow {
-        NewInboxRow {
-            channel: "main".into(),
-            dedupe_key: key.into(),
-            kind: kind.into(),
-            contact_key: contact.map(str::to_string),
-            payload: json!({ "key": key }),
-        }
-    }
-
-    fn keys(rows: &[InboxRow]) -> Vec<&str> {
-        rows.iter().map(|r| r.dedupe_key.as_str()).collect()
-    }
-
-    #[tokio::test]
-    async fn duplicates_are_counted_not_stored() {
-        let db = memory_db().await;
-        let first = [row("a", "message", Some("1")), row("b", "status", None)];
-        let s = db.insert_updates(&first, t(0)).await.unwrap();
-        assert_eq!((s.stored, s.duplicates), (2, 0));
-
-        // A redelivery with one new update, and one update twice in the same body.
-        let again = [
-            row("a", "message", Some("1")),
-            row("c", "message", Some("1")),
-            row("c", "message", Some("1")),
-        ];
-        let s = db.insert_updates(&again, t(1)).await.unwrap();
-        assert_eq!((s.stored, s.duplicates), (1, 2));
-        // The same key on another channel is another update.
-        let other = NewInboxRow {
-            channel: "other".into(),
-            ..row("a", "message", Some("1"))
-        };
-        assert_eq!(db.insert_updates(&[other], t(1)).await.unwrap().stored, 1);
-
-        let claimed = db.claim_inbox(t(1), 100).await.unwrap();
-        assert_eq!(keys(&claimed), ["a", "b", "c", "a"]);
-        assert_eq!(claimed[0].payload, json!({"key": "a"}));
-        assert_eq!(claimed[0].received_at, t(0));
-        assert_eq!(db.inbox_depth().await.unwrap(), 4);
-    }
-
-    #[tokio::test]
-    async fn large_batches_are_one_transaction() {
-        let db = memory_db().await;
-        let rows: Vec<_> = (0..1001)
-            .map(|i| row(&format!("k{i}"), "message", Some(&i.to_string())))
-            .collect();
-        let s = db.insert_updates(&rows, t(0)).await.unwrap();
-        assert_eq!((s.stored, s.duplicates), (1001, 0));
-        assert_eq!(db.claim_inbox(t(0), 5000).await.unwrap().len(), 1001);
-        let ids: Vec<i64> = db
-            .claim_inbox(t(0), 5000)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.id)
-            .collect();
-        db.finish_inbox(&ids, t(1)).await.unwrap();
-        assert_eq!(db.inbox_depth().await.unwrap(), 0);
-    }
-
-    #[tokio::test]
-    async fn claims_keep_each_contacts_order_across_retries() {
-        let db = memory_db().await;
-        db.insert_updates(
-            &[
-                row("m1", "message", Some("ana")),
-                row("m2", "message", Some("ana")),
-                row("s1", "status", Some("ana")),
-                row("b1", "message", Some("bob")),
-            ],
-            t(0),
-        )
-        .await
-        .unwrap();
-        let all = db.claim_inbox(t(0), 10).await.unwrap();
-        assert_eq!(keys(&all), ["m1", "m2", "s1", "b1"]);
-
-        // m1 fails and waits: ana's m2 waits behind it; her status and bob do not.
-        db.retry_inbox(all[0].id, t(10), "database is locked")
-            .await
-            .unwrap();
-        assert_eq!(keys(&db.claim_inbox(t(5), 10).await.unwrap()), ["s1", "b1"]);
-        // After the high-water mark only.
-        assert_eq!(
-            keys(&db.claim_inbox_after(all[2].id, t(5), 10).await.unwrap()),
-            ["b1"]
-        );
-
-        let due = db.claim_inbox(t(10), 10).await.unwrap();
-        assert_eq!(keys(&due), ["m1", "m2", "s1", "b1"]);
-        assert_eq!(due[0].attempts, 1);
-        assert_eq!(due[0].last_error.as_deref(), Some("database is locked"));
-
-        db.finish_inbox(&[due[0].id, due[2].id], t(11))
-            .await
-            .unwrap();
-        db.abandon_inbox(due[3].id, t(11), "gave up").await.unwrap();
-        assert_eq!(keys(&db.claim_inbox(t(11), 10).await.unwrap()), ["m2"]);
-        assert_eq!(db.claim_inbox(t(11), 0).await.unwrap().len(), 0);
-
-        // Pruning removes processed rows only.
-        assert_eq!(db.prune_inbox(t(12), 100).await.unwrap(), 3);
-        assert_eq!(keys(&db.claim_inbox(t(12), 10).await.unwrap()), ["m2"]);
-    }
-
-    /// An outbound message with a wamid, as the sender leaves it.
-    async fn outbound(db: &Db, wamid: Option<&str>, key: Option<&str>, status: &str) -> i64 {
-        let Db::Sqlite { pool, .. } = db else {
-            unreachable!()
-        };
-        let contact: i64 = sqlx::query_scalar(
-            "INSERT INTO contacts (channel, wa_id, created_at, updated_at) VALUES ('main', $1, 0, 0) \
-             ON CONFLICT (channel, wa_id) DO UPDATE SET updated_at = 0 RETURNING id",
-        )
-        .bind("15550001")
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        sqlx::query_scalar(
-            "INSERT INTO messages (contact_id, channel, direction, wamid, kind, body, status, \
-             created_at, idempotency_key) VALUES ($1, 'main', 'out', $2, 'text', '{}', $3, 0, $4) \
-             RETURNING id",
-        )
-        .bind(contact)
-        .bind(wamid)
-        .bind(status)
-        .bind(key)
-        .fetch_one(pool)
-        .await
-        .unwrap()
-    }
-
-    async fn status_of(db: &Db, id: i64) -> (String, Option<i64>, Option<String>) {
-        let Db::Sqlite { pool, .. } = db else {
-            unreachable!()
-        };
-        sqlx::query_as("SELECT status, error_code, error FROM messages WHERE id = $1")
-            .bind(id)
-            .fetch_one(pool)
-            .await
-            .unwrap()
-    }
-
-    fn change<'a>(wamid: &'a str, status: &'a str) -> StatusChange<'a> {
-        StatusChange {
-            wamid,
+        Self {
             status,
-            error_code: None,
-            error: None,
-            idempotency_key: None,
+            rank,
+            code,
+            error,
+            now: now.timestamp_millis(),
         }
-    }
-
-    #[tokio::test]
-    async fn statuses_only_move_forward() {
-        let db = memory_db().await;
-        let id = outbound(&db, Some("wamid.A"), None, "sent").await;
-        let apply = |s| {
-            let db = db.clone();
-            async move { db.apply_status("main", &change("wamid.A", s), t(1)).await }
-        };
-        // read before delivered; delivered and sent afterwards change nothing.
-        assert_eq!(
-            apply("read").await.unwrap(),
-            StatusOutcome::Updated { message_id: id }
-        );
-        for late in ["delivered", "sent", "read", "deleted"] {
-            assert_eq!(
-                apply(late).await.unwrap(),
-                StatusOutcome::Unchanged {
-                    message_id: id,
-                    current: "read".into()
-                },
-                "{late}"
-            );
-        }
-        assert_eq!(status_of(&db, id).await.0, "read");
-
-        // A wamid on another channel, or none at all, is unknown.
-        assert_eq!(
-            db.apply_status("other", &change("wamid.A", "read"), t(1))
-                .await
-                .unwrap(),
-            StatusOutcome::Unknown
-        );
-        assert_eq!(
-            db.apply_status("main", &change("wamid.nope", "sent"), t(1))
-                .await
-                .unwrap(),
-            StatusOutcome::Unknown
-        );
-    }
-
-    #[tokio::test]
-    async fn failed_is_final_and_keeps_its_error() {
-        let db = memory_db().await;
-        let id = outbound(&db, Some("wamid.F"), None, "sent").await;
-        let failed = StatusChange {
-            error_code: Some(131047),
-            error: Some("Re-engagement message"),
-            ..change("wamid.F", "failed")
-        };
-        assert_eq!(
-            db.apply_status("main", &failed, t(1)).await.unwrap(),
-            StatusOutcome::Updated { message_id: id }
-        );
-        assert_eq!(
-            db.apply_status("main", &change("wamid.F", "delivered"), t(2))
-                .await
-                .unwrap(),
-            StatusOutcome::Unchanged {
-                message_id: id,
-                current: "failed".into()
-            }
-        );
-        assert_eq!(
-            status_of(&db, id).await,
-            (
-                "failed".into(),
-                Some(131047),
-                Some("Re-engagement message".into())
-            )
-        );
-
-        // An error on a non-failed status is not recorded.
-        let id = outbound(&db, Some("wamid.G"), None, "pending").await;
-        let odd = StatusChange {
-            error_code: Some(1),
-            error: Some("x"),
-            ..change("wamid.G", "delivered")
-        };
-        db.apply_status("main", &odd, t(1)).await.unwrap();
-        assert_eq!(status_of(&db, id).await, ("delivered".into(), None, None));
-    }
-
-    #[tokio::test]
-    async fn callback_data_finds_a_send_whose_wamid_was_lost() {
-        let db = memory_db().await;
-        let id = outbound(&db, None, Some("idem-1"), "sending").await;
-        let status = StatusChange {
-            idempotency_key: Some("idem-1"),
-            ..change("wamid.L", "delivered")
-        };
-        assert_eq!(
-            db.apply_status("main", &status, t(1)).await.unwrap(),
-            StatusOutcome::Updated { message_id: id }
-        );
-        assert_eq!(status_of(&db, id).await.0, "delivered");
-        // The wamid is recorded: later statuses find it directly.
-        assert_eq!(
-            db.apply_status("main", &change("wamid.L", "read"), t(2))
-                .await
-                .unwrap(),
-            StatusOutcome::Updated { message_id: id }
-        );
-        // An unknown key is still unknown.
-        let stray = StatusChange {
-            idempotency_key: Some("idem-2"),
-            ..change("wamid.M", "sent")
-        };
-        assert_eq!(
-            db.apply_status("main", &stray, t(2)).await.unwrap(),
-            StatusOutcome::Unknown
-        );
-    }
-
-    #[tokio::test]
-    async fn inbound_seen_reads_the_message_log() {
-        let db = memory_db().await;
-        assert!(!db.inbound_seen("main", "wamid.in").await.unwrap());
-        let Db::Sqlite { pool, .. } = &db else {
-            unreachable!()
-        };
-        outbound(&db, Some("wamid.out"), None, "sent").await;
-        sqlx::query(
-            "INSERT INTO messages (contact_id, channel, direction, wamid, kind, body, status, \
-             created_at) SELECT id, 'main', 'in', 'wamid.in', 'text', '{}', 'received', 0 \
-             FROM contacts LIMIT 1",
-        )
-        .execute(pool)
-        .await
-        .unwrap();
-        assert!(db.inbound_seen("main", "wamid.in").await.unwrap());
-        assert!(!db.inbound_seen("other", "wamid.in").await.unwrap());
-        assert!(!db.inbound_seen("main", "wamid.out").await.unwrap());
     }
 }
+
+/// Moves a message to a status of a higher rank ([`RANK_SQL`]); `failed` stays.
+static STATUS_UPDATE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "UPDATE messages SET status = $1, updated_at = $2, \
+            error_code = COALESCE($3, error_code), error = COALESCE($4, error) \
+        WHERE channel = $5 AND direction = 'out' AND wamid = $6 \
+          AND status <> 'failed' AND {RANK_SQL} < $7 \
+        RETURNING id"
+    )
+});

@@ -17,7 +17,9 @@ use chrono::{DateTime, Utc};
 use rusqlite::types::Value;
 use serde::Deserialize as _;
 
-use super::{Db, StoreError, from_millis, placeholders};
+use super::db::{Backend, Db};
+use super::error::StoreError;
+use super::sql::{from_millis, placeholders, with_pool, with_writer};
 use crate::domain::Outbound;
 
 /// One claimed outbound message: what the sender needs to deliver it.
@@ -202,7 +204,8 @@ impl Db {
             Value::Text(lease_owner.to_owned()),
         ];
         args.extend(candidates.iter().map(|(id, _)| Value::Integer(*id)));
-        let mut rows: Vec<ClaimRaw> = self.write_rows(update, args).await?;
+        let Backend::Sqlite(sqlite) = &self.backend;
+        let mut rows: Vec<ClaimRaw> = sqlite.writer.query(update, args).await?;
         rows.sort_by_key(|r| r.0);
 
         let lease_until = from_millis(lease_ms, "messages.lease_until")?;
@@ -266,6 +269,7 @@ impl Db {
         sent: &[(i64, &str)],
         now: DateTime<Utc>,
     ) -> Result<Vec<i64>, StoreError> {
+        let Backend::Sqlite(sqlite) = &self.backend;
         let mut done = Vec::with_capacity(sent.len());
         // Two parameters per row; SQLite allows 32,766.
         for chunk in sent.chunks(1000) {
@@ -291,8 +295,9 @@ impl Db {
                 args.push(Value::Integer(*id));
                 args.push(Value::Text((*wamid).to_owned()));
             }
-            let ids = self
-                .write_rows::<(i64,)>(sql, args)
+            let ids = sqlite
+                .writer
+                .query::<(i64,)>(sql, args)
                 .await?
                 .into_iter()
                 .map(|(id,)| id);
@@ -561,12 +566,10 @@ mod tests {
 
     /// The plan SQLite picks for `sql`, one line per step.
     async fn plan(db: &Db, sql: &str) -> String {
-        let Db::Sqlite { pool, .. } = db else {
-            unreachable!()
-        };
+        let Backend::Sqlite(sqlite) = &db.backend;
         let rows: Vec<(i64, i64, i64, String)> =
             sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .fetch_all(pool)
+                .fetch_all(&sqlite.pool)
                 .await
                 .unwrap();
         rows.into_iter().map(|r| r.3).collect::<Vec<_>>().join("\n")

@@ -12,14 +12,111 @@
 
 use std::fmt::Write as _;
 
+use chrono::{DateTime, Utc};
 use rusqlite::types::Value;
 
-use crate::domain::{Decision, Inbound, Outbound};
+use super::conversations::SessionRow;
+use super::db::{Backend, Db};
+use super::error::StoreError;
+use super::sql::{bind_numbered, outbound_kind};
+use super::timers::NewTimer;
+use super::writer::Writer;
+use crate::domain::{Contact, Decision, Inbound, Outbound};
 
-use super::writer::bind_numbered;
-use super::{
-    CommittedTurn, Db, RECEIVED, StoreError, TurnWrite, Writer, outbound_kind, postgres_writes,
-};
+/// Everything one engine turn changes, written atomically by [`Db::commit_turn`].
+pub struct TurnWrite<'a> {
+    pub channel: &'a str,
+    /// From [`Conversation::contact_id`](super::Conversation::contact_id); `None` creates the contact.
+    pub contact_id: Option<i64>,
+    pub contact: &'a Contact,
+    /// The session after the turn; `None` ends it.
+    pub session: Option<&'a SessionRow>,
+    /// The customer's message that started the turn, if any (timers start turns too).
+    pub inbound: Option<&'a Inbound>,
+    pub outbound: &'a [OutboundRecord],
+    /// Queued messages leaving the queue (flushed or expired), updated in place.
+    pub dequeued: &'a [DequeuedRecord],
+    /// `Some` replaces all of the contact's timers with these (`Some(&[])` clears them);
+    /// `None` leaves them alone.
+    pub replace_timers: Option<&'a [NewTimer]>,
+    /// The timer that started this turn, deleted with the turn so it fires exactly once.
+    pub fired_timer: Option<i64>,
+    /// A message this turn's (single) outbound message replaces: marked `failed` with a
+    /// reason that names the new message.
+    pub superseded: Option<&'a Superseded>,
+    pub now: DateTime<Utc>,
+}
+
+/// An outbound message replaced by a new one (a 131047 decided again).
+#[derive(Debug, Clone)]
+pub struct Superseded {
+    pub id: i64,
+    /// The start of its new reason; the new message's id is appended.
+    pub reason: String,
+}
+
+impl<'a> TurnWrite<'a> {
+    /// A turn that writes only the contact (`session: None` ends a session: set it to keep
+    /// one); the other fields are set with struct update syntax.
+    pub fn new(
+        channel: &'a str,
+        contact_id: Option<i64>,
+        contact: &'a Contact,
+        now: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            channel,
+            contact_id,
+            contact,
+            session: None,
+            inbound: None,
+            outbound: &[],
+            dequeued: &[],
+            replace_timers: None,
+            fired_timer: None,
+            superseded: None,
+            now,
+        }
+    }
+}
+
+/// An outgoing message with the policy's verdict, for the message log.
+#[derive(Debug, Clone)]
+pub struct OutboundRecord {
+    pub message: Outbound,
+    pub decision: Decision,
+    /// Initial delivery status: e.g. `sent` in the sandbox, `pending` for real channels.
+    pub status: String,
+    /// The wamid of the inbound message this answers, if any (for mark-as-read).
+    pub in_reply_to: Option<String>,
+    /// For a queued message: when it expires.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A queued message's new decision (it leaves the queue, or stays with a new reason).
+#[derive(Debug, Clone)]
+pub struct DequeuedRecord {
+    pub id: i64,
+    pub message: Outbound,
+    pub decision: Decision,
+    pub status: String,
+    /// The wamid of the customer message that flushed it.
+    pub in_reply_to: Option<String>,
+}
+
+/// What [`Db::commit_turn`] created.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommittedTurn {
+    pub contact_id: i64,
+    /// Ids of the outbound messages, in the order given; the sender updates their status.
+    pub outbound_ids: Vec<i64>,
+    /// Ids of the dequeued messages that were still queued (another path may have expired
+    /// one in between).
+    pub dequeued_ids: Vec<i64>,
+}
+
+/// Status of every stored inbound message.
+const RECEIVED: &str = "received";
 
 /// The contact the turn is about, for every statement after the upsert.
 const CONTACT: &str = "(SELECT id FROM contacts WHERE channel = $1 AND wa_id = $2)";
@@ -93,58 +190,101 @@ impl Db {
     /// of them.
     pub async fn commit_turn(&self, turn: &TurnWrite<'_>) -> Result<CommittedTurn, StoreError> {
         let batch = build(turn)?;
-        let (contact_id, mut outbound_ids, dequeued_ids) = match self {
-            Db::Sqlite { writer, .. } => {
-                let rows = run_batch(writer, batch).await.map_err(|e| match e {
-                    StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, Some(message)))
-                        if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_NOTNULL
-                            && GUARD_FAILS_ON.iter().any(|m| message.contains(m)) =>
-                    {
-                        match turn.contact_id {
-                            // The contact id the caller loaded no longer names this contact.
-                            Some(id) => StoreError::UnknownContact { id },
-                            // The new contact's key is another contact's alias by now.
-                            None => StoreError::IdentifierTaken {
-                                identifier: turn.contact.wa_id.to_string(),
-                            },
-                        }
-                    }
-                    other => other,
-                })?;
-                let mut contact_id = None;
-                let mut outbound_ids = Vec::with_capacity(turn.outbound.len());
-                let mut dequeued_ids = Vec::new();
-                for (tag, id) in rows {
-                    match tag {
-                        0 => contact_id = Some(id),
-                        1 => outbound_ids.push(id),
-                        _ => dequeued_ids.push(id),
-                    }
-                }
-                let contact_id = contact_id.or(turn.contact_id).ok_or_else(|| {
-                    StoreError::Corrupt("the contact upsert returned no id".into())
-                })?;
-                (contact_id, outbound_ids, dequeued_ids)
-            }
-            // PostgreSQL's protocol takes one statement per parameterised query: its
-            // support (a later release) runs the batch's statements one by one.
-            Db::Postgres(_) => return Err(postgres_writes()),
-        };
-        // One multi-row INSERT: RETURNING order is not promised, ids grow with the rows.
-        outbound_ids.sort_unstable();
-        Ok(CommittedTurn {
-            contact_id,
-            outbound_ids,
-            dequeued_ids,
-        })
+        // PostgreSQL's protocol takes one statement per parameterised query: a backend of it
+        // runs the batch's statements one by one.
+        let Backend::Sqlite(sqlite) = &self.backend;
+        let rows = run_batch(&sqlite.writer, batch)
+            .await
+            .map_err(|e| stale_contact(e, turn))?;
+        committed(rows, turn)
     }
 }
 
-/// The turn as one SQL batch.
+/// The error of a batch stopped by a stale-contact check (see [`build`]), saying which:
+/// any other error as it is.
+fn stale_contact(error: StoreError, turn: &TurnWrite<'_>) -> StoreError {
+    match error {
+        StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, Some(message)))
+            if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_NOTNULL
+                && GUARD_FAILS_ON.iter().any(|m| message.contains(m)) =>
+        {
+            match turn.contact_id {
+                // The contact id the caller loaded no longer names this contact.
+                Some(id) => StoreError::UnknownContact { id },
+                // The new contact's key is another contact's alias by now.
+                None => StoreError::IdentifierTaken {
+                    identifier: turn.contact.wa_id.to_string(),
+                },
+            }
+        }
+        other => other,
+    }
+}
+
+/// What the batch's tagged rows say the turn created.
+fn committed(rows: Vec<(i64, i64)>, turn: &TurnWrite<'_>) -> Result<CommittedTurn, StoreError> {
+    let mut contact_id = None;
+    let mut outbound_ids = Vec::with_capacity(turn.outbound.len());
+    let mut dequeued_ids = Vec::new();
+    for (tag, id) in rows {
+        match tag {
+            0 => contact_id = Some(id),
+            1 => outbound_ids.push(id),
+            _ => dequeued_ids.push(id),
+        }
+    }
+    let contact_id = contact_id
+        .or(turn.contact_id)
+        .ok_or_else(|| StoreError::Corrupt("the contact upsert returned no id".into()))?;
+    // One multi-row INSERT: RETURNING order is not promised, ids grow with the rows.
+    outbound_ids.sort_unstable();
+    Ok(CommittedTurn {
+        contact_id,
+        outbound_ids,
+        dequeued_ids,
+    })
+}
+
+/// The turn as one SQL batch: its statements in the order they must run.
 fn build(turn: &TurnWrite<'_>) -> Result<Batch, StoreError> {
-    let c = turn.contact;
     let mut b = Batch::new();
-    // $1..$9, used throughout.
+    contact_params(&mut b, turn)?;
+    let contact = match turn.contact_id {
+        Some(id) => b.param(id)?,
+        None => CONTACT.to_string(),
+    };
+    let inbound_written = match turn.contact_id {
+        Some(_) => update_known_contact(&mut b, turn, &contact)?,
+        None => {
+            upsert_new_contact(&mut b);
+            false
+        }
+    };
+    write_session(&mut b, turn.session, &contact)?;
+    // The queue first: flushed messages keep their (lower) ids, so they leave before this
+    // turn's new messages.
+    update_dequeued(&mut b, turn.dequeued, &contact)?;
+    if let Some(m) = turn.inbound.filter(|_| !inbound_written) {
+        insert_inbound(&mut b, m, &contact)?;
+    }
+    insert_outbound(&mut b, turn.outbound, &contact)?;
+    if let Some(old) = turn.superseded {
+        mark_superseded(&mut b, old, &contact)?;
+    }
+    if let Some(id) = turn.fired_timer {
+        let id = b.param(id)?;
+        b.statement(&format!("DELETE FROM timers WHERE id = {id}"));
+    }
+    if let Some(timers) = turn.replace_timers {
+        replace_timers(&mut b, timers, &contact)?;
+    }
+    Ok(b)
+}
+
+/// `$1`..`$9`, used throughout: the channel, the contact's columns, and the turn's time
+/// ([`NOW`]).
+fn contact_params(b: &mut Batch, turn: &TurnWrite<'_>) -> Result<(), StoreError> {
+    let c = turn.contact;
     b.param(turn.channel.to_string())?;
     b.param(c.wa_id.clone())?;
     b.param(c.name.clone())?;
@@ -154,87 +294,104 @@ fn build(turn: &TurnWrite<'_>) -> Result<Batch, StoreError> {
     b.param(c.last_customer_message_at.map(|t| t.timestamp_millis()))?;
     b.param(turn.now.timestamp_millis())?;
     b.param(serde_json::to_string(&c.policy)?)?;
+    Ok(())
+}
 
-    let contact = match turn.contact_id {
-        Some(id) => b.param(id)?,
-        None => CONTACT.to_string(),
-    };
+/// A known contact, checked by the turn's first write, then updated; returns whether that
+/// first write was the customer's message.
+fn update_known_contact(
+    b: &mut Batch,
+    turn: &TurnWrite<'_>,
+    contact: &str,
+) -> Result<bool, StoreError> {
     let mut inbound_written = false;
-    if turn.contact_id.is_some() {
-        // A known contact, checked by the turn's first write. With a customer message, that
-        // write is the message: a replay fails its unique wamid, and a contact id that no
-        // longer names this contact (deleted, or its id reused by another) gives it no
-        // contact, which fails NOT NULL.
-        if let Some(m) = turn.inbound {
-            let checked = format!(
-                "(SELECT id FROM contacts WHERE id = {contact} AND channel = $1 AND wa_id = $2)"
-            );
-            insert_inbound(&mut b, m, &checked)?;
-            inbound_written = true;
-        } else {
-            // Without one, a guard: if the contact is gone it inserts a row without a
-            // channel, whose NOT NULL failure stops the batch (SQLite has no RAISE outside
-            // triggers).
-            b.statement(&format!(
-                "INSERT INTO contacts (channel, wa_id, created_at, updated_at) \
-                SELECT NULL, NULL, 0, 0 WHERE NOT EXISTS (SELECT 1 FROM contacts \
-                    WHERE id = {contact} AND channel = $1 AND wa_id = $2)"
-            ));
-        }
-        b.statement(&format!(
-            "UPDATE contacts SET name = $3, tags = $4, attrs = $5, timezone = $6, \
-                last_customer_message_at = $7, updated_at = $8, policy = $9 \
-            WHERE id = {contact}"
-        ));
+    // With a customer message, the check is the message: a replay fails its unique wamid,
+    // and a contact id that no longer names this contact (deleted, or its id reused by
+    // another) gives it no contact, which fails NOT NULL.
+    if let Some(m) = turn.inbound {
+        let checked = format!(
+            "(SELECT id FROM contacts WHERE id = {contact} AND channel = $1 AND wa_id = $2)"
+        );
+        insert_inbound(b, m, &checked)?;
+        inbound_written = true;
     } else {
-        // A new contact is written first (or updated, if it appeared meanwhile), and later
-        // statements find it by `(channel, wa_id)`; not under an identifier that names
-        // another contact (an identity change since the turn resolved it): the same guard
-        // as above stops the batch.
-        b.statement(
+        // Without one, a guard: if the contact is gone it inserts a row without a
+        // channel, whose NOT NULL failure stops the batch (SQLite has no RAISE outside
+        // triggers).
+        b.statement(&format!(
             "INSERT INTO contacts (channel, wa_id, created_at, updated_at) \
-            SELECT NULL, NULL, 0, 0 WHERE EXISTS (SELECT 1 FROM contact_aliases \
-                WHERE channel = $1 AND identifier = $2)",
-        );
-        b.returning(
-            "INSERT INTO contacts (channel, wa_id, name, tags, attrs, timezone, \
-                last_customer_message_at, created_at, updated_at, policy) \
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9) \
-            ON CONFLICT (channel, wa_id) DO UPDATE SET name = excluded.name, \
-                tags = excluded.tags, attrs = excluded.attrs, timezone = excluded.timezone, \
-                last_customer_message_at = excluded.last_customer_message_at, \
-                updated_at = excluded.updated_at, policy = excluded.policy \
-            RETURNING 0, id",
-        );
+            SELECT NULL, NULL, 0, 0 WHERE NOT EXISTS (SELECT 1 FROM contacts \
+                WHERE id = {contact} AND channel = $1 AND wa_id = $2)"
+        ));
     }
+    b.statement(&format!(
+        "UPDATE contacts SET name = $3, tags = $4, attrs = $5, timezone = $6, \
+            last_customer_message_at = $7, updated_at = $8, policy = $9 \
+        WHERE id = {contact}"
+    ));
+    Ok(inbound_written)
+}
 
-    match turn.session {
-        Some(s) => {
-            let (flow, version, step) = (
-                b.param(s.flow_id.clone())?,
-                b.param(s.flow_version.clone())?,
-                b.param(s.step.clone())?,
-            );
-            let state = b.param(serde_json::to_string(&s.state)?)?;
-            let at = b.param(s.updated_at.timestamp_millis())?;
-            b.statement(&format!(
-                "INSERT INTO sessions (contact_id, flow_id, flow_version, step, state, updated_at) \
-                VALUES ({contact}, {flow}, {version}, {step}, {state}, {at}) \
-                ON CONFLICT (contact_id) DO UPDATE SET flow_id = excluded.flow_id, \
-                    flow_version = excluded.flow_version, step = excluded.step, \
-                    state = excluded.state, updated_at = excluded.updated_at"
-            ));
-        }
-        None => b.statement(&format!(
+/// A new contact is written first (or updated, if it appeared meanwhile), and later
+/// statements find it by `(channel, wa_id)`; not under an identifier that names another
+/// contact (an identity change since the turn resolved it): the same guard as a known
+/// contact's stops the batch.
+fn upsert_new_contact(b: &mut Batch) {
+    b.statement(
+        "INSERT INTO contacts (channel, wa_id, created_at, updated_at) \
+        SELECT NULL, NULL, 0, 0 WHERE EXISTS (SELECT 1 FROM contact_aliases \
+            WHERE channel = $1 AND identifier = $2)",
+    );
+    b.returning(
+        "INSERT INTO contacts (channel, wa_id, name, tags, attrs, timezone, \
+            last_customer_message_at, created_at, updated_at, policy) \
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9) \
+        ON CONFLICT (channel, wa_id) DO UPDATE SET name = excluded.name, \
+            tags = excluded.tags, attrs = excluded.attrs, timezone = excluded.timezone, \
+            last_customer_message_at = excluded.last_customer_message_at, \
+            updated_at = excluded.updated_at, policy = excluded.policy \
+        RETURNING 0, id",
+    );
+}
+
+/// The session after the turn, or its end.
+fn write_session(
+    b: &mut Batch,
+    session: Option<&SessionRow>,
+    contact: &str,
+) -> Result<(), StoreError> {
+    let Some(s) = session else {
+        b.statement(&format!(
             "DELETE FROM sessions WHERE contact_id = {contact}"
-        )),
-    }
+        ));
+        return Ok(());
+    };
+    let (flow, version, step) = (
+        b.param(s.flow_id.clone())?,
+        b.param(s.flow_version.clone())?,
+        b.param(s.step.clone())?,
+    );
+    let state = b.param(serde_json::to_string(&s.state)?)?;
+    let at = b.param(s.updated_at.timestamp_millis())?;
+    b.statement(&format!(
+        "INSERT INTO sessions (contact_id, flow_id, flow_version, step, state, updated_at) \
+        VALUES ({contact}, {flow}, {version}, {step}, {state}, {at}) \
+        ON CONFLICT (contact_id) DO UPDATE SET flow_id = excluded.flow_id, \
+            flow_version = excluded.flow_version, step = excluded.step, \
+            state = excluded.state, updated_at = excluded.updated_at"
+    ));
+    Ok(())
+}
 
-    // The queue first: flushed messages keep their (lower) ids, so they leave before this
-    // turn's new messages.
-    for r in turn.dequeued {
+/// Queued messages' new decisions, each only if it is still queued.
+fn update_dequeued(
+    b: &mut Batch,
+    dequeued: &[DequeuedRecord],
+    contact: &str,
+) -> Result<(), StoreError> {
+    for r in dequeued {
         let [kind, body, decision, reason, status, reply_to] =
-            outbound_params(&mut b, &r.message, &r.decision, &r.status, &r.in_reply_to)?;
+            outbound_params(b, &r.message, &r.decision, &r.status, &r.in_reply_to)?;
         let id = b.param(r.id)?;
         b.returning(&format!(
             "UPDATE messages SET kind = {kind}, body = {body}, decision = {decision}, \
@@ -246,66 +403,73 @@ fn build(turn: &TurnWrite<'_>) -> Result<Batch, StoreError> {
             RETURNING 2, id"
         ));
     }
+    Ok(())
+}
 
-    if let Some(m) = turn.inbound.filter(|_| !inbound_written) {
-        insert_inbound(&mut b, m, &contact)?;
+/// The turn's outgoing messages, in one multi-row INSERT.
+fn insert_outbound(
+    b: &mut Batch,
+    outbound: &[OutboundRecord],
+    contact: &str,
+) -> Result<(), StoreError> {
+    if outbound.is_empty() {
+        return Ok(());
     }
-
-    if !turn.outbound.is_empty() {
-        let mut sql = String::from(
-            "INSERT INTO messages (contact_id, channel, direction, wamid, kind, body, decision, \
-                reason, status, created_at, in_reply_to, updated_at, expires_at) VALUES ",
+    let mut sql = String::from(
+        "INSERT INTO messages (contact_id, channel, direction, wamid, kind, body, decision, \
+            reason, status, created_at, in_reply_to, updated_at, expires_at) VALUES ",
+    );
+    for (i, r) in outbound.iter().enumerate() {
+        let [kind, body, decision, reason, status, reply_to] =
+            outbound_params(b, &r.message, &r.decision, &r.status, &r.in_reply_to)?;
+        let expires = b.param(r.expires_at.map(|t| t.timestamp_millis()))?;
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        let _ = write!(
+            sql,
+            "({contact}, $1, 'out', NULL, {kind}, {body}, {decision}, {reason}, {status}, \
+                {NOW}, {reply_to}, {NOW}, {expires})"
         );
-        for (i, r) in turn.outbound.iter().enumerate() {
-            let [kind, body, decision, reason, status, reply_to] =
-                outbound_params(&mut b, &r.message, &r.decision, &r.status, &r.in_reply_to)?;
-            let expires = b.param(r.expires_at.map(|t| t.timestamp_millis()))?;
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            let _ = write!(
-                sql,
-                "({contact}, $1, 'out', NULL, {kind}, {body}, {decision}, {reason}, {status}, \
-                    {NOW}, {reply_to}, {NOW}, {expires})"
-            );
-        }
-        sql.push_str(" RETURNING 1, id");
-        b.returning(&sql);
     }
+    sql.push_str(" RETURNING 1, id");
+    b.returning(&sql);
+    Ok(())
+}
 
-    if let Some(old) = turn.superseded {
-        let id = b.param(old.id)?;
-        let reason = b.param(old.reason.clone())?;
-        b.statement(&format!(
-            "UPDATE messages SET decision = 'failed', \
-                reason = {reason} || (SELECT MAX(id) FROM messages \
-                    WHERE contact_id = {contact} AND direction = 'out'), \
-                updated_at = {NOW} \
-            WHERE id = {id}"
-        ));
+/// The message the turn's outbound message replaces: `failed`, its reason naming the new
+/// message.
+fn mark_superseded(b: &mut Batch, old: &Superseded, contact: &str) -> Result<(), StoreError> {
+    let id = b.param(old.id)?;
+    let reason = b.param(old.reason.clone())?;
+    b.statement(&format!(
+        "UPDATE messages SET decision = 'failed', \
+            reason = {reason} || (SELECT MAX(id) FROM messages \
+                WHERE contact_id = {contact} AND direction = 'out'), \
+            updated_at = {NOW} \
+        WHERE id = {id}"
+    ));
+    Ok(())
+}
+
+/// All of the contact's timers, replaced by `timers`.
+fn replace_timers(b: &mut Batch, timers: &[NewTimer], contact: &str) -> Result<(), StoreError> {
+    b.statement(&format!("DELETE FROM timers WHERE contact_id = {contact}"));
+    if timers.is_empty() {
+        return Ok(());
     }
-    if let Some(id) = turn.fired_timer {
-        let id = b.param(id)?;
-        b.statement(&format!("DELETE FROM timers WHERE id = {id}"));
-    }
-    if let Some(timers) = turn.replace_timers {
-        b.statement(&format!("DELETE FROM timers WHERE contact_id = {contact}"));
-        if !timers.is_empty() {
-            let mut sql = String::from(
-                "INSERT INTO timers (contact_id, due_at, payload, created_at) VALUES ",
-            );
-            for (i, t) in timers.iter().enumerate() {
-                let due = b.param(t.due_at.timestamp_millis())?;
-                let payload = b.param(serde_json::to_string(&t.payload)?)?;
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                let _ = write!(sql, "({contact}, {due}, {payload}, {NOW})");
-            }
-            b.statement(&sql);
+    let mut sql =
+        String::from("INSERT INTO timers (contact_id, due_at, payload, created_at) VALUES ");
+    for (i, t) in timers.iter().enumerate() {
+        let due = b.param(t.due_at.timestamp_millis())?;
+        let payload = b.param(serde_json::to_string(&t.payload)?)?;
+        if i > 0 {
+            sql.push_str(", ");
         }
+        let _ = write!(sql, "({contact}, {due}, {payload}, {NOW})");
     }
-    Ok(b)
+    b.statement(&sql);
+    Ok(())
 }
 
 /// An outgoing message's columns as parameters: kind, body, decision, reason, status and
@@ -338,4 +502,181 @@ fn insert_inbound(b: &mut Batch, m: &Inbound, contact: &str) -> Result<(), Store
         VALUES ({contact}, $1, 'in', {wamid}, {kind}, {body}, NULL, NULL, '{RECEIVED}', {NOW})"
     ));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::DateTime;
+
+    use super::*;
+    use crate::domain::OutboundContent;
+    use crate::store::conformance::{CH, bare_turn, inbound, memory_db, said, t};
+
+    /// SQLite-specific: the writer is held so the turns commit as one group.
+    #[tokio::test]
+    async fn concurrent_turns_commit_and_fail_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
+            .await
+            .unwrap();
+        db.migrate().await.unwrap();
+        let first = Contact::new("1000");
+        let seen = inbound("wamid.seen", "hi", t(0));
+        db.commit_turn(&TurnWrite {
+            inbound: Some(&seen),
+            ..bare_turn(None, &first, t(0))
+        })
+        .await
+        .unwrap();
+        // 60 contacts at once through the one writer, one of them replaying the message
+        // already stored: only that turn fails, and writes nothing. The writer is held while
+        // they queue, so they commit as one group, the failing turn in the middle of it (its
+        // contact upsert ran before its inbound message failed, and is undone).
+        let Backend::Sqlite(sqlite) = &db.backend;
+        let writer = &sqlite.writer;
+        let release = writer.hold().await;
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..60 {
+            let db = db.clone();
+            tasks.spawn(async move {
+                let contact = Contact::new(format!("{}", 2000 + i));
+                let id = if i == 30 {
+                    "wamid.seen".to_string()
+                } else {
+                    format!("wamid.{i}")
+                };
+                let message = inbound(&id, "hello", t(1));
+                let out = [said(
+                    OutboundContent::text(format!("reply {i}")),
+                    Decision::Send {
+                        reason: "window open".into(),
+                    },
+                )];
+                let result = db
+                    .commit_turn(&TurnWrite {
+                        inbound: Some(&message),
+                        outbound: &out,
+                        ..bare_turn(None, &contact, t(1))
+                    })
+                    .await;
+                (i, contact.wa_id.clone(), result)
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        release.send(()).unwrap();
+        let mut committed = 0;
+        while let Some(joined) = tasks.join_next().await {
+            let (i, wa_id, result) = joined.unwrap();
+            match result {
+                Ok(turn) => {
+                    committed += 1;
+                    let log = db.messages(CH, &wa_id, 10).await.unwrap();
+                    assert_eq!(log.len(), 2, "contact {wa_id}");
+                    assert_eq!(log[1].id, turn.outbound_ids[0]);
+                    assert_eq!(log[1].body["content"]["body"], format!("reply {i}"));
+                }
+                Err(e) => {
+                    assert_eq!(i, 30, "only the replay fails: {e}");
+                    assert!(e.is_duplicate(), "{e}");
+                    assert_eq!(
+                        db.load_conversation(CH, &wa_id).await.unwrap().contact_id,
+                        None
+                    );
+                }
+            }
+        }
+        assert_eq!(committed, 59);
+    }
+
+    /// SQLite-specific: SQLite hands a deleted highest id out again, so a stale id can name
+    /// another contact.
+    #[tokio::test]
+    async fn stale_contact_id_is_refused() {
+        let db = memory_db().await;
+        let contact = Contact::new("1555");
+        let err = db
+            .commit_turn(&bare_turn(Some(42), &contact, t(0)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::UnknownContact { id: 42 }),
+            "{err}"
+        );
+        assert_eq!(
+            db.load_conversation(CH, "1555").await.unwrap().contact_id,
+            None
+        );
+
+        // With a customer message the message itself is the guard: the contact was deleted
+        // and created again since it was loaded, under a new id.
+        let msg = inbound("wamid.stale", "hi", t(1));
+        let old = db
+            .commit_turn(&TurnWrite {
+                inbound: Some(&msg),
+                ..bare_turn(None, &contact, t(1))
+            })
+            .await
+            .unwrap()
+            .contact_id;
+        db.commit_turn(&bare_turn(None, &Contact::new("1666"), t(1)))
+            .await
+            .unwrap();
+        let Backend::Sqlite(sqlite) = &db.backend;
+        let pool = &sqlite.pool;
+        sqlx::query("DELETE FROM contacts WHERE id = $1")
+            .bind(old)
+            .execute(pool)
+            .await
+            .unwrap();
+        let new = db
+            .commit_turn(&bare_turn(None, &contact, t(2)))
+            .await
+            .unwrap()
+            .contact_id;
+        assert_ne!(new, old);
+        // A turn with a message and a reply for the contact as loaded with `id`, refused.
+        let refused = async |id: i64, wamid: &str, at: DateTime<Utc>| {
+            let message = inbound(wamid, "hi again", at);
+            let out = [said(
+                OutboundContent::text("hello"),
+                Decision::Send {
+                    reason: "window open".into(),
+                },
+            )];
+            let err = db
+                .commit_turn(&TurnWrite {
+                    inbound: Some(&message),
+                    outbound: &out,
+                    ..bare_turn(Some(id), &contact, at)
+                })
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, StoreError::UnknownContact { id: e } if e == id),
+                "{err}"
+            );
+        };
+        refused(old, "wamid.stale.2", t(3)).await;
+        assert!(db.messages(CH, "1555", 10).await.unwrap().is_empty());
+
+        // The highest id, deleted, is given to the next contact: the stale id now names
+        // someone else, who must not get this turn's message, contact or session.
+        sqlx::query("DELETE FROM contacts WHERE id = $1")
+            .bind(new)
+            .execute(pool)
+            .await
+            .unwrap();
+        let other = Contact::new("1888");
+        let reused = db
+            .commit_turn(&bare_turn(None, &other, t(4)))
+            .await
+            .unwrap()
+            .contact_id;
+        assert_eq!(reused, new, "SQLite hands the freed highest id out again");
+        refused(new, "wamid.stale.3", t(5)).await;
+        assert!(db.messages(CH, "1888", 10).await.unwrap().is_empty());
+        let untouched = db.load_conversation(CH, "1888").await.unwrap();
+        assert_eq!(untouched.contact.wa_id, "1888");
+        assert_eq!(untouched.session, None);
+    }
 }

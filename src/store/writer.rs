@@ -52,7 +52,8 @@ use sqlx::sqlite::{LockedSqliteHandle, SqliteConnectOptions};
 use sqlx::{Connection as _, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
-use super::StoreError;
+use super::error::StoreError;
+use super::sql::bind_numbered;
 
 /// A job's future, boxed: the writer runs jobs of every type.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -235,28 +236,6 @@ impl Ran {
             }),
         }
     }
-}
-
-/// Binds a statement's `$n` parameters to `args[n - 1]`. SQLite numbers named parameters
-/// in the order they first appear, so `$n` is found by its name, not its position.
-pub(crate) fn bind_numbered(
-    statement: &mut rusqlite::Statement<'_>,
-    args: &[Value],
-) -> Result<(), StoreError> {
-    for index in 1..=statement.parameter_count() {
-        let value = statement
-            .parameter_name(index)
-            .and_then(|name| name.strip_prefix('$'))
-            .and_then(|n| n.parse::<usize>().ok())
-            .and_then(|n| args.get(n.checked_sub(1)?))
-            .ok_or_else(|| {
-                rusqlite::Error::InvalidParameterName(
-                    statement.parameter_name(index).unwrap_or("?").to_string(),
-                )
-            })?;
-        statement.raw_bind_parameter(index, value)?;
-    }
-    Ok(())
 }
 
 /// The writer thread's loop: take what is queued, run it, commit, answer.

@@ -289,9 +289,7 @@ async fn inbound_rows(setup: &Setup) -> BTreeMap<String, i64> {
         setup.dir.path().join("flowgate.db").display()
     );
     let db = flowgate::store::Db::connect(&url).await.unwrap();
-    let flowgate::store::Db::Sqlite { pool, .. } = &db else {
-        unreachable!()
-    };
+    let pool = db.sqlite_pool().expect("tests use SQLite");
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT wamid, COUNT(*) FROM messages WHERE direction = 'in' GROUP BY wamid",
     )

@@ -210,23 +210,17 @@ impl Server {
 }
 
 async fn count(db: &Db, sql: &str) -> i64 {
-    let Db::Sqlite { pool, .. } = db else {
-        unreachable!("tests use SQLite")
-    };
+    let pool = db.sqlite_pool().expect("tests use SQLite");
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
 async fn exec(db: &Db, sql: &str) {
-    let Db::Sqlite { pool, .. } = db else {
-        unreachable!("tests use SQLite")
-    };
+    let pool = db.sqlite_pool().expect("tests use SQLite");
     sqlx::query(sql).execute(pool).await.unwrap();
 }
 
 async fn text_of(db: &Db, sql: &str) -> String {
-    let Db::Sqlite { pool, .. } = db else {
-        unreachable!("tests use SQLite")
-    };
+    let pool = db.sqlite_pool().expect("tests use SQLite");
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
@@ -718,9 +712,7 @@ async fn statuses_in_any_order_end_in_the_right_status() {
     }]}));
     assert_eq!(server.signed(&body).await.0, 200);
     server.processed(1).await;
-    let Db::Sqlite { pool, .. } = &server.db else {
-        unreachable!()
-    };
+    let pool = server.db.sqlite_pool().expect("tests use SQLite");
     let contact: i64 =
         sqlx::query_scalar("SELECT id FROM contacts WHERE channel = 'main' AND wa_id = $1")
             .bind(WA_ID)

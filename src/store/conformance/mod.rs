@@ -1,0 +1,215 @@
+//! The store's conformance suite: its behaviour, as every backend must show it, in one set
+//! of `async fn`s that each take a fresh, migrated [`Db`] (`turns`, `contacts`, `inbox`).
+//!
+//! [`suite!`] instantiates every test of the suite for one backend, as a module of
+//! `#[tokio::test]`s named after it: today SQLite in memory and SQLite in a file. Tests of a
+//! backend's internals (SQLite's writer thread, query plans, WAL, the migrations list) stay
+//! beside their code; so do tests that hold a backend's writer still or rely on how SQLite
+//! reuses ids.
+//!
+//! The suite reads and seeds the database directly only through `with_pool!`, so its SQL
+//! runs on any backend's pool.
+//!
+//! **Adding PostgreSQL:** once [`Db::connect`] opens `postgres://` URLs, add an opener that
+//! connects to the database `FLOWGATE_TEST_POSTGRES_URL` names (a fresh schema per test)
+//! and prints that it skipped when the variable is unset, and instantiate the suite for it
+//! below the SQLite lines: `suite!(postgres = super::open_postgres());`.
+
+use chrono::{DateTime, Duration, Utc};
+use serde_json::json;
+
+use super::sql::with_pool;
+use super::{Db, NewTimer, OutboundRecord, SessionRow, TurnWrite};
+use crate::clock::VirtualClock;
+use crate::domain::{
+    Contact, Decision, Inbound, InboundContent, Origin, Outbound, OutboundContent,
+};
+
+mod contacts;
+mod inbox;
+mod turns;
+
+/// A fresh database for one test, with what must outlive it.
+struct Fixture {
+    db: Db,
+    /// The directory of a file database, removed when the test ends.
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// A private in-memory SQLite database.
+async fn open_sqlite_memory() -> Fixture {
+    Fixture {
+        db: memory_db().await,
+        _dir: None,
+    }
+}
+
+/// A SQLite database in a file of a new temporary directory (WAL, the file's own locking).
+async fn open_sqlite_file() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("flowgate.db").display()
+    ))
+    .await
+    .unwrap();
+    db.migrate().await.unwrap();
+    Fixture {
+        db,
+        _dir: Some(dir),
+    }
+}
+
+/// Instantiates the whole suite for one backend: `suite!(name = opener)` makes a module
+/// `name` with one `#[tokio::test]` per suite function, each on a fresh database from
+/// `opener` (an async fn giving a [`Fixture`]). A new suite function is added to the list
+/// here, once, and so runs on every backend.
+macro_rules! suite {
+    ($backend:ident = $open:expr) => {
+        mod $backend {
+            suite!(@tests $open;
+                turns::unknown_contact_is_new,
+                turns::commit_turn_round_trip,
+                turns::second_turn_updates_the_contact,
+                turns::turns_refuse_identifiers_that_changed_since_they_were_resolved,
+                turns::last_customer_message_at_round_trips,
+                turns::session_is_replaced_then_deleted,
+                turns::replace_timers_none_keeps_some_replaces,
+                turns::fired_timer_is_deleted,
+                turns::due_timers_are_ordered_and_limited,
+                turns::next_timer_at_is_the_earliest,
+                turns::flow_versions_are_immutable,
+                turns::reset_forgets_session_and_timers_only,
+                turns::failing_turn_writes_nothing,
+                contacts::a_new_customer_with_both_identifiers_is_found_by_either,
+                contacts::new_customers_with_one_identifier_are_left_to_their_turn,
+                contacts::a_phone_contact_learns_its_bsuid,
+                contacts::a_bsuid_contact_that_shares_its_phone_is_keyed_by_it,
+                contacts::two_contacts_of_one_customer_are_not_merged,
+                contacts::a_changed_number_becomes_the_key_and_the_old_one_is_forgotten,
+                contacts::a_number_change_without_the_new_number_keys_the_contact_by_its_new_bsuid,
+                contacts::a_late_webhook_with_the_old_identifiers_changes_nothing,
+                contacts::a_number_that_changed_hands_unannounced_gets_a_contact_of_its_own,
+                contacts::a_new_number_announced_without_its_bsuid_learns_it_from_the_next_message,
+                contacts::a_link_that_would_create_a_taken_identifier_writes_nothing,
+                contacts::identity_changes_that_cannot_apply_change_nothing,
+                inbox::duplicates_are_counted_not_stored,
+                inbox::large_batches_are_one_transaction,
+                inbox::claims_keep_each_contacts_order_across_retries,
+                inbox::statuses_only_move_forward,
+                inbox::failed_is_final_and_keeps_its_error,
+                inbox::callback_data_finds_a_send_whose_wamid_was_lost,
+                inbox::inbound_seen_reads_the_message_log
+            );
+        }
+    };
+    (@tests $open:expr; $($module:ident::$test:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $test() {
+                let fixture = $open.await;
+                super::$module::$test(fixture.db.clone()).await;
+            }
+        )*
+    };
+}
+
+suite!(sqlite_memory = super::open_sqlite_memory());
+suite!(sqlite_file = super::open_sqlite_file());
+
+// Helpers for the suite and for the backend-specific tests beside the code.
+
+pub(in crate::store) const CH: &str = "sandbox";
+
+pub(in crate::store) fn t(minutes: i64) -> DateTime<Utc> {
+    VirtualClock::test_epoch() + Duration::minutes(minutes)
+}
+
+pub(in crate::store) async fn memory_db() -> Db {
+    let db = Db::connect("sqlite::memory:").await.unwrap();
+    db.migrate().await.unwrap();
+    db
+}
+
+pub(in crate::store) fn inbound(id: &str, body: &str, at: DateTime<Utc>) -> Inbound {
+    Inbound {
+        id: id.into(),
+        timestamp: at,
+        content: InboundContent::text(body),
+        from_ad: false,
+    }
+}
+
+pub(in crate::store) fn said(content: OutboundContent, decision: Decision) -> OutboundRecord {
+    OutboundRecord {
+        message: Outbound::new(
+            content,
+            Origin::Step {
+                flow: "welcome".into(),
+                step: "start".into(),
+            },
+        ),
+        decision,
+        in_reply_to: None,
+        status: "sent".into(),
+        expires_at: None,
+    }
+}
+
+pub(in crate::store) fn session(step: &str, at: DateTime<Utc>) -> SessionRow {
+    SessionRow {
+        flow_id: "welcome".into(),
+        flow_version: "v1".into(),
+        step: step.into(),
+        state: json!({ "name": "Ada", "tries": 1 }),
+        updated_at: at,
+    }
+}
+
+pub(in crate::store) fn timer(at: DateTime<Utc>, tag: &str) -> NewTimer {
+    NewTimer {
+        due_at: at,
+        payload: json!({ "timer": tag }),
+    }
+}
+
+/// A turn that only touches the contact (and whatever the caller sets on top).
+pub(in crate::store) fn bare_turn<'a>(
+    contact_id: Option<i64>,
+    contact: &'a Contact,
+    now: DateTime<Utc>,
+) -> TurnWrite<'a> {
+    TurnWrite::new(CH, contact_id, contact, now)
+}
+
+/// Commits a turn that creates `wa_id` with the given timers; returns its id.
+pub(in crate::store) async fn contact_with_timers(
+    db: &Db,
+    wa_id: &str,
+    timers: &[NewTimer],
+) -> i64 {
+    let contact = Contact::new(wa_id);
+    let turn = TurnWrite {
+        replace_timers: Some(timers),
+        ..bare_turn(None, &contact, t(0))
+    };
+    db.commit_turn(&turn).await.unwrap().contact_id
+}
+
+pub(in crate::store) async fn timer_tags(db: &Db) -> Vec<String> {
+    db.due_timers(t(1_000_000), 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.payload["timer"].as_str().unwrap().to_string())
+        .collect()
+}
+
+pub(in crate::store) async fn count_contacts(db: &Db) -> i64 {
+    with_pool!(db, |pool| sqlx::query_scalar(
+        "SELECT COUNT(*) FROM contacts"
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap())
+}

@@ -1,0 +1,608 @@
+//! Contacts (`contacts`, `contact_aliases`): who a contact is, the identifiers WhatsApp
+//! gives a customer (a phone number, a business-scoped user id) resolved to one contact per
+//! channel, and changed when Meta says the customer's identity changed (DESIGN §3,
+//! FACTS.md §10.10).
+//!
+//! A contact is keyed by `contacts.wa_id`: its phone number when one is known (replies go
+//! `to` it), else its BSUID. Its BSUIDs are in `contact_aliases`: the one its phone is
+//! paired with now (`current`), and those it had before a number change, for late or
+//! retried webhooks. A number change regenerates the BSUID, so a phone that Meta pairs with
+//! another BSUID than its contact's current one has changed hands. Old phone numbers are
+//! dropped: WhatsApp gives a number to someone else, a BSUID never.
+//!
+//! Identifiers are linked only on pairings Meta asserts: both in one webhook (`from` and
+//! `from_user_id`, or one `contacts[]` entry), or a `system` identity change. Two contacts
+//! that turn out to be one customer (each written before Meta paired their identifiers) are
+//! not merged: their histories stay apart, the BSUID's contact answers, and the caller
+//! warns.
+//!
+//! A resolution that wrote nothing is remembered ([`ResolvedCache`]), so a known customer's
+//! next webhook costs no query: only this process writes identities (SQLite has one server
+//! process), and every identity write forgets everything remembered.
+//!
+//! A contact's policy state (consent, the window) is written by its turn, or alone when it
+//! changes outside one ([`Db::save_contact_policy`]); the sender reads it back for many
+//! contacts at once ([`Db::contacts_for_policy`]).
+
+use chrono::{DateTime, Utc};
+use rusqlite::OptionalExtension as _;
+
+use super::db::{Backend, Db};
+use super::error::StoreError;
+use super::resolved_cache::ResolvedCache;
+use super::sql::{from_millis, placeholders, with_pool, with_writer};
+use crate::domain::{Contact, PolicyState, is_bsuid};
+
+/// The identifiers one webhook gives for a customer. Empty strings count as absent.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Identifiers<'a> {
+    pub phone: Option<&'a str>,
+    pub bsuid: Option<&'a str>,
+}
+
+impl<'a> Identifiers<'a> {
+    pub fn new(phone: Option<&'a str>, bsuid: Option<&'a str>) -> Self {
+        let given = |s: Option<&'a str>| s.map(str::trim).filter(|s| !s.is_empty());
+        Self {
+            phone: given(phone),
+            bsuid: given(bsuid),
+        }
+    }
+
+    /// One identifier, either kind (an operator's, in the API).
+    pub fn of(identifier: &'a str) -> Self {
+        if is_bsuid(identifier) {
+            Self::new(None, Some(identifier))
+        } else {
+            Self::new(Some(identifier), None)
+        }
+    }
+
+    /// The key a new contact gets: the phone when known, else the BSUID.
+    pub fn new_key(&self) -> Option<&'a str> {
+        self.phone.or(self.bsuid)
+    }
+}
+
+/// The contact a webhook's identifiers name (see [`Db::resolve_contact`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The key to run the turn on: the contact's `wa_id`, or the key a new contact gets.
+    pub key: String,
+    /// Set when the identifiers name two different contacts (not merged): what to warn.
+    pub conflict: Option<String>,
+}
+
+/// What a `system` identity change did (see [`Db::change_identity`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityChanged {
+    /// The contact's key is now `key` (it may be unchanged when only an alias was added).
+    Changed { contact_id: i64, key: String },
+    /// No contact has the previous identifiers: nothing to change.
+    UnknownContact,
+    /// The change names no new identifier: nothing to change.
+    NothingNew,
+    /// A new identifier already names another contact: nothing changed.
+    Conflict(String),
+}
+
+/// A contact found by one of its identifiers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Known {
+    id: i64,
+    key: String,
+    /// Found by its key (not by an old identifier kept as an alias).
+    by_key: bool,
+    /// Whether its phone (its key) is paired with a BSUID now.
+    paired: bool,
+}
+
+/// What a link job does. `contact: Some` gives that contact a new key (its old key stays
+/// as an alias if it is a BSUID) and a new alias; `number_changed` marks its BSUIDs as from
+/// before a number change. `None` creates a contact keyed by `key` with `alias`, first
+/// moving `key` off the contact holding it when `displace` is set. A BSUID alias of a
+/// phone-keyed contact is its current pairing unless the number changed.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Link {
+    pub(super) channel: String,
+    pub(super) contact: Option<i64>,
+    pub(super) key: Option<String>,
+    pub(super) alias: Option<String>,
+    pub(super) displace: bool,
+    pub(super) number_changed: bool,
+    pub(super) now: i64,
+}
+
+/// How a link job ended.
+#[derive(Debug)]
+pub(super) enum Linked {
+    Key {
+        contact_id: i64,
+        key: String,
+    },
+    /// Nothing was written: an identifier names another contact (whose key, if the link
+    /// was to create a contact, answers instead).
+    Conflict {
+        why: String,
+        owner: Option<String>,
+    },
+}
+
+/// What a lookup's answer asks [`Db::resolve_contact`] to do.
+enum Resolution {
+    /// Nothing to write: what the database says now holds until an identity write (so it
+    /// is remembered).
+    Settled(String),
+    /// A pairing to record first; the key answers if it conflicts.
+    Link(Link, String),
+    /// The answer as it is, not remembered.
+    Answer(Resolved),
+}
+
+// A row as the database returns it.
+type PolicyContactRaw = (i64, String, Option<String>, String, Option<i64>, String);
+
+impl Db {
+    /// The contact `ids` name on `channel`, by BSUID first, then phone; `None` when `ids` is
+    /// empty. A pairing the database does not know yet is recorded:
+    ///
+    /// * a new customer who comes with both is created with both (so a later webhook with
+    ///   the BSUID alone finds them);
+    /// * a contact known by phone alone learns its BSUID (an alias);
+    /// * a contact keyed by this BSUID (no phone known) that now shares its phone is keyed
+    ///   by the phone (replies go to it);
+    /// * a phone whose contact has other BSUIDs has changed hands (a BSUID is regenerated
+    ///   with every number change): the old contact keeps its BSUID as its key, and the
+    ///   new owner gets a contact of their own.
+    ///
+    /// An old BSUID (an alias) with a phone the contact no longer has is a late webhook: it
+    /// finds the contact and changes nothing.
+    pub async fn resolve_contact(
+        &self,
+        channel: &str,
+        ids: Identifiers<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Resolved>, StoreError> {
+        let Some(new_key) = ids.new_key() else {
+            return Ok(None);
+        };
+        let cache = self.resolved_cache();
+        let by = ResolvedCache::by(channel, ids.phone, ids.bsuid);
+        let generation = match cache.map(|cache| cache.get(&by)) {
+            Some(Ok(key)) => {
+                return Ok(Some(Resolved {
+                    key,
+                    conflict: None,
+                }));
+            }
+            Some(Err(generation)) => generation,
+            None => 0,
+        };
+        let found = self.lookup(channel, ids).await?;
+        Ok(Some(match resolution(channel, ids, new_key, found, now) {
+            Resolution::Settled(key) => {
+                if let Some(cache) = cache {
+                    cache.remember(generation, by, &key);
+                }
+                Resolved {
+                    key,
+                    conflict: None,
+                }
+            }
+            Resolution::Link(link, fallback) => self.linked(link, fallback).await?,
+            Resolution::Answer(resolved) => resolved,
+        }))
+    }
+
+    /// Applies a `system` identity change, which WhatsApp sends when a customer changes
+    /// their phone number (which regenerates their BSUID): the contact the previous
+    /// identifiers name (by BSUID first) is keyed by the new phone, else (the new phone is
+    /// not shared: `user_changed_user_id`) by the new BSUID. Its BSUIDs stay as aliases, for
+    /// late webhooks; its previous phone is dropped, since it now belongs to someone else.
+    pub async fn change_identity(
+        &self,
+        channel: &str,
+        previous: Identifiers<'_>,
+        new: Identifiers<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<IdentityChanged, StoreError> {
+        let Some(key) = new.new_key() else {
+            return Ok(IdentityChanged::NothingNew);
+        };
+        if previous.new_key().is_none() {
+            return Ok(IdentityChanged::UnknownContact);
+        }
+        let (by_bsuid, by_phone) = self.lookup(channel, previous).await?;
+        let Some(contact) = by_bsuid.or(by_phone) else {
+            return Ok(IdentityChanged::UnknownContact);
+        };
+        let alias = new.bsuid.filter(|b| *b != key);
+        let linked = self
+            .link(Link {
+                channel: channel.to_string(),
+                contact: Some(contact.id),
+                key: Some(key.to_string()),
+                alias: alias.map(str::to_string),
+                displace: false,
+                number_changed: true,
+                now: now.timestamp_millis(),
+            })
+            .await?;
+        Ok(match linked {
+            Linked::Key { contact_id, key } => IdentityChanged::Changed { contact_id, key },
+            Linked::Conflict { why, .. } => IdentityChanged::Conflict(why),
+        })
+    }
+
+    /// The contacts `ids`' BSUID and phone name (by key or alias).
+    async fn lookup(
+        &self,
+        channel: &str,
+        ids: Identifiers<'_>,
+    ) -> Result<(Option<Known>, Option<Known>), StoreError> {
+        // A key match first: it outranks an alias that (written before the key) repeats it.
+        const SQL: &str = "SELECT x.identifier, c.id, c.wa_id, x.by_key, \
+                EXISTS (SELECT 1 FROM contact_aliases o WHERE o.contact_id = c.id \
+                    AND o.current = 1) \
+            FROM (SELECT wa_id AS identifier, id AS contact_id, 1 AS by_key FROM contacts \
+                    WHERE channel = $1 AND wa_id IN ($2, $3) \
+                UNION ALL SELECT identifier, contact_id, 0 FROM contact_aliases \
+                    WHERE channel = $1 AND identifier IN ($2, $3)) x \
+            JOIN contacts c ON c.id = x.contact_id \
+            ORDER BY x.by_key DESC";
+        let rows: Vec<(String, i64, String, bool, bool)> = with_pool!(self, |pool| {
+            sqlx::query_as(SQL)
+                .bind(channel)
+                .bind(ids.bsuid)
+                .bind(ids.phone)
+                .fetch_all(pool)
+                .await?
+        });
+        let find = |id: Option<&str>| {
+            let id = id?;
+            rows.iter().find(|(identifier, ..)| identifier == id).map(
+                |(_, contact, key, by_key, paired)| Known {
+                    id: *contact,
+                    key: key.clone(),
+                    by_key: *by_key,
+                    paired: *paired,
+                },
+            )
+        };
+        Ok((find(ids.bsuid), find(ids.phone)))
+    }
+
+    /// Runs `link`; `fallback` is the key to answer with if it conflicts (unless the
+    /// conflict names the contact that answers).
+    async fn linked(&self, link: Link, fallback: String) -> Result<Resolved, StoreError> {
+        Ok(match self.link(link).await? {
+            Linked::Key { key, .. } => Resolved {
+                key,
+                conflict: None,
+            },
+            Linked::Conflict { why, owner } => Resolved {
+                key: owner.unwrap_or(fallback),
+                conflict: Some(why),
+            },
+        })
+    }
+
+    /// One writer job: checks that the new identifiers name no other contact, then writes
+    /// them (all or nothing). What is remembered is forgotten before the job (a lookup
+    /// meanwhile is not remembered) and again after its commit (a cache hit in between
+    /// could still answer the old key: a turn refuses to create a contact under an alias,
+    /// and a turn on a contact whose key changed fails its stale-contact check, and either
+    /// is retried).
+    pub(super) async fn link(&self, link: Link) -> Result<Linked, StoreError> {
+        let Backend::Sqlite(sqlite) = &self.backend;
+        sqlite.identities.forget_all();
+        let linked = sqlite.writer.run_raw(move |db| link.run(db)).await?;
+        if matches!(linked, Linked::Key { .. }) {
+            sqlite.identities.forget_all();
+        }
+        Ok(linked)
+    }
+
+    /// What this process remembers of resolved identities; a backend whose identities
+    /// other processes write too has none.
+    fn resolved_cache(&self) -> Option<&ResolvedCache> {
+        let Backend::Sqlite(sqlite) = &self.backend;
+        Some(&sqlite.identities)
+    }
+
+    /// Writes a contact's policy state alone (consent and window changes that arrive outside
+    /// a turn: statuses, preferences, send errors). Callers hold the contact's lock.
+    pub async fn save_contact_policy(
+        &self,
+        contact_id: i64,
+        policy: &PolicyState,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        const SQL: &str = "UPDATE contacts SET policy = $1, updated_at = $2 WHERE id = $3";
+        let json = serde_json::to_string(policy)?;
+        let n = with_writer!(self, |pool| {
+            sqlx::query(SQL)
+                .bind(json)
+                .bind(now.timestamp_millis())
+                .bind(contact_id)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        if n == 0 {
+            return Err(StoreError::UnknownContact { id: contact_id });
+        }
+        Ok(())
+    }
+
+    /// The window and consent part of some contacts (what the sender decides again with),
+    /// by contact id.
+    pub async fn contacts_for_policy(
+        &self,
+        ids: &[i64],
+    ) -> Result<Vec<(i64, Contact)>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let list = placeholders(1, chunk.len());
+            let sql = format!(
+                "SELECT id, wa_id, name, attrs, last_customer_message_at, policy FROM contacts \
+                WHERE id IN ({list})"
+            );
+            let rows: Vec<PolicyContactRaw> = with_pool!(self, |pool| {
+                let mut q = sqlx::query_as(&sql);
+                for id in chunk {
+                    q = q.bind(*id);
+                }
+                q.fetch_all(pool).await?
+            });
+            for (id, wa_id, name, attrs, last, policy) in rows {
+                let mut contact = Contact::new(wa_id);
+                contact.name = name;
+                contact.attrs = serde_json::from_str(&attrs)?;
+                contact.last_customer_message_at = last
+                    .map(|ms| from_millis(ms, "contacts.last_customer_message_at"))
+                    .transpose()?;
+                contact.policy = serde_json::from_str(&policy)?;
+                out.push((id, contact));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What the contacts `ids` name (`found`: by BSUID, by phone) ask for; `new_key` is the key
+/// a new contact gets.
+fn resolution(
+    channel: &str,
+    ids: Identifiers<'_>,
+    new_key: &str,
+    (by_bsuid, by_phone): (Option<Known>, Option<Known>),
+    now: DateTime<Utc>,
+) -> Resolution {
+    let link = |contact, key: Option<&str>, alias: Option<&str>, displace| Link {
+        channel: channel.to_string(),
+        contact,
+        key: key.map(str::to_string),
+        alias: alias.map(str::to_string),
+        displace,
+        number_changed: false,
+        now: now.timestamp_millis(),
+    };
+    match (by_bsuid, by_phone, ids.phone, ids.bsuid) {
+        (Some(b), Some(p), ..) if b.id == p.id => Resolution::Settled(b.key),
+        (Some(b), Some(p), ..) => Resolution::Answer(Resolved {
+            conflict: Some(format!(
+                "BSUID {} is contact {} and phone {} is contact {}: one customer, two \
+                 contacts (not merged); the BSUID's contact answers",
+                ids.bsuid.unwrap_or_default(),
+                b.id,
+                ids.phone.unwrap_or_default(),
+                p.id
+            )),
+            key: b.key,
+        }),
+        // Known by this BSUID alone, now with a phone: the phone is theirs.
+        (Some(b), None, Some(phone), _) if b.by_key && is_bsuid(&b.key) => {
+            Resolution::Link(link(Some(b.id), Some(phone), None, false), b.key)
+        }
+        (Some(b), None, ..) => Resolution::Settled(b.key),
+        // The phone's contact is paired with another BSUID: the number has a new owner.
+        (None, Some(p), _, Some(bsuid)) if p.paired => {
+            Resolution::Link(link(None, Some(&p.key), Some(bsuid), true), p.key)
+        }
+        (None, Some(p), _, Some(bsuid)) => {
+            Resolution::Link(link(Some(p.id), None, Some(bsuid), false), p.key)
+        }
+        (None, Some(p), _, None) => Resolution::Settled(p.key),
+        (None, None, Some(phone), Some(bsuid)) => Resolution::Link(
+            link(None, Some(phone), Some(bsuid), false),
+            phone.to_string(),
+        ),
+        // A new contact, created by its first turn (not remembered: until it is, the
+        // lookup is what would notice a BSUID-keyed contact learn a phone).
+        (None, None, ..) => Resolution::Answer(Resolved {
+            key: new_key.to_string(),
+            conflict: None,
+        }),
+    }
+}
+
+/// A link's answer when `identifier` already names contact `other` (not `contact`, or not
+/// the new contact the link was to create, whose key then answers instead).
+fn conflict(identifier: &str, other: (i64, String), contact: Option<i64>) -> Linked {
+    let whose = contact.map_or("a new contact".to_string(), |c| format!("contact {c}"));
+    Linked::Conflict {
+        why: format!(
+            "{identifier} already names contact {}, not {whose} (not merged)",
+            other.0
+        ),
+        owner: contact.is_none().then_some(other.1),
+    }
+}
+
+impl Link {
+    /// Runs the link on the writer's handle. Everything is checked before anything is
+    /// written.
+    fn run(&self, db: &rusqlite::Connection) -> Result<Linked, StoreError> {
+        match (self.contact, self.key.as_deref()) {
+            (Some(contact), _) => self.relink(db, contact),
+            (None, Some(key)) => self.create(db, key),
+            (None, None) => Err(StoreError::Corrupt("a new contact without a key".into())),
+        }
+    }
+
+    /// The contact `identifier` names on the link's channel (by key, else alias): its id
+    /// and key.
+    fn owner(
+        &self,
+        db: &rusqlite::Connection,
+        identifier: &str,
+    ) -> Result<Option<(i64, String)>, StoreError> {
+        Ok(db
+            .prepare_cached(
+                "SELECT c.id, c.wa_id FROM contacts c WHERE c.channel = ?1 AND c.wa_id = ?2 \
+                 UNION ALL SELECT c.id, c.wa_id FROM contact_aliases a \
+                    JOIN contacts c ON c.id = a.contact_id \
+                    WHERE a.channel = ?1 AND a.identifier = ?2 LIMIT 1",
+            )?
+            .query_row([self.channel.as_str(), identifier], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .optional()?)
+    }
+
+    /// Creates a contact keyed by `key` with the link's alias; first moves `key` off the
+    /// contact holding it when the link displaces it.
+    fn create(&self, db: &rusqlite::Connection, key: &str) -> Result<Linked, StoreError> {
+        if let Some(alias) = self.alias.as_deref()
+            && let Some(other) = self.owner(db, alias)?
+        {
+            return Ok(conflict(alias, other, None));
+        }
+        if let Some(holder) = self.owner(db, key)? {
+            if !self.displace || holder.1 != key {
+                return Ok(conflict(key, holder, None));
+            }
+            // The number has a new owner: its old contact is keyed by its BSUID.
+            let Some(bsuid) = self.take_current_alias(db, holder.0)? else {
+                return Ok(conflict(key, holder, None));
+            };
+            self.set_key(db, holder.0, &bsuid)?;
+        }
+        db.prepare_cached(
+            "INSERT INTO contacts (channel, wa_id, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?3)",
+        )?
+        .execute(rusqlite::params![self.channel, key, self.now])?;
+        let id = db.last_insert_rowid();
+        if let Some(alias) = self.alias.as_deref() {
+            self.add_alias(db, id, alias, !is_bsuid(key))?;
+        }
+        Ok(Linked::Key {
+            contact_id: id,
+            key: key.to_string(),
+        })
+    }
+
+    /// Gives `contact` the link's key (its old key stays as an alias if it is a BSUID) and
+    /// alias.
+    fn relink(&self, db: &rusqlite::Connection, contact: i64) -> Result<Linked, StoreError> {
+        let channel = self.channel.as_str();
+        let old_key: String = db
+            .prepare_cached("SELECT wa_id FROM contacts WHERE id = ?1 AND channel = ?2")?
+            .query_row(rusqlite::params![contact, channel], |row| row.get(0))
+            .optional()?
+            .ok_or(StoreError::UnknownContact { id: contact })?;
+        let new_key = self.key.as_deref().filter(|k| *k != old_key);
+        let alias = self.alias.as_deref();
+        for identifier in new_key.iter().chain(alias.iter()) {
+            if let Some(other) = self
+                .owner(db, identifier)?
+                .filter(|other| other.0 != contact)
+            {
+                return Ok(conflict(identifier, other, Some(contact)));
+            }
+        }
+        if self.number_changed {
+            db.prepare_cached("UPDATE contact_aliases SET current = 0 WHERE contact_id = ?1")?
+                .execute([contact])?;
+        }
+        let mut key = old_key.clone();
+        if let Some(new_key) = new_key {
+            db.prepare_cached(
+                "DELETE FROM contact_aliases WHERE channel = ?1 AND identifier = ?2",
+            )?
+            .execute([channel, new_key])?;
+            self.set_key(db, contact, new_key)?;
+            if is_bsuid(&old_key) {
+                // Known by this BSUID alone until now, it is the phone's pairing, unless
+                // the number changed (which made a new BSUID).
+                let current = !self.number_changed && !is_bsuid(new_key);
+                self.add_alias(db, contact, &old_key, current)?;
+            }
+            key = new_key.to_string();
+        }
+        if let Some(alias) = alias.filter(|a| *a != key) {
+            self.add_alias(db, contact, alias, !is_bsuid(&key))?;
+        }
+        Ok(Linked::Key {
+            contact_id: contact,
+            key,
+        })
+    }
+
+    fn set_key(
+        &self,
+        db: &rusqlite::Connection,
+        contact: i64,
+        key: &str,
+    ) -> Result<(), StoreError> {
+        db.prepare_cached("UPDATE contacts SET wa_id = ?1, updated_at = ?2 WHERE id = ?3")?
+            .execute(rusqlite::params![key, self.now, contact])?;
+        Ok(())
+    }
+
+    /// Adds (or updates) an alias of `contact`, which the caller checked names no other
+    /// contact; a `current` one replaces the contact's current pairing.
+    fn add_alias(
+        &self,
+        db: &rusqlite::Connection,
+        contact: i64,
+        identifier: &str,
+        current: bool,
+    ) -> Result<(), StoreError> {
+        if current {
+            db.prepare_cached("UPDATE contact_aliases SET current = 0 WHERE contact_id = ?1")?
+                .execute([contact])?;
+        }
+        db.prepare_cached(
+            "INSERT INTO contact_aliases (channel, identifier, contact_id, current) \
+             VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (channel, identifier) DO UPDATE SET current = excluded.current",
+        )?
+        .execute(rusqlite::params![
+            self.channel,
+            identifier,
+            contact,
+            current
+        ])?;
+        Ok(())
+    }
+
+    /// Removes `contact`'s current BSUID alias and returns it.
+    fn take_current_alias(
+        &self,
+        db: &rusqlite::Connection,
+        contact: i64,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(db
+            .prepare_cached(
+                "DELETE FROM contact_aliases WHERE channel = ?1 AND identifier = \
+                    (SELECT identifier FROM contact_aliases WHERE contact_id = ?2 \
+                     AND current = 1 LIMIT 1) \
+                 RETURNING identifier",
+            )?
+            .query_row(rusqlite::params![self.channel, contact], |row| row.get(0))
+            .optional()?)
+    }
+}

@@ -1,0 +1,84 @@
+//! Persistence: contacts, sessions, the message log, the inbox and outbox, the queue,
+//! durable timers, flow versions and template statuses.
+//!
+//! All of flowgate's SQL lives here; no other module writes a query. Everything else speaks
+//! [`Conversation`], [`TurnWrite`] and the row types of the aggregates below, so the engine
+//! stays testable without a database schema in its head and the schema can change in one
+//! place. Times are stored at millisecond precision; anything finer is dropped.
+//!
+//! # Module map
+//!
+//! Each aggregate is a module with its queries (an `impl Db` block) and the row types they
+//! return; the caller sees one [`Db`] with every operation.
+//!
+//! | module | tables | operations |
+//! |---|---|---|
+//! | `contacts` | `contacts`, `contact_aliases` | who a customer is: [`Db::resolve_contact`], [`Db::change_identity`]; their policy state: [`Db::save_contact_policy`], [`Db::contacts_for_policy`] |
+//! | `conversations` | reads `contacts`, `sessions`, `messages`; `flow_versions` | [`Db::load_conversation`], [`Db::messages`], [`Db::message`], [`Db::reset_conversation`], [`Db::save_flow_version`], [`Db::flow_version`] |
+//! | `turn` | `contacts`, `sessions`, `messages`, `timers` | [`Db::commit_turn`]: everything one turn changes, in one transaction ([`TurnWrite`]) |
+//! | `inbox` | `inbox`; statuses on `messages` | webhook updates: [`Db::insert_updates`], claims, retries, pruning; delivery statuses: [`Db::apply_status`] |
+//! | `outbox` | outbound `messages`, `channel_state` | the sender's claims and outcomes ([`Db::claim_outbox`], `record_*`), the channel stop switch |
+//! | `queue` | `messages` in status `queued` | [`Db::queued_messages`], expiries, [`Db::redecide_claimed`] |
+//! | `template_statuses` | `template_statuses` | [`Db::save_template_status`], [`Db::template_statuses`] |
+//! | `timers` | reads `timers` | [`Db::due_timers`], [`Db::next_timer_at`] |
+//!
+//! Beside them: `db` ([`Db`], its `Backend`, connect, migrate, close), `error`
+//! ([`StoreError`]), `migrate` (the embedded SQLite migrations), `sql` (the macros and
+//! helpers every aggregate shares), `writer` (SQLite's writer thread) and `resolved_cache`
+//! (identities this process resolved). Modules import downwards only: aggregates import
+//! `db`, `error`, `sql` and each other's row types; `db` imports none of them.
+//!
+//! # The backend seam
+//!
+//! [`Db`] is a struct over a private `Backend` enum, with one variant per database; only
+//! `Sqlite` exists today (its reading pool, its writer thread, its identity cache), and
+//! [`Db::connect`] refuses `postgres://` URLs. Every operation reaches the backend in one of
+//! two ways:
+//!
+//! * portable SQL (`$n` placeholders, `ON CONFLICT`, `RETURNING`, times as unix
+//!   milliseconds, JSON as text) runs through `sql::with_pool!` (reads) and
+//!   `sql::with_writer!` (writes), which open the backend with
+//!   `let Backend::Sqlite(sqlite) = &db.backend;`;
+//! * SQL written against SQLite's handle (the hot writes: turns, webhook updates, claims,
+//!   recorded sends, identity links; raw writer jobs with cached statements and group
+//!   commit) opens it with that same `let` in the operation itself.
+//!
+//! To add a backend (PostgreSQL): add its variant to `Backend` and open it in
+//! [`Db::connect`]. Every `let Backend::Sqlite(..)` then stops compiling, so the compiler
+//! lists each place to write: the two macros (make each a `match` whose new arm runs the
+//! same body on the new pool: every portable operation then works), and each operation
+//! written against SQLite's handle (give it a `match` with the new backend's version).
+//! Callers do not change. Then add the backend to the conformance suite
+//! (`conformance.rs`), which every backend must pass.
+
+mod contacts;
+mod conversations;
+mod db;
+mod error;
+mod inbox;
+mod migrate;
+mod outbox;
+mod queue;
+mod resolved_cache;
+mod sql;
+mod template_statuses;
+mod timers;
+mod turn;
+pub mod writer;
+
+#[cfg(test)]
+mod conformance;
+
+pub use contacts::{Identifiers, IdentityChanged, Resolved};
+pub use conversations::{Conversation, MessageDetail, MessageRow, SessionRow};
+pub use db::Db;
+pub use error::StoreError;
+pub use inbox::{
+    INBOX_RETENTION, InboxRow, NewInboxRow, ORDERED_KINDS, StatusChange, StatusOutcome, Stored,
+    status_rank,
+};
+pub use outbox::{ChannelStop, OutboxEntry, OutboxRow};
+pub use queue::{ExpiringMessage, FLUSH_LIMIT, QueuedMessage};
+pub use template_statuses::TemplateStatusRow;
+pub use timers::{NewTimer, TimerRow};
+pub use turn::{CommittedTurn, DequeuedRecord, OutboundRecord, Superseded, TurnWrite};
