@@ -28,9 +28,10 @@ use chrono::{DateTime, Utc};
 use rusqlite::OptionalExtension as _;
 
 use super::db::{Backend, Db};
+use super::db::{with_pool, with_writer};
 use super::error::StoreError;
 use super::resolved_cache::ResolvedCache;
-use super::sql::{from_millis, placeholders, with_pool, with_writer};
+use super::sql::{from_millis, placeholders};
 use crate::domain::{Contact, PolicyState, is_bsuid};
 
 /// The identifiers one webhook gives for a customer. Empty strings count as absent.

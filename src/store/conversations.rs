@@ -8,8 +8,9 @@ use chrono::{DateTime, Utc};
 use sqlx::Connection as _;
 
 use super::db::Db;
+use super::db::{with_pool, with_writer};
 use super::error::StoreError;
-use super::sql::{from_millis, with_pool, with_writer};
+use super::sql::from_millis;
 use crate::domain::Contact;
 
 /// What the engine needs to handle one event for a contact.

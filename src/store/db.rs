@@ -167,6 +167,42 @@ fn is_in_memory(url: &str) -> bool {
     database == ":memory:" || params.split('&').any(|p| p == "mode=memory")
 }
 
+/// Runs `$body` with `$pool` bound to the reading pool of the backend `$db` holds.
+///
+/// The SQL of the operations that use it is portable (`$n` placeholders, `ON CONFLICT`,
+/// `RETURNING`, times as unix milliseconds, JSON as text): a new backend adds its arm here
+/// (making this a `match`, with `$body` written once for both pools) and every such
+/// operation runs on it.
+macro_rules! with_pool {
+    ($db:expr, |$pool:ident| $body:expr) => {{
+        let $crate::store::db::Backend::Sqlite(sqlite) = &$db.backend;
+        let $pool = &sqlite.pool;
+        $body
+    }};
+}
+pub(super) use with_pool;
+
+/// [`with_pool!`] for statements that write: on SQLite, a job on the writer connection.
+///
+/// The SQLite body runs on the writer's thread (see [`super::writer`]), so it owns what it
+/// uses: list the borrowed values it reads in `own(…)`, and the body works on owned copies
+/// (`ToOwned`: a `&str` becomes a `String`, a slice a `Vec`) under the same names. Values
+/// already owned move in as they are. A backend with a pool of writers runs `$body` on it.
+macro_rules! with_writer {
+    ($db:expr, |$pool:ident| $body:expr) => {
+        $crate::store::db::with_writer!($db, own(), |$pool| $body)
+    };
+    ($db:expr, own($($owned:ident),*), |$pool:ident| $body:expr) => {{
+        let $crate::store::db::Backend::Sqlite(sqlite) = &$db.backend;
+        $(let $owned = ::std::borrow::ToOwned::to_owned(&*$owned);)*
+        sqlite
+            .writer
+            .run(move |$pool| Box::pin(async move { Ok($body) }))
+            .await?
+    }};
+}
+pub(super) use with_writer;
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;

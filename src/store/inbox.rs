@@ -16,8 +16,9 @@ use chrono::{DateTime, Utc};
 use rusqlite::types::Value;
 
 use super::db::{Backend, Db};
+use super::db::{with_pool, with_writer};
 use super::error::StoreError;
-use super::sql::{bind_numbered, from_millis, placeholders, with_pool, with_writer};
+use super::sql::{bind_numbered, from_millis, placeholders};
 
 /// Kinds that belong to a contact's conversation and are processed in order per contact.
 pub const ORDERED_KINDS: [&str; 3] = ["message", "system", "user_preference"];

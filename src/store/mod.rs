@@ -22,9 +22,9 @@
 //! | `template_statuses` | `template_statuses` | [`Db::save_template_status`], [`Db::template_statuses`] |
 //! | `timers` | reads `timers` | [`Db::due_timers`], [`Db::next_timer_at`] |
 //!
-//! Beside them: `db` ([`Db`], its `Backend`, connect, migrate, close), `error`
-//! ([`StoreError`]), `migrate` (the embedded SQLite migrations), `sql` (the macros and
-//! helpers every aggregate shares), `writer` (SQLite's writer thread) and `resolved_cache`
+//! Beside them: `db` ([`Db`], its `Backend`, connect, migrate, close, and the two macros
+//! that open the backend for portable SQL), `error` ([`StoreError`]), `migrate` (the
+//! embedded SQLite migrations), `sql` (the helpers every aggregate shares), `writer` (SQLite's writer thread) and `resolved_cache`
 //! (identities this process resolved). Modules import downwards only: aggregates import
 //! `db`, `error`, `sql` and each other's row types; `db` imports none of them.
 //!
@@ -36,8 +36,8 @@
 //! two ways:
 //!
 //! * portable SQL (`$n` placeholders, `ON CONFLICT`, `RETURNING`, times as unix
-//!   milliseconds, JSON as text) runs through `sql::with_pool!` (reads) and
-//!   `sql::with_writer!` (writes), which open the backend with
+//!   milliseconds, JSON as text) runs through `db::with_pool!` (reads) and
+//!   `db::with_writer!` (writes), which open the backend with
 //!   `let Backend::Sqlite(sqlite) = &db.backend;`;
 //! * SQL written against SQLite's handle (the hot writes: turns, webhook updates, claims,
 //!   recorded sends, identity links; raw writer jobs with cached statements and group
@@ -49,7 +49,7 @@
 //! same body on the new pool: every portable operation then works), and each operation
 //! written against SQLite's handle (give it a `match` with the new backend's version).
 //! Callers do not change. Then add the backend to the conformance suite
-//! (`conformance.rs`), which every backend must pass.
+//! (`conformance`), which every backend must pass.
 
 mod contacts;
 mod conversations;

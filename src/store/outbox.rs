@@ -18,8 +18,9 @@ use rusqlite::types::Value;
 use serde::Deserialize as _;
 
 use super::db::{Backend, Db};
+use super::db::{with_pool, with_writer};
 use super::error::StoreError;
-use super::sql::{from_millis, placeholders, with_pool, with_writer};
+use super::sql::{from_millis, placeholders};
 use crate::domain::Outbound;
 
 /// One claimed outbound message: what the sender needs to deliver it.

@@ -7,8 +7,9 @@
 use chrono::{DateTime, Utc};
 
 use super::db::Db;
+use super::db::{with_pool, with_writer};
 use super::error::StoreError;
-use super::sql::{from_millis, outbound_kind, with_pool, with_writer};
+use super::sql::{from_millis, outbound_kind};
 use super::turn::OutboundRecord;
 use crate::domain::Outbound;
 

@@ -1,49 +1,12 @@
-//! SQL shared by the aggregates: the two macros that run a portable query on the backend a
-//! [`Db`](super::Db) holds, `$n` placeholders and their binding on a raw SQLite handle, and
-//! the conversions every aggregate reads and writes with. A leaf: it imports nothing of the
-//! store but [`StoreError`].
+//! SQL helpers shared by the aggregates: `$n` placeholders and their binding on a raw SQLite
+//! handle, and the conversions every aggregate reads and writes with. A leaf: it imports
+//! nothing of the store but [`StoreError`].
 
 use chrono::{DateTime, Utc};
 use rusqlite::types::Value;
 
 use super::error::StoreError;
 use crate::domain::OutboundContent;
-
-/// Runs `$body` with `$pool` bound to the reading pool of the backend `$db` holds.
-///
-/// The SQL of the operations that use it is portable (`$n` placeholders, `ON CONFLICT`,
-/// `RETURNING`, times as unix milliseconds, JSON as text): a new backend adds its arm here
-/// (making this a `match`, with `$body` written once for both pools) and every such
-/// operation runs on it.
-macro_rules! with_pool {
-    ($db:expr, |$pool:ident| $body:expr) => {{
-        let $crate::store::db::Backend::Sqlite(sqlite) = &$db.backend;
-        let $pool = &sqlite.pool;
-        $body
-    }};
-}
-pub(super) use with_pool;
-
-/// [`with_pool!`] for statements that write: on SQLite, a job on the writer connection.
-///
-/// The SQLite body runs on the writer's thread (see [`super::writer`]), so it owns what it
-/// uses: list the borrowed values it reads in `own(…)`, and the body works on owned copies
-/// (`ToOwned`: a `&str` becomes a `String`, a slice a `Vec`) under the same names. Values
-/// already owned move in as they are. A backend with a pool of writers runs `$body` on it.
-macro_rules! with_writer {
-    ($db:expr, |$pool:ident| $body:expr) => {
-        $crate::store::sql::with_writer!($db, own(), |$pool| $body)
-    };
-    ($db:expr, own($($owned:ident),*), |$pool:ident| $body:expr) => {{
-        let $crate::store::db::Backend::Sqlite(sqlite) = &$db.backend;
-        $(let $owned = ::std::borrow::ToOwned::to_owned(&*$owned);)*
-        sqlite
-            .writer
-            .run(move |$pool| Box::pin(async move { Ok($body) }))
-            .await?
-    }};
-}
-pub(super) use with_writer;
 
 /// The message-log `kind` of an outgoing message: its content variant.
 pub(super) fn outbound_kind(content: &OutboundContent) -> &'static str {

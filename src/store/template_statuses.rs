@@ -4,8 +4,9 @@
 use chrono::{DateTime, Utc};
 
 use super::db::Db;
+use super::db::{with_pool, with_writer};
 use super::error::StoreError;
-use super::sql::{from_millis, with_pool, with_writer};
+use super::sql::from_millis;
 
 /// A template status from a webhook, overriding the registry file's.
 #[derive(Debug, Clone, PartialEq)]

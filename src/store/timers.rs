@@ -5,8 +5,9 @@
 use chrono::{DateTime, Utc};
 
 use super::db::Db;
+use super::db::with_pool;
 use super::error::StoreError;
-use super::sql::{from_millis, with_pool};
+use super::sql::from_millis;
 
 /// A timer to create.
 #[derive(Debug, Clone, PartialEq)]

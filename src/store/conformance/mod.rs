@@ -18,7 +18,7 @@
 use chrono::{DateTime, Duration, Utc};
 use serde_json::json;
 
-use super::sql::with_pool;
+use super::db::with_pool;
 use super::{Db, NewTimer, OutboundRecord, SessionRow, TurnWrite};
 use crate::clock::VirtualClock;
 use crate::domain::{
