@@ -105,8 +105,8 @@ fn color(stream: &impl IsTerminal) -> bool {
     stream.is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }
 
-/// Loads the project or prints why not.
-fn load(config: Option<&Path>) -> Result<Loaded, ExitCode> {
+/// Loads the project, printing its warnings, or prints why it does not load.
+fn load(config: Option<&Path>) -> Option<Loaded> {
     match app::load(config) {
         Ok(loaded) => {
             if loaded.project.diagnostics.warnings() > 0 {
@@ -115,11 +115,11 @@ fn load(config: Option<&Path>) -> Result<Loaded, ExitCode> {
                     loaded.project.diagnostics.render(color(&std::io::stderr()))
                 );
             }
-            Ok(loaded)
+            Some(loaded)
         }
         Err(diags) => {
             eprint!("{}", diags.render(color(&std::io::stderr())));
-            Err(ExitCode::FAILURE)
+            None
         }
     }
 }
@@ -158,9 +158,8 @@ fn check(config: Option<&Path>) -> ExitCode {
 
 /// `flowgate test`: the conversation tests' report; exit 1 when one failed.
 async fn test(config: Option<&Path>, paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
-    let loaded = match load(config) {
-        Ok(l) => l,
-        Err(code) => return Ok(code),
+    let Some(loaded) = load(config) else {
+        return Ok(ExitCode::FAILURE);
     };
     let run = commands::test::run(&loaded, paths).await?;
     print!("{}", run.output);
@@ -168,9 +167,8 @@ async fn test(config: Option<&Path>, paths: &[PathBuf]) -> anyhow::Result<ExitCo
 }
 
 async fn migrate(config: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let loaded = match load(config) {
-        Ok(l) => l,
-        Err(code) => return Ok(code),
+    let Some(loaded) = load(config) else {
+        return Ok(ExitCode::FAILURE);
     };
     let db = Db::connect(&loaded.config.database).await?;
     db.migrate().await?;
@@ -203,9 +201,8 @@ async fn templates_sync(config: Option<&Path>, channel: Option<&str>) -> anyhow:
 
 /// The terminal chat: reads lines until end of input or `/quit`, printing what each did.
 async fn chat(config: Option<&Path>, from: &str) -> anyhow::Result<ExitCode> {
-    let loaded = match load(config) {
-        Ok(l) => l,
-        Err(code) => return Ok(code),
+    let Some(loaded) = load(config) else {
+        return Ok(ExitCode::FAILURE);
     };
     let chat = Chat::start(&loaded, from).await?;
     print!("{}", chat.greeting());
@@ -228,9 +225,8 @@ async fn chat(config: Option<&Path>, from: &str) -> anyhow::Result<ExitCode> {
 
 /// `flowgate serve`: the banner, then the server until Ctrl-C or SIGTERM.
 async fn serve(config: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let loaded = match load(config) {
-        Ok(l) => l,
-        Err(code) => return Ok(code),
+    let Some(loaded) = load(config) else {
+        return Ok(ExitCode::FAILURE);
     };
     let application = Application::build(
         &loaded,
