@@ -1,5 +1,5 @@
-//! `flowgate.yaml`: where the database, flows, scripts and templates are, which channels
-//! exist, and the policy settings (DESIGN §2.2).
+//! `flowgate.yaml`: where the database, flows, scripts, templates and campaigns are, which
+//! channels exist, and the policy settings (DESIGN §2.2).
 //!
 //! Without a file every key has a default that runs the repository's example flows on the
 //! sandbox channel and a SQLite file, so a newcomer sees flowgate work with one command.
@@ -25,6 +25,8 @@ pub struct Config {
     pub flows: PathBuf,
     pub scripts: PathBuf,
     pub templates: PathBuf,
+    /// Directory of `*.yaml` campaigns, read recursively; a missing one means no campaigns.
+    pub campaigns: PathBuf,
     pub channels: Vec<ChannelConfig>,
     pub policy: PolicyConfig,
     pub fallback: Option<String>,
@@ -224,6 +226,7 @@ struct RawConfig {
     flows: Option<String>,
     scripts: Option<String>,
     templates: Option<String>,
+    campaigns: Option<String>,
     channels: Option<Vec<ChannelConfig>>,
     policy: Option<PolicyConfig>,
     fallback: Option<String>,
@@ -239,6 +242,7 @@ impl Default for Config {
             flows: "flows".into(),
             scripts: "scripts".into(),
             templates: "templates.yaml".into(),
+            campaigns: "campaigns".into(),
             channels: vec![ChannelConfig::sandbox("sandbox")],
             policy: PolicyConfig::default(),
             fallback: None,
@@ -303,6 +307,7 @@ impl Config {
             flows: resolve(raw.flows, defaults.flows),
             scripts: resolve(raw.scripts, defaults.scripts),
             templates: resolve(raw.templates, defaults.templates),
+            campaigns: resolve(raw.campaigns, defaults.campaigns),
             channels: raw.channels.unwrap_or(defaults.channels),
             policy: raw.policy.unwrap_or_default(),
             fallback: raw.fallback,
@@ -374,6 +379,7 @@ mod tests {
         let c = Config::from_str("flowgate.yaml", "", Path::new("")).unwrap();
         assert_eq!(c.database, "sqlite://data/flowgate.db");
         assert_eq!(c.flows, PathBuf::from("flows"));
+        assert_eq!(c.campaigns, PathBuf::from("campaigns"));
         assert_eq!(c.default_channel().provider, Provider::Sandbox);
         assert_eq!(c.policy.window.0, chrono::Duration::hours(24));
     }
@@ -396,6 +402,7 @@ mod tests {
         let c = Config::from_str("x/flowgate.yaml", "flows: my_flows\n", Path::new("x")).unwrap();
         assert_eq!(c.flows, PathBuf::from("x/my_flows"));
         assert_eq!(c.scripts, PathBuf::from("x/scripts"));
+        assert_eq!(c.campaigns, PathBuf::from("x/campaigns"));
     }
 
     #[test]

@@ -20,12 +20,25 @@ pub fn parse<T: de::DeserializeOwned>(file: &str, text: &str) -> Result<T, Box<D
             }
             loc
         });
-        Box::new(Diagnostic::error(
-            file,
-            loc,
-            clean_message(&e.without_snippet().to_string()),
-        ))
+        let message = clean_message(&e.without_snippet().to_string());
+        let help = misspelled_field(&message);
+        let mut d = Diagnostic::error(file, loc, message);
+        d.help = help;
+        Box::new(d)
     })
+}
+
+/// "did you mean …?" for serde's "unknown field `sya`, expected one of say, buttons, …".
+fn misspelled_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (field, rest) = rest.split_once('`')?;
+    let expected = rest.split_once("expected ")?.1;
+    let expected = expected.strip_prefix("one of ").unwrap_or(expected);
+    let names = expected
+        .split(", ")
+        .flat_map(|n| n.split(" or "))
+        .map(|n| n.trim().trim_matches('`'));
+    crate::diagnostic::did_you_mean(field, names)
 }
 
 /// serde-saphyr appends " at line N, column M"; the caret already says that.
@@ -255,5 +268,8 @@ mod tests {
             "{}",
             err.message
         );
+        assert_eq!(err.help, None, "nothing is close to `zz`");
+        let err = parse::<S>("f.yaml", "a: x\nab: y\n").unwrap_err();
+        assert_eq!(err.help.as_deref(), Some("did you mean `a`?"), "{err:?}");
     }
 }

@@ -21,7 +21,7 @@ use super::{
 use crate::diagnostic::{Diagnostic, Diagnostics, Loc, did_you_mean};
 use crate::domain::{HumanDuration, limits};
 use crate::script::Scripting;
-use crate::templates::{Registry, Status};
+use crate::templates::{Registry, Status, Template};
 use crate::yaml::{self, loc};
 
 /// Finds a script file by the name a flow gives it: `(path for messages, text)`.
@@ -105,7 +105,7 @@ struct Compiler<'a> {
     script_bundle: Vec<(String, String, String)>,
 }
 
-impl Compiler<'_> {
+impl<'a> Compiler<'a> {
     fn error(&mut self, at: Loc, message: impl Into<String>) -> &mut Diagnostic {
         self.diags
             .push(Diagnostic::error(self.file, Some(at), message));
@@ -904,14 +904,37 @@ impl Compiler<'_> {
         })
     }
 
+    /// A template call; a template that is not approved is a warning (the policy queues its
+    /// messages until Meta approves it).
     fn template(&mut self, raw: &Spanned<RawTemplateRef>) -> Option<TemplateCall> {
+        let (call, found) = self.template_call(raw)?;
+        if let Some(found) = found
+            && found.status != Status::Approved
+        {
+            let (name, language) = (&call.name, &call.language);
+            self.warning(
+                self.value_loc(&raw.value.name),
+                format!("template `{name}` ({language}) is {}, not approved: the policy queues its messages until Meta approves it", found.status.as_str()),
+            );
+        }
+        Some(call)
+    }
+
+    /// A template call checked against the registry (it exists in this language, with this
+    /// many parameters), and the registry's entry when both hold.
+    fn template_call(
+        &mut self,
+        raw: &Spanned<RawTemplateRef>,
+    ) -> Option<(TemplateCall, Option<&'a Template>)> {
         let t = &raw.value;
         let params: Vec<Text> = t.params.iter().filter_map(|p| self.text(p)).collect();
         if params.len() != t.params.len() {
             return None;
         }
         let (name, language) = (&t.name.value, &t.language.value);
-        match self.templates.find(name, language) {
+        let templates: &'a Registry = self.templates;
+        let mut matching = None;
+        match templates.find(name, language) {
             None => {
                 let languages = self.templates.languages_of(name);
                 if languages.is_empty() {
@@ -944,20 +967,18 @@ impl Compiler<'_> {
                             if params.len() == 1 { "is" } else { "are" }
                         ),
                     );
-                } else if found.status != Status::Approved {
-                    self.warning(
-                        self.value_loc(&t.name),
-                        format!("template `{name}` ({language}) is {}, not approved: the policy queues its messages until Meta approves it", found.status.as_str()),
-                    );
+                } else {
+                    matching = Some(found);
                 }
             }
         }
-        Some(TemplateCall {
+        let call = TemplateCall {
             name: name.clone(),
             language: language.clone(),
             params,
             loc: loc(raw),
-        })
+        };
+        Some((call, matching))
     }
 
     /// Where a wrong parameter count shows: the first surplus parameter, or the parameters
@@ -1318,13 +1339,98 @@ impl Compiler<'_> {
     }
 }
 
+/// Flow syntax that other files embed (a campaign's template call, its `in_window` message,
+/// its audience condition), compiled by the flows' own compiler so it reads, interpolates
+/// and is reported exactly as in a flow. Diagnostics go to the caller's list.
+pub struct Fragments<'a> {
+    compiler: Compiler<'a>,
+}
+
+impl<'a> Fragments<'a> {
+    /// Fragments of `text` (the contents of `file`).
+    pub fn new(
+        file: &'a str,
+        text: &'a str,
+        scripting: &'a Scripting,
+        templates: &'a Registry,
+        diags: &'a mut Diagnostics,
+    ) -> Self {
+        fn no_scripts(name: &str) -> Result<(String, String), String> {
+            Err(format!("script `{name}` cannot be used here"))
+        }
+        Self {
+            compiler: Compiler {
+                file,
+                text,
+                scripting,
+                templates,
+                scripts: &no_scripts,
+                diags,
+                step_ids: Vec::new(),
+                flow_refs: Vec::new(),
+                keyword_locs: Vec::new(),
+                script_bundle: Vec::new(),
+            },
+        }
+    }
+
+    /// Text with `{{ … }}` interpolation, like a `say`.
+    pub fn text(&mut self, at: &Spanned<String>) -> Option<Text> {
+        self.compiler.text(at)
+    }
+
+    /// A Rhai condition, like a branch's `if`.
+    pub fn condition(&mut self, at: &Spanned<String>) -> Option<Expr> {
+        self.compiler.expr(at)
+    }
+
+    /// The free-form message of `step` (its `say` with `buttons`, `list` or `media`), with
+    /// WhatsApp's limits; only the message's keys are read.
+    pub fn message(&mut self, step: &RawStep) -> Option<Message> {
+        let text = step.say.as_ref()?;
+        self.compiler.misplaced_keys(step);
+        self.compiler.message(text, step)
+    }
+
+    /// A template call checked against the registry, and the registry's entry when it
+    /// exists in that language with that many parameters (its status is the caller's to
+    /// judge).
+    pub fn template(
+        &mut self,
+        raw: &Spanned<RawTemplateRef>,
+    ) -> Option<(TemplateCall, Option<&'a Template>)> {
+        self.compiler.template_call(raw)
+    }
+
+    /// Where a scalar's content starts, after an opening quote.
+    pub fn value_loc(&self, at: &Spanned<String>) -> Loc {
+        self.compiler.value_loc(at)
+    }
+
+    /// Reports an error at `at`; the caller may add a label or help.
+    pub fn error(&mut self, at: Loc, message: impl Into<String>) -> &mut Diagnostic {
+        self.compiler.error(at, message)
+    }
+
+    /// Reports a warning at `at`.
+    pub fn warning(&mut self, at: Loc, message: impl Into<String>) -> &mut Diagnostic {
+        self.compiler.warning(at, message)
+    }
+
+    /// A duration such as `24h`, longer than zero.
+    pub fn duration(&mut self, at: &Spanned<String>) -> Option<Duration> {
+        self.compiler.duration(at)
+    }
+}
+
 /// A list section as written: its title and rows (the `rows:` shorthand has no title).
 type RawSectionRef<'a> = (
     Option<&'a Spanned<String>>,
     &'a Vec<Spanned<super::raw::RawRow>>,
 );
 
-fn valid_name(name: &str) -> bool {
+/// A flow, step or campaign name: letters, digits, `_` and `-`.
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name
             .chars()

@@ -28,8 +28,10 @@
 //!
 //! Not linted, because the flow alone does not say when they run: a flow started by the API
 //! or an agent (`Event::Start`, which is also how a handoff ends: the engine never resumes
-//! the handoff step's `next`), and campaigns (§2.5, not built yet; see [`Entry`]). The engine's
-//! own apology after a failure is not a step's message and is not linted either.
+//! the handoff step's `next`). The engine's own apology after a failure is not a step's
+//! message and is not linted either. A campaign's `on_reply` flow comes in as an [`Entry`]:
+//! the recipient's reply starts it, so it starts with no delay, and its steps after a long
+//! `wait` are hazards like any other step's.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -80,9 +82,9 @@ impl Window {
 }
 
 /// Where a step can be entered with a known delay since the customer's last message, besides
-/// the flows' own structure. Empty today: a flow's start is entered right after the message
-/// that triggered it. Campaigns (DESIGN §2.5) will add their `on_reply` flows here, with how
-/// late the campaign lets that flow's first message go out.
+/// the flows' own structure (a flow's start is entered right after the message that
+/// triggered it). Campaigns add their `on_reply` flows here
+/// (`campaign::compile::reply_entries`), entered by the recipient's reply: no delay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub flow: String,

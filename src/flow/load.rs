@@ -1,6 +1,7 @@
 //! Loading a whole project: every flow file under the flows directory, the scripts they
-//! name and the template registry, then the checks that need all flows at once (duplicate
-//! ids, references to other flows, trigger conflicts, the `fallback` flow, the window lint).
+//! name, the template registry and the campaigns, then the checks that need all flows at
+//! once (duplicate ids, references to other flows, trigger conflicts, the `fallback` flow,
+//! campaigns' `on_reply` flows, the window lint with the campaigns' entries).
 //!
 //! This is the one loader: `check` prints its diagnostics, `serve`, `chat` and `test` refuse
 //! to start on errors and print the same diagnostics.
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use super::compile::{Compiled, FlowRef, compile_flow};
 use super::lint::{Window, window_hazards};
 use super::{Bundle, Flow, TriggerKind};
+use crate::campaign::{self, Campaign};
 use crate::config::Config;
 use crate::diagnostic::{Diagnostic, Diagnostics, Loc, did_you_mean};
 use crate::script::Scripting;
@@ -21,15 +23,21 @@ use crate::templates::Registry;
 pub struct Project {
     pub flows: Vec<Arc<Flow>>,
     pub templates: Registry,
+    /// The campaigns (empty when any campaign has an error).
+    pub campaigns: Vec<Arc<Campaign>>,
     pub diagnostics: Diagnostics,
 }
 
-/// Loads the flows, scripts and templates the config names.
+/// Loads the flows, scripts, templates and campaigns the config names.
 pub fn load_project(config: &Config, scripting: &Scripting) -> Project {
     let mut diags = Diagnostics::default();
     let templates = Registry::load(&config.templates, &mut diags);
-    let files = match flow_files(&config.flows) {
-        Ok(files) => files,
+    let sources = match flow_files(&config.flows) {
+        Ok(mut files) => {
+            // Campaigns kept under the flows directory are not flows.
+            files.retain(|f| !f.starts_with(&config.campaigns));
+            read_all(files, &mut diags)
+        }
         Err(e) => {
             diags.push(Diagnostic::error(
                 config.flows.display().to_string(),
@@ -39,25 +47,22 @@ pub fn load_project(config: &Config, scripting: &Scripting) -> Project {
             Vec::new()
         }
     };
-    let mut sources = Vec::new();
-    for path in files {
-        let file = path.display().to_string();
-        match std::fs::read_to_string(&path) {
-            Ok(text) => sources.push((file, text)),
-            Err(e) => diags.push(Diagnostic::error(file, None, format!("cannot read: {e}"))),
-        }
-    }
     let scripts_dir = config.scripts.clone();
     let find_script = move |name: &str| read_script(&scripts_dir, name);
-    let mut project = load_sources(
+    let mut project = compile_sources(
         &sources,
         scripting,
         templates,
         &find_script,
         config.fallback.as_deref(),
-        Window::from_policy(&config.policy),
     );
     diags.extend(std::mem::take(&mut project.diagnostics));
+    load_campaigns(config, scripting, &mut project, &mut diags);
+    let entries = campaign::compile::reply_entries(&project.campaigns);
+    let window = Window::from_policy(&config.policy);
+    for warning in window_hazards(&project.flows, window, &entries) {
+        diags.push(warning);
+    }
     let flow_ids: Vec<&str> = project.flows.iter().map(|f| f.id.as_str()).collect();
     let config_file = config
         .file
@@ -75,7 +80,53 @@ pub fn load_project(config: &Config, scripting: &Scripting) -> Project {
     project
 }
 
-/// Loads flows from in-memory sources: the core of [`load_project`], and what benchmarks use.
+/// The campaigns under the config's `campaigns` directory (none when it does not exist),
+/// checked against the project's templates, channels and flows.
+fn load_campaigns(
+    config: &Config,
+    scripting: &Scripting,
+    project: &mut Project,
+    diags: &mut Diagnostics,
+) {
+    let files = match crate::yaml::yaml_files(&config.campaigns) {
+        Ok(files) => files,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            diags.push(Diagnostic::error(
+                config.campaigns.display().to_string(),
+                None,
+                format!("cannot read the campaigns directory: {e}"),
+            ));
+            return;
+        }
+    };
+    let sources = read_all(files, diags);
+    let env = campaign::compile::Env {
+        scripting,
+        templates: &project.templates,
+        channels: &config.channels,
+    };
+    let flow_ids: Vec<&str> = project.flows.iter().map(|f| f.id.as_str()).collect();
+    let (campaigns, found) = campaign::compile::compile_campaigns(&sources, &env, &flow_ids);
+    diags.extend(found);
+    project.campaigns = campaigns;
+}
+
+/// Each file's text, `(file, text)`; a file that cannot be read is an error.
+fn read_all(files: Vec<PathBuf>, diags: &mut Diagnostics) -> Vec<(String, String)> {
+    let mut sources = Vec::new();
+    for path in files {
+        let file = path.display().to_string();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => sources.push((file, text)),
+            Err(e) => diags.push(Diagnostic::error(file, None, format!("cannot read: {e}"))),
+        }
+    }
+    sources
+}
+
+/// Loads flows from in-memory sources, with the window lint: the flows' part of
+/// [`load_project`], and what benchmarks and tests use.
 pub fn load_sources(
     sources: &[(String, String)],
     scripting: &Scripting,
@@ -83,6 +134,23 @@ pub fn load_sources(
     find_script: super::compile::ScriptSource<'_>,
     fallback: Option<&str>,
     window: Window,
+) -> Project {
+    let mut project = compile_sources(sources, scripting, templates, find_script, fallback);
+    for warning in window_hazards(&project.flows, window, &[]) {
+        project.diagnostics.push(warning);
+    }
+    project
+}
+
+/// Compiles the flows and checks them together (unique ids, references to other flows,
+/// the `fallback` flow, trigger conflicts); the window lint comes after, once the campaigns
+/// that enter flows are known.
+fn compile_sources(
+    sources: &[(String, String)],
+    scripting: &Scripting,
+    templates: Registry,
+    find_script: super::compile::ScriptSource<'_>,
+    fallback: Option<&str>,
 ) -> Project {
     let mut diags = Diagnostics::default();
     let mut compiled: Vec<Compiled> = sources
@@ -139,12 +207,10 @@ pub fn load_sources(
         }
     }
     trigger_conflicts(&flows, &keyword_locs, &mut diags);
-    for warning in window_hazards(&flows, window, &[]) {
-        diags.push(warning);
-    }
     Project {
         flows,
         templates,
+        campaigns: Vec::new(),
         diagnostics: diags,
     }
 }

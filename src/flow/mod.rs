@@ -453,6 +453,15 @@ impl Text {
         }
     }
 
+    /// Every plain variable path in the text, such as `["contact", "name"]` (for checks of
+    /// what a text may name).
+    pub fn paths(&self) -> impl Iterator<Item = &[String]> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Path(path) => Some(path.as_slice()),
+            _ => None,
+        })
+    }
+
     /// Every expression in the text (for lints).
     pub fn expressions(&self) -> impl Iterator<Item = &str> {
         self.parts.iter().filter_map(|p| match p {

@@ -447,6 +447,124 @@ fn missing_script_file() {
     );
 }
 
+// --- campaigns -------------------------------------------------------------------------------
+
+#[test]
+fn campaign_with_many_problems_names_each_place() {
+    // channel, category, a parameter naming a flow variable, cron, time zone, quiet hours,
+    // rate, `on_reply`: one error each, at its value.
+    let diags = check("campaign_broken", 8, 0);
+    let file = fixture_file("campaign_broken", "campaigns/spring.yaml");
+    let expected: Vec<String> = [
+        "2:10", "4:19", "4:81", "6:12", "7:11", "8:36", "9:7", "10:11",
+    ]
+    .iter()
+    .map(|at| format!("{file}:{at}"))
+    .collect();
+    assert_eq!(positions(&diags), expected);
+    let sorted = diags.sorted();
+    assert_eq!(sorted[0].help.as_deref(), Some("did you mean `main`?"));
+    assert!(sorted[1].message.contains("is a utility template"));
+    assert!(
+        sorted[3]
+            .label
+            .as_deref()
+            .unwrap_or_default()
+            .contains("illegal character"),
+        "croner's reason: {:?}",
+        sorted[3].label
+    );
+    assert_eq!(
+        sorted[4].help.as_deref(),
+        Some("did you mean `Europe/Berlin`?")
+    );
+    assert_eq!(sorted[7].help.as_deref(), Some("did you mean `sale_flow`?"));
+}
+
+#[test]
+fn campaign_templates_unknown_miscounted_paused_and_rejected() {
+    let diags = check("campaign_templates", 3, 1);
+    let at = |name: &str, pos: &str| {
+        format!(
+            "{}:{pos}",
+            fixture_file("campaign_templates", &format!("campaigns/{name}.yaml"))
+        )
+    };
+    assert_eq!(
+        positions(&diags),
+        [
+            at("autumn", "3:19"),
+            at("spring", "3:78"),
+            at("summer", "3:19"),
+            at("winter", "3:19")
+        ]
+    );
+    let sorted = diags.sorted();
+    assert!(!sorted[2].is_error(), "a paused template only warns");
+    assert!(sorted[3].message.contains("is rejected"));
+}
+
+#[test]
+fn unknown_key_in_a_campaign() {
+    let file = fixture_file("campaign_unknown_key", "campaigns/spring.yaml");
+    check_one(
+        "campaign_unknown_key",
+        &format!("{file}:6:1"),
+        Some("did you mean `quiet_hours`?"),
+    );
+}
+
+#[test]
+fn two_campaigns_with_one_name() {
+    let first = fixture_file("campaign_duplicate", "campaigns/a_spring.yaml");
+    let second = fixture_file("campaign_duplicate", "campaigns/b_spring_again.yaml");
+    check_one(
+        "campaign_duplicate",
+        &format!("{second}:2:11"),
+        Some(&format!("the first is at {first}:1:11")),
+    );
+}
+
+#[test]
+fn window_lint_covers_a_campaigns_on_reply_flow() {
+    let diags = check("campaign_on_reply", 0, 1);
+    let file = fixture_file("campaign_on_reply", "flows/sale.yaml");
+    assert_eq!(positions(&diags), [format!("{file}:8:10")]);
+    let loaded = app::load(Some(&config_of("campaign_on_reply"))).expect("only a warning");
+    let campaigns = &loaded.project.campaigns;
+    assert_eq!(campaigns.len(), 1);
+    assert_eq!(campaigns[0].on_reply.as_deref(), Some("sale_flow"));
+}
+
+#[test]
+fn example_campaign_passes_check() {
+    let config = Path::new("examples/flowgate.yaml");
+    let loaded = match app::load(Some(config)) {
+        Ok(loaded) => loaded,
+        Err(diags) => panic!("the example has errors:\n{}", diags.render(false)),
+    };
+    let campaigns = &loaded.project.campaigns;
+    assert_eq!(
+        campaigns.len(),
+        1,
+        "examples/campaigns/spring_sale.yaml loads"
+    );
+    assert_eq!(campaigns[0].name, "spring_sale");
+    assert_eq!(campaigns[0].file, "examples/campaigns/spring_sale.yaml");
+    // Only the shipped flows' one warning: the campaign adds none.
+    let diags = &loaded.project.diagnostics;
+    assert_eq!(
+        (diags.errors(), diags.warnings()),
+        (0, 1),
+        "{}",
+        diags.render(false)
+    );
+    let out = flowgate_check(Some(config), &[]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("0 errors, 1 warning"), "{stdout}");
+}
+
 // --- the shipped project ---------------------------------------------------------------------
 
 #[test]
@@ -505,6 +623,19 @@ fn cli_check_fails_on_errors_and_names_the_place() {
     let position = format!("{}:7:11", fixture_file("unknown_goto", "flows/greet.yaml"));
     assert!(stdout.contains(&position), "no `{position}` in:\n{stdout}");
     assert!(stdout.contains("1 error, 0 warnings"), "{stdout}");
+}
+
+#[test]
+fn cli_check_fails_on_a_broken_campaign() {
+    let out = flowgate_check(Some(&config_of("campaign_broken")), &[]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{}", text(&out.stderr));
+    let position = format!(
+        "{}:7:11",
+        fixture_file("campaign_broken", "campaigns/spring.yaml")
+    );
+    assert!(stdout.contains(&position), "no `{position}` in:\n{stdout}");
+    assert!(stdout.contains("8 errors, 0 warnings"), "{stdout}");
 }
 
 #[test]

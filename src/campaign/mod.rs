@@ -1,0 +1,114 @@
+//! Campaigns: business-initiated sends to an audience of contacts, on a schedule, within
+//! WhatsApp's rules. This module owns their definitions, compiled once at load into the form
+//! the scheduler and the dispatcher use; it does no I/O.
+//!
+//! - [`raw`]: the campaign file as written, with locations;
+//! - [`compile`]: one file into a [`Campaign`] (template checked against the registry and the
+//!   campaign's category, parameters and `in_window` compiled by the flows' compiler, the
+//!   audience's `where` by the Rhai sandbox, cron, time zone, times and rates parsed), and the
+//!   checks across campaigns (names, channels, `on_reply` flows).
+//!
+//! Files live in the `campaigns/` directory beside the flows and load through the one loader
+//! (`flow::load::load_project`), so `check` reports their problems and a project with an
+//! error in a campaign does not start.
+
+pub mod compile;
+pub mod raw;
+
+use chrono::{Duration, NaiveDateTime, NaiveTime};
+use chrono_tz::Tz;
+
+use crate::diagnostic::Loc;
+use crate::flow::{Expr, Message, TemplateCall};
+use crate::templates::Category;
+
+/// How long a run keeps starting sends when the file names no `ttl`.
+pub const DEFAULT_TTL: Duration = Duration::hours(24);
+
+/// The frequency cap of a marketing campaign that names none: one marketing message per
+/// contact per 24 hours (WhatsApp itself limits how many marketing messages a person gets
+/// and answers 131049 past it; one a day keeps well clear).
+pub const DEFAULT_MARKETING_CAP: FrequencyCap = FrequencyCap {
+    max: 1,
+    per: Duration::hours(24),
+};
+
+/// A compiled campaign.
+#[derive(Debug)]
+pub struct Campaign {
+    pub name: String,
+    /// The file it was written in, and where its name is.
+    pub file: String,
+    pub loc: Loc,
+    /// The channel it sends from (the config's first channel when the file names none).
+    pub channel: String,
+    /// What the business says the campaign is; its template has this category.
+    pub category: Category,
+    /// The template sent to recipients whose window is closed; its parameters interpolate
+    /// `{{contact.name}}`, `{{contact.wa_id}}` and `{{contact.attrs.KEY}}`.
+    pub template: TemplateCall,
+    /// The free-form message sent instead to recipients whose window is open.
+    pub in_window: Option<Message>,
+    pub audience: Audience,
+    pub when: When,
+    /// The zone of `when` and of `quiet_hours` for recipients whose own zone is unknown.
+    pub timezone: Tz,
+    pub quiet_hours: Option<QuietHours>,
+    /// The campaign's own pace; `None` is the channel's throughput.
+    pub rate: Option<Rate>,
+    /// The flow that answers recipients who reply.
+    pub on_reply: Option<String>,
+    /// `None`: no cap (utility and authentication campaigns that name none).
+    pub frequency_cap: Option<FrequencyCap>,
+    /// How long after its start a run keeps starting sends.
+    pub ttl: Duration,
+}
+
+/// Who a campaign is sent to: contacts with every one of `tags` for whom `filter` is true.
+#[derive(Debug)]
+pub struct Audience {
+    pub tags: Vec<String>,
+    /// The `where` condition, a Rhai expression over `contact.*`.
+    pub filter: Option<Expr>,
+}
+
+/// When a campaign runs.
+#[derive(Debug, Clone)]
+pub enum When {
+    /// Every time the cron expression matches, in the campaign's time zone. `source` is the
+    /// expression as written.
+    Cron {
+        cron: Box<croner::Cron>,
+        source: String,
+    },
+    /// Once, at this local date-time in the campaign's time zone.
+    At(NaiveDateTime),
+}
+
+/// A daily span in which nothing is sent; `from` after `to` spans midnight (21:00-09:00).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuietHours {
+    pub from: NaiveTime,
+    pub to: NaiveTime,
+}
+
+/// At most `count` sends per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl Rate {
+    /// Sends per second, for comparison with a channel's throughput.
+    pub fn per_second(&self) -> f64 {
+        f64::from(self.count) / self.per.num_milliseconds() as f64 * 1000.0
+    }
+}
+
+/// At most `max` messages of the campaign's category per contact in any `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrequencyCap {
+    pub max: u32,
+    pub per: Duration,
+}
