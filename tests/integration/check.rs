@@ -537,6 +537,14 @@ fn window_lint_covers_a_campaigns_on_reply_flow() {
 }
 
 #[test]
+fn campaigns_inside_the_flows_directory_are_not_flows() {
+    check("campaigns_inside_flows", 0, 0);
+    let loaded = app::load(Some(&config_of("campaigns_inside_flows"))).expect("no errors");
+    assert_eq!(loaded.project.flows.len(), 1);
+    assert_eq!(loaded.project.campaigns.len(), 1);
+}
+
+#[test]
 fn example_campaign_passes_check() {
     let config = Path::new("examples/flowgate.yaml");
     let loaded = match app::load(Some(config)) {

@@ -80,17 +80,21 @@ frequency_cap: { max: 2, per: 7d }
 ttl: 6h
 "#;
 
-/// Compiles `text` as `c.yaml` against the test registry and channels.
-fn compile(text: &str) -> Compiled {
+/// Runs `f` with the test registry and channels.
+fn with_env<T>(f: impl FnOnce(&Env<'_>) -> T) -> T {
     let scripting = Scripting::default();
     let templates = registry();
     let channels = channels();
-    let env = Env {
+    f(&Env {
         scripting: &scripting,
         templates: &templates,
         channels: &channels,
-    };
-    compile_campaign("c.yaml", text, &env)
+    })
+}
+
+/// Compiles `text` as `c.yaml`.
+fn compile(text: &str) -> Compiled {
+    with_env(|env| compile_campaign("c.yaml", text, env))
 }
 
 /// `VALID` with the line starting with `key:` replaced by `line` (or removed when empty).
@@ -521,19 +525,11 @@ fn a_campaign_name_is_a_plain_name() {
 
 /// Compiles several campaigns together against the flow ids `flows`.
 fn compile_all(sources: &[(&str, &str)], flows: &[&str]) -> (Vec<Arc<Campaign>>, Diagnostics) {
-    let scripting = Scripting::default();
-    let templates = registry();
-    let channels = channels();
-    let env = Env {
-        scripting: &scripting,
-        templates: &templates,
-        channels: &channels,
-    };
     let sources: Vec<(String, String)> = sources
         .iter()
         .map(|(f, t)| (f.to_string(), t.to_string()))
         .collect();
-    compile_campaigns(&sources, &env, flows)
+    with_env(|env| compile_campaigns(&sources, env, flows))
 }
 
 #[test]
