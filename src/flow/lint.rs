@@ -527,7 +527,7 @@ mod tests {
 
     #[test]
     fn an_entry_carries_its_delay_into_a_flow() {
-        // The hook campaigns will use for their `on_reply` flows.
+        // The hook for flows entered from outside (a campaign's `on_reply` uses it with no delay).
         let (flows, _) = flows(&["flow: r\nsteps:\n  a:\n    say: hi\n"], DAY);
         let entry = Entry {
             flow: "r".into(),
