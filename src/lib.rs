@@ -4,6 +4,7 @@
 //! `ARCHITECTURE.md` has the map of these modules and the invariants between them.
 
 pub mod app;
+pub mod campaign;
 pub mod clock;
 pub mod commands;
 pub mod config;
