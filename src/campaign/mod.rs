@@ -3,6 +3,9 @@
 //! the scheduler and the dispatcher use; it does no I/O.
 //!
 //! - [`raw`]: the campaign file as written, with locations;
+//! - [`schedule`]: when a campaign runs (cron or `at` in its zone, each local time once
+//!   across DST), quiet hours in the recipient's zone, and which due runs start or are
+//!   missed;
 //! - [`compile`]: one file into a [`Campaign`] (template checked against the registry and the
 //!   campaign's category, parameters and `in_window` compiled by the flows' compiler, the
 //!   audience's `where` by the Rhai sandbox, cron, time zone, times and rates parsed), and the
@@ -14,8 +17,11 @@
 
 pub mod compile;
 pub mod raw;
+pub mod schedule;
 
-use chrono::{Duration, NaiveDateTime, NaiveTime};
+pub use schedule::{QuietHours, Schedule};
+
+use chrono::{Duration, NaiveDateTime};
 use chrono_tz::Tz;
 
 use crate::diagnostic::Loc;
@@ -64,6 +70,16 @@ pub struct Campaign {
     pub ttl: Duration,
 }
 
+impl Campaign {
+    /// When it runs, as the scheduler computes it (each local time once across DST).
+    pub fn schedule(&self) -> Schedule {
+        match &self.when {
+            When::Cron { cron, .. } => Schedule::cron((**cron).clone(), self.timezone),
+            When::At(at) => Schedule::at(*at, self.timezone),
+        }
+    }
+}
+
 /// Who a campaign is sent to: contacts with every one of `tags` for whom `filter` is true.
 #[derive(Debug)]
 pub struct Audience {
@@ -83,13 +99,6 @@ pub enum When {
     },
     /// Once, at this local date-time in the campaign's time zone.
     At(NaiveDateTime),
-}
-
-/// A daily span in which nothing is sent; `from` after `to` spans midnight (21:00-09:00).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QuietHours {
-    pub from: NaiveTime,
-    pub to: NaiveTime,
 }
 
 /// At most `count` sends per `per`.

@@ -38,6 +38,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "contact aliases",
         include_str!("../../migrations/sqlite/0005_contact_aliases.sql"),
     ),
+    (
+        6,
+        "campaigns",
+        include_str!("../../migrations/sqlite/0006_campaigns.sql"),
+    ),
 ];
 
 /// A [`MigrationSource`] over migrations compiled into the binary.

@@ -1,5 +1,5 @@
 //! Persistence: contacts, sessions, the message log, the inbox and outbox, the queue,
-//! durable timers, flow versions and template statuses.
+//! durable timers, flow versions, template statuses, and campaigns with their runs and ledgers.
 //!
 //! All of flowgate's SQL lives here; no other module writes a query. Everything else speaks
 //! [`Conversation`], [`TurnWrite`] and the row types of the aggregates below, so the engine
@@ -13,6 +13,7 @@
 //!
 //! | module | tables | operations |
 //! |---|---|---|
+//! | `campaigns` | `campaigns`, `campaign_runs`, `campaign_recipients` | definitions ([`Db::save_campaign`], [`Db::due_campaigns`], pause, `next_run_at`); runs claimed once ([`Db::claim_run`], [`Db::record_missed_run`]); the ledger ([`Db::snapshot_audience`], [`Db::pending_recipients`], [`Db::record_recipient`], [`Db::run_counts`]) |
 //! | `contacts` | `contacts`, `contact_aliases` | who a customer is: [`Db::resolve_contact`], [`Db::change_identity`]; their policy state: [`Db::save_contact_policy`], [`Db::contacts_for_policy`] |
 //! | `conversations` | reads `contacts`, `sessions`, `messages`; `flow_versions` | [`Db::load_conversation`], [`Db::messages`], [`Db::message`], [`Db::reset_conversation`], [`Db::save_flow_version`], [`Db::flow_version`] |
 //! | `turn` | `contacts`, `sessions`, `messages`, `timers` | [`Db::commit_turn`]: everything one turn changes, in one transaction ([`TurnWrite`]) |
@@ -51,6 +52,7 @@
 //! Callers do not change. Then add the backend to the conformance suite
 //! (`conformance`), which every backend must pass.
 
+mod campaigns;
 mod contacts;
 mod conversations;
 mod db;
@@ -69,6 +71,10 @@ pub mod writer;
 #[cfg(test)]
 mod conformance;
 
+pub use campaigns::{
+    CampaignOrigin, CampaignRow, Claim, LedgerRow, NewCampaign, RecipientCount, RecipientDecision,
+    RecipientOutcome, RunRow, RunStatus, RunTrigger,
+};
 pub use contacts::{Identifiers, IdentityChanged, Resolved};
 pub use conversations::{Conversation, MessageDetail, MessageRow, SessionRow};
 pub use db::Db;

@@ -562,11 +562,11 @@ impl Db {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// The plan SQLite picks for `sql`, one line per step.
-    async fn plan(db: &Db, sql: &str) -> String {
+    pub(in crate::store) async fn plan(db: &Db, sql: &str) -> String {
         let Backend::Sqlite(sqlite) = &db.backend;
         let rows: Vec<(i64, i64, i64, String)> =
             sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))

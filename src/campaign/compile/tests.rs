@@ -145,6 +145,14 @@ fn a_valid_campaign_compiles_to_its_model() {
         compiled.diagnostics.render(false)
     );
     let c = compiled.campaign.expect("compiles");
+    // The scheduler's view: Mondays 10:00 Berlin time (CEST after 29 March 2026).
+    let sunday = chrono::DateTime::parse_from_rfc3339("2026-03-29T12:00:00Z").unwrap();
+    assert_eq!(
+        c.schedule()
+            .next_after(sunday.to_utc())
+            .map(|t| t.to_rfc3339()),
+        Some("2026-03-30T08:00:00+00:00".to_string())
+    );
     assert_eq!(c.name, "spring_sale");
     assert_eq!((c.file.as_str(), c.loc.line, c.loc.col), ("c.yaml", 1, 11));
     assert_eq!(c.channel, "support");

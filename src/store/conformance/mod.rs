@@ -1,5 +1,6 @@
 //! The store's conformance suite: its behaviour, as every backend must show it, in one set
-//! of `async fn`s that each take a fresh, migrated [`Db`] (`turns`, `contacts`, `inbox`).
+//! of `async fn`s that each take a fresh, migrated [`Db`] (`turns`, `contacts`, `inbox`,
+//! `campaigns`).
 //!
 //! [`suite!`] instantiates every test of the suite for one backend, as a module of
 //! `#[tokio::test]`s named after it: today SQLite in memory and SQLite in a file. Tests of a
@@ -25,6 +26,7 @@ use crate::domain::{
     Contact, Decision, Inbound, InboundContent, Origin, Outbound, OutboundContent,
 };
 
+mod campaigns;
 mod contacts;
 mod inbox;
 mod turns;
@@ -99,7 +101,15 @@ macro_rules! suite {
                 inbox::statuses_only_move_forward,
                 inbox::failed_is_final_and_keeps_its_error,
                 inbox::callback_data_finds_a_send_whose_wamid_was_lost,
-                inbox::inbound_seen_reads_the_message_log
+                inbox::inbound_seen_reads_the_message_log,
+                campaigns::next_run_at_round_trips_and_decides_what_is_due,
+                campaigns::campaigns_are_listed_paused_by_channel_and_deleted,
+                campaigns::a_run_claimed_twice_is_one_row,
+                campaigns::missed_runs_are_recorded_once_and_never_over_a_claim,
+                campaigns::a_run_moves_until_it_is_final,
+                campaigns::a_ledger_snapshot_taken_twice_adds_nothing,
+                campaigns::outcomes_are_recorded_once_and_counted,
+                campaigns::cancelling_a_run_cancels_its_pending_recipients
             );
         }
     };

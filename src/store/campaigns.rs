@@ -1,0 +1,899 @@
+//! Campaigns (`campaigns`), their runs (`campaign_runs`) and each run's ledger of
+//! recipients (`campaign_recipients`).
+//!
+//! Two unique keys carry the guarantees: a run is claimed once per `(campaign,
+//! scheduled_for)` ([`Db::claim_run`] answers whether this caller created it), and a
+//! recipient has one ledger row per run (`(run_id, contact_id)`), which leaves the pending
+//! set for good once decided ([`Db::record_recipient`]). A run's audience is snapshotted into
+//! the ledger in chunks, insert-or-ignore ([`Db::snapshot_audience`]), so a snapshot
+//! interrupted by a crash is finished by taking it again.
+//!
+//! Exactly-once sending needs one more thing from the caller: the outbound message and its
+//! ledger row's `sent` must not be two independent writes, or a crash between them sends
+//! again. Give the message an idempotency key derived from `(run_id, contact_id)` (unique in
+//! `messages`), so writing it twice fails, and record the outcome after.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::db::Db;
+use super::db::{with_pool, with_writer};
+use super::error::StoreError;
+use super::sql::{from_millis, placeholders};
+
+/// Rows of a snapshot per statement (one parameter each).
+const SNAPSHOT_ROWS_PER_STATEMENT: usize = 1_000;
+/// Statements of a snapshot per writer job (one transaction): a million-row audience is 50
+/// short transactions, so conversational writes queue behind none of them for long.
+const SNAPSHOT_STATEMENTS_PER_JOB: usize = 20;
+
+/// An enum stored as text: its variants, their stored names, `as_str` and a strict parse.
+macro_rules! text_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),* $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+        #[serde(rename_all = "lowercase")]
+        pub enum $name {
+            $($(#[$vmeta])* $variant),*
+        }
+
+        impl $name {
+            /// The name it is stored and shown as.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text),*
+                }
+            }
+
+            fn parse(text: &str, column: &str) -> Result<Self, StoreError> {
+                match text {
+                    $($text => Ok(Self::$variant),)*
+                    other => Err(StoreError::Corrupt(format!(
+                        "{column} holds `{other}`, which is not a {}",
+                        stringify!($name)
+                    ))),
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+text_enum! {
+    /// Where a campaign's definition came from.
+    CampaignOrigin {
+        /// A file of `campaigns/`.
+        File = "file",
+        /// The API.
+        Api = "api",
+    }
+}
+
+text_enum! {
+    /// A run's state. `Done`, `Missed` and `Cancelled` are final.
+    RunStatus {
+        /// Claimed; its audience is being snapshotted.
+        Planned = "planned",
+        Running = "running",
+        /// Stopped until resumed (a paused template, an account error, an operator).
+        Paused = "paused",
+        Done = "done",
+        /// Never started: its ttl ran out, or a later run superseded it.
+        Missed = "missed",
+        Cancelled = "cancelled",
+    }
+}
+
+text_enum! {
+    /// What made a run.
+    RunTrigger {
+        /// The campaign's `schedule` or `at`.
+        Schedule = "schedule",
+        /// Run-now from the CLI or the API.
+        Manual = "manual",
+    }
+}
+
+text_enum! {
+    /// What became of one recipient of a run. `Planned` and `Deferred` are pending; the
+    /// others are final.
+    RecipientDecision {
+        Planned = "planned",
+        /// To be decided again at `not_before` (quiet hours, a back-off, the messaging limit).
+        Deferred = "deferred",
+        /// Handed to the outbox as `message_id`.
+        Sent = "sent",
+        Skipped = "skipped",
+        Failed = "failed",
+        Cancelled = "cancelled",
+    }
+}
+
+impl RunStatus {
+    /// Whether the run is over (its status never changes again).
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Done | Self::Missed | Self::Cancelled)
+    }
+}
+
+/// A campaign's definition to save.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewCampaign<'a> {
+    pub name: &'a str,
+    pub channel: &'a str,
+    /// The YAML text, as written.
+    pub source: &'a str,
+    pub origin: CampaignOrigin,
+    pub next_run_at: Option<DateTime<Utc>>,
+}
+
+/// A stored campaign.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CampaignRow {
+    pub name: String,
+    pub channel: String,
+    pub source: String,
+    pub origin: CampaignOrigin,
+    pub paused: bool,
+    pub pause_reason: Option<String>,
+    pub next_run_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The answer to a claim: the run's id, and whether this caller created it (only that
+/// caller starts it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub run_id: i64,
+    pub created: bool,
+}
+
+/// A stored run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunRow {
+    pub id: i64,
+    pub campaign: String,
+    pub scheduled_for: DateTime<Utc>,
+    pub trigger: RunTrigger,
+    pub status: RunStatus,
+    pub reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub report: Option<serde_json::Value>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One recipient of a run, as the ledger holds it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LedgerRow {
+    pub run_id: i64,
+    pub contact_id: i64,
+    pub decision: RecipientDecision,
+    pub reason: Option<String>,
+    pub message_id: Option<i64>,
+    pub not_before: DateTime<Utc>,
+    pub decided_at: Option<DateTime<Utc>>,
+}
+
+/// What was decided for a recipient.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecipientOutcome<'a> {
+    pub decision: RecipientDecision,
+    pub reason: Option<&'a str>,
+    /// The outbound message, for `Sent`.
+    pub message_id: Option<i64>,
+    /// For `Deferred`: when to take the recipient again.
+    pub not_before: Option<DateTime<Utc>>,
+}
+
+/// How many of a run's recipients share a decision, reason, and (for those sent) their
+/// message's status and error code: the rows of a run's report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecipientCount {
+    pub decision: RecipientDecision,
+    pub reason: Option<String>,
+    pub message_status: Option<String>,
+    pub error_code: Option<i64>,
+    pub count: i64,
+}
+
+type CampaignRaw = (
+    String,
+    String,
+    String,
+    String,
+    bool,
+    Option<String>,
+    Option<i64>,
+    i64,
+    i64,
+);
+
+type RunRaw = (
+    i64,
+    String,
+    i64,
+    String,
+    String,
+    Option<String>,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    i64,
+);
+
+type LedgerRaw = (
+    i64,
+    i64,
+    String,
+    Option<String>,
+    Option<i64>,
+    i64,
+    Option<i64>,
+);
+
+const CAMPAIGN_COLUMNS: &str = "name, channel, source, origin, paused, pause_reason, \
+    next_run_at, created_at, updated_at";
+const RUN_COLUMNS: &str = "id, campaign, scheduled_for, trigger, status, reason, created_at, \
+    started_at, finished_at, report, updated_at";
+const LEDGER_COLUMNS: &str =
+    "run_id, contact_id, decision, reason, message_id, not_before, decided_at";
+
+fn millis_opt(ms: Option<i64>, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+    ms.map(|ms| from_millis(ms, column)).transpose()
+}
+
+fn campaign_row(raw: CampaignRaw) -> Result<CampaignRow, StoreError> {
+    let (name, channel, source, origin, paused, pause_reason, next, created, updated) = raw;
+    Ok(CampaignRow {
+        name,
+        channel,
+        source,
+        origin: CampaignOrigin::parse(&origin, "campaigns.origin")?,
+        paused,
+        pause_reason,
+        next_run_at: millis_opt(next, "campaigns.next_run_at")?,
+        created_at: from_millis(created, "campaigns.created_at")?,
+        updated_at: from_millis(updated, "campaigns.updated_at")?,
+    })
+}
+
+fn run_row(raw: RunRaw) -> Result<RunRow, StoreError> {
+    let (
+        id,
+        campaign,
+        scheduled,
+        trigger,
+        status,
+        reason,
+        created,
+        started,
+        finished,
+        report,
+        updated,
+    ) = raw;
+    Ok(RunRow {
+        id,
+        campaign,
+        scheduled_for: from_millis(scheduled, "campaign_runs.scheduled_for")?,
+        trigger: RunTrigger::parse(&trigger, "campaign_runs.trigger")?,
+        status: RunStatus::parse(&status, "campaign_runs.status")?,
+        reason,
+        created_at: from_millis(created, "campaign_runs.created_at")?,
+        started_at: millis_opt(started, "campaign_runs.started_at")?,
+        finished_at: millis_opt(finished, "campaign_runs.finished_at")?,
+        report: report.map(|r| serde_json::from_str(&r)).transpose()?,
+        updated_at: from_millis(updated, "campaign_runs.updated_at")?,
+    })
+}
+
+fn ledger_row(raw: LedgerRaw) -> Result<LedgerRow, StoreError> {
+    let (run_id, contact_id, decision, reason, message_id, not_before, decided_at) = raw;
+    Ok(LedgerRow {
+        run_id,
+        contact_id,
+        decision: RecipientDecision::parse(&decision, "campaign_recipients.decision")?,
+        reason,
+        message_id,
+        not_before: from_millis(not_before, "campaign_recipients.not_before")?,
+        decided_at: millis_opt(decided_at, "campaign_recipients.decided_at")?,
+    })
+}
+
+// Definitions.
+impl Db {
+    /// Saves a campaign's definition, creating it or replacing its source, channel, origin
+    /// and `next_run_at` (a paused campaign stays paused). Answers whether it was created.
+    pub async fn save_campaign(
+        &self,
+        campaign: &NewCampaign<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        const EXISTS: &str = "SELECT COUNT(*) FROM campaigns WHERE name = $1";
+        const SQL: &str = "INSERT INTO campaigns (name, channel, source, origin, next_run_at, \
+                created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $6) \
+            ON CONFLICT (name) DO UPDATE SET channel = excluded.channel, \
+                source = excluded.source, origin = excluded.origin, \
+                next_run_at = excluded.next_run_at, updated_at = excluded.updated_at";
+        let (name, channel, source) = (campaign.name, campaign.channel, campaign.source);
+        let origin = campaign.origin.as_str();
+        let next = campaign.next_run_at.map(|t| t.timestamp_millis());
+        let now = now.timestamp_millis();
+        let existed: i64 = with_writer!(self, own(name, channel, source), |pool| {
+            let existed = sqlx::query_scalar(EXISTS)
+                .bind(&name)
+                .fetch_one(&mut *pool)
+                .await?;
+            sqlx::query(SQL)
+                .bind(&name)
+                .bind(&channel)
+                .bind(&source)
+                .bind(origin)
+                .bind(next)
+                .bind(now)
+                .execute(&mut *pool)
+                .await?;
+            existed
+        });
+        Ok(existed == 0)
+    }
+
+    /// The campaign named `name`.
+    pub async fn campaign(&self, name: &str) -> Result<Option<CampaignRow>, StoreError> {
+        let sql = format!("SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE name = $1");
+        let raw: Option<CampaignRaw> = with_pool!(self, |pool| sqlx::query_as(&sql)
+            .bind(name)
+            .fetch_optional(pool)
+            .await?);
+        raw.map(campaign_row).transpose()
+    }
+
+    /// Every campaign, by name.
+    pub async fn campaigns(&self) -> Result<Vec<CampaignRow>, StoreError> {
+        let sql = format!("SELECT {CAMPAIGN_COLUMNS} FROM campaigns ORDER BY name");
+        let raw: Vec<CampaignRaw> =
+            with_pool!(self, |pool| sqlx::query_as(&sql).fetch_all(pool).await?);
+        raw.into_iter().map(campaign_row).collect()
+    }
+
+    /// Deletes a campaign's definition; its runs and their ledgers stay (reports remain
+    /// readable, and a campaign written again under the name never claims a run twice).
+    /// Answers whether it existed.
+    pub async fn delete_campaign(&self, name: &str) -> Result<bool, StoreError> {
+        let deleted = with_writer!(self, own(name), |pool| {
+            sqlx::query("DELETE FROM campaigns WHERE name = $1")
+                .bind(&name)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(deleted > 0)
+    }
+
+    /// Pauses a campaign, saying why; a campaign already paused keeps its first reason.
+    /// Answers whether the campaign exists.
+    pub async fn pause_campaign(
+        &self,
+        name: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        const SQL: &str = "UPDATE campaigns SET paused = 1, \
+                pause_reason = CASE WHEN paused = 1 THEN pause_reason ELSE $2 END, \
+                updated_at = $3 WHERE name = $1";
+        let now = now.timestamp_millis();
+        let updated = with_writer!(self, own(name, reason), |pool| {
+            sqlx::query(SQL)
+                .bind(&name)
+                .bind(&reason)
+                .bind(now)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(updated > 0)
+    }
+
+    /// Resumes a paused campaign. Answers whether the campaign exists.
+    pub async fn resume_campaign(
+        &self,
+        name: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        const SQL: &str = "UPDATE campaigns SET paused = 0, pause_reason = NULL, updated_at = $2 \
+            WHERE name = $1";
+        let now = now.timestamp_millis();
+        let updated = with_writer!(self, own(name), |pool| {
+            sqlx::query(SQL)
+                .bind(&name)
+                .bind(now)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(updated > 0)
+    }
+
+    /// Persists when a campaign runs next (`None`: nothing scheduled). Answers whether the
+    /// campaign exists.
+    pub async fn set_next_run_at(
+        &self,
+        name: &str,
+        next_run_at: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        const SQL: &str = "UPDATE campaigns SET next_run_at = $2, updated_at = $3 \
+            WHERE name = $1";
+        let (next, now) = (
+            next_run_at.map(|t| t.timestamp_millis()),
+            now.timestamp_millis(),
+        );
+        let updated = with_writer!(self, own(name), |pool| {
+            sqlx::query(SQL)
+                .bind(&name)
+                .bind(next)
+                .bind(now)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(updated > 0)
+    }
+
+    /// Pauses every campaign on `channel` (an account-level error stopped the number),
+    /// saying why. Answers how many were newly paused.
+    pub async fn pause_channel_campaigns(
+        &self,
+        channel: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        const SQL: &str = "UPDATE campaigns SET paused = 1, pause_reason = $2, updated_at = $3 \
+            WHERE channel = $1 AND paused = 0";
+        let now = now.timestamp_millis();
+        Ok(with_writer!(self, own(channel, reason), |pool| {
+            sqlx::query(SQL)
+                .bind(&channel)
+                .bind(&reason)
+                .bind(now)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        }))
+    }
+
+    /// Campaigns not paused whose `next_run_at` is at or before `now`, the earliest first.
+    pub async fn due_campaigns(&self, now: DateTime<Utc>) -> Result<Vec<CampaignRow>, StoreError> {
+        let sql = due_sql();
+        let raw: Vec<CampaignRaw> = with_pool!(self, |pool| sqlx::query_as(&sql)
+            .bind(now.timestamp_millis())
+            .fetch_all(pool)
+            .await?);
+        raw.into_iter().map(campaign_row).collect()
+    }
+}
+
+// Runs.
+impl Db {
+    /// Claims the run of `campaign` scheduled for `scheduled_for` (status `planned`): the
+    /// first claim creates it, every later one gets the same id with `created: false`.
+    pub async fn claim_run(
+        &self,
+        campaign: &str,
+        scheduled_for: DateTime<Utc>,
+        trigger: RunTrigger,
+        now: DateTime<Utc>,
+    ) -> Result<Claim, StoreError> {
+        self.insert_run(
+            campaign,
+            scheduled_for,
+            trigger,
+            RunStatus::Planned,
+            None,
+            now,
+        )
+        .await
+    }
+
+    /// Records that the run scheduled for `scheduled_for` never started, and why. A run
+    /// already claimed for that time is left as it is (`created: false`).
+    pub async fn record_missed_run(
+        &self,
+        campaign: &str,
+        scheduled_for: DateTime<Utc>,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Claim, StoreError> {
+        let trigger = RunTrigger::Schedule;
+        self.insert_run(
+            campaign,
+            scheduled_for,
+            trigger,
+            RunStatus::Missed,
+            Some(reason),
+            now,
+        )
+        .await
+    }
+
+    /// Inserts a run unless one exists for `(campaign, scheduled_for)`; either way answers
+    /// its id. A run created final (missed) is finished at once.
+    async fn insert_run(
+        &self,
+        campaign: &str,
+        scheduled_for: DateTime<Utc>,
+        trigger: RunTrigger,
+        status: RunStatus,
+        reason: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<Claim, StoreError> {
+        const INSERT: &str = "INSERT INTO campaign_runs (campaign, scheduled_for, trigger, \
+                status, reason, created_at, finished_at, updated_at) \
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $6) \
+            ON CONFLICT (campaign, scheduled_for) DO NOTHING RETURNING id";
+        const EXISTING: &str =
+            "SELECT id FROM campaign_runs WHERE campaign = $1 AND scheduled_for = $2";
+        let scheduled = scheduled_for.timestamp_millis();
+        let (trigger, status_text) = (trigger.as_str(), status.as_str());
+        let reason = reason.map(str::to_string);
+        let now = now.timestamp_millis();
+        let finished = status.is_final().then_some(now);
+        let (run_id, created) = with_writer!(self, own(campaign), |pool| {
+            let inserted: Option<i64> = sqlx::query_scalar(INSERT)
+                .bind(&campaign)
+                .bind(scheduled)
+                .bind(trigger)
+                .bind(status_text)
+                .bind(&reason)
+                .bind(now)
+                .bind(finished)
+                .fetch_optional(&mut *pool)
+                .await?;
+            match inserted {
+                Some(id) => (id, true),
+                None => {
+                    let id: i64 = sqlx::query_scalar(EXISTING)
+                        .bind(&campaign)
+                        .bind(scheduled)
+                        .fetch_one(&mut *pool)
+                        .await?;
+                    (id, false)
+                }
+            }
+        });
+        Ok(Claim { run_id, created })
+    }
+
+    /// Moves a run to `status` with its reason (`None` clears it); `running` sets when it
+    /// started (once), a final status when it finished. A final run never changes again:
+    /// answers whether the run was changed.
+    pub async fn set_run_status(
+        &self,
+        run_id: i64,
+        status: RunStatus,
+        reason: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let reason = reason.map(str::to_string);
+        let changed = with_writer!(self, |pool| {
+            update_run_status(&mut *pool, run_id, status, reason.as_deref(), now).await?
+        });
+        Ok(changed)
+    }
+
+    /// Cancels a run, and with it every recipient it has not decided yet (`cancelled`, with
+    /// the same reason), in one transaction. Answers whether the run was changed (a final
+    /// run is not).
+    pub async fn cancel_run(
+        &self,
+        run_id: i64,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        const RECIPIENTS: &str = "UPDATE campaign_recipients SET decision = 'cancelled', \
+                reason = $2, decided_at = $3 \
+            WHERE run_id = $1 AND decision IN ('planned', 'deferred')";
+        let cancelled = RunStatus::Cancelled;
+        let changed = with_writer!(self, own(reason), |pool| {
+            let mut tx = sqlx::Connection::begin(&mut *pool).await?;
+            let changed = update_run_status(&mut tx, run_id, cancelled, Some(&reason), now).await?;
+            if changed {
+                sqlx::query(RECIPIENTS)
+                    .bind(run_id)
+                    .bind(&reason)
+                    .bind(now.timestamp_millis())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            changed
+        });
+        Ok(changed)
+    }
+
+    /// Stores a run's report (JSON the campaign's runner writes, e.g. its cost estimate).
+    /// Answers whether the run exists.
+    pub async fn set_run_report(
+        &self,
+        run_id: i64,
+        report: &serde_json::Value,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        const SQL: &str = "UPDATE campaign_runs SET report = $2, updated_at = $3 WHERE id = $1";
+        let report = serde_json::to_string(report)?;
+        let now = now.timestamp_millis();
+        let updated = with_writer!(self, |pool| {
+            sqlx::query(SQL)
+                .bind(run_id)
+                .bind(&report)
+                .bind(now)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(updated > 0)
+    }
+
+    /// The run with this id.
+    pub async fn run(&self, run_id: i64) -> Result<Option<RunRow>, StoreError> {
+        let sql = format!("SELECT {RUN_COLUMNS} FROM campaign_runs WHERE id = $1");
+        let raw: Option<RunRaw> = with_pool!(self, |pool| sqlx::query_as(&sql)
+            .bind(run_id)
+            .fetch_optional(pool)
+            .await?);
+        raw.map(run_row).transpose()
+    }
+
+    /// A campaign's runs, the latest scheduled first, at most `limit`.
+    pub async fn campaign_runs(
+        &self,
+        campaign: &str,
+        limit: i64,
+    ) -> Result<Vec<RunRow>, StoreError> {
+        let sql = format!(
+            "SELECT {RUN_COLUMNS} FROM campaign_runs WHERE campaign = $1 \
+            ORDER BY scheduled_for DESC LIMIT $2"
+        );
+        let raw: Vec<RunRaw> = with_pool!(self, |pool| sqlx::query_as(&sql)
+            .bind(campaign)
+            .bind(limit.max(0))
+            .fetch_all(pool)
+            .await?);
+        raw.into_iter().map(run_row).collect()
+    }
+
+    /// Runs not over yet (planned, running, paused), oldest first: what a restart resumes.
+    pub async fn active_runs(&self) -> Result<Vec<RunRow>, StoreError> {
+        let sql = format!(
+            "SELECT {RUN_COLUMNS} FROM campaign_runs \
+            WHERE status IN ('planned', 'running', 'paused') ORDER BY id"
+        );
+        let raw: Vec<RunRaw> =
+            with_pool!(self, |pool| sqlx::query_as(&sql).fetch_all(pool).await?);
+        raw.into_iter().map(run_row).collect()
+    }
+}
+
+/// [`Db::due_campaigns`]'s query: served by `campaigns_due`, which holds only the
+/// campaigns with a run to come.
+fn due_sql() -> String {
+    format!(
+        "SELECT {CAMPAIGN_COLUMNS} FROM campaigns \
+        WHERE paused = 0 AND next_run_at IS NOT NULL AND next_run_at <= $1 \
+        ORDER BY next_run_at, name"
+    )
+}
+
+/// [`Db::pending_recipients`]'s query: served by `campaign_recipients_pending`, which holds
+/// only undecided rows, so a run's last batch costs what its first did.
+fn pending_sql() -> String {
+    format!(
+        "SELECT {LEDGER_COLUMNS} FROM campaign_recipients \
+        WHERE run_id = $1 AND decision IN ('planned', 'deferred') AND not_before <= $2 \
+        ORDER BY not_before, contact_id LIMIT $3"
+    )
+}
+
+/// [`Db::set_run_status`]'s statement, on a connection the caller holds.
+async fn update_run_status(
+    conn: &mut sqlx::SqliteConnection,
+    run_id: i64,
+    status: RunStatus,
+    reason: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    const SQL: &str = "UPDATE campaign_runs SET status = $2, reason = $3, \
+            started_at = CASE WHEN $4 = 1 AND started_at IS NULL THEN $6 ELSE started_at END, \
+            finished_at = CASE WHEN $5 = 1 THEN $6 ELSE finished_at END, updated_at = $6 \
+        WHERE id = $1 AND status NOT IN ('done', 'missed', 'cancelled')";
+    let updated = sqlx::query(SQL)
+        .bind(run_id)
+        .bind(status.as_str())
+        .bind(reason)
+        .bind(i64::from(status == RunStatus::Running))
+        .bind(i64::from(status.is_final()))
+        .bind(now.timestamp_millis())
+        .execute(conn)
+        .await?
+        .rows_affected();
+    Ok(updated > 0)
+}
+
+// The ledger.
+impl Db {
+    /// Snapshots a run's audience: one `planned` row per contact, due at `not_before`.
+    /// Insert-or-ignore, so taking it again (after a crash mid-snapshot) adds only the rows
+    /// still missing; contacts no longer in the database are left out. Written in
+    /// transactions of 20,000 rows, 1,000 per statement. Answers how many rows were added.
+    pub async fn snapshot_audience(
+        &self,
+        run_id: i64,
+        contact_ids: &[i64],
+        not_before: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let (not_before, now) = (not_before.timestamp_millis(), now.timestamp_millis());
+        let mut added = 0;
+        for ids in contact_ids.chunks(SNAPSHOT_ROWS_PER_STATEMENT * SNAPSHOT_STATEMENTS_PER_JOB) {
+            added += with_writer!(self, own(ids), |pool| {
+                let mut tx = sqlx::Connection::begin(&mut *pool).await?;
+                let mut added = 0;
+                for chunk in ids.chunks(SNAPSHOT_ROWS_PER_STATEMENT) {
+                    let sql = format!(
+                        "INSERT INTO campaign_recipients (run_id, contact_id, decision, \
+                            not_before, created_at) \
+                        SELECT $1, id, 'planned', $2, $3 FROM contacts WHERE id IN ({}) \
+                        ON CONFLICT (run_id, contact_id) DO NOTHING",
+                        placeholders(4, chunk.len())
+                    );
+                    let mut query = sqlx::query(&sql).bind(run_id).bind(not_before).bind(now);
+                    for id in chunk {
+                        query = query.bind(*id);
+                    }
+                    added += query.execute(&mut *tx).await?.rows_affected();
+                }
+                tx.commit().await?;
+                added
+            });
+        }
+        Ok(added)
+    }
+
+    /// A run's recipients still to decide whose time has come (`not_before <= now`), due
+    /// first (then by contact), at most `limit`.
+    pub async fn pending_recipients(
+        &self,
+        run_id: i64,
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<LedgerRow>, StoreError> {
+        let sql = pending_sql();
+        let raw: Vec<LedgerRaw> = with_pool!(self, |pool| sqlx::query_as(&sql)
+            .bind(run_id)
+            .bind(now.timestamp_millis())
+            .bind(limit.max(0))
+            .fetch_all(pool)
+            .await?);
+        raw.into_iter().map(ledger_row).collect()
+    }
+
+    /// When the run's earliest undecided recipient falls due; `None` when every recipient is
+    /// decided (the run has nothing left to send).
+    pub async fn next_pending_at(&self, run_id: i64) -> Result<Option<DateTime<Utc>>, StoreError> {
+        const SQL: &str = "SELECT MIN(not_before) FROM campaign_recipients \
+            WHERE run_id = $1 AND decision IN ('planned', 'deferred')";
+        let at: Option<i64> = with_pool!(self, |pool| sqlx::query_scalar(SQL)
+            .bind(run_id)
+            .fetch_one(pool)
+            .await?);
+        millis_opt(at, "campaign_recipients.not_before")
+    }
+
+    /// One recipient's ledger row.
+    pub async fn ledger_row(
+        &self,
+        run_id: i64,
+        contact_id: i64,
+    ) -> Result<Option<LedgerRow>, StoreError> {
+        let sql = format!(
+            "SELECT {LEDGER_COLUMNS} FROM campaign_recipients WHERE run_id = $1 AND contact_id = $2"
+        );
+        let raw: Option<LedgerRaw> = with_pool!(self, |pool| sqlx::query_as(&sql)
+            .bind(run_id)
+            .bind(contact_id)
+            .fetch_optional(pool)
+            .await?);
+        raw.map(ledger_row).transpose()
+    }
+
+    /// Records what was decided for a recipient still pending (a `deferred` one stays
+    /// pending until its `not_before`). A recipient already decided is left as it is, so
+    /// recording twice never sends twice: answers whether the row changed.
+    pub async fn record_recipient(
+        &self,
+        run_id: i64,
+        contact_id: i64,
+        outcome: &RecipientOutcome<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        const SQL: &str = "UPDATE campaign_recipients SET decision = $3, reason = $4, \
+                message_id = $5, not_before = COALESCE($6, not_before), decided_at = $7 \
+            WHERE run_id = $1 AND contact_id = $2 AND decision IN ('planned', 'deferred')";
+        let decision = outcome.decision.as_str();
+        let reason = outcome.reason.map(str::to_string);
+        let message_id = outcome.message_id;
+        let not_before = outcome.not_before.map(|t| t.timestamp_millis());
+        let now = now.timestamp_millis();
+        let updated = with_writer!(self, |pool| {
+            sqlx::query(SQL)
+                .bind(run_id)
+                .bind(contact_id)
+                .bind(decision)
+                .bind(&reason)
+                .bind(message_id)
+                .bind(not_before)
+                .bind(now)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(updated > 0)
+    }
+
+    /// A run's recipients counted by decision and reason, and for those sent by their
+    /// message's status and error code: what a report adds up.
+    pub async fn run_counts(&self, run_id: i64) -> Result<Vec<RecipientCount>, StoreError> {
+        const SQL: &str = "SELECT r.decision, r.reason, m.status, m.error_code, COUNT(*) \
+            FROM campaign_recipients r LEFT JOIN messages m ON m.id = r.message_id \
+            WHERE r.run_id = $1 \
+            GROUP BY r.decision, r.reason, m.status, m.error_code \
+            ORDER BY r.decision, r.reason, m.status, m.error_code";
+        type Raw = (String, Option<String>, Option<String>, Option<i64>, i64);
+        let raw: Vec<Raw> = with_pool!(self, |pool| sqlx::query_as(SQL)
+            .bind(run_id)
+            .fetch_all(pool)
+            .await?);
+        raw.into_iter()
+            .map(|(decision, reason, message_status, error_code, count)| {
+                Ok(RecipientCount {
+                    decision: RecipientDecision::parse(&decision, "campaign_recipients.decision")?,
+                    reason,
+                    message_status,
+                    error_code,
+                    count,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance::memory_db;
+    use crate::store::outbox::tests::plan;
+
+    /// The dispatcher's batches and the scheduler's question read their indexes, not the
+    /// whole ledger or every campaign.
+    #[tokio::test]
+    async fn batches_and_due_campaigns_read_their_indexes() {
+        let db = memory_db().await;
+        let pending = plan(&db, &pending_sql()).await;
+        assert!(
+            pending.contains("campaign_recipients_pending (run_id=? AND not_before<?)"),
+            "{pending}"
+        );
+        assert!(!pending.contains("TEMP B-TREE"), "{pending}");
+        let due = plan(&db, &due_sql()).await;
+        assert!(due.contains("USING INDEX campaigns_due"), "{due}");
+        assert!(!due.contains("TEMP B-TREE"), "{due}");
+    }
+}
