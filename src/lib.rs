@@ -7,6 +7,7 @@ pub mod app;
 pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod contacts_import;
 pub mod conversation;
 pub mod diagnostic;
 pub mod dispatch;
