@@ -20,7 +20,7 @@ use super::Identifiers;
 use super::contacts::{Identified, identify};
 use super::db::{Backend, Db};
 use super::error::StoreError;
-use crate::contacts_import::{ImportRow, Profile};
+use crate::contacts_import::csv::{ImportRow, Profile};
 
 /// Rows per transaction.
 pub const IMPORT_CHUNK: usize = 1_000;

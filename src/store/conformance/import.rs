@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 
 use super::with_pool;
 use crate::clock::VirtualClock;
-use crate::contacts_import::{ImportRow, parse};
+use crate::contacts_import::csv::{ImportRow, parse};
 use crate::store::{Db, IMPORT_CHUNK, Identifiers, ImportOutcome};
 
 const CH: &str = "main";

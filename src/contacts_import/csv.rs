@@ -1,7 +1,7 @@
 //! Contacts from a CSV file: the header, each line read into an [`ImportRow`] or reported
-//! with its line number and why it was skipped ([`parse`]). Pure: it reads the bytes it is
-//! given and nothing else; `store` writes the rows and `commands::contacts_import` ties the
-//! two together.
+//! with its line number and why it was skipped ([`parse`]), and how a row merges into a
+//! contact ([`ImportRow::apply`]). Pure: it reads the bytes it is given and nothing else;
+//! `store::import` writes the rows and the parent module ties the two together.
 //!
 //! The format (the README's "Import contacts" shows an example):
 //!
