@@ -17,19 +17,12 @@ const TOKEN: &str = "import-token";
 /// A project in `dir`: the repository's flows, a file database, two sandbox channels
 /// (`first` is the default) and an admin token.
 fn project(dir: &Path) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let config = format!(
-        "flows: {}\nscripts: {}\ntemplates: {}\ndatabase: sqlite://{}\n\
-         channels:\n  - name: first\n    provider: sandbox\n  - name: second\n    provider: sandbox\n\
-         admin:\n  token: {TOKEN}\n",
-        root.join("flows").display(),
-        root.join("scripts").display(),
-        root.join("templates.yaml").display(),
+    let extra = format!(
+        "database: sqlite://{}\nchannels:\n  - name: first\n    provider: sandbox\n  \
+         - name: second\n    provider: sandbox\nadmin:\n  token: {TOKEN}\n",
         dir.join("flowgate.db").display()
     );
-    let path = dir.join("flowgate.yaml");
-    std::fs::write(&path, config).unwrap();
-    path
+    crate::admin::project(dir, &extra)
 }
 
 /// Runs `flowgate --config CONFIG contacts import ARGS…`, at most 60 s.
