@@ -8,6 +8,7 @@ pub mod campaign;
 pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod contacts_import;
 pub mod conversation;
 pub mod diagnostic;
 pub mod dispatch;

@@ -14,6 +14,7 @@ use flowgate::commands::{
     self,
     chat::{Chat, Reply},
 };
+use flowgate::contacts_import::ImportError;
 use flowgate::diagnostic::Diagnostics;
 use flowgate::store::Db;
 
@@ -54,6 +55,11 @@ enum Command {
     Test { paths: Vec<PathBuf> },
     /// Apply database migrations.
     Migrate,
+    /// Contacts: import them from a CSV file.
+    Contacts {
+        #[command(subcommand)]
+        command: ContactsCommand,
+    },
     /// The template registry (templates.yaml).
     Templates {
         #[command(subcommand)]
@@ -66,6 +72,19 @@ enum TemplatesCommand {
     /// Pull the channel's templates from the Graph API into the registry file.
     Sync {
         /// The channel to read (default: the first cloud_api channel).
+        #[arg(long)]
+        channel: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ContactsCommand {
+    /// Import contacts from a CSV file (columns wa_id and/or bsuid, name, tags, attr.KEY,
+    /// timezone); bad lines are reported and skipped. While `serve` runs, import through
+    /// `POST /api/contacts/import` instead.
+    Import {
+        file: PathBuf,
+        /// The channel the contacts are on (default: the first configured channel).
         #[arg(long)]
         channel: Option<String>,
     },
@@ -135,6 +154,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Templates {
             command: TemplatesCommand::Sync { channel },
         } => templates_sync(config, channel.as_deref()).await,
+        Command::Contacts {
+            command: ContactsCommand::Import { file, channel },
+        } => contacts_import(config, &file, channel.as_deref()).await,
     }
 }
 
@@ -197,6 +219,30 @@ async fn templates_sync(config: Option<&Path>, channel: Option<&str>) -> anyhow:
     fetched.write()?;
     println!("{}", fetched.summary());
     Ok(ExitCode::SUCCESS)
+}
+
+/// `flowgate contacts import`: the summary, then each skipped line; exit 1 only when the
+/// file as a whole was not imported.
+async fn contacts_import(
+    config: Option<&Path>,
+    file: &Path,
+    channel: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let now = flowgate::clock::Clock::now(&SystemClock);
+    match commands::contacts_import::import_file(config, file, channel, now).await {
+        Ok(report) => {
+            println!("{}", report.summary());
+            for skipped in &report.skipped {
+                println!("  line {}: {}", skipped.line, skipped.reason);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(ImportError::Config(diags)) => {
+            eprint!("{}", diags.render(color(&std::io::stderr())));
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The terminal chat: reads lines until end of input or `/quit`, printing what each did.

@@ -2,5 +2,6 @@
 //! Each returns values and errors; `main.rs` parses the command line, calls them and prints.
 
 pub mod chat;
+pub mod contacts_import;
 pub mod templates_sync;
 pub mod test;

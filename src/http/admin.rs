@@ -1,7 +1,8 @@
 //! The admin API under `/api`: bearer-token auth; flows; a conversation's state (with its
 //! window) and messages; an agent's message (`POST /api/conversations/{contact}/messages`,
 //! which passes the policy like every other message); one message with its decision
-//! (`GET /api/messages/{id}`). Later issues add contacts, campaigns and templates here.
+//! (`GET /api/messages/{id}`); contacts from a CSV file (`POST /api/contacts/import`). Later
+//! issues add campaigns and templates here.
 //!
 //! Auth: `Authorization: Bearer <admin.token>`, compared in constant time. Without a
 //! configured token the API answers only on a loopback listener (the server refuses to start
@@ -18,6 +19,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{Refused, error, refused};
+use crate::contacts_import::{self, ImportError};
 use crate::dispatch::Runtime;
 use crate::domain::{OutboundContent, limits};
 use crate::policy::Window;
@@ -31,6 +33,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/conversations/{contact}/messages", post(agent_message))
         .route("/messages/{id}", get(message))
         .route("/templates", get(templates))
+        .route("/contacts/import", post(import_contacts))
         .layer(axum::middleware::from_fn_with_state(state, require_token))
 }
 
@@ -169,6 +172,87 @@ async fn templates(State(state): State<AppState>) -> Response {
         })
         .collect();
     Json(json!({ "templates": list })).into_response()
+}
+
+/// The largest CSV file `POST /api/contacts/import` takes: about 400,000 contacts of a
+/// name, a few tags and attributes. Larger files go through `flowgate contacts import`
+/// (with the server stopped) or in parts.
+pub const IMPORT_MAX_BODY: usize = 32 * 1024 * 1024;
+
+#[derive(Debug, Deserialize)]
+struct ImportQuery {
+    channel: Option<String>,
+}
+
+/// `POST /api/contacts/import[?channel=NAME]`: the body is a CSV file
+/// (`Content-Type: text/csv`); the answer is the import's report (new, updated, unchanged,
+/// each skipped line with its reason). A file refused as a whole is 422 and writes nothing.
+async fn import_contacts(
+    State(state): State<AppState>,
+    Query(q): Query<ImportQuery>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    let csv = match csv_body(&headers, body).await {
+        Ok(csv) => csv,
+        Err(refused) => return *refused,
+    };
+    let runtime = &state.runtime;
+    let report = match contacts_import::channel(&state.config.channels, q.channel.as_deref()) {
+        Ok(channel) => {
+            let channel = channel.to_string();
+            contacts_import::import(&runtime.db, &channel, csv, runtime.clock.now()).await
+        }
+        Err(e) => Err(e),
+    };
+    match report {
+        Ok(report) => Json(report).into_response(),
+        Err(e @ ImportError::UnknownChannel { .. }) => {
+            error(StatusCode::NOT_FOUND, "unknown_channel", e.to_string())
+        }
+        Err(e @ ImportError::File(_)) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_csv",
+            e.to_string(),
+        ),
+        Err(e) => internal("importing contacts failed", e),
+    }
+}
+
+/// The CSV body of an import: `text/csv`, at most [`IMPORT_MAX_BODY`] bytes (refused by its
+/// `Content-Length` before any of it is read, when it gives one).
+async fn csv_body(
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<axum::body::Bytes, Refused> {
+    use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    let csv = header(CONTENT_TYPE)
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/csv"));
+    if !csv {
+        return Err(refused(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the CSV file as the body with `Content-Type: text/csv`",
+        ));
+    }
+    let too_big = || {
+        refused(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!(
+                "the largest file taken is {} MiB: split it, or use `flowgate contacts import`",
+                IMPORT_MAX_BODY / (1024 * 1024)
+            ),
+        )
+    };
+    let announced = header(CONTENT_LENGTH).and_then(|v| v.trim().parse::<usize>().ok());
+    if announced.is_some_and(|n| n > IMPORT_MAX_BODY) {
+        return Err(too_big());
+    }
+    axum::body::to_bytes(body, IMPORT_MAX_BODY)
+        .await
+        .map_err(|_| too_big())
 }
 
 /// A 500 for a failure of ours: the detail goes to the log, not to the caller.

@@ -143,6 +143,120 @@ enum Resolution {
 // A row as the database returns it.
 type PolicyContactRaw = (i64, String, Option<String>, String, Option<i64>, String);
 
+/// The contacts two identifiers (`$2`: a BSUID, `$3`: a phone) name on channel `$1`, by key
+/// or alias: (identifier, contact id, key, found by key, paired). A key match comes first:
+/// it outranks an alias that (written before the key) repeats it.
+const LOOKUP: &str = "SELECT x.identifier, c.id, c.wa_id, x.by_key, \
+        EXISTS (SELECT 1 FROM contact_aliases o WHERE o.contact_id = c.id \
+            AND o.current = 1) \
+    FROM (SELECT wa_id AS identifier, id AS contact_id, 1 AS by_key FROM contacts \
+            WHERE channel = $1 AND wa_id IN ($2, $3) \
+        UNION ALL SELECT identifier, contact_id, 0 FROM contact_aliases \
+            WHERE channel = $1 AND identifier IN ($2, $3)) x \
+    JOIN contacts c ON c.id = x.contact_id \
+    ORDER BY x.by_key DESC";
+
+/// How a webhook's resolution ends when its identifiers name two contacts (an import
+/// reports the conflict without it: it writes neither).
+const BSUID_ANSWERS: &str = "; the BSUID's contact answers";
+
+/// A row of [`LOOKUP`].
+type LookupRow = (String, i64, String, bool, bool);
+
+/// The contacts [`LOOKUP`]'s rows name for `ids`' BSUID and phone.
+fn known(rows: &[LookupRow], ids: Identifiers<'_>) -> (Option<Known>, Option<Known>) {
+    let find = |id: Option<&str>| {
+        let id = id?;
+        rows.iter().find(|(identifier, ..)| identifier == id).map(
+            |(_, contact, key, by_key, paired)| Known {
+                id: *contact,
+                key: key.clone(),
+                by_key: *by_key,
+                paired: *paired,
+            },
+        )
+    };
+    (find(ids.bsuid), find(ids.phone))
+}
+
+/// Which contact an operator's identifiers name, resolved inside a writer job
+/// ([`identify`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Identified {
+    /// A contact that existed; `relinked` when this resolution changed its identifiers.
+    Existing { key: String, relinked: bool },
+    /// A contact created by this resolution.
+    Created { key: String },
+    /// The identifiers name two different contacts, or a pairing would take another's
+    /// identifier: nothing was written.
+    Conflict(String),
+}
+
+/// [`Db::resolve_contact`]'s rules on the writer's handle, inside the caller's job (an
+/// import writes many contacts in one transaction): the same lookup, the same
+/// [`resolution`], the same link job. Unlike a webhook's resolution, a contact named for
+/// the first time is created here (there is no turn to create it). The caller forgets
+/// what the [`ResolvedCache`] remembers before and after its job.
+pub(super) fn identify(
+    db: &rusqlite::Connection,
+    channel: &str,
+    ids: Identifiers<'_>,
+    now: DateTime<Utc>,
+) -> Result<Option<Identified>, StoreError> {
+    let Some(new_key) = ids.new_key() else {
+        return Ok(None);
+    };
+    let mut statement = db.prepare_cached(LOOKUP)?;
+    let text = |s: Option<&str>| rusqlite::types::Value::from(s.map(str::to_string));
+    let args = [text(Some(channel)), text(ids.bsuid), text(ids.phone)];
+    super::sql::bind_numbered(&mut statement, &args)?;
+    let mut rows = statement.raw_query();
+    let mut found: Vec<LookupRow> = Vec::new();
+    while let Some(row) = rows.next()? {
+        found.push((
+            row.get(0)?,
+            row.get(1)?,
+            row.get(2)?,
+            row.get(3)?,
+            row.get(4)?,
+        ));
+    }
+    let identified = match resolution(channel, ids, new_key, known(&found, ids), now) {
+        Resolution::Settled(key) => Identified::Existing {
+            key,
+            relinked: false,
+        },
+        Resolution::Link(link, _) => {
+            let created = link.contact.is_none();
+            match link.run(db)? {
+                Linked::Key { key, .. } if created => Identified::Created { key },
+                Linked::Key { key, .. } => Identified::Existing {
+                    key,
+                    relinked: true,
+                },
+                Linked::Conflict { why, .. } => Identified::Conflict(why),
+            }
+        }
+        Resolution::Answer(Resolved {
+            conflict: Some(why),
+            ..
+        }) => Identified::Conflict(why.replace(BSUID_ANSWERS, "")),
+        Resolution::Answer(Resolved { key, .. }) => {
+            let create = Link {
+                channel: channel.to_string(),
+                key: Some(key),
+                now: now.timestamp_millis(),
+                ..Link::default()
+            };
+            match create.run(db)? {
+                Linked::Key { key, .. } => Identified::Created { key },
+                Linked::Conflict { why, .. } => Identified::Conflict(why),
+            }
+        }
+    };
+    Ok(Some(identified))
+}
+
 impl Db {
     /// The contact `ids` name on `channel`, by BSUID first, then phone; `None` when `ids` is
     /// empty. A pairing the database does not know yet is recorded:
@@ -241,36 +355,15 @@ impl Db {
         channel: &str,
         ids: Identifiers<'_>,
     ) -> Result<(Option<Known>, Option<Known>), StoreError> {
-        // A key match first: it outranks an alias that (written before the key) repeats it.
-        const SQL: &str = "SELECT x.identifier, c.id, c.wa_id, x.by_key, \
-                EXISTS (SELECT 1 FROM contact_aliases o WHERE o.contact_id = c.id \
-                    AND o.current = 1) \
-            FROM (SELECT wa_id AS identifier, id AS contact_id, 1 AS by_key FROM contacts \
-                    WHERE channel = $1 AND wa_id IN ($2, $3) \
-                UNION ALL SELECT identifier, contact_id, 0 FROM contact_aliases \
-                    WHERE channel = $1 AND identifier IN ($2, $3)) x \
-            JOIN contacts c ON c.id = x.contact_id \
-            ORDER BY x.by_key DESC";
-        let rows: Vec<(String, i64, String, bool, bool)> = with_pool!(self, |pool| {
-            sqlx::query_as(SQL)
+        let rows: Vec<LookupRow> = with_pool!(self, |pool| {
+            sqlx::query_as(LOOKUP)
                 .bind(channel)
                 .bind(ids.bsuid)
                 .bind(ids.phone)
                 .fetch_all(pool)
                 .await?
         });
-        let find = |id: Option<&str>| {
-            let id = id?;
-            rows.iter().find(|(identifier, ..)| identifier == id).map(
-                |(_, contact, key, by_key, paired)| Known {
-                    id: *contact,
-                    key: key.clone(),
-                    by_key: *by_key,
-                    paired: *paired,
-                },
-            )
-        };
-        Ok((find(ids.bsuid), find(ids.phone)))
+        Ok(known(&rows, ids))
     }
 
     /// Runs `link`; `fallback` is the key to answer with if it conflicts (unless the
@@ -394,7 +487,7 @@ fn resolution(
         (Some(b), Some(p), ..) => Resolution::Answer(Resolved {
             conflict: Some(format!(
                 "BSUID {} is contact {} and phone {} is contact {}: one customer, two \
-                 contacts (not merged); the BSUID's contact answers",
+                 contacts (not merged){BSUID_ANSWERS}",
                 ids.bsuid.unwrap_or_default(),
                 b.id,
                 ids.phone.unwrap_or_default(),

@@ -15,6 +15,7 @@
 //! |---|---|---|
 //! | `campaigns` | `campaigns`, `campaign_runs`, `campaign_recipients` | definitions ([`Db::save_campaign`], [`Db::due_campaigns`], pause, `next_run_at`); runs claimed once ([`Db::claim_run`], [`Db::record_missed_run`]); the ledger ([`Db::snapshot_audience`], [`Db::pending_recipients`], [`Db::record_recipient`], [`Db::run_counts`]) |
 //! | `contacts` | `contacts`, `contact_aliases` | who a customer is: [`Db::resolve_contact`], [`Db::change_identity`]; their policy state: [`Db::save_contact_policy`], [`Db::contacts_for_policy`] |
+//! | `import` | `contacts`, `contact_aliases` | contacts in bulk: [`Db::import_contacts`] (a CSV file's rows, in chunks of [`IMPORT_CHUNK`], by the identity rules of `contacts`) |
 //! | `conversations` | reads `contacts`, `sessions`, `messages`; `flow_versions` | [`Db::load_conversation`], [`Db::messages`], [`Db::message`], [`Db::reset_conversation`], [`Db::save_flow_version`], [`Db::flow_version`] |
 //! | `turn` | `contacts`, `sessions`, `messages`, `timers` | [`Db::commit_turn`]: everything one turn changes, in one transaction ([`TurnWrite`]) |
 //! | `inbox` | `inbox`; statuses on `messages` | webhook updates: [`Db::insert_updates`], claims, retries, pruning; delivery statuses: [`Db::apply_status`] |
@@ -57,6 +58,7 @@ mod contacts;
 mod conversations;
 mod db;
 mod error;
+mod import;
 mod inbox;
 mod migrate;
 mod outbox;
@@ -79,6 +81,7 @@ pub use contacts::{Identifiers, IdentityChanged, Resolved};
 pub use conversations::{Conversation, MessageDetail, MessageRow, SessionRow};
 pub use db::Db;
 pub use error::StoreError;
+pub use import::{IMPORT_CHUNK, ImportOutcome};
 pub use inbox::{
     INBOX_RETENTION, InboxRow, NewInboxRow, ORDERED_KINDS, StatusChange, StatusOutcome, Stored,
     status_rank,

@@ -9,7 +9,8 @@ use flowgate::app::{self, Application};
 use crate::support;
 use flowgate::clock::SystemClock;
 
-fn project(dir: &Path, admin: &str) -> std::path::PathBuf {
+/// A project in `dir` on the repository's flows, with `admin` appended to its config (any keys).
+pub(crate) fn project(dir: &Path, admin: &str) -> std::path::PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let config = format!(
         "flows: {}\nscripts: {}\ntemplates: {}\n{admin}",

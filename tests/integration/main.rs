@@ -4,6 +4,7 @@
 
 mod admin;
 mod check;
+mod contacts_import;
 mod conversations;
 mod crash;
 mod outbox;

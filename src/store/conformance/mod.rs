@@ -1,6 +1,6 @@
 //! The store's conformance suite: its behaviour, as every backend must show it, in one set
-//! of `async fn`s that each take a fresh, migrated [`Db`] (`turns`, `contacts`, `inbox`,
-//! `campaigns`).
+//! of `async fn`s that each take a fresh, migrated [`Db`] (`turns`, `contacts`, `import`,
+//! `inbox`, `campaigns`).
 //!
 //! [`suite!`] instantiates every test of the suite for one backend, as a module of
 //! `#[tokio::test]`s named after it: today SQLite in memory and SQLite in a file. Tests of a
@@ -28,6 +28,7 @@ use crate::domain::{
 
 mod campaigns;
 mod contacts;
+mod import;
 mod inbox;
 mod turns;
 
@@ -95,6 +96,12 @@ macro_rules! suite {
                 contacts::a_new_number_announced_without_its_bsuid_learns_it_from_the_next_message,
                 contacts::a_link_that_would_create_a_taken_identifier_writes_nothing,
                 contacts::identity_changes_that_cannot_apply_change_nothing,
+                import::an_import_creates_contacts_and_again_changes_nothing,
+                import::an_import_merges_into_the_contact_an_identifier_names,
+                import::a_row_with_both_identifiers_pairs_them,
+                import::a_row_naming_two_contacts_is_reported_not_merged,
+                import::a_pairing_the_process_remembered_otherwise_is_seen_at_once,
+                import::a_large_import_is_written_in_chunks_in_file_order,
                 inbox::duplicates_are_counted_not_stored,
                 inbox::large_batches_are_one_transaction,
                 inbox::claims_keep_each_contacts_order_across_retries,
