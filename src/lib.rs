@@ -15,6 +15,7 @@ pub mod engine;
 pub mod flow;
 pub mod http;
 pub mod inbound;
+pub mod logging;
 pub mod metrics;
 pub mod outbox;
 pub mod policy;

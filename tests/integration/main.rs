@@ -6,6 +6,7 @@ mod admin;
 mod check;
 mod conversations;
 mod crash;
+mod hardening;
 mod outbox;
 mod policy;
 mod policy_properties;

@@ -77,11 +77,21 @@ impl Running {
         database_url: &str,
         clock: flowgate::clock::SharedClock,
     ) -> Self {
-        let application =
-            flowgate::app::Application::build(loaded, database_url, "127.0.0.1:0", clock)
-                .await
-                .unwrap();
-        let base = format!("http://{}", application.local_addr());
+        Self::start_on(loaded, database_url, "127.0.0.1:0", clock).await
+    }
+
+    /// [`Running::start`] listening on `listen` (e.g. `0.0.0.0:0`); `base` is still
+    /// 127.0.0.1 with the port it got, so tests connect over loopback only.
+    pub async fn start_on(
+        loaded: &flowgate::app::Loaded,
+        database_url: &str,
+        listen: &str,
+        clock: flowgate::clock::SharedClock,
+    ) -> Self {
+        let application = flowgate::app::Application::build(loaded, database_url, listen, clock)
+            .await
+            .unwrap();
+        let base = format!("http://127.0.0.1:{}", application.local_addr().port());
         let db = application.runtime.db.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(application.run_until(async {
