@@ -13,19 +13,7 @@ use serde_json::json;
 
 use crate::support;
 
-/// The shipped flows with `extra` config keys, in `dir`.
-fn project(dir: &Path, extra: &str) -> std::path::PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let config = format!(
-        "flows: {}\nscripts: {}\ntemplates: {}\n{extra}",
-        root.join("flows").display(),
-        root.join("scripts").display(),
-        root.join("templates.yaml").display()
-    );
-    let path = dir.join("flowgate.yaml");
-    std::fs::write(&path, config).unwrap();
-    path
-}
+use support::shipped_project as project;
 
 async fn status(request: reqwest::RequestBuilder) -> u16 {
     request.send().await.expect("request").status().as_u16()

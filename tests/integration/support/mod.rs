@@ -2,6 +2,21 @@
 
 pub mod fake_graph;
 
+/// A `flowgate.yaml` in `dir` for the repository's own flows, scripts and templates, with
+/// `extra` config appended; returns its path.
+pub fn shipped_project(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = format!(
+        "flows: {}\nscripts: {}\ntemplates: {}\n{extra}",
+        root.join("flows").display(),
+        root.join("scripts").display(),
+        root.join("templates.yaml").display()
+    );
+    let path = dir.join("flowgate.yaml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
 /// A webhook `timestamp` (unix seconds, as text) for a message written now. Servers in tests
 /// run on the system clock, and an older timestamp would put the customer outside the
 /// 24-hour window.
