@@ -1,8 +1,8 @@
 //! The HTTP surface of `flowgate serve`, on axum: health and metrics, the sandbox door, the
 //! WhatsApp webhooks and the admin API.
 //!
-//! Who may use the sandbox and `/metrics` is [`doors`]'; the admin API checks its token with
-//! [`bearer`], the one bearer-token check every door shares.
+//! Who may use the sandbox and `/metrics` is for [`doors`] to say; the admin API checks its
+//! token with [`bearer`], the one bearer-token check every door shares.
 //!
 //! Every handler gets the [`AppState`] it shares with the inbound worker; errors are JSON
 //! `{"error": {"code", "message"}}` with a stable `code`. A handler's steps refuse with a
