@@ -12,6 +12,7 @@ use crate::diagnostic::Diagnostics;
 use crate::dispatch::Runtime;
 use crate::engine::Engine;
 use crate::flow::load::{Project, load_project};
+use crate::http::doors::Doors;
 use crate::script::Scripting;
 use crate::state::AppState;
 use crate::store::Db;
@@ -45,6 +46,7 @@ pub struct Application {
     pub config: Arc<Config>,
     pub inbox: Arc<tokio::sync::Notify>,
     listener: tokio::net::TcpListener,
+    doors: Doors,
 }
 
 impl Application {
@@ -60,11 +62,13 @@ impl Application {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+        let doors = Doors::decide(&loaded.config, listener.local_addr()?);
         Ok(Self {
             runtime,
             config: Arc::new(loaded.config.clone()),
             inbox: Arc::new(tokio::sync::Notify::new()),
             listener,
+            doors,
         })
     }
 
@@ -75,6 +79,11 @@ impl Application {
             config: self.config.clone(),
             inbox: self.inbox.clone(),
         }
+    }
+
+    /// Who may use the sandbox and `/metrics` on this listener (for the start-up banner).
+    pub fn doors(&self) -> &Doors {
+        &self.doors
     }
 
     pub fn local_addr(&self) -> std::net::SocketAddr {
@@ -122,7 +131,7 @@ impl Application {
             ..Default::default()
         };
         let senders = crate::outbox::spawn_senders(&self.runtime, &options);
-        axum::serve(self.listener, crate::http::router(state))
+        axum::serve(self.listener, crate::http::router(state, self.doors))
             .with_graceful_shutdown(shutdown)
             .await?;
         let _ = stop_inbound.send(true);

@@ -32,6 +32,10 @@ pub struct Config {
     pub fallback: Option<String>,
     pub admin: AdminConfig,
     pub outbox: OutboxConfig,
+    /// Who may use `POST /sandbox/messages`.
+    pub sandbox: SandboxAccess,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
     /// The config file this came from, if any.
     pub file: Option<PathBuf>,
 }
@@ -217,6 +221,49 @@ pub struct AdminConfig {
     pub token: Option<Secret>,
 }
 
+/// `sandbox:`: who may play a customer through `POST /sandbox/messages`, which runs flows
+/// (scripts, `http` steps) for whoever calls it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxAccess {
+    /// The door is closed (404).
+    Off,
+    /// Open on a loopback listener; on any other, the admin token, checked like `/api`.
+    #[default]
+    Token,
+    /// Anyone who reaches the listener.
+    Public,
+}
+
+/// `metrics:`: who may read `/metrics`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A bearer token for `/metrics` alone (a scraper need not hold the admin token).
+    /// Without one, `/metrics` is open on a loopback listener and needs the admin token on
+    /// any other.
+    #[serde(default)]
+    pub token: Option<Secret>,
+}
+
+/// `log:`: how the server's log is written on stderr.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// `log.format`: `text` (default; one line per event, control characters escaped) or
+/// `json` (one JSON object per line, for log collectors).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
 /// The file's shape; every key optional so a partial file keeps the other defaults.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -232,6 +279,9 @@ struct RawConfig {
     fallback: Option<String>,
     admin: Option<AdminConfig>,
     outbox: Option<OutboxConfig>,
+    sandbox: Option<SandboxAccess>,
+    metrics: Option<MetricsConfig>,
+    log: Option<LogConfig>,
 }
 
 impl Default for Config {
@@ -248,6 +298,9 @@ impl Default for Config {
             fallback: None,
             admin: AdminConfig::default(),
             outbox: OutboxConfig::default(),
+            sandbox: SandboxAccess::default(),
+            metrics: MetricsConfig::default(),
+            log: LogConfig::default(),
             file: None,
         }
     }
@@ -313,6 +366,9 @@ impl Config {
             fallback: raw.fallback,
             admin: raw.admin.unwrap_or_default(),
             outbox: raw.outbox.unwrap_or_default(),
+            sandbox: raw.sandbox.unwrap_or_default(),
+            metrics: raw.metrics.unwrap_or_default(),
+            log: raw.log.unwrap_or_default(),
             file: Some(PathBuf::from(file)),
         };
         for problem in config.problems() {
@@ -413,6 +469,25 @@ mod tests {
             err.items
                 .iter()
                 .any(|d| d.message.contains("needs `access_token`"))
+        );
+    }
+
+    #[test]
+    fn sandbox_metrics_and_log_keys() {
+        let c = Config::from_str("f.yaml", "", Path::new("")).unwrap();
+        assert_eq!(c.sandbox, SandboxAccess::Token);
+        assert!(c.metrics.token.is_none());
+        assert_eq!(c.log.format, LogFormat::Text);
+        let text = "sandbox: public\nmetrics:\n  token: scrape\nlog:\n  format: json\n";
+        let c = Config::from_str("f.yaml", text, Path::new("")).unwrap();
+        assert_eq!(c.sandbox, SandboxAccess::Public);
+        assert_eq!(c.metrics.token.unwrap().expose(), "scrape");
+        assert_eq!(c.log.format, LogFormat::Json);
+        let err = Config::from_str("f.yaml", "sandbox: open\n", Path::new("")).unwrap_err();
+        assert!(
+            err.items[0].message.contains("off"),
+            "{}",
+            err.items[0].message
         );
     }
 

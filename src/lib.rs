@@ -17,6 +17,7 @@ pub mod engine;
 pub mod flow;
 pub mod http;
 pub mod inbound;
+pub mod logging;
 pub mod metrics;
 pub mod outbox;
 pub mod policy;

@@ -14,8 +14,10 @@ use flowgate::commands::{
     self,
     chat::{Chat, Reply},
 };
+use flowgate::config::Config;
 use flowgate::contacts_import::ImportError;
 use flowgate::diagnostic::Diagnostics;
+use flowgate::http::doors::Door;
 use flowgate::store::Db;
 
 /// mimalloc instead of the system allocator: a reply allocates in many small pieces across
@@ -92,19 +94,21 @@ enum ContactsCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                let level = if matches!(cli.command, Command::Serve | Command::Migrate) {
-                    "info"
-                } else {
-                    "error"
-                };
-                tracing_subscriber::EnvFilter::new(level)
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // The log's format is the config's; a config that does not load says why later, in
+    // the command's own words.
+    let format = Config::load(cli.config.as_deref())
+        .map(|c| c.log.format)
+        .unwrap_or_default();
+    let level = if matches!(cli.command, Command::Serve | Command::Migrate) {
+        "info"
+    } else {
+        "error"
+    };
+    flowgate::logging::init(
+        format,
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -188,13 +192,20 @@ async fn test(config: Option<&Path>, paths: &[PathBuf]) -> anyhow::Result<ExitCo
     Ok(exit_code(run.failed == 0))
 }
 
+/// `flowgate migrate`: needs only the config's `database`, not the flows, so a project
+/// whose flows do not load yet can still get its database ready.
 async fn migrate(config: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let Some(loaded) = load(config) else {
-        return Ok(ExitCode::FAILURE);
+    let config = match Config::load(config) {
+        Ok(config) => config,
+        Err(diags) => {
+            eprint!("{}", diags.render(color(&std::io::stderr())));
+            return Ok(ExitCode::FAILURE);
+        }
     };
-    let db = Db::connect(&loaded.config.database).await?;
+    let db = Db::connect(&config.database).await?;
     db.migrate().await?;
-    println!("migrated {}", loaded.config.database);
+    db.close().await;
+    println!("migrated {}", config.database);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -290,9 +301,21 @@ async fn serve(config: Option<&Path>) -> anyhow::Result<ExitCode> {
     );
     println!("  database: {}", loaded.config.database);
     println!("  health:   curl http://{addr}/healthz");
-    println!(
-        "  try it:   curl -s http://{addr}/sandbox/messages -H 'content-type: application/json' -d '{{\"from\":\"15550001234\",\"text\":\"menu\"}}'"
-    );
+    let doors = application.doors();
+    let auth = match &doors.sandbox {
+        Door::Open => Some(String::new()),
+        Door::Bearer { key, .. } => Some(format!(" -H 'authorization: Bearer <{key}>'")),
+        Door::Closed { .. } => None,
+    };
+    if let Some(auth) = auth {
+        println!(
+            "  try it:   curl -s http://{addr}/sandbox/messages{auth} -H 'content-type: application/json' -d '{{\"from\":\"15550001234\",\"text\":\"menu\"}}'"
+        );
+    }
+    for door in doors.describe() {
+        println!("  {door}");
+        tracing::info!("{door}");
+    }
     println!("  stop:     Ctrl-C");
     application.run_until(shutdown_signal()).await?;
     println!("flowgate stopped");

@@ -8,7 +8,6 @@
 //! configured token the API answers only on a loopback listener (the server refuses to start
 //! on any other address without one, see `app::Application::build`).
 
-use crate::yaml::secrets_match;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
@@ -37,42 +36,22 @@ pub fn router(state: AppState) -> Router<AppState> {
         .layer(axum::middleware::from_fn_with_state(state, require_token))
 }
 
-/// Checks the bearer token when one is configured.
+/// Checks the bearer token when one is configured ([`super::bearer`], the check every door
+/// shares).
 async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let Some(expected) = state
         .config
         .admin
         .token
         .as_ref()
-        .map(|t| t.expose())
-        .filter(|t| !t.is_empty())
+        .filter(|t| !t.expose().is_empty())
     else {
         return next.run(request).await;
     };
-    let given = request
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(token) if token_matches(token, expected) => next.run(request).await,
-        Some(_) => error(
-            StatusCode::UNAUTHORIZED,
-            "invalid_token",
-            "the bearer token is wrong",
-        ),
-        None => error(
-            StatusCode::UNAUTHORIZED,
-            "missing_token",
-            "send `Authorization: Bearer <admin.token>`",
-        ),
+    match super::bearer(request.headers(), expected, "admin.token") {
+        Ok(()) => next.run(request).await,
+        Err(refused) => *refused,
     }
-}
-
-/// Whether the bearer token given is the configured one, compared in constant time, its
-/// length hidden too ([`secrets_match`]).
-fn token_matches(given: &str, expected: &str) -> bool {
-    secrets_match(expected, given)
 }
 
 async fn flows(State(state): State<AppState>) -> Response {
@@ -458,19 +437,5 @@ async fn message(State(state): State<AppState>, Path(id): Path<i64>) -> Response
             format!("there is no message {id}"),
         ),
         Err(e) => internal("loading a message failed", e),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::token_matches;
-
-    #[test]
-    fn only_the_whole_token_matches() {
-        assert!(token_matches("secret", "secret"));
-        assert!(!token_matches("secreT", "secret"));
-        assert!(!token_matches("secret2", "secret"));
-        assert!(!token_matches("secre", "secret"));
-        assert!(!token_matches("", "secret"));
     }
 }

@@ -1,29 +1,40 @@
 //! The HTTP surface of `flowgate serve`, on axum: health and metrics, the sandbox door, the
 //! WhatsApp webhooks and the admin API.
 //!
+//! Who may use the sandbox and `/metrics` is for [`doors`] to say; the admin API checks its
+//! token with [`bearer`], the one bearer-token check every door shares.
+//!
 //! Every handler gets the [`AppState`] it shares with the inbound worker; errors are JSON
 //! `{"error": {"code", "message"}}` with a stable `code`. A handler's steps refuse with a
 //! [`Refused`] answer, so the handler reads top to bottom.
 
 pub mod admin;
+pub mod doors;
 pub mod sandbox;
 pub mod webhook;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
 use crate::state::AppState;
+use crate::yaml::Secret;
+use doors::{Doors, guard};
 
-pub fn router(state: AppState) -> Router {
+/// The server's routes; the sandbox and `/metrics` behind their [`Doors`].
+pub fn router(state: AppState, doors: Doors) -> Router {
+    let door = |door| axum::middleware::from_fn_with_state(door, guard);
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
-        .route("/metrics", get(metrics))
-        .route("/sandbox/messages", post(sandbox::sandbox_message))
+        .route("/metrics", get(metrics).route_layer(door(doors.metrics)))
+        .route(
+            "/sandbox/messages",
+            post(sandbox::sandbox_message).route_layer(door(doors.sandbox)),
+        )
         .route("/webhook/{channel}", webhook::routes())
         .nest("/api", admin::router(state.clone()))
         .with_state(state)
@@ -74,6 +85,28 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// Whether `headers` carry `Authorization: Bearer <expected>` (compared in constant time,
+/// its length hidden too: [`Secret::matches`]); `key` names the config key in the hint.
+pub fn bearer(headers: &HeaderMap, expected: &Secret, key: &str) -> Result<(), Refused> {
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(token) if expected.matches(token) => Ok(()),
+        Some(_) => Err(refused(
+            StatusCode::UNAUTHORIZED,
+            "invalid_token",
+            "the bearer token is wrong",
+        )),
+        None => Err(refused(
+            StatusCode::UNAUTHORIZED,
+            "missing_token",
+            format!("send `Authorization: Bearer <{key}>`"),
+        )),
+    }
+}
+
 /// A JSON error with a stable `code`.
 pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     (
@@ -90,4 +123,38 @@ pub type Refused = Box<Response>;
 /// [`error`], as a step's refusal.
 pub fn refused(status: StatusCode, code: &str, message: impl Into<String>) -> Refused {
     Box::new(error(status, code, message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(authorization: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            axum::http::header::AUTHORIZATION,
+            authorization.parse().unwrap(),
+        );
+        headers
+    }
+
+    #[test]
+    fn only_the_whole_bearer_token_passes() {
+        let secret = Secret::new("secret");
+        let code = |headers: &HeaderMap| match bearer(headers, &secret, "admin.token") {
+            Ok(()) => StatusCode::OK,
+            Err(refused) => refused.status(),
+        };
+        assert_eq!(code(&with("Bearer secret")), StatusCode::OK);
+        for wrong in [
+            "Bearer secreT",
+            "Bearer secret2",
+            "Bearer secre",
+            "Bearer ",
+            "secret",
+        ] {
+            assert_eq!(code(&with(wrong)), StatusCode::UNAUTHORIZED, "{wrong}");
+        }
+        assert_eq!(code(&HeaderMap::new()), StatusCode::UNAUTHORIZED);
+    }
 }

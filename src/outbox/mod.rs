@@ -6,8 +6,11 @@
 //! parallel), paces them, posts them with [`Client`], and records the outcome.
 //!
 //! **Pacing.** Per channel, a token bucket at `throughput_mps` with a burst of a tenth of a
-//! second's worth; a `130429` halves the rate (recovering 1 % per accepted message) and
-//! retries the message after [`retry_after`]. Per recipient, Meta's pair limit
+//! second's worth; a `130429` cuts the rate to three quarters at most once a second, however
+//! many arrive together, and it grows back by a quarter of `throughput_mps` per second of
+//! accepted sends (`pace::ChannelPace`); the message is retried after WhatsApp's
+//! `Retry-After` when the response had one (which also holds the whole channel), else after
+//! [`retry_after`] (refusals of one round share its exponent). Per recipient, Meta's pair limit
 //! ([`PairLimit`]: a burst of 20, then one message every 6 s); a message over it waits in the outbox (`next_attempt_at`) instead of being sent to
 //! collect a `131056`, and a `131056` backs that recipient off 4^X s (X = its strikes)
 //! while other recipients go on. Rate-limit waits are the channel's, not the message's:
@@ -244,7 +247,7 @@ impl Sender {
                 client,
                 clock,
                 owner,
-                pace: Mutex::new(ChannelPace::new(throughput_mps)),
+                pace: Mutex::new(ChannelPace::new(throughput_mps, Instant::now())),
                 pairs: Mutex::new(HashMap::new()),
                 marked: Mutex::new(HashSet::new()),
                 stopped: AtomicBool::new(false),
@@ -264,6 +267,12 @@ impl Sender {
     /// The lease owner this sender claims rows as.
     pub fn owner(&self) -> &str {
         &self.inner.owner
+    }
+
+    /// The channel's send rate now, in messages a second (`throughput_mps`, less while
+    /// WhatsApp's rate limit slows it down).
+    pub fn rate_mps(&self) -> f64 {
+        self.inner.pace.lock().expect("pace lock").rate()
     }
 
     /// Claims one batch, sends every claimed row (concurrently; one row per contact) and
@@ -711,12 +720,14 @@ impl Inner {
             self.mark_read(inbound).await;
         }
 
+        let sent_at = Instant::now();
         match self.post(&row, &outbound).await {
             Ok(ok) => self.accepted(&row, &ok.wamid).await,
             Err(e) => {
                 let sent = Sent {
                     free_form: outbound.content.is_free_form(),
                     customer_last_wrote: contact.last_customer_message_at,
+                    at: sent_at,
                 };
                 self.failed_send(&row, e, sent).await
             }
@@ -753,7 +764,10 @@ impl Inner {
                  sent again when its lease runs out"
             );
         }
-        self.pace.lock().expect("pace lock").accepted();
+        self.pace
+            .lock()
+            .expect("pace lock")
+            .accepted(Instant::now());
         if let Some(pair) = self.pairs.lock().expect("pairs lock").get_mut(&row.wa_id) {
             pair.strikes = 0;
         }

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use tokio::time::Instant;
 
 use super::pace::random_fraction;
 use super::{Inner, Outcome, REENGAGE_REASON, chrono_duration};
@@ -20,6 +21,8 @@ pub(super) struct Sent {
     pub(super) free_form: bool,
     /// The customer's last message as known when it was sent.
     pub(super) customer_last_wrote: Option<DateTime<Utc>>,
+    /// When the request left (a rate limit's round is told by it).
+    pub(super) at: Instant,
 }
 
 /// A refusal as its handlers record it: the Graph code (none for a transport or HTTP
@@ -28,6 +31,8 @@ struct Refusal {
     code: Option<i64>,
     text: String,
     now: DateTime<Utc>,
+    /// WhatsApp's `Retry-After`, when it sent one.
+    retry_after: Option<Duration>,
 }
 
 impl Inner {
@@ -43,9 +48,10 @@ impl Inner {
             code: (e.code != NO_CODE).then_some(e.code),
             text: e.to_string(),
             now: self.clock.now(),
+            retry_after: e.retry_after(),
         };
         match e.class() {
-            ErrorClass::RateLimited => self.slow_channel_down(row, &refusal).await,
+            ErrorClass::RateLimited => self.slow_channel_down(row, &refusal, sent.at).await,
             ErrorClass::PairRateLimited => self.back_recipient_off(row, &refusal).await,
             ErrorClass::Transient => self.retry_or_give_up(row, &refusal).await,
             // A template refused with 131047 is not a window problem: deciding again would
@@ -58,23 +64,42 @@ impl Inner {
             ErrorClass::EcosystemBackoff => self.ecosystem_backoff(row, &refusal).await,
             ErrorClass::Permanent => self.fail(row, refusal.code, &refusal.text).await,
             ErrorClass::AccountStopped => {
-                let Refusal { code, text, now } = &refusal;
+                let Refusal {
+                    code, text, now, ..
+                } = &refusal;
                 self.stop_channel(*code, text).await;
                 self.defer(row, *now, Some((*code, text))).await;
             }
         }
     }
 
-    /// `130429`: halves the channel's pace and retries the message after the back-off.
-    async fn slow_channel_down(&self, row: &OutboxRow, refusal: &Refusal) {
-        let level = self.pace.lock().expect("pace lock").slow_down();
-        let wait = retry_after(ErrorClass::RateLimited, level, random_fraction())
-            .unwrap_or(Duration::from_secs(60));
+    /// `130429`: slows the channel down ([`super::pace::ChannelPace::rate_limited`]: one
+    /// cut per window, however many refusals arrive in it) and retries the message after
+    /// WhatsApp's `Retry-After` when it sent one, else after the back-off of its round.
+    async fn slow_channel_down(&self, row: &OutboxRow, refusal: &Refusal, sent_at: Instant) {
+        let (backoff, rate) = {
+            let mut pace = self.pace.lock().expect("pace lock");
+            let backoff = pace.rate_limited(sent_at, Instant::now(), refusal.retry_after);
+            (backoff, pace.rate())
+        };
+        if backoff.cut {
+            metrics::count(
+                "flowgate_channel_slowdowns_total",
+                "Cuts of a channel's send rate after WhatsApp's rate limit (at most one a second).",
+                &[("channel", &self.channel)],
+                1,
+            );
+        }
+        let wait = refusal.retry_after.unwrap_or_else(|| {
+            retry_after(ErrorClass::RateLimited, backoff.level, random_fraction())
+                .unwrap_or(Duration::from_secs(60))
+        });
         tracing::warn!(
             channel = %self.channel,
             message = row.id,
-            rate_mps = self.pace.lock().expect("pace lock").rate(),
+            rate_mps = rate,
             wait_ms = wait.as_millis() as u64,
+            retry_after = refusal.retry_after.is_some(),
             error = %refusal.text,
             "rate limited: slowing the channel down"
         );
@@ -130,7 +155,9 @@ impl Inner {
             error = %refusal.text,
             "send failed; retrying"
         );
-        let Refusal { code, text, now } = refusal;
+        let Refusal {
+            code, text, now, ..
+        } = refusal;
         let not_before = *now + chrono_duration(wait);
         self.record_outcome(row, "record the retry", Outcome::Retry, || {
             self.db

@@ -246,14 +246,16 @@ impl Client {
     ///
     /// A transport failure (including a timeout) is a [`GraphError::transport`]: the message
     /// may or may not have been accepted, so a retry can deliver it twice.
+    ///
+    /// A refusal carries the response's `Retry-After` ([`GraphError::retry_after`]).
     pub async fn send(&self, body: &Value) -> Result<SendOk, GraphError> {
-        let (status, bytes) = self.post(body).await?;
-        parse_send_response(status, &bytes)
+        let (status, bytes, retry_after) = self.post(body).await?;
+        parse_send_response(status, &bytes).map_err(|e| e.with_retry_after(retry_after))
     }
 
     /// Marks `wamid` read, with the typing indicator if `typing`.
     pub async fn mark_read(&self, wamid: &str, typing: bool) -> Result<(), GraphError> {
-        let (status, bytes) = self.post(&mark_read_body(wamid, typing)).await?;
+        let (status, bytes, _) = self.post(&mark_read_body(wamid, typing)).await?;
         parse_mark_read_response(status, &bytes)
     }
 
@@ -343,19 +345,35 @@ impl Client {
         }
     }
 
-    async fn post(&self, body: &Value) -> Result<(u16, Vec<u8>), GraphError> {
+    /// Posts `body`: the status, the body and the `Retry-After`.
+    async fn post(&self, body: &Value) -> Result<(u16, Vec<u8>, Option<Duration>), GraphError> {
         let request = self.authorize(self.http.post(self.endpoint.messages_url()).json(body));
         let response = request
             .send()
             .await
             .map_err(|e| GraphError::transport(transport_message(&e)))?;
         let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
         let bytes = response
             .bytes()
             .await
             .map_err(|e| GraphError::transport(transport_message(&e)))?;
-        Ok((status, bytes.to_vec()))
+        Ok((status, bytes.to_vec(), retry_after))
     }
+}
+
+/// The longest `Retry-After` honoured: a longer one (or a mistake) waits this long.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
+
+/// A `Retry-After` header's delay: whole seconds, at most [`MAX_RETRY_AFTER`]. The HTTP-date
+/// form is not read (`None`: the sender's own back-off applies).
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let seconds: u64 = value.trim().parse().ok()?;
+    Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
 }
 
 /// Every template [`Client::list_templates`] read, over all pages.
@@ -380,6 +398,7 @@ fn unsupported(message: impl Into<String>) -> GraphError {
         fbtrace_id: None,
         http_status: None,
         origin: ErrorOrigin::Http,
+        retry_after_secs: None,
     }
 }
 
@@ -449,6 +468,16 @@ mod tests {
             "https://graph.facebook.com/v25.0/100/message_templates?limit=100&after=MjQZD"
         );
         assert!(!stripped.as_str().contains("SECRET"));
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_capped() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after(" 0 "), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("86400"), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after("-1"), None);
+        assert_eq!(parse_retry_after("1.5"), None);
     }
 
     #[tokio::test]

@@ -47,6 +47,10 @@ pub struct GraphError {
     /// The HTTP status of the response; `None` for errors that came in a webhook.
     pub http_status: Option<u16>,
     pub origin: ErrorOrigin,
+    /// The response's `Retry-After` in seconds, when it had one: how long WhatsApp asks the
+    /// sender to wait ([`GraphError::retry_after`]; seconds keep the error small).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u32>,
 }
 
 impl GraphError {
@@ -73,6 +77,7 @@ impl GraphError {
             fbtrace_id: text("fbtrace_id"),
             http_status,
             origin: ErrorOrigin::Graph,
+            retry_after_secs: None,
         }
     }
 
@@ -86,6 +91,7 @@ impl GraphError {
             fbtrace_id: None,
             http_status: Some(http_status),
             origin: ErrorOrigin::Dialog360,
+            retry_after_secs: None,
         }
     }
 
@@ -99,6 +105,7 @@ impl GraphError {
             fbtrace_id: None,
             http_status: Some(http_status),
             origin: ErrorOrigin::Http,
+            retry_after_secs: None,
         }
     }
 
@@ -112,7 +119,21 @@ impl GraphError {
             fbtrace_id: None,
             http_status: None,
             origin: ErrorOrigin::Transport,
+            retry_after_secs: None,
         }
+    }
+
+    /// This error with the response's `Retry-After`.
+    pub fn with_retry_after(self, retry_after: Option<Duration>) -> Self {
+        Self {
+            retry_after_secs: retry_after.map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
+            ..self
+        }
+    }
+
+    /// How long WhatsApp asked the sender to wait (`Retry-After`), if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after_secs.map(|s| Duration::from_secs(s.into()))
     }
 
     /// What the sender should do. Graph errors go by [`classify`]`(code)`; errors without a

@@ -11,16 +11,7 @@ use flowgate::clock::SystemClock;
 
 /// A project in `dir` on the repository's flows, with `admin` appended to its config (any keys).
 pub(crate) fn project(dir: &Path, admin: &str) -> std::path::PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let config = format!(
-        "flows: {}\nscripts: {}\ntemplates: {}\n{admin}",
-        root.join("flows").display(),
-        root.join("scripts").display(),
-        root.join("templates.yaml").display()
-    );
-    let path = dir.join("flowgate.yaml");
-    std::fs::write(&path, config).unwrap();
-    path
+    support::shipped_project(dir, admin)
 }
 
 #[tokio::test]

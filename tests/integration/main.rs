@@ -7,6 +7,7 @@ mod check;
 mod contacts_import;
 mod conversations;
 mod crash;
+mod hardening;
 mod outbox;
 mod policy;
 mod policy_properties;

@@ -626,6 +626,82 @@ async fn rate_limit_130429_is_retried_then_sent() {
 }
 
 #[tokio::test]
+async fn retry_after_from_whatsapp_is_honoured() {
+    let h = Setup::new("retry_after").start().await;
+    h.fake.script(Script::next(
+        1,
+        Reply::retry_after(7, Reply::graph_error(130429)),
+    ));
+    let (_, rows) = h.customer(ANA, "text").await;
+    let before = h.now();
+    h.drain().await;
+    let e = h.entry(rows[0]).await;
+    assert_eq!(e.status, "pending");
+    assert_eq!(e.error_code, Some(130429));
+    assert_eq!(
+        (e.next_attempt_at - before).num_milliseconds(),
+        7_000,
+        "WhatsApp's Retry-After, not our back-off"
+    );
+    h.advance_to_retry(rows[0]).await;
+    h.drain().await;
+    assert_eq!(h.entry(rows[0]).await.status, "sent");
+}
+
+#[tokio::test]
+async fn a_third_of_sends_rate_limited_keeps_the_channel_near_its_rate() {
+    const RATE: u32 = 50;
+    const MESSAGES: usize = 120;
+    let h = Setup {
+        throughput_mps: RATE,
+        ..Setup::new("rate_limited_burst")
+    }
+    .start()
+    .await;
+    h.fake
+        .script(Script::share(3, 10, Reply::graph_error(130429)));
+    for i in 0..MESSAGES {
+        h.customer(&format!("1555200{i:04}"), "text").await;
+    }
+    let mut lowest = h.sender.rate_mps();
+    for _ in 0..200 {
+        let claimed = tokio::time::timeout(Duration::from_secs(30), h.sender.run_once())
+            .await
+            .expect("a batch finishes")
+            .unwrap();
+        lowest = lowest.min(h.sender.rate_mps());
+        assert!(
+            lowest >= f64::from(RATE) * 0.4,
+            "the rate fell to {lowest} mps of {RATE} after {} sends",
+            h.fake.sends().len()
+        );
+        if claimed == 0 {
+            if h.entries().await.iter().all(|e| e.status == "sent") {
+                break;
+            }
+            // Past every retry's back-off.
+            h.clock().advance(chrono::Duration::minutes(2));
+        }
+    }
+    let sends = h.fake.sends();
+    let refused = sends.iter().filter(|s| s.status == 429).count();
+    let accepted = sends.iter().filter(|s| s.status == 200).count();
+    assert_eq!(accepted, MESSAGES, "every message went out");
+    let share = refused as f64 / sends.len() as f64;
+    assert!(
+        (0.25..=0.35).contains(&share),
+        "{refused} of {}",
+        sends.len()
+    );
+    assert!(
+        flowgate::metrics::counter_value(
+            "flowgate_channel_slowdowns_total",
+            &[("channel", "rate_limited_burst")]
+        ) >= 1
+    );
+}
+
+#[tokio::test]
 async fn pair_limit_131056_backs_off_that_recipient_only() {
     let h = Setup::new("pair").start().await;
     h.fake

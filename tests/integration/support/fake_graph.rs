@@ -117,6 +117,8 @@ pub enum Reply {
     Http { status: u16, body: String },
     /// Waits, then answers (to exceed a client's timeout).
     Delay(Duration, Box<Reply>),
+    /// The reply with a `Retry-After: {seconds}` header.
+    RetryAfter(u64, Box<Reply>),
 }
 
 impl Reply {
@@ -137,6 +139,10 @@ impl Reply {
     pub fn delayed(by: Duration, then: Reply) -> Self {
         Self::Delay(by, Box::new(then))
     }
+
+    pub fn retry_after(seconds: u64, then: Reply) -> Self {
+        Self::RetryAfter(seconds, Box::new(then))
+    }
 }
 
 /// A scripted answer: for which sends, and how often.
@@ -146,6 +152,9 @@ pub struct Script {
     pub to: Option<String>,
     /// How many sends it answers; `None` for all of them.
     pub times: Option<usize>,
+    /// `(k, n)`: of every `n` sends it sees, only the first `k` get this reply (the others
+    /// go on to later scripts); `None` for all.
+    pub share: Option<(usize, usize)>,
     pub reply: Reply,
 }
 
@@ -155,6 +164,7 @@ impl Script {
         Self {
             to: None,
             times: Some(n),
+            share: None,
             reply,
         }
     }
@@ -164,6 +174,18 @@ impl Script {
         Self {
             to: None,
             times: None,
+            share: None,
+            reply,
+        }
+    }
+
+    /// `k` of every `n` sends from now on (the first `k` of each `n`), e.g. `(3, 10)` for
+    /// 30 % of them.
+    pub fn share(k: usize, n: usize, reply: Reply) -> Self {
+        Self {
+            to: None,
+            times: None,
+            share: Some((k, n.max(1))),
             reply,
         }
     }
@@ -173,6 +195,7 @@ impl Script {
         Self {
             to: Some(to.trim_start_matches('+').to_string()),
             times: Some(n),
+            share: None,
             reply,
         }
     }
@@ -181,6 +204,8 @@ impl Script {
 #[derive(Default)]
 struct FakeState {
     requests: Vec<Recorded>,
+    /// Message sends seen, for [`Script::share`].
+    seen: usize,
     scripts: Vec<Script>,
     mark_read_fails: bool,
     sent: u64,
@@ -418,10 +443,11 @@ async fn handle(
     let mut reply = {
         let mut state = shared.state.lock().unwrap();
         let to = recorded.to();
-        let found = state
-            .scripts
-            .iter()
-            .position(|s| s.to.is_none() || s.to == to);
+        let seen = state.seen;
+        state.seen += 1;
+        let found = state.scripts.iter().position(|s| {
+            (s.to.is_none() || s.to == to) && s.share.is_none_or(|(k, n)| seen % n < k)
+        });
         match found {
             Some(i) => {
                 let reply = state.scripts[i].reply.clone();
@@ -436,10 +462,15 @@ async fn handle(
             None => Reply::Success,
         }
     };
+    let mut retry_after = None;
     loop {
         match reply {
             Reply::Delay(by, then) => {
                 tokio::time::sleep(by).await;
+                reply = *then;
+            }
+            Reply::RetryAfter(seconds, then) => {
+                retry_after = Some(seconds);
                 reply = *then;
             }
             Reply::Success => {
@@ -465,7 +496,14 @@ async fn handle(
                 return finish(&shared, recorded, 200, answer.to_string());
             }
             Reply::GraphError { http, code } => {
-                return finish(&shared, recorded, http, graph_error_body(code).to_string());
+                let mut response =
+                    finish(&shared, recorded, http, graph_error_body(code).to_string());
+                if let Some(seconds) = retry_after {
+                    response
+                        .headers_mut()
+                        .insert(axum::http::header::RETRY_AFTER, seconds.into());
+                }
+                return response;
             }
             Reply::Http { status, body } => return finish(&shared, recorded, status, body),
         }

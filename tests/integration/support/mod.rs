@@ -2,6 +2,21 @@
 
 pub mod fake_graph;
 
+/// A `flowgate.yaml` in `dir` for the repository's own flows, scripts and templates, with
+/// `extra` config appended; returns its path.
+pub fn shipped_project(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = format!(
+        "flows: {}\nscripts: {}\ntemplates: {}\n{extra}",
+        root.join("flows").display(),
+        root.join("scripts").display(),
+        root.join("templates.yaml").display()
+    );
+    let path = dir.join("flowgate.yaml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
 /// A webhook `timestamp` (unix seconds, as text) for a message written now. Servers in tests
 /// run on the system clock, and an older timestamp would put the customer outside the
 /// 24-hour window.
@@ -77,11 +92,21 @@ impl Running {
         database_url: &str,
         clock: flowgate::clock::SharedClock,
     ) -> Self {
-        let application =
-            flowgate::app::Application::build(loaded, database_url, "127.0.0.1:0", clock)
-                .await
-                .unwrap();
-        let base = format!("http://{}", application.local_addr());
+        Self::start_on(loaded, database_url, "127.0.0.1:0", clock).await
+    }
+
+    /// [`Running::start`] listening on `listen` (e.g. `0.0.0.0:0`); `base` is still
+    /// 127.0.0.1 with the port it got, so tests connect over loopback only.
+    pub async fn start_on(
+        loaded: &flowgate::app::Loaded,
+        database_url: &str,
+        listen: &str,
+        clock: flowgate::clock::SharedClock,
+    ) -> Self {
+        let application = flowgate::app::Application::build(loaded, database_url, listen, clock)
+            .await
+            .unwrap();
+        let base = format!("http://127.0.0.1:{}", application.local_addr().port());
         let db = application.runtime.db.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(application.run_until(async {
