@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::campaign_runner::CampaignRunner;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::diagnostic::Diagnostics;
@@ -45,6 +46,8 @@ pub struct Application {
     pub runtime: Arc<Runtime>,
     pub config: Arc<Config>,
     pub inbox: Arc<tokio::sync::Notify>,
+    /// The loaded campaigns, saved to the store at build and started by the timer loop.
+    pub campaigns: Arc<CampaignRunner>,
     listener: tokio::net::TcpListener,
     doors: Doors,
 }
@@ -63,8 +66,16 @@ impl Application {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
         let doors = Doors::decide(&loaded.config, listener.local_addr()?);
+        let campaigns = Arc::new(CampaignRunner::new(
+            runtime.clone(),
+            &loaded.project.campaigns,
+        ));
+        for run in campaigns.sync().await? {
+            tracing::info!(campaign = %run.campaign, run = run.run_id, "interrupted campaign run resumed");
+        }
         Ok(Self {
             runtime,
+            campaigns,
             config: Arc::new(loaded.config.clone()),
             inbox: Arc::new(tokio::sync::Notify::new()),
             listener,
@@ -92,15 +103,20 @@ impl Application {
             .expect("a bound listener has an address")
     }
 
-    /// Serves until `shutdown` resolves, firing due timers every half second meanwhile;
-    /// then stops taking requests, lets in-flight ones finish and closes the database.
+    /// Serves until `shutdown` resolves, firing due timers and starting due campaign runs
+    /// every half second meanwhile; then stops taking requests, lets in-flight ones finish
+    /// and closes the database.
     pub async fn run_until(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let timers = self.runtime.clone();
+        let campaigns = self.campaigns.clone();
         let timer_task = tokio::spawn(async move {
             loop {
+                if let Err(e) = campaigns.tick().await {
+                    tracing::error!(error = %e, "starting due campaign runs failed");
+                }
                 match timers.fire_due_timers().await {
                     Ok(reports) => {
                         for r in reports {

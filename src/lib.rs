@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod campaign;
+pub mod campaign_runner;
 pub mod clock;
 pub mod commands;
 pub mod config;

@@ -136,7 +136,7 @@ pub fn compile_campaign(file: &str, text: &str, env: &Env<'_>) -> Compiled {
         .on_reply
         .as_ref()
         .map(|r| (r.value.clone(), c.f.value_loc(r)));
-    let campaign = c.campaign(file, raw);
+    let campaign = c.campaign(file, text, raw);
     if !out.diagnostics.has_errors() {
         out.campaign = campaign;
     }
@@ -151,7 +151,7 @@ struct Compiler<'a> {
 impl Compiler<'_> {
     /// Every part of the campaign compiled; `None` when a part failed (its error is
     /// reported).
-    fn campaign(&mut self, file: &str, raw: RawCampaign) -> Option<Campaign> {
+    fn campaign(&mut self, file: &str, text: &str, raw: RawCampaign) -> Option<Campaign> {
         self.name(&raw.campaign);
         let channel = self.channel(raw.channel.as_ref());
         let category = raw.category.value;
@@ -183,6 +183,7 @@ impl Compiler<'_> {
             name: raw.campaign.value.clone(),
             file: file.to_string(),
             loc: loc(&raw.campaign),
+            source: Arc::from(text),
             channel: channel?,
             category,
             template: template?,

@@ -21,6 +21,8 @@ pub mod schedule;
 
 pub use schedule::{QuietHours, Schedule};
 
+use std::sync::Arc;
+
 use chrono::{Duration, NaiveDateTime};
 use chrono_tz::Tz;
 
@@ -46,6 +48,8 @@ pub struct Campaign {
     /// The file it was written in, and where its name is.
     pub file: String,
     pub loc: Loc,
+    /// The file's text, as the store keeps it with the campaign.
+    pub source: Arc<str>,
     /// The channel it sends from (the config's first channel when the file names none).
     pub channel: String,
     /// What the business says the campaign is; its template has this category.
@@ -78,6 +82,24 @@ impl Campaign {
             When::At(at) => Schedule::at(*at, self.timezone),
         }
     }
+}
+
+/// What in a campaign's text decides when it runs (`schedule`, `at`, `timezone`, as
+/// written): two sources with the same key have the same run times, so a changed campaign
+/// keeps its persisted `next_run_at` unless this changed. `None` when `source` does not parse.
+pub fn schedule_key(source: &str) -> Option<String> {
+    let raw: raw::RawCampaign = crate::yaml::parse("campaign", source).ok()?;
+    let text = |v: &Option<serde_saphyr::Spanned<String>>| {
+        v.as_ref()
+            .map(|v| v.value.trim().to_string())
+            .unwrap_or_default()
+    };
+    Some(format!(
+        "schedule={}\nat={}\ntimezone={}",
+        text(&raw.schedule),
+        text(&raw.at),
+        text(&raw.timezone)
+    ))
 }
 
 /// Who a campaign is sent to: contacts with every one of `tags` for whom `filter` is true.
@@ -120,4 +142,25 @@ impl Rate {
 pub struct FrequencyCap {
     pub max: u32,
     pub per: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::schedule_key;
+
+    const BASE: &str = "campaign: sale\ncategory: marketing\n\
+        template: { name: spring_sale, language: en_US }\naudience: { tags: [a] }\n";
+
+    #[test]
+    fn the_schedule_key_changes_with_the_schedule_only() {
+        let weekly = format!("{BASE}schedule: \"0 10 * * MON\"\ntimezone: Europe/Berlin\n");
+        let retagged = weekly.replace("tags: [a]", "tags: [b]");
+        let moved = weekly.replace("0 10", "0 11");
+        let rezoned = weekly.replace("Europe/Berlin", "Europe/Paris");
+        let key = schedule_key(&weekly).unwrap();
+        assert_eq!(schedule_key(&retagged).unwrap(), key);
+        assert_ne!(schedule_key(&moved).unwrap(), key);
+        assert_ne!(schedule_key(&rezoned).unwrap(), key);
+        assert_eq!(schedule_key("campaign: [unclosed"), None);
+    }
 }

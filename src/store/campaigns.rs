@@ -20,6 +20,7 @@ use super::db::Db;
 use super::db::{with_pool, with_writer};
 use super::error::StoreError;
 use super::sql::{from_millis, placeholders};
+use crate::domain::Contact;
 
 /// Rows of a snapshot per statement (one parameter each).
 const SNAPSHOT_ROWS_PER_STATEMENT: usize = 1_000;
@@ -873,6 +874,79 @@ impl Db {
             })
             .collect()
     }
+}
+
+/// [`Db::audience_page`]'s row: a contact as a `where` condition sees it.
+type AudienceRaw = (
+    i64,
+    String,
+    Option<String>,
+    String,
+    String,
+    Option<String>,
+    Option<i64>,
+    String,
+);
+
+// Audiences.
+impl Db {
+    /// One page of a campaign's audience before its `where`: the contacts of `channel` with
+    /// every one of `tags` (none: all of them) created at or before `created_by`, with ids
+    /// above `after_id`, in id order, at most `limit`, each as a whole [`Contact`] (its
+    /// tags, attributes, zone and window) for the condition to read. Paging by id and
+    /// bounding by creation time make the selection the same however often it is taken
+    /// again (after a crash mid-snapshot), and leave out contacts added after the run began.
+    pub async fn audience_page(
+        &self,
+        channel: &str,
+        tags: &[String],
+        created_by: DateTime<Utc>,
+        after_id: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, Contact)>, StoreError> {
+        let mut tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+        tags.sort_unstable();
+        tags.dedup();
+        let tag_clause = if tags.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " AND (SELECT COUNT(DISTINCT t.value) FROM json_each(contacts.tags) t \
+                    WHERE t.value IN ({})) = {}",
+                placeholders(5, tags.len()),
+                tags.len()
+            )
+        };
+        let sql = format!(
+            "SELECT id, wa_id, name, tags, attrs, timezone, last_customer_message_at, policy \
+            FROM contacts WHERE channel = $1 AND id > $2 AND created_at <= $3{tag_clause} \
+            ORDER BY id LIMIT $4"
+        );
+        let raw: Vec<AudienceRaw> = with_pool!(self, |pool| {
+            let mut q = sqlx::query_as(&sql)
+                .bind(channel)
+                .bind(after_id)
+                .bind(created_by.timestamp_millis())
+                .bind(limit.max(0));
+            for tag in &tags {
+                q = q.bind(*tag);
+            }
+            q.fetch_all(pool).await?
+        });
+        raw.into_iter().map(audience_contact).collect()
+    }
+}
+
+fn audience_contact(raw: AudienceRaw) -> Result<(i64, Contact), StoreError> {
+    let (id, wa_id, name, tags, attrs, timezone, last, policy) = raw;
+    let mut contact = Contact::new(wa_id);
+    contact.name = name;
+    contact.tags = serde_json::from_str(&tags)?;
+    contact.attrs = serde_json::from_str(&attrs)?;
+    contact.timezone = timezone;
+    contact.last_customer_message_at = millis_opt(last, "contacts.last_customer_message_at")?;
+    contact.policy = serde_json::from_str(&policy)?;
+    Ok((id, contact))
 }
 
 #[cfg(test)]

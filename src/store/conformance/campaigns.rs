@@ -561,3 +561,49 @@ pub(super) async fn cancelling_a_run_cancels_its_pending_recipients(db: Db) {
         (RunStatus::Cancelled, Some("operator"))
     );
 }
+
+/// Seeds one contact on `channel` with `tags`, created at `t(created)`; its id.
+async fn seed_tagged(db: &Db, channel: &str, wa_id: &str, tags: &str, created: i64) -> i64 {
+    let created = t(created).timestamp_millis();
+    with_pool!(db, |pool| sqlx::query_scalar(
+        "INSERT INTO contacts (channel, wa_id, name, tags, attrs, timezone, created_at, \
+         updated_at) VALUES ($1, $2, $2, $3, '{\"city\":\"Berlin\"}', 'Europe/Berlin', $4, $4) \
+         RETURNING id"
+    )
+    .bind(channel)
+    .bind(wa_id)
+    .bind(tags)
+    .bind(created)
+    .fetch_one(pool)
+    .await
+    .unwrap())
+}
+
+pub(super) async fn an_audience_page_selects_by_channel_every_tag_and_creation_time(db: Db) {
+    let ana = seed_tagged(&db, CH, "ana", r#"["customers","vip"]"#, 0).await;
+    let _ben = seed_tagged(&db, CH, "ben", r#"["customers"]"#, 0).await;
+    let cem = seed_tagged(&db, CH, "cem", r#"["customers","press","vip"]"#, 0).await;
+    let _other = seed_tagged(&db, "other", "dan", r#"["customers","vip"]"#, 0).await;
+    let _late = seed_tagged(&db, CH, "eve", r#"["customers","vip"]"#, 5).await;
+    let tags = vec![
+        "vip".to_string(),
+        "customers".to_string(),
+        "vip".to_string(),
+    ];
+    let page = db.audience_page(CH, &tags, t(1), 0, 10).await.unwrap();
+    let ids: Vec<i64> = page.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, vec![ana, cem]);
+    let (_, first) = &page[0];
+    assert_eq!(first.wa_id, "ana");
+    assert_eq!(first.attrs["city"], "Berlin");
+    assert_eq!(first.timezone.as_deref(), Some("Europe/Berlin"));
+    assert!(first.tags.contains("vip"));
+    // Paged by id.
+    let first_page = db.audience_page(CH, &tags, t(1), 0, 1).await.unwrap();
+    assert_eq!(first_page.len(), 1);
+    let next = db.audience_page(CH, &tags, t(1), ana, 1).await.unwrap();
+    assert_eq!(next[0].0, cem);
+    // No tags: every contact of the channel created by then.
+    let all = db.audience_page(CH, &[], t(1), 0, 10).await.unwrap();
+    assert_eq!(all.len(), 3);
+}

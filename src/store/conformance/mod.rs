@@ -116,7 +116,8 @@ macro_rules! suite {
                 campaigns::a_run_moves_until_it_is_final,
                 campaigns::a_ledger_snapshot_taken_twice_adds_nothing,
                 campaigns::outcomes_are_recorded_once_and_counted,
-                campaigns::cancelling_a_run_cancels_its_pending_recipients
+                campaigns::cancelling_a_run_cancels_its_pending_recipients,
+                campaigns::an_audience_page_selects_by_channel_every_tag_and_creation_time,
             );
         }
     };
