@@ -17,6 +17,7 @@
 
 pub mod compile;
 pub mod raw;
+pub mod recipient;
 pub mod schedule;
 
 pub use schedule::{QuietHours, Schedule};
