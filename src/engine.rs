@@ -1605,7 +1605,7 @@ steps:
         let mut contact = Contact::new("1");
         let now = VirtualClock::test_epoch();
         let out = engine.handle(&set, &mut contact, None, text("hi"), now);
-        let mut expected = vec!["a", "b"].repeat(5);
+        let mut expected = ["a", "b"].repeat(5);
         expected.push(APOLOGY);
         assert_eq!(said(&out), expected);
         assert!(out.message_capped);
