@@ -380,10 +380,26 @@ impl Scripting {
 /// (outside strings and comments) are read as `jump(step)`, a name of the same length, so
 /// error columns stay right.
 fn rename_goto(source: &str) -> String {
-    let bytes = source.as_bytes();
     let mut out = String::with_capacity(source.len());
-    let mut i = 0;
     let mut last = 0;
+    for (i, word) in code_words(source) {
+        if word == "goto" && source[i + 4..].trim_start().starts_with('(') {
+            out.push_str(&source[last..i]);
+            out.push_str("jump");
+            last = i + 4;
+        }
+    }
+    out.push_str(&source[last..]);
+    out
+}
+
+/// The words of code (identifiers and keywords, outside strings, comments and numbers) with
+/// their byte offsets: what the source-level checks look at.
+fn code_words(source: &str) -> Vec<(usize, &str)> {
+    let bytes = source.as_bytes();
+    let word_byte = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let mut words = Vec::new();
+    let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
             b'"' | b'`' | b'\'' => {
@@ -406,20 +422,68 @@ fn rename_goto(source: &str) -> String {
                 }
                 i += 2;
             }
-            b'g' if source[i..].starts_with("goto")
-                && (i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_'))
-                && source[i + 4..].trim_start().starts_with('(') =>
-            {
-                out.push_str(&source[last..i]);
-                out.push_str("jump");
-                i += 4;
-                last = i;
+            b if word_byte(b) => {
+                let start = i;
+                while i < bytes.len() && word_byte(bytes[i]) {
+                    i += 1;
+                }
+                if !b.is_ascii_digit() {
+                    words.push((start, &source[start..i]));
+                }
             }
             _ => i += 1,
         }
     }
-    out.push_str(&source[last.min(source.len())..]);
-    out
+    words
+}
+
+/// A place in a script's source: 1-based line and column (in characters), and its length
+/// in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spot {
+    pub line: usize,
+    pub col: usize,
+    pub len: usize,
+}
+
+impl Spot {
+    fn of(source: &str, offset: usize, len: usize) -> Self {
+        let before = &source[..offset];
+        let line_start = before.rfind('\n').map_or(0, |n| n + 1);
+        Self {
+            line: before.matches('\n').count() + 1,
+            col: before[line_start..].chars().count() + 1,
+            len,
+        }
+    }
+}
+
+/// Every `goto("step")` whose argument is a string literal, with the step's name and where
+/// the call is: the jumps `check` can follow and verify.
+pub fn literal_gotos(source: &str) -> Vec<(String, Spot)> {
+    code_words(source)
+        .into_iter()
+        .filter(|(_, word)| *word == "goto")
+        .filter_map(|(i, _)| {
+            let rest = source[i + 4..].trim_start().strip_prefix('(')?.trim_start();
+            let name = rest.strip_prefix('"')?;
+            let end = name.find(['"', '\\', '\n'])?;
+            let after = name[end..].strip_prefix('"')?.trim_start();
+            after.starts_with(')').then(|| {
+                let len = source.len() - i - after.len() + 1;
+                (name[..end].to_string(), Spot::of(source, i, len))
+            })
+        })
+        .collect()
+}
+
+/// Every `import` statement: the sandbox refuses them all when the script runs.
+pub fn imports(source: &str) -> Vec<Spot> {
+    code_words(source)
+        .into_iter()
+        .filter(|(_, word)| *word == "import")
+        .map(|(i, _)| Spot::of(source, i, "import".len()))
+        .collect()
 }
 
 /// What a successful script run left behind.
@@ -532,6 +596,31 @@ mod tests {
             rename_goto("goto(\"a\"); reply(\"goto(x)\"); // goto(y)\nmy_goto(1)"),
             "jump(\"a\"); reply(\"goto(x)\"); // goto(y)\nmy_goto(1)"
         );
+    }
+
+    #[test]
+    fn literal_gotos_and_imports_are_found_with_their_place() {
+        let source = "// goto(\"comment\")\nlet a = \"goto(\\\"string\\\")\";\nif a { goto( \"next_step\" ); }\n  goto(name);\nimport \"x\" as y;";
+        assert_eq!(
+            literal_gotos(source),
+            [(
+                "next_step".to_string(),
+                Spot {
+                    line: 3,
+                    col: 8,
+                    len: "goto( \"next_step\" )".len()
+                }
+            )]
+        );
+        assert_eq!(
+            imports(source),
+            [Spot {
+                line: 5,
+                col: 1,
+                len: 6
+            }]
+        );
+        assert!(imports("let important = 1; // import").is_empty());
     }
 
     #[test]
