@@ -193,6 +193,22 @@ pub struct Context<'a> {
     pub timezone: Option<chrono_tz::Tz>,
 }
 
+/// Stops every call that has run longer than `timeout` (Rhai then answers
+/// `ErrorTerminated`, which [`runtime_error`] reports as a timeout).
+fn stop_after(engine: &mut Engine, timeout: Duration) {
+    engine.on_progress(move |ops| {
+        if ops % CLOCK_EVERY != 0 {
+            return None;
+        }
+        let late = CALL.with(|c| {
+            c.borrow()
+                .as_ref()
+                .is_some_and(|s| s.started.elapsed() > timeout)
+        });
+        late.then_some(Dynamic::UNIT)
+    });
+}
+
 /// The shared Rhai engine.
 pub struct Scripting {
     engine: Engine,
@@ -225,18 +241,7 @@ impl Scripting {
             .set_max_map_size(limits.max_map_size)
             .set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
         engine.disable_symbol("eval");
-        let timeout = limits.timeout;
-        engine.on_progress(move |ops| {
-            if ops % CLOCK_EVERY != 0 {
-                return None;
-            }
-            let late = CALL.with(|c| {
-                c.borrow()
-                    .as_ref()
-                    .is_some_and(|s| s.started.elapsed() > timeout)
-            });
-            late.then_some(Dynamic::UNIT)
-        });
+        stop_after(&mut engine, limits.timeout);
         // A variable nobody set reads as `()`, so flows can ask `if: 'order_id != ()'`.
         // Assigning to it still needs `let` (DESIGN §2.3).
         #[allow(deprecated)] // "volatile", not deprecated: Rhai's own wording

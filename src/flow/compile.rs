@@ -20,7 +20,7 @@ use super::{
 };
 use crate::diagnostic::{Diagnostic, Diagnostics, Loc, did_you_mean};
 use crate::domain::{HumanDuration, limits};
-use crate::script::{self, Scripting, Spot};
+use crate::script::{self, ScriptError, Scripting, Spot};
 use crate::templates::{Registry, Status, Template};
 use crate::yaml::{self, loc};
 
@@ -1030,13 +1030,7 @@ impl<'a> Compiler<'a> {
                 })
             }
             Err(e) => {
-                let spot = Spot {
-                    line: e.line.unwrap_or(1),
-                    col: e.col.unwrap_or(1),
-                    len: 1,
-                };
-                let message = format!("the script does not compile: {}", e.message);
-                self.script_error(index, &text, spot, message, None);
+                self.does_not_compile(index, &text, &e);
                 None
             }
         }
@@ -1070,13 +1064,7 @@ impl<'a> Compiler<'a> {
                 })
             }
             Err(e) => {
-                let spot = Spot {
-                    line: e.line.unwrap_or(1),
-                    col: e.col.unwrap_or(1),
-                    len: 1,
-                };
-                let message = format!("the script does not compile: {}", e.message);
-                self.script_error(index, &text, spot, message, None);
+                self.does_not_compile(index, &text, &e);
                 None
             }
         }
@@ -1105,6 +1093,17 @@ impl<'a> Compiler<'a> {
             self.script_error(index, text, spot, message, Some(help));
         }
         jumps
+    }
+
+    /// A script that does not compile, at the place Rhai names.
+    fn does_not_compile(&mut self, index: usize, text: &ScriptText<'_>, e: &ScriptError) {
+        let spot = Spot {
+            line: e.line.unwrap_or(1),
+            col: e.col.unwrap_or(1),
+            len: 1,
+        };
+        let message = format!("the script does not compile: {}", e.message);
+        self.script_error(index, text, spot, message, None);
     }
 
     /// An error at `spot` in the script of step `index`: in the script's own file (its help

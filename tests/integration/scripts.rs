@@ -150,6 +150,12 @@ async fn answered(server: &Running, wa_id: &str, text: &str) -> i64 {
     .unwrap()
 }
 
+/// What `GET /metrics` shows.
+async fn scrape(server: &Running) -> String {
+    let response = server.client.get(format!("{}/metrics", server.base)).send();
+    response.await.unwrap().text().await.unwrap()
+}
+
 fn timeouts() -> u64 {
     metrics::counter_value("flowgate_script_timeouts_total", &[])
 }
@@ -269,15 +275,7 @@ async fn a_heavy_script_stops_at_its_budget_while_everyone_else_is_answered() {
         stopped >= 6,
         "six heavy turns stopped by their time budget, counted {stopped}"
     );
-    let scrape = server
-        .client
-        .get(format!("{}/metrics", server.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let scrape = scrape(&server).await;
     assert!(
         scrape.contains("flowgate_script_timeouts_total"),
         "{scrape}"
@@ -308,15 +306,7 @@ async fn a_loop_that_sends_stops_at_the_turns_cap() {
         ["Hello there."]
     );
     assert!(capped() > before, "the stopped turn is counted");
-    let scrape = server
-        .client
-        .get(format!("{}/metrics", server.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let scrape = scrape(&server).await;
     assert!(
         scrape.contains("flowgate_turn_message_cap_total"),
         "{scrape}"
