@@ -29,7 +29,10 @@ pub struct Loaded {
 /// diagnostics when there is any error; warnings travel in `project.diagnostics`.
 pub fn load(config_path: Option<&Path>) -> Result<Loaded, Box<Diagnostics>> {
     let config = Config::load(config_path)?;
-    let scripting = Arc::new(Scripting::default());
+    let scripting = Arc::new(Scripting::new(crate::script::Limits {
+        timeout: config.limits.script_timeout,
+        ..Default::default()
+    }));
     let project = load_project(&config, &scripting);
     if project.diagnostics.has_errors() {
         return Err(Box::new(project.diagnostics));
@@ -185,7 +188,8 @@ impl Loaded {
     pub async fn runtime(&self, database_url: &str, clock: SharedClock) -> anyhow::Result<Runtime> {
         let db = Db::connect(database_url).await?;
         db.migrate().await?;
-        let engine = Engine::new(self.scripting.clone(), self.config.fallback.clone());
+        let engine = Engine::new(self.scripting.clone(), self.config.fallback.clone())
+            .with_messages_per_turn(self.config.limits.messages_per_turn);
         let runtime = Runtime::new(
             db,
             engine,

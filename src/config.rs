@@ -36,6 +36,7 @@ pub struct Config {
     pub sandbox: SandboxAccess,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub limits: LimitsConfig,
     /// The config file this came from, if any.
     pub file: Option<PathBuf>,
 }
@@ -264,6 +265,58 @@ pub enum LogFormat {
     Json,
 }
 
+/// `limits:`: what keeps one customer's turn from hurting the others.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Wall-clock time one script or `if:` expression may run (`250ms`, `1s`), besides
+    /// its operation count; a script stopped by it fails like any script error.
+    #[serde(
+        default = "default_script_timeout",
+        deserialize_with = "short_duration"
+    )]
+    pub script_timeout: std::time::Duration,
+    /// Messages one turn may send; the next one is replaced by the apology and the
+    /// conversation ends (a `goto` loop that sends).
+    #[serde(default = "default_messages_per_turn")]
+    pub messages_per_turn: usize,
+}
+
+fn default_script_timeout() -> std::time::Duration {
+    crate::script::DEFAULT_TIMEOUT
+}
+
+fn default_messages_per_turn() -> usize {
+    crate::engine::DEFAULT_MESSAGES_PER_TURN
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            script_timeout: default_script_timeout(),
+            messages_per_turn: default_messages_per_turn(),
+        }
+    }
+}
+
+/// `250ms`, or a duration like `2s` or `1m`.
+fn short_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    let wrong = || {
+        serde::de::Error::custom(format!(
+            "`{text}` is not a duration: write milliseconds like `250ms` or seconds like `2s`"
+        ))
+    };
+    if let Some(ms) = text.trim().strip_suffix("ms") {
+        return ms
+            .parse::<u64>()
+            .map(std::time::Duration::from_millis)
+            .map_err(|_| wrong());
+    }
+    let parsed: HumanDuration = text.parse().map_err(|_| wrong())?;
+    parsed.0.to_std().map_err(|_| wrong())
+}
+
 /// The file's shape; every key optional so a partial file keeps the other defaults.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -282,6 +335,7 @@ struct RawConfig {
     sandbox: Option<SandboxAccess>,
     metrics: Option<MetricsConfig>,
     log: Option<LogConfig>,
+    limits: Option<LimitsConfig>,
 }
 
 impl Default for Config {
@@ -301,6 +355,7 @@ impl Default for Config {
             sandbox: SandboxAccess::default(),
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
+            limits: LimitsConfig::default(),
             file: None,
         }
     }
@@ -369,6 +424,7 @@ impl Config {
             sandbox: raw.sandbox.unwrap_or_default(),
             metrics: raw.metrics.unwrap_or_default(),
             log: raw.log.unwrap_or_default(),
+            limits: raw.limits.unwrap_or_default(),
             file: Some(PathBuf::from(file)),
         };
         for problem in config.problems() {
@@ -383,6 +439,15 @@ impl Config {
     /// Consistency rules serde cannot express.
     fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        if self.limits.messages_per_turn == 0 {
+            problems.push("`limits.messages_per_turn` is 0: a turn could send nothing; write 1 or more (default 10)".into());
+        }
+        if self.limits.script_timeout.is_zero() {
+            problems.push(
+                "`limits.script_timeout` is 0: every script would stop at once; write e.g. `250ms`"
+                    .into(),
+            );
+        }
         if self.channels.is_empty() {
             problems
                 .push("no channels: add at least one (provider: sandbox needs no account)".into());
@@ -489,6 +554,29 @@ mod tests {
             "{}",
             err.items[0].message
         );
+    }
+
+    #[test]
+    fn limits_keys() {
+        let c = Config::from_str("f.yaml", "", Path::new("")).unwrap();
+        assert_eq!(c.limits.script_timeout.as_millis(), 250);
+        assert_eq!(c.limits.messages_per_turn, 10);
+        let text = "limits:\n  script_timeout: 200ms\n  messages_per_turn: 3\n";
+        let c = Config::from_str("f.yaml", text, Path::new("")).unwrap();
+        assert_eq!(c.limits.script_timeout.as_millis(), 200);
+        assert_eq!(c.limits.messages_per_turn, 3);
+        let c = Config::from_str("f.yaml", "limits: {script_timeout: 2s}", Path::new("")).unwrap();
+        assert_eq!(c.limits.script_timeout.as_millis(), 2000);
+        let err = Config::from_str("f.yaml", "limits:\n  script_timeout: fast\n", Path::new(""))
+            .unwrap_err();
+        assert!(
+            err.items[0].message.contains("250ms"),
+            "{}",
+            err.items[0].message
+        );
+        let err = Config::from_str("f.yaml", "limits:\n  messages_per_turn: 0\n", Path::new(""))
+            .unwrap_err();
+        assert!(err.items[0].message.contains("messages_per_turn"));
     }
 
     #[test]

@@ -191,6 +191,10 @@ pub struct Outcome {
     pub notes: Vec<String>,
     /// Whether the contact changed (tags, attributes, name, window).
     pub contact_changed: bool,
+    /// Whether the turn reached its cap on messages and was stopped.
+    pub message_capped: bool,
+    /// Scripts and expressions stopped by the sandbox's time limit.
+    pub script_timeouts: usize,
 }
 
 /// The apology a customer gets when a script or flow fails and the step has no `on_error`.
@@ -210,6 +214,9 @@ pub fn apology(flow: &str, step: &str) -> Outbound {
 /// Steps one event may run before the engine decides the flow is looping.
 const MAX_STEPS_PER_EVENT: usize = 100;
 
+/// Messages one turn may send before the engine stops it as a loop (`limits.messages_per_turn`).
+pub const DEFAULT_MESSAGES_PER_TURN: usize = 10;
+
 /// Sessions waiting for a reply end after this long without activity unless the flow sets
 /// `session_timeout`.
 pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::hours(24);
@@ -219,6 +226,9 @@ pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::hours(24);
 pub struct Engine {
     pub scripting: Arc<Scripting>,
     pub fallback: Option<String>,
+    /// The most messages one turn sends; the next one is replaced by the apology and the
+    /// session ends (a `goto` loop that sends would otherwise send until the step limit).
+    pub messages_per_turn: usize,
 }
 
 impl Engine {
@@ -226,6 +236,14 @@ impl Engine {
         Self {
             scripting,
             fallback,
+            messages_per_turn: DEFAULT_MESSAGES_PER_TURN,
+        }
+    }
+
+    pub fn with_messages_per_turn(self, messages_per_turn: usize) -> Self {
+        Self {
+            messages_per_turn,
+            ..self
         }
     }
 
@@ -237,6 +255,20 @@ impl Engine {
         session: Option<Session>,
         event: Event,
         now: DateTime<Utc>,
+    ) -> Outcome {
+        self.handle_after(flows, contact, session, event, now, 0)
+    }
+
+    /// [`Engine::handle`] for an event that continues a turn which already sent `sent`
+    /// messages (an `http` step's result): the cap counts the whole turn.
+    pub fn handle_after(
+        &self,
+        flows: &FlowSet,
+        contact: &mut Contact,
+        session: Option<Session>,
+        event: Event,
+        now: DateTime<Utc>,
+        sent: usize,
     ) -> Outcome {
         let before = contact.clone();
         let message = match &event {
@@ -261,6 +293,9 @@ impl Engine {
             timers: None,
             notes: Vec::new(),
             steps_run: 0,
+            sent,
+            capped: false,
+            script_timeouts: 0,
             epoch_base: session.as_ref().map(|(_, s)| s.epoch).unwrap_or(0),
         };
         let handled = match event {
@@ -277,6 +312,8 @@ impl Engine {
             handled,
             notes: run.notes,
             contact_changed,
+            message_capped: run.capped,
+            script_timeouts: run.script_timeouts,
         }
     }
 }
@@ -298,6 +335,11 @@ struct Executor<'a> {
     timers: Option<Vec<(DateTime<Utc>, TimerKind)>>,
     notes: Vec<String>,
     steps_run: usize,
+    /// Messages sent in this turn so far, for the cap.
+    sent: usize,
+    /// The turn reached its cap on messages: nothing more runs.
+    capped: bool,
+    script_timeouts: usize,
     epoch_base: i64,
 }
 
@@ -523,19 +565,17 @@ impl Executor<'_> {
                 self.go(flow, next);
             }
             Ok((status, _)) => {
-                let e = ScriptError {
-                    message: format!("{} {} answered HTTP {status}", http.method, http.url.raw),
-                    line: None,
-                    col: None,
-                };
+                let e = ScriptError::plain(format!(
+                    "{} {} answered HTTP {status}",
+                    http.method, http.url.raw
+                ));
                 self.fail(flow.clone(), step, &format!("http step `{}`", step.id), e);
             }
             Err(reason) => {
-                let e = ScriptError {
-                    message: format!("{} {} failed: {reason}", http.method, http.url.raw),
-                    line: None,
-                    col: None,
-                };
+                let e = ScriptError::plain(format!(
+                    "{} {} failed: {reason}",
+                    http.method, http.url.raw
+                ));
                 self.fail(flow.clone(), step, &format!("http step `{}`", step.id), e);
             }
         }
@@ -667,6 +707,7 @@ impl Executor<'_> {
             return;
         }
         let goto = match self.act(&flow, step, index) {
+            Acted::GoOn { .. } if self.capped => return,
             Acted::GoOn { goto } => goto,
             Acted::Stop => return,
         };
@@ -684,6 +725,9 @@ impl Executor<'_> {
     /// the apology and the end of the session) and `true` is returned.
     fn looping(&mut self, flow: &Flow, index: usize) -> bool {
         self.steps_run += 1;
+        if self.capped {
+            return true;
+        }
         if self.steps_run <= MAX_STEPS_PER_EVENT {
             return false;
         }
@@ -770,14 +814,12 @@ impl Executor<'_> {
     fn send_template(&mut self, flow: &Arc<Flow>, step: &Step, call: &TemplateCall) -> Acted {
         match self.template_params(call) {
             Ok(params) => {
-                self.effects.push(Effect::Send(Outbound::new(
-                    OutboundContent::Template {
-                        name: call.name.clone(),
-                        language: call.language.clone(),
-                        params,
-                    },
-                    step_origin(flow, step),
-                )));
+                let template = OutboundContent::Template {
+                    name: call.name.clone(),
+                    language: call.language.clone(),
+                    params,
+                };
+                self.emit(flow, step, Outbound::new(template, step_origin(flow, step)));
                 Acted::GoOn { goto: None }
             }
             Err(e) => {
@@ -796,6 +838,9 @@ impl Executor<'_> {
                 self.fail(flow.clone(), step, &format!("question of `{}`", step.id), e);
                 return Acted::Stop;
             }
+        }
+        if self.capped {
+            return Acted::Stop;
         }
         let epoch = self.wait_at(index, Waiting::Reply);
         if let Some(timeout) = ask.timeout {
@@ -830,14 +875,10 @@ impl Executor<'_> {
         match flow.step_index(&target) {
             Some(i) => Acted::GoOn { goto: Some(i) },
             None => {
-                let e = ScriptError {
-                    message: format!(
-                        "goto(\"{target}\"): there is no step `{target}` in flow `{}`",
-                        flow.id
-                    ),
-                    line: None,
-                    col: None,
-                };
+                let e = ScriptError::plain(format!(
+                    "goto(\"{target}\"): there is no step `{target}` in flow `{}`",
+                    flow.id
+                ));
                 self.fail(flow.clone(), step, &script.name, e);
                 Acted::Stop
             }
@@ -968,6 +1009,12 @@ impl Executor<'_> {
 
     /// A step failed: note where, then `on_error` or the apology and the end of the session.
     fn fail(&mut self, flow: Arc<Flow>, step: &Step, what: &str, e: ScriptError) {
+        if e.timed_out {
+            self.script_timeouts += 1;
+        }
+        if self.capped {
+            return;
+        }
         let at = if e.line.is_some() && !what.contains(':') {
             format!("{what} at {}", e.where_())
         } else {
@@ -1003,10 +1050,31 @@ impl Executor<'_> {
                 params,
             })
         });
-        self.effects.push(Effect::Send(Outbound {
+        let outbound = Outbound {
             outside_window,
             ..Outbound::new(content, origin)
-        }));
+        };
+        self.emit(flow, step, outbound);
+    }
+
+    /// A step's message, unless the turn has sent its cap: then the apology instead, and
+    /// the session ends.
+    fn emit(&mut self, flow: &Flow, step: &Step, outbound: Outbound) {
+        if self.capped {
+            return;
+        }
+        if self.sent >= self.engine.messages_per_turn {
+            self.capped = true;
+            self.notes.push(format!(
+                "flow `{}` sent {} messages in one turn without waiting for the customer (a `goto` loop?); stopped at step `{}`",
+                flow.id, self.sent, step.id
+            ));
+            self.apology(flow, Some(step));
+            self.end_session();
+            return;
+        }
+        self.sent += 1;
+        self.effects.push(Effect::Send(outbound));
     }
 
     /// A template's parameters, rendered.
@@ -1086,13 +1154,9 @@ impl Executor<'_> {
             Wait::Until(text) => {
                 let raw = text.render(&self.engine.scripting, &self.context())?;
                 parse_until(raw.trim(), self.now, self.contact.timezone.as_deref()).ok_or(
-                    ScriptError {
-                        message: format!(
-                            "`{raw}` is not a time: write HH:MM or an RFC 3339 date and time"
-                        ),
-                        line: None,
-                        col: None,
-                    },
+                    ScriptError::plain(format!(
+                        "`{raw}` is not a time: write HH:MM or an RFC 3339 date and time"
+                    )),
                 )
             }
         }
@@ -1522,6 +1586,35 @@ steps:
         );
         assert_eq!(late.handled, Handled::Stale);
         assert!(late.effects.is_empty());
+    }
+
+    /// A loop that sends (behind an `if:`, which `check` cannot judge) stops at the turn's
+    /// cap: ten messages, then the apology, and the session ends.
+    #[test]
+    fn a_loop_that_sends_stops_at_the_turns_cap() {
+        let (engine, set) = flows(&[r#"
+flow: chatter
+triggers: [ { any: true } ]
+steps:
+  a: { say: "a", next: b }
+  b:
+    say: "b"
+    next:
+      - { if: "true", goto: a }
+"#]);
+        let mut contact = Contact::new("1");
+        let now = VirtualClock::test_epoch();
+        let out = engine.handle(&set, &mut contact, None, text("hi"), now);
+        let mut expected = ["a", "b"].repeat(5);
+        expected.push(APOLOGY);
+        assert_eq!(said(&out), expected);
+        assert!(out.message_capped);
+        assert!(out.session.is_none());
+        assert!(out.notes[0].contains("sent 10 messages"), "{:?}", out.notes);
+
+        let engine = engine.with_messages_per_turn(3);
+        let out = engine.handle_after(&set, &mut contact, None, text("hi"), now, 2);
+        assert_eq!(said(&out), ["a", APOLOGY], "2 sent before, 1 left");
     }
 
     #[test]

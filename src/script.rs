@@ -3,9 +3,16 @@
 //!
 //! Locked down means: no module imports (the resolver refuses every path), no `eval`, no file
 //! or network functions (Rhai has none unless registered, and we register none), and limits on
-//! operations, call depth, expression depth, string, array and map sizes. A script that loops
-//! forever stops at the operation limit with an error that names its line; the engine then
-//! routes the conversation to `on_error`, and every other conversation is unaffected.
+//! operations, call depth, expression depth, string, array and map sizes, and on wall-clock
+//! time. A script that loops forever stops at the operation limit, and one whose few
+//! operations are each heavy (string work on 60 KB) stops at the time limit, with an error
+//! that names its line; the engine then routes the conversation to `on_error`, and every other
+//! conversation is unaffected.
+//!
+//! The time limit is the one place a pure module reads a clock: a monotonic [`Instant`],
+//! checked every few operations from Rhai's progress callback. It only bounds how long the
+//! sandbox may run; no result of a script depends on it (scripts read time from the turn's
+//! `now`).
 //!
 //! Scripts talk back through a few registered functions (`reply`, `reply_buttons`, `goto`,
 //! `tag`, `untag`) and read time through `now`, `today`, `day_of_week` and `add_days`. They write into a per-call [`ScriptEffects`] held in a
@@ -14,6 +21,7 @@
 
 use std::cell::RefCell;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use rhai::{AST, Dynamic, Engine, EvalAltResult, ImmutableString, Map, Position, Scope};
@@ -30,7 +38,16 @@ pub struct Limits {
     pub max_string_size: usize,
     pub max_array_size: usize,
     pub max_map_size: usize,
+    /// Wall-clock time one script or expression may run (`limits.script_timeout`).
+    pub timeout: Duration,
 }
+
+/// The default of [`Limits::timeout`].
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// Operations between two looks at the clock: often enough that a script of heavy
+/// operations overshoots its time by milliseconds, rarely enough to cost nothing measurable.
+const CLOCK_EVERY: u64 = 16;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -41,6 +58,7 @@ impl Default for Limits {
             max_string_size: 64 * 1024,
             max_array_size: 10_000,
             max_map_size: 10_000,
+            timeout: DEFAULT_TIMEOUT,
         }
     }
 }
@@ -53,6 +71,9 @@ pub struct ScriptError {
     /// 1-based line and column inside the script or expression text.
     pub line: Option<usize>,
     pub col: Option<usize>,
+    /// Stopped by the time limit (counted apart: it says the sandbox is too slow or the
+    /// script too heavy, not that the flow is wrong).
+    pub timed_out: bool,
 }
 
 impl ScriptError {
@@ -61,6 +82,17 @@ impl ScriptError {
             message,
             line: pos.line(),
             col: pos.position(),
+            timed_out: false,
+        }
+    }
+
+    /// An error with no position in a script (a failed request, a missing step).
+    pub fn plain(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            line: None,
+            col: None,
+            timed_out: false,
         }
     }
 
@@ -93,6 +125,8 @@ pub enum ScriptReply {
 }
 
 struct CallState {
+    /// When the call began, for the time limit.
+    started: Instant,
     now: DateTime<Utc>,
     timezone: Option<chrono_tz::Tz>,
     effects: ScriptEffects,
@@ -106,6 +140,7 @@ thread_local! {
 fn with_call<T>(ctx: &Context<'_>, f: impl FnOnce() -> T) -> (T, ScriptEffects) {
     let previous = CALL.with(|c| {
         c.borrow_mut().replace(CallState {
+            started: Instant::now(),
             now: ctx.now,
             timezone: ctx.timezone,
             effects: ScriptEffects::default(),
@@ -158,6 +193,22 @@ pub struct Context<'a> {
     pub timezone: Option<chrono_tz::Tz>,
 }
 
+/// Stops every call that has run longer than `timeout` (Rhai then answers
+/// `ErrorTerminated`, which [`runtime_error`] reports as a timeout).
+fn stop_after(engine: &mut Engine, timeout: Duration) {
+    engine.on_progress(move |ops| {
+        if ops % CLOCK_EVERY != 0 {
+            return None;
+        }
+        let late = CALL.with(|c| {
+            c.borrow()
+                .as_ref()
+                .is_some_and(|s| s.started.elapsed() > timeout)
+        });
+        late.then_some(Dynamic::UNIT)
+    });
+}
+
 /// The shared Rhai engine.
 pub struct Scripting {
     engine: Engine,
@@ -190,6 +241,7 @@ impl Scripting {
             .set_max_map_size(limits.max_map_size)
             .set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
         engine.disable_symbol("eval");
+        stop_after(&mut engine, limits.timeout);
         // A variable nobody set reads as `()`, so flows can ask `if: 'order_id != ()'`.
         // Assigning to it still needs `let` (DESIGN §2.3).
         #[allow(deprecated)] // "volatile", not deprecated: Rhai's own wording
@@ -296,10 +348,10 @@ impl Scripting {
     /// Evaluates an `if:` condition; anything but `true` or `false` is an error.
     pub fn eval_condition(&self, ast: &AST, ctx: &Context<'_>) -> Result<bool, ScriptError> {
         let value = self.eval(ast, ctx)?;
-        value.as_bool().map_err(|type_name| ScriptError {
-            message: format!("a condition must be true or false, but this one is a {type_name}"),
-            line: None,
-            col: None,
+        value.as_bool().map_err(|type_name| {
+            ScriptError::plain(format!(
+                "a condition must be true or false, but this one is a {type_name}"
+            ))
         })
     }
 
@@ -333,10 +385,26 @@ impl Scripting {
 /// (outside strings and comments) are read as `jump(step)`, a name of the same length, so
 /// error columns stay right.
 fn rename_goto(source: &str) -> String {
-    let bytes = source.as_bytes();
     let mut out = String::with_capacity(source.len());
-    let mut i = 0;
     let mut last = 0;
+    for (i, word) in code_words(source) {
+        if word == "goto" && source[i + 4..].trim_start().starts_with('(') {
+            out.push_str(&source[last..i]);
+            out.push_str("jump");
+            last = i + 4;
+        }
+    }
+    out.push_str(&source[last..]);
+    out
+}
+
+/// The words of code (identifiers and keywords, outside strings, comments and numbers) with
+/// their byte offsets: what the source-level checks look at.
+fn code_words(source: &str) -> Vec<(usize, &str)> {
+    let bytes = source.as_bytes();
+    let word_byte = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let mut words = Vec::new();
+    let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
             b'"' | b'`' | b'\'' => {
@@ -359,20 +427,68 @@ fn rename_goto(source: &str) -> String {
                 }
                 i += 2;
             }
-            b'g' if source[i..].starts_with("goto")
-                && (i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_'))
-                && source[i + 4..].trim_start().starts_with('(') =>
-            {
-                out.push_str(&source[last..i]);
-                out.push_str("jump");
-                i += 4;
-                last = i;
+            b if word_byte(b) => {
+                let start = i;
+                while i < bytes.len() && word_byte(bytes[i]) {
+                    i += 1;
+                }
+                if !b.is_ascii_digit() {
+                    words.push((start, &source[start..i]));
+                }
             }
             _ => i += 1,
         }
     }
-    out.push_str(&source[last.min(source.len())..]);
-    out
+    words
+}
+
+/// A place in a script's source: 1-based line and column (in characters), and its length
+/// in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spot {
+    pub line: usize,
+    pub col: usize,
+    pub len: usize,
+}
+
+impl Spot {
+    fn of(source: &str, offset: usize, len: usize) -> Self {
+        let before = &source[..offset];
+        let line_start = before.rfind('\n').map_or(0, |n| n + 1);
+        Self {
+            line: before.matches('\n').count() + 1,
+            col: before[line_start..].chars().count() + 1,
+            len,
+        }
+    }
+}
+
+/// Every `goto("step")` whose argument is a string literal, with the step's name and where
+/// the call is: the jumps `check` can follow and verify.
+pub fn literal_gotos(source: &str) -> Vec<(String, Spot)> {
+    code_words(source)
+        .into_iter()
+        .filter(|(_, word)| *word == "goto")
+        .filter_map(|(i, _)| {
+            let rest = source[i + 4..].trim_start().strip_prefix('(')?.trim_start();
+            let name = rest.strip_prefix('"')?;
+            let end = name.find(['"', '\\', '\n'])?;
+            let after = name[end..].strip_prefix('"')?.trim_start();
+            after.starts_with(')').then(|| {
+                let len = source.len() - i - after.len() + 1;
+                (name[..end].to_string(), Spot::of(source, i, len))
+            })
+        })
+        .collect()
+}
+
+/// Every `import` statement: the sandbox refuses them all when the script runs.
+pub fn imports(source: &str) -> Vec<Spot> {
+    code_words(source)
+        .into_iter()
+        .filter(|(_, word)| *word == "import")
+        .map(|(i, _)| Spot::of(source, i, "import".len()))
+        .collect()
 }
 
 /// What a successful script run left behind.
@@ -385,6 +501,16 @@ pub struct ScriptRun {
 
 fn runtime_error(e: &EvalAltResult, limits: Limits) -> ScriptError {
     let pos = e.position();
+    if let EvalAltResult::ErrorTerminated(_, _) = e {
+        let message = format!(
+            "the script ran longer than {} ms and was stopped (`limits.script_timeout`)",
+            limits.timeout.as_millis()
+        );
+        return ScriptError {
+            timed_out: true,
+            ..ScriptError::at(message, pos)
+        };
+    }
     let message = match e {
         EvalAltResult::ErrorTooManyOperations(_) => format!(
             "the script ran more than {} operations and was stopped (an endless loop?)",
@@ -478,6 +604,31 @@ mod tests {
     }
 
     #[test]
+    fn literal_gotos_and_imports_are_found_with_their_place() {
+        let source = "// goto(\"comment\")\nlet a = \"goto(\\\"string\\\")\";\nif a { goto( \"next_step\" ); }\n  goto(name);\nimport \"x\" as y;";
+        assert_eq!(
+            literal_gotos(source),
+            [(
+                "next_step".to_string(),
+                Spot {
+                    line: 3,
+                    col: 8,
+                    len: "goto( \"next_step\" )".len()
+                }
+            )]
+        );
+        assert_eq!(
+            imports(source),
+            [Spot {
+                line: 5,
+                col: 1,
+                len: 6
+            }]
+        );
+        assert!(imports("let important = 1; // import").is_empty());
+    }
+
+    #[test]
     fn endless_loops_stop_with_their_position() {
         let s = Scripting::default();
         let ast = s
@@ -492,6 +643,34 @@ mod tests {
             err.message
         );
         assert!(err.line.is_some());
+    }
+
+    /// Few operations, each heavy: far inside the operation budget, stopped by the clock.
+    #[test]
+    fn heavy_scripts_stop_at_the_time_limit() {
+        let s = Scripting::new(Limits {
+            timeout: Duration::from_millis(100),
+            ..Limits::default()
+        });
+        let source = "let s = \"\";\ns.pad(60000, \"x\");\nlet n = 0;\nfor i in 0..30000 {\n  n += s.sub_string(1, 59000).len();\n}";
+        let ast = s.compile_script(source).unwrap();
+        let vars = Vars::new();
+        let unit = Dynamic::UNIT;
+        let started = Instant::now();
+        let err = s.run(&ast, &ctx(&vars, &unit, &unit)).unwrap_err();
+        println!("stopped after {:?}", started.elapsed());
+        assert!(err.timed_out, "{}", err.message);
+        assert!(
+            err.message.contains("longer than 100 ms"),
+            "{}",
+            err.message
+        );
+        assert_eq!(err.line, Some(5), "stopped inside the loop");
+        // Light scripts are untouched by the clock.
+        let ast = s
+            .compile_script("let x = 0; for i in 0..1000 { x += i; }")
+            .unwrap();
+        assert!(s.run(&ast, &ctx(&vars, &unit, &unit)).is_ok());
     }
 
     #[test]

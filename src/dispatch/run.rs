@@ -1,8 +1,13 @@
 //! The engine's part of a turn: the stored session resumed in the flow version it is pinned
 //! to, the pure engine run, the HTTP requests its steps ask for performed and their results
 //! fed back as events, until the flow waits or ends; then the session as it is stored.
+//!
+//! The engine runs scripts and `if:` expressions, which are CPU work: each run goes to
+//! tokio's blocking pool, at most one per core at a time, so a heavy script (stopped by the
+//! sandbox's time limit) never holds an async worker, and webhooks, the outbox and other
+//! customers' turns go on beside it.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use chrono::{DateTime, Utc};
 
@@ -11,7 +16,8 @@ use crate::engine::{
     Effect, Event, Handled, HttpOutcome, HttpRequest, Outcome, Session, TimerKind,
 };
 use crate::flow::load::compile_bundle;
-use crate::flow::{Bundle, Flow};
+use crate::flow::{Bundle, Flow, FlowSet};
+use crate::metrics;
 use crate::store::SessionRow;
 
 use super::turn::{Ran, Turn};
@@ -47,7 +53,9 @@ impl Runtime {
             .resume(turn.conversation.session.as_ref(), &mut notes)
             .await?;
         let contact = &mut turn.conversation.contact;
-        let first = self.engine_handle(contact, session, event, turn.now);
+        let first = self
+            .engine_handle(contact, session, event, turn.now, 0)
+            .await;
         let mut folded = Folded::new(notes, first);
         while let Some(request) = folded.next_request() {
             folded.rounds += 1;
@@ -61,7 +69,11 @@ impl Runtime {
                 result,
             });
             let session = folded.session.take();
-            folded.fold(self.engine_handle(contact, session, event, turn.now));
+            let sent = folded.sent();
+            let outcome = self
+                .engine_handle(contact, session, event, turn.now, sent)
+                .await;
+            folded.fold(outcome);
         }
         for note in &folded.notes {
             tracing::warn!(contact = %turn.wa_id, "{note}");
@@ -105,16 +117,44 @@ impl Runtime {
         Ok(session)
     }
 
-    /// One run of the pure engine over the current flows.
-    fn engine_handle(
+    /// One run of the pure engine over the current flows, on the blocking pool; `sent`:
+    /// messages the turn sent before this event (its cap counts the whole turn).
+    async fn engine_handle(
         &self,
         contact: &mut Contact,
         session: Option<Session>,
         event: Event,
         now: DateTime<Utc>,
+        sent: usize,
     ) -> Outcome {
+        let flows = self.engine_flows(session.as_ref());
+        let engine = self.engine.clone();
+        let mut owned = contact.clone();
+        let permit = cores()
+            .acquire()
+            .await
+            .expect("the cores' semaphore is never closed");
+        let ran = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let outcome = engine.handle_after(&flows, &mut owned, session, event, now, sent);
+            (outcome, owned)
+        })
+        .await;
+        let (outcome, owned) = ran.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        *contact = owned;
+        count(&outcome);
+        outcome
+    }
+
+    /// What the engine may reach in one event, owned so it can move to the blocking pool:
+    /// the current flows (triggers, `flow:` jumps) and the version `session` is pinned to.
+    fn engine_flows(&self, session: Option<&Session>) -> FlowSet {
         let flows = self.flows.read().expect("flows lock");
-        self.engine.handle(&flows, contact, session, event, now)
+        let mut owned = FlowSet::new(flows.current().to_vec());
+        if let Some(pinned) = session.and_then(|s| flows.version(&s.flow_id, &s.version)) {
+            owned.add_version(pinned.clone());
+        }
+        owned
     }
 
     /// The session as it is stored, in the flow version it runs in.
@@ -198,6 +238,36 @@ impl Runtime {
     }
 }
 
+/// One engine run at a time per core: scripts are CPU work, and more runs than cores would
+/// only make each one slower.
+fn cores() -> &'static tokio::sync::Semaphore {
+    static CORES: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
+    CORES.get_or_init(|| {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        tokio::sync::Semaphore::new(n)
+    })
+}
+
+/// The engine's stops that `/metrics` counts.
+fn count(outcome: &Outcome) {
+    if outcome.message_capped {
+        metrics::count(
+            "flowgate_turn_message_cap_total",
+            "Turns stopped at their cap on messages (limits.messages_per_turn), a loop that sends.",
+            &[],
+            1,
+        );
+    }
+    if outcome.script_timeouts > 0 {
+        metrics::count(
+            "flowgate_script_timeouts_total",
+            "Scripts and expressions stopped by their time limit (limits.script_timeout).",
+            &[],
+            outcome.script_timeouts as u64,
+        );
+    }
+}
+
 impl Folded {
     fn new(notes: Vec<String>, first: Outcome) -> Self {
         let mut folded = Self {
@@ -211,6 +281,15 @@ impl Folded {
         };
         folded.notes.extend(first.notes);
         folded
+    }
+
+    /// Messages the turn has sent so far.
+    fn sent(&self) -> usize {
+        self.effects
+            .iter()
+            .chain(&self.latest)
+            .filter(|e| matches!(e, Effect::Send(_)))
+            .count()
     }
 
     /// Sorts the latest outcome's effects: messages and handoffs are kept, the HTTP request

@@ -20,7 +20,7 @@ use super::{
 };
 use crate::diagnostic::{Diagnostic, Diagnostics, Loc, did_you_mean};
 use crate::domain::{HumanDuration, limits};
-use crate::script::Scripting;
+use crate::script::{self, ScriptError, Scripting, Spot};
 use crate::templates::{Registry, Status, Template};
 use crate::yaml::{self, loc};
 
@@ -587,7 +587,7 @@ impl<'a> Compiler<'a> {
             self.script_file(index, name)
                 .map(|s| Action::Script(Arc::new(s)))
         } else if let Some(source) = &s.rhai {
-            self.script_inline(source)
+            self.script_inline(index, source)
                 .map(|s| Action::Script(Arc::new(s)))
         } else if let Some(http) = &s.http {
             self.http(http, s.save.as_ref())
@@ -1015,9 +1015,10 @@ impl<'a> Compiler<'a> {
         self.script_bundle
             .push((name.value.clone(), path.clone(), source.clone()));
         self.diags.add_source(&path, Arc::from(source.as_str()));
+        let text = ScriptText::File(&path, &source);
         match self.scripting.compile_script(&source) {
             Ok(ast) => {
-                let jumps = self.note_gotos(&source);
+                let jumps = self.script_jumps(index, &source, &text);
                 Some(Script {
                     name: path.clone(),
                     ast,
@@ -1029,24 +1030,13 @@ impl<'a> Compiler<'a> {
                 })
             }
             Err(e) => {
-                let l = Loc::at(&source, e.line.unwrap_or(1), e.col.unwrap_or(1), 1);
-                self.diags.push(
-                    Diagnostic::error(
-                        &path,
-                        Some(l),
-                        format!("the script does not compile: {}", e.message),
-                    )
-                    .with_help(format!(
-                        "used by step `{}` in {}",
-                        self.step_ids[index], self.file
-                    )),
-                );
+                self.does_not_compile(index, &text, &e);
                 None
             }
         }
     }
 
-    fn script_inline(&mut self, source: &Spanned<String>) -> Option<Script> {
+    fn script_inline(&mut self, index: usize, source: &Spanned<String>) -> Option<Script> {
         let mut at = loc(source);
         // A block scalar (`rhai: |`) starts on a line of its own; a one-line script written
         // after the key may be quoted, and its first column is after the quote.
@@ -1059,9 +1049,10 @@ impl<'a> Compiler<'a> {
         {
             at = self.value_loc(source);
         }
+        let text = ScriptText::Inline(at);
         match self.scripting.compile_script(&source.value) {
             Ok(ast) => {
-                let jumps = self.note_gotos(&source.value);
+                let jumps = self.script_jumps(index, &source.value, &text);
                 Some(Script {
                     name: format!("{} (inline script)", self.file),
                     ast,
@@ -1073,23 +1064,78 @@ impl<'a> Compiler<'a> {
                 })
             }
             Err(e) => {
-                let line = at.line + e.line.unwrap_or(1) - 1;
-                let col = at.col + e.col.unwrap_or(1) - 1;
-                let l = Loc::at(self.text, line, col, 1);
-                self.error(l, format!("the script does not compile: {}", e.message));
+                self.does_not_compile(index, &text, &e);
                 None
             }
         }
     }
 
     /// The steps a script names in `goto("…")`: they count as reachable from its step, and
-    /// the window lint follows them.
-    fn note_gotos(&self, source: &str) -> Vec<usize> {
-        static GOTO: std::sync::LazyLock<Regex> =
-            std::sync::LazyLock::new(|| Regex::new(r#"goto\(\s*"([^"]+)"\s*\)"#).expect("valid"));
-        GOTO.captures_iter(source)
-            .filter_map(|cap| self.step_ids.iter().position(|s| *s == cap[1]))
-            .collect()
+    /// the lints follow them. What always fails when the script runs is an error here: a
+    /// `goto` to a step the flow does not have, an `import` (the sandbox has no modules).
+    fn script_jumps(&mut self, index: usize, source: &str, text: &ScriptText<'_>) -> Vec<usize> {
+        let mut jumps = Vec::new();
+        for (target, spot) in script::literal_gotos(source) {
+            if let Some(i) = self.step_ids.iter().position(|s| *s == target) {
+                jumps.push(i);
+                continue;
+            }
+            let steps = self.step_ids.iter().map(String::as_str);
+            let help = did_you_mean(&target, steps)
+                .unwrap_or_else(|| format!("the steps are {}", self.step_ids.join(", ")));
+            let message = format!("goto(\"{target}\"): there is no step `{target}` in this flow");
+            self.script_error(index, text, spot, message, Some(help))
+                .label = Some("unknown step".into());
+        }
+        for spot in script::imports(source) {
+            let message = "`import` always fails: scripts run in a sandbox without modules";
+            let help = "write the code into the script itself".to_string();
+            self.script_error(index, text, spot, message, Some(help));
+        }
+        jumps
+    }
+
+    /// A script that does not compile, at the place Rhai names.
+    fn does_not_compile(&mut self, index: usize, text: &ScriptText<'_>, e: &ScriptError) {
+        let spot = Spot {
+            line: e.line.unwrap_or(1),
+            col: e.col.unwrap_or(1),
+            len: 1,
+        };
+        let message = format!("the script does not compile: {}", e.message);
+        self.script_error(index, text, spot, message, None);
+    }
+
+    /// An error at `spot` in the script of step `index`: in the script's own file (its help
+    /// saying which step uses it), or in the flow where the inline script is written.
+    fn script_error(
+        &mut self,
+        index: usize,
+        text: &ScriptText<'_>,
+        spot: Spot,
+        message: impl Into<String>,
+        help: Option<String>,
+    ) -> &mut Diagnostic {
+        match text {
+            ScriptText::File(path, source) => {
+                let l = Loc::at(source, spot.line, spot.col, spot.len);
+                let used_by = format!("used by step `{}` in {}", self.step_ids[index], self.file);
+                let help = match help {
+                    Some(h) => format!("{h} (the script is {used_by})"),
+                    None => used_by,
+                };
+                self.diags
+                    .push(Diagnostic::error(*path, Some(l), message).with_help(help));
+                self.diags.items.last_mut().expect("just pushed")
+            }
+            ScriptText::Inline(at) => {
+                let line = at.line + spot.line - 1;
+                let col = at.col + spot.col - 1;
+                let d = self.error(Loc::at(self.text, line, col, spot.len), message);
+                d.help = help;
+                d
+            }
+        }
     }
 
     fn http(
@@ -1448,6 +1494,14 @@ fn valid_var(name: &str) -> bool {
 
 /// Whether a script's source calls `reply(…)` or `reply_buttons(…)`: a textual test, enough
 /// for the window lint to know the script can send (a reply in a comment counts too).
+/// Where a script's text is, to place what `check` finds in it.
+enum ScriptText<'s> {
+    /// Its own file: the path and the source.
+    File(&'s str, &'s str),
+    /// Inline in the flow; line 1, column 1 of the script is here.
+    Inline(Loc),
+}
+
 fn calls_reply(source: &str) -> bool {
     static REPLY: std::sync::LazyLock<Regex> =
         std::sync::LazyLock::new(|| Regex::new(r"\breply(_buttons)?\s*\(").expect("valid"));

@@ -1,4 +1,16 @@
-//! The window lint (DESIGN §4.6): a warning for each step that can send a free-form message
+//! Two lints over compiled flows: loops that send without waiting (an error), and the
+//! window lint.
+//!
+//! **Loops that send.** Steps that lead to each other unconditionally and never wait for the
+//! customer (`a: {say: a, next: b}`, `b: {say: b, next: a}`) would send a message per step
+//! until the turn's cap stops them with the apology: [`sending_loops`] reports each such cycle
+//! with its steps and where they are written. Followed: `next`/`goto` to a step and a first
+//! branch without a condition. Waiting ends the loop: an `ask`, reply branches, a `wait`, a
+//! `handoff`. Not followed (the turn's cap is the guard there): branches with `if:`, a
+//! script's `goto` (which a script takes conditionally, as a rule), `on_error`, and `flow:`
+//! jumps to other flows.
+//!
+//! **The window lint** (DESIGN §4.6): a warning for each step that can send a free-form message
 //! after the customer's window has closed and has no `outside_window` template to fall back
 //! on. At run time the policy layer queues such a message until the customer writes again;
 //! `check` says so while the flow is still being written.
@@ -38,7 +50,7 @@ use std::sync::Arc;
 
 use chrono::Duration;
 
-use super::{Action, Flow, Route, Step, Target, Wait};
+use super::{Action, Cond, Flow, Route, Step, Target, Wait};
 use crate::config::PolicyConfig;
 use crate::diagnostic::Diagnostic;
 
@@ -92,6 +104,102 @@ pub struct Entry {
     pub after: Duration,
     /// How the warning names the cause, e.g. "campaign `spring_sale`'s `on_reply`".
     pub via: String,
+}
+
+/// An error for each loop of steps that runs and sends without waiting for the customer.
+pub fn sending_loops(flows: &[Arc<Flow>]) -> Vec<Diagnostic> {
+    let mut errors = Vec::new();
+    for flow in flows {
+        // 0: not seen, 1: on the current path, 2: done.
+        let mut state = vec![0u8; flow.steps.len()];
+        for first in 0..flow.steps.len() {
+            let mut path = Vec::new();
+            let mut at = Some(first);
+            while let Some(i) = at.filter(|&i| state[i] == 0) {
+                state[i] = 1;
+                path.push(i);
+                at = straight_on(&flow.steps[i]);
+            }
+            if let Some(i) = at.filter(|&i| state[i] == 1) {
+                let cycle = &path[path.iter().position(|&p| p == i).expect("on the path")..];
+                if cycle.iter().any(|&s| sends(&flow.steps[s])) {
+                    errors.push(loop_error(flow, cycle));
+                }
+            }
+            for p in path {
+                state[p] = 2;
+            }
+        }
+    }
+    errors
+}
+
+/// Where a step goes on without waiting and without a condition, within its flow.
+fn straight_on(step: &Step) -> Option<usize> {
+    if step.wait.is_some() || step.handoff.is_some() || step.awaits_reply() {
+        return None;
+    }
+    let target = match &step.route {
+        Route::Goto(t) => t,
+        Route::Branches(b) if matches!(b.first()?.cond, Cond::Always) => &b[0].target,
+        _ => return None,
+    };
+    match target {
+        Target::Step(s) => Some(*s),
+        Target::Flow(_) => None,
+    }
+}
+
+/// Whether the step's action sends a message.
+fn sends(step: &Step) -> bool {
+    match &step.action {
+        Action::Say(_) | Action::Template(_) => true,
+        Action::Script(script) => script.replies,
+        Action::None | Action::Ask(_) | Action::Http(_) => false,
+    }
+}
+
+/// The error for one loop, at its first step in the file, naming every step and its place.
+fn loop_error(flow: &Flow, cycle: &[usize]) -> Diagnostic {
+    let first = cycle
+        .iter()
+        .position(|&s| s == *cycle.iter().min().expect("a loop has steps"))
+        .expect("the smallest is in the loop");
+    let order: Vec<usize> = cycle[first..]
+        .iter()
+        .chain(&cycle[..first])
+        .copied()
+        .collect();
+    let names: Vec<String> = order
+        .iter()
+        .chain(order.first())
+        .map(|&s| format!("`{}`", flow.steps[s].id))
+        .collect();
+    let places: Vec<String> = order
+        .iter()
+        .map(|&s| {
+            let step = &flow.steps[s];
+            format!(
+                "`{}` at {}:{}:{}",
+                step.id, flow.file, step.loc.line, step.loc.col
+            )
+        })
+        .collect();
+    let start = &flow.steps[order[0]];
+    Diagnostic::error(
+        &flow.file,
+        Some(start.loc),
+        format!(
+            "steps {} loop without waiting for the customer and send messages: one message \
+             would make them send until the turn's cap (`limits.messages_per_turn`) stops them",
+            names.join(" → ")
+        ),
+    )
+    .with_label("the loop starts here")
+    .with_help(format!(
+        "the loop: {}; end it with an `ask`, a `wait`, or an `if:` branch that leaves it",
+        places.join(", ")
+    ))
 }
 
 /// Warnings for every step that can send outside the window without a template fallback.

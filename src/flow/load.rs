@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::compile::{Compiled, FlowRef, compile_flow};
-use super::lint::{Window, window_hazards};
+use super::lint::{Window, sending_loops, window_hazards};
 use super::{Bundle, Flow, TriggerKind};
 use crate::campaign::{self, Campaign};
 use crate::config::Config;
@@ -207,6 +207,9 @@ fn compile_sources(
         }
     }
     trigger_conflicts(&flows, &keyword_locs, &mut diags);
+    for error in sending_loops(&flows) {
+        diags.push(error);
+    }
     Project {
         flows,
         templates,

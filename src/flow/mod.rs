@@ -369,11 +369,7 @@ impl Text {
             let Some(end) = after.find("}}") else {
                 return Err((
                     consumed + start,
-                    ScriptError {
-                        message: "`{{` without a closing `}}`".into(),
-                        line: None,
-                        col: None,
-                    },
+                    ScriptError::plain("`{{` without a closing `}}`"),
                 ));
             };
             let source = after[..end].trim();

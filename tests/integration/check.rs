@@ -686,3 +686,66 @@ fn cli_check_never_prints_a_secret() {
         "{stdout}"
     );
 }
+
+// --- what always fails at run time -----------------------------------------------------------
+
+/// `a: {say, next: b}`, `b: {say, next: a}`: one message would send until the turn's cap. The
+/// loop is an error at its first step, and names both steps with their places; loops that
+/// send nothing, wait for the customer, or leave by an `if:` are not reported.
+#[test]
+fn a_loop_that_sends_without_waiting() {
+    let file = fixture_file("sending_loop", "flows/chatter.yaml");
+    let diags = check("sending_loop", 1, 0);
+    let d = &diags.items[0];
+    assert_eq!(
+        d.position(),
+        format!("{file}:5:3"),
+        "{}",
+        diags.render(false)
+    );
+    assert!(d.message.contains("`a` → `b` → `a`"), "{}", d.message);
+    let help = d.help.as_deref().unwrap_or_default();
+    assert!(
+        help.contains(&format!("`a` at {file}:5:3"))
+            && help.contains(&format!("`b` at {file}:8:3")),
+        "{help}"
+    );
+}
+
+/// `goto("fund")` in a script file: the flow has no such step. The error is in the script at
+/// the call, says which step uses the script, and suggests the nearest step.
+#[test]
+fn a_script_goto_to_a_missing_step() {
+    let file = fixture_file("script_goto_unknown_step", "scripts/lookup.rhai");
+    let diags = check("script_goto_unknown_step", 1, 0);
+    let d = &diags.items[0];
+    assert_eq!(
+        d.position(),
+        format!("{file}:4:5"),
+        "{}",
+        diags.render(false)
+    );
+    assert!(d.message.contains("no step `fund`"), "{}", d.message);
+    assert_eq!(
+        d.help.as_deref(),
+        Some(
+            "did you mean `found`? (the script is used by step `lookup` in tests/fixtures/check/script_goto_unknown_step/flows/lookup.yaml)"
+        )
+    );
+}
+
+/// `import` in an inline script: refused whenever the script runs, so an error at the flow's
+/// line and column of the statement.
+#[test]
+fn an_import_in_a_script() {
+    let file = fixture_file("script_import", "flows/check.yaml");
+    let diags = check("script_import", 1, 0);
+    let d = &diags.items[0];
+    assert_eq!(
+        d.position(),
+        format!("{file}:8:7"),
+        "{}",
+        diags.render(false)
+    );
+    assert!(d.message.contains("`import` always fails"), "{}", d.message);
+}
