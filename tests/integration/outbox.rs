@@ -1417,3 +1417,48 @@ async fn a_stale_sender_cannot_overwrite_a_reclaimed_row() {
         ("sent", Some("wamid.first"))
     );
 }
+
+#[tokio::test]
+async fn a_recipient_that_is_no_phone_or_bsuid_fails_without_a_request() {
+    let h = Setup::new("badid").start().await;
+    let (_, ana) = h.customer(ANA, "text").await;
+    let (_, ben) = h.customer(BEN, "text").await;
+    let (_, cal) = h.customer(CAL, "text").await;
+    // Rows written by other means than a webhook (old data, a hand edit): the last guard.
+    let pool = h.runtime.db.sqlite_pool().expect("tests use SQLite");
+    for (from, to) in [(ANA, ""), (BEN, "+\u{0}")] {
+        sqlx::query("UPDATE contacts SET wa_id = $1 WHERE wa_id = $2")
+            .bind(to)
+            .bind(from)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    h.drain().await;
+    let sends = h.fake.sends();
+    assert_eq!(
+        sends.iter().map(|s| s.to()).collect::<Vec<_>>(),
+        [Some(CAL.to_string())],
+        "only the valid recipient is posted"
+    );
+    // Nor marked as read: Ana's and Ben's messages never left the guard.
+    assert!(h.fake.mark_reads().len() <= 1, "{:?}", h.fake.mark_reads());
+    assert_eq!(
+        h.fake.requests().len(),
+        sends.len() + h.fake.mark_reads().len()
+    );
+    for (id, why) in [
+        (ana[0], "not sent: the recipient `` has 0 digits"),
+        (
+            ben[0],
+            "not sent: the recipient `+\\0` is not a phone number",
+        ),
+    ] {
+        let e = h.entry(id).await;
+        assert_eq!(e.status, "failed");
+        let error = e.error.unwrap_or_default();
+        assert!(error.starts_with(why), "{error}");
+        assert!(error.ends_with("fix the contact's wa_id"), "{error}");
+    }
+    assert_eq!(h.entry(cal[0]).await.status, "sent");
+}
