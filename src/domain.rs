@@ -19,6 +19,82 @@ pub fn is_bsuid(identifier: &str) -> bool {
     identifier.chars().any(|c| c.is_ascii_alphabetic())
 }
 
+/// Why a text is not a WhatsApp identifier. The value is shown with control characters
+/// escaped, so a reason is safe to log and store.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidIdentifier {
+    #[error("`{}` is a business-scoped user id, not a phone number", .0.escape_debug())]
+    BsuidNotPhone(String),
+    #[error(
+        "`{}` is not a phone number: write 8-15 digits, country code first, with no spaces or \
+         punctuation (an optional leading + is allowed), e.g. 4915123456789",
+        .0.escape_debug()
+    )]
+    NotDigits(String),
+    #[error(
+        "`{}` has {} digits: a phone number in E.164 form has 8 to 15, country code first",
+        .value.escape_debug(), .digits
+    )]
+    Length { value: String, digits: usize },
+    #[error("`{}` starts with 0: write the country code first (49…, not 0…)", .0.escape_debug())]
+    LeadingZero(String),
+    #[error(
+        "`{}` is not a business-scoped user id: two capital letters, a period, optionally \
+         `ENT.`, then up to 128 letters or digits, e.g. US.13491208655302741918",
+        .0.escape_debug()
+    )]
+    NotBsuid(String),
+}
+
+/// A phone number in E.164 form, returned without its `+`: an optional leading `+`, then 8
+/// to 15 ASCII digits, the first not `0` (a country code never starts with 0). No spaces,
+/// dashes or brackets, so a number has one spelling and matches the `wa_id` WhatsApp's
+/// webhooks send. The one phone rule: webhooks, the CSV import and the outbox use it.
+pub fn phone_number(text: &str) -> Result<String, InvalidIdentifier> {
+    let digits = text.strip_prefix('+').unwrap_or(text);
+    if is_bsuid(digits) && bsuid(text).is_ok() {
+        return Err(InvalidIdentifier::BsuidNotPhone(text.to_string()));
+    }
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(InvalidIdentifier::NotDigits(text.to_string()));
+    }
+    if !(8..=15).contains(&digits.len()) {
+        return Err(InvalidIdentifier::Length {
+            value: text.to_string(),
+            digits: digits.len(),
+        });
+    }
+    if digits.starts_with('0') {
+        return Err(InvalidIdentifier::LeadingZero(text.to_string()));
+    }
+    Ok(digits.to_string())
+}
+
+/// A business-scoped user id, returned as written: two capital letters (the country), a
+/// period, optionally `ENT.` (a parent BSUID), then 1 to 128 ASCII letters or digits
+/// (`US.13491208655302741918`). The one BSUID rule, like [`phone_number`].
+pub fn bsuid(text: &str) -> Result<String, InvalidIdentifier> {
+    let bad = || InvalidIdentifier::NotBsuid(text.to_string());
+    let (country, rest) = text.split_once('.').ok_or_else(bad)?;
+    let id = rest.strip_prefix("ENT.").unwrap_or(rest);
+    let country_ok = country.len() == 2 && country.bytes().all(|b| b.is_ascii_uppercase());
+    let id_ok = (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric());
+    if country_ok && id_ok {
+        Ok(text.to_string())
+    } else {
+        Err(bad())
+    }
+}
+
+/// A recipient WhatsApp can be sent to: a BSUID when it has letters, else a phone number.
+pub fn recipient(text: &str) -> Result<String, InvalidIdentifier> {
+    if is_bsuid(text) {
+        bsuid(text)
+    } else {
+        phone_number(text)
+    }
+}
+
 /// A contact as the engine sees it: identity, profile, segmentation and window state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Contact {
@@ -538,6 +614,32 @@ pub fn format_duration(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identifiers_follow_one_rule() {
+        assert_eq!(phone_number("+4915123456789").unwrap(), "4915123456789");
+        assert_eq!(bsuid("US.ENT.abc123").unwrap(), "US.ENT.abc123");
+        assert_eq!(recipient("US.1349").unwrap(), "US.1349");
+        let thirty = "1".repeat(30);
+        for bad in [
+            "",
+            "\u{0}",
+            "+\u{0}",
+            "order",
+            &thirty,
+            "0151234567",
+            "1234567",
+        ] {
+            assert!(phone_number(bad).is_err(), "{bad:?}");
+            assert!(recipient(bad).is_err(), "{bad:?}");
+        }
+        for bad in ["US.", "us.1", "USA.1", "US.a-b", "US.\u{0}", "order"] {
+            assert!(bsuid(bad).is_err(), "{bad:?}");
+        }
+        // Reasons carry no control characters: they are logged and stored.
+        let reason = phone_number("1\n2\u{0}").unwrap_err().to_string();
+        assert!(!reason.chars().any(char::is_control), "{reason}");
+    }
 
     #[test]
     fn durations_parse_and_print() {

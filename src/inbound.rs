@@ -1103,8 +1103,8 @@ mod tests {
             "contacts":[{"profile":{"name":"Ana"},"user_id":"US.1"}],
             "messages":[
               {"from_user_id":"US.1","id":"wamid.a","timestamp":"1760000000","type":"text","text":{"body":"hi"}},
-              {"from":"155","id":"wamid.s","timestamp":"1760000000","type":"system","system":{"type":"user_changed_number","wa_id":"166"}}],
-            "statuses":[{"id":"wamid.o","status":"read","timestamp":"1760000000","recipient_id":"155"}],
+              {"from":"15550000155","id":"wamid.s","timestamp":"1760000000","type":"system","system":{"type":"user_changed_number","wa_id":"15550000166"}}],
+            "statuses":[{"id":"wamid.o","status":"read","timestamp":"1760000000","recipient_id":"15550000155"}],
             "errors":[{"code":130429,"title":"Rate limit hit"}]}},
           {"field":"user_preferences","value":{"user_preferences":[{"user_id":"US.2","value":"stop","category":"marketing_messages"}]}},
           {"field":"message_template_status_update","value":{"event":"APPROVED","message_template_name":"t"}},
@@ -1119,8 +1119,8 @@ mod tests {
             [
                 ("error", None),
                 ("message", Some("US.1")),
-                ("system", Some("166")),
-                ("status", Some("155")),
+                ("system", Some("15550000166")),
+                ("status", Some("15550000155")),
                 ("user_preference", Some("US.2")),
                 ("template_status", None),
                 ("unknown", None),

@@ -38,6 +38,7 @@ use std::str::FromStr as _;
 use serde::Serialize;
 
 use crate::diagnostic::did_you_mean;
+use crate::domain::{self, InvalidIdentifier};
 
 /// The separator of the `tags` column.
 pub const TAG_SEPARATOR: char = ';';
@@ -306,52 +307,17 @@ fn row(columns: &[Column], record: &csv::ByteRecord, line: u64) -> Result<Import
     Ok(row)
 }
 
-/// A phone number in E.164 form, without its `+` (see the module doc for the rule).
+/// A phone number in E.164 form, without its `+` ([`domain::phone_number`]'s rule).
 pub fn phone(cell: &str) -> Result<String, String> {
-    let digits = cell.strip_prefix('+').unwrap_or(cell);
-    if crate::domain::is_bsuid(digits) && bsuid(cell).is_ok() {
-        return Err(format!(
-            "wa_id `{cell}` is a business-scoped user id: put it in the bsuid column"
-        ));
-    }
-    if !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!(
-            "wa_id `{cell}` is not a phone number: write 8-15 digits, country code first, \
-             with no spaces or punctuation (an optional leading + is allowed), e.g. 4915123456789"
-        ));
-    }
-    if !(8..=15).contains(&digits.len()) {
-        return Err(format!(
-            "wa_id `{cell}` has {} digits: a phone number in E.164 form has 8 to 15, country \
-             code first",
-            digits.len()
-        ));
-    }
-    if digits.starts_with('0') {
-        return Err(format!(
-            "wa_id `{cell}` starts with 0: write the country code first (49…, not 0…)"
-        ));
-    }
-    Ok(digits.to_string())
+    domain::phone_number(cell).map_err(|e| match e {
+        InvalidIdentifier::BsuidNotPhone(_) => format!("wa_id {e}: put it in the bsuid column"),
+        e => format!("wa_id {e}"),
+    })
 }
 
-/// A business-scoped user id: `CC.` then optionally `ENT.`, then 1-128 letters or digits.
+/// A business-scoped user id ([`domain::bsuid`]'s rule).
 pub fn bsuid(cell: &str) -> Result<String, String> {
-    let bad = || {
-        format!(
-            "bsuid `{cell}` is not a business-scoped user id: two capital letters, a period, \
-             then up to 128 letters or digits, e.g. US.13491208655302741918"
-        )
-    };
-    let (country, rest) = cell.split_once('.').ok_or_else(bad)?;
-    let id = rest.strip_prefix("ENT.").unwrap_or(rest);
-    let country_ok = country.len() == 2 && country.bytes().all(|b| b.is_ascii_uppercase());
-    let id_ok = (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric());
-    if country_ok && id_ok {
-        Ok(cell.to_string())
-    } else {
-        Err(bad())
-    }
+    domain::bsuid(cell).map_err(|e| format!("bsuid {e}"))
 }
 
 /// The tags of a `tags` cell.

@@ -83,7 +83,7 @@ use tokio::time::Instant;
 use crate::clock::SharedClock;
 use crate::config::{ChannelConfig, Provider};
 use crate::dispatch::{Runtime, count_decision};
-use crate::domain::{Contact, Outbound};
+use crate::domain::{Contact, InvalidIdentifier, Outbound};
 use crate::metrics;
 use crate::policy::Policy;
 use crate::store::{Db, OutboxRow, StoreError};
@@ -688,6 +688,16 @@ impl Inner {
             self.defer(&row, self.clock.now(), None).await;
             return;
         }
+        // The last guard: webhooks only make contacts of valid ids, but a row written by
+        // other means (an import of old data, a hand edit) must never reach WhatsApp.
+        let recipient = match recipient_for(&row.wa_id) {
+            Ok(recipient) => recipient,
+            Err(e) => {
+                let reason = format!("not sent: the recipient {e}; fix the contact's wa_id");
+                self.fail(&row, None, &reason).await;
+                return;
+            }
+        };
         let Some(outbound) = self.decide_again(&row, &contact).await else {
             return;
         };
@@ -721,7 +731,7 @@ impl Inner {
         }
 
         let sent_at = Instant::now();
-        match self.post(&row, &outbound).await {
+        match self.post(&row, recipient, &outbound).await {
             Ok(ok) => self.accepted(&row, &ok.wamid).await,
             Err(e) => {
                 let sent = Sent {
@@ -735,12 +745,13 @@ impl Inner {
     }
 
     /// Posts the message with the row's idempotency key, timing the request.
-    async fn post(&self, row: &OutboxRow, outbound: &Outbound) -> Result<SendOk, GraphError> {
-        let body = message_body_with_key(
-            recipient_for(&row.wa_id),
-            &outbound.content,
-            &row.idempotency_key,
-        );
+    async fn post(
+        &self,
+        row: &OutboxRow,
+        recipient: Recipient,
+        outbound: &Outbound,
+    ) -> Result<SendOk, GraphError> {
+        let body = message_body_with_key(recipient, &outbound.content, &row.idempotency_key);
         let started = Instant::now();
         let result = self.client.send(&body).await;
         metrics::observe(
@@ -997,13 +1008,14 @@ where
 }
 
 /// A phone number goes `to`, a business-scoped user id (`US.1349…`, letters in it) goes as
-/// `recipient` (FACTS.md §10.5).
-pub fn recipient_for(wa_id: &str) -> Recipient {
-    if crate::domain::is_bsuid(wa_id) {
-        Recipient::UserId(wa_id.to_string())
+/// `recipient` (FACTS.md §10.5); anything else is no recipient at all.
+pub fn recipient_for(wa_id: &str) -> Result<Recipient, InvalidIdentifier> {
+    let checked = crate::domain::recipient(wa_id)?;
+    Ok(if crate::domain::is_bsuid(&checked) {
+        Recipient::UserId(checked)
     } else {
-        Recipient::Phone(wa_id.to_string())
-    }
+        Recipient::Phone(checked)
+    })
 }
 
 fn chrono_duration(d: Duration) -> chrono::Duration {
@@ -1018,11 +1030,20 @@ mod tests {
     fn recipients_by_shape() {
         assert_eq!(
             recipient_for("15555550123"),
-            Recipient::Phone("15555550123".into())
+            Ok(Recipient::Phone("15555550123".into()))
         );
         assert_eq!(
             recipient_for("US.13491208655302741918"),
-            Recipient::UserId("US.13491208655302741918".into())
+            Ok(Recipient::UserId("US.13491208655302741918".into()))
         );
+        for bad in [
+            "",
+            "+\u{0}",
+            "order",
+            "123456789012345678901234567890",
+            "US.",
+        ] {
+            assert!(recipient_for(bad).is_err(), "{bad:?} is no recipient");
+        }
     }
 }

@@ -531,11 +531,15 @@ impl<'a> StatusUpdate<'a> {
     }
 }
 
-/// Moves a message to a status of a higher rank ([`RANK_SQL`]); `failed` stays.
+/// Moves a message to a status of a higher rank ([`RANK_SQL`]); `failed` stays. A status
+/// settles a `sending` row too (a process that died after WhatsApp accepted the send): its
+/// lease ends with it, so the contact's next message is claimable at once instead of when
+/// the dead process's lease runs out.
 static STATUS_UPDATE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "UPDATE messages SET status = $1, updated_at = $2, \
-            error_code = COALESCE($3, error_code), error = COALESCE($4, error) \
+            error_code = COALESCE($3, error_code), error = COALESCE($4, error), \
+            lease_until = NULL, lease_owner = NULL \
         WHERE channel = $5 AND direction = 'out' AND wamid = $6 \
           AND status <> 'failed' AND {RANK_SQL} < $7 \
         RETURNING id"

@@ -11,13 +11,19 @@
 //! [`Update::Malformed`] with the reason and its raw JSON, and the rest of the batch goes on.
 //! Phone numbers (`wa_id`, `from`, `recipient_id`) are optional throughout: since 2026 users
 //! with a username may arrive with only a business-scoped user id (BSUID, FACTS.md §10).
+//!
+//! Every identifier that names a customer (a message's sender, a system message's old and
+//! new ids, a preference's) is checked here by `domain`'s rules (an E.164 phone, a BSUID):
+//! an update naming someone by anything else (`""`, `"order"`, 30 digits, a NUL) is an
+//! [`Update::Malformed`] with the reason, so it never becomes a contact or a reply. Statuses
+//! are not checked: they name messages we sent, and a bad `recipient_id` only groups them.
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::errors::GraphError;
-use crate::domain::{Inbound, InboundContent};
+use crate::domain::{self, Inbound, InboundContent, InvalidIdentifier};
 
 /// Why a body is not a WhatsApp webhook at all. Anything smaller is an [`Update::Malformed`].
 #[derive(Debug, thiserror::Error)]
@@ -560,22 +566,7 @@ fn read_message(
     let from_user_id = text(msg.get("from_user_id"));
 
     if kind == "system" {
-        let system = msg.get("system").and_then(Value::as_object);
-        let sys = |key: &str| system.and_then(|s| text(s.get(key)));
-        return Ok(Update::System {
-            phone_number_id: phone_number_id.to_string(),
-            wamid: id,
-            timestamp: at,
-            kind: sys("type").unwrap_or_else(|| "unknown".into()),
-            body: sys("body"),
-            previous_wa_id: from,
-            new_wa_id: sys("wa_id"),
-            previous_user_id: sys("previous_user_id").or(from_user_id),
-            new_user_id: sys("user_id"),
-            previous_parent_user_id: sys("previous_parent_user_id"),
-            new_parent_user_id: sys("parent_user_id"),
-            raw: message.clone(),
-        });
+        return system_message(phone_number_id, id, at, msg, message);
     }
 
     let contact = find_contact(contacts, from.as_deref(), from_user_id.as_deref());
@@ -591,6 +582,10 @@ fn read_message(
         text(msg.get("from_parent_user_id")).or_else(|| from_contact("parent_user_id"));
     let profile = contact.and_then(|c| c.get("profile"));
     let content = content(&kind, msg)?;
+    let what = format!("a `{kind}` message");
+    let wa_id = checked(&what, "from", wa_id, domain::phone_number)?;
+    let user_id = checked(&what, "from_user_id", user_id, domain::bsuid)?;
+    let parent_user_id = checked(&what, "from_parent_user_id", parent_user_id, domain::bsuid)?;
     Ok(Update::Message {
         phone_number_id: phone_number_id.to_string(),
         wa_id,
@@ -608,6 +603,52 @@ fn read_message(
         context_id: text(message.pointer("/context/id")),
         raw: message.clone(),
     })
+}
+
+/// A `type: system` message (an identity change), its identifiers checked.
+fn system_message(
+    phone_number_id: &str,
+    wamid: String,
+    at: DateTime<Utc>,
+    msg: &Map<String, Value>,
+    message: &Value,
+) -> Result<Update, String> {
+    const WHAT: &str = "a `system` message";
+    let system = msg.get("system").and_then(Value::as_object);
+    let sys = |key: &str| system.and_then(|s| text(s.get(key)));
+    let bsuid = |key: &str, value| checked(WHAT, key, value, domain::bsuid);
+    let phone = |key: &str, value| checked(WHAT, key, value, domain::phone_number);
+    let previous_user_id = sys("previous_user_id").or_else(|| text(msg.get("from_user_id")));
+    Ok(Update::System {
+        phone_number_id: phone_number_id.to_string(),
+        wamid,
+        timestamp: at,
+        kind: sys("type").unwrap_or_else(|| "unknown".into()),
+        body: sys("body"),
+        previous_wa_id: phone("from", text(msg.get("from")))?,
+        new_wa_id: phone("system.wa_id", sys("wa_id"))?,
+        previous_user_id: bsuid("system.previous_user_id", previous_user_id)?,
+        new_user_id: bsuid("system.user_id", sys("user_id"))?,
+        previous_parent_user_id: bsuid(
+            "system.previous_parent_user_id",
+            sys("previous_parent_user_id"),
+        )?,
+        new_parent_user_id: bsuid("system.parent_user_id", sys("parent_user_id"))?,
+        raw: message.clone(),
+    })
+}
+
+/// `value` (the `key` of `what`) checked by `rule`, one of `domain`'s identifier rules; the
+/// reason when it breaks it.
+fn checked(
+    what: &str,
+    key: &str,
+    value: Option<String>,
+    rule: fn(&str) -> Result<String, InvalidIdentifier>,
+) -> Result<Option<String>, String> {
+    value
+        .map(|v| rule(&v).map_err(|e| format!("{what} whose `{key}` {e}")))
+        .transpose()
 }
 
 /// The `contacts[]` item a message is from: by BSUID, else by phone, else the only one when
@@ -805,16 +846,14 @@ fn read_preferences(value: &Value, out: &mut Vec<Update>) {
             ));
             continue;
         };
-        let (wa_id, user_id) = (field("wa_id"), field("user_id"));
-        if wa_id.is_none() && user_id.is_none() {
-            out.push(malformed(
-                FIELD,
-                phone_number_id.as_deref(),
-                "a user preference without `wa_id` or `user_id`",
-                item,
-            ));
-            continue;
-        }
+        let ids = preference_ids(field("wa_id"), field("user_id"));
+        let (wa_id, user_id) = match ids {
+            Ok(ids) => ids,
+            Err(reason) => {
+                out.push(malformed(FIELD, phone_number_id.as_deref(), &reason, item));
+                continue;
+            }
+        };
         out.push(Update::UserPreference {
             phone_number_id: phone_number_id.clone(),
             wa_id,
@@ -830,6 +869,21 @@ fn read_preferences(value: &Value, out: &mut Vec<Update>) {
             raw: item.clone(),
         });
     }
+}
+
+/// A user preference's `wa_id` and `user_id`: one at least, each valid.
+fn preference_ids(
+    wa_id: Option<String>,
+    user_id: Option<String>,
+) -> Result<(Option<String>, Option<String>), String> {
+    const WHAT: &str = "a user preference";
+    if wa_id.is_none() && user_id.is_none() {
+        return Err("a user preference without `wa_id` or `user_id`".into());
+    }
+    Ok((
+        checked(WHAT, "wa_id", wa_id, domain::phone_number)?,
+        checked(WHAT, "user_id", user_id, domain::bsuid)?,
+    ))
 }
 
 fn graph_errors(errors: Option<&Value>) -> Vec<GraphError> {

@@ -8,24 +8,26 @@
 //! a signed `sent` status webhook (with the `biz_opaque_callback_data` it was given) back to
 //! the server, retrying until the server is up again. That status is how a restarted
 //! flowgate learns that a message it cannot remember sending did go out.
+//!
+//! `killed_repeatedly_under_load_with_statuses_flowing` is the production case: the fake
+//! (`support::fake_graph`) posts `sent` and `delivered` a moment after each accepted send,
+//! the server is killed again and again while customers keep writing, and in the end every
+//! acknowledged message has exactly one reply: none lost, none sent twice.
 
 use crate::support;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::routing::post;
-use serde_json::{Value, json};
+use serde_json::json;
+use support::fake_graph::{FakeAuth, FakeGraph, Reply, Script, StatusEcho};
 
 const SECRET: &str = "crash-app-secret";
 const PHONE: &str = "110000000000001";
+const TOKEN: &str = "crash-token";
 
 const FLOW: &str = r#"
 flow: echo
@@ -36,107 +38,34 @@ steps:
     say: "got {{ message.text }}"
 "#;
 
-#[derive(Clone, Default)]
-struct Fake {
-    /// Every accepted send: (to, idempotency key, wamid).
-    sends: Arc<Mutex<Vec<(String, String, String)>>>,
-    next: Arc<AtomicU64>,
-    delay_ms: Arc<AtomicU64>,
-    webhook: Arc<Mutex<String>>,
-    http: reqwest::Client,
-}
-
 fn sign(body: &str) -> String {
     support::sign(SECRET, body.as_bytes())
 }
 
-async fn fake_send(State(fake): State<Fake>, body: Bytes) -> axum::Json<Value> {
-    let body: Value = serde_json::from_slice(&body).unwrap_or_default();
-    if body.get("status").and_then(Value::as_str) == Some("read") {
-        return axum::Json(json!({"success": true}));
-    }
-    let to = body["to"]
-        .as_str()
-        .unwrap_or_default()
-        .trim_start_matches('+')
-        .to_string();
-    let key = body["biz_opaque_callback_data"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let wamid = format!("wamid.crash.{}", fake.next.fetch_add(1, Ordering::SeqCst));
-    // Accepted the moment it arrived, like WhatsApp: recorded, and its status will follow,
-    // even if the sender dies before reading the response.
-    fake.sends
-        .lock()
-        .unwrap()
-        .push((to.clone(), key.clone(), wamid.clone()));
-    let status = json!({
-        "object": "whatsapp_business_account",
-        "entry": [{"id": "100000000000001", "changes": [{"field": "messages", "value": {
-            "messaging_product": "whatsapp",
-            "metadata": {"display_phone_number": "15550001111", "phone_number_id": PHONE},
-            "statuses": [{"id": wamid, "status": "sent", "timestamp": "1760000000",
-                          "recipient_id": to, "biz_opaque_callback_data": key}],
-        }}]}],
-    })
-    .to_string();
-    let poster = fake.clone();
-    tokio::spawn(async move {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            let url = poster.webhook.lock().unwrap().clone();
-            let sent = poster
-                .http
-                .post(&url)
-                .header("content-type", "application/json")
-                .header("x-hub-signature-256", sign(&status))
-                .body(status.clone())
-                .send()
-                .await;
-            if sent.is_ok_and(|r| r.status().is_success()) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
-    let delay = fake.delay_ms.load(Ordering::SeqCst);
-    if delay > 0 {
-        tokio::time::sleep(Duration::from_millis(delay)).await;
-    }
-    axum::Json(json!({
-        "messaging_product": "whatsapp",
-        "contacts": [{"input": format!("+{to}"), "wa_id": to}],
-        "messages": [{"id": wamid}],
-    }))
+/// The fake Graph API for a crash test: every accepted send's `sent` and `delivered`
+/// statuses are posted back to `setup`'s webhook 200 ms later, as WhatsApp does, retried
+/// while the server is down.
+async fn fake_graph() -> FakeGraph {
+    FakeGraph::start(FakeAuth::cloud_api(PHONE, TOKEN)).await
 }
 
-impl Fake {
-    async fn start() -> (Fake, String) {
-        let fake = Fake {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .build()
-                .unwrap(),
-            ..Fake::default()
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}/v23.0", listener.local_addr().unwrap());
-        let app = Router::new()
-            .route("/{*path}", post(fake_send))
-            .with_state(fake.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        (fake, base)
-    }
+fn echo_statuses(fake: &FakeGraph, setup: &Setup) {
+    fake.echo_statuses(StatusEcho {
+        webhook: setup.webhook_url(),
+        app_secret: SECRET.into(),
+        phone_number_id: PHONE.into(),
+        after: Duration::from_millis(200),
+        retry_for: Duration::from_secs(90),
+    });
+}
 
-    /// Sends per recipient.
-    fn counts(&self) -> BTreeMap<String, usize> {
-        let mut counts = BTreeMap::new();
-        for (to, ..) in self.sends.lock().unwrap().iter() {
-            *counts.entry(to.clone()).or_default() += 1;
-        }
-        counts
+/// Accepted sends per recipient.
+fn counts(fake: &FakeGraph) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for sent in fake.accepted() {
+        *counts.entry(sent.to.unwrap_or_default()).or_default() += 1;
     }
+    counts
 }
 
 struct Server {
@@ -166,6 +95,11 @@ struct Setup {
 
 impl Setup {
     fn new(api_base: &str) -> Setup {
+        Self::with_lease(api_base, "5s")
+    }
+
+    /// A project whose outbox leases last `lease`.
+    fn with_lease(api_base: &str, lease: &str) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("flows")).unwrap();
         std::fs::write(dir.path().join("flows/echo.yaml"), FLOW).unwrap();
@@ -176,9 +110,9 @@ impl Setup {
             .port();
         let config = format!(
             "database: sqlite://{db}\nlisten: 127.0.0.1:{port}\nflows: flows\n\
-             outbox:\n  lease: 5s\n\
+             outbox:\n  lease: {lease}\n\
              channels:\n  - name: main\n    provider: cloud_api\n    phone_number_id: \"{PHONE}\"\n    \
-             access_token: crash-token\n    app_secret: {SECRET}\n    verify_token: crash-verify\n    \
+             access_token: {TOKEN}\n    app_secret: {SECRET}\n    verify_token: crash-verify\n    \
              api_base: {api_base}\n    throughput_mps: 200\n",
             db = dir.path().join("flowgate.db").display()
         );
@@ -255,14 +189,14 @@ async fn post_webhook(client: &reqwest::Client, url: &str, body: String) -> bool
 /// Waits until every customer in `expected` got a reply, then a little longer so a late
 /// duplicate would show; returns the sends per recipient.
 async fn settle(
-    fake: &Fake,
+    fake: &FakeGraph,
     expected: &HashSet<String>,
     quiet: Duration,
     server: &Server,
 ) -> BTreeMap<String, usize> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let counts = fake.counts();
+        let counts = counts(fake);
         if expected.iter().all(|c| counts.contains_key(c)) {
             break;
         }
@@ -279,7 +213,7 @@ async fn settle(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(quiet).await;
-    fake.counts()
+    counts(fake)
 }
 
 /// Inbound rows per wamid, read from the database after the server is gone.
@@ -301,9 +235,9 @@ async fn inbound_rows(setup: &Setup) -> BTreeMap<String, i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_during_a_burst_of_webhooks() {
-    let (fake, base) = Fake::start().await;
-    let setup = Setup::new(&base);
-    *fake.webhook.lock().unwrap() = setup.webhook_url();
+    let fake = fake_graph().await;
+    let setup = Setup::new(&fake.cloud_api_base());
+    echo_statuses(&fake, &setup);
     let server = setup.start(1).await;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -374,10 +308,14 @@ async fn killed_during_a_burst_of_webhooks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_in_the_middle_of_sending() {
-    let (fake, base) = Fake::start().await;
-    fake.delay_ms.store(400, Ordering::SeqCst);
-    let setup = Setup::new(&base);
-    *fake.webhook.lock().unwrap() = setup.webhook_url();
+    let fake = fake_graph().await;
+    // Sends are answered slowly: some are accepted when the kill comes, their answers lost.
+    fake.script(Script::always(Reply::delayed(
+        Duration::from_millis(400),
+        Reply::Success,
+    )));
+    let setup = Setup::new(&fake.cloud_api_base());
+    echo_statuses(&fake, &setup);
     let server = setup.start(1).await;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -399,7 +337,7 @@ async fn killed_in_the_middle_of_sending() {
     }
     // Sends are slow at the fake: kill while some have arrived and others are in flight.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while fake.sends.lock().unwrap().len() < 10 {
+    while fake.accepted().len() < 10 {
         assert!(
             Instant::now() < deadline,
             "nothing sent: {}",
@@ -409,13 +347,13 @@ async fn killed_in_the_middle_of_sending() {
     }
     let log = server.log.clone();
     server.kill();
-    let before_restart = fake.sends.lock().unwrap().len();
+    let before_restart = fake.accepted().len();
     assert!(
         before_restart < 60,
         "the kill came too late to test anything ({before_restart} sent)"
     );
 
-    fake.delay_ms.store(0, Ordering::SeqCst);
+    fake.clear_scripts();
     let server = setup.start(2).await;
     let counts = settle(&fake, &customers, Duration::from_secs(7), &server).await;
     let log2 = server.log.clone();
@@ -430,4 +368,136 @@ async fn killed_in_the_middle_of_sending() {
             read(&log2)
         );
     }
+}
+
+/// Sends per reply text (each inbound text is unique, so each reply is).
+fn replies(fake: &FakeGraph) -> BTreeMap<String, usize> {
+    let mut replies = BTreeMap::new();
+    for sent in fake.accepted() {
+        *replies.entry(sent.text.unwrap_or_default()).or_default() += 1;
+    }
+    replies
+}
+
+/// One round of load: every customer writes `r{round}c{i}` at once; returns the texts whose
+/// webhooks were answered 200. Posts that fail (the server is being killed) are not retried.
+async fn write_round(
+    client: &reqwest::Client,
+    url: &str,
+    round: usize,
+    customers: usize,
+) -> Vec<String> {
+    let mut posts = Vec::new();
+    for i in 0..customers {
+        let (client, url) = (client.clone(), url.to_string());
+        posts.push(tokio::spawn(async move {
+            let text = format!("r{round}c{i}");
+            let body = inbound(&format!("4915{i:08}"), &format!("wamid.{text}"), &text);
+            post_webhook(&client, &url, body).await.then_some(text)
+        }));
+    }
+    let mut acked = Vec::new();
+    for post in posts {
+        acked.extend(post.await.unwrap());
+    }
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_repeatedly_under_load_with_statuses_flowing() {
+    const KILLS: usize = 6;
+    const CUSTOMERS: usize = 40;
+    let fake = fake_graph().await;
+    // Answers take a moment, so kills land between WhatsApp accepting a send and flowgate
+    // recording it: the ambiguous rows only a status can settle.
+    fake.script(Script::always(Reply::delayed(
+        Duration::from_millis(150),
+        Reply::Success,
+    )));
+    let setup = Setup::with_lease(&fake.cloud_api_base(), "10s");
+    echo_statuses(&fake, &setup);
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut acked: HashSet<String> = HashSet::new();
+    let mut logs = Vec::new();
+    for round in 0..KILLS {
+        let server = setup.start(round).await;
+        logs.push(server.log.clone());
+        let before = fake.accepted().len();
+        // The next round's messages arrive while this one's replies are going out.
+        let load = tokio::spawn({
+            let (client, url) = (client.clone(), setup.webhook_url());
+            async move { write_round(&client, &url, round, CUSTOMERS).await }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while fake.accepted().len() < before + CUSTOMERS / 4 {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: nothing sent; log:\n{}",
+                read(&server.log)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        server.kill();
+        acked.extend(load.await.unwrap());
+    }
+    let server = setup.start(KILLS).await;
+    let expected: HashSet<String> = acked.iter().map(|t| format!("got {t}")).collect();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let sent = replies(&fake);
+        let missing: Vec<_> = expected.iter().filter(|t| !sent.contains_key(*t)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} acknowledged messages unanswered, e.g. {:?}; last log:\n{}",
+            missing.len(),
+            missing.iter().take(5).collect::<Vec<_>>(),
+            read(&server.log)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Longer than a lease: a row settled by nothing would be sent again by now.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    drop(server);
+
+    assert!(
+        fake.accepted().iter().all(|a| a.key.is_some()),
+        "every send carries its idempotency key"
+    );
+    let sent = replies(&fake);
+    let twice: Vec<_> = sent.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "sent more than once: {twice:?}");
+    let lost: Vec<_> = expected.iter().filter(|t| !sent.contains_key(*t)).collect();
+    assert!(lost.is_empty(), "lost: {lost:?}");
+    assert!(
+        acked.len() >= KILLS * CUSTOMERS / 2,
+        "the load was light: {} of {} messages acknowledged",
+        acked.len(),
+        KILLS * CUSTOMERS
+    );
+    let mut latencies: Vec<Duration> = fake
+        .accepted()
+        .iter()
+        .filter_map(|a| a.status_latency)
+        .collect();
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    eprintln!(
+        "{} accepted sends whose answer never reached a sender",
+        fake.accepted().len() - fake.sends().len()
+    );
+    eprintln!(
+        "{} sends, {} kills: from acceptance to the `sent` status answered 200: p50 {:?}, \
+         p99 {:?}, max {:?}",
+        latencies.len(),
+        KILLS,
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    );
 }

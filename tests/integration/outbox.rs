@@ -1417,3 +1417,103 @@ async fn a_stale_sender_cannot_overwrite_a_reclaimed_row() {
         ("sent", Some("wamid.first"))
     );
 }
+
+#[tokio::test]
+async fn a_recipient_that_is_no_phone_or_bsuid_fails_without_a_request() {
+    let h = Setup::new("badid").start().await;
+    let (_, ana) = h.customer(ANA, "text").await;
+    let (_, ben) = h.customer(BEN, "text").await;
+    let (_, cal) = h.customer(CAL, "text").await;
+    // Rows written by other means than a webhook (old data, a hand edit): the last guard.
+    let pool = h.runtime.db.sqlite_pool().expect("tests use SQLite");
+    for (from, to) in [(ANA, ""), (BEN, "+\u{0}")] {
+        sqlx::query("UPDATE contacts SET wa_id = $1 WHERE wa_id = $2")
+            .bind(to)
+            .bind(from)
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    h.drain().await;
+    let sends = h.fake.sends();
+    assert_eq!(
+        sends.iter().map(|s| s.to()).collect::<Vec<_>>(),
+        [Some(CAL.to_string())],
+        "only the valid recipient is posted"
+    );
+    // Nor marked as read: Ana's and Ben's messages never left the guard.
+    assert!(h.fake.mark_reads().len() <= 1, "{:?}", h.fake.mark_reads());
+    assert_eq!(
+        h.fake.requests().len(),
+        sends.len() + h.fake.mark_reads().len()
+    );
+    for (id, why) in [
+        (ana[0], "not sent: the recipient `` has 0 digits"),
+        (
+            ben[0],
+            "not sent: the recipient `+\\0` is not a phone number",
+        ),
+    ] {
+        let e = h.entry(id).await;
+        assert_eq!(e.status, "failed");
+        let error = e.error.unwrap_or_default();
+        assert!(error.starts_with(why), "{error}");
+        assert!(error.ends_with("fix the contact's wa_id"), "{error}");
+    }
+    assert_eq!(h.entry(cal[0]).await.status, "sent");
+}
+
+#[tokio::test]
+async fn a_sent_status_settles_an_ambiguous_row_and_the_next_reply_goes_at_once() {
+    let h = Setup::new("settle").start().await;
+    let (_, rows) = h.customer(ANA, "three").await;
+    let db = &h.runtime.db;
+    // A process claimed Ana's first message, posted it and died before recording the
+    // answer: the row is `sending` under a lease that has long to run.
+    let lease = Duration::from_secs(600);
+    let dead = db
+        .claim_outbox(h.name(), h.now(), 10, "dead-process", lease)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        h.drain().await,
+        0,
+        "within the lease, Ana's later messages wait"
+    );
+
+    // WhatsApp's `sent` status for it arrives, echoing the idempotency key.
+    let key = format!("fg-{}", rows[0]);
+    let change = flowgate::store::StatusChange {
+        wamid: "wamid.lost-response",
+        status: "sent",
+        error_code: None,
+        error: None,
+        idempotency_key: Some(&key),
+    };
+    let outcome = db.apply_status(h.name(), &change, h.now()).await.unwrap();
+    assert_eq!(
+        outcome,
+        flowgate::store::StatusOutcome::Updated {
+            message_id: rows[0]
+        }
+    );
+    let first = h.entry(rows[0]).await;
+    assert_eq!(
+        (first.status.as_str(), first.wamid.as_deref()),
+        ("sent", Some("wamid.lost-response"))
+    );
+    assert_eq!(
+        (first.lease_until, first.lease_owner),
+        (None, None),
+        "the status ended the dead process's lease"
+    );
+
+    // No clock moved: the rest of Ana's messages go now, the first is not sent again.
+    h.drain().await;
+    let sends = h.fake.sends();
+    assert_eq!(
+        sends.iter().map(|s| s.text().unwrap()).collect::<Vec<_>>(),
+        ["two", "three"]
+    );
+}

@@ -987,3 +987,117 @@ async fn updates_stored_before_a_restart_are_processed_on_start() {
     running.shutdown().await;
     drop(dir);
 }
+
+/// The reasons of the stored `malformed` updates, in inbox order.
+async fn malformed_reasons(db: &Db) -> Vec<String> {
+    let pool = db.sqlite_pool().expect("tests use SQLite");
+    let payloads: Vec<String> =
+        sqlx::query_scalar("SELECT payload FROM inbox WHERE kind = 'malformed' ORDER BY id")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    payloads
+        .iter()
+        .map(|p| {
+            let update: Value = serde_json::from_str(p).unwrap();
+            update["reason"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn invalid_identifiers_are_rejected_with_their_reason_never_a_contact_or_a_send() {
+    let server = Server::start().await;
+    let now = support::now_timestamp();
+    let thirty_digits = "1".repeat(30);
+    let bad_senders = ["\u{0}", "order", thirty_digits.as_str(), "", "+\u{0}"];
+    for (i, from) in bad_senders.iter().enumerate() {
+        let body = envelope(json!({
+            "contacts": [{"profile": {"name": "Mallory"}, "wa_id": from}],
+            "messages": [{"from": from, "id": format!("wamid.bad.{i}"), "timestamp": now,
+                "type": "text", "text": {"body": "hello"}}]
+        }));
+        let (status, ack) = server.signed(&body).await;
+        assert_eq!((status, ack), (200, json!({"stored": 1, "duplicates": 0})));
+    }
+    // A BSUID that is not one, a preference and an identity change naming nobody real.
+    let other = [
+        envelope(
+            json!({"messages": [{"from_user_id": "US.no-such id", "id": "wamid.bad.u",
+            "timestamp": now, "type": "text", "text": {"body": "hello"}}]}),
+        ),
+        envelope(
+            json!({"messages": [{"from": WA_ID, "id": "wamid.bad.s", "timestamp": now,
+            "type": "system", "system": {"type": "user_changed_number", "wa_id": "order"}}]}),
+        ),
+        support::webhook(
+            "user_preferences",
+            PHONE_NUMBER_ID,
+            json!({"user_preferences": [{"wa_id": "order", "value": "stop",
+                "category": "marketing_messages", "timestamp": 1760000000}]}),
+        ),
+    ];
+    for body in &other {
+        let (status, ack) = server.signed(body).await;
+        assert_eq!((status, ack), (200, json!({"stored": 1, "duplicates": 0})));
+    }
+    server.processed(8).await;
+
+    let reasons = malformed_reasons(&server.db).await;
+    assert_eq!(
+        reasons,
+        [
+            "a `text` message whose `from` `\\0` is not a phone number: write 8-15 digits, \
+             country code first, with no spaces or punctuation (an optional leading + is \
+             allowed), e.g. 4915123456789",
+            "a `text` message whose `from` `order` is not a phone number: write 8-15 digits, \
+             country code first, with no spaces or punctuation (an optional leading + is \
+             allowed), e.g. 4915123456789",
+            &format!(
+                "a `text` message whose `from` `{thirty_digits}` has 30 digits: a phone number \
+                 in E.164 form has 8 to 15, country code first"
+            ),
+            "a `text` message whose `from` `` has 0 digits: a phone number in E.164 form has \
+             8 to 15, country code first",
+            "a `text` message whose `from` `+\\0` is not a phone number: write 8-15 digits, \
+             country code first, with no spaces or punctuation (an optional leading + is \
+             allowed), e.g. 4915123456789",
+            "a `text` message whose `from_user_id` `US.no-such id` is not a business-scoped \
+             user id: two capital letters, a period, optionally `ENT.`, then up to 128 \
+             letters or digits, e.g. US.13491208655302741918",
+            "a `system` message whose `system.wa_id` `order` is not a phone number: write \
+             8-15 digits, country code first, with no spaces or punctuation (an optional \
+             leading + is allowed), e.g. 4915123456789",
+            "a user preference whose `wa_id` `order` is not a phone number: write 8-15 \
+             digits, country code first, with no spaces or punctuation (an optional leading \
+             + is allowed), e.g. 4915123456789",
+        ]
+    );
+    // Processed as unreadable, not retried, and nothing else came of them.
+    assert_eq!(
+        server
+            .count("SELECT COUNT(*) FROM inbox WHERE kind = 'malformed' AND processed_at IS NOT NULL AND last_error IS NULL")
+            .await,
+        8
+    );
+    assert_eq!(server.count("SELECT COUNT(*) FROM contacts").await, 0);
+    assert_eq!(
+        server.count("SELECT COUNT(*) FROM contact_aliases").await,
+        0
+    );
+    assert_eq!(server.count("SELECT COUNT(*) FROM messages").await, 0);
+    let metrics = flowgate::metrics::render(&[]);
+    assert!(
+        metrics.contains("flowgate_webhook_malformed_total"),
+        "{metrics}"
+    );
+
+    // The same sender with a real number is a customer, answered.
+    let body = envelope(json!({"messages": [{"from": WA_ID, "id": "wamid.good",
+        "timestamp": now, "type": "text", "text": {"body": "hello"}}]}));
+    assert_eq!(server.signed(&body).await.0, 200);
+    server.processed(9).await;
+    assert_eq!(server.count("SELECT COUNT(*) FROM contacts").await, 1);
+    assert_eq!(conversation(&server.db, "main", WA_ID).await.len(), 2);
+    server.shutdown().await;
+}

@@ -349,15 +349,15 @@ fn the_sender_is_joined_to_its_contact_by_bsuid_then_phone() {
         "entry": [{ "id": "1", "changes": [{ "field": "messages", "value": {
             "metadata": { "phone_number_id": PHONE_NUMBER_ID },
             "contacts": [
-                { "profile": { "name": "Bo" }, "wa_id": "111", "user_id": "US.1" },
+                { "profile": { "name": "Bo" }, "wa_id": "15550000111", "user_id": "US.1" },
                 { "profile": { "name": "Cy", "username": "@cy" }, "user_id": "US.2" },
-                { "profile": { "name": "Di" }, "wa_id": "333" }
+                { "profile": { "name": "Di" }, "wa_id": "15550000333" }
             ],
             "messages": [
                 { "from_user_id": "US.2", "id": "w2", "timestamp": "1", "type": "text", "text": { "body": "b" } },
-                { "from": "333", "id": "w3", "timestamp": "1", "type": "text", "text": { "body": "c" } },
-                { "from": "111", "from_user_id": "US.1", "id": "w1", "timestamp": "1", "type": "text", "text": { "body": "a" } },
-                { "from": "444", "id": "w4", "timestamp": "1", "type": "text", "text": { "body": "d" } }
+                { "from": "15550000333", "id": "w3", "timestamp": "1", "type": "text", "text": { "body": "c" } },
+                { "from": "15550000111", "from_user_id": "US.1", "id": "w1", "timestamp": "1", "type": "text", "text": { "body": "a" } },
+                { "from": "15550000444", "id": "w4", "timestamp": "1", "type": "text", "text": { "body": "d" } }
             ]
         }}]}]
     });
@@ -385,10 +385,10 @@ fn the_sender_is_joined_to_its_contact_by_bsuid_then_phone() {
         seen,
         [
             (None, s("US.2"), s("Cy"), s("@cy")),
-            (s("333"), None, s("Di"), None),
-            (s("111"), s("US.1"), s("Bo"), None),
+            (s("15550000333"), None, s("Di"), None),
+            (s("15550000111"), s("US.1"), s("Bo"), None),
             // Nobody in `contacts` is 444: no profile rather than someone else's.
-            (s("444"), None, None, None),
+            (s("15550000444"), None, None, None),
         ]
     );
 }
@@ -400,15 +400,15 @@ fn other_message_types() {
         "entry": [{ "id": "1", "changes": [{ "field": "messages", "value": {
             "metadata": { "phone_number_id": PHONE_NUMBER_ID },
             "messages": [
-                { "from": "1", "id": "a", "timestamp": "1", "type": "video", "video": { "caption": "clip", "id": "9" } },
-                { "from": "1", "id": "b", "timestamp": "1", "type": "audio", "audio": { "id": "9", "voice": true } },
-                { "from": "1", "id": "c", "timestamp": "1", "type": "document", "document": { "filename": "x.pdf", "id": "9" } },
-                { "from": "1", "id": "d", "timestamp": "1", "type": "sticker", "sticker": { "id": "9", "animated": false } },
-                { "from": "1", "id": "e", "timestamp": "1", "type": "contacts", "contacts": [{ "name": { "formatted_name": "X" } }] },
-                { "from": "1", "id": "f", "timestamp": "1", "type": "order", "order": { "catalog_id": "1" } },
-                { "from": "1", "id": "g", "timestamp": "1", "type": "interactive", "interactive": { "type": "nfm_reply", "nfm_reply": {} } },
-                { "from": "1", "id": "h", "timestamp": "1", "type": "reaction", "reaction": { "message_id": "x" } },
-                { "from": "1", "id": "i", "timestamp": 2, "type": "brand_new_type", "brand_new_type": {} }
+                { "from": "15550000001", "id": "a", "timestamp": "1", "type": "video", "video": { "caption": "clip", "id": "9" } },
+                { "from": "15550000001", "id": "b", "timestamp": "1", "type": "audio", "audio": { "id": "9", "voice": true } },
+                { "from": "15550000001", "id": "c", "timestamp": "1", "type": "document", "document": { "filename": "x.pdf", "id": "9" } },
+                { "from": "15550000001", "id": "d", "timestamp": "1", "type": "sticker", "sticker": { "id": "9", "animated": false } },
+                { "from": "15550000001", "id": "e", "timestamp": "1", "type": "contacts", "contacts": [{ "name": { "formatted_name": "X" } }] },
+                { "from": "15550000001", "id": "f", "timestamp": "1", "type": "order", "order": { "catalog_id": "1" } },
+                { "from": "15550000001", "id": "g", "timestamp": "1", "type": "interactive", "interactive": { "type": "nfm_reply", "nfm_reply": {} } },
+                { "from": "15550000001", "id": "h", "timestamp": "1", "type": "reaction", "reaction": { "message_id": "x" } },
+                { "from": "15550000001", "id": "i", "timestamp": 2, "type": "brand_new_type", "brand_new_type": {} }
             ]
         }}]}]
     });
@@ -929,15 +929,15 @@ fn one_bad_item_does_not_sink_the_batch() {
                 "messages": [
                     good,
                     "not a message",
-                    { "from": "1", "id": "a", "type": "text", "text": { "body": "no time" } },
-                    { "from": "1", "id": "b", "timestamp": "yesterday", "type": "text", "text": { "body": "x" } },
-                    { "from": "1", "id": "c", "timestamp": "1", "type": "text" },
-                    { "from": "1", "id": "d", "timestamp": "1", "type": "text", "text": { "body": 5 } },
+                    { "from": "15550000001", "id": "a", "type": "text", "text": { "body": "no time" } },
+                    { "from": "15550000001", "id": "b", "timestamp": "yesterday", "type": "text", "text": { "body": "x" } },
+                    { "from": "15550000001", "id": "c", "timestamp": "1", "type": "text" },
+                    { "from": "15550000001", "id": "d", "timestamp": "1", "type": "text", "text": { "body": 5 } },
                     { "id": "e", "timestamp": "1", "type": "text", "text": { "body": "nobody" } },
-                    { "from": "1", "id": "f", "timestamp": "1", "type": "location", "location": { "latitude": "north" } },
-                    { "from": "1", "id": "g", "timestamp": "1", "type": "interactive", "interactive": { "type": "button_reply" } },
-                    { "from": "1", "timestamp": "1", "type": "text", "text": { "body": "no id" } },
-                    { "from": "1", "id": "h", "timestamp": "1", "type": "button", "button": {} }
+                    { "from": "15550000001", "id": "f", "timestamp": "1", "type": "location", "location": { "latitude": "north" } },
+                    { "from": "15550000001", "id": "g", "timestamp": "1", "type": "interactive", "interactive": { "type": "button_reply" } },
+                    { "from": "15550000001", "timestamp": "1", "type": "text", "text": { "body": "no id" } },
+                    { "from": "15550000001", "id": "h", "timestamp": "1", "type": "button", "button": {} }
                 ],
                 "statuses": [
                     { "id": "s1", "timestamp": "1" },

@@ -281,3 +281,34 @@ pub(super) async fn inbound_seen_reads_the_message_log(db: Db) {
     assert!(!db.inbound_seen("other", "wamid.in").await.unwrap());
     assert!(!db.inbound_seen("main", "wamid.out").await.unwrap());
 }
+
+/// A process that died after WhatsApp accepted its send leaves the row `sending` under its
+/// lease; the status settles the row and ends the lease, so the contact's next message can
+/// be claimed at once.
+pub(super) async fn a_status_ends_a_dead_senders_lease(db: Db) {
+    let id = outbound(&db, None, Some("idem-dead"), "sending").await;
+    with_pool!(&db, |pool| sqlx::query(
+        "UPDATE messages SET lease_until = $1, lease_owner = 'dead' WHERE id = $2"
+    )
+    .bind(t(600).timestamp_millis())
+    .bind(id)
+    .execute(pool)
+    .await
+    .unwrap());
+    let status = StatusChange {
+        idempotency_key: Some("idem-dead"),
+        ..change("wamid.D", "sent")
+    };
+    assert_eq!(
+        db.apply_status("main", &status, t(1)).await.unwrap(),
+        StatusOutcome::Updated { message_id: id }
+    );
+    let lease: (String, Option<i64>, Option<String>) = with_pool!(&db, |pool| sqlx::query_as(
+        "SELECT status, lease_until, lease_owner FROM messages WHERE id = $1"
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap());
+    assert_eq!(lease, ("sent".into(), None, None));
+}

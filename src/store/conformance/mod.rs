@@ -108,6 +108,7 @@ macro_rules! suite {
                 inbox::statuses_only_move_forward,
                 inbox::failed_is_final_and_keeps_its_error,
                 inbox::callback_data_finds_a_send_whose_wamid_was_lost,
+                inbox::a_status_ends_a_dead_senders_lease,
                 inbox::inbound_seen_reads_the_message_log,
                 campaigns::next_run_at_round_trips_and_decides_what_is_due,
                 campaigns::campaigns_are_listed_paused_by_channel_and_deleted,

@@ -9,6 +9,11 @@
 //! let sends = fake.wait_for_sends(3, Duration::from_secs(5)).await;
 //! ```
 //!
+//! Like WhatsApp, it can post delivery statuses back ([`FakeGraph::echo_statuses`]): a
+//! signed `sent`, then `delivered`, webhook for every accepted send, carrying the send's
+//! `biz_opaque_callback_data`, retried until the server answers 200. A send is accepted the
+//! moment it arrives ([`FakeGraph::accepted`]), even if its sender dies before the answer.
+//!
 //! It also lists templates (`GET /{VERSION}/{waba_id}/message_templates`, Cloud API only) in
 //! the pages a test gives [`FakeGraph::serve_templates`], linked by `paging.next` as Meta does
 //! (with an `access_token` in the link, as Graph adds when a request carried one).
@@ -201,8 +206,39 @@ impl Script {
     }
 }
 
+/// Where and when the fake posts statuses back, as WhatsApp does a moment after a send.
+#[derive(Debug, Clone)]
+pub struct StatusEcho {
+    /// The server's webhook URL, e.g. `http://127.0.0.1:{port}/webhook/main`.
+    pub webhook: String,
+    /// The channel's `app_secret`, to sign with.
+    pub app_secret: String,
+    /// The business number the statuses are for.
+    pub phone_number_id: String,
+    /// From acceptance to the `sent` status, and from it to `delivered`.
+    pub after: Duration,
+    /// How long a status the server does not answer 200 is retried (every 100 ms).
+    pub retry_for: Duration,
+}
+
+/// A send the fake accepted, recorded when it arrived.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// `to` without `+`, else `recipient`.
+    pub to: Option<String>,
+    /// Its `biz_opaque_callback_data`.
+    pub key: Option<String>,
+    pub wamid: String,
+    /// The text of a text message (see [`Recorded::text`]).
+    pub text: Option<String>,
+    /// From acceptance until the server answered 200 to its `sent` status (once it has).
+    pub status_latency: Option<Duration>,
+}
+
 #[derive(Default)]
 struct FakeState {
+    accepted: Vec<Accepted>,
+    echo: Option<StatusEcho>,
     requests: Vec<Recorded>,
     /// Message sends seen, for [`Script::share`].
     seen: usize,
@@ -286,6 +322,16 @@ impl FakeGraph {
     /// Makes mark-as-read answer HTTP 500.
     pub fn fail_mark_reads(&self, fail: bool) {
         self.shared.state.lock().unwrap().mark_read_fails = fail;
+    }
+
+    /// Posts a `sent` and a `delivered` status for every send accepted from now on.
+    pub fn echo_statuses(&self, echo: StatusEcho) {
+        self.shared.state.lock().unwrap().echo = Some(echo);
+    }
+
+    /// Every send accepted so far (whether or not its answer reached the sender).
+    pub fn accepted(&self) -> Vec<Accepted> {
+        self.shared.state.lock().unwrap().accepted.clone()
     }
 
     /// Every request so far, in arrival order.
@@ -462,6 +508,9 @@ async fn handle(
             None => Reply::Success,
         }
     };
+    let mut wamid = final_reply(&reply)
+        .is_success()
+        .then(|| accept(&shared, &recorded));
     let mut retry_after = None;
     loop {
         match reply {
@@ -474,11 +523,7 @@ async fn handle(
                 reply = *then;
             }
             Reply::Success => {
-                let wamid = {
-                    let mut state = shared.state.lock().unwrap();
-                    state.sent += 1;
-                    format!("wamid.fake.{}", state.sent)
-                };
+                let wamid = wamid.take().expect("accepted on arrival");
                 let contact = match (
                     body.get("to").and_then(Value::as_str),
                     body.get("recipient").and_then(Value::as_str),
@@ -506,6 +551,94 @@ async fn handle(
                 return response;
             }
             Reply::Http { status, body } => return finish(&shared, recorded, status, body),
+        }
+    }
+}
+
+/// The answer a reply ends in, after its delays and headers.
+fn final_reply(reply: &Reply) -> &Reply {
+    match reply {
+        Reply::Delay(_, then) | Reply::RetryAfter(_, then) => final_reply(then),
+        other => other,
+    }
+}
+
+impl Reply {
+    fn is_success(&self) -> bool {
+        matches!(self, Reply::Success)
+    }
+}
+
+/// Accepts a send the moment it arrives, as WhatsApp does: a wamid, a record, and its
+/// statuses on their way when the fake echoes them.
+fn accept(shared: &Shared, recorded: &Recorded) -> String {
+    let mut state = shared.state.lock().unwrap();
+    state.sent += 1;
+    let wamid = format!("wamid.fake.{}", state.sent);
+    let key = recorded.body["biz_opaque_callback_data"]
+        .as_str()
+        .map(str::to_string);
+    state.accepted.push(Accepted {
+        to: recorded.to(),
+        key: key.clone(),
+        wamid: wamid.clone(),
+        text: recorded.text().map(str::to_string),
+        status_latency: None,
+    });
+    if let Some(echo) = state.echo.clone() {
+        let (shared, wamid, to) = (shared.clone(), wamid.clone(), recorded.to());
+        tokio::spawn(echo_statuses(shared, echo, wamid, to, key));
+    }
+    wamid
+}
+
+/// Posts `sent`, then `delivered`, for `wamid`, each `echo.after` apart and retried until the
+/// server answers 200 (it may be down: WhatsApp retries too), at most `echo.retry_for`.
+async fn echo_statuses(
+    shared: Shared,
+    echo: StatusEcho,
+    wamid: String,
+    to: Option<String>,
+    key: Option<String>,
+) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let accepted_at = tokio::time::Instant::now();
+    for status in ["sent", "delivered"] {
+        tokio::time::sleep(echo.after).await;
+        let mut item = json!({"id": wamid, "status": status,
+            "timestamp": super::now_timestamp(), "biz_opaque_callback_data": key});
+        match &to {
+            Some(to) if !flowgate::domain::is_bsuid(to) => item["recipient_id"] = json!(to),
+            Some(user) => item["recipient_user_id"] = json!(user),
+            None => {}
+        }
+        let body = super::envelope(&echo.phone_number_id, json!({"statuses": [item]}));
+        let signature = super::sign(&echo.app_secret, &body);
+        let deadline = tokio::time::Instant::now() + echo.retry_for;
+        loop {
+            let answer = http
+                .post(&echo.webhook)
+                .header("content-type", "application/json")
+                .header("x-hub-signature-256", &signature)
+                .body(body.clone())
+                .send()
+                .await;
+            if answer.is_ok_and(|r| r.status().is_success()) {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if status == "sent" {
+            let mut state = shared.state.lock().unwrap();
+            if let Some(a) = state.accepted.iter_mut().find(|a| a.wamid == wamid) {
+                a.status_latency = Some(accepted_at.elapsed());
+            }
         }
     }
 }
