@@ -243,6 +243,24 @@ impl Runtime {
         self.handle(channel, wa_id, event, None, None, None).await
     }
 
+    /// Gives a handed-off conversation back to the bot (the API's
+    /// `POST /api/conversations/{contact}/resume`, `chat`'s `/resume`): at `flow` (and
+    /// `step`), else where the handoff step goes on. A conversation not in handoff is left
+    /// as it is ([`Handled::NotInHandoff`]).
+    pub async fn end_handoff(
+        &self,
+        channel: &str,
+        wa_id: &str,
+        flow: Option<&str>,
+        step: Option<&str>,
+    ) -> Result<TurnReport, DispatchError> {
+        let event = Event::Resume {
+            flow: flow.map(str::to_string),
+            step: step.map(str::to_string),
+        };
+        self.handle(channel, wa_id, event, None, None, None).await
+    }
+
     /// An agent's message to a contact (the API's `POST /api/conversations/{wa_id}/messages`,
     /// a test's `agent:`): it passes the policy like every other message.
     pub async fn agent_message(

@@ -21,6 +21,7 @@ use super::{Refused, error, refused};
 use crate::contacts_import::{self, ImportError};
 use crate::dispatch::Runtime;
 use crate::domain::{OutboundContent, limits};
+use crate::engine::Handled;
 use crate::policy::Window;
 use crate::state::AppState;
 use crate::store::Identifiers;
@@ -30,6 +31,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/flows", get(flows))
         .route("/conversations/{contact}", get(conversation))
         .route("/conversations/{contact}/messages", post(agent_message))
+        .route("/conversations/{contact}/resume", post(resume))
         .route("/messages/{id}", get(message))
         .route("/templates", get(templates))
         .route("/contacts/import", post(import_contacts))
@@ -362,6 +364,113 @@ async fn send_agent_message(
         })),
     )
         .into_response())
+}
+
+/// `POST /api/conversations/{contact}/resume`: an empty body, or `{"flow": …, "step": …,
+/// "channel": …}` (each optional; `step` needs `flow`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResumeRequest {
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    flow: Option<String>,
+    #[serde(default)]
+    step: Option<String>,
+}
+
+/// Gives a handed-off conversation back to the bot: at the flow (and step) given, else
+/// where the handoff step goes on (its `next`; none ends the session). 409 when the
+/// conversation is not with a person.
+async fn resume(
+    State(state): State<AppState>,
+    Path(contact): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    resume_conversation(&state.runtime, contact, &body)
+        .await
+        .unwrap_or_else(|refused| *refused)
+}
+
+/// The steps of [`resume`]; `Err` is the refusal to answer.
+async fn resume_conversation(
+    runtime: &Runtime,
+    contact: String,
+    body: &[u8],
+) -> Result<Response, Refused> {
+    let request: ResumeRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ResumeRequest::default()
+    } else {
+        serde_json::from_slice(body).map_err(|e| {
+            refused(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                format!("the body must be empty or {{\"flow\": …, \"step\": …}}: {e}"),
+            )
+        })?
+    };
+    let channel = known_channel(runtime, request.channel)?;
+    resume_target(runtime, request.flow.as_deref(), request.step.as_deref())?;
+    let contact = contact_key(runtime, &channel, contact).await?;
+    let report = runtime
+        .end_handoff(
+            &channel,
+            &contact,
+            request.flow.as_deref(),
+            request.step.as_deref(),
+        )
+        .await
+        .map_err(|e| Box::new(internal("resuming a conversation failed", e)))?;
+    if report.handled == Handled::NotInHandoff {
+        return Err(refused(
+            StatusCode::CONFLICT,
+            "not_in_handoff",
+            format!(
+                "the conversation with `{contact}` on `{channel}` is not with a person: there is nothing to resume"
+            ),
+        ));
+    }
+    let session = runtime
+        .db
+        .load_conversation(&channel, &contact)
+        .await
+        .map_err(|e| Box::new(internal("loading a conversation failed", e)))?
+        .session;
+    Ok(Json(json!({
+        "handled": report.handled.to_string(),
+        "session": session.map(|s| json!({ "flow": s.flow_id, "version": s.flow_version, "step": s.step })),
+        "sent": report.sent.iter().map(|m| json!({
+            "id": m.id, "decision": m.decision.name(), "message": m.message,
+        })).collect::<Vec<_>>(),
+        "notes": report.notes,
+    }))
+    .into_response())
+}
+
+/// A resume's flow and step, if the current flows have them (`step` needs `flow`).
+fn resume_target(runtime: &Runtime, flow: Option<&str>, step: Option<&str>) -> Result<(), Refused> {
+    let unknown =
+        |message: String| refused(StatusCode::UNPROCESSABLE_ENTITY, "unknown_target", message);
+    let flows = runtime.flows.read().expect("flows lock");
+    match (flow, step) {
+        (None, None) => Ok(()),
+        (None, Some(_)) => Err(unknown("`step` needs the `flow` it is in".into())),
+        (Some(flow), step) => {
+            let Some(found) = flows.get(flow) else {
+                let ids: Vec<&str> = flows.current().iter().map(|f| f.id.as_str()).collect();
+                return Err(unknown(format!(
+                    "there is no flow `{flow}`; the flows are: {}",
+                    ids.join(", ")
+                )));
+            };
+            match step {
+                Some(step) if found.step_index(step).is_none() => {
+                    Err(unknown(format!("flow `{flow}` has no step `{step}`")))
+                }
+                _ => Ok(()),
+            }
+        }
+    }
 }
 
 /// An agent's text, if it is not empty and fits a WhatsApp text message.
