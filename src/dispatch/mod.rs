@@ -113,6 +113,9 @@ pub struct Runtime {
     /// Per channel: rung when a commit leaves messages for the channel's sender, so it
     /// claims them now instead of at its next poll.
     outbox_ready: HashMap<String, Arc<tokio::sync::Notify>>,
+    /// Held by a live reload from loading the files to swapping them in, so two reloads
+    /// (a SIGHUP and the API at once) cannot swap in an older load last.
+    pub reloading: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -158,6 +161,7 @@ impl Runtime {
                 .expect("an HTTP client with default settings builds"),
             locks: Mutex::new(HashMap::new()),
             outbox_ready,
+            reloading: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -213,6 +217,19 @@ impl Runtime {
     pub async fn reload(&self, flows: Vec<Arc<Flow>>) -> Result<(), DispatchError> {
         self.flows.write().expect("flows lock").replace(flows);
         self.remember_flow_versions().await
+    }
+
+    /// Makes a freshly loaded project's flows and template registry current (a live
+    /// reload); running sessions stay on their versions, and the template statuses WhatsApp
+    /// reported since the registry file was written apply again.
+    pub async fn reload_project(
+        &self,
+        flows: Vec<Arc<Flow>>,
+        templates: Registry,
+    ) -> Result<(), DispatchError> {
+        *self.templates.write().expect("templates lock") = Arc::new(templates);
+        self.load_template_statuses().await?;
+        self.reload(flows).await
     }
 
     /// A customer's message.

@@ -23,12 +23,14 @@ use crate::dispatch::Runtime;
 use crate::domain::{OutboundContent, limits};
 use crate::engine::Handled;
 use crate::policy::Window;
+use crate::reload::{self, ReloadError};
 use crate::state::AppState;
 use crate::store::Identifiers;
 
 pub fn router(state: AppState) -> Router<AppState> {
     Router::new()
         .route("/flows", get(flows))
+        .route("/flows/reload", post(reload_flows))
         .route("/conversations/{contact}", get(conversation))
         .route("/conversations/{contact}/messages", post(agent_message))
         .route("/conversations/{contact}/resume", post(resume))
@@ -72,6 +74,33 @@ async fn flows(State(state): State<AppState>) -> Response {
         })
         .collect();
     Json(json!({ "flows": list })).into_response()
+}
+
+/// `POST /api/flows/reload`: loads the flows, scripts and templates again; new
+/// conversations get the new versions, running ones keep theirs. A project with an error
+/// is refused with 422 and its diagnostics, and the running flows are kept.
+async fn reload_flows(State(state): State<AppState>) -> Response {
+    match reload::reload(&state.runtime, &state.config).await {
+        Ok(done) => Json(json!({
+            "flows": done.flows.iter().map(|(id, version)| json!({"id": id, "version": version})).collect::<Vec<_>>(),
+            "warnings": done.warnings.warnings(),
+            "diagnostics": done.warnings.render(false),
+        }))
+        .into_response(),
+        Err(ReloadError::Refused(diags)) => {
+            tracing::error!(diagnostics = %diags.render(false), "the flows were not reloaded: they have errors; the running flows are kept");
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(json!({"error": {
+                    "code": "invalid_flows",
+                    "message": format!("the flows have {} error(s): nothing was reloaded, the running flows are kept; fix them (`flowgate check` shows the same) and reload again", diags.errors()),
+                    "diagnostics": diags.render(false),
+                }})),
+            )
+                .into_response()
+        }
+        Err(e) => internal("reloading the flows failed", e),
+    }
 }
 
 #[derive(Debug, Deserialize)]

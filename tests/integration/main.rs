@@ -11,6 +11,7 @@ mod hardening;
 mod outbox;
 mod policy;
 mod policy_properties;
+mod reload;
 mod serve;
 mod support;
 mod templates_sync;
