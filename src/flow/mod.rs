@@ -1,4 +1,4 @@
-//! Flows: the YAML conversation language (DESIGN §2.3), compiled once at load into the form
+//! Flows: the YAML conversation language (the README's "A flow"), compiled once at load into the form
 //! the engine runs.
 //!
 //! - [`raw`]: the file as written, with locations;

@@ -129,7 +129,8 @@ pub struct RawMedia {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTemplateRef {
-    /// `name:` in a `template` step, `template:` in `outside_window` (DESIGN §2.3).
+    /// `name:` in a `template` step, `template:` in `outside_window`
+    /// (both spellings name the template).
     #[serde(alias = "template")]
     pub name: Spanned<String>,
     pub language: Spanned<String>,

@@ -197,7 +197,7 @@ fn unreachable_step_is_a_warning() {
     assert_eq!(diags.items[0].position(), format!("{file}:10:3"));
 }
 
-// --- the window lint (DESIGN §4.6) -------------------------------------------------------------
+// --- the window lint -------------------------------------------------------------------------
 
 /// The positions of every diagnostic of `diags`, in file order.
 fn positions(diags: &Diagnostics) -> Vec<String> {
