@@ -14,13 +14,18 @@ pub(crate) fn project(dir: &Path, admin: &str) -> std::path::PathBuf {
     support::shipped_project(dir, admin)
 }
 
+/// A server on the shipped project in `dir`, with `admin` in its config.
+async fn start(dir: &Path, admin: &str) -> support::Running {
+    let config = project(dir, admin);
+    let loaded = app::load(Some(&config)).unwrap();
+    let db = format!("sqlite://{}", dir.join("db.sqlite").display());
+    support::Running::start(&loaded, &db, Arc::new(SystemClock)).await
+}
+
 #[tokio::test]
 async fn the_api_needs_the_bearer_token() {
     let dir = tempfile::tempdir().unwrap();
-    let config = project(dir.path(), "admin:\n  token: s3cret-token\n");
-    let loaded = app::load(Some(&config)).unwrap();
-    let db = format!("sqlite://{}", dir.path().join("db.sqlite").display());
-    let server = support::Running::start(&loaded, &db, Arc::new(SystemClock)).await;
+    let server = start(dir.path(), "admin:\n  token: s3cret-token\n").await;
     let base = server.base.clone();
     let client = server.client.clone();
 
@@ -120,10 +125,14 @@ async fn a_public_address_needs_a_token() {
 }
 
 /// `POST /sandbox/messages` with `text` from `from`: the texts of the bot's replies.
-async fn say(server: &support::Running, from: &str, text: &str) -> Vec<String> {
-    let reply: serde_json::Value = server
-        .client
-        .post(format!("{}/sandbox/messages", server.base))
+pub(crate) async fn sandbox_say(
+    client: &reqwest::Client,
+    base: &str,
+    from: &str,
+    text: &str,
+) -> Vec<String> {
+    let reply: serde_json::Value = client
+        .post(format!("{base}/sandbox/messages"))
         .json(&serde_json::json!({"from": from, "text": text}))
         .send()
         .await
@@ -142,6 +151,11 @@ async fn say(server: &support::Running, from: &str, text: &str) -> Vec<String> {
                 .to_string()
         })
         .collect()
+}
+
+/// [`sandbox_say`] to `server`.
+async fn say(server: &support::Running, from: &str, text: &str) -> Vec<String> {
+    sandbox_say(&server.client, &server.base, from, text).await
 }
 
 /// `POST /api/conversations/{contact}/resume` with `body`: the status and the answer.
@@ -180,10 +194,7 @@ async fn hand_off(server: &support::Running, from: &str) {
 #[tokio::test]
 async fn the_api_gives_a_handed_off_conversation_back_to_the_bot() {
     let dir = tempfile::tempdir().unwrap();
-    let config = project(dir.path(), "");
-    let loaded = app::load(Some(&config)).unwrap();
-    let db = format!("sqlite://{}", dir.path().join("db.sqlite").display());
-    let server = support::Running::start(&loaded, &db, Arc::new(SystemClock)).await;
+    let server = start(dir.path(), "").await;
 
     // Not with a person: nothing to resume.
     say(&server, "15550008888", "order").await;

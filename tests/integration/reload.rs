@@ -8,23 +8,11 @@ use std::time::{Duration, Instant};
 
 use flowgate::app;
 use flowgate::clock::SystemClock;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::support;
 
-const V1: &str = r#"
-flow: survey
-triggers:
-  - keywords: [survey]
-steps:
-  ask_score:
-    ask: "v1: how many stars?"
-    save: score
-    expect: number
-    next: thanks
-  thanks:
-    say: "v1: thanks for {{score}} stars"
-"#;
+use crate::serve::V1;
 
 /// A misspelled key (`sav:`): `check` refuses the file.
 fn broken() -> String {
@@ -42,19 +30,8 @@ fn write_flow(dir: &Path, flow: &str) {
 
 /// The text of the first reply to `text` from `from` through the sandbox door.
 async fn first_reply(client: &reqwest::Client, base: &str, from: &str, text: &str) -> String {
-    let body: Value = client
-        .post(format!("{base}/sandbox/messages"))
-        .json(&json!({"from": from, "text": text}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    body["replies"][0]["message"]["body"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+    let replies = crate::admin::sandbox_say(client, base, from, text).await;
+    replies.into_iter().next().unwrap_or_default()
 }
 
 #[tokio::test]
