@@ -1,8 +1,10 @@
-//! The admin API under `/api`: bearer-token auth; flows; a conversation's state (with its
-//! window) and messages; an agent's message (`POST /api/conversations/{contact}/messages`,
-//! which passes the policy like every other message); one message with its decision
-//! (`GET /api/messages/{id}`); contacts from a CSV file (`POST /api/contacts/import`). Later
-//! issues add campaigns and templates here.
+//! The admin API under `/api`: bearer-token auth; flows and their live reload
+//! (`POST /api/flows/reload`); a conversation's state (with its window) and messages; an
+//! agent's message (`POST /api/conversations/{contact}/messages`, which passes the policy
+//! like every other message); the end of a handoff
+//! (`POST /api/conversations/{contact}/resume`); one message with its decision
+//! (`GET /api/messages/{id}`); the template registry; contacts from a CSV file
+//! (`POST /api/contacts/import`).
 //!
 //! Auth: `Authorization: Bearer <admin.token>`, compared in constant time. Without a
 //! configured token the API answers only on a loopback listener (the server refuses to start
