@@ -1,5 +1,5 @@
 //! `flowgate.yaml`: where the database, flows, scripts, templates and campaigns are, which
-//! channels exist, and the policy settings (DESIGN §2.2).
+//! channels exist, and the policy settings (every key: `examples/flowgate.yaml`).
 //!
 //! Without a file every key has a default that runs the repository's example flows on the
 //! sandbox channel and a SQLite file, so a newcomer sees flowgate work with one command.

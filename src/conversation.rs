@@ -1,14 +1,15 @@
-//! Conversation tests (DESIGN §2.6): a YAML script of customer messages, expected bot
+//! Conversation tests: a YAML script of customer messages, expected bot
 //! messages and clock jumps, run against the real engine, store and timers on a virtual
 //! clock and an in-memory database.
 //!
 //! Strict by design: every outgoing message must be asserted, in order, before the next
 //! customer message, agent message, trigger or wait, and by the end of the test.
 //!
-//! The vocabulary beyond DESIGN §2.6:
+//! Beyond `user:`, `bot:` (a text, buttons, a list or a template, or `none`), `wait:`,
+//! `agent:`, `trigger:`, `set:` and `reload:`:
 //! - `user: { text: …, from_ad: true }`: the message answers a Click-to-WhatsApp ad (the
 //!   webhook carries a `referral`), so the business's first answer within 24 h opens the
-//!   free entry point (DESIGN §4.2).
+//!   free entry point (72 h from that answer, in which every message is free).
 //! - `bot: { …, reason: "window closed 1h12m ago" }`: the policy decision's reason contains
 //!   this text (the reason `chat` and the API show beside the decision).
 //! - `bot:` without `queued`, `skipped` or `expired` expects a message that goes out (the

@@ -109,7 +109,7 @@ pub struct Contact {
     pub policy: PolicyState,
 }
 
-/// The policy layer's memory of one contact (DESIGN §4): WhatsApp's word on the window, the
+/// The policy layer's memory of one contact: WhatsApp's word on the window, the
 /// free entry point, and marketing consent. Stored as one JSON column with the contact.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct PolicyState {
@@ -289,7 +289,8 @@ impl InboundContent {
         }
     }
 
-    /// Whether this message opens or refreshes the customer service window (DESIGN §4.1).
+    /// Whether this message opens or refreshes the customer service window (every
+    /// message the customer sends does, except a kind WhatsApp does not support).
     pub fn refreshes_window(&self) -> bool {
         !matches!(self, Self::Other { .. })
     }
@@ -452,7 +453,7 @@ impl Outbound {
     }
 }
 
-/// The policy's verdict on one outgoing message, stored with it (DESIGN §4): what happens
+/// The policy's verdict on one outgoing message, stored with it: what happens
 /// to it and, always, why.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "decision", rename_all = "snake_case")]
@@ -669,7 +670,8 @@ mod tests {
     }
 }
 
-/// WhatsApp's limits on interactive messages (FACTS.md §2). `check` applies them to literal
+/// WhatsApp's limits on messages (a text body, buttons, list rows and their titles;
+/// WhatsApp refuses a message over any of them). `check` applies them to literal
 /// text; [`limits::fit`] applies them at send time to interpolated text.
 pub mod limits {
     use super::OutboundContent;

@@ -104,6 +104,8 @@ pub enum TimerKind {
     Wait { epoch: i64 },
     /// An `ask` got no answer within its `timeout`.
     AskTimeout { epoch: i64 },
+    /// No person resumed a handoff within its `timeout`.
+    HandoffTimeout { epoch: i64 },
 }
 
 /// The result of a step's HTTP request.
@@ -124,6 +126,12 @@ pub enum Event {
     /// or at `step`; this also ends a handoff.
     Start {
         flow: String,
+        step: Option<String>,
+    },
+    /// A person gives a handed-off conversation back to the bot: at `flow` (and `step`), or
+    /// where the handoff step goes on (its `next`; none ends the session).
+    Resume {
+        flow: Option<String>,
         step: Option<String>,
     },
 }
@@ -159,6 +167,8 @@ pub enum Handled {
     Unanswered,
     /// The contact is with a person.
     InHandoff,
+    /// A resume for a conversation that is not with a person: nothing happened.
+    NotInHandoff,
     /// A timer or HTTP result for a session that has moved on.
     Stale,
     /// A message already processed (providers deliver at least once): nothing happened.
@@ -173,6 +183,7 @@ impl std::fmt::Display for Handled {
             Self::Fallback(flow) => write!(f, "fallback {flow}"),
             Self::Unanswered => f.write_str("unanswered"),
             Self::InHandoff => f.write_str("in handoff"),
+            Self::NotInHandoff => f.write_str("not in handoff"),
             Self::Stale => f.write_str("stale"),
             Self::Duplicate => f.write_str("duplicate"),
         }
@@ -303,6 +314,7 @@ impl Engine {
             Event::Timer(kind) => run.timer(kind),
             Event::Http(outcome) => run.http_result(outcome),
             Event::Start { flow, step } => run.start_by_api(&flow, step.as_deref()),
+            Event::Resume { flow, step } => run.resume(flow.as_deref(), step.as_deref()),
         };
         let contact_changed = *run.contact != before;
         Outcome {
@@ -535,6 +547,20 @@ impl Executor<'_> {
                 self.go(flow, on_timeout.map(Next::Step).unwrap_or(Next::End));
                 Handled::Continued
             }
+            TimerKind::HandoffTimeout { epoch }
+                if epoch == session.epoch && matches!(session.waiting, Waiting::Handoff { .. }) =>
+            {
+                let step = &flow.steps[session.step];
+                match step.handoff.as_ref().and_then(|h| h.on_timeout) {
+                    Some(i) => {
+                        self.timers = Some(Vec::new());
+                        self.touch();
+                        self.go(flow, Next::Step(i));
+                    }
+                    None => self.go_on_after_handoff(flow, session.step),
+                }
+                Handled::Continued
+            }
             _ => Handled::Stale,
         }
     }
@@ -580,6 +606,36 @@ impl Executor<'_> {
             }
         }
         Handled::Continued
+    }
+
+    /// [`Event::Resume`]: only a session in handoff is resumed (anything else is
+    /// [`Handled::NotInHandoff`]); at `flow`/`step` as a start by the API, else after the
+    /// handoff step.
+    fn resume(&mut self, flow: Option<&str>, step: Option<&str>) -> Handled {
+        let in_handoff = matches!(
+            self.session.as_ref().map(|s| &s.waiting),
+            Some(Waiting::Handoff { .. })
+        );
+        match (in_handoff, flow, self.flow.clone()) {
+            (false, ..) => Handled::NotInHandoff,
+            (true, Some(flow), _) => self.start_by_api(flow, step),
+            (true, None, Some(current)) => {
+                let index = self.session.as_ref().map_or(0, |s| s.step);
+                self.go_on_after_handoff(current, index);
+                Handled::Continued
+            }
+            (true, None, None) => Handled::NotInHandoff,
+        }
+    }
+
+    /// The bot takes a handed-off conversation back: the handoff step's way on (`next`,
+    /// branches), or the end of the session when it has none.
+    fn go_on_after_handoff(&mut self, flow: Arc<Flow>, index: usize) {
+        self.timers = Some(Vec::new());
+        self.touch();
+        let step = &flow.steps[index];
+        let next = self.route(&flow, step, false);
+        self.go(flow, next);
     }
 
     fn start_by_api(&mut self, flow: &str, step: Option<&str>) -> Handled {
@@ -937,18 +993,23 @@ impl Executor<'_> {
 
     /// A step with `handoff`: the conversation waits for a person; whether it does.
     fn hand_off(&mut self, step: &Step, index: usize) -> bool {
-        let Some(queue) = &step.handoff else {
+        let Some(handoff) = &step.handoff else {
             return false;
         };
-        self.wait_at(
+        let queue = handoff.queue.clone();
+        let epoch = self.wait_at(
             index,
             Waiting::Handoff {
                 queue: queue.clone(),
             },
         );
-        self.effects.push(Effect::Handoff {
-            queue: queue.clone(),
-        });
+        if let Some(timeout) = handoff.timeout {
+            self.timers = Some(vec![(
+                self.now + timeout,
+                TimerKind::HandoffTimeout { epoch },
+            )]);
+        }
+        self.effects.push(Effect::Handoff { queue });
         true
     }
 

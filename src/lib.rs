@@ -22,6 +22,7 @@ pub mod logging;
 pub mod metrics;
 pub mod outbox;
 pub mod policy;
+pub mod reload;
 pub mod script;
 pub mod state;
 pub mod store;

@@ -18,6 +18,7 @@ use flowgate::config::Config;
 use flowgate::contacts_import::ImportError;
 use flowgate::diagnostic::Diagnostics;
 use flowgate::http::doors::Door;
+use flowgate::reload;
 use flowgate::store::Db;
 
 /// mimalloc instead of the system allocator: a reply allocates in many small pieces across
@@ -43,8 +44,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the server: migrations, flows, timers and the HTTP endpoints.
-    Serve,
+    /// Run the server: migrations, flows, timers and the HTTP endpoints. `SIGHUP` reloads
+    /// the flows, scripts and templates.
+    Serve {
+        /// Reload when a flow, script, campaign or the template registry changes (checked
+        /// every second).
+        #[arg(long)]
+        watch: bool,
+    },
     /// Validate config, flows, scripts and templates; exit 1 on any error.
     Check,
     /// Talk to the flows in the terminal as a customer, on a virtual clock.
@@ -99,7 +106,7 @@ fn main() -> ExitCode {
     let format = Config::load(cli.config.as_deref())
         .map(|c| c.log.format)
         .unwrap_or_default();
-    let level = if matches!(cli.command, Command::Serve | Command::Migrate) {
+    let level = if matches!(cli.command, Command::Serve { .. } | Command::Migrate) {
         "info"
     } else {
         "error"
@@ -154,7 +161,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Test { paths } => test(config, &paths).await,
         Command::Migrate => migrate(config).await,
         Command::Chat { from } => chat(config, &from).await,
-        Command::Serve => serve(config).await,
+        Command::Serve { watch } => serve(config, watch).await,
         Command::Templates {
             command: TemplatesCommand::Sync { channel },
         } => templates_sync(config, channel.as_deref()).await,
@@ -281,7 +288,7 @@ async fn chat(config: Option<&Path>, from: &str) -> anyhow::Result<ExitCode> {
 }
 
 /// `flowgate serve`: the banner, then the server until Ctrl-C or SIGTERM.
-async fn serve(config: Option<&Path>) -> anyhow::Result<ExitCode> {
+async fn serve(config: Option<&Path>, watch: bool) -> anyhow::Result<ExitCode> {
     let Some(loaded) = load(config) else {
         return Ok(ExitCode::FAILURE);
     };
@@ -316,10 +323,40 @@ async fn serve(config: Option<&Path>) -> anyhow::Result<ExitCode> {
         println!("  {door}");
         tracing::info!("{door}");
     }
+    println!(
+        "  reload:   kill -HUP {}{}",
+        std::process::id(),
+        if watch {
+            " (and on file changes: --watch)"
+        } else {
+            ""
+        }
+    );
     println!("  stop:     Ctrl-C");
+    let reloads = reloads(&application, watch);
     application.run_until(shutdown_signal()).await?;
+    reloads.abort();
     println!("flowgate stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Live reload in the background: on `SIGHUP` (unix), and on file changes with `--watch`.
+fn reloads(application: &Application, watch: bool) -> tokio::task::JoinHandle<()> {
+    let (runtime, config) = (application.runtime.clone(), application.config.clone());
+    #[cfg(unix)]
+    let hangups = reload::on_sighup(runtime.clone(), config.clone());
+    #[cfg(not(unix))]
+    let hangups = std::future::pending::<()>();
+    tokio::spawn(async move {
+        let watching = async {
+            if watch {
+                reload::watch(runtime, config, std::time::Duration::from_secs(1)).await
+            } else {
+                std::future::pending().await
+            }
+        };
+        tokio::join!(hangups, watching);
+    })
 }
 
 /// Ctrl-C or SIGTERM (what a service manager sends).

@@ -1,4 +1,5 @@
-//! The approved-template registry (`templates.yaml`, DESIGN §2.4): which templates exist, in
+//! The approved-template registry (`templates.yaml`, written by hand or by
+//! `flowgate templates sync`): which templates exist, in
 //! which language, with how many parameters and in which status. `check` verifies every
 //! template a flow names against it; the policy layer will only send `approved` ones.
 
@@ -53,7 +54,10 @@ impl Status {
 
     /// Meta's word for a template's state, from the template list (`status`) or a
     /// `message_template_status_update` webhook (`event`), as the registry's status; `None`
-    /// for a value Meta does not document (FACTS §1.7, §5.5). Every value but the approving
+    /// for a value Meta does not document (Meta's statuses and status events are `APPROVED`,
+    /// `PENDING`, `REJECTED`, `PAUSED`, `DISABLED`, `IN_APPEAL`, `FLAGGED`, `REINSTATED`,
+    /// `PENDING_DELETION`, `DELETED`, `ARCHIVED`, `LOCKED`, `LIMIT_EXCEEDED`, `UNARCHIVED`;
+    /// only `APPROVED` can be sent). Every value but the approving
     /// ones maps to a status that is not sent, the nearest by what has to happen before the
     /// template could be sent again (see `whatsapp::templates`).
     pub fn from_meta(value: &str) -> Option<Self> {
@@ -317,7 +321,7 @@ impl Registry {
         merge
     }
 
-    /// The registry as `templates.yaml` (DESIGN §2.4), `comment` on top as `#` lines. Text
+    /// The registry as `templates.yaml` (the shape [`Registry::load`] reads), `comment` on top as `#` lines. Text
     /// is written double-quoted (JSON's escapes are valid YAML), so placeholders, quotes,
     /// colons and line breaks load back exactly.
     pub fn to_yaml(&self, comment: &str) -> String {

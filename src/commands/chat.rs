@@ -45,6 +45,8 @@ enum Input<'a> {
     Wait(&'a str),
     State,
     Reset,
+    /// `/resume [FLOW [STEP]]`: a person gives the conversation back to the bot.
+    Resume(&'a str),
     Unknown(&'a str),
 }
 
@@ -71,6 +73,7 @@ impl<'a> Input<'a> {
             "/wait" => Self::Wait(arg),
             "/state" => Self::State,
             "/reset" => Self::Reset,
+            "/resume" => Self::Resume(arg),
             c if c.starts_with('/') => Self::Unknown(c),
             _ => Self::Message(InboundContent::text(input)),
         }
@@ -102,7 +105,7 @@ impl Chat {
     pub fn greeting(&self) -> String {
         format!(
             "flowgate chat: you are +{} on the sandbox channel. Flows: {}\n\
-             Type a message, or /button ID, /list ID, /wait 25h, /state, /reset, /quit.\n",
+             Type a message, or /button ID, /list ID, /wait 25h, /state, /resume, /reset, /quit.\n",
             self.from,
             self.flows.join(", ")
         )
@@ -116,6 +119,7 @@ impl Chat {
             Input::Message(content) => self.message(content).await?,
             Input::Wait(by) => self.wait(by).await?,
             Input::State => self.state().await?,
+            Input::Resume(arg) => self.resume(arg).await?,
             Input::Reset => {
                 self.runtime
                     .db
@@ -124,7 +128,7 @@ impl Chat {
                 "  [reset] session and timers forgotten\n".to_string()
             }
             Input::Unknown(c) => format!(
-                "  unknown command {c}: try /button ID, /list ID, /wait 25h, /state, /reset, /quit\n"
+                "  unknown command {c}: try /button ID, /list ID, /wait 25h, /state, /resume, /reset, /quit\n"
             ),
         };
         Ok(Reply::Print(text))
@@ -144,6 +148,26 @@ impl Chat {
             )
             .await?;
         Ok(render_report(&report))
+    }
+
+    /// `/resume [FLOW [STEP]]`: the agent hands the conversation back to the bot, at FLOW
+    /// (and STEP), else where the handoff step goes on.
+    async fn resume(&self, arg: &str) -> Result<String, ChatError> {
+        let mut words = arg.split_whitespace();
+        let (flow, step) = (words.next(), words.next());
+        let report = self
+            .runtime
+            .end_handoff(&self.runtime.default_channel, &self.from, flow, step)
+            .await?;
+        if report.handled == Handled::NotInHandoff {
+            return Ok(
+                "  [resume] the conversation is not with a person: nothing to resume\n".into(),
+            );
+        }
+        Ok(format!(
+            "  [resume] the bot has the conversation again\n{}",
+            render_report(&report)
+        ))
     }
 
     /// `/wait 25h`: moves the clock, firing the timers due on the way.
@@ -259,6 +283,8 @@ mod tests {
         assert_eq!(Input::parse("/exit\n"), Input::Quit);
         assert_eq!(Input::parse("/wait  25h\n"), Input::Wait("25h"));
         assert_eq!(Input::parse("/nope x"), Input::Unknown("/nope"));
+        assert_eq!(Input::parse("/resume"), Input::Resume(""));
+        assert_eq!(Input::parse("/resume menu ask"), Input::Resume("menu ask"));
         assert_eq!(
             Input::parse("/button yes"),
             Input::Message(InboundContent::ButtonReply {
@@ -270,5 +296,31 @@ mod tests {
             Input::parse(" hi there \n"),
             Input::Message(InboundContent::text("hi there"))
         );
+    }
+
+    /// The text `line` printed.
+    async fn said(chat: &Chat, line: &str) -> String {
+        match chat.input(line).await.unwrap() {
+            Reply::Print(text) => text,
+            Reply::Quit => panic!("the chat ended at {line:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn resume_gives_the_conversation_back_to_the_bot() {
+        let loaded = crate::app::load(None).expect("the shipped project loads");
+        let chat = Chat::start(&loaded, "15550001234").await.unwrap();
+        assert!(said(&chat, "/resume").await.contains("not with a person"));
+        for line in ["order", "abc", "1234567", "no idea"] {
+            said(&chat, line).await;
+        }
+        assert!(said(&chat, "hello").await.contains("the bot stays quiet"));
+        let resumed = said(&chat, "/resume order_status ask_order").await;
+        assert!(
+            resumed.contains("[resume] the bot has the conversation again"),
+            "{resumed}"
+        );
+        assert!(resumed.contains("What's your order number?"), "{resumed}");
+        assert!(said(&chat, "#123456").await.contains("Order 123456"));
     }
 }

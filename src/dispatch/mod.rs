@@ -113,6 +113,9 @@ pub struct Runtime {
     /// Per channel: rung when a commit leaves messages for the channel's sender, so it
     /// claims them now instead of at its next poll.
     outbox_ready: HashMap<String, Arc<tokio::sync::Notify>>,
+    /// Held by a live reload from loading the files to swapping them in, so two reloads
+    /// (a SIGHUP and the API at once) cannot swap in an older load last.
+    pub reloading: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -158,6 +161,7 @@ impl Runtime {
                 .expect("an HTTP client with default settings builds"),
             locks: Mutex::new(HashMap::new()),
             outbox_ready,
+            reloading: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -215,6 +219,19 @@ impl Runtime {
         self.remember_flow_versions().await
     }
 
+    /// Makes a freshly loaded project's flows and template registry current (a live
+    /// reload); running sessions stay on their versions, and the template statuses WhatsApp
+    /// reported since the registry file was written apply again.
+    pub async fn reload_project(
+        &self,
+        flows: Vec<Arc<Flow>>,
+        templates: Registry,
+    ) -> Result<(), DispatchError> {
+        *self.templates.write().expect("templates lock") = Arc::new(templates);
+        self.load_template_statuses().await?;
+        self.reload(flows).await
+    }
+
     /// A customer's message.
     pub async fn inbound(
         &self,
@@ -238,6 +255,24 @@ impl Runtime {
     ) -> Result<TurnReport, DispatchError> {
         let event = Event::Start {
             flow: flow.to_string(),
+            step: step.map(str::to_string),
+        };
+        self.handle(channel, wa_id, event, None, None, None).await
+    }
+
+    /// Gives a handed-off conversation back to the bot (the API's
+    /// `POST /api/conversations/{contact}/resume`, `chat`'s `/resume`): at `flow` (and
+    /// `step`), else where the handoff step goes on. A conversation not in handoff is left
+    /// as it is ([`Handled::NotInHandoff`]).
+    pub async fn end_handoff(
+        &self,
+        channel: &str,
+        wa_id: &str,
+        flow: Option<&str>,
+        step: Option<&str>,
+    ) -> Result<TurnReport, DispatchError> {
+        let event = Event::Resume {
+            flow: flow.map(str::to_string),
             step: step.map(str::to_string),
         };
         self.handle(channel, wa_id, event, None, None, None).await

@@ -12,7 +12,7 @@ use super::{DispatchError, Runtime, SentMessage};
 
 impl Runtime {
     /// A claimed outbound message decided again at send time, under its contact's lock
-    /// (DESIGN §4.4). `window_refused` records a `131047` first, for the customer's last
+    /// (a backlog or a retry can cross the window's end between plan and send). `window_refused` records a `131047` first, for the customer's last
     /// message as known when the message was sent. A decision that sends
     /// leaves the row with `then_status` (`sending` to send it now, `pending` to send it
     /// at the next claim); otherwise the row is queued or skipped. Returns the decision

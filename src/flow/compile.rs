@@ -11,12 +11,12 @@ use serde_saphyr::Spanned;
 use sha2::{Digest, Sha256};
 
 use super::raw::{
-    RawBranch, RawButton, RawExpect, RawFlow, RawList, RawMedia, RawNext, RawStep, RawTemplateRef,
-    ScalarOr,
+    RawBranch, RawButton, RawExpect, RawFlow, RawHandoff, RawList, RawMedia, RawNext, RawStep,
+    RawTemplateRef, ScalarOr,
 };
 use super::{
-    Action, Ask, Body, Branch, Bundle, Cond, EXPECT_KINDS, Expect, Expr, Flow, Http, List, ListRow,
-    Message, Route, Script, Step, Target, TemplateCall, Text, Trigger, TriggerKind, Wait,
+    Action, Ask, Body, Branch, Bundle, Cond, EXPECT_KINDS, Expect, Expr, Flow, Handoff, Http, List,
+    ListRow, Message, Route, Script, Step, Target, TemplateCall, Text, Trigger, TriggerKind, Wait,
 };
 use crate::diagnostic::{Diagnostic, Diagnostics, Loc, did_you_mean};
 use crate::domain::{HumanDuration, limits};
@@ -399,6 +399,7 @@ impl<'a> Compiler<'a> {
         let route = self.way_on(s);
         let on_error = s.on_error.as_ref().and_then(|e| self.step_ref(e));
         let outside_window = self.outside_window(s);
+        let handoff = s.handoff.as_ref().and_then(|h| self.handoff(h));
         if self.diags.errors() > errors_before {
             return None;
         }
@@ -419,7 +420,7 @@ impl<'a> Compiler<'a> {
                 .map(|t| t.value.0.clone())
                 .unwrap_or_default(),
             action: action?,
-            handoff: s.handoff.as_ref().map(|h| h.value.clone()),
+            handoff,
             route: route?,
             on_error,
             outside_window,
@@ -539,6 +540,36 @@ impl<'a> Compiler<'a> {
                 self.text(&spanned).map(Wait::Until)
             }
         }
+    }
+
+    /// The step's `handoff`: its queue, and the timeout with the step it goes on at.
+    fn handoff(&mut self, h: &Spanned<RawHandoff>) -> Option<Handoff> {
+        let at = |value: &str| Spanned {
+            value: value.to_string(),
+            referenced: h.referenced,
+            defined: h.defined,
+        };
+        if h.value.queue.trim().is_empty() {
+            self.error(loc(h), "a `handoff` needs the name of a queue");
+            return None;
+        }
+        let timeout = match &h.value.timeout {
+            Some(t) => Some(self.duration(&at(t))?),
+            None => None,
+        };
+        let on_timeout = match &h.value.on_timeout {
+            Some(_) if timeout.is_none() => {
+                self.error(loc(h), "the handoff's `on_timeout` needs a `timeout`");
+                return None;
+            }
+            Some(step) => Some(self.step_ref(&at(step))?),
+            None => None,
+        };
+        Some(Handoff {
+            queue: h.value.queue.clone(),
+            timeout,
+            on_timeout,
+        })
     }
 
     /// The step's `set`: each variable with the text (or JSON value) it gets.
@@ -1364,6 +1395,7 @@ impl<'a> Compiler<'a> {
                 edges.extend(ask.on_fail);
                 edges.extend(ask.on_timeout);
             }
+            edges.extend(step.handoff.as_ref().and_then(|h| h.on_timeout));
             edges.extend(step.on_error);
             if let Action::Script(script) = &step.action {
                 edges.extend(&script.jumps);

@@ -39,8 +39,9 @@
 //! send nothing. One warning per step, at its message, naming the first cause found.
 //!
 //! Not linted, because the flow alone does not say when they run: a flow started by the API
-//! or an agent (`Event::Start`, which is also how a handoff ends: the engine never resumes
-//! the handoff step's `next`). The engine's own apology after a failure is not a step's
+//! or an agent (`Event::Start`, or a resume naming a flow). A handoff step's way on (which a
+//! resume without a flow takes) follows an unknown delay; its `on_timeout` follows the
+//! handoff's `timeout`. The engine's own apology after a failure is not a step's
 //! message and is not linted either. A campaign's `on_reply` flow comes in as an [`Entry`]:
 //! the recipient's reply starts it, so it starts with no delay, and its steps after a long
 //! `wait` are hazards like any other step's.
@@ -355,8 +356,22 @@ impl<'a> Graph<'a> {
             }
             return out;
         }
-        if step.handoff.is_some() {
-            // A handoff ends with a new start by the API, never with this step's `next`.
+        if let Some(handoff) = &step.handoff {
+            // A person may keep the conversation for any time before a resume or the timeout.
+            if let (Some(timeout), Some(t)) = (handoff.timeout, handoff.on_timeout) {
+                let what = format!("the handoff's `timeout: {}`", written(timeout));
+                out.push((self.node(f, t), Delay::For(timeout, what)));
+            }
+            let resumed = || Delay::Unknown("a handoff (until a person resumes it)".into());
+            match &step.route {
+                Route::Goto(t) => out.extend(to(t).map(|n| (n, resumed()))),
+                Route::Branches(bs) => out.extend(
+                    bs.iter()
+                        .filter_map(|b| to(&b.target))
+                        .map(|n| (n, resumed())),
+                ),
+                Route::End => {}
+            }
             return out;
         }
         if let Action::Script(script) = &step.action {
@@ -626,11 +641,18 @@ mod tests {
     }
 
     #[test]
-    fn a_handoff_is_not_followed_by_its_next() {
-        // The engine never runs `next` after a handoff: the API starts a flow anew.
-        let source = "flow: h\nsteps:\n  a:\n    wait: 26h\n    handoff: support\n    next: b\n  b:\n    say: back\n";
+    fn a_handoff_may_be_resumed_after_the_window() {
+        // A resume runs the handoff step's `next` whenever the person gives the
+        // conversation back; its `on_timeout` runs after the handoff's timeout.
+        let source =
+            "flow: h\nsteps:\n  a:\n    handoff: support\n    next: b\n  b:\n    say: back\n";
         let (_, warnings) = flows(&[source], DAY);
-        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("may have closed"), "{warnings:?}");
+        let source = "flow: h\nsteps:\n  a:\n    handoff: { queue: support, timeout: 26h, on_timeout: b }\n  b:\n    say: nobody came\n";
+        let (_, warnings) = flows(&[source], DAY);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("26h"), "{warnings:?}");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Flows: the YAML conversation language (DESIGN §2.3), compiled once at load into the form
+//! Flows: the YAML conversation language (the README's "A flow"), compiled once at load into the form
 //! the engine runs.
 //!
 //! - [`raw`]: the file as written, with locations;
@@ -152,7 +152,7 @@ pub struct Step {
     pub tag: Vec<String>,
     pub untag: Vec<String>,
     pub action: Action,
-    pub handoff: Option<String>,
+    pub handoff: Option<Handoff>,
     pub route: Route,
     pub on_error: Option<usize>,
     pub outside_window: Option<TemplateCall>,
@@ -164,6 +164,15 @@ impl Step {
         matches!(self.action, Action::Ask(_))
             || matches!(&self.route, Route::Branches(b) if b.iter().any(|b| b.cond.tests_reply()))
     }
+}
+
+/// A `handoff`: the queue a person takes the conversation from; after `timeout` without a
+/// `/resume`, the flow goes on at `on_timeout` (else as a resume does: the step's `next`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Handoff {
+    pub queue: String,
+    pub timeout: Option<Duration>,
+    pub on_timeout: Option<usize>,
 }
 
 #[derive(Debug)]

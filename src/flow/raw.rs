@@ -73,7 +73,7 @@ pub struct RawStep {
     pub tag: Option<Spanned<OneOrMany>>,
     pub untag: Option<Spanned<OneOrMany>>,
     pub wait: Option<Spanned<RawWait>>,
-    pub handoff: Option<Spanned<String>>,
+    pub handoff: Option<Spanned<RawHandoff>>,
     pub goto: Option<Spanned<String>>,
     pub flow: Option<Spanned<String>>,
     pub end: Option<Spanned<bool>>,
@@ -129,7 +129,8 @@ pub struct RawMedia {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTemplateRef {
-    /// `name:` in a `template` step, `template:` in `outside_window` (DESIGN §2.3).
+    /// `name:` in a `template` step, `template:` in `outside_window`
+    /// (both spellings name the template).
     #[serde(alias = "template")]
     pub name: Spanned<String>,
     pub language: Spanned<String>,
@@ -258,5 +259,50 @@ impl<'de, K: KeyName> Deserialize<'de> for ScalarOr<K> {
             }
         }
         deserializer.deserialize_any(ScalarOrVisitor(PhantomData))
+    }
+}
+
+/// `handoff: support`, or `handoff: { queue: support, timeout: 2h, on_timeout: step }`: the
+/// queue a person takes the conversation from, and how long the bot waits for them.
+#[derive(Debug, Default)]
+pub struct RawHandoff {
+    pub queue: String,
+    pub timeout: Option<String>,
+    pub on_timeout: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for RawHandoff {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct HandoffVisitor;
+        impl<'de> Visitor<'de> for HandoffVisitor {
+            type Value = RawHandoff;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "a queue such as support, or { queue: support, timeout: 2h, on_timeout: step }",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(RawHandoff {
+                    queue: v.to_string(),
+                    ..RawHandoff::default()
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                const KEYS: &[&str] = &["queue", "timeout", "on_timeout"];
+                let (mut queue, mut handoff) = (None, RawHandoff::default());
+                while let Some(key) = map.next_key::<String>()? {
+                    let value = map.next_value::<String>()?;
+                    match key.as_str() {
+                        "queue" => queue = Some(value),
+                        "timeout" => handoff.timeout = Some(value),
+                        "on_timeout" => handoff.on_timeout = Some(value),
+                        _ => return Err(de::Error::unknown_field(&key, KEYS)),
+                    }
+                }
+                handoff.queue = queue.ok_or_else(|| de::Error::missing_field("queue"))?;
+                Ok(handoff)
+            }
+        }
+        deserializer.deserialize_any(HandoffVisitor)
     }
 }

@@ -1,8 +1,10 @@
-//! The admin API under `/api`: bearer-token auth; flows; a conversation's state (with its
-//! window) and messages; an agent's message (`POST /api/conversations/{contact}/messages`,
-//! which passes the policy like every other message); one message with its decision
-//! (`GET /api/messages/{id}`); contacts from a CSV file (`POST /api/contacts/import`). Later
-//! issues add campaigns and templates here.
+//! The admin API under `/api`: bearer-token auth; flows and their live reload
+//! (`POST /api/flows/reload`); a conversation's state (with its window) and messages; an
+//! agent's message (`POST /api/conversations/{contact}/messages`, which passes the policy
+//! like every other message); the end of a handoff
+//! (`POST /api/conversations/{contact}/resume`); one message with its decision
+//! (`GET /api/messages/{id}`); the template registry; contacts from a CSV file
+//! (`POST /api/contacts/import`).
 //!
 //! Auth: `Authorization: Bearer <admin.token>`, compared in constant time. Without a
 //! configured token the API answers only on a loopback listener (the server refuses to start
@@ -21,15 +23,19 @@ use super::{Refused, error, refused};
 use crate::contacts_import::{self, ImportError};
 use crate::dispatch::Runtime;
 use crate::domain::{OutboundContent, limits};
+use crate::engine::Handled;
 use crate::policy::Window;
+use crate::reload::{self, ReloadError};
 use crate::state::AppState;
 use crate::store::Identifiers;
 
 pub fn router(state: AppState) -> Router<AppState> {
     Router::new()
         .route("/flows", get(flows))
+        .route("/flows/reload", post(reload_flows))
         .route("/conversations/{contact}", get(conversation))
         .route("/conversations/{contact}/messages", post(agent_message))
+        .route("/conversations/{contact}/resume", post(resume))
         .route("/messages/{id}", get(message))
         .route("/templates", get(templates))
         .route("/contacts/import", post(import_contacts))
@@ -70,6 +76,33 @@ async fn flows(State(state): State<AppState>) -> Response {
         })
         .collect();
     Json(json!({ "flows": list })).into_response()
+}
+
+/// `POST /api/flows/reload`: loads the flows, scripts and templates again; new
+/// conversations get the new versions, running ones keep theirs. A project with an error
+/// is refused with 422 and its diagnostics, and the running flows are kept.
+async fn reload_flows(State(state): State<AppState>) -> Response {
+    match reload::reload(&state.runtime, &state.config).await {
+        Ok(done) => Json(json!({
+            "flows": done.flows.iter().map(|(id, version)| json!({"id": id, "version": version})).collect::<Vec<_>>(),
+            "warnings": done.warnings.warnings(),
+            "diagnostics": done.warnings.render(false),
+        }))
+        .into_response(),
+        Err(ReloadError::Refused(diags)) => {
+            tracing::error!(diagnostics = %diags.render(false), "the flows were not reloaded: they have errors; the running flows are kept");
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(json!({"error": {
+                    "code": "invalid_flows",
+                    "message": format!("the flows have {} error(s): nothing was reloaded, the running flows are kept; fix them (`flowgate check` shows the same) and reload again", diags.errors()),
+                    "diagnostics": diags.render(false),
+                }})),
+            )
+                .into_response()
+        }
+        Err(e) => internal("reloading the flows failed", e),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -362,6 +395,113 @@ async fn send_agent_message(
         })),
     )
         .into_response())
+}
+
+/// `POST /api/conversations/{contact}/resume`: an empty body, or `{"flow": …, "step": …,
+/// "channel": …}` (each optional; `step` needs `flow`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResumeRequest {
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    flow: Option<String>,
+    #[serde(default)]
+    step: Option<String>,
+}
+
+/// Gives a handed-off conversation back to the bot: at the flow (and step) given, else
+/// where the handoff step goes on (its `next`; none ends the session). 409 when the
+/// conversation is not with a person.
+async fn resume(
+    State(state): State<AppState>,
+    Path(contact): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    resume_conversation(&state.runtime, contact, &body)
+        .await
+        .unwrap_or_else(|refused| *refused)
+}
+
+/// The steps of [`resume`]; `Err` is the refusal to answer.
+async fn resume_conversation(
+    runtime: &Runtime,
+    contact: String,
+    body: &[u8],
+) -> Result<Response, Refused> {
+    let request: ResumeRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ResumeRequest::default()
+    } else {
+        serde_json::from_slice(body).map_err(|e| {
+            refused(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                format!("the body must be empty or {{\"flow\": …, \"step\": …}}: {e}"),
+            )
+        })?
+    };
+    let channel = known_channel(runtime, request.channel)?;
+    resume_target(runtime, request.flow.as_deref(), request.step.as_deref())?;
+    let contact = contact_key(runtime, &channel, contact).await?;
+    let report = runtime
+        .end_handoff(
+            &channel,
+            &contact,
+            request.flow.as_deref(),
+            request.step.as_deref(),
+        )
+        .await
+        .map_err(|e| Box::new(internal("resuming a conversation failed", e)))?;
+    if report.handled == Handled::NotInHandoff {
+        return Err(refused(
+            StatusCode::CONFLICT,
+            "not_in_handoff",
+            format!(
+                "the conversation with `{contact}` on `{channel}` is not with a person: there is nothing to resume"
+            ),
+        ));
+    }
+    let session = runtime
+        .db
+        .load_conversation(&channel, &contact)
+        .await
+        .map_err(|e| Box::new(internal("loading a conversation failed", e)))?
+        .session;
+    Ok(Json(json!({
+        "handled": report.handled.to_string(),
+        "session": session.map(|s| json!({ "flow": s.flow_id, "version": s.flow_version, "step": s.step })),
+        "sent": report.sent.iter().map(|m| json!({
+            "id": m.id, "decision": m.decision.name(), "message": m.message,
+        })).collect::<Vec<_>>(),
+        "notes": report.notes,
+    }))
+    .into_response())
+}
+
+/// A resume's flow and step, if the current flows have them (`step` needs `flow`).
+fn resume_target(runtime: &Runtime, flow: Option<&str>, step: Option<&str>) -> Result<(), Refused> {
+    let unknown =
+        |message: String| refused(StatusCode::UNPROCESSABLE_ENTITY, "unknown_target", message);
+    let flows = runtime.flows.read().expect("flows lock");
+    match (flow, step) {
+        (None, None) => Ok(()),
+        (None, Some(_)) => Err(unknown("`step` needs the `flow` it is in".into())),
+        (Some(flow), step) => {
+            let Some(found) = flows.get(flow) else {
+                let ids: Vec<&str> = flows.current().iter().map(|f| f.id.as_str()).collect();
+                return Err(unknown(format!(
+                    "there is no flow `{flow}`; the flows are: {}",
+                    ids.join(", ")
+                )));
+            };
+            match step {
+                Some(step) if found.step_index(step).is_none() => {
+                    Err(unknown(format!("flow `{flow}` has no step `{step}`")))
+                }
+                _ => Ok(()),
+            }
+        }
+    }
 }
 
 /// An agent's text, if it is not empty and fits a WhatsApp text message.

@@ -1,4 +1,4 @@
-//! The policy layer (DESIGN §4): the one function every outgoing message passes, whatever
+//! The policy layer: the one function every outgoing message passes, whatever
 //! produced it (a flow step, a script, a timer, an agent, later a campaign), and the rules it
 //! applies: the 24-hour customer service window, rewriting to approved templates, the queue
 //! and its time-to-live, the free entry point and marketing consent.
@@ -16,7 +16,9 @@ use crate::domain::{
 };
 use crate::templates::{Category, Registry, Status};
 
-/// The free entry point lasts this long from the business's answer (FACTS.md §5.2).
+/// The free entry point lasts this long from the business's answer: a customer who wrote
+/// from a Click-to-WhatsApp ad and is answered within 24 h gets 72 h in which every message,
+/// templates included, is free (the free-form rule is still the 24 h window).
 pub const FREE_ENTRY_POINT: i64 = 72;
 /// The business must answer an ad's message within this many hours to open it.
 pub const FREE_ENTRY_ANSWER_WITHIN: i64 = 24;
@@ -109,7 +111,8 @@ impl Policy {
         }
     }
 
-    /// The contact's window at `now` (DESIGN §4.1): open while
+    /// The contact's window at `now` (WhatsApp's customer service window: free-form
+    /// messages only for 24 h after the customer's last message): open while
     /// `now < last_customer_message_at + window - safety_margin`, unless WhatsApp closed it.
     pub fn window(&self, contact: &Contact, now: DateTime<Utc>) -> Window {
         let Some(last) = contact.last_customer_message_at else {

@@ -1,7 +1,7 @@
 //! Contacts (`contacts`, `contact_aliases`): who a contact is, the identifiers WhatsApp
 //! gives a customer (a phone number, a business-scoped user id) resolved to one contact per
-//! channel, and changed when Meta says the customer's identity changed (DESIGN §3,
-//! FACTS.md §10.10).
+//! channel, and changed when Meta says the customer's identity changed (see ARCHITECTURE.md, "One
+//! contact per customer").
 //!
 //! A contact is keyed by `contacts.wa_id`: its phone number when one is known (replies go
 //! `to` it), else its BSUID. Its BSUIDs are in `contact_aliases`: the one its phone is

@@ -272,7 +272,8 @@ impl Client {
     /// URLs can end up in error messages.
     ///
     /// Cloud API only. 360dialog's list (`GET /v1/configs/templates`) answers in another shape
-    /// (`waba_templates`, offset paging, lowercase statuses) that FACTS §6 has not verified, so
+    /// (`waba_templates`, offset paging, lowercase statuses) known only from client code, not
+    /// from 360dialog's documentation, so
     /// a `dialog360` endpoint gets an error rather than a guess.
     pub async fn list_templates(&self, waba_id: &str) -> Result<TemplateList, GraphError> {
         let Some(first) = self.endpoint.templates_url(waba_id) else {

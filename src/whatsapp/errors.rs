@@ -1,7 +1,8 @@
 //! WhatsApp errors and what the sender does about them.
 //!
 //! Owns [`GraphError`] (one error, from a send response, a failed status or a `value.errors`
-//! webhook), [`classify`] (an error code -> the handling in FACTS.md §3) and [`retry_after`]
+//! webhook), [`classify`] (an error code -> what the sender does: retry
+//! later, fail the message, slow down, stop the channel, or decide it again) and [`retry_after`]
 //! (the retry schedule per class). Pure: randomness comes in as a number from the caller.
 //!
 //! Branch on the code, never on the HTTP status or the message text: Meta's copies of the
@@ -176,7 +177,8 @@ impl GraphError {
     }
 }
 
-/// What an error means for the sender (FACTS.md §3, the Handling column).
+/// What an error means for the sender: the handling Meta's error-code reference implies for
+/// each code (see [`classify`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorClass {
@@ -224,7 +226,7 @@ impl std::fmt::Display for ErrorClass {
     }
 }
 
-/// The handling of a WhatsApp error code (FACTS.md §3). Codes not in the table are
+/// The handling of a WhatsApp error code, by Meta's error-code reference. Codes not in the table are
 /// [`ErrorClass::Permanent`]: retrying what we do not understand only repeats it.
 pub fn classify(code: i64) -> ErrorClass {
     match code {

@@ -16,9 +16,10 @@ use crate::domain::{Button, ListSection, OutboundContent};
 #[serde(tag = "kind", content = "id", rename_all = "snake_case")]
 pub enum Recipient {
     /// A phone number (a `wa_id`), sent as `to` with a leading `+`: without it Meta
-    /// prepends the business number's country code (FACTS.md §2).
+    /// prepends the business number's country code to a number written without it.
     Phone(String),
-    /// A business-scoped user id (`US.1234…`), sent as `recipient` (FACTS.md §10.5). Use it
+    /// A business-scoped user id (`US.1234…`), sent as `recipient` (since February 2026 a
+    /// BSUID never goes in `to`; with both, Meta uses `to`). Use it
     /// only when no phone is known; authentication templates need the phone.
     UserId(String),
 }

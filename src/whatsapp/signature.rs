@@ -2,7 +2,8 @@
 //!
 //! Owns the `X-Hub-Signature-256` check for webhooks straight from Meta (HMAC-SHA256 of the
 //! raw body, keyed with the app secret, as `sha256=<hex>`) and the shared-secret header
-//! 360dialog sends (it owns the Meta app, so there is no Meta signature; FACTS.md §6).
+//! 360dialog sends (it owns the Meta app, so there is no Meta signature: the secret is the header
+//! registered with the webhook URL at 360dialog).
 //! Both compare in constant time. Pure.
 
 use hmac::{Hmac, KeyInit, Mac};

@@ -10,10 +10,11 @@
 //! whole page: one template in a shape flowgate does not know (a new category, no body…)
 //! must not stop a business from syncing the other hundred.
 //!
-//! How Meta's fields become the registry's (DESIGN §2.4):
+//! How Meta's fields become the registry's:
 //!
 //! - **Status** ([`Status::from_meta`]): `APPROVED`, `PENDING`, `REJECTED`, `PAUSED`, `DISABLED` map
-//!   one to one. The other values Meta uses (FACTS §1.7, §5.5) cannot be sent either, so each
+//!   one to one. The other values Meta uses (`IN_APPEAL`, `LIMIT_EXCEEDED`, `FLAGGED`,
+//!   `PENDING_DELETION`, `DELETED`, `ARCHIVED`, `LOCKED`) cannot be sent either, so each
 //!   goes to the nearest status that is not sendable, chosen by what has to happen before
 //!   it could be sent again: `IN_APPEAL` and `LIMIT_EXCEEDED` -> `rejected` (Meta said no, or
 //!   never reviewed it; only a successful appeal or a new submission changes that);

@@ -1,4 +1,4 @@
-//! Conversation tests (DESIGN §2.6) under `cargo test`.
+//! Conversation tests under `cargo test`.
 //!
 //! - `tests/conversations/*.yaml` run against the shipped example flows (default config);
 //! - `tests/fixtures/edge/` is a project of its own with flows for the edge cases;

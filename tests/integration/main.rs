@@ -12,6 +12,7 @@ mod hardening;
 mod outbox;
 mod policy;
 mod policy_properties;
+mod reload;
 mod scripts;
 mod serve;
 mod support;

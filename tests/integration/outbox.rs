@@ -1,7 +1,7 @@
 //! The outbox sender against a fake Graph API on 127.0.0.1: real flows commit `pending`
 //! rows to a SQLite file, the sender delivers them, and the fake checks the credentials,
-//! records the exact requests and answers as each test scripts it (FACTS.md §3's error
-//! classes, timeouts, pacing). Retries wait on a virtual clock that the tests advance.
+//! records the exact requests and answers as each test scripts it (each error
+//! class, timeouts, pacing). Retries wait on a virtual clock that the tests advance.
 
 use crate::support;
 

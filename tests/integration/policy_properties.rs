@@ -1,4 +1,4 @@
-//! Property tests for the policy layer (DESIGN §4, issue 4): random sequences of customer
+//! Property tests for the policy layer (issue 4): random sequences of customer
 //! messages (some arriving late), agent messages (free-form and templates), flow triggers,
 //! template status changes and clock jumps (some to the minutes around the window's edge)
 //! against a sandbox runtime on a virtual clock, checked after every operation against a
@@ -248,7 +248,7 @@ struct Model {
 }
 
 impl Model {
-    /// DESIGN §4.1: open at `t` iff `t < last customer message + window - safety margin`.
+    /// The window: open at `t` iff `t < last customer message + window - safety margin`.
     fn window_open(&self, t: DateTime<Utc>) -> bool {
         self.last_customer
             .is_some_and(|last| t < last + Duration::hours(WINDOW_H) - Duration::minutes(MARGIN_M))
@@ -855,7 +855,8 @@ fn policy() -> impl Strategy<Value = Policy> {
     })
 }
 
-/// Whether `name` with `params` may go out to `contact` now, by DESIGN §4.5.
+/// Whether `name` with `params` may go out to `contact` now: the registry has it
+/// approved with that many parameters, and a marketing one needs the contact's consent.
 fn sendable(
     templates: &Registry,
     contact: &Contact,
@@ -892,7 +893,7 @@ proptest! {
     ) {
         let now = at(0);
         let window = policy.window(&contact, now);
-        // DESIGN §4.1, written out again: open iff the customer wrote, WhatsApp did not
+        // The window, written out again: open iff the customer wrote, WhatsApp did not
         // close it after that message (a 131047 holds until a newer message than the ones
         // it knew), and now < last + window - safety margin.
         let open = contact.last_customer_message_at.is_some_and(|last| {

@@ -101,7 +101,8 @@ async fn serve_answers_sandbox_messages_and_stops_cleanly() {
     );
 }
 
-const V1: &str = r#"
+/// A one-question survey; tests change `v1:` to make a new version.
+pub(crate) const V1: &str = r#"
 flow: survey
 triggers:
   - keywords: [survey]

@@ -1419,7 +1419,7 @@ fn send_responses() {
     let paced = parse_send_response(200, &bytes("response_send_template_paced.json")).unwrap();
     assert_eq!(paced.message_status.as_deref(), Some("accepted"));
 
-    // Sent to a BSUID (FACTS.md §10.5): `user_id`, no `wa_id`.
+    // Sent to a BSUID: Meta answers with `user_id`, no `wa_id`.
     let bsuid = json!({"messaging_product":"whatsapp",
         "contacts":[{"input":BSUID,"user_id":BSUID}],"messages":[{"id":"wamid.X"}]});
     let ok = parse_send_response(200, bsuid.to_string().as_bytes()).unwrap();
