@@ -243,7 +243,7 @@ impl Scripting {
         engine.disable_symbol("eval");
         stop_after(&mut engine, limits.timeout);
         // A variable nobody set reads as `()`, so flows can ask `if: 'order_id != ()'`.
-        // Assigning to it still needs `let` (DESIGN §2.3).
+        // Assigning to it still needs `let`, as in any Rhai script.
         #[allow(deprecated)] // "volatile", not deprecated: Rhai's own wording
         engine.on_var(|name, _, ctx| Ok((!ctx.scope().contains(name)).then_some(Dynamic::UNIT)));
         engine.on_print(|text| tracing::info!(target: "flowgate::script", "{text}"));

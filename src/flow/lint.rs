@@ -10,7 +10,7 @@
 //! script's `goto` (which a script takes conditionally, as a rule), `on_error`, and `flow:`
 //! jumps to other flows.
 //!
-//! **The window lint** (DESIGN §4.6): a warning for each step that can send a free-form message
+//! **The window lint**: a warning for each step that can send a free-form message
 //! after the customer's window has closed and has no `outside_window` template to fall back
 //! on. At run time the policy layer queues such a message until the customer writes again;
 //! `check` says so while the flow is still being written.
@@ -55,7 +55,8 @@ use super::{Action, Cond, Flow, Route, Step, Target, Wait};
 use crate::config::PolicyConfig;
 use crate::diagnostic::Diagnostic;
 
-/// The window as the policy applies it (DESIGN §4.1), and the policy-level templates that
+/// The window as the policy applies it (open while `now < last customer message + window -
+/// safety_margin`), and the policy-level templates that
 /// cover steps without their own `outside_window`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {

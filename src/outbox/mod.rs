@@ -19,7 +19,7 @@
 //! how long a send sleeps); the pair limit runs on the [`Clock`](crate::clock::Clock), like
 //! the `next_attempt_at` its waits become, and so do leases and retry times.
 //!
-//! **Outcomes** go by [`GraphError::class`] (FACTS.md §3): transient errors and transport
+//! **Outcomes** go by [`GraphError::class`] (the error classes of `whatsapp::errors`): transient errors and transport
 //! failures retry with jitter, up to [`crate::whatsapp::errors::TRANSIENT_MAX_ATTEMPTS`]
 //! retries, then fail with the last error; permanent errors fail at once with the Graph code
 //! and message; `131047` fails with [`REENGAGE_REASON`] (the policy layer will turn it into
@@ -150,7 +150,7 @@ pub struct PairLimit {
 
 impl Default for PairLimit {
     /// 20 at once, then one per 6 s: under Meta's documented 1 per 6 s with bursts of up to
-    /// 45 (FACTS.md §4), so the burst of a busy conversation is not refused.
+    /// 45 to one recipient, so the burst of a busy conversation is not refused.
     fn default() -> Self {
         Self {
             burst: 20,
@@ -1008,7 +1008,7 @@ where
 }
 
 /// A phone number goes `to`, a business-scoped user id (`US.1349…`, letters in it) goes as
-/// `recipient` (FACTS.md §10.5); anything else is no recipient at all.
+/// `recipient` (the send API's field for a BSUID); anything else is no recipient at all.
 pub fn recipient_for(wa_id: &str) -> Result<Recipient, InvalidIdentifier> {
     let checked = crate::domain::recipient(wa_id)?;
     Ok(if crate::domain::is_bsuid(&checked) {

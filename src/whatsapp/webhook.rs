@@ -10,7 +10,7 @@
 //! Optional fields that are missing stay `None`; a single item that cannot be read becomes an
 //! [`Update::Malformed`] with the reason and its raw JSON, and the rest of the batch goes on.
 //! Phone numbers (`wa_id`, `from`, `recipient_id`) are optional throughout: since 2026 users
-//! with a username may arrive with only a business-scoped user id (BSUID, FACTS.md §10).
+//! with a username may arrive with only a business-scoped user id (BSUID).
 //!
 //! Every identifier that names a customer (a message's sender, a system message's old and
 //! new ids, a preference's) is checked here by `domain`'s rules (an E.164 phone, a BSUID):
