@@ -11,7 +11,7 @@ use std::time::Instant;
 use flowgate::app;
 use flowgate::clock::SystemClock;
 use flowgate::metrics;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::support::{self, Running, eventually, sign};
 
@@ -91,27 +91,7 @@ fn project(dir: &Path) -> PathBuf {
 
 /// The texts the bot answered in a sandbox turn.
 async fn sandbox(server: &Running, from: &str, text: &str) -> Vec<String> {
-    let answer: Value = server
-        .client
-        .post(format!("{}/sandbox/messages", server.base))
-        .json(&json!({"from": from, "text": text}))
-        .send()
-        .await
-        .expect("the sandbox answers")
-        .json()
-        .await
-        .unwrap();
-    answer["replies"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no replies: {answer}"))
-        .iter()
-        .map(|r| {
-            r["message"]["body"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string()
-        })
-        .collect()
+    crate::admin::sandbox_say(&server.client, &server.base, from, text).await
 }
 
 /// A signed webhook with one text message from `from`; its HTTP status.
