@@ -6,7 +6,6 @@ use crate::support;
 
 use std::path::PathBuf;
 use std::process::Output;
-use std::time::Duration;
 
 use flowgate::diagnostic::Diagnostics;
 use flowgate::templates::{Category, Registry};
@@ -58,19 +57,8 @@ impl Project {
 
     /// Runs `flowgate templates sync` with `args`, at most 60 s.
     async fn sync(&self, args: &[&str]) -> Output {
-        let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_flowgate"))
-            .arg("--config")
-            .arg(self.dir.path().join("flowgate.yaml"))
-            .args(["templates", "sync"])
-            .args(args)
-            .env("NO_COLOR", "1")
-            .env_remove("RUST_LOG")
-            .kill_on_drop(true)
-            .output();
-        tokio::time::timeout(Duration::from_secs(60), run)
-            .await
-            .expect("templates sync finishes within 60 s")
-            .expect("flowgate runs")
+        let args: Vec<&str> = ["templates", "sync"].iter().chain(args).copied().collect();
+        support::run_flowgate(&self.dir.path().join("flowgate.yaml"), &args).await
     }
 
     fn load(&self) -> Registry {

@@ -135,3 +135,20 @@ impl Running {
             .unwrap();
     }
 }
+
+/// Runs `flowgate --config CONFIG ARGS…` to its end (at most 60 s), without colours or a
+/// `RUST_LOG` from the environment.
+pub async fn run_flowgate(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_flowgate"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(std::time::Duration::from_secs(60), run)
+        .await
+        .unwrap_or_else(|_| panic!("flowgate {args:?} finishes within 60 s"))
+        .expect("flowgate runs")
+}
