@@ -141,11 +141,7 @@ fn edit() -> impl Strategy<Value = Edit> {
     prop_oneof![
         (pos, 0usize..40).prop_map(|(at, len)| Edit::Delete { at, len }),
         (pos, fragment()).prop_map(|(at, text)| Edit::Insert { at, text }),
-        (pos, 0usize..12, fragment()).prop_map(|(at, len, text)| Edit::Replace {
-            at,
-            len,
-            text
-        }),
+        (pos, 0usize..12, fragment()).prop_map(|(at, len, text)| Edit::Replace { at, len, text }),
         pos.prop_map(|line| Edit::DuplicateLine { line }),
         (pos, pos).prop_map(|(a, b)| Edit::SwapLines { a, b }),
         (pos, -4i8..=4).prop_map(|(line, by)| Edit::Indent { line, by }),

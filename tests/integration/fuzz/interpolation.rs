@@ -39,6 +39,19 @@ fn vars() -> impl Strategy<Value = Vars> {
 
 /// Renders `text` with `vars`, the way a `say` is rendered in a turn.
 fn render(text: &Text, vars: &Vars) -> Result<String, String> {
+    with_context(vars, |ctx| {
+        text.render(&SCRIPTING, ctx).map_err(|e| e.to_string())
+    })
+}
+
+/// The typed value of `text`, the way an `http` body or a `set` reads it.
+fn typed(text: &Text, vars: &Vars) -> Result<Dynamic, String> {
+    with_context(vars, |ctx| {
+        text.value(&SCRIPTING, ctx).map_err(|e| e.to_string())
+    })
+}
+
+fn with_context<T>(vars: &Vars, f: impl FnOnce(&Context<'_>) -> T) -> T {
     let contact = Dynamic::from_map(
         [("name".into(), Dynamic::from("Ana"))]
             .into_iter()
@@ -51,7 +64,7 @@ fn render(text: &Text, vars: &Vars) -> Result<String, String> {
         now: Utc.with_ymd_and_hms(2026, 1, 12, 9, 0, 0).unwrap(),
         timezone: None,
     };
-    text.render(&SCRIPTING, &ctx).map_err(|e| e.to_string())
+    f(&ctx)
 }
 
 /// Template text: literal runs, `{{`, `}}`, variable names, expressions, and noise.
@@ -112,7 +125,10 @@ proptest! {
     #[test]
     fn arbitrary_templates_never_panic(raw in template(), vars in vars()) {
         if let Ok(text) = Text::compile(&raw, &SCRIPTING) {
-            let _ = render(&text, &vars);
+            let rendered = render(&text, &vars);
+            let typed = typed(&text, &vars);
+            // Both read the same parts: one fails exactly when the other does.
+            prop_assert_eq!(rendered.is_ok(), typed.is_ok(), "{:?} vs {:?}", rendered, typed);
             prop_assert!(text.literal_len() <= raw.chars().count());
         }
     }
