@@ -545,18 +545,27 @@ impl HumanDuration {
 
 /// Why a duration did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{input}` is not a duration: write a number and a unit, e.g. 90s, 15m, 24h, 7d or 1h30m")]
+#[error("`{input}` is not a duration: {hint}")]
 pub struct DurationError {
     pub input: String,
+    pub hint: &'static str,
 }
+
+/// The longest duration flowgate reads, a hundred years: a moment plus any duration stays a
+/// date (chrono's dates end in the year 262143, and adding past that panics), and anything
+/// longer in a flow or a config is a typo.
+pub const MAX_DURATION_DAYS: i64 = 36_500;
 
 impl std::str::FromStr for HumanDuration {
     type Err = DurationError;
 
     fn from_str(input: &str) -> Result<Self, Self::Err> {
-        let err = || DurationError {
+        let error = |hint| DurationError {
             input: input.to_string(),
+            hint,
         };
+        let err = || error("write a number and a unit, e.g. 90s, 15m, 24h, 7d or 1h30m");
+        let too_long = || error("it is longer than 100 years (36500d), the most flowgate reads");
         let s = input.trim();
         if s.is_empty() {
             return Err(err());
@@ -568,16 +577,24 @@ impl std::str::FromStr for HumanDuration {
                 digits.push(c);
                 continue;
             }
-            let n: i64 = digits.parse().map_err(|_| err())?;
+            if digits.is_empty() {
+                return Err(err());
+            }
+            // All digits: a number that does not fit is too long.
+            let n: i64 = digits.parse().map_err(|_| too_long())?;
             digits.clear();
-            total += match c {
-                's' => Duration::seconds(n),
-                'm' => Duration::minutes(n),
-                'h' => Duration::hours(n),
-                'd' => Duration::days(n),
-                'w' => Duration::weeks(n),
+            let part = match c {
+                's' => Duration::try_seconds(n),
+                'm' => Duration::try_minutes(n),
+                'h' => Duration::try_hours(n),
+                'd' => Duration::try_days(n),
+                'w' => Duration::try_weeks(n),
                 _ => return Err(err()),
             };
+            total = part
+                .and_then(|part| total.checked_add(&part))
+                .filter(|t| *t <= Duration::days(MAX_DURATION_DAYS))
+                .ok_or_else(too_long)?;
         }
         if !digits.is_empty() {
             return Err(err());
@@ -615,6 +632,33 @@ pub fn format_duration(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the fuzz tests: `99999999999999d` (in a `wait:`, a `timeout:` or the config)
+    /// panicked in chrono instead of being refused.
+    #[test]
+    fn duration_99999999999999d_is_refused_not_a_panic() {
+        for input in [
+            "99999999999999d",
+            "99999999999w",
+            "36501d",
+            "36500d1s",
+            "9999999999999999999999s",
+        ] {
+            let e = input.parse::<HumanDuration>().unwrap_err();
+            assert!(
+                e.to_string().contains("longer than 100 years"),
+                "{input}: {e}"
+            );
+        }
+        assert_eq!(
+            "36500d".parse::<HumanDuration>().unwrap(),
+            HumanDuration(Duration::days(36_500))
+        );
+        for input in ["12x", "h", "1hh", "-1h"] {
+            let e = input.parse::<HumanDuration>().unwrap_err();
+            assert!(e.to_string().contains("e.g. 90s"), "{input}: {e}");
+        }
+    }
 
     #[test]
     fn identifiers_follow_one_rule() {

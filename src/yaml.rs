@@ -13,19 +13,32 @@ use crate::diagnostic::{Diagnostic, Loc};
 /// Parses `text` (the contents of `file`) into `T`, or a diagnostic pointing at the problem.
 pub fn parse<T: de::DeserializeOwned>(file: &str, text: &str) -> Result<T, Box<Diagnostic>> {
     serde_saphyr::from_str::<T>(text).map_err(|e| {
-        let loc = e.location().map(|l| {
-            let mut loc = Loc::from_yaml(&l);
-            if loc.len == 0 {
-                loc = Loc::at(text, loc.line, loc.col, 1);
-            }
-            loc
-        });
+        let loc = e.location().map(|l| error_loc(text, &l));
         let message = clean_message(&e.without_snippet().to_string());
         let help = misspelled_field(&message);
         let mut d = Diagnostic::error(file, loc, message);
         d.help = help;
         Box::new(d)
     })
+}
+
+/// Where an error points, in bytes of `text`. Errors of the scanner (a control character, a
+/// bad escape) carry a span in characters only, which as a byte offset points before the
+/// problem, or inside a character, when the text before it is not ASCII: those are found again
+/// from their line and column.
+fn error_loc(text: &str, l: &serde_saphyr::Location) -> Loc {
+    let loc = Loc::from_yaml(l);
+    if loc.len > 0 && l.span().byte_offset().is_some() {
+        return loc;
+    }
+    let mut at = Loc::at(text, loc.line, loc.col, 0);
+    at.len = text[at.offset..]
+        .chars()
+        .take(loc.len.max(1))
+        .map(char::len_utf8)
+        .sum::<usize>()
+        .max(1);
+    at
 }
 
 /// "did you mean …?" for serde's "unknown field `sya`, expected one of say, buttons, …".
@@ -229,6 +242,24 @@ impl fmt::Debug for Secret {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the fuzz tests: the scanner's character offset was taken for a byte offset, so
+    /// after `¡` (two bytes) the caret fell inside a character and before the NUL.
+    #[test]
+    fn nul_after_inverted_exclamation_points_at_the_nul() {
+        let text = "¡\0";
+        let d = parse::<serde_json::Value>("f.yaml", text).unwrap_err();
+        let loc = d.loc.expect("a located error");
+        assert_eq!(
+            (loc.line, loc.col, loc.offset, loc.len),
+            (1, 2, 2, 1),
+            "{d:?}"
+        );
+        let text = "a: é\nb: \u{7f}";
+        let d = parse::<serde_json::Value>("f.yaml", text).unwrap_err();
+        let loc = d.loc.expect("a located error");
+        assert_eq!(&text[loc.offset..loc.offset + loc.len], "\u{7f}", "{d:?}");
+    }
 
     #[test]
     fn expands_variables_with_defaults() {

@@ -8,6 +8,7 @@ mod check;
 mod contacts_import;
 mod conversations;
 mod crash;
+mod fuzz;
 mod hardening;
 mod outbox;
 mod policy;
