@@ -907,21 +907,7 @@ impl Db {
         let mut tags: Vec<&str> = tags.iter().map(String::as_str).collect();
         tags.sort_unstable();
         tags.dedup();
-        let tag_clause = if tags.is_empty() {
-            String::new()
-        } else {
-            format!(
-                " AND (SELECT COUNT(DISTINCT t.value) FROM json_each(contacts.tags) t \
-                    WHERE t.value IN ({})) = {}",
-                placeholders(5, tags.len()),
-                tags.len()
-            )
-        };
-        let sql = format!(
-            "SELECT id, wa_id, name, tags, attrs, timezone, last_customer_message_at, policy \
-            FROM contacts WHERE channel = $1 AND id > $2 AND created_at <= $3{tag_clause} \
-            ORDER BY id LIMIT $4"
-        );
+        let sql = audience_sql(tags.len());
         let raw: Vec<AudienceRaw> = with_pool!(self, |pool| {
             let mut q = sqlx::query_as(&sql)
                 .bind(channel)
@@ -935,6 +921,28 @@ impl Db {
         });
         raw.into_iter().map(audience_contact).collect()
     }
+}
+
+/// [`Db::audience_page`]'s query for `tag_count` tags (bound from `$5`).
+///
+/// `+channel` walks the table in id order from the page's `after_id`: with the (channel,
+/// wa_id) index SQLite read every contact of the channel and sorted them for every page, and
+/// a million-contact audience took minutes instead of seconds.
+fn audience_sql(tag_count: usize) -> String {
+    let tag_clause = if tag_count == 0 {
+        String::new()
+    } else {
+        format!(
+            " AND (SELECT COUNT(DISTINCT t.value) FROM json_each(contacts.tags) t \
+                WHERE t.value IN ({})) = {tag_count}",
+            placeholders(5, tag_count),
+        )
+    };
+    format!(
+        "SELECT id, wa_id, name, tags, attrs, timezone, last_customer_message_at, policy \
+        FROM contacts WHERE +channel = $1 AND id > $2 AND created_at <= $3{tag_clause} \
+        ORDER BY id LIMIT $4"
+    )
 }
 
 fn audience_contact(raw: AudienceRaw) -> Result<(i64, Contact), StoreError> {
@@ -956,7 +964,8 @@ mod tests {
     use crate::store::outbox::tests::plan;
 
     /// The dispatcher's batches and the scheduler's question read their indexes, not the
-    /// whole ledger or every campaign.
+    /// whole ledger or every campaign; an audience page walks contacts in id order from
+    /// where the last page ended, never sorting the channel's contacts.
     #[tokio::test]
     async fn batches_and_due_campaigns_read_their_indexes() {
         let db = memory_db().await;
@@ -966,6 +975,12 @@ mod tests {
             "{pending}"
         );
         assert!(!pending.contains("TEMP B-TREE"), "{pending}");
+        let audience = plan(&db, &audience_sql(2)).await;
+        assert!(
+            audience.contains("SEARCH contacts USING INTEGER PRIMARY KEY (rowid>?)"),
+            "{audience}"
+        );
+        assert!(!audience.contains("TEMP B-TREE FOR ORDER BY"), "{audience}");
         let due = plan(&db, &due_sql()).await;
         assert!(due.contains("USING INDEX campaigns_due"), "{due}");
         assert!(!due.contains("TEMP B-TREE"), "{due}");

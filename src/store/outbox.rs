@@ -494,7 +494,10 @@ impl Db {
     }
 
     /// Stops `channel`'s sender (an account-level error) until [`Db::resume_channel`]:
-    /// nothing of the channel is claimed meanwhile.
+    /// nothing of the channel is claimed meanwhile. In the same transaction every campaign
+    /// on the channel is paused with the reason: a campaign must not start sending again
+    /// when an operator resumes the channel, a marketer resumes it on purpose (WhatsApp's
+    /// 131048 is about the number's marketing, and the next run would meet it again).
     pub async fn stop_channel(
         &self,
         channel: &str,
@@ -502,20 +505,35 @@ impl Db {
         reason: &str,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        const SQL: &str = "INSERT INTO channel_state (channel, stopped_reason, stopped_code, \
+        const STOP: &str = "INSERT INTO channel_state (channel, stopped_reason, stopped_code, \
                 stopped_at, updated_at) \
             VALUES ($1, $2, $3, $4, $4) \
             ON CONFLICT (channel) DO UPDATE SET stopped_reason = excluded.stopped_reason, \
                 stopped_code = excluded.stopped_code, stopped_at = excluded.stopped_at, \
                 updated_at = excluded.updated_at";
-        with_writer!(self, own(channel, reason), |pool| {
-            sqlx::query(SQL)
-                .bind(channel)
-                .bind(reason)
+        const PAUSE: &str = "UPDATE campaigns SET paused = 1, pause_reason = $2, updated_at = $3 \
+            WHERE channel = $1 AND paused = 0";
+        let pause_reason = format!(
+            "the channel `{channel}` stopped on an account-level WhatsApp error ({reason}); \
+             resume the campaign once the channel sends again"
+        );
+        let now = now.timestamp_millis();
+        with_writer!(self, own(channel, reason, pause_reason), |pool| {
+            let mut tx = sqlx::Connection::begin(&mut *pool).await?;
+            sqlx::query(STOP)
+                .bind(&channel)
+                .bind(&reason)
                 .bind(code)
-                .bind(now.timestamp_millis())
-                .execute(pool)
+                .bind(now)
+                .execute(&mut *tx)
                 .await?;
+            sqlx::query(PAUSE)
+                .bind(&channel)
+                .bind(&pause_reason)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
         });
         Ok(())
     }

@@ -17,7 +17,7 @@ use flowgate::config::ChannelConfig;
 use flowgate::dispatch::Runtime;
 use flowgate::domain::{Inbound, InboundContent};
 use flowgate::outbox::{PairLimit, REENGAGE_REASON, Sender, SenderOptions, gauges};
-use flowgate::store::OutboxEntry;
+use flowgate::store::{CampaignOrigin, NewCampaign, OutboxEntry};
 use flowgate::whatsapp::client::{Client, Endpoint, http_client};
 use flowgate::whatsapp::errors::TRANSIENT_MAX_ATTEMPTS;
 use serde_json::{Value, json};
@@ -1094,6 +1094,20 @@ async fn account_error_stops_the_channel(code: i64, channel: &'static str) {
     .start()
     .await;
     h.fake.script(Script::always(Reply::graph_error(code)));
+    for (name, on) in [("sale_here", h.name()), ("sale_elsewhere", "another")] {
+        let campaign = NewCampaign {
+            name,
+            channel: on,
+            source: "campaign: sale",
+            origin: CampaignOrigin::Api,
+            next_run_at: None,
+        };
+        h.runtime
+            .db
+            .save_campaign(&campaign, h.now())
+            .await
+            .unwrap();
+    }
     let mut rows = Vec::new();
     for wa_id in [ANA, BEN, CAL] {
         rows.extend(h.customer(wa_id, "text").await.1);
@@ -1120,6 +1134,19 @@ async fn account_error_stops_the_channel(code: i64, channel: &'static str) {
         assert_eq!(e.lease_owner, None);
     }
     assert_eq!(h.entry(rows[0]).await.error_code, Some(code));
+    // Every campaign on the number is paused with why; another number's goes on.
+    let here = h.runtime.db.campaign("sale_here").await.unwrap().unwrap();
+    assert!(here.paused);
+    let why = here.pause_reason.unwrap();
+    assert!(why.contains(&format!("WhatsApp error {code} ")), "{why}");
+    let elsewhere = h
+        .runtime
+        .db
+        .campaign("sale_elsewhere")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!elsewhere.paused);
     assert_eq!(
         flowgate::metrics::counter_value("flowgate_channel_stops_total", &[("channel", channel)]),
         1
