@@ -1,6 +1,8 @@
 //! One flow file into a [`Flow`]: every reference resolved, every regex and Rhai snippet
 //! compiled, WhatsApp's limits checked on literal text. Problems become diagnostics at the
-//! key or value involved; a flow with errors is not returned.
+//! key or value involved. A flow with errors is not returned to run; when its steps still
+//! hold together (an unknown key, a bad regex) it is returned as [`Compiled::partial`], so
+//! `check` lints it and other flows may name it.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -22,7 +24,7 @@ use crate::diagnostic::{Diagnostic, Diagnostics, Loc, did_you_mean};
 use crate::domain::{HumanDuration, limits};
 use crate::script::{self, ScriptError, Scripting, Spot};
 use crate::templates::{Registry, Status, Template};
-use crate::yaml::{self, loc};
+use crate::yaml::loc;
 
 /// Finds a script file by the name a flow gives it: `(path for messages, text)`.
 pub type ScriptSource<'a> = &'a dyn Fn(&str) -> Result<(String, String), String>;
@@ -38,6 +40,9 @@ pub struct FlowRef {
 #[derive(Debug, Default)]
 pub struct Compiled {
     pub flow: Option<Flow>,
+    /// The flow read despite its errors (unknown keys left out), for the checks over all
+    /// flows and the window lint; never run.
+    pub partial: Option<Flow>,
     pub flow_refs: Vec<FlowRef>,
     /// The `flow:` id and its location, even when the flow has errors (for duplicate checks).
     pub id: Option<(String, Loc)>,
@@ -57,12 +62,13 @@ pub fn compile_flow(
 ) -> Compiled {
     let mut out = Compiled::default();
     out.diagnostics.add_source(file, Arc::from(text));
-    let raw: RawFlow = match yaml::parse(file, text) {
-        Ok(raw) => raw,
-        Err(d) => {
-            out.diagnostics.push(*d);
-            return out;
-        }
+    let (raw, errors) = super::recover::parse_past_unknown_keys::<RawFlow>(file, text);
+    for error in errors {
+        out.diagnostics.push(error);
+    }
+    let Some(raw) = raw else {
+        out.id = super::recover::flow_id(text);
+        return out;
     };
     out.id = Some((raw.flow.value.clone(), loc(&raw.flow)));
     let mut c = Compiler {
@@ -86,7 +92,9 @@ pub fn compile_flow(
     let flow = c.flow(&raw);
     out.flow_refs = std::mem::take(&mut c.flow_refs);
     out.keyword_locs = std::mem::take(&mut c.keyword_locs);
-    if !out.diagnostics.has_errors() {
+    if out.diagnostics.has_errors() {
+        out.partial = flow;
+    } else {
         out.flow = flow;
     }
     out

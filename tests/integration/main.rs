@@ -5,6 +5,7 @@
 mod admin;
 mod campaigns;
 mod check;
+mod check_root_cause;
 mod contacts_import;
 mod conversations;
 mod crash;
