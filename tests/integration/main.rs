@@ -13,6 +13,7 @@ mod hardening;
 mod outbox;
 mod policy;
 mod policy_properties;
+mod readme;
 mod reload;
 mod scripts;
 mod serve;
