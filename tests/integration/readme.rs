@@ -176,6 +176,11 @@ async fn the_chat_transcript_is_what_chat_prints() {
     transcript("chat", &root()).await;
 }
 
+#[tokio::test]
+async fn the_test_transcript_is_what_test_prints() {
+    transcript("test", &root()).await;
+}
+
 /// The README's example of the window warning: the shipped `order_status` without its
 /// `follow_up` step's `outside_window`.
 #[tokio::test]
