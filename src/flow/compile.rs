@@ -1,8 +1,8 @@
 //! One flow file into a [`Flow`]: every reference resolved, every regex and Rhai snippet
 //! compiled, WhatsApp's limits checked on literal text. Problems become diagnostics at the
-//! key or value involved. A flow with errors is not returned to run; when its steps still
-//! hold together (an unknown key, a bad regex) it is returned as [`Compiled::partial`], so
-//! `check` lints it and other flows may name it.
+//! key or value involved. A flow with errors is not returned to run; unless it has no steps
+//! or no valid start, it is returned as [`Compiled::partial`] (a step with an error stands
+//! in as one that does nothing), so `check` still lints it and other flows may name it.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -100,6 +100,25 @@ pub fn compile_flow(
     out
 }
 
+/// The stand-in for a step with an error: it sends nothing and ends the flow. Only in a
+/// partial flow, which never runs.
+fn placeholder(key: &Spanned<String>) -> Step {
+    Step {
+        id: key.value.clone(),
+        loc: loc(key),
+        action_loc: loc(key),
+        wait: None,
+        set: Vec::new(),
+        tag: Vec::new(),
+        untag: Vec::new(),
+        action: Action::None,
+        handoff: None,
+        route: Route::End,
+        on_error: None,
+        outside_window: None,
+    }
+}
+
 struct Compiler<'a> {
     file: &'a str,
     text: &'a str,
@@ -146,20 +165,25 @@ impl<'a> Compiler<'a> {
             .iter()
             .filter_map(|t| self.trigger(t))
             .collect();
-        let mut steps = Vec::new();
+        let (mut steps, mut broken) = (Vec::new(), false);
         for (index, (key, step)) in raw.steps.value.0.iter().enumerate() {
             if !valid_name(&key.value) {
                 self.error(loc(key), format!("`{}` is not a valid step id", key.value))
                     .help = Some("use letters, digits, `_` and `-`".into());
             }
-            if let Some(step) = self.step(index, key, step) {
-                steps.push(step);
+            match self.step(index, key, step) {
+                Some(step) => steps.push(step),
+                None => {
+                    broken = true;
+                    steps.push(placeholder(key));
+                }
             }
         }
-        if steps.len() != self.step_ids.len() {
-            return None;
+        // A step with an error stands in as one that does nothing, so the rest of the flow
+        // is still linted (as a partial flow); what only it reaches is not "unreachable".
+        if !broken {
+            self.unreachable(&raw.steps.value.0, &steps, start);
         }
-        self.unreachable(&raw.steps.value.0, &steps, start);
         let mut hasher = Sha256::new();
         hasher.update(self.text.as_bytes());
         for (name, _, text) in &self.script_bundle {

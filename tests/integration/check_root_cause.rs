@@ -97,6 +97,35 @@ async fn a_misspelled_key_comes_first_and_the_flow_is_still_linted() {
     assert!(stdout.ends_with("1 error, 1 warning\n"), "{stdout}");
 }
 
+/// A step with an error (a `goto` to a step that does not exist) does not hide the rest of
+/// its flow from the window lint.
+#[tokio::test]
+async fn a_flow_with_a_broken_step_is_still_linted() {
+    let dir = tempfile::tempdir().unwrap();
+    let orders = ORDERS_WITH_A_TYPO.replace(
+        "    sav: order_id\n    next: later\n",
+        "    save: order_id\n    next: later\n  broken:\n    say: \"?\"\n    goto: nowhere\n",
+    );
+    let config = project(
+        dir.path(),
+        "flows: flows\n",
+        &[("flows/menu.yaml", MENU), ("flows/orders.yaml", &orders)],
+    );
+    let (code, stdout) = check(&config).await;
+    assert_eq!(code, Some(1), "{stdout}");
+    let heads = headlines(&stdout);
+    assert!(
+        heads[0].contains("there is no step `nowhere` in this flow"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("step `later` runs after `wait: 26h`"),
+        "the window warning of the flow with the broken step:\n{stdout}"
+    );
+    assert!(!stdout.contains("there is no flow"), "{stdout}");
+    assert!(stdout.ends_with("1 error, 1 warning\n"), "{stdout}");
+}
+
 #[tokio::test]
 async fn a_flow_that_did_not_load_is_named_after_its_own_error() {
     let dir = tempfile::tempdir().unwrap();
