@@ -25,6 +25,9 @@ pub struct Project {
     /// Flows read despite their errors (see [`Compiled::partial`]): checked and linted with
     /// the others, never run (a project with an error does not start).
     pub partial: Vec<Arc<Flow>>,
+    /// The ids of flows whose file has an error and could not be read at all (the `flow:`
+    /// id read on its own): a campaign naming one is not another error.
+    pub unloaded: Vec<String>,
     pub templates: Registry,
     /// The campaigns (empty when any campaign has an error).
     pub campaigns: Vec<Arc<Campaign>>,
@@ -118,7 +121,11 @@ fn load_campaigns(
         channels: &config.channels,
     };
     let checked = project.checked_flows();
-    let flow_ids: Vec<&str> = checked.iter().map(|f| f.id.as_str()).collect();
+    let flow_ids: Vec<&str> = checked
+        .iter()
+        .map(|f| f.id.as_str())
+        .chain(project.unloaded.iter().map(String::as_str))
+        .collect();
     let (campaigns, found) = campaign::compile::compile_campaigns(&sources, &env, &flow_ids);
     diags.extend(found);
     project.campaigns = campaigns;
@@ -222,6 +229,12 @@ fn compile_sources(
             keyword_locs.push(std::mem::take(&mut c.keyword_locs));
         }
     }
+    let unloaded = compiled
+        .iter()
+        .zip(&loaded)
+        .filter(|(_, ok)| !**ok)
+        .filter_map(|(c, _)| c.id.as_ref().map(|(id, _)| id.clone()))
+        .collect();
     let checked: Vec<Arc<Flow>> = flows.iter().chain(&partial).cloned().collect();
     trigger_conflicts(&checked, &keyword_locs, &mut diags);
     for error in sending_loops(&checked) {
@@ -230,6 +243,7 @@ fn compile_sources(
     Project {
         flows,
         partial,
+        unloaded,
         templates,
         campaigns: Vec::new(),
         diagnostics: diags,

@@ -133,10 +133,21 @@ async fn a_flow_that_did_not_load_is_named_after_its_own_error() {
         "    sav: order_id\n",
         "    save: order_id\n    attempts: three\n",
     );
+    let root_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let campaign = std::fs::read_to_string(root_dir.join("examples/campaigns/spring_sale.yaml"))
+        .unwrap()
+        .replace("on_reply: main_menu", "on_reply: orders");
     let config = project(
         dir.path(),
-        "flows: flows\nfallback: orders\n",
-        &[("flows/menu.yaml", MENU), ("flows/orders.yaml", &orders)],
+        &format!(
+            "flows: flows\nfallback: orders\ntemplates: {}\n",
+            root_dir.join("templates.yaml").display()
+        ),
+        &[
+            ("flows/menu.yaml", MENU),
+            ("flows/orders.yaml", &orders),
+            ("campaigns/spring.yaml", &campaign),
+        ],
     );
     let (code, stdout) = check(&config).await;
     assert_eq!(code, Some(1), "{stdout}");
@@ -162,7 +173,10 @@ async fn a_flow_that_did_not_load_is_named_after_its_own_error() {
         heads[1..].iter().all(|h| h.contains("did not load")),
         "{stdout}"
     );
-    assert!(!stdout.contains("there is no flow"), "{stdout}");
+    assert!(
+        !stdout.contains("there is no flow"),
+        "neither the menu nor the campaign's `on_reply` is an error of its own:\n{stdout}"
+    );
     assert!(!stdout.contains("does not exist"), "{stdout}");
 }
 
