@@ -343,6 +343,65 @@ struct RawConfig {
     limits: Option<LimitsConfig>,
 }
 
+/// Every key `flowgate.yaml` accepts, as dotted paths (`policy.outside_window.template`;
+/// a list's entries add no segment). The names come from the same serde shapes that refuse
+/// unknown keys and suggest the nearest one, so this list cannot drift from what loads;
+/// only which key holds which section is written here. `examples/flowgate.yaml` must show
+/// every one (a test checks).
+pub fn keys() -> Vec<String> {
+    let sections: [(&str, &[&str]); 9] = [
+        ("", fields::<RawConfig>()),
+        ("channels", fields::<ChannelConfig>()),
+        ("policy", fields::<PolicyConfig>()),
+        ("policy.outside_window", fields::<FallbackTemplate>()),
+        ("admin", fields::<AdminConfig>()),
+        ("outbox", fields::<OutboxConfig>()),
+        ("metrics", fields::<MetricsConfig>()),
+        ("log", fields::<LogConfig>()),
+        ("limits", fields::<LimitsConfig>()),
+    ];
+    let mut keys = Vec::new();
+    for (section, names) in sections {
+        for name in names {
+            keys.push(match section {
+                "" => name.to_string(),
+                _ => format!("{section}.{name}"),
+            });
+        }
+    }
+    keys
+}
+
+/// The field names serde's derive gives a struct (what `deny_unknown_fields` accepts):
+/// asked of the derived `Deserialize` with a deserializer that only listens.
+fn fields<T: for<'de> Deserialize<'de>>() -> &'static [&'static str] {
+    use serde::de::{Error as _, Visitor};
+    struct Listener<'a>(&'a std::cell::Cell<&'static [&'static str]>);
+    impl<'de> serde::Deserializer<'de> for Listener<'_> {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(Self::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            self.0.set(fields);
+            Err(Self::Error::custom("fields read"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
+    }
+    let found = std::cell::Cell::new(&[][..]);
+    let _ = T::deserialize(Listener(&found));
+    found.get()
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -582,6 +641,29 @@ mod tests {
         let err = Config::from_str("f.yaml", "limits:\n  messages_per_turn: 0\n", Path::new(""))
             .unwrap_err();
         assert!(err.items[0].message.contains("messages_per_turn"));
+    }
+
+    #[test]
+    fn keys_are_the_loaders_own() {
+        let keys = keys();
+        for key in [
+            "database",
+            "channels.webhook_secret",
+            "policy.outside_window.origin",
+        ] {
+            assert!(keys.iter().any(|k| k == key), "{key} in {keys:?}");
+        }
+        assert!(keys.iter().any(|k| k == "limits.messages_per_turn"));
+        // Each section's names are exactly what the loader accepts: one more is refused.
+        for key in keys.iter().filter(|k| !k.contains('.')) {
+            let text = format!("{key}: ~\nextra: 1\n");
+            let err = Config::from_str("f.yaml", &text, Path::new("")).unwrap_err();
+            assert!(
+                err.items.iter().any(|d| d.message.contains(key.as_str())),
+                "`{key}` is among the accepted keys the loader names: {:?}",
+                err.items
+            );
+        }
     }
 
     #[test]

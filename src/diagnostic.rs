@@ -70,6 +70,9 @@ pub struct Diagnostic {
     /// A short note under the caret.
     pub label: Option<String>,
     pub help: Option<String>,
+    /// The position (`file:line:col`) of the error this one follows from, e.g. a reference
+    /// to a flow that did not load: listed after the errors it follows from.
+    pub follows_from: Option<String>,
 }
 
 impl Diagnostic {
@@ -81,6 +84,7 @@ impl Diagnostic {
             loc,
             label: None,
             help: None,
+            follows_from: None,
         }
     }
 
@@ -98,6 +102,12 @@ impl Diagnostic {
 
     pub fn with_help(mut self, help: impl Into<String>) -> Self {
         self.help = Some(help.into());
+        self
+    }
+
+    /// Marks this as a consequence of the error at `position`.
+    pub fn following(mut self, position: impl Into<String>) -> Self {
+        self.follows_from = Some(position.into());
         self
     }
 
@@ -153,11 +163,14 @@ impl Diagnostics {
         self.errors() > 0
     }
 
-    /// Sorted by file and position, errors and warnings interleaved as they occur in the file.
+    /// Root causes first: sorted by file and position, errors and warnings interleaved as
+    /// they occur in the file; then the diagnostics that follow from another error
+    /// ([`Diagnostic::follows_from`]), in the same order.
     pub fn sorted(&self) -> Vec<&Diagnostic> {
         let mut items: Vec<&Diagnostic> = self.items.iter().collect();
         items.sort_by_key(|d| {
             (
+                d.follows_from.is_some(),
                 d.file.clone(),
                 d.loc.map(|l| (l.line, l.col)).unwrap_or_default(),
                 d.severity,
@@ -234,17 +247,25 @@ impl Diagnostics {
     }
 }
 
-/// Suggests the closest candidate to a misspelled name ("did you mean …?").
+/// Suggests the closest candidate to a misspelled name ("did you mean …?"). Of two equally
+/// close, the one sharing the longer beginning wins: a dropped last letter (`sav`) is a
+/// likelier typo than a changed one, so `save` before `say`.
 pub fn did_you_mean<'a>(
     name: &str,
     candidates: impl IntoIterator<Item = &'a str>,
 ) -> Option<String> {
-    let mut best: Option<(usize, &str)> = None;
+    let mut best: Option<((usize, usize), &str)> = None;
     for candidate in candidates {
         let distance = edit_distance(name, candidate);
         let limit = (name.chars().count().max(candidate.chars().count()) / 3).max(1);
-        if distance <= limit && best.is_none_or(|(d, _)| distance < d) {
-            best = Some((distance, candidate));
+        let shared = name
+            .chars()
+            .zip(candidate.chars())
+            .take_while(|(a, b)| a == b)
+            .count();
+        let rank = (distance, usize::MAX - shared);
+        if distance <= limit && best.is_none_or(|(r, _)| rank < r) {
+            best = Some((rank, candidate));
         }
     }
     best.map(|(_, c)| format!("did you mean `{c}`?"))
@@ -292,6 +313,26 @@ mod tests {
             did_you_mean("emial", ["any", "number", "email"]).as_deref(),
             Some("did you mean `email`?")
         );
+        // Equally close: the longer shared beginning wins, whatever the order.
+        for candidates in [["say", "save"], ["save", "say"]] {
+            assert_eq!(
+                did_you_mean("sav", candidates).as_deref(),
+                Some("did you mean `save`?")
+            );
+        }
+    }
+
+    #[test]
+    fn consequences_sort_after_root_causes() {
+        let mut diags = Diagnostics::default();
+        diags.push(
+            Diagnostic::error("a.yaml", Some(Loc::at("x\n", 1, 1, 1)), "no flow `b`")
+                .following("b.yaml:3:5"),
+        );
+        diags.push(Diagnostic::warning("c.yaml", None, "late"));
+        diags.push(Diagnostic::error("b.yaml", None, "unknown field"));
+        let order: Vec<&str> = diags.sorted().iter().map(|d| d.file.as_str()).collect();
+        assert_eq!(order, ["b.yaml", "c.yaml", "a.yaml"]);
     }
 
     #[test]

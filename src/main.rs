@@ -59,6 +59,9 @@ enum Command {
         /// The customer's number.
         #[arg(long, default_value = "15550001234")]
         from: String,
+        /// Where the virtual clock starts, e.g. 2026-12-03T09:00:00Z (default: now).
+        #[arg(long)]
+        at: Option<chrono::DateTime<chrono::Utc>>,
     },
     /// Run conversation tests (default: tests/conversations and *.test.yaml beside the flows).
     Test { paths: Vec<PathBuf> },
@@ -160,7 +163,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check => Ok(check(config)),
         Command::Test { paths } => test(config, &paths).await,
         Command::Migrate => migrate(config).await,
-        Command::Chat { from } => chat(config, &from).await,
+        Command::Chat { from, at } => chat(config, &from, at).await,
         Command::Serve { watch } => serve(config, watch).await,
         Command::Templates {
             command: TemplatesCommand::Sync { channel },
@@ -264,11 +267,18 @@ async fn contacts_import(
 }
 
 /// The terminal chat: reads lines until end of input or `/quit`, printing what each did.
-async fn chat(config: Option<&Path>, from: &str) -> anyhow::Result<ExitCode> {
+async fn chat(
+    config: Option<&Path>,
+    from: &str,
+    at: Option<chrono::DateTime<chrono::Utc>>,
+) -> anyhow::Result<ExitCode> {
     let Some(loaded) = load(config) else {
         return Ok(ExitCode::FAILURE);
     };
-    let chat = Chat::start(&loaded, from).await?;
+    let chat = match at {
+        Some(at) => Chat::start_at(&loaded, from, at).await?,
+        None => Chat::start(&loaded, from).await?,
+    };
     print!("{}", chat.greeting());
     let stdin = std::io::stdin();
     let mut line = String::new();

@@ -91,7 +91,17 @@ pub struct Chat {
 impl Chat {
     /// Starts the runtime on an in-memory database, its clock at the system's time.
     pub async fn start(loaded: &Loaded, from: &str) -> Result<Self, ChatError> {
-        let clock = Arc::new(VirtualClock::new(SystemClock.now()));
+        Self::start_at(loaded, from, SystemClock.now()).await
+    }
+
+    /// [`Chat::start`] with the virtual clock at `at` (`chat --at`): a given weekday or
+    /// hour to try, and a transcript that prints the same every time.
+    pub async fn start_at(
+        loaded: &Loaded,
+        from: &str,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Self, ChatError> {
+        let clock = Arc::new(VirtualClock::new(at));
         let runtime = loaded.runtime("sqlite::memory:", clock.clone()).await?;
         Ok(Self {
             runtime,

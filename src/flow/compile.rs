@@ -1,6 +1,8 @@
 //! One flow file into a [`Flow`]: every reference resolved, every regex and Rhai snippet
 //! compiled, WhatsApp's limits checked on literal text. Problems become diagnostics at the
-//! key or value involved; a flow with errors is not returned.
+//! key or value involved. A flow with errors is not returned to run; unless it has no steps
+//! or no valid start, it is returned as [`Compiled::partial`] (a step with an error stands
+//! in as one that does nothing), so `check` still lints it and other flows may name it.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -22,7 +24,7 @@ use crate::diagnostic::{Diagnostic, Diagnostics, Loc, did_you_mean};
 use crate::domain::{HumanDuration, limits};
 use crate::script::{self, ScriptError, Scripting, Spot};
 use crate::templates::{Registry, Status, Template};
-use crate::yaml::{self, loc};
+use crate::yaml::loc;
 
 /// Finds a script file by the name a flow gives it: `(path for messages, text)`.
 pub type ScriptSource<'a> = &'a dyn Fn(&str) -> Result<(String, String), String>;
@@ -38,6 +40,9 @@ pub struct FlowRef {
 #[derive(Debug, Default)]
 pub struct Compiled {
     pub flow: Option<Flow>,
+    /// The flow read despite its errors (unknown keys left out), for the checks over all
+    /// flows and the window lint; never run.
+    pub partial: Option<Flow>,
     pub flow_refs: Vec<FlowRef>,
     /// The `flow:` id and its location, even when the flow has errors (for duplicate checks).
     pub id: Option<(String, Loc)>,
@@ -57,12 +62,13 @@ pub fn compile_flow(
 ) -> Compiled {
     let mut out = Compiled::default();
     out.diagnostics.add_source(file, Arc::from(text));
-    let raw: RawFlow = match yaml::parse(file, text) {
-        Ok(raw) => raw,
-        Err(d) => {
-            out.diagnostics.push(*d);
-            return out;
-        }
+    let (raw, errors) = super::recover::parse_past_unknown_keys::<RawFlow>(file, text);
+    for error in errors {
+        out.diagnostics.push(error);
+    }
+    let Some(raw) = raw else {
+        out.id = super::recover::flow_id(text);
+        return out;
     };
     out.id = Some((raw.flow.value.clone(), loc(&raw.flow)));
     let mut c = Compiler {
@@ -86,10 +92,31 @@ pub fn compile_flow(
     let flow = c.flow(&raw);
     out.flow_refs = std::mem::take(&mut c.flow_refs);
     out.keyword_locs = std::mem::take(&mut c.keyword_locs);
-    if !out.diagnostics.has_errors() {
+    if out.diagnostics.has_errors() {
+        out.partial = flow;
+    } else {
         out.flow = flow;
     }
     out
+}
+
+/// The stand-in for a step with an error: it sends nothing and ends the flow. Only in a
+/// partial flow, which never runs.
+fn placeholder(key: &Spanned<String>) -> Step {
+    Step {
+        id: key.value.clone(),
+        loc: loc(key),
+        action_loc: loc(key),
+        wait: None,
+        set: Vec::new(),
+        tag: Vec::new(),
+        untag: Vec::new(),
+        action: Action::None,
+        handoff: None,
+        route: Route::End,
+        on_error: None,
+        outside_window: None,
+    }
 }
 
 struct Compiler<'a> {
@@ -138,20 +165,25 @@ impl<'a> Compiler<'a> {
             .iter()
             .filter_map(|t| self.trigger(t))
             .collect();
-        let mut steps = Vec::new();
+        let (mut steps, mut broken) = (Vec::new(), false);
         for (index, (key, step)) in raw.steps.value.0.iter().enumerate() {
             if !valid_name(&key.value) {
                 self.error(loc(key), format!("`{}` is not a valid step id", key.value))
                     .help = Some("use letters, digits, `_` and `-`".into());
             }
-            if let Some(step) = self.step(index, key, step) {
-                steps.push(step);
+            match self.step(index, key, step) {
+                Some(step) => steps.push(step),
+                None => {
+                    broken = true;
+                    steps.push(placeholder(key));
+                }
             }
         }
-        if steps.len() != self.step_ids.len() {
-            return None;
+        // A step with an error stands in as one that does nothing, so the rest of the flow
+        // is still linted (as a partial flow); what only it reaches is not "unreachable".
+        if !broken {
+            self.unreachable(&raw.steps.value.0, &steps, start);
         }
-        self.unreachable(&raw.steps.value.0, &steps, start);
         let mut hasher = Sha256::new();
         hasher.update(self.text.as_bytes());
         for (name, _, text) in &self.script_bundle {

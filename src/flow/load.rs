@@ -22,10 +22,23 @@ use crate::templates::Registry;
 #[derive(Debug, Default)]
 pub struct Project {
     pub flows: Vec<Arc<Flow>>,
+    /// Flows read despite their errors (see [`Compiled::partial`]): checked and linted with
+    /// the others, never run (a project with an error does not start).
+    pub partial: Vec<Arc<Flow>>,
+    /// The ids of flows whose file has an error and could not be read at all (the `flow:`
+    /// id read on its own): a campaign naming one is not another error.
+    pub unloaded: Vec<String>,
     pub templates: Registry,
     /// The campaigns (empty when any campaign has an error).
     pub campaigns: Vec<Arc<Campaign>>,
     pub diagnostics: Diagnostics,
+}
+
+impl Project {
+    /// The flows `check` checks: those that run, then those read despite their errors.
+    pub fn checked_flows(&self) -> Vec<Arc<Flow>> {
+        self.flows.iter().chain(&self.partial).cloned().collect()
+    }
 }
 
 /// Loads the flows, scripts, templates and campaigns the config names.
@@ -60,10 +73,11 @@ pub fn load_project(config: &Config, scripting: &Scripting) -> Project {
     load_campaigns(config, scripting, &mut project, &mut diags);
     let entries = campaign::compile::reply_entries(&project.campaigns);
     let window = Window::from_policy(&config.policy);
-    for warning in window_hazards(&project.flows, window, &entries) {
+    for warning in window_hazards(&project.checked_flows(), window, &entries) {
         diags.push(warning);
     }
-    let flow_ids: Vec<&str> = project.flows.iter().map(|f| f.id.as_str()).collect();
+    let checked = project.checked_flows();
+    let flow_ids: Vec<&str> = checked.iter().map(|f| f.id.as_str()).collect();
     let config_file = config
         .file
         .as_ref()
@@ -106,7 +120,12 @@ fn load_campaigns(
         templates: &project.templates,
         channels: &config.channels,
     };
-    let flow_ids: Vec<&str> = project.flows.iter().map(|f| f.id.as_str()).collect();
+    let checked = project.checked_flows();
+    let flow_ids: Vec<&str> = checked
+        .iter()
+        .map(|f| f.id.as_str())
+        .chain(project.unloaded.iter().map(String::as_str))
+        .collect();
     let (campaigns, found) = campaign::compile::compile_campaigns(&sources, &env, &flow_ids);
     diags.extend(found);
     project.campaigns = campaigns;
@@ -136,7 +155,7 @@ pub fn load_sources(
     window: Window,
 ) -> Project {
     let mut project = compile_sources(sources, scripting, templates, find_script, fallback);
-    for warning in window_hazards(&project.flows, window, &[]) {
+    for warning in window_hazards(&project.checked_flows(), window, &[]) {
         project.diagnostics.push(warning);
     }
     project
@@ -174,30 +193,26 @@ fn compile_sources(
             );
         }
     }
-    let known: Vec<&str> = ids.iter().map(|(id, ..)| id.as_str()).collect();
+    let loaded: Vec<bool> = compiled
+        .iter()
+        .map(|c| c.flow.is_some() || c.partial.is_some())
+        .collect();
     for (c, (file, _)) in compiled.iter().zip(sources) {
         for FlowRef { flow, loc } in &c.flow_refs {
-            if !known.contains(&flow.as_str()) {
-                let mut d =
-                    Diagnostic::error(file, Some(*loc), format!("there is no flow `{flow}`"))
-                        .with_label("unknown flow");
-                d.help = did_you_mean(flow, known.iter().copied());
+            if let Some(d) = flow_reference(flow, file, Some(*loc), &compiled, &loaded) {
                 diags.push(d);
             }
         }
     }
     if let Some(fallback) = fallback
-        && !known.contains(&fallback)
+        && let Some(mut d) = flow_reference(fallback, "flowgate.yaml", None, &compiled, &loaded)
     {
-        let mut d = Diagnostic::error(
-            "flowgate.yaml",
-            None,
-            format!("the `fallback` flow `{fallback}` does not exist"),
-        );
-        d.help = did_you_mean(fallback, known.iter().copied());
+        if d.follows_from.is_none() {
+            d.message = format!("the `fallback` flow `{fallback}` does not exist");
+        }
         diags.push(d);
     }
-    let mut flows = Vec::new();
+    let (mut flows, mut partial) = (Vec::new(), Vec::new());
     let mut keyword_locs = Vec::new();
     for c in &mut compiled {
         diags.extend(std::mem::take(&mut c.diagnostics));
@@ -206,16 +221,71 @@ fn compile_sources(
             keyword_locs.push(std::mem::take(&mut c.keyword_locs));
         }
     }
-    trigger_conflicts(&flows, &keyword_locs, &mut diags);
-    for error in sending_loops(&flows) {
+    // Flows read despite their errors are checked with the others, after them (so the
+    // keyword locations still line up with `flows`).
+    for c in &mut compiled {
+        if let Some(flow) = c.partial.take() {
+            partial.push(Arc::new(flow));
+            keyword_locs.push(std::mem::take(&mut c.keyword_locs));
+        }
+    }
+    let unloaded = compiled
+        .iter()
+        .zip(&loaded)
+        .filter(|(_, ok)| !**ok)
+        .filter_map(|(c, _)| c.id.as_ref().map(|(id, _)| id.clone()))
+        .collect();
+    let checked: Vec<Arc<Flow>> = flows.iter().chain(&partial).cloned().collect();
+    trigger_conflicts(&checked, &keyword_locs, &mut diags);
+    for error in sending_loops(&checked) {
         diags.push(error);
     }
     Project {
         flows,
+        partial,
+        unloaded,
         templates,
         campaigns: Vec::new(),
         diagnostics: diags,
     }
+}
+
+/// The error for a reference to the flow `id` (at `file` and `loc`), or `None` when it is
+/// loaded. A flow whose file has an error and could not be read says so and points at that
+/// error, listed after it ([`Diagnostic::following`]); an unknown one suggests the nearest.
+fn flow_reference(
+    id: &str,
+    file: &str,
+    loc: Option<Loc>,
+    compiled: &[Compiled],
+    loaded: &[bool],
+) -> Option<Diagnostic> {
+    let named = |c: &&Compiled| c.id.as_ref().is_some_and(|(other, _)| other == id);
+    if compiled.iter().zip(loaded).any(|(c, &ok)| ok && named(&c)) {
+        return None;
+    }
+    if let Some(root) = compiled
+        .iter()
+        .find(named)
+        .and_then(|c| c.diagnostics.sorted().into_iter().find(|d| d.is_error()))
+    {
+        let position = root.position();
+        return Some(
+            Diagnostic::error(
+                file,
+                loc,
+                format!("flow `{id}` did not load (see its error in {position})"),
+            )
+            .with_label("this flow has an error")
+            .with_help(format!("fix the error in {position} first"))
+            .following(position),
+        );
+    }
+    let known = compiled.iter().filter_map(|c| c.id.as_ref());
+    let mut d =
+        Diagnostic::error(file, loc, format!("there is no flow `{id}`")).with_label("unknown flow");
+    d.help = did_you_mean(id, known.map(|(id, _)| id.as_str()));
+    Some(d)
 }
 
 /// Compiles an old flow version again from its stored bundle.

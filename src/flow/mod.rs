@@ -15,6 +15,7 @@ pub mod compile;
 pub mod lint;
 pub mod load;
 pub mod raw;
+pub mod recover;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -5,6 +5,7 @@
 mod admin;
 mod campaigns;
 mod check;
+mod check_root_cause;
 mod contacts_import;
 mod conversations;
 mod crash;
@@ -13,6 +14,7 @@ mod hardening;
 mod outbox;
 mod policy;
 mod policy_properties;
+mod readme;
 mod reload;
 mod scripts;
 mod serve;
