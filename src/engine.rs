@@ -1152,61 +1152,7 @@ impl Executor<'_> {
         text: &Text,
         message: &Message,
     ) -> Result<OutboundContent, ScriptError> {
-        let ctx = self.context();
-        let s = &self.engine.scripting;
-        let body = text.render(s, &ctx)?;
-        if !message.buttons.is_empty() {
-            return Ok(OutboundContent::Buttons {
-                body,
-                buttons: message
-                    .buttons
-                    .iter()
-                    .map(|(id, title)| {
-                        Ok(Button {
-                            id: id.clone(),
-                            title: title.render(s, &ctx)?,
-                        })
-                    })
-                    .collect::<Result<_, ScriptError>>()?,
-            });
-        }
-        if let Some(list) = &message.list {
-            let mut sections = Vec::new();
-            for (title, rows) in &list.sections {
-                sections.push(ListSection {
-                    title: match title {
-                        Some(t) => Some(t.render(s, &ctx)?),
-                        None => None,
-                    },
-                    rows: rows
-                        .iter()
-                        .map(|r| {
-                            Ok(ListRow {
-                                id: r.id.clone(),
-                                title: r.title.render(s, &ctx)?,
-                                description: match &r.description {
-                                    Some(d) => Some(d.render(s, &ctx)?),
-                                    None => None,
-                                },
-                            })
-                        })
-                        .collect::<Result<_, ScriptError>>()?,
-                });
-            }
-            return Ok(OutboundContent::List {
-                body,
-                button: list.button.render(s, &ctx)?,
-                sections,
-            });
-        }
-        if let Some((kind, url)) = &message.media {
-            return Ok(OutboundContent::Media {
-                kind: kind.clone(),
-                link: url.render(s, &ctx)?,
-                caption: (!body.is_empty()).then_some(body),
-            });
-        }
-        Ok(OutboundContent::text(body))
+        render_message(&self.engine.scripting, &self.context(), text, message)
     }
 
     fn wait_until(&self, wait: &Wait) -> Result<DateTime<Utc>, ScriptError> {
@@ -1261,6 +1207,88 @@ fn script_reply(reply: ScriptReply) -> OutboundContent {
                 .collect(),
         },
     }
+}
+
+/// A message's text, buttons, list or media rendered with `ctx` (its `{{...}}`
+/// interpolations): the one renderer, used by steps and by campaigns' `in_window` message.
+pub fn render_message(
+    s: &Scripting,
+    ctx: &Context<'_>,
+    text: &Text,
+    message: &Message,
+) -> Result<OutboundContent, ScriptError> {
+    let body = text.render(s, ctx)?;
+    if !message.buttons.is_empty() {
+        return Ok(OutboundContent::Buttons {
+            body,
+            buttons: message
+                .buttons
+                .iter()
+                .map(|(id, title)| {
+                    Ok(Button {
+                        id: id.clone(),
+                        title: title.render(s, ctx)?,
+                    })
+                })
+                .collect::<Result<_, ScriptError>>()?,
+        });
+    }
+    if let Some(list) = &message.list {
+        let mut sections = Vec::new();
+        for (title, rows) in &list.sections {
+            sections.push(ListSection {
+                title: match title {
+                    Some(t) => Some(t.render(s, ctx)?),
+                    None => None,
+                },
+                rows: rows
+                    .iter()
+                    .map(|r| {
+                        Ok(ListRow {
+                            id: r.id.clone(),
+                            title: r.title.render(s, ctx)?,
+                            description: match &r.description {
+                                Some(d) => Some(d.render(s, ctx)?),
+                                None => None,
+                            },
+                        })
+                    })
+                    .collect::<Result<_, ScriptError>>()?,
+            });
+        }
+        return Ok(OutboundContent::List {
+            body,
+            button: list.button.render(s, ctx)?,
+            sections,
+        });
+    }
+    if let Some((kind, url)) = &message.media {
+        return Ok(OutboundContent::Media {
+            kind: kind.clone(),
+            link: url.render(s, ctx)?,
+            caption: (!body.is_empty()).then_some(body),
+        });
+    }
+    Ok(OutboundContent::text(body))
+}
+
+/// The context a campaign's message and template parameters are rendered in: `contact.*`
+/// and the contact's zone, no variables and no message.
+pub fn render_for_contact<T>(
+    scripting: &Scripting,
+    contact: &Contact,
+    now: DateTime<Utc>,
+    render: impl FnOnce(&Scripting, &Context<'_>) -> Result<T, ScriptError>,
+) -> Result<T, ScriptError> {
+    let value = contact_value(contact);
+    let ctx = Context {
+        vars: &Vars::new(),
+        contact: &value,
+        message: &Dynamic::UNIT,
+        now,
+        timezone: timezone_of(contact),
+    };
+    render(scripting, &ctx)
 }
 
 fn timezone_of(contact: &Contact) -> Option<chrono_tz::Tz> {

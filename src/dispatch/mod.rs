@@ -92,7 +92,7 @@ pub fn count_decision(decision: &Decision, stage: &str) {
 }
 
 /// Held while one event of one contact is handled.
-type ContactLock = Arc<tokio::sync::Mutex<()>>;
+pub(crate) type ContactLock = Arc<tokio::sync::Mutex<()>>;
 
 /// The worker state shared by every command that talks to flows.
 pub struct Runtime {
@@ -439,7 +439,7 @@ impl Runtime {
 
     /// The lock of one contact: held while one of its events is handled, and while anything
     /// else changes its policy state.
-    fn lock(&self, channel: &str, wa_id: &str) -> ContactLock {
+    pub(crate) fn lock(&self, channel: &str, wa_id: &str) -> ContactLock {
         let mut locks = self.locks.lock().expect("locks");
         if locks.len() > 10_000 {
             locks.retain(|_, l| Arc::strong_count(l) > 1);

@@ -515,7 +515,7 @@ pub fn check_fallbacks(
     templates: &Registry,
     flow_ids: &[&str],
 ) -> Vec<RuleProblem> {
-    const ORIGINS: [&str; 5] = ["step", "script", "agent", "system", "error"];
+    const ORIGINS: [&str; 6] = ["step", "script", "agent", "system", "error", "campaign"];
     let mut problems = Vec::new();
     for (i, rule) in rules.iter().enumerate() {
         let at = format!("policy.outside_window[{i}] (template `{}`)", rule.template);

@@ -161,8 +161,8 @@ fn claim_update(ids: usize) -> String {
 }
 
 impl Db {
-    /// Claims up to `limit` rows of `channel` for `lease_owner` until `now + lease_for`, in
-    /// id order: each becomes `sending`, its attempts go up by one and it gets an idempotency
+    /// Claims up to `limit` rows of `channel` for `lease_owner` until `now + lease_for`,
+    /// conversational messages before campaign messages (`priority`), each in id order: each becomes `sending`, its attempts go up by one and it gets an idempotency
     /// key (`fg-{id}`) if it had none. Two senders never claim one row: the claiming UPDATE
     /// checks each row is still claimable.
     pub async fn claim_outbox(
@@ -184,7 +184,8 @@ impl Db {
         // candidate in between, or an older message of its contact may become pending (a
         // flushed queue); the UPDATE checks both again and skips the candidate.
         let select = format!(
-            "SELECT m.id, m.status FROM messages m WHERE {CLAIMABLE} ORDER BY m.id LIMIT $3"
+            "SELECT m.id, m.status FROM messages m WHERE {CLAIMABLE} \
+            ORDER BY m.priority, m.id LIMIT $3"
         );
         let candidates: Vec<(i64, String)> = with_pool!(self, |pool| {
             sqlx::query_as(&select)
@@ -207,7 +208,13 @@ impl Db {
         args.extend(candidates.iter().map(|(id, _)| Value::Integer(*id)));
         let Backend::Sqlite(sqlite) = &self.backend;
         let mut rows: Vec<ClaimRaw> = sqlite.writer.query(update, args).await?;
-        rows.sort_by_key(|r| r.0);
+        // In the candidates' order: conversational first, then by id.
+        let order: std::collections::HashMap<i64, usize> = candidates
+            .iter()
+            .enumerate()
+            .map(|(i, (id, _))| (*id, i))
+            .collect();
+        rows.sort_by_key(|r| order.get(&r.0).copied().unwrap_or(usize::MAX));
 
         let lease_until = from_millis(lease_ms, "messages.lease_until")?;
         rows.into_iter()
