@@ -399,11 +399,14 @@ pub enum Origin {
     /// A configured system reply (opt-in or opt-out confirmation).
     System,
     /// A campaign's message to one recipient of run `run`; `category` is the campaign's
-    /// (`marketing`, `utility`, `authentication`), which its frequency cap counts by.
+    /// (`marketing`, `utility`, `authentication`), which its frequency cap counts by, and
+    /// `on_reply` the flow a reply to it enters.
     Campaign {
         campaign: String,
         run: i64,
         category: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        on_reply: Option<String>,
     },
 }
 

@@ -128,6 +128,13 @@ pub enum Event {
         flow: String,
         step: Option<String>,
     },
+    /// A customer's message that enters `flow` at its start, with `vars` as the session's
+    /// first variables (a reply to a campaign enters its `on_reply` flow with `campaign`).
+    Enter {
+        message: Inbound,
+        flow: String,
+        vars: Vec<(String, serde_json::Value)>,
+    },
     /// A person gives a handed-off conversation back to the bot: at `flow` (and `step`), or
     /// where the handoff step goes on (its `next`; none ends the session).
     Resume {
@@ -283,7 +290,7 @@ impl Engine {
     ) -> Outcome {
         let before = contact.clone();
         let message = match &event {
-            Event::Message(m) => message_value(m).into_shared(),
+            Event::Message(m) | Event::Enter { message: m, .. } => message_value(m).into_shared(),
             _ => Dynamic::from_map(Map::new()),
         };
         let session = session.and_then(|s| {
@@ -315,6 +322,11 @@ impl Engine {
             Event::Http(outcome) => run.http_result(outcome),
             Event::Start { flow, step } => run.start_by_api(&flow, step.as_deref()),
             Event::Resume { flow, step } => run.resume(flow.as_deref(), step.as_deref()),
+            Event::Enter {
+                message,
+                flow,
+                vars,
+            } => run.enter(&message, &flow, vars),
         };
         let contact_changed = *run.contact != before;
         Outcome {
@@ -655,6 +667,29 @@ impl Executor<'_> {
             None => None,
         };
         self.start(flow, index, Vec::new());
+        Handled::Started(flow.to_string())
+    }
+
+    /// A customer's message entering `flow` with `vars` (see [`Event::Enter`]).
+    fn enter(
+        &mut self,
+        inbound: &Inbound,
+        flow: &str,
+        vars: Vec<(String, serde_json::Value)>,
+    ) -> Handled {
+        if inbound.content.refreshes_window() {
+            self.contact.saw_customer_message(inbound.timestamp);
+        }
+        let Some(f) = self.flows.get(flow).cloned() else {
+            self.notes
+                .push(format!("there is no flow `{flow}` to enter"));
+            return Handled::Unanswered;
+        };
+        let vars = vars
+            .into_iter()
+            .map(|(k, v)| (k.into(), script::from_json(&v)))
+            .collect();
+        self.begin(f, None, vars);
         Handled::Started(flow.to_string())
     }
 

@@ -153,7 +153,8 @@ impl Dispatcher {
         if db.next_pending_at(run.id).await?.is_none() {
             return self.finish(run, done).await;
         }
-        let mut sends = self.sends_allowed(run.id, campaign, now).await?;
+        let allowed = self.sends_allowed(run.id, campaign, now).await?;
+        let mut sends = allowed;
         let mut limit = self.limit(&campaign.channel, now).await?;
         let mut decided = 0;
         while sends > 0 && decided < DECISIONS_PER_TICK {
@@ -174,7 +175,7 @@ impl Dispatcher {
                 record(db, run.id, row.contact_id, outcome, done, now).await?;
             }
         }
-        self.spend(run.id, sends);
+        self.spend(run.id, allowed - sends);
         if db.next_pending_at(run.id).await?.is_none() {
             self.finish(run, done).await?;
         }
@@ -254,14 +255,11 @@ impl Dispatcher {
         Ok(tokens.min(room).floor() as usize)
     }
 
-    /// Takes from the run's bucket the tokens of the sends it made (`left` of those it was
-    /// allowed were not used).
-    fn spend(&self, run_id: i64, left: usize) {
+    /// Takes the tokens of `used` sends from the run's bucket.
+    fn spend(&self, run_id: i64, used: usize) {
         let mut buckets = self.buckets.lock().expect("buckets");
         if let Some(bucket) = buckets.get_mut(&run_id) {
-            let allowed = bucket.tokens.floor();
-            let used = (allowed - left as f64).max(0.0);
-            bucket.tokens = (bucket.tokens - used).max(0.0);
+            bucket.tokens = (bucket.tokens - used as f64).max(0.0);
         }
     }
 
@@ -398,6 +396,7 @@ impl Dispatcher {
             campaign: campaign.name.clone(),
             run: run.id,
             category: category_name(campaign.category).to_string(),
+            on_reply: campaign.on_reply.clone(),
         };
         let template = TemplateFallback {
             name: call.name.clone(),

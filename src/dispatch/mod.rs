@@ -4,13 +4,15 @@
 //! registry, the policy, the clock, the per-contact locks, the senders' bells) and the doors
 //! other code comes in by. One turn's stages live in [`turn`], the engine's part of a turn
 //! (HTTP performed and fed back, sessions pinned to their flow version) in [`run`], messages
-//! decided again after their turn (at send time, after a refusal) in [`redecide`], and what
-//! falls due by the clock (timers, queue expiries) in [`due`].
+//! decided again after their turn (at send time, after a refusal) in [`redecide`], what
+//! falls due by the clock (timers, queue expiries) in [`due`], and a reply to a campaign
+//! entering its `on_reply` flow in [`reply`].
 //! Events for one contact are handled one at a time, in order; different contacts run in
 //! parallel.
 
 mod due;
 mod redecide;
+mod reply;
 mod run;
 mod turn;
 

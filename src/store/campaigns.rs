@@ -20,7 +20,7 @@ use super::db::Db;
 use super::db::{with_pool, with_writer};
 use super::error::StoreError;
 use super::sql::{from_millis, outbound_kind, placeholders};
-use crate::domain::{Contact, Decision, Outbound, PolicyState};
+use crate::domain::{Contact, Decision, Origin, Outbound, PolicyState};
 
 /// Rows of a snapshot per statement (one parameter each).
 const SNAPSHOT_ROWS_PER_STATEMENT: usize = 1_000;
@@ -1094,6 +1094,34 @@ impl Db {
             .fetch_one(pool)
             .await?);
         Ok(found)
+    }
+
+    /// The contact's latest outbound message when a campaign sent it and it went (or is
+    /// going) to WhatsApp: its origin and when it was written. A reply to it may enter the
+    /// campaign's `on_reply` flow.
+    pub async fn last_campaign_message(
+        &self,
+        contact_id: i64,
+    ) -> Result<Option<(Origin, DateTime<Utc>)>, StoreError> {
+        let sql = format!(
+            "SELECT body, created_at, CAST({SENDING} AS BIGINT) FROM messages \
+            WHERE contact_id = $1 AND direction = 'out' ORDER BY id DESC LIMIT 1"
+        );
+        let raw: Option<(String, i64, i64)> = with_pool!(self, |pool| sqlx::query_as(&sql)
+            .bind(contact_id)
+            .fetch_optional(pool)
+            .await?);
+        let Some((body, created, 1)) = raw else {
+            return Ok(None);
+        };
+        let message: Outbound = serde_json::from_str(&body)?;
+        if !matches!(message.origin, Origin::Campaign { .. }) {
+            return Ok(None);
+        }
+        Ok(Some((
+            message.origin,
+            from_millis(created, "messages.created_at")?,
+        )))
     }
 
     /// Campaign messages of `channel` the outbox has not sent yet: how far the campaigns on
