@@ -88,7 +88,8 @@ pub struct ChannelStop {
 /// Rows that may be claimed at `$2` (now): due pending rows and `sending` rows whose lease
 /// ran out, each only if it is its contact's oldest undelivered message (a contact's
 /// messages leave in order, one at a time), and only while the channel is not stopped.
-/// Every term is served by an index (`messages_outbox` through the `status IN` term,
+/// Every term is served by an index (`messages_outbox_priority`, which holds the unsent
+/// rows only, in claim order: conversational before campaign messages, then by id;
 /// `messages_unsent_by_contact`), so a claim costs the same however much history there is.
 const CLAIMABLE: &str = "m.channel = $1 AND m.direction = 'out' \
     AND m.status IN ('pending', 'sending') \
@@ -591,13 +592,18 @@ pub(super) mod tests {
         db.migrate().await.unwrap();
         let select = plan(
             &db,
-            &format!("SELECT m.id, m.status FROM messages m WHERE {CLAIMABLE} ORDER BY m.id"),
+            &format!(
+                "SELECT m.id, m.status FROM messages m WHERE {CLAIMABLE} \
+                ORDER BY m.priority, m.id"
+            ),
         )
         .await;
+        // The unsent rows of the channel, already in claim order: no sort.
         assert!(
-            select.contains("messages_outbox (channel=? AND status=?)"),
+            select.contains("messages_outbox_priority (channel=?)"),
             "{select}"
         );
+        assert!(!select.contains("TEMP B-TREE"), "{select}");
         assert!(
             select.contains("messages_unsent_by_contact (contact_id=? AND id<?)"),
             "{select}"

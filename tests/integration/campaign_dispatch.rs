@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use super::campaigns::TEMPLATES;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use flowgate::app::{self, Loaded};
 use flowgate::campaign_runner::CampaignRunner;
@@ -19,15 +20,6 @@ use flowgate::domain::{Contact, Inbound, InboundContent, OutboundContent};
 use flowgate::store::{
     CampaignSend, LedgerRow, RecipientDecision, RunStatus, campaign_message_key,
 };
-
-const TEMPLATES: &str = r#"
-templates:
-  - name: spring_sale
-    language: en_US
-    category: marketing
-    status: approved
-    body: "Hi {{1}}! Our spring sale starts today."
-"#;
 
 /// Monday 2026-01-05 at `h`:`m` UTC.
 fn at(h: u32, m: u32) -> DateTime<Utc> {
@@ -124,6 +116,19 @@ impl Fixture {
             .unwrap();
     }
 
+    /// An agent sends the contact the campaign's template now.
+    async fn agent_template(&self, wa_id: &str, name: &str) {
+        let template = OutboundContent::Template {
+            name: "spring_sale".into(),
+            language: "en_US".into(),
+            params: vec![name.into()],
+        };
+        self.runtime()
+            .agent_message("main", wa_id, template)
+            .await
+            .unwrap();
+    }
+
     /// Changes a contact's policy state, as a webhook would.
     async fn policy(&self, wa_id: &str, change: impl FnOnce(&mut Contact)) {
         self.runtime()
@@ -195,15 +200,7 @@ async fn the_frequency_cap_skips_a_contact_who_already_got_marketing_today() {
         .await;
     // Ben got a marketing template an hour before the run (by an agent).
     f.clock.advance_to(at(9, 0));
-    let template = OutboundContent::Template {
-        name: "spring_sale".into(),
-        language: "en_US".into(),
-        params: vec!["Ben".into()],
-    };
-    f.runtime()
-        .agent_message("main", "4915100000002", template)
-        .await
-        .unwrap();
+    f.agent_template("4915100000002", "Ben").await;
     f.run_until(at(10, 1)).await;
     let ledger = f.ledger().await;
     assert_eq!(ledger["4915100000001"].decision, RecipientDecision::Sent);
@@ -366,15 +363,7 @@ async fn the_messaging_limit_defers_the_rest_until_budget_frees_up() {
     .await;
     // Ana got a template at 09:30: she is one of the two already.
     f.clock.advance_to(at(9, 30));
-    let template = OutboundContent::Template {
-        name: "spring_sale".into(),
-        language: "en_US".into(),
-        params: vec!["Ana".into()],
-    };
-    f.runtime()
-        .agent_message("main", "4915100000001", template)
-        .await
-        .unwrap();
+    f.agent_template("4915100000001", "Ana").await;
     f.run_until(at(10, 1)).await;
     let ledger = f.ledger().await;
     // Ana takes no new room; Ben takes the second; Cem waits for Ana's 09:30 to age out.

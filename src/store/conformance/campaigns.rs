@@ -465,14 +465,7 @@ async fn decided_run(db: &Db) -> (i64, Vec<i64>, Vec<i64>) {
     for wa_id in ["15550002", "15550003", "15550004", "15550005"] {
         contacts.push(contact_with_timers(db, wa_id, &[]).await);
     }
-    let run_id = db
-        .claim_run("spring_sale", t(10), RunTrigger::Schedule, t(10))
-        .await
-        .unwrap()
-        .run_id;
-    db.snapshot_audience(run_id, &contacts, t(10), t(10))
-        .await
-        .unwrap();
+    let run_id = run_of(db, &contacts).await;
     for (contact, outcome) in contacts.iter().zip(&decided(&messages)) {
         assert!(
             db.record_recipient(run_id, *contact, outcome, t(11))
@@ -608,6 +601,25 @@ pub(super) async fn an_audience_page_selects_by_channel_every_tag_and_creation_t
     assert_eq!(all.len(), 3);
 }
 
+/// A run of `n` seeded contacts, its audience snapshotted: its id and the contacts.
+async fn started_run(db: &Db, n: i64) -> (i64, Vec<i64>) {
+    let contacts = seed_contacts(db, n).await;
+    (run_of(db, &contacts).await, contacts)
+}
+
+/// A run claimed for `t(10)` with `contacts` snapshotted: its id.
+async fn run_of(db: &Db, contacts: &[i64]) -> i64 {
+    let run_id = db
+        .claim_run("spring_sale", t(10), RunTrigger::Schedule, t(10))
+        .await
+        .unwrap()
+        .run_id;
+    db.snapshot_audience(run_id, contacts, t(10), t(10))
+        .await
+        .unwrap();
+    run_id
+}
+
 /// One campaign message written as the dispatcher writes it (pending, for a real channel).
 async fn campaign_send(db: &Db, run_id: i64, contact_id: i64, status: &str) -> CampaignSent {
     let message = Outbound::new(
@@ -635,15 +647,7 @@ async fn campaign_send(db: &Db, run_id: i64, contact_id: i64, status: &str) -> C
 }
 
 pub(super) async fn a_campaign_message_and_its_ledger_row_are_one_write_once(db: Db) {
-    let contacts = seed_contacts(&db, 2).await;
-    let run_id = db
-        .claim_run("spring_sale", t(10), RunTrigger::Schedule, t(10))
-        .await
-        .unwrap()
-        .run_id;
-    db.snapshot_audience(run_id, &contacts, t(10), t(10))
-        .await
-        .unwrap();
+    let (run_id, contacts) = started_run(&db, 2).await;
     let first = campaign_send(&db, run_id, contacts[0], "sent").await;
     assert!(first.created);
     let row = db.ledger_row(run_id, contacts[0]).await.unwrap().unwrap();
@@ -693,15 +697,7 @@ pub(super) async fn a_campaign_message_and_its_ledger_row_are_one_write_once(db:
 }
 
 pub(super) async fn the_outbox_claims_conversational_messages_before_campaign_ones(db: Db) {
-    let contacts = seed_contacts(&db, 3).await;
-    let run_id = db
-        .claim_run("spring_sale", t(10), RunTrigger::Schedule, t(10))
-        .await
-        .unwrap()
-        .run_id;
-    db.snapshot_audience(run_id, &contacts, t(10), t(10))
-        .await
-        .unwrap();
+    let (run_id, contacts) = started_run(&db, 3).await;
     campaign_send(&db, run_id, contacts[0], "pending").await;
     campaign_send(&db, run_id, contacts[1], "pending").await;
     assert_eq!(db.campaign_backlog(CH).await.unwrap(), 2);
