@@ -516,3 +516,64 @@ async fn a_run_dispatches_at_its_rate_per_virtual_second() {
         }
     }
 }
+
+/// `serve` dispatches with no extra command: the real server on a virtual clock, a Cloud
+/// API channel on the fake Graph API, every recipient sent once with its run's key.
+#[tokio::test]
+async fn serve_dispatches_a_run_through_the_outbox_to_the_graph_api_once_each() {
+    use super::support::{self, fake_graph::FakeAuth, fake_graph::FakeGraph};
+    let fake = FakeGraph::start(FakeAuth::cloud_api("110000000000001", "token")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let channel = format!(
+        "    throughput_mps: 50\n  - name: wa\n    provider: cloud_api\n    \
+         phone_number_id: \"110000000000001\"\n    access_token: token\n    \
+         app_secret: test-secret\n    verify_token: test-verify\n    api_base: {}\n",
+        fake.cloud_api_base()
+    );
+    let loaded = project(dir.path(), &sale("channel: wa\nrate: 5/s\n"), &channel);
+    let url = format!("sqlite://{}", dir.path().join("flowgate.db").display());
+    let clock = Arc::new(VirtualClock::new(at(9, 59)));
+    let server = support::Running::start(&loaded, &url, clock.clone()).await;
+    let lines: Vec<String> = (0..12).map(|i| format!("49151000{i:05},C{i},")).collect();
+    let text = format!("wa_id,name,timezone\n{}\n", lines.join("\n"));
+    let parsed = csv::parse(text.as_bytes()).unwrap();
+    server
+        .db
+        .import_contacts("wa", &parsed.rows, clock.now())
+        .await
+        .unwrap();
+    clock.advance_to(at(10, 0));
+    // The loop ticks every half second of real time; the bucket fills by the virtual one.
+    for _ in 0..600 {
+        if fake.sends().len() >= 12 {
+            break;
+        }
+        clock.advance(Duration::milliseconds(500));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let sends = fake
+        .wait_for_sends(12, std::time::Duration::from_secs(30))
+        .await;
+    let run = server.db.campaign_runs("sale", 10).await.unwrap().remove(0);
+    let mut keys: Vec<String> = sends
+        .iter()
+        .map(|s| {
+            s.body["biz_opaque_callback_data"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 12, "one message per recipient: {keys:?}");
+    let prefix = format!("fg-c{}-", run.id);
+    assert!(keys.iter().all(|k| k.starts_with(&prefix)), "{keys:?}");
+    assert!(sends.iter().all(|s| s.text() == Some("spring_sale")));
+    support::eventually("the run is done", || async {
+        let run = server.db.run(run.id).await.unwrap().unwrap();
+        run.status == RunStatus::Done
+    })
+    .await;
+    server.shutdown().await;
+}
