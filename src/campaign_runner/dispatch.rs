@@ -20,7 +20,8 @@
 //!    template; the channel's messaging limit for a template to a contact not yet counted;
 //! 4. the outcome recorded in the ledger with its reason; a message and its `sent` row are
 //!    one transaction (`Db::send_campaign_message`, idempotency key from run and contact);
-//! 5. a run with nothing pending is `done`.
+//! 5. a run with nothing pending is `done`; a run past its ttl (`scheduled_for + ttl`)
+//!    starts no more sends: its recipients still pending are skipped and it is `done`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -153,6 +154,9 @@ impl Dispatcher {
         if db.next_pending_at(run.id).await?.is_none() {
             return self.finish(run, done).await;
         }
+        if now >= run.scheduled_for + campaign.ttl {
+            return self.end_at_ttl(run, campaign, done).await;
+        }
         let allowed = self.sends_allowed(run.id, campaign, now).await?;
         let mut sends = allowed;
         let mut limit = self.limit(&campaign.channel, now).await?;
@@ -194,6 +198,30 @@ impl Dispatcher {
             .await?
         {
             tracing::info!(campaign = %run.campaign, run = run.id, "campaign run done");
+            done.done.push(run.id);
+        }
+        Ok(())
+    }
+
+    /// Ends a run whose ttl ran out: the recipients it did not reach are skipped.
+    async fn end_at_ttl(
+        &self,
+        run: &RunRow,
+        campaign: &Campaign,
+        done: &mut Dispatched,
+    ) -> Result<(), RunnerError> {
+        let reason = format!(
+            "the run's ttl ({}) ran out before this recipient's turn",
+            crate::domain::format_duration(campaign.ttl)
+        );
+        let now = self.runtime().clock.now();
+        if self
+            .runtime()
+            .db
+            .end_run_at_ttl(run.id, &reason, now)
+            .await?
+        {
+            tracing::warn!(campaign = %run.campaign, run = run.id, "campaign run ended by its ttl with recipients not reached");
             done.done.push(run.id);
         }
         Ok(())

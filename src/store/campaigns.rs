@@ -620,6 +620,36 @@ impl Db {
         Ok(changed)
     }
 
+    /// Ends a run whose ttl ran out: its recipients still pending are skipped with
+    /// `reason`, and the run is `done` with it, in one transaction. Answers whether the run
+    /// was still open.
+    pub async fn end_run_at_ttl(
+        &self,
+        run_id: i64,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        const RECIPIENTS: &str = "UPDATE campaign_recipients SET decision = 'skipped', \
+                reason = $2, decided_at = $3 \
+            WHERE run_id = $1 AND decision IN ('planned', 'deferred')";
+        let changed = with_writer!(self, own(reason), |pool| {
+            let mut tx = sqlx::Connection::begin(&mut *pool).await?;
+            let changed =
+                update_run_status(&mut tx, run_id, RunStatus::Done, Some(&reason), now).await?;
+            if changed {
+                sqlx::query(RECIPIENTS)
+                    .bind(run_id)
+                    .bind(&reason)
+                    .bind(now.timestamp_millis())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            changed
+        });
+        Ok(changed)
+    }
+
     /// Stores a run's report (JSON the campaign's runner writes, e.g. its cost estimate).
     /// Answers whether the run exists.
     pub async fn set_run_report(

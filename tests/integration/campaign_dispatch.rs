@@ -491,6 +491,43 @@ async fn a_run_is_done_when_nothing_is_pending() {
 }
 
 #[tokio::test]
+async fn a_run_past_its_ttl_skips_the_recipients_it_did_not_reach_and_is_done() {
+    let f = Fixture::new(
+        &sale(
+            "ttl: 2s
+rate: 1/s
+",
+        ),
+        "",
+    )
+    .await;
+    let lines: Vec<String> = (0..6).map(|i| format!("49151000{i:05},C{i},")).collect();
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    f.contacts(&refs).await;
+    f.clock.advance_to(at(10, 0) - Duration::milliseconds(500));
+    let d = f.run_until(at(10, 0) + Duration::seconds(3)).await;
+    let run = f.run().await;
+    assert_eq!(run.status, RunStatus::Done);
+    assert_eq!(d.done, vec![run.id]);
+    // 10:00:00, 10:00:01: one a second, then the ttl (10:00:02) ends it.
+    assert_eq!(d.sent, 2);
+    let skipped: Vec<String> = f
+        .ledger()
+        .await
+        .values()
+        .filter(|r| r.decision == RecipientDecision::Skipped)
+        .map(|r| r.reason.clone().unwrap())
+        .collect();
+    assert_eq!(skipped.len(), 4, "{skipped:?}");
+    assert!(
+        skipped
+            .iter()
+            .all(|r| r.starts_with("the run's ttl (2s) ran out")),
+        "{skipped:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_run_dispatches_at_its_rate_per_virtual_second() {
     let f = Fixture::new(&sale("rate: 4/s\n"), "").await;
     let lines: Vec<String> = (0..40).map(|i| format!("49151000{i:05},C{i},")).collect();
