@@ -8,10 +8,12 @@
 //! the ledger in chunks, insert-or-ignore ([`Db::snapshot_audience`]), so a snapshot
 //! interrupted by a crash is finished by taking it again.
 //!
-//! Exactly-once sending needs one more thing from the caller: the outbound message and its
-//! ledger row's `sent` must not be two independent writes, or a crash between them sends
-//! again. Give the message an idempotency key derived from `(run_id, contact_id)` (unique in
-//! `messages`), so writing it twice fails, and record the outcome after.
+//! Exactly-once sending: the outbound message and its ledger row's `sent` are one write
+//! ([`Db::send_campaign_message`], one transaction), and the message's idempotency key comes
+//! from `(run_id, contact_id)` ([`campaign_message_key`], unique in `messages`), so a
+//! recipient decided again after a crash never gets a second message. The dispatcher's
+//! other questions (a contact's sends of a category, the channel's template recipients, the
+//! campaign backlog in the outbox) are answered here too.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
