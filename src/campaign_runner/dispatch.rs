@@ -140,6 +140,9 @@ impl Dispatcher {
         {
             return Ok(());
         }
+        if db.next_pending_at(run.id).await?.is_none() {
+            return self.finish(run, done).await;
+        }
         let templates = runtime.templates();
         if let Some(reason) = template_problem(campaign, &templates) {
             if db
@@ -150,9 +153,6 @@ impl Dispatcher {
                 done.paused.push((run.id, reason));
             }
             return Ok(());
-        }
-        if db.next_pending_at(run.id).await?.is_none() {
-            return self.finish(run, done).await;
         }
         if now >= run.scheduled_for + campaign.ttl {
             return self.end_at_ttl(run, campaign, done).await;

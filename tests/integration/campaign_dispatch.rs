@@ -554,6 +554,31 @@ async fn a_run_dispatches_at_its_rate_per_virtual_second() {
     }
 }
 
+#[tokio::test]
+async fn a_run_hands_the_outbox_no_more_than_a_second_of_its_rate() {
+    // A Cloud API channel whose sender is not running: what is handed over stays pending.
+    let channel = "  - name: wa\n    provider: cloud_api\n    phone_number_id: \"1100\"\n    \
+        access_token: token\n    app_secret: s\n    verify_token: v\n    \
+        api_base: http://127.0.0.1:9\n";
+    let f = Fixture::new(&sale("channel: wa\nrate: 3/s\n"), channel).await;
+    let lines: Vec<String> = (0..20).map(|i| format!("49151000{i:05},C{i},")).collect();
+    let text = format!("wa_id,name,timezone\n{}\n", lines.join("\n"));
+    let parsed = csv::parse(text.as_bytes()).unwrap();
+    let rt = f.runtime();
+    rt.db
+        .import_contacts("wa", &parsed.rows, rt.clock.now())
+        .await
+        .unwrap();
+    f.clock.advance_to(at(10, 0));
+    let d = f.run_until(at(10, 0) + Duration::seconds(10)).await;
+    assert_eq!(
+        d.sent, 3,
+        "a second of the rate, then nothing while it waits"
+    );
+    assert_eq!(rt.db.campaign_backlog("wa").await.unwrap(), 3);
+    assert_eq!(f.run().await.status, RunStatus::Running);
+}
+
 /// `serve` dispatches with no extra command: the real server on a virtual clock, a Cloud
 /// API channel on the fake Graph API, every recipient sent once with its run's key.
 #[tokio::test]
