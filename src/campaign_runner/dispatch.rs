@@ -168,11 +168,23 @@ impl Dispatcher {
             if batch.is_empty() {
                 break;
             }
+            let ids: Vec<i64> = batch.iter().map(|r| r.contact_id).collect();
+            let wa_ids: HashMap<i64, String> = db
+                .campaign_contacts(&ids)
+                .await?
+                .into_iter()
+                .map(|(id, c)| (id, c.wa_id))
+                .collect();
             for row in batch {
                 decided += 1;
-                let outcome = self
-                    .recipient(run, campaign, row.contact_id, &templates, &mut limit)
-                    .await?;
+                let outcome = match wa_ids.get(&row.contact_id) {
+                    Some(wa_id) => {
+                        let recipient = (row.contact_id, wa_id.as_str());
+                        self.recipient(run, campaign, recipient, &templates, &mut limit)
+                            .await?
+                    }
+                    None => Outcome::Skip("the contact was deleted".into()),
+                };
                 if matches!(outcome, Outcome::Sent) {
                     sends -= 1;
                 }
@@ -321,22 +333,19 @@ impl Dispatcher {
         }))
     }
 
-    /// Decides one recipient under its contact's lock and, when it is sent, writes the
-    /// message with its ledger row.
+    /// Decides one recipient under its contact's lock (the contact read again under it) and,
+    /// when it is sent, writes the message with its ledger row.
     async fn recipient(
         &self,
         run: &RunRow,
         campaign: &Campaign,
-        contact_id: i64,
+        (contact_id, wa_id): (i64, &str),
         templates: &Registry,
         limit: &mut Option<Limit>,
     ) -> Result<Outcome, RunnerError> {
         let runtime = self.runtime();
         let db = &runtime.db;
-        let Some((_, peek)) = db.campaign_contacts(&[contact_id]).await?.pop() else {
-            return Ok(Outcome::Skip("the contact was deleted".into()));
-        };
-        let lock = runtime.lock(&campaign.channel, &peek.wa_id);
+        let lock = runtime.lock(&campaign.channel, wa_id);
         let _guard = lock.lock().await;
         let Some((_, mut contact)) = db.campaign_contacts(&[contact_id]).await?.pop() else {
             return Ok(Outcome::Skip("the contact was deleted".into()));

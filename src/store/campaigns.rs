@@ -948,6 +948,20 @@ pub struct TemplateRecipients {
 /// Outbound messages that went or are going to WhatsApp (not queued, skipped or failed).
 const SENDING: &str = "decision IN ('send', 'rewritten') AND status <> 'failed'";
 
+/// [`Db::campaign_backlog`]'s question, over the outbox's index of unsent rows.
+const BACKLOG_SQL: &str = "SELECT COUNT(*) FROM messages WHERE channel = $1 \
+    AND direction = 'out' AND status IN ('pending', 'sending') AND priority = 1";
+
+/// [`Db::template_recipients`]'s question: one index range of the channel's templates.
+fn template_recipients_sql() -> String {
+    format!(
+        "SELECT COUNT(*), MIN(last) FROM (SELECT MAX(created_at) AS last FROM messages \
+            WHERE channel = $1 AND direction = 'out' AND kind = 'template' \
+                AND created_at > $2 AND {SENDING} \
+            GROUP BY contact_id)"
+    )
+}
+
 // Dispatching.
 impl Db {
     /// Writes a campaign's message to one recipient and marks its ledger row `sent` with it,
@@ -1090,12 +1104,7 @@ impl Db {
         channel: &str,
         since: DateTime<Utc>,
     ) -> Result<TemplateRecipients, StoreError> {
-        let sql = format!(
-            "SELECT COUNT(*), MIN(last) FROM (SELECT MAX(created_at) AS last FROM messages \
-                WHERE channel = $1 AND direction = 'out' AND kind = 'template' \
-                    AND created_at > $2 AND {SENDING} \
-                GROUP BY contact_id)"
-        );
+        let sql = template_recipients_sql();
         let (contacts, oldest): (i64, Option<i64>) = with_pool!(self, |pool| {
             sqlx::query_as(&sql)
                 .bind(channel)
@@ -1159,9 +1168,7 @@ impl Db {
     /// Campaign messages of `channel` the outbox has not sent yet: how far the campaigns on
     /// it are ahead of the sender.
     pub async fn campaign_backlog(&self, channel: &str) -> Result<u64, StoreError> {
-        const SQL: &str = "SELECT COUNT(*) FROM messages WHERE channel = $1 \
-            AND direction = 'out' AND status IN ('pending', 'sending') AND priority = 1";
-        let count: i64 = with_pool!(self, |pool| sqlx::query_scalar(SQL)
+        let count: i64 = with_pool!(self, |pool| sqlx::query_scalar(BACKLOG_SQL)
             .bind(channel)
             .fetch_one(pool)
             .await?);
@@ -1248,8 +1255,8 @@ mod tests {
     use crate::store::conformance::memory_db;
     use crate::store::outbox::tests::plan;
 
-    /// The dispatcher's batches and the scheduler's question read their indexes, not the
-    /// whole ledger or every campaign.
+    /// The dispatcher's batches and questions and the scheduler's question read their
+    /// indexes, not the whole ledger, the whole message log or every campaign.
     #[tokio::test]
     async fn batches_and_due_campaigns_read_their_indexes() {
         let db = memory_db().await;
@@ -1259,6 +1266,16 @@ mod tests {
             "{pending}"
         );
         assert!(!pending.contains("TEMP B-TREE"), "{pending}");
+        let recipients = plan(&db, &template_recipients_sql()).await;
+        assert!(
+            recipients.contains("messages_templates_sent (channel=? AND created_at>?)"),
+            "{recipients}"
+        );
+        let backlog = plan(&db, BACKLOG_SQL).await;
+        assert!(
+            backlog.contains("messages_outbox_priority (channel=? AND priority=?)"),
+            "{backlog}"
+        );
         let due = plan(&db, &due_sql()).await;
         assert!(due.contains("USING INDEX campaigns_due"), "{due}");
         assert!(!due.contains("TEMP B-TREE"), "{due}");
