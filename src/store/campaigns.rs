@@ -601,25 +601,8 @@ impl Db {
         reason: &str,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        const RECIPIENTS: &str = "UPDATE campaign_recipients SET decision = 'cancelled', \
-                reason = $2, decided_at = $3 \
-            WHERE run_id = $1 AND decision IN ('planned', 'deferred')";
-        let cancelled = RunStatus::Cancelled;
-        let changed = with_writer!(self, own(reason), |pool| {
-            let mut tx = sqlx::Connection::begin(&mut *pool).await?;
-            let changed = update_run_status(&mut tx, run_id, cancelled, Some(&reason), now).await?;
-            if changed {
-                sqlx::query(RECIPIENTS)
-                    .bind(run_id)
-                    .bind(&reason)
-                    .bind(now.timestamp_millis())
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            tx.commit().await?;
-            changed
-        });
-        Ok(changed)
+        let (status, decision) = (RunStatus::Cancelled, RecipientDecision::Cancelled);
+        self.close_run(run_id, status, decision, reason, now).await
     }
 
     /// Ends a run whose ttl ran out: its recipients still pending are skipped with
@@ -631,18 +614,33 @@ impl Db {
         reason: &str,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        const RECIPIENTS: &str = "UPDATE campaign_recipients SET decision = 'skipped', \
+        let (status, decision) = (RunStatus::Done, RecipientDecision::Skipped);
+        self.close_run(run_id, status, decision, reason, now).await
+    }
+
+    /// Gives an open run its final `status` and its pending recipients `decision`, both
+    /// with `reason`, in one transaction; answers whether the run was still open.
+    async fn close_run(
+        &self,
+        run_id: i64,
+        status: RunStatus,
+        decision: RecipientDecision,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        const RECIPIENTS: &str = "UPDATE campaign_recipients SET decision = $4, \
                 reason = $2, decided_at = $3 \
             WHERE run_id = $1 AND decision IN ('planned', 'deferred')";
+        let decision = decision.as_str();
         let changed = with_writer!(self, own(reason), |pool| {
             let mut tx = sqlx::Connection::begin(&mut *pool).await?;
-            let changed =
-                update_run_status(&mut tx, run_id, RunStatus::Done, Some(&reason), now).await?;
+            let changed = update_run_status(&mut tx, run_id, status, Some(&reason), now).await?;
             if changed {
                 sqlx::query(RECIPIENTS)
                     .bind(run_id)
                     .bind(&reason)
                     .bind(now.timestamp_millis())
+                    .bind(decision)
                     .execute(&mut *tx)
                     .await?;
             }
