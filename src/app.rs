@@ -115,10 +115,15 @@ impl Application {
     ) -> anyhow::Result<()> {
         let timers = self.runtime.clone();
         let campaigns = self.campaigns.clone();
+        let dispatcher = crate::campaign_runner::dispatch::Dispatcher::new(campaigns.clone());
         let timer_task = tokio::spawn(async move {
             loop {
                 if let Err(e) = campaigns.tick().await {
                     tracing::error!(error = %e, "starting due campaign runs failed");
+                }
+                // Right after the tick, so a run it started sends at once.
+                if let Err(e) = dispatcher.tick().await {
+                    tracing::error!(error = %e, "dispatching campaign runs failed");
                 }
                 match timers.fire_due_timers().await {
                     Ok(reports) => {

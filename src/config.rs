@@ -74,16 +74,14 @@ pub struct ChannelConfig {
     pub api_base: Option<EnvString>,
     #[serde(default = "default_throughput")]
     pub throughput_mps: u32,
-    #[serde(default = "default_messaging_limit")]
-    pub messaging_limit: u32,
+    /// Unique business-initiated recipients (templates) per rolling 24 h, as WhatsApp
+    /// limits the number; campaigns defer recipients past it. `None`: unlimited.
+    #[serde(default)]
+    pub messaging_limit: Option<u32>,
 }
 
 fn default_throughput() -> u32 {
     80
-}
-
-fn default_messaging_limit() -> u32 {
-    2000
 }
 
 impl ChannelConfig {
@@ -100,7 +98,7 @@ impl ChannelConfig {
             webhook_secret: None,
             api_base: None,
             throughput_mps: default_throughput(),
-            messaging_limit: default_messaging_limit(),
+            messaging_limit: None,
         }
     }
 }

@@ -398,11 +398,21 @@ pub enum Origin {
     Agent,
     /// A configured system reply (opt-in or opt-out confirmation).
     System,
+    /// A campaign's message to one recipient of run `run`; `category` is the campaign's
+    /// (`marketing`, `utility`, `authentication`), which its frequency cap counts by, and
+    /// `on_reply` the flow a reply to it enters.
+    Campaign {
+        campaign: String,
+        run: i64,
+        category: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        on_reply: Option<String>,
+    },
 }
 
 impl Origin {
-    /// `step`, `script`, `error`, `agent`, `system`: what a policy-level template mapping
-    /// matches on.
+    /// `step`, `script`, `error`, `agent`, `system`, `campaign`: what a policy-level
+    /// template mapping matches on.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Step { .. } => "step",
@@ -410,6 +420,7 @@ impl Origin {
             Self::Error { .. } => "error",
             Self::Agent => "agent",
             Self::System => "system",
+            Self::Campaign { .. } => "campaign",
         }
     }
 
@@ -419,7 +430,7 @@ impl Origin {
             Self::Step { flow, .. } | Self::Script { flow, .. } | Self::Error { flow, .. } => {
                 Some(flow)
             }
-            Self::Agent | Self::System => None,
+            Self::Agent | Self::System | Self::Campaign { .. } => None,
         }
     }
 }

@@ -128,6 +128,13 @@ pub enum Event {
         flow: String,
         step: Option<String>,
     },
+    /// A customer's message that enters `flow` at its start, with `vars` as the session's
+    /// first variables (a reply to a campaign enters its `on_reply` flow with `campaign`).
+    Enter {
+        message: Inbound,
+        flow: String,
+        vars: Vec<(String, serde_json::Value)>,
+    },
     /// A person gives a handed-off conversation back to the bot: at `flow` (and `step`), or
     /// where the handoff step goes on (its `next`; none ends the session).
     Resume {
@@ -283,7 +290,7 @@ impl Engine {
     ) -> Outcome {
         let before = contact.clone();
         let message = match &event {
-            Event::Message(m) => message_value(m).into_shared(),
+            Event::Message(m) | Event::Enter { message: m, .. } => message_value(m).into_shared(),
             _ => Dynamic::from_map(Map::new()),
         };
         let session = session.and_then(|s| {
@@ -315,6 +322,11 @@ impl Engine {
             Event::Http(outcome) => run.http_result(outcome),
             Event::Start { flow, step } => run.start_by_api(&flow, step.as_deref()),
             Event::Resume { flow, step } => run.resume(flow.as_deref(), step.as_deref()),
+            Event::Enter {
+                message,
+                flow,
+                vars,
+            } => run.enter(&message, &flow, vars),
         };
         let contact_changed = *run.contact != before;
         Outcome {
@@ -655,6 +667,29 @@ impl Executor<'_> {
             None => None,
         };
         self.start(flow, index, Vec::new());
+        Handled::Started(flow.to_string())
+    }
+
+    /// A customer's message entering `flow` with `vars` (see [`Event::Enter`]).
+    fn enter(
+        &mut self,
+        inbound: &Inbound,
+        flow: &str,
+        vars: Vec<(String, serde_json::Value)>,
+    ) -> Handled {
+        if inbound.content.refreshes_window() {
+            self.contact.saw_customer_message(inbound.timestamp);
+        }
+        let Some(f) = self.flows.get(flow).cloned() else {
+            self.notes
+                .push(format!("there is no flow `{flow}` to enter"));
+            return Handled::Unanswered;
+        };
+        let vars = vars
+            .into_iter()
+            .map(|(k, v)| (k.into(), script::from_json(&v)))
+            .collect();
+        self.begin(f, None, vars);
         Handled::Started(flow.to_string())
     }
 
@@ -1152,61 +1187,7 @@ impl Executor<'_> {
         text: &Text,
         message: &Message,
     ) -> Result<OutboundContent, ScriptError> {
-        let ctx = self.context();
-        let s = &self.engine.scripting;
-        let body = text.render(s, &ctx)?;
-        if !message.buttons.is_empty() {
-            return Ok(OutboundContent::Buttons {
-                body,
-                buttons: message
-                    .buttons
-                    .iter()
-                    .map(|(id, title)| {
-                        Ok(Button {
-                            id: id.clone(),
-                            title: title.render(s, &ctx)?,
-                        })
-                    })
-                    .collect::<Result<_, ScriptError>>()?,
-            });
-        }
-        if let Some(list) = &message.list {
-            let mut sections = Vec::new();
-            for (title, rows) in &list.sections {
-                sections.push(ListSection {
-                    title: match title {
-                        Some(t) => Some(t.render(s, &ctx)?),
-                        None => None,
-                    },
-                    rows: rows
-                        .iter()
-                        .map(|r| {
-                            Ok(ListRow {
-                                id: r.id.clone(),
-                                title: r.title.render(s, &ctx)?,
-                                description: match &r.description {
-                                    Some(d) => Some(d.render(s, &ctx)?),
-                                    None => None,
-                                },
-                            })
-                        })
-                        .collect::<Result<_, ScriptError>>()?,
-                });
-            }
-            return Ok(OutboundContent::List {
-                body,
-                button: list.button.render(s, &ctx)?,
-                sections,
-            });
-        }
-        if let Some((kind, url)) = &message.media {
-            return Ok(OutboundContent::Media {
-                kind: kind.clone(),
-                link: url.render(s, &ctx)?,
-                caption: (!body.is_empty()).then_some(body),
-            });
-        }
-        Ok(OutboundContent::text(body))
+        render_message(&self.engine.scripting, &self.context(), text, message)
     }
 
     fn wait_until(&self, wait: &Wait) -> Result<DateTime<Utc>, ScriptError> {
@@ -1261,6 +1242,88 @@ fn script_reply(reply: ScriptReply) -> OutboundContent {
                 .collect(),
         },
     }
+}
+
+/// A message's text, buttons, list or media rendered with `ctx` (its `{{...}}`
+/// interpolations): the one renderer, used by steps and by campaigns' `in_window` message.
+pub fn render_message(
+    s: &Scripting,
+    ctx: &Context<'_>,
+    text: &Text,
+    message: &Message,
+) -> Result<OutboundContent, ScriptError> {
+    let body = text.render(s, ctx)?;
+    if !message.buttons.is_empty() {
+        return Ok(OutboundContent::Buttons {
+            body,
+            buttons: message
+                .buttons
+                .iter()
+                .map(|(id, title)| {
+                    Ok(Button {
+                        id: id.clone(),
+                        title: title.render(s, ctx)?,
+                    })
+                })
+                .collect::<Result<_, ScriptError>>()?,
+        });
+    }
+    if let Some(list) = &message.list {
+        let mut sections = Vec::new();
+        for (title, rows) in &list.sections {
+            sections.push(ListSection {
+                title: match title {
+                    Some(t) => Some(t.render(s, ctx)?),
+                    None => None,
+                },
+                rows: rows
+                    .iter()
+                    .map(|r| {
+                        Ok(ListRow {
+                            id: r.id.clone(),
+                            title: r.title.render(s, ctx)?,
+                            description: match &r.description {
+                                Some(d) => Some(d.render(s, ctx)?),
+                                None => None,
+                            },
+                        })
+                    })
+                    .collect::<Result<_, ScriptError>>()?,
+            });
+        }
+        return Ok(OutboundContent::List {
+            body,
+            button: list.button.render(s, ctx)?,
+            sections,
+        });
+    }
+    if let Some((kind, url)) = &message.media {
+        return Ok(OutboundContent::Media {
+            kind: kind.clone(),
+            link: url.render(s, ctx)?,
+            caption: (!body.is_empty()).then_some(body),
+        });
+    }
+    Ok(OutboundContent::text(body))
+}
+
+/// The context a campaign's message and template parameters are rendered in: `contact.*`
+/// and the contact's zone, no variables and no message.
+pub fn render_for_contact<T>(
+    scripting: &Scripting,
+    contact: &Contact,
+    now: DateTime<Utc>,
+    render: impl FnOnce(&Scripting, &Context<'_>) -> Result<T, ScriptError>,
+) -> Result<T, ScriptError> {
+    let value = contact_value(contact);
+    let ctx = Context {
+        vars: &Vars::new(),
+        contact: &value,
+        message: &Dynamic::UNIT,
+        now,
+        timezone: timezone_of(contact),
+    };
+    render(scripting, &ctx)
 }
 
 fn timezone_of(contact: &Contact) -> Option<chrono_tz::Tz> {

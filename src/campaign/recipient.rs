@@ -85,8 +85,8 @@ pub fn gate(
     Gate::Decide
 }
 
-/// The category as campaign files write it.
-fn category_name(category: Category) -> &'static str {
+/// The category as campaign files write it (and campaign messages' origin records it).
+pub fn category_name(category: Category) -> &'static str {
     match category {
         Category::Marketing => "marketing",
         Category::Utility => "utility",
@@ -94,8 +94,9 @@ fn category_name(category: Category) -> &'static str {
     }
 }
 
-/// Deferred to `until`, or skipped when that is past the run's end.
-fn defer(until: DateTime<Utc>, reason: String, run_ends: DateTime<Utc>) -> Gate {
+/// Deferred to `until`, or skipped when that is past the run's end (for the dispatcher's
+/// own deferrals too: the messaging limit).
+pub fn defer(until: DateTime<Utc>, reason: String, run_ends: DateTime<Utc>) -> Gate {
     if until >= run_ends {
         Gate::Skip {
             reason: format!("{reason}, past the run's ttl"),

@@ -21,7 +21,7 @@ use super::RunnerError;
 use crate::campaign::Campaign;
 use crate::dispatch::Runtime;
 use crate::domain::Contact;
-use crate::script::{Context, Scripting, Vars};
+use crate::script::Scripting;
 
 /// Contacts read, evaluated and snapshotted per page.
 pub const PAGE: i64 = 5_000;
@@ -122,15 +122,8 @@ pub fn matches(
     let Some(filter) = &campaign.audience.filter else {
         return Ok(true);
     };
-    let value = crate::engine::contact_value(contact);
-    let ctx = Context {
-        vars: &Vars::new(),
-        contact: &value,
-        message: &rhai::Dynamic::UNIT,
-        now,
-        timezone: contact.timezone.as_deref().and_then(|z| z.parse().ok()),
-    };
-    scripting
-        .eval_condition(&filter.ast, &ctx)
-        .map_err(|e| format!("`{}`: {}", filter.source, e.message))
+    crate::engine::render_for_contact(scripting, contact, now, |s, ctx| {
+        s.eval_condition(&filter.ast, ctx)
+    })
+    .map_err(|e| format!("`{}`: {}", filter.source, e.message))
 }

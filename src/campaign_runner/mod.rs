@@ -15,6 +15,7 @@
 //! clock.
 
 pub mod audience;
+pub mod dispatch;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -71,6 +72,11 @@ impl CampaignRunner {
     /// The runtime it runs on.
     pub fn runtime(&self) -> &Arc<Runtime> {
         &self.runtime
+    }
+
+    /// The loaded campaign named `name`.
+    pub fn campaign(&self, name: &str) -> Option<Arc<Campaign>> {
+        self.campaigns.get(name).cloned()
     }
 
     /// At start: saves every loaded campaign with its source, forgets file campaigns whose

@@ -4,13 +4,15 @@
 //! registry, the policy, the clock, the per-contact locks, the senders' bells) and the doors
 //! other code comes in by. One turn's stages live in [`turn`], the engine's part of a turn
 //! (HTTP performed and fed back, sessions pinned to their flow version) in [`run`], messages
-//! decided again after their turn (at send time, after a refusal) in [`redecide`], and what
-//! falls due by the clock (timers, queue expiries) in [`due`].
+//! decided again after their turn (at send time, after a refusal) in [`redecide`], what
+//! falls due by the clock (timers, queue expiries) in [`due`], and a reply to a campaign
+//! entering its `on_reply` flow in [`reply`].
 //! Events for one contact are handled one at a time, in order; different contacts run in
 //! parallel.
 
 mod due;
 mod redecide;
+mod reply;
 mod run;
 mod turn;
 
@@ -92,7 +94,7 @@ pub fn count_decision(decision: &Decision, stage: &str) {
 }
 
 /// Held while one event of one contact is handled.
-type ContactLock = Arc<tokio::sync::Mutex<()>>;
+pub(crate) type ContactLock = Arc<tokio::sync::Mutex<()>>;
 
 /// The worker state shared by every command that talks to flows.
 pub struct Runtime {
@@ -439,7 +441,7 @@ impl Runtime {
 
     /// The lock of one contact: held while one of its events is handled, and while anything
     /// else changes its policy state.
-    fn lock(&self, channel: &str, wa_id: &str) -> ContactLock {
+    pub(crate) fn lock(&self, channel: &str, wa_id: &str) -> ContactLock {
         let mut locks = self.locks.lock().expect("locks");
         if locks.len() > 10_000 {
             locks.retain(|_, l| Arc::strong_count(l) > 1);

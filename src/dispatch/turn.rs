@@ -81,6 +81,7 @@ impl Runtime {
             fired_timer,
             conversation: self.db.load_conversation(channel, wa_id).await?,
         };
+        let event = self.campaign_reply(&turn).await?.unwrap_or(event);
         turn.apply_customer_message(profile_name);
         let consent = turn
             .customer_wrote()

@@ -1,5 +1,5 @@
 //! The policy layer: the one function every outgoing message passes, whatever
-//! produced it (a flow step, a script, a timer, an agent, later a campaign), and the rules it
+//! produced it (a flow step, a script, a timer, an agent, a campaign), and the rules it
 //! applies: the 24-hour customer service window, rewriting to approved templates, the queue
 //! and its time-to-live, the free entry point and marketing consent.
 //!
@@ -515,7 +515,7 @@ pub fn check_fallbacks(
     templates: &Registry,
     flow_ids: &[&str],
 ) -> Vec<RuleProblem> {
-    const ORIGINS: [&str; 5] = ["step", "script", "agent", "system", "error"];
+    const ORIGINS: [&str; 6] = ["step", "script", "agent", "system", "error", "campaign"];
     let mut problems = Vec::new();
     for (i, rule) in rules.iter().enumerate() {
         let at = format!("policy.outside_window[{i}] (template `{}`)", rule.template);

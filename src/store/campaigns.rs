@@ -8,10 +8,12 @@
 //! the ledger in chunks, insert-or-ignore ([`Db::snapshot_audience`]), so a snapshot
 //! interrupted by a crash is finished by taking it again.
 //!
-//! Exactly-once sending needs one more thing from the caller: the outbound message and its
-//! ledger row's `sent` must not be two independent writes, or a crash between them sends
-//! again. Give the message an idempotency key derived from `(run_id, contact_id)` (unique in
-//! `messages`), so writing it twice fails, and record the outcome after.
+//! Exactly-once sending: the outbound message and its ledger row's `sent` are one write
+//! ([`Db::send_campaign_message`], one transaction), and the message's idempotency key comes
+//! from `(run_id, contact_id)` ([`campaign_message_key`], unique in `messages`), so a
+//! recipient decided again after a crash never gets a second message. The dispatcher's
+//! other questions (a contact's sends of a category, the channel's template recipients, the
+//! campaign backlog in the outbox) are answered here too.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -19,8 +21,8 @@ use serde::Serialize;
 use super::db::Db;
 use super::db::{with_pool, with_writer};
 use super::error::StoreError;
-use super::sql::{from_millis, placeholders};
-use crate::domain::Contact;
+use super::sql::{from_millis, outbound_kind, placeholders};
+use crate::domain::{Contact, Decision, Origin, Outbound, PolicyState};
 
 /// Rows of a snapshot per statement (one parameter each).
 const SNAPSHOT_ROWS_PER_STATEMENT: usize = 1_000;
@@ -599,18 +601,46 @@ impl Db {
         reason: &str,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        const RECIPIENTS: &str = "UPDATE campaign_recipients SET decision = 'cancelled', \
+        let (status, decision) = (RunStatus::Cancelled, RecipientDecision::Cancelled);
+        self.close_run(run_id, status, decision, reason, now).await
+    }
+
+    /// Ends a run whose ttl ran out: its recipients still pending are skipped with
+    /// `reason`, and the run is `done` with it, in one transaction. Answers whether the run
+    /// was still open.
+    pub async fn end_run_at_ttl(
+        &self,
+        run_id: i64,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let (status, decision) = (RunStatus::Done, RecipientDecision::Skipped);
+        self.close_run(run_id, status, decision, reason, now).await
+    }
+
+    /// Gives an open run its final `status` and its pending recipients `decision`, both
+    /// with `reason`, in one transaction; answers whether the run was still open.
+    async fn close_run(
+        &self,
+        run_id: i64,
+        status: RunStatus,
+        decision: RecipientDecision,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        const RECIPIENTS: &str = "UPDATE campaign_recipients SET decision = $4, \
                 reason = $2, decided_at = $3 \
             WHERE run_id = $1 AND decision IN ('planned', 'deferred')";
-        let cancelled = RunStatus::Cancelled;
+        let decision = decision.as_str();
         let changed = with_writer!(self, own(reason), |pool| {
             let mut tx = sqlx::Connection::begin(&mut *pool).await?;
-            let changed = update_run_status(&mut tx, run_id, cancelled, Some(&reason), now).await?;
+            let changed = update_run_status(&mut tx, run_id, status, Some(&reason), now).await?;
             if changed {
                 sqlx::query(RECIPIENTS)
                     .bind(run_id)
                     .bind(&reason)
                     .bind(now.timestamp_millis())
+                    .bind(decision)
                     .execute(&mut *tx)
                     .await?;
             }
@@ -876,6 +906,274 @@ impl Db {
     }
 }
 
+/// The idempotency key of run `run_id`'s message to contact `contact_id`: unique in
+/// `messages`, so a second message for the same recipient of a run cannot be written.
+pub fn campaign_message_key(run_id: i64, contact_id: i64) -> String {
+    format!("fg-c{run_id}-{contact_id}")
+}
+
+/// A campaign's message to one recipient, and the ledger's reason for sending it.
+#[derive(Debug, Clone)]
+pub struct CampaignSend<'a> {
+    pub run_id: i64,
+    pub contact_id: i64,
+    pub channel: &'a str,
+    /// As the policy decided it (`Policy::apply`).
+    pub message: &'a Outbound,
+    pub decision: &'a Decision,
+    /// `pending`, or `sent` on the sandbox.
+    pub status: &'a str,
+    /// The contact's policy state after the send (a send may open the free entry point).
+    pub policy: &'a PolicyState,
+}
+
+/// What [`Db::send_campaign_message`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CampaignSent {
+    pub message_id: i64,
+    /// `false`: the recipient's message already existed (its key), and none was written.
+    pub created: bool,
+}
+
+/// The channel's business-initiated sends in a rolling period: how many contacts got a
+/// template, and when the first of them leaves the period (its last template's time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TemplateRecipients {
+    pub contacts: u64,
+    pub oldest_last_send: Option<DateTime<Utc>>,
+}
+
+/// Outbound messages that went or are going to WhatsApp (not queued, skipped or failed).
+const SENDING: &str = "decision IN ('send', 'rewritten') AND status <> 'failed'";
+
+/// [`Db::campaign_backlog`]'s question, over the outbox's index of unsent rows.
+const BACKLOG_SQL: &str = "SELECT COUNT(*) FROM messages WHERE channel = $1 \
+    AND direction = 'out' AND status IN ('pending', 'sending') AND priority = 1";
+
+/// [`Db::template_recipients`]'s question: one index range of the channel's templates.
+fn template_recipients_sql() -> String {
+    format!(
+        "SELECT COUNT(*), MIN(last) FROM (SELECT MAX(created_at) AS last FROM messages \
+            WHERE channel = $1 AND direction = 'out' AND kind = 'template' \
+                AND created_at > $2 AND {SENDING} \
+            GROUP BY contact_id)"
+    )
+}
+
+// Dispatching.
+impl Db {
+    /// Writes a campaign's message to one recipient and marks its ledger row `sent` with it,
+    /// in one transaction, with the contact's policy state: a crash leaves both or neither.
+    /// The message's idempotency key ([`campaign_message_key`]) is unique, so when the
+    /// recipient's message already exists nothing new is written (the ledger row is pointed
+    /// at the existing one) and `created` is false.
+    pub async fn send_campaign_message(
+        &self,
+        send: &CampaignSend<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<CampaignSent, StoreError> {
+        const EXISTING: &str = "SELECT id FROM messages WHERE idempotency_key = $1";
+        const INSERT: &str = "INSERT INTO messages (contact_id, channel, direction, kind, body, \
+                decision, reason, status, created_at, updated_at, idempotency_key, priority) \
+            VALUES ($1, $2, 'out', $3, $4, $5, $6, $7, $8, $8, $9, 1) RETURNING id";
+        const POLICY: &str = "UPDATE contacts SET policy = $2 WHERE id = $1";
+        const LEDGER: &str = "UPDATE campaign_recipients SET decision = 'sent', reason = $3, \
+                message_id = $4, decided_at = $5 \
+            WHERE run_id = $1 AND contact_id = $2 AND decision IN ('planned', 'deferred')";
+        let key = campaign_message_key(send.run_id, send.contact_id);
+        let (run_id, contact_id) = (send.run_id, send.contact_id);
+        let channel = send.channel.to_string();
+        let kind = outbound_kind(&send.message.content);
+        let body = serde_json::to_string(send.message)?;
+        let policy = serde_json::to_string(send.policy)?;
+        let decision = send.decision.name();
+        let reason = send.decision.reason().to_string();
+        let status = send.status.to_string();
+        let now = now.timestamp_millis();
+        Ok(with_writer!(self, |pool| {
+            let mut tx = sqlx::Connection::begin(&mut *pool).await?;
+            let existing: Option<i64> = sqlx::query_scalar(EXISTING)
+                .bind(&key)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let (message_id, created) = match existing {
+                Some(id) => (id, false),
+                None => {
+                    let id: i64 = sqlx::query_scalar(INSERT)
+                        .bind(contact_id)
+                        .bind(&channel)
+                        .bind(kind)
+                        .bind(&body)
+                        .bind(decision)
+                        .bind(&reason)
+                        .bind(&status)
+                        .bind(now)
+                        .bind(&key)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    sqlx::query(POLICY)
+                        .bind(contact_id)
+                        .bind(&policy)
+                        .execute(&mut *tx)
+                        .await?;
+                    (id, true)
+                }
+            };
+            sqlx::query(LEDGER)
+                .bind(run_id)
+                .bind(contact_id)
+                .bind(&reason)
+                .bind(message_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            CampaignSent {
+                message_id,
+                created,
+            }
+        }))
+    }
+
+    /// Whole contacts by id (tags, attributes, zone, window, policy), as a run's recipients
+    /// are decided with.
+    pub async fn campaign_contacts(&self, ids: &[i64]) -> Result<Vec<(i64, Contact)>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let sql = format!(
+                "SELECT id, wa_id, name, tags, attrs, timezone, last_customer_message_at, \
+                    policy FROM contacts WHERE id IN ({})",
+                placeholders(1, chunk.len())
+            );
+            let raw: Vec<AudienceRaw> = with_pool!(self, |pool| {
+                let mut q = sqlx::query_as(&sql);
+                for id in chunk {
+                    q = q.bind(*id);
+                }
+                q.fetch_all(pool).await?
+            });
+            for row in raw {
+                out.push(audience_contact(row)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many messages of `category` the contact was sent after `since`, for a frequency
+    /// cap: campaign messages of that category (in either form), and templates named in
+    /// `templates` (the registry's templates of that category) whatever sent them.
+    pub async fn category_sends(
+        &self,
+        contact_id: i64,
+        category: &str,
+        templates: &[String],
+        since: DateTime<Utc>,
+    ) -> Result<u32, StoreError> {
+        let by_name = if templates.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " OR (kind = 'template' AND json_extract(body, '$.content.name') IN ({}))",
+                placeholders(4, templates.len())
+            )
+        };
+        let sql = format!(
+            "SELECT COUNT(*) FROM messages WHERE contact_id = $1 AND direction = 'out' \
+                AND created_at > $2 AND {SENDING} \
+                AND (json_extract(body, '$.origin.category') = $3{by_name})"
+        );
+        let count: i64 = with_pool!(self, |pool| {
+            let mut q = sqlx::query_scalar(&sql)
+                .bind(contact_id)
+                .bind(since.timestamp_millis())
+                .bind(category);
+            for name in templates {
+                q = q.bind(name);
+            }
+            q.fetch_one(pool).await?
+        });
+        Ok(u32::try_from(count).unwrap_or(u32::MAX))
+    }
+
+    /// The contacts of `channel` sent a template after `since` (the messaging limit's
+    /// business-initiated recipients).
+    pub async fn template_recipients(
+        &self,
+        channel: &str,
+        since: DateTime<Utc>,
+    ) -> Result<TemplateRecipients, StoreError> {
+        let sql = template_recipients_sql();
+        let (contacts, oldest): (i64, Option<i64>) = with_pool!(self, |pool| {
+            sqlx::query_as(&sql)
+                .bind(channel)
+                .bind(since.timestamp_millis())
+                .fetch_one(pool)
+                .await?
+        });
+        Ok(TemplateRecipients {
+            contacts: u64::try_from(contacts).unwrap_or(0),
+            oldest_last_send: millis_opt(oldest, "messages.created_at")?,
+        })
+    }
+
+    /// Whether the contact was sent a template after `since` (so another one takes no new
+    /// room in the messaging limit).
+    pub async fn got_template_since(
+        &self,
+        contact_id: i64,
+        since: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM messages WHERE contact_id = $1 AND direction = 'out' \
+                AND kind = 'template' AND created_at > $2 AND {SENDING})"
+        );
+        let found: bool = with_pool!(self, |pool| sqlx::query_scalar(&sql)
+            .bind(contact_id)
+            .bind(since.timestamp_millis())
+            .fetch_one(pool)
+            .await?);
+        Ok(found)
+    }
+
+    /// The contact's latest outbound message when a campaign sent it and it went (or is
+    /// going) to WhatsApp: its origin and when it was written. A reply to it may enter the
+    /// campaign's `on_reply` flow.
+    pub async fn last_campaign_message(
+        &self,
+        contact_id: i64,
+    ) -> Result<Option<(Origin, DateTime<Utc>)>, StoreError> {
+        let sql = format!(
+            "SELECT body, created_at, CAST({SENDING} AS BIGINT) FROM messages \
+            WHERE contact_id = $1 AND direction = 'out' ORDER BY id DESC LIMIT 1"
+        );
+        let raw: Option<(String, i64, i64)> = with_pool!(self, |pool| sqlx::query_as(&sql)
+            .bind(contact_id)
+            .fetch_optional(pool)
+            .await?);
+        let Some((body, created, 1)) = raw else {
+            return Ok(None);
+        };
+        let message: Outbound = serde_json::from_str(&body)?;
+        if !matches!(message.origin, Origin::Campaign { .. }) {
+            return Ok(None);
+        }
+        Ok(Some((
+            message.origin,
+            from_millis(created, "messages.created_at")?,
+        )))
+    }
+
+    /// Campaign messages of `channel` the outbox has not sent yet: how far the campaigns on
+    /// it are ahead of the sender.
+    pub async fn campaign_backlog(&self, channel: &str) -> Result<u64, StoreError> {
+        let count: i64 = with_pool!(self, |pool| sqlx::query_scalar(BACKLOG_SQL)
+            .bind(channel)
+            .fetch_one(pool)
+            .await?);
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+}
+
 /// [`Db::audience_page`]'s row: a contact as a `where` condition sees it.
 type AudienceRaw = (
     i64,
@@ -963,9 +1261,10 @@ mod tests {
     use crate::store::conformance::memory_db;
     use crate::store::outbox::tests::plan;
 
-    /// The dispatcher's batches and the scheduler's question read their indexes, not the
-    /// whole ledger or every campaign; an audience page walks contacts in id order from
-    /// where the last page ended, never sorting the channel's contacts.
+    /// The dispatcher's batches and questions and the scheduler's question read their
+    /// indexes, not the whole ledger, the whole message log or every campaign; an audience
+    /// page walks contacts in id order from where the last page ended, never sorting the
+    /// channel's contacts.
     #[tokio::test]
     async fn batches_and_due_campaigns_read_their_indexes() {
         let db = memory_db().await;
@@ -981,6 +1280,16 @@ mod tests {
             "{audience}"
         );
         assert!(!audience.contains("TEMP B-TREE FOR ORDER BY"), "{audience}");
+        let recipients = plan(&db, &template_recipients_sql()).await;
+        assert!(
+            recipients.contains("messages_templates_sent (channel=? AND created_at>?)"),
+            "{recipients}"
+        );
+        let backlog = plan(&db, BACKLOG_SQL).await;
+        assert!(
+            backlog.contains("messages_outbox_priority (channel=? AND priority=?)"),
+            "{backlog}"
+        );
         let due = plan(&db, &due_sql()).await;
         assert!(due.contains("USING INDEX campaigns_due"), "{due}");
         assert!(!due.contains("TEMP B-TREE"), "{due}");

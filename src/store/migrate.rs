@@ -43,6 +43,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "campaigns",
         include_str!("../../migrations/sqlite/0006_campaigns.sql"),
     ),
+    (
+        7,
+        "campaign dispatch",
+        include_str!("../../migrations/sqlite/0007_campaign_dispatch.sql"),
+    ),
 ];
 
 /// A [`MigrationSource`] over migrations compiled into the binary.

@@ -74,8 +74,9 @@ pub mod writer;
 mod conformance;
 
 pub use campaigns::{
-    CampaignOrigin, CampaignRow, Claim, LedgerRow, NewCampaign, RecipientCount, RecipientDecision,
-    RecipientOutcome, RunRow, RunStatus, RunTrigger,
+    CampaignOrigin, CampaignRow, CampaignSend, CampaignSent, Claim, LedgerRow, NewCampaign,
+    RecipientCount, RecipientDecision, RecipientOutcome, RunRow, RunStatus, RunTrigger,
+    TemplateRecipients, campaign_message_key,
 };
 pub use contacts::{Identifiers, IdentityChanged, Resolved};
 pub use conversations::{Conversation, MessageDetail, MessageRow, SessionRow};

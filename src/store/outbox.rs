@@ -88,7 +88,8 @@ pub struct ChannelStop {
 /// Rows that may be claimed at `$2` (now): due pending rows and `sending` rows whose lease
 /// ran out, each only if it is its contact's oldest undelivered message (a contact's
 /// messages leave in order, one at a time), and only while the channel is not stopped.
-/// Every term is served by an index (`messages_outbox` through the `status IN` term,
+/// Every term is served by an index (`messages_outbox_priority`, which holds the unsent
+/// rows only, in claim order: conversational before campaign messages, then by id;
 /// `messages_unsent_by_contact`), so a claim costs the same however much history there is.
 const CLAIMABLE: &str = "m.channel = $1 AND m.direction = 'out' \
     AND m.status IN ('pending', 'sending') \
@@ -161,8 +162,8 @@ fn claim_update(ids: usize) -> String {
 }
 
 impl Db {
-    /// Claims up to `limit` rows of `channel` for `lease_owner` until `now + lease_for`, in
-    /// id order: each becomes `sending`, its attempts go up by one and it gets an idempotency
+    /// Claims up to `limit` rows of `channel` for `lease_owner` until `now + lease_for`,
+    /// conversational messages before campaign messages (`priority`), each in id order: each becomes `sending`, its attempts go up by one and it gets an idempotency
     /// key (`fg-{id}`) if it had none. Two senders never claim one row: the claiming UPDATE
     /// checks each row is still claimable.
     pub async fn claim_outbox(
@@ -184,7 +185,8 @@ impl Db {
         // candidate in between, or an older message of its contact may become pending (a
         // flushed queue); the UPDATE checks both again and skips the candidate.
         let select = format!(
-            "SELECT m.id, m.status FROM messages m WHERE {CLAIMABLE} ORDER BY m.id LIMIT $3"
+            "SELECT m.id, m.status FROM messages m WHERE {CLAIMABLE} \
+            ORDER BY m.priority, m.id LIMIT $3"
         );
         let candidates: Vec<(i64, String)> = with_pool!(self, |pool| {
             sqlx::query_as(&select)
@@ -207,7 +209,13 @@ impl Db {
         args.extend(candidates.iter().map(|(id, _)| Value::Integer(*id)));
         let Backend::Sqlite(sqlite) = &self.backend;
         let mut rows: Vec<ClaimRaw> = sqlite.writer.query(update, args).await?;
-        rows.sort_by_key(|r| r.0);
+        // In the candidates' order: conversational first, then by id.
+        let order: std::collections::HashMap<i64, usize> = candidates
+            .iter()
+            .enumerate()
+            .map(|(i, (id, _))| (*id, i))
+            .collect();
+        rows.sort_by_key(|r| order.get(&r.0).copied().unwrap_or(usize::MAX));
 
         let lease_until = from_millis(lease_ms, "messages.lease_until")?;
         rows.into_iter()
@@ -602,13 +610,18 @@ pub(super) mod tests {
         db.migrate().await.unwrap();
         let select = plan(
             &db,
-            &format!("SELECT m.id, m.status FROM messages m WHERE {CLAIMABLE} ORDER BY m.id"),
+            &format!(
+                "SELECT m.id, m.status FROM messages m WHERE {CLAIMABLE} \
+                ORDER BY m.priority, m.id"
+            ),
         )
         .await;
+        // The unsent rows of the channel, already in claim order: no sort.
         assert!(
-            select.contains("messages_outbox (channel=? AND status=?)"),
+            select.contains("messages_outbox_priority (channel=?)"),
             "{select}"
         );
+        assert!(!select.contains("TEMP B-TREE"), "{select}");
         assert!(
             select.contains("messages_unsent_by_contact (contact_id=? AND id<?)"),
             "{select}"

@@ -3,6 +3,7 @@
 //! `cargo test` wrote gigabytes). Run one area with `cargo test --test integration outbox::`.
 
 mod admin;
+mod campaign_dispatch;
 mod campaigns;
 mod check;
 mod check_root_cause;

@@ -2,10 +2,10 @@
 //! (snapshots, outcomes) and a run's report counts.
 
 use super::{CH, bare_turn, contact_with_timers, said, t, with_pool};
-use crate::domain::{Contact, Decision, OutboundContent};
+use crate::domain::{Contact, Decision, Origin, Outbound, OutboundContent};
 use crate::store::{
-    CampaignOrigin, Db, NewCampaign, RecipientCount, RecipientDecision, RecipientOutcome,
-    RunStatus, RunTrigger, TurnWrite,
+    CampaignOrigin, CampaignSend, CampaignSent, Db, NewCampaign, RecipientCount, RecipientDecision,
+    RecipientOutcome, RunStatus, RunTrigger, TurnWrite,
 };
 
 const SOURCE: &str = "campaign: spring_sale\nchannel: sandbox\nschedule: \"0 10 * * MON\"\n";
@@ -465,14 +465,7 @@ async fn decided_run(db: &Db) -> (i64, Vec<i64>, Vec<i64>) {
     for wa_id in ["15550002", "15550003", "15550004", "15550005"] {
         contacts.push(contact_with_timers(db, wa_id, &[]).await);
     }
-    let run_id = db
-        .claim_run("spring_sale", t(10), RunTrigger::Schedule, t(10))
-        .await
-        .unwrap()
-        .run_id;
-    db.snapshot_audience(run_id, &contacts, t(10), t(10))
-        .await
-        .unwrap();
+    let run_id = run_of(db, &contacts).await;
     for (contact, outcome) in contacts.iter().zip(&decided(&messages)) {
         assert!(
             db.record_recipient(run_id, *contact, outcome, t(11))
@@ -606,4 +599,130 @@ pub(super) async fn an_audience_page_selects_by_channel_every_tag_and_creation_t
     // No tags: every contact of the channel created by then.
     let all = db.audience_page(CH, &[], t(1), 0, 10).await.unwrap();
     assert_eq!(all.len(), 3);
+}
+
+/// A run of `n` seeded contacts, its audience snapshotted: its id and the contacts.
+async fn started_run(db: &Db, n: i64) -> (i64, Vec<i64>) {
+    let contacts = seed_contacts(db, n).await;
+    (run_of(db, &contacts).await, contacts)
+}
+
+/// A run claimed for `t(10)` with `contacts` snapshotted: its id.
+async fn run_of(db: &Db, contacts: &[i64]) -> i64 {
+    let run_id = db
+        .claim_run("spring_sale", t(10), RunTrigger::Schedule, t(10))
+        .await
+        .unwrap()
+        .run_id;
+    db.snapshot_audience(run_id, contacts, t(10), t(10))
+        .await
+        .unwrap();
+    run_id
+}
+
+/// One campaign message written as the dispatcher writes it (pending, for a real channel).
+async fn campaign_send(db: &Db, run_id: i64, contact_id: i64, status: &str) -> CampaignSent {
+    let message = Outbound::new(
+        OutboundContent::text("offer"),
+        Origin::Campaign {
+            campaign: "spring_sale".into(),
+            run: run_id,
+            category: "marketing".into(),
+            on_reply: None,
+        },
+    );
+    let decision = Decision::Send {
+        reason: "window open".into(),
+    };
+    let send = CampaignSend {
+        run_id,
+        contact_id,
+        channel: CH,
+        message: &message,
+        decision: &decision,
+        status,
+        policy: &Default::default(),
+    };
+    db.send_campaign_message(&send, t(20)).await.unwrap()
+}
+
+pub(super) async fn a_campaign_message_and_its_ledger_row_are_one_write_once(db: Db) {
+    let (run_id, contacts) = started_run(&db, 2).await;
+    let first = campaign_send(&db, run_id, contacts[0], "sent").await;
+    assert!(first.created);
+    let row = db.ledger_row(run_id, contacts[0]).await.unwrap().unwrap();
+    assert_eq!(
+        (row.decision, row.message_id, row.reason.as_deref()),
+        (
+            RecipientDecision::Sent,
+            Some(first.message_id),
+            Some("window open")
+        )
+    );
+    // Written again (a dispatcher that lost its answer): the key finds the first message.
+    let again = campaign_send(&db, run_id, contacts[0], "sent").await;
+    assert_eq!((again.message_id, again.created), (first.message_id, false));
+    let messages: i64 = with_pool!(&db, |pool| sqlx::query_scalar(
+        "SELECT COUNT(*) FROM messages WHERE direction = 'out'"
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap());
+    assert_eq!(messages, 1);
+    // The frequency cap counts it by its category, the messaging limit as no template.
+    let sends = db
+        .category_sends(contacts[0], "marketing", &[], t(0))
+        .await
+        .unwrap();
+    assert_eq!(sends, 1);
+    assert_eq!(
+        db.category_sends(contacts[0], "utility", &[], t(0))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(db.template_recipients(CH, t(0)).await.unwrap().contacts, 0);
+    assert!(
+        db.last_campaign_message(contacts[0])
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        db.last_campaign_message(contacts[1])
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+pub(super) async fn the_outbox_claims_conversational_messages_before_campaign_ones(db: Db) {
+    let (run_id, contacts) = started_run(&db, 3).await;
+    campaign_send(&db, run_id, contacts[0], "pending").await;
+    campaign_send(&db, run_id, contacts[1], "pending").await;
+    assert_eq!(db.campaign_backlog(CH).await.unwrap(), 2);
+    // A reply to a customer written after the campaign's messages.
+    let customer = Contact::new("seed3");
+    let mut reply = said(
+        OutboundContent::text("your order shipped"),
+        Decision::Send {
+            reason: "window open".into(),
+        },
+    );
+    reply.status = "pending".into();
+    let records = [reply];
+    let reply_id = db
+        .commit_turn(&TurnWrite {
+            outbound: &records,
+            ..bare_turn(Some(contacts[2]), &customer, t(21))
+        })
+        .await
+        .unwrap()
+        .outbound_ids[0];
+    let lease = std::time::Duration::from_secs(60);
+    let first = db.claim_outbox(CH, t(22), 1, "s", lease).await.unwrap();
+    assert_eq!(first.iter().map(|r| r.id).collect::<Vec<_>>(), [reply_id]);
+    let rest = db.claim_outbox(CH, t(22), 10, "s", lease).await.unwrap();
+    assert_eq!(rest.len(), 2);
+    assert!(rest.iter().all(|r| r.idempotency_key.starts_with("fg-c")));
 }

@@ -119,6 +119,8 @@ macro_rules! suite {
                 campaigns::outcomes_are_recorded_once_and_counted,
                 campaigns::cancelling_a_run_cancels_its_pending_recipients,
                 campaigns::an_audience_page_selects_by_channel_every_tag_and_creation_time,
+                campaigns::a_campaign_message_and_its_ledger_row_are_one_write_once,
+                campaigns::the_outbox_claims_conversational_messages_before_campaign_ones,
             );
         }
     };
