@@ -343,14 +343,21 @@ async fn serve(config: Option<&Path>, watch: bool) -> anyhow::Result<ExitCode> {
 /// Live reload in the background: on `SIGHUP` (unix), and on file changes with `--watch`.
 fn reloads(application: &Application, watch: bool) -> tokio::task::JoinHandle<()> {
     let (runtime, config) = (application.runtime.clone(), application.config.clone());
+    let campaigns = application.campaigns.clone();
     #[cfg(unix)]
-    let hangups = reload::on_sighup(runtime.clone(), config.clone());
+    let hangups = reload::on_sighup(runtime.clone(), config.clone(), campaigns.clone());
     #[cfg(not(unix))]
     let hangups = std::future::pending::<()>();
     tokio::spawn(async move {
         let watching = async {
             if watch {
-                reload::watch(runtime, config, std::time::Duration::from_secs(1)).await
+                reload::watch(
+                    runtime,
+                    config,
+                    campaigns,
+                    std::time::Duration::from_secs(1),
+                )
+                .await
             } else {
                 std::future::pending().await
             }

@@ -9,6 +9,7 @@
 //! [`Refused`] answer, so the handler reads top to bottom.
 
 pub mod admin;
+pub mod campaigns;
 pub mod doors;
 pub mod sandbox;
 pub mod webhook;

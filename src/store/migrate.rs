@@ -43,6 +43,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "campaigns",
         include_str!("../../migrations/sqlite/0006_campaigns.sql"),
     ),
+    (
+        7,
+        "campaign run requests",
+        include_str!("../../migrations/sqlite/0007_campaign_run_requests.sql"),
+    ),
 ];
 
 /// A [`MigrationSource`] over migrations compiled into the binary.
