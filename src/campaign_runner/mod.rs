@@ -22,12 +22,14 @@
 pub mod audience;
 pub mod registry;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use chrono::{DateTime, Utc};
 
 use crate::campaign::{Campaign, schedule_key};
 use crate::dispatch::Runtime;
+use crate::metrics::Gauge;
 use crate::store::{CampaignOrigin, NewCampaign, RunStatus, RunTrigger, StoreError};
 use registry::Registry;
 
@@ -261,6 +263,45 @@ const RUNS_MISSED: &str = "flowgate_campaign_runs_missed_total";
 const RUNS_MISSED_HELP: &str = "Campaign runs recorded as missed (past their ttl, or superseded).";
 const RECIPIENTS: &str = "flowgate_campaign_recipients_planned_total";
 const RECIPIENTS_HELP: &str = "Recipients snapshotted into campaign runs, by campaign.";
+
+/// The campaigns' gauges for `/metrics`, read now: runs by status, and the recipients of
+/// the runs not over by campaign, decision and reason class.
+pub async fn gauges(db: &crate::store::Db) -> Result<Vec<Gauge<'static>>, StoreError> {
+    let mut gauges: Vec<Gauge<'static>> = db
+        .runs_by_status()
+        .await?
+        .into_iter()
+        .map(|(status, n)| {
+            let help = "Campaign runs, by status.";
+            (
+                "flowgate_campaign_runs",
+                help,
+                vec![("status", status)],
+                n as f64,
+            )
+        })
+        .collect();
+    let mut recipients: BTreeMap<(String, String, &str), i64> = BTreeMap::new();
+    for row in db.active_recipients().await? {
+        let class = crate::campaign::report::reason_class(row.reason.as_deref());
+        *recipients
+            .entry((row.campaign, row.decision, class))
+            .or_default() += row.count;
+    }
+    for ((campaign, decision, class), n) in recipients {
+        gauges.push((
+            "flowgate_campaign_active_recipients",
+            "Recipients of the campaign runs not over, by campaign, decision and reason class.",
+            vec![
+                ("campaign", campaign),
+                ("decision", decision),
+                ("reason", class.to_string()),
+            ],
+            n as f64,
+        ));
+    }
+    Ok(gauges)
+}
 
 /// A campaign's next run time when it is saved: the stored one while its schedule is the
 /// same, else the first after now.

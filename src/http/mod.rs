@@ -67,6 +67,10 @@ async fn metrics(State(state): State<AppState>) -> Response {
         Ok(g) => gauges.extend(g),
         Err(e) => tracing::warn!(error = %e, "reading the outbox gauges failed"),
     }
+    match crate::campaign_runner::gauges(&state.runtime.db).await {
+        Ok(g) => gauges.extend(g),
+        Err(e) => tracing::warn!(error = %e, "reading the campaign gauges failed"),
+    }
     match state.runtime.db.inbox_depth().await {
         Ok(depth) => gauges.push((
             "flowgate_inbox_depth",
