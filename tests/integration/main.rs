@@ -3,6 +3,8 @@
 //! `cargo test` wrote gigabytes). Run one area with `cargo test --test integration outbox::`.
 
 mod admin;
+mod campaign_api;
+mod campaign_cli;
 mod campaigns;
 mod check;
 mod contacts_import;
