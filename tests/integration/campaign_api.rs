@@ -661,3 +661,60 @@ async fn metrics_count_runs_by_status_and_active_recipients() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_live_reload_adds_and_forgets_campaign_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let campaigns = dir.path().join("campaigns");
+    std::fs::write(campaigns.join("new_sale.yaml"), api_campaign("new_sale")).unwrap();
+    std::fs::remove_file(campaigns.join("file_sale.yaml")).unwrap();
+    let (status, body) = call(&server, Method::POST, "/flows/reload", None, &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, list) = call(&server, Method::GET, "/campaigns", None, &[]).await;
+    let names: Vec<&str> = list["campaigns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["new_sale"]);
+    let (_, shown) = call(&server, Method::GET, "/campaigns/new_sale", None, &[]).await;
+    assert_eq!(
+        (shown["origin"].as_str(), shown["loaded"].as_bool()),
+        (Some("file"), Some(true))
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_api_campaign_is_compiled_again_from_the_store_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let (status, _) = call(
+        &server,
+        Method::POST,
+        "/campaigns",
+        yaml(api_campaign("kept")),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 201);
+    server.shutdown().await;
+
+    let server = start(dir.path()).await;
+    let (status, shown) = call(&server, Method::GET, "/campaigns/kept", None, &[]).await;
+    assert_eq!(status, 200, "{shown}");
+    assert_eq!(
+        (shown["origin"].as_str(), shown["loaded"].as_bool()),
+        (Some("api"), Some(true))
+    );
+    import_contacts(&server).await;
+    let (status, run) = call(&server, Method::POST, "/campaigns/kept/run-now", None, &[]).await;
+    assert_eq!(
+        (status, run["recipients"].as_u64()),
+        (201, Some(3)),
+        "{run}"
+    );
+    server.shutdown().await;
+}
