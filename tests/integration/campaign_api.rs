@@ -13,18 +13,10 @@ use flowgate::store::{RecipientDecision, RecipientOutcome, RunTrigger};
 use reqwest::Method;
 use serde_json::{Value, json};
 
+use crate::campaigns::TEMPLATES;
 use crate::support;
 
 pub(crate) const TOKEN: &str = "campaign-token";
-
-const TEMPLATES: &str = r#"
-templates:
-  - name: spring_sale
-    language: en_US
-    category: marketing
-    status: approved
-    body: "Hi {{1}}! Our spring sale starts today."
-"#;
 
 /// An API campaign `name` to the `vip` contacts, Mondays at 10:00 in Berlin.
 pub(crate) fn api_campaign(name: &str) -> String {
@@ -123,6 +115,37 @@ async fn call(
     (status, value)
 }
 
+/// The names `GET /api/campaigns` lists.
+async fn names(server: &support::Running) -> Vec<String> {
+    let (_, list) = get(server, "/campaigns").await;
+    let list = list["campaigns"].as_array().unwrap();
+    list.iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn get(server: &support::Running, path: &str) -> (u16, Value) {
+    call(server, Method::GET, path, None, &[]).await
+}
+
+async fn post(server: &support::Running, path: &str) -> (u16, Value) {
+    call(server, Method::POST, path, None, &[]).await
+}
+
+async fn delete(server: &support::Running, path: &str) -> (u16, Value) {
+    call(server, Method::DELETE, path, None, &[]).await
+}
+
+/// A definition sent as YAML.
+async fn send_yaml(
+    server: &support::Running,
+    method: Method,
+    path: &str,
+    text: String,
+) -> (u16, Value) {
+    call(server, method, path, yaml(text), &[]).await
+}
+
 fn yaml(text: String) -> Option<(&'static str, String)> {
     Some(("application/yaml", text))
 }
@@ -161,7 +184,7 @@ async fn campaigns_are_created_refused_replaced_and_deleted() {
         item["message"].as_str().unwrap().contains("sprnig_sale"),
         "{item}"
     );
-    let (_, missing) = call(&server, Method::GET, "/campaigns/bad_sale", None, &[]).await;
+    let (_, missing) = get(&server, "/campaigns/bad_sale").await;
     assert_eq!(
         missing["error"]["code"], "unknown_campaign",
         "nothing was saved"
@@ -176,16 +199,15 @@ async fn campaigns_are_created_refused_replaced_and_deleted() {
     let (status, replaced) = call(&server, Method::PUT, "/campaigns/api_sale", body, &[]).await;
     assert_eq!(status, 200, "{replaced}");
     assert_eq!(replaced["definition"]["audience"]["tags"], json!(["other"]));
-    let (status, shown) = call(&server, Method::GET, "/campaigns/api_sale", None, &[]).await;
+    let (status, shown) = get(&server, "/campaigns/api_sale").await;
     assert_eq!(status, 200);
     assert!(shown["source"].as_str().unwrap().contains("[other]"));
 
-    let (status, mismatch) = call(
+    let (status, mismatch) = send_yaml(
         &server,
         Method::PUT,
         "/campaigns/other_name",
-        yaml(api_campaign("api_sale")),
-        &[],
+        api_campaign("api_sale"),
     )
     .await;
     assert_eq!(
@@ -193,17 +215,10 @@ async fn campaigns_are_created_refused_replaced_and_deleted() {
         (422, Some("name_mismatch"))
     );
 
-    let (status, _) = call(&server, Method::DELETE, "/campaigns/api_sale", None, &[]).await;
+    let (status, _) = delete(&server, "/campaigns/api_sale").await;
     assert_eq!(status, 204);
-    let (_, list) = call(&server, Method::GET, "/campaigns", None, &[]).await;
-    let names: Vec<&str> = list["campaigns"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["file_sale"]);
-    let (status, _) = call(&server, Method::DELETE, "/campaigns/api_sale", None, &[]).await;
+    assert_eq!(names(&server).await, ["file_sale"]);
+    let (status, _) = delete(&server, "/campaigns/api_sale").await;
     assert_eq!(status, 404);
     server.shutdown().await;
 }
@@ -212,12 +227,11 @@ async fn campaigns_are_created_refused_replaced_and_deleted() {
 async fn a_file_campaign_is_changed_only_in_its_file() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path()).await;
-    let (status, put) = call(
+    let (status, put) = send_yaml(
         &server,
         Method::PUT,
         "/campaigns/file_sale",
-        yaml(api_campaign("file_sale")),
-        &[],
+        api_campaign("file_sale"),
     )
     .await;
     assert_eq!(status, 409, "{put}");
@@ -229,24 +243,23 @@ async fn a_file_campaign_is_changed_only_in_its_file() {
             .contains("edit the file"),
         "{put}"
     );
-    let (status, post) = call(
+    let (status, post) = send_yaml(
         &server,
         Method::POST,
         "/campaigns",
-        yaml(api_campaign("file_sale")),
-        &[],
+        api_campaign("file_sale"),
     )
     .await;
     assert_eq!(
         (status, post["error"]["code"].as_str()),
         (409, Some("file_campaign"))
     );
-    let (status, delete) = call(&server, Method::DELETE, "/campaigns/file_sale", None, &[]).await;
+    let (status, delete) = delete(&server, "/campaigns/file_sale").await;
     assert_eq!(
         (status, delete["error"]["code"].as_str()),
         (409, Some("file_campaign"))
     );
-    let (_, shown) = call(&server, Method::GET, "/campaigns/file_sale", None, &[]).await;
+    let (_, shown) = get(&server, "/campaigns/file_sale").await;
     assert_eq!(shown["origin"], "file");
     server.shutdown().await;
 }
@@ -255,14 +268,7 @@ async fn a_file_campaign_is_changed_only_in_its_file() {
 async fn pause_and_resume_change_the_campaigns_state() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path()).await;
-    let (status, paused) = call(
-        &server,
-        Method::POST,
-        "/campaigns/file_sale/pause",
-        None,
-        &[],
-    )
-    .await;
+    let (status, paused) = post(&server, "/campaigns/file_sale/pause").await;
     assert_eq!(status, 200, "{paused}");
     assert_eq!(
         (paused["paused"].as_bool(), paused["pause_reason"].as_str()),
@@ -271,27 +277,13 @@ async fn pause_and_resume_change_the_campaigns_state() {
     let stored = server.db.campaign("file_sale").await.unwrap().unwrap();
     assert!(stored.paused);
 
-    let (status, refused) = call(
-        &server,
-        Method::POST,
-        "/campaigns/file_sale/run-now",
-        None,
-        &[],
-    )
-    .await;
+    let (status, refused) = post(&server, "/campaigns/file_sale/run-now").await;
     assert_eq!(
         (status, refused["error"]["code"].as_str()),
         (409, Some("campaign_paused"))
     );
 
-    let (status, resumed) = call(
-        &server,
-        Method::POST,
-        "/campaigns/file_sale/resume",
-        None,
-        &[],
-    )
-    .await;
+    let (status, resumed) = post(&server, "/campaigns/file_sale/resume").await;
     assert_eq!((status, resumed["paused"].as_bool()), (200, Some(false)));
     assert!(
         !server
@@ -303,19 +295,12 @@ async fn pause_and_resume_change_the_campaigns_state() {
             .paused
     );
 
-    let (status, unknown) = call(&server, Method::POST, "/campaigns/nope/pause", None, &[]).await;
+    let (status, unknown) = post(&server, "/campaigns/nope/pause").await;
     assert_eq!(
         (status, unknown["error"]["code"].as_str()),
         (404, Some("unknown_campaign"))
     );
-    let (status, none) = call(
-        &server,
-        Method::POST,
-        "/campaigns/file_sale/cancel",
-        None,
-        &[],
-    )
-    .await;
+    let (status, none) = post(&server, "/campaigns/file_sale/cancel").await;
     assert_eq!(
         (status, none["error"]["code"].as_str()),
         (409, Some("no_active_run"))
@@ -372,7 +357,7 @@ async fn run_now_starts_one_run_per_idempotency_key_and_lists_it() {
         (409, Some("run_active"))
     );
 
-    let (status, runs) = call(&server, Method::GET, "/campaigns/file_sale/runs", None, &[]).await;
+    let (status, runs) = get(&server, "/campaigns/file_sale/runs").await;
     assert_eq!(status, 200);
     let runs = runs["runs"].as_array().unwrap().clone();
     assert_eq!(runs.len(), 1, "{runs:?}");
@@ -380,39 +365,18 @@ async fn run_now_starts_one_run_per_idempotency_key_and_lists_it() {
         (runs[0]["id"].as_i64(), runs[0]["trigger"].as_str()),
         (Some(run), Some("manual"))
     );
-    let (_, list) = call(&server, Method::GET, "/campaigns", None, &[]).await;
+    let (_, list) = get(&server, "/campaigns").await;
     assert_eq!(list["campaigns"][0]["latest_run"]["id"].as_i64(), Some(run));
 
-    let (_, report) = call(
-        &server,
-        Method::GET,
-        &format!("/campaigns/file_sale/runs/{run}"),
-        None,
-        &[],
-    )
-    .await;
+    let (_, report) = get(&server, &format!("/campaigns/file_sale/runs/{run}")).await;
     assert_eq!(report["report"]["planned"], 3, "{report}");
 
-    let (status, cancelled) = call(
-        &server,
-        Method::POST,
-        "/campaigns/file_sale/cancel",
-        None,
-        &[],
-    )
-    .await;
+    let (status, cancelled) = post(&server, "/campaigns/file_sale/cancel").await;
     assert_eq!(
         (status, cancelled["cancelled_run"].as_i64()),
         (200, Some(run))
     );
-    let (_, report) = call(
-        &server,
-        Method::GET,
-        &format!("/campaigns/file_sale/runs/{run}"),
-        None,
-        &[],
-    )
-    .await;
+    let (_, report) = get(&server, &format!("/campaigns/file_sale/runs/{run}")).await;
     assert_eq!(report["run"]["status"], "cancelled");
     let (status, _) = call(
         &server,
@@ -532,7 +496,7 @@ async fn a_runs_report_counts_its_ledger_replies_and_cost() {
     .await;
 
     let path = format!("/campaigns/file_sale/runs/{}", claim.run_id);
-    let (status, body) = call(&server, Method::GET, &path, None, &[]).await;
+    let (status, body) = get(&server, &path).await;
     assert_eq!(status, 200, "{body}");
     let r = &body["report"];
     assert_eq!(body["run"]["status"], "planned");
@@ -669,17 +633,10 @@ async fn a_live_reload_adds_and_forgets_campaign_files() {
     let campaigns = dir.path().join("campaigns");
     std::fs::write(campaigns.join("new_sale.yaml"), api_campaign("new_sale")).unwrap();
     std::fs::remove_file(campaigns.join("file_sale.yaml")).unwrap();
-    let (status, body) = call(&server, Method::POST, "/flows/reload", None, &[]).await;
+    let (status, body) = post(&server, "/flows/reload").await;
     assert_eq!(status, 200, "{body}");
-    let (_, list) = call(&server, Method::GET, "/campaigns", None, &[]).await;
-    let names: Vec<&str> = list["campaigns"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["new_sale"]);
-    let (_, shown) = call(&server, Method::GET, "/campaigns/new_sale", None, &[]).await;
+    assert_eq!(names(&server).await, ["new_sale"]);
+    let (_, shown) = get(&server, "/campaigns/new_sale").await;
     assert_eq!(
         (shown["origin"].as_str(), shown["loaded"].as_bool()),
         (Some("file"), Some(true))
@@ -691,26 +648,19 @@ async fn a_live_reload_adds_and_forgets_campaign_files() {
 async fn an_api_campaign_is_compiled_again_from_the_store_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path()).await;
-    let (status, _) = call(
-        &server,
-        Method::POST,
-        "/campaigns",
-        yaml(api_campaign("kept")),
-        &[],
-    )
-    .await;
+    let (status, _) = send_yaml(&server, Method::POST, "/campaigns", api_campaign("kept")).await;
     assert_eq!(status, 201);
     server.shutdown().await;
 
     let server = start(dir.path()).await;
-    let (status, shown) = call(&server, Method::GET, "/campaigns/kept", None, &[]).await;
+    let (status, shown) = get(&server, "/campaigns/kept").await;
     assert_eq!(status, 200, "{shown}");
     assert_eq!(
         (shown["origin"].as_str(), shown["loaded"].as_bool()),
         (Some("api"), Some(true))
     );
     import_contacts(&server).await;
-    let (status, run) = call(&server, Method::POST, "/campaigns/kept/run-now", None, &[]).await;
+    let (status, run) = post(&server, "/campaigns/kept/run-now").await;
     assert_eq!(
         (status, run["recipients"].as_u64()),
         (201, Some(3)),

@@ -15,7 +15,7 @@ use flowgate::clock::{Clock, VirtualClock};
 use flowgate::contacts_import::csv;
 use flowgate::store::{RunStatus, RunTrigger};
 
-const TEMPLATES: &str = r#"
+pub(crate) const TEMPLATES: &str = r#"
 templates:
   - name: spring_sale
     language: en_US
