@@ -103,3 +103,47 @@ async fn the_cli_says_when_no_server_answers() {
     .await;
     assert!(!ok, "{err}");
 }
+
+#[tokio::test]
+async fn run_now_follows_the_run_until_it_is_over_and_prints_its_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    import_contacts(&server).await;
+    let config = dir.path().join("flowgate.yaml");
+    let url = server.base.clone();
+    // `file_sale` is in quiet hours: its run stays open until it is cancelled below.
+    let follow =
+        tokio::spawn(async move { campaign(&config, &url, &["run-now", "file_sale"]).await });
+    let db = server.db.clone();
+    support::eventually("the run-now's run is running", || {
+        let db = db.clone();
+        async move {
+            let runs = db.campaign_runs("file_sale", 1).await.unwrap();
+            runs.first()
+                .is_some_and(|r| r.status == flowgate::store::RunStatus::Running)
+        }
+    })
+    .await;
+    let cancelled = server
+        .client
+        .post(format!("{}/api/campaigns/file_sale/cancel", server.base))
+        .bearer_auth(crate::campaign_api::TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status(), 200);
+    let (ok, out, err) = follow.await.unwrap();
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("of campaign file_sale: 3 recipients"), "{out}");
+    assert!(out.contains("(manual, cancelled)"), "{out}");
+    let cancelled = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("cancelled"))
+        .expect(&out);
+    assert_eq!(
+        cancelled.split_whitespace().collect::<Vec<_>>(),
+        ["cancelled", "3"],
+        "{out}"
+    );
+    server.shutdown().await;
+}
