@@ -310,13 +310,18 @@ impl CampaignRunner {
     /// Starts a run now: claimed (one at a time per campaign; a request's `key` seen before
     /// answers its run), its audience snapshotted, running. Answers the run.
     pub async fn run_now(&self, name: &str, key: Option<&str>) -> Result<RunNow, ChangeError> {
+        // Claimed under the changes' lock, so a delete cannot come between the check and the
+        // claim and leave a run of a deleted campaign; the snapshot runs after it.
+        let one = self.changes.lock().await;
         let campaign = self.loaded(name).await?;
         let db = &self.runtime.db;
         if db.campaign(name).await?.is_some_and(|row| row.paused) {
             return Err(ChangeError::Paused(name.into()));
         }
         let now = self.runtime.clock.now();
-        match db.claim_manual_run(name, key, now).await? {
+        let claimed = db.claim_manual_run(name, key, now).await?;
+        drop(one);
+        match claimed {
             ManualRun::Started(run_id) => {
                 let recipients = self.start(&campaign, run_id, now).await?;
                 Ok(RunNow {
