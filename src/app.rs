@@ -92,6 +92,7 @@ impl Application {
             runtime: self.runtime.clone(),
             config: self.config.clone(),
             inbox: self.inbox.clone(),
+            campaigns: self.campaigns.clone(),
         }
     }
 

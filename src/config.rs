@@ -37,6 +37,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub log: LogConfig,
     pub limits: LimitsConfig,
+    /// What a message costs, for the campaigns' reports (none: charged messages counted).
+    pub campaign_prices: Option<CampaignPrices>,
     /// The config file this came from, if any.
     pub file: Option<PathBuf>,
 }
@@ -250,6 +252,24 @@ pub struct MetricsConfig {
     pub token: Option<Secret>,
 }
 
+/// `campaign_prices:`: the price of one charged message per template category, for a
+/// run's cost estimate (`marketing: 0.0612`, `utility: 0.0243`, `currency: EUR`). WhatsApp
+/// charges per delivered template by category and the recipient's country; one price per
+/// category is an estimate, which is what a report gives. A category without a price is
+/// counted, not priced.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CampaignPrices {
+    #[serde(default)]
+    pub marketing: Option<f64>,
+    #[serde(default)]
+    pub utility: Option<f64>,
+    #[serde(default)]
+    pub authentication: Option<f64>,
+    /// The currency of the prices (a label: `EUR`, `USD`).
+    pub currency: String,
+}
+
 /// `log:`: how the server's log is written on stderr.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -339,6 +359,7 @@ struct RawConfig {
     metrics: Option<MetricsConfig>,
     log: Option<LogConfig>,
     limits: Option<LimitsConfig>,
+    campaign_prices: Option<CampaignPrices>,
 }
 
 /// Every key `flowgate.yaml` accepts, as dotted paths (`policy.outside_window.template`;
@@ -418,6 +439,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
             limits: LimitsConfig::default(),
+            campaign_prices: None,
             file: None,
         }
     }
@@ -487,6 +509,7 @@ impl Config {
             metrics: raw.metrics.unwrap_or_default(),
             log: raw.log.unwrap_or_default(),
             limits: raw.limits.unwrap_or_default(),
+            campaign_prices: raw.campaign_prices,
             file: Some(PathBuf::from(file)),
         };
         for problem in config.problems() {
@@ -509,6 +532,19 @@ impl Config {
                 "`limits.script_timeout` is 0: every script would stop at once; write e.g. `250ms`"
                     .into(),
             );
+        }
+        if let Some(prices) = &self.campaign_prices {
+            for (key, price) in [
+                ("marketing", prices.marketing),
+                ("utility", prices.utility),
+                ("authentication", prices.authentication),
+            ] {
+                if price.is_some_and(|p| !p.is_finite() || p < 0.0) {
+                    problems.push(format!(
+                        "`campaign_prices.{key}` must be a price of 0 or more, e.g. `0.0612`"
+                    ));
+                }
+            }
         }
         if self.channels.is_empty() {
             problems

@@ -11,7 +11,7 @@ use flowgate::app::{self, Application, Loaded};
 use flowgate::clock::SystemClock;
 use flowgate::commands::templates_sync::{self, SyncError};
 use flowgate::commands::{
-    self,
+    self, campaign,
     chat::{Chat, Reply},
 };
 use flowgate::config::Config;
@@ -72,6 +72,16 @@ enum Command {
         #[command(subcommand)]
         command: ContactsCommand,
     },
+    /// Campaigns on a running server (`flowgate serve`): list, create, pause, resume,
+    /// cancel, run now with a progress bar, report.
+    Campaign {
+        /// The server (default: the config's `listen` address). The token is
+        /// `FLOWGATE_ADMIN_TOKEN`, else the config's `admin.token`.
+        #[arg(long, global = true)]
+        url: Option<String>,
+        #[command(subcommand)]
+        command: CampaignCommand,
+    },
     /// The template registry (templates.yaml).
     Templates {
         #[command(subcommand)]
@@ -86,6 +96,37 @@ enum TemplatesCommand {
         /// The channel to read (default: the first cloud_api channel).
         #[arg(long)]
         channel: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CampaignCommand {
+    /// Every campaign: origin, paused or not, next run, latest run.
+    List,
+    /// Create a campaign from a YAML file (checked as `flowgate check` checks a file).
+    Create {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Pause a campaign: no run starts, its running run stops sending.
+    Pause { name: String },
+    /// Resume a paused campaign and its paused run.
+    Resume { name: String },
+    /// Cancel the campaign's run not over yet.
+    Cancel { name: String },
+    /// Start a run now and follow it with a progress bar until it is over; prints its
+    /// report.
+    RunNow {
+        name: String,
+        /// Print the run's id and return at once.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// A run's report (default: the latest run).
+    Report {
+        name: String,
+        #[arg(long)]
+        run: Option<i64>,
     },
 }
 
@@ -171,6 +212,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Contacts {
             command: ContactsCommand::Import { file, channel },
         } => contacts_import(config, &file, channel.as_deref()).await,
+        Command::Campaign { url, command } => campaign(config, url.as_deref(), command).await,
     }
 }
 
@@ -266,6 +308,97 @@ async fn contacts_import(
     }
 }
 
+/// `flowgate campaign …`: one call to the running server's API, printed.
+async fn campaign(
+    config: Option<&Path>,
+    url: Option<&str>,
+    command: CampaignCommand,
+) -> anyhow::Result<ExitCode> {
+    let client = match campaign::Client::new(config, url) {
+        Ok(client) => client,
+        Err(campaign::ClientError::Config(diags)) => {
+            eprint!("{}", diags.render(color(&std::io::stderr())));
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match command {
+        CampaignCommand::List => print!("{}", campaign::list_table(&client.list().await?)),
+        CampaignCommand::Create { file } => {
+            let created = client.create(&file).await?;
+            println!(
+                "created campaign {}",
+                created["name"].as_str().unwrap_or("?")
+            );
+            if let Some(warnings) = created["warnings"]["rendered"].as_str()
+                && created["warnings"]["items"]
+                    .as_array()
+                    .is_some_and(|w| !w.is_empty())
+            {
+                eprint!("{warnings}");
+            }
+        }
+        CampaignCommand::Pause { name } => {
+            client.control(&name, "pause").await?;
+            println!("paused campaign {name}");
+        }
+        CampaignCommand::Resume { name } => {
+            client.control(&name, "resume").await?;
+            println!("resumed campaign {name}");
+        }
+        CampaignCommand::Cancel { name } => {
+            let done = client.control(&name, "cancel").await?;
+            println!("cancelled run {} of campaign {name}", done["cancelled_run"]);
+        }
+        CampaignCommand::RunNow { name, detach } => run_now(&client, &name, detach).await?,
+        CampaignCommand::Report { name, run } => {
+            print!(
+                "{}",
+                campaign::report_table(&client.report(&name, run).await?)
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `flowgate campaign run-now`: starts the run, then (unless `detach`) a progress bar
+/// until it is over, and its report.
+async fn run_now(client: &campaign::Client, name: &str, detach: bool) -> anyhow::Result<()> {
+    let now = flowgate::clock::Clock::now(&SystemClock);
+    let key = format!(
+        "cli-{}-{}",
+        std::process::id(),
+        now.timestamp_nanos_opt().unwrap_or(0)
+    );
+    let started = client.run_now(name, &key).await?;
+    let run = started["run"]
+        .as_i64()
+        .ok_or_else(|| anyhow::anyhow!("the server answered no run id: {started}"))?;
+    println!(
+        "started run {run} of campaign {name}: {} recipients",
+        started["recipients"]
+    );
+    if detach {
+        return Ok(());
+    }
+    let bar = indicatif::ProgressBar::new(started["recipients"].as_u64().unwrap_or(0));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
+            .expect("a valid progress template"),
+    );
+    let every = std::time::Duration::from_millis(500);
+    let report = client
+        .follow(name, run, every, |r| {
+            bar.set_length(r.report.planned.max(0) as u64);
+            bar.set_position(r.decided());
+            bar.set_message(r.progress_line());
+        })
+        .await?;
+    bar.finish();
+    print!("{}", campaign::report_table(&report));
+    Ok(())
+}
+
 /// The terminal chat: reads lines until end of input or `/quit`, printing what each did.
 async fn chat(
     config: Option<&Path>,
@@ -353,14 +486,21 @@ async fn serve(config: Option<&Path>, watch: bool) -> anyhow::Result<ExitCode> {
 /// Live reload in the background: on `SIGHUP` (unix), and on file changes with `--watch`.
 fn reloads(application: &Application, watch: bool) -> tokio::task::JoinHandle<()> {
     let (runtime, config) = (application.runtime.clone(), application.config.clone());
+    let campaigns = application.campaigns.clone();
     #[cfg(unix)]
-    let hangups = reload::on_sighup(runtime.clone(), config.clone());
+    let hangups = reload::on_sighup(runtime.clone(), config.clone(), campaigns.clone());
     #[cfg(not(unix))]
     let hangups = std::future::pending::<()>();
     tokio::spawn(async move {
         let watching = async {
             if watch {
-                reload::watch(runtime, config, std::time::Duration::from_secs(1)).await
+                reload::watch(
+                    runtime,
+                    config,
+                    campaigns,
+                    std::time::Duration::from_secs(1),
+                )
+                .await
             } else {
                 std::future::pending().await
             }

@@ -67,6 +67,37 @@ pub fn observe(
     h.count += 1;
 }
 
+const CAMPAIGN_RECIPIENTS: &str = "flowgate_campaign_recipients_total";
+const CAMPAIGN_RECIPIENTS_HELP: &str =
+    "Campaign recipients decided, by campaign, decision and reason class.";
+const CAMPAIGN_SENDS: &str = "flowgate_campaign_sends_total";
+const CAMPAIGN_SENDS_HELP: &str = "Campaign messages handed to the outbox, by campaign.";
+
+/// Counts one campaign recipient's decision as the ledger records it (`sent` also counts a
+/// send of the campaign). The reason is reduced to its class
+/// ([`crate::campaign::report::reason_class`]): a label must not carry a zone or a count.
+pub fn count_campaign_recipient(campaign: &str, decision: &str, reason: Option<&str>) {
+    let class = crate::campaign::report::reason_class(reason);
+    count(
+        CAMPAIGN_RECIPIENTS,
+        CAMPAIGN_RECIPIENTS_HELP,
+        &[
+            ("campaign", campaign),
+            ("decision", decision),
+            ("reason", class),
+        ],
+        1,
+    );
+    if decision == "sent" {
+        count(
+            CAMPAIGN_SENDS,
+            CAMPAIGN_SENDS_HELP,
+            &[("campaign", campaign)],
+            1,
+        );
+    }
+}
+
 /// The value of a counter, for tests.
 pub fn counter_value(name: &str, pairs: &[(&'static str, &str)]) -> u64 {
     let r = registry().lock().expect("metrics lock");
@@ -167,5 +198,25 @@ mod tests {
         assert!(text.contains("flowgate_test_seconds_count 1"));
         assert!(text.contains("flowgate_test_depth{channel=\"main\"} 7"));
         assert_eq!(counter_value("flowgate_test_total", &[("type", "text")]), 2);
+    }
+
+    #[test]
+    fn a_campaign_recipient_counts_by_reason_class_and_a_send_by_campaign() {
+        count_campaign_recipient(
+            "metrics_test",
+            "skipped",
+            Some("opted out of marketing (STOP)"),
+        );
+        count_campaign_recipient("metrics_test", "sent", None);
+        let skipped = [
+            ("campaign", "metrics_test"),
+            ("decision", "skipped"),
+            ("reason", "opted_out"),
+        ];
+        assert_eq!(counter_value(CAMPAIGN_RECIPIENTS, &skipped), 1);
+        assert_eq!(
+            counter_value(CAMPAIGN_SENDS, &[("campaign", "metrics_test")]),
+            1
+        );
     }
 }

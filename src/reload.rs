@@ -1,16 +1,19 @@
-//! Live reload of the flows, scripts and template registry while `serve` runs: on `SIGHUP`,
-//! on `POST /api/flows/reload`, and on a file change with `serve --watch`.
+//! Live reload of the flows, scripts, template registry and campaign files while `serve`
+//! runs: on `SIGHUP`, on `POST /api/flows/reload`, and on a file change with `serve --watch`.
 //!
 //! A reload loads the project exactly as `check` does; a project with an error is refused
 //! (logged, and the API answers 422 with the diagnostics) and the running flows are kept.
 //! Conversations stay pinned to the flow version they started on (`flow::FlowSet`); new
-//! ones get the new version. The config file itself (`flowgate.yaml`: channels, listen
+//! ones get the new version. The campaign files replace the runner's file campaigns
+//! ([`CampaignRunner::replace_files`]): a changed one is used from its next tick, a removed
+//! one is forgotten (its runs not over cancelled). The config file itself (`flowgate.yaml`: channels, listen
 //! address, policy) is read only at start: changing it needs a restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::campaign_runner::{CampaignRunner, RunnerError};
 use crate::config::Config;
 use crate::diagnostic::Diagnostics;
 use crate::dispatch::{DispatchError, Runtime};
@@ -34,10 +37,17 @@ pub enum ReloadError {
     Load(String),
     #[error(transparent)]
     Dispatch(#[from] DispatchError),
+    #[error("saving the reloaded campaigns failed: {0}")]
+    Campaigns(#[from] RunnerError),
 }
 
-/// Loads the project `config` names and makes it current, unless it has an error.
-pub async fn reload(runtime: &Runtime, config: &Config) -> Result<Reloaded, ReloadError> {
+/// Loads the project `config` names and makes it current (flows, templates, the campaign
+/// files of `campaigns`), unless it has an error.
+pub async fn reload(
+    runtime: &Runtime,
+    config: &Config,
+    campaigns: &CampaignRunner,
+) -> Result<Reloaded, ReloadError> {
     let _one_at_a_time = runtime.reloading.lock().await;
     let scripting = runtime.engine.scripting.clone();
     let config_for_load = config.clone();
@@ -57,6 +67,7 @@ pub async fn reload(runtime: &Runtime, config: &Config) -> Result<Reloaded, Relo
     runtime
         .reload_project(project.flows, project.templates)
         .await?;
+    campaigns.replace_files(&project.campaigns).await?;
     crate::metrics::count(RELOADS, RELOADS_HELP, &[("result", "ok")], 1);
     Ok(Reloaded {
         flows,
@@ -68,8 +79,13 @@ const RELOADS: &str = "flowgate_flow_reloads_total";
 const RELOADS_HELP: &str = "Live reloads of the flows, by result (ok, refused).";
 
 /// [`reload`], with what happened in the log (`why`: what asked for it).
-pub async fn reload_and_log(runtime: &Runtime, config: &Config, why: &str) {
-    match reload(runtime, config).await {
+pub async fn reload_and_log(
+    runtime: &Runtime,
+    config: &Config,
+    campaigns: &CampaignRunner,
+    why: &str,
+) {
+    match reload(runtime, config, campaigns).await {
         Ok(done) => {
             let flows: Vec<String> = done
                 .flows
@@ -92,6 +108,7 @@ pub async fn reload_and_log(runtime: &Runtime, config: &Config, why: &str) {
 pub fn on_sighup(
     runtime: Arc<Runtime>,
     config: Arc<Config>,
+    campaigns: Arc<CampaignRunner>,
 ) -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let hangups = signal(SignalKind::hangup());
@@ -104,14 +121,19 @@ pub fn on_sighup(
             }
         };
         while hangups.recv().await.is_some() {
-            reload_and_log(&runtime, &config, "SIGHUP").await;
+            reload_and_log(&runtime, &config, &campaigns, "SIGHUP").await;
         }
     }
 }
 
 /// `serve --watch`: checks the flows, scripts and campaigns directories and the template
 /// registry every `every`, and reloads when a file was added, removed or changed.
-pub async fn watch(runtime: Arc<Runtime>, config: Arc<Config>, every: Duration) {
+pub async fn watch(
+    runtime: Arc<Runtime>,
+    config: Arc<Config>,
+    campaigns: Arc<CampaignRunner>,
+    every: Duration,
+) {
     let mut seen = fingerprint(&config);
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -123,7 +145,7 @@ pub async fn watch(runtime: Arc<Runtime>, config: Arc<Config>, every: Duration) 
         };
         if now != seen {
             seen = now;
-            reload_and_log(&runtime, &config, "a file changed").await;
+            reload_and_log(&runtime, &config, &campaigns, "a file changed").await;
         }
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
+use crate::campaign_runner::CampaignRunner;
 use crate::config::Config;
 use crate::dispatch::Runtime;
 
@@ -16,4 +17,6 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Wakes the inbound worker when a webhook stored new updates.
     pub inbox: Arc<Notify>,
+    /// The campaigns at run time (the API changes them, a reload replaces the files').
+    pub campaigns: Arc<CampaignRunner>,
 }

@@ -18,6 +18,7 @@
 pub mod compile;
 pub mod raw;
 pub mod recipient;
+pub mod report;
 pub mod schedule;
 
 pub use schedule::{QuietHours, Schedule};

@@ -34,6 +34,7 @@ use crate::campaign::recipient::{Gate, category_name, defer, gate};
 use crate::dispatch::{Runtime, count_decision};
 use crate::domain::{Contact, Decision, Origin, Outbound, OutboundContent, TemplateFallback};
 use crate::engine::{render_for_contact, render_message};
+use crate::metrics;
 use crate::policy::Policy;
 use crate::script::ScriptError;
 use crate::store::{
@@ -188,7 +189,7 @@ impl Dispatcher {
                 if matches!(outcome, Outcome::Sent) {
                     sends -= 1;
                 }
-                record(db, run.id, row.contact_id, outcome, done, now).await?;
+                record(db, (run, campaign), row.contact_id, outcome, done, now).await?;
             }
         }
         self.spend(run.id, allowed - sends);
@@ -527,10 +528,11 @@ fn not_sent(decision: &Decision) -> String {
     }
 }
 
-/// Records one recipient's outcome (a send was recorded with its message) and counts it.
+/// Records one recipient's outcome (a send was recorded with its message) and counts it,
+/// in the run's tally and on `/metrics`.
 async fn record(
     db: &crate::store::Db,
-    run_id: i64,
+    (run, campaign): (&RunRow, &Campaign),
     contact_id: i64,
     outcome: Outcome,
     done: &mut Dispatched,
@@ -539,6 +541,7 @@ async fn record(
     let (decision, reason, not_before) = match &outcome {
         Outcome::Sent => {
             done.sent += 1;
+            metrics::count_campaign_recipient(&campaign.name, "sent", None);
             return Ok(());
         }
         Outcome::Skip(reason) => {
@@ -550,13 +553,14 @@ async fn record(
             (RecipientDecision::Deferred, reason, Some(*until))
         }
     };
+    metrics::count_campaign_recipient(&campaign.name, decision.as_str(), Some(reason));
     let outcome = RecipientOutcome {
         decision,
         reason: Some(reason),
         message_id: None,
         not_before,
     };
-    db.record_recipient(run_id, contact_id, &outcome, now)
+    db.record_recipient(run.id, contact_id, &outcome, now)
         .await?;
     Ok(())
 }

@@ -13,18 +13,26 @@
 //!
 //! `serve` ticks every half second from the application's loop; tests tick on a virtual
 //! clock.
+//!
+//! The campaigns change at run time ([`registry`]): the files of `campaigns/` (replaced
+//! whole by a live reload) and the campaigns written through the API (stored with origin
+//! `api`, compiled again from their stored text at start). Everything that reads a
+//! campaign's definition reads it through [`CampaignRunner::campaign`].
 
 pub mod audience;
 pub mod dispatch;
+pub mod registry;
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
 
 use chrono::{DateTime, Utc};
 
 use crate::campaign::{Campaign, schedule_key};
 use crate::dispatch::Runtime;
+use crate::metrics::Gauge;
 use crate::store::{CampaignOrigin, NewCampaign, RunStatus, RunTrigger, StoreError};
+use registry::Registry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
@@ -52,20 +60,22 @@ pub struct Tick {
     pub missed: Vec<(String, DateTime<Utc>)>,
 }
 
-/// The campaigns of the loaded project, run against the runtime's store and clock.
+/// The campaigns at run time (files and API), run against the runtime's store and clock.
 pub struct CampaignRunner {
     runtime: Arc<Runtime>,
-    campaigns: HashMap<String, Arc<Campaign>>,
+    registry: RwLock<Registry>,
+    /// One change (API write, reload) at a time: a change reads the store, compiles and
+    /// writes, and two interleaved would lose one.
+    changes: tokio::sync::Mutex<()>,
 }
 
 impl CampaignRunner {
+    /// A runner for the loaded campaign files; [`CampaignRunner::sync`] adds the API's.
     pub fn new(runtime: Arc<Runtime>, campaigns: &[Arc<Campaign>]) -> Self {
         Self {
             runtime,
-            campaigns: campaigns
-                .iter()
-                .map(|c| (c.name.clone(), c.clone()))
-                .collect(),
+            registry: RwLock::new(Registry::with_files(campaigns)),
+            changes: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -74,41 +84,85 @@ impl CampaignRunner {
         &self.runtime
     }
 
-    /// The loaded campaign named `name`.
+    /// The campaign named `name` as it is now (a file's, else the API's).
     pub fn campaign(&self, name: &str) -> Option<Arc<Campaign>> {
-        self.campaigns.get(name).cloned()
+        self.registry.read().expect("campaigns lock").get(name)
     }
 
-    /// At start: saves every loaded campaign with its source, forgets file campaigns whose
-    /// file is gone (their runs stay), and finishes the snapshots a stop interrupted.
+    /// At start: saves every loaded campaign file with its source, forgets file campaigns
+    /// whose file is gone (their runs stay), compiles the API's campaigns from their stored
+    /// text, and finishes the snapshots a stop interrupted.
     pub async fn sync(&self) -> Result<Vec<StartedRun>, RunnerError> {
+        let _one = self.changes.lock().await;
+        let files = self.registry.read().expect("campaigns lock").files();
+        self.save_files(&files).await?;
+        self.load_api_campaigns().await?;
+        self.resume_planned().await
+    }
+
+    /// Saves the file campaigns `files` (a changed schedule counts from now) and forgets the
+    /// stored file campaigns not among them, cancelling their runs not over.
+    async fn save_files(&self, files: &[Arc<Campaign>]) -> Result<(), RunnerError> {
         let now = self.runtime.clock.now();
         let db = &self.runtime.db;
-        for campaign in self.campaigns.values() {
+        for campaign in files {
             let stored = db.campaign(&campaign.name).await?;
-            let next_run_at = match stored {
-                Some(row) if same_schedule(&row.source, &campaign.source) => row.next_run_at,
-                _ => campaign.schedule().next_after(now),
-            };
             db.save_campaign(
                 &NewCampaign {
                     name: &campaign.name,
                     channel: &campaign.channel,
                     source: &campaign.source,
                     origin: CampaignOrigin::File,
-                    next_run_at,
+                    next_run_at: next_run_at(campaign, stored.as_ref(), now),
                 },
                 now,
             )
             .await?;
         }
         for row in db.campaigns().await? {
-            if row.origin == CampaignOrigin::File && !self.campaigns.contains_key(&row.name) {
-                db.delete_campaign(&row.name).await?;
+            let listed = files.iter().any(|c| c.name == row.name);
+            if row.origin == CampaignOrigin::File && !listed {
+                self.forget(&row.name, "its file was removed").await?;
                 tracing::info!(campaign = %row.name, "campaign file removed: campaign forgotten");
             }
         }
-        self.resume_planned().await
+        Ok(())
+    }
+
+    /// Deletes a campaign's definition and cancels its runs not over (nothing could
+    /// resume them); its runs and reports stay.
+    async fn forget(&self, name: &str, why: &str) -> Result<(), RunnerError> {
+        let db = &self.runtime.db;
+        let now = self.runtime.clock.now();
+        for run in db.active_runs().await? {
+            if run.campaign == name {
+                db.cancel_run(run.id, &format!("the campaign was deleted: {why}"), now)
+                    .await?;
+            }
+        }
+        db.delete_campaign(name).await?;
+        Ok(())
+    }
+
+    /// The API's stored campaigns, compiled again (against today's templates and flows).
+    /// One that no longer compiles is not run, and says why in the list.
+    async fn load_api_campaigns(&self) -> Result<(), RunnerError> {
+        for row in self.runtime.db.campaigns().await? {
+            if row.origin != CampaignOrigin::Api {
+                continue;
+            }
+            let compiled = self.compile(&registry::api_file(&row.name), &row.source);
+            let mut registry = self.registry.write().expect("campaigns lock");
+            match compiled {
+                Ok((campaign, _)) if campaign.name == row.name => registry.put_api(campaign),
+                Ok(_) => registry.broken(&row.name, "its stored text names another campaign"),
+                Err(diags) => {
+                    tracing::error!(campaign = %row.name, diagnostics = %diags.render(false), "a campaign written through the API no longer compiles: it does not run until it is written again");
+                    registry.broken(&row.name, &diags.render(false));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Runs claimed but not yet running (a stop came mid-snapshot): their snapshot is taken
@@ -119,10 +173,10 @@ impl CampaignRunner {
             if run.status != RunStatus::Planned {
                 continue;
             }
-            let Some(campaign) = self.campaigns.get(&run.campaign) else {
+            let Some(campaign) = self.campaign(&run.campaign) else {
                 continue;
             };
-            let recipients = self.start(campaign, run.id, run.created_at).await?;
+            let recipients = self.start(&campaign, run.id, run.created_at).await?;
             resumed.push(StartedRun {
                 campaign: run.campaign,
                 run_id: run.id,
@@ -140,8 +194,7 @@ impl CampaignRunner {
         let db = &self.runtime.db;
         let mut tick = Tick::default();
         for row in db.due_campaigns(now).await? {
-            let (Some(campaign), Some(due)) = (self.campaigns.get(&row.name), row.next_run_at)
-            else {
+            let (Some(campaign), Some(due)) = (self.campaign(&row.name), row.next_run_at) else {
                 continue;
             };
             let catch_up = campaign.schedule().catch_up(due, now, campaign.ttl);
@@ -155,6 +208,7 @@ impl CampaignRunner {
                     .await?;
                 if claim.created {
                     tracing::warn!(campaign = %row.name, at = %missed.scheduled_for, reason, "campaign run missed");
+                    crate::metrics::count(RUNS_MISSED, RUNS_MISSED_HELP, &[], 1);
                     tick.missed.push((row.name.clone(), missed.scheduled_for));
                 }
             }
@@ -163,7 +217,7 @@ impl CampaignRunner {
                     .claim_run(&row.name, at, RunTrigger::Schedule, now)
                     .await?;
                 if claim.created {
-                    let recipients = self.start(campaign, claim.run_id, now).await?;
+                    let recipients = self.start(&campaign, claim.run_id, now).await?;
                     tick.started.push(StartedRun {
                         campaign: row.name.clone(),
                         run_id: claim.run_id,
@@ -193,7 +247,73 @@ impl CampaignRunner {
             .set_run_status(run_id, RunStatus::Running, None, now)
             .await?;
         tracing::info!(campaign = %campaign.name, run = run_id, recipients = added, "campaign run started");
+        crate::metrics::count(RUNS_STARTED, RUNS_STARTED_HELP, &[], 1);
+        crate::metrics::count(
+            RECIPIENTS,
+            RECIPIENTS_HELP,
+            &[("campaign", &campaign.name)],
+            added,
+        );
         Ok(added)
+    }
+}
+
+const RUNS_STARTED: &str = "flowgate_campaign_runs_started_total";
+const RUNS_STARTED_HELP: &str = "Campaign runs started (scheduled and run-now).";
+const RUNS_MISSED: &str = "flowgate_campaign_runs_missed_total";
+const RUNS_MISSED_HELP: &str = "Campaign runs recorded as missed (past their ttl, or superseded).";
+const RECIPIENTS: &str = "flowgate_campaign_recipients_planned_total";
+const RECIPIENTS_HELP: &str = "Recipients snapshotted into campaign runs, by campaign.";
+
+/// The campaigns' gauges for `/metrics`, read now: runs by status, and the recipients of
+/// the runs not over by campaign, decision and reason class.
+pub async fn gauges(db: &crate::store::Db) -> Result<Vec<Gauge<'static>>, StoreError> {
+    let mut gauges: Vec<Gauge<'static>> = db
+        .runs_by_status()
+        .await?
+        .into_iter()
+        .map(|(status, n)| {
+            let help = "Campaign runs, by status.";
+            (
+                "flowgate_campaign_runs",
+                help,
+                vec![("status", status)],
+                n as f64,
+            )
+        })
+        .collect();
+    let mut recipients: BTreeMap<(String, String, &str), i64> = BTreeMap::new();
+    for row in db.active_recipients().await? {
+        let class = crate::campaign::report::reason_class(row.reason.as_deref());
+        *recipients
+            .entry((row.campaign, row.decision, class))
+            .or_default() += row.count;
+    }
+    for ((campaign, decision, class), n) in recipients {
+        gauges.push((
+            "flowgate_campaign_active_recipients",
+            "Recipients of the campaign runs not over, by campaign, decision and reason class.",
+            vec![
+                ("campaign", campaign),
+                ("decision", decision),
+                ("reason", class.to_string()),
+            ],
+            n as f64,
+        ));
+    }
+    Ok(gauges)
+}
+
+/// A campaign's next run time when it is saved: the stored one while its schedule is the
+/// same, else the first after now.
+fn next_run_at(
+    campaign: &Campaign,
+    stored: Option<&crate::store::CampaignRow>,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    match stored {
+        Some(row) if same_schedule(&row.source, &campaign.source) => row.next_run_at,
+        _ => campaign.schedule().next_after(now),
     }
 }
 

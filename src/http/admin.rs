@@ -39,6 +39,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/messages/{id}", get(message))
         .route("/templates", get(templates))
         .route("/contacts/import", post(import_contacts))
+        .merge(super::campaigns::routes())
         .layer(axum::middleware::from_fn_with_state(state, require_token))
 }
 
@@ -82,7 +83,7 @@ async fn flows(State(state): State<AppState>) -> Response {
 /// conversations get the new versions, running ones keep theirs. A project with an error
 /// is refused with 422 and its diagnostics, and the running flows are kept.
 async fn reload_flows(State(state): State<AppState>) -> Response {
-    match reload::reload(&state.runtime, &state.config).await {
+    match reload::reload(&state.runtime, &state.config, &state.campaigns).await {
         Ok(done) => Json(json!({
             "flows": done.flows.iter().map(|(id, version)| json!({"id": id, "version": version})).collect::<Vec<_>>(),
             "warnings": done.warnings.warnings(),
@@ -268,7 +269,7 @@ async fn csv_body(
 }
 
 /// A 500 for a failure of ours: the detail goes to the log, not to the caller.
-fn internal(what: &str, e: impl std::fmt::Display) -> Response {
+pub(super) fn internal(what: &str, e: impl std::fmt::Display) -> Response {
     tracing::error!(error = %e, "{what}");
     error(
         StatusCode::INTERNAL_SERVER_ERROR,

@@ -9,6 +9,7 @@
 //! [`Refused`] answer, so the handler reads top to bottom.
 
 pub mod admin;
+pub mod campaigns;
 pub mod doors;
 pub mod sandbox;
 pub mod webhook;
@@ -65,6 +66,10 @@ async fn metrics(State(state): State<AppState>) -> Response {
     match crate::outbox::gauges(&state.runtime.db, &state.runtime.channels).await {
         Ok(g) => gauges.extend(g),
         Err(e) => tracing::warn!(error = %e, "reading the outbox gauges failed"),
+    }
+    match crate::campaign_runner::gauges(&state.runtime.db).await {
+        Ok(g) => gauges.extend(g),
+        Err(e) => tracing::warn!(error = %e, "reading the campaign gauges failed"),
     }
     match state.runtime.db.inbox_depth().await {
         Ok(depth) => gauges.push((

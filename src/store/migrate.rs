@@ -48,6 +48,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "campaign dispatch",
         include_str!("../../migrations/sqlite/0007_campaign_dispatch.sql"),
     ),
+    (
+        8,
+        "campaign run requests",
+        include_str!("../../migrations/sqlite/0008_campaign_run_requests.sql"),
+    ),
 ];
 
 /// A [`MigrationSource`] over migrations compiled into the binary.

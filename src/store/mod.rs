@@ -14,6 +14,8 @@
 //! | module | tables | operations |
 //! |---|---|---|
 //! | `campaigns` | `campaigns`, `campaign_runs`, `campaign_recipients` | definitions ([`Db::save_campaign`], [`Db::due_campaigns`], pause, `next_run_at`); runs claimed once ([`Db::claim_run`], [`Db::record_missed_run`]); the ledger ([`Db::snapshot_audience`], [`Db::pending_recipients`], [`Db::record_recipient`], [`Db::run_counts`]) |
+//! | `campaign_reports` | reads `campaign_runs`, `campaign_recipients`, `messages` | what a run's report adds to its counts: [`Db::run_replied`], [`Db::run_charges`]; for `/metrics`: [`Db::runs_by_status`], [`Db::active_recipients`] |
+//! | `run_requests` | `campaign_run_requests`, `campaign_runs` | run-now: [`Db::claim_manual_run`] (one run at a time per campaign; a request's `Idempotency-Key` answers the run it started) |
 //! | `contacts` | `contacts`, `contact_aliases` | who a customer is: [`Db::resolve_contact`], [`Db::change_identity`]; their policy state: [`Db::save_contact_policy`], [`Db::contacts_for_policy`] |
 //! | `import` | `contacts`, `contact_aliases` | contacts in bulk: [`Db::import_contacts`] (a CSV file's rows, in chunks of [`IMPORT_CHUNK`], by the identity rules of `contacts`) |
 //! | `conversations` | reads `contacts`, `sessions`, `messages`; `flow_versions` | [`Db::load_conversation`], [`Db::messages`], [`Db::message`], [`Db::reset_conversation`], [`Db::save_flow_version`], [`Db::flow_version`] |
@@ -53,6 +55,7 @@
 //! Callers do not change. Then add the backend to the conformance suite
 //! (`conformance`), which every backend must pass.
 
+mod campaign_reports;
 mod campaigns;
 mod contacts;
 mod conversations;
@@ -64,6 +67,7 @@ mod migrate;
 mod outbox;
 mod queue;
 mod resolved_cache;
+mod run_requests;
 mod sql;
 mod template_statuses;
 mod timers;
@@ -73,6 +77,7 @@ pub mod writer;
 #[cfg(test)]
 mod conformance;
 
+pub use campaign_reports::{ActiveRecipients, ChargeCount};
 pub use campaigns::{
     CampaignOrigin, CampaignRow, CampaignSend, CampaignSent, Claim, LedgerRow, NewCampaign,
     RecipientCount, RecipientDecision, RecipientOutcome, RunRow, RunStatus, RunTrigger,
@@ -89,6 +94,7 @@ pub use inbox::{
 };
 pub use outbox::{ChannelStop, OutboxEntry, OutboxRow};
 pub use queue::{ExpiringMessage, FLUSH_LIMIT, QueuedMessage};
+pub use run_requests::ManualRun;
 pub use template_statuses::TemplateStatusRow;
 pub use timers::{NewTimer, TimerRow};
 pub use turn::{CommittedTurn, DequeuedRecord, OutboundRecord, Superseded, TurnWrite};

@@ -212,6 +212,19 @@ async fn the_frequency_cap_skips_a_contact_who_already_got_marketing_today() {
         1,
         "only the agent's"
     );
+    // `/metrics` counts both (other tests run campaigns named `sale` in this process too).
+    let recipients = |decision: &str, reason: &str| {
+        flowgate::metrics::counter_value(
+            "flowgate_campaign_recipients_total",
+            &[
+                ("campaign", "sale"),
+                ("decision", decision),
+                ("reason", reason),
+            ],
+        )
+    };
+    assert!(recipients("skipped", "frequency_cap") >= 1);
+    assert!(recipients("sent", "none") >= 1);
 }
 
 #[tokio::test]

@@ -3,6 +3,8 @@
 //! `cargo test` wrote gigabytes). Run one area with `cargo test --test integration outbox::`.
 
 mod admin;
+mod campaign_api;
+mod campaign_cli;
 mod campaign_dispatch;
 mod campaigns;
 mod check;

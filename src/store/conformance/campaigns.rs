@@ -459,7 +459,7 @@ fn decided(messages: &[i64]) -> [RecipientOutcome<'static>; 5] {
 
 /// A run of five contacts with [`decided`]'s outcomes recorded at `t(11)`: the run, its
 /// contacts and the two messages.
-async fn decided_run(db: &Db) -> (i64, Vec<i64>, Vec<i64>) {
+pub(super) async fn decided_run(db: &Db) -> (i64, Vec<i64>, Vec<i64>) {
     let (first, messages) = contact_with_messages(db).await;
     let mut contacts = vec![first];
     for wa_id in ["15550002", "15550003", "15550004", "15550005"] {

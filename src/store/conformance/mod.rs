@@ -1,6 +1,6 @@
 //! The store's conformance suite: its behaviour, as every backend must show it, in one set
 //! of `async fn`s that each take a fresh, migrated [`Db`] (`turns`, `contacts`, `import`,
-//! `inbox`, `campaigns`).
+//! `inbox`, `campaigns`, `campaign_api`).
 //!
 //! [`suite!`] instantiates every test of the suite for one backend, as a module of
 //! `#[tokio::test]`s named after it: today SQLite in memory and SQLite in a file. Tests of a
@@ -26,6 +26,7 @@ use crate::domain::{
     Contact, Decision, Inbound, InboundContent, Origin, Outbound, OutboundContent,
 };
 
+mod campaign_api;
 mod campaigns;
 mod contacts;
 mod import;
@@ -110,6 +111,8 @@ macro_rules! suite {
                 inbox::callback_data_finds_a_send_whose_wamid_was_lost,
                 inbox::a_status_ends_a_dead_senders_lease,
                 inbox::inbound_seen_reads_the_message_log,
+                campaign_api::run_now_is_one_run_at_a_time_and_idempotent_by_key,
+                campaign_api::replies_and_charges_are_read_from_the_log,
                 campaigns::next_run_at_round_trips_and_decides_what_is_due,
                 campaigns::campaigns_are_listed_paused_by_channel_and_deleted,
                 campaigns::a_run_claimed_twice_is_one_row,

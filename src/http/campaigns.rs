@@ -1,0 +1,420 @@
+//! The campaign API under `/api/campaigns` (behind the admin token, like all of `/api`):
+//! list, create, read, replace and delete definitions; pause, resume, cancel and run now;
+//! a campaign's runs and a run's report.
+//!
+//! A definition is sent as the campaign's YAML text (`Content-Type: application/yaml`, or
+//! `text/yaml`), or as JSON `{"source": "<the YAML text>"}`; an invalid one is 422 with the
+//! diagnostics `flowgate check` would print, located in the text sent. `run-now` takes an
+//! `Idempotency-Key` header: the same key for the same campaign answers the run it started
+//! (200) instead of starting another (201). Errors are `{"error": {"code", "message"}}`.
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::admin::internal;
+use super::{Refused, error, refused};
+use crate::campaign::Campaign;
+use crate::campaign_runner::registry::{ChangeError, Write};
+use crate::diagnostic::Diagnostics;
+use crate::state::AppState;
+use crate::store::{CampaignRow, RunRow};
+
+/// The largest definition taken: a campaign file is a few hundred bytes.
+const MAX_BODY: usize = 1024 * 1024;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/campaigns", get(list).post(create))
+        .route("/campaigns/{name}", get(show).put(replace).delete(delete))
+        .route("/campaigns/{name}/pause", post(pause))
+        .route("/campaigns/{name}/resume", post(resume))
+        .route("/campaigns/{name}/cancel", post(cancel))
+        .route("/campaigns/{name}/run-now", post(run_now))
+        .route("/campaigns/{name}/runs", get(runs))
+        .route("/campaigns/{name}/runs/{id}", get(run_report))
+}
+
+/// `GET /api/campaigns`: every stored campaign with its paused state, next run and latest
+/// run.
+async fn list(State(state): State<AppState>) -> Response {
+    let db = &state.runtime.db;
+    let rows = match db.campaigns().await {
+        Ok(rows) => rows,
+        Err(e) => return internal("listing campaigns failed", e),
+    };
+    let mut list = Vec::new();
+    for row in rows {
+        let latest = match db.campaign_runs(&row.name, 1).await {
+            Ok(mut runs) => runs.pop(),
+            Err(e) => return internal("listing campaign runs failed", e),
+        };
+        let mut item = campaign_json(&state, &row);
+        item["latest_run"] = latest.as_ref().map_or(Value::Null, run_json);
+        list.push(item);
+    }
+    Json(json!({ "campaigns": list })).into_response()
+}
+
+/// A stored campaign as the API shows it (without its source).
+fn campaign_json(state: &AppState, row: &CampaignRow) -> Value {
+    let listed = state.campaigns.listed(&row.name, row.origin);
+    let mut item = json!({
+        "name": row.name,
+        "origin": row.origin,
+        "channel": row.channel,
+        "paused": row.paused,
+        "pause_reason": row.pause_reason,
+        "next_run_at": row.next_run_at,
+        "loaded": listed.campaign.is_some(),
+        "problem": listed.problem,
+        "created_at": row.created_at,
+        "updated_at": row.updated_at,
+    });
+    if let Some(c) = &listed.campaign {
+        item["definition"] = definition_json(c);
+    }
+    item
+}
+
+/// What a compiled campaign does, briefly.
+fn definition_json(c: &Campaign) -> Value {
+    let when = match &c.when {
+        crate::campaign::When::Cron { source, .. } => json!({ "schedule": source }),
+        crate::campaign::When::At(at) => json!({ "at": at }),
+    };
+    json!({
+        "category": c.category,
+        "template": { "name": c.template.name, "language": c.template.language },
+        "in_window": c.in_window.is_some(),
+        "audience": { "tags": c.audience.tags, "where": c.audience.filter.as_ref().map(|f| &f.source) },
+        "when": when,
+        "timezone": c.timezone.name(),
+        "on_reply": c.on_reply,
+        "ttl_seconds": c.ttl.num_seconds(),
+    })
+}
+
+fn run_json(run: &RunRow) -> Value {
+    json!({
+        "id": run.id,
+        "campaign": run.campaign,
+        "status": run.status,
+        "trigger": run.trigger,
+        "reason": run.reason,
+        "scheduled_for": run.scheduled_for,
+        "created_at": run.created_at,
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+    })
+}
+
+/// `GET /api/campaigns/{name}`: the campaign with its source.
+async fn show(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    match stored(&state, &name).await {
+        Ok(row) => {
+            let mut item = campaign_json(&state, &row);
+            item["source"] = json!(row.source);
+            Json(item).into_response()
+        }
+        Err(refused) => *refused,
+    }
+}
+
+/// The stored campaign `name`, or 404.
+async fn stored(state: &AppState, name: &str) -> Result<CampaignRow, Refused> {
+    match state.runtime.db.campaign(name).await {
+        Ok(Some(row)) => Ok(row),
+        Ok(None) => Err(Box::new(change_error(ChangeError::Unknown(name.into())))),
+        Err(e) => Err(Box::new(internal("loading a campaign failed", e))),
+    }
+}
+
+/// `POST /api/campaigns`: a new campaign (201); 409 when the name exists.
+async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    write(&state, &headers, body, Write::Create).await
+}
+
+/// `PUT /api/campaigns/{name}`: creates (201) or replaces (200) the API campaign `name`.
+async fn replace(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    write(&state, &headers, body, Write::Put(&name)).await
+}
+
+async fn write(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+    how: Write<'_>,
+) -> Response {
+    let source = match definition(headers, body).await {
+        Ok(source) => source,
+        Err(refused) => return *refused,
+    };
+    match state.campaigns.create_or_replace(&source, how).await {
+        Ok(saved) => {
+            let status = if saved.created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            let row = match stored(state, &saved.campaign.name).await {
+                Ok(row) => row,
+                Err(refused) => return *refused,
+            };
+            let mut item = campaign_json(state, &row);
+            item["warnings"] = diagnostics_json(&saved.warnings);
+            (status, Json(item)).into_response()
+        }
+        Err(e) => change_error(e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourceBody {
+    source: String,
+}
+
+/// A definition's text: a YAML body, or JSON `{"source": …}`.
+async fn definition(headers: &HeaderMap, body: axum::body::Body) -> Result<String, Refused> {
+    let kind = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+        refused(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("a campaign definition is at most {} KiB", MAX_BODY / 1024),
+        )
+    })?;
+    let invalid = |what: String| refused(StatusCode::BAD_REQUEST, "invalid_body", what);
+    if kind.starts_with("application/json") {
+        let body: SourceBody = serde_json::from_slice(&bytes).map_err(|e| {
+            invalid(format!(
+                "the JSON body must be {{\"source\": \"<the campaign's YAML>\"}}: {e}"
+            ))
+        })?;
+        return Ok(body.source);
+    }
+    let yaml = [
+        "application/yaml",
+        "application/x-yaml",
+        "text/yaml",
+        "text/x-yaml",
+    ];
+    if !yaml.iter().any(|t| kind.starts_with(t)) {
+        return Err(refused(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the campaign's YAML with `Content-Type: application/yaml`, or JSON {\"source\": …} with `Content-Type: application/json`",
+        ));
+    }
+    String::from_utf8(bytes.to_vec()).map_err(|_| invalid("the YAML body is not UTF-8".into()))
+}
+
+/// Diagnostics as JSON: each with its place, and the text `check` prints.
+fn diagnostics_json(diags: &Diagnostics) -> Value {
+    let items: Vec<Value> = diags
+        .sorted()
+        .into_iter()
+        .map(|d| {
+            json!({
+                "severity": if d.is_error() { "error" } else { "warning" },
+                "message": d.message,
+                "file": d.file,
+                "line": d.loc.map(|l| l.line),
+                "column": d.loc.map(|l| l.col),
+                "position": d.position(),
+                "help": d.help,
+            })
+        })
+        .collect();
+    json!({ "items": items, "rendered": diags.render(false) })
+}
+
+/// A refused change as its answer.
+fn change_error(e: ChangeError) -> Response {
+    let message = e.to_string();
+    let (status, code) = match &e {
+        ChangeError::Invalid(diags) => {
+            return (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(json!({"error": {
+                    "code": "invalid_campaign",
+                    "message": format!("{message}: fix the problems below (`flowgate check` shows the same for a file)"),
+                    "diagnostics": diagnostics_json(diags),
+                }})),
+            )
+                .into_response();
+        }
+        ChangeError::FileCampaign(_) => (StatusCode::CONFLICT, "file_campaign"),
+        ChangeError::Unknown(_) => (StatusCode::NOT_FOUND, "unknown_campaign"),
+        ChangeError::Exists(_) => (StatusCode::CONFLICT, "campaign_exists"),
+        ChangeError::NameMismatch { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "name_mismatch"),
+        ChangeError::Paused(_) => (StatusCode::CONFLICT, "campaign_paused"),
+        ChangeError::Busy { .. } => (StatusCode::CONFLICT, "run_active"),
+        ChangeError::NoActiveRun(_) => (StatusCode::CONFLICT, "no_active_run"),
+        ChangeError::Broken { .. } => (StatusCode::CONFLICT, "campaign_broken"),
+        ChangeError::Runner(e) => return internal("a campaign change failed", e),
+    };
+    error(status, code, message)
+}
+
+/// `DELETE /api/campaigns/{name}`: an API campaign; its runs not over are cancelled.
+async fn delete(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    match state.campaigns.delete(&name).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => change_error(e),
+    }
+}
+
+/// `POST /api/campaigns/{name}/pause`.
+async fn pause(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    let done = state.campaigns.pause(&name).await;
+    control(&state, &name, done.map(|()| Value::Null)).await
+}
+
+/// `POST /api/campaigns/{name}/resume`.
+async fn resume(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    let done = state.campaigns.resume(&name).await;
+    control(&state, &name, done.map(|()| Value::Null)).await
+}
+
+/// `POST /api/campaigns/{name}/cancel`: the run not over.
+async fn cancel(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    let done = state.campaigns.cancel(&name).await;
+    control(&state, &name, done.map(|run| json!(run))).await
+}
+
+/// A control's answer: the campaign as it is now (with `cancelled_run` when one was).
+async fn control(state: &AppState, name: &str, done: Result<Value, ChangeError>) -> Response {
+    let cancelled = match done {
+        Ok(run) => run,
+        Err(e) => return change_error(e),
+    };
+    match stored(state, name).await {
+        Ok(row) => {
+            let mut item = campaign_json(state, &row);
+            if !cancelled.is_null() {
+                item["cancelled_run"] = cancelled;
+            }
+            Json(item).into_response()
+        }
+        Err(refused) => *refused,
+    }
+}
+
+/// `POST /api/campaigns/{name}/run-now`: 201 with the new run, or 200 with the run a
+/// repeated `Idempotency-Key` started.
+async fn run_now(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let key = match idempotency_key(&headers) {
+        Ok(key) => key,
+        Err(refused) => return *refused,
+    };
+    match state.campaigns.run_now(&name, key.as_deref()).await {
+        Ok(run) => {
+            let status = if run.started {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            let body = json!({
+                "run": run.run_id,
+                "started": run.started,
+                "recipients": run.recipients,
+            });
+            (status, Json(body)).into_response()
+        }
+        Err(e) => change_error(e),
+    }
+}
+
+/// The request's `Idempotency-Key`: 1-255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Refused> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key) if (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(Some(key.to_string()))
+        }
+        _ => Err(refused(
+            StatusCode::BAD_REQUEST,
+            "invalid_idempotency_key",
+            "`Idempotency-Key` must be 1 to 255 visible ASCII characters (a UUID is a good choice)",
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RunsQuery {
+    limit: Option<i64>,
+}
+
+/// `GET /api/campaigns/{name}/runs[?limit=N]`: the latest scheduled first (default 50).
+async fn runs(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<RunsQuery>,
+) -> Response {
+    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    match state.runtime.db.campaign_runs(&name, limit).await {
+        Ok(runs) if runs.is_empty() => match stored(&state, &name).await {
+            Ok(_) => Json(json!({ "runs": [] })).into_response(),
+            Err(refused) => *refused,
+        },
+        Ok(runs) => {
+            Json(json!({ "runs": runs.iter().map(run_json).collect::<Vec<_>>() })).into_response()
+        }
+        Err(e) => internal("listing campaign runs failed", e),
+    }
+}
+
+/// `GET /api/campaigns/{name}/runs/{id}`: the run and its report.
+async fn run_report(
+    State(state): State<AppState>,
+    Path((name, id)): Path<(String, i64)>,
+) -> Response {
+    let run = match state.runtime.db.run(id).await {
+        Ok(Some(run)) if run.campaign == name => run,
+        Ok(_) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "unknown_run",
+                format!(
+                    "campaign `{name}` has no run {id}; `GET /api/campaigns/{name}/runs` lists them"
+                ),
+            );
+        }
+        Err(e) => return internal("loading a run failed", e),
+    };
+    let window = state.config.policy.window.0;
+    match state
+        .campaigns
+        .report(&run, window, state.config.campaign_prices.as_ref())
+        .await
+    {
+        Ok(report) => Json(json!({ "run": run_json(&run), "report": report })).into_response(),
+        Err(e) => internal("reading a run's report failed", e),
+    }
+}
