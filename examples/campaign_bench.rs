@@ -142,7 +142,7 @@ fn csv(n: u64) -> String {
         let city = if i % 2 == 0 { "Berlin" } else { "Hamburg" };
         text.push_str(&format!(
             "{},Customer {i},{tags},{city},Europe/Berlin\n",
-            49_151_000_000_00u64 + i
+            4_915_100_000_000_u64 + i
         ));
     }
     text
