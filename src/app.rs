@@ -137,6 +137,13 @@ impl Application {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
         });
+        let stated = self.runtime.clone();
+        let limits_task = tokio::spawn(async move {
+            loop {
+                crate::campaign_runner::limits::read_stated_limits(&stated).await;
+                tokio::time::sleep(crate::campaign_runner::limits::REFRESH).await;
+            }
+        });
         let state = self.state();
         let (stop_inbound, inbound_stop) = tokio::sync::watch::channel(false);
         let inbound_task = tokio::spawn(crate::inbound::run(state.clone(), inbound_stop));
@@ -162,6 +169,7 @@ impl Application {
         let _ = stop_inbound.send(true);
         let _ = inbound_task.await;
         timer_task.abort();
+        limits_task.abort();
         let _ = timer_task.await;
         crate::outbox::shutdown_senders(senders).await;
         self.runtime.db.close().await;

@@ -318,8 +318,7 @@ impl Dispatcher {
 
     /// The channel's messaging limit as it stands, if it has one.
     async fn limit(&self, channel: &str, now: DateTime<Utc>) -> Result<Option<Limit>, RunnerError> {
-        let config = self.runtime().channels.iter().find(|c| c.name == channel);
-        let Some(max) = config.and_then(|c| c.messaging_limit) else {
+        let Some(max) = self.runtime().messaging_limit(channel) else {
             return Ok(None);
         };
         let counted = self
