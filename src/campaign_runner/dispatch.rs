@@ -32,7 +32,7 @@ use super::{CampaignRunner, RunnerError};
 use crate::campaign::Campaign;
 use crate::campaign::recipient::{Gate, category_name, defer, gate};
 use crate::dispatch::{Runtime, count_decision};
-use crate::domain::{Contact, Decision, Origin, Outbound, OutboundContent, TemplateFallback};
+use crate::domain::{Contact, Origin, Outbound, OutboundContent, TemplateFallback};
 use crate::engine::{render_for_contact, render_message};
 use crate::metrics;
 use crate::policy::Policy;
@@ -367,7 +367,7 @@ impl Dispatcher {
         let decision = runtime.policy.decide(&message, &contact, templates, now);
         count_decision(&decision, "campaign");
         if !decision.sends() {
-            return Ok(Outcome::Skip(not_sent(&decision)));
+            return Ok(Outcome::Skip(decision.reason().to_string()));
         }
         let message = Policy::apply(&decision, &message);
         if let Some(wait) = self
@@ -515,15 +515,6 @@ fn template_problem(campaign: &Campaign, templates: &Registry) -> Option<String>
              `flowgate templates sync`; the run waits until it is approved",
             call.name, call.language
         )),
-    }
-}
-
-/// The ledger's reason for a message the policy did not send (a campaign never queues: a
-/// queued campaign message would go out whenever the customer next writes).
-fn not_sent(decision: &Decision) -> String {
-    match decision {
-        Decision::Queued { reason } => format!("not sendable now: {reason}"),
-        other => other.reason().to_string(),
     }
 }
 
