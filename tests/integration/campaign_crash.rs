@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::campaigns::TEMPLATES;
 use crate::crash::{Server, counts, read, serve};
+use crate::support;
 use crate::support::fake_graph::{FakeAuth, FakeGraph, StatusEcho};
 
 const SECRET: &str = "campaign-crash-secret";
@@ -26,19 +28,12 @@ const ACCESS: &str = "campaign-crash-token";
 const ADMIN: &str = "campaign-crash-admin";
 const CAMPAIGN: &str = "crash_sale";
 
-const TEMPLATES: &str = r#"
-templates:
-  - name: spring_sale
-    language: en_US
-    category: marketing
-    status: approved
-    body: "Hi {{1}}! Our spring sale starts today."
-"#;
+/// The campaign's rate and the channel's throughput (sends per second): high enough that
+/// the run is over in seconds, low enough that the kills land in the middle of it.
+const RATE: u32 = 1_000;
 
 /// A marketing campaign to every contact of `main` at `RATE`, no quiet hours, scheduled
 /// far ahead so only `run-now` starts it.
-const RATE: u32 = 1_000;
-
 fn campaign() -> String {
     format!(
         "campaign: {CAMPAIGN}\nchannel: main\ncategory: marketing\n\
@@ -74,11 +69,7 @@ impl Project {
         .unwrap();
         std::fs::write(root.join("templates.yaml"), TEMPLATES).unwrap();
         std::fs::write(root.join(format!("campaigns/{CAMPAIGN}.yaml")), campaign()).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = support::free_port();
         let config = format!(
             "database: sqlite://{db}\nlisten: 127.0.0.1:{port}\nflows: flows\n\
              templates: templates.yaml\ncampaigns: campaigns\n\
@@ -191,7 +182,7 @@ async fn finished(
             "the run did not finish: {last:?}; server log:\n{}",
             read(&server.log)
         );
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

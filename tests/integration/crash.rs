@@ -104,11 +104,7 @@ impl Setup {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("flows")).unwrap();
         std::fs::write(dir.path().join("flows/echo.yaml"), FLOW).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = support::free_port();
         let config = format!(
             "database: sqlite://{db}\nlisten: 127.0.0.1:{port}\nflows: flows\n\
              outbox:\n  lease: {lease}\n\
