@@ -20,7 +20,7 @@ use serde_json::Value;
 use crate::campaigns::TEMPLATES;
 use crate::crash::{Server, counts, read, serve};
 use crate::support;
-use crate::support::fake_graph::{FakeAuth, FakeGraph, StatusEcho};
+use crate::support::fake_graph::{FakeAuth, FakeGraph, Reply, Script, StatusEcho};
 
 const SECRET: &str = "campaign-crash-secret";
 const PHONE: &str = "110000000000002";
@@ -145,21 +145,24 @@ async fn report(client: &reqwest::Client, project: &Project, run: i64) -> Option
     response.json().await.ok()
 }
 
-/// Waits (at most 60 s) until the fake has accepted `at_least` sends.
-async fn accepted(fake: &FakeGraph, at_least: usize, server: &Server) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while fake.accepted().len() < at_least {
+/// Waits (at most `within`) until the fake has accepted sends to `at_least` recipients.
+async fn sent_to(fake: &FakeGraph, at_least: usize, within: Duration, server: &Server) {
+    let deadline = Instant::now() + within;
+    loop {
+        let recipients = fake.accepted_recipients();
+        if recipients >= at_least {
+            return;
+        }
         assert!(
             Instant::now() < deadline,
-            "{} of {at_least} sends accepted; server log:\n{}",
-            fake.accepted().len(),
+            "sends to {recipients} of {at_least} recipients accepted; server log:\n{}",
             read(&server.log)
         );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-/// Polls the run's report (at most 180 s) until the run is `done` and WhatsApp accepted
+/// Polls the run's report (at most 60 s) until the run is `done` and WhatsApp accepted
 /// every one of its `n` messages (the `sent` statuses arrived); the last report.
 async fn finished(
     client: &reqwest::Client,
@@ -168,7 +171,7 @@ async fn finished(
     n: usize,
     server: &Server,
 ) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(180);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let last = report(client, project, run).await;
         if let Some(r) = &last {
@@ -182,7 +185,7 @@ async fn finished(
             "the run did not finish: {last:?}; server log:\n{}",
             read(&server.log)
         );
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
@@ -216,6 +219,12 @@ async fn ledger(project: &Project, run: i64) -> (i64, i64, i64) {
 /// sends have been accepted, and checks that each recipient got exactly one.
 async fn killed_mid_run(n: usize, kills: &[f64]) {
     let fake = FakeGraph::start(FakeAuth::cloud_api(PHONE, ACCESS)).await;
+    // Answers take a moment, so a kill lands between WhatsApp accepting sends and flowgate
+    // recording them: rows only their `sent` status settles.
+    fake.script(Script::always(Reply::delayed(
+        Duration::from_millis(150),
+        Reply::Success,
+    )));
     let project = Project::new(&fake.cloud_api_base());
     fake.echo_statuses(StatusEcho {
         webhook: project.url("/webhook/main"),
@@ -234,12 +243,15 @@ async fn killed_mid_run(n: usize, kills: &[f64]) {
     import(&client, &project, n).await;
     let run = run_now(&client, &project, n).await;
     for (i, at) in kills.iter().enumerate() {
-        accepted(&fake, (n as f64 * at) as usize, &server).await;
+        let at_least = (n as f64 * at) as usize;
+        sent_to(&fake, at_least, Duration::from_secs(60), &server).await;
         server.kill();
         let sent = fake.accepted().len();
+        let answered = fake.sends().len();
         eprintln!(
-            "kill {}: {sent} sends accepted, {:?}",
+            "kill {}: {sent} sends accepted ({} answers lost), {:?}",
             i + 1,
+            sent - answered,
             started.elapsed()
         );
         assert!(
@@ -250,6 +262,8 @@ async fn killed_mid_run(n: usize, kills: &[f64]) {
         server = project.start(i + 1).await;
         logs.push(server.log.clone());
     }
+    // Every recipient reached first (cheap to watch), then the report (a query over the run).
+    sent_to(&fake, n, Duration::from_secs(180), &server).await;
     let last = finished(&client, &project, run, n, &server).await;
     eprintln!("{n} recipients sent to in {:?}", started.elapsed());
     // A send re-claimed just as its status arrived would reach the fake a moment later.
