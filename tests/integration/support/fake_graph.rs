@@ -342,6 +342,18 @@ impl FakeGraph {
         self.shared.state.lock().unwrap().accepted.clone()
     }
 
+    /// How many recipients have an accepted send (without copying [`FakeGraph::accepted`],
+    /// for a test that polls it while thousands arrive).
+    pub fn accepted_recipients(&self) -> usize {
+        let state = self.shared.state.lock().unwrap();
+        let recipients: std::collections::HashSet<&str> = state
+            .accepted
+            .iter()
+            .filter_map(|a| a.to.as_deref())
+            .collect();
+        recipients.len()
+    }
+
     /// Every request so far, in arrival order.
     pub fn requests(&self) -> Vec<Recorded> {
         self.shared.state.lock().unwrap().requests.clone()
