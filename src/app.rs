@@ -134,7 +134,10 @@ impl Application {
                     }
                     Err(e) => tracing::error!(error = %e, "firing timers failed"),
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                // A running campaign run is paced meanwhile.
+                dispatcher
+                    .pace_for(std::time::Duration::from_millis(500))
+                    .await;
             }
         });
         let stated = self.runtime.clone();

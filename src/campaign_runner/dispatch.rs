@@ -49,6 +49,11 @@ pub const TEMPLATE_PAUSE: &str = "template `";
 const DECISIONS_PER_TICK: usize = 2_000;
 /// The messaging limit's rolling period.
 const LIMIT_PERIOD: Duration = Duration::hours(24);
+/// How often a running run's bucket is looked at between the application's rounds: a
+/// run's sends leave a few at a time, evenly, instead of in one burst per round (with
+/// half-second bursts a 30 s run came out 1-2.5 % slow: the last burst waits up to a
+/// round; at 50 ms, within 0.3 %).
+const PACING_TICK: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// What one dispatcher tick did, for logs and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -123,6 +128,29 @@ impl Dispatcher {
             }
         }
         Ok(done)
+    }
+
+    /// Waits `round` (the application loop's pause); while a run is running, ticks every
+    /// [`PACING_TICK`] meanwhile. Steps are counted, not timed: no clock is read here.
+    pub async fn pace_for(&self, round: std::time::Duration) {
+        let steps = (round.as_millis() / PACING_TICK.as_millis()).max(1) as u32;
+        for step in 1..=steps {
+            if !self.pacing() {
+                tokio::time::sleep(round.saturating_sub(PACING_TICK * (step - 1))).await;
+                return;
+            }
+            tokio::time::sleep(PACING_TICK).await;
+            if step < steps
+                && let Err(e) = self.tick().await
+            {
+                tracing::error!(error = %e, "dispatching campaign runs failed");
+            }
+        }
+    }
+
+    /// Whether a run is running (its bucket kept since the last tick).
+    fn pacing(&self) -> bool {
+        !self.buckets.lock().expect("buckets").is_empty()
     }
 
     /// One running run's turn this tick.
@@ -282,7 +310,11 @@ impl Dispatcher {
                 tokens: 1.0_f64.min(second),
                 at: now,
             });
-            let elapsed = (now - bucket.at).num_milliseconds().max(0) as f64 / 1000.0;
+            let elapsed = (now - bucket.at)
+                .num_microseconds()
+                .unwrap_or(i64::MAX)
+                .max(0) as f64
+                / 1e6;
             bucket.tokens = (bucket.tokens + elapsed * rate).min(second);
             bucket.at = now;
             bucket.tokens
