@@ -297,7 +297,7 @@ mod rate {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let fake_addr = listener.local_addr()?;
         let app = Router::new()
-            .route("/{*path}", post(fake_send))
+            .route("/{*path}", post(fake_send).get(super::phone_number))
             .with_state(arrivals.clone());
         let fake = tokio::spawn(async move { axum::serve(listener, app).await });
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -440,4 +440,13 @@ mod rate {
             error(middle)
         );
     }
+}
+
+/// What the Graph API answers `serve`'s read of the number's messaging limit (at start and
+/// hourly): unlimited, so the benchmark measures the configured rates.
+async fn phone_number() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({
+        "id": "1000",
+        "whatsapp_business_manager_messaging_limit": "TIER_UNLIMITED"
+    }))
 }

@@ -431,7 +431,7 @@ async fn main() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let fake_addr: SocketAddr = listener.local_addr().unwrap();
     let app = Router::new()
-        .route("/{*path}", post(fake_send))
+        .route("/{*path}", post(fake_send).get(phone_number))
         .with_state(fake.clone());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
@@ -519,4 +519,13 @@ fn keep_db(dir: &Path) {
             }
         }
     }
+}
+
+/// What the Graph API answers `serve`'s read of the number's messaging limit (at start and
+/// hourly): unlimited, so the benchmark measures the configured rates.
+async fn phone_number() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({
+        "id": "1000",
+        "whatsapp_business_manager_messaging_limit": "TIER_UNLIMITED"
+    }))
 }
