@@ -351,6 +351,39 @@ pub enum OutboundContent {
         language: String,
         params: Vec<String>,
     },
+    /// A pin on the map, with an optional name and address under it.
+    Location {
+        latitude: f64,
+        longitude: f64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        address: Option<String>,
+    },
+    /// Contact cards the customer can save or message.
+    Contacts {
+        cards: Vec<ContactCard>,
+    },
+    /// An emoji on one of the customer's messages (`message_id`, a wamid).
+    Reaction {
+        message_id: String,
+        emoji: String,
+    },
+}
+
+/// One contact card of a [`OutboundContent::Contacts`] message.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ContactCard {
+    /// The name shown on the card.
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phones: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub emails: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub urls: Vec<String>,
 }
 
 impl OutboundContent {
@@ -367,6 +400,9 @@ impl OutboundContent {
             Self::Text { body, .. } | Self::Buttons { body, .. } | Self::List { body, .. } => body,
             Self::Media { caption, .. } => caption.as_deref().unwrap_or(""),
             Self::Template { name, .. } => name,
+            Self::Location { name, .. } => name.as_deref().unwrap_or(""),
+            Self::Contacts { cards } => cards.first().map_or("", |c| c.name.as_str()),
+            Self::Reaction { emoji, .. } => emoji,
         }
     }
 
@@ -446,6 +482,10 @@ pub struct Outbound {
     /// decision starts again from it (the window may have opened since).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original: Option<OutboundContent>,
+    /// The customer's message (its wamid) this message quotes: WhatsApp shows it as a reply
+    /// to that message (a step's `quote: true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quote: Option<String>,
 }
 
 impl Outbound {
@@ -455,6 +495,7 @@ impl Outbound {
             origin,
             outside_window: None,
             original: None,
+            quote: None,
         }
     }
 
@@ -787,7 +828,11 @@ pub mod limits {
             OutboundContent::Media {
                 caption: Some(c), ..
             } => cut(c, CAPTION_OR_BUTTON_BODY, "caption"),
-            OutboundContent::Media { .. } | OutboundContent::Template { .. } => {}
+            OutboundContent::Media { .. }
+            | OutboundContent::Location { .. }
+            | OutboundContent::Template { .. }
+            | OutboundContent::Contacts { .. }
+            | OutboundContent::Reaction { .. } => {}
         }
         notes
     }

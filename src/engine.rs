@@ -16,12 +16,12 @@ use rhai::{Dynamic, Map};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{
-    Button, Contact, Inbound, ListRow, ListSection, Origin, Outbound, OutboundContent,
+    Button, Contact, ContactCard, Inbound, ListRow, ListSection, Origin, Outbound, OutboundContent,
     TemplateFallback, limits,
 };
 use crate::flow::{
-    Action, Ask, Body, Captures, Cond, Expect, Flow, FlowSet, Http, Message, Route, Script, Step,
-    Target, TemplateCall, Text, Wait,
+    Action, Ask, Body, Captures, Card, Cond, Expect, Flow, FlowSet, Http, Location, Message, Route,
+    Script, Step, Target, TemplateCall, Text, Wait,
 };
 use crate::script::{self, Context, ScriptError, ScriptReply, Scripting, Vars};
 
@@ -157,9 +157,12 @@ pub struct HttpRequest {
 /// What the engine wants done.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
-    Send(Outbound),
+    /// Boxed: a message is much larger than the other effects.
+    Send(Box<Outbound>),
     Http(HttpRequest),
-    Handoff { queue: String },
+    Handoff {
+        queue: String,
+    },
 }
 
 /// How the event was handled, for logs, `chat` and tests.
@@ -289,9 +292,11 @@ impl Engine {
         sent: usize,
     ) -> Outcome {
         let before = contact.clone();
-        let message = match &event {
-            Event::Message(m) | Event::Enter { message: m, .. } => message_value(m).into_shared(),
-            _ => Dynamic::from_map(Map::new()),
+        let (message, message_id) = match &event {
+            Event::Message(m) | Event::Enter { message: m, .. } => {
+                (message_value(m).into_shared(), Some(m.id.clone()))
+            }
+            _ => (Dynamic::from_map(Map::new()), None),
         };
         let session = session.and_then(|s| {
             let flow = flows.version(&s.flow_id, &s.version)?.clone();
@@ -304,6 +309,7 @@ impl Engine {
             timezone: timezone_of(contact),
             contact,
             message,
+            message_id,
             now,
             session: session.as_ref().map(|(_, s)| s.clone()),
             flow: session.as_ref().map(|(f, _)| f.clone()),
@@ -352,6 +358,9 @@ struct Executor<'a> {
     /// The contact's timezone, parsed once (not at every evaluation).
     timezone: Option<chrono_tz::Tz>,
     message: Dynamic,
+    /// The wamid of the customer's message this turn handles (what `react` and `quote`
+    /// point at); `None` for timers, HTTP results and starts by the API.
+    message_id: Option<String>,
     now: DateTime<Utc>,
     session: Option<Session>,
     flow: Option<Arc<Flow>>,
@@ -797,6 +806,9 @@ impl Executor<'_> {
         if !self.set_and_tag(&flow, step) {
             return;
         }
+        if !self.react(&flow, step) {
+            return;
+        }
         let goto = match self.act(&flow, step, index) {
             Acted::GoOn { .. } if self.capped => return,
             Acted::GoOn { goto } => goto,
@@ -884,7 +896,65 @@ impl Executor<'_> {
             Action::Ask(ask) => self.ask(flow, step, index, ask),
             Action::Script(script) => self.run_script(flow, step, script),
             Action::Http(http) => self.request(flow, step, index, http),
+            Action::Location(location) => {
+                let rendered = render_location(&self.engine.scripting, &self.context(), location);
+                self.send_rendered(flow, step, rendered)
+            }
+            Action::Contacts(cards) => {
+                let rendered = render_cards(&self.engine.scripting, &self.context(), cards);
+                self.send_rendered(flow, step, rendered)
+            }
         }
+    }
+
+    /// A step's message rendered by one of the renderers: sent, or the step fails.
+    fn send_rendered(
+        &mut self,
+        flow: &Arc<Flow>,
+        step: &Step,
+        rendered: Result<OutboundContent, ScriptError>,
+    ) -> Acted {
+        match rendered {
+            Ok(content) => {
+                self.send(flow, step, content, step_origin(flow, step));
+                Acted::GoOn { goto: None }
+            }
+            Err(e) => {
+                self.fail(flow.clone(), step, &format!("message of `{}`", step.id), e);
+                Acted::Stop
+            }
+        }
+    }
+
+    /// The step's `react`: its emoji on the customer's message this turn handles. A turn
+    /// without one (a timer, an HTTP result, a start by the API) has nothing to react to:
+    /// noted, and the step goes on. `false` when the emoji failed to render.
+    fn react(&mut self, flow: &Arc<Flow>, step: &Step) -> bool {
+        let Some(text) = &step.react else {
+            return true;
+        };
+        let Some(message_id) = self.message_id.clone() else {
+            self.notes.push(format!(
+                "flow `{}` step `{}`: no customer message in this turn to react to; the reaction is left out",
+                flow.id, step.id
+            ));
+            return true;
+        };
+        let emoji = match text.render(&self.engine.scripting, &self.context()) {
+            Ok(e) => e.trim().to_string(),
+            Err(e) => {
+                self.fail(flow.clone(), step, &format!("`react` of `{}`", step.id), e);
+                return false;
+            }
+        };
+        if let Some(why) = crate::flow::compile::reaction_error(&emoji) {
+            let e = ScriptError::plain(why);
+            self.fail(flow.clone(), step, &format!("`react` of `{}`", step.id), e);
+            return false;
+        }
+        let reaction = OutboundContent::Reaction { message_id, emoji };
+        self.emit(flow, step, Outbound::new(reaction, step_origin(flow, step)));
+        true
     }
 
     /// `say`: the message, rendered.
@@ -910,7 +980,11 @@ impl Executor<'_> {
                     language: call.language.clone(),
                     params,
                 };
-                self.emit(flow, step, Outbound::new(template, step_origin(flow, step)));
+                let outbound = Outbound {
+                    quote: self.quote(step),
+                    ..Outbound::new(template, step_origin(flow, step))
+                };
+                self.emit(flow, step, outbound);
                 Acted::GoOn { goto: None }
             }
             Err(e) => {
@@ -1131,7 +1205,8 @@ impl Executor<'_> {
 
     fn apology(&mut self, flow: &Flow, step: Option<&Step>) {
         let step = step.map(|s| s.id.as_str()).unwrap_or_default();
-        self.effects.push(Effect::Send(apology(&flow.id, step)));
+        self.effects
+            .push(Effect::Send(Box::new(apology(&flow.id, step))));
     }
 
     fn send(&mut self, flow: &Flow, step: &Step, mut content: OutboundContent, origin: Origin) {
@@ -1148,9 +1223,16 @@ impl Executor<'_> {
         });
         let outbound = Outbound {
             outside_window,
+            quote: self.quote(step),
             ..Outbound::new(content, origin)
         };
         self.emit(flow, step, outbound);
+    }
+
+    /// The wamid a step's message quotes: the customer's message of this turn, with
+    /// `quote: true` (a turn without one sends the message unquoted).
+    fn quote(&self, step: &Step) -> Option<String> {
+        step.quote.then(|| self.message_id.clone()).flatten()
     }
 
     /// A step's message, unless the turn has sent its cap: then the apology instead, and
@@ -1170,7 +1252,7 @@ impl Executor<'_> {
             return;
         }
         self.sent += 1;
-        self.effects.push(Effect::Send(outbound));
+        self.effects.push(Effect::Send(Box::new(outbound)));
     }
 
     /// A template's parameters, rendered.
@@ -1305,6 +1387,77 @@ pub fn render_message(
         });
     }
     Ok(OutboundContent::text(body))
+}
+
+/// A `location` step's message: coordinates parsed and in range, name and address
+/// rendered (an empty one is left out).
+pub fn render_location(
+    s: &Scripting,
+    ctx: &Context<'_>,
+    location: &Location,
+) -> Result<OutboundContent, ScriptError> {
+    let coordinate = |text: &Text, what: &str, max: f64| {
+        let raw = text.render(s, ctx)?;
+        crate::flow::compile::coordinate_value(&raw, what, max).map_err(ScriptError::plain)
+    };
+    let optional = |text: &Option<Text>| -> Result<Option<String>, ScriptError> {
+        Ok(match text {
+            Some(t) => Some(t.render(s, ctx)?).filter(|v| !v.trim().is_empty()),
+            None => None,
+        })
+    };
+    Ok(OutboundContent::Location {
+        latitude: coordinate(&location.latitude, "latitude", 90.0)?,
+        longitude: coordinate(&location.longitude, "longitude", 180.0)?,
+        name: optional(&location.name)?,
+        address: optional(&location.address)?,
+    })
+}
+
+/// A `contacts` step's cards, rendered; values that render empty are left out, and a card
+/// left with nothing to reach it by is an error.
+pub fn render_cards(
+    s: &Scripting,
+    ctx: &Context<'_>,
+    cards: &[Card],
+) -> Result<OutboundContent, ScriptError> {
+    let all = |texts: &[Text]| -> Result<Vec<String>, ScriptError> {
+        let mut out = Vec::new();
+        for t in texts {
+            let v = t.render(s, ctx)?;
+            if !v.trim().is_empty() {
+                out.push(v.trim().to_string());
+            }
+        }
+        Ok(out)
+    };
+    let mut out = Vec::new();
+    for card in cards {
+        let rendered = ContactCard {
+            name: card.name.render(s, ctx)?.trim().to_string(),
+            phones: all(&card.phones)?,
+            emails: all(&card.emails)?,
+            org: match &card.org {
+                Some(o) => Some(o.render(s, ctx)?).filter(|v| !v.trim().is_empty()),
+                None => None,
+            },
+            urls: all(&card.urls)?,
+        };
+        if rendered.name.is_empty() {
+            return Err(ScriptError::plain(format!(
+                "the contact card `{}` has an empty name",
+                card.name.raw
+            )));
+        }
+        if rendered.phones.is_empty() && rendered.emails.is_empty() && rendered.urls.is_empty() {
+            return Err(ScriptError::plain(format!(
+                "the contact card `{}` has no phone, email or url once rendered",
+                rendered.name
+            )));
+        }
+        out.push(rendered);
+    }
+    Ok(OutboundContent::Contacts { cards: out })
 }
 
 /// The context a campaign's message and template parameters are rendered in: `contact.*`

@@ -254,7 +254,10 @@ impl Chat {
 fn render_report(report: &TurnReport) -> String {
     let mut out = String::new();
     for m in &report.sent {
-        let content = describe_content(&m.message.content);
+        let mut content = describe_content(&m.message.content);
+        if m.message.quote.is_some() {
+            content.push_str(" (quoting your message)");
+        }
         let _ = if m.decision.sends() {
             writeln!(out, "bot> {content}")
         } else {

@@ -120,7 +120,10 @@ impl Runtime {
             handled: Handled::Continued,
             effects: reply
                 .map(|text| {
-                    Effect::Send(Outbound::new(OutboundContent::text(text), Origin::System))
+                    Effect::Send(Box::new(Outbound::new(
+                        OutboundContent::text(text),
+                        Origin::System,
+                    )))
                 })
                 .into_iter()
                 .collect(),
@@ -148,7 +151,7 @@ impl Runtime {
                     let in_reply_to = turn.in_reply_to();
                     planned.records.push(self.decide(
                         turn.channel,
-                        message,
+                        *message,
                         &mut turn.conversation.contact,
                         &templates,
                         in_reply_to,

@@ -157,6 +157,10 @@ pub struct Step {
     pub route: Route,
     pub on_error: Option<usize>,
     pub outside_window: Option<TemplateCall>,
+    /// `react`: an emoji put on the customer's message the step answers, before its action.
+    pub react: Option<Text>,
+    /// `quote: true`: the step's messages quote the customer's message they answer.
+    pub quote: bool,
 }
 
 impl Step {
@@ -191,6 +195,30 @@ pub enum Action {
     Template(TemplateCall),
     Script(Arc<Script>),
     Http(Box<Http>),
+    /// `location`: a pin on the map.
+    Location(Box<Location>),
+    /// `contacts`: contact cards.
+    Contacts(Vec<Card>),
+}
+
+/// A `location` step's message; coordinates are text so they can be interpolated, and are
+/// checked as numbers in range when rendered (and at load when literal).
+#[derive(Debug)]
+pub struct Location {
+    pub latitude: Text,
+    pub longitude: Text,
+    pub name: Option<Text>,
+    pub address: Option<Text>,
+}
+
+/// One card of a `contacts` step.
+#[derive(Debug)]
+pub struct Card {
+    pub name: Text,
+    pub phones: Vec<Text>,
+    pub emails: Vec<Text>,
+    pub org: Option<Text>,
+    pub urls: Vec<Text>,
 }
 
 /// A free-form message: text with optional buttons, list or media.

@@ -80,6 +80,40 @@ pub struct RawStep {
     pub next: Option<Spanned<RawNext>>,
     pub on_error: Option<Spanned<String>>,
     pub outside_window: Option<Spanned<RawTemplateRef>>,
+    pub location: Option<Spanned<RawLocation>>,
+    pub contacts: Option<Spanned<Vec<Spanned<RawContactCard>>>>,
+    /// An emoji reaction to the customer's message the step answers.
+    pub react: Option<Spanned<String>>,
+    /// The step's messages quote the customer's message they answer.
+    pub quote: Option<Spanned<bool>>,
+}
+
+/// `location: { latitude, longitude, name, address }`; the coordinates are numbers or
+/// `{{ … }}` text.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLocation {
+    pub latitude: Spanned<serde_json::Value>,
+    pub longitude: Spanned<serde_json::Value>,
+    #[serde(default)]
+    pub name: Option<Spanned<String>>,
+    #[serde(default)]
+    pub address: Option<Spanned<String>>,
+}
+
+/// One card of `contacts: [...]`: a name and one or more phones, emails, urls.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawContactCard {
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub phone: Option<Spanned<OneOrMany>>,
+    #[serde(default)]
+    pub email: Option<Spanned<OneOrMany>>,
+    #[serde(default)]
+    pub org: Option<Spanned<String>>,
+    #[serde(default)]
+    pub url: Option<Spanned<OneOrMany>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -763,3 +763,15 @@ fn an_import_in_a_script() {
     );
     assert!(d.message.contains("`import` always fails"), "{}", d.message);
 }
+
+#[test]
+fn locations_contact_cards_reactions_and_quotes_are_checked() {
+    let diags = check("rich_messages", 6, 0);
+    let file = fixture_file("rich_messages", "flows/rich.yaml");
+    assert_eq!(
+        positions(&diags),
+        ["6:27", "6:44", "10:9", "13:15", "16:13", "17:12"].map(|at| format!("{file}:{at}")),
+        "{}",
+        diags.render(false)
+    );
+}
