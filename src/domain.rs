@@ -412,6 +412,53 @@ impl OutboundContent {
     }
 }
 
+/// A contact sent down one branch of an A/B `split` (a step of a flow).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitPass {
+    pub flow: String,
+    pub step: String,
+    pub branch: String,
+}
+
+/// How far a contact got after a split: each stage is recorded once per contact and split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SplitStage {
+    /// The split sent the contact down its branch.
+    Reached,
+    /// The contact wrote after that, in the same session.
+    Replied,
+    /// The session reached the end of a flow.
+    Finished,
+    /// The session was handed to a person.
+    HandedOff,
+}
+
+impl SplitStage {
+    pub const ALL: [SplitStage; 4] = [
+        Self::Reached,
+        Self::Replied,
+        Self::Finished,
+        Self::HandedOff,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reached => "reached",
+            Self::Replied => "replied",
+            Self::Finished => "finished",
+            Self::HandedOff => "handed_off",
+        }
+    }
+}
+
+/// A stage reached after a split, for the store to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitMark {
+    pub pass: SplitPass,
+    pub stage: SplitStage,
+}
+
 /// The template a free-form message becomes outside the window (the step's `outside_window`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TemplateFallback {

@@ -17,11 +17,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::{
     Button, Contact, ContactCard, Inbound, ListRow, ListSection, Origin, Outbound, OutboundContent,
-    TemplateFallback, limits,
+    SplitMark, SplitPass, SplitStage, TemplateFallback, limits,
 };
 use crate::flow::{
     Action, Ask, Body, Captures, Card, Cond, Expect, Flow, FlowSet, Http, Location, Message, Route,
-    Script, Step, Target, TemplateCall, Text, Wait,
+    Script, Step, Target, TemplateCall, Text, Wait, split_branch,
 };
 use crate::script::{self, Context, ScriptError, ScriptReply, Scripting, Vars};
 
@@ -52,6 +52,9 @@ pub struct Session {
     /// Bumped at every new waiting point; a timer for an older epoch is stale.
     pub epoch: i64,
     pub last_activity: DateTime<Utc>,
+    /// The A/B splits this session passed, so a reply, the flow's end or a handoff is
+    /// counted for the branch the contact took.
+    pub splits: Vec<SplitPass>,
 }
 
 /// The JSON form of a session's state, as stored.
@@ -62,6 +65,8 @@ struct StoredState {
     attempts: u32,
     epoch: i64,
     last_activity: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    splits: Vec<SplitPass>,
 }
 
 impl Session {
@@ -73,6 +78,7 @@ impl Session {
             attempts: self.attempts,
             epoch: self.epoch,
             last_activity: self.last_activity,
+            splits: self.splits.clone(),
         };
         (
             flow.steps[self.step].id.clone(),
@@ -92,6 +98,7 @@ impl Session {
             attempts: state.attempts,
             epoch: state.epoch,
             last_activity: state.last_activity,
+            splits: state.splits,
         })
     }
 }
@@ -163,6 +170,8 @@ pub enum Effect {
     Handoff {
         queue: String,
     },
+    /// A stage of an A/B split reached, to record.
+    Split(SplitMark),
 }
 
 /// How the event was handled, for logs, `chat` and tests.
@@ -396,6 +405,7 @@ impl Executor<'_> {
     fn message(&mut self, inbound: &Inbound) -> Handled {
         if inbound.content.refreshes_window() {
             self.contact.saw_customer_message(inbound.timestamp);
+            self.mark_splits(SplitStage::Replied);
         }
         if let (Some(session), Some(flow)) = (&self.session, &self.flow) {
             let timeout = flow.session_timeout.unwrap_or(DEFAULT_SESSION_TIMEOUT);
@@ -503,6 +513,8 @@ impl Executor<'_> {
                     Some(v) => v,
                     None => return true,
                 },
+                // A split never waits for a reply, so a waiting step has none.
+                Cond::Split { .. } => false,
             };
             if hit {
                 self.touch();
@@ -698,7 +710,7 @@ impl Executor<'_> {
             .into_iter()
             .map(|(k, v)| (k.into(), script::from_json(&v)))
             .collect();
-        self.begin(f, None, vars);
+        self.begin(f, None, vars, Vec::new());
         Handled::Started(flow.to_string())
     }
 
@@ -713,10 +725,12 @@ impl Executor<'_> {
         for (k, v) in captures {
             vars.insert(k.into(), Dynamic::from(v));
         }
-        self.begin(f, step, vars);
+        self.begin(f, step, vars, Vec::new());
     }
 
-    fn begin(&mut self, flow: Arc<Flow>, step: Option<usize>, vars: Vars) {
+    /// A session of `flow` from `step` (else its start) with `vars`, and the `splits` a
+    /// jump from another flow carries along.
+    fn begin(&mut self, flow: Arc<Flow>, step: Option<usize>, vars: Vars, splits: Vec<SplitPass>) {
         self.epoch_base = self.epoch_base.max(self.now.timestamp_millis()) + 1;
         self.session = Some(Session {
             flow_id: flow.id.clone(),
@@ -727,6 +741,7 @@ impl Executor<'_> {
             attempts: 0,
             epoch: self.epoch_base,
             last_activity: self.now,
+            splits,
         });
         self.flow = Some(flow.clone());
         self.timers = Some(Vec::new());
@@ -769,12 +784,12 @@ impl Executor<'_> {
             Next::Step(i) => self.run_step(flow, i, false),
             Next::Flow(id) => match self.flows.get(&id).cloned() {
                 Some(f) => {
-                    let vars = self
+                    let (vars, splits) = self
                         .session
                         .as_ref()
-                        .map(|s| s.vars.clone())
+                        .map(|s| (s.vars.clone(), s.splits.clone()))
                         .unwrap_or_default();
-                    self.begin(f, None, vars);
+                    self.begin(f, None, vars, splits);
                 }
                 None => {
                     self.notes.push(format!(
@@ -786,8 +801,64 @@ impl Executor<'_> {
                 }
             },
             Next::Stop => {}
-            Next::End => self.end_session(),
+            Next::End => {
+                self.mark_splits(SplitStage::Finished);
+                self.end_session();
+            }
         }
+    }
+
+    /// Records `stage` for every split the session passed.
+    fn mark_splits(&mut self, stage: SplitStage) {
+        let Some(session) = &self.session else {
+            return;
+        };
+        for pass in &session.splits {
+            self.effects.push(Effect::Split(SplitMark {
+                pass: pass.clone(),
+                stage,
+            }));
+        }
+    }
+
+    /// A `split`: the contact's branch (the same every time), recorded in the session (and
+    /// in the variable `split.<step>`, for conditions and texts) and reported as reached.
+    fn split(&mut self, flow: &Flow, step: &Step, branches: &[crate::flow::Branch]) -> Next {
+        let weights: Vec<f64> = branches
+            .iter()
+            .map(|b| match &b.cond {
+                Cond::Split { weight, .. } => *weight,
+                _ => 0.0,
+            })
+            .collect();
+        let chosen = &branches[split_branch(&self.contact.wa_id, &flow.id, &step.id, &weights)];
+        let Cond::Split { name, .. } = &chosen.cond else {
+            return Next::End;
+        };
+        let pass = SplitPass {
+            flow: flow.id.clone(),
+            step: step.id.clone(),
+            branch: name.clone(),
+        };
+        let session = self.session_mut();
+        session
+            .splits
+            .retain(|p| !(p.flow == pass.flow && p.step == pass.step));
+        session.splits.push(pass.clone());
+        let mut record = session
+            .vars
+            .get("split")
+            .and_then(|v| v.read_lock::<Map>().map(|m| m.clone()))
+            .unwrap_or_default();
+        record.insert(step.id.as_str().into(), Dynamic::from(name.clone()));
+        session
+            .vars
+            .insert("split".into(), Dynamic::from_map(record));
+        self.effects.push(Effect::Split(SplitMark {
+            pass,
+            stage: SplitStage::Reached,
+        }));
+        target(&chosen.target)
     }
 
     /// Runs steps from `index` until the flow waits or ends: the step's `wait`, its `set`
@@ -1118,6 +1189,7 @@ impl Executor<'_> {
                 TimerKind::HandoffTimeout { epoch },
             )]);
         }
+        self.mark_splits(SplitStage::HandedOff);
         self.effects.push(Effect::Handoff { queue });
         true
     }
@@ -1134,6 +1206,9 @@ impl Executor<'_> {
                     self.wait_at(index, Waiting::Reply);
                     return Next::Stop;
                 }
+                if matches!(branches.first().map(|b| &b.cond), Some(Cond::Split { .. })) {
+                    return self.split(flow, step, branches);
+                }
                 for b in branches {
                     let hit = match &b.cond {
                         Cond::Always => true,
@@ -1144,6 +1219,7 @@ impl Executor<'_> {
                         Cond::Button(id) => answered && self.message_field("button") == *id,
                         Cond::List(id) => answered && self.message_field("list") == *id,
                         Cond::Match(re) => answered && re.is_match(&self.message_field("text")),
+                        Cond::Split { .. } => false,
                     };
                     if hit {
                         return target(&b.target);

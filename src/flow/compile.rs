@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 
 use super::raw::{
     RawBranch, RawButton, RawContactCard, RawExpect, RawFlow, RawHandoff, RawList, RawLocation,
-    RawMedia, RawNext, RawStep, RawTemplateRef, ScalarOr,
+    RawMedia, RawNext, RawSplitBranch, RawStep, RawTemplateRef, ScalarOr,
 };
 use super::{
     Action, Ask, Body, Branch, Bundle, Card, Cond, EXPECT_KINDS, Expect, Expr, Flow, Handoff, Http,
@@ -498,6 +498,7 @@ impl<'a> Compiler<'a> {
             ("goto", s.goto.as_ref().map(loc)),
             ("flow", s.flow.as_ref().map(loc)),
             ("end", s.end.as_ref().map(loc)),
+            ("split", s.split.as_ref().map(loc)),
         ]
         .into_iter()
         .filter_map(|(name, l)| l.map(|l| (name, l)))
@@ -697,9 +698,86 @@ impl<'a> Compiler<'a> {
             Some(Route::Goto(self.flow_ref(flow)))
         } else if let Some(next) = &s.next {
             self.route(next, s)
+        } else if let Some(split) = &s.split {
+            self.split(split)
         } else {
             Some(Route::End)
         }
+    }
+
+    /// A `split`: at least two branches, each with a positive weight, a unique name (the
+    /// target step's id by default) and a target.
+    fn split(&mut self, raw: &Spanned<Vec<Spanned<RawSplitBranch>>>) -> Option<Route> {
+        if raw.value.len() < 2 {
+            self.error(
+                loc(raw),
+                format!(
+                    "a `split` needs at least two branches; this one has {}",
+                    raw.value.len()
+                ),
+            )
+            .help = Some("add `- { weight: 50, goto: other_step }`".into());
+            return None;
+        }
+        let mut branches = Vec::new();
+        let mut names: Vec<String> = Vec::new();
+        let mut ok = true;
+        for b in &raw.value {
+            let v = &b.value;
+            let weight = v.weight.value;
+            if !(weight.is_finite() && weight > 0.0) {
+                self.error(
+                    loc(&v.weight),
+                    format!("a split's weight is a number above zero, not {weight}"),
+                );
+                ok = false;
+            }
+            let target = match (&v.goto, &v.flow) {
+                (Some(step), None) => self.step_ref(step).map(Target::Step),
+                (None, Some(flow)) => Some(self.flow_ref(flow)),
+                (Some(_), Some(flow)) => {
+                    self.error(loc(flow), "a split branch has `goto` or `flow`, not both");
+                    None
+                }
+                (None, None) => {
+                    self.error(loc(b), "a split branch needs `goto: STEP` or `flow: FLOW`");
+                    None
+                }
+            };
+            let name = match (&v.name, &v.goto, &v.flow) {
+                (Some(n), ..) => {
+                    if !valid_name(&n.value) {
+                        self.error(
+                            self.value_loc(n),
+                            format!(
+                                "`{}` is not a valid branch name: use letters, digits, `_` and `-`",
+                                n.value
+                            ),
+                        );
+                        ok = false;
+                    }
+                    n.value.clone()
+                }
+                (None, Some(t), _) | (None, None, Some(t)) => t.value.clone(),
+                (None, None, None) => String::new(),
+            };
+            if !name.is_empty() && names.contains(&name) {
+                let at = v.name.as_ref().map(loc).unwrap_or(loc(b));
+                self.error(at, format!("two branches of this split are named `{name}`"))
+                    .help = Some("give each branch its own `name:`".into());
+                ok = false;
+            }
+            names.push(name.clone());
+            if let Some(target) = target {
+                branches.push(Branch {
+                    cond: Cond::Split { name, weight },
+                    target,
+                });
+            } else {
+                ok = false;
+            }
+        }
+        ok.then_some(Route::Branches(branches))
     }
 
     /// The template a `say` or `ask` is sent as outside the window.

@@ -131,6 +131,29 @@ impl TriggerKind {
     }
 }
 
+/// Which of a split's branches (`(name, weight)`, weights positive) a contact takes: the
+/// same every time for the same contact, flow and step (a SHA-256 of the three, so it
+/// holds across restarts, versions and machines), spread over the branches in proportion
+/// to their weights across contacts. Changing the weights moves only the contacts whose
+/// point falls in a range that moved.
+pub fn split_branch(contact: &str, flow: &str, step: &str, weights: &[f64]) -> usize {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{flow}\u{0}{step}\u{0}{contact}").as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    // The top 53 bits make a uniform point in [0, 1) that an f64 holds exactly.
+    let unit = (u64::from_be_bytes(first) >> 11) as f64 / (1u64 << 53) as f64;
+    let total: f64 = weights.iter().sum();
+    let mut point = unit * total;
+    for (i, w) in weights.iter().enumerate() {
+        if point < *w {
+            return i;
+        }
+        point -= w;
+    }
+    weights.len() - 1
+}
+
 /// Whether `word` occurs in `text` with no letter, digit or `_` right before or after it.
 pub fn contains_word(text: &str, word: &str) -> bool {
     let is_word = |c: char| c.is_alphanumeric() || c == '_';
@@ -348,6 +371,12 @@ pub enum Cond {
     Button(String),
     List(String),
     Match(Regex),
+    /// A branch of an A/B `split`: every branch of the route is one, and one is chosen per
+    /// contact by [`split_branch`], in proportion to the weights.
+    Split {
+        name: String,
+        weight: f64,
+    },
 }
 
 impl Cond {
@@ -555,7 +584,32 @@ pub fn display(value: &Dynamic) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::contains_word;
+    use super::{contains_word, split_branch};
+
+    #[test]
+    fn a_split_follows_its_weights_and_keeps_each_contact_on_one_branch() {
+        let weights = [70.0, 20.0, 7.5, 2.5];
+        let mut counts = [0usize; 4];
+        for i in 0..10_000 {
+            let contact = format!("4915{i:08}");
+            let branch = split_branch(&contact, "promo", "wording", &weights);
+            assert_eq!(branch, split_branch(&contact, "promo", "wording", &weights));
+            counts[branch] += 1;
+        }
+        for (n, w) in counts.iter().zip(weights) {
+            let share = *n as f64 / 10_000.0;
+            assert!((share - w / 100.0).abs() <= 0.02, "{counts:?}");
+        }
+        // Another split of the same contacts is drawn independently.
+        let other = (0..1000)
+            .filter(|i| {
+                let c = format!("4915{i:08}");
+                split_branch(&c, "promo", "wording", &[1.0, 1.0])
+                    != split_branch(&c, "promo", "other", &[1.0, 1.0])
+            })
+            .count();
+        assert!((400..600).contains(&other), "{other}");
+    }
 
     #[test]
     fn keywords_match_whole_words_only() {

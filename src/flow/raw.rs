@@ -86,6 +86,21 @@ pub struct RawStep {
     pub react: Option<Spanned<String>>,
     /// The step's messages quote the customer's message they answer.
     pub quote: Option<Spanned<bool>>,
+    /// An A/B split: weighted branches, one chosen per contact for good.
+    pub split: Option<Spanned<Vec<Spanned<RawSplitBranch>>>>,
+}
+
+/// One branch of a `split`: `{ name: a, weight: 50, goto: step }` (or `flow:`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSplitBranch {
+    #[serde(default)]
+    pub name: Option<Spanned<String>>,
+    pub weight: Spanned<f64>,
+    #[serde(default)]
+    pub goto: Option<Spanned<String>>,
+    #[serde(default)]
+    pub flow: Option<Spanned<String>>,
 }
 
 /// `location: { latitude, longitude, name, address }`; the coordinates are numbers or

@@ -775,3 +775,15 @@ fn locations_contact_cards_reactions_and_quotes_are_checked() {
         diags.render(false)
     );
 }
+
+#[test]
+fn split_weights_branches_and_targets_are_checked() {
+    let diags = check("split_broken", 6, 0);
+    let file = fixture_file("split_broken", "flows/ab.yaml");
+    assert_eq!(
+        positions(&diags),
+        ["7:7", "10:28", "11:17", "11:38", "12:9", "16:7"].map(|at| format!("{file}:{at}")),
+        "{}",
+        diags.render(false)
+    );
+}
