@@ -72,6 +72,8 @@ pub struct RichUser {
     pub text: Option<String>,
     pub button: Option<String>,
     pub list: Option<String>,
+    /// A WhatsApp Flow's answer: the fields the customer filled in.
+    pub form: Option<serde_json::Map<String, serde_json::Value>>,
     /// The message was sent this long ago (a late webhook).
     pub ago: Option<String>,
     /// The message answers a Click-to-WhatsApp ad (its webhook carries a `referral`).
@@ -110,6 +112,8 @@ pub struct Expected {
     pub contacts: Option<Vec<String>>,
     /// `true`: the message quotes the customer's latest message; `false`: it quotes none.
     pub quote: Option<bool>,
+    /// A form: the WhatsApp Flow with this id.
+    pub form: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -473,17 +477,20 @@ impl UserMessage {
         let (content, ago, from_ad) = match self {
             UserMessage::Text(t) => (InboundContent::text(t), None, false),
             UserMessage::Rich(r) => {
-                let content = match (&r.text, &r.button, &r.list) {
-                    (Some(t), None, None) => InboundContent::text(t),
-                    (None, Some(id), None) => InboundContent::ButtonReply {
+                let content = match (&r.text, &r.button, &r.list, &r.form) {
+                    (Some(t), None, None, None) => InboundContent::text(t),
+                    (None, Some(id), None, None) => InboundContent::ButtonReply {
                         id: id.clone(),
                         title: id.clone(),
                     },
-                    (None, None, Some(id)) => InboundContent::ListReply {
+                    (None, None, Some(id), None) => InboundContent::ListReply {
                         id: id.clone(),
                         title: id.clone(),
                     },
-                    _ => return Err("`user:` takes one of text, button or list".into()),
+                    (None, None, None, Some(fields)) => InboundContent::FormReply {
+                        response: fields.clone(),
+                    },
+                    _ => return Err("`user:` takes one of text, button, list or form".into()),
                 };
                 (content, r.ago.as_deref(), r.from_ad)
             }
@@ -636,6 +643,14 @@ fn reply_mismatch(
             return Some("the contact cards' names differ".into());
         }
     }
+    if let Some(id) = &e.form {
+        let OutboundContent::Form { flow_id, .. } = content else {
+            return Some("it is not a form".into());
+        };
+        if flow_id != id {
+            return Some(format!("it opens the Flow {flow_id}"));
+        }
+    }
     match (e.quote, actual.quote.as_deref()) {
         (Some(true), None) => Some("it quotes no message".into()),
         (Some(true), Some(q)) if Some(q) != last_user => {
@@ -709,6 +724,9 @@ fn expectation(e: &Expected) -> String {
     }
     if let Some(c) = &e.contacts {
         parts.push(format!("contacts {c:?}"));
+    }
+    if let Some(f) = &e.form {
+        parts.push(format!("form {f}"));
     }
     match e.quote {
         Some(true) => parts.push("quoting the customer's message".into()),
@@ -795,6 +813,11 @@ pub fn describe_content(content: &OutboundContent) -> String {
         }
         OutboundContent::Reaction { emoji, .. } => {
             let _ = write!(out, "reaction {emoji}");
+        }
+        OutboundContent::Form {
+            body, flow_id, cta, ..
+        } => {
+            let _ = write!(out, "text {body:?}, form {flow_id} behind {cta:?}");
         }
     }
     out

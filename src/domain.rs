@@ -237,6 +237,11 @@ pub enum InboundContent {
     Reaction {
         emoji: String,
     },
+    /// A WhatsApp Flow's answer (`interactive.nfm_reply`): the fields the customer filled
+    /// in, from `response_json` (with the `flow_token` the form was sent with).
+    FormReply {
+        response: serde_json::Map<String, serde_json::Value>,
+    },
     /// A type flowgate does not interpret; stored, never answered by a trigger.
     Other {
         kind: String,
@@ -285,6 +290,7 @@ impl InboundContent {
             Self::Media { kind, .. } => kind,
             Self::Location { .. } => "location",
             Self::Reaction { .. } => "reaction",
+            Self::FormReply { .. } => "form",
             Self::Other { kind } => kind,
         }
     }
@@ -369,6 +375,19 @@ pub enum OutboundContent {
         message_id: String,
         emoji: String,
     },
+    /// A WhatsApp Flow (a form) behind a button labelled `cta`; its answer comes back as
+    /// an `nfm_reply` carrying `token`.
+    Form {
+        body: String,
+        flow_id: String,
+        cta: String,
+        token: String,
+        /// The first screen, and the data it opens with.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        screen: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<serde_json::Value>,
+    },
 }
 
 /// One contact card of a [`OutboundContent::Contacts`] message.
@@ -403,6 +422,7 @@ impl OutboundContent {
             Self::Location { name, .. } => name.as_deref().unwrap_or(""),
             Self::Contacts { cards } => cards.first().map_or("", |c| c.name.as_str()),
             Self::Reaction { emoji, .. } => emoji,
+            Self::Form { body, .. } => body,
         }
     }
 
@@ -832,6 +852,8 @@ pub mod limits {
     pub const LIST_ROW_ID: usize = 200;
     pub const LIST_ROW_TITLE: usize = 24;
     pub const LIST_ROW_DESCRIPTION: usize = 72;
+    /// The button that opens a WhatsApp Flow (`flow_cta`).
+    pub const FORM_CTA: usize = 30;
 
     /// Shortens text that interpolation made too long, so WhatsApp accepts the message
     /// instead of rejecting it; returns what was shortened, for the log.
@@ -875,6 +897,10 @@ pub mod limits {
             OutboundContent::Media {
                 caption: Some(c), ..
             } => cut(c, CAPTION_OR_BUTTON_BODY, "caption"),
+            OutboundContent::Form { body, cta, .. } => {
+                cut(body, CAPTION_OR_BUTTON_BODY, "form message body");
+                cut(cta, FORM_CTA, "form button");
+            }
             OutboundContent::Media { .. }
             | OutboundContent::Location { .. }
             | OutboundContent::Template { .. }

@@ -16,12 +16,12 @@ use rhai::{Dynamic, Map};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{
-    Button, Contact, ContactCard, Inbound, ListRow, ListSection, Origin, Outbound, OutboundContent,
-    SplitMark, SplitPass, SplitStage, TemplateFallback, limits,
+    Button, Contact, ContactCard, Inbound, InboundContent, ListRow, ListSection, Origin, Outbound,
+    OutboundContent, SplitMark, SplitPass, SplitStage, TemplateFallback, limits,
 };
 use crate::flow::{
-    Action, Ask, Body, Captures, Card, Cond, Expect, Flow, FlowSet, Http, Location, Message, Route,
-    Script, Step, Target, TemplateCall, Text, Wait, split_branch,
+    Action, Ask, Body, Captures, Card, Cond, Expect, Flow, FlowSet, Form, Http, Location, Message,
+    Route, Script, Step, Target, TemplateCall, Text, Wait, split_branch,
 };
 use crate::script::{self, Context, ScriptError, ScriptReply, Scripting, Vars};
 
@@ -500,6 +500,14 @@ impl Executor<'_> {
             }
             return true;
         }
+        if let Action::Form(form) = &step.action {
+            return match &inbound.content {
+                InboundContent::FormReply { response } => {
+                    self.form_answer(&flow, step, form, response)
+                }
+                _ => false,
+            };
+        }
         let Route::Branches(branches) = &step.route else {
             return false;
         };
@@ -975,7 +983,63 @@ impl Executor<'_> {
                 let rendered = render_cards(&self.engine.scripting, &self.context(), cards);
                 self.send_rendered(flow, step, rendered)
             }
+            Action::Form(form) => self.form(flow, step, index, form),
         }
+    }
+
+    /// `form`: the WhatsApp Flow, then the step waits for its answer (as an `ask` does).
+    fn form(&mut self, flow: &Arc<Flow>, step: &Step, index: usize, form: &Form) -> Acted {
+        let token = form_token(flow, step);
+        match render_form(&self.engine.scripting, &self.context(), form, token) {
+            Ok(content) => self.send(flow, step, content, step_origin(flow, step)),
+            Err(e) => {
+                self.fail(flow.clone(), step, &format!("form of `{}`", step.id), e);
+                return Acted::Stop;
+            }
+        }
+        if !self.capped {
+            self.wait_at(index, Waiting::Reply);
+        }
+        Acted::Stop
+    }
+
+    /// A Flow's answer to the waiting `form` step: its fields checked against the step's
+    /// and saved, then the way on. An answer to another form (its token differs) is not
+    /// this step's; one missing a field, or with a field of the wrong type, fails the step.
+    fn form_answer(
+        &mut self,
+        flow: &Arc<Flow>,
+        step: &Step,
+        form: &Form,
+        response: &serde_json::Map<String, serde_json::Value>,
+    ) -> bool {
+        if let Some(token) = response.get("flow_token").and_then(|t| t.as_str())
+            && token != form_token(flow, step)
+        {
+            return false;
+        }
+        let mut fields = response.clone();
+        fields.remove("flow_token");
+        for (name, kind) in &form.fields {
+            let problem = match fields.get(name) {
+                None | Some(serde_json::Value::Null) => format!("has no `{name}`"),
+                Some(v) if !kind.accepts(v) => {
+                    format!("has `{name}` = {v}, which is not a {}", kind.name())
+                }
+                Some(_) => continue,
+            };
+            let e = ScriptError::plain(format!("the form's answer {problem}"));
+            self.fail(flow.clone(), step, &format!("form of `{}`", step.id), e);
+            return true;
+        }
+        if let Some(name) = &form.save {
+            let value = script::from_json(&serde_json::Value::Object(fields));
+            self.session_mut().vars.insert(name.as_str().into(), value);
+        }
+        self.touch();
+        let next = self.route(flow, step, true);
+        self.go(flow.clone(), next);
+        true
     }
 
     /// A step's message rendered by one of the renderers: sent, or the step fails.
@@ -1534,6 +1598,31 @@ pub fn render_cards(
         out.push(rendered);
     }
     Ok(OutboundContent::Contacts { cards: out })
+}
+
+/// The `flow_token` a form is sent with, which its answer carries back: which step asked.
+fn form_token(flow: &Flow, step: &Step) -> String {
+    format!("flowgate:{}:{}", flow.id, step.id)
+}
+
+/// A `form` step's message: its body, button and first screen's data rendered.
+pub fn render_form(
+    s: &Scripting,
+    ctx: &Context<'_>,
+    form: &Form,
+    token: String,
+) -> Result<OutboundContent, ScriptError> {
+    Ok(OutboundContent::Form {
+        body: form.body.render(s, ctx)?,
+        flow_id: form.flow_id.clone(),
+        cta: form.cta.render(s, ctx)?,
+        token,
+        screen: form.screen.clone(),
+        data: match &form.data {
+            Some(d) => Some(render_body(d, s, ctx)?),
+            None => None,
+        },
+    })
 }
 
 /// The context a campaign's message and template parameters are rendered in: `contact.*`

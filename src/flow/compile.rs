@@ -17,9 +17,9 @@ use super::raw::{
     RawMedia, RawNext, RawSplitBranch, RawStep, RawTemplateRef, ScalarOr,
 };
 use super::{
-    Action, Ask, Body, Branch, Bundle, Card, Cond, EXPECT_KINDS, Expect, Expr, Flow, Handoff, Http,
-    List, ListRow, Location, Message, Route, Script, Step, Target, TemplateCall, Text, Trigger,
-    TriggerKind, Wait,
+    Action, Ask, Body, Branch, Bundle, Card, Cond, EXPECT_KINDS, Expect, Expr, FieldType, Flow,
+    Form, Handoff, Http, List, ListRow, Location, Message, Route, Script, Step, Target,
+    TemplateCall, Text, Trigger, TriggerKind, Wait,
 };
 use crate::diagnostic::{Diagnostic, Diagnostics, Loc, did_you_mean};
 use crate::domain::{HumanDuration, limits};
@@ -476,6 +476,7 @@ impl<'a> Compiler<'a> {
             ("http", s.http.as_ref().map(loc)),
             ("location", s.location.as_ref().map(loc)),
             ("contacts", s.contacts.as_ref().map(loc)),
+            ("form", s.form.as_ref().map(loc)),
         ]
         .into_iter()
         .filter_map(|(name, l)| l.map(|l| (name, l)))
@@ -527,7 +528,7 @@ impl<'a> Compiler<'a> {
                 ("on_timeout", s.on_timeout.as_ref().map(loc)),
             ] {
                 if let Some(at) = at
-                    && s.http.as_ref().is_none_or(|_| name != "save")
+                    && ((s.http.is_none() && s.form.is_none()) || name != "save")
                 {
                     self.error(
                         at,
@@ -557,6 +558,7 @@ impl<'a> Compiler<'a> {
             && s.template.is_none()
             && s.location.is_none()
             && s.contacts.is_none()
+            && s.form.is_none()
             && s.script.is_none()
             && s.rhai.is_none()
         {
@@ -683,6 +685,9 @@ impl<'a> Compiler<'a> {
             self.location(l).map(|l| Action::Location(Box::new(l)))
         } else if let Some(cards) = &s.contacts {
             self.contacts(cards).map(Action::Contacts)
+        } else if let Some(form) = &s.form {
+            let save = s.save.as_ref().and_then(|v| self.save_name(v));
+            self.form(form, save).map(|f| Action::Form(Box::new(f)))
         } else {
             Some(Action::None)
         }
@@ -788,10 +793,11 @@ impl<'a> Compiler<'a> {
             && s.ask.is_none()
             && s.location.is_none()
             && s.contacts.is_none()
+            && s.form.is_none()
         {
             self.warning(
                 loc(ow),
-                "`outside_window` only applies to a `say`, `ask`, `location` or `contacts` message",
+                "`outside_window` only applies to a `say`, `ask`, `location`, `contacts` or `form` message",
             );
         }
         outside_window
@@ -1007,6 +1013,108 @@ impl<'a> Compiler<'a> {
             .collect::<Vec<_>>()
             .into_iter()
             .collect()
+    }
+
+    /// A `save:` variable name.
+    fn save_name(&mut self, at: &Spanned<String>) -> Option<String> {
+        if valid_var(&at.value) {
+            Some(at.value.clone())
+        } else {
+            self.error(
+                self.value_loc(at),
+                format!("`{}` is not a valid variable name", at.value),
+            );
+            None
+        }
+    }
+
+    /// A `form`: the Flow's id (digits), the button label and body within WhatsApp's
+    /// limits, a `screen` when there is `data` (a mapping), and the declared fields' types.
+    fn form(&mut self, raw: &Spanned<super::raw::RawForm>, save: Option<String>) -> Option<Form> {
+        let f = &raw.value;
+        let mut ok = true;
+        if f.flow_id.value.is_empty() || !f.flow_id.value.chars().all(|c| c.is_ascii_digit()) {
+            self.error(
+                self.value_loc(&f.flow_id),
+                format!(
+                    "`{}` is not a Flow id: it is the number WhatsApp Manager shows for the Flow",
+                    f.flow_id.value
+                ),
+            );
+            ok = false;
+        }
+        let cta = self.text(&f.cta);
+        if cta.as_ref().is_some_and(Text::is_literal) {
+            self.limit(&f.cta, limits::FORM_CTA, "a form's `cta`");
+        }
+        let body = self.text(&f.body);
+        if let Some(b) = &body
+            && b.literal_len() > limits::CAPTION_OR_BUTTON_BODY
+        {
+            self.error(
+                loc(&f.body),
+                format!(
+                    "this text is {} characters; WhatsApp allows {} here",
+                    b.literal_len(),
+                    limits::CAPTION_OR_BUTTON_BODY
+                ),
+            );
+        }
+        let data = match &f.data {
+            Some(d) if !d.value.is_object() => {
+                self.error(
+                    loc(d),
+                    "a form's `data` is a mapping of the first screen's fields",
+                );
+                ok = false;
+                None
+            }
+            Some(d) if f.screen.is_none() => {
+                self.error(loc(d), "a form's `data` needs the `screen` it is for")
+                    .help = Some("add `screen: FIRST_SCREEN_ID`".into());
+                ok = false;
+                None
+            }
+            Some(d) => self.body(&d.value, d),
+            None => None,
+        };
+        let mut fields = Vec::new();
+        if let Some(declared) = &f.fields {
+            for (name, kind) in &declared.value.0 {
+                if name.value == "flow_token" || !valid_var(&name.value) {
+                    self.error(
+                        loc(name),
+                        format!("`{}` cannot be a form field's name here", name.value),
+                    );
+                    ok = false;
+                    continue;
+                }
+                match FieldType::parse(&kind.value) {
+                    Some(t) => fields.push((name.value.clone(), t)),
+                    None => {
+                        let help = did_you_mean(&kind.value, FieldType::NAMES);
+                        self.error(
+                            self.value_loc(kind),
+                            format!("`{}` is not a field type", kind.value),
+                        )
+                        .help = help.or(Some("use text, number, boolean, list or any".into()));
+                        ok = false;
+                    }
+                }
+            }
+        }
+        if !ok {
+            return None;
+        }
+        Some(Form {
+            flow_id: f.flow_id.value.clone(),
+            cta: cta?,
+            body: body?,
+            screen: f.screen.as_ref().map(|s| s.value.clone()),
+            data,
+            fields,
+            save,
+        })
     }
 
     /// `react`: one emoji (literal, or `{{ … }}` text checked when sent).

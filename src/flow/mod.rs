@@ -189,7 +189,7 @@ pub struct Step {
 impl Step {
     /// Whether the step waits for the customer's reply after its action.
     pub fn awaits_reply(&self) -> bool {
-        matches!(self.action, Action::Ask(_))
+        matches!(self.action, Action::Ask(_) | Action::Form(_))
             || matches!(&self.route, Route::Branches(b) if b.iter().any(|b| b.cond.tests_reply()))
     }
 }
@@ -222,6 +222,61 @@ pub enum Action {
     Location(Box<Location>),
     /// `contacts`: contact cards.
     Contacts(Vec<Card>),
+    /// `form`: a WhatsApp Flow; the step waits for its answer.
+    Form(Box<Form>),
+}
+
+/// A `form` step: the WhatsApp Flow to open, and the fields its answer must carry.
+#[derive(Debug)]
+pub struct Form {
+    pub flow_id: String,
+    pub cta: Text,
+    pub body: Text,
+    pub screen: Option<String>,
+    pub data: Option<Body>,
+    /// `(name, type)`, in the order written.
+    pub fields: Vec<(String, FieldType)>,
+    pub save: Option<String>,
+}
+
+/// The type a form's field must have in the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldType {
+    Text,
+    Number,
+    Boolean,
+    List,
+    Any,
+}
+
+impl FieldType {
+    pub const NAMES: [&'static str; 5] = ["text", "number", "boolean", "list", "any"];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "text" => Self::Text,
+            "number" => Self::Number,
+            "boolean" => Self::Boolean,
+            "list" => Self::List,
+            "any" => Self::Any,
+            _ => return None,
+        })
+    }
+
+    /// Whether a JSON value of the answer has this type.
+    pub fn accepts(self, value: &serde_json::Value) -> bool {
+        match self {
+            Self::Text => value.is_string(),
+            Self::Number => value.is_number(),
+            Self::Boolean => value.is_boolean(),
+            Self::List => value.is_array(),
+            Self::Any => !value.is_null(),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
 }
 
 /// A `location` step's message; coordinates are text so they can be interpolated, and are

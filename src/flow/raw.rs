@@ -88,6 +88,29 @@ pub struct RawStep {
     pub quote: Option<Spanned<bool>>,
     /// An A/B split: weighted branches, one chosen per contact for good.
     pub split: Option<Spanned<Vec<Spanned<RawSplitBranch>>>>,
+    /// A WhatsApp Flow (form) to send and wait for.
+    pub form: Option<Spanned<RawForm>>,
+}
+
+/// `form: { flow_id, cta, body, screen, data, fields }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawForm {
+    /// The Flow's id in WhatsApp Manager (digits).
+    pub flow_id: Spanned<String>,
+    /// The label of the button that opens the form.
+    pub cta: Spanned<String>,
+    /// The message's text above the button.
+    pub body: Spanned<String>,
+    #[serde(default)]
+    pub screen: Option<Spanned<String>>,
+    /// The first screen's data (a mapping; strings interpolated).
+    #[serde(default)]
+    pub data: Option<Spanned<serde_json::Value>>,
+    /// The fields the answer must carry, with their type: text, number, boolean, list or
+    /// any.
+    #[serde(default)]
+    pub fields: Option<Spanned<OrderedMap<Spanned<String>>>>,
 }
 
 /// One branch of a `split`: `{ name: a, weight: 50, goto: step }` (or `flow:`).

@@ -19,6 +19,7 @@ pub(super) fn outbound_kind(content: &OutboundContent) -> &'static str {
         OutboundContent::Location { .. } => "location",
         OutboundContent::Contacts { .. } => "contacts",
         OutboundContent::Reaction { .. } => "reaction",
+        OutboundContent::Form { .. } => "form",
     }
 }
 

@@ -66,6 +66,17 @@ pub fn message_body(to: Recipient, content: &OutboundContent, reply_to: Option<&
             "reaction",
             json!({ "message_id": message_id, "emoji": emoji }),
         ),
+        OutboundContent::Form {
+            body,
+            flow_id,
+            cta,
+            token,
+            screen,
+            data,
+        } => (
+            "interactive",
+            form_json(body, flow_id, cta, token, screen.as_deref(), data.as_ref()),
+        ),
     };
     let mut body = envelope(to, kind);
     if let Some(wamid) = reply_to {
@@ -158,6 +169,38 @@ fn contacts_json(cards: &[ContactCard]) -> Value {
         })
         .collect();
     Value::Array(cards)
+}
+
+/// `interactive{type: flow, body, action{name: flow, parameters{flow_message_version: "3",
+/// flow_id, flow_cta, flow_token, flow_action: navigate, flow_action_payload{screen, data}}}}`;
+/// without a screen the Flow opens at its first one (no payload).
+fn form_json(
+    body: &str,
+    flow_id: &str,
+    cta: &str,
+    token: &str,
+    screen: Option<&str>,
+    data: Option<&Value>,
+) -> Value {
+    let mut parameters = json!({
+        "flow_message_version": "3",
+        "flow_id": flow_id,
+        "flow_cta": cta,
+        "flow_token": token,
+        "flow_action": "navigate",
+    });
+    if let Some(screen) = screen {
+        let mut payload = json!({ "screen": screen });
+        if let Some(data) = data.filter(|d| d.as_object().is_some_and(|o| !o.is_empty())) {
+            payload["data"] = data.clone();
+        }
+        parameters["flow_action_payload"] = payload;
+    }
+    json!({
+        "type": "flow",
+        "body": { "text": body },
+        "action": { "name": "flow", "parameters": parameters },
+    })
 }
 
 fn buttons_json(body: &str, buttons: &[Button]) -> Value {

@@ -787,3 +787,15 @@ fn split_weights_branches_and_targets_are_checked() {
         diags.render(false)
     );
 }
+
+#[test]
+fn form_steps_are_checked() {
+    let diags = check("form_broken", 6, 0);
+    let file = fixture_file("form_broken", "flows/book.yaml");
+    assert_eq!(
+        positions(&diags),
+        ["7:16", "8:13", "10:13", "11:22", "11:28", "12:11"].map(|at| format!("{file}:{at}")),
+        "{}",
+        diags.render(false)
+    );
+}
