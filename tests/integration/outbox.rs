@@ -1144,6 +1144,31 @@ async fn a_message_planned_in_the_window_is_decided_again_when_sent_late() {
     );
 }
 
+/// A reaction planned in the window but sent after it closed is skipped, never queued; the
+/// location and card behind it, free-form messages without a template, are queued.
+#[tokio::test]
+async fn a_reaction_sent_late_is_skipped_and_the_rest_queued() {
+    let h = Setup::new("late_reaction").start().await;
+    let (_, rows) = h.customer(ANA, "rich").await;
+    h.clock().advance(chrono::Duration::hours(25));
+    h.drain().await;
+    assert!(h.fake.sends().is_empty(), "{:?}", h.fake.sends());
+    let decision = |m: &flowgate::store::MessageDetail| {
+        (m.status.clone(), m.decision.clone().unwrap_or_default())
+    };
+    let reaction = h.runtime.db.message(rows[0]).await.unwrap().unwrap();
+    assert_eq!(decision(&reaction), ("skipped".into(), "skipped".into()));
+    assert!(
+        reaction.reason.as_deref().unwrap().contains("reaction"),
+        "{:?}",
+        reaction.reason
+    );
+    for row in &rows[1..] {
+        let m = h.runtime.db.message(*row).await.unwrap().unwrap();
+        assert_eq!(decision(&m), ("queued".into(), "queued".into()), "{row}");
+    }
+}
+
 #[tokio::test]
 async fn marketing_opt_out_and_ecosystem_errors_fail_with_the_reason() {
     let h = Setup::new("policy_errors").start().await;
