@@ -72,6 +72,8 @@ pub struct RichUser {
     pub text: Option<String>,
     pub button: Option<String>,
     pub list: Option<String>,
+    /// A WhatsApp Flow's answer: the fields the customer filled in.
+    pub form: Option<serde_json::Map<String, serde_json::Value>>,
     /// The message was sent this long ago (a late webhook).
     pub ago: Option<String>,
     /// The message answers a Click-to-WhatsApp ad (its webhook carries a `referral`).
@@ -102,6 +104,16 @@ pub struct Expected {
     pub expired: Option<bool>,
     /// Text the policy decision's reason contains.
     pub reason: Option<String>,
+    /// A reaction with this emoji on the customer's latest message.
+    pub reaction: Option<String>,
+    /// A location at `[latitude, longitude]`.
+    pub location: Option<Vec<f64>>,
+    /// Contact cards with these names, in order.
+    pub contacts: Option<Vec<String>>,
+    /// `true`: the message quotes the customer's latest message; `false`: it quotes none.
+    pub quote: Option<bool>,
+    /// A form: the WhatsApp Flow with this id.
+    pub form: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -191,6 +203,8 @@ struct Run<'a> {
     runtime: Runtime,
     clock: Arc<VirtualClock>,
     pending: VecDeque<SentMessage>,
+    /// The wamid of the customer's latest message, which reactions and quotes point at.
+    last_user: Option<String>,
     base: PathBuf,
     flows_filter: Option<Vec<String>>,
 }
@@ -217,6 +231,7 @@ impl<'a> Run<'a> {
             runtime,
             clock,
             pending: VecDeque::new(),
+            last_user: None,
             base: path.parent().unwrap_or(Path::new("")).to_path_buf(),
             flows_filter: test.flows.clone(),
         })
@@ -284,6 +299,7 @@ impl<'a> Run<'a> {
     /// `user:`: the customer's message, from the test customer's profile.
     async fn user(&mut self, user: &UserMessage) -> Result<(), String> {
         let inbound = user.inbound(self.clock.now())?;
+        self.last_user = Some(inbound.id.clone());
         let report = self
             .runtime
             .inbound(
@@ -418,7 +434,9 @@ impl<'a> Run<'a> {
                         expectation(e)
                     ));
                 };
-                match mismatch(e, &actual) {
+                match mismatch(e, &actual)
+                    .or_else(|| reply_mismatch(e, &actual.message, self.last_user.as_deref()))
+                {
                     None => Ok(()),
                     Some(why) => Err(format!(
                         "expected {}\n    actual   {}\n    ({why})",
@@ -459,17 +477,20 @@ impl UserMessage {
         let (content, ago, from_ad) = match self {
             UserMessage::Text(t) => (InboundContent::text(t), None, false),
             UserMessage::Rich(r) => {
-                let content = match (&r.text, &r.button, &r.list) {
-                    (Some(t), None, None) => InboundContent::text(t),
-                    (None, Some(id), None) => InboundContent::ButtonReply {
+                let content = match (&r.text, &r.button, &r.list, &r.form) {
+                    (Some(t), None, None, None) => InboundContent::text(t),
+                    (None, Some(id), None, None) => InboundContent::ButtonReply {
                         id: id.clone(),
                         title: id.clone(),
                     },
-                    (None, None, Some(id)) => InboundContent::ListReply {
+                    (None, None, Some(id), None) => InboundContent::ListReply {
                         id: id.clone(),
                         title: id.clone(),
                     },
-                    _ => return Err("`user:` takes one of text, button or list".into()),
+                    (None, None, None, Some(fields)) => InboundContent::FormReply {
+                        response: fields.clone(),
+                    },
+                    _ => return Err("`user:` takes one of text, button, list or form".into()),
                 };
                 (content, r.ago.as_deref(), r.from_ad)
             }
@@ -579,6 +600,67 @@ fn choices_mismatch(e: &Expected, content: &OutboundContent) -> Option<String> {
     None
 }
 
+/// The reaction, location, contact cards, and which message it quotes.
+fn reply_mismatch(
+    e: &Expected,
+    actual: &crate::domain::Outbound,
+    last_user: Option<&str>,
+) -> Option<String> {
+    let content = &actual.content;
+    if let Some(emoji) = &e.reaction {
+        let OutboundContent::Reaction {
+            emoji: actual_emoji,
+            message_id,
+        } = content
+        else {
+            return Some("it is not a reaction".into());
+        };
+        if actual_emoji != emoji {
+            return Some("another emoji".into());
+        }
+        if Some(message_id.as_str()) != last_user {
+            return Some("it reacts to another message than the customer's latest".into());
+        }
+    }
+    if let Some(at) = &e.location {
+        let OutboundContent::Location {
+            latitude,
+            longitude,
+            ..
+        } = content
+        else {
+            return Some("it is not a location".into());
+        };
+        if at.as_slice() != [*latitude, *longitude] {
+            return Some("the coordinates differ".into());
+        }
+    }
+    if let Some(names) = &e.contacts {
+        let OutboundContent::Contacts { cards } = content else {
+            return Some("it is not a contacts message".into());
+        };
+        if cards.iter().map(|c| &c.name).ne(names.iter()) {
+            return Some("the contact cards' names differ".into());
+        }
+    }
+    if let Some(id) = &e.form {
+        let OutboundContent::Form { flow_id, .. } = content else {
+            return Some("it is not a form".into());
+        };
+        if flow_id != id {
+            return Some(format!("it opens the Flow {flow_id}"));
+        }
+    }
+    match (e.quote, actual.quote.as_deref()) {
+        (Some(true), None) => Some("it quotes no message".into()),
+        (Some(true), Some(q)) if Some(q) != last_user => {
+            Some("it quotes another message than the customer's latest".into())
+        }
+        (Some(false), Some(_)) => Some("it quotes a message".into()),
+        _ => None,
+    }
+}
+
 /// The template's name and parameters.
 fn template_mismatch(e: &Expected, content: &OutboundContent) -> Option<String> {
     let name = e.template.as_ref()?;
@@ -634,12 +716,32 @@ fn expectation(e: &Expected) -> String {
     if let Some(r) = &e.reason {
         parts.push(format!("reason contains {r:?}"));
     }
+    if let Some(r) = &e.reaction {
+        parts.push(format!("reaction {r}"));
+    }
+    if let Some(l) = &e.location {
+        parts.push(format!("location {l:?}"));
+    }
+    if let Some(c) = &e.contacts {
+        parts.push(format!("contacts {c:?}"));
+    }
+    if let Some(f) = &e.form {
+        parts.push(format!("form {f}"));
+    }
+    match e.quote {
+        Some(true) => parts.push("quoting the customer's message".into()),
+        Some(false) => parts.push("quoting nothing".into()),
+        None => {}
+    }
     parts.join(", ")
 }
 
 /// One line for an outgoing message and its policy decision, as tests show it.
 pub fn describe(m: &SentMessage) -> String {
     let mut out = describe_content(&m.message.content);
+    if m.message.quote.is_some() {
+        out.push_str(", quoting the customer's message");
+    }
     let _ = write!(out, " [{}] ({})", m.decision.name(), m.decision.reason());
     out
 }
@@ -681,6 +783,41 @@ pub fn describe_content(content: &OutboundContent) -> String {
             params,
         } => {
             let _ = write!(out, "template {name} ({language}), params {params:?}");
+        }
+        OutboundContent::Location {
+            latitude,
+            longitude,
+            name,
+            address,
+        } => {
+            let _ = write!(out, "location {latitude},{longitude}");
+            for part in [name, address].into_iter().flatten() {
+                let _ = write!(out, ", {part:?}");
+            }
+        }
+        OutboundContent::Contacts { cards } => {
+            let cards: Vec<String> = cards
+                .iter()
+                .map(|c| {
+                    let reach: Vec<&str> = c
+                        .phones
+                        .iter()
+                        .chain(&c.emails)
+                        .chain(&c.urls)
+                        .map(String::as_str)
+                        .collect();
+                    format!("{:?} {}", c.name, reach.join(" "))
+                })
+                .collect();
+            let _ = write!(out, "contacts [{}]", cards.join(", "));
+        }
+        OutboundContent::Reaction { emoji, .. } => {
+            let _ = write!(out, "reaction {emoji}");
+        }
+        OutboundContent::Form {
+            body, flow_id, cta, ..
+        } => {
+            let _ = write!(out, "text {body:?}, form {flow_id} behind {cta:?}");
         }
     }
     out

@@ -237,6 +237,11 @@ pub enum InboundContent {
     Reaction {
         emoji: String,
     },
+    /// A WhatsApp Flow's answer (`interactive.nfm_reply`): the fields the customer filled
+    /// in, from `response_json` (with the `flow_token` the form was sent with).
+    FormReply {
+        response: serde_json::Map<String, serde_json::Value>,
+    },
     /// A type flowgate does not interpret; stored, never answered by a trigger.
     Other {
         kind: String,
@@ -285,6 +290,7 @@ impl InboundContent {
             Self::Media { kind, .. } => kind,
             Self::Location { .. } => "location",
             Self::Reaction { .. } => "reaction",
+            Self::FormReply { .. } => "form",
             Self::Other { kind } => kind,
         }
     }
@@ -351,6 +357,52 @@ pub enum OutboundContent {
         language: String,
         params: Vec<String>,
     },
+    /// A pin on the map, with an optional name and address under it.
+    Location {
+        latitude: f64,
+        longitude: f64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        address: Option<String>,
+    },
+    /// Contact cards the customer can save or message.
+    Contacts {
+        cards: Vec<ContactCard>,
+    },
+    /// An emoji on one of the customer's messages (`message_id`, a wamid).
+    Reaction {
+        message_id: String,
+        emoji: String,
+    },
+    /// A WhatsApp Flow (a form) behind a button labelled `cta`; its answer comes back as
+    /// an `nfm_reply` carrying `token`.
+    Form {
+        body: String,
+        flow_id: String,
+        cta: String,
+        token: String,
+        /// The first screen, and the data it opens with.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        screen: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<serde_json::Value>,
+    },
+}
+
+/// One contact card of a [`OutboundContent::Contacts`] message.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ContactCard {
+    /// The name shown on the card.
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phones: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub emails: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub urls: Vec<String>,
 }
 
 impl OutboundContent {
@@ -367,6 +419,10 @@ impl OutboundContent {
             Self::Text { body, .. } | Self::Buttons { body, .. } | Self::List { body, .. } => body,
             Self::Media { caption, .. } => caption.as_deref().unwrap_or(""),
             Self::Template { name, .. } => name,
+            Self::Location { name, .. } => name.as_deref().unwrap_or(""),
+            Self::Contacts { cards } => cards.first().map_or("", |c| c.name.as_str()),
+            Self::Reaction { emoji, .. } => emoji,
+            Self::Form { body, .. } => body,
         }
     }
 
@@ -374,6 +430,53 @@ impl OutboundContent {
     pub fn is_free_form(&self) -> bool {
         !matches!(self, Self::Template { .. })
     }
+}
+
+/// A contact sent down one branch of an A/B `split` (a step of a flow).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitPass {
+    pub flow: String,
+    pub step: String,
+    pub branch: String,
+}
+
+/// How far a contact got after a split: each stage is recorded once per contact and split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SplitStage {
+    /// The split sent the contact down its branch.
+    Reached,
+    /// The contact wrote after that, in the same session.
+    Replied,
+    /// The session reached the end of a flow.
+    Finished,
+    /// The session was handed to a person.
+    HandedOff,
+}
+
+impl SplitStage {
+    pub const ALL: [SplitStage; 4] = [
+        Self::Reached,
+        Self::Replied,
+        Self::Finished,
+        Self::HandedOff,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reached => "reached",
+            Self::Replied => "replied",
+            Self::Finished => "finished",
+            Self::HandedOff => "handed_off",
+        }
+    }
+}
+
+/// A stage reached after a split, for the store to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitMark {
+    pub pass: SplitPass,
+    pub stage: SplitStage,
 }
 
 /// The template a free-form message becomes outside the window (the step's `outside_window`).
@@ -446,6 +549,10 @@ pub struct Outbound {
     /// decision starts again from it (the window may have opened since).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original: Option<OutboundContent>,
+    /// The customer's message (its wamid) this message quotes: WhatsApp shows it as a reply
+    /// to that message (a step's `quote: true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quote: Option<String>,
 }
 
 impl Outbound {
@@ -455,6 +562,7 @@ impl Outbound {
             origin,
             outside_window: None,
             original: None,
+            quote: None,
         }
     }
 
@@ -744,6 +852,8 @@ pub mod limits {
     pub const LIST_ROW_ID: usize = 200;
     pub const LIST_ROW_TITLE: usize = 24;
     pub const LIST_ROW_DESCRIPTION: usize = 72;
+    /// The button that opens a WhatsApp Flow (`flow_cta`).
+    pub const FORM_CTA: usize = 30;
 
     /// Shortens text that interpolation made too long, so WhatsApp accepts the message
     /// instead of rejecting it; returns what was shortened, for the log.
@@ -787,7 +897,15 @@ pub mod limits {
             OutboundContent::Media {
                 caption: Some(c), ..
             } => cut(c, CAPTION_OR_BUTTON_BODY, "caption"),
-            OutboundContent::Media { .. } | OutboundContent::Template { .. } => {}
+            OutboundContent::Form { body, cta, .. } => {
+                cut(body, CAPTION_OR_BUTTON_BODY, "form message body");
+                cut(cta, FORM_CTA, "form button");
+            }
+            OutboundContent::Media { .. }
+            | OutboundContent::Location { .. }
+            | OutboundContent::Template { .. }
+            | OutboundContent::Contacts { .. }
+            | OutboundContent::Reaction { .. } => {}
         }
         notes
     }

@@ -16,12 +16,12 @@ use rhai::{Dynamic, Map};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{
-    Button, Contact, Inbound, ListRow, ListSection, Origin, Outbound, OutboundContent,
-    TemplateFallback, limits,
+    Button, Contact, ContactCard, Inbound, InboundContent, ListRow, ListSection, Origin, Outbound,
+    OutboundContent, SplitMark, SplitPass, SplitStage, TemplateFallback, limits,
 };
 use crate::flow::{
-    Action, Ask, Body, Captures, Cond, Expect, Flow, FlowSet, Http, Message, Route, Script, Step,
-    Target, TemplateCall, Text, Wait,
+    Action, Ask, Body, Captures, Card, Cond, Expect, Flow, FlowSet, Form, Http, Location, Message,
+    Route, Script, Step, Target, TemplateCall, Text, Wait, split_branch,
 };
 use crate::script::{self, Context, ScriptError, ScriptReply, Scripting, Vars};
 
@@ -52,6 +52,9 @@ pub struct Session {
     /// Bumped at every new waiting point; a timer for an older epoch is stale.
     pub epoch: i64,
     pub last_activity: DateTime<Utc>,
+    /// The A/B splits this session passed, so a reply, the flow's end or a handoff is
+    /// counted for the branch the contact took.
+    pub splits: Vec<SplitPass>,
 }
 
 /// The JSON form of a session's state, as stored.
@@ -62,6 +65,8 @@ struct StoredState {
     attempts: u32,
     epoch: i64,
     last_activity: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    splits: Vec<SplitPass>,
 }
 
 impl Session {
@@ -73,6 +78,7 @@ impl Session {
             attempts: self.attempts,
             epoch: self.epoch,
             last_activity: self.last_activity,
+            splits: self.splits.clone(),
         };
         (
             flow.steps[self.step].id.clone(),
@@ -92,6 +98,7 @@ impl Session {
             attempts: state.attempts,
             epoch: state.epoch,
             last_activity: state.last_activity,
+            splits: state.splits,
         })
     }
 }
@@ -157,9 +164,14 @@ pub struct HttpRequest {
 /// What the engine wants done.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
-    Send(Outbound),
+    /// Boxed: a message is much larger than the other effects.
+    Send(Box<Outbound>),
     Http(HttpRequest),
-    Handoff { queue: String },
+    Handoff {
+        queue: String,
+    },
+    /// A stage of an A/B split reached, to record.
+    Split(SplitMark),
 }
 
 /// How the event was handled, for logs, `chat` and tests.
@@ -289,9 +301,11 @@ impl Engine {
         sent: usize,
     ) -> Outcome {
         let before = contact.clone();
-        let message = match &event {
-            Event::Message(m) | Event::Enter { message: m, .. } => message_value(m).into_shared(),
-            _ => Dynamic::from_map(Map::new()),
+        let (message, message_id) = match &event {
+            Event::Message(m) | Event::Enter { message: m, .. } => {
+                (message_value(m).into_shared(), Some(m.id.clone()))
+            }
+            _ => (Dynamic::from_map(Map::new()), None),
         };
         let session = session.and_then(|s| {
             let flow = flows.version(&s.flow_id, &s.version)?.clone();
@@ -304,6 +318,7 @@ impl Engine {
             timezone: timezone_of(contact),
             contact,
             message,
+            message_id,
             now,
             session: session.as_ref().map(|(_, s)| s.clone()),
             flow: session.as_ref().map(|(f, _)| f.clone()),
@@ -352,6 +367,9 @@ struct Executor<'a> {
     /// The contact's timezone, parsed once (not at every evaluation).
     timezone: Option<chrono_tz::Tz>,
     message: Dynamic,
+    /// The wamid of the customer's message this turn handles (what `react` and `quote`
+    /// point at); `None` for timers, HTTP results and starts by the API.
+    message_id: Option<String>,
     now: DateTime<Utc>,
     session: Option<Session>,
     flow: Option<Arc<Flow>>,
@@ -387,6 +405,7 @@ impl Executor<'_> {
     fn message(&mut self, inbound: &Inbound) -> Handled {
         if inbound.content.refreshes_window() {
             self.contact.saw_customer_message(inbound.timestamp);
+            self.mark_splits(SplitStage::Replied);
         }
         if let (Some(session), Some(flow)) = (&self.session, &self.flow) {
             let timeout = flow.session_timeout.unwrap_or(DEFAULT_SESSION_TIMEOUT);
@@ -481,6 +500,14 @@ impl Executor<'_> {
             }
             return true;
         }
+        if let Action::Form(form) = &step.action {
+            return match &inbound.content {
+                InboundContent::FormReply { response } => {
+                    self.form_answer(&flow, step, form, response)
+                }
+                _ => false,
+            };
+        }
         let Route::Branches(branches) = &step.route else {
             return false;
         };
@@ -494,6 +521,8 @@ impl Executor<'_> {
                     Some(v) => v,
                     None => return true,
                 },
+                // A split never waits for a reply, so a waiting step has none.
+                Cond::Split { .. } => false,
             };
             if hit {
                 self.touch();
@@ -689,7 +718,7 @@ impl Executor<'_> {
             .into_iter()
             .map(|(k, v)| (k.into(), script::from_json(&v)))
             .collect();
-        self.begin(f, None, vars);
+        self.begin(f, None, vars, Vec::new());
         Handled::Started(flow.to_string())
     }
 
@@ -704,10 +733,12 @@ impl Executor<'_> {
         for (k, v) in captures {
             vars.insert(k.into(), Dynamic::from(v));
         }
-        self.begin(f, step, vars);
+        self.begin(f, step, vars, Vec::new());
     }
 
-    fn begin(&mut self, flow: Arc<Flow>, step: Option<usize>, vars: Vars) {
+    /// A session of `flow` from `step` (else its start) with `vars`, and the `splits` a
+    /// jump from another flow carries along.
+    fn begin(&mut self, flow: Arc<Flow>, step: Option<usize>, vars: Vars, splits: Vec<SplitPass>) {
         self.epoch_base = self.epoch_base.max(self.now.timestamp_millis()) + 1;
         self.session = Some(Session {
             flow_id: flow.id.clone(),
@@ -718,6 +749,7 @@ impl Executor<'_> {
             attempts: 0,
             epoch: self.epoch_base,
             last_activity: self.now,
+            splits,
         });
         self.flow = Some(flow.clone());
         self.timers = Some(Vec::new());
@@ -760,12 +792,12 @@ impl Executor<'_> {
             Next::Step(i) => self.run_step(flow, i, false),
             Next::Flow(id) => match self.flows.get(&id).cloned() {
                 Some(f) => {
-                    let vars = self
+                    let (vars, splits) = self
                         .session
                         .as_ref()
-                        .map(|s| s.vars.clone())
+                        .map(|s| (s.vars.clone(), s.splits.clone()))
                         .unwrap_or_default();
-                    self.begin(f, None, vars);
+                    self.begin(f, None, vars, splits);
                 }
                 None => {
                     self.notes.push(format!(
@@ -777,8 +809,64 @@ impl Executor<'_> {
                 }
             },
             Next::Stop => {}
-            Next::End => self.end_session(),
+            Next::End => {
+                self.mark_splits(SplitStage::Finished);
+                self.end_session();
+            }
         }
+    }
+
+    /// Records `stage` for every split the session passed.
+    fn mark_splits(&mut self, stage: SplitStage) {
+        let Some(session) = &self.session else {
+            return;
+        };
+        for pass in &session.splits {
+            self.effects.push(Effect::Split(SplitMark {
+                pass: pass.clone(),
+                stage,
+            }));
+        }
+    }
+
+    /// A `split`: the contact's branch (the same every time), recorded in the session (and
+    /// in the variable `split.<step>`, for conditions and texts) and reported as reached.
+    fn split(&mut self, flow: &Flow, step: &Step, branches: &[crate::flow::Branch]) -> Next {
+        let weights: Vec<f64> = branches
+            .iter()
+            .map(|b| match &b.cond {
+                Cond::Split { weight, .. } => *weight,
+                _ => 0.0,
+            })
+            .collect();
+        let chosen = &branches[split_branch(&self.contact.wa_id, &flow.id, &step.id, &weights)];
+        let Cond::Split { name, .. } = &chosen.cond else {
+            return Next::End;
+        };
+        let pass = SplitPass {
+            flow: flow.id.clone(),
+            step: step.id.clone(),
+            branch: name.clone(),
+        };
+        let session = self.session_mut();
+        session
+            .splits
+            .retain(|p| !(p.flow == pass.flow && p.step == pass.step));
+        session.splits.push(pass.clone());
+        let mut record = session
+            .vars
+            .get("split")
+            .and_then(|v| v.read_lock::<Map>().map(|m| m.clone()))
+            .unwrap_or_default();
+        record.insert(step.id.as_str().into(), Dynamic::from(name.clone()));
+        session
+            .vars
+            .insert("split".into(), Dynamic::from_map(record));
+        self.effects.push(Effect::Split(SplitMark {
+            pass,
+            stage: SplitStage::Reached,
+        }));
+        target(&chosen.target)
     }
 
     /// Runs steps from `index` until the flow waits or ends: the step's `wait`, its `set`
@@ -795,6 +883,9 @@ impl Executor<'_> {
             return;
         }
         if !self.set_and_tag(&flow, step) {
+            return;
+        }
+        if !self.react(&flow, step) {
             return;
         }
         let goto = match self.act(&flow, step, index) {
@@ -884,7 +975,121 @@ impl Executor<'_> {
             Action::Ask(ask) => self.ask(flow, step, index, ask),
             Action::Script(script) => self.run_script(flow, step, script),
             Action::Http(http) => self.request(flow, step, index, http),
+            Action::Location(location) => {
+                let rendered = render_location(&self.engine.scripting, &self.context(), location);
+                self.send_rendered(flow, step, rendered)
+            }
+            Action::Contacts(cards) => {
+                let rendered = render_cards(&self.engine.scripting, &self.context(), cards);
+                self.send_rendered(flow, step, rendered)
+            }
+            Action::Form(form) => self.form(flow, step, index, form),
         }
+    }
+
+    /// `form`: the WhatsApp Flow, then the step waits for its answer (as an `ask` does).
+    fn form(&mut self, flow: &Arc<Flow>, step: &Step, index: usize, form: &Form) -> Acted {
+        let token = form_token(flow, step);
+        match render_form(&self.engine.scripting, &self.context(), form, token) {
+            Ok(content) => self.send(flow, step, content, step_origin(flow, step)),
+            Err(e) => {
+                self.fail(flow.clone(), step, &format!("form of `{}`", step.id), e);
+                return Acted::Stop;
+            }
+        }
+        if !self.capped {
+            self.wait_at(index, Waiting::Reply);
+        }
+        Acted::Stop
+    }
+
+    /// A Flow's answer to the waiting `form` step: its fields checked against the step's
+    /// and saved, then the way on. An answer to another form (its token differs) is not
+    /// this step's; one missing a field, or with a field of the wrong type, fails the step.
+    fn form_answer(
+        &mut self,
+        flow: &Arc<Flow>,
+        step: &Step,
+        form: &Form,
+        response: &serde_json::Map<String, serde_json::Value>,
+    ) -> bool {
+        if let Some(token) = response.get("flow_token").and_then(|t| t.as_str())
+            && token != form_token(flow, step)
+        {
+            return false;
+        }
+        let mut fields = response.clone();
+        fields.remove("flow_token");
+        for (name, kind) in &form.fields {
+            let problem = match fields.get(name) {
+                None | Some(serde_json::Value::Null) => format!("has no `{name}`"),
+                Some(v) if !kind.accepts(v) => {
+                    format!("has `{name}` = {v}, which is not a {}", kind.name())
+                }
+                Some(_) => continue,
+            };
+            let e = ScriptError::plain(format!("the form's answer {problem}"));
+            self.fail(flow.clone(), step, &format!("form of `{}`", step.id), e);
+            return true;
+        }
+        if let Some(name) = &form.save {
+            let value = script::from_json(&serde_json::Value::Object(fields));
+            self.session_mut().vars.insert(name.as_str().into(), value);
+        }
+        self.touch();
+        let next = self.route(flow, step, true);
+        self.go(flow.clone(), next);
+        true
+    }
+
+    /// A step's message rendered by one of the renderers: sent, or the step fails.
+    fn send_rendered(
+        &mut self,
+        flow: &Arc<Flow>,
+        step: &Step,
+        rendered: Result<OutboundContent, ScriptError>,
+    ) -> Acted {
+        match rendered {
+            Ok(content) => {
+                self.send(flow, step, content, step_origin(flow, step));
+                Acted::GoOn { goto: None }
+            }
+            Err(e) => {
+                self.fail(flow.clone(), step, &format!("message of `{}`", step.id), e);
+                Acted::Stop
+            }
+        }
+    }
+
+    /// The step's `react`: its emoji on the customer's message this turn handles. A turn
+    /// without one (a timer, an HTTP result, a start by the API) has nothing to react to:
+    /// noted, and the step goes on. `false` when the emoji failed to render.
+    fn react(&mut self, flow: &Arc<Flow>, step: &Step) -> bool {
+        let Some(text) = &step.react else {
+            return true;
+        };
+        let Some(message_id) = self.message_id.clone() else {
+            self.notes.push(format!(
+                "flow `{}` step `{}`: no customer message in this turn to react to; the reaction is left out",
+                flow.id, step.id
+            ));
+            return true;
+        };
+        let emoji = match text.render(&self.engine.scripting, &self.context()) {
+            Ok(e) => e.trim().to_string(),
+            Err(e) => {
+                self.fail(flow.clone(), step, &format!("`react` of `{}`", step.id), e);
+                return false;
+            }
+        };
+        if let Some(why) = crate::flow::compile::reaction_error(&emoji) {
+            let e = ScriptError::plain(why);
+            self.fail(flow.clone(), step, &format!("`react` of `{}`", step.id), e);
+            return false;
+        }
+        let reaction = OutboundContent::Reaction { message_id, emoji };
+        self.emit(flow, step, Outbound::new(reaction, step_origin(flow, step)));
+        true
     }
 
     /// `say`: the message, rendered.
@@ -910,7 +1115,11 @@ impl Executor<'_> {
                     language: call.language.clone(),
                     params,
                 };
-                self.emit(flow, step, Outbound::new(template, step_origin(flow, step)));
+                let outbound = Outbound {
+                    quote: self.quote(step),
+                    ..Outbound::new(template, step_origin(flow, step))
+                };
+                self.emit(flow, step, outbound);
                 Acted::GoOn { goto: None }
             }
             Err(e) => {
@@ -1044,6 +1253,7 @@ impl Executor<'_> {
                 TimerKind::HandoffTimeout { epoch },
             )]);
         }
+        self.mark_splits(SplitStage::HandedOff);
         self.effects.push(Effect::Handoff { queue });
         true
     }
@@ -1060,6 +1270,9 @@ impl Executor<'_> {
                     self.wait_at(index, Waiting::Reply);
                     return Next::Stop;
                 }
+                if matches!(branches.first().map(|b| &b.cond), Some(Cond::Split { .. })) {
+                    return self.split(flow, step, branches);
+                }
                 for b in branches {
                     let hit = match &b.cond {
                         Cond::Always => true,
@@ -1070,6 +1283,7 @@ impl Executor<'_> {
                         Cond::Button(id) => answered && self.message_field("button") == *id,
                         Cond::List(id) => answered && self.message_field("list") == *id,
                         Cond::Match(re) => answered && re.is_match(&self.message_field("text")),
+                        Cond::Split { .. } => false,
                     };
                     if hit {
                         return target(&b.target);
@@ -1131,7 +1345,8 @@ impl Executor<'_> {
 
     fn apology(&mut self, flow: &Flow, step: Option<&Step>) {
         let step = step.map(|s| s.id.as_str()).unwrap_or_default();
-        self.effects.push(Effect::Send(apology(&flow.id, step)));
+        self.effects
+            .push(Effect::Send(Box::new(apology(&flow.id, step))));
     }
 
     fn send(&mut self, flow: &Flow, step: &Step, mut content: OutboundContent, origin: Origin) {
@@ -1148,9 +1363,16 @@ impl Executor<'_> {
         });
         let outbound = Outbound {
             outside_window,
+            quote: self.quote(step),
             ..Outbound::new(content, origin)
         };
         self.emit(flow, step, outbound);
+    }
+
+    /// The wamid a step's message quotes: the customer's message of this turn, with
+    /// `quote: true` (a turn without one sends the message unquoted).
+    fn quote(&self, step: &Step) -> Option<String> {
+        step.quote.then(|| self.message_id.clone()).flatten()
     }
 
     /// A step's message, unless the turn has sent its cap: then the apology instead, and
@@ -1170,7 +1392,7 @@ impl Executor<'_> {
             return;
         }
         self.sent += 1;
-        self.effects.push(Effect::Send(outbound));
+        self.effects.push(Effect::Send(Box::new(outbound)));
     }
 
     /// A template's parameters, rendered.
@@ -1305,6 +1527,102 @@ pub fn render_message(
         });
     }
     Ok(OutboundContent::text(body))
+}
+
+/// A `location` step's message: coordinates parsed and in range, name and address
+/// rendered (an empty one is left out).
+pub fn render_location(
+    s: &Scripting,
+    ctx: &Context<'_>,
+    location: &Location,
+) -> Result<OutboundContent, ScriptError> {
+    let coordinate = |text: &Text, what: &str, max: f64| {
+        let raw = text.render(s, ctx)?;
+        crate::flow::compile::coordinate_value(&raw, what, max).map_err(ScriptError::plain)
+    };
+    let optional = |text: &Option<Text>| -> Result<Option<String>, ScriptError> {
+        Ok(match text {
+            Some(t) => Some(t.render(s, ctx)?).filter(|v| !v.trim().is_empty()),
+            None => None,
+        })
+    };
+    Ok(OutboundContent::Location {
+        latitude: coordinate(&location.latitude, "latitude", 90.0)?,
+        longitude: coordinate(&location.longitude, "longitude", 180.0)?,
+        name: optional(&location.name)?,
+        address: optional(&location.address)?,
+    })
+}
+
+/// A `contacts` step's cards, rendered; values that render empty are left out, and a card
+/// left with nothing to reach it by is an error.
+pub fn render_cards(
+    s: &Scripting,
+    ctx: &Context<'_>,
+    cards: &[Card],
+) -> Result<OutboundContent, ScriptError> {
+    let all = |texts: &[Text]| -> Result<Vec<String>, ScriptError> {
+        let mut out = Vec::new();
+        for t in texts {
+            let v = t.render(s, ctx)?;
+            if !v.trim().is_empty() {
+                out.push(v.trim().to_string());
+            }
+        }
+        Ok(out)
+    };
+    let mut out = Vec::new();
+    for card in cards {
+        let rendered = ContactCard {
+            name: card.name.render(s, ctx)?.trim().to_string(),
+            phones: all(&card.phones)?,
+            emails: all(&card.emails)?,
+            org: match &card.org {
+                Some(o) => Some(o.render(s, ctx)?).filter(|v| !v.trim().is_empty()),
+                None => None,
+            },
+            urls: all(&card.urls)?,
+        };
+        if rendered.name.is_empty() {
+            return Err(ScriptError::plain(format!(
+                "the contact card `{}` has an empty name",
+                card.name.raw
+            )));
+        }
+        if rendered.phones.is_empty() && rendered.emails.is_empty() && rendered.urls.is_empty() {
+            return Err(ScriptError::plain(format!(
+                "the contact card `{}` has no phone, email or url once rendered",
+                rendered.name
+            )));
+        }
+        out.push(rendered);
+    }
+    Ok(OutboundContent::Contacts { cards: out })
+}
+
+/// The `flow_token` a form is sent with, which its answer carries back: which step asked.
+fn form_token(flow: &Flow, step: &Step) -> String {
+    format!("flowgate:{}:{}", flow.id, step.id)
+}
+
+/// A `form` step's message: its body, button and first screen's data rendered.
+pub fn render_form(
+    s: &Scripting,
+    ctx: &Context<'_>,
+    form: &Form,
+    token: String,
+) -> Result<OutboundContent, ScriptError> {
+    Ok(OutboundContent::Form {
+        body: form.body.render(s, ctx)?,
+        flow_id: form.flow_id.clone(),
+        cta: form.cta.render(s, ctx)?,
+        token,
+        screen: form.screen.clone(),
+        data: match &form.data {
+            Some(d) => Some(render_body(d, s, ctx)?),
+            None => None,
+        },
+    })
 }
 
 /// The context a campaign's message and template parameters are rendered in: `contact.*`

@@ -24,6 +24,7 @@ pub mod outbox;
 pub mod policy;
 pub mod reload;
 pub mod script;
+pub mod splits;
 pub mod state;
 pub mod store;
 pub mod templates;

@@ -48,6 +48,8 @@ enum Input<'a> {
     /// `/resume [FLOW [STEP]]`: a person gives the conversation back to the bot.
     Resume(&'a str),
     Unknown(&'a str),
+    /// `/form` with something that is not a JSON object.
+    BadForm,
 }
 
 impl<'a> Input<'a> {
@@ -70,6 +72,10 @@ impl<'a> Input<'a> {
                 id: arg.into(),
                 title: arg.into(),
             }),
+            "/form" => match serde_json::from_str(arg) {
+                Ok(response) => Self::Message(InboundContent::FormReply { response }),
+                Err(_) => Self::BadForm,
+            },
             "/wait" => Self::Wait(arg),
             "/state" => Self::State,
             "/reset" => Self::Reset,
@@ -137,6 +143,7 @@ impl Chat {
                     .await?;
                 "  [reset] session and timers forgotten\n".to_string()
             }
+            Input::BadForm => "  /form takes the form's answer as a JSON object: /form {\"day\": \"2026-12-24\", \"guests\": 2}\n".to_string(),
             Input::Unknown(c) => format!(
                 "  unknown command {c}: try /button ID, /list ID, /wait 25h, /state, /resume, /reset, /quit\n"
             ),
@@ -254,7 +261,10 @@ impl Chat {
 fn render_report(report: &TurnReport) -> String {
     let mut out = String::new();
     for m in &report.sent {
-        let content = describe_content(&m.message.content);
+        let mut content = describe_content(&m.message.content);
+        if m.message.quote.is_some() {
+            content.push_str(" (quoting your message)");
+        }
         let _ = if m.decision.sends() {
             writeln!(out, "bot> {content}")
         } else {
@@ -295,6 +305,13 @@ mod tests {
         assert_eq!(Input::parse("/nope x"), Input::Unknown("/nope"));
         assert_eq!(Input::parse("/resume"), Input::Resume(""));
         assert_eq!(Input::parse("/resume menu ask"), Input::Resume("menu ask"));
+        assert_eq!(
+            Input::parse("/form {\"guests\": 2}"),
+            Input::Message(InboundContent::FormReply {
+                response: serde_json::from_str("{\"guests\": 2}").unwrap()
+            })
+        );
+        assert_eq!(Input::parse("/form 2"), Input::BadForm);
         assert_eq!(
             Input::parse("/button yes"),
             Input::Message(InboundContent::ButtonReply {

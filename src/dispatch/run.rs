@@ -326,10 +326,11 @@ impl Folded {
             "more than {MAX_HTTP_ROUNDS} http requests in one turn (an `on_error` loop?); the session ends"
         ));
         let flow = self.session.as_ref().map(|s| s.flow_id.as_str());
-        self.effects.push(Effect::Send(crate::engine::apology(
-            flow.unwrap_or_default(),
-            "",
-        )));
+        self.effects
+            .push(Effect::Send(Box::new(crate::engine::apology(
+                flow.unwrap_or_default(),
+                "",
+            ))));
         self.session = None;
         self.timers = Some(Vec::new());
     }

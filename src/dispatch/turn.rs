@@ -16,7 +16,7 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::domain::{Decision, Inbound, Origin, Outbound, OutboundContent};
+use crate::domain::{Decision, Inbound, Origin, Outbound, OutboundContent, SplitMark};
 use crate::engine::{Effect, Event, Handled, TimerKind};
 use crate::policy::{ConsentChange, Policy};
 use crate::store::{
@@ -58,6 +58,8 @@ struct Planned {
     records: Vec<OutboundRecord>,
     /// The queue a handoff step handed the conversation to.
     handoff: Option<String>,
+    /// Stages of A/B splits the turn reached, recorded with it.
+    splits: Vec<SplitMark>,
 }
 
 impl Runtime {
@@ -120,7 +122,10 @@ impl Runtime {
             handled: Handled::Continued,
             effects: reply
                 .map(|text| {
-                    Effect::Send(Outbound::new(OutboundContent::text(text), Origin::System))
+                    Effect::Send(Box::new(Outbound::new(
+                        OutboundContent::text(text),
+                        Origin::System,
+                    )))
                 })
                 .into_iter()
                 .collect(),
@@ -141,6 +146,7 @@ impl Runtime {
             dequeued: self.flush_queue(turn, &templates).await?,
             records: Vec::new(),
             handoff: None,
+            splits: Vec::new(),
         };
         for effect in effects {
             match effect {
@@ -148,7 +154,7 @@ impl Runtime {
                     let in_reply_to = turn.in_reply_to();
                     planned.records.push(self.decide(
                         turn.channel,
-                        message,
+                        *message,
                         &mut turn.conversation.contact,
                         &templates,
                         in_reply_to,
@@ -158,6 +164,9 @@ impl Runtime {
                 Effect::Handoff { queue } => {
                     tracing::info!(contact = %turn.wa_id, %queue, "conversation handed to a person");
                     planned.handoff = Some(queue);
+                }
+                Effect::Split(mark) => {
+                    planned.splits.push(mark);
                 }
                 Effect::Http(_) => {}
             }
@@ -235,6 +244,7 @@ impl Runtime {
                     .as_deref()
                     .filter(|t| !t.is_empty() || conversation.has_timers),
                 fired_timer: turn.fired_timer,
+                splits: &planned.splits,
                 ..TurnWrite::new(
                     turn.channel,
                     conversation.contact_id,

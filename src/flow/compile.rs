@@ -13,12 +13,13 @@ use serde_saphyr::Spanned;
 use sha2::{Digest, Sha256};
 
 use super::raw::{
-    RawBranch, RawButton, RawExpect, RawFlow, RawHandoff, RawList, RawMedia, RawNext, RawStep,
-    RawTemplateRef, ScalarOr,
+    RawBranch, RawButton, RawContactCard, RawExpect, RawFlow, RawHandoff, RawList, RawLocation,
+    RawMedia, RawNext, RawSplitBranch, RawStep, RawTemplateRef, ScalarOr,
 };
 use super::{
-    Action, Ask, Body, Branch, Bundle, Cond, EXPECT_KINDS, Expect, Expr, Flow, Handoff, Http, List,
-    ListRow, Message, Route, Script, Step, Target, TemplateCall, Text, Trigger, TriggerKind, Wait,
+    Action, Ask, Body, Branch, Bundle, Card, Cond, EXPECT_KINDS, Expect, Expr, FieldType, Flow,
+    Form, Handoff, Http, List, ListRow, Location, Message, Route, Script, Step, Target,
+    TemplateCall, Text, Trigger, TriggerKind, Wait,
 };
 use crate::diagnostic::{Diagnostic, Diagnostics, Loc, did_you_mean};
 use crate::domain::{HumanDuration, limits};
@@ -116,6 +117,8 @@ fn placeholder(key: &Spanned<String>) -> Step {
         route: Route::End,
         on_error: None,
         outside_window: None,
+        react: None,
+        quote: false,
     }
 }
 
@@ -432,6 +435,7 @@ impl<'a> Compiler<'a> {
         let on_error = s.on_error.as_ref().and_then(|e| self.step_ref(e));
         let outside_window = self.outside_window(s);
         let handoff = s.handoff.as_ref().and_then(|h| self.handoff(h));
+        let react = s.react.as_ref().and_then(|r| self.reaction(r));
         if self.diags.errors() > errors_before {
             return None;
         }
@@ -456,6 +460,8 @@ impl<'a> Compiler<'a> {
             route: route?,
             on_error,
             outside_window,
+            react,
+            quote: s.quote.as_ref().is_some_and(|q| q.value),
         })
     }
 
@@ -468,6 +474,9 @@ impl<'a> Compiler<'a> {
             ("script", s.script.as_ref().map(loc)),
             ("rhai", s.rhai.as_ref().map(loc)),
             ("http", s.http.as_ref().map(loc)),
+            ("location", s.location.as_ref().map(loc)),
+            ("contacts", s.contacts.as_ref().map(loc)),
+            ("form", s.form.as_ref().map(loc)),
         ]
         .into_iter()
         .filter_map(|(name, l)| l.map(|l| (name, l)))
@@ -490,6 +499,7 @@ impl<'a> Compiler<'a> {
             ("goto", s.goto.as_ref().map(loc)),
             ("flow", s.flow.as_ref().map(loc)),
             ("end", s.end.as_ref().map(loc)),
+            ("split", s.split.as_ref().map(loc)),
         ]
         .into_iter()
         .filter_map(|(name, l)| l.map(|l| (name, l)))
@@ -518,7 +528,7 @@ impl<'a> Compiler<'a> {
                 ("on_timeout", s.on_timeout.as_ref().map(loc)),
             ] {
                 if let Some(at) = at
-                    && s.http.as_ref().is_none_or(|_| name != "save")
+                    && ((s.http.is_none() && s.form.is_none()) || name != "save")
                 {
                     self.error(
                         at,
@@ -540,6 +550,22 @@ impl<'a> Compiler<'a> {
                     );
                 }
             }
+        }
+        if let Some(q) = &s.quote
+            && q.value
+            && s.say.is_none()
+            && s.ask.is_none()
+            && s.template.is_none()
+            && s.location.is_none()
+            && s.contacts.is_none()
+            && s.form.is_none()
+            && s.script.is_none()
+            && s.rhai.is_none()
+        {
+            self.error(
+                loc(q),
+                "`quote` needs a message to quote with: a `say`, `ask`, `template`, `location`, `contacts` or a script that replies",
+            );
         }
         if let (Some(_), Some(list)) = (&s.buttons, &s.list) {
             self.error(loc(list), "a message has buttons or a list, not both");
@@ -655,6 +681,13 @@ impl<'a> Compiler<'a> {
         } else if let Some(http) = &s.http {
             self.http(http, s.save.as_ref())
                 .map(|h| Action::Http(Box::new(h)))
+        } else if let Some(l) = &s.location {
+            self.location(l).map(|l| Action::Location(Box::new(l)))
+        } else if let Some(cards) = &s.contacts {
+            self.contacts(cards).map(Action::Contacts)
+        } else if let Some(form) = &s.form {
+            let save = s.save.as_ref().and_then(|v| self.save_name(v));
+            self.form(form, save).map(|f| Action::Form(Box::new(f)))
         } else {
             Some(Action::None)
         }
@@ -670,9 +703,86 @@ impl<'a> Compiler<'a> {
             Some(Route::Goto(self.flow_ref(flow)))
         } else if let Some(next) = &s.next {
             self.route(next, s)
+        } else if let Some(split) = &s.split {
+            self.split(split)
         } else {
             Some(Route::End)
         }
+    }
+
+    /// A `split`: at least two branches, each with a positive weight, a unique name (the
+    /// target step's id by default) and a target.
+    fn split(&mut self, raw: &Spanned<Vec<Spanned<RawSplitBranch>>>) -> Option<Route> {
+        if raw.value.len() < 2 {
+            self.error(
+                loc(raw),
+                format!(
+                    "a `split` needs at least two branches; this one has {}",
+                    raw.value.len()
+                ),
+            )
+            .help = Some("add `- { weight: 50, goto: other_step }`".into());
+            return None;
+        }
+        let mut branches = Vec::new();
+        let mut names: Vec<String> = Vec::new();
+        let mut ok = true;
+        for b in &raw.value {
+            let v = &b.value;
+            let weight = v.weight.value;
+            if !(weight.is_finite() && weight > 0.0) {
+                self.error(
+                    loc(&v.weight),
+                    format!("a split's weight is a number above zero, not {weight}"),
+                );
+                ok = false;
+            }
+            let target = match (&v.goto, &v.flow) {
+                (Some(step), None) => self.step_ref(step).map(Target::Step),
+                (None, Some(flow)) => Some(self.flow_ref(flow)),
+                (Some(_), Some(flow)) => {
+                    self.error(loc(flow), "a split branch has `goto` or `flow`, not both");
+                    None
+                }
+                (None, None) => {
+                    self.error(loc(b), "a split branch needs `goto: STEP` or `flow: FLOW`");
+                    None
+                }
+            };
+            let name = match (&v.name, &v.goto, &v.flow) {
+                (Some(n), ..) => {
+                    if !valid_name(&n.value) {
+                        self.error(
+                            self.value_loc(n),
+                            format!(
+                                "`{}` is not a valid branch name: use letters, digits, `_` and `-`",
+                                n.value
+                            ),
+                        );
+                        ok = false;
+                    }
+                    n.value.clone()
+                }
+                (None, Some(t), _) | (None, None, Some(t)) => t.value.clone(),
+                (None, None, None) => String::new(),
+            };
+            if !name.is_empty() && names.contains(&name) {
+                let at = v.name.as_ref().map(loc).unwrap_or(loc(b));
+                self.error(at, format!("two branches of this split are named `{name}`"))
+                    .help = Some("give each branch its own `name:`".into());
+                ok = false;
+            }
+            names.push(name.clone());
+            if let Some(target) = target {
+                branches.push(Branch {
+                    cond: Cond::Split { name, weight },
+                    target,
+                });
+            } else {
+                ok = false;
+            }
+        }
+        ok.then_some(Route::Branches(branches))
     }
 
     /// The template a `say` or `ask` is sent as outside the window.
@@ -681,10 +791,13 @@ impl<'a> Compiler<'a> {
         if let Some(ow) = &s.outside_window
             && s.say.is_none()
             && s.ask.is_none()
+            && s.location.is_none()
+            && s.contacts.is_none()
+            && s.form.is_none()
         {
             self.warning(
                 loc(ow),
-                "`outside_window` only applies to a `say` or `ask` message",
+                "`outside_window` only applies to a `say`, `ask`, `location`, `contacts` or `form` message",
             );
         }
         outside_window
@@ -782,6 +895,238 @@ impl<'a> Compiler<'a> {
             .help = help.or(Some("use image, video, audio, document or sticker".into()));
         }
         Some((m.value.kind.value.clone(), self.text(&m.value.url)?))
+    }
+
+    /// A `location`: coordinates in range (when literal), name and address as text.
+    fn location(&mut self, raw: &Spanned<RawLocation>) -> Option<Location> {
+        let l = &raw.value;
+        let latitude = self.coordinate(&l.latitude, "latitude", 90.0);
+        let longitude = self.coordinate(&l.longitude, "longitude", 180.0);
+        let name = match &l.name {
+            Some(n) => Some(self.text(n)?),
+            None => None,
+        };
+        let address = match &l.address {
+            Some(a) => Some(self.text(a)?),
+            None => None,
+        };
+        Some(Location {
+            latitude: latitude?,
+            longitude: longitude?,
+            name,
+            address,
+        })
+    }
+
+    /// A latitude or longitude: a number within `±max`, or text with `{{ … }}` checked when
+    /// the message is rendered.
+    fn coordinate(
+        &mut self,
+        raw: &Spanned<serde_json::Value>,
+        what: &str,
+        max: f64,
+    ) -> Option<Text> {
+        let at = Spanned {
+            value: match &raw.value {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            },
+            referenced: raw.referenced,
+            defined: raw.defined,
+        };
+        let text = match &raw.value {
+            serde_json::Value::Number(_) => Text::literal(at.value.clone()),
+            serde_json::Value::String(_) => self.text(&at)?,
+            _ => {
+                self.error(
+                    loc(raw),
+                    format!("the {what} is a number such as 52.52, or `{{{{ … }}}}` text"),
+                );
+                return None;
+            }
+        };
+        if text.is_literal()
+            && let Err(e) = coordinate_value(&text.raw, what, max)
+        {
+            self.error(self.value_loc(&at), e);
+            return None;
+        }
+        Some(text)
+    }
+
+    /// `contacts`: at least one card, each with a name and something to reach it by.
+    fn contacts(&mut self, raw: &Spanned<Vec<Spanned<RawContactCard>>>) -> Option<Vec<Card>> {
+        if raw.value.is_empty() {
+            self.error(loc(raw), "`contacts` is empty: give at least one card");
+            return None;
+        }
+        let mut cards = Vec::new();
+        for card in &raw.value {
+            let c = &card.value;
+            if c.phone.is_none() && c.email.is_none() && c.url.is_none() {
+                self.error(
+                    loc(card),
+                    format!(
+                        "the card `{}` has no `phone`, `email` or `url`",
+                        c.name.value
+                    ),
+                )
+                .help = Some("add `phone: \"+15550001111\"` (or a list of them)".into());
+            }
+            if c.name.value.trim().is_empty() {
+                self.error(loc(&c.name), "a contact card needs a name");
+            }
+            let name = self.text(&c.name);
+            let phones = self.texts(c.phone.as_ref());
+            let emails = self.texts(c.email.as_ref());
+            let urls = self.texts(c.url.as_ref());
+            let org = match &c.org {
+                Some(o) => Some(self.text(o)?),
+                None => None,
+            };
+            cards.push(Card {
+                name: name?,
+                phones: phones?,
+                emails: emails?,
+                org,
+                urls: urls?,
+            });
+        }
+        Some(cards)
+    }
+
+    /// Each value of a `OneOrMany` as text (they share the key's location).
+    fn texts(&mut self, raw: Option<&Spanned<crate::yaml::OneOrMany>>) -> Option<Vec<Text>> {
+        let Some(raw) = raw else {
+            return Some(Vec::new());
+        };
+        raw.value
+            .0
+            .iter()
+            .map(|v| {
+                self.text(&Spanned {
+                    value: v.clone(),
+                    referenced: raw.referenced,
+                    defined: raw.defined,
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .collect()
+    }
+
+    /// A `save:` variable name.
+    fn save_name(&mut self, at: &Spanned<String>) -> Option<String> {
+        if valid_var(&at.value) {
+            Some(at.value.clone())
+        } else {
+            self.error(
+                self.value_loc(at),
+                format!("`{}` is not a valid variable name", at.value),
+            );
+            None
+        }
+    }
+
+    /// A `form`: the Flow's id (digits), the button label and body within WhatsApp's
+    /// limits, a `screen` when there is `data` (a mapping), and the declared fields' types.
+    fn form(&mut self, raw: &Spanned<super::raw::RawForm>, save: Option<String>) -> Option<Form> {
+        let f = &raw.value;
+        let mut ok = true;
+        if f.flow_id.value.is_empty() || !f.flow_id.value.chars().all(|c| c.is_ascii_digit()) {
+            self.error(
+                self.value_loc(&f.flow_id),
+                format!(
+                    "`{}` is not a Flow id: it is the number WhatsApp Manager shows for the Flow",
+                    f.flow_id.value
+                ),
+            );
+            ok = false;
+        }
+        let cta = self.text(&f.cta);
+        if cta.as_ref().is_some_and(Text::is_literal) {
+            self.limit(&f.cta, limits::FORM_CTA, "a form's `cta`");
+        }
+        let body = self.text(&f.body);
+        if let Some(b) = &body
+            && b.literal_len() > limits::CAPTION_OR_BUTTON_BODY
+        {
+            self.error(
+                loc(&f.body),
+                format!(
+                    "this text is {} characters; WhatsApp allows {} here",
+                    b.literal_len(),
+                    limits::CAPTION_OR_BUTTON_BODY
+                ),
+            );
+        }
+        let data = match &f.data {
+            Some(d) if !d.value.is_object() => {
+                self.error(
+                    loc(d),
+                    "a form's `data` is a mapping of the first screen's fields",
+                );
+                ok = false;
+                None
+            }
+            Some(d) if f.screen.is_none() => {
+                self.error(loc(d), "a form's `data` needs the `screen` it is for")
+                    .help = Some("add `screen: FIRST_SCREEN_ID`".into());
+                ok = false;
+                None
+            }
+            Some(d) => self.body(&d.value, d),
+            None => None,
+        };
+        let mut fields = Vec::new();
+        if let Some(declared) = &f.fields {
+            for (name, kind) in &declared.value.0 {
+                if name.value == "flow_token" || !valid_var(&name.value) {
+                    self.error(
+                        loc(name),
+                        format!("`{}` cannot be a form field's name here", name.value),
+                    );
+                    ok = false;
+                    continue;
+                }
+                match FieldType::parse(&kind.value) {
+                    Some(t) => fields.push((name.value.clone(), t)),
+                    None => {
+                        let help = did_you_mean(&kind.value, FieldType::NAMES);
+                        self.error(
+                            self.value_loc(kind),
+                            format!("`{}` is not a field type", kind.value),
+                        )
+                        .help = help.or(Some("use text, number, boolean, list or any".into()));
+                        ok = false;
+                    }
+                }
+            }
+        }
+        if !ok {
+            return None;
+        }
+        Some(Form {
+            flow_id: f.flow_id.value.clone(),
+            cta: cta?,
+            body: body?,
+            screen: f.screen.as_ref().map(|s| s.value.clone()),
+            data,
+            fields,
+            save,
+        })
+    }
+
+    /// `react`: one emoji (literal, or `{{ … }}` text checked when sent).
+    fn reaction(&mut self, raw: &Spanned<String>) -> Option<Text> {
+        let text = self.text(raw)?;
+        if text.is_literal() && reaction_error(&text.raw).is_some() {
+            let e = reaction_error(&text.raw).unwrap_or_default();
+            self.error(self.value_loc(raw), e).help =
+                Some("write one emoji, such as \"👍\"".into());
+            return None;
+        }
+        Some(text)
     }
 
     fn limit(&mut self, at: &Spanned<String>, max: usize, what: &str) {
@@ -1540,6 +1885,32 @@ type RawSectionRef<'a> = (
 );
 
 /// A flow, step or campaign name: letters, digits, `_` and `-`.
+/// A coordinate as written, parsed and in `±max`; else what is wrong with it.
+pub fn coordinate_value(text: &str, what: &str, max: f64) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v.abs() <= max => Ok(v),
+        Ok(v) => Err(format!(
+            "the {what} {v} is out of range: it lies within ±{max}"
+        )),
+        Err(_) => Err(format!("the {what} `{text}` is not a number")),
+    }
+}
+
+/// What is wrong with a reaction's emoji, if anything: WhatsApp takes one emoji (an
+/// empty one removes a reaction, which a flow has no reason to do).
+pub fn reaction_error(emoji: &str) -> Option<String> {
+    let emoji = emoji.trim();
+    if emoji.is_empty() {
+        return Some("the reaction is empty".into());
+    }
+    // One emoji may be several code points (skin tones, flags, joined sequences), but not
+    // a word.
+    if emoji.chars().count() > 10 || emoji.chars().any(char::is_alphabetic) || emoji.is_ascii() {
+        return Some(format!("`{emoji}` is not an emoji"));
+    }
+    None
+}
+
 pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name

@@ -155,7 +155,11 @@ fn straight_on(step: &Step) -> Option<usize> {
 /// Whether the step's action sends a message.
 fn sends(step: &Step) -> bool {
     match &step.action {
-        Action::Say(_) | Action::Template(_) => true,
+        Action::Say(_)
+        | Action::Template(_)
+        | Action::Location(_)
+        | Action::Contacts(_)
+        | Action::Form(_) => true,
         Action::Script(script) => script.replies,
         Action::None | Action::Ask(_) | Action::Http(_) => false,
     }
@@ -469,7 +473,11 @@ fn warning(
     let step = &flows[f].steps[s];
     let flow = &flows[f];
     let sends = match &step.action {
-        Action::Say(_) | Action::Ask(_)
+        Action::Say(_)
+        | Action::Ask(_)
+        | Action::Location(_)
+        | Action::Contacts(_)
+        | Action::Form(_)
             if step.outside_window.is_none() && !window.covers(&flow.id, "step") =>
         {
             "its message"

@@ -131,6 +131,29 @@ impl TriggerKind {
     }
 }
 
+/// Which of a split's branches (`(name, weight)`, weights positive) a contact takes: the
+/// same every time for the same contact, flow and step (a SHA-256 of the three, so it
+/// holds across restarts, versions and machines), spread over the branches in proportion
+/// to their weights across contacts. Changing the weights moves only the contacts whose
+/// point falls in a range that moved.
+pub fn split_branch(contact: &str, flow: &str, step: &str, weights: &[f64]) -> usize {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{flow}\u{0}{step}\u{0}{contact}").as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    // The top 53 bits make a uniform point in [0, 1) that an f64 holds exactly.
+    let unit = (u64::from_be_bytes(first) >> 11) as f64 / (1u64 << 53) as f64;
+    let total: f64 = weights.iter().sum();
+    let mut point = unit * total;
+    for (i, w) in weights.iter().enumerate() {
+        if point < *w {
+            return i;
+        }
+        point -= w;
+    }
+    weights.len() - 1
+}
+
 /// Whether `word` occurs in `text` with no letter, digit or `_` right before or after it.
 pub fn contains_word(text: &str, word: &str) -> bool {
     let is_word = |c: char| c.is_alphanumeric() || c == '_';
@@ -157,12 +180,16 @@ pub struct Step {
     pub route: Route,
     pub on_error: Option<usize>,
     pub outside_window: Option<TemplateCall>,
+    /// `react`: an emoji put on the customer's message the step answers, before its action.
+    pub react: Option<Text>,
+    /// `quote: true`: the step's messages quote the customer's message they answer.
+    pub quote: bool,
 }
 
 impl Step {
     /// Whether the step waits for the customer's reply after its action.
     pub fn awaits_reply(&self) -> bool {
-        matches!(self.action, Action::Ask(_))
+        matches!(self.action, Action::Ask(_) | Action::Form(_))
             || matches!(&self.route, Route::Branches(b) if b.iter().any(|b| b.cond.tests_reply()))
     }
 }
@@ -191,6 +218,85 @@ pub enum Action {
     Template(TemplateCall),
     Script(Arc<Script>),
     Http(Box<Http>),
+    /// `location`: a pin on the map.
+    Location(Box<Location>),
+    /// `contacts`: contact cards.
+    Contacts(Vec<Card>),
+    /// `form`: a WhatsApp Flow; the step waits for its answer.
+    Form(Box<Form>),
+}
+
+/// A `form` step: the WhatsApp Flow to open, and the fields its answer must carry.
+#[derive(Debug)]
+pub struct Form {
+    pub flow_id: String,
+    pub cta: Text,
+    pub body: Text,
+    pub screen: Option<String>,
+    pub data: Option<Body>,
+    /// `(name, type)`, in the order written.
+    pub fields: Vec<(String, FieldType)>,
+    pub save: Option<String>,
+}
+
+/// The type a form's field must have in the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldType {
+    Text,
+    Number,
+    Boolean,
+    List,
+    Any,
+}
+
+impl FieldType {
+    pub const NAMES: [&'static str; 5] = ["text", "number", "boolean", "list", "any"];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "text" => Self::Text,
+            "number" => Self::Number,
+            "boolean" => Self::Boolean,
+            "list" => Self::List,
+            "any" => Self::Any,
+            _ => return None,
+        })
+    }
+
+    /// Whether a JSON value of the answer has this type.
+    pub fn accepts(self, value: &serde_json::Value) -> bool {
+        match self {
+            Self::Text => value.is_string(),
+            Self::Number => value.is_number(),
+            Self::Boolean => value.is_boolean(),
+            Self::List => value.is_array(),
+            Self::Any => !value.is_null(),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+}
+
+/// A `location` step's message; coordinates are text so they can be interpolated, and are
+/// checked as numbers in range when rendered (and at load when literal).
+#[derive(Debug)]
+pub struct Location {
+    pub latitude: Text,
+    pub longitude: Text,
+    pub name: Option<Text>,
+    pub address: Option<Text>,
+}
+
+/// One card of a `contacts` step.
+#[derive(Debug)]
+pub struct Card {
+    pub name: Text,
+    pub phones: Vec<Text>,
+    pub emails: Vec<Text>,
+    pub org: Option<Text>,
+    pub urls: Vec<Text>,
 }
 
 /// A free-form message: text with optional buttons, list or media.
@@ -320,6 +426,12 @@ pub enum Cond {
     Button(String),
     List(String),
     Match(Regex),
+    /// A branch of an A/B `split`: every branch of the route is one, and one is chosen per
+    /// contact by [`split_branch`], in proportion to the weights.
+    Split {
+        name: String,
+        weight: f64,
+    },
 }
 
 impl Cond {
@@ -527,7 +639,32 @@ pub fn display(value: &Dynamic) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::contains_word;
+    use super::{contains_word, split_branch};
+
+    #[test]
+    fn a_split_follows_its_weights_and_keeps_each_contact_on_one_branch() {
+        let weights = [70.0, 20.0, 7.5, 2.5];
+        let mut counts = [0usize; 4];
+        for i in 0..10_000 {
+            let contact = format!("4915{i:08}");
+            let branch = split_branch(&contact, "promo", "wording", &weights);
+            assert_eq!(branch, split_branch(&contact, "promo", "wording", &weights));
+            counts[branch] += 1;
+        }
+        for (n, w) in counts.iter().zip(weights) {
+            let share = *n as f64 / 10_000.0;
+            assert!((share - w / 100.0).abs() <= 0.02, "{counts:?}");
+        }
+        // Another split of the same contacts is drawn independently.
+        let other = (0..1000)
+            .filter(|i| {
+                let c = format!("4915{i:08}");
+                split_branch(&c, "promo", "wording", &[1.0, 1.0])
+                    != split_branch(&c, "promo", "other", &[1.0, 1.0])
+            })
+            .count();
+        assert!((400..600).contains(&other), "{other}");
+    }
 
     #[test]
     fn keywords_match_whole_words_only() {

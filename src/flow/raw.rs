@@ -80,6 +80,78 @@ pub struct RawStep {
     pub next: Option<Spanned<RawNext>>,
     pub on_error: Option<Spanned<String>>,
     pub outside_window: Option<Spanned<RawTemplateRef>>,
+    pub location: Option<Spanned<RawLocation>>,
+    pub contacts: Option<Spanned<Vec<Spanned<RawContactCard>>>>,
+    /// An emoji reaction to the customer's message the step answers.
+    pub react: Option<Spanned<String>>,
+    /// The step's messages quote the customer's message they answer.
+    pub quote: Option<Spanned<bool>>,
+    /// An A/B split: weighted branches, one chosen per contact for good.
+    pub split: Option<Spanned<Vec<Spanned<RawSplitBranch>>>>,
+    /// A WhatsApp Flow (form) to send and wait for.
+    pub form: Option<Spanned<RawForm>>,
+}
+
+/// `form: { flow_id, cta, body, screen, data, fields }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawForm {
+    /// The Flow's id in WhatsApp Manager (digits).
+    pub flow_id: Spanned<String>,
+    /// The label of the button that opens the form.
+    pub cta: Spanned<String>,
+    /// The message's text above the button.
+    pub body: Spanned<String>,
+    #[serde(default)]
+    pub screen: Option<Spanned<String>>,
+    /// The first screen's data (a mapping; strings interpolated).
+    #[serde(default)]
+    pub data: Option<Spanned<serde_json::Value>>,
+    /// The fields the answer must carry, with their type: text, number, boolean, list or
+    /// any.
+    #[serde(default)]
+    pub fields: Option<Spanned<OrderedMap<Spanned<String>>>>,
+}
+
+/// One branch of a `split`: `{ name: a, weight: 50, goto: step }` (or `flow:`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSplitBranch {
+    #[serde(default)]
+    pub name: Option<Spanned<String>>,
+    pub weight: Spanned<f64>,
+    #[serde(default)]
+    pub goto: Option<Spanned<String>>,
+    #[serde(default)]
+    pub flow: Option<Spanned<String>>,
+}
+
+/// `location: { latitude, longitude, name, address }`; the coordinates are numbers or
+/// `{{ … }}` text.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLocation {
+    pub latitude: Spanned<serde_json::Value>,
+    pub longitude: Spanned<serde_json::Value>,
+    #[serde(default)]
+    pub name: Option<Spanned<String>>,
+    #[serde(default)]
+    pub address: Option<Spanned<String>>,
+}
+
+/// One card of `contacts: [...]`: a name and one or more phones, emails, urls.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawContactCard {
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub phone: Option<Spanned<OneOrMany>>,
+    #[serde(default)]
+    pub email: Option<Spanned<OneOrMany>>,
+    #[serde(default)]
+    pub org: Option<Spanned<String>>,
+    #[serde(default)]
+    pub url: Option<Spanned<OneOrMany>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -71,6 +71,10 @@ async fn metrics(State(state): State<AppState>) -> Response {
         Ok(g) => gauges.extend(g),
         Err(e) => tracing::warn!(error = %e, "reading the campaign gauges failed"),
     }
+    match crate::splits::gauges(&state.runtime.db).await {
+        Ok(g) => gauges.extend(g),
+        Err(e) => tracing::warn!(error = %e, "reading the split gauges failed"),
+    }
     match state.runtime.db.inbox_depth().await {
         Ok(depth) => gauges.push((
             "flowgate_inbox_depth",

@@ -751,7 +751,12 @@ impl Inner {
         recipient: Recipient,
         outbound: &Outbound,
     ) -> Result<SendOk, GraphError> {
-        let body = message_body_with_key(recipient, &outbound.content, &row.idempotency_key);
+        let body = message_body_with_key(
+            recipient,
+            &outbound.content,
+            outbound.quote.as_deref(),
+            &row.idempotency_key,
+        );
         let started = Instant::now();
         let result = self.client.send(&body).await;
         metrics::observe(

@@ -188,6 +188,14 @@ impl Policy {
             _ if window.is_open() => Decision::Send {
                 reason: format!("{}{free}", window.describe(now)),
             },
+            // A reaction belongs to the moment: held until the customer writes again it
+            // would land on an old message, and no template can carry it.
+            OutboundContent::Reaction { .. } => Decision::Skipped {
+                reason: format!(
+                    "{}; a reaction is never queued or rewritten to a template",
+                    window.describe(now)
+                ),
+            },
             _ => {
                 let closed = window.describe(now);
                 let Some(fallback) = self.fallback_for(message, contact) else {

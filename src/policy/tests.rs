@@ -359,3 +359,62 @@ fn check_names_every_problem_of_a_fallback_rule() {
     said(3, "takes 2 parameters, 1 given", true);
     said(4, "`{{x}}` is not a placeholder", true);
 }
+
+#[test]
+fn locations_and_contact_cards_follow_the_window_like_any_free_form_message() {
+    let p = Policy::default();
+    let c = contact_last_wrote(t(0));
+    let pin = OutboundContent::Location {
+        latitude: 52.52,
+        longitude: 13.405,
+        name: Some("Shop".into()),
+        address: None,
+    };
+    let cards = OutboundContent::Contacts {
+        cards: vec![crate::domain::ContactCard {
+            name: "Support".into(),
+            phones: vec!["+15550001111".into()],
+            ..Default::default()
+        }],
+    };
+    for content in [pin, cards] {
+        let mut m = text("x");
+        m.content = content;
+        assert_eq!(p.decide(&m, &c, &registry(), t(60)).name(), "send");
+        assert_eq!(p.decide(&m, &c, &registry(), t(25 * 60)).name(), "queued");
+        m.outside_window = Some(TemplateFallback {
+            name: "order_shipped".into(),
+            language: "en_US".into(),
+            params: vec!["1".into(), "2".into()],
+        });
+        assert_eq!(
+            p.decide(&m, &c, &registry(), t(25 * 60)).name(),
+            "rewritten"
+        );
+    }
+}
+
+#[test]
+fn a_reaction_outside_the_window_is_skipped_never_queued_or_rewritten() {
+    let p = Policy {
+        fallbacks: vec![crate::config::FallbackTemplate {
+            flow: None,
+            origin: None,
+            template: "sale".into(),
+            language: "en_US".into(),
+            params: vec![],
+        }],
+        ..Policy::default()
+    };
+    let c = contact_last_wrote(t(0));
+    let mut m = text("x");
+    m.content = OutboundContent::Reaction {
+        message_id: "wamid.1".into(),
+        emoji: "👍".into(),
+    };
+    assert_eq!(p.decide(&m, &c, &registry(), t(60)).name(), "send");
+    let late = p.decide(&m, &c, &registry(), t(25 * 60));
+    assert_eq!(late.name(), "skipped", "{late:?}");
+    assert!(late.reason().contains("window closed"), "{}", late.reason());
+    assert!(late.reason().contains("reaction"), "{}", late.reason());
+}

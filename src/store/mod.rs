@@ -23,6 +23,7 @@
 //! | `inbox` | `inbox`; statuses on `messages` | webhook updates: [`Db::insert_updates`], claims, retries, pruning; delivery statuses: [`Db::apply_status`] |
 //! | `outbox` | outbound `messages`, `channel_state` | the sender's claims and outcomes ([`Db::claim_outbox`], `record_*`), the channel stop switch |
 //! | `queue` | `messages` in status `queued` | [`Db::queued_messages`], expiries, [`Db::redecide_claimed`] |
+//! | `splits` | `split_assignments` (written by `turn`) | the per-branch report of A/B splits: [`Db::split_counts`] |
 //! | `template_statuses` | `template_statuses` | [`Db::save_template_status`], [`Db::template_statuses`] |
 //! | `timers` | reads `timers` | [`Db::due_timers`], [`Db::next_timer_at`] |
 //!
@@ -68,6 +69,7 @@ mod outbox;
 mod queue;
 mod resolved_cache;
 mod run_requests;
+mod splits;
 mod sql;
 mod template_statuses;
 mod timers;
@@ -95,6 +97,7 @@ pub use inbox::{
 pub use outbox::{ChannelStop, OutboxEntry, OutboxRow};
 pub use queue::{ExpiringMessage, FLUSH_LIMIT, QueuedMessage};
 pub use run_requests::ManualRun;
+pub use splits::SplitCount;
 pub use template_statuses::TemplateStatusRow;
 pub use timers::{NewTimer, TimerRow};
 pub use turn::{CommittedTurn, DequeuedRecord, OutboundRecord, Superseded, TurnWrite};

@@ -16,6 +16,10 @@ pub(super) fn outbound_kind(content: &OutboundContent) -> &'static str {
         OutboundContent::List { .. } => "list",
         OutboundContent::Media { .. } => "media",
         OutboundContent::Template { .. } => "template",
+        OutboundContent::Location { .. } => "location",
+        OutboundContent::Contacts { .. } => "contacts",
+        OutboundContent::Reaction { .. } => "reaction",
+        OutboundContent::Form { .. } => "form",
     }
 }
 

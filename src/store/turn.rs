@@ -21,7 +21,7 @@ use super::error::StoreError;
 use super::sql::{bind_numbered, outbound_kind};
 use super::timers::NewTimer;
 use super::writer::Writer;
-use crate::domain::{Contact, Decision, Inbound, Outbound};
+use crate::domain::{Contact, Decision, Inbound, Outbound, SplitMark, SplitStage};
 
 /// Everything one engine turn changes, written atomically by [`Db::commit_turn`].
 pub struct TurnWrite<'a> {
@@ -44,6 +44,8 @@ pub struct TurnWrite<'a> {
     /// A message this turn's (single) outbound message replaces: marked `failed` with a
     /// reason that names the new message.
     pub superseded: Option<&'a Superseded>,
+    /// Stages of A/B splits the turn reached (`split_assignments`).
+    pub splits: &'a [SplitMark],
     pub now: DateTime<Utc>,
 }
 
@@ -75,6 +77,7 @@ impl<'a> TurnWrite<'a> {
             replace_timers: None,
             fired_timer: None,
             superseded: None,
+            splits: &[],
             now,
         }
     }
@@ -278,6 +281,7 @@ fn build(turn: &TurnWrite<'_>) -> Result<Batch, StoreError> {
     if let Some(timers) = turn.replace_timers {
         replace_timers(&mut b, timers, &contact)?;
     }
+    record_splits(&mut b, turn.splits, &contact)?;
     Ok(b)
 }
 
@@ -449,6 +453,40 @@ fn mark_superseded(b: &mut Batch, old: &Superseded, contact: &str) -> Result<(),
             updated_at = {NOW} \
         WHERE id = {id}"
     ));
+    Ok(())
+}
+
+/// The stages of A/B splits the turn reached. Reaching a split records the contact's
+/// branch once; reaching it again on another branch (its weights changed) starts the row
+/// over for that branch. A later stage is stamped once, on the row of the branch the
+/// session passed.
+fn record_splits(b: &mut Batch, marks: &[SplitMark], contact: &str) -> Result<(), StoreError> {
+    for mark in marks {
+        let flow = b.param(mark.pass.flow.clone())?;
+        let step = b.param(mark.pass.step.clone())?;
+        let branch = b.param(mark.pass.branch.clone())?;
+        let column = match mark.stage {
+            SplitStage::Reached => {
+                b.statement(&format!(
+                    "INSERT INTO split_assignments (contact_id, flow, step, branch, reached_at) \
+                    VALUES ({contact}, {flow}, {step}, {branch}, {NOW}) \
+                    ON CONFLICT (contact_id, flow, step) DO UPDATE SET \
+                        branch = excluded.branch, reached_at = excluded.reached_at, \
+                        replied_at = NULL, finished_at = NULL, handed_off_at = NULL \
+                    WHERE split_assignments.branch <> excluded.branch"
+                ));
+                continue;
+            }
+            SplitStage::Replied => "replied_at",
+            SplitStage::Finished => "finished_at",
+            SplitStage::HandedOff => "handed_off_at",
+        };
+        b.statement(&format!(
+            "UPDATE split_assignments SET {column} = {NOW} \
+            WHERE contact_id = {contact} AND flow = {flow} AND step = {step} \
+                AND branch = {branch} AND {column} IS NULL"
+        ));
+    }
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::errors::GraphError;
-use crate::domain::{Button, ListSection, OutboundContent};
+use crate::domain::{Button, ContactCard, ListSection, OutboundContent};
 
 /// Who a message goes to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -46,6 +46,37 @@ pub fn message_body(to: Recipient, content: &OutboundContent, reply_to: Option<&
             language,
             params,
         } => ("template", template_json(name, language, params)),
+        OutboundContent::Location {
+            latitude,
+            longitude,
+            name,
+            address,
+        } => {
+            let mut location = json!({ "latitude": latitude, "longitude": longitude });
+            if let Some(n) = name {
+                location["name"] = json!(n);
+            }
+            if let Some(a) = address {
+                location["address"] = json!(a);
+            }
+            ("location", location)
+        }
+        OutboundContent::Contacts { cards } => ("contacts", contacts_json(cards)),
+        OutboundContent::Reaction { message_id, emoji } => (
+            "reaction",
+            json!({ "message_id": message_id, "emoji": emoji }),
+        ),
+        OutboundContent::Form {
+            body,
+            flow_id,
+            cta,
+            token,
+            screen,
+            data,
+        } => (
+            "interactive",
+            form_json(body, flow_id, cta, token, screen.as_deref(), data.as_ref()),
+        ),
     };
     let mut body = envelope(to, kind);
     if let Some(wamid) = reply_to {
@@ -61,21 +92,21 @@ pub fn message_body(to: Recipient, content: &OutboundContent, reply_to: Option<&
 pub fn message_body_with_key(
     to: Recipient,
     content: &OutboundContent,
+    reply_to: Option<&str>,
     idempotency_key: &str,
 ) -> Value {
-    let mut body = message_body(to, content, None);
+    let mut body = message_body(to, content, reply_to);
     body["biz_opaque_callback_data"] = json!(idempotency_key);
     body
 }
 
 /// A reaction (`emoji`) to the message `message_id`; an empty emoji removes the reaction.
 pub fn reaction_body(to: Recipient, message_id: &str, emoji: &str) -> Value {
-    let mut body = envelope(to, "reaction");
-    body.insert(
-        "reaction".into(),
-        json!({ "message_id": message_id, "emoji": emoji }),
-    );
-    Value::Object(body)
+    let reaction = OutboundContent::Reaction {
+        message_id: message_id.into(),
+        emoji: emoji.into(),
+    };
+    message_body(to, &reaction, None)
 }
 
 /// Marks an inbound message (and those before it) read; with `typing`, also shows "typing…"
@@ -107,6 +138,69 @@ fn envelope(to: Recipient, kind: &str) -> Map<String, Value> {
     }
     body.insert("type".into(), json!(kind));
     body
+}
+
+/// `contacts[{name{formatted_name, first_name}, phones[{phone}], emails[{email}],
+/// org{company}, urls[{url}]}]`. WhatsApp wants a name part beside `formatted_name`, so the
+/// card's name is its first name too.
+fn contacts_json(cards: &[ContactCard]) -> Value {
+    let cards: Vec<Value> = cards
+        .iter()
+        .map(|c| {
+            let mut card = json!({
+                "name": { "formatted_name": c.name, "first_name": c.name },
+            });
+            let list = |key: &str, values: &[String]| -> Value {
+                values.iter().map(|v| json!({ key: v })).collect()
+            };
+            if !c.phones.is_empty() {
+                card["phones"] = list("phone", &c.phones);
+            }
+            if !c.emails.is_empty() {
+                card["emails"] = list("email", &c.emails);
+            }
+            if let Some(org) = &c.org {
+                card["org"] = json!({ "company": org });
+            }
+            if !c.urls.is_empty() {
+                card["urls"] = list("url", &c.urls);
+            }
+            card
+        })
+        .collect();
+    Value::Array(cards)
+}
+
+/// `interactive{type: flow, body, action{name: flow, parameters{flow_message_version: "3",
+/// flow_id, flow_cta, flow_token, flow_action: navigate, flow_action_payload{screen, data}}}}`;
+/// without a screen the Flow opens at its first one (no payload).
+fn form_json(
+    body: &str,
+    flow_id: &str,
+    cta: &str,
+    token: &str,
+    screen: Option<&str>,
+    data: Option<&Value>,
+) -> Value {
+    let mut parameters = json!({
+        "flow_message_version": "3",
+        "flow_id": flow_id,
+        "flow_cta": cta,
+        "flow_token": token,
+        "flow_action": "navigate",
+    });
+    if let Some(screen) = screen {
+        let mut payload = json!({ "screen": screen });
+        if let Some(data) = data.filter(|d| d.as_object().is_some_and(|o| !o.is_empty())) {
+            payload["data"] = data.clone();
+        }
+        parameters["flow_action_payload"] = payload;
+    }
+    json!({
+        "type": "flow",
+        "body": { "text": body },
+        "action": { "name": "flow", "parameters": parameters },
+    })
 }
 
 fn buttons_json(body: &str, buttons: &[Button]) -> Value {
@@ -334,7 +428,7 @@ mod tests {
     fn the_idempotency_key_rides_in_biz_opaque_callback_data() {
         let text = OutboundContent::text("hi");
         let to = || Recipient::Phone("15555550123".into());
-        let mut keyed = message_body_with_key(to(), &text, "key-1");
+        let mut keyed = message_body_with_key(to(), &text, None, "key-1");
         assert_eq!(keyed["biz_opaque_callback_data"], "key-1");
         keyed
             .as_object_mut()

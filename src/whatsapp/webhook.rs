@@ -724,12 +724,27 @@ fn interactive_content(interactive: Option<&Map<String, Value>>) -> Result<Inbou
                 InboundContent::ListReply { id, title }
             }
         }
-        // Flows (`nfm_reply`) and whatever comes next: stored, not interpreted.
+        // A Flow's answer: its fields, when `response_json` holds a JSON object (else it is
+        // stored, not interpreted).
+        "nfm_reply" => match form_response(interactive.get("nfm_reply")) {
+            Some(response) => InboundContent::FormReply { response },
+            None => InboundContent::Other { kind: itype },
+        },
+        // Whatever comes next: stored, not interpreted.
         "" => InboundContent::Other {
             kind: "interactive".into(),
         },
         _ => InboundContent::Other { kind: itype },
     })
+}
+
+/// The fields of a Flow's answer: `nfm_reply.response_json`, a JSON object in a string.
+fn form_response(reply: Option<&Value>) -> Option<Map<String, Value>> {
+    let json = reply?.get("response_json")?.as_str()?;
+    match serde_json::from_str(json).ok()? {
+        Value::Object(fields) => Some(fields),
+        _ => None,
+    }
 }
 
 /// A template's quick reply button: its payload and its label, each standing in for the other.

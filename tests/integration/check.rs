@@ -763,3 +763,39 @@ fn an_import_in_a_script() {
     );
     assert!(d.message.contains("`import` always fails"), "{}", d.message);
 }
+
+#[test]
+fn locations_contact_cards_reactions_and_quotes_are_checked() {
+    let diags = check("rich_messages", 6, 0);
+    let file = fixture_file("rich_messages", "flows/rich.yaml");
+    assert_eq!(
+        positions(&diags),
+        ["6:27", "6:44", "10:9", "13:15", "16:13", "17:12"].map(|at| format!("{file}:{at}")),
+        "{}",
+        diags.render(false)
+    );
+}
+
+#[test]
+fn split_weights_branches_and_targets_are_checked() {
+    let diags = check("split_broken", 6, 0);
+    let file = fixture_file("split_broken", "flows/ab.yaml");
+    assert_eq!(
+        positions(&diags),
+        ["7:7", "10:28", "11:17", "11:38", "12:9", "16:7"].map(|at| format!("{file}:{at}")),
+        "{}",
+        diags.render(false)
+    );
+}
+
+#[test]
+fn form_steps_are_checked() {
+    let diags = check("form_broken", 6, 0);
+    let file = fixture_file("form_broken", "flows/book.yaml");
+    assert_eq!(
+        positions(&diags),
+        ["7:16", "8:13", "10:13", "11:22", "11:28", "12:11"].map(|at| format!("{file}:{at}")),
+        "{}",
+        diags.render(false)
+    );
+}

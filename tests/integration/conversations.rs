@@ -95,6 +95,24 @@ async fn edge_case_conversations_pass() {
     );
 }
 
+/// The example booking project (`examples/booking/`: a form, a split, a location, a
+/// contact card) checks clean and its conversation test passes.
+#[tokio::test]
+async fn example_booking_project_checks_clean_and_its_test_passes() {
+    let loaded = load(Some(Path::new("examples/booking/flowgate.yaml")));
+    let diags = &loaded.project.diagnostics;
+    assert_eq!(
+        (diags.errors(), diags.warnings()),
+        (0, 0),
+        "{}",
+        diags.render(false)
+    );
+    let test = PathBuf::from("examples/booking/flows/table_booking.test.yaml");
+    let mut out = String::new();
+    let (passed, failed) = flowgate::conversation::run_all(&loaded, &[test], &mut out).await;
+    assert_eq!((passed, failed), (1, 0), "{out}");
+}
+
 /// The policy project's conversation tests, one file per rule; each must run and pass.
 const POLICY_TESTS: usize = 11;
 /// The same flows under the default-like policy (`tests/fixtures/policy/defaults/`).

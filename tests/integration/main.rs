@@ -22,6 +22,7 @@ mod readme;
 mod reload;
 mod scripts;
 mod serve;
+mod splits;
 mod support;
 mod templates_sync;
 mod webhooks;

@@ -119,6 +119,26 @@ steps:
     say: "three"
 "#,
     ),
+    (
+        "rich.yaml",
+        r#"
+flow: rich
+triggers:
+  - keywords: [rich]
+steps:
+  thanks:
+    react: "👍"
+    quote: true
+    say: "Yes, it shipped this morning."
+    next: pin
+  pin:
+    location: { latitude: 37.758056, longitude: -122.425332, name: META HQ, address: "1 Hacker Way, Menlo Park, CA 94025" }
+    next: card
+  card:
+    contacts:
+      - { name: John Smith, phone: "+1 (650) 555-1234", email: test@whatsapp.com, org: WhatsApp, url: "https://www.whatsapp.com" }
+"#,
+    ),
 ];
 
 const TEMPLATES: &str = r#"
@@ -566,6 +586,69 @@ async fn a_contacts_messages_leave_in_order_one_at_a_time() {
     assert!(reads.contains(&ana_in));
     for id in ana_rows.iter().chain(&ben_rows) {
         assert_eq!(h.entry(*id).await.status, "sent");
+    }
+}
+
+/// A reaction, a quoted reply, a location and a contact card go out in order, as the
+/// Cloud API documents them, pointing at the customer's message.
+#[tokio::test]
+async fn reactions_quotes_locations_and_contact_cards_go_out_as_documented() {
+    let h = Setup::new("rich").start().await;
+    let (inbound, rows) = h.customer(ANA, "rich").await;
+    assert_eq!(rows.len(), 4);
+    assert_eq!(h.drain().await, 4);
+    let sent = sends_to(&h.fake, ANA);
+    let bodies: Vec<Value> = sent
+        .iter()
+        .zip(&rows)
+        .map(|(s, row)| without_callback(s, *row))
+        .collect();
+    let envelope = |kind: &str, payload: Value| {
+        let mut body = json!({
+            "messaging_product": "whatsapp",
+            "recipient_type": "individual",
+            "to": format!("+{ANA}"),
+            "type": kind,
+        });
+        body[kind] = payload;
+        body
+    };
+    let mut reaction = fixture("send_reaction.json");
+    reaction["to"] = json!(format!("+{ANA}"));
+    reaction["reaction"]["message_id"] = json!(inbound);
+    assert_eq!(bodies[0], reaction);
+    let mut quoted = fixture("send_text_reply_context.json");
+    quoted["to"] = json!(format!("+{ANA}"));
+    quoted["context"]["message_id"] = json!(inbound);
+    assert_eq!(bodies[1], quoted);
+    // The shapes of Meta's "Send Location Message" and "Send Contact Message" examples.
+    assert_eq!(
+        bodies[2],
+        envelope(
+            "location",
+            json!({
+                "latitude": 37.758056,
+                "longitude": -122.425332,
+                "name": "META HQ",
+                "address": "1 Hacker Way, Menlo Park, CA 94025"
+            })
+        )
+    );
+    assert_eq!(
+        bodies[3],
+        envelope(
+            "contacts",
+            json!([{
+                "name": { "formatted_name": "John Smith", "first_name": "John Smith" },
+                "phones": [{ "phone": "+1 (650) 555-1234" }],
+                "emails": [{ "email": "test@whatsapp.com" }],
+                "org": { "company": "WhatsApp" },
+                "urls": [{ "url": "https://www.whatsapp.com" }]
+            }])
+        )
+    );
+    for row in rows {
+        assert_eq!(h.entry(row).await.status, "sent");
     }
 }
 
@@ -1059,6 +1142,31 @@ async fn a_message_planned_in_the_window_is_decided_again_when_sent_late() {
         (m.status.as_str(), m.decision.as_deref()),
         ("queued", Some("queued"))
     );
+}
+
+/// A reaction planned in the window but sent after it closed is skipped, never queued; the
+/// location and card behind it, free-form messages without a template, are queued.
+#[tokio::test]
+async fn a_reaction_sent_late_is_skipped_and_the_rest_queued() {
+    let h = Setup::new("late_reaction").start().await;
+    let (_, rows) = h.customer(ANA, "rich").await;
+    h.clock().advance(chrono::Duration::hours(25));
+    h.drain().await;
+    assert!(h.fake.sends().is_empty(), "{:?}", h.fake.sends());
+    let decision = |m: &flowgate::store::MessageDetail| {
+        (m.status.clone(), m.decision.clone().unwrap_or_default())
+    };
+    let reaction = h.runtime.db.message(rows[0]).await.unwrap().unwrap();
+    assert_eq!(decision(&reaction), ("skipped".into(), "skipped".into()));
+    assert!(
+        reaction.reason.as_deref().unwrap().contains("reaction"),
+        "{:?}",
+        reaction.reason
+    );
+    for row in &rows[1..] {
+        let m = h.runtime.db.message(*row).await.unwrap().unwrap();
+        assert_eq!(decision(&m), ("queued".into(), "queued".into()), "{row}");
+    }
 }
 
 #[tokio::test]

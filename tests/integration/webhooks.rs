@@ -64,6 +64,23 @@ steps:
     say: "Thanks, {{name}}"
 "#;
 
+const BOOKING: &str = r#"
+flow: booking
+triggers:
+  - keywords: [book]
+steps:
+  ask:
+    form:
+      flow_id: "1234567890"
+      cta: "Book"
+      body: "When do you come?"
+      fields: { day: text, guests: number }
+    save: booking
+    next: done
+  done:
+    say: "Booked {{booking.guests}} on {{booking.day}} ({{booking.note}})"
+"#;
+
 /// A webhook fixture whose customer messages were written just now (the server runs on the
 /// system clock; the fixtures' 2025 timestamps would leave every window closed).
 fn fixture(name: &str) -> Vec<u8> {
@@ -120,6 +137,7 @@ fn project() -> (tempfile::TempDir, app::Loaded, String) {
     std::fs::create_dir_all(dir.path().join("flows")).unwrap();
     std::fs::write(dir.path().join("flows/hello.yaml"), FLOW).unwrap();
     std::fs::write(dir.path().join("flows/survey.yaml"), SURVEY).unwrap();
+    std::fs::write(dir.path().join("flows/booking.yaml"), BOOKING).unwrap();
     let config = dir.path().join("flowgate.yaml");
     std::fs::write(&config, CONFIG).unwrap();
     let loaded = app::load(Some(&config)).unwrap_or_else(|d| panic!("{d:?}"));
@@ -589,6 +607,67 @@ fn text_from(phone: Option<&str>, bsuid: Option<&str>, wamid: &str, body: &str) 
         message["from_user_id"] = json!(bsuid);
     }
     envelope(json!({"contacts": [contact], "messages": [message]}))
+}
+
+/// A WhatsApp Flow's answer (`interactive.nfm_reply`) as the webhook carries it:
+/// `response_json` is a JSON object in a string.
+fn form_reply(wamid: &str, response: Value) -> Vec<u8> {
+    let message = json!({
+        "context": {"from": "15550001111", "id": "wamid.form"},
+        "from": WA_ID, "id": wamid, "timestamp": support::now_timestamp(),
+        "type": "interactive",
+        "interactive": {"type": "nfm_reply", "nfm_reply": {
+            "name": "flow", "body": "Sent", "response_json": response.to_string()
+        }}
+    });
+    envelope(json!({
+        "contacts": [{"profile": {"name": "Ana"}, "wa_id": WA_ID}],
+        "messages": [message]
+    }))
+}
+
+#[tokio::test]
+async fn a_form_answer_fills_the_flows_variables_and_a_wrong_one_is_refused() {
+    let server = Server::start().await;
+    server
+        .signed(&text_from(Some(WA_ID), None, "wamid.book.1", "book"))
+        .await;
+    server.processed(1).await;
+    let sent = server.db.messages("main", WA_ID, 10).await.unwrap();
+    let form = &sent.last().unwrap().body["content"];
+    assert_eq!(form["type"], "form", "{form}");
+    assert_eq!(form["token"], "flowgate:booking:ask");
+
+    // An answer to another form (another token) is not this step's: unanswered.
+    let other = json!({"flow_token": "flowgate:other:step", "day": "x", "guests": 1});
+    server.signed(&form_reply("wamid.form.0", other)).await;
+    server.processed(2).await;
+    assert_eq!(conversation(&server.db, "main", WA_ID).await.len(), 3);
+
+    let answer = json!({
+        "flow_token": "flowgate:booking:ask", "day": "2026-12-24", "guests": 2, "note": "window seat"
+    });
+    server.signed(&form_reply("wamid.form.1", answer)).await;
+    server.processed(3).await;
+    let (_, reply) = conversation(&server.db, "main", WA_ID).await.pop().unwrap();
+    assert_eq!(reply, "Booked 2 on 2026-12-24 (window seat)");
+
+    // Again, with `guests` as text: the step fails with the reason, and the apology goes.
+    server
+        .signed(&text_from(Some(WA_ID), None, "wamid.book.2", "book"))
+        .await;
+    server.processed(4).await;
+    let wrong = json!({"flow_token": "flowgate:booking:ask", "day": "2026-12-24", "guests": "two"});
+    server.signed(&form_reply("wamid.form.2", wrong)).await;
+    server.processed(5).await;
+    let (_, reply) = conversation(&server.db, "main", WA_ID).await.pop().unwrap();
+    assert_eq!(reply, flowgate::engine::APOLOGY);
+    let session = server.db.load_conversation("main", WA_ID).await.unwrap();
+    assert!(
+        session.session.is_none(),
+        "the failed step ends the session"
+    );
+    server.shutdown().await;
 }
 
 #[tokio::test]

@@ -1677,3 +1677,95 @@ fn endpoints_build_their_urls() {
         "https://waba-v2.360dialog.io/messages"
     );
 }
+
+#[test]
+fn a_flows_answer_is_a_form_reply_with_its_fields() {
+    let response = r#"{"flow_token":"flowgate:booking:ask","day":"2026-12-24","guests":2}"#;
+    let body = json!({
+        "object": "whatsapp_business_account",
+        "entry": [{ "id": "1", "changes": [{ "field": "messages", "value": {
+            "metadata": { "phone_number_id": PHONE_NUMBER_ID },
+            "messages": [
+                { "from": "15550000001", "id": "a", "timestamp": "1", "type": "interactive",
+                  "interactive": { "type": "nfm_reply", "nfm_reply": {
+                      "name": "flow", "body": "Sent", "response_json": response } } },
+                { "from": "15550000001", "id": "b", "timestamp": "1", "type": "interactive",
+                  "interactive": { "type": "nfm_reply", "nfm_reply": {
+                      "name": "flow", "body": "Sent", "response_json": "[1, 2]" } } }
+            ]
+        }}]}]
+    });
+    let contents: Vec<InboundContent> = parse_webhook(body.to_string().as_bytes())
+        .unwrap()
+        .into_iter()
+        .map(|u| match u {
+            Update::Message { inbound, .. } => inbound.content,
+            other => panic!("{other:#?}"),
+        })
+        .collect();
+    let Value::Object(fields) = serde_json::from_str(response).unwrap() else {
+        unreachable!()
+    };
+    assert_eq!(
+        contents,
+        [
+            InboundContent::FormReply { response: fields },
+            // An answer that is not an object is stored, not interpreted.
+            InboundContent::Other {
+                kind: "nfm_reply".into()
+            },
+        ]
+    );
+    assert_eq!(contents[0].kind(), "form");
+    assert!(contents[0].refreshes_window());
+}
+
+#[test]
+fn send_form() {
+    let content = OutboundContent::Form {
+        body: "When do you come?".into(),
+        flow_id: "1234567890".into(),
+        cta: "Book".into(),
+        token: "flowgate:booking:ask".into(),
+        screen: Some("BOOKING".into()),
+        data: Some(json!({ "guest_name": "Ana" })),
+    };
+    // Meta's "Send Draft Flow by ID" example, published (no `mode`), without header and
+    // footer.
+    assert_eq!(
+        message_body(phone(), &content, None),
+        json!({
+            "messaging_product": "whatsapp",
+            "recipient_type": "individual",
+            "to": format!("+{WA_ID}"),
+            "type": "interactive",
+            "interactive": {
+                "type": "flow",
+                "body": { "text": "When do you come?" },
+                "action": { "name": "flow", "parameters": {
+                    "flow_message_version": "3",
+                    "flow_id": "1234567890",
+                    "flow_cta": "Book",
+                    "flow_token": "flowgate:booking:ask",
+                    "flow_action": "navigate",
+                    "flow_action_payload": { "screen": "BOOKING", "data": { "guest_name": "Ana" } }
+                }}
+            }
+        })
+    );
+    // Without a screen the Flow opens at its first screen: no payload.
+    let first = OutboundContent::Form {
+        body: "When do you come?".into(),
+        flow_id: "1234567890".into(),
+        cta: "Book".into(),
+        token: "flowgate:booking:ask".into(),
+        screen: None,
+        data: None,
+    };
+    let body = message_body(phone(), &first, None);
+    assert!(
+        body["interactive"]["action"]["parameters"]
+            .get("flow_action_payload")
+            .is_none()
+    );
+}
