@@ -21,7 +21,8 @@ pub enum StoreError {
     #[error("{0}")]
     Unsupported(String),
     #[error(
-        "invalid database URL `{url}`: {reason}; use sqlite://path/to/flowgate.db or sqlite::memory:"
+        "invalid database URL `{url}`: {reason}; use sqlite://path/to/flowgate.db, sqlite::memory: \
+         or postgres://user:password@host/database"
     )]
     InvalidUrl { url: String, reason: String },
     #[error(

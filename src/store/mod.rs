@@ -61,6 +61,7 @@ mod contacts;
 mod conversations;
 mod db;
 mod error;
+mod identities;
 mod import;
 mod inbox;
 mod migrate;

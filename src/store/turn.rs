@@ -13,7 +13,7 @@
 use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
-use rusqlite::types::Value;
+use rusqlite::types::{ToSqlOutput, Value};
 
 use super::conversations::SessionRow;
 use super::db::{Backend, Db};
@@ -135,12 +135,107 @@ async fn run_batch(writer: &Writer, batch: Batch) -> Result<Vec<(i64, i64)>, Sto
     writer.run_raw(move |conn| batch.run(conn)).await
 }
 
+/// Runs a turn's batch on PostgreSQL as one statement: each of its statements a
+/// data-modifying `WITH` query (`s0`, `s1`, …), the tagged rows selected from those that
+/// return them. One round trip, and one statement is one transaction: all or nothing.
+/// Every part sees the database as it was before the statement, so parts that need a row
+/// an earlier part wrote read it from that part's `RETURNING` (see [`Dialect`]).
+async fn run_batch_postgres(
+    pool: &sqlx::PgPool,
+    batch: Batch,
+) -> Result<Vec<(i64, i64)>, StoreError> {
+    let mut sql = String::from("WITH ");
+    let mut parts = Vec::with_capacity(batch.statements.len());
+    for (i, (statement, returns)) in batch.statements.iter().enumerate() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        // Every part returns rows (those that return no tagged rows, tag -1), and the
+        // statement reads the parts in order: PostgreSQL runs a part when it is read, so
+        // the parts run in the batch's order (the customer's message gets its id before
+        // the replies).
+        let untagged = if *returns {
+            ""
+        } else {
+            " RETURNING -1, CAST(0 AS BIGINT)"
+        };
+        let _ = write!(sql, "s{i} AS ({statement}{untagged})");
+        parts.push(format!("SELECT * FROM s{i}"));
+    }
+    sql.push(' ');
+    sql.push_str(&parts.join(" UNION ALL "));
+    let mut query = sqlx::query_as::<_, (i32, i64)>(&sql);
+    for arg in batch.args {
+        query = match arg {
+            Param::Int(value) => query.bind(value),
+            Param::Text(value) => query.bind(value),
+        };
+    }
+    let rows = query.fetch_all(pool).await?;
+    Ok(rows
+        .into_iter()
+        .filter(|(tag, _)| *tag >= 0)
+        .map(|(tag, id)| (i64::from(tag), id))
+        .collect())
+}
+
+/// A batch's parameter, typed even when it is NULL (PostgreSQL types every parameter).
+#[derive(Debug, Clone)]
+enum Param {
+    Int(Option<i64>),
+    Text(Option<String>),
+}
+
+impl From<i64> for Param {
+    fn from(value: i64) -> Self {
+        Param::Int(Some(value))
+    }
+}
+
+impl From<Option<i64>> for Param {
+    fn from(value: Option<i64>) -> Self {
+        Param::Int(value)
+    }
+}
+
+impl From<String> for Param {
+    fn from(value: String) -> Self {
+        Param::Text(Some(value))
+    }
+}
+
+impl From<Option<String>> for Param {
+    fn from(value: Option<String>) -> Self {
+        Param::Text(value)
+    }
+}
+
+impl rusqlite::ToSql for Param {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self {
+            Param::Int(Some(n)) => ToSqlOutput::from(*n),
+            Param::Text(Some(text)) => ToSqlOutput::from(text.as_str()),
+            Param::Int(None) | Param::Text(None) => ToSqlOutput::Owned(Value::Null),
+        })
+    }
+}
+
+/// What differs between the backends' batches: how a statement names the contact a turn
+/// creates, and the message a superseding turn wrote. SQLite runs the statements one after
+/// another, so a later one finds the new rows by a query; PostgreSQL runs them as parts of
+/// one statement, which find them in the `RETURNING` of the part that wrote them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
 /// A growing SQL batch and its parameters.
 struct Batch {
     /// The statements, each with absolutely numbered parameters (`$n` is `args[n - 1]`),
     /// and whether it returns tagged rows.
     statements: Vec<(String, bool)>,
-    args: Vec<Value>,
+    args: Vec<Param>,
 }
 
 impl Batch {
@@ -152,7 +247,7 @@ impl Batch {
     }
 
     /// Adds a parameter and returns its placeholder (`$n`).
-    fn param(&mut self, value: impl Into<Value>) -> Result<String, StoreError> {
+    fn param(&mut self, value: impl Into<Param>) -> Result<String, StoreError> {
         self.args.push(value.into());
         Ok(format!("${}", self.args.len()))
     }
@@ -189,13 +284,16 @@ impl Db {
     /// outbound messages, the queue and the timers are all written or, on any error, none
     /// of them.
     pub async fn commit_turn(&self, turn: &TurnWrite<'_>) -> Result<CommittedTurn, StoreError> {
-        let batch = build(turn)?;
-        // PostgreSQL's protocol takes one statement per parameterised query: a backend of it
-        // runs the batch's statements one by one.
-        let Backend::Sqlite(sqlite) = &self.backend;
-        let rows = run_batch(&sqlite.writer, batch)
-            .await
-            .map_err(|e| stale_contact(e, turn))?;
+        let rows = match &self.backend {
+            Backend::Sqlite(sqlite) => run_batch(&sqlite.writer, build(turn, Dialect::Sqlite)?)
+                .await
+                .map_err(|e| stale_contact(e, turn))?,
+            Backend::Postgres(postgres) => {
+                run_batch_postgres(&postgres.pool, build(turn, Dialect::Postgres)?)
+                    .await
+                    .map_err(|e| stale_contact(e, turn))?
+            }
+        };
         committed(rows, turn)
     }
 }
@@ -203,11 +301,24 @@ impl Db {
 /// The error of a batch stopped by a stale-contact check (see [`build`]), saying which:
 /// any other error as it is.
 fn stale_contact(error: StoreError, turn: &TurnWrite<'_>) -> StoreError {
+    let guard_failed = match &error {
+        StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, Some(message))) => {
+            e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_NOTNULL
+                && GUARD_FAILS_ON.iter().any(|m| message.contains(m))
+        }
+        StoreError::Database(sqlx::Error::Database(e)) => e
+            .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+            .is_some_and(|e| {
+                e.code() == "23502"
+                    && GUARD_FAILS_ON.iter().any(|m| {
+                        m.split_once('.')
+                            == Some((e.table().unwrap_or(""), e.column().unwrap_or("")))
+                    })
+            }),
+        _ => false,
+    };
     match error {
-        StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, Some(message)))
-            if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_NOTNULL
-                && GUARD_FAILS_ON.iter().any(|m| message.contains(m)) =>
-        {
+        _ if guard_failed => {
             match turn.contact_id {
                 // The contact id the caller loaded no longer names this contact.
                 Some(id) => StoreError::UnknownContact { id },
@@ -246,18 +357,23 @@ fn committed(rows: Vec<(i64, i64)>, turn: &TurnWrite<'_>) -> Result<CommittedTur
 }
 
 /// The turn as one SQL batch: its statements in the order they must run.
-fn build(turn: &TurnWrite<'_>) -> Result<Batch, StoreError> {
+fn build(turn: &TurnWrite<'_>, dialect: Dialect) -> Result<Batch, StoreError> {
     let mut b = Batch::new();
     contact_params(&mut b, turn)?;
-    let contact = match turn.contact_id {
-        Some(id) => b.param(id)?,
-        None => CONTACT.to_string(),
-    };
-    let inbound_written = match turn.contact_id {
-        Some(_) => update_known_contact(&mut b, turn, &contact)?,
+    let (contact, inbound_written) = match turn.contact_id {
+        Some(id) => {
+            let contact = b.param(id)?;
+            let written = update_known_contact(&mut b, turn, &contact)?;
+            (contact, written)
+        }
         None => {
             upsert_new_contact(&mut b);
-            false
+            let contact = match dialect {
+                Dialect::Sqlite => CONTACT.to_string(),
+                // The upsert's part, the batch's last statement so far.
+                Dialect::Postgres => format!("(SELECT id FROM s{})", b.statements.len() - 1),
+            };
+            (contact, false)
         }
     };
     write_session(&mut b, turn.session, &contact)?;
@@ -269,7 +385,17 @@ fn build(turn: &TurnWrite<'_>) -> Result<Batch, StoreError> {
     }
     insert_outbound(&mut b, turn.outbound, &contact)?;
     if let Some(old) = turn.superseded {
-        mark_superseded(&mut b, old, &contact)?;
+        // The new message's id: the contact's latest outbound message, which on PostgreSQL
+        // only the outbound part's `RETURNING` shows.
+        let newest = match dialect {
+            Dialect::Postgres if !turn.outbound.is_empty() => {
+                format!("(SELECT MAX(id) FROM s{})", b.statements.len() - 1)
+            }
+            _ => format!(
+                "(SELECT MAX(id) FROM messages WHERE contact_id = {contact} AND direction = 'out')"
+            ),
+        };
+        mark_superseded(&mut b, old, &newest)?;
     }
     if let Some(id) = turn.fired_timer {
         let id = b.param(id)?;
@@ -438,14 +564,12 @@ fn insert_outbound(
 }
 
 /// The message the turn's outbound message replaces: `failed`, its reason naming the new
-/// message.
-fn mark_superseded(b: &mut Batch, old: &Superseded, contact: &str) -> Result<(), StoreError> {
+/// message (`newest`: its id).
+fn mark_superseded(b: &mut Batch, old: &Superseded, newest: &str) -> Result<(), StoreError> {
     let id = b.param(old.id)?;
     let reason = b.param(old.reason.clone())?;
     b.statement(&format!(
-        "UPDATE messages SET decision = 'failed', \
-            reason = {reason} || (SELECT MAX(id) FROM messages \
-                WHERE contact_id = {contact} AND direction = 'out'), \
+        "UPDATE messages SET decision = 'failed', reason = {reason} || {newest}, \
             updated_at = {NOW} \
         WHERE id = {id}"
     ));
@@ -532,7 +656,9 @@ mod tests {
         // already stored: only that turn fails, and writes nothing. The writer is held while
         // they queue, so they commit as one group, the failing turn in the middle of it (its
         // contact upsert ran before its inbound message failed, and is undone).
-        let Backend::Sqlite(sqlite) = &db.backend;
+        let Backend::Sqlite(sqlite) = &db.backend else {
+            unreachable!("a SQLite test")
+        };
         let writer = &sqlite.writer;
         let release = writer.hold().await;
         let mut tasks = tokio::task::JoinSet::new();
@@ -621,7 +747,9 @@ mod tests {
         db.commit_turn(&bare_turn(None, &Contact::new("1666"), t(1)))
             .await
             .unwrap();
-        let Backend::Sqlite(sqlite) = &db.backend;
+        let Backend::Sqlite(sqlite) = &db.backend else {
+            unreachable!("a SQLite test")
+        };
         let pool = &sqlite.pool;
         sqlx::query("DELETE FROM contacts WHERE id = $1")
             .bind(old)
