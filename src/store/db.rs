@@ -506,6 +506,59 @@ mod tests {
         assert!(matches!(err, StoreError::InvalidUrl { .. }), "{err}");
     }
 
+    /// Two instances migrating one fresh PostgreSQL database at once: sqlx's migrator takes
+    /// an advisory lock, so one applies every migration and the other waits and finds
+    /// nothing to do; neither fails.
+    #[tokio::test]
+    async fn two_instances_migrate_postgres_at_once() {
+        use crate::store::conformance::{drop_schema, postgres_db, postgres_db_on};
+        let Some((db, schema)) = postgres_db().await else {
+            return;
+        };
+        // A second schema, empty, for the race: `postgres_db` migrated its own.
+        let race = format!("{schema}_race");
+        sqlx::query(&format!("CREATE SCHEMA {race}"))
+            .execute(db.postgres_pool().unwrap())
+            .await
+            .unwrap();
+        let mut instances = Vec::new();
+        for _ in 0..3 {
+            instances.push(postgres_db_on(&race).await);
+        }
+        let migrations: Vec<_> = instances
+            .iter()
+            .map(|db| {
+                let db = db.clone();
+                tokio::spawn(async move { db.migrate().await })
+            })
+            .collect();
+        for migration in migrations {
+            migration.await.unwrap().unwrap();
+        }
+        let applied: Vec<(i64, bool)> = sqlx::query_as(&format!(
+            "SELECT version, success FROM {race}._sqlx_migrations ORDER BY version"
+        ))
+        .fetch_all(db.postgres_pool().unwrap())
+        .await
+        .unwrap();
+        assert_eq!(
+            applied,
+            (1..=8).map(|v| (v, true)).collect::<Vec<_>>(),
+            "each migration applied once"
+        );
+        // The schema works: a turn commits on it.
+        let contact = Contact::new("1555");
+        instances[1]
+            .commit_turn(&bare_turn(None, &contact, t(0)))
+            .await
+            .unwrap();
+        for instance in &instances {
+            instance.close().await;
+        }
+        drop_schema(&db, &race).await;
+        drop_schema(&db, &schema).await;
+    }
+
     #[test]
     fn postgres_urls_give_their_pool_size() {
         let (_, size) = postgres_options("postgres://u:p@h/db").unwrap();

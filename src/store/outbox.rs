@@ -767,4 +767,135 @@ pub(super) mod tests {
         );
         assert!(!update.contains("messages_by_contact"), "{update}");
     }
+
+    /// Two instances' senders claim one channel's outbox on PostgreSQL at once, each
+    /// recording its sends: every message is claimed once, and a contact's messages are
+    /// claimed one at a time in order (never while an earlier one is unsent), whichever
+    /// instance claims them.
+    #[tokio::test]
+    async fn two_instances_claim_each_message_once_in_each_contacts_order() {
+        use crate::domain::{Contact, Decision, OutboundContent};
+        use crate::store::conformance::{
+            CH, bare_turn, drop_schema, postgres_db, postgres_db_on, said, t,
+        };
+        use crate::store::{OutboundRecord, TurnWrite};
+        let Some((db, schema)) = postgres_db().await else {
+            return;
+        };
+        let mut contacts = Vec::new();
+        for c in 0..20 {
+            let contact = Contact::new(format!("{}", 1000 + c));
+            let out: Vec<OutboundRecord> = (0..4)
+                .map(|i| OutboundRecord {
+                    status: "pending".into(),
+                    ..said(
+                        OutboundContent::text(format!("{c}-{i}")),
+                        Decision::Send {
+                            reason: "window open".into(),
+                        },
+                    )
+                })
+                .collect();
+            let turn = db
+                .commit_turn(&TurnWrite {
+                    outbound: &out,
+                    ..bare_turn(None, &contact, t(0))
+                })
+                .await
+                .unwrap();
+            contacts.push((turn.contact_id, turn.outbound_ids));
+        }
+        let other = postgres_db_on(&schema).await;
+        let sender = |db: Db, owner: &'static str| {
+            tokio::spawn(async move {
+                let mut claimed = Vec::new();
+                for _ in 0..200 {
+                    let rows = db
+                        .claim_outbox(CH, t(1), 7, owner, Duration::from_secs(60))
+                        .await
+                        .unwrap();
+                    if rows.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    }
+                    let sent: Vec<(i64, String)> = rows
+                        .iter()
+                        .map(|r| (r.id, format!("wamid.{}", r.id)))
+                        .collect();
+                    for row in &rows {
+                        // Nothing earlier of this contact is unsent when it is claimed.
+                        let unsent: i64 = with_pool!(db, |pool| sqlx::query_scalar(
+                            "SELECT COUNT(*) FROM messages WHERE contact_id = $1 \
+                                AND direction = 'out' AND status IN ('pending', 'sending') \
+                                AND id < $2"
+                        )
+                        .bind(row.contact_id)
+                        .bind(row.id)
+                        .fetch_one(pool)
+                        .await
+                        .unwrap());
+                        assert_eq!(unsent, 0, "message {} claimed out of order", row.id);
+                    }
+                    let pairs: Vec<(i64, &str)> =
+                        sent.iter().map(|(id, w)| (*id, w.as_str())).collect();
+                    db.record_sent_many(&pairs, t(1)).await.unwrap();
+                    claimed.extend(rows.iter().map(|r| (r.contact_id, r.id)));
+                }
+                claimed
+            })
+        };
+        let (a, b) = (sender(db.clone(), "a"), sender(other.clone(), "b"));
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        assert!(!a.is_empty() && !b.is_empty(), "both instances sent");
+        let mut all: Vec<(i64, i64)> = a.into_iter().chain(b).collect();
+        let claims = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(claims, all.len(), "a message was claimed twice");
+        let expected: Vec<(i64, i64)> = contacts
+            .iter()
+            .flat_map(|(c, ids)| ids.iter().map(move |id| (*c, *id)))
+            .collect();
+        assert_eq!(all, expected, "every message claimed");
+        other.close().await;
+        drop_schema(&db, &schema).await;
+    }
+
+    /// On PostgreSQL a turn for a contact id that names nobody is refused as on SQLite
+    /// (its guard is a part of the turn's one statement).
+    #[tokio::test]
+    async fn postgres_refuses_a_turn_for_an_unknown_contact_id() {
+        use crate::domain::Contact;
+        use crate::store::TurnWrite;
+        use crate::store::conformance::{CH, bare_turn, drop_schema, inbound, postgres_db, t};
+        let Some((db, schema)) = postgres_db().await else {
+            return;
+        };
+        let contact = Contact::new("1555");
+        let err = db
+            .commit_turn(&bare_turn(Some(42), &contact, t(0)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::UnknownContact { id: 42 }),
+            "{err}"
+        );
+        let message = inbound("wamid.x", "hi", t(0));
+        let err = db
+            .commit_turn(&TurnWrite {
+                inbound: Some(&message),
+                ..bare_turn(Some(42), &contact, t(0))
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::UnknownContact { id: 42 }),
+            "{err}"
+        );
+        assert_eq!(
+            db.load_conversation(CH, "1555").await.unwrap().contact_id,
+            None
+        );
+        drop_schema(&db, &schema).await;
+    }
 }

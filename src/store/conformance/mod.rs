@@ -46,11 +46,8 @@ struct Fixture {
 impl Fixture {
     /// Drops the test's PostgreSQL schema (a failed test keeps it, to look at).
     async fn clean_up(self) {
-        if let (Some(schema), Some(pool)) = (&self.schema, self.db.postgres_pool()) {
-            sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-                .execute(pool)
-                .await
-                .unwrap();
+        if let Some(schema) = &self.schema {
+            drop_schema(&self.db, schema).await;
         }
         self.db.close().await;
     }
@@ -108,10 +105,26 @@ pub(in crate::store) async fn postgres_db() -> Option<(Db, String)> {
         .await
         .unwrap();
     sqlx::Connection::close(conn).await.unwrap();
-    let options = options.options([("search_path", schema.as_str())]);
-    let db = Db::connect_postgres(options, 4).await.unwrap();
+    let db = postgres_db_on(&schema).await;
     db.migrate().await.unwrap();
     Some((db, schema))
+}
+
+/// Another [`Db`] (another pool, as another instance would have) on the schema of a
+/// [`postgres_db`]; not migrated.
+pub(in crate::store) async fn postgres_db_on(schema: &str) -> Db {
+    let url = std::env::var("FLOWGATE_TEST_POSTGRES_URL").unwrap();
+    let (options, _) = super::db::postgres_options(&url).unwrap();
+    let options = options.options([("search_path", schema)]);
+    Db::connect_postgres(options, 4).await.unwrap()
+}
+
+/// Drops a [`postgres_db`]'s schema, once its test passed.
+pub(in crate::store) async fn drop_schema(db: &Db, schema: &str) {
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(db.postgres_pool().unwrap())
+        .await
+        .unwrap();
 }
 
 /// A SQLite database in a file of a new temporary directory (WAL, the file's own locking).
