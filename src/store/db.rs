@@ -146,6 +146,25 @@ impl Db {
         matches!(self.backend, Backend::Postgres(_))
     }
 
+    /// Whether the database answers now, for `/readyz`: on SQLite a read on the readers'
+    /// pool and a job through the writer (it also waits for the writes queued before it);
+    /// on PostgreSQL a query on the pool (a connection from it, or a new one).
+    pub async fn check_ready(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sqlite(sqlite) => {
+                sqlx::query("SELECT 1").execute(&sqlite.pool).await?;
+                sqlite
+                    .writer
+                    .run_raw(|db| Ok(db.query_row("SELECT 1", [], |_| Ok(()))?))
+                    .await
+            }
+            Backend::Postgres(postgres) => {
+                sqlx::query("SELECT 1").execute(&postgres.pool).await?;
+                Ok(())
+            }
+        }
+    }
+
     /// The text at `path` inside the JSON text of `column`, in this backend's SQL (the few
     /// queries that look inside stored JSON: campaigns' frequency caps).
     pub(super) fn json_text(&self, column: &str, path: &[&str]) -> String {
