@@ -238,7 +238,7 @@ pub(super) fn postgres_options(url: &str) -> Result<(PgConnectOptions, u32), Sto
 }
 
 /// `url` with its password replaced by `***`, for errors and logs.
-fn redact(url: &str) -> String {
+pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };

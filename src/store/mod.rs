@@ -86,7 +86,7 @@ pub use campaigns::{
 };
 pub use contacts::{Identifiers, IdentityChanged, Resolved};
 pub use conversations::{Conversation, MessageDetail, MessageRow, SessionRow};
-pub use db::Db;
+pub use db::{DEFAULT_POSTGRES_POOL, Db, redact as redact_url};
 pub use error::StoreError;
 pub use import::{IMPORT_CHUNK, ImportOutcome};
 pub use inbox::{
