@@ -16,9 +16,11 @@
 //! not merged: their histories stay apart, the BSUID's contact answers, and the caller
 //! warns.
 //!
-//! A resolution that wrote nothing is remembered ([`ResolvedCache`]), so a known customer's
-//! next webhook costs no query: only this process writes identities (SQLite has one server
-//! process), and every identity write forgets everything remembered.
+//! On SQLite a resolution that wrote nothing is remembered ([`ResolvedCache`]), so a known
+//! customer's next webhook costs no query: only this process writes identities (SQLite has
+//! one server process), and every identity write forgets everything remembered. On
+//! PostgreSQL other instances write identities too, so nothing is remembered; identity
+//! writes of a channel take its advisory lock (`store::identities`).
 //!
 //! A contact's policy state (consent, the window) is written by its turn, or alone when it
 //! changes outside one ([`Db::save_contact_policy`]); the sender reads it back for many

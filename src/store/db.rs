@@ -2,9 +2,8 @@
 //! what concerns the whole database: opening it, migrating its schema, closing it.
 //!
 //! Each aggregate module adds its operations to `Db` in an `impl Db` block of its own; an
-//! operation reaches the backend through the macros of [`super::sql`] (portable SQL) or by
-//! `let Backend::Sqlite(sqlite) = &self.backend;` (SQLite's writer handle). See the module
-//! doc of `store` for how a backend is added.
+//! operation reaches the backend through the macros below (portable SQL) or by matching on
+//! `self.backend` (the hot writes, one version per backend). See the module doc of `store`.
 
 use std::str::FromStr;
 use std::sync::Arc;
