@@ -45,6 +45,11 @@ pub enum StoreError {
     )]
     IdentifierTaken { identifier: String },
     #[error(
+        "timer {id} was already fired (by another instance, or replaced since it was read); \
+         the turn wrote nothing"
+    )]
+    TimerAlreadyFired { id: i64 },
+    #[error(
         "the database holds data flowgate cannot read: {0}; was it written by another program?"
     )]
     Corrupt(String),

@@ -898,4 +898,58 @@ pub(super) mod tests {
         );
         drop_schema(&db, &schema).await;
     }
+
+    /// Two instances fire the same due timer on PostgreSQL at once: one turn commits (and
+    /// deletes the timer), the other writes nothing and says the timer was already fired.
+    #[tokio::test]
+    async fn a_timer_fired_by_two_instances_commits_one_turn() {
+        use crate::domain::{Contact, Decision, OutboundContent};
+        use crate::store::TurnWrite;
+        use crate::store::conformance::{
+            CH, bare_turn, contact_with_timers, drop_schema, postgres_db, postgres_db_on, said, t,
+            timer,
+        };
+        let Some((db, schema)) = postgres_db().await else {
+            return;
+        };
+        let contact_id = contact_with_timers(&db, "1555", &[timer(t(5), "a")]).await;
+        let due = db.due_timers(t(10), 10).await.unwrap();
+        assert_eq!(due.len(), 1);
+        let timer_id = due[0].id;
+        let other = postgres_db_on(&schema).await;
+        let fire = |db: Db, text: &'static str| {
+            tokio::spawn(async move {
+                let contact = Contact::new("1555");
+                let out = [said(
+                    OutboundContent::text(text),
+                    Decision::Send {
+                        reason: "window open".into(),
+                    },
+                )];
+                db.commit_turn(&TurnWrite {
+                    outbound: &out,
+                    fired_timer: Some(timer_id),
+                    ..bare_turn(Some(contact_id), &contact, t(10))
+                })
+                .await
+            })
+        };
+        let (a, b) = (fire(db.clone(), "from a"), fire(other.clone(), "from b"));
+        let results = [a.await.unwrap(), b.await.unwrap()];
+        let committed = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(committed, 1, "{results:?}");
+        for result in &results {
+            if let Err(e) = result {
+                assert!(
+                    matches!(e, StoreError::TimerAlreadyFired { id } if *id == timer_id),
+                    "{e}"
+                );
+            }
+        }
+        let log = db.messages(CH, "1555", 10).await.unwrap();
+        assert_eq!(log.len(), 1, "one turn's reply");
+        assert!(db.due_timers(t(10), 10).await.unwrap().is_empty());
+        other.close().await;
+        drop_schema(&db, &schema).await;
+    }
 }

@@ -301,6 +301,15 @@ impl Db {
 /// The error of a batch stopped by a stale-contact check (see [`build`]), saying which:
 /// any other error as it is.
 fn stale_contact(error: StoreError, turn: &TurnWrite<'_>) -> StoreError {
+    if let StoreError::Database(sqlx::Error::Database(e)) = &error
+        && let Some(id) = turn.fired_timer
+        && e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+            .is_some_and(|e| {
+                e.code() == "23502" && e.table() == Some("contacts") && e.column() == Some("wa_id")
+            })
+    {
+        return StoreError::TimerAlreadyFired { id };
+    }
     let guard_failed = match &error {
         StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, Some(message))) => {
             e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_NOTNULL
@@ -400,6 +409,16 @@ fn build(turn: &TurnWrite<'_>, dialect: Dialect) -> Result<Batch, StoreError> {
     if let Some(id) = turn.fired_timer {
         let id = b.param(id)?;
         b.statement(&format!("DELETE FROM timers WHERE id = {id}"));
+        if dialect == Dialect::Postgres {
+            // Several instances read the same due timers: the turn that deletes the timer
+            // fires it, and one that finds it gone (deleted by another's turn, which it
+            // waited for) writes nothing: a NULL key fails the statement.
+            let deleted = b.statements.len() - 1;
+            b.statement(&format!(
+                "INSERT INTO contacts (channel, wa_id, created_at, updated_at) \
+                SELECT $1, NULL, 0, 0 WHERE NOT EXISTS (SELECT 1 FROM s{deleted})"
+            ));
+        }
     }
     if let Some(timers) = turn.replace_timers {
         replace_timers(&mut b, timers, &contact)?;
