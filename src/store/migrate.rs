@@ -57,7 +57,9 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
 ];
 
 /// The PostgreSQL migrations: the same numbers and names as SQLite's, each written for
-/// PostgreSQL. A test checks this list against `migrations/postgres/`.
+/// PostgreSQL. A test checks this list against `migrations/postgres/`, and another that
+/// both backends have the same migrations: a SQLite migration merged from another branch
+/// (0009, api_requests) needs its PostgreSQL twin here.
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
         1,
