@@ -826,4 +826,96 @@ mod tests {
         assert_eq!(untouched.contact.wa_id, "1888");
         assert_eq!(untouched.session, None);
     }
+
+    /// On PostgreSQL a turn for a contact id that names nobody is refused as on SQLite
+    /// (its guard is a part of the turn's one statement).
+    #[tokio::test]
+    async fn postgres_refuses_a_turn_for_an_unknown_contact_id() {
+        use crate::domain::Contact;
+        use crate::store::TurnWrite;
+        use crate::store::conformance::{CH, bare_turn, drop_schema, inbound, postgres_db, t};
+        let Some((db, schema)) = postgres_db().await else {
+            return;
+        };
+        let contact = Contact::new("1555");
+        let err = db
+            .commit_turn(&bare_turn(Some(42), &contact, t(0)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::UnknownContact { id: 42 }),
+            "{err}"
+        );
+        let message = inbound("wamid.x", "hi", t(0));
+        let err = db
+            .commit_turn(&TurnWrite {
+                inbound: Some(&message),
+                ..bare_turn(Some(42), &contact, t(0))
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::UnknownContact { id: 42 }),
+            "{err}"
+        );
+        assert_eq!(
+            db.load_conversation(CH, "1555").await.unwrap().contact_id,
+            None
+        );
+        drop_schema(&db, &schema).await;
+    }
+
+    /// Two instances fire the same due timer on PostgreSQL at once: one turn commits (and
+    /// deletes the timer), the other writes nothing and says the timer was already fired.
+    #[tokio::test]
+    async fn a_timer_fired_by_two_instances_commits_one_turn() {
+        use crate::domain::{Contact, Decision, OutboundContent};
+        use crate::store::TurnWrite;
+        use crate::store::conformance::{
+            CH, bare_turn, contact_with_timers, drop_schema, postgres_db, postgres_db_on, said, t,
+            timer,
+        };
+        let Some((db, schema)) = postgres_db().await else {
+            return;
+        };
+        let contact_id = contact_with_timers(&db, "1555", &[timer(t(5), "a")]).await;
+        let due = db.due_timers(t(10), 10).await.unwrap();
+        assert_eq!(due.len(), 1);
+        let timer_id = due[0].id;
+        let other = postgres_db_on(&schema).await;
+        let fire = |db: Db, text: &'static str| {
+            tokio::spawn(async move {
+                let contact = Contact::new("1555");
+                let out = [said(
+                    OutboundContent::text(text),
+                    Decision::Send {
+                        reason: "window open".into(),
+                    },
+                )];
+                db.commit_turn(&TurnWrite {
+                    outbound: &out,
+                    fired_timer: Some(timer_id),
+                    ..bare_turn(Some(contact_id), &contact, t(10))
+                })
+                .await
+            })
+        };
+        let (a, b) = (fire(db.clone(), "from a"), fire(other.clone(), "from b"));
+        let results = [a.await.unwrap(), b.await.unwrap()];
+        let committed = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(committed, 1, "{results:?}");
+        for result in &results {
+            if let Err(e) = result {
+                assert!(
+                    matches!(e, StoreError::TimerAlreadyFired { id } if *id == timer_id),
+                    "{e}"
+                );
+            }
+        }
+        let log = db.messages(CH, "1555", 10).await.unwrap();
+        assert_eq!(log.len(), 1, "one turn's reply");
+        assert!(db.due_timers(t(10), 10).await.unwrap().is_empty());
+        other.close().await;
+        drop_schema(&db, &schema).await;
+    }
 }
