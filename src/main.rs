@@ -257,7 +257,7 @@ async fn migrate(config: Option<&Path>) -> anyhow::Result<ExitCode> {
     let db = Db::connect(&config.database).await?;
     db.migrate().await?;
     db.close().await;
-    println!("migrated {}", config.database);
+    println!("migrated {}", flowgate::store::redact_url(&config.database));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -449,7 +449,10 @@ async fn serve(config: Option<&Path>, watch: bool) -> anyhow::Result<ExitCode> {
         flows.len(),
         flows.join(", ")
     );
-    println!("  database: {}", loaded.config.database);
+    println!(
+        "  database: {}",
+        flowgate::store::redact_url(&loaded.config.database)
+    );
     println!("  health:   curl http://{addr}/healthz");
     let doors = application.doors();
     let auth = match &doors.sandbox {

@@ -256,6 +256,8 @@ impl Runtime {
         match committed {
             Ok(committed) => Ok(Some(committed)),
             Err(e) if e.is_duplicate() && turn.inbound.is_some() => Ok(None),
+            // Another instance fired this timer (PostgreSQL): its turn is that one.
+            Err(crate::store::StoreError::TimerAlreadyFired { .. }) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }

@@ -42,9 +42,17 @@ pub fn router(state: AppState, doors: Doors) -> Router {
 }
 
 async fn ready(State(state): State<AppState>) -> Response {
-    match state.runtime.next_timer_at().await {
-        Ok(_) => (StatusCode::OK, "ready").into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("database: {e}")).into_response(),
+    let db = &state.runtime.db;
+    let backend = db.backend();
+    // A database that takes longer than this to answer is as good as down to a balancer.
+    match tokio::time::timeout(std::time::Duration::from_secs(2), db.check_ready()).await {
+        Ok(Ok(())) => (StatusCode::OK, format!("ready: {backend}")).into_response(),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{backend}: {e}")).into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{backend}: no answer within 2 s"),
+        )
+            .into_response(),
     }
 }
 

@@ -214,7 +214,7 @@ type CampaignRaw = (
     String,
     String,
     String,
-    bool,
+    i64,
     Option<String>,
     Option<i64>,
     i64,
@@ -252,6 +252,31 @@ const RUN_COLUMNS: &str = "id, campaign, scheduled_for, trigger, status, reason,
 const LEDGER_COLUMNS: &str =
     "run_id, contact_id, decision, reason, message_id, not_before, decided_at";
 
+/// [`Db::set_run_status`]'s statement.
+const UPDATE_RUN_STATUS: &str = "UPDATE campaign_runs SET status = $2, reason = $3, \
+        started_at = CASE WHEN $4 = 1 AND started_at IS NULL THEN $6 ELSE started_at END, \
+        finished_at = CASE WHEN $5 = 1 THEN $6 ELSE finished_at END, updated_at = $6 \
+    WHERE id = $1 AND status NOT IN ('done', 'missed', 'cancelled')";
+
+/// Runs [`UPDATE_RUN_STATUS`] on `$conn` (a connection the caller holds, of either
+/// backend): whether the run changed. A macro, so one text serves both connection types.
+macro_rules! update_run_status {
+    ($conn:expr, $run_id:expr, $status:expr, $reason:expr, $now:expr) => {{
+        let status: RunStatus = $status;
+        sqlx::query(UPDATE_RUN_STATUS)
+            .bind($run_id)
+            .bind(status.as_str())
+            .bind($reason)
+            .bind(i64::from(status == RunStatus::Running))
+            .bind(i64::from(status.is_final()))
+            .bind($now.timestamp_millis())
+            .execute($conn)
+            .await?
+            .rows_affected()
+            > 0
+    }};
+}
+
 fn millis_opt(ms: Option<i64>, column: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
     ms.map(|ms| from_millis(ms, column)).transpose()
 }
@@ -263,7 +288,7 @@ fn campaign_row(raw: CampaignRaw) -> Result<CampaignRow, StoreError> {
         channel,
         source,
         origin: CampaignOrigin::parse(&origin, "campaigns.origin")?,
-        paused,
+        paused: paused != 0,
         pause_reason,
         next_run_at: millis_opt(next, "campaigns.next_run_at")?,
         created_at: from_millis(created, "campaigns.created_at")?,
@@ -589,7 +614,7 @@ impl Db {
     ) -> Result<bool, StoreError> {
         let reason = reason.map(str::to_string);
         let changed = with_writer!(self, |pool| {
-            update_run_status(&mut *pool, run_id, status, reason.as_deref(), now).await?
+            update_run_status!(&mut *pool, run_id, status, reason.as_deref(), now)
         });
         Ok(changed)
     }
@@ -636,7 +661,7 @@ impl Db {
         let decision = decision.as_str();
         let changed = with_writer!(self, own(reason), |pool| {
             let mut tx = sqlx::Connection::begin(&mut *pool).await?;
-            let changed = update_run_status(&mut tx, run_id, status, Some(&reason), now).await?;
+            let changed = update_run_status!(&mut *tx, run_id, status, Some(&reason), now);
             if changed {
                 sqlx::query(RECIPIENTS)
                     .bind(run_id)
@@ -733,31 +758,6 @@ fn pending_sql() -> String {
         WHERE run_id = $1 AND decision IN ('planned', 'deferred') AND not_before <= $2 \
         ORDER BY not_before, contact_id LIMIT $3"
     )
-}
-
-/// [`Db::set_run_status`]'s statement, on a connection the caller holds.
-async fn update_run_status(
-    conn: &mut sqlx::SqliteConnection,
-    run_id: i64,
-    status: RunStatus,
-    reason: Option<&str>,
-    now: DateTime<Utc>,
-) -> Result<bool, StoreError> {
-    const SQL: &str = "UPDATE campaign_runs SET status = $2, reason = $3, \
-            started_at = CASE WHEN $4 = 1 AND started_at IS NULL THEN $6 ELSE started_at END, \
-            finished_at = CASE WHEN $5 = 1 THEN $6 ELSE finished_at END, updated_at = $6 \
-        WHERE id = $1 AND status NOT IN ('done', 'missed', 'cancelled')";
-    let updated = sqlx::query(SQL)
-        .bind(run_id)
-        .bind(status.as_str())
-        .bind(reason)
-        .bind(i64::from(status == RunStatus::Running))
-        .bind(i64::from(status.is_final()))
-        .bind(now.timestamp_millis())
-        .execute(conn)
-        .await?
-        .rows_affected();
-    Ok(updated > 0)
 }
 
 // The ledger.
@@ -958,7 +958,7 @@ fn template_recipients_sql() -> String {
         "SELECT COUNT(*), MIN(last) FROM (SELECT MAX(created_at) AS last FROM messages \
             WHERE channel = $1 AND direction = 'out' AND kind = 'template' \
                 AND created_at > $2 AND {SENDING} \
-            GROUP BY contact_id)"
+            GROUP BY contact_id) AS t"
     )
 }
 
@@ -998,9 +998,14 @@ impl Db {
             key.clone(),
         ];
         let policy = Value::Text(serde_json::to_string(send.policy)?);
+        let sqlite = match &self.backend {
+            Backend::Sqlite(sqlite) => sqlite,
+            Backend::Postgres(postgres) => {
+                return send_campaign_postgres(&postgres.pool, insert, policy, run_id).await;
+            }
+        };
         // A raw job (see `store::writer`): one per recipient, on the writer's own handle;
         // through sqlx its four statements cost four round trips to sqlx's worker thread.
-        let Backend::Sqlite(sqlite) = &self.backend;
         sqlite
             .writer
             .run_raw(move |db| {
@@ -1077,14 +1082,16 @@ impl Db {
             String::new()
         } else {
             format!(
-                " OR (kind = 'template' AND json_extract(body, '$.content.name') IN ({}))",
+                " OR (kind = 'template' AND {} IN ({}))",
+                self.json_text("body", &["content", "name"]),
                 placeholders(4, templates.len())
             )
         };
         let sql = format!(
             "SELECT COUNT(*) FROM messages WHERE contact_id = $1 AND direction = 'out' \
                 AND created_at > $2 AND {SENDING} \
-                AND (json_extract(body, '$.origin.category') = $3{by_name})"
+                AND ({} = $3{by_name})",
+            self.json_text("body", &["origin", "category"])
         );
         let count: i64 = with_pool!(self, |pool| {
             let mut q = sqlx::query_scalar(&sql)
@@ -1147,7 +1154,8 @@ impl Db {
         contact_id: i64,
     ) -> Result<Option<(Origin, DateTime<Utc>)>, StoreError> {
         let sql = format!(
-            "SELECT body, created_at, CAST({SENDING} AS BIGINT) FROM messages \
+            "SELECT body, created_at, CAST(CASE WHEN {SENDING} THEN 1 ELSE 0 END AS BIGINT) \
+            FROM messages \
             WHERE contact_id = $1 AND direction = 'out' ORDER BY id DESC LIMIT 1"
         );
         let raw: Option<(String, i64, i64)> = with_pool!(self, |pool| sqlx::query_as(&sql)
@@ -1176,6 +1184,58 @@ impl Db {
             .await?);
         Ok(u64::try_from(count).unwrap_or(0))
     }
+}
+
+/// [`Db::send_campaign_message`] on PostgreSQL: one statement (one round trip, one
+/// transaction). `insert` holds the message's columns as SQLite's statement binds them
+/// (`$1` contact … `$9` key); the policy is `$10`, the run `$11`. When another instance
+/// wrote the recipient's message at the same moment, the insert finds its key taken and the
+/// statement returns nothing: it runs again, and finds that message.
+async fn send_campaign_postgres(
+    pool: &sqlx::PgPool,
+    insert: Vec<Value>,
+    policy: Value,
+    run_id: i64,
+) -> Result<CampaignSent, StoreError> {
+    const SQL: &str = "WITH existing AS (SELECT id FROM messages WHERE idempotency_key = $9), \
+        inserted AS (INSERT INTO messages (contact_id, channel, direction, kind, body, \
+                decision, reason, status, created_at, updated_at, idempotency_key, priority) \
+            SELECT $1, $2, 'out', $3, $4, $5, $6, $7, $8, $8, $9, 1 \
+            WHERE NOT EXISTS (SELECT 1 FROM existing) \
+            ON CONFLICT DO NOTHING RETURNING id), \
+        policy AS (UPDATE contacts SET policy = $10 \
+            WHERE id = $1 AND EXISTS (SELECT 1 FROM inserted)), \
+        message AS (SELECT id, TRUE AS created FROM inserted \
+            UNION ALL SELECT id, FALSE FROM existing), \
+        ledger AS (UPDATE campaign_recipients SET decision = 'sent', reason = $6, \
+                message_id = (SELECT id FROM message), decided_at = $8 \
+            WHERE run_id = $11 AND contact_id = $1 AND decision IN ('planned', 'deferred') \
+                AND EXISTS (SELECT 1 FROM message)) \
+        SELECT id, created FROM message";
+    for _ in 0..2 {
+        let mut query = sqlx::query_as::<_, (i64, bool)>(SQL);
+        for value in insert.iter().chain([&policy]) {
+            query = match value {
+                Value::Integer(n) => query.bind(*n),
+                Value::Text(text) => query.bind(text.as_str()),
+                other => {
+                    return Err(StoreError::Corrupt(format!(
+                        "a campaign send has an unexpected value {other:?}"
+                    )));
+                }
+            };
+        }
+        let row = query.bind(run_id).fetch_optional(pool).await?;
+        if let Some((message_id, created)) = row {
+            return Ok(CampaignSent {
+                message_id,
+                created,
+            });
+        }
+    }
+    Err(StoreError::GroupFailed(
+        "the campaign message's key was taken but its message is not visible".into(),
+    ))
 }
 
 /// [`Db::audience_page`]'s row: a contact as a `where` condition sees it.
@@ -1209,7 +1269,7 @@ impl Db {
         let mut tags: Vec<&str> = tags.iter().map(String::as_str).collect();
         tags.sort_unstable();
         tags.dedup();
-        let sql = audience_sql(tags.len());
+        let sql = audience_sql(tags.len(), self.is_postgres());
         let raw: Vec<AudienceRaw> = with_pool!(self, |pool| {
             let mut q = sqlx::query_as(&sql)
                 .bind(channel)
@@ -1230,19 +1290,26 @@ impl Db {
 /// `+channel` walks the table in id order from the page's `after_id`: with the (channel,
 /// wa_id) index SQLite read every contact of the channel and sorted them for every page, and
 /// a million-contact audience took minutes instead of seconds.
-fn audience_sql(tag_count: usize) -> String {
+fn audience_sql(tag_count: usize, postgres: bool) -> String {
+    let tags = if postgres {
+        "json_array_elements_text(CAST(contacts.tags AS json)) AS t (value)"
+    } else {
+        "json_each(contacts.tags) t"
+    };
     let tag_clause = if tag_count == 0 {
         String::new()
     } else {
         format!(
-            " AND (SELECT COUNT(DISTINCT t.value) FROM json_each(contacts.tags) t \
+            " AND (SELECT COUNT(DISTINCT t.value) FROM {tags} \
                 WHERE t.value IN ({})) = {tag_count}",
             placeholders(5, tag_count),
         )
     };
+    // PostgreSQL picks the primary key's order by itself; `+` is SQLite's way to say so.
+    let channel = if postgres { "channel" } else { "+channel" };
     format!(
         "SELECT id, wa_id, name, tags, attrs, timezone, last_customer_message_at, policy \
-        FROM contacts WHERE +channel = $1 AND id > $2 AND created_at <= $3{tag_clause} \
+        FROM contacts WHERE {channel} = $1 AND id > $2 AND created_at <= $3{tag_clause} \
         ORDER BY id LIMIT $4"
     )
 }
@@ -1278,7 +1345,7 @@ mod tests {
             "{pending}"
         );
         assert!(!pending.contains("TEMP B-TREE"), "{pending}");
-        let audience = plan(&db, &audience_sql(2)).await;
+        let audience = plan(&db, &audience_sql(2, false)).await;
         assert!(
             audience.contains("SEARCH contacts USING INTEGER PRIMARY KEY (rowid>?)"),
             "{audience}"

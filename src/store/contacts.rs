@@ -16,20 +16,22 @@
 //! not merged: their histories stay apart, the BSUID's contact answers, and the caller
 //! warns.
 //!
-//! A resolution that wrote nothing is remembered ([`ResolvedCache`]), so a known customer's
-//! next webhook costs no query: only this process writes identities (SQLite has one server
-//! process), and every identity write forgets everything remembered.
+//! On SQLite a resolution that wrote nothing is remembered ([`ResolvedCache`]), so a known
+//! customer's next webhook costs no query: only this process writes identities (SQLite has
+//! one server process), and every identity write forgets everything remembered. On
+//! PostgreSQL other instances write identities too, so nothing is remembered; identity
+//! writes of a channel take its advisory lock (`store::identities`).
 //!
 //! A contact's policy state (consent, the window) is written by its turn, or alone when it
 //! changes outside one ([`Db::save_contact_policy`]); the sender reads it back for many
 //! contacts at once ([`Db::contacts_for_policy`]).
 
 use chrono::{DateTime, Utc};
-use rusqlite::OptionalExtension as _;
 
 use super::db::{Backend, Db};
 use super::db::{with_pool, with_writer};
 use super::error::StoreError;
+use super::identities::{IdentityConn, LOOKUP, LookupRow, SqliteIds, lock_channel, ready};
 use super::resolved_cache::ResolvedCache;
 use super::sql::{from_millis, placeholders};
 use crate::domain::{Contact, PolicyState, is_bsuid};
@@ -143,25 +145,9 @@ enum Resolution {
 // A row as the database returns it.
 type PolicyContactRaw = (i64, String, Option<String>, String, Option<i64>, String);
 
-/// The contacts two identifiers (`$2`: a BSUID, `$3`: a phone) name on channel `$1`, by key
-/// or alias: (identifier, contact id, key, found by key, paired). A key match comes first:
-/// it outranks an alias that (written before the key) repeats it.
-const LOOKUP: &str = "SELECT x.identifier, c.id, c.wa_id, x.by_key, \
-        EXISTS (SELECT 1 FROM contact_aliases o WHERE o.contact_id = c.id \
-            AND o.current = 1) \
-    FROM (SELECT wa_id AS identifier, id AS contact_id, 1 AS by_key FROM contacts \
-            WHERE channel = $1 AND wa_id IN ($2, $3) \
-        UNION ALL SELECT identifier, contact_id, 0 FROM contact_aliases \
-            WHERE channel = $1 AND identifier IN ($2, $3)) x \
-    JOIN contacts c ON c.id = x.contact_id \
-    ORDER BY x.by_key DESC";
-
 /// How a webhook's resolution ends when its identifiers name two contacts (an import
 /// reports the conflict without it: it writes neither).
 const BSUID_ANSWERS: &str = "; the BSUID's contact answers";
-
-/// A row of [`LOOKUP`].
-type LookupRow = (String, i64, String, bool, bool);
 
 /// The contacts [`LOOKUP`]'s rows name for `ids`' BSUID and phone.
 fn known(rows: &[LookupRow], ids: Identifiers<'_>) -> (Option<Known>, Option<Known>) {
@@ -197,8 +183,8 @@ pub(super) enum Identified {
 /// [`resolution`], the same link job. Unlike a webhook's resolution, a contact named for
 /// the first time is created here (there is no turn to create it). The caller forgets
 /// what the [`ResolvedCache`] remembers before and after its job.
-pub(super) fn identify(
-    db: &rusqlite::Connection,
+pub(super) async fn identify(
+    db: &mut impl IdentityConn,
     channel: &str,
     ids: Identifiers<'_>,
     now: DateTime<Utc>,
@@ -206,21 +192,7 @@ pub(super) fn identify(
     let Some(new_key) = ids.new_key() else {
         return Ok(None);
     };
-    let mut statement = db.prepare_cached(LOOKUP)?;
-    let text = |s: Option<&str>| rusqlite::types::Value::from(s.map(str::to_string));
-    let args = [text(Some(channel)), text(ids.bsuid), text(ids.phone)];
-    super::sql::bind_numbered(&mut statement, &args)?;
-    let mut rows = statement.raw_query();
-    let mut found: Vec<LookupRow> = Vec::new();
-    while let Some(row) = rows.next()? {
-        found.push((
-            row.get(0)?,
-            row.get(1)?,
-            row.get(2)?,
-            row.get(3)?,
-            row.get(4)?,
-        ));
-    }
+    let found = db.lookup(channel, ids.bsuid, ids.phone).await?;
     let identified = match resolution(channel, ids, new_key, known(&found, ids), now) {
         Resolution::Settled(key) => Identified::Existing {
             key,
@@ -228,7 +200,7 @@ pub(super) fn identify(
         },
         Resolution::Link(link, _) => {
             let created = link.contact.is_none();
-            match link.run(db)? {
+            match link.run(db).await? {
                 Linked::Key { key, .. } if created => Identified::Created { key },
                 Linked::Key { key, .. } => Identified::Existing {
                     key,
@@ -248,7 +220,7 @@ pub(super) fn identify(
                 now: now.timestamp_millis(),
                 ..Link::default()
             };
-            match create.run(db)? {
+            match create.run(db).await? {
                 Linked::Key { key, .. } => Identified::Created { key },
                 Linked::Conflict { why, .. } => Identified::Conflict(why),
             }
@@ -388,20 +360,35 @@ impl Db {
     /// and a turn on a contact whose key changed fails its stale-contact check, and either
     /// is retried).
     pub(super) async fn link(&self, link: Link) -> Result<Linked, StoreError> {
-        let Backend::Sqlite(sqlite) = &self.backend;
-        sqlite.identities.forget_all();
-        let linked = sqlite.writer.run_raw(move |db| link.run(db)).await?;
-        if matches!(linked, Linked::Key { .. }) {
-            sqlite.identities.forget_all();
+        match &self.backend {
+            Backend::Sqlite(sqlite) => {
+                sqlite.identities.forget_all();
+                let linked = sqlite
+                    .writer
+                    .run_raw(move |db| ready(link.run(&mut SqliteIds(db))))
+                    .await?;
+                if matches!(linked, Linked::Key { .. }) {
+                    sqlite.identities.forget_all();
+                }
+                Ok(linked)
+            }
+            Backend::Postgres(postgres) => {
+                let mut tx = postgres.pool.begin().await?;
+                lock_channel(&mut tx, &link.channel).await?;
+                let linked = link.run(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(linked)
+            }
         }
-        Ok(linked)
     }
 
     /// What this process remembers of resolved identities; a backend whose identities
-    /// other processes write too has none.
+    /// other processes write too (PostgreSQL) has none.
     fn resolved_cache(&self) -> Option<&ResolvedCache> {
-        let Backend::Sqlite(sqlite) = &self.backend;
-        Some(&sqlite.identities)
+        match &self.backend {
+            Backend::Sqlite(sqlite) => Some(&sqlite.identities),
+            Backend::Postgres(_) => None,
+        }
     }
 
     /// Writes a contact's policy state alone (consent and window changes that arrive outside
@@ -535,62 +522,38 @@ fn conflict(identifier: &str, other: (i64, String), contact: Option<i64>) -> Lin
 }
 
 impl Link {
-    /// Runs the link on the writer's handle. Everything is checked before anything is
-    /// written.
-    fn run(&self, db: &rusqlite::Connection) -> Result<Linked, StoreError> {
+    /// Runs the link on `db`, inside the caller's transaction. Everything is checked
+    /// before anything is written.
+    pub(super) async fn run(&self, db: &mut impl IdentityConn) -> Result<Linked, StoreError> {
         match (self.contact, self.key.as_deref()) {
-            (Some(contact), _) => self.relink(db, contact),
-            (None, Some(key)) => self.create(db, key),
+            (Some(contact), _) => self.relink(db, contact).await,
+            (None, Some(key)) => self.create(db, key).await,
             (None, None) => Err(StoreError::Corrupt("a new contact without a key".into())),
         }
     }
 
-    /// The contact `identifier` names on the link's channel (by key, else alias): its id
-    /// and key.
-    fn owner(
-        &self,
-        db: &rusqlite::Connection,
-        identifier: &str,
-    ) -> Result<Option<(i64, String)>, StoreError> {
-        Ok(db
-            .prepare_cached(
-                "SELECT c.id, c.wa_id FROM contacts c WHERE c.channel = ?1 AND c.wa_id = ?2 \
-                 UNION ALL SELECT c.id, c.wa_id FROM contact_aliases a \
-                    JOIN contacts c ON c.id = a.contact_id \
-                    WHERE a.channel = ?1 AND a.identifier = ?2 LIMIT 1",
-            )?
-            .query_row([self.channel.as_str(), identifier], |row| {
-                Ok((row.get(0)?, row.get(1)?))
-            })
-            .optional()?)
-    }
-
     /// Creates a contact keyed by `key` with the link's alias; first moves `key` off the
     /// contact holding it when the link displaces it.
-    fn create(&self, db: &rusqlite::Connection, key: &str) -> Result<Linked, StoreError> {
+    async fn create(&self, db: &mut impl IdentityConn, key: &str) -> Result<Linked, StoreError> {
+        let channel = self.channel.as_str();
         if let Some(alias) = self.alias.as_deref()
-            && let Some(other) = self.owner(db, alias)?
+            && let Some(other) = db.owner(channel, alias).await?
         {
             return Ok(conflict(alias, other, None));
         }
-        if let Some(holder) = self.owner(db, key)? {
+        if let Some(holder) = db.owner(channel, key).await? {
             if !self.displace || holder.1 != key {
                 return Ok(conflict(key, holder, None));
             }
             // The number has a new owner: its old contact is keyed by its BSUID.
-            let Some(bsuid) = self.take_current_alias(db, holder.0)? else {
+            let Some(bsuid) = db.take_current_alias(channel, holder.0).await? else {
                 return Ok(conflict(key, holder, None));
             };
-            self.set_key(db, holder.0, &bsuid)?;
+            db.set_key(holder.0, &bsuid, self.now).await?;
         }
-        db.prepare_cached(
-            "INSERT INTO contacts (channel, wa_id, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?3)",
-        )?
-        .execute(rusqlite::params![self.channel, key, self.now])?;
-        let id = db.last_insert_rowid();
+        let id = db.insert_contact(channel, key, self.now).await?;
         if let Some(alias) = self.alias.as_deref() {
-            self.add_alias(db, id, alias, !is_bsuid(key))?;
+            self.add_alias(db, id, alias, !is_bsuid(key)).await?;
         }
         Ok(Linked::Key {
             contact_id: id,
@@ -600,44 +563,40 @@ impl Link {
 
     /// Gives `contact` the link's key (its old key stays as an alias if it is a BSUID) and
     /// alias.
-    fn relink(&self, db: &rusqlite::Connection, contact: i64) -> Result<Linked, StoreError> {
+    async fn relink(&self, db: &mut impl IdentityConn, contact: i64) -> Result<Linked, StoreError> {
         let channel = self.channel.as_str();
         let old_key: String = db
-            .prepare_cached("SELECT wa_id FROM contacts WHERE id = ?1 AND channel = ?2")?
-            .query_row(rusqlite::params![contact, channel], |row| row.get(0))
-            .optional()?
+            .key_of(contact, channel)
+            .await?
             .ok_or(StoreError::UnknownContact { id: contact })?;
         let new_key = self.key.as_deref().filter(|k| *k != old_key);
         let alias = self.alias.as_deref();
         for identifier in new_key.iter().chain(alias.iter()) {
-            if let Some(other) = self
-                .owner(db, identifier)?
+            if let Some(other) = db
+                .owner(channel, identifier)
+                .await?
                 .filter(|other| other.0 != contact)
             {
                 return Ok(conflict(identifier, other, Some(contact)));
             }
         }
         if self.number_changed {
-            db.prepare_cached("UPDATE contact_aliases SET current = 0 WHERE contact_id = ?1")?
-                .execute([contact])?;
+            db.clear_current(contact).await?;
         }
         let mut key = old_key.clone();
         if let Some(new_key) = new_key {
-            db.prepare_cached(
-                "DELETE FROM contact_aliases WHERE channel = ?1 AND identifier = ?2",
-            )?
-            .execute([channel, new_key])?;
-            self.set_key(db, contact, new_key)?;
+            db.delete_alias(channel, new_key).await?;
+            db.set_key(contact, new_key, self.now).await?;
             if is_bsuid(&old_key) {
                 // Known by this BSUID alone until now, it is the phone's pairing, unless
                 // the number changed (which made a new BSUID).
                 let current = !self.number_changed && !is_bsuid(new_key);
-                self.add_alias(db, contact, &old_key, current)?;
+                self.add_alias(db, contact, &old_key, current).await?;
             }
             key = new_key.to_string();
         }
         if let Some(alias) = alias.filter(|a| *a != key) {
-            self.add_alias(db, contact, alias, !is_bsuid(&key))?;
+            self.add_alias(db, contact, alias, !is_bsuid(&key)).await?;
         }
         Ok(Linked::Key {
             contact_id: contact,
@@ -645,58 +604,19 @@ impl Link {
         })
     }
 
-    fn set_key(
-        &self,
-        db: &rusqlite::Connection,
-        contact: i64,
-        key: &str,
-    ) -> Result<(), StoreError> {
-        db.prepare_cached("UPDATE contacts SET wa_id = ?1, updated_at = ?2 WHERE id = ?3")?
-            .execute(rusqlite::params![key, self.now, contact])?;
-        Ok(())
-    }
-
     /// Adds (or updates) an alias of `contact`, which the caller checked names no other
     /// contact; a `current` one replaces the contact's current pairing.
-    fn add_alias(
+    async fn add_alias(
         &self,
-        db: &rusqlite::Connection,
+        db: &mut impl IdentityConn,
         contact: i64,
         identifier: &str,
         current: bool,
     ) -> Result<(), StoreError> {
         if current {
-            db.prepare_cached("UPDATE contact_aliases SET current = 0 WHERE contact_id = ?1")?
-                .execute([contact])?;
+            db.clear_current(contact).await?;
         }
-        db.prepare_cached(
-            "INSERT INTO contact_aliases (channel, identifier, contact_id, current) \
-             VALUES (?1, ?2, ?3, ?4) \
-             ON CONFLICT (channel, identifier) DO UPDATE SET current = excluded.current",
-        )?
-        .execute(rusqlite::params![
-            self.channel,
-            identifier,
-            contact,
-            current
-        ])?;
-        Ok(())
-    }
-
-    /// Removes `contact`'s current BSUID alias and returns it.
-    fn take_current_alias(
-        &self,
-        db: &rusqlite::Connection,
-        contact: i64,
-    ) -> Result<Option<String>, StoreError> {
-        Ok(db
-            .prepare_cached(
-                "DELETE FROM contact_aliases WHERE channel = ?1 AND identifier = \
-                    (SELECT identifier FROM contact_aliases WHERE contact_id = ?2 \
-                     AND current = 1 LIMIT 1) \
-                 RETURNING identifier",
-            )?
-            .query_row(rusqlite::params![self.channel, contact], |row| row.get(0))
-            .optional()?)
+        db.upsert_alias(&self.channel, identifier, contact, current)
+            .await
     }
 }

@@ -2,18 +2,18 @@
 //! what concerns the whole database: opening it, migrating its schema, closing it.
 //!
 //! Each aggregate module adds its operations to `Db` in an `impl Db` block of its own; an
-//! operation reaches the backend through the macros of [`super::sql`] (portable SQL) or by
-//! `let Backend::Sqlite(sqlite) = &self.backend;` (SQLite's writer handle). See the module
-//! doc of `store` for how a backend is added.
+//! operation reaches the backend through the macros below (portable SQL) or by matching on
+//! `self.backend` (the hot writes, one version per backend). See the module doc of `store`.
 
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 use super::error::StoreError;
-use super::migrate::sqlite_migrator;
+use super::migrate::{postgres_migrator, sqlite_migrator};
 use super::resolved_cache::ResolvedCache;
 use super::writer::Writer;
 
@@ -27,7 +27,24 @@ pub struct Db {
 #[derive(Clone, Debug)]
 pub(super) enum Backend {
     Sqlite(Sqlite),
+    Postgres(Postgres),
 }
+
+/// PostgreSQL: one pool of connections for reads and writes. Each write is its own
+/// transaction on the server (or one transaction for an operation's statements), so several
+/// flowgate processes can share the database.
+#[derive(Clone, Debug)]
+pub(super) struct Postgres {
+    pub(super) pool: sqlx::PgPool,
+    /// The options the pool connects with (a test's schema is in them), for the migrator's
+    /// own connection (boxed: they are large, and a `Db` is cloned often).
+    options: Arc<PgConnectOptions>,
+}
+
+/// Connections in a PostgreSQL pool unless the URL's `max_connections` says otherwise: the
+/// inbound worker runs up to 64 contacts' turns at once, but a turn holds a connection only
+/// while its statements run.
+pub const DEFAULT_POSTGRES_POOL: u32 = 16;
 
 /// SQLite has one writer at a time. Readers share `pool` (WAL lets them run beside the
 /// writer); every write goes through `writer`, one connection on a thread of its own
@@ -48,18 +65,19 @@ impl Db {
     /// in WAL mode (readers don't block the writer) with foreign keys on, a 5 s busy timeout and
     /// `synchronous = NORMAL` (durable across crashes of flowgate; WAL makes it safe).
     /// `sqlite::memory:` is a private in-memory database for `chat`, tests and demos.
+    ///
+    /// `postgres://user:password@host:port/database` (or `postgresql://`) opens a pool of
+    /// [`DEFAULT_POSTGRES_POOL`] connections; `?max_connections=N` in the URL sets another
+    /// size. The other parameters are PostgreSQL's own (`sslmode`, `options`, …).
     pub async fn connect(url: &str) -> Result<Db, StoreError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Err(StoreError::Unsupported(
-                "PostgreSQL support arrives with its migrations in a later release; use \
-                 sqlite://… for now"
-                    .into(),
-            ));
+            let (options, size) = postgres_options(url)?;
+            return Db::connect_postgres(options, size).await;
         }
         if !url.starts_with("sqlite:") {
             return Err(StoreError::InvalidUrl {
-                url: url.into(),
-                reason: "flowgate supports SQLite URLs only".into(),
+                url: redact(url),
+                reason: "flowgate supports SQLite and PostgreSQL URLs only".into(),
             });
         }
         let sqlite = Sqlite::open(sqlite_options(url)?).await?;
@@ -69,36 +87,173 @@ impl Db {
         })
     }
 
-    /// Brings the schema up to date; safe to run on every start.
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        let Backend::Sqlite(sqlite) = &self.backend;
-        let migrator = sqlite_migrator().await?;
-        sqlite
-            .writer
-            .run(move |conn| Box::pin(async move { Ok(migrator.run_direct(conn).await?) }))
+    /// A PostgreSQL pool of `size` connections on `options`.
+    pub(super) async fn connect_postgres(
+        options: PgConnectOptions,
+        size: u32,
+    ) -> Result<Db, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(size)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options.clone())
             .await?;
+        tracing::debug!(pool = size, "connected to PostgreSQL");
+        Ok(Db {
+            backend: Backend::Postgres(Postgres {
+                pool,
+                options: Arc::new(options),
+            }),
+        })
+    }
+
+    /// Brings the schema up to date; safe to run on every start, and on PostgreSQL from
+    /// several instances at once (sqlx's migrator holds an advisory lock while it works:
+    /// the others wait for it, then find nothing left to apply).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sqlite(sqlite) => {
+                let migrator = sqlite_migrator().await?;
+                sqlite
+                    .writer
+                    .run(move |conn| Box::pin(async move { Ok(migrator.run_direct(conn).await?) }))
+                    .await?;
+            }
+            Backend::Postgres(postgres) => {
+                // A connection of its own, closed after: the advisory lock is the
+                // session's, and a failed migration leaves no pooled connection holding it.
+                let migrator = postgres_migrator().await?;
+                let mut conn = sqlx::ConnectOptions::connect(&*postgres.options).await?;
+                let result = migrator.run_direct(&mut conn).await;
+                let _ = sqlx::Connection::close(conn).await;
+                result?;
+            }
+        }
         tracing::debug!("database schema is up to date");
         Ok(())
     }
 
-    /// `sqlite` (one name per backend), for logs and `flowgate doctor`-style output.
+    /// `sqlite` or `postgres` (one name per backend), for logs and readiness.
     pub fn backend(&self) -> &'static str {
-        let Backend::Sqlite(_) = &self.backend;
-        "sqlite"
+        match &self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Whether the database is on PostgreSQL (for the few statements written per backend).
+    pub(super) fn is_postgres(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
+    /// Whether the database answers now, for `/readyz`: on SQLite a read on the readers'
+    /// pool and a job through the writer (it also waits for the writes queued before it);
+    /// on PostgreSQL a query on the pool (a connection from it, or a new one).
+    pub async fn check_ready(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sqlite(sqlite) => {
+                sqlx::query("SELECT 1").execute(&sqlite.pool).await?;
+                sqlite
+                    .writer
+                    .run_raw(|db| Ok(db.query_row("SELECT 1", [], |_| Ok(()))?))
+                    .await
+            }
+            Backend::Postgres(postgres) => {
+                sqlx::query("SELECT 1").execute(&postgres.pool).await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The text at `path` inside the JSON text of `column`, in this backend's SQL (the few
+    /// queries that look inside stored JSON: campaigns' frequency caps).
+    pub(super) fn json_text(&self, column: &str, path: &[&str]) -> String {
+        match &self.backend {
+            Backend::Sqlite(_) => format!("json_extract({column}, '$.{}')", path.join(".")),
+            Backend::Postgres(_) => {
+                format!("(CAST({column} AS json) #>> '{{{}}}')", path.join(","))
+            }
+        }
     }
 
     /// Closes every connection, so SQLite checkpoints its WAL before the process exits.
     pub async fn close(&self) {
-        let Backend::Sqlite(sqlite) = &self.backend;
-        sqlite.pool.close().await;
-        sqlite.writer.close().await;
+        match &self.backend {
+            Backend::Sqlite(sqlite) => {
+                sqlite.pool.close().await;
+                sqlite.writer.close().await;
+            }
+            Backend::Postgres(postgres) => postgres.pool.close().await,
+        }
     }
 
     /// The SQLite reading pool, for tests that look into the database directly; `None` on
     /// another backend.
     pub fn sqlite_pool(&self) -> Option<&sqlx::SqlitePool> {
-        let Backend::Sqlite(sqlite) = &self.backend;
-        Some(&sqlite.pool)
+        match &self.backend {
+            Backend::Sqlite(sqlite) => Some(&sqlite.pool),
+            Backend::Postgres(_) => None,
+        }
+    }
+
+    /// The PostgreSQL pool, for tests that look into the database directly; `None` on
+    /// another backend.
+    pub fn postgres_pool(&self) -> Option<&sqlx::PgPool> {
+        match &self.backend {
+            Backend::Postgres(postgres) => Some(&postgres.pool),
+            Backend::Sqlite(_) => None,
+        }
+    }
+}
+
+/// The connection options and pool size of a `postgres://` URL: `max_connections` is
+/// flowgate's parameter (taken out before sqlx reads the rest).
+pub(super) fn postgres_options(url: &str) -> Result<(PgConnectOptions, u32), StoreError> {
+    let invalid = |reason: String| StoreError::InvalidUrl {
+        url: redact(url),
+        reason,
+    };
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut size = DEFAULT_POSTGRES_POOL;
+    let mut rest = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("max_connections", n)) => {
+                size = n.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    invalid(format!(
+                        "max_connections must be a whole number above 0, not `{n}`"
+                    ))
+                })?;
+            }
+            _ => rest.push(pair),
+        }
+    }
+    let url = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    let options = PgConnectOptions::from_str(&url).map_err(|e| invalid(e.to_string()))?;
+    Ok((options, size))
+}
+
+/// `url` with its password replaced by `***`, for errors and logs.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = rest
+        .split_once('/')
+        .map_or((rest, None), |(a, p)| (a, Some(p)));
+    let authority = match authority.rsplit_once('@') {
+        Some((user, host)) => match user.split_once(':') {
+            Some((name, _)) => format!("{name}:***@{host}"),
+            None => authority.to_string(),
+        },
+        None => authority.to_string(),
+    };
+    match path {
+        Some(path) => format!("{scheme}://{authority}/{path}"),
+        None => format!("{scheme}://{authority}"),
     }
 }
 
@@ -175,9 +330,16 @@ fn is_in_memory(url: &str) -> bool {
 /// operation runs on it.
 macro_rules! with_pool {
     ($db:expr, |$pool:ident| $body:expr) => {{
-        let $crate::store::db::Backend::Sqlite(sqlite) = &$db.backend;
-        let $pool = &sqlite.pool;
-        $body
+        match &$db.backend {
+            $crate::store::db::Backend::Sqlite(sqlite) => {
+                let $pool = &sqlite.pool;
+                $body
+            }
+            $crate::store::db::Backend::Postgres(postgres) => {
+                let $pool = &postgres.pool;
+                $body
+            }
+        }
     }};
 }
 pub(super) use with_pool;
@@ -187,18 +349,37 @@ pub(super) use with_pool;
 /// The SQLite body runs on the writer's thread (see [`super::writer`]), so it owns what it
 /// uses: list the borrowed values it reads in `own(…)`, and the body works on owned copies
 /// (`ToOwned`: a `&str` becomes a `String`, a slice a `Vec`) under the same names. Values
-/// already owned move in as they are. A backend with a pool of writers runs `$body` on it.
+/// already owned move in as they are.
+///
+/// On PostgreSQL `$body` runs on a connection of the pool inside a transaction of its own,
+/// so its statements commit together as they do in a writer job (a job's statements always
+/// share its group's transaction); a failing body rolls back.
 macro_rules! with_writer {
     ($db:expr, |$pool:ident| $body:expr) => {
         $crate::store::db::with_writer!($db, own(), |$pool| $body)
     };
     ($db:expr, own($($owned:ident),*), |$pool:ident| $body:expr) => {{
-        let $crate::store::db::Backend::Sqlite(sqlite) = &$db.backend;
-        $(let $owned = ::std::borrow::ToOwned::to_owned(&*$owned);)*
-        sqlite
-            .writer
-            .run(move |$pool| Box::pin(async move { Ok($body) }))
-            .await?
+        match &$db.backend {
+            $crate::store::db::Backend::Sqlite(sqlite) => {
+                $(let $owned = ::std::borrow::ToOwned::to_owned(&*$owned);)*
+                sqlite
+                    .writer
+                    .run(move |$pool| Box::pin(async move { Ok($body) }))
+                    .await?
+            }
+            $crate::store::db::Backend::Postgres(postgres) => {
+                $(let $owned = ::std::borrow::ToOwned::to_owned(&*$owned);)*
+                let mut tx = postgres.pool.begin().await?;
+                let result: Result<_, $crate::store::StoreError> = async {
+                    let $pool: &mut sqlx::PgConnection = &mut *tx;
+                    Ok($body)
+                }
+                .await;
+                let value = result?;
+                tx.commit().await?;
+                value
+            }
+        }
     }};
 }
 pub(super) use with_writer;
@@ -223,7 +404,9 @@ mod tests {
         let db = Db::connect(&url).await.unwrap();
         db.migrate().await.unwrap();
         assert_eq!(db.backend(), "sqlite");
-        let Backend::Sqlite(sqlite) = &db.backend;
+        let Backend::Sqlite(sqlite) = &db.backend else {
+            unreachable!("a SQLite test")
+        };
         let pool = &sqlite.pool;
         let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
             .fetch_one(pool)
@@ -270,7 +453,9 @@ mod tests {
         // their transaction lasts: a raw write waits for them (SQLite's unlock-notify), as a
         // write through sqlx does, instead of failing its group.
         let db = memory_db().await;
-        let Backend::Sqlite(sqlite) = &db.backend;
+        let Backend::Sqlite(sqlite) = &db.backend else {
+            unreachable!("a SQLite test")
+        };
         let pool = &sqlite.pool;
         let mut reader = pool.acquire().await.unwrap();
         sqlx::query("BEGIN").execute(&mut *reader).await.unwrap();
@@ -324,17 +509,89 @@ mod tests {
 
     #[tokio::test]
     async fn connect_refuses_other_urls() {
-        let err = Db::connect("postgres://u:p@localhost/flowgate")
+        let err = Db::connect("postgres://u:secret@localhost/flowgate?max_connections=0")
             .await
             .unwrap_err();
-        assert!(matches!(err, StoreError::Unsupported(_)), "{err}");
-        assert!(err.to_string().contains("sqlite://"));
-        assert!(!err.to_string().contains("u:p"));
+        assert!(matches!(err, StoreError::InvalidUrl { .. }), "{err}");
+        assert!(err.to_string().contains("max_connections"), "{err}");
+        assert!(!err.to_string().contains("secret"), "{err}");
 
         let err = Db::connect("flowgate.db").await.unwrap_err();
         assert!(matches!(err, StoreError::InvalidUrl { .. }), "{err}");
+        let err = Db::connect("mysql://u:secret@host/db").await.unwrap_err();
+        assert!(!err.to_string().contains("secret"), "{err}");
         let err = Db::connect("sqlite://x.db?mode=bogus").await.unwrap_err();
         assert!(matches!(err, StoreError::InvalidUrl { .. }), "{err}");
+    }
+
+    /// Two instances migrating one fresh PostgreSQL database at once: sqlx's migrator takes
+    /// an advisory lock, so one applies every migration and the other waits and finds
+    /// nothing to do; neither fails.
+    #[tokio::test]
+    async fn two_instances_migrate_postgres_at_once() {
+        use crate::store::conformance::{drop_schema, postgres_db, postgres_db_on};
+        let Some((db, schema)) = postgres_db().await else {
+            return;
+        };
+        // A second schema, empty, for the race: `postgres_db` migrated its own.
+        let race = format!("{schema}_race");
+        sqlx::query(&format!("CREATE SCHEMA {race}"))
+            .execute(db.postgres_pool().unwrap())
+            .await
+            .unwrap();
+        let mut instances = Vec::new();
+        for _ in 0..3 {
+            instances.push(postgres_db_on(&race).await);
+        }
+        let migrations: Vec<_> = instances
+            .iter()
+            .map(|db| {
+                let db = db.clone();
+                tokio::spawn(async move { db.migrate().await })
+            })
+            .collect();
+        for migration in migrations {
+            migration.await.unwrap().unwrap();
+        }
+        let applied: Vec<(i64, bool)> = sqlx::query_as(&format!(
+            "SELECT version, success FROM {race}._sqlx_migrations ORDER BY version"
+        ))
+        .fetch_all(db.postgres_pool().unwrap())
+        .await
+        .unwrap();
+        assert_eq!(
+            applied,
+            (1..=8).map(|v| (v, true)).collect::<Vec<_>>(),
+            "each migration applied once"
+        );
+        // The schema works: a turn commits on it.
+        let contact = Contact::new("1555");
+        instances[1]
+            .commit_turn(&bare_turn(None, &contact, t(0)))
+            .await
+            .unwrap();
+        for instance in &instances {
+            instance.close().await;
+        }
+        drop_schema(&db, &race).await;
+        drop_schema(&db, &schema).await;
+    }
+
+    #[test]
+    fn postgres_urls_give_their_pool_size() {
+        let (_, size) = postgres_options("postgres://u:p@h/db").unwrap();
+        assert_eq!(size, DEFAULT_POSTGRES_POOL);
+        let (options, size) =
+            postgres_options("postgresql://u:p@h:5433/db?max_connections=40&sslmode=disable")
+                .unwrap();
+        assert_eq!(size, 40);
+        assert_eq!(options.get_port(), 5433);
+        assert_eq!(options.get_database(), Some("db"));
+        assert_eq!(
+            redact("postgres://u:p@h/db?x=1"),
+            "postgres://u:***@h/db?x=1"
+        );
+        assert_eq!(redact("postgres://h/db"), "postgres://h/db");
     }
 
     #[test]

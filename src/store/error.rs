@@ -21,7 +21,8 @@ pub enum StoreError {
     #[error("{0}")]
     Unsupported(String),
     #[error(
-        "invalid database URL `{url}`: {reason}; use sqlite://path/to/flowgate.db or sqlite::memory:"
+        "invalid database URL `{url}`: {reason}; use sqlite://path/to/flowgate.db, sqlite::memory: \
+         or postgres://user:password@host/database"
     )]
     InvalidUrl { url: String, reason: String },
     #[error(
@@ -43,6 +44,11 @@ pub enum StoreError {
          change); handle the event again"
     )]
     IdentifierTaken { identifier: String },
+    #[error(
+        "timer {id} was already fired (by another instance, or replaced since it was read); \
+         the turn wrote nothing"
+    )]
+    TimerAlreadyFired { id: i64 },
     #[error(
         "the database holds data flowgate cannot read: {0}; was it written by another program?"
     )]

@@ -14,12 +14,12 @@
 //! file twice reports every row unchanged the second time.
 
 use chrono::{DateTime, Utc};
-use rusqlite::OptionalExtension as _;
 
 use super::Identifiers;
 use super::contacts::{Identified, identify};
 use super::db::{Backend, Db};
 use super::error::StoreError;
+use super::identities::{IdentityConn, SqliteIds, lock_channel, ready};
 use crate::contacts_import::csv::{ImportRow, Profile};
 
 /// Rows per transaction.
@@ -61,31 +61,51 @@ impl Db {
         rows: Vec<ImportRow>,
         now: DateTime<Utc>,
     ) -> Result<Vec<ImportOutcome>, StoreError> {
-        let Backend::Sqlite(sqlite) = &self.backend;
-        let channel = channel.to_string();
-        sqlite.identities.forget_all();
-        let outcomes = sqlite
-            .writer
-            .run_raw(move |db| {
-                rows.iter()
-                    .map(|row| import_row(db, &channel, row, now))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .await;
-        sqlite.identities.forget_all();
-        outcomes
+        match &self.backend {
+            Backend::Sqlite(sqlite) => {
+                let channel = channel.to_string();
+                sqlite.identities.forget_all();
+                let outcomes = sqlite
+                    .writer
+                    .run_raw(move |db| ready(import_rows(&mut SqliteIds(db), &channel, &rows, now)))
+                    .await;
+                sqlite.identities.forget_all();
+                outcomes
+            }
+            Backend::Postgres(postgres) => {
+                let mut tx = postgres.pool.begin().await?;
+                lock_channel(&mut tx, channel).await?;
+                let outcomes = import_rows(&mut *tx, channel, &rows, now).await?;
+                tx.commit().await?;
+                Ok(outcomes)
+            }
+        }
     }
 }
 
+/// A chunk's rows, in order, inside the caller's transaction.
+async fn import_rows(
+    db: &mut impl IdentityConn,
+    channel: &str,
+    rows: &[ImportRow],
+    now: DateTime<Utc>,
+) -> Result<Vec<ImportOutcome>, StoreError> {
+    let mut outcomes = Vec::with_capacity(rows.len());
+    for row in rows {
+        outcomes.push(import_row(db, channel, row, now).await?);
+    }
+    Ok(outcomes)
+}
+
 /// Resolves one row to its contact and merges its profile in.
-fn import_row(
-    db: &rusqlite::Connection,
+async fn import_row(
+    db: &mut impl IdentityConn,
     channel: &str,
     row: &ImportRow,
     now: DateTime<Utc>,
 ) -> Result<ImportOutcome, StoreError> {
     let ids = Identifiers::new(row.phone.as_deref(), row.bsuid.as_deref());
-    let (key, outcome) = match identify(db, channel, ids, now)? {
+    let (key, outcome) = match identify(db, channel, ids, now).await? {
         None => {
             return Ok(ImportOutcome::Conflict(
                 "neither a wa_id nor a bsuid".into(),
@@ -102,52 +122,35 @@ fn import_row(
             },
         ),
     };
-    let (id, mut profile) = read_profile(db, channel, &key)?;
+    let (id, mut profile) = read_profile(db, channel, &key).await?;
     if !row.apply(&mut profile) {
         return Ok(outcome);
     }
-    db.prepare_cached(
-        "UPDATE contacts SET name = ?1, tags = ?2, attrs = ?3, timezone = ?4, updated_at = ?5 \
-         WHERE id = ?6",
-    )?
-    .execute(rusqlite::params![
-        profile.name,
+    let (tags, attrs) = (
         serde_json::to_string(&profile.tags)?,
         serde_json::to_string(&profile.attrs)?,
-        profile.timezone,
-        now.timestamp_millis(),
-        id
-    ])?;
+    );
+    let columns = (
+        profile.name.as_deref(),
+        tags.as_str(),
+        attrs.as_str(),
+        profile.timezone.as_deref(),
+    );
+    db.update_profile(id, columns, now.timestamp_millis())
+        .await?;
     Ok(match outcome {
         ImportOutcome::Created => ImportOutcome::Created,
         _ => ImportOutcome::Updated,
     })
 }
 
-// A contact's id and profile as the database returns them.
-type ProfileRaw = (i64, Option<String>, String, String, Option<String>);
-
 /// The id and profile of the contact keyed `key`.
-fn read_profile(
-    db: &rusqlite::Connection,
+async fn read_profile(
+    db: &mut impl IdentityConn,
     channel: &str,
     key: &str,
 ) -> Result<(i64, Profile), StoreError> {
-    let row: Option<ProfileRaw> = db
-        .prepare_cached(
-            "SELECT id, name, tags, attrs, timezone FROM contacts \
-             WHERE channel = ?1 AND wa_id = ?2",
-        )?
-        .query_row([channel, key], |row| {
-            Ok((
-                row.get(0)?,
-                row.get(1)?,
-                row.get(2)?,
-                row.get(3)?,
-                row.get(4)?,
-            ))
-        })
-        .optional()?;
+    let row = db.profile(channel, key).await?;
     let Some((id, name, tags, attrs, timezone)) = row else {
         return Err(StoreError::Corrupt(format!(
             "contact `{key}` on channel `{channel}` was resolved but is not in `contacts`"

@@ -19,6 +19,7 @@ use super::db::{Backend, Db};
 use super::db::{with_pool, with_writer};
 use super::error::StoreError;
 use super::sql::{bind_numbered, from_millis, placeholders};
+use super::writer::Writer;
 
 /// Kinds that belong to a contact's conversation and are processed in order per contact.
 pub const ORDERED_KINDS: [&str; 3] = ["message", "system", "user_preference"];
@@ -142,68 +143,11 @@ impl Db {
         if rows.is_empty() {
             return Ok(Stored::default());
         }
-        let now = now.timestamp_millis();
-        let payloads = rows
-            .iter()
-            .map(|r| serde_json::to_string(&r.payload))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut statements = Vec::new();
-        for (chunk_index, chunk) in rows.chunks(INSERT_CHUNK).enumerate() {
-            let mut sql = String::from(
-                "INSERT INTO inbox (channel, dedupe_key, kind, contact_key, payload, \
-                 received_at) VALUES ",
-            );
-            for i in 0..chunk.len() {
-                if i > 0 {
-                    sql.push(',');
-                }
-                let p = i * 5;
-                sql.push_str(&format!(
-                    "(${}, ${}, ${}, ${}, ${}, $1)",
-                    p + 2,
-                    p + 3,
-                    p + 4,
-                    p + 5,
-                    p + 6
-                ));
-            }
-            sql.push_str(" ON CONFLICT (channel, dedupe_key) DO NOTHING");
-            statements.push((sql, chunk_index * INSERT_CHUNK, chunk.len()));
-        }
         let count = rows.len() as u64;
-        // Each statement's parameters: the time, then five per row.
-        let statements: Vec<(String, Vec<Value>)> = statements
-            .into_iter()
-            .map(|(sql, offset, len)| {
-                let mut args = Vec::with_capacity(1 + len * 5);
-                args.push(Value::Integer(now));
-                for (row, payload) in rows[offset..offset + len]
-                    .iter()
-                    .zip(&payloads[offset..offset + len])
-                {
-                    args.push(Value::Text(row.channel.clone()));
-                    args.push(Value::Text(row.dedupe_key.clone()));
-                    args.push(Value::Text(row.kind.clone()));
-                    args.push(row.contact_key.clone().into());
-                    args.push(Value::Text(payload.clone()));
-                }
-                (sql, args)
-            })
-            .collect();
-        // All statements in one job: all rows or none.
-        let Backend::Sqlite(sqlite) = &self.backend;
-        let inserted: u64 = sqlite
-            .writer
-            .run_raw(move |conn| {
-                let mut inserted = 0;
-                for (sql, args) in &statements {
-                    let mut statement = conn.prepare_cached(sql)?;
-                    bind_numbered(&mut statement, args)?;
-                    inserted += statement.raw_execute()? as u64;
-                }
-                Ok(inserted)
-            })
-            .await?;
+        let inserted = match &self.backend {
+            Backend::Sqlite(sqlite) => insert_sqlite(&sqlite.writer, rows, now).await?,
+            Backend::Postgres(postgres) => insert_postgres(&postgres.pool, rows, now).await?,
+        };
         Ok(Stored {
             stored: inserted,
             duplicates: count - inserted,
@@ -281,17 +225,27 @@ impl Db {
 
     /// Marks updates processed.
     pub async fn finish_inbox(&self, ids: &[i64], now: DateTime<Utc>) -> Result<(), StoreError> {
-        let Backend::Sqlite(sqlite) = &self.backend;
         let now = now.timestamp_millis();
-        for chunk in ids.chunks(ID_CHUNK) {
-            let sql = format!(
-                "UPDATE inbox SET processed_at = $1 WHERE id IN ({})",
-                placeholders(2, chunk.len())
-            );
-            let mut args = Vec::with_capacity(1 + chunk.len());
-            args.push(Value::Integer(now));
-            args.extend(chunk.iter().map(|id| Value::Integer(*id)));
-            sqlite.writer.query::<()>(sql, args).await?;
+        match &self.backend {
+            Backend::Sqlite(sqlite) => {
+                for chunk in ids.chunks(ID_CHUNK) {
+                    let sql = format!(
+                        "UPDATE inbox SET processed_at = $1 WHERE id IN ({})",
+                        placeholders(2, chunk.len())
+                    );
+                    let mut args = Vec::with_capacity(1 + chunk.len());
+                    args.push(Value::Integer(now));
+                    args.extend(chunk.iter().map(|id| Value::Integer(*id)));
+                    sqlite.writer.query::<()>(sql, args).await?;
+                }
+            }
+            Backend::Postgres(postgres) => {
+                sqlx::query("UPDATE inbox SET processed_at = $1 WHERE id = ANY($2)")
+                    .bind(now)
+                    .bind(ids)
+                    .execute(&postgres.pool)
+                    .await?;
+            }
         }
         Ok(())
     }
@@ -545,3 +499,104 @@ static STATUS_UPDATE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| 
         RETURNING id"
     )
 });
+
+/// The webhook's rows as multi-row `INSERT`s of [`INSERT_CHUNK`] rows, one raw job on
+/// SQLite's writer; how many were new.
+async fn insert_sqlite(
+    writer: &Writer,
+    rows: &[NewInboxRow],
+    now: DateTime<Utc>,
+) -> Result<u64, StoreError> {
+    let now = now.timestamp_millis();
+    let payloads = rows
+        .iter()
+        .map(|r| serde_json::to_string(&r.payload))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut statements = Vec::new();
+    for (chunk_index, chunk) in rows.chunks(INSERT_CHUNK).enumerate() {
+        let mut sql = String::from(
+            "INSERT INTO inbox (channel, dedupe_key, kind, contact_key, payload, \
+                 received_at) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            if i > 0 {
+                sql.push(',');
+            }
+            let p = i * 5;
+            sql.push_str(&format!(
+                "(${}, ${}, ${}, ${}, ${}, $1)",
+                p + 2,
+                p + 3,
+                p + 4,
+                p + 5,
+                p + 6
+            ));
+        }
+        sql.push_str(" ON CONFLICT (channel, dedupe_key) DO NOTHING");
+        statements.push((sql, chunk_index * INSERT_CHUNK, chunk.len()));
+    }
+    // Each statement's parameters: the time, then five per row.
+    let statements: Vec<(String, Vec<Value>)> = statements
+        .into_iter()
+        .map(|(sql, offset, len)| {
+            let mut args = Vec::with_capacity(1 + len * 5);
+            args.push(Value::Integer(now));
+            for (row, payload) in rows[offset..offset + len]
+                .iter()
+                .zip(&payloads[offset..offset + len])
+            {
+                args.push(Value::Text(row.channel.clone()));
+                args.push(Value::Text(row.dedupe_key.clone()));
+                args.push(Value::Text(row.kind.clone()));
+                args.push(row.contact_key.clone().into());
+                args.push(Value::Text(payload.clone()));
+            }
+            (sql, args)
+        })
+        .collect();
+    // All statements in one job: all rows or none.
+    writer
+        .run_raw(move |conn| {
+            let mut inserted = 0;
+            for (sql, args) in &statements {
+                let mut statement = conn.prepare_cached(sql)?;
+                bind_numbered(&mut statement, args)?;
+                inserted += statement.raw_execute()? as u64;
+            }
+            Ok(inserted)
+        })
+        .await
+}
+
+/// The webhook's rows in one statement on PostgreSQL (one round trip, one transaction):
+/// each column as one array parameter, unnested back into rows in their order; how many
+/// were new.
+async fn insert_postgres(
+    pool: &sqlx::PgPool,
+    rows: &[NewInboxRow],
+    now: DateTime<Utc>,
+) -> Result<u64, StoreError> {
+    const SQL: &str = "INSERT INTO inbox (channel, dedupe_key, kind, contact_key, payload, \
+            received_at) \
+        SELECT channel, dedupe_key, kind, contact_key, payload, $1 \
+        FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) \
+            WITH ORDINALITY AS u (channel, dedupe_key, kind, contact_key, payload, n) \
+        ORDER BY n \
+        ON CONFLICT (channel, dedupe_key) DO NOTHING";
+    let payloads = rows
+        .iter()
+        .map(|r| serde_json::to_string(&r.payload))
+        .collect::<Result<Vec<_>, _>>()?;
+    let column = |f: fn(&NewInboxRow) -> &str| rows.iter().map(f).collect::<Vec<_>>();
+    let contact_keys: Vec<Option<&str>> = rows.iter().map(|r| r.contact_key.as_deref()).collect();
+    Ok(sqlx::query(SQL)
+        .bind(now.timestamp_millis())
+        .bind(column(|r| &r.channel))
+        .bind(column(|r| &r.dedupe_key))
+        .bind(column(|r| &r.kind))
+        .bind(contact_keys)
+        .bind(payloads)
+        .execute(pool)
+        .await?
+        .rows_affected())
+}

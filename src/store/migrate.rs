@@ -1,5 +1,6 @@
-//! The SQLite schema: the migrations of `migrations/sqlite/`, embedded so the binary carries
-//! its schema, and the [`Migrator`] that applies them ([`super::Db::migrate`]).
+//! The schema of each backend: the migrations of `migrations/sqlite/` and
+//! `migrations/postgres/` (the same numbers and names), embedded so the binary carries its
+//! schema, and the [`Migrator`]s that apply them ([`super::Db::migrate`]).
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -60,6 +61,58 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
 ];
 
+/// The PostgreSQL migrations: the same numbers and names as SQLite's, each written for
+/// PostgreSQL. A test checks this list against `migrations/postgres/`, and another that
+/// both backends have the same migrations: a SQLite migration merged from another branch
+/// (0009, api_requests) needs its PostgreSQL twin here.
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "channels",
+        include_str!("../../migrations/postgres/0002_channels.sql"),
+    ),
+    (
+        3,
+        "policy",
+        include_str!("../../migrations/postgres/0003_policy.sql"),
+    ),
+    (
+        4,
+        "outbox indexes",
+        include_str!("../../migrations/postgres/0004_outbox_indexes.sql"),
+    ),
+    (
+        5,
+        "contact aliases",
+        include_str!("../../migrations/postgres/0005_contact_aliases.sql"),
+    ),
+    (
+        6,
+        "campaigns",
+        include_str!("../../migrations/postgres/0006_campaigns.sql"),
+    ),
+    (
+        7,
+        "campaign dispatch",
+        include_str!("../../migrations/postgres/0007_campaign_dispatch.sql"),
+    ),
+    (
+        8,
+        "campaign run requests",
+        include_str!("../../migrations/postgres/0008_campaign_run_requests.sql"),
+    ),
+    (
+        11,
+        "split assignments",
+        include_str!("../../migrations/postgres/0011_split_assignments.sql"),
+    ),
+];
+
 /// A [`MigrationSource`] over migrations compiled into the binary.
 #[derive(Debug)]
 struct Embedded(&'static [(i64, &'static str, &'static str)]);
@@ -91,23 +144,58 @@ pub(super) async fn sqlite_migrator() -> Result<Migrator, MigrateError> {
     Migrator::new(Embedded(SQLITE_MIGRATIONS)).await
 }
 
+/// The migrator of PostgreSQL's embedded migrations. On PostgreSQL sqlx's migrator holds an
+/// advisory lock (`pg_advisory_lock`) while it applies them, so two instances migrating at
+/// once apply each migration once: the second waits, then finds nothing left to do.
+pub(super) async fn postgres_migrator() -> Result<Migrator, MigrateError> {
+    Migrator::new(Embedded(POSTGRES_MIGRATIONS)).await
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
 
     use super::*;
 
-    /// The embedded list must match `migrations/sqlite/` exactly: a file added there but not
-    /// to [`SQLITE_MIGRATIONS`] would never run.
+    async fn on_disk_and_embedded(
+        dir: &str,
+        list: &'static [(i64, &'static str, &'static str)],
+    ) -> (Migrator, Migrator) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("migrations")
+            .join(dir);
+        let on_disk = Migrator::new(dir).await.unwrap();
+        let embedded = Migrator::new(Embedded(list)).await.unwrap();
+        (on_disk, embedded)
+    }
+
+    /// The embedded lists must match `migrations/sqlite/` and `migrations/postgres/`
+    /// exactly: a file added there but not to the list would never run.
     #[tokio::test]
     async fn embedded_migrations_match_the_directory() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
-        let on_disk = Migrator::new(dir).await.unwrap();
-        let embedded = Migrator::new(Embedded(SQLITE_MIGRATIONS)).await.unwrap();
         let key = |m: &Migration| (m.version, m.description.to_string(), m.checksum.to_vec());
+        for (dir, list) in [
+            ("sqlite", SQLITE_MIGRATIONS),
+            ("postgres", POSTGRES_MIGRATIONS),
+        ] {
+            let (on_disk, embedded) = on_disk_and_embedded(dir, list).await;
+            assert_eq!(
+                on_disk.iter().map(key).collect::<Vec<_>>(),
+                embedded.iter().map(key).collect::<Vec<_>>(),
+                "{dir}"
+            );
+        }
+    }
+
+    /// Both backends have the same migrations, by number and name.
+    #[tokio::test]
+    async fn backends_have_the_same_migrations() {
+        let key = |m: &Migration| (m.version, m.description.to_string());
+        let (sqlite, _) = on_disk_and_embedded("sqlite", SQLITE_MIGRATIONS).await;
+        let (postgres, _) = on_disk_and_embedded("postgres", POSTGRES_MIGRATIONS).await;
         assert_eq!(
-            on_disk.iter().map(key).collect::<Vec<_>>(),
-            embedded.iter().map(key).collect::<Vec<_>>()
+            sqlite.iter().map(key).collect::<Vec<_>>(),
+            postgres.iter().map(key).collect::<Vec<_>>()
         );
     }
 }

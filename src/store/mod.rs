@@ -29,32 +29,30 @@
 //!
 //! Beside them: `db` ([`Db`], its `Backend`, connect, migrate, close, and the two macros
 //! that open the backend for portable SQL), `error` ([`StoreError`]), `migrate` (the
-//! embedded SQLite migrations), `sql` (the helpers every aggregate shares), `writer` (SQLite's writer thread) and `resolved_cache`
+//! embedded migrations of both backends), `identities` (the identity rules' statements per
+//! backend), `sql` (the helpers every aggregate shares), `writer` (SQLite's writer thread) and `resolved_cache`
 //! (identities this process resolved). Modules import downwards only: aggregates import
 //! `db`, `error`, `sql` and each other's row types; `db` imports none of them.
 //!
 //! # The backend seam
 //!
-//! [`Db`] is a struct over a private `Backend` enum, with one variant per database; only
-//! `Sqlite` exists today (its reading pool, its writer thread, its identity cache), and
-//! [`Db::connect`] refuses `postgres://` URLs. Every operation reaches the backend in one of
-//! two ways:
+//! [`Db`] is a struct over a private `Backend` enum, with one variant per database: `Sqlite`
+//! (its reading pool, its writer thread, its identity cache) and `Postgres` (one pool).
+//! Every operation reaches the backend in one of two ways:
 //!
 //! * portable SQL (`$n` placeholders, `ON CONFLICT`, `RETURNING`, times as unix
-//!   milliseconds, JSON as text) runs through `db::with_pool!` (reads) and
-//!   `db::with_writer!` (writes), which open the backend with
-//!   `let Backend::Sqlite(sqlite) = &db.backend;`;
-//! * SQL written against SQLite's handle (the hot writes: turns, webhook updates, claims,
-//!   recorded sends, identity links; raw writer jobs with cached statements and group
-//!   commit) opens it with that same `let` in the operation itself.
+//!   milliseconds, JSON as text, integers as BIGINT) runs through `db::with_pool!` (reads)
+//!   and `db::with_writer!` (writes), whose arms run the same body on either backend's
+//!   pool (a PostgreSQL write body in a transaction of its own);
+//! * the hot writes (turns, webhook updates, claims, recorded sends, campaign sends) match
+//!   on the backend: SQLite's version is a raw writer job (cached statements, group
+//!   commit), PostgreSQL's one statement (data-modifying `WITH` parts, `UNNEST` arrays,
+//!   `FOR UPDATE SKIP LOCKED`). The identity rules are written once over
+//!   `identities::IdentityConn`, which each backend implements.
 //!
-//! To add a backend (PostgreSQL): add its variant to `Backend` and open it in
-//! [`Db::connect`]. Every `let Backend::Sqlite(..)` then stops compiling, so the compiler
-//! lists each place to write: the two macros (make each a `match` whose new arm runs the
-//! same body on the new pool: every portable operation then works), and each operation
-//! written against SQLite's handle (give it a `match` with the new backend's version).
-//! Callers do not change. Then add the backend to the conformance suite
-//! (`conformance`), which every backend must pass.
+//! A few read queries differ in their SQL (JSON paths, a JSON array's elements): they ask
+//! `Db::json_text` or `Db::is_postgres`. Callers do not change with the backend; the
+//! conformance suite (`conformance`) runs on every backend.
 
 mod campaign_reports;
 mod campaigns;
@@ -62,6 +60,7 @@ mod contacts;
 mod conversations;
 mod db;
 mod error;
+mod identities;
 mod import;
 mod inbox;
 mod migrate;
@@ -87,7 +86,7 @@ pub use campaigns::{
 };
 pub use contacts::{Identifiers, IdentityChanged, Resolved};
 pub use conversations::{Conversation, MessageDetail, MessageRow, SessionRow};
-pub use db::Db;
+pub use db::{DEFAULT_POSTGRES_POOL, Db, redact as redact_url};
 pub use error::StoreError;
 pub use import::{IMPORT_CHUNK, ImportOutcome};
 pub use inbox::{

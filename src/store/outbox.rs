@@ -161,6 +161,126 @@ fn claim_update(ids: usize) -> String {
     )
 }
 
+/// Claimed rows, in claim order, and the candidates' statuses before the claim (a `sending`
+/// one is reclaimed).
+type Claimed = (Vec<ClaimRaw>, Vec<(i64, String)>);
+
+/// SQLite's claim: a read on the pool, then the claiming UPDATE as a raw writer job.
+async fn claim_sqlite(
+    sqlite: &super::db::Sqlite,
+    channel: &str,
+    now_ms: i64,
+    lease_ms: i64,
+    limit: i64,
+    lease_owner: &str,
+) -> Result<Claimed, StoreError> {
+    // Two statements, no explicit transaction: a read that takes no lock (and usually
+    // finds nothing), then one UPDATE that claims what is still claimable, so the
+    // database's write lock is held for one statement only. Another sender may claim a
+    // candidate in between, or an older message of its contact may become pending (a
+    // flushed queue); the UPDATE checks both again and skips the candidate.
+    let select = format!(
+        "SELECT m.id, m.status FROM messages m WHERE {CLAIMABLE} \
+            ORDER BY m.priority, m.id LIMIT $3"
+    );
+    let candidates: Vec<(i64, String)> = sqlx::query_as(&select)
+        .bind(channel)
+        .bind(now_ms)
+        .bind(limit)
+        .fetch_all(&sqlite.pool)
+        .await?;
+    if candidates.is_empty() {
+        return Ok((Vec::new(), candidates));
+    }
+    let update = claim_update(candidates.len());
+    let mut args = vec![
+        Value::Text(channel.to_owned()),
+        Value::Integer(now_ms),
+        Value::Integer(lease_ms),
+        Value::Text(lease_owner.to_owned()),
+    ];
+    args.extend(candidates.iter().map(|(id, _)| Value::Integer(*id)));
+    let mut rows: Vec<ClaimRaw> = sqlite.writer.query(update, args).await?;
+    // In the candidates' order: conversational first, then by id.
+    let order: std::collections::HashMap<i64, usize> = candidates
+        .iter()
+        .enumerate()
+        .map(|(i, (id, _))| (*id, i))
+        .collect();
+    rows.sort_by_key(|r| order.get(&r.0).copied().unwrap_or(usize::MAX));
+
+    Ok((rows, candidates))
+}
+
+/// PostgreSQL's claim, one statement: the claimable rows locked in claim order, skipping
+/// rows another sender (in this instance or another) has locked, and claimed, each
+/// returned with its status before the claim. A contact's later message is not claimable
+/// while an earlier one is unsent, locked or not, so a contact's messages still leave one
+/// at a time and in order whichever instance claims them.
+async fn claim_postgres(
+    pool: &sqlx::PgPool,
+    channel: &str,
+    now_ms: i64,
+    lease_ms: i64,
+    limit: i64,
+    lease_owner: &str,
+) -> Result<Claimed, StoreError> {
+    let sql = format!(
+        "WITH c AS (SELECT m.id, m.status, m.priority FROM messages m WHERE {CLAIMABLE} \
+            ORDER BY m.priority, m.id LIMIT $3 FOR UPDATE OF m SKIP LOCKED) \
+        UPDATE messages SET status = 'sending', lease_until = $4, lease_owner = $5, \
+            attempts = messages.attempts + 1, \
+            idempotency_key = COALESCE(messages.idempotency_key, \
+                'fg-' || CAST(messages.id AS TEXT)), \
+            updated_at = $2 \
+        FROM c WHERE messages.id = c.id \
+        RETURNING messages.id, messages.contact_id, \
+            (SELECT k.wa_id FROM contacts k WHERE k.id = messages.contact_id), \
+            messages.body, messages.in_reply_to, \
+            CAST(CASE WHEN messages.in_reply_to IS NOT NULL AND EXISTS (SELECT 1 \
+                FROM messages f WHERE f.contact_id = messages.contact_id \
+                    AND f.direction = 'out' AND f.in_reply_to = messages.in_reply_to \
+                    AND f.id < messages.id) \
+                THEN 0 ELSE 1 END AS BIGINT), \
+            messages.idempotency_key, messages.attempts, messages.created_at, \
+            c.status, c.priority"
+    );
+    type Row = (
+        i64,
+        i64,
+        Option<String>,
+        String,
+        Option<String>,
+        i64,
+        Option<String>,
+        i64,
+        i64,
+        String,
+        i64,
+    );
+    let mut claimed: Vec<Row> = sqlx::query_as(&sql)
+        .bind(channel)
+        .bind(now_ms)
+        .bind(limit)
+        .bind(lease_ms)
+        .bind(lease_owner)
+        .fetch_all(pool)
+        .await?;
+    claimed.sort_by_key(|r| (r.10, r.0));
+    let candidates = claimed.iter().map(|r| (r.0, r.9.clone())).collect();
+    let rows = claimed
+        .into_iter()
+        .map(
+            |(id, contact, wa_id, body, reply_to, first, key, attempts, created, _, _)| {
+                (
+                    id, contact, wa_id, body, reply_to, first, key, attempts, created,
+                )
+            },
+        )
+        .collect();
+    Ok((rows, candidates))
+}
+
 impl Db {
     /// Claims up to `limit` rows of `channel` for `lease_owner` until `now + lease_for`,
     /// conversational messages before campaign messages (`priority`), each in id order: each becomes `sending`, its attempts go up by one and it gets an idempotency
@@ -179,44 +299,22 @@ impl Db {
         }
         let now_ms = now.timestamp_millis();
         let lease_ms = now_ms.saturating_add(millis(lease_for));
-        // Two statements, no explicit transaction: a read that takes no lock (and usually
-        // finds nothing), then one UPDATE that claims what is still claimable, so the
-        // database's write lock is held for one statement only. Another sender may claim a
-        // candidate in between, or an older message of its contact may become pending (a
-        // flushed queue); the UPDATE checks both again and skips the candidate.
-        let select = format!(
-            "SELECT m.id, m.status FROM messages m WHERE {CLAIMABLE} \
-            ORDER BY m.priority, m.id LIMIT $3"
-        );
-        let candidates: Vec<(i64, String)> = with_pool!(self, |pool| {
-            sqlx::query_as(&select)
-                .bind(channel)
-                .bind(now_ms)
-                .bind(limit)
-                .fetch_all(pool)
+        let (rows, candidates) = match &self.backend {
+            Backend::Sqlite(sqlite) => {
+                claim_sqlite(sqlite, channel, now_ms, lease_ms, limit, lease_owner).await?
+            }
+            Backend::Postgres(postgres) => {
+                claim_postgres(
+                    &postgres.pool,
+                    channel,
+                    now_ms,
+                    lease_ms,
+                    limit,
+                    lease_owner,
+                )
                 .await?
-        });
-        if candidates.is_empty() {
-            return Ok(Vec::new());
-        }
-        let update = claim_update(candidates.len());
-        let mut args = vec![
-            Value::Text(channel.to_owned()),
-            Value::Integer(now_ms),
-            Value::Integer(lease_ms),
-            Value::Text(lease_owner.to_owned()),
-        ];
-        args.extend(candidates.iter().map(|(id, _)| Value::Integer(*id)));
-        let Backend::Sqlite(sqlite) = &self.backend;
-        let mut rows: Vec<ClaimRaw> = sqlite.writer.query(update, args).await?;
-        // In the candidates' order: conversational first, then by id.
-        let order: std::collections::HashMap<i64, usize> = candidates
-            .iter()
-            .enumerate()
-            .map(|(i, (id, _))| (*id, i))
-            .collect();
-        rows.sort_by_key(|r| order.get(&r.0).copied().unwrap_or(usize::MAX));
-
+            }
+        };
         let lease_until = from_millis(lease_ms, "messages.lease_until")?;
         rows.into_iter()
             .map(
@@ -278,7 +376,12 @@ impl Db {
         sent: &[(i64, &str)],
         now: DateTime<Utc>,
     ) -> Result<Vec<i64>, StoreError> {
-        let Backend::Sqlite(sqlite) = &self.backend;
+        let sqlite = match &self.backend {
+            Backend::Sqlite(sqlite) => sqlite,
+            Backend::Postgres(postgres) => {
+                return record_sent_postgres(&postgres.pool, sent, now).await;
+            }
+        };
         let mut done = Vec::with_capacity(sent.len());
         // Two parameters per row; SQLite allows 32,766.
         for chunk in sent.chunks(1000) {
@@ -587,13 +690,40 @@ impl Db {
     }
 }
 
+/// [`Db::record_sent_many`] on PostgreSQL: one statement, the ids and wamids as two array
+/// parameters.
+async fn record_sent_postgres(
+    pool: &sqlx::PgPool,
+    sent: &[(i64, &str)],
+    now: DateTime<Utc>,
+) -> Result<Vec<i64>, StoreError> {
+    const SQL: &str = "UPDATE messages SET wamid = COALESCE(messages.wamid, u.wamid), \
+            status = CASE WHEN messages.status IN ('pending', 'sending') THEN 'sent' \
+                ELSE messages.status END, \
+            lease_until = NULL, lease_owner = NULL, error_code = NULL, error = NULL, \
+            updated_at = $1 \
+        FROM UNNEST($2::bigint[], $3::text[]) AS u (id, wamid) \
+        WHERE messages.direction = 'out' AND messages.id = u.id \
+        RETURNING messages.id";
+    let ids: Vec<i64> = sent.iter().map(|(id, _)| *id).collect();
+    let wamids: Vec<&str> = sent.iter().map(|(_, wamid)| *wamid).collect();
+    Ok(sqlx::query_scalar(SQL)
+        .bind(now.timestamp_millis())
+        .bind(ids)
+        .bind(wamids)
+        .fetch_all(pool)
+        .await?)
+}
+
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
 
     /// The plan SQLite picks for `sql`, one line per step.
     pub(in crate::store) async fn plan(db: &Db, sql: &str) -> String {
-        let Backend::Sqlite(sqlite) = &db.backend;
+        let Backend::Sqlite(sqlite) = &db.backend else {
+            unreachable!("a SQLite test")
+        };
         let rows: Vec<(i64, i64, i64, String)> =
             sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
                 .fetch_all(&sqlite.pool)
@@ -636,5 +766,98 @@ pub(super) mod tests {
             "{update}"
         );
         assert!(!update.contains("messages_by_contact"), "{update}");
+    }
+
+    /// Two instances' senders claim one channel's outbox on PostgreSQL at once, each
+    /// recording its sends: every message is claimed once, and a contact's messages are
+    /// claimed one at a time in order (never while an earlier one is unsent), whichever
+    /// instance claims them.
+    #[tokio::test]
+    async fn two_instances_claim_each_message_once_in_each_contacts_order() {
+        use crate::domain::{Contact, Decision, OutboundContent};
+        use crate::store::conformance::{
+            CH, bare_turn, drop_schema, postgres_db, postgres_db_on, said, t,
+        };
+        use crate::store::{OutboundRecord, TurnWrite};
+        let Some((db, schema)) = postgres_db().await else {
+            return;
+        };
+        let mut contacts = Vec::new();
+        for c in 0..20 {
+            let contact = Contact::new(format!("{}", 1000 + c));
+            let out: Vec<OutboundRecord> = (0..4)
+                .map(|i| OutboundRecord {
+                    status: "pending".into(),
+                    ..said(
+                        OutboundContent::text(format!("{c}-{i}")),
+                        Decision::Send {
+                            reason: "window open".into(),
+                        },
+                    )
+                })
+                .collect();
+            let turn = db
+                .commit_turn(&TurnWrite {
+                    outbound: &out,
+                    ..bare_turn(None, &contact, t(0))
+                })
+                .await
+                .unwrap();
+            contacts.push((turn.contact_id, turn.outbound_ids));
+        }
+        let other = postgres_db_on(&schema).await;
+        let sender = |db: Db, owner: &'static str| {
+            tokio::spawn(async move {
+                let mut claimed = Vec::new();
+                for _ in 0..200 {
+                    let rows = db
+                        .claim_outbox(CH, t(1), 7, owner, Duration::from_secs(60))
+                        .await
+                        .unwrap();
+                    if rows.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    }
+                    let sent: Vec<(i64, String)> = rows
+                        .iter()
+                        .map(|r| (r.id, format!("wamid.{}", r.id)))
+                        .collect();
+                    for row in &rows {
+                        // Nothing earlier of this contact is unsent when it is claimed.
+                        let unsent: i64 = with_pool!(db, |pool| sqlx::query_scalar(
+                            "SELECT COUNT(*) FROM messages WHERE contact_id = $1 \
+                                AND direction = 'out' AND status IN ('pending', 'sending') \
+                                AND id < $2"
+                        )
+                        .bind(row.contact_id)
+                        .bind(row.id)
+                        .fetch_one(pool)
+                        .await
+                        .unwrap());
+                        assert_eq!(unsent, 0, "message {} claimed out of order", row.id);
+                    }
+                    let pairs: Vec<(i64, &str)> =
+                        sent.iter().map(|(id, w)| (*id, w.as_str())).collect();
+                    db.record_sent_many(&pairs, t(1)).await.unwrap();
+                    claimed.extend(rows.iter().map(|r| (r.contact_id, r.id)));
+                }
+                claimed
+            })
+        };
+        let (a, b) = (sender(db.clone(), "a"), sender(other.clone(), "b"));
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        assert!(!a.is_empty() && !b.is_empty(), "both instances sent");
+        let mut all: Vec<(i64, i64)> = a.into_iter().chain(b).collect();
+        let claims = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(claims, all.len(), "a message was claimed twice");
+        let expected: Vec<(i64, i64)> = contacts
+            .iter()
+            .flat_map(|(c, ids)| ids.iter().map(move |id| (*c, *id)))
+            .collect();
+        assert_eq!(all, expected, "every message claimed");
+        other.close().await;
+        drop_schema(&db, &schema).await;
     }
 }

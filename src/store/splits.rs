@@ -34,7 +34,7 @@ impl Db {
         const SQL: &str = "SELECT flow, step, branch, COUNT(*), COUNT(replied_at), \
                 COUNT(finished_at), COUNT(handed_off_at) \
             FROM split_assignments \
-            WHERE ($1 IS NULL OR flow = $1) AND ($2 IS NULL OR step = $2) \
+            WHERE (CAST($1 AS TEXT) IS NULL OR flow = $1) AND (CAST($2 AS TEXT) IS NULL OR step = $2) \
             GROUP BY flow, step, branch \
             ORDER BY flow, step, branch";
         type Raw = (String, String, String, i64, i64, i64, i64);

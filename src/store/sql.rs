@@ -3,7 +3,6 @@
 //! nothing of the store but [`StoreError`].
 
 use chrono::{DateTime, Utc};
-use rusqlite::types::Value;
 
 use super::error::StoreError;
 use crate::domain::OutboundContent;
@@ -41,7 +40,7 @@ pub(super) fn from_millis(ms: i64, column: &str) -> Result<DateTime<Utc>, StoreE
 /// in the order they first appear, so `$n` is found by its name, not its position.
 pub(super) fn bind_numbered(
     statement: &mut rusqlite::Statement<'_>,
-    args: &[Value],
+    args: &[impl rusqlite::ToSql],
 ) -> Result<(), StoreError> {
     for index in 1..=statement.parameter_count() {
         let value = statement

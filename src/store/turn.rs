@@ -13,7 +13,7 @@
 use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
-use rusqlite::types::Value;
+use rusqlite::types::{ToSqlOutput, Value};
 
 use super::conversations::SessionRow;
 use super::db::{Backend, Db};
@@ -21,7 +21,7 @@ use super::error::StoreError;
 use super::sql::{bind_numbered, outbound_kind};
 use super::timers::NewTimer;
 use super::writer::Writer;
-use crate::domain::{Contact, Decision, Inbound, Outbound, SplitMark, SplitStage};
+use crate::domain::{Contact, Decision, Inbound, Outbound, SplitMark, SplitPass, SplitStage};
 
 /// Everything one engine turn changes, written atomically by [`Db::commit_turn`].
 pub struct TurnWrite<'a> {
@@ -138,12 +138,107 @@ async fn run_batch(writer: &Writer, batch: Batch) -> Result<Vec<(i64, i64)>, Sto
     writer.run_raw(move |conn| batch.run(conn)).await
 }
 
+/// Runs a turn's batch on PostgreSQL as one statement: each of its statements a
+/// data-modifying `WITH` query (`s0`, `s1`, …), the tagged rows selected from those that
+/// return them. One round trip, and one statement is one transaction: all or nothing.
+/// Every part sees the database as it was before the statement, so parts that need a row
+/// an earlier part wrote read it from that part's `RETURNING` (see [`Dialect`]).
+async fn run_batch_postgres(
+    pool: &sqlx::PgPool,
+    batch: Batch,
+) -> Result<Vec<(i64, i64)>, StoreError> {
+    let mut sql = String::from("WITH ");
+    let mut parts = Vec::with_capacity(batch.statements.len());
+    for (i, (statement, returns)) in batch.statements.iter().enumerate() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        // Every part returns rows (those that return no tagged rows, tag -1), and the
+        // statement reads the parts in order: PostgreSQL runs a part when it is read, so
+        // the parts run in the batch's order (the customer's message gets its id before
+        // the replies).
+        let untagged = if *returns {
+            ""
+        } else {
+            " RETURNING -1, CAST(0 AS BIGINT)"
+        };
+        let _ = write!(sql, "s{i} AS ({statement}{untagged})");
+        parts.push(format!("SELECT * FROM s{i}"));
+    }
+    sql.push(' ');
+    sql.push_str(&parts.join(" UNION ALL "));
+    let mut query = sqlx::query_as::<_, (i32, i64)>(&sql);
+    for arg in batch.args {
+        query = match arg {
+            Param::Int(value) => query.bind(value),
+            Param::Text(value) => query.bind(value),
+        };
+    }
+    let rows = query.fetch_all(pool).await?;
+    Ok(rows
+        .into_iter()
+        .filter(|(tag, _)| *tag >= 0)
+        .map(|(tag, id)| (i64::from(tag), id))
+        .collect())
+}
+
+/// A batch's parameter, typed even when it is NULL (PostgreSQL types every parameter).
+#[derive(Debug, Clone)]
+enum Param {
+    Int(Option<i64>),
+    Text(Option<String>),
+}
+
+impl From<i64> for Param {
+    fn from(value: i64) -> Self {
+        Param::Int(Some(value))
+    }
+}
+
+impl From<Option<i64>> for Param {
+    fn from(value: Option<i64>) -> Self {
+        Param::Int(value)
+    }
+}
+
+impl From<String> for Param {
+    fn from(value: String) -> Self {
+        Param::Text(Some(value))
+    }
+}
+
+impl From<Option<String>> for Param {
+    fn from(value: Option<String>) -> Self {
+        Param::Text(value)
+    }
+}
+
+impl rusqlite::ToSql for Param {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self {
+            Param::Int(Some(n)) => ToSqlOutput::from(*n),
+            Param::Text(Some(text)) => ToSqlOutput::from(text.as_str()),
+            Param::Int(None) | Param::Text(None) => ToSqlOutput::Owned(Value::Null),
+        })
+    }
+}
+
+/// What differs between the backends' batches: how a statement names the contact a turn
+/// creates, and the message a superseding turn wrote. SQLite runs the statements one after
+/// another, so a later one finds the new rows by a query; PostgreSQL runs them as parts of
+/// one statement, which find them in the `RETURNING` of the part that wrote them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
 /// A growing SQL batch and its parameters.
 struct Batch {
     /// The statements, each with absolutely numbered parameters (`$n` is `args[n - 1]`),
     /// and whether it returns tagged rows.
     statements: Vec<(String, bool)>,
-    args: Vec<Value>,
+    args: Vec<Param>,
 }
 
 impl Batch {
@@ -155,7 +250,7 @@ impl Batch {
     }
 
     /// Adds a parameter and returns its placeholder (`$n`).
-    fn param(&mut self, value: impl Into<Value>) -> Result<String, StoreError> {
+    fn param(&mut self, value: impl Into<Param>) -> Result<String, StoreError> {
         self.args.push(value.into());
         Ok(format!("${}", self.args.len()))
     }
@@ -192,13 +287,16 @@ impl Db {
     /// outbound messages, the queue and the timers are all written or, on any error, none
     /// of them.
     pub async fn commit_turn(&self, turn: &TurnWrite<'_>) -> Result<CommittedTurn, StoreError> {
-        let batch = build(turn)?;
-        // PostgreSQL's protocol takes one statement per parameterised query: a backend of it
-        // runs the batch's statements one by one.
-        let Backend::Sqlite(sqlite) = &self.backend;
-        let rows = run_batch(&sqlite.writer, batch)
-            .await
-            .map_err(|e| stale_contact(e, turn))?;
+        let rows = match &self.backend {
+            Backend::Sqlite(sqlite) => run_batch(&sqlite.writer, build(turn, Dialect::Sqlite)?)
+                .await
+                .map_err(|e| stale_contact(e, turn))?,
+            Backend::Postgres(postgres) => {
+                run_batch_postgres(&postgres.pool, build(turn, Dialect::Postgres)?)
+                    .await
+                    .map_err(|e| stale_contact(e, turn))?
+            }
+        };
         committed(rows, turn)
     }
 }
@@ -206,11 +304,33 @@ impl Db {
 /// The error of a batch stopped by a stale-contact check (see [`build`]), saying which:
 /// any other error as it is.
 fn stale_contact(error: StoreError, turn: &TurnWrite<'_>) -> StoreError {
+    if let StoreError::Database(sqlx::Error::Database(e)) = &error
+        && let Some(id) = turn.fired_timer
+        && e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+            .is_some_and(|e| {
+                e.code() == "23502" && e.table() == Some("contacts") && e.column() == Some("wa_id")
+            })
+    {
+        return StoreError::TimerAlreadyFired { id };
+    }
+    let guard_failed = match &error {
+        StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, Some(message))) => {
+            e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_NOTNULL
+                && GUARD_FAILS_ON.iter().any(|m| message.contains(m))
+        }
+        StoreError::Database(sqlx::Error::Database(e)) => e
+            .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+            .is_some_and(|e| {
+                e.code() == "23502"
+                    && GUARD_FAILS_ON.iter().any(|m| {
+                        m.split_once('.')
+                            == Some((e.table().unwrap_or(""), e.column().unwrap_or("")))
+                    })
+            }),
+        _ => false,
+    };
     match error {
-        StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, Some(message)))
-            if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_NOTNULL
-                && GUARD_FAILS_ON.iter().any(|m| message.contains(m)) =>
-        {
+        _ if guard_failed => {
             match turn.contact_id {
                 // The contact id the caller loaded no longer names this contact.
                 Some(id) => StoreError::UnknownContact { id },
@@ -249,18 +369,23 @@ fn committed(rows: Vec<(i64, i64)>, turn: &TurnWrite<'_>) -> Result<CommittedTur
 }
 
 /// The turn as one SQL batch: its statements in the order they must run.
-fn build(turn: &TurnWrite<'_>) -> Result<Batch, StoreError> {
+fn build(turn: &TurnWrite<'_>, dialect: Dialect) -> Result<Batch, StoreError> {
     let mut b = Batch::new();
     contact_params(&mut b, turn)?;
-    let contact = match turn.contact_id {
-        Some(id) => b.param(id)?,
-        None => CONTACT.to_string(),
-    };
-    let inbound_written = match turn.contact_id {
-        Some(_) => update_known_contact(&mut b, turn, &contact)?,
+    let (contact, inbound_written) = match turn.contact_id {
+        Some(id) => {
+            let contact = b.param(id)?;
+            let written = update_known_contact(&mut b, turn, &contact)?;
+            (contact, written)
+        }
         None => {
             upsert_new_contact(&mut b);
-            false
+            let contact = match dialect {
+                Dialect::Sqlite => CONTACT.to_string(),
+                // The upsert's part, the batch's last statement so far.
+                Dialect::Postgres => format!("(SELECT id FROM s{})", b.statements.len() - 1),
+            };
+            (contact, false)
         }
     };
     write_session(&mut b, turn.session, &contact)?;
@@ -272,11 +397,31 @@ fn build(turn: &TurnWrite<'_>) -> Result<Batch, StoreError> {
     }
     insert_outbound(&mut b, turn.outbound, &contact)?;
     if let Some(old) = turn.superseded {
-        mark_superseded(&mut b, old, &contact)?;
+        // The new message's id: the contact's latest outbound message, which on PostgreSQL
+        // only the outbound part's `RETURNING` shows.
+        let newest = match dialect {
+            Dialect::Postgres if !turn.outbound.is_empty() => {
+                format!("(SELECT MAX(id) FROM s{})", b.statements.len() - 1)
+            }
+            _ => format!(
+                "(SELECT MAX(id) FROM messages WHERE contact_id = {contact} AND direction = 'out')"
+            ),
+        };
+        mark_superseded(&mut b, old, &newest)?;
     }
     if let Some(id) = turn.fired_timer {
         let id = b.param(id)?;
         b.statement(&format!("DELETE FROM timers WHERE id = {id}"));
+        if dialect == Dialect::Postgres {
+            // Several instances read the same due timers: the turn that deletes the timer
+            // fires it, and one that finds it gone (deleted by another's turn, which it
+            // waited for) writes nothing: a NULL key fails the statement.
+            let deleted = b.statements.len() - 1;
+            b.statement(&format!(
+                "INSERT INTO contacts (channel, wa_id, created_at, updated_at) \
+                SELECT $1, NULL, 0, 0 WHERE NOT EXISTS (SELECT 1 FROM s{deleted})"
+            ));
+        }
     }
     if let Some(timers) = turn.replace_timers {
         replace_timers(&mut b, timers, &contact)?;
@@ -442,14 +587,12 @@ fn insert_outbound(
 }
 
 /// The message the turn's outbound message replaces: `failed`, its reason naming the new
-/// message.
-fn mark_superseded(b: &mut Batch, old: &Superseded, contact: &str) -> Result<(), StoreError> {
+/// message (`newest`: its id).
+fn mark_superseded(b: &mut Batch, old: &Superseded, newest: &str) -> Result<(), StoreError> {
     let id = b.param(old.id)?;
     let reason = b.param(old.reason.clone())?;
     b.statement(&format!(
-        "UPDATE messages SET decision = 'failed', \
-            reason = {reason} || (SELECT MAX(id) FROM messages \
-                WHERE contact_id = {contact} AND direction = 'out'), \
+        "UPDATE messages SET decision = 'failed', reason = {reason} || {newest}, \
             updated_at = {NOW} \
         WHERE id = {id}"
     ));
@@ -460,32 +603,65 @@ fn mark_superseded(b: &mut Batch, old: &Superseded, contact: &str) -> Result<(),
 /// branch once; reaching it again on another branch (its weights changed) starts the row
 /// over for that branch. A later stage is stamped once, on the row of the branch the
 /// session passed.
+///
+/// One statement per split the turn passed, with every stage it reached folded in: on
+/// PostgreSQL the turn is one statement whose parts do not see each other's rows, so a
+/// split reached and finished in the same turn must be one write, not an insert and an
+/// update of the row it inserted.
 fn record_splits(b: &mut Batch, marks: &[SplitMark], contact: &str) -> Result<(), StoreError> {
+    let mut passes: Vec<(&SplitPass, Vec<SplitStage>)> = Vec::new();
     for mark in marks {
-        let flow = b.param(mark.pass.flow.clone())?;
-        let step = b.param(mark.pass.step.clone())?;
-        let branch = b.param(mark.pass.branch.clone())?;
-        let column = match mark.stage {
-            SplitStage::Reached => {
-                b.statement(&format!(
-                    "INSERT INTO split_assignments (contact_id, flow, step, branch, reached_at) \
-                    VALUES ({contact}, {flow}, {step}, {branch}, {NOW}) \
-                    ON CONFLICT (contact_id, flow, step) DO UPDATE SET \
-                        branch = excluded.branch, reached_at = excluded.reached_at, \
-                        replied_at = NULL, finished_at = NULL, handed_off_at = NULL \
-                    WHERE split_assignments.branch <> excluded.branch"
+        match passes.iter_mut().find(|(pass, _)| **pass == mark.pass) {
+            Some((_, stages)) => stages.push(mark.stage),
+            None => passes.push((&mark.pass, vec![mark.stage])),
+        }
+    }
+    const LATER: [(SplitStage, &str); 3] = [
+        (SplitStage::Replied, "replied_at"),
+        (SplitStage::Finished, "finished_at"),
+        (SplitStage::HandedOff, "handed_off_at"),
+    ];
+    for (pass, stages) in passes {
+        let flow = b.param(pass.flow.clone())?;
+        let step = b.param(pass.step.clone())?;
+        let branch = b.param(pass.branch.clone())?;
+        let stamped = |stage| if stages.contains(&stage) { NOW } else { "NULL" };
+        if stages.contains(&SplitStage::Reached) {
+            // A new branch starts the row over; the same branch keeps its first stamps.
+            let restart = "split_assignments.branch <> excluded.branch";
+            let mut set = format!(
+                "branch = excluded.branch, reached_at = CASE WHEN {restart} \
+                 THEN excluded.reached_at ELSE split_assignments.reached_at END"
+            );
+            for (_, column) in LATER {
+                set.push_str(&format!(
+                    ", {column} = CASE WHEN {restart} THEN excluded.{column} \
+                     ELSE COALESCE(split_assignments.{column}, excluded.{column}) END"
                 ));
-                continue;
             }
-            SplitStage::Replied => "replied_at",
-            SplitStage::Finished => "finished_at",
-            SplitStage::HandedOff => "handed_off_at",
-        };
-        b.statement(&format!(
-            "UPDATE split_assignments SET {column} = {NOW} \
-            WHERE contact_id = {contact} AND flow = {flow} AND step = {step} \
-                AND branch = {branch} AND {column} IS NULL"
-        ));
+            b.statement(&format!(
+                "INSERT INTO split_assignments \
+                    (contact_id, flow, step, branch, reached_at, replied_at, finished_at, \
+                     handed_off_at) \
+                VALUES ({contact}, {flow}, {step}, {branch}, {NOW}, {}, {}, {}) \
+                ON CONFLICT (contact_id, flow, step) DO UPDATE SET {set}",
+                stamped(SplitStage::Replied),
+                stamped(SplitStage::Finished),
+                stamped(SplitStage::HandedOff),
+            ));
+        } else {
+            let set: Vec<String> = LATER
+                .iter()
+                .filter(|(stage, _)| stages.contains(stage))
+                .map(|(_, column)| format!("{column} = COALESCE({column}, {NOW})"))
+                .collect();
+            b.statement(&format!(
+                "UPDATE split_assignments SET {} \
+                WHERE contact_id = {contact} AND flow = {flow} AND step = {step} \
+                    AND branch = {branch}",
+                set.join(", ")
+            ));
+        }
     }
     Ok(())
 }
@@ -570,7 +746,9 @@ mod tests {
         // already stored: only that turn fails, and writes nothing. The writer is held while
         // they queue, so they commit as one group, the failing turn in the middle of it (its
         // contact upsert ran before its inbound message failed, and is undone).
-        let Backend::Sqlite(sqlite) = &db.backend;
+        let Backend::Sqlite(sqlite) = &db.backend else {
+            unreachable!("a SQLite test")
+        };
         let writer = &sqlite.writer;
         let release = writer.hold().await;
         let mut tasks = tokio::task::JoinSet::new();
@@ -659,7 +837,9 @@ mod tests {
         db.commit_turn(&bare_turn(None, &Contact::new("1666"), t(1)))
             .await
             .unwrap();
-        let Backend::Sqlite(sqlite) = &db.backend;
+        let Backend::Sqlite(sqlite) = &db.backend else {
+            unreachable!("a SQLite test")
+        };
         let pool = &sqlite.pool;
         sqlx::query("DELETE FROM contacts WHERE id = $1")
             .bind(old)
@@ -716,5 +896,97 @@ mod tests {
         let untouched = db.load_conversation(CH, "1888").await.unwrap();
         assert_eq!(untouched.contact.wa_id, "1888");
         assert_eq!(untouched.session, None);
+    }
+
+    /// On PostgreSQL a turn for a contact id that names nobody is refused as on SQLite
+    /// (its guard is a part of the turn's one statement).
+    #[tokio::test]
+    async fn postgres_refuses_a_turn_for_an_unknown_contact_id() {
+        use crate::domain::Contact;
+        use crate::store::TurnWrite;
+        use crate::store::conformance::{CH, bare_turn, drop_schema, inbound, postgres_db, t};
+        let Some((db, schema)) = postgres_db().await else {
+            return;
+        };
+        let contact = Contact::new("1555");
+        let err = db
+            .commit_turn(&bare_turn(Some(42), &contact, t(0)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::UnknownContact { id: 42 }),
+            "{err}"
+        );
+        let message = inbound("wamid.x", "hi", t(0));
+        let err = db
+            .commit_turn(&TurnWrite {
+                inbound: Some(&message),
+                ..bare_turn(Some(42), &contact, t(0))
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::UnknownContact { id: 42 }),
+            "{err}"
+        );
+        assert_eq!(
+            db.load_conversation(CH, "1555").await.unwrap().contact_id,
+            None
+        );
+        drop_schema(&db, &schema).await;
+    }
+
+    /// Two instances fire the same due timer on PostgreSQL at once: one turn commits (and
+    /// deletes the timer), the other writes nothing and says the timer was already fired.
+    #[tokio::test]
+    async fn a_timer_fired_by_two_instances_commits_one_turn() {
+        use crate::domain::{Contact, Decision, OutboundContent};
+        use crate::store::TurnWrite;
+        use crate::store::conformance::{
+            CH, bare_turn, contact_with_timers, drop_schema, postgres_db, postgres_db_on, said, t,
+            timer,
+        };
+        let Some((db, schema)) = postgres_db().await else {
+            return;
+        };
+        let contact_id = contact_with_timers(&db, "1555", &[timer(t(5), "a")]).await;
+        let due = db.due_timers(t(10), 10).await.unwrap();
+        assert_eq!(due.len(), 1);
+        let timer_id = due[0].id;
+        let other = postgres_db_on(&schema).await;
+        let fire = |db: Db, text: &'static str| {
+            tokio::spawn(async move {
+                let contact = Contact::new("1555");
+                let out = [said(
+                    OutboundContent::text(text),
+                    Decision::Send {
+                        reason: "window open".into(),
+                    },
+                )];
+                db.commit_turn(&TurnWrite {
+                    outbound: &out,
+                    fired_timer: Some(timer_id),
+                    ..bare_turn(Some(contact_id), &contact, t(10))
+                })
+                .await
+            })
+        };
+        let (a, b) = (fire(db.clone(), "from a"), fire(other.clone(), "from b"));
+        let results = [a.await.unwrap(), b.await.unwrap()];
+        let committed = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(committed, 1, "{results:?}");
+        for result in &results {
+            if let Err(e) = result {
+                assert!(
+                    matches!(e, StoreError::TimerAlreadyFired { id } if *id == timer_id),
+                    "{e}"
+                );
+            }
+        }
+        let log = db.messages(CH, "1555", 10).await.unwrap();
+        assert_eq!(log.len(), 1, "one turn's reply");
+        assert!(db.due_timers(t(10), 10).await.unwrap().is_empty());
+        other.close().await;
+        drop_schema(&db, &schema).await;
     }
 }

@@ -596,9 +596,22 @@ async fn a_run_hands_the_outbox_no_more_than_a_second_of_its_rate() {
 /// API channel on the fake Graph API, every recipient sent once with its run's key.
 #[tokio::test]
 async fn serve_dispatches_a_run_through_the_outbox_to_the_graph_api_once_each() {
+    serve_dispatches(super::support::Backend::Sqlite).await;
+}
+
+/// The same on PostgreSQL (skipped without `FLOWGATE_TEST_POSTGRES_URL`).
+#[tokio::test]
+async fn serve_dispatches_a_run_once_each_on_postgres() {
+    serve_dispatches(super::support::Backend::Postgres).await;
+}
+
+async fn serve_dispatches(backend: super::support::Backend) {
     use super::support::{self, fake_graph::FakeAuth, fake_graph::FakeGraph};
-    let fake = FakeGraph::start(FakeAuth::cloud_api("110000000000001", "token")).await;
     let dir = tempfile::tempdir().unwrap();
+    let Some(database) = support::TestDb::new(dir.path(), backend).await else {
+        return;
+    };
+    let fake = FakeGraph::start(FakeAuth::cloud_api("110000000000001", "token")).await;
     let channel = format!(
         "    throughput_mps: 50\n  - name: wa\n    provider: cloud_api\n    \
          phone_number_id: \"110000000000001\"\n    access_token: token\n    \
@@ -606,7 +619,7 @@ async fn serve_dispatches_a_run_through_the_outbox_to_the_graph_api_once_each() 
         fake.cloud_api_base()
     );
     let loaded = project(dir.path(), &sale("channel: wa\nrate: 5/s\n"), &channel);
-    let url = format!("sqlite://{}", dir.path().join("flowgate.db").display());
+    let url = database.url.clone();
     let clock = Arc::new(VirtualClock::new(at(9, 59)));
     let server = support::Running::start(&loaded, &url, clock.clone()).await;
     let lines: Vec<String> = (0..12).map(|i| format!("49151000{i:05},C{i},")).collect();
@@ -651,6 +664,7 @@ async fn serve_dispatches_a_run_through_the_outbox_to_the_graph_api_once_each() 
     })
     .await;
     server.shutdown().await;
+    database.clean_up().await;
 }
 
 #[tokio::test]

@@ -77,6 +77,20 @@ impl Fixture {
         }
     }
 
+    /// [`Fixture::new`] on a PostgreSQL schema of its own; `None` when PostgreSQL is not
+    /// configured (see `support::TestDb`).
+    async fn on_postgres(
+        campaigns: &[(&str, String)],
+        at: DateTime<Utc>,
+    ) -> Option<(Self, super::support::TestDb)> {
+        let mut fixture = Self::new(campaigns, at);
+        let database =
+            super::support::TestDb::new(fixture.dir.path(), super::support::Backend::Postgres)
+                .await?;
+        fixture.url = database.url.clone();
+        Some((fixture, database))
+    }
+
     /// A runtime and its campaign runner, synced (as `serve` does at start).
     async fn start(&self) -> CampaignRunner {
         let runtime = self.loaded.runtime(&self.url, self.clock.clone()).await;
@@ -252,6 +266,20 @@ async fn a_run_missed_while_down_starts_on_restart_within_its_ttl_else_is_record
 #[tokio::test]
 async fn ticks_racing_at_the_same_time_start_one_run() {
     let f = Fixture::new(&[daily("")], monday(9, 0));
+    ticks_racing(&f).await;
+}
+
+/// Two instances' runners on one PostgreSQL database (two pools) claim one run.
+#[tokio::test]
+async fn ticks_racing_on_postgres_start_one_run() {
+    let Some((f, database)) = Fixture::on_postgres(&[daily("")], monday(9, 0)).await else {
+        return;
+    };
+    ticks_racing(&f).await;
+    database.clean_up().await;
+}
+
+async fn ticks_racing(f: &Fixture) {
     // Two runners on one database, as two loops or two processes would be.
     let (first, second) = (f.start().await, f.start().await);
     f.clock.advance_to(monday(10, 0));
@@ -262,6 +290,8 @@ async fn ticks_racing_at_the_same_time_start_one_run() {
         .sum();
     assert_eq!(started, 1);
     assert_eq!(runs(&first, "daily").await.len(), 1);
+    stop(first).await;
+    stop(second).await;
 }
 
 #[tokio::test]

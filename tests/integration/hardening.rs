@@ -129,6 +129,47 @@ fn migrate_needs_only_the_database_not_loadable_flows() {
     assert!(stderr.contains("unknown field `databse`"), "{stderr}");
 }
 
+/// `flowgate migrate` from two instances at once on one PostgreSQL database: both succeed
+/// (the migrator's advisory lock makes one wait), the schema is there once, and the
+/// password in the URL is not printed.
+#[tokio::test]
+async fn two_migrates_at_once_on_postgres_both_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(database) =
+        crate::support::TestDb::new(dir.path(), crate::support::Backend::Postgres).await
+    else {
+        return;
+    };
+    // The test server trusts loopback, so the password is never asked for: it is only there
+    // to be kept out of the output.
+    let url = database
+        .url
+        .replacen("://postgres@", "://postgres:s3cret@", 1);
+    let config = dir.path().join("flowgate.yaml");
+    std::fs::write(&config, format!("database: \"{url}\"\n")).unwrap();
+    let (a, b) = tokio::join!(
+        crate::support::run_flowgate(&config, &["migrate"]),
+        crate::support::run_flowgate(&config, &["migrate"])
+    );
+    for out in [a, b] {
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("migrated postgres://postgres:***@"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
+    }
+    let db = flowgate::store::Db::connect(&database.url).await.unwrap();
+    assert_eq!(
+        crate::support::count(&db, "SELECT COUNT(*) FROM _sqlx_migrations").await,
+        8
+    );
+    db.close().await;
+    database.clean_up().await;
+}
+
 /// A `flowgate serve` child, killed when dropped.
 struct Served(Child);
 

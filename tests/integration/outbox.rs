@@ -156,8 +156,10 @@ enum Provider {
     Dialog360,
 }
 
-/// A project on disk, a runtime on a SQLite file, a fake Graph API and a sender.
+/// A project on disk, a runtime on a SQLite file (or PostgreSQL), a fake Graph API and a
+/// sender.
 struct Harness {
+    database: super::support::TestDb,
     _dir: tempfile::TempDir,
     fake: FakeGraph,
     runtime: Arc<Runtime>,
@@ -183,6 +185,7 @@ struct Setup {
     options: SenderOptions,
     /// The wall clock instead of a virtual one (pacing tests).
     system_clock: bool,
+    backend: super::support::Backend,
 }
 
 impl Setup {
@@ -193,10 +196,21 @@ impl Setup {
             throughput_mps: 80,
             options: test_options(),
             system_clock: false,
+            backend: super::support::Backend::Sqlite,
         }
     }
 
     async fn start(self) -> Harness {
+        self.try_start().await.expect("SQLite is always there")
+    }
+
+    /// On PostgreSQL: `None` when it is not configured (see `support::TestDb`).
+    async fn on_postgres(mut self) -> Option<Harness> {
+        self.backend = super::support::Backend::Postgres;
+        self.try_start().await
+    }
+
+    async fn try_start(self) -> Option<Harness> {
         let auth = match self.provider {
             Provider::CloudApi => FakeAuth::cloud_api(PHONE_NUMBER_ID, TOKEN),
             Provider::Dialog360 => FakeAuth::dialog360(API_KEY),
@@ -233,25 +247,32 @@ impl Setup {
             let clock = Arc::new(VirtualClock::new(VirtualClock::test_epoch()));
             (Some(clock.clone()), clock)
         };
-        let db = format!("sqlite://{}", root.join("flowgate.db").display());
-        let runtime = Arc::new(loaded.runtime(&db, shared).await.unwrap());
+        let database = super::support::TestDb::new(root, self.backend).await?;
+        let runtime = Arc::new(loaded.runtime(&database.url, shared).await.unwrap());
         let channel = loaded.config.channels[0].clone();
         let sender =
             Sender::new(runtime.clone(), &channel, self.options).expect("a sender for the channel");
-        Harness {
+        Some(Harness {
+            database,
             _dir: dir,
             fake,
             runtime,
             channel,
             clock,
             sender,
-        }
+        })
     }
 }
 
 static INBOUND: AtomicU64 = AtomicU64::new(0);
 
 impl Harness {
+    /// Closes the database and drops a PostgreSQL test's schema.
+    async fn clean_up(self) {
+        self.runtime.db.close().await;
+        self.database.clean_up().await;
+    }
+
     fn name(&self) -> &str {
         &self.channel.name
     }
@@ -540,7 +561,19 @@ async fn a_bsuid_only_contact_is_sent_as_recipient() {
 
 #[tokio::test]
 async fn a_contacts_messages_leave_in_order_one_at_a_time() {
-    let h = Setup::new("order").start().await;
+    in_order(&Setup::new("order").start().await).await;
+}
+
+/// The same on PostgreSQL (skipped without `FLOWGATE_TEST_POSTGRES_URL`).
+#[tokio::test]
+async fn a_contacts_messages_leave_in_order_one_at_a_time_on_postgres() {
+    if let Some(h) = Setup::new("order").on_postgres().await {
+        in_order(&h).await;
+        h.clean_up().await;
+    }
+}
+
+async fn in_order(h: &Harness) {
     // Ana's sends are slow; Ben's are not.
     h.fake.script(Script::next_to(
         ANA,
@@ -667,7 +700,19 @@ async fn a_failing_mark_as_read_does_not_hold_the_reply() {
 
 #[tokio::test]
 async fn rate_limit_130429_is_retried_then_sent() {
-    let h = Setup::new("rate_limited").start().await;
+    rate_limited(&Setup::new("rate_limited").start().await).await;
+}
+
+/// The same on PostgreSQL (skipped without `FLOWGATE_TEST_POSTGRES_URL`).
+#[tokio::test]
+async fn rate_limit_130429_is_retried_then_sent_on_postgres() {
+    if let Some(h) = Setup::new("rate_limited").on_postgres().await {
+        rate_limited(&h).await;
+        h.clean_up().await;
+    }
+}
+
+async fn rate_limited(h: &Harness) {
     h.fake.script(Script::next(2, Reply::graph_error(130429)));
     let (_, rows) = h.customer(ANA, "text").await;
     let id = rows[0];
@@ -1029,7 +1074,19 @@ async fn permanent_errors_fail_at_once_with_the_reason() {
 
 #[tokio::test]
 async fn reengage_131047_queues_what_has_no_template_and_never_resends_free_form() {
-    let h = Setup::new("reengage").start().await;
+    reengage(&Setup::new("reengage").start().await).await;
+}
+
+/// The same on PostgreSQL (skipped without `FLOWGATE_TEST_POSTGRES_URL`).
+#[tokio::test]
+async fn reengage_131047_queues_what_has_no_template_and_never_resends_free_form_on_postgres() {
+    if let Some(h) = Setup::new("reengage").on_postgres().await {
+        reengage(&h).await;
+        h.clean_up().await;
+    }
+}
+
+async fn reengage(h: &Harness) {
     h.fake.script(Script::next(1, Reply::graph_error(131047)));
     let (_, rows) = h.customer(ANA, "three").await;
     h.drain().await;
@@ -1474,7 +1531,19 @@ async fn release_leases_returns_claimed_rows_to_pending() {
 
 #[tokio::test]
 async fn an_expired_lease_is_claimed_again_with_the_same_key() {
-    let h = Setup::new("expired").start().await;
+    expired_lease(&Setup::new("expired").start().await).await;
+}
+
+/// The same on PostgreSQL (skipped without `FLOWGATE_TEST_POSTGRES_URL`).
+#[tokio::test]
+async fn an_expired_lease_is_claimed_again_with_the_same_key_on_postgres() {
+    if let Some(h) = Setup::new("expired").on_postgres().await {
+        expired_lease(&h).await;
+        h.clean_up().await;
+    }
+}
+
+async fn expired_lease(h: &Harness) {
     let (_, rows) = h.customer(ANA, "three").await;
     let id = rows[0];
     // A sender claims Ana's first message and dies before recording anything.
@@ -1600,7 +1669,19 @@ async fn a_recipient_that_is_no_phone_or_bsuid_fails_without_a_request() {
 
 #[tokio::test]
 async fn a_sent_status_settles_an_ambiguous_row_and_the_next_reply_goes_at_once() {
-    let h = Setup::new("settle").start().await;
+    settle(&Setup::new("settle").start().await).await;
+}
+
+/// The same on PostgreSQL (skipped without `FLOWGATE_TEST_POSTGRES_URL`).
+#[tokio::test]
+async fn a_sent_status_settles_an_ambiguous_row_and_the_next_reply_goes_at_once_on_postgres() {
+    if let Some(h) = Setup::new("settle").on_postgres().await {
+        settle(&h).await;
+        h.clean_up().await;
+    }
+}
+
+async fn settle(h: &Harness) {
     let (_, rows) = h.customer(ANA, "three").await;
     let db = &h.runtime.db;
     // A process claimed Ana's first message, posted it and died before recording the

@@ -205,3 +205,40 @@ async fn a_replayed_message_is_processed_once() {
         "one in, one out"
     );
 }
+
+/// `/readyz` asks the database: ready, naming the backend, while it answers; 503 saying
+/// why once it does not (here: its connections closed under the running server).
+async fn readiness_follows_the_database(backend: support::Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(database) = support::TestDb::new(dir.path(), backend).await else {
+        return;
+    };
+    let loaded = app::load(None).expect("the shipped project loads");
+    let server = support::Running::start(&loaded, &database.url, Arc::new(SystemClock)).await;
+    let readyz = || async {
+        let response = server
+            .client
+            .get(format!("{}/readyz", server.base))
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    };
+    let name = server.db.backend();
+    assert_eq!(readyz().await, (200, format!("ready: {name}")));
+    server.db.close().await;
+    let (status, body) = readyz().await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.starts_with(&format!("{name}: ")), "{body}");
+    database.clean_up().await;
+}
+
+#[tokio::test]
+async fn readiness_follows_the_database_on_sqlite() {
+    readiness_follows_the_database(support::Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn readiness_follows_the_database_on_postgres() {
+    readiness_follows_the_database(support::Backend::Postgres).await;
+}

@@ -128,6 +128,7 @@ struct Server {
     db: Db,
     client: reqwest::Client,
     running: support::Running,
+    database: Option<support::TestDb>,
     _dir: tempfile::TempDir,
 }
 
@@ -147,20 +148,32 @@ fn project() -> (tempfile::TempDir, app::Loaded, String) {
 
 impl Server {
     async fn start() -> Self {
-        let (dir, loaded, db) = project();
-        let running = support::Running::start(&loaded, &db, Arc::new(SystemClock)).await;
+        Self::start_on(support::Backend::Sqlite)
+            .await
+            .expect("SQLite is always there")
+    }
+
+    /// The server on `backend`; `None` when PostgreSQL is asked for and not configured.
+    async fn start_on(backend: support::Backend) -> Option<Self> {
+        let (dir, loaded, _) = project();
+        let database = support::TestDb::new(dir.path(), backend).await?;
+        let running = support::Running::start(&loaded, &database.url, Arc::new(SystemClock)).await;
         let client = running.client.clone();
-        Self {
+        Some(Self {
             base: running.base.clone(),
             db: running.db.clone(),
             client,
             running,
+            database: Some(database),
             _dir: dir,
-        }
+        })
     }
 
     async fn shutdown(self) {
         self.running.shutdown().await;
+        if let Some(database) = self.database {
+            database.clean_up().await;
+        }
     }
 
     async fn post(&self, path: &str, body: &[u8], headers: &[(&str, &str)]) -> (u16, Value) {
@@ -228,18 +241,15 @@ impl Server {
 }
 
 async fn count(db: &Db, sql: &str) -> i64 {
-    let pool = db.sqlite_pool().expect("tests use SQLite");
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+    support::count(db, sql).await
 }
 
 async fn exec(db: &Db, sql: &str) {
-    let pool = db.sqlite_pool().expect("tests use SQLite");
-    sqlx::query(sql).execute(pool).await.unwrap();
+    support::exec(db, sql).await
 }
 
 async fn text_of(db: &Db, sql: &str) -> String {
-    let pool = db.sqlite_pool().expect("tests use SQLite");
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+    support::text(db, sql).await
 }
 
 /// (direction, text) of a contact's messages, oldest first.
@@ -296,7 +306,18 @@ async fn the_handshake_checks_mode_and_token() {
 
 #[tokio::test]
 async fn a_signed_message_is_stored_answered_and_processed_once() {
-    let server = Server::start().await;
+    signed_message_round_trip(Server::start().await).await;
+}
+
+/// The same round trip on PostgreSQL (skipped without `FLOWGATE_TEST_POSTGRES_URL`).
+#[tokio::test]
+async fn a_signed_message_is_stored_answered_and_processed_once_on_postgres() {
+    if let Some(server) = Server::start_on(support::Backend::Postgres).await {
+        signed_message_round_trip(server).await;
+    }
+}
+
+async fn signed_message_round_trip(server: Server) {
     let body = fixture("inbound_text.json");
     let (status, ack) = server.signed(&body).await;
     assert_eq!(status, 200, "{ack}");
@@ -510,7 +531,18 @@ async fn unknown_fields_are_stored_and_skipped() {
 
 #[tokio::test]
 async fn a_thousand_customers_in_one_webhook_are_each_answered_once() {
-    let server = Server::start().await;
+    thousand_customers(Server::start().await).await;
+}
+
+/// The same on PostgreSQL (skipped without `FLOWGATE_TEST_POSTGRES_URL`).
+#[tokio::test]
+async fn a_thousand_customers_in_one_webhook_are_each_answered_once_on_postgres() {
+    if let Some(server) = Server::start_on(support::Backend::Postgres).await {
+        thousand_customers(server).await;
+    }
+}
+
+async fn thousand_customers(server: Server) {
     let n = 1000;
     let wa = |i: usize| format!("1555{i:07}");
     let contacts: Vec<Value> = (0..n)
@@ -991,7 +1023,18 @@ async fn drain_once_processes_everything_exactly_once() {
 
 #[tokio::test]
 async fn a_contacts_messages_run_in_order_others_alongside() {
-    let server = Server::start().await;
+    contacts_in_order(Server::start().await).await;
+}
+
+/// The same on PostgreSQL (skipped without `FLOWGATE_TEST_POSTGRES_URL`).
+#[tokio::test]
+async fn a_contacts_messages_run_in_order_others_alongside_on_postgres() {
+    if let Some(server) = Server::start_on(support::Backend::Postgres).await {
+        contacts_in_order(server).await;
+    }
+}
+
+async fn contacts_in_order(server: Server) {
     let message = |from: &str, i: usize, text: &str| {
         json!({"from": from, "id": format!("wamid.{from}.{i}"), "timestamp": support::now_timestamp(),
                "type": "text", "text": {"body": text}})

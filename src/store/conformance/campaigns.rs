@@ -434,7 +434,8 @@ async fn contact_with_messages(db: &Db) -> (i64, Vec<i64>) {
     .bind(failed)
     .execute(pool)
     .await
-    .unwrap());
+    .unwrap()
+    .rows_affected());
     (committed.contact_id, committed.outbound_ids)
 }
 

@@ -51,16 +51,28 @@ async fn profile(db: &Db, key: &str) -> StoredProfile {
 
 /// Every contact of the channel as (key, its aliases, comma-separated).
 async fn identities(db: &Db) -> Vec<(String, String)> {
-    with_pool!(db, |pool| sqlx::query_as(
-        "SELECT c.wa_id, COALESCE((SELECT group_concat(identifier, ',') FROM \
-            (SELECT identifier FROM contact_aliases a WHERE a.contact_id = c.id \
-             ORDER BY identifier)), '') \
-         FROM contacts c WHERE c.channel = $1 ORDER BY c.wa_id"
+    let rows: Vec<(String, Option<String>)> = with_pool!(db, |pool| sqlx::query_as(
+        "SELECT c.wa_id, a.identifier FROM contacts c \
+            LEFT JOIN contact_aliases a ON a.contact_id = c.id \
+         WHERE c.channel = $1 ORDER BY c.wa_id, a.identifier"
     )
     .bind(CH)
     .fetch_all(pool)
     .await
-    .unwrap())
+    .unwrap());
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (key, alias) in rows {
+        if out.last().is_none_or(|(last, _)| *last != key) {
+            out.push((key, String::new()));
+        }
+        if let (Some(alias), Some((_, aliases))) = (alias, out.last_mut()) {
+            if !aliases.is_empty() {
+                aliases.push(',');
+            }
+            aliases.push_str(&alias);
+        }
+    }
+    out
 }
 
 /// A contact as a turn creates it: keyed by `wa_id`, with a profile.
@@ -75,7 +87,8 @@ async fn seed(db: &Db, wa_id: &str, tags: &str, attrs: &str) {
     .bind(attrs)
     .execute(pool)
     .await
-    .unwrap());
+    .unwrap()
+    .rows_affected());
 }
 
 pub async fn an_import_creates_contacts_and_again_changes_nothing(db: Db) {

@@ -276,7 +276,8 @@ pub(super) async fn inbound_seen_reads_the_message_log(db: Db) {
     )
     .execute(pool)
     .await
-    .unwrap());
+    .unwrap()
+    .rows_affected());
     assert!(db.inbound_seen("main", "wamid.in").await.unwrap());
     assert!(!db.inbound_seen("other", "wamid.in").await.unwrap());
     assert!(!db.inbound_seen("main", "wamid.out").await.unwrap());
@@ -294,7 +295,8 @@ pub(super) async fn a_status_ends_a_dead_senders_lease(db: Db) {
     .bind(id)
     .execute(pool)
     .await
-    .unwrap());
+    .unwrap()
+    .rows_affected());
     let status = StatusChange {
         idempotency_key: Some("idem-dead"),
         ..change("wamid.D", "sent")

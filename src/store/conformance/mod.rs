@@ -3,7 +3,8 @@
 //! `inbox`, `campaigns`, `campaign_api`).
 //!
 //! [`suite!`] instantiates every test of the suite for one backend, as a module of
-//! `#[tokio::test]`s named after it: today SQLite in memory and SQLite in a file. Tests of a
+//! `#[tokio::test]`s named after it: SQLite in memory, SQLite in a file, and PostgreSQL.
+//! Tests of a
 //! backend's internals (SQLite's writer thread, query plans, WAL, the migrations list) stay
 //! beside their code; so do tests that hold a backend's writer still or rely on how SQLite
 //! reuses ids.
@@ -11,10 +12,10 @@
 //! The suite reads and seeds the database directly only through `with_pool!`, so its SQL
 //! runs on any backend's pool.
 //!
-//! **Adding PostgreSQL:** once [`Db::connect`] opens `postgres://` URLs, add an opener that
-//! connects to the database `FLOWGATE_TEST_POSTGRES_URL` names (a fresh schema per test)
-//! and prints that it skipped when the variable is unset, and instantiate the suite for it
-//! below the SQLite lines: `suite!(postgres = super::open_postgres());`.
+//! **PostgreSQL** runs on the database `FLOWGATE_TEST_POSTGRES_URL` names (e.g.
+//! `postgres://postgres@127.0.0.1:5432/flowgate_test`), each test in a fresh schema of its
+//! own (dropped when it passes). Without the variable each PostgreSQL test prints that it
+//! skipped and passes, unless `FLOWGATE_REQUIRE_POSTGRES=1` (CI) makes it fail.
 
 use chrono::{DateTime, Duration, Utc};
 use serde_json::json;
@@ -38,6 +39,18 @@ struct Fixture {
     db: Db,
     /// The directory of a file database, removed when the test ends.
     _dir: Option<tempfile::TempDir>,
+    /// The PostgreSQL schema of the test, dropped when it passes.
+    schema: Option<String>,
+}
+
+impl Fixture {
+    /// Drops the test's PostgreSQL schema (a failed test keeps it, to look at).
+    async fn clean_up(self) {
+        if let Some(schema) = &self.schema {
+            drop_schema(&self.db, schema).await;
+        }
+        self.db.close().await;
+    }
 }
 
 /// A private in-memory SQLite database.
@@ -45,7 +58,73 @@ async fn open_sqlite_memory() -> Fixture {
     Fixture {
         db: memory_db().await,
         _dir: None,
+        schema: None,
     }
+}
+
+/// A migrated PostgreSQL database in a new schema of the database
+/// `FLOWGATE_TEST_POSTGRES_URL` names; `None` (after saying so) when the variable is unset,
+/// unless `FLOWGATE_REQUIRE_POSTGRES` is set, which fails the test instead.
+async fn open_postgres() -> Option<Fixture> {
+    let (db, schema) = postgres_db().await?;
+    Some(Fixture {
+        db,
+        _dir: None,
+        schema: Some(schema),
+    })
+}
+
+/// A migrated [`Db`] on a fresh schema of the test server, and the schema's name; `None`
+/// when no server is configured (see [`open_postgres`]).
+pub(in crate::store) async fn postgres_db() -> Option<(Db, String)> {
+    let Ok(url) = std::env::var("FLOWGATE_TEST_POSTGRES_URL") else {
+        assert!(
+            std::env::var_os("FLOWGATE_REQUIRE_POSTGRES").is_none(),
+            "FLOWGATE_REQUIRE_POSTGRES is set but FLOWGATE_TEST_POSTGRES_URL is not"
+        );
+        eprintln!("skipped: set FLOWGATE_TEST_POSTGRES_URL to run the PostgreSQL half");
+        return None;
+    };
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let schema = format!(
+        "fg_test_{}_{}_{nanos}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let (options, _) = super::db::postgres_options(&url).unwrap();
+    let mut conn = sqlx::ConnectOptions::connect(&options)
+        .await
+        .expect("FLOWGATE_TEST_POSTGRES_URL names a server that answers");
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::Connection::close(conn).await.unwrap();
+    let db = postgres_db_on(&schema).await;
+    db.migrate().await.unwrap();
+    Some((db, schema))
+}
+
+/// Another [`Db`] (another pool, as another instance would have) on the schema of a
+/// [`postgres_db`]; not migrated.
+pub(in crate::store) async fn postgres_db_on(schema: &str) -> Db {
+    let url = std::env::var("FLOWGATE_TEST_POSTGRES_URL").unwrap();
+    let (options, _) = super::db::postgres_options(&url).unwrap();
+    let options = options.options([("search_path", schema)]);
+    Db::connect_postgres(options, 4).await.unwrap()
+}
+
+/// Drops a [`postgres_db`]'s schema, once its test passed.
+pub(in crate::store) async fn drop_schema(db: &Db, schema: &str) {
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(db.postgres_pool().unwrap())
+        .await
+        .unwrap();
 }
 
 /// A SQLite database in a file of a new temporary directory (WAL, the file's own locking).
@@ -61,6 +140,7 @@ async fn open_sqlite_file() -> Fixture {
     Fixture {
         db,
         _dir: Some(dir),
+        schema: None,
     }
 }
 
@@ -131,15 +211,17 @@ macro_rules! suite {
         $(
             #[tokio::test]
             async fn $test() {
-                let fixture = $open.await;
+                let Some(fixture) = $open.await else { return };
                 super::$module::$test(fixture.db.clone()).await;
+                fixture.clean_up().await;
             }
         )*
     };
 }
 
-suite!(sqlite_memory = super::open_sqlite_memory());
-suite!(sqlite_file = super::open_sqlite_file());
+suite!(sqlite_memory = async { Some(super::open_sqlite_memory().await) });
+suite!(sqlite_file = async { Some(super::open_sqlite_file().await) });
+suite!(postgres = super::open_postgres());
 
 // Helpers for the suite and for the backend-specific tests beside the code.
 

@@ -161,3 +161,107 @@ pub async fn run_flowgate(config: &std::path::Path, args: &[&str]) -> std::proce
         .unwrap_or_else(|_| panic!("flowgate {args:?} finishes within 60 s"))
         .expect("flowgate runs")
 }
+
+/// The database a test's server runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A test's database: a SQLite file in the test's directory, or a fresh schema of the
+/// PostgreSQL database `FLOWGATE_TEST_POSTGRES_URL` names (dropped by [`TestDb::clean_up`]).
+pub struct TestDb {
+    /// The `database:` URL for the server.
+    pub url: String,
+    /// The schema on PostgreSQL, and the URL to drop it through.
+    schema: Option<(String, String)>,
+}
+
+impl TestDb {
+    /// The database for `backend`; `None` (after saying why) when the test asks for
+    /// PostgreSQL and `FLOWGATE_TEST_POSTGRES_URL` is unset, unless `FLOWGATE_REQUIRE_POSTGRES`
+    /// is set (CI), which fails the test instead.
+    pub async fn new(dir: &std::path::Path, backend: Backend) -> Option<TestDb> {
+        if backend == Backend::Sqlite {
+            return Some(TestDb {
+                url: format!("sqlite://{}", dir.join("flowgate.db").display()),
+                schema: None,
+            });
+        }
+        let Ok(base) = std::env::var("FLOWGATE_TEST_POSTGRES_URL") else {
+            assert!(
+                std::env::var_os("FLOWGATE_REQUIRE_POSTGRES").is_none(),
+                "FLOWGATE_REQUIRE_POSTGRES is set but FLOWGATE_TEST_POSTGRES_URL is not"
+            );
+            eprintln!("skipped: set FLOWGATE_TEST_POSTGRES_URL to run this test on PostgreSQL");
+            return None;
+        };
+        use sqlx::Connection as _;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let schema = format!(
+            "fg_it_{}_{}_{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut conn = sqlx::PgConnection::connect(&base)
+            .await
+            .expect("FLOWGATE_TEST_POSTGRES_URL names a server that answers");
+        sqlx::query(&format!("CREATE SCHEMA {schema}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        let separator = if base.contains('?') { '&' } else { '?' };
+        Some(TestDb {
+            url: format!("{base}{separator}options[search_path]={schema}"),
+            schema: Some((schema, base)),
+        })
+    }
+
+    /// Drops the PostgreSQL schema (a failed test keeps it, to look at).
+    pub async fn clean_up(self) {
+        use sqlx::Connection as _;
+        if let Some((schema, base)) = self.schema {
+            let mut conn = sqlx::PgConnection::connect(&base).await.unwrap();
+            sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            conn.close().await.unwrap();
+        }
+    }
+}
+
+/// `SELECT COUNT(*)…` (any one BIGINT) on whichever backend `db` is.
+pub async fn count(db: &flowgate::store::Db, sql: &str) -> i64 {
+    if let Some(pool) = db.sqlite_pool() {
+        return sqlx::query_scalar(sql).fetch_one(pool).await.unwrap();
+    }
+    let pool = db.postgres_pool().expect("SQLite or PostgreSQL");
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// One text value, on whichever backend `db` is.
+pub async fn text(db: &flowgate::store::Db, sql: &str) -> String {
+    if let Some(pool) = db.sqlite_pool() {
+        return sqlx::query_scalar(sql).fetch_one(pool).await.unwrap();
+    }
+    let pool = db.postgres_pool().expect("SQLite or PostgreSQL");
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// Runs a statement, on whichever backend `db` is.
+pub async fn exec(db: &flowgate::store::Db, sql: &str) {
+    if let Some(pool) = db.sqlite_pool() {
+        sqlx::query(sql).execute(pool).await.unwrap();
+        return;
+    }
+    let pool = db.postgres_pool().expect("SQLite or PostgreSQL");
+    sqlx::query(sql).execute(pool).await.unwrap();
+}
