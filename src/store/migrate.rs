@@ -113,6 +113,12 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
 ];
 
+/// The PostgreSQL migrations' versions, in order (for tests that check what was applied).
+#[cfg(test)]
+pub(super) fn postgres_versions() -> Vec<i64> {
+    POSTGRES_MIGRATIONS.iter().map(|m| m.0).collect()
+}
+
 /// A [`MigrationSource`] over migrations compiled into the binary.
 #[derive(Debug)]
 struct Embedded(&'static [(i64, &'static str, &'static str)]);
