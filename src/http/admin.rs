@@ -10,42 +10,52 @@
 //! configured token the API answers only on a loopback listener (the server refuses to start
 //! on any other address without one, see `app::Application::build`).
 
+use axum::Json;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use super::api::ErrorBody;
 use super::{Refused, error, refused};
+use crate::commands::templates_sync::{self, SyncError};
 use crate::contacts_import::{self, ImportError};
+use crate::diagnostic::Diagnostic;
 use crate::dispatch::Runtime;
 use crate::domain::{OutboundContent, limits};
 use crate::engine::Handled;
+use crate::flow::load::load_project;
 use crate::policy::Window;
 use crate::reload::{self, ReloadError};
 use crate::state::AppState;
-use crate::store::Identifiers;
+use crate::store::{ApiRequest, Identifiers};
 
-pub fn router(state: AppState) -> Router<AppState> {
-    Router::new()
-        .route("/flows", get(flows))
-        .route("/flows/reload", post(reload_flows))
-        .route("/conversations/{contact}", get(conversation))
-        .route("/conversations/{contact}/messages", post(agent_message))
-        .route("/conversations/{contact}/resume", post(resume))
-        .route("/messages/{id}", get(message))
-        .route("/templates", get(templates))
-        .route("/contacts/import", post(import_contacts))
-        .merge(super::campaigns::routes())
-        .layer(axum::middleware::from_fn_with_state(state, require_token))
+/// The routes of this module, each with its documentation (see [`super::api`]).
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(flows))
+        .routes(routes!(reload_flows))
+        .routes(routes!(conversation))
+        .routes(routes!(agent_message))
+        .routes(routes!(resume))
+        .routes(routes!(message))
+        .routes(routes!(templates))
+        .routes(routes!(sync_templates))
+        .routes(routes!(import_contacts))
 }
 
 /// Checks the bearer token when one is configured ([`super::bearer`], the check every door
 /// shares).
-async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub(super) async fn require_token(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
     let Some(expected) = state
         .config
         .admin
@@ -61,27 +71,114 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
     }
 }
 
+/// One current flow with its validation state: the diagnostics `flowgate check` gives its
+/// file now (the files as they are on disk, which may differ from the running version).
+#[derive(Debug, serde::Serialize, ToSchema)]
+struct FlowItem {
+    id: String,
+    version: String,
+    description: Option<String>,
+    file: String,
+    steps: Vec<String>,
+    /// No errors in its file now: a reload would take it.
+    valid: bool,
+    diagnostics: Vec<DiagnosticItem>,
+}
+
+/// One problem `flowgate check` reports.
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub(super) struct DiagnosticItem {
+    /// `error` or `warning`.
+    severity: String,
+    /// `file:line:col`.
+    position: String,
+    message: String,
+    help: Option<String>,
+}
+
+impl From<&Diagnostic> for DiagnosticItem {
+    fn from(d: &Diagnostic) -> Self {
+        Self {
+            severity: if d.is_error() { "error" } else { "warning" }.into(),
+            position: d.position(),
+            message: d.message.clone(),
+            help: d.help.clone(),
+        }
+    }
+}
+
+#[derive(Debug, serde::Serialize, ToSchema)]
+struct FlowList {
+    flows: Vec<FlowItem>,
+    /// Diagnostics of the project's other files (templates, campaigns, flows that do not
+    /// run), so an error that would refuse a reload is never hidden.
+    other: Vec<DiagnosticItem>,
+    errors: usize,
+    warnings: usize,
+}
+
+/// The running flows, each with the diagnostics `flowgate check` gives its file now.
+#[utoipa::path(get, path = "/flows", tag = "flows",
+    responses(
+        (status = 200, description = "The current flows with their validation state", body = FlowList),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
 async fn flows(State(state): State<AppState>) -> Response {
+    let scripting = state.runtime.engine.scripting.clone();
+    let config = state.config.clone();
+    let project = tokio::task::spawn_blocking(move || load_project(&config, &scripting)).await;
+    let diagnostics = match project {
+        Ok(project) => project.diagnostics,
+        Err(e) => return internal("checking the flows failed", e),
+    };
     let flows = state.runtime.flows.read().expect("flows lock");
-    let list: Vec<_> = flows
+    let of_file = |file: &str| -> Vec<&Diagnostic> {
+        diagnostics
+            .sorted()
+            .into_iter()
+            .filter(|d| d.file == file)
+            .collect()
+    };
+    let list: Vec<FlowItem> = flows
         .current()
         .iter()
         .map(|f| {
-            json!({
-                "id": f.id,
-                "version": f.version,
-                "description": f.description,
-                "file": f.file,
-                "steps": f.steps.iter().map(|s| s.id.clone()).collect::<Vec<_>>(),
-            })
+            let found = of_file(&f.file);
+            FlowItem {
+                id: f.id.clone(),
+                version: f.version.clone(),
+                description: f.description.clone(),
+                file: f.file.clone(),
+                steps: f.steps.iter().map(|s| s.id.clone()).collect(),
+                valid: !found.iter().any(|d| d.is_error()),
+                diagnostics: found.into_iter().map(DiagnosticItem::from).collect(),
+            }
         })
         .collect();
-    Json(json!({ "flows": list })).into_response()
+    let other = diagnostics
+        .sorted()
+        .into_iter()
+        .filter(|d| !flows.current().iter().any(|f| f.file == d.file))
+        .map(DiagnosticItem::from)
+        .collect();
+    Json(FlowList {
+        flows: list,
+        other,
+        errors: diagnostics.errors(),
+        warnings: diagnostics.warnings(),
+    })
+    .into_response()
 }
 
 /// `POST /api/flows/reload`: loads the flows, scripts and templates again; new
 /// conversations get the new versions, running ones keep theirs. A project with an error
 /// is refused with 422 and its diagnostics, and the running flows are kept.
+#[utoipa::path(post, path = "/flows/reload", tag = "flows",
+    responses(
+        (status = 200, description = "The flows now current, with the project's warnings", body = Object),
+        (status = 422, description = "The project has errors (`invalid_flows`, with `diagnostics`): nothing changed", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
 async fn reload_flows(State(state): State<AppState>) -> Response {
     match reload::reload(&state.runtime, &state.config, &state.campaigns).await {
         Ok(done) => Json(json!({
@@ -106,12 +203,20 @@ async fn reload_flows(State(state): State<AppState>) -> Response {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ChannelQuery {
     channel: Option<String>,
     limit: Option<i64>,
 }
 
+#[utoipa::path(get, path = "/conversations/{contact}", tag = "conversations",
+    params(("contact" = String, Path, description = "The contact's phone number or BSUID"), ChannelQuery),
+    responses(
+        (status = 200, description = "The contact, its window, session and latest messages with their decisions", body = Object),
+        (status = 404, description = "`unknown_contact` or `unknown_channel`", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
 async fn conversation(
     State(state): State<AppState>,
     Path(contact): Path<String>,
@@ -168,6 +273,11 @@ async fn conversation(
 }
 
 /// `GET /api/templates`: the registry as the policy sees it now (status webhooks applied).
+#[utoipa::path(get, path = "/templates", tag = "templates",
+    responses(
+        (status = 200, description = "The registry with each template's status", body = Object),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
 async fn templates(State(state): State<AppState>) -> Response {
     let registry = state.runtime.templates();
     let list: Vec<_> = registry
@@ -192,7 +302,8 @@ async fn templates(State(state): State<AppState>) -> Response {
 /// (with the server stopped) or in parts.
 pub const IMPORT_MAX_BODY: usize = 32 * 1024 * 1024;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ImportQuery {
     channel: Option<String>,
 }
@@ -200,6 +311,17 @@ struct ImportQuery {
 /// `POST /api/contacts/import[?channel=NAME]`: the body is a CSV file
 /// (`Content-Type: text/csv`); the answer is the import's report (new, updated, unchanged,
 /// each skipped line with its reason). A file refused as a whole is 422 and writes nothing.
+#[utoipa::path(post, path = "/contacts/import", tag = "contacts",
+    params(ImportQuery),
+    request_body(content = String, content_type = "text/csv", description = "The CSV file"),
+    responses(
+        (status = 200, description = "The import's report (new, updated, unchanged, skipped lines with reasons)", body = Object),
+        (status = 404, description = "`unknown_channel`", body = ErrorBody),
+        (status = 413, description = "`body_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`invalid_csv`: nothing was written", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
 async fn import_contacts(
     State(state): State<AppState>,
     Query(q): Query<ImportQuery>,
@@ -291,7 +413,7 @@ fn window_json(window: &Window, now: chrono::DateTime<chrono::Utc>) -> serde_jso
 
 /// `POST /api/conversations/{contact}/messages`: `{"text": "…"}` or
 /// `{"template": {"name": …, "language": …, "params": […]}}`, optionally `"channel"`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AgentMessage {
     #[serde(default)]
@@ -302,7 +424,7 @@ struct AgentMessage {
     template: Option<TemplateRequest>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TemplateRequest {
     name: String,
@@ -344,14 +466,129 @@ async fn contact_key(
 
 /// An agent's message: it passes the policy (sent, rewritten, queued…) and the answer says
 /// what was decided and why.
+#[utoipa::path(post, path = "/conversations/{contact}/messages", tag = "conversations",
+    params(
+        ("contact" = String, Path, description = "The contact's phone number or BSUID"),
+        ("Idempotency-Key" = Option<String>, Header, description = "A retried request with the same key answers the first one's message instead of sending again"),
+    ),
+    request_body(content = AgentMessage, description = "`text` or `template`"),
+    responses(
+        (status = 201, description = "The message and the policy's decision (sent, rewritten, queued, skipped)", body = Object),
+        (status = 200, description = "A retry: the message the same `Idempotency-Key` created", body = Object),
+        (status = 400, description = "`invalid_body`", body = ErrorBody),
+        (status = 404, description = "`unknown_channel`", body = ErrorBody),
+        (status = 409, description = "`idempotency_key_reused`: the key was used for another contact", body = ErrorBody),
+        (status = 422, description = "`invalid_text`, `unknown_template`, `template_params`", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
 async fn agent_message(
     State(state): State<AppState>,
     Path(contact): Path<String>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    send_agent_message(&state.runtime, contact, &body)
+    let key = match idempotency_key(&headers) {
+        Ok(key) => key,
+        Err(refused) => return *refused,
+    };
+    let runtime = &state.runtime;
+    let answer = match key {
+        None => send_agent_message(runtime, contact, &body).await,
+        Some(key) => {
+            // One keyed message at a time: a retry racing its first attempt waits for it
+            // and finds its key.
+            let _one = KEYED_MESSAGES.lock().await;
+            keyed_agent_message(runtime, contact, &body, &key).await
+        }
+    };
+    answer.unwrap_or_else(|refused| *refused)
+}
+
+/// Serializes agent messages that carry an `Idempotency-Key` (see [`keyed_agent_message`]).
+static KEYED_MESSAGES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The scope of agent messages' keys in `api_requests`.
+const AGENT_MESSAGE_SCOPE: &str = "agent_message";
+
+/// The request's `Idempotency-Key`, if it has one: 1 to 255 visible ASCII characters.
+pub(super) fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, Refused> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key) if !key.trim().is_empty() && key.len() <= 255 => Ok(Some(key.trim().to_string())),
+        _ => Err(refused(
+            StatusCode::BAD_REQUEST,
+            "invalid_idempotency_key",
+            "`Idempotency-Key` must be 1 to 255 visible ASCII characters (a UUID is a good key)",
+        )),
+    }
+}
+
+/// [`send_agent_message`] under an `Idempotency-Key`: a key seen before answers the message
+/// it created (200) instead of sending again; a key used for another contact is refused.
+async fn keyed_agent_message(
+    runtime: &Runtime,
+    contact: String,
+    body: &[u8],
+    key: &str,
+) -> Result<Response, Refused> {
+    let failed = |e: crate::store::StoreError| Box::new(internal("an idempotency key failed", e));
+    let channel = serde_json::from_slice::<AgentMessage>(body)
+        .ok()
+        .and_then(|m| m.channel);
+    let channel = known_channel(runtime, channel)?;
+    let subject = format!(
+        "{channel}/{}",
+        contact_key(runtime, &channel, contact.clone()).await?
+    );
+    if let Some(seen) = runtime
+        .db
+        .api_request(AGENT_MESSAGE_SCOPE, key)
         .await
-        .unwrap_or_else(|refused| *refused)
+        .map_err(failed)?
+    {
+        if seen.subject != subject {
+            return Err(refused(
+                StatusCode::CONFLICT,
+                "idempotency_key_reused",
+                format!(
+                    "`Idempotency-Key` {key} was used for a message to {}: use a new key for each message",
+                    seen.subject
+                ),
+            ));
+        }
+        return replayed_message(runtime, seen.message_id).await;
+    }
+    let (response, message_id) = send_agent_message_with_id(runtime, contact, body).await?;
+    let request = ApiRequest {
+        subject,
+        message_id,
+    };
+    runtime
+        .db
+        .remember_api_request(AGENT_MESSAGE_SCOPE, key, &request, runtime.clock.now())
+        .await
+        .map_err(failed)?;
+    Ok(response)
+}
+
+/// The answer to a retried agent message: the message its key created, as it is now.
+async fn replayed_message(runtime: &Runtime, id: i64) -> Result<Response, Refused> {
+    let m = runtime
+        .db
+        .message(id)
+        .await
+        .map_err(|e| Box::new(internal("loading a message failed", e)))?
+        .ok_or_else(|| Box::new(internal("a keyed message is gone", id)))?;
+    Ok(Json(json!({
+        "id": m.id,
+        "decision": m.decision,
+        "reason": m.reason,
+        "message": m.body,
+        "replayed": true,
+    }))
+    .into_response())
 }
 
 /// The steps of [`agent_message`]; `Err` is the refusal to answer.
@@ -360,6 +597,15 @@ async fn send_agent_message(
     contact: String,
     body: &[u8],
 ) -> Result<Response, Refused> {
+    Ok(send_agent_message_with_id(runtime, contact, body).await?.0)
+}
+
+/// [`send_agent_message`], with the id of the message it created.
+async fn send_agent_message_with_id(
+    runtime: &Runtime,
+    contact: String,
+    body: &[u8],
+) -> Result<(Response, i64), Refused> {
     let request: AgentMessage = serde_json::from_slice(body).map_err(|e| {
         refused(
             StatusCode::BAD_REQUEST,
@@ -385,7 +631,7 @@ async fn send_agent_message(
         .await
         .map_err(|e| Box::new(internal("an agent message failed", e)))?;
     let m = &report.sent[0];
-    Ok((
+    let response = (
         StatusCode::CREATED,
         Json(json!({
             "id": m.id,
@@ -395,12 +641,13 @@ async fn send_agent_message(
             "message": m.message,
         })),
     )
-        .into_response())
+        .into_response();
+    Ok((response, m.id))
 }
 
 /// `POST /api/conversations/{contact}/resume`: an empty body, or `{"flow": …, "step": …,
 /// "channel": …}` (each optional; `step` needs `flow`).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ResumeRequest {
     #[serde(default)]
@@ -414,6 +661,15 @@ struct ResumeRequest {
 /// Gives a handed-off conversation back to the bot: at the flow (and step) given, else
 /// where the handoff step goes on (its `next`; none ends the session). 409 when the
 /// conversation is not with a person.
+#[utoipa::path(post, path = "/conversations/{contact}/resume", tag = "conversations",
+    params(("contact" = String, Path, description = "The contact's phone number or BSUID")),
+    request_body(content = Option<ResumeRequest>, description = "Empty, or where to resume"),
+    responses(
+        (status = 200, description = "The handoff ended: the session and what was sent", body = Object),
+        (status = 409, description = "`not_in_handoff`", body = ErrorBody),
+        (status = 422, description = "`unknown_target`", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
 async fn resume(
     State(state): State<AppState>,
     Path(contact): Path<String>,
@@ -551,6 +807,13 @@ fn template_content(runtime: &Runtime, t: TemplateRequest) -> Result<OutboundCon
 }
 
 /// `GET /api/messages/{id}`: one message with its policy decision, reason and delivery state.
+#[utoipa::path(get, path = "/messages/{id}", tag = "outbox",
+    params(("id" = i64, Path, description = "The message's id")),
+    responses(
+        (status = 200, description = "The message with its decision, reason and delivery state", body = Object),
+        (status = 404, description = "`unknown_message`", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
 async fn message(State(state): State<AppState>, Path(id): Path<i64>) -> Response {
     match state.runtime.db.message(id).await {
         Ok(Some(m)) => Json(json!({
@@ -579,4 +842,80 @@ async fn message(State(state): State<AppState>, Path(id): Path<i64>) -> Response
         ),
         Err(e) => internal("loading a message failed", e),
     }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct SyncQuery {
+    /// The `cloud_api` channel whose WABA to read; default the first one.
+    channel: Option<String>,
+}
+
+/// What `POST /api/templates/sync` did.
+#[derive(Debug, serde::Serialize, ToSchema)]
+struct Synced {
+    /// The line `flowgate templates sync` prints.
+    summary: String,
+    /// Templates skipped, duplicates, entries Meta does not list (kept).
+    warnings: Vec<String>,
+    /// Whether the running server took the new registry (a project with errors keeps the
+    /// one it runs; the file is written either way, as the CLI does).
+    reloaded: bool,
+    /// Why it was not reloaded, when it was not.
+    reload_error: Option<String>,
+}
+
+/// Runs `flowgate templates sync` (the same code): reads the channel's templates from the
+/// Graph API, merges them into the registry file and writes it, then reloads so the server
+/// uses them.
+#[utoipa::path(post, path = "/templates/sync", tag = "templates",
+    params(SyncQuery),
+    responses(
+        (status = 200, description = "The registry file was written; `reloaded` says whether the server took it", body = Synced),
+        (status = 404, description = "`unknown_channel`", body = ErrorBody),
+        (status = 422, description = "`not_syncable` (no cloud_api channel, no waba_id…) or `invalid_registry`", body = ErrorBody),
+        (status = 502, description = "`graph_error`: the Graph API refused or did not answer; the file is unchanged", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
+async fn sync_templates(State(state): State<AppState>, Query(q): Query<SyncQuery>) -> Response {
+    let fetched =
+        match templates_sync::fetch(state.config.file.as_deref(), q.channel.as_deref()).await {
+            Ok(fetched) => fetched,
+            Err(e) => return sync_refused(e),
+        };
+    if let Err(e) = fetched.write() {
+        return sync_refused(e);
+    }
+    let reload = reload::reload(&state.runtime, &state.config, &state.campaigns).await;
+    let reload_error = reload.err().map(|e| match e {
+        ReloadError::Refused(ref diags) => format!("{e}:\n{}", diags.render(false)),
+        e => e.to_string(),
+    });
+    Json(Synced {
+        summary: fetched.summary(),
+        warnings: fetched.warnings().to_vec(),
+        reloaded: reload_error.is_none(),
+        reload_error,
+    })
+    .into_response()
+}
+
+/// A sync that did not happen, as the API's error.
+fn sync_refused(e: SyncError) -> Response {
+    let (status, code) = match &e {
+        SyncError::NoSuchChannel { .. } => (StatusCode::NOT_FOUND, "unknown_channel"),
+        SyncError::Config(_) | SyncError::Registry { .. } => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "invalid_registry")
+        }
+        SyncError::Fetch { .. } => (StatusCode::BAD_GATEWAY, "graph_error"),
+        SyncError::Write(_) => return internal("writing the synced registry failed", e),
+        _ => (StatusCode::UNPROCESSABLE_ENTITY, "not_syncable"),
+    };
+    let message = match &e {
+        SyncError::Config(d) | SyncError::Registry { diagnostics: d, .. } => {
+            format!("{e}:\n{}", d.render(false))
+        }
+        _ => e.to_string(),
+    };
+    error(status, code, message)
 }

@@ -8,15 +8,17 @@
 //! `Idempotency-Key` header: the same key for the same campaign answers the run it started
 //! (200) instead of starting another (201). Errors are `{"error": {"code", "message"}}`.
 
+use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::admin::internal;
+use super::api::ErrorBody;
 use super::{Refused, error, refused};
 use crate::campaign::Campaign;
 use crate::campaign_runner::registry::{ChangeError, Write};
@@ -27,20 +29,26 @@ use crate::store::{CampaignRow, RunRow};
 /// The largest definition taken: a campaign file is a few hundred bytes.
 const MAX_BODY: usize = 1024 * 1024;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/campaigns", get(list).post(create))
-        .route("/campaigns/{name}", get(show).put(replace).delete(delete))
-        .route("/campaigns/{name}/pause", post(pause))
-        .route("/campaigns/{name}/resume", post(resume))
-        .route("/campaigns/{name}/cancel", post(cancel))
-        .route("/campaigns/{name}/run-now", post(run_now))
-        .route("/campaigns/{name}/runs", get(runs))
-        .route("/campaigns/{name}/runs/{id}", get(run_report))
+/// The campaign routes, each with its documentation (see [`super::api`]).
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(show, replace, delete))
+        .routes(routes!(pause))
+        .routes(routes!(resume))
+        .routes(routes!(cancel))
+        .routes(routes!(run_now))
+        .routes(routes!(runs))
+        .routes(routes!(run_report))
 }
 
 /// `GET /api/campaigns`: every stored campaign with its paused state, next run and latest
 /// run.
+#[utoipa::path(get, path = "/campaigns", tag = "campaigns",
+    responses(
+        (status = 200, description = "Every campaign with its paused state, next run and latest run", body = Object),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
 async fn list(State(state): State<AppState>) -> Response {
     let db = &state.runtime.db;
     let rows = match db.campaigns().await {
@@ -114,6 +122,13 @@ fn run_json(run: &RunRow) -> Value {
 }
 
 /// `GET /api/campaigns/{name}`: the campaign with its source.
+#[utoipa::path(get, path = "/campaigns/{name}", tag = "campaigns",
+    params(("name" = String, Path, description = "The campaign's name")),
+    responses(
+        (status = 200, description = "The campaign with its source", body = Object),
+        (status = 404, description = "`unknown_campaign`", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
 async fn show(State(state): State<AppState>, Path(name): Path<String>) -> Response {
     match stored(&state, &name).await {
         Ok(row) => {
@@ -135,6 +150,14 @@ async fn stored(state: &AppState, name: &str) -> Result<CampaignRow, Refused> {
 }
 
 /// `POST /api/campaigns`: a new campaign (201); 409 when the name exists.
+#[utoipa::path(post, path = "/campaigns", tag = "campaigns",
+    request_body(content = String, content_type = "application/yaml", description = "The campaign's YAML (or JSON `{\"source\": \"<YAML>\"}`)"),
+    responses(
+        (status = 201, description = "The campaign was created", body = Object),
+        (status = 409, description = "`campaign_exists` or `file_campaign`", body = ErrorBody),
+        (status = 422, description = "`invalid_campaign`, with the diagnostics", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
 async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -144,6 +167,15 @@ async fn create(
 }
 
 /// `PUT /api/campaigns/{name}`: creates (201) or replaces (200) the API campaign `name`.
+#[utoipa::path(put, path = "/campaigns/{name}", tag = "campaigns",
+    params(("name" = String, Path, description = "The campaign's name")),
+    request_body(content = String, content_type = "application/yaml", description = "The campaign's YAML (or JSON `{\"source\": \"<YAML>\"}`)"),
+    responses(
+        (status = 200, description = "The campaign was replaced (or created)", body = Object),
+        (status = 409, description = "`file_campaign`: edit the file", body = ErrorBody),
+        (status = 422, description = "`invalid_campaign`, with the diagnostics", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
 async fn replace(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -277,6 +309,14 @@ fn change_error(e: ChangeError) -> Response {
 }
 
 /// `DELETE /api/campaigns/{name}`: an API campaign; its runs not over are cancelled.
+#[utoipa::path(delete, path = "/campaigns/{name}", tag = "campaigns",
+    params(("name" = String, Path, description = "The campaign's name")),
+    responses(
+        (status = 200, description = "Deleted; its run not over was cancelled", body = Object),
+        (status = 404, description = "`unknown_campaign`", body = ErrorBody),
+        (status = 409, description = "`file_campaign`: delete the file", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
 async fn delete(State(state): State<AppState>, Path(name): Path<String>) -> Response {
     match state.campaigns.delete(&name).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
@@ -285,18 +325,39 @@ async fn delete(State(state): State<AppState>, Path(name): Path<String>) -> Resp
 }
 
 /// `POST /api/campaigns/{name}/pause`.
+#[utoipa::path(post, path = "/campaigns/{name}/pause", tag = "campaigns",
+    params(("name" = String, Path, description = "The campaign's name")),
+    responses(
+        (status = 200, description = "Paused, with its run", body = Object),
+        (status = 404, description = "`unknown_campaign`", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
 async fn pause(State(state): State<AppState>, Path(name): Path<String>) -> Response {
     let done = state.campaigns.pause(&name).await;
     control(&state, &name, done.map(|()| Value::Null)).await
 }
 
 /// `POST /api/campaigns/{name}/resume`.
+#[utoipa::path(post, path = "/campaigns/{name}/resume", tag = "campaigns",
+    params(("name" = String, Path, description = "The campaign's name")),
+    responses(
+        (status = 200, description = "Resumed, with its run", body = Object),
+        (status = 404, description = "`unknown_campaign`", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
 async fn resume(State(state): State<AppState>, Path(name): Path<String>) -> Response {
     let done = state.campaigns.resume(&name).await;
     control(&state, &name, done.map(|()| Value::Null)).await
 }
 
 /// `POST /api/campaigns/{name}/cancel`: the run not over.
+#[utoipa::path(post, path = "/campaigns/{name}/cancel", tag = "campaigns",
+    params(("name" = String, Path, description = "The campaign's name")),
+    responses(
+        (status = 200, description = "Its run not over was cancelled", body = Object),
+        (status = 404, description = "`unknown_campaign`", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
 async fn cancel(State(state): State<AppState>, Path(name): Path<String>) -> Response {
     let done = state.campaigns.cancel(&name).await;
     control(&state, &name, done.map(|run| json!(run))).await
@@ -322,6 +383,16 @@ async fn control(state: &AppState, name: &str, done: Result<Value, ChangeError>)
 
 /// `POST /api/campaigns/{name}/run-now`: 201 with the new run, or 200 with the run a
 /// repeated `Idempotency-Key` started.
+#[utoipa::path(post, path = "/campaigns/{name}/run-now", tag = "campaigns",
+    params(("name" = String, Path, description = "The campaign's name"),
+        ("Idempotency-Key" = Option<String>, Header, description = "The same key for the same campaign answers the run it started")),
+    responses(
+        (status = 201, description = "A run started, with its recipients' count", body = Object),
+        (status = 200, description = "A retry: the run the same key started", body = Object),
+        (status = 404, description = "`unknown_campaign`", body = ErrorBody),
+        (status = 409, description = "`run_active` or `campaign_paused`", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
 async fn run_now(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -366,12 +437,21 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Refused> {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct RunsQuery {
+    /// Runs to list, 1 to 500 (default 50).
     limit: Option<i64>,
 }
 
 /// `GET /api/campaigns/{name}/runs[?limit=N]`: the latest scheduled first (default 50).
+#[utoipa::path(get, path = "/campaigns/{name}/runs", tag = "campaigns",
+    params(("name" = String, Path, description = "The campaign's name"), RunsQuery),
+    responses(
+        (status = 200, description = "The campaign's runs, newest first", body = Object),
+        (status = 404, description = "`unknown_campaign`", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
 async fn runs(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -391,6 +471,13 @@ async fn runs(
 }
 
 /// `GET /api/campaigns/{name}/runs/{id}`: the run and its report.
+#[utoipa::path(get, path = "/campaigns/{name}/runs/{id}", tag = "campaigns",
+    params(("name" = String, Path, description = "The campaign's name"), ("id" = i64, Path, description = "The run's id")),
+    responses(
+        (status = 200, description = "The run's report: sent, delivered, read, replied, failed by code, skipped by reason, cost", body = Object),
+        (status = 404, description = "`unknown_campaign` or `unknown_run`", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
 async fn run_report(
     State(state): State<AppState>,
     Path((name, id)): Path<(String, i64)>,

@@ -53,6 +53,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "campaign run requests",
         include_str!("../../migrations/sqlite/0008_campaign_run_requests.sql"),
     ),
+    (
+        9,
+        "api requests",
+        include_str!("../../migrations/sqlite/0009_api_requests.sql"),
+    ),
 ];
 
 /// A [`MigrationSource`] over migrations compiled into the binary.
