@@ -21,7 +21,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::api::ErrorBody;
+use super::api::{ApiPath, ErrorBody};
 use super::{Refused, error, refused};
 use crate::commands::templates_sync::{self, SyncError};
 use crate::contacts_import::{self, ImportError};
@@ -403,12 +403,7 @@ pub(super) fn internal(what: &str, e: impl std::fmt::Display) -> Response {
 /// A contact's window for the API: its state, when it closes or closed, and the sentence the
 /// policy gives as a reason.
 fn window_json(window: &Window, now: chrono::DateTime<chrono::Utc>) -> serde_json::Value {
-    let (state, at) = match window {
-        Window::Never => ("never", None),
-        Window::Open { closes_at } => ("open", Some(*closes_at)),
-        Window::Closed { since, .. } => ("closed", Some(*since)),
-    };
-    json!({ "state": state, "at": at, "describe": window.describe(now) })
+    json!(super::contacts::WindowView::of(window, now))
 }
 
 /// `POST /api/conversations/{contact}/messages`: `{"text": "…"}` or
@@ -434,7 +429,7 @@ struct TemplateRequest {
 }
 
 /// The channel an API call names (the default channel when it names none), if it exists.
-fn known_channel(runtime: &Runtime, channel: Option<String>) -> Result<String, Refused> {
+pub(super) fn known_channel(runtime: &Runtime, channel: Option<String>) -> Result<String, Refused> {
     let channel = channel.unwrap_or_else(|| runtime.default_channel.clone());
     if !runtime.channels.iter().any(|c| c.name == channel) {
         return Err(refused(
@@ -448,7 +443,7 @@ fn known_channel(runtime: &Runtime, channel: Option<String>) -> Result<String, R
 
 /// The key of the contact an operator names by phone or by BSUID (a current or an old
 /// one); a contact never seen keeps the identifier given.
-async fn contact_key(
+pub(super) async fn contact_key(
     runtime: &Runtime,
     channel: &str,
     identifier: String,
@@ -814,7 +809,7 @@ fn template_content(runtime: &Runtime, t: TemplateRequest) -> Result<OutboundCon
         (status = 404, description = "`unknown_message`", body = ErrorBody),
         (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
     ))]
-async fn message(State(state): State<AppState>, Path(id): Path<i64>) -> Response {
+async fn message(State(state): State<AppState>, ApiPath(id): ApiPath<i64>) -> Response {
     match state.runtime.db.message(id).await {
         Ok(Some(m)) => Json(json!({
             "id": m.id,

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use utoipa::openapi::OpenApi as Document;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
+use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -96,17 +96,19 @@ async fn openapi_json(Extension(document): Extension<Arc<Document>>) -> Response
     Json(document.as_ref()).into_response()
 }
 
-/// The paging of every list: `after` (the previous answer's `next_cursor`) and `limit`.
-#[derive(Debug, Default, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
+/// The paging of every list: `after` (the previous answer's `next_cursor`) and `limit`,
+/// as each list's query gives them.
+#[derive(Debug, Default)]
 pub struct Paging {
-    /// The previous page's `next_cursor`; none for the first page.
     pub after: Option<i64>,
-    /// Items per page, 1 to 500 (default 50).
     pub limit: Option<i64>,
 }
 
 impl Paging {
+    pub fn new(after: Option<i64>, limit: Option<i64>) -> Self {
+        Self { after, limit }
+    }
+
     /// The cursor to start after and the page size, checked.
     pub fn checked(&self) -> Result<(i64, i64), Refused> {
         let limit = self.limit.unwrap_or(DEFAULT_LIMIT);
@@ -143,5 +145,58 @@ pub fn respond<T: Serialize>(answer: Answer<T>) -> Response {
     match answer {
         Ok(done) => done.into_response(),
         Err(refused) => *refused,
+    }
+}
+
+/// `Query<T>` whose rejection is the API's JSON error (`invalid_query`), saying which
+/// parameter is wrong.
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Self(value)),
+            Err(e) => Err(super::error(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                format!("the query string is wrong: {}", e.body_text()),
+            )),
+        }
+    }
+}
+
+/// `Path<T>` whose rejection is the API's JSON error (`invalid_path`).
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Self(value)),
+            Err(e) => Err(super::error(
+                StatusCode::BAD_REQUEST,
+                "invalid_path",
+                format!("the path is wrong: {}", e.body_text()),
+            )),
+        }
     }
 }

@@ -18,7 +18,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::admin::internal;
-use super::api::ErrorBody;
+use super::api::{ApiPath, ErrorBody};
 use super::{Refused, error, refused};
 use crate::campaign::Campaign;
 use crate::campaign_runner::registry::{ChangeError, Write};
@@ -480,7 +480,7 @@ async fn runs(
     ))]
 async fn run_report(
     State(state): State<AppState>,
-    Path((name, id)): Path<(String, i64)>,
+    ApiPath((name, id)): ApiPath<(String, i64)>,
 ) -> Response {
     let run = match state.runtime.db.run(id).await {
         Ok(Some(run)) if run.campaign == name => run,

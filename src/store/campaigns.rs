@@ -1175,7 +1175,7 @@ impl Db {
 }
 
 /// [`Db::audience_page`]'s row: a contact as a `where` condition sees it.
-type AudienceRaw = (
+pub(super) type AudienceRaw = (
     i64,
     String,
     Option<String>,
@@ -1243,7 +1243,7 @@ fn audience_sql(tag_count: usize) -> String {
     )
 }
 
-fn audience_contact(raw: AudienceRaw) -> Result<(i64, Contact), StoreError> {
+pub(super) fn audience_contact(raw: AudienceRaw) -> Result<(i64, Contact), StoreError> {
     let (id, wa_id, name, tags, attrs, timezone, last, policy) = raw;
     let mut contact = Contact::new(wa_id);
     contact.name = name;

@@ -700,3 +700,159 @@ impl Link {
             .optional()?)
     }
 }
+
+// The admin API's reads: contacts and conversations, a page at a time.
+
+/// Which contacts [`Db::contact_page`] lists: those of `channel` with an id above `after`,
+/// in id order, at most `limit`, narrowed by each filter given.
+#[derive(Debug, Clone, Default)]
+pub struct ContactFilter {
+    pub channel: String,
+    /// Only the contact keyed by this `wa_id`.
+    pub wa_id: Option<String>,
+    /// Only contacts with this tag.
+    pub tag: Option<String>,
+    /// Only contacts whose number or name contains this text.
+    pub search: Option<String>,
+    /// Only contacts who wrote at or after this time (their window may be open).
+    pub wrote_since: Option<DateTime<Utc>>,
+    /// Only contacts with at least one message (a conversation).
+    pub with_messages: bool,
+    pub after: i64,
+    pub limit: i64,
+}
+
+/// One contact as the admin API lists it: the whole [`Contact`], its session and when its
+/// latest message was written.
+#[derive(Debug, Clone)]
+pub struct ContactSummary {
+    pub id: i64,
+    pub contact: Contact,
+    pub session: Option<super::SessionRow>,
+    pub last_message_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+type SummaryRaw = (
+    super::campaigns::AudienceRaw,
+    (
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    ),
+    (Option<i64>, Option<i64>, i64),
+);
+
+impl Db {
+    /// A page of contacts by `filter` (see [`ContactFilter`]), in id order.
+    pub async fn contact_page(
+        &self,
+        filter: &ContactFilter,
+    ) -> Result<Vec<ContactSummary>, StoreError> {
+        const SQL: &str = "SELECT c.id, c.wa_id, c.name, c.tags, c.attrs, c.timezone, \
+                c.last_customer_message_at, c.policy, \
+                s.flow_id, s.flow_version, s.step, s.state, s.updated_at, \
+                (SELECT m.created_at FROM messages m WHERE m.contact_id = c.id \
+                    ORDER BY m.id DESC LIMIT 1), \
+                c.created_at \
+            FROM contacts c LEFT JOIN sessions s ON s.contact_id = c.id \
+            WHERE +c.channel = $1 AND c.id > $2 \
+                AND ($4 IS NULL OR c.wa_id = $4) \
+                AND ($5 IS NULL OR EXISTS (SELECT 1 FROM json_each(c.tags) t WHERE t.value = $5)) \
+                AND ($6 IS NULL OR c.wa_id LIKE $6 ESCAPE '\\' OR c.name LIKE $6 ESCAPE '\\') \
+                AND ($7 IS NULL OR c.last_customer_message_at >= $7) \
+                AND ($8 = 0 OR EXISTS (SELECT 1 FROM messages m WHERE m.contact_id = c.id)) \
+            ORDER BY c.id LIMIT $3";
+        let search = filter.search.as_deref().map(like_pattern);
+        let rows: Vec<SummaryRow> = with_pool!(self, |pool| {
+            sqlx::query_as(SQL)
+                .bind(&filter.channel)
+                .bind(filter.after)
+                .bind(filter.limit.max(0))
+                .bind(filter.wa_id.as_deref())
+                .bind(filter.tag.as_deref())
+                .bind(search.as_deref())
+                .bind(filter.wrote_since.map(|t| t.timestamp_millis()))
+                .bind(filter.with_messages)
+                .fetch_all(pool)
+                .await?
+        });
+        rows.into_iter().map(|r| summary(r.into_parts())).collect()
+    }
+}
+
+/// A [`ContactSummary`] row as SQLite returns it (15 columns, more than a tuple decodes).
+#[derive(Debug)]
+struct SummaryRow(SummaryRaw);
+
+impl SummaryRow {
+    fn into_parts(self) -> SummaryRaw {
+        self.0
+    }
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> for SummaryRow {
+    fn from_row(row: &'r sqlx::sqlite::SqliteRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row as _;
+        Ok(Self((
+            (
+                row.try_get(0)?,
+                row.try_get(1)?,
+                row.try_get(2)?,
+                row.try_get(3)?,
+                row.try_get(4)?,
+                row.try_get(5)?,
+                row.try_get(6)?,
+                row.try_get(7)?,
+            ),
+            (
+                row.try_get(8)?,
+                row.try_get(9)?,
+                row.try_get(10)?,
+                row.try_get(11)?,
+            ),
+            (row.try_get(12)?, row.try_get(13)?, row.try_get(14)?),
+        )))
+    }
+}
+
+fn summary(raw: SummaryRaw) -> Result<ContactSummary, StoreError> {
+    let (contact, (flow_id, flow_version, step, state), (session_at, last, created)) = raw;
+    let (id, contact) = super::campaigns::audience_contact(contact)?;
+    let session = match (flow_id, flow_version, step, state, session_at) {
+        (Some(flow_id), Some(flow_version), Some(step), Some(state), Some(at)) => {
+            Some(super::SessionRow {
+                flow_id,
+                flow_version,
+                step,
+                state: serde_json::from_str(&state)?,
+                updated_at: from_millis(at, "sessions.updated_at")?,
+            })
+        }
+        _ => None,
+    };
+    Ok(ContactSummary {
+        id,
+        contact,
+        session,
+        last_message_at: last
+            .map(|ms| from_millis(ms, "messages.created_at"))
+            .transpose()?,
+        created_at: from_millis(created, "contacts.created_at")?,
+    })
+}
+
+/// `%text%` for `LIKE … ESCAPE '\'`, with the text's own `%`, `_` and `\` matched as
+/// themselves.
+fn like_pattern(text: &str) -> String {
+    let mut pattern = String::from("%");
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}

@@ -86,7 +86,7 @@ pub use campaigns::{
     RecipientCount, RecipientDecision, RecipientOutcome, RunRow, RunStatus, RunTrigger,
     TemplateRecipients, campaign_message_key,
 };
-pub use contacts::{Identifiers, IdentityChanged, Resolved};
+pub use contacts::{ContactFilter, ContactSummary, Identifiers, IdentityChanged, Resolved};
 pub use conversations::{Conversation, MessageDetail, MessageRow, SessionRow};
 pub use db::Db;
 pub use error::StoreError;
@@ -95,7 +95,7 @@ pub use inbox::{
     INBOX_RETENTION, InboxRow, NewInboxRow, ORDERED_KINDS, StatusChange, StatusOutcome, Stored,
     status_rank,
 };
-pub use outbox::{ChannelStop, OutboxEntry, OutboxRow};
+pub use outbox::{ChannelStop, OutboundFilter, OutboxEntry, OutboxRow};
 pub use queue::{ExpiringMessage, FLUSH_LIMIT, QueuedMessage};
 pub use run_requests::ManualRun;
 pub use template_statuses::TemplateStatusRow;
