@@ -134,7 +134,17 @@ impl Application {
                     }
                     Err(e) => tracing::error!(error = %e, "firing timers failed"),
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                // A running campaign run is paced meanwhile.
+                dispatcher
+                    .pace_for(std::time::Duration::from_millis(500))
+                    .await;
+            }
+        });
+        let stated = self.runtime.clone();
+        let limits_task = tokio::spawn(async move {
+            loop {
+                crate::campaign_runner::limits::read_stated_limits(&stated).await;
+                tokio::time::sleep(crate::campaign_runner::limits::REFRESH).await;
             }
         });
         let state = self.state();
@@ -162,6 +172,7 @@ impl Application {
         let _ = stop_inbound.send(true);
         let _ = inbound_task.await;
         timer_task.abort();
+        limits_task.abort();
         let _ = timer_task.await;
         crate::outbox::shutdown_senders(senders).await;
         self.runtime.db.close().await;

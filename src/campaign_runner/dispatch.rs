@@ -32,7 +32,7 @@ use super::{CampaignRunner, RunnerError};
 use crate::campaign::Campaign;
 use crate::campaign::recipient::{Gate, category_name, defer, gate};
 use crate::dispatch::{Runtime, count_decision};
-use crate::domain::{Contact, Decision, Origin, Outbound, OutboundContent, TemplateFallback};
+use crate::domain::{Contact, Origin, Outbound, OutboundContent, TemplateFallback};
 use crate::engine::{render_for_contact, render_message};
 use crate::metrics;
 use crate::policy::Policy;
@@ -49,6 +49,11 @@ pub const TEMPLATE_PAUSE: &str = "template `";
 const DECISIONS_PER_TICK: usize = 2_000;
 /// The messaging limit's rolling period.
 const LIMIT_PERIOD: Duration = Duration::hours(24);
+/// How often a running run's bucket is looked at between the application's rounds: a
+/// run's sends leave a few at a time, evenly, instead of in one burst per round (with
+/// half-second bursts a 30 s run came out 1-2.5 % slow: the last burst waits up to a
+/// round; at 50 ms, within 0.3 %).
+const PACING_TICK: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// What one dispatcher tick did, for logs and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -123,6 +128,29 @@ impl Dispatcher {
             }
         }
         Ok(done)
+    }
+
+    /// Waits `round` (the application loop's pause); while a run is running, ticks every
+    /// [`PACING_TICK`] meanwhile. Steps are counted, not timed: no clock is read here.
+    pub async fn pace_for(&self, round: std::time::Duration) {
+        let steps = (round.as_millis() / PACING_TICK.as_millis()).max(1) as u32;
+        for step in 1..=steps {
+            if !self.pacing() {
+                tokio::time::sleep(round.saturating_sub(PACING_TICK * (step - 1))).await;
+                return;
+            }
+            tokio::time::sleep(PACING_TICK).await;
+            if step < steps
+                && let Err(e) = self.tick().await
+            {
+                tracing::error!(error = %e, "dispatching campaign runs failed");
+            }
+        }
+    }
+
+    /// Whether a run is running (its bucket kept since the last tick).
+    fn pacing(&self) -> bool {
+        !self.buckets.lock().expect("buckets").is_empty()
     }
 
     /// One running run's turn this tick.
@@ -282,7 +310,11 @@ impl Dispatcher {
                 tokens: 1.0_f64.min(second),
                 at: now,
             });
-            let elapsed = (now - bucket.at).num_milliseconds().max(0) as f64 / 1000.0;
+            let elapsed = (now - bucket.at)
+                .num_microseconds()
+                .unwrap_or(i64::MAX)
+                .max(0) as f64
+                / 1e6;
             bucket.tokens = (bucket.tokens + elapsed * rate).min(second);
             bucket.at = now;
             bucket.tokens
@@ -318,8 +350,7 @@ impl Dispatcher {
 
     /// The channel's messaging limit as it stands, if it has one.
     async fn limit(&self, channel: &str, now: DateTime<Utc>) -> Result<Option<Limit>, RunnerError> {
-        let config = self.runtime().channels.iter().find(|c| c.name == channel);
-        let Some(max) = config.and_then(|c| c.messaging_limit) else {
+        let Some(max) = self.runtime().messaging_limit(channel) else {
             return Ok(None);
         };
         let counted = self
@@ -368,7 +399,7 @@ impl Dispatcher {
         let decision = runtime.policy.decide(&message, &contact, templates, now);
         count_decision(&decision, "campaign");
         if !decision.sends() {
-            return Ok(Outcome::Skip(not_sent(&decision)));
+            return Ok(Outcome::Skip(decision.reason().to_string()));
         }
         let message = Policy::apply(&decision, &message);
         if let Some(wait) = self
@@ -516,15 +547,6 @@ fn template_problem(campaign: &Campaign, templates: &Registry) -> Option<String>
              `flowgate templates sync`; the run waits until it is approved",
             call.name, call.language
         )),
-    }
-}
-
-/// The ledger's reason for a message the policy did not send (a campaign never queues: a
-/// queued campaign message would go out whenever the customer next writes).
-fn not_sent(decision: &Decision) -> String {
-    match decision {
-        Decision::Queued { reason } => format!("not sendable now: {reason}"),
-        other => other.reason().to_string(),
     }
 }
 

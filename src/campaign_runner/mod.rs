@@ -21,6 +21,7 @@
 
 pub mod audience;
 pub mod dispatch;
+pub mod limits;
 pub mod registry;
 
 use std::collections::BTreeMap;

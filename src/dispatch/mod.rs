@@ -32,6 +32,7 @@ use crate::store::{
     Conversation, Db, OutboundRecord, StoreError, Superseded, TemplateStatusRow, TurnWrite,
 };
 use crate::templates::{Registry, Status};
+use crate::whatsapp::MessagingLimit;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
@@ -118,6 +119,9 @@ pub struct Runtime {
     /// Held by a live reload from loading the files to swapping them in, so two reloads
     /// (a SIGHUP and the API at once) cannot swap in an older load last.
     pub reloading: tokio::sync::Mutex<()>,
+    /// Per channel: the messaging limit WhatsApp last stated for the number (read by
+    /// `serve` from the Graph API); absent until read.
+    stated_limits: Mutex<HashMap<String, MessagingLimit>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -164,6 +168,28 @@ impl Runtime {
             locks: Mutex::new(HashMap::new()),
             outbox_ready,
             reloading: tokio::sync::Mutex::new(()),
+            stated_limits: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Remembers the messaging limit WhatsApp states for `channel`'s number.
+    pub fn state_messaging_limit(&self, channel: &str, limit: MessagingLimit) {
+        let mut stated = self.stated_limits.lock().expect("stated limits lock");
+        stated.insert(channel.to_string(), limit);
+    }
+
+    /// The unique business-initiated recipients `channel` may reach in 24 h: the tighter of
+    /// its `messaging_limit` key and what WhatsApp last stated; `None` for no limit.
+    pub fn messaging_limit(&self, channel: &str) -> Option<u32> {
+        let configured = self
+            .channels
+            .iter()
+            .find(|c| c.name == channel)
+            .and_then(|c| c.messaging_limit);
+        let stated = self.stated_limits.lock().expect("stated limits lock");
+        match stated.get(channel) {
+            Some(limit) => limit.with_configured(configured),
+            None => configured,
         }
     }
 

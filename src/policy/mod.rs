@@ -11,7 +11,7 @@ use chrono::{DateTime, Duration, Utc};
 
 use crate::config::{FallbackTemplate, PolicyConfig};
 use crate::domain::{
-    Contact, Decision, InboundContent, OptOut, Outbound, OutboundContent, TemplateFallback,
+    Contact, Decision, InboundContent, OptOut, Origin, Outbound, OutboundContent, TemplateFallback,
     WindowClosed, format_duration,
 };
 use crate::templates::{Category, Registry, Status};
@@ -140,7 +140,29 @@ impl Policy {
     /// Decides what happens to `message` for `contact` at `now`. Always starts from what was
     /// requested ([`Outbound::requested`]), so deciding again after a rewrite is the same as
     /// deciding the first time.
+    ///
+    /// A campaign's message is never queued: held for the customer's next message, it would
+    /// answer that message with an offer. What would queue it skips it instead, at planning
+    /// and at send time alike (a template paused between the two).
     pub fn decide(
+        &self,
+        message: &Outbound,
+        contact: &Contact,
+        templates: &Registry,
+        now: DateTime<Utc>,
+    ) -> Decision {
+        match self.decide_any(message, contact, templates, now) {
+            Decision::Queued { reason } if matches!(message.origin, Origin::Campaign { .. }) => {
+                Decision::Skipped {
+                    reason: format!("not sendable now: {reason}"),
+                }
+            }
+            decision => decision,
+        }
+    }
+
+    /// [`Policy::decide`] for any origin.
+    fn decide_any(
         &self,
         message: &Outbound,
         contact: &Contact,

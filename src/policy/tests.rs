@@ -143,6 +143,29 @@ fn a_paused_missing_or_mismatched_fallback_queues_with_the_reason() {
 }
 
 #[test]
+fn a_campaign_message_that_would_queue_is_skipped_instead() {
+    let p = Policy::default();
+    let c = contact_last_wrote(t(0));
+    let late = t(30 * 60);
+    let mut m = with_fallback("Our sale", "paused_one", &["a"]);
+    m.origin = Origin::Campaign {
+        campaign: "sale".into(),
+        run: 1,
+        category: "marketing".into(),
+        on_reply: None,
+    };
+    let d = p.decide(&m, &c, &registry(), late);
+    assert_eq!(d.name(), "skipped");
+    assert!(
+        d.reason().starts_with("not sendable now: ") && d.reason().contains("is paused"),
+        "{}",
+        d.reason()
+    );
+    // Inside the window it is sent as any message is.
+    assert_eq!(p.decide(&m, &c, &registry(), t(60)).name(), "send");
+}
+
+#[test]
 fn policy_level_mappings_match_origin_and_render_placeholders() {
     let p = Policy {
         fallbacks: vec![FallbackTemplate {

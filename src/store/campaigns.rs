@@ -18,10 +18,12 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::db::Db;
+use rusqlite::types::Value;
+
+use super::db::{Backend, Db};
 use super::db::{with_pool, with_writer};
 use super::error::StoreError;
-use super::sql::{from_millis, outbound_kind, placeholders};
+use super::sql::{bind_numbered, from_millis, outbound_kind, placeholders};
 use crate::domain::{Contact, Decision, Origin, Outbound, PolicyState};
 
 /// Rows of a snapshot per statement (one parameter each).
@@ -980,59 +982,61 @@ impl Db {
         const LEDGER: &str = "UPDATE campaign_recipients SET decision = 'sent', reason = $3, \
                 message_id = $4, decided_at = $5 \
             WHERE run_id = $1 AND contact_id = $2 AND decision IN ('planned', 'deferred')";
-        let key = campaign_message_key(send.run_id, send.contact_id);
         let (run_id, contact_id) = (send.run_id, send.contact_id);
-        let channel = send.channel.to_string();
-        let kind = outbound_kind(&send.message.content);
-        let body = serde_json::to_string(send.message)?;
-        let policy = serde_json::to_string(send.policy)?;
-        let decision = send.decision.name();
-        let reason = send.decision.reason().to_string();
-        let status = send.status.to_string();
-        let now = now.timestamp_millis();
-        Ok(with_writer!(self, |pool| {
-            let mut tx = sqlx::Connection::begin(&mut *pool).await?;
-            let existing: Option<i64> = sqlx::query_scalar(EXISTING)
-                .bind(&key)
-                .fetch_optional(&mut *tx)
-                .await?;
-            let (message_id, created) = match existing {
-                Some(id) => (id, false),
-                None => {
-                    let id: i64 = sqlx::query_scalar(INSERT)
-                        .bind(contact_id)
-                        .bind(&channel)
-                        .bind(kind)
-                        .bind(&body)
-                        .bind(decision)
-                        .bind(&reason)
-                        .bind(&status)
-                        .bind(now)
-                        .bind(&key)
-                        .fetch_one(&mut *tx)
-                        .await?;
-                    sqlx::query(POLICY)
-                        .bind(contact_id)
-                        .bind(&policy)
-                        .execute(&mut *tx)
-                        .await?;
-                    (id, true)
-                }
-            };
-            sqlx::query(LEDGER)
-                .bind(run_id)
-                .bind(contact_id)
-                .bind(&reason)
-                .bind(message_id)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            CampaignSent {
-                message_id,
-                created,
-            }
-        }))
+        let key = Value::Text(campaign_message_key(run_id, contact_id));
+        let reason = Value::Text(send.decision.reason().to_string());
+        let now = Value::Integer(now.timestamp_millis());
+        let insert = vec![
+            Value::Integer(contact_id),
+            Value::Text(send.channel.to_string()),
+            Value::Text(outbound_kind(&send.message.content).to_string()),
+            Value::Text(serde_json::to_string(send.message)?),
+            Value::Text(send.decision.name().to_string()),
+            reason.clone(),
+            Value::Text(send.status.to_string()),
+            now.clone(),
+            key.clone(),
+        ];
+        let policy = Value::Text(serde_json::to_string(send.policy)?);
+        // A raw job (see `store::writer`): one per recipient, on the writer's own handle;
+        // through sqlx its four statements cost four round trips to sqlx's worker thread.
+        let Backend::Sqlite(sqlite) = &self.backend;
+        sqlite
+            .writer
+            .run_raw(move |db| {
+                let run = |sql: &str, args: &[Value]| -> Result<Option<i64>, StoreError> {
+                    let mut statement = db.prepare_cached(sql)?;
+                    bind_numbered(&mut statement, args)?;
+                    let mut rows = statement.raw_query();
+                    Ok(match rows.next()? {
+                        Some(row) => Some(row.get(0)?),
+                        None => None,
+                    })
+                };
+                let (message_id, created) = match run(EXISTING, &[key])? {
+                    Some(id) => (id, false),
+                    None => {
+                        let id = run(INSERT, &insert)?.ok_or_else(|| {
+                            StoreError::Corrupt("INSERT … RETURNING id returned no row".into())
+                        })?;
+                        run(POLICY, &[Value::Integer(contact_id), policy])?;
+                        (id, true)
+                    }
+                };
+                let ledger = [
+                    Value::Integer(run_id),
+                    Value::Integer(contact_id),
+                    reason,
+                    Value::Integer(message_id),
+                    now,
+                ];
+                run(LEDGER, &ledger)?;
+                Ok(CampaignSent {
+                    message_id,
+                    created,
+                })
+            })
+            .await
     }
 
     /// Whole contacts by id (tags, attributes, zone, window, policy), as a run's recipients

@@ -19,6 +19,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::errors::{ErrorOrigin, GraphError, NO_CODE};
+use super::limits::{MESSAGING_LIMIT_FIELD, MessagingLimit, parse_messaging_limit_response};
 use super::send::{SendOk, mark_read_body, parse_mark_read_response, parse_send_response};
 use super::templates::parse_templates_page;
 use crate::config::{ChannelConfig, Provider};
@@ -177,17 +178,31 @@ impl Endpoint {
     /// `None` for 360dialog, whose template list flowgate does not read (see
     /// [`Client::list_templates`]).
     pub fn templates_url(&self, waba_id: &str) -> Option<String> {
+        self.graph_url(&format!("{waba_id}/message_templates"))
+    }
+
+    /// `{base}/{version}/{phone_number_id}`: the number's own node (its messaging limit);
+    /// `None` for 360dialog.
+    pub fn phone_number_url(&self) -> Option<String> {
+        match self {
+            Self::CloudApi {
+                phone_number_id, ..
+            } => self.graph_url(phone_number_id),
+            Self::Dialog360 { .. } => None,
+        }
+    }
+
+    /// `{base}/{version}/{path}` on the Graph API (no version when a configured `api_base`
+    /// already ends with it); `None` for 360dialog.
+    fn graph_url(&self, path: &str) -> Option<String> {
         match self {
             Self::CloudApi {
                 base_url, version, ..
-            } if version.is_empty() => Some(format!(
-                "{}/{waba_id}/message_templates",
-                base_url.trim_end_matches('/')
-            )),
+            } if version.is_empty() => Some(format!("{}/{path}", base_url.trim_end_matches('/'))),
             Self::CloudApi {
                 base_url, version, ..
             } => Some(format!(
-                "{}/{version}/{waba_id}/message_templates",
+                "{}/{version}/{path}",
                 base_url.trim_end_matches('/')
             )),
             Self::Dialog360 { .. } => None,
@@ -322,6 +337,23 @@ impl Client {
             }
             url = next;
         }
+    }
+
+    /// The number's messaging limit as WhatsApp states it: `GET /{phone_number_id}?fields=
+    /// whatsapp_business_manager_messaging_limit`. Cloud API only (360dialog's equivalent is
+    /// not read).
+    pub async fn messaging_limit(&self) -> Result<MessagingLimit, GraphError> {
+        let Some(node) = self.endpoint.phone_number_url() else {
+            return Err(unsupported(
+                "the messaging limit is read from cloud_api channels only",
+            ));
+        };
+        let mut url = reqwest::Url::parse(&node)
+            .map_err(|e| unsupported(format!("the channel's api_base does not make a URL: {e}")))?;
+        url.query_pairs_mut()
+            .append_pair("fields", MESSAGING_LIMIT_FIELD);
+        let (status, bytes) = self.get(url).await?;
+        parse_messaging_limit_response(status, &bytes)
     }
 
     async fn get(&self, url: reqwest::Url) -> Result<(u16, Vec<u8>), GraphError> {

@@ -7,14 +7,16 @@
 //! | [`signature`] | `X-Hub-Signature-256` HMAC check and 360dialog's shared-secret header, both constant-time | no |
 //! | [`send`] | request bodies for `POST …/messages` (messages, with the outbox's idempotency key or without, reactions, mark-as-read) and reading the responses | no |
 //! | [`templates`] | one page of `GET /{waba_id}/message_templates` -> registry [`crate::templates::Template`]s (status mapping, media headers, skipped templates named) | no |
+//! | [`limits`] | a number's messaging limit (`whatsapp_business_manager_messaging_limit` tiers) | no |
 //! | [`errors`] | [`GraphError`], what each error code means for the sender ([`ErrorClass`]) and the retry schedule | no |
-//! | [`client`] | a thin HTTP client that posts those bodies to the Cloud API or 360dialog, and reads every page of a WABA's templates | **yes** |
+//! | [`client`] | a thin HTTP client that posts those bodies to the Cloud API or 360dialog, reads every page of a WABA's templates and a number's messaging limit | **yes** |
 //!
 //! Everything except `client` is pure: it takes bytes and values and returns values, so the
 //! webhook receiver, the outbox sender and the tests share one translation.
 
 pub mod client;
 pub mod errors;
+pub mod limits;
 pub mod send;
 pub mod signature;
 pub mod templates;
@@ -22,6 +24,7 @@ pub mod webhook;
 
 pub use client::{Client, Endpoint, MAX_TEMPLATE_PAGES, TemplateList};
 pub use errors::{ErrorClass, ErrorOrigin, GraphError, classify, retry_after};
+pub use limits::{MessagingLimit, parse_tier};
 pub use send::{
     Recipient, SendOk, mark_read_body, message_body, message_body_with_key,
     parse_mark_read_response, parse_send_response, reaction_body,

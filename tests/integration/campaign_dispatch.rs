@@ -652,3 +652,38 @@ async fn serve_dispatches_a_run_through_the_outbox_to_the_graph_api_once_each() 
     .await;
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn whatsapps_stated_messaging_limit_is_read_and_the_tighter_limit_holds() {
+    use crate::support::fake_graph::{FakeAuth, FakeGraph};
+    use flowgate::campaign_runner::limits::read_stated_limits;
+    const PHONE: &str = "110000000000009";
+    let fake = FakeGraph::start(FakeAuth::cloud_api(PHONE, "limit-token")).await;
+    let wa = format!(
+        "  - name: wa\n    provider: cloud_api\n    phone_number_id: \"{PHONE}\"\n    \
+         access_token: limit-token\n    app_secret: s\n    verify_token: v\n    api_base: {}\n    \
+         messaging_limit: 5000\n",
+        fake.cloud_api_base()
+    );
+    let f = Fixture::new(&sale(""), &wa).await;
+    let rt = f.runtime();
+    // WhatsApp does not answer it yet: the configured key holds, the failure is no limit.
+    assert_eq!(read_stated_limits(rt).await, 0);
+    assert_eq!(rt.messaging_limit("wa"), Some(5000));
+    assert_eq!(rt.messaging_limit("main"), None, "a sandbox has none");
+    // WhatsApp states 2,000 for the number: tighter than the key, so it holds.
+    fake.serve_messaging_limit("TIER_2K");
+    assert_eq!(read_stated_limits(rt).await, 1);
+    assert_eq!(rt.messaging_limit("wa"), Some(2000));
+    let asked = fake.requests().into_iter().last().unwrap();
+    assert!(asked.path.ends_with(&format!("/{PHONE}")), "{}", asked.path);
+    assert!(
+        asked
+            .query
+            .contains("fields=whatsapp_business_manager_messaging_limit")
+    );
+    // Raised to unlimited later: the key holds again.
+    fake.serve_messaging_limit("TIER_UNLIMITED");
+    read_stated_limits(rt).await;
+    assert_eq!(rt.messaging_limit("wa"), Some(5000));
+}

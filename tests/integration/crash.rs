@@ -60,7 +60,7 @@ fn echo_statuses(fake: &FakeGraph, setup: &Setup) {
 }
 
 /// Accepted sends per recipient.
-fn counts(fake: &FakeGraph) -> BTreeMap<String, usize> {
+pub(crate) fn counts(fake: &FakeGraph) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for sent in fake.accepted() {
         *counts.entry(sent.to.unwrap_or_default()).or_default() += 1;
@@ -68,13 +68,14 @@ fn counts(fake: &FakeGraph) -> BTreeMap<String, usize> {
     counts
 }
 
-struct Server {
+/// The real binary, serving; killed (SIGKILL) by [`Server::kill`] or when dropped.
+pub(crate) struct Server {
     child: Child,
-    log: PathBuf,
+    pub(crate) log: PathBuf,
 }
 
 impl Server {
-    fn kill(mut self) {
+    pub(crate) fn kill(mut self) {
         // SIGKILL: no shutdown code runs.
         self.child.kill().unwrap();
         self.child.wait().unwrap();
@@ -103,11 +104,7 @@ impl Setup {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("flows")).unwrap();
         std::fs::write(dir.path().join("flows/echo.yaml"), FLOW).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = support::free_port();
         let config = format!(
             "database: sqlite://{db}\nlisten: 127.0.0.1:{port}\nflows: flows\n\
              outbox:\n  lease: {lease}\n\
@@ -126,38 +123,44 @@ impl Setup {
 
     async fn start(&self, run: usize) -> Server {
         let log = self.dir.path().join(format!("server-{run}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_flowgate"))
-            .args(["serve", "--config"])
-            .arg(self.dir.path().join("flowgate.yaml"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        // Owned by a `Server` at once, so a failed start still kills and reaps the process.
-        let server = Server { child, log };
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let up = client
-                .get(format!("http://127.0.0.1:{}/healthz", self.port))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
-            if up {
-                return server;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the server did not start: {}",
-                read(&server.log)
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        serve(&self.dir.path().join("flowgate.yaml"), self.port, log).await
     }
 }
 
-fn read(path: &Path) -> String {
+/// Starts `flowgate serve --config CONFIG` (listening on `port`), its log in `log`, and waits
+/// (at most 20 s) until `/healthz` answers.
+pub(crate) async fn serve(config: &Path, port: u16, log: PathBuf) -> Server {
+    let child = Command::new(env!("CARGO_BIN_EXE_flowgate"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Owned by a `Server` at once, so a failed start still kills and reaps the process.
+    let server = Server { child, log };
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let up = client
+            .get(format!("http://127.0.0.1:{port}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if up {
+            return server;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not start: {}",
+            read(&server.log)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub(crate) fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 

@@ -5,6 +5,7 @@
 mod admin;
 mod campaign_api;
 mod campaign_cli;
+mod campaign_crash;
 mod campaign_dispatch;
 mod campaigns;
 mod check;

@@ -247,6 +247,8 @@ struct FakeState {
     sent: u64,
     /// The WABA id and the pages of `data` its template list answers with.
     templates: Option<(String, Vec<Vec<Value>>)>,
+    /// The tier the number's node answers as its messaging limit.
+    messaging_limit: Option<String>,
 }
 
 #[derive(Clone)]
@@ -311,6 +313,12 @@ impl FakeGraph {
         self.shared.state.lock().unwrap().templates = Some((waba_id.to_string(), pages));
     }
 
+    /// Answers `GET /{phone_number_id}?fields=whatsapp_business_manager_messaging_limit` with
+    /// `tier` (e.g. `TIER_250`).
+    pub fn serve_messaging_limit(&self, tier: &str) {
+        self.shared.state.lock().unwrap().messaging_limit = Some(tier.to_string());
+    }
+
     /// The template-list requests so far, in arrival order.
     pub fn template_requests(&self) -> Vec<Recorded> {
         self.requests()
@@ -334,16 +342,29 @@ impl FakeGraph {
         self.shared.state.lock().unwrap().accepted.clone()
     }
 
+    /// How many recipients have an accepted send (without copying [`FakeGraph::accepted`],
+    /// for a test that polls it while thousands arrive).
+    pub fn accepted_recipients(&self) -> usize {
+        let state = self.shared.state.lock().unwrap();
+        let recipients: std::collections::HashSet<&str> = state
+            .accepted
+            .iter()
+            .filter_map(|a| a.to.as_deref())
+            .collect();
+        recipients.len()
+    }
+
     /// Every request so far, in arrival order.
     pub fn requests(&self) -> Vec<Recorded> {
         self.shared.state.lock().unwrap().requests.clone()
     }
 
-    /// The message sends so far (not mark-as-read), in arrival order.
+    /// The message sends so far (posts to `…/messages`, not mark-as-read), in arrival
+    /// order.
     pub fn sends(&self) -> Vec<Recorded> {
         self.requests()
             .into_iter()
-            .filter(|r| !r.is_mark_read())
+            .filter(|r| r.path.ends_with("/messages") && !r.is_mark_read())
             .collect()
     }
 
@@ -675,11 +696,24 @@ async fn list_templates(
         wamid: None,
         at: std::time::Instant::now(),
     };
-    let FakeAuth::CloudApi { token, .. } = &shared.auth else {
+    let FakeAuth::CloudApi {
+        token,
+        phone_number_id,
+    } = &shared.auth
+    else {
         let answer =
             json!({"meta": {"success": false, "httpCode": 404, "developerMessage": "Not found"}});
         return finish(&shared, recorded, 404, answer.to_string());
     };
+    let limit = shared.state.lock().unwrap().messaging_limit.clone();
+    if let Some(tier) = limit.filter(|_| path == format!("/{VERSION}/{phone_number_id}")) {
+        if recorded.header("authorization") != Some(&format!("Bearer {token}")) {
+            return finish(&shared, recorded, 401, graph_error_body(190).to_string());
+        }
+        let answer =
+            json!({"whatsapp_business_manager_messaging_limit": tier, "id": phone_number_id});
+        return finish(&shared, recorded, 200, answer.to_string());
+    }
     let templates = shared.state.lock().unwrap().templates.clone();
     let Some((waba_id, pages)) =
         templates.filter(|(waba, _)| path == format!("/{VERSION}/{waba}/message_templates"))

@@ -28,6 +28,15 @@ pub fn now_timestamp() -> String {
         .to_string()
 }
 
+/// A TCP port on 127.0.0.1 free a moment ago, for a server started as its own process
+/// (`listen:` in its config).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a port on loopback")
+        .port()
+}
+
 /// `sha256=<hex>`: the `X-Hub-Signature-256` Meta sends, over `body` with the app secret.
 pub fn sign(secret: &str, body: &[u8]) -> String {
     use hmac::{Hmac, KeyInit, Mac};
