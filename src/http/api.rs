@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::OriginalUri;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
@@ -20,6 +21,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{Refused, refused};
+use crate::operator::{OperatorError, Refusal, conversations};
 use crate::state::AppState;
 
 /// Every error of the API: `{"error": {"code", "message"}}`, `code` stable for programs,
@@ -74,6 +76,9 @@ pub fn router(state: AppState) -> (Router<AppState>, Arc<Document>) {
         .merge(super::outbox::routes())
         .merge(super::channels::routes())
         .split_for_parts();
+    let router = router
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed);
     document.paths.paths = std::mem::take(&mut document.paths.paths)
         .into_iter()
         .map(|(path, item)| (format!("/api{path}"), item))
@@ -91,45 +96,12 @@ pub fn router(state: AppState) -> (Router<AppState>, Arc<Document>) {
 
 /// This document: every `/api` route with its parameters, bodies, answers and errors.
 #[utoipa::path(get, path = "/openapi.json", tag = "api",
-    responses((status = 200, description = "The OpenAPI 3.1 document", body = Object)))]
+    responses(
+        (status = 200, description = "The OpenAPI 3.1 document", body = Object),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
 async fn openapi_json(Extension(document): Extension<Arc<Document>>) -> Response {
     Json(document.as_ref()).into_response()
-}
-
-/// The paging of every list: `after` (the previous answer's `next_cursor`) and `limit`,
-/// as each list's query gives them.
-#[derive(Debug, Default)]
-pub struct Paging {
-    pub after: Option<i64>,
-    pub limit: Option<i64>,
-}
-
-impl Paging {
-    pub fn new(after: Option<i64>, limit: Option<i64>) -> Self {
-        Self { after, limit }
-    }
-
-    /// The cursor to start after and the page size, checked.
-    pub fn checked(&self) -> Result<(i64, i64), Refused> {
-        let limit = self.limit.unwrap_or(DEFAULT_LIMIT);
-        if !(1..=MAX_LIMIT).contains(&limit) {
-            return Err(refused(
-                StatusCode::BAD_REQUEST,
-                "invalid_limit",
-                format!("`limit` must be 1 to {MAX_LIMIT}, got {limit}"),
-            ));
-        }
-        Ok((self.after.unwrap_or(0).max(0), limit))
-    }
-}
-
-pub const DEFAULT_LIMIT: i64 = 50;
-pub const MAX_LIMIT: i64 = 500;
-
-/// The cursor after a page that read `read` rows of at most `limit`, the last with id
-/// `last`: `None` when the page was not full (nothing more to read).
-pub fn next_cursor(read: usize, limit: i64, last: Option<i64>) -> Option<i64> {
-    (read as i64 >= limit).then_some(last).flatten()
 }
 
 /// A handler's answer: its JSON, or the refusal.
@@ -138,6 +110,126 @@ pub type Answer<T> = Result<(StatusCode, Json<T>), Refused>;
 /// `200` with `value`.
 pub fn ok<T>(value: T) -> Answer<T> {
     Ok((StatusCode::OK, Json(value)))
+}
+
+/// An operator's result as the answer: `status` with its value, or the error.
+pub fn answer<T: Serialize>(status: StatusCode, result: Result<T, OperatorError>) -> Response {
+    match result {
+        Ok(value) => (status, Json(value)).into_response(),
+        Err(e) => *Refused::from(e),
+    }
+}
+
+/// [`answer`] with `200`.
+pub fn answer_ok<T: Serialize>(result: Result<T, OperatorError>) -> Response {
+    answer(StatusCode::OK, result)
+}
+
+/// An operator's error as the API's: the refusal's status and code, or a 500 whose
+/// detail goes to the log, not to the caller.
+impl From<OperatorError> for Refused {
+    fn from(e: OperatorError) -> Self {
+        match e {
+            OperatorError::Refused {
+                kind,
+                code,
+                message,
+            } => {
+                let status = match kind {
+                    Refusal::Invalid => StatusCode::BAD_REQUEST,
+                    Refusal::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
+                    Refusal::NotFound => StatusCode::NOT_FOUND,
+                    Refusal::Conflict => StatusCode::CONFLICT,
+                    Refusal::Upstream => StatusCode::BAD_GATEWAY,
+                };
+                refused(status, code, message)
+            }
+            OperatorError::Diagnosed {
+                code,
+                message,
+                diagnostics,
+            } => Box::new(
+                (
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    Json(serde_json::json!({"error": {
+                        "code": code, "message": message, "diagnostics": diagnostics,
+                    }})),
+                )
+                    .into_response(),
+            ),
+            OperatorError::Failed { what, detail } => Box::new(internal(what, detail)),
+        }
+    }
+}
+
+/// A 500 for a failure of ours: the detail goes to the log, not to the caller.
+pub fn internal(what: &str, e: impl std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "{what}");
+    super::error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "the server failed; see its log",
+    )
+}
+
+/// A JSON body read as `T`, or `invalid_body` (400) saying what was expected (`shape`)
+/// and what is wrong.
+pub fn json_body<T: serde::de::DeserializeOwned>(body: &[u8], shape: &str) -> Result<T, Refused> {
+    serde_json::from_slice(body).map_err(|e| {
+        refused(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            format!("the body must be {shape}: {e}"),
+        )
+    })
+}
+
+/// [`json_body`] for a body that may be empty (then `T::default()`).
+pub fn optional_json_body<T>(body: &[u8], shape: &str) -> Result<T, Refused>
+where
+    T: serde::de::DeserializeOwned + Default,
+{
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    json_body(body, shape)
+}
+
+/// The request's `Idempotency-Key`, if it has one, checked
+/// ([`conversations::checked_key`]).
+pub fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, Refused> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value.to_str().map_err(|_| {
+        Refused::from(conversations::checked_key("").expect_err("an empty key is refused"))
+    })?;
+    Ok(Some(conversations::checked_key(key)?))
+}
+
+/// What `/api` answers for a path it does not serve: 404 `unknown_route`.
+async fn unknown_route(OriginalUri(uri): OriginalUri) -> Response {
+    super::error(
+        StatusCode::NOT_FOUND,
+        "unknown_route",
+        format!(
+            "there is no route {}: `GET /api/openapi.json` lists them",
+            uri.path()
+        ),
+    )
+}
+
+/// What `/api` answers for a method a path does not take: 405 `method_not_allowed` (the
+/// `Allow` header lists those it takes).
+async fn method_not_allowed(method: axum::http::Method, OriginalUri(uri): OriginalUri) -> Response {
+    super::error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{} does not take {method}: see `GET /api/openapi.json`",
+            uri.path()
+        ),
+    )
 }
 
 /// Turns an [`Answer`] into the response.

@@ -9,7 +9,7 @@
 //! (200) instead of starting another (201). Errors are `{"error": {"code", "message"}}`.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -17,8 +17,9 @@ use serde_json::{Value, json};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::admin::internal;
-use super::api::{ApiPath, ErrorBody};
+use super::api::{
+    ApiPath, ApiPath as Path, ApiQuery as Query, ErrorBody, idempotency_key, internal,
+};
 use super::{Refused, error, refused};
 use crate::campaign::Campaign;
 use crate::campaign_runner::registry::{ChangeError, Write};
@@ -32,14 +33,15 @@ const MAX_BODY: usize = 1024 * 1024;
 /// The campaign routes, each with its documentation (see [`super::api`]).
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(list, create))
-        .routes(routes!(show, replace, delete))
-        .routes(routes!(pause))
-        .routes(routes!(resume))
-        .routes(routes!(cancel))
+        .routes(routes!(list_campaigns, create_campaign))
+        .routes(routes!(show_campaign, replace_campaign, delete_campaign))
+        .routes(routes!(pause_campaign))
+        .routes(routes!(resume_campaign))
+        .routes(routes!(cancel_campaign))
         .routes(routes!(run_now))
-        .routes(routes!(runs))
+        .routes(routes!(list_runs))
         .routes(routes!(run_report))
+        .routes(routes!(latest_report))
 }
 
 /// `GET /api/campaigns`: every stored campaign with its paused state, next run and latest
@@ -49,7 +51,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         (status = 200, description = "Every campaign with its paused state, next run and latest run", body = Object),
         (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
     ))]
-async fn list(State(state): State<AppState>) -> Response {
+async fn list_campaigns(State(state): State<AppState>) -> Response {
     let db = &state.runtime.db;
     let rows = match db.campaigns().await {
         Ok(rows) => rows,
@@ -129,7 +131,7 @@ fn run_json(run: &RunRow) -> Value {
         (status = 404, description = "`unknown_campaign`", body = ErrorBody),
         (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
     ))]
-async fn show(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+async fn show_campaign(State(state): State<AppState>, Path(name): Path<String>) -> Response {
     match stored(&state, &name).await {
         Ok(row) => {
             let mut item = campaign_json(&state, &row);
@@ -158,7 +160,7 @@ async fn stored(state: &AppState, name: &str) -> Result<CampaignRow, Refused> {
         (status = 422, description = "`invalid_campaign`, with the diagnostics", body = ErrorBody),
         (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
     ))]
-async fn create(
+async fn create_campaign(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: axum::body::Body,
@@ -176,7 +178,7 @@ async fn create(
         (status = 422, description = "`invalid_campaign`, with the diagnostics", body = ErrorBody),
         (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
     ))]
-async fn replace(
+async fn replace_campaign(
     State(state): State<AppState>,
     Path(name): Path<String>,
     headers: HeaderMap,
@@ -317,7 +319,7 @@ fn change_error(e: ChangeError) -> Response {
         (status = 409, description = "`file_campaign`: delete the file", body = ErrorBody),
         (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
     ))]
-async fn delete(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+async fn delete_campaign(State(state): State<AppState>, Path(name): Path<String>) -> Response {
     match state.campaigns.delete(&name).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => change_error(e),
@@ -332,7 +334,7 @@ async fn delete(State(state): State<AppState>, Path(name): Path<String>) -> Resp
         (status = 404, description = "`unknown_campaign`", body = ErrorBody),
         (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
     ))]
-async fn pause(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+async fn pause_campaign(State(state): State<AppState>, Path(name): Path<String>) -> Response {
     let done = state.campaigns.pause(&name).await;
     control(&state, &name, done.map(|()| Value::Null)).await
 }
@@ -345,7 +347,7 @@ async fn pause(State(state): State<AppState>, Path(name): Path<String>) -> Respo
         (status = 404, description = "`unknown_campaign`", body = ErrorBody),
         (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
     ))]
-async fn resume(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+async fn resume_campaign(State(state): State<AppState>, Path(name): Path<String>) -> Response {
     let done = state.campaigns.resume(&name).await;
     control(&state, &name, done.map(|()| Value::Null)).await
 }
@@ -358,7 +360,7 @@ async fn resume(State(state): State<AppState>, Path(name): Path<String>) -> Resp
         (status = 404, description = "`unknown_campaign`", body = ErrorBody),
         (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
     ))]
-async fn cancel(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+async fn cancel_campaign(State(state): State<AppState>, Path(name): Path<String>) -> Response {
     let done = state.campaigns.cancel(&name).await;
     control(&state, &name, done.map(|run| json!(run))).await
 }
@@ -420,23 +422,6 @@ async fn run_now(
     }
 }
 
-/// The request's `Idempotency-Key`: 1-255 visible ASCII characters.
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Refused> {
-    let Some(value) = headers.get("idempotency-key") else {
-        return Ok(None);
-    };
-    match value.to_str() {
-        Ok(key) if (1..=255).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic()) => {
-            Ok(Some(key.to_string()))
-        }
-        _ => Err(refused(
-            StatusCode::BAD_REQUEST,
-            "invalid_idempotency_key",
-            "`Idempotency-Key` must be 1 to 255 visible ASCII characters (a UUID is a good choice)",
-        )),
-    }
-}
-
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 struct RunsQuery {
@@ -449,15 +434,19 @@ struct RunsQuery {
     params(("name" = String, Path, description = "The campaign's name"), RunsQuery),
     responses(
         (status = 200, description = "The campaign's runs, newest first", body = Object),
+        (status = 400, description = "`invalid_query` or `invalid_limit`", body = ErrorBody),
         (status = 404, description = "`unknown_campaign`", body = ErrorBody),
         (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
     ))]
-async fn runs(
+async fn list_runs(
     State(state): State<AppState>,
     Path(name): Path<String>,
     Query(q): Query<RunsQuery>,
 ) -> Response {
-    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    let limit = match crate::operator::Paging::new(None, q.limit).checked() {
+        Ok((_, limit)) => limit,
+        Err(e) => return *Refused::from(e),
+    };
     match state.runtime.db.campaign_runs(&name, limit).await {
         Ok(runs) if runs.is_empty() => match stored(&state, &name).await {
             Ok(_) => Json(json!({ "runs": [] })).into_response(),
@@ -495,13 +484,45 @@ async fn run_report(
         }
         Err(e) => return internal("loading a run failed", e),
     };
+    report(&state, &run).await
+}
+
+/// `GET /api/campaigns/{name}/report`: the latest run and its report.
+#[utoipa::path(get, path = "/campaigns/{name}/report", tag = "campaigns",
+    params(("name" = String, Path, description = "The campaign's name")),
+    responses(
+        (status = 200, description = "The latest run's report: sent, delivered, read, replied, failed by code, skipped by reason, cost", body = Object),
+        (status = 404, description = "`unknown_campaign`, or `no_runs`: it has not run yet", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
+async fn latest_report(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    if let Err(refused) = stored(&state, &name).await {
+        return *refused;
+    }
+    match state.runtime.db.campaign_runs(&name, 1).await {
+        Ok(mut runs) => match runs.pop() {
+            Some(run) => report(&state, &run).await,
+            None => error(
+                StatusCode::NOT_FOUND,
+                "no_runs",
+                format!(
+                    "campaign `{name}` has not run yet: `POST /api/campaigns/{name}/run-now` starts a run"
+                ),
+            ),
+        },
+        Err(e) => internal("listing campaign runs failed", e),
+    }
+}
+
+/// A run and its report (the one `flowgate campaign report` prints).
+async fn report(state: &AppState, run: &RunRow) -> Response {
     let window = state.config.policy.window.0;
     match state
         .campaigns
-        .report(&run, window, state.config.campaign_prices.as_ref())
+        .report(run, window, state.config.campaign_prices.as_ref())
         .await
     {
-        Ok(report) => Json(json!({ "run": run_json(&run), "report": report })).into_response(),
+        Ok(report) => Json(json!({ "run": run_json(run), "report": report })).into_response(),
         Err(e) => internal("reading a run's report failed", e),
     }
 }

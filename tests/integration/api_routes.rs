@@ -24,6 +24,8 @@ pub(crate) struct Api {
     pub(crate) server: Running,
     pub(crate) fake: FakeGraph,
     pub(crate) dir: tempfile::TempDir,
+    /// The project the server runs (to build another server on it).
+    pub(crate) loaded: app::Loaded,
 }
 
 impl Api {
@@ -52,7 +54,12 @@ impl Api {
         let loaded = app::load(Some(&path)).unwrap_or_else(|d| panic!("{d:?}"));
         let db = format!("sqlite://{}", dir.path().join("db.sqlite").display());
         let server = Running::start(&loaded, &db, Arc::new(SystemClock)).await;
-        Self { server, fake, dir }
+        Self {
+            server,
+            fake,
+            dir,
+            loaded,
+        }
     }
 
     pub(crate) fn url(&self, path: &str) -> String {
