@@ -105,7 +105,7 @@ struct ConversationQuery {
 #[utoipa::path(get, path = "/conversations/{contact}", tag = "conversations",
     params(("contact" = String, Path, description = "The contact's phone number or BSUID"), ConversationQuery),
     responses(
-        (status = 200, description = "The conversation with its latest messages, newest first", body = ConversationDetail),
+        (status = 200, description = "The conversation with its latest messages, oldest first", body = ConversationDetail),
         (status = 400, description = "`invalid_query` or `invalid_limit`", body = ErrorBody),
         (status = 404, description = "`unknown_contact` or `unknown_channel`", body = ErrorBody),
         (status = 401, description = "No or a wrong bearer token", body = ErrorBody),

@@ -168,7 +168,7 @@ pub struct ConversationDetail {
     pub session: Option<SessionView>,
     /// The handoff queue, while the conversation is with a person.
     pub handoff: Option<String>,
-    /// The latest messages, newest first.
+    /// The latest messages, oldest first.
     pub messages: Vec<MessageView>,
 }
 

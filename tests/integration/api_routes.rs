@@ -30,9 +30,26 @@ pub(crate) struct Api {
 
 impl Api {
     pub(crate) async fn start() -> Self {
+        Self::start_with(false).await
+    }
+
+    /// [`Api::start`]; with `own_flows`, on a copy of the repository's flows in its
+    /// directory (`dir/flows`), for a test to change.
+    pub(crate) async fn start_with(own_flows: bool) -> Self {
         let fake = FakeGraph::start(FakeAuth::cloud_api(PHONE, "graph-token")).await;
         let dir = tempfile::tempdir().unwrap();
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let flows = if own_flows {
+            let flows = dir.path().join("flows");
+            std::fs::create_dir(&flows).unwrap();
+            for entry in std::fs::read_dir(root.join("flows")).unwrap() {
+                let entry = entry.unwrap();
+                std::fs::copy(entry.path(), flows.join(entry.file_name())).unwrap();
+            }
+            flows
+        } else {
+            root.join("flows")
+        };
         std::fs::copy(
             root.join("templates.yaml"),
             dir.path().join("templates.yaml"),
@@ -44,7 +61,7 @@ impl Api {
              provider: cloud_api\n    phone_number_id: \"{PHONE}\"\n    waba_id: \"{WABA}\"\n    \
              access_token: graph-token\n    app_secret: test-secret\n    \
              verify_token: test-verify\n    api_base: {}\n",
-            root.join("flows").display(),
+            flows.display(),
             root.join("scripts").display(),
             dir.path().join("templates.yaml").display(),
             fake.cloud_api_base(),
@@ -634,5 +651,291 @@ async fn flows_carry_their_validation_state() {
     assert!(flows.iter().all(|f| f["valid"] == true), "{body}");
     assert!(flows.iter().all(|f| f["diagnostics"].is_array()));
     assert_eq!(body["errors"], 0);
+    api.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_conversation_shows_each_message_with_its_decision_and_reason() {
+    let api = Api::start().await;
+    api.customer_says("15550000071", "hi").await;
+    let (status, c) = api.get("/conversations/15550000071").await;
+    assert_eq!(status, 200, "{c}");
+    assert_eq!(c["channel"], "main");
+    assert_eq!(c["window"]["state"], "open");
+    assert_eq!(c["session"]["flow"], "main_menu");
+    assert_eq!(c["handoff"], Value::Null);
+    let messages = c["messages"].as_array().unwrap();
+    let inbound: Vec<_> = messages.iter().filter(|m| m["direction"] == "in").collect();
+    let outbound: Vec<_> = messages
+        .iter()
+        .filter(|m| m["direction"] == "out")
+        .collect();
+    assert_eq!(inbound.len(), 1, "{c:#}");
+    assert_eq!(inbound[0]["decision"], Value::Null);
+    assert!(!outbound.is_empty(), "{c}");
+    for m in &outbound {
+        assert_eq!(m["decision"], "send", "{m}");
+        assert!(
+            m["reason"].as_str().is_some_and(|r| r.contains("window")),
+            "{m}"
+        );
+    }
+    // Oldest first; `limit` keeps the latest.
+    assert_eq!(messages[0]["direction"], "in");
+    let (_, one) = api.get("/conversations/15550000071?limit=1").await;
+    assert_eq!(one["messages"].as_array().unwrap().len(), 1);
+    assert_eq!(one["messages"][0]["id"], messages[messages.len() - 1]["id"]);
+
+    let (status, body) = api.get("/conversations/15550000071?limit=0").await;
+    assert_eq!((status, codes(&body)), (400, "invalid_limit"), "{body}");
+    let (status, body) = api.get("/conversations/15550000071?limit=many").await;
+    assert_eq!((status, codes(&body)), (400, "invalid_query"), "{body}");
+    let (status, body) = api.get("/conversations/15559999999").await;
+    assert_eq!((status, codes(&body)), (404, "unknown_contact"), "{body}");
+    let (status, body) = api.get("/conversations/15550000071?channel=nope").await;
+    assert_eq!((status, codes(&body)), (404, "unknown_channel"), "{body}");
+    let (status, body) = api.get("/conversations?handoff=maybe").await;
+    assert_eq!((status, codes(&body)), (400, "invalid_query"), "{body}");
+    api.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_message_is_read_by_its_id() {
+    let api = Api::start().await;
+    let (status, sent) = api
+        .send(
+            "POST",
+            "/conversations/15550000081/messages",
+            Some(json!({"text": "Hello from an agent."})),
+        )
+        .await;
+    assert_eq!(status, 201, "{sent}");
+    let id = sent["id"].as_i64().unwrap();
+    let (status, m) = api.get(&format!("/messages/{id}")).await;
+    assert_eq!(status, 200, "{m}");
+    assert_eq!(
+        (
+            m["id"].as_i64(),
+            m["contact"].as_str(),
+            m["direction"].as_str()
+        ),
+        (Some(id), Some("15550000081"), Some("out"))
+    );
+    assert_eq!(m["decision"], "queued", "outside any window: {m}");
+    assert_eq!(m["reason"], sent["reason"]);
+    assert!(m["expires_at"].is_string(), "{m}");
+
+    let (status, body) = api.get("/messages/999999").await;
+    assert_eq!((status, codes(&body)), (404, "unknown_message"));
+    let (status, body) = api.get("/messages/first").await;
+    assert_eq!((status, codes(&body)), (400, "invalid_path"));
+    let (status, body) = api.get("/queue?limit=lots").await;
+    assert_eq!((status, codes(&body)), (400, "invalid_query"));
+    let (status, body) = api.get("/outbox?limit=501").await;
+    assert_eq!((status, codes(&body)), (400, "invalid_limit"));
+    api.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_bad_agent_message_is_refused_and_sends_nothing() {
+    let api = Api::start().await;
+    api.customer_says("15550000091", "hi").await;
+    let (_, before) = api.get("/outbox").await;
+    let path = "/conversations/15550000091/messages";
+    let raw = |body: &'static str, key: Option<&'static str>| {
+        let mut r = api
+            .server
+            .client
+            .post(api.url(path))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(key) = key {
+            r = r.header("Idempotency-Key", key);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = raw("{not json", None).await;
+    assert_eq!((status, codes(&body)), (400, "invalid_body"), "{body}");
+    let (status, body) = raw(r#"{"txt": "hi"}"#, None).await;
+    assert_eq!((status, codes(&body)), (400, "invalid_body"), "{body}");
+    let (status, body) = raw(
+        r#"{"text": "a", "template": {"name": "x", "language": "en"}}"#,
+        None,
+    )
+    .await;
+    assert_eq!((status, codes(&body)), (422, "invalid_body"), "{body}");
+    let (status, body) = raw(r#"{"text": "  "}"#, None).await;
+    assert_eq!((status, codes(&body)), (422, "invalid_text"), "{body}");
+    let (status, body) = raw(
+        r#"{"template": {"name": "nope", "language": "en_US"}}"#,
+        None,
+    )
+    .await;
+    assert_eq!((status, codes(&body)), (422, "unknown_template"), "{body}");
+    let (status, body) = raw(
+        r#"{"template": {"name": "order_shipped", "language": "en_US", "params": ["1"]}}"#,
+        None,
+    )
+    .await;
+    assert_eq!((status, codes(&body)), (422, "template_params"), "{body}");
+    let long: &'static str = Box::leak("k".repeat(256).into_boxed_str());
+    let (status, body) = raw(r#"{"text": "hi"}"#, Some(long)).await;
+    assert_eq!(
+        (status, codes(&body)),
+        (400, "invalid_idempotency_key"),
+        "{body}"
+    );
+    let (status, body) = raw(r#"{"text": "hi", "channel": "nope"}"#, None).await;
+    assert_eq!((status, codes(&body)), (404, "unknown_channel"), "{body}");
+
+    let (_, after) = api.get("/outbox").await;
+    assert_eq!(after["messages"], before["messages"], "nothing was stored");
+    api.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_handoff_ended_with_an_idempotency_key_is_ended_once() {
+    let api = Api::start().await;
+    let contact = "15550000101";
+    api.customer_says(contact, "hi").await;
+    api.customer_sends(json!({"from": contact, "button": "more"}))
+        .await;
+    api.customer_sends(json!({"from": contact, "list": "human"}))
+        .await;
+    let resume = |key: &'static str, who: &'static str, body: &'static str| {
+        let r = api
+            .server
+            .client
+            .post(api.url(&format!("/conversations/{who}/resume")))
+            .bearer_auth(TOKEN)
+            .header("Idempotency-Key", key)
+            .body(body);
+        async move {
+            let r = r.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = resume("end-1", contact, "{bad").await;
+    assert_eq!((status, codes(&body)), (400, "invalid_body"), "{body}");
+    let (status, body) = resume("end-1", contact, r#"{"flow": "nope"}"#).await;
+    assert_eq!((status, codes(&body)), (422, "unknown_target"), "{body}");
+
+    let (status, first) = resume("end-1", contact, "").await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["replayed"], false);
+    let (status, again) = resume("end-1", contact, "").await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["replayed"], true, "{again}");
+    assert_eq!(again["sent"], json!([]));
+    let (_, list) = api.get("/conversations?handoff=true").await;
+    assert_eq!(list["conversations"], json!([]));
+
+    // Without the key, the same request finds nothing to end; the key for another
+    // contact is refused.
+    let r = api
+        .server
+        .client
+        .post(api.url(&format!("/conversations/{contact}/resume")))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(codes(&body), "not_in_handoff");
+    let (status, body) = resume("end-1", "15550000102", "").await;
+    assert_eq!(
+        (status, codes(&body)),
+        (409, "idempotency_key_reused"),
+        "{body}"
+    );
+    api.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_broken_flow_file_shows_invalid_and_its_reload_is_refused() {
+    let api = Api::start_with(true).await;
+    let file = api.dir.path().join("flows/order_status.yaml");
+    let good = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, good.replace("start: check_known", "start: nowhere")).unwrap();
+
+    let (status, body) = api.get("/flows").await;
+    assert_eq!(status, 200, "{body}");
+    let flows = body["flows"].as_array().unwrap();
+    let order = flows.iter().find(|f| f["id"] == "order_status").unwrap();
+    assert_eq!(order["valid"], false, "{order}");
+    let diagnostic = &order["diagnostics"][0];
+    assert_eq!(diagnostic["severity"], "error", "{order}");
+    assert!(
+        diagnostic["position"]
+            .as_str()
+            .unwrap()
+            .contains("order_status.yaml"),
+        "{diagnostic}"
+    );
+    assert!(body["errors"].as_u64().unwrap() >= 1);
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["id"] != "order_status" && f["valid"] == true),
+        "the other files are valid: {body}"
+    );
+
+    let (status, body) = api.send("POST", "/flows/reload", None).await;
+    assert_eq!((status, codes(&body)), (422, "invalid_flows"), "{body}");
+    assert!(
+        body["error"]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("nowhere"),
+        "{body}"
+    );
+
+    std::fs::write(&file, good).unwrap();
+    let (status, body) = api.send("POST", "/flows/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["flows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["id"] == "order_status" && f["version"].is_string()),
+        "{body}"
+    );
+    let (_, body) = api.get("/flows").await;
+    assert_eq!(body["errors"], 0, "{body}");
+    api.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_template_registry_lists_each_status() {
+    let api = Api::start().await;
+    let (status, body) = api.get("/templates").await;
+    assert_eq!(status, 200, "{body}");
+    let templates = body["templates"].as_array().unwrap();
+    assert!(!templates.is_empty());
+    let shipped = templates
+        .iter()
+        .find(|t| t["name"] == "order_shipped")
+        .unwrap();
+    assert_eq!(
+        (shipped["status"].as_str(), shipped["params"].as_u64()),
+        (Some("approved"), Some(2)),
+        "{shipped}"
+    );
+    assert!(shipped["category"].is_string() && shipped["body"].is_string());
+    let r = api
+        .server
+        .client
+        .get(api.url("/templates"))
+        .bearer_auth("not-the-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
     api.server.shutdown().await;
 }
