@@ -139,7 +139,7 @@ pub async fn reload(state: &AppState) -> Result<ReloadedFlows, OperatorError> {
                     "the flows have {} error(s): nothing was reloaded, the running flows are kept; fix them (`flowgate check` shows the same) and reload again",
                     diags.errors()
                 ),
-                diagnostics: diags.render(false),
+                diagnostics: diags.render(false).into(),
             })
         }
         Err(e) => Err(OperatorError::failed("reloading the flows failed", e)),

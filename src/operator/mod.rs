@@ -6,8 +6,8 @@
 //! value or an [`OperatorError`], never an HTTP answer: `http` maps them to JSON with
 //! status codes, and any other front end calls the same functions.
 //!
-//! Campaigns have theirs in [`crate::campaign_runner::registry`].
 
+pub mod campaigns;
 pub mod channels;
 pub mod contacts;
 pub mod conversations;
@@ -33,13 +33,13 @@ pub enum OperatorError {
         code: &'static str,
         message: String,
     },
-    /// Refused for the problems a project's files have (422): `diagnostics` is the text
-    /// `flowgate check` prints for them.
+    /// Refused for the problems a project's files or a definition have (422):
+    /// `diagnostics` shows them (the text `flowgate check` prints, or each with its place).
     #[error("{message}")]
     Diagnosed {
         code: &'static str,
         message: String,
-        diagnostics: String,
+        diagnostics: serde_json::Value,
     },
     /// A failure of ours (the database): `what` was being done; the detail is for the log.
     #[error("{what}: {detail}")]
