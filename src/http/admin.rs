@@ -21,8 +21,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::api::{
-    ApiPath as Path, ApiQuery as Query, ErrorBody, answer, answer_ok, idempotency_key, internal,
-    json_body, optional_json_body,
+    ApiBody, ApiPath as Path, ApiQuery as Query, ErrorBody, answer, answer_ok, idempotency_key,
+    internal, json_body, optional_json_body,
 };
 use super::{Refused, error, refused};
 use crate::contacts_import::{self, ImportError};
@@ -139,7 +139,7 @@ async fn agent_message(
     State(state): State<AppState>,
     Path(contact): Path<String>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    ApiBody(body): ApiBody,
 ) -> Response {
     let steps = async {
         let key = idempotency_key(&headers)?;
@@ -179,7 +179,7 @@ async fn end_handoff(
     State(state): State<AppState>,
     Path(contact): Path<String>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    ApiBody(body): ApiBody,
 ) -> Response {
     let steps = async {
         let key = idempotency_key(&headers)?;

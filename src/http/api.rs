@@ -292,3 +292,40 @@ where
         }
     }
 }
+
+/// The largest JSON body a route takes (an agent's message, tags, a resume): far above any
+/// valid one.
+pub const MAX_JSON_BODY: usize = 256 * 1024;
+
+/// A request's body as bytes, at most [`MAX_JSON_BODY`]; a larger or unreadable one is
+/// the API's JSON error (`body_too_large`, `invalid_body`).
+#[derive(Debug)]
+pub struct ApiBody(pub axum::body::Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for ApiBody {
+    type Rejection = Response;
+
+    async fn from_request(request: axum::extract::Request, _: &S) -> Result<Self, Response> {
+        let body = request.into_body();
+        match axum::body::to_bytes(body, MAX_JSON_BODY).await {
+            Ok(bytes) => Ok(Self(bytes)),
+            Err(e) => {
+                // axum's error for the limit says so (its type is not ours to name).
+                let too_large = e.to_string().contains("length limit");
+                Err(if too_large {
+                    super::error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body_too_large",
+                        format!("the body is larger than {} KiB", MAX_JSON_BODY / 1024),
+                    )
+                } else {
+                    super::error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_body",
+                        format!("the body could not be read: {e}"),
+                    )
+                })
+            }
+        }
+    }
+}

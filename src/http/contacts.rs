@@ -11,7 +11,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::api::{ApiPath as Path, ApiQuery as Query, ErrorBody, answer_ok, json_body};
+use super::api::{ApiBody, ApiPath as Path, ApiQuery as Query, ErrorBody, answer_ok, json_body};
 use crate::operator::contacts::{self, ContactItem, ContactPage, ContactsQuery};
 use crate::operator::conversations::{self, ConversationPage, ConversationsQuery};
 use crate::state::AppState;
@@ -85,7 +85,7 @@ struct AddTags {
 async fn add_tags(
     State(state): State<AppState>,
     Path(contact): Path<String>,
-    body: axum::body::Bytes,
+    ApiBody(body): ApiBody,
 ) -> Response {
     let request: AddTags = match json_body(&body, "{\"tags\": [\"…\"]}") {
         Ok(request) => request,

@@ -172,3 +172,49 @@ pub async fn contact_key(
 fn seconds_until(at: DateTime<Utc>, now: DateTime<Utc>) -> i64 {
     (at - now).num_seconds().max(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(e: OperatorError) -> &'static str {
+        match e {
+            OperatorError::Refused { code, .. } | OperatorError::Diagnosed { code, .. } => code,
+            OperatorError::Failed { .. } => "failed",
+        }
+    }
+
+    #[test]
+    fn paging_defaults_and_refuses_a_limit_out_of_range() {
+        assert_eq!(Paging::default().checked().unwrap(), (0, DEFAULT_LIMIT));
+        assert_eq!(Paging::new(Some(-5), Some(1)).checked().unwrap(), (0, 1));
+        assert_eq!(
+            Paging::new(Some(7), Some(MAX_LIMIT)).checked().unwrap(),
+            (7, MAX_LIMIT)
+        );
+        for limit in [0, -1, MAX_LIMIT + 1] {
+            let refused = Paging::new(None, Some(limit)).checked().unwrap_err();
+            assert_eq!(code(refused), "invalid_limit", "{limit}");
+        }
+    }
+
+    #[test]
+    fn a_cursor_follows_only_a_full_page() {
+        assert_eq!(next_cursor(2, 2, Some(9)), Some(9));
+        assert_eq!(next_cursor(1, 2, Some(9)), None);
+        assert_eq!(next_cursor(0, 2, None), None);
+    }
+
+    #[test]
+    fn an_idempotency_key_is_1_to_255_visible_ascii_characters() {
+        assert_eq!(
+            conversations::checked_key(" 0b6f-key ").unwrap(),
+            "0b6f-key"
+        );
+        assert!(conversations::checked_key(&"k".repeat(255)).is_ok());
+        for bad in ["", "   ", "two words", "clé", &"k".repeat(256)] {
+            let refused = conversations::checked_key(bad).unwrap_err();
+            assert_eq!(code(refused), "invalid_idempotency_key", "{bad:?}");
+        }
+    }
+}

@@ -939,3 +939,20 @@ async fn the_template_registry_lists_each_status() {
     assert_eq!(r.status(), 401);
     api.server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_body_too_large_is_a_json_413() {
+    let api = Api::start().await;
+    let text = "x".repeat(300 * 1024);
+    let (status, body) = api
+        .send(
+            "POST",
+            "/conversations/15550000111/messages",
+            Some(json!({ "text": text })),
+        )
+        .await;
+    assert_eq!((status, codes(&body)), (413, "body_too_large"), "{body}");
+    let (_, outbox) = api.get("/outbox").await;
+    assert_eq!(outbox["messages"], json!([]));
+    api.server.shutdown().await;
+}
