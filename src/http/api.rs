@@ -21,7 +21,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{Refused, refused};
-use crate::operator::{OperatorError, Refusal, conversations};
+use crate::operator::{self, OperatorError, Refusal};
 use crate::state::AppState;
 
 /// Every error of the API: `{"error": {"code", "message"}}`, `code` stable for programs,
@@ -195,16 +195,13 @@ where
     json_body(body, shape)
 }
 
-/// The request's `Idempotency-Key`, if it has one, checked
-/// ([`conversations::checked_key`]).
+/// The request's `Idempotency-Key`, if it has one, checked ([`operator::checked_key`]).
 pub fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, Refused> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
-    let key = value.to_str().map_err(|_| {
-        Refused::from(conversations::checked_key("").expect_err("an empty key is refused"))
-    })?;
-    Ok(Some(conversations::checked_key(key)?))
+    let key = String::from_utf8_lossy(value.as_bytes());
+    Ok(Some(operator::checked_key(&key)?))
 }
 
 /// What `/api` answers for a path it does not serve: 404 `unknown_route`.

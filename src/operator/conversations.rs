@@ -270,18 +270,6 @@ const AGENT_MESSAGE_SCOPE: &str = "agent_message";
 /// The scope of handoff ends' keys in `api_requests`.
 const RESUME_SCOPE: &str = "resume";
 
-/// An idempotency key as a request gives it: 1 to 255 visible ASCII characters.
-pub fn checked_key(key: &str) -> Result<String, OperatorError> {
-    let key = key.trim();
-    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(OperatorError::invalid(
-            "invalid_idempotency_key",
-            "`Idempotency-Key` must be 1 to 255 visible ASCII characters (a UUID is a good key)",
-        ));
-    }
-    Ok(key.to_string())
-}
-
 /// The request seen before under `key` in `scope`, if any; refused when it was for
 /// another subject than `subject`.
 async fn seen(
@@ -328,9 +316,9 @@ async fn remember(
 }
 
 /// An agent's message to `contact`: checked, then decided by the policy like every other
-/// message (sent, rewritten, queued, skipped). With `key` (already [`checked_key`]), a key
-/// seen before for the same contact answers the message it created (`replayed`), and one
-/// seen for another contact is refused.
+/// message (sent, rewritten, queued, skipped). With `key` (already checked by
+/// [`checked_key`](super::checked_key)), a key seen before for the same contact answers the
+/// message it created (`replayed`), and one seen for another contact is refused.
 pub async fn agent_message(
     runtime: &Runtime,
     contact: String,

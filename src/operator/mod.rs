@@ -168,6 +168,18 @@ pub async fn contact_key(
     Ok(resolved.map_or(identifier, |r| r.key))
 }
 
+/// An idempotency key as a request gives it: 1 to 255 visible ASCII characters.
+pub fn checked_key(key: &str) -> Result<String, OperatorError> {
+    let key = key.trim();
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(OperatorError::invalid(
+            "invalid_idempotency_key",
+            "`Idempotency-Key` must be 1 to 255 visible ASCII characters (a UUID is a good key)",
+        ));
+    }
+    Ok(key.to_string())
+}
+
 /// Seconds from `now` to `at`, never below 0.
 fn seconds_until(at: DateTime<Utc>, now: DateTime<Utc>) -> i64 {
     (at - now).num_seconds().max(0)
@@ -207,13 +219,10 @@ mod tests {
 
     #[test]
     fn an_idempotency_key_is_1_to_255_visible_ascii_characters() {
-        assert_eq!(
-            conversations::checked_key(" 0b6f-key ").unwrap(),
-            "0b6f-key"
-        );
-        assert!(conversations::checked_key(&"k".repeat(255)).is_ok());
+        assert_eq!(checked_key(" 0b6f-key ").unwrap(), "0b6f-key");
+        assert!(checked_key(&"k".repeat(255)).is_ok());
         for bad in ["", "   ", "two words", "clé", &"k".repeat(256)] {
-            let refused = conversations::checked_key(bad).unwrap_err();
+            let refused = checked_key(bad).unwrap_err();
             assert_eq!(code(refused), "invalid_idempotency_key", "{bad:?}");
         }
     }

@@ -33,9 +33,9 @@ pub struct MessageItem {
     pub error_code: Option<i64>,
     pub error: Option<String>,
     pub wamid: Option<String>,
-    /// The message as stored (its content and origin).
+    /// The message as stored (its content and origin; a rewrite keeps the `original`).
     #[schema(value_type = Object)]
-    pub message: serde_json::Value,
+    pub body: serde_json::Value,
     /// When a queued message expires.
     pub expires_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
@@ -57,7 +57,7 @@ impl From<MessageDetail> for MessageItem {
             error_code: m.error_code,
             error: m.error,
             wamid: m.wamid,
-            message: m.body,
+            body: m.body,
             expires_at: m.expires_at,
             created_at: m.created_at,
             updated_at: m.updated_at,
