@@ -1,11 +1,12 @@
 //! The admin API as one documented whole: the `/api` router built from the handlers'
 //! `#[utoipa::path]` annotations (so a route cannot be served without being documented),
-//! the OpenAPI 3.1 document it yields (`GET /api/openapi.json`), the one error shape, and
-//! the paging every list shares.
+//! the OpenAPI 3.1 document it yields (`GET /api/openapi.json`), the one error shape (and
+//! how an [`OperatorError`] becomes it), the extractors whose rejections are that shape
+//! too, and JSON answers for unknown routes and methods.
 //!
 //! Every route goes through [`OpenApiRouter::routes`] with `utoipa_axum::routes!`: the
 //! path an annotation names is the path the router serves, and the document is what the
-//! router was built from.
+//! router was built from (`tests/integration/api_openapi.rs` compares the two).
 
 use std::sync::Arc;
 
@@ -102,14 +103,6 @@ pub fn router(state: AppState) -> (Router<AppState>, Arc<Document>) {
     ))]
 async fn openapi_json(Extension(document): Extension<Arc<Document>>) -> Response {
     Json(document.as_ref()).into_response()
-}
-
-/// A handler's answer: its JSON, or the refusal.
-pub type Answer<T> = Result<(StatusCode, Json<T>), Refused>;
-
-/// `200` with `value`.
-pub fn ok<T>(value: T) -> Answer<T> {
-    Ok((StatusCode::OK, Json(value)))
 }
 
 /// An operator's result as the answer: `status` with its value, or the error.
@@ -227,14 +220,6 @@ async fn method_not_allowed(method: axum::http::Method, OriginalUri(uri): Origin
             uri.path()
         ),
     )
-}
-
-/// Turns an [`Answer`] into the response.
-pub fn respond<T: Serialize>(answer: Answer<T>) -> Response {
-    match answer {
-        Ok(done) => done.into_response(),
-        Err(refused) => *refused,
-    }
 }
 
 /// `Query<T>` whose rejection is the API's JSON error (`invalid_query`), saying which
