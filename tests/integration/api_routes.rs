@@ -306,6 +306,18 @@ async fn a_contact_is_read_and_tagged_and_an_unknown_one_is_404() {
     let (status, body) = api.get("/contacts/15559999999").await;
     assert_eq!((status, codes(&body)), (404, "unknown_contact"));
     let (status, body) = api
+        .send("DELETE", "/contacts/15559999999/tags/vip", None)
+        .await;
+    assert_eq!((status, codes(&body)), (404, "unknown_contact"));
+    let (status, body) = api
+        .send(
+            "DELETE",
+            "/contacts/15550000011/tags/vip?channel=nope",
+            None,
+        )
+        .await;
+    assert_eq!((status, codes(&body)), (404, "unknown_channel"));
+    let (status, body) = api
         .send(
             "POST",
             "/contacts/15559999999/tags",
