@@ -20,6 +20,7 @@ pub mod http;
 pub mod inbound;
 pub mod logging;
 pub mod metrics;
+pub mod operator;
 pub mod outbox;
 pub mod policy;
 pub mod reload;

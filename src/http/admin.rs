@@ -1,51 +1,58 @@
-//! The admin API under `/api`: bearer-token auth; flows and their live reload
-//! (`POST /api/flows/reload`); a conversation's state (with its window) and messages; an
-//! agent's message (`POST /api/conversations/{contact}/messages`, which passes the policy
-//! like every other message); the end of a handoff
-//! (`POST /api/conversations/{contact}/resume`); one message with its decision
-//! (`GET /api/messages/{id}`); the template registry; contacts from a CSV file
-//! (`POST /api/contacts/import`).
+//! The admin API under `/api`: bearer-token auth; flows with their validation state and
+//! their live reload (`POST /api/flows/reload`); a conversation with its messages and their
+//! decisions; an agent's message (`POST /api/conversations/{contact}/messages`, which
+//! passes the policy like every other message); the end of a handoff
+//! (`POST /api/conversations/{contact}/resume`); the template registry and its sync;
+//! contacts from a CSV file (`POST /api/contacts/import`). The handlers are thin over
+//! [`crate::operator`] (and [`crate::contacts_import`]), which the console calls too.
 //!
 //! Auth: `Authorization: Bearer <admin.token>`, compared in constant time. Without a
 //! configured token the API answers only on a loopback listener (the server refuses to start
 //! on any other address without one, see `app::Application::build`).
 
-use axum::extract::{Path, Query, Request, State};
-use axum::http::StatusCode;
+use axum::Json;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::json;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use super::api::{
+    ApiBody, ApiPath as Path, ApiQuery as Query, ErrorBody, answer, answer_ok, idempotency_key,
+    internal, json_body, optional_json_body,
+};
 use super::{Refused, error, refused};
 use crate::contacts_import::{self, ImportError};
-use crate::dispatch::Runtime;
-use crate::domain::{OutboundContent, limits};
-use crate::engine::Handled;
-use crate::policy::Window;
-use crate::reload::{self, ReloadError};
+use crate::operator::conversations::{
+    self, AgentMessage, AgentReply, ConversationDetail, ResumeRequest, Resumed,
+};
+use crate::operator::flows::{self, FlowList, ReloadedFlows};
+use crate::operator::templates::{self, Synced, TemplateList};
 use crate::state::AppState;
-use crate::store::Identifiers;
 
-pub fn router(state: AppState) -> Router<AppState> {
-    Router::new()
-        .route("/flows", get(flows))
-        .route("/flows/reload", post(reload_flows))
-        .route("/conversations/{contact}", get(conversation))
-        .route("/conversations/{contact}/messages", post(agent_message))
-        .route("/conversations/{contact}/resume", post(resume))
-        .route("/messages/{id}", get(message))
-        .route("/templates", get(templates))
-        .route("/contacts/import", post(import_contacts))
-        .merge(super::campaigns::routes())
-        .layer(axum::middleware::from_fn_with_state(state, require_token))
+/// The routes of this module, each with its documentation (see [`super::api`]).
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_flows))
+        .routes(routes!(reload_flows))
+        .routes(routes!(conversation))
+        .routes(routes!(agent_message))
+        .routes(routes!(end_handoff))
+        .routes(routes!(list_templates))
+        .routes(routes!(sync_templates))
+        .routes(routes!(import_contacts))
 }
 
 /// Checks the bearer token when one is configured ([`super::bearer`], the check every door
 /// shares).
-async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub(super) async fn require_token(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
     let Some(expected) = state
         .config
         .admin
@@ -61,149 +68,192 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
     }
 }
 
-async fn flows(State(state): State<AppState>) -> Response {
-    let flows = state.runtime.flows.read().expect("flows lock");
-    let list: Vec<_> = flows
-        .current()
-        .iter()
-        .map(|f| {
-            json!({
-                "id": f.id,
-                "version": f.version,
-                "description": f.description,
-                "file": f.file,
-                "steps": f.steps.iter().map(|s| s.id.clone()).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    Json(json!({ "flows": list })).into_response()
+/// The running flows, each with the diagnostics `flowgate check` gives its file now.
+#[utoipa::path(get, path = "/flows", tag = "flows",
+    responses(
+        (status = 200, description = "The current flows with their validation state", body = FlowList),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
+async fn list_flows(State(state): State<AppState>) -> Response {
+    answer_ok(flows::list(&state).await)
 }
 
-/// `POST /api/flows/reload`: loads the flows, scripts and templates again; new
-/// conversations get the new versions, running ones keep theirs. A project with an error
-/// is refused with 422 and its diagnostics, and the running flows are kept.
+/// Loads the flows, scripts, campaigns' files and templates again; new conversations get
+/// the new versions, running ones keep theirs. A project with an error is refused with 422
+/// and its diagnostics, and the running flows are kept.
+#[utoipa::path(post, path = "/flows/reload", tag = "flows",
+    responses(
+        (status = 200, description = "The flows now current, with the project's warnings", body = ReloadedFlows),
+        (status = 422, description = "The project has errors (`invalid_flows`, with `diagnostics`): nothing changed", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
 async fn reload_flows(State(state): State<AppState>) -> Response {
-    match reload::reload(&state.runtime, &state.config, &state.campaigns).await {
-        Ok(done) => Json(json!({
-            "flows": done.flows.iter().map(|(id, version)| json!({"id": id, "version": version})).collect::<Vec<_>>(),
-            "warnings": done.warnings.warnings(),
-            "diagnostics": done.warnings.render(false),
-        }))
-        .into_response(),
-        Err(ReloadError::Refused(diags)) => {
-            tracing::error!(diagnostics = %diags.render(false), "the flows were not reloaded: they have errors; the running flows are kept");
-            (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                Json(json!({"error": {
-                    "code": "invalid_flows",
-                    "message": format!("the flows have {} error(s): nothing was reloaded, the running flows are kept; fix them (`flowgate check` shows the same) and reload again", diags.errors()),
-                    "diagnostics": diags.render(false),
-                }})),
-            )
-                .into_response()
-        }
-        Err(e) => internal("reloading the flows failed", e),
-    }
+    answer_ok(flows::reload(&state).await)
 }
 
-#[derive(Debug, Deserialize)]
-struct ChannelQuery {
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct ConversationQuery {
+    /// The channel (default: the default channel).
     channel: Option<String>,
+    /// The latest messages to include, 1 to 500 (default 50).
     limit: Option<i64>,
 }
 
+/// One conversation: the contact, its window, session and handoff, and its latest messages,
+/// each with the policy's decision and reason.
+#[utoipa::path(get, path = "/conversations/{contact}", tag = "conversations",
+    params(("contact" = String, Path, description = "The contact's phone number or BSUID"), ConversationQuery),
+    responses(
+        (status = 200, description = "The conversation with its latest messages, oldest first", body = ConversationDetail),
+        (status = 400, description = "`invalid_query` or `invalid_limit`", body = ErrorBody),
+        (status = 404, description = "`unknown_contact` or `unknown_channel`", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
 async fn conversation(
     State(state): State<AppState>,
     Path(contact): Path<String>,
-    Query(q): Query<ChannelQuery>,
+    Query(q): Query<ConversationQuery>,
 ) -> Response {
-    let runtime = &state.runtime;
-    let channel = match known_channel(runtime, q.channel) {
-        Ok(channel) => channel,
-        Err(response) => return *response,
-    };
-    let contact = match contact_key(runtime, &channel, contact).await {
-        Ok(key) => key,
-        Err(response) => return *response,
-    };
-    let conversation = match runtime.db.load_conversation(&channel, &contact).await {
-        Ok(c) => c,
-        Err(e) => {
-            return internal("loading a conversation failed", e);
-        }
-    };
-    let Some(contact_id) = conversation.contact_id else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "unknown_contact",
-            format!("no contact `{contact}` on channel `{channel}`"),
-        );
-    };
-    let messages = match runtime
-        .db
-        .messages(&channel, &contact, q.limit.unwrap_or(50).clamp(1, 500))
-        .await
-    {
-        Ok(m) => m,
-        Err(e) => {
-            return internal("loading messages failed", e);
-        }
-    };
-    let now = runtime.clock.now();
-    let window = runtime.policy.window(&conversation.contact, now);
-    Json(json!({
-        "id": contact_id,
-        "channel": channel,
-        "window": window_json(&window, now),
-        "contact": conversation.contact,
-        "session": conversation.session.map(|s| json!({
-            "flow": s.flow_id, "version": s.flow_version, "step": s.step, "state": s.state,
-        })),
-        "messages": messages.iter().map(|m| json!({
-            "id": m.id, "direction": m.direction, "wamid": m.wamid, "kind": m.kind, "body": m.body,
-            "decision": m.decision, "reason": m.reason, "status": m.status, "created_at": m.created_at,
-        })).collect::<Vec<_>>(),
-    }))
-    .into_response()
+    answer_ok(conversations::get(&state.runtime, q.channel, contact, q.limit).await)
 }
 
-/// `GET /api/templates`: the registry as the policy sees it now (status webhooks applied).
-async fn templates(State(state): State<AppState>) -> Response {
-    let registry = state.runtime.templates();
-    let list: Vec<_> = registry
-        .templates
-        .iter()
-        .map(|t| {
-            json!({
-                "name": t.name,
-                "language": t.language,
-                "category": t.category,
-                "status": t.status.as_str(),
-                "params": t.param_count(),
-                "body": t.body,
-            })
-        })
-        .collect();
-    Json(json!({ "templates": list })).into_response()
+/// An agent's message: it passes the policy (sent, rewritten, queued…) and the answer says
+/// what was decided and why.
+#[utoipa::path(post, path = "/conversations/{contact}/messages", tag = "conversations",
+    params(
+        ("contact" = String, Path, description = "The contact's phone number or BSUID"),
+        ("Idempotency-Key" = Option<String>, Header, description = "A retried request with the same key answers the first one's message instead of sending again"),
+    ),
+    request_body(content = AgentMessage, description = "`text` or `template`"),
+    responses(
+        (status = 201, description = "The message and the policy's decision (sent, rewritten, queued, skipped)", body = AgentReply),
+        (status = 200, description = "A retry: the message the same `Idempotency-Key` created (`replayed`)", body = AgentReply),
+        (status = 400, description = "`invalid_body` or `invalid_idempotency_key`", body = ErrorBody),
+        (status = 404, description = "`unknown_channel`", body = ErrorBody),
+        (status = 409, description = "`idempotency_key_reused`: the key was used for another contact", body = ErrorBody),
+        (status = 422, description = "`invalid_body`, `invalid_text`, `unknown_template`, `template_params`", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
+async fn agent_message(
+    State(state): State<AppState>,
+    Path(contact): Path<String>,
+    headers: HeaderMap,
+    ApiBody(body): ApiBody,
+) -> Response {
+    let steps = async {
+        let key = idempotency_key(&headers)?;
+        let request: AgentMessage = json_body(
+            &body,
+            "{\"text\": …} or {\"template\": {\"name\", \"language\", \"params\"}}",
+        )?;
+        Ok::<_, Refused>(
+            conversations::agent_message(&state.runtime, contact, request, key.as_deref()).await,
+        )
+    };
+    match steps.await {
+        Ok(Ok(reply)) if reply.replayed => answer(StatusCode::OK, Ok(reply)),
+        Ok(result) => answer(StatusCode::CREATED, result),
+        Err(refused) => *refused,
+    }
 }
 
-/// The largest CSV file `POST /api/contacts/import` takes: about 400,000 contacts of a
-/// name, a few tags and attributes. Larger files go through `flowgate contacts import`
-/// (with the server stopped) or in parts.
-pub const IMPORT_MAX_BODY: usize = 32 * 1024 * 1024;
+/// Gives a handed-off conversation back to the bot: at the flow (and step) given, else
+/// where the handoff step goes on (its `next`; none ends the session). 409 when the
+/// conversation is not with a person.
+#[utoipa::path(post, path = "/conversations/{contact}/resume", tag = "conversations",
+    params(
+        ("contact" = String, Path, description = "The contact's phone number or BSUID"),
+        ("Idempotency-Key" = Option<String>, Header, description = "A retried request with the same key answers `replayed` instead of 409"),
+    ),
+    request_body(content = Option<ResumeRequest>, description = "Empty, or where to resume"),
+    responses(
+        (status = 200, description = "The handoff ended: the session and what was sent", body = Resumed),
+        (status = 400, description = "`invalid_body` or `invalid_idempotency_key`", body = ErrorBody),
+        (status = 404, description = "`unknown_channel`", body = ErrorBody),
+        (status = 409, description = "`not_in_handoff`, or `idempotency_key_reused`", body = ErrorBody),
+        (status = 422, description = "`unknown_target`", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
+async fn end_handoff(
+    State(state): State<AppState>,
+    Path(contact): Path<String>,
+    headers: HeaderMap,
+    ApiBody(body): ApiBody,
+) -> Response {
+    let steps = async {
+        let key = idempotency_key(&headers)?;
+        let request: ResumeRequest =
+            optional_json_body(&body, "empty or {\"flow\": …, \"step\": …, \"channel\": …}")?;
+        Ok::<_, Refused>(
+            conversations::end_handoff(&state.runtime, contact, request, key.as_deref()).await,
+        )
+    };
+    match steps.await {
+        Ok(result) => answer_ok(result),
+        Err(refused) => *refused,
+    }
+}
 
-#[derive(Debug, Deserialize)]
+/// The registry as the policy sees it now (status webhooks applied).
+#[utoipa::path(get, path = "/templates", tag = "templates",
+    responses(
+        (status = 200, description = "The registry with each template's status", body = TemplateList),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
+async fn list_templates(State(state): State<AppState>) -> Response {
+    Json(templates::list(&state)).into_response()
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct SyncQuery {
+    /// The `cloud_api` channel whose WABA to read; default the first one.
+    channel: Option<String>,
+}
+
+/// Runs `flowgate templates sync` (the same code): reads the channel's templates from the
+/// Graph API, merges them into the registry file and writes it, then reloads so the server
+/// uses them.
+#[utoipa::path(post, path = "/templates/sync", tag = "templates",
+    params(SyncQuery),
+    responses(
+        (status = 200, description = "The registry file was written; `reloaded` says whether the server took it", body = Synced),
+        (status = 404, description = "`unknown_channel`", body = ErrorBody),
+        (status = 422, description = "`not_syncable` (no cloud_api channel, no waba_id…) or `invalid_registry`", body = ErrorBody),
+        (status = 502, description = "`graph_error`: the Graph API refused or did not answer; the file is unchanged", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
+async fn sync_templates(State(state): State<AppState>, Query(q): Query<SyncQuery>) -> Response {
+    answer_ok(templates::sync(&state, q.channel.as_deref()).await)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ImportQuery {
+    /// The channel (default: the first configured).
     channel: Option<String>,
 }
 
 /// `POST /api/contacts/import[?channel=NAME]`: the body is a CSV file
 /// (`Content-Type: text/csv`); the answer is the import's report (new, updated, unchanged,
-/// each skipped line with its reason). A file refused as a whole is 422 and writes nothing.
+/// each skipped line with its number and reason). A file refused as a whole is 422 and
+/// writes nothing.
+#[utoipa::path(post, path = "/contacts/import", tag = "contacts",
+    params(ImportQuery),
+    request_body(content = String, content_type = "text/csv", description = "The CSV file"),
+    responses(
+        (status = 200, description = "The import's report: `channel`, `created`, `updated`, `unchanged`, `skipped` (`[{\"line\", \"reason\"}]`)", body = Object),
+        (status = 404, description = "`unknown_channel`", body = ErrorBody),
+        (status = 413, description = "`body_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`invalid_csv`: nothing was written", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
 async fn import_contacts(
     State(state): State<AppState>,
     Query(q): Query<ImportQuery>,
-    headers: axum::http::HeaderMap,
+    headers: HeaderMap,
     body: axum::body::Body,
 ) -> Response {
     let csv = match csv_body(&headers, body).await {
@@ -231,6 +281,11 @@ async fn import_contacts(
         Err(e) => internal("importing contacts failed", e),
     }
 }
+
+/// The largest CSV file `POST /api/contacts/import` takes: about 400,000 contacts of a
+/// name, a few tags and attributes. Larger files go through `flowgate contacts import`
+/// (with the server stopped) or in parts.
+pub const IMPORT_MAX_BODY: usize = 32 * 1024 * 1024;
 
 /// The CSV body of an import: `text/csv`, at most [`IMPORT_MAX_BODY`] bytes (refused by its
 /// `Content-Length` before any of it is read, when it gives one).
@@ -266,317 +321,4 @@ async fn csv_body(
     axum::body::to_bytes(body, IMPORT_MAX_BODY)
         .await
         .map_err(|_| too_big())
-}
-
-/// A 500 for a failure of ours: the detail goes to the log, not to the caller.
-pub(super) fn internal(what: &str, e: impl std::fmt::Display) -> Response {
-    tracing::error!(error = %e, "{what}");
-    error(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal",
-        "the database failed; see the server log",
-    )
-}
-
-/// A contact's window for the API: its state, when it closes or closed, and the sentence the
-/// policy gives as a reason.
-fn window_json(window: &Window, now: chrono::DateTime<chrono::Utc>) -> serde_json::Value {
-    let (state, at) = match window {
-        Window::Never => ("never", None),
-        Window::Open { closes_at } => ("open", Some(*closes_at)),
-        Window::Closed { since, .. } => ("closed", Some(*since)),
-    };
-    json!({ "state": state, "at": at, "describe": window.describe(now) })
-}
-
-/// `POST /api/conversations/{contact}/messages`: `{"text": "…"}` or
-/// `{"template": {"name": …, "language": …, "params": […]}}`, optionally `"channel"`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AgentMessage {
-    #[serde(default)]
-    channel: Option<String>,
-    #[serde(default)]
-    text: Option<String>,
-    #[serde(default)]
-    template: Option<TemplateRequest>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TemplateRequest {
-    name: String,
-    language: String,
-    #[serde(default)]
-    params: Vec<String>,
-}
-
-/// The channel an API call names (the default channel when it names none), if it exists.
-fn known_channel(runtime: &Runtime, channel: Option<String>) -> Result<String, Refused> {
-    let channel = channel.unwrap_or_else(|| runtime.default_channel.clone());
-    if !runtime.channels.iter().any(|c| c.name == channel) {
-        return Err(refused(
-            StatusCode::NOT_FOUND,
-            "unknown_channel",
-            format!("there is no channel `{channel}`"),
-        ));
-    }
-    Ok(channel)
-}
-
-/// The key of the contact an operator names by phone or by BSUID (a current or an old
-/// one); a contact never seen keeps the identifier given.
-async fn contact_key(
-    runtime: &Runtime,
-    channel: &str,
-    identifier: String,
-) -> Result<String, Refused> {
-    let ids = Identifiers::of(&identifier);
-    match runtime
-        .db
-        .resolve_contact(channel, ids, runtime.clock.now())
-        .await
-    {
-        Ok(resolved) => Ok(resolved.map_or(identifier, |r| r.key)),
-        Err(e) => Err(Box::new(internal("finding a contact failed", e))),
-    }
-}
-
-/// An agent's message: it passes the policy (sent, rewritten, queued…) and the answer says
-/// what was decided and why.
-async fn agent_message(
-    State(state): State<AppState>,
-    Path(contact): Path<String>,
-    body: axum::body::Bytes,
-) -> Response {
-    send_agent_message(&state.runtime, contact, &body)
-        .await
-        .unwrap_or_else(|refused| *refused)
-}
-
-/// The steps of [`agent_message`]; `Err` is the refusal to answer.
-async fn send_agent_message(
-    runtime: &Runtime,
-    contact: String,
-    body: &[u8],
-) -> Result<Response, Refused> {
-    let request: AgentMessage = serde_json::from_slice(body).map_err(|e| {
-        refused(
-            StatusCode::BAD_REQUEST,
-            "invalid_body",
-            format!("the body must be {{\"text\": …}} or {{\"template\": {{…}}}}: {e}"),
-        )
-    })?;
-    let channel = known_channel(runtime, request.channel)?;
-    let content = match (request.text, request.template) {
-        (Some(text), None) => text_content(text)?,
-        (None, Some(template)) => template_content(runtime, template)?,
-        _ => {
-            return Err(refused(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_body",
-                "give exactly one of `text` and `template`",
-            ));
-        }
-    };
-    let contact = contact_key(runtime, &channel, contact).await?;
-    let report = runtime
-        .agent_message(&channel, &contact, content)
-        .await
-        .map_err(|e| Box::new(internal("an agent message failed", e)))?;
-    let m = &report.sent[0];
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({
-            "id": m.id,
-            "decision": m.decision.name(),
-            "reason": m.decision.reason(),
-            "explain": m.decision.explain(),
-            "message": m.message,
-        })),
-    )
-        .into_response())
-}
-
-/// `POST /api/conversations/{contact}/resume`: an empty body, or `{"flow": …, "step": …,
-/// "channel": …}` (each optional; `step` needs `flow`).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ResumeRequest {
-    #[serde(default)]
-    channel: Option<String>,
-    #[serde(default)]
-    flow: Option<String>,
-    #[serde(default)]
-    step: Option<String>,
-}
-
-/// Gives a handed-off conversation back to the bot: at the flow (and step) given, else
-/// where the handoff step goes on (its `next`; none ends the session). 409 when the
-/// conversation is not with a person.
-async fn resume(
-    State(state): State<AppState>,
-    Path(contact): Path<String>,
-    body: axum::body::Bytes,
-) -> Response {
-    resume_conversation(&state.runtime, contact, &body)
-        .await
-        .unwrap_or_else(|refused| *refused)
-}
-
-/// The steps of [`resume`]; `Err` is the refusal to answer.
-async fn resume_conversation(
-    runtime: &Runtime,
-    contact: String,
-    body: &[u8],
-) -> Result<Response, Refused> {
-    let request: ResumeRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        ResumeRequest::default()
-    } else {
-        serde_json::from_slice(body).map_err(|e| {
-            refused(
-                StatusCode::BAD_REQUEST,
-                "invalid_body",
-                format!("the body must be empty or {{\"flow\": …, \"step\": …}}: {e}"),
-            )
-        })?
-    };
-    let channel = known_channel(runtime, request.channel)?;
-    resume_target(runtime, request.flow.as_deref(), request.step.as_deref())?;
-    let contact = contact_key(runtime, &channel, contact).await?;
-    let report = runtime
-        .end_handoff(
-            &channel,
-            &contact,
-            request.flow.as_deref(),
-            request.step.as_deref(),
-        )
-        .await
-        .map_err(|e| Box::new(internal("resuming a conversation failed", e)))?;
-    if report.handled == Handled::NotInHandoff {
-        return Err(refused(
-            StatusCode::CONFLICT,
-            "not_in_handoff",
-            format!(
-                "the conversation with `{contact}` on `{channel}` is not with a person: there is nothing to resume"
-            ),
-        ));
-    }
-    let session = runtime
-        .db
-        .load_conversation(&channel, &contact)
-        .await
-        .map_err(|e| Box::new(internal("loading a conversation failed", e)))?
-        .session;
-    Ok(Json(json!({
-        "handled": report.handled.to_string(),
-        "session": session.map(|s| json!({ "flow": s.flow_id, "version": s.flow_version, "step": s.step })),
-        "sent": report.sent.iter().map(|m| json!({
-            "id": m.id, "decision": m.decision.name(), "message": m.message,
-        })).collect::<Vec<_>>(),
-        "notes": report.notes,
-    }))
-    .into_response())
-}
-
-/// A resume's flow and step, if the current flows have them (`step` needs `flow`).
-fn resume_target(runtime: &Runtime, flow: Option<&str>, step: Option<&str>) -> Result<(), Refused> {
-    let unknown =
-        |message: String| refused(StatusCode::UNPROCESSABLE_ENTITY, "unknown_target", message);
-    let flows = runtime.flows.read().expect("flows lock");
-    match (flow, step) {
-        (None, None) => Ok(()),
-        (None, Some(_)) => Err(unknown("`step` needs the `flow` it is in".into())),
-        (Some(flow), step) => {
-            let Some(found) = flows.get(flow) else {
-                let ids: Vec<&str> = flows.current().iter().map(|f| f.id.as_str()).collect();
-                return Err(unknown(format!(
-                    "there is no flow `{flow}`; the flows are: {}",
-                    ids.join(", ")
-                )));
-            };
-            match step {
-                Some(step) if found.step_index(step).is_none() => {
-                    Err(unknown(format!("flow `{flow}` has no step `{step}`")))
-                }
-                _ => Ok(()),
-            }
-        }
-    }
-}
-
-/// An agent's text, if it is not empty and fits a WhatsApp text message.
-fn text_content(text: String) -> Result<OutboundContent, Refused> {
-    if text.trim().is_empty() || text.chars().count() > limits::TEXT_BODY {
-        return Err(refused(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_text",
-            format!("`text` must be 1 to {} characters", limits::TEXT_BODY),
-        ));
-    }
-    Ok(OutboundContent::text(text))
-}
-
-/// An agent's template, if the registry has it and it is given all its parameters.
-fn template_content(runtime: &Runtime, t: TemplateRequest) -> Result<OutboundContent, Refused> {
-    let registry = runtime.templates();
-    let Some(found) = registry.find(&t.name, &t.language) else {
-        return Err(refused(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "unknown_template",
-            format!(
-                "template `{}` ({}) is not in the registry; run `flowgate templates sync` or add it to the templates file",
-                t.name, t.language
-            ),
-        ));
-    };
-    if found.param_count() != t.params.len() {
-        return Err(refused(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "template_params",
-            format!(
-                "template `{}` ({}) takes {} parameters, {} given",
-                t.name,
-                t.language,
-                found.param_count(),
-                t.params.len()
-            ),
-        ));
-    }
-    Ok(OutboundContent::Template {
-        name: t.name,
-        language: t.language,
-        params: t.params,
-    })
-}
-
-/// `GET /api/messages/{id}`: one message with its policy decision, reason and delivery state.
-async fn message(State(state): State<AppState>, Path(id): Path<i64>) -> Response {
-    match state.runtime.db.message(id).await {
-        Ok(Some(m)) => Json(json!({
-            "id": m.id,
-            "channel": m.channel,
-            "contact": m.wa_id,
-            "direction": m.direction,
-            "kind": m.kind,
-            "body": m.body,
-            "decision": m.decision,
-            "reason": m.reason,
-            "status": m.status,
-            "wamid": m.wamid,
-            "attempts": m.attempts,
-            "error_code": m.error_code,
-            "error": m.error,
-            "expires_at": m.expires_at,
-            "created_at": m.created_at,
-            "updated_at": m.updated_at,
-        }))
-        .into_response(),
-        Ok(None) => error(
-            StatusCode::NOT_FOUND,
-            "unknown_message",
-            format!("there is no message {id}"),
-        ),
-        Err(e) => internal("loading a message failed", e),
-    }
 }

@@ -5,12 +5,18 @@
 //! token with [`bearer`], the one bearer-token check every door shares.
 //!
 //! Every handler gets the [`AppState`] it shares with the inbound worker; errors are JSON
-//! `{"error": {"code", "message"}}` with a stable `code`. A handler's steps refuse with a
+//! `{"error": {"code", "message"}}` with a stable `code` ([`api::ErrorBody`]). The `/api`
+//! router and its OpenAPI document are built together from the handlers' annotations
+//! ([`api::router`]). A handler's steps refuse with a
 //! [`Refused`] answer, so the handler reads top to bottom.
 
 pub mod admin;
+pub mod api;
 pub mod campaigns;
+pub mod channels;
+pub mod contacts;
 pub mod doors;
+pub mod outbox;
 pub mod sandbox;
 pub mod webhook;
 
@@ -37,7 +43,7 @@ pub fn router(state: AppState, doors: Doors) -> Router {
             post(sandbox::sandbox_message).route_layer(door(doors.sandbox)),
         )
         .route("/webhook/{channel}", webhook::routes())
-        .nest("/api", admin::router(state.clone()))
+        .nest("/api", api::router(state.clone()).0)
         .with_state(state)
 }
 

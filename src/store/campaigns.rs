@@ -23,7 +23,9 @@ use rusqlite::types::Value;
 use super::db::{Backend, Db};
 use super::db::{with_pool, with_writer};
 use super::error::StoreError;
-use super::sql::{bind_numbered, from_millis, outbound_kind, placeholders};
+use super::sql::{
+    bind_numbered, from_millis, json_elements, no_index, outbound_kind, placeholders,
+};
 use crate::domain::{Contact, Decision, Origin, Outbound, PolicyState};
 
 /// Rows of a snapshot per statement (one parameter each).
@@ -1239,7 +1241,7 @@ async fn send_campaign_postgres(
 }
 
 /// [`Db::audience_page`]'s row: a contact as a `where` condition sees it.
-type AudienceRaw = (
+pub(super) type AudienceRaw = (
     i64,
     String,
     Option<String>,
@@ -1291,11 +1293,7 @@ impl Db {
 /// wa_id) index SQLite read every contact of the channel and sorted them for every page, and
 /// a million-contact audience took minutes instead of seconds.
 fn audience_sql(tag_count: usize, postgres: bool) -> String {
-    let tags = if postgres {
-        "json_array_elements_text(CAST(contacts.tags AS json)) AS t (value)"
-    } else {
-        "json_each(contacts.tags) t"
-    };
+    let tags = json_elements("contacts.tags", postgres);
     let tag_clause = if tag_count == 0 {
         String::new()
     } else {
@@ -1305,8 +1303,7 @@ fn audience_sql(tag_count: usize, postgres: bool) -> String {
             placeholders(5, tag_count),
         )
     };
-    // PostgreSQL picks the primary key's order by itself; `+` is SQLite's way to say so.
-    let channel = if postgres { "channel" } else { "+channel" };
+    let channel = no_index("channel", postgres);
     format!(
         "SELECT id, wa_id, name, tags, attrs, timezone, last_customer_message_at, policy \
         FROM contacts WHERE {channel} = $1 AND id > $2 AND created_at <= $3{tag_clause} \
@@ -1314,7 +1311,7 @@ fn audience_sql(tag_count: usize, postgres: bool) -> String {
     )
 }
 
-fn audience_contact(raw: AudienceRaw) -> Result<(i64, Contact), StoreError> {
+pub(super) fn audience_contact(raw: AudienceRaw) -> Result<(i64, Contact), StoreError> {
     let (id, wa_id, name, tags, attrs, timezone, last, policy) = raw;
     let mut contact = Contact::new(wa_id);
     contact.name = name;

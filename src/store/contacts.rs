@@ -33,7 +33,7 @@ use super::db::{with_pool, with_writer};
 use super::error::StoreError;
 use super::identities::{IdentityConn, LOOKUP, LookupRow, SqliteIds, lock_channel, ready};
 use super::resolved_cache::ResolvedCache;
-use super::sql::{from_millis, placeholders};
+use super::sql::{from_millis, json_elements, no_index, placeholders};
 use crate::domain::{Contact, PolicyState, is_bsuid};
 
 /// The identifiers one webhook gives for a customer. Empty strings count as absent.
@@ -619,4 +619,164 @@ impl Link {
         db.upsert_alias(&self.channel, identifier, contact, current)
             .await
     }
+}
+
+// The admin API's reads: contacts and conversations, a page at a time.
+
+/// Which contacts [`Db::contact_page`] lists: those of `channel` with an id above `after`,
+/// in id order, at most `limit`, narrowed by each filter given.
+#[derive(Debug, Clone, Default)]
+pub struct ContactFilter {
+    pub channel: String,
+    /// Only the contact keyed by this `wa_id`.
+    pub wa_id: Option<String>,
+    /// Only contacts with this tag.
+    pub tag: Option<String>,
+    /// Only contacts whose number or name contains this text.
+    pub search: Option<String>,
+    /// Only contacts who wrote at or after this time (their window may be open).
+    pub wrote_since: Option<DateTime<Utc>>,
+    /// Only contacts with at least one message (a conversation).
+    pub with_messages: bool,
+    pub after: i64,
+    pub limit: i64,
+}
+
+/// One contact as the admin API lists it: the whole [`Contact`], its session and when its
+/// latest message was written.
+#[derive(Debug, Clone)]
+pub struct ContactSummary {
+    pub id: i64,
+    pub contact: Contact,
+    pub session: Option<super::SessionRow>,
+    pub last_message_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+type SummaryRaw = (
+    super::campaigns::AudienceRaw,
+    (
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    ),
+    (Option<i64>, Option<i64>, i64),
+);
+
+impl Db {
+    /// A page of contacts by `filter` (see [`ContactFilter`]), in id order.
+    pub async fn contact_page(
+        &self,
+        filter: &ContactFilter,
+    ) -> Result<Vec<ContactSummary>, StoreError> {
+        let postgres = self.is_postgres();
+        let sql = format!(
+            "SELECT c.id, c.wa_id, c.name, c.tags, c.attrs, c.timezone, \
+                c.last_customer_message_at, c.policy, \
+                s.flow_id, s.flow_version, s.step, s.state, s.updated_at, \
+                (SELECT m.created_at FROM messages m WHERE m.contact_id = c.id \
+                    ORDER BY m.id DESC LIMIT 1), \
+                c.created_at \
+            FROM contacts c LEFT JOIN sessions s ON s.contact_id = c.id \
+            WHERE {channel} = $1 AND c.id > $2 \
+                AND (CAST($4 AS TEXT) IS NULL OR c.wa_id = $4) \
+                AND (CAST($5 AS TEXT) IS NULL \
+                    OR EXISTS (SELECT 1 FROM {tags} WHERE t.value = $5)) \
+                AND (CAST($6 AS TEXT) IS NULL OR LOWER(c.wa_id) LIKE LOWER($6) ESCAPE '\\' \
+                    OR LOWER(c.name) LIKE LOWER($6) ESCAPE '\\') \
+                AND (CAST($7 AS BIGINT) IS NULL OR c.last_customer_message_at >= $7) \
+                AND ($8 = FALSE OR EXISTS (SELECT 1 FROM messages m WHERE m.contact_id = c.id)) \
+            ORDER BY c.id LIMIT $3",
+            channel = no_index("c.channel", postgres),
+            tags = json_elements("c.tags", postgres),
+        );
+        let search = filter.search.as_deref().map(like_pattern);
+        let rows: Vec<SummaryRow> = with_pool!(self, |pool| {
+            sqlx::query_as(&sql)
+                .bind(&filter.channel)
+                .bind(filter.after)
+                .bind(filter.limit.max(0))
+                .bind(filter.wa_id.as_deref())
+                .bind(filter.tag.as_deref())
+                .bind(search.as_deref())
+                .bind(filter.wrote_since.map(|t| t.timestamp_millis()))
+                .bind(filter.with_messages)
+                .fetch_all(pool)
+                .await?
+        });
+        rows.into_iter().map(|r| summary(r.into_parts())).collect()
+    }
+}
+
+/// A [`ContactSummary`] row as SQLite returns it (15 columns, more than a tuple decodes).
+#[derive(Debug)]
+struct SummaryRow(SummaryRaw);
+
+impl SummaryRow {
+    fn into_parts(self) -> SummaryRaw {
+        self.0
+    }
+}
+
+super::sql::from_row_on_every_backend!(SummaryRow, |row| {
+    Ok(Self((
+        (
+            row.try_get(0)?,
+            row.try_get(1)?,
+            row.try_get(2)?,
+            row.try_get(3)?,
+            row.try_get(4)?,
+            row.try_get(5)?,
+            row.try_get(6)?,
+            row.try_get(7)?,
+        ),
+        (
+            row.try_get(8)?,
+            row.try_get(9)?,
+            row.try_get(10)?,
+            row.try_get(11)?,
+        ),
+        (row.try_get(12)?, row.try_get(13)?, row.try_get(14)?),
+    )))
+});
+
+fn summary(raw: SummaryRaw) -> Result<ContactSummary, StoreError> {
+    let (contact, (flow_id, flow_version, step, state), (session_at, last, created)) = raw;
+    let (id, contact) = super::campaigns::audience_contact(contact)?;
+    let session = match (flow_id, flow_version, step, state, session_at) {
+        (Some(flow_id), Some(flow_version), Some(step), Some(state), Some(at)) => {
+            Some(super::SessionRow {
+                flow_id,
+                flow_version,
+                step,
+                state: serde_json::from_str(&state)?,
+                updated_at: from_millis(at, "sessions.updated_at")?,
+            })
+        }
+        _ => None,
+    };
+    Ok(ContactSummary {
+        id,
+        contact,
+        session,
+        last_message_at: last
+            .map(|ms| from_millis(ms, "messages.created_at"))
+            .transpose()?,
+        created_at: from_millis(created, "contacts.created_at")?,
+    })
+}
+
+/// `%text%` for `LIKE … ESCAPE '\'`, with the text's own `%`, `_` and `\` matched as
+/// themselves.
+fn like_pattern(text: &str) -> String {
+    let mut pattern = String::from("%");
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
 }

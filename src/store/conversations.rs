@@ -93,24 +93,6 @@ type ConversationRaw = (
     Option<String>,
     Option<i64>,
 );
-type DetailRaw = (
-    i64,
-    String,
-    String,
-    i64,
-    String,
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    String,
-    Option<String>,
-    i64,
-    Option<i64>,
-    Option<String>,
-    Option<i64>,
-    i64,
-);
 
 type MessageRaw = (
     i64,
@@ -247,43 +229,15 @@ impl Db {
 
     /// One message, in full.
     pub async fn message(&self, id: i64) -> Result<Option<MessageDetail>, StoreError> {
-        const SQL: &str = "SELECT m.id, m.channel, c.wa_id, m.contact_id, m.direction, m.kind, \
-                m.body, m.decision, m.reason, m.status, m.wamid, m.attempts, m.error_code, \
-                m.error, m.expires_at, m.created_at \
-            FROM messages m JOIN contacts c ON c.id = m.contact_id WHERE m.id = $1";
-        const UPDATED: &str = "SELECT updated_at FROM messages WHERE id = $1";
-        let row: Option<DetailRaw> = with_pool!(self, |pool| sqlx::query_as(SQL)
+        let sql = format!(
+            "SELECT {DETAIL_COLUMNS} FROM messages m JOIN contacts c ON c.id = m.contact_id \
+            WHERE m.id = $1"
+        );
+        let row: Option<DetailRow> = with_pool!(self, |pool| sqlx::query_as(&sql)
             .bind(id)
             .fetch_optional(pool)
             .await?);
-        let Some(r) = row else { return Ok(None) };
-        let updated: Option<i64> = with_pool!(self, |pool| {
-            sqlx::query_scalar(UPDATED).bind(id).fetch_one(pool).await?
-        });
-        Ok(Some(MessageDetail {
-            id: r.0,
-            channel: r.1,
-            wa_id: r.2,
-            contact_id: r.3,
-            direction: r.4,
-            kind: r.5,
-            body: serde_json::from_str(&r.6)?,
-            decision: r.7,
-            reason: r.8,
-            status: r.9,
-            wamid: r.10,
-            attempts: r.11,
-            error_code: r.12,
-            error: r.13,
-            expires_at: r
-                .14
-                .map(|t| from_millis(t, "messages.expires_at"))
-                .transpose()?,
-            created_at: from_millis(r.15, "messages.created_at")?,
-            updated_at: updated
-                .map(|t| from_millis(t, "messages.updated_at"))
-                .transpose()?,
-        }))
+        row.map(DetailRow::detail).transpose()
     }
 
     /// Forgets the contact's session and timers (the `/reset` of `flowgate chat`); the contact
@@ -345,4 +299,58 @@ impl Db {
                 .await?
         }))
     }
+}
+
+/// The columns of a [`MessageDetail`], for `SELECT … FROM messages m JOIN contacts c`.
+pub(super) const DETAIL_COLUMNS: &str = "m.id, m.channel, c.wa_id, m.contact_id, m.direction, \
+    m.kind, m.body, m.decision, m.reason, m.status, m.wamid, m.attempts, m.error_code, \
+    m.error, m.expires_at, m.created_at, m.updated_at";
+
+/// A row of [`DETAIL_COLUMNS`] (17 columns, more than a tuple decodes), read as it is
+/// fetched; a row that does not read fails alone, at [`DetailRow::detail`].
+#[derive(Debug)]
+pub(super) struct DetailRow(Result<MessageDetail, StoreError>);
+
+super::sql::from_row_on_every_backend!(DetailRow, |row| Ok(Self(detail_of(row))));
+
+impl DetailRow {
+    pub(super) fn detail(self) -> Result<MessageDetail, StoreError> {
+        self.0
+    }
+}
+
+fn detail_of<'r, R>(r: &'r R) -> Result<MessageDetail, StoreError>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    &'r str: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let time = |i: usize, column: &str| -> Result<Option<DateTime<Utc>>, StoreError> {
+        r.try_get::<Option<i64>, _>(i)?
+            .map(|t| from_millis(t, column))
+            .transpose()
+    };
+    Ok(MessageDetail {
+        id: r.try_get(0)?,
+        channel: r.try_get(1)?,
+        wa_id: r.try_get(2)?,
+        contact_id: r.try_get(3)?,
+        direction: r.try_get(4)?,
+        kind: r.try_get(5)?,
+        body: serde_json::from_str(r.try_get::<&str, _>(6)?)?,
+        decision: r.try_get(7)?,
+        reason: r.try_get(8)?,
+        status: r.try_get(9)?,
+        wamid: r.try_get(10)?,
+        attempts: r.try_get(11)?,
+        error_code: r.try_get(12)?,
+        error: r.try_get(13)?,
+        expires_at: time(14, "messages.expires_at")?,
+        created_at: from_millis(r.try_get(15)?, "messages.created_at")?,
+        updated_at: time(16, "messages.updated_at")?,
+    })
 }

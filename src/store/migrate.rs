@@ -55,6 +55,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0008_campaign_run_requests.sql"),
     ),
     (
+        9,
+        "api requests",
+        include_str!("../../migrations/sqlite/0009_api_requests.sql"),
+    ),
+    (
         11,
         "split assignments",
         include_str!("../../migrations/sqlite/0011_split_assignments.sql"),
@@ -63,8 +68,8 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
 
 /// The PostgreSQL migrations: the same numbers and names as SQLite's, each written for
 /// PostgreSQL. A test checks this list against `migrations/postgres/`, and another that
-/// both backends have the same migrations: a SQLite migration merged from another branch
-/// (0009, api_requests) needs its PostgreSQL twin here.
+/// both backends have the same migrations: every SQLite migration needs its PostgreSQL
+/// twin here.
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
         1,
@@ -105,6 +110,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         8,
         "campaign run requests",
         include_str!("../../migrations/postgres/0008_campaign_run_requests.sql"),
+    ),
+    (
+        9,
+        "api requests",
+        include_str!("../../migrations/postgres/0009_api_requests.sql"),
     ),
     (
         11,

@@ -16,6 +16,7 @@
 //! | `campaigns` | `campaigns`, `campaign_runs`, `campaign_recipients` | definitions ([`Db::save_campaign`], [`Db::due_campaigns`], pause, `next_run_at`); runs claimed once ([`Db::claim_run`], [`Db::record_missed_run`]); the ledger ([`Db::snapshot_audience`], [`Db::pending_recipients`], [`Db::record_recipient`], [`Db::run_counts`]) |
 //! | `campaign_reports` | reads `campaign_runs`, `campaign_recipients`, `messages` | what a run's report adds to its counts: [`Db::run_replied`], [`Db::run_charges`]; for `/metrics`: [`Db::runs_by_status`], [`Db::active_recipients`] |
 //! | `run_requests` | `campaign_run_requests`, `campaign_runs` | run-now: [`Db::claim_manual_run`] (one run at a time per campaign; a request's `Idempotency-Key` answers the run it started) |
+//! | `api_requests` | `api_requests` | the admin API's idempotency keys: [`Db::api_request`], [`Db::remember_api_request`] |
 //! | `contacts` | `contacts`, `contact_aliases` | who a customer is: [`Db::resolve_contact`], [`Db::change_identity`]; their policy state: [`Db::save_contact_policy`], [`Db::contacts_for_policy`] |
 //! | `import` | `contacts`, `contact_aliases` | contacts in bulk: [`Db::import_contacts`] (a CSV file's rows, in chunks of [`IMPORT_CHUNK`], by the identity rules of `contacts`) |
 //! | `conversations` | reads `contacts`, `sessions`, `messages`; `flow_versions` | [`Db::load_conversation`], [`Db::messages`], [`Db::message`], [`Db::reset_conversation`], [`Db::save_flow_version`], [`Db::flow_version`] |
@@ -54,6 +55,7 @@
 //! `Db::json_text` or `Db::is_postgres`. Callers do not change with the backend; the
 //! conformance suite (`conformance`) runs on every backend.
 
+mod api_requests;
 mod campaign_reports;
 mod campaigns;
 mod contacts;
@@ -78,13 +80,14 @@ pub mod writer;
 #[cfg(test)]
 mod conformance;
 
+pub use api_requests::ApiRequest;
 pub use campaign_reports::{ActiveRecipients, ChargeCount};
 pub use campaigns::{
     CampaignOrigin, CampaignRow, CampaignSend, CampaignSent, Claim, LedgerRow, NewCampaign,
     RecipientCount, RecipientDecision, RecipientOutcome, RunRow, RunStatus, RunTrigger,
     TemplateRecipients, campaign_message_key,
 };
-pub use contacts::{Identifiers, IdentityChanged, Resolved};
+pub use contacts::{ContactFilter, ContactSummary, Identifiers, IdentityChanged, Resolved};
 pub use conversations::{Conversation, MessageDetail, MessageRow, SessionRow};
 pub use db::{DEFAULT_POSTGRES_POOL, Db, redact as redact_url};
 pub use error::StoreError;
@@ -93,7 +96,7 @@ pub use inbox::{
     INBOX_RETENTION, InboxRow, NewInboxRow, ORDERED_KINDS, StatusChange, StatusOutcome, Stored,
     status_rank,
 };
-pub use outbox::{ChannelStop, OutboxEntry, OutboxRow};
+pub use outbox::{ChannelStop, OutboundFilter, OutboxEntry, OutboxRow};
 pub use queue::{ExpiringMessage, FLUSH_LIMIT, QueuedMessage};
 pub use run_requests::ManualRun;
 pub use splits::SplitCount;

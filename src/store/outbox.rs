@@ -861,3 +861,44 @@ pub(super) mod tests {
         drop_schema(&db, &schema).await;
     }
 }
+
+// The admin API's reads: outbound messages a page at a time.
+
+/// Which outbound messages [`Db::outbound_page`] lists: ids above `after`, in id order, at
+/// most `limit`, of the channel and in the status given.
+#[derive(Debug, Clone, Default)]
+pub struct OutboundFilter {
+    pub channel: Option<String>,
+    /// `pending`, `sending`, `sent`, `delivered`, `read`, `failed`, `queued`, `skipped`…
+    pub status: Option<String>,
+    pub after: i64,
+    pub limit: i64,
+}
+
+impl Db {
+    /// A page of outbound messages by `filter`, each with its decision, reason, status and
+    /// error.
+    pub async fn outbound_page(
+        &self,
+        filter: &OutboundFilter,
+    ) -> Result<Vec<super::MessageDetail>, StoreError> {
+        use super::conversations::{DETAIL_COLUMNS, DetailRow};
+        let sql = format!(
+            "SELECT {DETAIL_COLUMNS} FROM messages m JOIN contacts c ON c.id = m.contact_id \
+            WHERE m.direction = 'out' AND m.id > $1 \
+                AND (CAST($3 AS TEXT) IS NULL OR m.channel = $3) \
+                AND (CAST($4 AS TEXT) IS NULL OR m.status = $4) \
+            ORDER BY m.id LIMIT $2"
+        );
+        let rows: Vec<DetailRow> = with_pool!(self, |pool| {
+            sqlx::query_as(&sql)
+                .bind(filter.after)
+                .bind(filter.limit.max(0))
+                .bind(filter.channel.as_deref())
+                .bind(filter.status.as_deref())
+                .fetch_all(pool)
+                .await?
+        });
+        rows.into_iter().map(DetailRow::detail).collect()
+    }
+}

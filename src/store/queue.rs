@@ -198,3 +198,62 @@ impl Db {
         Ok(n > 0)
     }
 }
+
+// The operator's hand on the queue (the admin API's retry and cancel).
+impl Db {
+    /// A queued message decided again by an operator: its new body, decision, status and
+    /// expiry, only if it is still queued; returns whether it was.
+    pub async fn redecide_queued(
+        &self,
+        id: i64,
+        record: &OutboundRecord,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        const SQL: &str = "UPDATE messages SET kind = $1, body = $2, decision = $3, reason = $4, \
+                status = $5, expires_at = $6, next_attempt_at = $7, updated_at = $7 \
+            WHERE id = $8 AND status = 'queued'";
+        let body = serde_json::to_string(&record.message)?;
+        let kind = outbound_kind(&record.message.content);
+        let (name, reason) = (record.decision.name(), record.decision.reason());
+        let status = &*record.status;
+        let expires_at = record.expires_at.map(|t| t.timestamp_millis());
+        let n = with_writer!(self, own(reason, status), |pool| {
+            sqlx::query(SQL)
+                .bind(kind)
+                .bind(body)
+                .bind(name)
+                .bind(reason)
+                .bind(status)
+                .bind(expires_at)
+                .bind(now.timestamp_millis())
+                .bind(id)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(n > 0)
+    }
+
+    /// Takes a queued message out of the queue for good: status `cancelled`, decision
+    /// `skipped` with `reason`; `false` if it had left the queue.
+    pub async fn cancel_queued(
+        &self,
+        id: i64,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        const SQL: &str = "UPDATE messages SET status = 'cancelled', decision = 'skipped', \
+                reason = $2, expires_at = NULL, updated_at = $3 \
+            WHERE id = $1 AND status = 'queued'";
+        let n = with_writer!(self, own(reason), |pool| {
+            sqlx::query(SQL)
+                .bind(id)
+                .bind(reason)
+                .bind(now.timestamp_millis())
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(n > 0)
+    }
+}

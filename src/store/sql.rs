@@ -57,3 +57,47 @@ pub(super) fn bind_numbered(
     }
     Ok(())
 }
+
+/// Implements `sqlx::FromRow` for `$ty` on every backend's row type, with one body: `$row`
+/// is the backend's row there, so `$row.try_get(i)` decodes as that backend does. For rows
+/// wider than the tuples sqlx decodes.
+macro_rules! from_row_on_every_backend {
+    ($ty:ty, |$row:ident| $body:expr) => {
+        impl<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> for $ty {
+            fn from_row($row: &'r sqlx::sqlite::SqliteRow) -> Result<Self, sqlx::Error> {
+                #[allow(unused_imports)]
+                use sqlx::Row as _;
+                $body
+            }
+        }
+        impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for $ty {
+            fn from_row($row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+                #[allow(unused_imports)]
+                use sqlx::Row as _;
+                $body
+            }
+        }
+    };
+}
+pub(super) use from_row_on_every_backend;
+
+/// The elements of the JSON array of text in `column`, as a table `t (value)` to select
+/// from, in the backend's SQL (contacts' `tags`).
+pub(super) fn json_elements(column: &str, postgres: bool) -> String {
+    if postgres {
+        format!("json_array_elements_text(CAST({column} AS json)) AS t (value)")
+    } else {
+        format!("json_each({column}) t")
+    }
+}
+
+/// `column`, marked on SQLite (`+column`) so that its index is not used and the walk goes
+/// in primary-key order; PostgreSQL picks that order by itself (and has no unary `+` on
+/// text).
+pub(super) fn no_index(column: &str, postgres: bool) -> String {
+    if postgres {
+        column.to_string()
+    } else {
+        format!("+{column}")
+    }
+}

@@ -390,6 +390,51 @@ async fn run_now_starts_one_run_per_idempotency_key_and_lists_it() {
     server.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_campaigns_report_is_its_latest_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    import_contacts(&server).await;
+    let (status, none) = get(&server, "/campaigns/file_sale/report").await;
+    assert_eq!(
+        (status, none["error"]["code"].as_str()),
+        (404, Some("no_runs")),
+        "{none}"
+    );
+    let (status, unknown) = get(&server, "/campaigns/nope/report").await;
+    assert_eq!(
+        (status, unknown["error"]["code"].as_str()),
+        (404, Some("unknown_campaign"))
+    );
+
+    let (status, first) = post(&server, "/campaigns/file_sale/run-now").await;
+    assert_eq!(status, 201, "{first}");
+    let run = first["run"].as_i64().unwrap();
+    let (status, latest) = get(&server, "/campaigns/file_sale/report").await;
+    assert_eq!(status, 200, "{latest}");
+    assert_eq!(latest["run"]["id"].as_i64(), Some(run));
+    assert_eq!(latest["report"]["planned"], 3, "{latest}");
+    let (_, by_id) = get(&server, &format!("/campaigns/file_sale/runs/{run}")).await;
+    assert_eq!(by_id["run"]["id"], latest["run"]["id"]);
+
+    let (status, bad) = get(&server, "/campaigns/file_sale/runs?limit=0").await;
+    assert_eq!(
+        (status, bad["error"]["code"].as_str()),
+        (400, Some("invalid_limit"))
+    );
+    let (status, bad) = get(&server, "/campaigns/file_sale/runs/latest").await;
+    assert_eq!(
+        (status, bad["error"]["code"].as_str()),
+        (400, Some("invalid_path"))
+    );
+    let (status, bad) = get(&server, &format!("/campaigns/nope/runs/{run}")).await;
+    assert_eq!(
+        (status, bad["error"]["code"].as_str()),
+        (404, Some("unknown_run"))
+    );
+    server.shutdown().await;
+}
+
 /// The contact id of `wa_id` on `main` (as the conversation API shows it).
 async fn contact_id(server: &support::Running, wa_id: &str) -> i64 {
     let (status, c) = call(

@@ -3,6 +3,8 @@
 //! `cargo test` wrote gigabytes). Run one area with `cargo test --test integration outbox::`.
 
 mod admin;
+mod api_openapi;
+mod api_routes;
 mod campaign_api;
 mod campaign_cli;
 mod campaign_crash;
