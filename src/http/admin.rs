@@ -74,7 +74,7 @@ pub(super) async fn require_token(
 /// One current flow with its validation state: the diagnostics `flowgate check` gives its
 /// file now (the files as they are on disk, which may differ from the running version).
 #[derive(Debug, serde::Serialize, ToSchema)]
-struct FlowItem {
+pub(super) struct FlowItem {
     id: String,
     version: String,
     description: Option<String>,
@@ -108,7 +108,7 @@ impl From<&Diagnostic> for DiagnosticItem {
 }
 
 #[derive(Debug, serde::Serialize, ToSchema)]
-struct FlowList {
+pub(super) struct FlowList {
     flows: Vec<FlowItem>,
     /// Diagnostics of the project's other files (templates, campaigns, flows that do not
     /// run), so an error that would refuse a reload is never hidden.
@@ -124,13 +124,19 @@ struct FlowList {
         (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
     ))]
 async fn flows(State(state): State<AppState>) -> Response {
+    match flow_list(&state).await {
+        Ok(list) => Json(list).into_response(),
+        Err(e) => internal("checking the flows failed", e),
+    }
+}
+
+/// The running flows with the diagnostics `flowgate check` gives their files now (the API's
+/// `GET /api/flows`, the console's flows page).
+pub(super) async fn flow_list(state: &AppState) -> Result<FlowList, tokio::task::JoinError> {
     let scripting = state.runtime.engine.scripting.clone();
     let config = state.config.clone();
-    let project = tokio::task::spawn_blocking(move || load_project(&config, &scripting)).await;
-    let diagnostics = match project {
-        Ok(project) => project.diagnostics,
-        Err(e) => return internal("checking the flows failed", e),
-    };
+    let project = tokio::task::spawn_blocking(move || load_project(&config, &scripting)).await?;
+    let diagnostics = project.diagnostics;
     let flows = state.runtime.flows.read().expect("flows lock");
     let of_file = |file: &str| -> Vec<&Diagnostic> {
         diagnostics
@@ -161,13 +167,12 @@ async fn flows(State(state): State<AppState>) -> Response {
         .filter(|d| !flows.current().iter().any(|f| f.file == d.file))
         .map(DiagnosticItem::from)
         .collect();
-    Json(FlowList {
+    Ok(FlowList {
         flows: list,
         other,
         errors: diagnostics.errors(),
         warnings: diagnostics.warnings(),
     })
-    .into_response()
 }
 
 /// `POST /api/flows/reload`: loads the flows, scripts and templates again; new
@@ -222,41 +227,42 @@ async fn conversation(
     Path(contact): Path<String>,
     Query(q): Query<ChannelQuery>,
 ) -> Response {
-    let runtime = &state.runtime;
-    let channel = match known_channel(runtime, q.channel) {
-        Ok(channel) => channel,
-        Err(response) => return *response,
-    };
-    let contact = match contact_key(runtime, &channel, contact).await {
-        Ok(key) => key,
-        Err(response) => return *response,
-    };
-    let conversation = match runtime.db.load_conversation(&channel, &contact).await {
-        Ok(c) => c,
-        Err(e) => {
-            return internal("loading a conversation failed", e);
-        }
-    };
+    match conversation_view(&state.runtime, q.channel, contact, q.limit).await {
+        Ok(view) => Json(view).into_response(),
+        Err(refused) => *refused,
+    }
+}
+
+/// One conversation as the API answers it (and the console shows it): the contact, its
+/// window, session and latest `limit` messages (default 50) with their decisions.
+pub(super) async fn conversation_view(
+    runtime: &Runtime,
+    channel: Option<String>,
+    contact: String,
+    limit: Option<i64>,
+) -> Result<serde_json::Value, Refused> {
+    let channel = known_channel(runtime, channel)?;
+    let contact = contact_key(runtime, &channel, contact).await?;
+    let conversation = runtime
+        .db
+        .load_conversation(&channel, &contact)
+        .await
+        .map_err(|e| Box::new(internal("loading a conversation failed", e)))?;
     let Some(contact_id) = conversation.contact_id else {
-        return error(
+        return Err(refused(
             StatusCode::NOT_FOUND,
             "unknown_contact",
             format!("no contact `{contact}` on channel `{channel}`"),
-        );
+        ));
     };
-    let messages = match runtime
+    let messages = runtime
         .db
-        .messages(&channel, &contact, q.limit.unwrap_or(50).clamp(1, 500))
+        .messages(&channel, &contact, limit.unwrap_or(50).clamp(1, 500))
         .await
-    {
-        Ok(m) => m,
-        Err(e) => {
-            return internal("loading messages failed", e);
-        }
-    };
+        .map_err(|e| Box::new(internal("loading messages failed", e)))?;
     let now = runtime.clock.now();
     let window = runtime.policy.window(&conversation.contact, now);
-    Json(json!({
+    Ok(json!({
         "id": contact_id,
         "channel": channel,
         "window": window_json(&window, now),
@@ -269,7 +275,6 @@ async fn conversation(
             "decision": m.decision, "reason": m.reason, "status": m.status, "created_at": m.created_at,
         })).collect::<Vec<_>>(),
     }))
-    .into_response()
 }
 
 /// `GET /api/templates`: the registry as the policy sees it now (status webhooks applied).
@@ -757,7 +762,7 @@ fn resume_target(runtime: &Runtime, flow: Option<&str>, step: Option<&str>) -> R
 }
 
 /// An agent's text, if it is not empty and fits a WhatsApp text message.
-fn text_content(text: String) -> Result<OutboundContent, Refused> {
+pub(super) fn text_content(text: String) -> Result<OutboundContent, Refused> {
     if text.trim().is_empty() || text.chars().count() > limits::TEXT_BODY {
         return Err(refused(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -848,7 +853,7 @@ struct SyncQuery {
 
 /// What `POST /api/templates/sync` did.
 #[derive(Debug, serde::Serialize, ToSchema)]
-struct Synced {
+pub(super) struct Synced {
     /// The line `flowgate templates sync` prints.
     summary: String,
     /// Templates skipped, duplicates, entries Meta does not list (kept).
@@ -873,26 +878,31 @@ struct Synced {
         (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
     ))]
 async fn sync_templates(State(state): State<AppState>, Query(q): Query<SyncQuery>) -> Response {
-    let fetched =
-        match templates_sync::fetch(state.config.file.as_deref(), q.channel.as_deref()).await {
-            Ok(fetched) => fetched,
-            Err(e) => return sync_refused(e),
-        };
-    if let Err(e) = fetched.write() {
-        return sync_refused(e);
+    match sync_registry(&state, q.channel.as_deref()).await {
+        Ok(synced) => Json(synced).into_response(),
+        Err(e) => sync_refused(e),
     }
+}
+
+/// `flowgate templates sync` for the running server (the API's and the console's): reads
+/// the channel's templates from the Graph API, writes the registry file, reloads.
+pub(super) async fn sync_registry(
+    state: &AppState,
+    channel: Option<&str>,
+) -> Result<Synced, SyncError> {
+    let fetched = templates_sync::fetch(state.config.file.as_deref(), channel).await?;
+    fetched.write()?;
     let reload = reload::reload(&state.runtime, &state.config, &state.campaigns).await;
     let reload_error = reload.err().map(|e| match e {
         ReloadError::Refused(ref diags) => format!("{e}:\n{}", diags.render(false)),
         e => e.to_string(),
     });
-    Json(Synced {
+    Ok(Synced {
         summary: fetched.summary(),
         warnings: fetched.warnings().to_vec(),
         reloaded: reload_error.is_none(),
         reload_error,
     })
-    .into_response()
 }
 
 /// A sync that did not happen, as the API's error.

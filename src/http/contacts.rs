@@ -127,7 +127,7 @@ pub struct ContactPage {
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-struct ContactsQuery {
+pub(super) struct ContactsQuery {
     /// The channel (default: the default channel).
     channel: Option<String>,
     /// Only contacts with this tag.
@@ -156,7 +156,7 @@ async fn contacts(State(state): State<AppState>, Query(q): Query<ContactsQuery>)
     respond(contact_list(&state.runtime, q).await)
 }
 
-async fn contact_list(runtime: &Runtime, q: ContactsQuery) -> Answer<ContactPage> {
+pub(super) async fn contact_list(runtime: &Runtime, q: ContactsQuery) -> Answer<ContactPage> {
     let channel = known_channel(runtime, q.channel)?;
     let (after, limit) = Paging::new(q.after, q.limit).checked()?;
     let filter = ContactFilter {
@@ -305,7 +305,11 @@ async fn add_tags(
     respond(add_contact_tags(&state.runtime, contact, &body).await)
 }
 
-async fn add_contact_tags(runtime: &Runtime, contact: String, body: &[u8]) -> Answer<ContactItem> {
+pub(super) async fn add_contact_tags(
+    runtime: &Runtime,
+    contact: String,
+    body: &[u8],
+) -> Answer<ContactItem> {
     let request: AddTags = serde_json::from_slice(body).map_err(|e| {
         refused(
             StatusCode::BAD_REQUEST,
@@ -425,7 +429,7 @@ pub struct ConversationPage {
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-struct ConversationsQuery {
+pub(super) struct ConversationsQuery {
     /// The channel (default: the default channel).
     channel: Option<String>,
     /// Only conversations whose window is `open` or `closed`.
@@ -455,7 +459,10 @@ async fn conversations(
     respond(conversation_list(&state.runtime, q).await)
 }
 
-async fn conversation_list(runtime: &Runtime, q: ConversationsQuery) -> Answer<ConversationPage> {
+pub(super) async fn conversation_list(
+    runtime: &Runtime,
+    q: ConversationsQuery,
+) -> Answer<ConversationPage> {
     let channel = known_channel(runtime, q.channel)?;
     let (after, limit) = Paging::new(q.after, q.limit).checked()?;
     let filter = ContactFilter {

@@ -168,7 +168,7 @@ pub struct QueuePage {
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-struct QueueQuery {
+pub(super) struct QueueQuery {
     /// Only this channel's messages.
     channel: Option<String>,
     /// The previous page's `next_cursor`; none for the first page.
@@ -191,7 +191,7 @@ async fn queue(State(state): State<AppState>, Query(q): Query<QueueQuery>) -> Re
     respond(queue_page(&state.runtime, q).await)
 }
 
-async fn queue_page(runtime: &Runtime, q: QueueQuery) -> Answer<QueuePage> {
+pub(super) async fn queue_page(runtime: &Runtime, q: QueueQuery) -> Answer<QueuePage> {
     let queued = Some("queued".to_string());
     let (rows, next_cursor) =
         outbound_rows(runtime, q.channel, queued, &Paging::new(q.after, q.limit)).await?;

@@ -94,6 +94,12 @@ impl Db {
         sqlite.writer.close().await;
     }
 
+    /// Changes after every write (see [`Writer::commits`]): what live views wait on.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        let Backend::Sqlite(sqlite) = &self.backend;
+        sqlite.writer.commits()
+    }
+
     /// The SQLite reading pool, for tests that look into the database directly; `None` on
     /// another backend.
     pub fn sqlite_pool(&self) -> Option<&sqlx::SqlitePool> {
