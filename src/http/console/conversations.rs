@@ -16,7 +16,10 @@ use maud::{Markup, html};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{Nav, Session, csrf_field, error_page, page, refusal, segment, span, text, when_text};
+use super::{
+    Nav, Session, channel, channel_picker, csrf_field, error_page, page, refusal, segment, span,
+    text, when_text,
+};
 use crate::dispatch::Runtime;
 use crate::domain::Decision;
 use crate::engine::Handled;
@@ -41,7 +44,14 @@ async fn list(
     RawQuery(query): RawQuery,
 ) -> Response {
     let query = query.unwrap_or_default();
-    let rows = match list_fragment(&state.runtime, &query).await {
+    let shown = channel(
+        &state,
+        serde_urlencoded::from_str::<Vec<(String, String)>>(&query)
+            .unwrap_or_default()
+            .into_iter()
+            .find_map(|(k, v)| (k == "channel").then_some(v)),
+    );
+    let rows = match list_fragment(&state, &query).await {
         Ok(rows) => rows,
         Err((status, message)) => {
             return error_page(status, Nav::Conversations, &session, &message);
@@ -54,6 +64,7 @@ async fn list(
         &session,
         html! {
             form method="get" action="/conversations" class="filters" {
+                (channel_picker(&state, &shown))
                 label for="window" { "Window" }
                 select id="window" name="window" {
                     option value="" { "any" }
@@ -78,12 +89,17 @@ async fn list(
 
 /// The conversations table for a query string (`window`, `handoff`, `channel`, `after`,
 /// `limit`, as the API takes them): the page's moving part.
-pub async fn list_fragment(runtime: &Runtime, query: &str) -> Result<Markup, (StatusCode, String)> {
-    let cleaned: Vec<(String, String)> = serde_urlencoded::from_str::<Vec<(String, String)>>(query)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(_, v)| !v.is_empty())
-        .collect();
+pub async fn list_fragment(state: &AppState, query: &str) -> Result<Markup, (StatusCode, String)> {
+    let mut cleaned: Vec<(String, String)> =
+        serde_urlencoded::from_str::<Vec<(String, String)>>(query)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty())
+            .collect();
+    if !cleaned.iter().any(|(k, _)| k == "channel") {
+        cleaned.push(("channel".into(), channel(state, None)));
+    }
+    let runtime = &state.runtime;
     let q: ConversationsQuery =
         serde_urlencoded::from_str(&serde_urlencoded::to_string(&cleaned).unwrap_or_default())
             .map_err(|e| (StatusCode::BAD_REQUEST, format!("the filter is wrong: {e}")))?;
@@ -112,7 +128,7 @@ pub async fn list_fragment(runtime: &Runtime, query: &str) -> Result<Markup, (St
                         @for c in &rows {
                             tr {
                                 td {
-                                    a href={ "/conversations/" (segment(text(c, "contact"))) } {
+                                    a href={ "/conversations/" (segment(text(c, "contact"))) "?channel=" (segment(text(c, "channel"))) } {
                                         @if let Some(name) = c["name"].as_str() { (name) " · " }
                                         (text(c, "contact"))
                                     }
@@ -179,7 +195,8 @@ async fn show(
     Query(q): Query<ShowQuery>,
 ) -> Response {
     let runtime = &state.runtime;
-    let view = match conversation_view(runtime, q.channel.clone(), contact.clone(), None).await {
+    let shown = channel(&state, q.channel.clone());
+    let view = match conversation_view(runtime, Some(shown.clone()), contact.clone(), None).await {
         Ok(view) => view,
         Err(refused) => {
             let (status, message) = refusal(refused).await;
@@ -192,10 +209,7 @@ async fn show(
     };
     // The session's `waiting` as the engine writes it (`engine::Waiting`).
     let handoff = view["session"]["state"]["waiting"]["for"].as_str() == Some("handoff");
-    let channel_q = q
-        .channel
-        .as_ref()
-        .map_or(String::new(), |c| format!("?channel={}", segment(c)));
+    let channel_q = format!("?channel={}", segment(&shown));
     let path = format!("/conversations/{}", segment(&contact));
     let name = view["contact"]["name"].as_str().unwrap_or("");
     let title = if name.is_empty() {
@@ -329,7 +343,8 @@ async fn preview(
     Path(contact): Path<String>,
     Query(q): Query<PreviewQuery>,
 ) -> Response {
-    match decide_preview(&state.runtime, q.channel, contact, q.text).await {
+    let shown = channel(&state, q.channel);
+    match decide_preview(&state.runtime, Some(shown), contact, q.text).await {
         Ok(decision) => decision_markup(&decision, false).into_response(),
         Err((status, message)) => {
             (status, html! { p class="error" role="alert" { (message) } }).into_response()
@@ -410,10 +425,11 @@ async fn reply(
     Form(form): Form<Reply>,
 ) -> Response {
     let runtime = &state.runtime;
+    let shown = channel(&state, q.channel);
     if form.action.as_deref() == Some("preview") {
         let decided = decide_preview(
             runtime,
-            q.channel.clone(),
+            Some(shown.clone()),
             contact.clone(),
             form.text.clone(),
         )
@@ -427,24 +443,20 @@ async fn reply(
             Nav::Conversations,
             &session,
             html! {
-                p { a href={ "/conversations/" (segment(&contact)) } { "← Back to the conversation" } }
+                p { a href={ "/conversations/" (segment(&contact)) "?channel=" (segment(&shown)) } { "← Back to the conversation" } }
                 (body)
                 blockquote { (form.text) }
             },
         )
         .into_response();
     }
-    match send(runtime, q.channel.clone(), contact.clone(), form.text).await {
-        Ok(id) => {
-            let channel = q
-                .channel
-                .map_or(String::new(), |c| format!("&channel={}", segment(&c)));
-            Redirect::to(&format!(
-                "/conversations/{}?sent={id}{channel}",
-                segment(&contact)
-            ))
-            .into_response()
-        }
+    match send(runtime, Some(shown.clone()), contact.clone(), form.text).await {
+        Ok(id) => Redirect::to(&format!(
+            "/conversations/{}?sent={id}&channel={}",
+            segment(&contact),
+            segment(&shown)
+        ))
+        .into_response(),
         Err((status, message)) => error_page(status, Nav::Conversations, &session, &message),
     }
 }
@@ -489,7 +501,7 @@ async fn end_handoff(
     Query(q): Query<ChannelQuery>,
 ) -> Response {
     let runtime = &state.runtime;
-    let channel = match known_channel(runtime, q.channel) {
+    let channel = match known_channel(runtime, Some(channel(&state, q.channel))) {
         Ok(channel) => channel,
         Err(refused) => {
             let (status, message) = refusal(refused).await;
@@ -572,7 +584,7 @@ async fn queue(
                         tbody {
                             @for m in &rows {
                                 tr {
-                                    td { a href={ "/conversations/" (segment(text(m, "contact"))) } { (text(m, "contact")) } }
+                                    td { a href={ "/conversations/" (segment(text(m, "contact"))) "?channel=" (segment(text(m, "channel"))) } { (text(m, "contact")) } }
                                     td { (summary(&m["message"])) }
                                     td { (text(m, "reason")) }
                                     td { (span(m["age_seconds"].as_i64().unwrap_or(0))) }

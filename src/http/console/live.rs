@@ -33,11 +33,11 @@ pub fn routes() -> Router<AppState> {
 
 async fn conversations_list(State(state): State<AppState>, RawQuery(q): RawQuery) -> Response {
     let query = q.unwrap_or_default();
-    let runtime = state.runtime.clone();
+    let shared = state.clone();
     updates(&state, move || {
-        let (runtime, query) = (runtime.clone(), query.clone());
+        let (state, query) = (shared.clone(), query.clone());
         async move {
-            conversations::list_fragment(&runtime, &query)
+            conversations::list_fragment(&state, &query)
                 .await
                 .ok()
                 .map(|m| m.into_string())
@@ -57,8 +57,9 @@ async fn conversation(
     Query(q): Query<ChannelQuery>,
 ) -> Response {
     let runtime = state.runtime.clone();
+    let channel = super::channel(&state, q.channel);
     updates(&state, move || {
-        let (runtime, channel, contact) = (runtime.clone(), q.channel.clone(), contact.clone());
+        let (runtime, channel, contact) = (runtime.clone(), Some(channel.clone()), contact.clone());
         async move {
             let view = conversation_view(&runtime, channel, contact, None)
                 .await

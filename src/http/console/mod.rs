@@ -431,6 +431,29 @@ pub fn segment(value: &str) -> String {
     out
 }
 
+/// The channel a page shows: the one asked for, else the config's first (the channel
+/// campaigns and imports default to; the API's default is the sandbox, for `chat`).
+pub fn channel(state: &AppState, requested: Option<String>) -> String {
+    requested
+        .filter(|c| !c.is_empty())
+        .or_else(|| state.config.channels.first().map(|c| c.name.clone()))
+        .unwrap_or_else(|| state.runtime.default_channel.clone())
+}
+
+/// A channel picker for a filter form, when there is more than one channel.
+pub fn channel_picker(state: &AppState, current: &str) -> Markup {
+    html! {
+        @if state.config.channels.len() > 1 {
+            label for="channel" { "Channel" }
+            select id="channel" name="channel" {
+                @for c in &state.config.channels {
+                    option value=(c.name) selected[c.name == current] { (c.name) }
+                }
+            }
+        }
+    }
+}
+
 /// Markup that is already HTML (an SVG drawn here).
 pub fn raw(html: String) -> Markup {
     PreEscaped(html)

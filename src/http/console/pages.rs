@@ -43,12 +43,20 @@ async fn contacts(
     Extension(session): Extension<Session>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let pairs: Vec<(String, String)> =
+    let mut pairs: Vec<(String, String)> =
         serde_urlencoded::from_str::<Vec<(String, String)>>(&query.unwrap_or_default())
             .unwrap_or_default()
             .into_iter()
             .filter(|(_, v)| !v.is_empty())
             .collect();
+    let shown = super::channel(
+        &state,
+        pairs
+            .iter()
+            .find_map(|(k, v)| (k == "channel").then(|| v.clone())),
+    );
+    pairs.retain(|(k, _)| k != "channel");
+    pairs.push(("channel".into(), shown.clone()));
     let search = pairs
         .iter()
         .find(|(k, _)| k == "search")
@@ -82,6 +90,7 @@ async fn contacts(
         &session,
         html! {
             form method="get" action="/contacts" class="filters" role="search" {
+                (super::channel_picker(&state, &shown))
                 label for="search" { "Name or number" }
                 input id="search" name="search" type="search" value=(search);
                 label for="tag" { "Tag" }
@@ -104,7 +113,7 @@ async fn contacts(
                                 @let contact = text(c, "contact");
                                 tr {
                                     td {
-                                        a href={ "/conversations/" (segment(contact)) } {
+                                        a href={ "/conversations/" (segment(contact)) "?channel=" (segment(&shown)) } {
                                             @if let Some(name) = c["name"].as_str() { (name) " · " }
                                             (contact)
                                         }
@@ -118,6 +127,7 @@ async fn contacts(
                                     td {
                                         form method="post" action={ "/contacts/" (segment(contact)) "/tags" } class="inline" {
                                             (csrf_field(&session))
+                                            input type="hidden" name="channel" value=(shown);
                                             label for={ "tag-" (contact) } class="visually-hidden" { "New tag for " (contact) }
                                             input id={ "tag-" (contact) } name="tag" required size="10";
                                             button type="submit" class="secondary" { "Add" }
@@ -148,6 +158,8 @@ async fn contacts(
 #[derive(Debug, Deserialize)]
 struct TagForm {
     tag: String,
+    #[serde(default)]
+    channel: Option<String>,
 }
 
 async fn add_tag(
@@ -156,9 +168,10 @@ async fn add_tag(
     Path(contact): Path<String>,
     Form(form): Form<TagForm>,
 ) -> Response {
-    let body = json!({ "tags": [form.tag] }).to_string();
+    let shown = super::channel(&state, form.channel);
+    let body = json!({ "tags": [form.tag], "channel": shown }).to_string();
     match add_contact_tags(&state.runtime, contact, body.as_bytes()).await {
-        Ok(_) => Redirect::to("/contacts").into_response(),
+        Ok(_) => Redirect::to(&format!("/contacts?channel={}", segment(&shown))).into_response(),
         Err(refused) => {
             let (status, message) = refusal(refused).await;
             error_page(status, Nav::Contacts, &session, &message)
