@@ -314,6 +314,14 @@ async fn a_campaign_created_in_the_form_runs_and_its_report_shows_the_sends() {
         .await;
     let runs = browser.wait_for_text("#next-runs", "Mon").await;
     assert_eq!(runs.lines().count(), 5, "{runs}");
+    browser
+        .client
+        .execute(
+            "document.getElementById('c-tags').scrollIntoView({block: 'start'})",
+            vec![],
+        )
+        .await
+        .unwrap();
     browser.screenshots("campaign-form").await;
     browser.click(".campaign-form button[type=submit]").await;
     browser.wait_for_text("h1", "Campaign browser_sale").await;

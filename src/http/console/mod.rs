@@ -436,8 +436,7 @@ pub fn segment(value: &str) -> String {
 pub fn channel(state: &AppState, requested: Option<String>) -> String {
     requested
         .filter(|c| !c.is_empty())
-        .or_else(|| state.config.channels.first().map(|c| c.name.clone()))
-        .unwrap_or_else(|| state.runtime.default_channel.clone())
+        .unwrap_or_else(|| state.config.default_channel().name.clone())
 }
 
 /// A channel picker for a filter form, when there is more than one channel.
