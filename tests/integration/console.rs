@@ -670,3 +670,50 @@ async fn live_updates_are_server_sent_events() {
     drop(stream);
     fixture.server.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_agent_ends_a_handoff_from_the_conversation_page() {
+    let fixture = Fixture::start().await;
+    let mut agent = Agent::new(&fixture);
+    agent.sign_in(TOKEN).await;
+    let csrf = agent.csrf("/sandbox").await;
+    // The sandbox customer asks for a person: hi, "More options", "Talk to a person".
+    for (field, value) in [("text", "hi"), ("button", "more"), ("list", "human")] {
+        let sent = agent
+            .post(
+                "/sandbox/chat",
+                &[("from", "15550001234"), (field, value), ("csrf", &csrf)],
+            )
+            .await;
+        assert_eq!(sent.status, 303, "{field}={value}: {}", sent.body);
+    }
+    let chat = agent.get("/sandbox?from=15550001234").await;
+    assert!(
+        chat.body.contains("Connecting you to a person"),
+        "{}",
+        chat.body
+    );
+
+    let path = "/conversations/15550001234?channel=sandbox";
+    let page = agent.get(path).await;
+    assert!(page.body.contains("with a person"), "{}", page.body);
+    assert!(page.body.contains("End handoff"), "{}", page.body);
+    let ended = agent
+        .post(
+            "/conversations/15550001234/end-handoff?channel=sandbox",
+            &[("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(ended.status, 303, "{}", ended.body);
+    let page = agent.get(ended.location.as_deref().unwrap()).await;
+    assert!(page.body.contains("The handoff ended"), "{}", page.body);
+    assert!(!page.body.contains("End handoff"), "{}", page.body);
+    let again = agent
+        .post(
+            "/conversations/15550001234/end-handoff?channel=sandbox",
+            &[("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(again.status, 409, "nothing to end twice");
+    fixture.server.shutdown().await;
+}

@@ -675,9 +675,9 @@ async fn sandbox(
         }
         _ => None,
     };
-    let buttons = view
+    let choices = view
         .as_ref()
-        .and_then(|v| last_buttons(&v["messages"]))
+        .and_then(|v| last_choices(&v["messages"]))
         .unwrap_or_default();
     page(
         "Sandbox",
@@ -690,6 +690,7 @@ async fn sandbox(
                 p class="hint" { "Play a customer: your messages go through the flows and the policy like a WhatsApp customer's, and nothing leaves this server." }
                 section aria-labelledby="chat-h" class="chat" {
                     h2 id="chat-h" { "Chat as " (from) }
+                    p { a href={ "/conversations/" (segment(&from)) "?channel=" (segment(&sandbox_channel(&state).unwrap_or_default())) } { "This conversation as an agent sees it" } }
                     div id="chat-log" {
                         @match &view {
                             Some(v) => (messages(&v["messages"])),
@@ -700,10 +701,10 @@ async fn sandbox(
                         (csrf_field(&session))
                         label for="sandbox-from" { "Customer's number" }
                         input id="sandbox-from" name="from" value=(from) inputmode="numeric" pattern="[0-9]+" required;
-                        @if !buttons.is_empty() {
-                            div class="buttons" role="group" aria-label="The bot's buttons" {
-                                @for (id, title) in &buttons {
-                                    button type="submit" name="button" value=(id) class="secondary" formnovalidate { (title) }
+                        @if !choices.is_empty() {
+                            div class="buttons" role="group" aria-label="Tap one of the bot's choices" {
+                                @for (kind, id, title) in &choices {
+                                    button type="submit" name=(kind) value=(id) class="secondary" formnovalidate { (title) }
                                 }
                             }
                         }
@@ -731,19 +732,33 @@ fn sandbox_unavailable(state: &AppState) -> Option<String> {
     None
 }
 
-/// The buttons of the bot's latest message, when it has any (id, title).
-fn last_buttons(list: &Value) -> Option<Vec<(String, String)>> {
+/// What the customer can tap in the bot's latest message: its buttons (`button`, id,
+/// title) or its list's rows (`list`, id, title).
+fn last_choices(list: &Value) -> Option<Vec<(&'static str, String, String)>> {
     let last = list.as_array()?.last()?;
     if text(last, "direction") != "out" {
         return None;
     }
-    let buttons = last["body"]["content"]["buttons"].as_array()?;
-    Some(
-        buttons
-            .iter()
-            .map(|b| (text(b, "id").to_string(), text(b, "title").to_string()))
-            .collect(),
-    )
+    let content = &last["body"]["content"];
+    let pick = |kind: &'static str, items: &Value| -> Vec<(&'static str, String, String)> {
+        items
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| {
+                (
+                    kind,
+                    text(b, "id").to_string(),
+                    text(b, "title").to_string(),
+                )
+            })
+            .collect()
+    };
+    let mut choices = pick("button", &content["buttons"]);
+    for section in content["sections"].as_array().into_iter().flatten() {
+        choices.extend(pick("list", &section["rows"]));
+    }
+    Some(choices)
 }
 
 #[derive(Debug, Deserialize)]
@@ -753,6 +768,8 @@ struct ChatForm {
     text: String,
     #[serde(default)]
     button: Option<String>,
+    #[serde(default)]
+    list: Option<String>,
 }
 
 async fn sandbox_chat(
@@ -772,13 +789,18 @@ async fn sandbox_chat(
             "The customer's number is digits only, e.g. 15550001234.",
         );
     }
-    let content = match form.button.filter(|b| !b.is_empty()) {
-        Some(id) => InboundContent::ButtonReply {
+    let tapped = |choice: Option<String>| choice.filter(|c| !c.is_empty());
+    let content = match (tapped(form.button), tapped(form.list)) {
+        (Some(id), _) => InboundContent::ButtonReply {
             title: id.clone(),
             id,
         },
-        None if !form.text.trim().is_empty() => InboundContent::Text { body: form.text },
-        None => {
+        (None, Some(id)) => InboundContent::ListReply {
+            title: id.clone(),
+            id,
+        },
+        (None, None) if !form.text.trim().is_empty() => InboundContent::Text { body: form.text },
+        (None, None) => {
             return Redirect::to(&format!("/sandbox?from={}", form.from)).into_response();
         }
     };
