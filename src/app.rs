@@ -173,7 +173,7 @@ impl Application {
         let closing = self.closing.clone();
         let shutdown = async move {
             shutdown.await;
-            let _ = closing.send(true);
+            closing.send_replace(true);
         };
         axum::serve(self.listener, crate::http::router(state, self.doors))
             .with_graceful_shutdown(shutdown)

@@ -667,8 +667,13 @@ async fn live_updates_are_server_sent_events() {
     while !seen.contains("Rita") {
         seen.push_str(&next().await);
     }
-    drop(stream);
+    // An open stream does not hold the server up: it ends when the server stops.
     fixture.server.shutdown().await;
+    let end = tokio::time::timeout(std::time::Duration::from_secs(5), stream.chunk()).await;
+    assert!(
+        matches!(end, Ok(Ok(None)) | Ok(Err(_))),
+        "the stream ended with the server: {end:?}"
+    );
 }
 
 #[tokio::test]
