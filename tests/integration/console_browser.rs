@@ -254,12 +254,22 @@ async fn an_agent_signs_in_and_works_conversations_and_the_sandbox_in_a_browser(
     browser
         .wait_for_text("#messages", "Are you still interested?")
         .await;
-
     browser.goto(&url("/queue")).await;
     browser
         .wait_for_text("main", "Are you still interested?")
         .await;
     browser.screenshots("queue").await;
+    // Ben writes again: his message shows up on his open page (server-sent events).
+    browser
+        .goto(&url("/conversations/15550007002?channel=main"))
+        .await;
+    browser
+        .wait_for_text("#messages", "Are you still interested?")
+        .await;
+    fixture
+        .customer_writes("15550007002", "Ben", "Yes, still here", 0)
+        .await;
+    browser.wait_for_text("#messages", "Yes, still here").await;
 
     // The sandbox chat answers with the flows, decisions shown.
     browser.goto(&url("/sandbox")).await;
