@@ -820,3 +820,82 @@ async fn sandbox_chat(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::compile::compile_flow;
+    use crate::script::Scripting;
+    use crate::templates::Registry;
+
+    fn flow(text: &str) -> Flow {
+        let no_scripts = |name: &str| Err(format!("no script {name}"));
+        let compiled = compile_flow(
+            "flows/t.yaml",
+            text,
+            &Scripting::default(),
+            &Registry::default(),
+            &no_scripts,
+        );
+        assert!(
+            !compiled.diagnostics.has_errors(),
+            "{}",
+            compiled.diagnostics.render(false)
+        );
+        compiled.flow.unwrap()
+    }
+
+    const MENU: &str = r#"
+flow: menu
+steps:
+  ask:
+    say: "Pick one"
+    buttons:
+      - { id: a, title: "A" }
+      - { id: b, title: "B" }
+    next:
+      - button: a
+        goto: done
+      - button: b
+        flow: other
+  done:
+    say: "Done"
+    next: ask
+  orphan:
+    say: "Never reached"
+"#;
+
+    #[test]
+    fn buttons_next_and_other_flows_are_labelled_edges() {
+        let f = flow(MENU);
+        let edges = edges(&f);
+        let labels: Vec<(&str, Option<&str>, &str)> = edges
+            .iter()
+            .map(|e| {
+                let to = e.to.map(|i| f.steps[i].id.as_str());
+                (f.steps[e.from].id.as_str(), to, e.label.as_str())
+            })
+            .collect();
+        assert_eq!(
+            labels,
+            vec![
+                ("ask", Some("done"), "button a"),
+                ("ask", None, "button b"),
+                ("done", Some("ask"), "next"),
+            ]
+        );
+        assert_eq!(edges[1].to_flow.as_deref(), Some("other"));
+    }
+
+    #[test]
+    fn layers_follow_the_distance_from_the_start() {
+        let f = flow(MENU);
+        let layers = layers(&f, &edges(&f));
+        // ask 0, done 1, the unreached step below the deepest.
+        assert_eq!(layers, vec![0, 1, 2]);
+        let svg = graph(&f);
+        assert_eq!(svg.matches("<g class=\"step").count(), 3);
+        assert!(svg.contains("→ flow other"), "{svg}");
+        assert!(svg.contains(">button a<"), "{svg}");
+    }
+}
