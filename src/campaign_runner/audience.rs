@@ -89,8 +89,13 @@ async fn walk(
         }
     }
     if let Some(error) = first_error {
+        let run = match what {
+            Walk::Snapshot(run_id) => Some(run_id),
+            Walk::Count => None,
+        };
         tracing::warn!(
             campaign = %campaign.name,
+            run = ?run,
             left_out = failed,
             error = %error,
             "the audience's `where` failed for some contacts; they are left out"
