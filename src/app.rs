@@ -53,6 +53,8 @@ pub struct Application {
     pub campaigns: Arc<CampaignRunner>,
     listener: tokio::net::TcpListener,
     doors: Doors,
+    /// Told when the server starts to stop ([`AppState::closing`]).
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl Application {
@@ -83,6 +85,7 @@ impl Application {
             inbox: Arc::new(tokio::sync::Notify::new()),
             listener,
             doors,
+            closing: tokio::sync::watch::channel(false).0,
         })
     }
 
@@ -93,6 +96,7 @@ impl Application {
             config: self.config.clone(),
             inbox: self.inbox.clone(),
             campaigns: self.campaigns.clone(),
+            closing: self.closing.subscribe(),
         }
     }
 
@@ -166,6 +170,11 @@ impl Application {
             ..Default::default()
         };
         let senders = crate::outbox::spawn_senders(&self.runtime, &options);
+        let closing = self.closing.clone();
+        let shutdown = async move {
+            shutdown.await;
+            closing.send_replace(true);
+        };
         axum::serve(self.listener, crate::http::router(state, self.doors))
             .with_graceful_shutdown(shutdown)
             .await?;

@@ -19,4 +19,7 @@ pub struct AppState {
     pub inbox: Arc<Notify>,
     /// The campaigns at run time (the API changes them, a reload replaces the files').
     pub campaigns: Arc<CampaignRunner>,
+    /// Turns true when the server starts to stop: long-lived answers (the console's live
+    /// updates) end then, so the graceful shutdown does not wait for them.
+    pub closing: tokio::sync::watch::Receiver<bool>,
 }

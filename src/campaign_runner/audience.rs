@@ -34,6 +34,32 @@ pub async fn snapshot(
     run_id: i64,
     created_by: DateTime<Utc>,
 ) -> Result<u64, RunnerError> {
+    walk(runtime, campaign, created_by, Walk::Snapshot(run_id)).await
+}
+
+/// How many contacts are in the audience of `campaign` now, as a run starting now would
+/// snapshot it (the console's live count while a marketer picks the tags).
+pub async fn count(runtime: &Runtime, campaign: &Arc<Campaign>) -> Result<u64, RunnerError> {
+    walk(runtime, campaign, runtime.clock.now(), Walk::Count).await
+}
+
+/// What [`walk`] does with each page's selected contacts.
+#[derive(Debug, Clone, Copy)]
+enum Walk {
+    /// Adds them to run `.0`'s ledger.
+    Snapshot(i64),
+    /// Only counts them.
+    Count,
+}
+
+/// Reads the audience page by page, selects each page's contacts by the `where`, and
+/// snapshots or counts them; answers how many were added or counted.
+async fn walk(
+    runtime: &Runtime,
+    campaign: &Arc<Campaign>,
+    created_by: DateTime<Utc>,
+    what: Walk,
+) -> Result<u64, RunnerError> {
     let db = &runtime.db;
     let tags = &campaign.audience.tags;
     let (mut after, mut added, mut failed) = (0, 0, 0);
@@ -51,20 +77,28 @@ pub async fn snapshot(
         let selected = select(&runtime.engine.scripting, campaign, page, now).await?;
         failed += selected.failed;
         first_error = first_error.or(selected.first_error);
-        added += db
-            .snapshot_audience(run_id, &selected.ids, now, runtime.clock.now())
-            .await?;
+        added += match what {
+            Walk::Snapshot(run_id) => {
+                db.snapshot_audience(run_id, &selected.ids, now, runtime.clock.now())
+                    .await?
+            }
+            Walk::Count => selected.ids.len() as u64,
+        };
         if !full {
             break;
         }
     }
     if let Some(error) = first_error {
+        let run = match what {
+            Walk::Snapshot(run_id) => Some(run_id),
+            Walk::Count => None,
+        };
         tracing::warn!(
             campaign = %campaign.name,
-            run = run_id,
+            run = ?run,
             left_out = failed,
             error = %error,
-            "the audience's `where` failed for some contacts; they are left out of the run"
+            "the audience's `where` failed for some contacts; they are left out"
         );
     }
     Ok(added)

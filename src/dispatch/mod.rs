@@ -334,6 +334,26 @@ impl Runtime {
         Ok(TurnReport::one_message(wa_id.to_string(), sent))
     }
 
+    /// What the policy would decide now for an agent's message to a contact, without
+    /// sending it: the console shows it before the agent sends. The same pure decision
+    /// [`Runtime::agent_message`] takes, on the contact as stored.
+    pub async fn preview_agent_message(
+        &self,
+        channel: &str,
+        wa_id: &str,
+        content: OutboundContent,
+    ) -> Result<Decision, DispatchError> {
+        let conversation = self.db.load_conversation(channel, wa_id).await?;
+        let message = Outbound::new(content, Origin::Agent);
+        let templates = self.templates();
+        Ok(self.policy.decide(
+            &message,
+            &conversation.contact,
+            &templates,
+            self.clock.now(),
+        ))
+    }
+
     /// Commits one outgoing message outside a turn (an agent's, one decided again): the
     /// contact as changed, the session as it was.
     async fn commit_message(

@@ -1,5 +1,5 @@
 //! The HTTP surface of `flowgate serve`, on axum: health and metrics, the sandbox door, the
-//! WhatsApp webhooks and the admin API.
+//! WhatsApp webhooks, the admin API and the web console ([`console`], at `/`).
 //!
 //! Who may use the sandbox and `/metrics` is for [`doors`] to say; the admin API checks its
 //! token with [`bearer`], the one bearer-token check every door shares.
@@ -14,6 +14,7 @@ pub mod admin;
 pub mod api;
 pub mod campaigns;
 pub mod channels;
+pub mod console;
 pub mod contacts;
 pub mod doors;
 pub mod outbox;
@@ -44,6 +45,7 @@ pub fn router(state: AppState, doors: Doors) -> Router {
         )
         .route("/webhook/{channel}", webhook::routes())
         .nest("/api", api::router(state.clone()).0)
+        .merge(console::router(&state))
         .with_state(state)
 }
 

@@ -58,7 +58,7 @@ pub async fn sandbox_message(State(state): State<AppState>, body: axum::body::By
             );
         }
     };
-    if message.from.is_empty() || !message.from.chars().all(|c| c.is_ascii_digit()) {
+    if !valid_from(&message.from) {
         return error(
             StatusCode::BAD_REQUEST,
             "invalid_from",
@@ -94,4 +94,10 @@ pub async fn sandbox_message(State(state): State<AppState>, body: axum::body::By
             )
         }
     }
+}
+
+/// Whether a sandbox customer's `from` is a phone number in digits (the door's and the
+/// console's sandbox chat's rule).
+pub(super) fn valid_from(from: &str) -> bool {
+    !from.is_empty() && from.chars().all(|c| c.is_ascii_digit())
 }

@@ -387,7 +387,7 @@ async fn send_agent_message(
 }
 
 /// An agent's text, if it is not empty and fits a WhatsApp text message.
-fn text_content(text: String) -> Result<OutboundContent, OperatorError> {
+pub fn text_content(text: String) -> Result<OutboundContent, OperatorError> {
     if text.trim().is_empty() || text.chars().count() > limits::TEXT_BODY {
         return Err(OperatorError::unprocessable(
             "invalid_text",

@@ -186,6 +186,28 @@ impl Db {
         }
     }
 
+    /// Changes after every write (see [`Writer::commits`]): what live views wait on. On
+    /// PostgreSQL, where other instances write too and nothing here sees their writes, it
+    /// changes every second instead (until LISTEN/NOTIFY tells of each write).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        match &self.backend {
+            Backend::Sqlite(sqlite) => sqlite.writer.commits(),
+            Backend::Postgres(_) => {
+                let (tick, changes) = tokio::sync::watch::channel(0);
+                tokio::spawn(async move {
+                    let mut interval = tokio::time::interval(Duration::from_secs(1));
+                    loop {
+                        tokio::select! {
+                            _ = tick.closed() => break,
+                            _ = interval.tick() => tick.send_modify(|n| *n += 1),
+                        }
+                    }
+                });
+                changes
+            }
+        }
+    }
+
     /// The SQLite reading pool, for tests that look into the database directly; `None` on
     /// another backend.
     pub fn sqlite_pool(&self) -> Option<&sqlx::SqlitePool> {

@@ -96,12 +96,15 @@ enum Command {
 #[derive(Clone, Debug)]
 pub struct Writer {
     jobs: mpsc::UnboundedSender<Command>,
+    /// Counts the groups written, so readers can wait for a change instead of polling.
+    commits: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Writer {
     /// Hands `conn` to a new writer thread; `options` open it again if it breaks.
     pub fn start(conn: SqliteConnection, options: SqliteConnectOptions) -> std::io::Result<Self> {
         let (jobs, queue) = mpsc::unbounded_channel();
+        let (committed, commits) = tokio::sync::watch::channel(0u64);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -109,7 +112,7 @@ impl Writer {
             .name("flowgate-writer".into())
             .spawn(move || {
                 let driven = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    runtime.block_on(drive(conn, options, queue))
+                    runtime.block_on(drive(conn, options, queue, committed))
                 }));
                 if driven.is_err() {
                     // Without its writer the server can take no webhook; a restart (which
@@ -118,7 +121,13 @@ impl Writer {
                     std::process::abort();
                 }
             })?;
-        Ok(Self { jobs })
+        Ok(Self { jobs, commits })
+    }
+
+    /// A receiver that changes after each group the writer ran (committed or not: a
+    /// spurious wake-up costs a reader one look). The console's live pages wait on it.
+    pub fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.commits.clone()
     }
 
     /// Runs `work` on the writer connection and returns its result once it is committed.
@@ -243,6 +252,7 @@ async fn drive(
     mut conn: SqliteConnection,
     options: SqliteConnectOptions,
     mut queue: mpsc::UnboundedReceiver<Command>,
+    committed: tokio::sync::watch::Sender<u64>,
 ) {
     let mut raw = RawView::default();
     let mut closing = None;
@@ -265,6 +275,7 @@ async fn drive(
         while !group.is_empty() {
             let before = group.len();
             if run_group(&mut conn, &mut raw, &mut group).await {
+                committed.send_modify(|n| *n = n.wrapping_add(1));
                 continue;
             }
             if group.len() == before {

@@ -12,6 +12,8 @@ mod campaign_dispatch;
 mod campaigns;
 mod check;
 mod check_root_cause;
+mod console;
+mod console_browser;
 mod contacts_import;
 mod conversations;
 mod crash;
