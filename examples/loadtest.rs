@@ -905,7 +905,8 @@ fn count_messages(db: &Path) -> i64 {
 /// Writes `n` messages of past conversations into the (stopped) server's database, as a
 /// year of traffic: copies of the customers' stored rows (their bodies, kinds, decisions),
 /// 100 to a contact of their own, spread over the last 365 days, every outbound one `read`.
-/// One transaction per 200,000 rows. Returns the contacts written.
+/// One transaction per 200,000 rows; keys are zero-padded so every index grows at its end.
+/// Returns the contacts written.
 fn seed_messages(db: &Path, n: u64) -> rusqlite::Result<u64> {
     use rusqlite::types::Value;
     let mut conn = rusqlite::Connection::open(db)?;
@@ -974,7 +975,7 @@ fn seed_messages(db: &Path, n: u64) -> rusqlite::Result<u64> {
             let end = (i + 200_000).min(n);
             while i < end {
                 let t = now - year + (i as i128 * year as i128 / n as i128) as i64;
-                if i % per_contact == 0 {
+                if i.is_multiple_of(per_contact) {
                     add_contact.execute(rusqlite::params![format!("4930{contacts:09}"), t])?;
                     contact_id = tx.last_insert_rowid();
                     contacts += 1;
@@ -982,13 +983,13 @@ fn seed_messages(db: &Path, n: u64) -> rusqlite::Result<u64> {
                 let mut row = models[(i % models.len() as u64) as usize].clone();
                 row[contact] = Value::Integer(contact_id);
                 let inbound = matches!(&row[direction], Value::Text(d) if d == "in");
-                row[wamid] = Value::Text(format!("wamid.seed.{i}"));
+                row[wamid] = Value::Text(format!("wamid.seed.{i:010}"));
                 if inbound {
                     last_inbound = row[wamid].clone();
                 } else {
                     row[status] = Value::Text("read".into());
                     if let Some(k) = key.filter(|&k| row[k] != Value::Null) {
-                        row[k] = Value::Text(format!("seed-{i}"));
+                        row[k] = Value::Text(format!("seed-{i:010}"));
                     }
                     if let Some(r) = reply_to.filter(|&r| row[r] != Value::Null) {
                         row[r] = last_inbound.clone();
@@ -1005,7 +1006,9 @@ fn seed_messages(db: &Path, n: u64) -> rusqlite::Result<u64> {
             }
         }
         tx.commit()?;
+        eprint!("\rseeding:            {i} of {n} messages");
     }
+    eprintln!();
     conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
     Ok(contacts)
 }
