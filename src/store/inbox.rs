@@ -573,8 +573,9 @@ mod tests {
             .collect()
     }
 
-    /// The statements every status webhook and every claim run find their rows through an
-    /// index, so they cost the same with ten million stored messages as with none.
+    /// The statements every status webhook, every claim and every turn's load run find
+    /// their rows through an index, so they cost the same with ten million stored messages
+    /// as with none.
     #[tokio::test]
     async fn status_and_claim_statements_use_indexes() {
         let db = Db::connect("sqlite::memory:").await.unwrap();
@@ -588,6 +589,11 @@ mod tests {
             ("status find", STATUS_FIND, "messages_outbound_wamid"),
             ("status adopt", STATUS_ADOPT, "messages_idempotency_key"),
             ("inbox claim", CLAIM_AFTER, "inbox"),
+            (
+                "conversation load",
+                crate::store::conversations::LOAD_CONVERSATION,
+                "messages_queued",
+            ),
         ] {
             let plan = plan(&db, sql).await;
             assert!(full_scans(&plan).is_empty(), "{name} scans:\n{plan}");
