@@ -106,6 +106,16 @@ type MessageRaw = (
     i64,
 );
 
+/// [`Db::load_conversation`]'s query.
+pub(super) const LOAD_CONVERSATION: &str = "SELECT c.id, c.name, c.tags, c.attrs, c.timezone, \
+            c.last_customer_message_at, c.policy, \
+            EXISTS (SELECT 1 FROM messages q WHERE q.contact_id = c.id \
+                AND q.status = 'queued'), \
+            EXISTS (SELECT 1 FROM timers t WHERE t.contact_id = c.id), \
+            s.flow_id, s.flow_version, s.step, s.state, s.updated_at \
+        FROM contacts c LEFT JOIN sessions s ON s.contact_id = c.id \
+        WHERE c.channel = $1 AND c.wa_id = $2";
+
 impl Db {
     /// Loads the contact and its session; a contact never seen gets `contact_id: None` and a
     /// fresh [`Contact`], so the engine handles first and later messages alike.
@@ -114,14 +124,7 @@ impl Db {
         channel: &str,
         wa_id: &str,
     ) -> Result<Conversation, StoreError> {
-        const SQL: &str = "SELECT c.id, c.name, c.tags, c.attrs, c.timezone, \
-                c.last_customer_message_at, c.policy, \
-                EXISTS (SELECT 1 FROM messages q WHERE q.contact_id = c.id \
-                    AND q.status = 'queued'), \
-                EXISTS (SELECT 1 FROM timers t WHERE t.contact_id = c.id), \
-                s.flow_id, s.flow_version, s.step, s.state, s.updated_at \
-            FROM contacts c LEFT JOIN sessions s ON s.contact_id = c.id \
-            WHERE c.channel = $1 AND c.wa_id = $2";
+        const SQL: &str = LOAD_CONVERSATION;
         let row: Option<ConversationRaw> = with_pool!(self, |pool| {
             sqlx::query_as(SQL)
                 .bind(channel)

@@ -113,6 +113,17 @@ async fn example_booking_project_checks_clean_and_its_test_passes() {
     assert_eq!((passed, failed), (1, 0), "{out}");
 }
 
+/// The load test's reference flow (`examples/loadtest`) answers with the texts
+/// `examples/loadtest.rs --scenario reference` checks.
+#[tokio::test]
+async fn loadtest_reference_conversation_passes() {
+    let loaded = load(Some(Path::new("examples/loadtest/flowgate.yaml")));
+    let file = PathBuf::from("examples/loadtest/flows/reference.test.yaml");
+    let mut out = String::new();
+    let (passed, failed) = conversation::run_all(&loaded, &[file], &mut out).await;
+    assert_eq!((passed, failed), (1, 0), "{out}");
+}
+
 /// The policy project's conversation tests, one file per rule; each must run and pass.
 const POLICY_TESTS: usize = 11;
 /// The same flows under the default-like policy (`tests/fixtures/policy/defaults/`).
