@@ -162,9 +162,11 @@ async fn two_migrates_at_once_on_postgres_both_succeed() {
         assert!(!text.contains("s3cret"), "{text}");
     }
     let db = flowgate::store::Db::connect(&database.url).await.unwrap();
+    let migrations = std::fs::read_dir("migrations/postgres").unwrap().count() as i64;
     assert_eq!(
         crate::support::count(&db, "SELECT COUNT(*) FROM _sqlx_migrations").await,
-        8
+        migrations,
+        "each migration applied once"
     );
     db.close().await;
     database.clean_up().await;
