@@ -454,6 +454,11 @@ async fn serve(config: Option<&Path>, watch: bool) -> anyhow::Result<ExitCode> {
         flowgate::store::redact_url(&loaded.config.database)
     );
     println!("  health:   curl http://{addr}/healthz");
+    if loaded.config.admin.token.is_some() {
+        println!("  console:  http://{addr}/ (sign in with admin.token)");
+    } else {
+        println!("  console:  off; set admin.token in the config to sign in at http://{addr}/");
+    }
     let doors = application.doors();
     let auth = match &doors.sandbox {
         Door::Open => Some(String::new()),
