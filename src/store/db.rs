@@ -227,6 +227,27 @@ impl Db {
     }
 }
 
+/// A new, empty schema on the PostgreSQL server at `url`, named `{prefix}_…` so that no
+/// other test, run or process uses it: for tests that each need a database of their own
+/// (the store's conformance suite, the integration tests on PostgreSQL). Returns its name.
+#[doc(hidden)]
+pub async fn create_test_schema(url: &str, prefix: &str) -> Result<String, StoreError> {
+    use std::hash::BuildHasher as _;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    // Random per process (the hasher's keys are), so a schema a failed run kept is never met.
+    let salt = std::collections::hash_map::RandomState::new().hash_one(n) as u32;
+    let schema = format!("{prefix}_{}_{n}_{salt:08x}", std::process::id());
+    let (options, _) = postgres_options(url)?;
+    let mut conn = sqlx::ConnectOptions::connect(&options).await?;
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut conn)
+        .await?;
+    sqlx::Connection::close(conn).await?;
+    Ok(schema)
+}
+
 /// The connection options and pool size of a `postgres://` URL: `max_connections` is
 /// flowgate's parameter (taken out before sqlx reads the rest).
 pub(super) fn postgres_options(url: &str) -> Result<(PgConnectOptions, u32), StoreError> {

@@ -89,7 +89,7 @@ pub use campaigns::{
 };
 pub use contacts::{ContactFilter, ContactSummary, Identifiers, IdentityChanged, Resolved};
 pub use conversations::{Conversation, MessageDetail, MessageRow, SessionRow};
-pub use db::{DEFAULT_POSTGRES_POOL, Db, redact as redact_url};
+pub use db::{DEFAULT_POSTGRES_POOL, Db, create_test_schema, redact as redact_url};
 pub use error::StoreError;
 pub use import::{IMPORT_CHUNK, ImportOutcome};
 pub use inbox::{

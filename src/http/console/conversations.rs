@@ -352,24 +352,33 @@ async fn preview(
     }
 }
 
+/// An agent's text as a message, and the channel and contact key it goes to (checked as
+/// the API checks them), or the refusal for the page.
+async fn agent_text(
+    runtime: &Runtime,
+    channel: Option<String>,
+    contact: String,
+    text: String,
+) -> Result<(crate::domain::OutboundContent, String, String), (StatusCode, String)> {
+    let checked = async {
+        let content = text_content(text)?;
+        let channel = known_channel(runtime, channel)?;
+        let key = contact_key(runtime, &channel, contact).await?;
+        Ok::<_, OperatorError>((content, channel, key))
+    };
+    match checked.await {
+        Ok(checked) => Ok(checked),
+        Err(refused) => Err(refusal(refused).await),
+    }
+}
+
 async fn decide_preview(
     runtime: &Runtime,
     channel: Option<String>,
     contact: String,
     text: String,
 ) -> Result<Decision, (StatusCode, String)> {
-    let content = match text_content(text) {
-        Ok(content) => content,
-        Err(refused) => return Err(refusal(refused).await),
-    };
-    let channel = match known_channel(runtime, channel) {
-        Ok(channel) => channel,
-        Err(refused) => return Err(refusal(refused).await),
-    };
-    let key = match contact_key(runtime, &channel, contact).await {
-        Ok(key) => key,
-        Err(refused) => return Err(refusal(refused).await),
-    };
+    let (content, channel, key) = agent_text(runtime, channel, contact, text).await?;
     runtime
         .preview_agent_message(&channel, &key, content)
         .await
@@ -468,18 +477,7 @@ async fn send(
     contact: String,
     text: String,
 ) -> Result<i64, (StatusCode, String)> {
-    let content = match text_content(text) {
-        Ok(content) => content,
-        Err(refused) => return Err(refusal(refused).await),
-    };
-    let channel = match known_channel(runtime, channel) {
-        Ok(channel) => channel,
-        Err(refused) => return Err(refusal(refused).await),
-    };
-    let key = match contact_key(runtime, &channel, contact).await {
-        Ok(key) => key,
-        Err(refused) => return Err(refusal(refused).await),
-    };
+    let (content, channel, key) = agent_text(runtime, channel, contact, text).await?;
     let report = runtime
         .agent_message(&channel, &key, content)
         .await

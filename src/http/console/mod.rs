@@ -36,6 +36,7 @@ use chrono::{DateTime, Utc};
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 use serde::Deserialize;
 
+use crate::clock::SharedClock;
 use crate::state::AppState;
 use session::{COOKIE, Sessions, cookie_value};
 
@@ -46,6 +47,8 @@ const MAX_FORM: usize = 32 * 1024 * 1024;
 pub struct Console {
     /// `None`: no admin token, the console is off.
     pub sessions: Option<Sessions>,
+    /// The runtime's clock: sessions expire by it.
+    pub clock: SharedClock,
 }
 
 /// The signed-in session of a request, for the forms' hidden CSRF field.
@@ -59,6 +62,7 @@ pub struct Session {
 pub fn router(state: &AppState) -> Router<AppState> {
     let console = Arc::new(Console {
         sessions: Sessions::new(state.config.admin.token.as_ref()),
+        clock: state.runtime.clock.clone(),
     });
     Router::new()
         .route("/", get(|| async { Redirect::to("/conversations") }))
@@ -89,7 +93,7 @@ async fn guard(State(console): State<Arc<Console>>, request: Request, next: Next
     if public(request.uri().path()) {
         return next.run(request).await;
     }
-    let now = Utc::now().timestamp();
+    let now = console.clock.now().timestamp();
     let cookie = request
         .headers()
         .get(header::COOKIE)
@@ -221,7 +225,7 @@ async fn sign_in(
         )
             .into_response();
     }
-    let cookie = sessions.issue(Utc::now().timestamp());
+    let cookie = sessions.issue(console.clock.now().timestamp());
     (
         [(header::SET_COOKIE, session::set_cookie(&cookie))],
         Redirect::to("/conversations"),
@@ -234,7 +238,7 @@ async fn sign_out(
     Extension(session): Extension<Session>,
 ) -> Response {
     if let Some(sessions) = &console.sessions {
-        sessions.revoke(&session.cookie, Utc::now().timestamp());
+        sessions.revoke(&session.cookie, console.clock.now().timestamp());
     }
     (
         [(header::SET_COOKIE, session::clear_cookie())],

@@ -49,11 +49,11 @@ impl Sessions {
     /// A new session's cookie value, valid until `now + LIFETIME_SECONDS`.
     pub fn issue(&self, now: i64) -> String {
         let count = self.counter.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        // Unique, not secret: the MAC is what cannot be forged.
-        let nonce = hex::encode(&mac(&self.key, format!("{nanos}/{count}").as_bytes())[..12]);
+        // Unique, not secret: the MAC is what cannot be forged. The process id keeps a
+        // restarted server (its counter back at 0) from repeating an earlier nonce.
+        let process = std::process::id();
+        let nonce =
+            hex::encode(&mac(&self.key, format!("{now}/{process}/{count}").as_bytes())[..12]);
         let expiry = now + LIFETIME_SECONDS;
         let signed = format!("{expiry}.{nonce}");
         format!(

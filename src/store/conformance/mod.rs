@@ -85,26 +85,9 @@ pub(in crate::store) async fn postgres_db() -> Option<(Db, String)> {
         eprintln!("skipped: set FLOWGATE_TEST_POSTGRES_URL to run the PostgreSQL half");
         return None;
     };
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let schema = format!(
-        "fg_test_{}_{}_{nanos}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    );
-    let (options, _) = super::db::postgres_options(&url).unwrap();
-    let mut conn = sqlx::ConnectOptions::connect(&options)
+    let schema = super::db::create_test_schema(&url, "fg_test")
         .await
         .expect("FLOWGATE_TEST_POSTGRES_URL names a server that answers");
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    sqlx::Connection::close(conn).await.unwrap();
     let db = postgres_db_on(&schema).await;
     db.migrate().await.unwrap();
     Some((db, schema))

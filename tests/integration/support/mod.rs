@@ -197,26 +197,9 @@ impl TestDb {
             eprintln!("skipped: set FLOWGATE_TEST_POSTGRES_URL to run this test on PostgreSQL");
             return None;
         };
-        use sqlx::Connection as _;
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let schema = format!(
-            "fg_it_{}_{}_{nanos}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let mut conn = sqlx::PgConnection::connect(&base)
+        let schema = flowgate::store::create_test_schema(&base, "fg_it")
             .await
             .expect("FLOWGATE_TEST_POSTGRES_URL names a server that answers");
-        sqlx::query(&format!("CREATE SCHEMA {schema}"))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        conn.close().await.unwrap();
         let separator = if base.contains('?') { '&' } else { '?' };
         Some(TestDb {
             url: format!("{base}{separator}options[search_path]={schema}"),
