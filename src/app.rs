@@ -151,6 +151,14 @@ impl Application {
                 tokio::time::sleep(crate::campaign_runner::limits::REFRESH).await;
             }
         });
+        let retention_task = self.config.retention.map(|kept| {
+            let campaigns = self.campaigns.clone();
+            tokio::spawn(crate::retention::run(
+                campaigns,
+                kept.0,
+                crate::retention::EVERY,
+            ))
+        });
         let state = self.state();
         let (stop_inbound, inbound_stop) = tokio::sync::watch::channel(false);
         let inbound_task = tokio::spawn(crate::inbound::run(state.clone(), inbound_stop));
@@ -182,6 +190,9 @@ impl Application {
         let _ = inbound_task.await;
         timer_task.abort();
         limits_task.abort();
+        if let Some(task) = retention_task {
+            task.abort();
+        }
         let _ = timer_task.await;
         crate::outbox::shutdown_senders(senders).await;
         self.runtime.db.close().await;

@@ -39,6 +39,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// What a message costs, for the campaigns' reports (none: charged messages counted).
     pub campaign_prices: Option<CampaignPrices>,
+    /// `retention:`: how long settled messages are kept (none: for ever); see `retention`.
+    pub retention: Option<HumanDuration>,
     /// The config file this came from, if any.
     pub file: Option<PathBuf>,
 }
@@ -180,6 +182,15 @@ impl Default for PolicyConfig {
 pub fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HumanDuration, D::Error> {
     let text = String::deserialize(d)?;
     text.parse().map_err(serde::de::Error::custom)
+}
+
+/// Deserializes an optional [`HumanDuration`] (`retention: 90d`; `~` is none).
+fn optional_duration<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<HumanDuration>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|text| text.parse().map_err(serde::de::Error::custom))
+        .transpose()
 }
 
 /// How the outbox sender works (defaults suit production).
@@ -360,6 +371,8 @@ struct RawConfig {
     log: Option<LogConfig>,
     limits: Option<LimitsConfig>,
     campaign_prices: Option<CampaignPrices>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    retention: Option<HumanDuration>,
 }
 
 /// Every key `flowgate.yaml` accepts, as dotted paths (`policy.outside_window.template`;
@@ -440,6 +453,7 @@ impl Default for Config {
             log: LogConfig::default(),
             limits: LimitsConfig::default(),
             campaign_prices: None,
+            retention: None,
             file: None,
         }
     }
@@ -510,6 +524,7 @@ impl Config {
             log: raw.log.unwrap_or_default(),
             limits: raw.limits.unwrap_or_default(),
             campaign_prices: raw.campaign_prices,
+            retention: raw.retention,
             file: Some(PathBuf::from(file)),
         };
         for problem in config.problems() {
@@ -532,6 +547,14 @@ impl Config {
                 "`limits.script_timeout` is 0: every script would stop at once; write e.g. `250ms`"
                     .into(),
             );
+        }
+        if let Some(retention) = &self.retention
+            && retention.0 < crate::retention::MINIMUM
+        {
+            problems.push(format!(
+                "`retention: {retention}` is shorter than {} days: WhatsApp redelivers a webhook for up to 7 days, and a redelivered message is recognised by the history; write e.g. `90d`",
+                crate::retention::MINIMUM.num_days()
+            ));
         }
         if let Some(prices) = &self.campaign_prices {
             for (key, price) in [

@@ -24,6 +24,7 @@ pub mod operator;
 pub mod outbox;
 pub mod policy;
 pub mod reload;
+pub mod retention;
 pub mod script;
 pub mod splits;
 pub mod state;

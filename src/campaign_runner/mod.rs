@@ -90,6 +90,15 @@ impl CampaignRunner {
         self.registry.read().expect("campaigns lock").get(name)
     }
 
+    /// The longest `frequency_cap` period of the campaigns now: retention keeps at least
+    /// that much history, since a cap counts the messages sent within it.
+    pub fn longest_frequency_cap(&self) -> Option<chrono::Duration> {
+        self.registry
+            .read()
+            .expect("campaigns lock")
+            .longest_frequency_cap()
+    }
+
     /// At start: saves every loaded campaign file with its source, forgets file campaigns
     /// whose file is gone (their runs stay), compiles the API's campaigns from their stored
     /// text, and finishes the snapshots a stop interrupted.

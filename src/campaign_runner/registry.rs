@@ -45,6 +45,15 @@ impl Registry {
         self.files.values().cloned().collect()
     }
 
+    /// The longest `frequency_cap` period of any campaign: the history a cap counts.
+    pub(super) fn longest_frequency_cap(&self) -> Option<chrono::Duration> {
+        self.files
+            .values()
+            .chain(self.api.values())
+            .filter_map(|c| c.frequency_cap.as_ref().map(|cap| cap.per))
+            .max()
+    }
+
     pub(super) fn put_api(&mut self, campaign: Arc<Campaign>) {
         self.broken.remove(&campaign.name);
         self.api.insert(campaign.name.clone(), campaign);

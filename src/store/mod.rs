@@ -24,6 +24,7 @@
 //! | `inbox` | `inbox`; statuses on `messages` | webhook updates: [`Db::insert_updates`], claims, retries, pruning; delivery statuses: [`Db::apply_status`] |
 //! | `outbox` | outbound `messages`, `channel_state` | the sender's claims and outcomes ([`Db::claim_outbox`], `record_*`), the channel stop switch |
 //! | `queue` | `messages` in status `queued` | [`Db::queued_messages`], expiries, [`Db::redecide_claimed`] |
+//! | `retention` | deletes from `messages`, `api_requests` | the `retention` setting's pruning: [`Db::history_boundary`] (binary search over ids), [`Db::prune_messages`] (settled messages only), [`Db::prune_api_requests`] |
 //! | `splits` | `split_assignments` (written by `turn`) | the per-branch report of A/B splits: [`Db::split_counts`] |
 //! | `template_statuses` | `template_statuses` | [`Db::save_template_status`], [`Db::template_statuses`] |
 //! | `timers` | reads `timers` | [`Db::due_timers`], [`Db::next_timer_at`] |
@@ -69,6 +70,7 @@ mod migrate;
 mod outbox;
 mod queue;
 mod resolved_cache;
+mod retention;
 mod run_requests;
 mod splits;
 mod sql;

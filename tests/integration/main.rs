@@ -24,6 +24,7 @@ mod policy;
 mod policy_properties;
 mod readme;
 mod reload;
+mod retention;
 mod scripts;
 mod serve;
 mod splits;

@@ -1,6 +1,6 @@
 //! The store's conformance suite: its behaviour, as every backend must show it, in one set
 //! of `async fn`s that each take a fresh, migrated [`Db`] (`turns`, `contacts`, `import`,
-//! `inbox`, `campaigns`, `campaign_api`).
+//! `inbox`, `history`, `campaigns`, `campaign_api`).
 //!
 //! [`suite!`] instantiates every test of the suite for one backend, as a module of
 //! `#[tokio::test]`s named after it: SQLite in memory, SQLite in a file, and PostgreSQL.
@@ -30,6 +30,7 @@ use crate::domain::{
 mod campaign_api;
 mod campaigns;
 mod contacts;
+mod history;
 mod import;
 mod inbox;
 mod turns;
@@ -166,6 +167,8 @@ macro_rules! suite {
                 import::a_row_naming_two_contacts_is_reported_not_merged,
                 import::a_pairing_the_process_remembered_otherwise_is_seen_at_once,
                 import::a_large_import_is_written_in_chunks_in_file_order,
+                history::old_settled_messages_are_pruned_and_the_rest_kept,
+                history::the_boundary_is_found_in_any_history,
                 inbox::duplicates_are_counted_not_stored,
                 inbox::large_batches_are_one_transaction,
                 inbox::claims_keep_each_contacts_order_across_retries,
