@@ -104,7 +104,7 @@ pub(super) async fn the_boundary_is_found_in_any_history(db: Db) {
     let ids: Vec<(i64, i64)> = with_pool!(db, |pool| sqlx::query_as(
         "SELECT id, created_at FROM messages ORDER BY id"
     )
-    .fetch_all(&*pool)
+    .fetch_all(pool)
     .await
     .unwrap());
     for cutoff_day in [0, 1, 17, 39, 40, 400] {
