@@ -701,6 +701,22 @@ mod tests {
     }
 
     #[test]
+    fn retention_is_optional_and_at_least_eight_days() {
+        let parse = |text: &str| Config::from_str("f.yaml", text, Path::new(""));
+        assert!(parse("").unwrap().retention.is_none());
+        assert!(parse("retention: ~\n").unwrap().retention.is_none());
+        let kept = parse("retention: 90d\n").unwrap().retention.unwrap();
+        assert_eq!(kept.0, chrono::Duration::days(90));
+        let err = parse("retention: 3d\n").unwrap_err();
+        assert!(
+            err.items[0].message.contains("shorter than 8 days"),
+            "{:?}",
+            err.items
+        );
+        assert!(parse("retention: soon\n").is_err());
+    }
+
+    #[test]
     fn keys_are_the_loaders_own() {
         let keys = keys();
         for key in [
