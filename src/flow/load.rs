@@ -118,7 +118,7 @@ fn check_project_files(
         }));
     for (source, kind, file) in files {
         if let Err((message, help)) = check_project_file(&config.root, kind, &file.path) {
-            diags.push(Diagnostic::error(source, Some(file.loc.clone()), message).with_help(help));
+            diags.push(Diagnostic::error(source, Some(file.loc), message).with_help(help));
         }
     }
 }

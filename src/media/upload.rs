@@ -34,6 +34,9 @@ use crate::store::{Db, MediaUpload, MediaUploadState, StoreError};
 use crate::whatsapp::media_files::{SNIFF_BYTES, check_file};
 use crate::whatsapp::{Client, GraphError};
 
+/// The longest a send waits for another sender's upload of its file.
+pub const MAX_WAIT: Duration = Duration::from_secs(10);
+
 /// How project files are uploaded; the defaults suit production.
 #[derive(Debug, Clone)]
 pub struct UploadOptions {
@@ -158,7 +161,11 @@ impl Uploads {
                 media_id: id,
             });
         }
-        let polls = (self.options.lease.as_millis() / self.options.poll.as_millis().max(1)) + 1;
+        // Waiting holds the message's own lease: at most [`MAX_WAIT`], then the message is
+        // tried again shortly ([`UploadError::Busy`]).
+        let polls = (self.options.lease.min(MAX_WAIT).as_millis()
+            / self.options.poll.as_millis().max(1))
+            + 1;
         for _ in 0..polls {
             let now = self.clock.now();
             if let MediaUploadState::Uploaded(u) =

@@ -16,6 +16,9 @@ pub struct MediaUpload {
     pub expires_at: DateTime<Utc>,
 }
 
+/// A `media_uploads` row as read: media id, expiry, owner, lease.
+type UploadRow = (Option<String>, Option<i64>, Option<String>, i64);
+
 /// What the store holds for one file on one channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MediaUploadState {
@@ -38,14 +41,13 @@ impl Db {
     ) -> Result<MediaUploadState, StoreError> {
         const SQL: &str = "SELECT media_id, expires_at, owner, lease_until FROM media_uploads \
             WHERE channel = $1 AND sha256 = $2";
-        let row: Option<(Option<String>, Option<i64>, Option<String>, i64)> =
-            with_pool!(self, |pool| {
-                sqlx::query_as(SQL)
-                    .bind(channel)
-                    .bind(sha256)
-                    .fetch_optional(pool)
-                    .await?
-            });
+        let row: Option<UploadRow> = with_pool!(self, |pool| {
+            sqlx::query_as(SQL)
+                .bind(channel)
+                .bind(sha256)
+                .fetch_optional(pool)
+                .await?
+        });
         Ok(match row {
             Some((Some(media_id), Some(expires_at), _, _)) => {
                 MediaUploadState::Uploaded(MediaUpload {

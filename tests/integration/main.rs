@@ -27,6 +27,7 @@ mod readme;
 mod reload;
 mod scripts;
 mod serve;
+mod split_api;
 mod splits;
 mod support;
 mod templates_sync;
