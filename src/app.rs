@@ -175,6 +175,7 @@ impl Application {
                 .outbox
                 .pace_recipients
                 .then(crate::outbox::PairLimit::default),
+            media: self.config.upload_options(),
             ..Default::default()
         };
         let senders = crate::outbox::spawn_senders(&self.runtime, &options);

@@ -43,6 +43,9 @@ pub struct Config {
     pub retention: Option<HumanDuration>,
     /// The config file this came from, if any.
     pub file: Option<PathBuf>,
+    /// The project's directory (the config file's): the project files flows send
+    /// (`media: {file: …}`) are relative to it.
+    pub root: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -207,6 +210,20 @@ pub struct OutboxConfig {
     /// (load tests against a fake Graph API).
     #[serde(default = "default_true")]
     pub pace_recipients: bool,
+    /// How long WhatsApp keeps a project file the sender uploaded (30 days).
+    #[serde(default = "default_media_expiry", deserialize_with = "duration")]
+    pub media_expiry: HumanDuration,
+    /// Upload a project file again this long before its upload expires (1 day).
+    #[serde(default = "default_media_renew_before", deserialize_with = "duration")]
+    pub media_renew_before: HumanDuration,
+}
+
+fn default_media_expiry() -> HumanDuration {
+    HumanDuration(chrono::Duration::days(30))
+}
+
+fn default_media_renew_before() -> HumanDuration {
+    HumanDuration(chrono::Duration::days(1))
 }
 
 /// 60 s: a status settles an ambiguous row as soon as it arrives (measured in the crash
@@ -227,6 +244,8 @@ impl Default for OutboxConfig {
         Self {
             lease: default_lease(),
             pace_recipients: true,
+            media_expiry: default_media_expiry(),
+            media_renew_before: default_media_renew_before(),
         }
     }
 }
@@ -455,6 +474,7 @@ impl Default for Config {
             campaign_prices: None,
             retention: None,
             file: None,
+            root: PathBuf::new(),
         }
     }
 }
@@ -526,6 +546,7 @@ impl Config {
             campaign_prices: raw.campaign_prices,
             retention: raw.retention,
             file: Some(PathBuf::from(file)),
+            root: base.to_path_buf(),
         };
         for problem in config.problems() {
             diags.push(Diagnostic::error(file, None, problem));
@@ -534,6 +555,21 @@ impl Config {
             return Err(Box::new(diags));
         }
         Ok(config)
+    }
+
+    /// How the outbox senders upload project files: from [`Config::root`], with the
+    /// `outbox.media_*` durations.
+    pub fn upload_options(&self) -> crate::media::upload::UploadOptions {
+        let std = |d: &HumanDuration, default: u64| {
+            d.0.to_std()
+                .unwrap_or(std::time::Duration::from_secs(default))
+        };
+        crate::media::upload::UploadOptions {
+            root: self.root.clone(),
+            expiry: std(&self.outbox.media_expiry, 30 * 24 * 3600),
+            renew_before: std(&self.outbox.media_renew_before, 24 * 3600),
+            ..Default::default()
+        }
     }
 
     /// Consistency rules serde cannot express.

@@ -769,10 +769,11 @@ pub fn describe_content(content: &OutboundContent) -> String {
         }
         OutboundContent::Media {
             kind,
-            link,
+            source,
             caption,
+            ..
         } => {
-            let _ = write!(out, "{kind} {link}");
+            let _ = write!(out, "{kind} {}", source.describe());
             if let Some(c) = caption {
                 let _ = write!(out, ", caption {c:?}");
             }

@@ -326,6 +326,32 @@ pub struct ListSection {
     pub rows: Vec<ListRow>,
 }
 
+/// Where a media message's bytes are: stored as `link` or `file` beside the message's other
+/// fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MediaSource {
+    /// A public link WhatsApp fetches itself.
+    Link { link: String },
+    /// A file of the project (a path relative to its directory): the outbox sender uploads
+    /// it once per channel and sends its media id.
+    File { file: String },
+    /// The media id an uploaded file got: what the sender puts in the request; never
+    /// stored.
+    Uploaded { id: String },
+}
+
+impl MediaSource {
+    /// The link, the project file's path, or the upload's id: what a person reads.
+    pub fn describe(&self) -> &str {
+        match self {
+            Self::Link { link } => link,
+            Self::File { file } => file,
+            Self::Uploaded { id } => id,
+        }
+    }
+}
+
 /// What a message says, in the shapes WhatsApp can carry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -348,9 +374,13 @@ pub enum OutboundContent {
     Media {
         /// image, video, audio, document or sticker.
         kind: String,
-        link: String,
+        #[serde(flatten)]
+        source: MediaSource,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         caption: Option<String>,
+        /// The name a document shows (else a link's last segment, a file's name).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        filename: Option<String>,
     },
     Template {
         name: String,

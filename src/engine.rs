@@ -16,8 +16,8 @@ use rhai::{Dynamic, Map};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{
-    Button, Contact, ContactCard, Inbound, InboundContent, ListRow, ListSection, Origin, Outbound,
-    OutboundContent, SplitMark, SplitPass, SplitStage, TemplateFallback, limits,
+    Button, Contact, ContactCard, Inbound, InboundContent, ListRow, ListSection, MediaSource,
+    Origin, Outbound, OutboundContent, SplitMark, SplitPass, SplitStage, TemplateFallback, limits,
 };
 use crate::flow::{
     Action, Ask, Body, Captures, Card, Cond, Expect, Flow, FlowSet, Form, Http, Location, Message,
@@ -1519,11 +1519,23 @@ pub fn render_message(
             sections,
         });
     }
-    if let Some((kind, url)) = &message.media {
+    if let Some(media) = &message.media {
+        let source = match &media.source {
+            crate::flow::MediaSource::Link(url) => MediaSource::Link {
+                link: url.render(s, ctx)?,
+            },
+            crate::flow::MediaSource::File(file) => MediaSource::File {
+                file: file.path.clone(),
+            },
+        };
         return Ok(OutboundContent::Media {
-            kind: kind.clone(),
-            link: url.render(s, ctx)?,
+            kind: media.kind.clone(),
+            source,
             caption: (!body.is_empty()).then_some(body),
+            filename: match &media.filename {
+                Some(f) => Some(f.render(s, ctx)?).filter(|f| !f.is_empty()),
+                None => None,
+            },
         });
     }
     Ok(OutboundContent::text(body))

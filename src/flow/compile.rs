@@ -18,8 +18,8 @@ use super::raw::{
 };
 use super::{
     Action, Ask, Body, Branch, Bundle, Card, Cond, EXPECT_KINDS, Expect, Expr, FieldType, Flow,
-    Form, Handoff, Http, List, ListRow, Location, Message, Route, Script, Step, Target,
-    TemplateCall, Text, Trigger, TriggerKind, Wait,
+    Form, Handoff, Http, List, ListRow, Location, Media, MediaSource, Message, ProjectFile, Route,
+    Script, Step, Target, TemplateCall, Text, Trigger, TriggerKind, Wait,
 };
 use crate::diagnostic::{Diagnostic, Diagnostics, Loc, did_you_mean};
 use crate::domain::{HumanDuration, limits};
@@ -883,18 +883,80 @@ impl<'a> Compiler<'a> {
         Some(buttons)
     }
 
-    /// A message's media: a kind WhatsApp knows and its URL.
-    fn media(&mut self, m: &Spanned<RawMedia>) -> Option<(String, Text)> {
+    /// A message's media: a kind WhatsApp knows, and a link (`url`) or a project file
+    /// (`file`, a fixed path inside the project; `check` then reads it); `filename` for
+    /// documents.
+    fn media(&mut self, m: &Spanned<RawMedia>) -> Option<Media> {
+        let raw = &m.value;
         let kinds = ["image", "video", "audio", "document", "sticker"];
-        if !kinds.contains(&m.value.kind.value.as_str()) {
-            let help = did_you_mean(&m.value.kind.value, kinds);
+        if !kinds.contains(&raw.kind.value.as_str()) {
+            let help = did_you_mean(&raw.kind.value, kinds);
             self.error(
-                self.value_loc(&m.value.kind),
-                format!("`{}` is not a media type", m.value.kind.value),
+                self.value_loc(&raw.kind),
+                format!("`{}` is not a media type", raw.kind.value),
             )
             .help = help.or(Some("use image, video, audio, document or sticker".into()));
         }
-        Some((m.value.kind.value.clone(), self.text(&m.value.url)?))
+        let filename = match &raw.filename {
+            Some(f) if raw.kind.value != "document" => {
+                self.error(
+                    loc(f),
+                    format!("`filename` names documents; this is {}", raw.kind.value),
+                );
+                None
+            }
+            Some(f) => Some(self.text(f)?),
+            None => None,
+        };
+        let source = match (&raw.url, &raw.file) {
+            (Some(url), None) => MediaSource::Link(self.text(url)?),
+            (None, Some(file)) => MediaSource::File(self.project_file(file)?),
+            (Some(_), Some(file)) => {
+                self.error(loc(file), "`media` has both `url` and `file`")
+                    .help =
+                    Some("send a link (`url`) or a file of the project (`file`), not both".into());
+                return None;
+            }
+            (None, None) => {
+                self.error(
+                    loc(m),
+                    "`media` needs `url` (a link) or `file` (a file of the project)",
+                );
+                return None;
+            }
+        };
+        Some(Media {
+            kind: raw.kind.value.clone(),
+            source,
+            filename,
+        })
+    }
+
+    /// A `file:` path: fixed (no `{{ }}`), relative, inside the project.
+    fn project_file(&mut self, file: &Spanned<String>) -> Option<ProjectFile> {
+        let path = file.value.trim();
+        let at = self.value_loc(file);
+        let problem = if path.is_empty() {
+            Some("`file` is empty")
+        } else if path.contains("{{") {
+            Some("a project file is a fixed path, not a template")
+        } else if std::path::Path::new(path).is_absolute()
+            || path.starts_with('/')
+            || path.split(['/', '\\']).any(|part| part == "..")
+        {
+            Some("a project file is a path inside the project, relative to its directory")
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            self.error(at, problem).help =
+                Some("write e.g. `file: media/menu.jpg`, or use `url:` for a link".into());
+            return None;
+        }
+        Some(ProjectFile {
+            path: path.to_string(),
+            loc: at,
+        })
     }
 
     /// A `location`: coordinates in range (when literal), name and address as text.

@@ -77,6 +77,7 @@ pub fn load_project(config: &Config, scripting: &Scripting) -> Project {
         diags.push(warning);
     }
     let checked = project.checked_flows();
+    check_project_files(config, &checked, &project.campaigns, &mut diags);
     let flow_ids: Vec<&str> = checked.iter().map(|f| f.id.as_str()).collect();
     let config_file = config
         .file
@@ -92,6 +93,102 @@ pub fn load_project(config: &Config, scripting: &Scripting) -> Project {
     }
     project.diagnostics = diags;
     project
+}
+
+/// The project files messages send (`media: {file: …}`) exist under the project's directory
+/// and fit WhatsApp's limits for their kind (type by extension and first bytes, size), by
+/// the table the sender uploads by ([`crate::whatsapp::media_files`]). A missing file is an
+/// error at its `file:`, with the nearest name in its directory.
+fn check_project_files(
+    config: &Config,
+    flows: &[Arc<Flow>],
+    campaigns: &[Arc<Campaign>],
+    diags: &mut Diagnostics,
+) {
+    let files = flows
+        .iter()
+        .flat_map(|f| {
+            f.project_files()
+                .into_iter()
+                .map(|(k, p)| (f.file.as_str(), k, p))
+        })
+        .chain(campaigns.iter().filter_map(|c| {
+            let (kind, file) = c.in_window.as_ref()?.project_file()?;
+            Some((c.file.as_str(), kind, file))
+        }));
+    for (source, kind, file) in files {
+        if let Err((message, help)) = check_project_file(&config.root, kind, &file.path) {
+            diags.push(Diagnostic::error(source, Some(file.loc), message).with_help(help));
+        }
+    }
+}
+
+/// One project file: `Err((message, help))` when it is missing, unreadable or does not fit.
+fn check_project_file(root: &Path, kind: &str, path: &str) -> Result<(), (String, String)> {
+    use std::io::Read;
+    let full = root.join(path);
+    let meta = match std::fs::metadata(&full) {
+        Ok(meta) if meta.is_file() => meta,
+        Ok(_) => {
+            return Err((
+                format!("`{path}` is a directory, not a file"),
+                "name a file in it".into(),
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let help = nearest_file(&full, path).map_or_else(
+                || format!("put the file at {} or fix the path", full.display()),
+                |near| format!("did you mean `{near}`?"),
+            );
+            return Err((format!("the project file `{path}` does not exist"), help));
+        }
+        Err(e) => {
+            return Err((
+                format!("cannot read the project file `{path}`: {e}"),
+                "check its permissions".into(),
+            ));
+        }
+    };
+    let mut head = Vec::with_capacity(crate::whatsapp::media_files::SNIFF_BYTES);
+    std::fs::File::open(&full)
+        .and_then(|f| {
+            f.take(crate::whatsapp::media_files::SNIFF_BYTES as u64)
+                .read_to_end(&mut head)
+        })
+        .map_err(|e| {
+            (
+                format!("cannot read the project file `{path}`: {e}"),
+                "check its permissions".into(),
+            )
+        })?;
+    let name = full
+        .file_name()
+        .map_or_else(|| path.to_string(), |n| n.to_string_lossy().into_owned());
+    crate::whatsapp::media_files::check_file(kind, &name, &head, meta.len())
+        .map(|_| ())
+        .map_err(|m| (m.message, m.help))
+}
+
+/// The name nearest to a missing file's among the files of its directory, as a path like
+/// the one written.
+fn nearest_file(full: &Path, written: &str) -> Option<String> {
+    let dir = full.parent()?;
+    let wanted = full.file_name()?.to_string_lossy().into_owned();
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let near = did_you_mean(&wanted, names.iter().map(String::as_str))?;
+    let near = near
+        .trim_start_matches("did you mean `")
+        .trim_end_matches("`?")
+        .to_string();
+    Some(match written.rsplit_once('/') {
+        Some((dir, _)) => format!("{dir}/{near}"),
+        None => near,
+    })
 }
 
 /// The campaigns under the config's `campaigns` directory (none when it does not exist),

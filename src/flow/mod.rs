@@ -305,7 +305,60 @@ pub struct Message {
     pub text: Text,
     pub buttons: Vec<(String, Text)>,
     pub list: Option<List>,
-    pub media: Option<(String, Text)>,
+    pub media: Option<Media>,
+}
+
+/// A message's media: its kind (`image`, `document`, …), where it comes from, and the name
+/// a document shows.
+#[derive(Debug)]
+pub struct Media {
+    pub kind: String,
+    pub source: MediaSource,
+    pub filename: Option<Text>,
+}
+
+#[derive(Debug)]
+pub enum MediaSource {
+    /// A public link WhatsApp fetches.
+    Link(Text),
+    /// A file of the project, uploaded by the outbox sender and sent by its media id.
+    File(ProjectFile),
+}
+
+/// A project file a message sends: its path relative to the project's directory, as
+/// written, and where it is written (for `check`'s errors).
+#[derive(Debug, Clone)]
+pub struct ProjectFile {
+    pub path: String,
+    pub loc: Loc,
+}
+
+impl Message {
+    /// The project file this message sends, with its media kind.
+    pub fn project_file(&self) -> Option<(&str, &ProjectFile)> {
+        match &self.media {
+            Some(Media {
+                kind,
+                source: MediaSource::File(file),
+                ..
+            }) => Some((kind, file)),
+            _ => None,
+        }
+    }
+}
+
+impl Flow {
+    /// Every project file the flow's messages send, with its media kind.
+    pub fn project_files(&self) -> Vec<(&str, &ProjectFile)> {
+        self.steps
+            .iter()
+            .filter_map(|s| match &s.action {
+                Action::Say(m) => m.project_file(),
+                Action::Ask(a) => a.prompt.project_file(),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug)]

@@ -195,7 +195,15 @@ pub struct RawRow {
 pub struct RawMedia {
     #[serde(rename = "type")]
     pub kind: Spanned<String>,
-    pub url: Spanned<String>,
+    /// A public link WhatsApp fetches...
+    #[serde(default)]
+    pub url: Option<Spanned<String>>,
+    /// ...or a file of the project (relative to its directory), uploaded by flowgate.
+    #[serde(default)]
+    pub file: Option<Spanned<String>>,
+    /// The name a document shows.
+    #[serde(default)]
+    pub filename: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -29,7 +29,7 @@ use crate::contacts_import::{self, ImportError};
 use crate::operator::conversations::{
     self, AgentMessage, AgentReply, ConversationDetail, ResumeRequest, Resumed,
 };
-use crate::operator::flows::{self, FlowList, ReloadedFlows};
+use crate::operator::flows::{self, FlowList, ReloadedFlows, SplitReport};
 use crate::operator::templates::{self, Synced, TemplateList};
 use crate::state::AppState;
 
@@ -38,6 +38,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list_flows))
         .routes(routes!(reload_flows))
+        .routes(routes!(split_report))
         .routes(routes!(conversation))
         .routes(routes!(agent_message))
         .routes(routes!(end_handoff))
@@ -89,6 +90,25 @@ async fn list_flows(State(state): State<AppState>) -> Response {
     ))]
 async fn reload_flows(State(state): State<AppState>) -> Response {
     answer_ok(flows::reload(&state).await)
+}
+
+/// An A/B split's report: per branch of the flow's `split` step, the contacts it reached
+/// and how many of them replied, finished the flow or were handed to a person.
+#[utoipa::path(get, path = "/flows/{flow}/splits/{step}", tag = "flows",
+    params(
+        ("flow" = String, Path, description = "The flow's id"),
+        ("step" = String, Path, description = "The id of its `split` step"),
+    ),
+    responses(
+        (status = 200, description = "Each branch with its counts and rates", body = SplitReport),
+        (status = 404, description = "`unknown_flow` or `unknown_split`", body = ErrorBody),
+        (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
+    ))]
+async fn split_report(
+    State(state): State<AppState>,
+    Path((flow, step)): Path<(String, String)>,
+) -> Response {
+    answer_ok(flows::split_report(&state, &flow, &step).await)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -1,5 +1,6 @@
 //! The sandbox channel's door: `POST /sandbox/messages` plays a customer. It takes
-//! `{"from": "15550001234", "text": "menu"}` (or `"button"`/`"list"` with an id) and answers
+//! `{"from": "15550001234", "text": "menu"}` (or `"button"`/`"list"` with an id, or `"form"`
+//! with a form's answer as an object) and answers
 //! with what the bot sent, so a newcomer can try flows with curl before any WhatsApp account
 //! exists.
 
@@ -26,6 +27,10 @@ struct SandboxMessage {
     button: Option<String>,
     #[serde(default)]
     list: Option<String>,
+    /// A form's answer: the fields of a WhatsApp Flow's `response_json`, as a conversation
+    /// test's `user: {form: …}` and `chat`'s `/form` give them.
+    #[serde(default)]
+    form: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 pub async fn sandbox_message(State(state): State<AppState>, body: axum::body::Bytes) -> Response {
@@ -40,21 +45,22 @@ pub async fn sandbox_message(State(state): State<AppState>, body: axum::body::By
             );
         }
     };
-    let content = match (message.text, message.button, message.list) {
-        (Some(body), None, None) => InboundContent::Text { body },
-        (None, Some(id), None) => InboundContent::ButtonReply {
+    let content = match (message.text, message.button, message.list, message.form) {
+        (Some(body), None, None, None) => InboundContent::Text { body },
+        (None, Some(id), None, None) => InboundContent::ButtonReply {
             title: id.clone(),
             id,
         },
-        (None, None, Some(id)) => InboundContent::ListReply {
+        (None, None, Some(id), None) => InboundContent::ListReply {
             title: id.clone(),
             id,
         },
+        (None, None, None, Some(response)) => InboundContent::FormReply { response },
         _ => {
             return error(
                 StatusCode::BAD_REQUEST,
                 "invalid_body",
-                "give exactly one of text, button or list",
+                "give exactly one of text, button, list or form",
             );
         }
     };

@@ -83,12 +83,14 @@ use tokio::time::Instant;
 use crate::clock::SharedClock;
 use crate::config::{ChannelConfig, Provider};
 use crate::dispatch::{Runtime, count_decision};
-use crate::domain::{Contact, InvalidIdentifier, Outbound};
+use crate::domain::{Contact, InvalidIdentifier, MediaSource, Outbound, OutboundContent};
+use crate::media::upload::{UploadError, UploadOptions, Uploaded, Uploads};
 use crate::metrics;
 use crate::policy::Policy;
 use crate::store::{Db, OutboxRow, StoreError};
 use crate::whatsapp::client::{Client, Endpoint, http_client};
 use crate::whatsapp::errors::NO_CODE;
+use crate::whatsapp::media_files::MEDIA_UPLOAD_ERROR;
 use crate::whatsapp::{GraphError, Recipient, SendOk, message_body_with_key};
 use pace::{ChannelPace, Gcra, PairState, clock_offset, random_fraction};
 use refusal::Sent;
@@ -122,6 +124,8 @@ pub struct SenderOptions {
     pub mark_read_timeout: Duration,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// Where project files are and how long their uploads last.
+    pub media: UploadOptions,
 }
 
 impl Default for SenderOptions {
@@ -136,6 +140,7 @@ impl Default for SenderOptions {
             mark_read_timeout: Duration::from_secs(3),
             connect_timeout: crate::whatsapp::client::CONNECT_TIMEOUT,
             request_timeout: crate::whatsapp::client::TIMEOUT,
+            media: UploadOptions::default(),
         }
     }
 }
@@ -173,6 +178,8 @@ struct Inner {
     client: Client,
     clock: SharedClock,
     owner: String,
+    /// Project files uploaded on this channel (messages that send a `file`).
+    uploads: Uploads,
     options: SenderOptions,
     pace: Mutex<ChannelPace>,
     pairs: Mutex<HashMap<String, PairState>>,
@@ -239,6 +246,13 @@ impl Sender {
             (random_fraction() * f64::from(u32::MAX)) as u32
         );
         let (never, _) = watch::channel(false);
+        let uploads = Uploads::new(
+            channel,
+            &owner,
+            db.clone(),
+            clock.clone(),
+            options.media.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 channel: channel.to_string(),
@@ -247,6 +261,7 @@ impl Sender {
                 client,
                 clock,
                 owner,
+                uploads,
                 pace: Mutex::new(ChannelPace::new(throughput_mps, Instant::now())),
                 pairs: Mutex::new(HashMap::new()),
                 marked: Mutex::new(HashSet::new()),
@@ -730,16 +745,86 @@ impl Inner {
             self.mark_read(inbound).await;
         }
 
+        let sent = |at| Sent {
+            free_form: outbound.content.is_free_form(),
+            customer_last_wrote: contact.last_customer_message_at,
+            at,
+        };
         let sent_at = Instant::now();
-        match self.post(&row, recipient, &outbound).await {
+        let (outgoing, uploaded) = match self.with_media_id(&outbound).await {
+            Ok(ready) => ready,
+            Err(e) => return self.upload_failed(&row, e, sent(sent_at)).await,
+        };
+        let mut result = self.post(&row, recipient.clone(), &outgoing).await;
+        // An id WhatsApp no longer knows: upload the file again, once.
+        if let (Err(e), Some(refused)) = (&result, &uploaded)
+            && e.code == MEDIA_UPLOAD_ERROR
+        {
+            tracing::warn!(channel = %self.channel, message = row.id, media_id = %refused.media_id, error = %e, "WhatsApp refused an uploaded file's id: uploading it again");
+            if let Err(e) = self.uploads.refused(refused).await {
+                tracing::error!(channel = %self.channel, error = %e, "forgetting a refused media id failed");
+            }
+            let outgoing = match self.with_media_id(&outbound).await {
+                Ok((outgoing, _)) => outgoing,
+                Err(e) => return self.upload_failed(&row, e, sent(sent_at)).await,
+            };
+            result = self.post(&row, recipient, &outgoing).await;
+        }
+        match result {
             Ok(ok) => self.accepted(&row, &ok.wamid).await,
-            Err(e) => {
-                let sent = Sent {
-                    free_form: outbound.content.is_free_form(),
-                    customer_last_wrote: contact.last_customer_message_at,
-                    at: sent_at,
-                };
-                self.failed_send(&row, e, sent).await
+            Err(e) => self.failed_send(&row, e, sent(sent_at)).await,
+        }
+    }
+
+    /// The message as it is posted: a project file's `file` swapped for the id of its
+    /// upload on this channel (uploading it now if needed), with that upload.
+    async fn with_media_id(
+        &self,
+        outbound: &Outbound,
+    ) -> Result<(Outbound, Option<Uploaded>), UploadError> {
+        let OutboundContent::Media {
+            kind,
+            source: MediaSource::File { file },
+            caption,
+            filename,
+        } = &outbound.content
+        else {
+            return Ok((outbound.clone(), None));
+        };
+        let uploaded = self.uploads.media_id(&self.client, kind, file).await?;
+        let mut outgoing = outbound.clone();
+        outgoing.content = OutboundContent::Media {
+            kind: kind.clone(),
+            source: MediaSource::Uploaded {
+                id: uploaded.media_id.clone(),
+            },
+            caption: caption.clone(),
+            // A document shows its file's name unless the step named it.
+            filename: filename.clone().or_else(|| {
+                (kind == "document")
+                    .then(|| file.rsplit(['/', '\\']).next().map(str::to_string))
+                    .flatten()
+            }),
+        };
+        Ok((outgoing, Some(uploaded)))
+    }
+
+    /// A project file that could not be uploaded: a missing or misfit file fails the
+    /// message with the reason; WhatsApp's refusal of the upload is handled like a send's
+    /// (by its class); a busy claim or the store's error tries again shortly.
+    async fn upload_failed(&self, row: &OutboxRow, e: UploadError, sent: Sent) {
+        match e {
+            UploadError::Unreadable { .. } | UploadError::Misfit { .. } => {
+                self.fail(row, None, &e.to_string()).await
+            }
+            UploadError::Upload { path, mut error } => {
+                error.message = format!("uploading `{path}`: {}", error.message);
+                self.failed_send(row, error, sent).await
+            }
+            UploadError::Busy { .. } | UploadError::Store(_) => {
+                tracing::warn!(channel = %self.channel, message = row.id, error = %e, "the message's file is not uploaded yet; trying again shortly");
+                self.defer(row, self.clock.now() + chrono::Duration::seconds(2), None)
+                    .await
             }
         }
     }

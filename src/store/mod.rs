@@ -66,6 +66,7 @@ mod error;
 mod identities;
 mod import;
 mod inbox;
+mod media_uploads;
 mod migrate;
 mod outbox;
 mod queue;
@@ -98,6 +99,7 @@ pub use inbox::{
     INBOX_RETENTION, InboxRow, NewInboxRow, ORDERED_KINDS, StatusChange, StatusOutcome, Stored,
     status_rank,
 };
+pub use media_uploads::{MediaUpload, MediaUploadState};
 pub use outbox::{ChannelStop, OutboundFilter, OutboxEntry, OutboxRow};
 pub use queue::{ExpiringMessage, FLUSH_LIMIT, QueuedMessage};
 pub use run_requests::ManualRun;

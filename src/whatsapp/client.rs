@@ -20,6 +20,7 @@ use serde_json::Value;
 
 use super::errors::{ErrorOrigin, GraphError, NO_CODE};
 use super::limits::{MESSAGING_LIMIT_FIELD, MessagingLimit, parse_messaging_limit_response};
+use super::media_files::parse_upload_response;
 use super::send::{SendOk, mark_read_body, parse_mark_read_response, parse_send_response};
 use super::templates::parse_templates_page;
 use crate::config::{ChannelConfig, Provider};
@@ -174,6 +175,21 @@ impl Endpoint {
         }
     }
 
+    /// Where media is uploaded: `{base}/{version}/{phone_number_id}/media` (Cloud API),
+    /// `{base}/media` (360dialog).
+    pub fn media_url(&self) -> String {
+        match self {
+            Self::CloudApi {
+                phone_number_id, ..
+            } => self
+                .graph_url(&format!("{phone_number_id}/media"))
+                .expect("a Cloud API endpoint has Graph URLs"),
+            Self::Dialog360 { base_url, .. } => {
+                format!("{}/media", base_url.trim_end_matches('/'))
+            }
+        }
+    }
+
     /// `{base}/{version}/{waba_id}/message_templates`, the first page of a WABA's templates;
     /// `None` for 360dialog, whose template list flowgate does not read (see
     /// [`Client::list_templates`]).
@@ -272,6 +288,42 @@ impl Client {
     pub async fn mark_read(&self, wamid: &str, typing: bool) -> Result<(), GraphError> {
         let (status, bytes, _) = self.post(&mark_read_body(wamid, typing)).await?;
         parse_mark_read_response(status, &bytes)
+    }
+
+    /// Uploads a file for sending by id: multipart `messaging_product=whatsapp`, `type` (its
+    /// MIME type) and `file`, to [`Endpoint::media_url`] with the channel's credentials.
+    /// The media id WhatsApp answers, or its refusal (a transport failure is a
+    /// [`GraphError::transport`], like a send's).
+    pub async fn upload_media(
+        &self,
+        bytes: Vec<u8>,
+        mime: &str,
+        file_name: &str,
+    ) -> Result<String, GraphError> {
+        let part = reqwest::multipart::Part::bytes(bytes)
+            .file_name(file_name.to_string())
+            .mime_str(mime)
+            .map_err(|e| unsupported(format!("`{mime}` is not a MIME type: {e}")))?;
+        let form = reqwest::multipart::Form::new()
+            .text("messaging_product", "whatsapp")
+            .text("type", mime.to_string())
+            .part("file", part);
+        let request = self.authorize(self.http.post(self.endpoint.media_url()).multipart(form));
+        let response = request
+            .send()
+            .await
+            .map_err(|e| GraphError::transport(transport_message(&e)))?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| GraphError::transport(transport_message(&e)))?;
+        parse_upload_response(status, &body).map_err(|e| e.with_retry_after(retry_after))
     }
 
     /// Every template of the WhatsApp Business Account `waba_id`: `GET
@@ -487,6 +539,18 @@ mod tests {
             Some("http://127.0.0.1:9/v23.0/100/message_templates")
         );
         assert_eq!(Endpoint::dialog360("k").templates_url("100"), None);
+    }
+
+    #[test]
+    fn media_url_follows_the_provider() {
+        assert_eq!(
+            Endpoint::cloud_api("110", "t").media_url(),
+            "https://graph.facebook.com/v25.0/110/media"
+        );
+        assert_eq!(
+            Endpoint::dialog360("k").media_url(),
+            "https://waba-v2.360dialog.io/media"
+        );
     }
 
     #[test]

@@ -7,9 +7,10 @@
 //! | [`signature`] | `X-Hub-Signature-256` HMAC check and 360dialog's shared-secret header, both constant-time | no |
 //! | [`send`] | request bodies for `POST …/messages` (messages, with the outbox's idempotency key or without, reactions, mark-as-read) and reading the responses | no |
 //! | [`templates`] | one page of `GET /{waba_id}/message_templates` -> registry [`crate::templates::Template`]s (status mapping, media headers, skipped templates named) | no |
+//! | [`media_files`] | the media WhatsApp takes (one table of kinds, types and sizes), what a file is (extension and first bytes), the answer to a media upload | no |
 //! | [`limits`] | a number's messaging limit (`whatsapp_business_manager_messaging_limit` tiers) | no |
 //! | [`errors`] | [`GraphError`], what each error code means for the sender ([`ErrorClass`]) and the retry schedule | no |
-//! | [`client`] | a thin HTTP client that posts those bodies to the Cloud API or 360dialog, reads every page of a WABA's templates and a number's messaging limit | **yes** |
+//! | [`client`] | a thin HTTP client that posts those bodies to the Cloud API or 360dialog, uploads media, reads every page of a WABA's templates and a number's messaging limit | **yes** |
 //!
 //! Everything except `client` is pure: it takes bytes and values and returns values, so the
 //! webhook receiver, the outbox sender and the tests share one translation.
@@ -17,6 +18,7 @@
 pub mod client;
 pub mod errors;
 pub mod limits;
+pub mod media_files;
 pub mod send;
 pub mod signature;
 pub mod templates;

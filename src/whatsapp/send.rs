@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::errors::GraphError;
-use crate::domain::{Button, ContactCard, ListSection, OutboundContent};
+use crate::domain::{Button, ContactCard, ListSection, MediaSource, OutboundContent};
 
 /// Who a message goes to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -38,9 +38,13 @@ pub fn message_body(to: Recipient, content: &OutboundContent, reply_to: Option<&
         } => ("interactive", list_json(body, button, sections)),
         OutboundContent::Media {
             kind,
-            link,
+            source,
             caption,
-        } => (kind.as_str(), media_json(kind, link, caption.as_deref())),
+            filename,
+        } => (
+            kind.as_str(),
+            media_json(kind, source, caption.as_deref(), filename.as_deref()),
+        ),
         OutboundContent::Template {
             name,
             language,
@@ -244,16 +248,31 @@ fn list_json(body: &str, button: &str, sections: &[ListSection]) -> Value {
     })
 }
 
-/// Media by link. Audio and stickers take no caption, so none is sent for them; a document
-/// is named after the last segment of its URL when that looks like a file name, so the
-/// customer does not see "Untitled".
-fn media_json(kind: &str, link: &str, caption: Option<&str>) -> Value {
-    let mut media = json!({ "link": link });
+/// Media by link or by the id of an upload. Audio and stickers take no caption, so none is
+/// sent for them; a document shows `filename`, else the last segment of its URL or the
+/// project file's name when that looks like a file name, so the customer does not see
+/// "Untitled". A project file not uploaded yet ([`MediaSource::File`]) cannot be sent: the
+/// outbox sender swaps in its [`MediaSource::Uploaded`] id first; here it goes as a link to
+/// nothing, which WhatsApp refuses.
+fn media_json(
+    kind: &str,
+    source: &MediaSource,
+    caption: Option<&str>,
+    filename: Option<&str>,
+) -> Value {
+    let (mut media, default_name) = match source {
+        MediaSource::Link { link } => (json!({ "link": link }), file_name(link)),
+        MediaSource::Uploaded { id } => (json!({ "id": id }), None),
+        MediaSource::File { file } => (
+            json!({ "link": "" }),
+            file.rsplit(['/', '\\']).next().filter(|n| !n.is_empty()),
+        ),
+    };
     if let Some(c) = caption.filter(|_| !matches!(kind, "audio" | "sticker")) {
         media["caption"] = json!(c);
     }
     if kind == "document"
-        && let Some(name) = file_name(link)
+        && let Some(name) = filename.or(default_name)
     {
         media["filename"] = json!(name);
     }
@@ -441,8 +460,11 @@ mod tests {
     fn audio_and_stickers_carry_no_caption() {
         let audio = OutboundContent::Media {
             kind: "audio".into(),
-            link: "https://example.com/a.ogg".into(),
+            source: MediaSource::Link {
+                link: "https://example.com/a.ogg".into(),
+            },
             caption: Some("ignored".into()),
+            filename: None,
         };
         let body = message_body(Recipient::Phone("1".into()), &audio, None);
         assert_eq!(
@@ -450,6 +472,53 @@ mod tests {
             json!({ "link": "https://example.com/a.ogg" })
         );
         assert_eq!(body["type"], "audio");
+    }
+
+    #[test]
+    fn uploaded_files_go_by_id_and_documents_keep_a_name() {
+        let doc = |source, filename: Option<&str>| OutboundContent::Media {
+            kind: "document".into(),
+            source,
+            caption: Some("Our menu".into()),
+            filename: filename.map(str::to_string),
+        };
+        let to = || Recipient::Phone("1".into());
+        let uploaded = MediaSource::Uploaded { id: "77".into() };
+        let body = message_body(to(), &doc(uploaded.clone(), Some("Menu.pdf")), None);
+        assert_eq!(
+            body["document"],
+            json!({ "id": "77", "caption": "Our menu", "filename": "Menu.pdf" })
+        );
+        let body = message_body(to(), &doc(uploaded, None), None);
+        assert_eq!(
+            body["document"],
+            json!({ "id": "77", "caption": "Our menu" })
+        );
+        // The stored shape: `file` beside the other fields, read back the same.
+        let stored = doc(
+            MediaSource::File {
+                file: "media/menu.pdf".into(),
+            },
+            None,
+        );
+        let json = serde_json::to_value(&stored).unwrap();
+        assert_eq!(json["file"], "media/menu.pdf");
+        assert_eq!(json["type"], "media");
+        assert_eq!(
+            serde_json::from_value::<OutboundContent>(json).unwrap(),
+            stored
+        );
+        let old: OutboundContent = serde_json::from_value(
+            json!({ "type": "media", "kind": "image", "link": "https://x/y.png" }),
+        )
+        .unwrap();
+        assert!(matches!(
+            old,
+            OutboundContent::Media {
+                source: MediaSource::Link { .. },
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -16,6 +16,7 @@ const ROUTES: &[&str] = &[
     "GET /api/openapi.json",
     "GET /api/flows",
     "POST /api/flows/reload",
+    "GET /api/flows/{flow}/splits/{step}",
     "GET /api/contacts",
     "GET /api/contacts/{contact}",
     "POST /api/contacts/{contact}/tags",

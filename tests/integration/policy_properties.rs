@@ -26,8 +26,8 @@ use flowgate::clock::{Clock, VirtualClock};
 use flowgate::config::{FallbackTemplate, PolicyConfig};
 use flowgate::dispatch::{Runtime, TurnReport};
 use flowgate::domain::{
-    Contact, Decision, Inbound, InboundContent, OptOut, Origin, Outbound, OutboundContent,
-    TemplateFallback, WindowClosed,
+    Contact, Decision, Inbound, InboundContent, MediaSource, OptOut, Origin, Outbound,
+    OutboundContent, TemplateFallback, WindowClosed,
 };
 use flowgate::policy::Policy;
 use flowgate::templates::{Category, Registry, Status, Template};
@@ -771,8 +771,11 @@ fn message() -> impl Strategy<Value = Outbound> {
         Just(OutboundContent::text("hello")),
         Just(OutboundContent::Media {
             kind: "image".into(),
-            link: "https://example.com/a.png".into(),
+            source: MediaSource::Link {
+                link: "https://example.com/a.png".into(),
+            },
             caption: None,
+            filename: None,
         }),
     ];
     let template = (prop::sample::select(&NAMES[..]), 0usize..3).prop_map(|(name, n)| {

@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
-use flowgate::domain::{Button, InboundContent, ListRow, ListSection, OutboundContent};
+use flowgate::domain::{
+    Button, InboundContent, ListRow, ListSection, MediaSource, OutboundContent,
+};
 use flowgate::whatsapp::errors::NO_CODE;
 use flowgate::whatsapp::{
     Client, Endpoint, ErrorClass, ErrorOrigin, GraphError, Preference, Recipient, SignatureError,
@@ -1334,8 +1336,11 @@ fn send_list() {
 fn send_image_and_document_by_link() {
     let image = OutboundContent::Media {
         kind: "image".into(),
-        link: "https://example.com/img/catalog.jpg".into(),
+        source: MediaSource::Link {
+            link: "https://example.com/img/catalog.jpg".into(),
+        },
         caption: Some("Our new catalog".into()),
+        filename: None,
     };
     assert_eq!(
         message_body(phone(), &image, None),
@@ -1344,8 +1349,11 @@ fn send_image_and_document_by_link() {
     // The document's `filename` comes from the last segment of its link.
     let document = OutboundContent::Media {
         kind: "document".into(),
-        link: "https://example.com/docs/invoice-ABC123.pdf".into(),
+        source: MediaSource::Link {
+            link: "https://example.com/docs/invoice-ABC123.pdf".into(),
+        },
         caption: Some("Your invoice".into()),
+        filename: None,
     };
     assert_eq!(
         message_body(phone(), &document, None),

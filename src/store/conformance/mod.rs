@@ -33,6 +33,7 @@ mod contacts;
 mod history;
 mod import;
 mod inbox;
+mod media_uploads;
 mod turns;
 
 /// A fresh database for one test, with what must outlive it.
@@ -190,6 +191,8 @@ macro_rules! suite {
                 campaigns::an_audience_page_selects_by_channel_every_tag_and_creation_time,
                 campaigns::a_campaign_message_and_its_ledger_row_are_one_write_once,
                 campaigns::the_outbox_claims_conversational_messages_before_campaign_ones,
+                media_uploads::an_upload_is_claimed_once_recorded_and_claimed_again_when_stale,
+                media_uploads::a_refused_id_is_dropped_unless_a_newer_one_replaced_it,
             );
         }
     };

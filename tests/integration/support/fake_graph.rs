@@ -249,6 +249,8 @@ struct FakeState {
     templates: Option<(String, Vec<Vec<Value>>)>,
     /// The tier the number's node answers as its messaging limit.
     messaging_limit: Option<String>,
+    /// Media uploaded (`POST …/media`), and how uploads are answered.
+    media: MediaUploads,
 }
 
 #[derive(Clone)]
@@ -317,6 +319,28 @@ impl FakeGraph {
     /// `tier` (e.g. `TIER_250`).
     pub fn serve_messaging_limit(&self, tier: &str) {
         self.shared.state.lock().unwrap().messaging_limit = Some(tier.to_string());
+    }
+
+    /// Every media upload so far, in arrival order.
+    pub fn uploads(&self) -> Vec<FakeUpload> {
+        self.shared.state.lock().unwrap().media.uploads.clone()
+    }
+
+    /// Makes WhatsApp forget the uploaded media `id` (as if it expired): a send naming it
+    /// is refused with `131053`.
+    pub fn forget_media(&self, id: &str) {
+        self.shared
+            .state
+            .lock()
+            .unwrap()
+            .media
+            .forgotten
+            .insert(id.to_string());
+    }
+
+    /// Makes every upload wait `delay` before it answers (to overlap two senders' uploads).
+    pub fn delay_uploads(&self, delay: Duration) {
+        self.shared.state.lock().unwrap().media.delay = delay;
     }
 
     /// The template-list requests so far, in arrival order.
@@ -439,6 +463,9 @@ async fn handle(
     bytes: Bytes,
 ) -> Response {
     let path = format!("/{path}");
+    if path.ends_with("/media") {
+        return upload_media(&shared, path, &headers, &bytes).await;
+    }
     let headers: BTreeMap<String, String> = headers
         .iter()
         .map(|(k, v)| {
@@ -496,6 +523,10 @@ async fn handle(
     };
     if let Some((status, answer)) = refusal {
         return finish(&shared, recorded, status, answer.to_string());
+    }
+
+    if let Some(refused) = refuse_unknown_media(&shared, &recorded) {
+        return refused;
     }
 
     if recorded.is_mark_read() {
@@ -751,4 +782,161 @@ fn finish(shared: &Shared, mut recorded: Recorded, status: u16, body: String) ->
         body,
     )
         .into_response()
+}
+
+/// The fake's media uploads: what arrived, the ids WhatsApp "forgot", how slow it answers.
+#[derive(Default)]
+struct MediaUploads {
+    uploads: Vec<FakeUpload>,
+    forgotten: std::collections::HashSet<String>,
+    delay: Duration,
+}
+
+/// One upload as the fake received it.
+#[derive(Debug, Clone)]
+pub struct FakeUpload {
+    /// The media id the fake answered.
+    pub id: String,
+    pub path: String,
+    /// The multipart fields: `messaging_product`, `type`, and the file's name and bytes.
+    pub messaging_product: String,
+    pub mime: String,
+    pub file_name: String,
+    pub bytes: Vec<u8>,
+}
+
+/// `POST /{VERSION}/{phone_number_id}/media` (360dialog: `POST /media`): checks the
+/// credentials and the multipart fields like WhatsApp, records the file, answers `{id}`.
+async fn upload_media(
+    shared: &Shared,
+    path: String,
+    headers: &HeaderMap,
+    bytes: &[u8],
+) -> Response {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let (expected, authorized) = match &shared.auth {
+        FakeAuth::CloudApi {
+            phone_number_id,
+            token,
+        } => (
+            format!("/{VERSION}/{phone_number_id}/media"),
+            header("authorization") == Some(&format!("Bearer {token}")),
+        ),
+        FakeAuth::Dialog360 { key } => (
+            "/media".to_string(),
+            header("d360-api-key") == Some(key.as_str()) && header("authorization").is_none(),
+        ),
+    };
+    let answer = |status: u16, body: Value| {
+        (
+            StatusCode::from_u16(status).unwrap(),
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response()
+    };
+    if path != expected {
+        return answer(
+            404,
+            json!({"error": {"message": format!("Unknown path {path}"), "code": 100}}),
+        );
+    }
+    if !authorized {
+        return answer(401, graph_error_body(190));
+    }
+    let fields = header("content-type")
+        .and_then(|t| t.split("boundary=").nth(1))
+        .map(|b| multipart_fields(bytes, b.trim_matches('"')))
+        .unwrap_or_default();
+    let field = |name: &str| fields.iter().find(|f| f.0 == name);
+    let (Some(product), Some(mime), Some(file)) =
+        (field("messaging_product"), field("type"), field("file"))
+    else {
+        return answer(
+            400,
+            json!({"error": {"message": "(#100) The parameter file, type and messaging_product are required", "code": 100}}),
+        );
+    };
+    let delay = shared.state.lock().unwrap().media.delay;
+    tokio::time::sleep(delay).await;
+    let upload = {
+        let mut state = shared.state.lock().unwrap();
+        let id = format!(
+            "{}",
+            900_000_000_000_000u64 + state.media.uploads.len() as u64 + 1
+        );
+        let upload = FakeUpload {
+            id,
+            path,
+            messaging_product: String::from_utf8_lossy(&product.2).into_owned(),
+            mime: String::from_utf8_lossy(&mime.2).into_owned(),
+            file_name: file.1.clone().unwrap_or_default(),
+            bytes: file.2.clone(),
+        };
+        state.media.uploads.push(upload.clone());
+        upload
+    };
+    shared.changed.notify_waiters();
+    answer(200, json!({"id": upload.id}))
+}
+
+/// A send naming a media id the fake never issued, or forgot, is refused like WhatsApp's
+/// `131053`.
+fn refuse_unknown_media(shared: &Shared, recorded: &Recorded) -> Option<Response> {
+    let kind = recorded.body.get("type")?.as_str()?;
+    let id = recorded.body.get(kind)?.get("id")?.as_str()?;
+    let known = {
+        let state = shared.state.lock().unwrap();
+        state.media.uploads.iter().any(|u| u.id == id) && !state.media.forgotten.contains(id)
+    };
+    if known {
+        return None;
+    }
+    Some(finish(
+        shared,
+        recorded.clone(),
+        400,
+        graph_error_body(131053).to_string(),
+    ))
+}
+
+/// The fields of a `multipart/form-data` body: (name, file name, bytes).
+fn multipart_fields(body: &[u8], boundary: &str) -> Vec<(String, Option<String>, Vec<u8>)> {
+    let delimiter = format!("--{boundary}");
+    let mut fields = Vec::new();
+    for part in split_bytes(body, delimiter.as_bytes()) {
+        let part = part.strip_prefix(b"\r\n").unwrap_or(part);
+        let Some(end) = find(part, b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&part[..end]).into_owned();
+        let content = &part[end + 4..];
+        let content = content.strip_suffix(b"\r\n").unwrap_or(content);
+        let param = |key: &str| {
+            head.split(';')
+                .map(str::trim)
+                .find_map(|p| p.strip_prefix(&format!("{key}=\"")))
+                .and_then(|v| v.split('"').next())
+                .map(str::to_string)
+        };
+        if let Some(name) = param("name") {
+            fields.push((name, param("filename"), content.to_vec()));
+        }
+    }
+    fields
+}
+
+fn split_bytes<'a>(body: &'a [u8], delimiter: &[u8]) -> Vec<&'a [u8]> {
+    let mut parts = Vec::new();
+    let mut rest = body;
+    while let Some(at) = find(rest, delimiter) {
+        parts.push(&rest[..at]);
+        rest = &rest[at + delimiter.len()..];
+    }
+    parts.push(rest);
+    parts
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
