@@ -19,6 +19,7 @@ pub mod flow;
 pub mod http;
 pub mod inbound;
 pub mod logging;
+pub mod media;
 pub mod metrics;
 pub mod operator;
 pub mod outbox;

@@ -40,6 +40,7 @@ impl SessionView {
                     Waiting::Timer { .. } => "timer",
                     Waiting::Http => "http",
                     Waiting::Handoff { .. } => "handoff",
+                    Waiting::Media { .. } => "media",
                 }
                 .to_string()
             }),

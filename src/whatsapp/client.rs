@@ -20,7 +20,10 @@ use serde_json::Value;
 
 use super::errors::{ErrorOrigin, GraphError, NO_CODE};
 use super::limits::{MESSAGING_LIMIT_FIELD, MessagingLimit, parse_messaging_limit_response};
-use super::send::{SendOk, mark_read_body, parse_mark_read_response, parse_send_response};
+use super::media::{MediaInfo, download_url, parse_media_info};
+use super::send::{
+    SendOk, mark_read_body, parse_mark_read_response, parse_send_response, read_answer, snippet,
+};
 use super::templates::parse_templates_page;
 use crate::config::{ChannelConfig, Provider};
 use crate::templates::Template;
@@ -192,6 +195,26 @@ impl Endpoint {
         }
     }
 
+    /// `{base}/{version}/{media_id}` (Cloud API) or `{base}/{media_id}` (360dialog): where
+    /// a customer's file is described, with its short-lived download URL.
+    pub fn media_url(&self, media_id: &str) -> String {
+        match self {
+            Self::CloudApi { .. } => self.graph_url(media_id).unwrap_or_default(),
+            Self::Dialog360 { base_url, .. } => {
+                format!("{}/{media_id}", base_url.trim_end_matches('/'))
+            }
+        }
+    }
+
+    /// The host a download URL is fetched through: none for the Cloud API (Meta's URL as
+    /// it is), 360dialog's `api_base` for 360dialog.
+    fn media_host(&self) -> Option<&str> {
+        match self {
+            Self::CloudApi { .. } => None,
+            Self::Dialog360 { base_url, .. } => Some(base_url),
+        }
+    }
+
     /// `{base}/{version}/{path}` on the Graph API (no version when a configured `api_base`
     /// already ends with it); `None` for 360dialog.
     fn graph_url(&self, path: &str) -> Option<String> {
@@ -356,6 +379,55 @@ impl Client {
         parse_messaging_limit_response(status, &bytes)
     }
 
+    /// Where to download a customer's file and what it should be: `GET /{media_id}`.
+    pub async fn media_info(&self, media_id: &str) -> Result<MediaInfo, GraphError> {
+        let url = reqwest::Url::parse(&self.endpoint.media_url(media_id))
+            .map_err(|e| unsupported(format!("the channel's api_base does not make a URL: {e}")))?;
+        let (status, bytes) = self.get(url).await?;
+        parse_media_info(status, &bytes)
+    }
+
+    /// Downloads a file from the `url` [`Client::media_info`] gave, with the channel's
+    /// credentials (for 360dialog through its own host, see [`super::media::download_url`]).
+    /// Refuses a file over `max_bytes` by its `Content-Length` before reading it, and stops
+    /// reading as soon as the bytes pass it (a length can be absent or wrong).
+    pub async fn download(&self, url: &str, max_bytes: u64) -> Result<Vec<u8>, DownloadError> {
+        let url = download_url(url, self.endpoint.media_host())
+            .map_err(|e| DownloadError::Failed(unsupported(e)))?;
+        let transport = |e: reqwest::Error| {
+            DownloadError::Failed(GraphError::transport(transport_message(&e.without_url())))
+        };
+        let mut response = self
+            .authorize(self.http.get(url))
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            let bytes = response.bytes().await.map_err(transport)?;
+            return Err(DownloadError::Failed(
+                read_answer(status, &bytes)
+                    .err()
+                    .unwrap_or_else(|| GraphError::http(status, snippet(&bytes))),
+            ));
+        }
+        if let Some(length) = response.content_length()
+            && length > max_bytes
+        {
+            return Err(DownloadError::TooLarge { size: length });
+        }
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(transport)? {
+            if (bytes.len() + chunk.len()) as u64 > max_bytes {
+                return Err(DownloadError::TooLarge {
+                    size: (bytes.len() + chunk.len()) as u64,
+                });
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes)
+    }
+
     async fn get(&self, url: reqwest::Url) -> Result<(u16, Vec<u8>), GraphError> {
         let request = self.authorize(self.http.get(url));
         // `without_url`: a `next` URL is Meta's to shape, so it stays out of error text.
@@ -407,6 +479,17 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
     let seconds: u64 = value.trim().parse().ok()?;
     Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
+}
+
+/// Why [`Client::download`] brought no file.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DownloadError {
+    /// The file is larger than allowed (`size`: as far as it was read, or as announced).
+    #[error("the file has more than the allowed bytes ({size} or more)")]
+    TooLarge { size: u64 },
+    /// No answer, an error answer, or an expired URL: worth another try with a new URL.
+    #[error(transparent)]
+    Failed(GraphError),
 }
 
 /// Every template [`Client::list_templates`] read, over all pages.
