@@ -64,6 +64,8 @@ pub struct LocalMedia<'a> {
     pub filename: Option<&'a str>,
     pub size: i64,
     pub store_key: &'a str,
+    /// Why it is refused (`too_large`); `None` keeps it as `ok`.
+    pub error: Option<&'a str>,
 }
 
 type MediaRaw = (
@@ -270,8 +272,9 @@ impl Db {
     ) -> Result<i64, StoreError> {
         const SQL: &str = "INSERT INTO media (contact_id, channel, wamid, kind, mime, caption, \
                 filename, status, size, store_key, notified, next_attempt_at, created_at, \
-                updated_at) \
-            SELECT id, $1, $3, $4, $5, $6, $7, 'ok', $8, $9, 1, $10, $10, $10 \
+                updated_at, error) \
+            SELECT id, $1, $3, $4, $5, $6, $7, CASE WHEN $11 IS NULL THEN 'ok' ELSE 'failed' END, \
+                $8, CASE WHEN $11 IS NULL THEN $9 END, 1, $10, $10, $10, $11 \
             FROM contacts WHERE channel = $1 AND wa_id = $2 \
             RETURNING id";
         let m = media;
@@ -282,6 +285,7 @@ impl Db {
             m.filename.map(str::to_string),
         );
         let size = m.size;
+        let error = m.error.map(str::to_string);
         let id: Option<i64> = with_writer!(
             self,
             own(channel, wa_id, wamid, kind, mime, store_key),
@@ -297,6 +301,7 @@ impl Db {
                     .bind(size)
                     .bind(&store_key)
                     .bind(now.timestamp_millis())
+                    .bind(&error)
                     .fetch_optional(pool)
                     .await?
             }

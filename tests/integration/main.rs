@@ -19,6 +19,7 @@ mod conversations;
 mod crash;
 mod fuzz;
 mod hardening;
+mod media;
 mod outbox;
 mod policy;
 mod policy_properties;
