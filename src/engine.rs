@@ -2063,6 +2063,103 @@ steps:
         assert_eq!(out.timers, Some(vec![]), "the timeout is cleared");
     }
 
+    const PHOTO: &str = r#"
+flow: photo
+triggers: [ { keywords: [damaged] } ]
+steps:
+  q:
+    ask: "A photo, please."
+    expect: [image, document]
+    save: photo
+    retry: "A photo or a document, please."
+    timeout: 1h
+    on_timeout: bye
+    next:
+      - if: 'photo.status == "ok"'
+        goto: got
+      - goto: failed
+  got: { say: "Got {{photo.kind}} {{photo.size}} ({{photo.caption}})" }
+  failed: { say: "Failed: {{photo.error}}" }
+  bye: { say: "Bye" }
+"#;
+
+    fn file(kind: &str) -> Inbound {
+        let now = VirtualClock::test_epoch();
+        let content = InboundContent::Media {
+            kind: kind.into(),
+            caption: Some("box".into()),
+            file: None,
+        };
+        Inbound::sandbox(content, now, now)
+    }
+
+    #[test]
+    fn an_ask_for_a_file_waits_for_its_download_and_routes_by_its_status() {
+        let (engine, set) = flows(&[PHOTO]);
+        let mut contact = Contact::new("1");
+        let now = VirtualClock::test_epoch();
+        let out = engine.handle(&set, &mut contact, None, text("damaged"), now);
+        assert_eq!(said(&out), ["A photo, please."]);
+        // Text, or a file of another kind, is a failed answer.
+        let out = engine.handle(&set, &mut contact, out.session, text("soon"), now);
+        assert_eq!(said(&out), ["A photo or a document, please."]);
+        let video = Event::Message(file("video"));
+        let out = engine.handle(&set, &mut contact, out.session, video, now);
+        assert_eq!(said(&out), ["A photo or a document, please."]);
+        let photo = file("image");
+        let out = engine.handle(
+            &set,
+            &mut contact,
+            out.session,
+            Event::Message(photo.clone()),
+            now,
+        );
+        assert!(said(&out).is_empty(), "nothing is said while it downloads");
+        let session = out.session.clone().unwrap();
+        assert_eq!(
+            session.waiting,
+            Waiting::Media {
+                message: photo.id.clone()
+            }
+        );
+        assert_eq!(
+            out.timers,
+            Some(vec![]),
+            "the ask's timeout no longer applies"
+        );
+        let pending = script::vars_to_json(&session.vars);
+        assert_eq!(pending["photo"]["status"], "pending");
+        // A result for another message is stale; the one for this message goes on.
+        let other = Event::Media {
+            message: "wamid.other".into(),
+            value: serde_json::json!({"status": "ok"}),
+        };
+        let out = engine.handle(&set, &mut contact, out.session, other, now);
+        assert_eq!(out.handled, Handled::Stale);
+        let done = Event::Media {
+            message: photo.id.clone(),
+            value: serde_json::json!({"status": "ok", "kind": "image", "size": 12, "caption": "box"}),
+        };
+        let out = engine.handle(&set, &mut contact, out.session, done, now);
+        assert_eq!(said(&out), ["Got image 12 (box)"]);
+        // A failed download takes the other branch, with its reason.
+        let out = engine.handle(&set, &mut contact, None, text("damaged"), now);
+        let photo = file("document");
+        let out = engine.handle(
+            &set,
+            &mut contact,
+            out.session,
+            Event::Message(photo.clone()),
+            now,
+        );
+        let failed = Event::Media {
+            message: photo.id,
+            value: serde_json::json!({"status": "failed", "error": "too_large"}),
+        };
+        let out = engine.handle(&set, &mut contact, out.session, failed, now);
+        assert_eq!(said(&out), ["Failed: too_large"]);
+    }
+
     #[test]
     fn failed_attempts_retry_then_go_to_on_fail() {
         let (engine, set) = flows(&[ASK]);

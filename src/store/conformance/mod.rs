@@ -1,6 +1,6 @@
 //! The store's conformance suite: its behaviour, as every backend must show it, in one set
 //! of `async fn`s that each take a fresh, migrated [`Db`] (`turns`, `contacts`, `import`,
-//! `inbox`, `campaigns`, `campaign_api`).
+//! `inbox`, `campaigns`, `campaign_api`, `media`).
 //!
 //! [`suite!`] instantiates every test of the suite for one backend, as a module of
 //! `#[tokio::test]`s named after it: SQLite in memory, SQLite in a file, and PostgreSQL.
@@ -32,6 +32,7 @@ mod campaigns;
 mod contacts;
 mod import;
 mod inbox;
+mod media;
 mod turns;
 
 /// A fresh database for one test, with what must outlive it.
@@ -187,6 +188,10 @@ macro_rules! suite {
                 campaigns::an_audience_page_selects_by_channel_every_tag_and_creation_time,
                 campaigns::a_campaign_message_and_its_ledger_row_are_one_write_once,
                 campaigns::the_outbox_claims_conversational_messages_before_campaign_ones,
+                media::a_file_message_is_one_pending_download,
+                media::downloads_are_claimed_with_a_lease_retried_and_finished,
+                media::failures_and_local_files_keep_their_outcome,
+                media::a_server_secret_is_generated_once,
             );
         }
     };
