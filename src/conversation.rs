@@ -10,6 +10,9 @@
 //! - `user: { text: …, from_ad: true }`: the message answers a Click-to-WhatsApp ad (the
 //!   webhook carries a `referral`), so the business's first answer within 24 h opens the
 //!   free entry point (72 h from that answer, in which every message is free).
+//! - `user: { image: parcel.png, caption: … }` (or `document:`): the customer sends that
+//!   file (relative to the test file); it is stored as a download would store it (refused
+//!   as `too_large` over `media.max_bytes`) and the flow told, in the same step.
 //! - `bot: { …, reason: "window closed 1h12m ago" }`: the policy decision's reason contains
 //!   this text (the reason `chat` and the API show beside the decision).
 //! - `bot:` without `queued`, `skipped` or `expired` expects a message that goes out (the
