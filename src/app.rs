@@ -71,6 +71,14 @@ impl Application {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
         let doors = Doors::decide(&loaded.config, listener.local_addr()?);
+        if let (None, Some(media)) = (&loaded.config.media.public_url, &runtime.media) {
+            // Links to customers' files name the address the server really listens on.
+            let mut addr = listener.local_addr()?;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            media.signer.set_base(&format!("http://{addr}"));
+        }
         let campaigns = Arc::new(CampaignRunner::new(
             runtime.clone(),
             &loaded.project.campaigns,
@@ -179,6 +187,11 @@ impl Application {
             ..Default::default()
         };
         let senders = crate::outbox::spawn_senders(&self.runtime, &options);
+        let (stop_media, media_stop) = tokio::sync::watch::channel(false);
+        let media_task = tokio::spawn(crate::media::download::run(
+            self.runtime.clone(),
+            media_stop,
+        ));
         let closing = self.closing.clone();
         let shutdown = async move {
             shutdown.await;
@@ -189,6 +202,8 @@ impl Application {
             .await?;
         let _ = stop_inbound.send(true);
         let _ = inbound_task.await;
+        let _ = stop_media.send(true);
+        let _ = media_task.await;
         timer_task.abort();
         limits_task.abort();
         if let Some(task) = retention_task {
@@ -237,8 +252,42 @@ impl Loaded {
             clock,
             self.config.channels.clone(),
         );
+        let media = self.media(&runtime.db, runtime.clock.now()).await?;
+        let runtime = runtime.with_media(Arc::new(media));
         runtime.remember_flow_versions().await?;
         runtime.load_template_statuses().await?;
         Ok(runtime)
+    }
+
+    /// Customers' files as the config says: the local directory `media.dir`, links signed
+    /// with `media.url_secret` (else the key generated once and kept in the database) on
+    /// `media.public_url` (else the listener's address, set once it is bound).
+    async fn media(
+        &self,
+        db: &Db,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> anyhow::Result<crate::media::Media> {
+        let config = &self.config.media;
+        let key = match config
+            .url_secret
+            .as_ref()
+            .filter(|s| !s.expose().is_empty())
+        {
+            Some(secret) => secret.expose().to_string(),
+            None => {
+                db.server_secret("media_url_key", &crate::media::random_key(), now)
+                    .await?
+            }
+        };
+        let base = match &config.public_url {
+            Some(url) => url.0.clone(),
+            None => format!("http://{}", self.config.listen),
+        };
+        let signer = crate::media::Signer::new(key.into_bytes(), &base, config.url_ttl.0);
+        Ok(crate::media::Media::new(
+            Arc::new(crate::media::LocalDir::new(&config.dir)),
+            signer,
+            config.max_bytes,
+        ))
     }
 }

@@ -37,6 +37,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub log: LogConfig,
     pub limits: LimitsConfig,
+    /// Files customers send: how large, where they are kept, how flows link to them.
+    pub media: MediaConfig,
     /// What a message costs, for the campaigns' reports (none: charged messages counted).
     pub campaign_prices: Option<CampaignPrices>,
     /// `retention:`: how long settled messages are kept (none: for ever); see `retention`.
@@ -250,6 +252,55 @@ impl Default for OutboxConfig {
     }
 }
 
+/// `media:`: files customers send, downloaded in the background.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MediaConfig {
+    /// The largest file downloaded (bytes): a larger one is refused (`too_large`) by its
+    /// announced size, or as soon as its bytes pass this.
+    #[serde(default = "default_media_max_bytes")]
+    pub max_bytes: u64,
+    /// Where the local media store keeps files (relative to the config file).
+    #[serde(default = "default_media_dir")]
+    pub dir: PathBuf,
+    /// The base of the links flows get (`photo.url`), e.g. `https://bot.example.com`; by
+    /// default the server's own listener (reachable from this machine only).
+    #[serde(default)]
+    pub public_url: Option<EnvString>,
+    /// How long a link works.
+    #[serde(default = "default_media_url_ttl", deserialize_with = "duration")]
+    pub url_ttl: HumanDuration,
+    /// The key that signs links; without one, a key generated once and kept in the
+    /// database (shared by every instance on it).
+    #[serde(default)]
+    pub url_secret: Option<Secret>,
+}
+
+/// 16 MiB: WhatsApp's largest image, audio and video files, and most documents.
+fn default_media_max_bytes() -> u64 {
+    16 * 1024 * 1024
+}
+
+fn default_media_dir() -> PathBuf {
+    PathBuf::from("data/media")
+}
+
+fn default_media_url_ttl() -> HumanDuration {
+    HumanDuration(chrono::Duration::hours(1))
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: default_media_max_bytes(),
+            dir: default_media_dir(),
+            public_url: None,
+            url_ttl: default_media_url_ttl(),
+            url_secret: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
@@ -389,6 +440,7 @@ struct RawConfig {
     metrics: Option<MetricsConfig>,
     log: Option<LogConfig>,
     limits: Option<LimitsConfig>,
+    media: Option<MediaConfig>,
     campaign_prices: Option<CampaignPrices>,
     #[serde(default, deserialize_with = "optional_duration")]
     retention: Option<HumanDuration>,
@@ -400,7 +452,7 @@ struct RawConfig {
 /// only which key holds which section is written here. `examples/flowgate.yaml` must show
 /// every one (a test checks).
 pub fn keys() -> Vec<String> {
-    let sections: [(&str, &[&str]); 9] = [
+    let sections: [(&str, &[&str]); 10] = [
         ("", fields::<RawConfig>()),
         ("channels", fields::<ChannelConfig>()),
         ("policy", fields::<PolicyConfig>()),
@@ -410,6 +462,7 @@ pub fn keys() -> Vec<String> {
         ("metrics", fields::<MetricsConfig>()),
         ("log", fields::<LogConfig>()),
         ("limits", fields::<LimitsConfig>()),
+        ("media", fields::<MediaConfig>()),
     ];
     let mut keys = Vec::new();
     for (section, names) in sections {
@@ -471,6 +524,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
             limits: LimitsConfig::default(),
+            media: MediaConfig::default(),
             campaign_prices: None,
             retention: None,
             file: None,
@@ -543,6 +597,11 @@ impl Config {
             metrics: raw.metrics.unwrap_or_default(),
             log: raw.log.unwrap_or_default(),
             limits: raw.limits.unwrap_or_default(),
+            media: {
+                let mut media = raw.media.unwrap_or_default();
+                media.dir = resolve(Some(media.dir.display().to_string()), PathBuf::new());
+                media
+            },
             campaign_prices: raw.campaign_prices,
             retention: raw.retention,
             file: Some(PathBuf::from(file)),

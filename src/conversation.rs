@@ -10,6 +10,9 @@
 //! - `user: { text: …, from_ad: true }`: the message answers a Click-to-WhatsApp ad (the
 //!   webhook carries a `referral`), so the business's first answer within 24 h opens the
 //!   free entry point (72 h from that answer, in which every message is free).
+//! - `user: { image: parcel.png, caption: … }` (or `document:`): the customer sends that
+//!   file (relative to the test file); it is stored as a download would store it (refused
+//!   as `too_large` over `media.max_bytes`) and the flow told, in the same step.
 //! - `bot: { …, reason: "window closed 1h12m ago" }`: the policy decision's reason contains
 //!   this text (the reason `chat` and the API show beside the decision).
 //! - `bot:` without `queued`, `skipped` or `expired` expects a message that goes out (the
@@ -74,6 +77,12 @@ pub struct RichUser {
     pub list: Option<String>,
     /// A WhatsApp Flow's answer: the fields the customer filled in.
     pub form: Option<serde_json::Map<String, serde_json::Value>>,
+    /// A photo: this file (relative to the test file), as if downloaded from WhatsApp.
+    pub image: Option<String>,
+    /// A document: this file (relative to the test file).
+    pub document: Option<String>,
+    /// The caption of an `image` or `document`.
+    pub caption: Option<String>,
     /// The message was sent this long ago (a late webhook).
     pub ago: Option<String>,
     /// The message answers a Click-to-WhatsApp ad (its webhook carries a `referral`).
@@ -226,6 +235,17 @@ impl<'a> Run<'a> {
             .await
             .map_err(|e| format!("cannot start the runtime: {e:#}"))?;
         runtime.reload(flows).await.map_err(|e| e.to_string())?;
+        // A test's files live as long as its in-memory database.
+        let media = crate::media::Media::new(
+            Arc::new(crate::media::Memory::default()),
+            crate::media::Signer::new(
+                crate::media::random_key().into_bytes(),
+                &format!("http://{}", loaded.config.listen),
+                loaded.config.media.url_ttl.0,
+            ),
+            loaded.config.media.max_bytes,
+        );
+        let runtime = runtime.with_media(Arc::new(media));
         Ok(Run {
             loaded,
             runtime,
@@ -296,8 +316,18 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// `user:`: the customer's message, from the test customer's profile.
+    /// `user:`: the customer's message, from the test customer's profile; a file
+    /// (`image:`, `document:`) is then stored and its flow told, as the media worker does
+    /// after a download.
     async fn user(&mut self, user: &UserMessage) -> Result<(), String> {
+        let file = match user {
+            UserMessage::Rich(r) => r.file(),
+            UserMessage::Text(_) => None,
+        };
+        let file = match file {
+            Some((kind, name)) => Some((kind, name, self.read_file(name)?)),
+            None => None,
+        };
         let inbound = user.inbound(self.clock.now())?;
         self.last_user = Some(inbound.id.clone());
         let report = self
@@ -311,7 +341,78 @@ impl<'a> Run<'a> {
             .await
             .map_err(|e| e.to_string())?;
         self.absorb(report);
+        if let Some((kind, name, bytes)) = file {
+            let wamid = self.last_user.clone().unwrap_or_default();
+            let report = self.deliver_file(&wamid, kind, name, bytes, user).await?;
+            self.absorb(report);
+        }
         Ok(())
+    }
+
+    /// A test's file, relative to the test file.
+    fn read_file(&self, name: &str) -> Result<Vec<u8>, String> {
+        let path = self.base.join(name);
+        std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    }
+
+    /// Stores a test's file for the customer's message `wamid` (refused as `too_large`
+    /// over `media.max_bytes`, as a download is) and tells the flow.
+    async fn deliver_file(
+        &self,
+        wamid: &str,
+        kind: &str,
+        name: &str,
+        bytes: Vec<u8>,
+        user: &UserMessage,
+    ) -> Result<TurnReport, String> {
+        let media = self
+            .runtime
+            .media
+            .clone()
+            .ok_or("the runtime keeps no files")?;
+        let caption = match user {
+            UserMessage::Rich(r) => r.caption.as_deref(),
+            UserMessage::Text(_) => None,
+        };
+        let size = bytes.len() as i64;
+        let too_large = bytes.len() as u64 > media.max_bytes;
+        let key = crate::media::store::content_key(&crate::media::sha256_hex(&bytes));
+        if !too_large {
+            media
+                .store
+                .put(&key, bytes)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let filename = Path::new(name).file_name().and_then(|n| n.to_str());
+        let db = &self.runtime.db;
+        let id = db
+            .insert_local_media(
+                &crate::store::LocalMedia {
+                    channel: &self.runtime.default_channel,
+                    wa_id: TEST_WA_ID,
+                    wamid,
+                    kind,
+                    mime: mime_of(name),
+                    caption,
+                    filename: (kind == "document").then_some(filename).flatten(),
+                    size,
+                    store_key: &key,
+                    error: too_large.then_some("too_large"),
+                },
+                self.clock.now(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let row = db
+            .media(id)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the file's row is gone")?;
+        self.runtime
+            .media_ready(&row)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// `wait:`: the clock moves on, firing what falls due on the way.
@@ -471,6 +572,36 @@ impl TestStep {
     }
 }
 
+impl RichUser {
+    /// The file a message sends: its kind and name; `None` for anything else (both is an
+    /// error the message's content reports).
+    fn file(&self) -> Option<(&'static str, &str)> {
+        match (&self.image, &self.document) {
+            (Some(name), None) => Some(("image", name)),
+            (None, Some(name)) => Some(("document", name)),
+            _ => None,
+        }
+    }
+}
+
+/// A test file's type, by its extension.
+fn mime_of(name: &str) -> &'static str {
+    let ext = Path::new(name)
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    match ext.as_str() {
+        "jpg" | "jpeg" => "image/jpeg",
+        "png" => "image/png",
+        "webp" => "image/webp",
+        "gif" => "image/gif",
+        "pdf" => "application/pdf",
+        "txt" => "text/plain",
+        _ => "application/octet-stream",
+    }
+}
+
 impl UserMessage {
     /// The customer's message as the sandbox receives it at `now` (sent `ago` earlier).
     fn inbound(&self, now: chrono::DateTime<chrono::Utc>) -> Result<Inbound, String> {
@@ -478,6 +609,11 @@ impl UserMessage {
             UserMessage::Text(t) => (InboundContent::text(t), None, false),
             UserMessage::Rich(r) => {
                 let content = match (&r.text, &r.button, &r.list, &r.form) {
+                    (None, None, None, None) if r.file().is_some() => InboundContent::Media {
+                        kind: r.file().map(|(kind, _)| kind).unwrap_or_default().into(),
+                        caption: r.caption.clone(),
+                        file: None,
+                    },
                     (Some(t), None, None, None) => InboundContent::text(t),
                     (None, Some(id), None, None) => InboundContent::ButtonReply {
                         id: id.clone(),
@@ -490,7 +626,12 @@ impl UserMessage {
                     (None, None, None, Some(fields)) => InboundContent::FormReply {
                         response: fields.clone(),
                     },
-                    _ => return Err("`user:` takes one of text, button, list or form".into()),
+                    _ => {
+                        return Err(
+                            "`user:` takes one of text, button, list, form, image or document"
+                                .into(),
+                        );
+                    }
                 };
                 (content, r.ago.as_deref(), r.from_ad)
             }

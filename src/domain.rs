@@ -229,6 +229,10 @@ pub enum InboundContent {
     Media {
         kind: String,
         caption: Option<String>,
+        /// What WhatsApp gives to fetch the file (none in the sandbox, nor in messages
+        /// stored before flowgate downloaded media).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        file: Option<MediaRef>,
     },
     Location {
         latitude: f64,
@@ -301,6 +305,24 @@ impl InboundContent {
         !matches!(self, Self::Other { .. })
     }
 }
+
+/// A customer's file as the webhook names it: the media id to fetch it by, and what the
+/// file should be (its type, and the SHA-256 the downloaded bytes must have).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaRef {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mime_type: Option<String>,
+    /// As the webhook gives it: base64 of the raw digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// A document's file name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filename: Option<String>,
+}
+
+/// The kinds of file a customer can send, as message types.
+pub const MEDIA_KINDS: [&str; 5] = ["image", "document", "audio", "video", "sticker"];
 
 /// A reply button.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

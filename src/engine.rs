@@ -37,6 +37,9 @@ pub enum Waiting {
     Http,
     /// A person: the bot stays quiet until an agent or the API resumes the conversation.
     Handoff { queue: String },
+    /// The download of the file the customer sent (`message`, its wamid) to an `ask`
+    /// expecting one: [`Event::Media`] fills the variable and the flow goes on.
+    Media { message: String },
 }
 
 /// One contact's running conversation, pinned to the flow version it started on.
@@ -147,6 +150,13 @@ pub enum Event {
     Resume {
         flow: Option<String>,
         step: Option<String>,
+    },
+    /// The customer's file in `message` (a wamid) was downloaded or refused: `value` is the
+    /// variable an `ask` waiting for it saves (`url`, `mime`, `size`, `caption`, `status`,
+    /// `error`, …).
+    Media {
+        message: String,
+        value: serde_json::Value,
     },
 }
 
@@ -337,6 +347,7 @@ impl Engine {
             Event::Http(outcome) => run.http_result(outcome),
             Event::Start { flow, step } => run.start_by_api(&flow, step.as_deref()),
             Event::Resume { flow, step } => run.resume(flow.as_deref(), step.as_deref()),
+            Event::Media { message, value } => run.media_result(&message, &value),
             Event::Enter {
                 message,
                 flow,
@@ -481,6 +492,17 @@ impl Executor<'_> {
             return false;
         }
         let step = &flow.steps[session.step];
+        if let Action::Ask(ask) = &step.action
+            && let Expect::Media(kinds) = &ask.expect
+        {
+            match &inbound.content {
+                InboundContent::Media { kind, caption, .. } if kinds.contains(kind) => {
+                    self.await_media(ask, inbound, kind, caption.as_deref());
+                }
+                _ => self.failed_answer(&flow, step, ask),
+            }
+            return true;
+        }
         if let Action::Ask(ask) = &step.action {
             match accept(ask, &inbound.content, self.context().timezone, self.now) {
                 Some((value, extra)) => {
@@ -532,6 +554,53 @@ impl Executor<'_> {
             }
         }
         false
+    }
+
+    /// The customer sent the file an `ask` expects: the session waits at the step for its
+    /// download ([`Waiting::Media`]), the variable saying so meanwhile (`status: pending`),
+    /// and the ask's timeout no longer applies.
+    fn await_media(&mut self, ask: &Ask, inbound: &Inbound, kind: &str, caption: Option<&str>) {
+        let step = self.session.as_ref().expect("session exists").step;
+        self.wait_at(
+            step,
+            Waiting::Media {
+                message: inbound.id.clone(),
+            },
+        );
+        if let Some(name) = &ask.save {
+            let pending =
+                serde_json::json!({"status": "pending", "kind": kind, "caption": caption});
+            self.session_mut()
+                .vars
+                .insert(name.as_str().into(), script::from_json(&pending));
+        }
+    }
+
+    /// [`Event::Media`]: the file the session waits for is downloaded (or refused); the
+    /// `ask` saves its variable and the flow goes on by the step's route, where a condition
+    /// on `NAME.status` can tell `ok` from `failed`. Anything else is stale.
+    fn media_result(&mut self, message: &str, value: &serde_json::Value) -> Handled {
+        let (Some(session), Some(flow)) = (self.session.clone(), self.flow.clone()) else {
+            return Handled::Stale;
+        };
+        if !matches!(&session.waiting, Waiting::Media { message: m } if m == message) {
+            return Handled::Stale;
+        }
+        let step = &flow.steps[session.step];
+        let Action::Ask(ask) = &step.action else {
+            return Handled::Stale;
+        };
+        let s = self.session_mut();
+        s.waiting = Waiting::Reply;
+        s.attempts = 0;
+        if let Some(name) = &ask.save {
+            s.vars
+                .insert(name.as_str().into(), script::from_json(value));
+        }
+        self.touch();
+        let next = self.route(&flow, step, true);
+        self.go(flow, next);
+        Handled::Continued
     }
 
     fn failed_answer(&mut self, flow: &Arc<Flow>, step: &Step, ask: &Ask) {
@@ -1724,6 +1793,8 @@ fn accept(
                 .collect();
             Some((Dynamic::from(text.to_string()), extra))
         }
+        // A file is taken before this (the step waits for its download).
+        Expect::Media(_) => None,
     }
 }
 
@@ -2002,6 +2073,103 @@ steps:
         assert_eq!(said(&out), ["Adult (42)"]);
         assert!(out.session.is_none(), "the flow ended");
         assert_eq!(out.timers, Some(vec![]), "the timeout is cleared");
+    }
+
+    const PHOTO: &str = r#"
+flow: photo
+triggers: [ { keywords: [damaged] } ]
+steps:
+  q:
+    ask: "A photo, please."
+    expect: [image, document]
+    save: photo
+    retry: "A photo or a document, please."
+    timeout: 1h
+    on_timeout: bye
+    next:
+      - if: 'photo.status == "ok"'
+        goto: got
+      - goto: failed
+  got: { say: "Got {{photo.kind}} {{photo.size}} ({{photo.caption}})" }
+  failed: { say: "Failed: {{photo.error}}" }
+  bye: { say: "Bye" }
+"#;
+
+    fn file(kind: &str) -> Inbound {
+        let now = VirtualClock::test_epoch();
+        let content = InboundContent::Media {
+            kind: kind.into(),
+            caption: Some("box".into()),
+            file: None,
+        };
+        Inbound::sandbox(content, now, now)
+    }
+
+    #[test]
+    fn an_ask_for_a_file_waits_for_its_download_and_routes_by_its_status() {
+        let (engine, set) = flows(&[PHOTO]);
+        let mut contact = Contact::new("1");
+        let now = VirtualClock::test_epoch();
+        let out = engine.handle(&set, &mut contact, None, text("damaged"), now);
+        assert_eq!(said(&out), ["A photo, please."]);
+        // Text, or a file of another kind, is a failed answer.
+        let out = engine.handle(&set, &mut contact, out.session, text("soon"), now);
+        assert_eq!(said(&out), ["A photo or a document, please."]);
+        let video = Event::Message(file("video"));
+        let out = engine.handle(&set, &mut contact, out.session, video, now);
+        assert_eq!(said(&out), ["A photo or a document, please."]);
+        let photo = file("image");
+        let out = engine.handle(
+            &set,
+            &mut contact,
+            out.session,
+            Event::Message(photo.clone()),
+            now,
+        );
+        assert!(said(&out).is_empty(), "nothing is said while it downloads");
+        let session = out.session.clone().unwrap();
+        assert_eq!(
+            session.waiting,
+            Waiting::Media {
+                message: photo.id.clone()
+            }
+        );
+        assert_eq!(
+            out.timers,
+            Some(vec![]),
+            "the ask's timeout no longer applies"
+        );
+        let pending = script::vars_to_json(&session.vars);
+        assert_eq!(pending["photo"]["status"], "pending");
+        // A result for another message is stale; the one for this message goes on.
+        let other = Event::Media {
+            message: "wamid.other".into(),
+            value: serde_json::json!({"status": "ok"}),
+        };
+        let out = engine.handle(&set, &mut contact, out.session, other, now);
+        assert_eq!(out.handled, Handled::Stale);
+        let done = Event::Media {
+            message: photo.id.clone(),
+            value: serde_json::json!({"status": "ok", "kind": "image", "size": 12, "caption": "box"}),
+        };
+        let out = engine.handle(&set, &mut contact, out.session, done, now);
+        assert_eq!(said(&out), ["Got image 12 (box)"]);
+        // A failed download takes the other branch, with its reason.
+        let out = engine.handle(&set, &mut contact, None, text("damaged"), now);
+        let photo = file("document");
+        let out = engine.handle(
+            &set,
+            &mut contact,
+            out.session,
+            Event::Message(photo.clone()),
+            now,
+        );
+        let failed = Event::Media {
+            message: photo.id,
+            value: serde_json::json!({"status": "failed", "error": "too_large"}),
+        };
+        let out = engine.handle(&set, &mut contact, out.session, failed, now);
+        assert_eq!(said(&out), ["Failed: too_large"]);
     }
 
     #[test]

@@ -122,6 +122,12 @@ pub struct Runtime {
     /// Per channel: the messaging limit WhatsApp last stated for the number (read by
     /// `serve` from the Graph API); absent until read.
     stated_limits: Mutex<HashMap<String, MessagingLimit>>,
+    /// Customers' files: their store and links (`None` where nothing keeps files, as in
+    /// runtimes built without [`Runtime::with_media`]).
+    pub media: Option<Arc<crate::media::Media>>,
+    /// Rung when a turn stored a customer's file to download, so the media worker starts
+    /// at once instead of at its next poll.
+    pub media_bell: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -169,7 +175,37 @@ impl Runtime {
             outbox_ready,
             reloading: tokio::sync::Mutex::new(()),
             stated_limits: Mutex::new(HashMap::new()),
+            media: None,
+            media_bell: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// This runtime with customers' files kept and linked by `media`.
+    pub fn with_media(self, media: Arc<crate::media::Media>) -> Self {
+        Self {
+            media: Some(media),
+            ..self
+        }
+    }
+
+    /// The download of a customer's file ended (`row` is `ok` or `failed`): a turn for its
+    /// contact, in the contact's order like any event, that hands an `ask` waiting for the
+    /// file its variable ([`Event::Media`]); a session that moved on ignores it.
+    pub async fn media_ready(
+        &self,
+        row: &crate::store::MediaRow,
+    ) -> Result<TurnReport, DispatchError> {
+        let now = self.clock.now();
+        let value = match &self.media {
+            Some(media) => media.value(row, now),
+            None => serde_json::json!({"status": "failed", "error": "no media store"}),
+        };
+        let event = Event::Media {
+            message: row.wamid.clone(),
+            value,
+        };
+        self.handle(&row.channel, &row.wa_id, event, None, None, None)
+            .await
     }
 
     /// Remembers the messaging limit WhatsApp states for `channel`'s number.

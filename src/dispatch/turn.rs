@@ -100,6 +100,14 @@ impl Runtime {
             return Ok(TurnReport::duplicate(wa_id));
         };
         self.ring(channel, planned.statuses());
+        if inbound.is_some_and(|m| {
+            matches!(
+                m.content,
+                crate::domain::InboundContent::Media { file: Some(_), .. }
+            )
+        }) {
+            self.media_bell.notify_one();
+        }
         Ok(planned.report(wa_id, committed, ran.handled, ran.notes))
     }
 

@@ -22,7 +22,7 @@ use super::{
     Script, Step, Target, TemplateCall, Text, Trigger, TriggerKind, Wait,
 };
 use crate::diagnostic::{Diagnostic, Diagnostics, Loc, did_you_mean};
-use crate::domain::{HumanDuration, limits};
+use crate::domain::{HumanDuration, MEDIA_KINDS, limits};
 use crate::script::{self, ScriptError, Scripting, Spot};
 use crate::templates::{Registry, Status, Template};
 use crate::yaml::loc;
@@ -1331,10 +1331,10 @@ impl<'a> Compiler<'a> {
         })
     }
 
-    /// An `ask`'s `expect`: a kind of answer, or `{ regex: … }`.
+    /// An `ask`'s `expect`: a kind of answer, a list of file kinds, or `{ regex: … }`.
     fn expect(&mut self, e: &Spanned<RawExpect>, prompt: &Message) -> Option<Expect> {
         let kind = match &e.value {
-            ScalarOr::Keyed(source, _) => {
+            RawExpect::Regex(source) => {
                 // The raw shape keeps no location for the pattern itself: find it after
                 // `regex:` inside the mapping, or point at the mapping.
                 let at = self
@@ -1342,8 +1342,12 @@ impl<'a> Compiler<'a> {
                     .unwrap_or_else(|| loc(e));
                 return Some(Expect::Regex(self.regex(at, source)?));
             }
-            ScalarOr::Scalar(kind) => kind,
+            RawExpect::Kinds(kinds) => return self.media_kinds(e, kinds),
+            RawExpect::Kind(kind) => kind,
         };
+        if MEDIA_KINDS.contains(&kind.as_str()) {
+            return Some(Expect::Media(vec![kind.clone()]));
+        }
         Some(match kind.as_str() {
             "any" => Expect::Any,
             "number" => Expect::Number,
@@ -1372,6 +1376,31 @@ impl<'a> Compiler<'a> {
                 return None;
             }
         })
+    }
+
+    /// `expect: [image, document]`: files of any of these kinds; each must be a file kind.
+    fn media_kinds(&mut self, e: &Spanned<RawExpect>, kinds: &[String]) -> Option<Expect> {
+        if kinds.is_empty() {
+            self.error(loc(e), "`expect` lists no kind of file").help =
+                Some(format!("list some of {}", MEDIA_KINDS.join(", ")));
+            return None;
+        }
+        let mut ok = true;
+        for kind in kinds {
+            if !MEDIA_KINDS.contains(&kind.as_str()) {
+                ok = false;
+                let help = did_you_mean(kind, MEDIA_KINDS);
+                self.error(
+                    loc(e),
+                    format!("`{kind}` is not a kind of file an `ask` can expect"),
+                )
+                .help = help.or(Some(format!(
+                    "a list holds kinds of file: {}",
+                    MEDIA_KINDS.join(", ")
+                )));
+            }
+        }
+        ok.then(|| Expect::Media(kinds.to_vec()))
     }
 
     /// A template call; a template that is not approved is a warning (the policy queues its

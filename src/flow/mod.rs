@@ -398,9 +398,15 @@ pub enum Expect {
     /// A tap on one of the step's buttons or list rows.
     Button,
     Regex(Regex),
+    /// A file of one of these kinds (`image`, `document`, `audio`, `video`, `sticker`):
+    /// the step waits for its download and saves the file's variable.
+    Media(Vec<String>),
 }
 
-pub const EXPECT_KINDS: [&str; 6] = ["any", "number", "email", "phone", "date", "button"];
+pub const EXPECT_KINDS: [&str; 11] = [
+    "any", "number", "email", "phone", "date", "button", "image", "document", "audio", "video",
+    "sticker",
+];
 
 #[derive(Debug)]
 pub struct TemplateCall {

@@ -293,22 +293,58 @@ pub trait KeyName {
 }
 
 #[derive(Debug)]
-pub struct RegexKey;
-impl KeyName for RegexKey {
-    const NAME: &'static str = "regex";
-    const EXPECTING: &'static str =
-        "one of any, number, email, phone, date, button, or { regex: '…' }";
-}
-
-#[derive(Debug)]
 pub struct UntilKey;
 impl KeyName for UntilKey {
     const NAME: &'static str = "until";
     const EXPECTING: &'static str = "a duration such as 26h, or { until: \"09:00\" }";
 }
 
-/// `expect: number` or `expect: { regex: '…' }`.
-pub type RawExpect = ScalarOr<RegexKey>;
+/// `expect: number`, `expect: [image, document]` (files of these kinds) or
+/// `expect: { regex: '…' }`.
+#[derive(Debug)]
+pub enum RawExpect {
+    Kind(String),
+    Kinds(Vec<String>),
+    Regex(String),
+}
+
+impl<'de> Deserialize<'de> for RawExpect {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ExpectVisitor;
+        impl<'de> Visitor<'de> for ExpectVisitor {
+            type Value = RawExpect;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "one of any, number, email, phone, date, button, image, document, audio, \
+                     video, sticker, a list of file kinds, or { regex: '…' }",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(RawExpect::Kind(v.to_string()))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut kinds = Vec::new();
+                while let Some(kind) = seq.next_element::<String>()? {
+                    kinds.push(kind);
+                }
+                Ok(RawExpect::Kinds(kinds))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut value = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if key != "regex" {
+                        return Err(de::Error::unknown_field(&key, &["regex"]));
+                    }
+                    value = Some(map.next_value::<String>()?);
+                }
+                value
+                    .map(RawExpect::Regex)
+                    .ok_or_else(|| de::Error::missing_field("regex"))
+            }
+        }
+        deserializer.deserialize_any(ExpectVisitor)
+    }
+}
 
 /// `wait: 26h` or `wait: { until: "09:00" }` (a time of day in the contact's timezone, or an
 /// RFC 3339 instant; `{{ … }}` allowed).

@@ -17,6 +17,7 @@ pub mod channels;
 pub mod console;
 pub mod contacts;
 pub mod doors;
+pub mod media;
 pub mod outbox;
 pub mod sandbox;
 pub mod webhook;
@@ -44,6 +45,7 @@ pub fn router(state: AppState, doors: Doors) -> Router {
             post(sandbox::sandbox_message).route_layer(door(doors.sandbox)),
         )
         .route("/webhook/{channel}", webhook::routes())
+        .route("/media/{id}", get(media::serve))
         .nest("/api", api::router(state.clone()).0)
         .merge(console::router(&state))
         .with_state(state)

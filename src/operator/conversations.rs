@@ -40,6 +40,7 @@ impl SessionView {
                     Waiting::Timer { .. } => "timer",
                     Waiting::Http => "http",
                     Waiting::Handoff { .. } => "handoff",
+                    Waiting::Media { .. } => "media",
                 }
                 .to_string()
             }),
@@ -155,6 +156,48 @@ pub struct MessageView {
     /// `received` for inbound messages; the delivery status for outbound ones.
     pub status: String,
     pub created_at: DateTime<Utc>,
+    /// The file of a customer's image, document, audio, video or sticker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub media: Option<MediaView>,
+}
+
+/// A customer's file: whether it was downloaded, and a link to it while it works.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct MediaView {
+    pub id: i64,
+    pub kind: String,
+    /// `pending` (being downloaded), `ok` or `failed`.
+    pub status: String,
+    /// Why it failed (`sha256_mismatch`, `too_large`, `download_failed: …`), or the last
+    /// attempt's problem while it is retried.
+    pub error: Option<String>,
+    pub mime: Option<String>,
+    pub size: Option<i64>,
+    pub caption: Option<String>,
+    pub filename: Option<String>,
+    /// A signed link to the file that works for `media.url_ttl` (downloaded files only).
+    pub url: Option<String>,
+}
+
+impl MediaView {
+    fn of(row: crate::store::MediaRow, runtime: &Runtime, now: DateTime<Utc>) -> Self {
+        let url = runtime
+            .media
+            .as_ref()
+            .filter(|_| row.status == "ok")
+            .map(|m| m.signer.url(row.id, now));
+        Self {
+            id: row.id,
+            kind: row.kind,
+            status: row.status,
+            error: row.error,
+            mime: row.mime,
+            size: row.size,
+            caption: row.caption,
+            filename: row.filename,
+            url,
+        }
+    }
 }
 
 /// One conversation with its latest messages.
@@ -197,6 +240,14 @@ pub async fn get(
         .await
         .map_err(OperatorError::failing("loading messages failed"))?;
     let now = runtime.clock.now();
+    let mut media: std::collections::HashMap<String, MediaView> = runtime
+        .db
+        .contact_media(id)
+        .await
+        .map_err(OperatorError::failing("loading media failed"))?
+        .into_iter()
+        .map(|row| (row.wamid.clone(), MediaView::of(row, runtime, now)))
+        .collect();
     let window = runtime.policy.window(&conversation.contact, now);
     Ok(ConversationDetail {
         id,
@@ -208,6 +259,11 @@ pub async fn get(
         messages: messages
             .into_iter()
             .map(|m| MessageView {
+                media: m
+                    .wamid
+                    .as_ref()
+                    .filter(|_| m.direction == "in")
+                    .and_then(|w| media.remove(w)),
                 id: m.id,
                 direction: m.direction,
                 wamid: m.wamid,

@@ -65,6 +65,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0011_split_assignments.sql"),
     ),
     (
+        12,
+        "media",
+        include_str!("../../migrations/sqlite/0012_media.sql"),
+    ),
+    (
         13,
         "media uploads",
         include_str!("../../migrations/sqlite/0013_media_uploads.sql"),
@@ -125,6 +130,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         11,
         "split assignments",
         include_str!("../../migrations/postgres/0011_split_assignments.sql"),
+    ),
+    (
+        12,
+        "media",
+        include_str!("../../migrations/postgres/0012_media.sql"),
     ),
     (
         13,

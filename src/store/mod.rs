@@ -22,6 +22,7 @@
 //! | `conversations` | reads `contacts`, `sessions`, `messages`; `flow_versions` | [`Db::load_conversation`], [`Db::messages`], [`Db::message`], [`Db::reset_conversation`], [`Db::save_flow_version`], [`Db::flow_version`] |
 //! | `turn` | `contacts`, `sessions`, `messages`, `timers` | [`Db::commit_turn`]: everything one turn changes, in one transaction ([`TurnWrite`]) |
 //! | `inbox` | `inbox`; statuses on `messages` | webhook updates: [`Db::insert_updates`], claims, retries, pruning; delivery statuses: [`Db::apply_status`] |
+//! | `media` | `media`, `server_secrets` | customers' files: the download worker's claims with a lease ([`Db::claim_media`]), retries and outcomes, the flow told ([`Db::media_notified`]); rows for history and `GET /media/{id}`; generated secrets ([`Db::server_secret`]) |
 //! | `outbox` | outbound `messages`, `channel_state` | the sender's claims and outcomes ([`Db::claim_outbox`], `record_*`), the channel stop switch |
 //! | `queue` | `messages` in status `queued` | [`Db::queued_messages`], expiries, [`Db::redecide_claimed`] |
 //! | `retention` | deletes from `messages`, `api_requests` | the `retention` setting's pruning: [`Db::history_boundary`] (binary search over ids), [`Db::prune_messages`] (settled messages only), [`Db::prune_api_requests`] |
@@ -67,6 +68,7 @@ mod identities;
 mod import;
 mod inbox;
 mod media_uploads;
+mod media;
 mod migrate;
 mod outbox;
 mod queue;
@@ -100,6 +102,7 @@ pub use inbox::{
     status_rank,
 };
 pub use media_uploads::{MediaUpload, MediaUploadState};
+pub use media::{LocalMedia, MediaFinish, MediaRow};
 pub use outbox::{ChannelStop, OutboundFilter, OutboxEntry, OutboxRow};
 pub use queue::{ExpiringMessage, FLUSH_LIMIT, QueuedMessage};
 pub use run_requests::ManualRun;

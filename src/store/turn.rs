@@ -21,7 +21,9 @@ use super::error::StoreError;
 use super::sql::{bind_numbered, outbound_kind};
 use super::timers::NewTimer;
 use super::writer::Writer;
-use crate::domain::{Contact, Decision, Inbound, Outbound, SplitMark, SplitPass, SplitStage};
+use crate::domain::{
+    Contact, Decision, Inbound, InboundContent, Outbound, SplitMark, SplitPass, SplitStage,
+};
 
 /// Everything one engine turn changes, written atomically by [`Db::commit_turn`].
 pub struct TurnWrite<'a> {
@@ -395,6 +397,9 @@ fn build(turn: &TurnWrite<'_>, dialect: Dialect) -> Result<Batch, StoreError> {
     if let Some(m) = turn.inbound.filter(|_| !inbound_written) {
         insert_inbound(&mut b, m, &contact)?;
     }
+    if let Some(m) = turn.inbound {
+        insert_media_job(&mut b, m, &contact)?;
+    }
     insert_outbound(&mut b, turn.outbound, &contact)?;
     if let Some(old) = turn.superseded {
         // The new message's id: the contact's latest outbound message, which on PostgreSQL
@@ -501,6 +506,34 @@ fn upsert_new_contact(b: &mut Batch) {
             updated_at = excluded.updated_at, policy = excluded.policy \
         RETURNING 0, id",
     );
+}
+
+/// A customer's file to download: a `pending` row for the media worker, written with the
+/// message so a redelivered message (which fails the batch) adds none.
+fn insert_media_job(b: &mut Batch, m: &Inbound, contact: &str) -> Result<(), StoreError> {
+    let InboundContent::Media {
+        kind,
+        caption,
+        file: Some(file),
+    } = &m.content
+    else {
+        return Ok(());
+    };
+    let wamid = b.param(m.id.clone())?;
+    let kind = b.param(kind.clone())?;
+    let provider_id = b.param(file.id.clone())?;
+    let mime = b.param(file.mime_type.clone())?;
+    let sha256 = b.param(file.sha256.clone())?;
+    let caption = b.param(caption.clone())?;
+    let filename = b.param(file.filename.clone())?;
+    b.statement(&format!(
+        "INSERT INTO media (contact_id, channel, wamid, kind, provider_id, mime, sha256, \
+            caption, filename, status, next_attempt_at, created_at, updated_at) \
+        VALUES ({contact}, $1, {wamid}, {kind}, {provider_id}, {mime}, {sha256}, {caption}, \
+            {filename}, 'pending', {NOW}, {NOW}, {NOW}) \
+        ON CONFLICT (channel, wamid) DO NOTHING"
+    ));
+    Ok(())
 }
 
 /// The session after the turn, or its end.

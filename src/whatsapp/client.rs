@@ -21,7 +21,10 @@ use serde_json::Value;
 use super::errors::{ErrorOrigin, GraphError, NO_CODE};
 use super::limits::{MESSAGING_LIMIT_FIELD, MessagingLimit, parse_messaging_limit_response};
 use super::media_files::parse_upload_response;
-use super::send::{SendOk, mark_read_body, parse_mark_read_response, parse_send_response};
+use super::media::{MediaInfo, download_url, parse_media_info};
+use super::send::{
+    SendOk, mark_read_body, parse_mark_read_response, parse_send_response, read_answer, snippet,
+};
 use super::templates::parse_templates_page;
 use crate::config::{ChannelConfig, Provider};
 use crate::templates::Template;
@@ -177,7 +180,7 @@ impl Endpoint {
 
     /// Where media is uploaded: `{base}/{version}/{phone_number_id}/media` (Cloud API),
     /// `{base}/media` (360dialog).
-    pub fn media_url(&self) -> String {
+    pub fn upload_url(&self) -> String {
         match self {
             Self::CloudApi {
                 phone_number_id, ..
@@ -205,6 +208,26 @@ impl Endpoint {
                 phone_number_id, ..
             } => self.graph_url(phone_number_id),
             Self::Dialog360 { .. } => None,
+        }
+    }
+
+    /// `{base}/{version}/{media_id}` (Cloud API) or `{base}/{media_id}` (360dialog): where
+    /// a customer's file is described, with its short-lived download URL.
+    pub fn media_url(&self, media_id: &str) -> String {
+        match self {
+            Self::CloudApi { .. } => self.graph_url(media_id).unwrap_or_default(),
+            Self::Dialog360 { base_url, .. } => {
+                format!("{}/{media_id}", base_url.trim_end_matches('/'))
+            }
+        }
+    }
+
+    /// The host a download URL is fetched through: none for the Cloud API (Meta's URL as
+    /// it is), 360dialog's `api_base` for 360dialog.
+    fn media_host(&self) -> Option<&str> {
+        match self {
+            Self::CloudApi { .. } => None,
+            Self::Dialog360 { base_url, .. } => Some(base_url),
         }
     }
 
@@ -291,7 +314,7 @@ impl Client {
     }
 
     /// Uploads a file for sending by id: multipart `messaging_product=whatsapp`, `type` (its
-    /// MIME type) and `file`, to [`Endpoint::media_url`] with the channel's credentials.
+    /// MIME type) and `file`, to [`Endpoint::upload_url`] with the channel's credentials.
     /// The media id WhatsApp answers, or its refusal (a transport failure is a
     /// [`GraphError::transport`], like a send's).
     pub async fn upload_media(
@@ -308,7 +331,7 @@ impl Client {
             .text("messaging_product", "whatsapp")
             .text("type", mime.to_string())
             .part("file", part);
-        let request = self.authorize(self.http.post(self.endpoint.media_url()).multipart(form));
+        let request = self.authorize(self.http.post(self.endpoint.upload_url()).multipart(form));
         let response = request
             .send()
             .await
@@ -408,6 +431,55 @@ impl Client {
         parse_messaging_limit_response(status, &bytes)
     }
 
+    /// Where to download a customer's file and what it should be: `GET /{media_id}`.
+    pub async fn media_info(&self, media_id: &str) -> Result<MediaInfo, GraphError> {
+        let url = reqwest::Url::parse(&self.endpoint.media_url(media_id))
+            .map_err(|e| unsupported(format!("the channel's api_base does not make a URL: {e}")))?;
+        let (status, bytes) = self.get(url).await?;
+        parse_media_info(status, &bytes)
+    }
+
+    /// Downloads a file from the `url` [`Client::media_info`] gave, with the channel's
+    /// credentials (for 360dialog through its own host, see [`super::media::download_url`]).
+    /// Refuses a file over `max_bytes` by its `Content-Length` before reading it, and stops
+    /// reading as soon as the bytes pass it (a length can be absent or wrong).
+    pub async fn download(&self, url: &str, max_bytes: u64) -> Result<Vec<u8>, DownloadError> {
+        let url = download_url(url, self.endpoint.media_host())
+            .map_err(|e| DownloadError::Failed(unsupported(e)))?;
+        let transport = |e: reqwest::Error| {
+            DownloadError::Failed(GraphError::transport(transport_message(&e.without_url())))
+        };
+        let mut response = self
+            .authorize(self.http.get(url))
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            let bytes = response.bytes().await.map_err(transport)?;
+            return Err(DownloadError::Failed(
+                read_answer(status, &bytes)
+                    .err()
+                    .unwrap_or_else(|| GraphError::http(status, snippet(&bytes))),
+            ));
+        }
+        if let Some(length) = response.content_length()
+            && length > max_bytes
+        {
+            return Err(DownloadError::TooLarge { size: length });
+        }
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(transport)? {
+            if (bytes.len() + chunk.len()) as u64 > max_bytes {
+                return Err(DownloadError::TooLarge {
+                    size: (bytes.len() + chunk.len()) as u64,
+                });
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes)
+    }
+
     async fn get(&self, url: reqwest::Url) -> Result<(u16, Vec<u8>), GraphError> {
         let request = self.authorize(self.http.get(url));
         // `without_url`: a `next` URL is Meta's to shape, so it stays out of error text.
@@ -459,6 +531,17 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
     let seconds: u64 = value.trim().parse().ok()?;
     Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
+}
+
+/// Why [`Client::download`] brought no file.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DownloadError {
+    /// The file is larger than allowed (`size`: as far as it was read, or as announced).
+    #[error("the file has more than the allowed bytes ({size} or more)")]
+    TooLarge { size: u64 },
+    /// No answer, an error answer, or an expired URL: worth another try with a new URL.
+    #[error(transparent)]
+    Failed(GraphError),
 }
 
 /// Every template [`Client::list_templates`] read, over all pages.
@@ -544,11 +627,11 @@ mod tests {
     #[test]
     fn media_url_follows_the_provider() {
         assert_eq!(
-            Endpoint::cloud_api("110", "t").media_url(),
+            Endpoint::cloud_api("110", "t").upload_url(),
             "https://graph.facebook.com/v25.0/110/media"
         );
         assert_eq!(
-            Endpoint::dialog360("k").media_url(),
+            Endpoint::dialog360("k").upload_url(),
             "https://waba-v2.360dialog.io/media"
         );
     }

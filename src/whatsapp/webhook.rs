@@ -23,7 +23,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::errors::GraphError;
-use crate::domain::{self, Inbound, InboundContent, InvalidIdentifier};
+use crate::domain::{self, Inbound, InboundContent, InvalidIdentifier, MediaRef};
 
 /// Why a body is not a WhatsApp webhook at all. Anything smaller is an [`Update::Malformed`].
 #[derive(Debug, thiserror::Error)]
@@ -689,6 +689,7 @@ fn content(kind: &str, msg: &Map<String, Value>) -> Result<InboundContent, Strin
         "image" | "audio" | "video" | "document" | "sticker" => InboundContent::Media {
             kind: kind.to_string(),
             caption: part(kind).and_then(|m| text(m.get("caption"))),
+            file: part(kind).and_then(media_ref),
         },
         "location" => location_content(part("location"))?,
         // An emoji that is absent or empty is a reaction being removed.
@@ -701,6 +702,17 @@ fn content(kind: &str, msg: &Map<String, Value>) -> Result<InboundContent, Strin
         other => InboundContent::Other {
             kind: other.to_string(),
         },
+    })
+}
+
+/// A media message's file: its `id`, `mime_type`, `sha256` and a document's `filename`;
+/// `None` without an id (nothing to fetch).
+fn media_ref(media: &Map<String, Value>) -> Option<MediaRef> {
+    Some(MediaRef {
+        id: text(media.get("id"))?,
+        mime_type: text(media.get("mime_type")),
+        sha256: text(media.get("sha256")),
+        filename: text(media.get("filename")),
     })
 }
 

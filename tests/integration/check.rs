@@ -435,6 +435,33 @@ fn unknown_expect_kind() {
     );
 }
 
+/// A file kind that is misspelt, alone or in a list, is named with its place and the
+/// nearest kind.
+#[test]
+fn unknown_media_expect_kinds() {
+    let diags = check("unknown_media_expect", 2, 0);
+    let file = fixture_file("unknown_media_expect", "flows/photo.yaml");
+    let found: Vec<(String, String, String)> = diags
+        .items
+        .iter()
+        .map(|d| {
+            (
+                d.position(),
+                d.message.clone(),
+                d.help.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(found[0].0, format!("{file}:8:13"), "{found:?}");
+    assert!(
+        found[0].1.contains("`documnet` is not a kind of file"),
+        "{found:?}"
+    );
+    assert!(found[0].2.contains("did you mean `document`?"), "{found:?}");
+    assert_eq!(found[1].0, format!("{file}:15:13"), "{found:?}");
+    assert!(found[1].2.contains("did you mean `image`?"), "{found:?}");
+}
+
 #[test]
 fn missing_script_file() {
     let file = fixture_file("missing_script", "flows/lookup.yaml");

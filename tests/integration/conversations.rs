@@ -113,6 +113,24 @@ async fn example_booking_project_checks_clean_and_its_test_passes() {
     assert_eq!((passed, failed), (1, 0), "{out}");
 }
 
+/// The example parcel project (`examples/parcel/`: an `ask` for a photo passed to an
+/// `http` step) checks clean and its conversation test, which sends a photo, passes.
+#[tokio::test]
+async fn example_parcel_project_checks_clean_and_its_test_passes() {
+    let loaded = load(Some(Path::new("examples/parcel/flowgate.yaml")));
+    let diags = &loaded.project.diagnostics;
+    assert_eq!(
+        (diags.errors(), diags.warnings()),
+        (0, 0),
+        "{}",
+        diags.render(false)
+    );
+    let test = PathBuf::from("examples/parcel/flows/damaged_parcel.test.yaml");
+    let mut out = String::new();
+    let (passed, failed) = flowgate::conversation::run_all(&loaded, &[test], &mut out).await;
+    assert_eq!((passed, failed), (1, 0), "{out}");
+}
+
 /// The load test's reference flow (`examples/loadtest`) answers with the texts
 /// `examples/loadtest.rs --scenario reference` checks.
 #[tokio::test]

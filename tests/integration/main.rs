@@ -20,6 +20,7 @@ mod crash;
 mod fuzz;
 mod hardening;
 mod media_upload;
+mod media;
 mod outbox;
 mod policy;
 mod policy_properties;

@@ -187,7 +187,13 @@ fn image_with_caption() {
         m.content,
         InboundContent::Media {
             kind: "image".into(),
-            caption: Some("Damaged box".into())
+            caption: Some("Damaged box".into()),
+            file: Some(flowgate::domain::MediaRef {
+                id: "1200000000000001".into(),
+                mime_type: Some("image/jpeg".into()),
+                sha256: Some("2d6YhK0Ej1nR0fXo5gW4k7w8T1sZc3e9Qm0aB6cD8eE=".into()),
+                filename: None,
+            }),
         }
     );
 }
@@ -425,6 +431,12 @@ fn other_message_types() {
     let media = |kind: &str, caption: Option<&str>| InboundContent::Media {
         kind: kind.into(),
         caption: caption.map(Into::into),
+        file: Some(flowgate::domain::MediaRef {
+            id: "9".into(),
+            mime_type: None,
+            sha256: None,
+            filename: (kind == "document").then(|| "x.pdf".into()),
+        }),
     };
     let other = |kind: &str| InboundContent::Other { kind: kind.into() };
     assert_eq!(

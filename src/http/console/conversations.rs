@@ -285,6 +285,9 @@ pub fn messages(list: &Value) -> Markup {
                     @let out = text(m, "direction") == "out";
                     li class={ "message " (if out { "out" } else { "in" }) } {
                         div class="bubble" { (summary(&m["body"])) }
+                        @if m["media"].is_object() {
+                            (media(&m["media"]))
+                        }
                         div class="meta" {
                             (when_text(&m["created_at"])) " · "
                             @if out {
@@ -297,6 +300,24 @@ pub fn messages(list: &Value) -> Markup {
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+/// A customer's file: its kind, type and size, whether it was downloaded (or why not), and
+/// a link to it while the link works.
+fn media(m: &Value) -> Markup {
+    let status = text(m, "status");
+    html! {
+        div class={ "media media-" (status) } {
+            (text(m, "kind"))
+            @if let Some(mime) = m["mime"].as_str() { " · " (mime) }
+            @if let Some(size) = m["size"].as_i64() { " · " (size) " bytes" }
+            " · " (status)
+            @if let Some(error) = m["error"].as_str() { " (" (error) ")" }
+            @if let Some(url) = m["url"].as_str() {
+                " · " a href=(url) target="_blank" rel="noopener" { "open" }
             }
         }
     }

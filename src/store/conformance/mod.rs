@@ -1,6 +1,6 @@
 //! The store's conformance suite: its behaviour, as every backend must show it, in one set
 //! of `async fn`s that each take a fresh, migrated [`Db`] (`turns`, `contacts`, `import`,
-//! `inbox`, `history`, `campaigns`, `campaign_api`).
+//! `inbox`, `history`, `campaigns`, `campaign_api`, `media`, `media_uploads`).
 //!
 //! [`suite!`] instantiates every test of the suite for one backend, as a module of
 //! `#[tokio::test]`s named after it: SQLite in memory, SQLite in a file, and PostgreSQL.
@@ -34,6 +34,7 @@ mod history;
 mod import;
 mod inbox;
 mod media_uploads;
+mod media;
 mod turns;
 
 /// A fresh database for one test, with what must outlive it.
@@ -193,6 +194,10 @@ macro_rules! suite {
                 campaigns::the_outbox_claims_conversational_messages_before_campaign_ones,
                 media_uploads::an_upload_is_claimed_once_recorded_and_claimed_again_when_stale,
                 media_uploads::a_refused_id_is_dropped_unless_a_newer_one_replaced_it,
+                media::a_file_message_is_one_pending_download,
+                media::downloads_are_claimed_with_a_lease_retried_and_finished,
+                media::failures_and_local_files_keep_their_outcome,
+                media::a_server_secret_is_generated_once,
             );
         }
     };

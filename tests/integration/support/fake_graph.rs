@@ -250,7 +250,9 @@ struct FakeState {
     /// The tier the number's node answers as its messaging limit.
     messaging_limit: Option<String>,
     /// Media uploaded (`POST …/media`), and how uploads are answered.
-    media: MediaUploads,
+    uploads: MediaUploads,
+    /// Customers' files it serves, by media id ([`FakeGraph::serve_media`]).
+    media: BTreeMap<String, FakeMedia>,
 }
 
 #[derive(Clone)]
@@ -282,7 +284,7 @@ impl FakeGraph {
             changed: Arc::new(tokio::sync::Notify::new()),
         };
         let app = Router::new()
-            .route("/{*path}", post(handle).get(list_templates))
+            .route("/{*path}", post(handle).get(graph_get))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -323,7 +325,7 @@ impl FakeGraph {
 
     /// Every media upload so far, in arrival order.
     pub fn uploads(&self) -> Vec<FakeUpload> {
-        self.shared.state.lock().unwrap().media.uploads.clone()
+        self.shared.state.lock().unwrap().uploads.uploads.clone()
     }
 
     /// Makes WhatsApp forget the uploaded media `id` (as if it expired): a send naming it
@@ -333,14 +335,14 @@ impl FakeGraph {
             .state
             .lock()
             .unwrap()
-            .media
+            .uploads
             .forgotten
             .insert(id.to_string());
     }
 
     /// Makes every upload wait `delay` before it answers (to overlap two senders' uploads).
     pub fn delay_uploads(&self, delay: Duration) {
-        self.shared.state.lock().unwrap().media.delay = delay;
+        self.shared.state.lock().unwrap().uploads.delay = delay;
     }
 
     /// The template-list requests so far, in arrival order.
@@ -772,6 +774,185 @@ async fn list_templates(
     finish(&shared, recorded, 200, answer.to_string())
 }
 
+// ---------------------------------------------------------------------------------------
+// Customers' files: `GET /{VERSION}/{media-id}` (360dialog: `GET /{media-id}`) describes a
+// file with a download URL; `GET /whatsapp_business/attachments/?mid=…` (the path of Meta's
+// download host) serves its bytes. Both need the channel's credentials. For 360dialog the
+// URL names Meta's host, which is not reachable: the server must fetch it through the
+// fake's own host, as it does through 360dialog's.
+
+/// A file the fake serves, and how it misbehaves.
+#[derive(Debug, Clone, Default)]
+pub struct FakeMedia {
+    pub bytes: Vec<u8>,
+    pub mime: String,
+    /// Bytes served instead of `bytes` (the description still names `bytes`' SHA-256).
+    pub wrong_bytes: Option<Vec<u8>>,
+    /// Whether the description carries `file_size` (off: only the download's length and
+    /// bytes can tell the size).
+    pub hide_size: bool,
+    /// The next this many descriptions answer error 131052.
+    pub errors_131052: usize,
+}
+
+impl FakeMedia {
+    pub fn new(bytes: impl Into<Vec<u8>>, mime: &str) -> Self {
+        Self {
+            bytes: bytes.into(),
+            mime: mime.into(),
+            ..Self::default()
+        }
+    }
+
+    /// The SHA-256 a webhook gives for this file: base64 of the raw digest.
+    pub fn sha256(&self) -> String {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(&self.bytes))
+    }
+}
+
+impl FakeGraph {
+    /// Serves `media` as the file `media_id`; returns the SHA-256 for the webhook.
+    pub fn serve_media(&self, media_id: &str, media: FakeMedia) -> String {
+        let sha = media.sha256();
+        let mut state = self.shared.state.lock().unwrap();
+        state.media.insert(media_id.to_string(), media);
+        sha
+    }
+
+    /// Requests for files so far (descriptions and downloads), in arrival order.
+    pub fn media_requests(&self) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.body == Value::String("media".into()))
+            .collect()
+    }
+}
+
+/// Every GET: a file's description or bytes, else the template list and the number's node.
+async fn graph_get(
+    State(shared): State<Shared>,
+    Path(path): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let query_text = query.clone().unwrap_or_default();
+    if path == "whatsapp_business/attachments/" || path == "whatsapp_business/attachments" {
+        return media_download(&shared, &path, &query_text, &headers);
+    }
+    let media_id = match &shared.auth {
+        FakeAuth::CloudApi { .. } => path.strip_prefix(&format!("{VERSION}/")),
+        FakeAuth::Dialog360 { .. } => Some(path.as_str()),
+    };
+    let known = media_id.filter(|id| shared.state.lock().unwrap().media.contains_key(*id));
+    match known {
+        Some(id) => media_description(&shared, &path, id, &headers),
+        None => list_templates(State(shared), Path(path), RawQuery(query), headers).await,
+    }
+}
+
+/// A request for a file, recorded (its body `"media"` marks it).
+fn media_recorded(path: &str, query: &str, headers: &HeaderMap) -> Recorded {
+    Recorded {
+        path: format!("/{path}"),
+        query: query.to_string(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_ascii_lowercase(),
+                    v.to_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect(),
+        body: Value::String("media".into()),
+        status: 0,
+        wamid: None,
+        at: std::time::Instant::now(),
+    }
+}
+
+/// Whether a request carries the credentials the fake's provider wants.
+fn media_authorized(shared: &Shared, recorded: &Recorded) -> bool {
+    match &shared.auth {
+        FakeAuth::CloudApi { token, .. } => {
+            recorded.header("authorization") == Some(&format!("Bearer {token}"))
+        }
+        FakeAuth::Dialog360 { key } => recorded.header("d360-api-key") == Some(key.as_str()),
+    }
+}
+
+/// `GET /{media-id}`: `{url, mime_type, sha256, file_size, id}`, or 131052 while scripted.
+fn media_description(shared: &Shared, path: &str, id: &str, headers: &HeaderMap) -> Response {
+    let recorded = media_recorded(path, "", headers);
+    if !media_authorized(shared, &recorded) {
+        return finish(shared, recorded, 401, graph_error_body(190).to_string());
+    }
+    let media = {
+        let mut state = shared.state.lock().unwrap();
+        let media = state.media.get_mut(id).expect("known media");
+        if media.errors_131052 > 0 {
+            media.errors_131052 -= 1;
+            None
+        } else {
+            Some(media.clone())
+        }
+    };
+    let Some(media) = media else {
+        return finish(shared, recorded, 400, graph_error_body(131052).to_string());
+    };
+    let host = headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1");
+    let url = match &shared.auth {
+        FakeAuth::CloudApi { .. } => {
+            format!("http://{host}/whatsapp_business/attachments/?mid={id}&ext=1")
+        }
+        // Meta's host: 360dialog's clients fetch it through 360dialog.
+        FakeAuth::Dialog360 { .. } => {
+            format!("https://lookaside.fbsbx.com/whatsapp_business/attachments/?mid={id}&ext=1")
+        }
+    };
+    let mut answer = json!({
+        "messaging_product": "whatsapp",
+        "url": url,
+        "mime_type": media.mime,
+        "sha256": media.sha256(),
+        "id": id,
+    });
+    if !media.hide_size {
+        answer["file_size"] = json!(media.bytes.len().to_string());
+    }
+    finish(shared, recorded, 200, answer.to_string())
+}
+
+/// The download URL: the file's bytes (or its wrong bytes), with the channel's credentials.
+fn media_download(shared: &Shared, path: &str, query: &str, headers: &HeaderMap) -> Response {
+    let mut recorded = media_recorded(path, query, headers);
+    if !media_authorized(shared, &recorded) {
+        return finish(shared, recorded, 401, graph_error_body(190).to_string());
+    }
+    let id = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("mid="))
+        .unwrap_or_default();
+    let media = shared.state.lock().unwrap().media.get(id).cloned();
+    let Some(media) = media else {
+        return finish(shared, recorded, 404, graph_error_body(100).to_string());
+    };
+    recorded.status = 200;
+    shared.state.lock().unwrap().requests.push(recorded);
+    shared.changed.notify_waiters();
+    (
+        StatusCode::OK,
+        [(axum::http::header::CONTENT_TYPE, media.mime.clone())],
+        media.wrong_bytes.unwrap_or(media.bytes),
+    )
+        .into_response()
+}
+
 fn finish(shared: &Shared, mut recorded: Recorded, status: u16, body: String) -> Response {
     recorded.status = status;
     shared.state.lock().unwrap().requests.push(recorded);
@@ -857,13 +1038,13 @@ async fn upload_media(
             json!({"error": {"message": "(#100) The parameter file, type and messaging_product are required", "code": 100}}),
         );
     };
-    let delay = shared.state.lock().unwrap().media.delay;
+    let delay = shared.state.lock().unwrap().uploads.delay;
     tokio::time::sleep(delay).await;
     let upload = {
         let mut state = shared.state.lock().unwrap();
         let id = format!(
             "{}",
-            900_000_000_000_000u64 + state.media.uploads.len() as u64 + 1
+            900_000_000_000_000u64 + state.uploads.uploads.len() as u64 + 1
         );
         let upload = FakeUpload {
             id,
@@ -873,7 +1054,7 @@ async fn upload_media(
             file_name: file.1.clone().unwrap_or_default(),
             bytes: file.2.clone(),
         };
-        state.media.uploads.push(upload.clone());
+        state.uploads.uploads.push(upload.clone());
         upload
     };
     shared.changed.notify_waiters();
@@ -887,7 +1068,7 @@ fn refuse_unknown_media(shared: &Shared, recorded: &Recorded) -> Option<Response
     let id = recorded.body.get(kind)?.get("id")?.as_str()?;
     let known = {
         let state = shared.state.lock().unwrap();
-        state.media.uploads.iter().any(|u| u.id == id) && !state.media.forgotten.contains(id)
+        state.uploads.uploads.iter().any(|u| u.id == id) && !state.uploads.forgotten.contains(id)
     };
     if known {
         return None;
