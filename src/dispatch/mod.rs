@@ -11,6 +11,7 @@
 //! parallel.
 
 mod due;
+pub mod ownership;
 mod redecide;
 mod reply;
 mod run;
@@ -122,6 +123,10 @@ pub struct Runtime {
     /// Per channel: the messaging limit WhatsApp last stated for the number (read by
     /// `serve` from the Graph API); absent until read.
     stated_limits: Mutex<HashMap<String, MessagingLimit>>,
+    /// On a database several instances share (PostgreSQL): this instance's contact leases,
+    /// under which it runs a contact's inbox rows and timers ([`ownership`]); `None` on
+    /// SQLite.
+    pub ownership: Option<Arc<ownership::Ownership>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -152,6 +157,9 @@ impl Runtime {
             .iter()
             .map(|c| (c.name.clone(), Arc::new(tokio::sync::Notify::new())))
             .collect();
+        let ownership = db
+            .shared()
+            .then(|| Arc::new(ownership::Ownership::new(db.clone(), clock.clone())));
         Self {
             db,
             engine,
@@ -169,6 +177,7 @@ impl Runtime {
             outbox_ready,
             reloading: tokio::sync::Mutex::new(()),
             stated_limits: Mutex::new(HashMap::new()),
+            ownership,
         }
     }
 

@@ -140,6 +140,12 @@ impl Db {
         }
     }
 
+    /// Whether several instances may share this database (PostgreSQL): then a contact's
+    /// turns run under its lease (`dispatch::ownership`). SQLite is one process by design.
+    pub fn shared(&self) -> bool {
+        self.is_postgres()
+    }
+
     /// Whether the database is on PostgreSQL (for the few statements written per backend).
     pub(super) fn is_postgres(&self) -> bool {
         matches!(self.backend, Backend::Postgres(_))

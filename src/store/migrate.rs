@@ -64,6 +64,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "split assignments",
         include_str!("../../migrations/sqlite/0011_split_assignments.sql"),
     ),
+    (
+        14,
+        "contact leases",
+        include_str!("../../migrations/sqlite/0014_contact_leases.sql"),
+    ),
 ];
 
 /// The PostgreSQL migrations: the same numbers and names as SQLite's, each written for
@@ -120,6 +125,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         11,
         "split assignments",
         include_str!("../../migrations/postgres/0011_split_assignments.sql"),
+    ),
+    (
+        14,
+        "contact leases",
+        include_str!("../../migrations/postgres/0014_contact_leases.sql"),
     ),
 ];
 

@@ -22,17 +22,19 @@
 //! | `conversations` | reads `contacts`, `sessions`, `messages`; `flow_versions` | [`Db::load_conversation`], [`Db::messages`], [`Db::message`], [`Db::reset_conversation`], [`Db::save_flow_version`], [`Db::flow_version`] |
 //! | `turn` | `contacts`, `sessions`, `messages`, `timers` | [`Db::commit_turn`]: everything one turn changes, in one transaction ([`TurnWrite`]) |
 //! | `inbox` | `inbox`; statuses on `messages` | webhook updates: [`Db::insert_updates`], claims, retries, pruning; delivery statuses: [`Db::apply_status`] |
+//! | `leases` | `contact_leases` | which instance runs a contact's turns when several share PostgreSQL: [`Db::take_inbox_leases`], [`Db::take_contact_lease`], [`Db::renew_contact_leases`], [`Db::release_contact_leases`] (with [`Db::claim_owned_inbox`] in `inbox`) |
 //! | `outbox` | outbound `messages`, `channel_state` | the sender's claims and outcomes ([`Db::claim_outbox`], `record_*`), the channel stop switch |
 //! | `queue` | `messages` in status `queued` | [`Db::queued_messages`], expiries, [`Db::redecide_claimed`] |
 //! | `splits` | `split_assignments` (written by `turn`) | the per-branch report of A/B splits: [`Db::split_counts`] |
 //! | `template_statuses` | `template_statuses` | [`Db::save_template_status`], [`Db::template_statuses`] |
-//! | `timers` | reads `timers` | [`Db::due_timers`], [`Db::next_timer_at`] |
+//! | `timers` | reads `timers` | [`Db::due_timers`], [`Db::next_timer_at`], [`Db::timer_pending`] |
 //!
 //! Beside them: `db` ([`Db`], its `Backend`, connect, migrate, close, and the two macros
 //! that open the backend for portable SQL), `error` ([`StoreError`]), `migrate` (the
 //! embedded migrations of both backends), `identities` (the identity rules' statements per
 //! backend), `sql` (the helpers every aggregate shares), `writer` (SQLite's writer thread) and `resolved_cache`
-//! (identities this process resolved). Modules import downwards only: aggregates import
+//! (identities this process resolved), `wake` (on PostgreSQL, `LISTEN` for the other
+//! instances' notifications: [`Db::wake_ups`]). Modules import downwards only: aggregates import
 //! `db`, `error`, `sql` and each other's row types; `db` imports none of them.
 //!
 //! # The backend seam
@@ -65,6 +67,7 @@ mod error;
 mod identities;
 mod import;
 mod inbox;
+mod leases;
 mod migrate;
 mod outbox;
 mod queue;
@@ -75,6 +78,7 @@ mod sql;
 mod template_statuses;
 mod timers;
 mod turn;
+mod wake;
 pub mod writer;
 
 #[cfg(test)]
@@ -96,10 +100,12 @@ pub use inbox::{
     INBOX_RETENTION, InboxRow, NewInboxRow, ORDERED_KINDS, StatusChange, StatusOutcome, Stored,
     status_rank,
 };
+pub use leases::LeaseKey;
 pub use outbox::{ChannelStop, OutboundFilter, OutboxEntry, OutboxRow};
 pub use queue::{ExpiringMessage, FLUSH_LIMIT, QueuedMessage};
 pub use run_requests::ManualRun;
 pub use splits::SplitCount;
 pub use template_statuses::TemplateStatusRow;
 pub use timers::{NewTimer, TimerRow};
+pub use wake::WakeUp;
 pub use turn::{CommittedTurn, DequeuedRecord, OutboundRecord, Superseded, TurnWrite};
