@@ -152,9 +152,11 @@ impl Application {
             }
         });
         let state = self.state();
-        let heartbeat_task = self.runtime.ownership.clone().map(|ownership| {
-            tokio::spawn(async move { ownership.heartbeat().await })
-        });
+        let heartbeat_task = self
+            .runtime
+            .ownership
+            .clone()
+            .map(|ownership| tokio::spawn(async move { ownership.heartbeat().await }));
         let wake_task = wake_on_notifications(&state);
         let (stop_inbound, inbound_stop) = tokio::sync::watch::channel(false);
         let inbound_task = tokio::spawn(crate::inbound::run(state.clone(), inbound_stop));

@@ -182,7 +182,11 @@ impl Ownership {
     pub async fn renew(&self) {
         // Under the gate, so a lease taken meanwhile is not taken for lost.
         let _gate = self.gate().await;
-        let kept = match self.db.renew_contact_leases(&self.owner, self.until()).await {
+        let kept = match self
+            .db
+            .renew_contact_leases(&self.owner, self.until())
+            .await
+        {
             Ok(kept) => kept,
             Err(e) => {
                 tracing::warn!(error = %e, "extending contacts' leases failed; trying again");

@@ -347,7 +347,17 @@ impl Db {
 fn inbox_rows(rows: Vec<InboxRaw>) -> Result<Vec<InboxRow>, StoreError> {
     rows.into_iter()
         .map(
-            |(id, channel, dedupe_key, kind, contact_key, payload, received_at, attempts, last_error)| {
+            |(
+                id,
+                channel,
+                dedupe_key,
+                kind,
+                contact_key,
+                payload,
+                received_at,
+                attempts,
+                last_error,
+            )| {
                 Ok(InboxRow {
                     id,
                     channel,

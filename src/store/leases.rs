@@ -230,3 +230,145 @@ impl Db {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use chrono::Utc;
+
+    use crate::store::NewInboxRow;
+    use crate::store::conformance::{drop_schema, postgres_db, postgres_db_on};
+    use crate::store::wake::WakeUp;
+
+    fn message(n: usize, contact: usize) -> NewInboxRow {
+        NewInboxRow {
+            channel: "main".into(),
+            dedupe_key: format!("wamid.{n}"),
+            kind: "message".into(),
+            contact_key: Some(format!("{}", 1000 + contact)),
+            payload: serde_json::json!({ "n": n }),
+        }
+    }
+
+    async fn next(wake_ups: &mut tokio::sync::mpsc::UnboundedReceiver<WakeUp>) -> WakeUp {
+        tokio::time::timeout(Duration::from_secs(10), wake_ups.recv())
+            .await
+            .expect("a notification within 10 s")
+            .expect("the listener runs")
+    }
+
+    /// Three instances (three pools on one schema) take leases of the same 60 waiting
+    /// contacts at once, again and again: each contact is held by one of them, and each
+    /// instance's claim returns exactly the rows of the contacts it holds.
+    #[tokio::test]
+    async fn instances_racing_for_leases_hold_each_contact_once() {
+        let Some((db, schema)) = postgres_db().await else {
+            return;
+        };
+        let rows: Vec<NewInboxRow> = (0..180).map(|n| message(n, n % 60)).collect();
+        db.insert_updates(&rows, Utc::now()).await.unwrap();
+        let mut instances = vec![db.clone()];
+        for _ in 0..2 {
+            instances.push(postgres_db_on(&schema).await);
+        }
+        let now = Utc::now();
+        let until = now + chrono::Duration::seconds(60);
+        let mut tasks = Vec::new();
+        for (i, db) in instances.iter().enumerate() {
+            let db = db.clone();
+            tasks.push(tokio::spawn(async move {
+                let owner = format!("instance-{i}");
+                let mut held = Vec::new();
+                for _ in 0..5 {
+                    held = db.take_inbox_leases(&owner, now, until, 20).await.unwrap();
+                }
+                let claimed = db.claim_owned_inbox(&owner, 0, now, 1000).await.unwrap();
+                (owner, held, claimed)
+            }));
+        }
+        let mut holder: HashMap<String, String> = HashMap::new();
+        let mut claimed_rows = 0;
+        for task in tasks {
+            let (owner, held, claimed) = task.await.unwrap();
+            for lease in &held {
+                let before = holder.insert(lease.key.clone(), owner.clone());
+                assert_eq!(before, None, "{} held twice", lease.key);
+            }
+            for row in &claimed {
+                let key = row.contact_key.clone().unwrap();
+                assert_eq!(
+                    holder.get(&key),
+                    Some(&owner),
+                    "row {} claimed without its lease",
+                    row.id
+                );
+            }
+            let ids: Vec<i64> = claimed.iter().map(|r| r.id).collect();
+            assert!(
+                ids.windows(2).all(|w| w[0] < w[1]),
+                "claims are in id order"
+            );
+            claimed_rows += claimed.len();
+        }
+        assert_eq!(holder.len(), 60, "every waiting contact is held by someone");
+        assert_eq!(claimed_rows, 180, "every row is claimed once");
+        for other in &instances[1..] {
+            other.close().await;
+        }
+        drop_schema(&db, &schema).await;
+    }
+
+    /// What another instance listens for: a stored update, a pending outbound message (with
+    /// its channel) and a released lease each notify, in the writing transaction.
+    #[tokio::test]
+    async fn stored_updates_pending_messages_and_released_leases_notify() {
+        use crate::domain::{Contact, Decision, OutboundContent};
+        use crate::store::conformance::{CH, bare_turn, said};
+        use crate::store::{OutboundRecord, TurnWrite};
+        let Some((db, schema)) = postgres_db().await else {
+            return;
+        };
+        let listener = postgres_db_on(&schema).await;
+        let mut wake_ups = listener.wake_ups().expect("PostgreSQL listens");
+        assert_eq!(next(&mut wake_ups).await, WakeUp::Reconnected);
+
+        db.insert_updates(&[message(1, 1)], Utc::now())
+            .await
+            .unwrap();
+        assert_eq!(next(&mut wake_ups).await, WakeUp::Inbox);
+
+        let contact = Contact::new("1555");
+        let out = [OutboundRecord {
+            status: "pending".into(),
+            ..said(
+                OutboundContent::text("hi"),
+                Decision::Send {
+                    reason: "window open".into(),
+                },
+            )
+        }];
+        db.commit_turn(&TurnWrite {
+            outbound: &out,
+            ..bare_turn(None, &contact, Utc::now())
+        })
+        .await
+        .unwrap();
+        assert_eq!(next(&mut wake_ups).await, WakeUp::Outbox(CH.to_string()));
+
+        let now = Utc::now();
+        let taken = db
+            .take_inbox_leases("A", now, now + chrono::Duration::seconds(10), 10)
+            .await
+            .unwrap();
+        assert_eq!(taken.len(), 1);
+        db.release_contact_leases("A", &taken).await.unwrap();
+        assert_eq!(next(&mut wake_ups).await, WakeUp::Leases);
+        assert!(wake_ups.try_recv().is_err(), "nothing else was notified");
+
+        drop(wake_ups);
+        listener.close().await;
+        drop_schema(&db, &schema).await;
+    }
+}

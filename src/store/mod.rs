@@ -107,5 +107,5 @@ pub use run_requests::ManualRun;
 pub use splits::SplitCount;
 pub use template_statuses::TemplateStatusRow;
 pub use timers::{NewTimer, TimerRow};
-pub use wake::WakeUp;
 pub use turn::{CommittedTurn, DequeuedRecord, OutboundRecord, Superseded, TurnWrite};
+pub use wake::WakeUp;

@@ -70,7 +70,10 @@ async fn listen(pool: sqlx::PgPool, tx: mpsc::UnboundedSender<WakeUp>) {
 }
 
 /// One listener connection's life: `Ok` when nobody listens any more, `Err` to reconnect.
-async fn follow(pool: &sqlx::PgPool, tx: &mpsc::UnboundedSender<WakeUp>) -> Result<(), sqlx::Error> {
+async fn follow(
+    pool: &sqlx::PgPool,
+    tx: &mpsc::UnboundedSender<WakeUp>,
+) -> Result<(), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     listener
         .listen_all([INBOX_CHANNEL, OUTBOX_CHANNEL, LEASES_CHANNEL])

@@ -32,6 +32,7 @@ mod campaigns;
 mod contacts;
 mod import;
 mod inbox;
+mod leases;
 mod turns;
 
 /// A fresh database for one test, with what must outlive it.
@@ -174,6 +175,9 @@ macro_rules! suite {
                 inbox::callback_data_finds_a_send_whose_wamid_was_lost,
                 inbox::a_status_ends_a_dead_senders_lease,
                 inbox::inbound_seen_reads_the_message_log,
+                leases::a_contacts_lease_is_one_owners_until_released_or_expired,
+                leases::leases_follow_what_a_claim_could_take,
+                leases::a_fired_timer_is_no_longer_pending,
                 campaign_api::run_now_is_one_run_at_a_time_and_idempotent_by_key,
                 campaign_api::replies_and_charges_are_read_from_the_log,
                 campaigns::next_run_at_round_trips_and_decides_what_is_due,
