@@ -3,7 +3,8 @@
 //!
 //! A lease names a contact by its channel and the inbox's `contact_key` (the phone, else the
 //! BSUID; a timer's contact by its `wa_id`, the same text), or `#` and the row id for an
-//! update about no contact ([`inbox_lease_key!`]). An instance takes a lease only when it is
+//! update that is not part of a conversation: a status, an error, a template's status
+//! ([`inbox_lease_key!`], [`LeaseKey::of_inbox_row`]). An instance takes a lease only when it is
 //! free, expired or already its own ([`Db::take_inbox_leases`], [`Db::take_contact_lease`]), keeps it
 //! alive while it works ([`Db::renew_contact_leases`]) and gives it back when the contact has nothing
 //! left for it to do ([`Db::release_contact_leases`]); an instance that dies loses its leases when
@@ -14,10 +15,13 @@ use chrono::{DateTime, Utc};
 use super::db::{Backend, Db, with_pool, with_writer};
 use super::error::StoreError;
 
-/// The lease key of inbox row `i` in SQL: its contact, else `#` and its id.
+/// The lease key of inbox row `i` in SQL: its contact for the kinds of a conversation
+/// (`inbox::ORDERED_KINDS`), else `#` and its id (see [`LeaseKey::of_inbox_row`]).
 macro_rules! inbox_lease_key {
     () => {
-        "COALESCE(i.contact_key, '#' || CAST(i.id AS TEXT))"
+        "(CASE WHEN i.contact_key IS NOT NULL \
+            AND i.kind IN ('message', 'system', 'user_preference') \
+            THEN i.contact_key ELSE '#' || CAST(i.id AS TEXT) END)"
     };
 }
 pub(super) use inbox_lease_key;
@@ -38,11 +42,20 @@ impl LeaseKey {
         }
     }
 
-    /// The lease an inbox row runs under: its contact's, else one of its own.
+    /// The lease an inbox row runs under: its contact's for a row of the conversation
+    /// (`ORDERED_KINDS`: messages, identity changes, preferences), else one of its own.
+    ///
+    /// A status has a lease of its own, not its contact's: it only moves a message forward,
+    /// in any order, and it is what settles a send a dead instance made (`sending` under
+    /// the outbox's lease until its status comes). Under the contact's lease it would wait
+    /// for the dead instance's contact leases to expire, and an outbox lease shorter than
+    /// that would send the message again.
     pub fn of_inbox_row(row: &super::InboxRow) -> Self {
         match &row.contact_key {
-            Some(contact) => Self::new(&row.channel, contact),
-            None => Self::new(&row.channel, format!("#{}", row.id)),
+            Some(contact) if super::ORDERED_KINDS.contains(&row.kind.as_str()) => {
+                Self::new(&row.channel, contact)
+            }
+            _ => Self::new(&row.channel, format!("#{}", row.id)),
         }
     }
 }

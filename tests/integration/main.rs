@@ -19,6 +19,7 @@ mod conversations;
 mod crash;
 mod fuzz;
 mod hardening;
+mod instances;
 mod outbox;
 mod policy;
 mod policy_properties;

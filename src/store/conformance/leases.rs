@@ -35,7 +35,8 @@ fn sorted(mut leases: Vec<LeaseKey>) -> Vec<LeaseKey> {
 }
 
 /// A contact's lease is one owner's until released or expired; each owner claims only the
-/// rows of the contacts it holds, in id order; a row about no contact has a lease of its own.
+/// rows of the contacts it holds, in id order; a status or a row about no contact has a
+/// lease of its own.
 pub async fn a_contacts_lease_is_one_owners_until_released_or_expired(db: Db) {
     db.insert_updates(
         &[
@@ -49,7 +50,8 @@ pub async fn a_contacts_lease_is_one_owners_until_released_or_expired(db: Db) {
     )
     .await
     .unwrap();
-    let error_row = db.claim_inbox(t(1), 10).await.unwrap()[4].id;
+    let all = db.claim_inbox(t(1), 10).await.unwrap();
+    let (status_row, error_row) = (all[3].id, all[4].id);
     let until = t(12);
     let taken = db.take_inbox_leases("A", t(1), until, 100).await.unwrap();
     assert_eq!(
@@ -57,9 +59,11 @@ pub async fn a_contacts_lease_is_one_owners_until_released_or_expired(db: Db) {
         sorted(vec![
             lease("155"),
             lease("166"),
+            lease(&format!("#{status_row}")),
             lease(&format!("#{error_row}"))
         ]),
-        "the first instance takes every waiting contact, and the contactless row's own"
+        "the first instance takes every waiting contact, and a lease of their own for the \
+         status and the error"
     );
     // Taking again keeps them; another owner gets none.
     assert_eq!(
@@ -67,7 +71,7 @@ pub async fn a_contacts_lease_is_one_owners_until_released_or_expired(db: Db) {
             .await
             .unwrap()
             .len(),
-        3
+        4
     );
     assert!(
         db.take_inbox_leases("B", t(2), until, 100)
@@ -119,7 +123,7 @@ pub async fn a_contacts_lease_is_one_owners_until_released_or_expired(db: Db) {
     );
 
     // A's heartbeat keeps what it holds; B's extends 155 only.
-    assert_eq!(db.renew_contact_leases("A", t(20)).await.unwrap().len(), 2);
+    assert_eq!(db.renew_contact_leases("A", t(20)).await.unwrap().len(), 3);
     assert_eq!(
         db.renew_contact_leases("B", t(18)).await.unwrap(),
         [lease("155")]
