@@ -199,6 +199,9 @@ impl Application {
         if let Some(task) = heartbeat_task {
             task.abort();
         }
+        if let Some(ownership) = &self.runtime.ownership {
+            ownership.db().close().await;
+        }
         crate::outbox::shutdown_senders(senders).await;
         self.runtime.db.close().await;
         Ok(())
@@ -211,7 +214,12 @@ impl Application {
 /// Their polls stay as the safety net.
 fn wake_on_notifications(state: &AppState) -> Option<tokio::task::JoinHandle<()>> {
     use crate::store::WakeUp;
-    let mut wake_ups = state.runtime.db.wake_ups()?;
+    // On the leases' own pool when there is one: the listener holds its connection.
+    let db = match &state.runtime.ownership {
+        Some(ownership) => ownership.db(),
+        None => &state.runtime.db,
+    };
+    let mut wake_ups = db.wake_ups()?;
     let state = state.clone();
     Some(tokio::spawn(async move {
         while let Some(wake) = wake_ups.recv().await {

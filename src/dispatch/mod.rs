@@ -157,9 +157,11 @@ impl Runtime {
             .iter()
             .map(|c| (c.name.clone(), Arc::new(tokio::sync::Notify::new())))
             .collect();
+        // Leases on a pool of their own: a heartbeat waiting behind busy turns for a
+        // connection would let the leases expire under the turns (a load test did).
         let ownership = db
-            .shared()
-            .then(|| Arc::new(ownership::Ownership::new(db.clone(), clock.clone())));
+            .side_pool(ownership::SIDE_POOL)
+            .map(|side| Arc::new(ownership::Ownership::new(side, clock.clone())));
         Self {
             db,
             engine,

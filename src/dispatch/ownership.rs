@@ -35,6 +35,11 @@ pub const HEARTBEAT: Duration = Duration::from_secs(3);
 /// take every waiting contact.
 pub const TAKE_PER_CLAIM: i64 = 256;
 
+/// Connections of the leases' own pool (`Db::side_pool`): the notifications' listener
+/// holds one, the lease statements (one at a time, under the gate, and the heartbeat) the
+/// others.
+pub const SIDE_POOL: u32 = 3;
+
 /// This instance's leases.
 #[derive(Debug)]
 pub struct Ownership {
@@ -61,6 +66,11 @@ impl Ownership {
             held: Mutex::new(HashMap::new()),
             gate: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// The database handle the leases use (a pool of their own, see [`SIDE_POOL`]).
+    pub fn db(&self) -> &Db {
+        &self.db
     }
 
     /// The owner id this instance's leases carry.
@@ -180,8 +190,11 @@ impl Ownership {
 
     /// One heartbeat.
     pub async fn renew(&self) {
-        // Under the gate, so a lease taken meanwhile is not taken for lost.
-        let _gate = self.gate().await;
+        // Not under the gate (a claim holding it may wait for the main pool): only leases
+        // held before the renewal began can be found lost. A lease wrongly forgotten here
+        // (released and taken again meanwhile) is still renewed, and comes back into `held`
+        // with the next claim or timer that takes it, which releases it again.
+        let before: Vec<LeaseKey> = self.held().keys().cloned().collect();
         let kept = match self
             .db
             .renew_contact_leases(&self.owner, self.until())
@@ -195,18 +208,14 @@ impl Ownership {
         };
         let kept: std::collections::HashSet<LeaseKey> = kept.into_iter().collect();
         let mut held = self.held();
-        held.retain(|lease, users| {
-            if kept.contains(lease) {
-                return true;
-            }
-            if *users > 0 {
+        for lease in before.iter().filter(|l| !kept.contains(*l)) {
+            if held.remove(lease).is_some_and(|users| users > 0) {
                 tracing::error!(
                     channel = %lease.channel, contact = %lease.key,
                     "a contact's lease expired while this instance worked on it; another instance may run its turns too"
                 );
             }
-            false
-        });
+        }
     }
 
     /// How many leases this instance holds (for tests and metrics).

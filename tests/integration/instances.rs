@@ -70,7 +70,7 @@ impl Cluster {
             let config = format!(
                 "database: \"{url}\"\nlisten: 127.0.0.1:{port}\nflows: flows\n\
                  templates: templates.yaml\ncampaigns: campaigns\n\
-                 outbox:\n  lease: 10s\nadmin:\n  token: {ADMIN}\n\
+                 outbox:\n  lease: 30s\nadmin:\n  token: {ADMIN}\n\
                  channels:\n  - name: main\n    provider: cloud_api\n    phone_number_id: \"{PHONE}\"\n    \
                  access_token: {ACCESS}\n    app_secret: {SECRET}\n    verify_token: instances-verify\n    \
                  api_base: {api_base}\n    throughput_mps: 1000\n",
