@@ -223,3 +223,58 @@ impl Ownership {
         self.held().len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::store::conformance::{drop_schema, postgres_db, postgres_db_on};
+
+    /// Two instances' `Ownership`s on one schema: a contact's lease is one instance's while
+    /// any of its workers holds it, goes back when the last lets go (the other instance can
+    /// take it then), and a heartbeat keeps what is held.
+    #[tokio::test]
+    async fn a_lease_is_held_while_any_worker_uses_it_and_released_when_idle() {
+        let Some((db, schema)) = postgres_db().await else {
+            return;
+        };
+        let clock: SharedClock = Arc::new(SystemClock);
+        let a = Ownership::new(db.clone(), clock.clone());
+        let b = Ownership::new(postgres_db_on(&schema).await, clock);
+        assert_ne!(a.owner(), b.owner());
+        let contact = LeaseKey::new("main", "1555");
+
+        assert!(a.acquire(&contact).await.unwrap());
+        assert!(
+            a.acquire(&contact).await.unwrap(),
+            "a second worker of A holds it too"
+        );
+        assert!(!b.acquire(&contact).await.unwrap());
+        a.release(&contact).await;
+        assert!(
+            !b.acquire(&contact).await.unwrap(),
+            "A's other worker still holds it"
+        );
+        a.renew().await;
+        assert_eq!(a.held_count(), 1, "the heartbeat keeps a held lease");
+        a.release(&contact).await;
+        assert_eq!(a.held_count(), 0);
+        assert_eq!(
+            db.contact_lease_holder(&contact, chrono::Utc::now())
+                .await
+                .unwrap(),
+            None,
+            "released in the database when idle"
+        );
+        assert!(
+            b.acquire(&contact).await.unwrap(),
+            "B takes it once A let go"
+        );
+        assert!(!a.acquire(&contact).await.unwrap());
+        b.release(&contact).await;
+        b.db().close().await;
+        drop_schema(&db, &schema).await;
+    }
+}

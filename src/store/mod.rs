@@ -82,7 +82,7 @@ mod wake;
 pub mod writer;
 
 #[cfg(test)]
-mod conformance;
+pub(crate) mod conformance;
 
 pub use api_requests::ApiRequest;
 pub use campaign_reports::{ActiveRecipients, ChargeCount};

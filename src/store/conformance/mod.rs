@@ -77,7 +77,7 @@ async fn open_postgres() -> Option<Fixture> {
 
 /// A migrated [`Db`] on a fresh schema of the test server, and the schema's name; `None`
 /// when no server is configured (see [`open_postgres`]).
-pub(in crate::store) async fn postgres_db() -> Option<(Db, String)> {
+pub(crate) async fn postgres_db() -> Option<(Db, String)> {
     let Ok(url) = std::env::var("FLOWGATE_TEST_POSTGRES_URL") else {
         assert!(
             std::env::var_os("FLOWGATE_REQUIRE_POSTGRES").is_none(),
@@ -96,7 +96,7 @@ pub(in crate::store) async fn postgres_db() -> Option<(Db, String)> {
 
 /// Another [`Db`] (another pool, as another instance would have) on the schema of a
 /// [`postgres_db`]; not migrated.
-pub(in crate::store) async fn postgres_db_on(schema: &str) -> Db {
+pub(crate) async fn postgres_db_on(schema: &str) -> Db {
     let url = std::env::var("FLOWGATE_TEST_POSTGRES_URL").unwrap();
     let (options, _) = super::db::postgres_options(&url).unwrap();
     let options = options.options([("search_path", schema)]);
@@ -104,7 +104,7 @@ pub(in crate::store) async fn postgres_db_on(schema: &str) -> Db {
 }
 
 /// Drops a [`postgres_db`]'s schema, once its test passed.
-pub(in crate::store) async fn drop_schema(db: &Db, schema: &str) {
+pub(crate) async fn drop_schema(db: &Db, schema: &str) {
     sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
         .execute(db.postgres_pool().unwrap())
         .await
