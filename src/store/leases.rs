@@ -76,8 +76,9 @@ macro_rules! one_write {
 
 impl Db {
     /// Takes (or keeps) the leases of the contacts with inbox rows due at `now` that a claim
-    /// would return, at most `limit` contacts, oldest row first; a lease is taken only when
-    /// nobody holds it, its holder's time ran out, or `owner` holds it already. Every lease
+    /// would return, at most `limit` contacts, oldest row first, leaving out contacts another
+    /// instance holds (so `limit` counts only contacts this one can have); a lease is taken
+    /// only when nobody holds it, its holder's time ran out, or `owner` holds it already. Every lease
     /// taken or kept lasts until `until`. Returns the leases `owner` now holds among them.
     pub async fn take_inbox_leases(
         &self,
@@ -94,7 +95,11 @@ impl Db {
             inbox_lease_key!(),
             " AS lease_key, MIN(i.id) AS first \
                FROM inbox i \
-               WHERE i.processed_at IS NULL AND i.next_attempt_at <= $1 AND ",
+               WHERE i.processed_at IS NULL AND i.next_attempt_at <= $1 \
+                 AND NOT EXISTS (SELECT 1 FROM contact_leases h \
+                   WHERE h.channel = i.channel AND h.contact_key = ",
+            inbox_lease_key!(),
+            " AND h.owner <> $3 AND h.lease_until >= $1) AND ",
             super::inbox::not_behind_a_retry!(),
             " GROUP BY i.channel, ",
             inbox_lease_key!(),
@@ -113,7 +118,7 @@ impl Db {
             sqlx::query_as(SQL)
                 .bind(now)
                 .bind(limit.max(0))
-                .bind(&owner)
+                .bind(owner)
                 .bind(until)
                 .fetch_all(pool)
                 .await?
@@ -142,9 +147,9 @@ impl Db {
         let (now, until) = (now.timestamp_millis(), until.timestamp_millis());
         let taken = one_write!(self, own(owner, channel, key), |pool| {
             sqlx::query(SQL)
-                .bind(&channel)
-                .bind(&key)
-                .bind(&owner)
+                .bind(channel)
+                .bind(key)
+                .bind(owner)
                 .bind(until)
                 .bind(now)
                 .execute(pool)
@@ -165,7 +170,7 @@ impl Db {
         let until = until.timestamp_millis();
         let rows: Vec<(String, String)> = one_write!(self, own(owner), |pool| {
             sqlx::query_as(SQL)
-                .bind(&owner)
+                .bind(owner)
                 .bind(until)
                 .fetch_all(pool)
                 .await?
