@@ -168,6 +168,12 @@ impl Application {
             ))
         });
         let state = self.state();
+        let heartbeat_task = self
+            .runtime
+            .ownership
+            .clone()
+            .map(|ownership| tokio::spawn(async move { ownership.heartbeat().await }));
+        let wake_task = wake_on_notifications(&state);
         let (stop_inbound, inbound_stop) = tokio::sync::watch::channel(false);
         let inbound_task = tokio::spawn(crate::inbound::run(state.clone(), inbound_stop));
         let options = crate::outbox::SenderOptions {
@@ -210,10 +216,52 @@ impl Application {
             task.abort();
         }
         let _ = timer_task.await;
+        if let Some(task) = wake_task {
+            task.abort();
+        }
+        if let Some(ownership) = &self.runtime.ownership {
+            // Whatever this instance still holds goes back now, not at expiry.
+            ownership.release_idle().await;
+        }
+        if let Some(task) = heartbeat_task {
+            task.abort();
+        }
+        if let Some(ownership) = &self.runtime.ownership {
+            ownership.db().close().await;
+        }
         crate::outbox::shutdown_senders(senders).await;
         self.runtime.db.close().await;
         Ok(())
     }
+}
+
+/// On a shared database, rings this instance's workers when any instance stored work for
+/// them (`store::wake`): the inbound worker for stored updates and released leases, a
+/// channel's sender for a pending message; everything after the listener (re)connects.
+/// Their polls stay as the safety net.
+fn wake_on_notifications(state: &AppState) -> Option<tokio::task::JoinHandle<()>> {
+    use crate::store::WakeUp;
+    // On the leases' own pool when there is one: the listener holds its connection.
+    let db = match &state.runtime.ownership {
+        Some(ownership) => ownership.db(),
+        None => &state.runtime.db,
+    };
+    let mut wake_ups = db.wake_ups()?;
+    let state = state.clone();
+    Some(tokio::spawn(async move {
+        while let Some(wake) = wake_ups.recv().await {
+            match wake {
+                WakeUp::Inbox | WakeUp::Leases => state.inbox.notify_one(),
+                WakeUp::Outbox(channel) => state.runtime.outbox_ready(&channel).notify_one(),
+                WakeUp::Reconnected => {
+                    state.inbox.notify_one();
+                    for channel in &state.runtime.channels {
+                        state.runtime.outbox_ready(&channel.name).notify_one();
+                    }
+                }
+            }
+        }
+    }))
 }
 
 /// The admin API needs a token unless only this machine can reach it.

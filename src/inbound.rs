@@ -46,13 +46,14 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use tokio::sync::{Notify, Semaphore, watch};
 
+use crate::dispatch::ownership::Ownership;
 use crate::domain::Inbound;
 use crate::engine::Handled;
 use crate::metrics;
 use crate::policy::{ConsentChange, Policy};
 use crate::state::AppState;
 use crate::store::{
-    INBOX_RETENTION, Identifiers, IdentityChanged, InboxRow, NewInboxRow, ORDERED_KINDS,
+    INBOX_RETENTION, Identifiers, IdentityChanged, InboxRow, LeaseKey, NewInboxRow, ORDERED_KINDS,
     StatusChange, StatusOutcome, StoreError, status_rank,
 };
 use crate::whatsapp::{GraphError, Preference, Update};
@@ -218,6 +219,9 @@ enum Outcome {
 
 struct Worker {
     state: AppState,
+    /// On a shared database: the contact leases rows are claimed under (see
+    /// [`crate::dispatch::ownership`]).
+    ownership: Option<Arc<Ownership>>,
     /// Rows received before this worker started may have been processed by a previous
     /// process that crashed before recording it: those are checked against the message log.
     started_at: DateTime<Utc>,
@@ -253,12 +257,28 @@ struct Inner {
     high_water: i64,
     /// Processed rows not yet recorded.
     done: Vec<i64>,
+    /// On a shared database: the lease each row in flight is held under.
+    leases: HashMap<i64, LeaseKey>,
+}
+
+impl Inner {
+    /// A row is no longer in flight (recorded, let go, or given up): its lease, if any, is
+    /// one use lighter.
+    fn forget(&mut self, id: i64, ownership: Option<&Ownership>) {
+        self.in_flight.remove(&id);
+        if let Some(lease) = self.leases.remove(&id)
+            && let Some(ownership) = ownership
+        {
+            ownership.unhold(&lease);
+        }
+    }
 }
 
 impl Worker {
     fn new(state: AppState) -> Arc<Self> {
         let started_at = state.runtime.clock.now();
         Arc::new(Self {
+            ownership: state.runtime.ownership.clone(),
             state,
             started_at,
             permits: Semaphore::new(CONCURRENCY),
@@ -291,20 +311,34 @@ impl Worker {
     /// Claims due rows (all of them, or only those above the high-water mark) and hands them
     /// to their groups; returns how many it dispatched.
     async fn pump(self: &Arc<Self>, full: bool) -> Result<usize, StoreError> {
-        let _exclusive = match full {
+        // On a shared database every claim excludes a record: a record releases leases,
+        // and none may be released while rows read under it are being dispatched.
+        let _exclusive = match full || self.ownership.is_some() {
             true => Some(self.full_claim.lock().await),
             false => None,
+        };
+        let mut full = full;
+        let _gate = match &self.ownership {
+            Some(ownership) => {
+                let gate = ownership.gate().await;
+                // A contact new to this instance may have rows below the high-water mark.
+                full |= ownership.take_inbox().await?;
+                Some(gate)
+            }
+            None => None,
         };
         let Some((after, generation)) = self.begin_claim(full) else {
             return Ok(0);
         };
         let now = self.state.runtime.clock.now();
-        let rows = self
-            .state
-            .runtime
-            .db
-            .claim_inbox_after(after, now, BATCH)
-            .await?;
+        let db = &self.state.runtime.db;
+        let rows = match &self.ownership {
+            Some(ownership) => {
+                db.claim_owned_inbox(ownership.owner(), after, now, BATCH)
+                    .await?
+            }
+            None => db.claim_inbox_after(after, now, BATCH).await?,
+        };
         let claimed = rows.len();
         let (dispatched, started) = self.dispatch(rows, full, generation);
         for key in started {
@@ -357,6 +391,11 @@ impl Worker {
                 continue;
             }
             inner.in_flight.insert(row.id);
+            if let Some(ownership) = &self.ownership {
+                let lease = LeaseKey::of_inbox_row(&row);
+                ownership.hold(lease.clone());
+                inner.leases.insert(row.id, lease);
+            }
             dispatched += 1;
             match inner.queues.get_mut(&key) {
                 Some(queue) => queue.push_back(row),
@@ -404,12 +443,13 @@ impl Worker {
     /// begun after now.
     fn stop_group(&self, key: String, row: &InboxRow) {
         let mut inner = self.lock();
+        let ownership = self.ownership.as_deref();
         if let Some(rest) = inner.queues.remove(&key) {
             for r in rest {
-                inner.in_flight.remove(&r.id);
+                inner.forget(r.id, ownership);
             }
         }
-        inner.in_flight.remove(&row.id);
+        inner.forget(row.id, ownership);
         let generation = inner.full_claims;
         inner.stopped.insert(key, generation);
         drop(inner);
@@ -459,7 +499,7 @@ impl Worker {
             .await
         {
             Ok(()) => {
-                self.lock().in_flight.remove(&row.id);
+                self.lock().forget(row.id, self.ownership.as_deref());
                 self.handled.fetch_add(1, Ordering::Relaxed);
                 self.settled.fetch_add(1, Ordering::Relaxed);
                 true
@@ -495,9 +535,17 @@ impl Worker {
         }
     }
 
-    /// Records processed rows in one statement.
+    /// Records processed rows in one statement; on a shared database, then gives back the leases of contacts with nothing left here.
     async fn flush(&self) {
         let _exclusive = self.full_claim.lock().await;
+        self.record_done().await;
+        if let Some(ownership) = &self.ownership {
+            ownership.release_idle().await;
+        }
+    }
+
+    /// [`Worker::flush`]'s record (hold `full_claim`).
+    async fn record_done(&self) {
         let ids = std::mem::take(&mut self.lock().done);
         if ids.is_empty() {
             return;
@@ -507,7 +555,7 @@ impl Worker {
             Ok(()) => {
                 let mut inner = self.lock();
                 for id in &ids {
-                    inner.in_flight.remove(id);
+                    inner.forget(*id, self.ownership.as_deref());
                 }
             }
             Err(e) => {
@@ -686,7 +734,9 @@ impl Worker {
                 "channel `{channel}` is no longer configured; the message is not answered"
             ));
         }
-        if row.attempts > 0 || row.received_at <= self.started_at {
+        // On a shared database the row may be one another instance ran before it died (its
+        // lease expired), whatever its age.
+        if row.attempts > 0 || row.received_at <= self.started_at || self.ownership.is_some() {
             match runtime.db.inbound_seen(channel, &inbound.id).await {
                 Ok(true) => return Outcome::Done,
                 Ok(false) => {}

@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 
 use crate::clock::VirtualClock;
 use crate::engine::{Event, TimerKind};
+use crate::store::{LeaseKey, TimerRow};
 
 use super::{DispatchError, Runtime, SentMessage, TurnReport, count_decision};
 
@@ -34,35 +35,61 @@ impl Runtime {
         }
     }
 
-    /// Fires every timer due by the clock's now, oldest first.
+    /// Fires every timer due by the clock's now, oldest first. On a shared database a
+    /// timer fires only under its contact's lease, and only if it is still pending once the
+    /// lease is taken (another instance may have fired it since it was read); a timer whose
+    /// contact another instance holds waits for the next call.
     pub async fn fire_due_timers(&self) -> Result<Vec<TurnReport>, DispatchError> {
         let mut reports = self.expire_queued().await?;
         loop {
             let due = self.db.due_timers(self.clock.now(), 100).await?;
-            if due.is_empty() {
+            let mut fired = 0;
+            for timer in &due {
+                let lease = match &self.ownership {
+                    Some(ownership) => {
+                        let lease = LeaseKey::new(&timer.channel, &timer.wa_id);
+                        if !ownership.acquire(&lease).await? {
+                            continue;
+                        }
+                        if !self.db.timer_pending(timer.id).await? {
+                            ownership.release(&lease).await;
+                            continue;
+                        }
+                        Some((ownership, lease))
+                    }
+                    None => None,
+                };
+                let report = self.fire_timer(timer).await;
+                if let Some((ownership, lease)) = lease {
+                    ownership.release(&lease).await;
+                }
+                reports.push(report?);
+                fired += 1;
+            }
+            if fired == 0 {
                 return Ok(reports);
             }
-            for timer in due {
-                let kind: TimerKind = match serde_json::from_value(timer.payload.clone()) {
-                    Ok(kind) => kind,
-                    Err(e) => {
-                        tracing::error!(timer = timer.id, error = %e, "unreadable timer; dropping it");
-                        TimerKind::Wait { epoch: -1 }
-                    }
-                };
-                let report = self
-                    .handle(
-                        &timer.channel,
-                        &timer.wa_id,
-                        Event::Timer(kind),
-                        None,
-                        None,
-                        Some(timer.id),
-                    )
-                    .await?;
-                reports.push(report);
-            }
         }
+    }
+
+    /// One timer's turn.
+    async fn fire_timer(&self, timer: &TimerRow) -> Result<TurnReport, DispatchError> {
+        let kind: TimerKind = match serde_json::from_value(timer.payload.clone()) {
+            Ok(kind) => kind,
+            Err(e) => {
+                tracing::error!(timer = timer.id, error = %e, "unreadable timer; dropping it");
+                TimerKind::Wait { epoch: -1 }
+            }
+        };
+        self.handle(
+            &timer.channel,
+            &timer.wa_id,
+            Event::Timer(kind),
+            None,
+            None,
+            Some(timer.id),
+        )
+        .await
     }
 
     /// Moves a virtual clock to `to`, firing every timer that falls due on the way at its

@@ -11,6 +11,7 @@
 //! parallel.
 
 mod due;
+pub mod ownership;
 mod redecide;
 mod reply;
 mod run;
@@ -128,6 +129,10 @@ pub struct Runtime {
     /// Rung when a turn stored a customer's file to download, so the media worker starts
     /// at once instead of at its next poll.
     pub media_bell: Arc<tokio::sync::Notify>,
+    /// On a database several instances share (PostgreSQL): this instance's contact leases,
+    /// under which it runs a contact's inbox rows and timers ([`ownership`]); `None` on
+    /// SQLite.
+    pub ownership: Option<Arc<ownership::Ownership>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -158,6 +163,11 @@ impl Runtime {
             .iter()
             .map(|c| (c.name.clone(), Arc::new(tokio::sync::Notify::new())))
             .collect();
+        // Leases on a pool of their own: a heartbeat waiting behind busy turns for a
+        // connection would let the leases expire under the turns (a load test did).
+        let ownership = db
+            .side_pool(ownership::SIDE_POOL)
+            .map(|side| Arc::new(ownership::Ownership::new(side, clock.clone())));
         Self {
             db,
             engine,
@@ -177,6 +187,7 @@ impl Runtime {
             stated_limits: Mutex::new(HashMap::new()),
             media: None,
             media_bell: Arc::new(tokio::sync::Notify::new()),
+            ownership,
         }
     }
 

@@ -140,6 +140,31 @@ impl Db {
         }
     }
 
+    /// Another handle on this PostgreSQL database with a pool of `size` connections of its
+    /// own (opened when first used), for work that must not wait behind the main pool's
+    /// turns: the contact leases' heartbeat, the notifications' listener. `None` on SQLite.
+    pub fn side_pool(&self, size: u32) -> Option<Db> {
+        let Backend::Postgres(postgres) = &self.backend else {
+            return None;
+        };
+        let pool = PgPoolOptions::new()
+            .max_connections(size)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_lazy_with((*postgres.options).clone());
+        Some(Db {
+            backend: Backend::Postgres(Postgres {
+                pool,
+                options: postgres.options.clone(),
+            }),
+        })
+    }
+
+    /// Whether several instances may share this database (PostgreSQL): then a contact's
+    /// turns run under its lease (`dispatch::ownership`). SQLite is one process by design.
+    pub fn shared(&self) -> bool {
+        self.is_postgres()
+    }
+
     /// Whether the database is on PostgreSQL (for the few statements written per backend).
     pub(super) fn is_postgres(&self) -> bool {
         matches!(self.backend, Backend::Postgres(_))

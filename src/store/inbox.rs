@@ -18,6 +18,7 @@ use rusqlite::types::Value;
 use super::db::{Backend, Db};
 use super::db::{with_pool, with_writer};
 use super::error::StoreError;
+use super::leases::inbox_lease_key;
 use super::sql::{bind_numbered, from_millis, placeholders};
 use super::writer::Writer;
 
@@ -182,33 +183,29 @@ impl Db {
                 .fetch_all(pool)
                 .await?
         });
-        rows.into_iter()
-            .map(
-                |(
-                    id,
-                    channel,
-                    dedupe_key,
-                    kind,
-                    contact_key,
-                    payload,
-                    received_at,
-                    attempts,
-                    last_error,
-                )| {
-                    Ok(InboxRow {
-                        id,
-                        channel,
-                        dedupe_key,
-                        kind,
-                        contact_key,
-                        payload: serde_json::from_str(&payload)?,
-                        received_at: from_millis(received_at, "inbox.received_at")?,
-                        attempts,
-                        last_error,
-                    })
-                },
-            )
-            .collect()
+        inbox_rows(rows)
+    }
+
+    /// [`Db::claim_inbox_after`] for an instance sharing the database: only rows of contacts
+    /// whose lease `owner` holds (`contact_leases`, taken by [`Db::take_inbox_leases`]).
+    pub async fn claim_owned_inbox(
+        &self,
+        owner: &str,
+        after: i64,
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<InboxRow>, StoreError> {
+        const SQL: &str = CLAIM_OWNED_AFTER;
+        let rows: Vec<InboxRaw> = with_pool!(self, |pool| {
+            sqlx::query_as(SQL)
+                .bind(now.timestamp_millis())
+                .bind(after)
+                .bind(limit.max(0))
+                .bind(owner)
+                .fetch_all(pool)
+                .await?
+        });
+        inbox_rows(rows)
     }
 
     /// Marks updates processed.
@@ -344,6 +341,37 @@ impl Db {
             Backend::Postgres(postgres) => job.run_postgres(&postgres.pool).await,
         }
     }
+}
+
+/// Claimed rows as the worker takes them.
+fn inbox_rows(rows: Vec<InboxRaw>) -> Result<Vec<InboxRow>, StoreError> {
+    rows.into_iter()
+        .map(
+            |(
+                id,
+                channel,
+                dedupe_key,
+                kind,
+                contact_key,
+                payload,
+                received_at,
+                attempts,
+                last_error,
+            )| {
+                Ok(InboxRow {
+                    id,
+                    channel,
+                    dedupe_key,
+                    kind,
+                    contact_key,
+                    payload: serde_json::from_str(&payload)?,
+                    received_at: from_millis(received_at, "inbox.received_at")?,
+                    attempts,
+                    last_error,
+                })
+            },
+        )
+        .collect()
 }
 
 /// [`Db::apply_status`]'s statements, in order: move the message with the wamid forward;
@@ -522,19 +550,43 @@ impl StatusJob {
 }
 
 /// [`Db::claim_inbox_after`]'s query.
-const CLAIM_AFTER: &str = "SELECT i.id, i.channel, i.dedupe_key, i.kind, i.contact_key, \
-            i.payload, i.received_at, i.attempts, i.last_error \
-        FROM inbox i \
-        WHERE i.processed_at IS NULL AND i.next_attempt_at <= $1 AND i.id > $2 \
-          AND NOT (i.contact_key IS NOT NULL \
+/// Leaves out a row `i` of the [`ORDERED_KINDS`] while an earlier one of its contact waits
+/// for a retry (parameter `$1` is now).
+macro_rules! not_behind_a_retry {
+    () => {
+        "NOT (i.contact_key IS NOT NULL \
             AND i.kind IN ('message', 'system', 'user_preference') \
             AND EXISTS (SELECT 1 FROM inbox e \
               WHERE e.processed_at IS NULL AND e.next_attempt_at > $1 \
                 AND e.channel = i.channel AND e.contact_key = i.contact_key \
                 AND e.id < i.id \
-                AND e.kind IN ('message', 'system', 'user_preference'))) \
-        ORDER BY i.id \
-        LIMIT $3";
+                AND e.kind IN ('message', 'system', 'user_preference')))"
+    };
+}
+pub(super) use not_behind_a_retry;
+
+const CLAIM_AFTER: &str = concat!(
+    "SELECT i.id, i.channel, i.dedupe_key, i.kind, i.contact_key, \
+            i.payload, i.received_at, i.attempts, i.last_error \
+        FROM inbox i \
+        WHERE i.processed_at IS NULL AND i.next_attempt_at <= $1 AND i.id > $2 AND ",
+    not_behind_a_retry!(),
+    " ORDER BY i.id LIMIT $3"
+);
+
+/// [`CLAIM_AFTER`] for the rows of contacts whose lease `$4` holds
+/// ([`Db::claim_owned_inbox`]).
+const CLAIM_OWNED_AFTER: &str = concat!(
+    "SELECT i.id, i.channel, i.dedupe_key, i.kind, i.contact_key, \
+            i.payload, i.received_at, i.attempts, i.last_error \
+        FROM inbox i JOIN contact_leases l \
+          ON l.channel = i.channel AND l.contact_key = ",
+    inbox_lease_key!(),
+    " WHERE l.owner = $4 AND i.processed_at IS NULL AND i.next_attempt_at <= $1 \
+          AND i.id > $2 AND ",
+    not_behind_a_retry!(),
+    " ORDER BY i.id LIMIT $3"
+);
 
 /// Records a status's wamid on the message with its idempotency key ([`StatusJob`]).
 const STATUS_ADOPT: &str = "UPDATE messages SET wamid = $1 \

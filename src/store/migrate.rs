@@ -74,6 +74,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "media uploads",
         include_str!("../../migrations/sqlite/0013_media_uploads.sql"),
     ),
+    (
+        14,
+        "contact leases",
+        include_str!("../../migrations/sqlite/0014_contact_leases.sql"),
+    ),
 ];
 
 /// The PostgreSQL migrations: the same numbers and names as SQLite's, each written for
@@ -140,6 +145,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         13,
         "media uploads",
         include_str!("../../migrations/postgres/0013_media_uploads.sql"),
+    ),
+    (
+        14,
+        "contact leases",
+        include_str!("../../migrations/postgres/0014_contact_leases.sql"),
     ),
 ];
 

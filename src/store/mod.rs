@@ -23,18 +23,20 @@
 //! | `turn` | `contacts`, `sessions`, `messages`, `timers` | [`Db::commit_turn`]: everything one turn changes, in one transaction ([`TurnWrite`]) |
 //! | `inbox` | `inbox`; statuses on `messages` | webhook updates: [`Db::insert_updates`], claims, retries, pruning; delivery statuses: [`Db::apply_status`] |
 //! | `media` | `media`, `server_secrets` | customers' files: the download worker's claims with a lease ([`Db::claim_media`]), retries and outcomes, the flow told ([`Db::media_notified`]); rows for history and `GET /media/{id}`; generated secrets ([`Db::server_secret`]) |
+//! | `leases` | `contact_leases` | which instance runs a contact's turns when several share PostgreSQL: [`Db::take_inbox_leases`], [`Db::take_contact_lease`], [`Db::renew_contact_leases`], [`Db::release_contact_leases`] (with [`Db::claim_owned_inbox`] in `inbox`) |
 //! | `outbox` | outbound `messages`, `channel_state` | the sender's claims and outcomes ([`Db::claim_outbox`], `record_*`), the channel stop switch |
 //! | `queue` | `messages` in status `queued` | [`Db::queued_messages`], expiries, [`Db::redecide_claimed`] |
 //! | `retention` | deletes from `messages`, `api_requests` | the `retention` setting's pruning: [`Db::history_boundary`] (binary search over ids), [`Db::prune_messages`] (settled messages only), [`Db::prune_api_requests`] |
 //! | `splits` | `split_assignments` (written by `turn`) | the per-branch report of A/B splits: [`Db::split_counts`] |
 //! | `template_statuses` | `template_statuses` | [`Db::save_template_status`], [`Db::template_statuses`] |
-//! | `timers` | reads `timers` | [`Db::due_timers`], [`Db::next_timer_at`] |
+//! | `timers` | reads `timers` | [`Db::due_timers`], [`Db::next_timer_at`], [`Db::timer_pending`] |
 //!
 //! Beside them: `db` ([`Db`], its `Backend`, connect, migrate, close, and the two macros
 //! that open the backend for portable SQL), `error` ([`StoreError`]), `migrate` (the
 //! embedded migrations of both backends), `identities` (the identity rules' statements per
 //! backend), `sql` (the helpers every aggregate shares), `writer` (SQLite's writer thread) and `resolved_cache`
-//! (identities this process resolved). Modules import downwards only: aggregates import
+//! (identities this process resolved), `wake` (on PostgreSQL, `LISTEN` for the other
+//! instances' notifications: [`Db::wake_ups`]). Modules import downwards only: aggregates import
 //! `db`, `error`, `sql` and each other's row types; `db` imports none of them.
 //!
 //! # The backend seam
@@ -69,6 +71,7 @@ mod import;
 mod inbox;
 mod media_uploads;
 mod media;
+mod leases;
 mod migrate;
 mod outbox;
 mod queue;
@@ -80,10 +83,11 @@ mod sql;
 mod template_statuses;
 mod timers;
 mod turn;
+mod wake;
 pub mod writer;
 
 #[cfg(test)]
-mod conformance;
+pub(crate) mod conformance;
 
 pub use api_requests::ApiRequest;
 pub use campaign_reports::{ActiveRecipients, ChargeCount};
@@ -103,6 +107,7 @@ pub use inbox::{
 };
 pub use media_uploads::{MediaUpload, MediaUploadState};
 pub use media::{LocalMedia, MediaFinish, MediaRow};
+pub use leases::LeaseKey;
 pub use outbox::{ChannelStop, OutboundFilter, OutboxEntry, OutboxRow};
 pub use queue::{ExpiringMessage, FLUSH_LIMIT, QueuedMessage};
 pub use run_requests::ManualRun;
@@ -110,3 +115,4 @@ pub use splits::SplitCount;
 pub use template_statuses::TemplateStatusRow;
 pub use timers::{NewTimer, TimerRow};
 pub use turn::{CommittedTurn, DequeuedRecord, OutboundRecord, Superseded, TurnWrite};
+pub use wake::WakeUp;

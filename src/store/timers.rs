@@ -70,4 +70,16 @@ impl Db {
             with_pool!(self, |pool| sqlx::query_scalar(SQL).fetch_one(pool).await?);
         at.map(|ms| from_millis(ms, "timers.due_at")).transpose()
     }
+
+    /// Whether the timer `id` is still pending (not fired, not replaced by a turn): checked
+    /// under the contact's lease before its turn runs, so an instance that read it before
+    /// another fired it does not run its flow again.
+    pub async fn timer_pending(&self, id: i64) -> Result<bool, StoreError> {
+        const SQL: &str = "SELECT COUNT(*) FROM timers WHERE id = $1";
+        let n: i64 = with_pool!(self, |pool| sqlx::query_scalar(SQL)
+            .bind(id)
+            .fetch_one(pool)
+            .await?);
+        Ok(n > 0)
+    }
 }

@@ -21,6 +21,7 @@ mod fuzz;
 mod hardening;
 mod media_upload;
 mod media;
+mod instances;
 mod outbox;
 mod policy;
 mod policy_properties;

@@ -35,6 +35,7 @@ mod import;
 mod inbox;
 mod media_uploads;
 mod media;
+mod leases;
 mod turns;
 
 /// A fresh database for one test, with what must outlive it.
@@ -79,7 +80,7 @@ async fn open_postgres() -> Option<Fixture> {
 
 /// A migrated [`Db`] on a fresh schema of the test server, and the schema's name; `None`
 /// when no server is configured (see [`open_postgres`]).
-pub(in crate::store) async fn postgres_db() -> Option<(Db, String)> {
+pub(crate) async fn postgres_db() -> Option<(Db, String)> {
     let Ok(url) = std::env::var("FLOWGATE_TEST_POSTGRES_URL") else {
         assert!(
             std::env::var_os("FLOWGATE_REQUIRE_POSTGRES").is_none(),
@@ -98,7 +99,7 @@ pub(in crate::store) async fn postgres_db() -> Option<(Db, String)> {
 
 /// Another [`Db`] (another pool, as another instance would have) on the schema of a
 /// [`postgres_db`]; not migrated.
-pub(in crate::store) async fn postgres_db_on(schema: &str) -> Db {
+pub(crate) async fn postgres_db_on(schema: &str) -> Db {
     let url = std::env::var("FLOWGATE_TEST_POSTGRES_URL").unwrap();
     let (options, _) = super::db::postgres_options(&url).unwrap();
     let options = options.options([("search_path", schema)]);
@@ -106,7 +107,7 @@ pub(in crate::store) async fn postgres_db_on(schema: &str) -> Db {
 }
 
 /// Drops a [`postgres_db`]'s schema, once its test passed.
-pub(in crate::store) async fn drop_schema(db: &Db, schema: &str) {
+pub(crate) async fn drop_schema(db: &Db, schema: &str) {
     sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
         .execute(db.postgres_pool().unwrap())
         .await
@@ -179,6 +180,9 @@ macro_rules! suite {
                 inbox::callback_data_finds_a_send_whose_wamid_was_lost,
                 inbox::a_status_ends_a_dead_senders_lease,
                 inbox::inbound_seen_reads_the_message_log,
+                leases::a_contacts_lease_is_one_owners_until_released_or_expired,
+                leases::leases_follow_what_a_claim_could_take,
+                leases::a_fired_timer_is_no_longer_pending,
                 campaign_api::run_now_is_one_run_at_a_time_and_idempotent_by_key,
                 campaign_api::replies_and_charges_are_read_from_the_log,
                 campaigns::next_run_at_round_trips_and_decides_what_is_due,
