@@ -120,9 +120,26 @@ impl Application {
     ) -> anyhow::Result<()> {
         let timers = self.runtime.clone();
         let campaigns = self.campaigns.clone();
-        let dispatcher = crate::campaign_runner::dispatch::Dispatcher::new(campaigns.clone());
+        // The number's limits are counted by the instance holding its channel's lease.
+        let channels: Vec<String> = self.config.channels.iter().map(|c| c.name.clone()).collect();
+        let leases = crate::outbox::ChannelLeases::start(
+            &self.runtime.db,
+            &channels,
+            crate::outbox::LeaseOptions::default(),
+        );
+        let dispatcher = crate::campaign_runner::dispatch::Dispatcher::new(campaigns.clone())
+            .with_leases(leases.clone());
+        // Other instances take template status webhooks too: on a shared database, read
+        // their statuses every few rounds (SQLite's one instance already has them).
+        let shared = self.runtime.db.backend() != "sqlite";
         let timer_task = tokio::spawn(async move {
-            loop {
+            for round in 0u64.. {
+                if shared
+                    && round % TEMPLATE_REFRESH_ROUNDS == 0
+                    && let Err(e) = timers.load_template_statuses().await
+                {
+                    tracing::error!(error = %e, "reading template statuses failed");
+                }
                 if let Err(e) = campaigns.tick().await {
                     tracing::error!(error = %e, "starting due campaign runs failed");
                 }
@@ -169,7 +186,7 @@ impl Application {
                 .then(crate::outbox::PairLimit::default),
             ..Default::default()
         };
-        let senders = crate::outbox::spawn_senders(&self.runtime, &options);
+        let senders = crate::outbox::spawn_senders(&self.runtime, &options, &leases);
         let closing = self.closing.clone();
         let shutdown = async move {
             shutdown.await;
@@ -184,10 +201,15 @@ impl Application {
         limits_task.abort();
         let _ = timer_task.await;
         crate::outbox::shutdown_senders(senders).await;
+        leases.release().await;
         self.runtime.db.close().await;
         Ok(())
     }
 }
+
+/// Every this many rounds of the timer loop (half a second each), an instance on a shared
+/// database reads the template statuses other instances stored.
+const TEMPLATE_REFRESH_ROUNDS: u64 = 4;
 
 /// The admin API needs a token unless only this machine can reach it.
 fn refuse_open_admin(listen: &str, config: &Config) -> anyhow::Result<()> {

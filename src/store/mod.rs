@@ -27,6 +27,7 @@
 //! | `splits` | `split_assignments` (written by `turn`) | the per-branch report of A/B splits: [`Db::split_counts`] |
 //! | `template_statuses` | `template_statuses` | [`Db::save_template_status`], [`Db::template_statuses`] |
 //! | `timers` | reads `timers` | [`Db::due_timers`], [`Db::next_timer_at`] |
+//! | `leases` | (PostgreSQL advisory locks) | which instance sends for a channel: [`Db::channel_lease`], [`ChannelLease`] |
 //!
 //! Beside them: `db` ([`Db`], its `Backend`, connect, migrate, close, and the two macros
 //! that open the backend for portable SQL), `error` ([`StoreError`]), `migrate` (the
@@ -65,6 +66,7 @@ mod error;
 mod identities;
 mod import;
 mod inbox;
+mod leases;
 mod migrate;
 mod outbox;
 mod queue;
@@ -92,6 +94,7 @@ pub use conversations::{Conversation, MessageDetail, MessageRow, SessionRow};
 pub use db::{DEFAULT_POSTGRES_POOL, Db, create_test_schema, redact as redact_url};
 pub use error::StoreError;
 pub use import::{IMPORT_CHUNK, ImportOutcome};
+pub use leases::ChannelLease;
 pub use inbox::{
     INBOX_RETENTION, InboxRow, NewInboxRow, ORDERED_KINDS, StatusChange, StatusOutcome, Stored,
     status_rank,
