@@ -7,7 +7,9 @@
 //! then the whole number's.
 //!
 //! On PostgreSQL the lease is a session-level advisory lock
-//! (`pg_try_advisory_lock(CHANNEL_LEASE, hashtext(channel))`) on a connection of its own,
+//! (`pg_try_advisory_lock(CHANNEL_LEASE, hashtext(schema.channel))`: advisory locks are the
+//! database's, so the schema keeps two deployments in one database apart) on a connection
+//! of its own,
 //! outside the pool: PostgreSQL releases it the moment that connection ends, whether the
 //! holder closes it, exits, is killed or loses the network, so there is no expiry to tune
 //! and no row to renew. The other instances keep their own connection open and try again
@@ -17,7 +19,7 @@ use super::db::{Backend, Db};
 use super::error::StoreError;
 
 /// The first key of the channel leases (`pg_try_advisory_lock(int, int)`); the second is
-/// the channel's hash. The identity locks use another first key (`identities`).
+/// the hash of the schema and the channel. The identity locks use another first key (`identities`).
 const CHANNEL_LEASE: i32 = 0x6667_736c; // "fgsl"
 
 /// One instance's hold (or attempt to hold) on one channel's lease.
@@ -63,7 +65,7 @@ impl Db {
         };
         Ok(sqlx::query_scalar(
             "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
-             AND classid = CAST($1 AS oid) AND objid = CAST(hashtext($2) AS oid) AND objsubid = 2",
+             AND classid = CAST($1 AS oid) AND objid = CAST(hashtext(current_schema() || '.' || $2) AS oid) AND objsubid = 2",
         )
         .bind(CHANNEL_LEASE)
         .bind(channel)
@@ -86,7 +88,7 @@ impl ChannelLease {
             self.held = true;
             return Ok(true);
         };
-        self.held = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+        self.held = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext(current_schema() || '.' || $2))")
             .bind(CHANNEL_LEASE)
             .bind(&self.channel)
             .fetch_one(conn)
@@ -106,7 +108,7 @@ impl ChannelLease {
         let held: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
              AND pid = pg_backend_pid() AND granted \
-             AND classid = CAST($1 AS oid) AND objid = CAST(hashtext($2) AS oid) AND objsubid = 2)",
+             AND classid = CAST($1 AS oid) AND objid = CAST(hashtext(current_schema() || '.' || $2) AS oid) AND objsubid = 2)",
         )
         .bind(CHANNEL_LEASE)
         .bind(&self.channel)
@@ -122,7 +124,7 @@ impl ChannelLease {
     pub async fn release(mut self) {
         if let Some(mut conn) = self.conn.take() {
             if self.held {
-                let _ = sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
+                let _ = sqlx::query("SELECT pg_advisory_unlock($1, hashtext(current_schema() || '.' || $2))")
                     .bind(CHANNEL_LEASE)
                     .bind(&self.channel)
                     .execute(&mut conn)
