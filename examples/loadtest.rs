@@ -534,17 +534,19 @@ impl Server {
     }
 
     /// SIGTERM, then waits (at most 30 s) for the process to end; SIGKILL after that.
-    fn stop(mut self) {
+    /// Returns its exit status when it ended by itself.
+    fn stop(mut self) -> Option<std::process::ExitStatus> {
         let _ = Command::new("kill")
             .args(["-TERM", &self.0.id().to_string()])
             .status();
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return Some(status);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        None
     }
 }
 
@@ -586,11 +588,23 @@ impl Servers {
             .fold((0.0, 0.0), |(a, b), (c, d)| (a + c, b + d))
     }
 
-    /// SIGTERM to every instance, then waits for each.
+    /// SIGTERM to every instance, then waits for each; says how each ended (a clean
+    /// drain exits 0).
     fn stop(self) {
-        for server in self.0 {
-            server.stop();
-        }
+        let started = Instant::now();
+        let ended: Vec<String> = self
+            .0
+            .into_iter()
+            .map(|server| match server.stop() {
+                Some(status) => status.to_string(),
+                None => "killed after 30 s".to_string(),
+            })
+            .collect();
+        println!(
+            "servers stopped:    SIGTERM -> {} in {:.1} s",
+            ended.join(", "),
+            started.elapsed().as_secs_f64()
+        );
     }
 }
 
@@ -1469,7 +1483,7 @@ async fn run(args: Args, instances: usize, database: Option<String>) -> Vec<Phas
         bench.fake.duplicates.load(Ordering::Relaxed),
         bench.fake.mark_reads.load(Ordering::Relaxed)
     );
-    drop(servers);
+    servers.stop();
     keep_db(dir.path());
     finish(bench, posters, fake_server, fresh).await
 }

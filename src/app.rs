@@ -121,7 +121,12 @@ impl Application {
         let timers = self.runtime.clone();
         let campaigns = self.campaigns.clone();
         // The number's limits are counted by the instance holding its channel's lease.
-        let channels: Vec<String> = self.config.channels.iter().map(|c| c.name.clone()).collect();
+        let channels: Vec<String> = self
+            .config
+            .channels
+            .iter()
+            .map(|c| c.name.clone())
+            .collect();
         let leases = crate::outbox::ChannelLeases::start(
             &self.runtime.db,
             &channels,

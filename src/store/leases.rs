@@ -88,11 +88,13 @@ impl ChannelLease {
             self.held = true;
             return Ok(true);
         };
-        self.held = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext(current_schema() || '.' || $2))")
-            .bind(CHANNEL_LEASE)
-            .bind(&self.channel)
-            .fetch_one(conn)
-            .await?;
+        self.held = sqlx::query_scalar(
+            "SELECT pg_try_advisory_lock($1, hashtext(current_schema() || '.' || $2))",
+        )
+        .bind(CHANNEL_LEASE)
+        .bind(&self.channel)
+        .fetch_one(conn)
+        .await?;
         Ok(self.held)
     }
 
@@ -124,11 +126,13 @@ impl ChannelLease {
     pub async fn release(mut self) {
         if let Some(mut conn) = self.conn.take() {
             if self.held {
-                let _ = sqlx::query("SELECT pg_advisory_unlock($1, hashtext(current_schema() || '.' || $2))")
-                    .bind(CHANNEL_LEASE)
-                    .bind(&self.channel)
-                    .execute(&mut conn)
-                    .await;
+                let _ = sqlx::query(
+                    "SELECT pg_advisory_unlock($1, hashtext(current_schema() || '.' || $2))",
+                )
+                .bind(CHANNEL_LEASE)
+                .bind(&self.channel)
+                .execute(&mut conn)
+                .await;
             }
             let _ = sqlx::Connection::close(conn).await;
         }

@@ -94,11 +94,11 @@ pub use conversations::{Conversation, MessageDetail, MessageRow, SessionRow};
 pub use db::{DEFAULT_POSTGRES_POOL, Db, create_test_schema, redact as redact_url};
 pub use error::StoreError;
 pub use import::{IMPORT_CHUNK, ImportOutcome};
-pub use leases::ChannelLease;
 pub use inbox::{
     INBOX_RETENTION, InboxRow, NewInboxRow, ORDERED_KINDS, StatusChange, StatusOutcome, Stored,
     status_rank,
 };
+pub use leases::ChannelLease;
 pub use outbox::{ChannelStop, OutboundFilter, OutboxEntry, OutboxRow};
 pub use queue::{ExpiringMessage, FLUSH_LIMIT, QueuedMessage};
 pub use run_requests::ManualRun;
