@@ -1,8 +1,10 @@
-//! Load benchmark: N simulated customers against the release binary on SQLite.
+//! Load benchmark: N simulated customers against the release binary, on SQLite or on N
+//! instances sharing one PostgreSQL database.
 //!
 //! ```sh
 //! cargo build --release --bin flowgate --examples
 //! target/release/examples/loadtest --scenario reference --customers 200 --seconds 20
+//! target/release/examples/loadtest --compare --database postgres://postgres@127.0.0.1:5432/bench
 //! ```
 //!
 //! Each customer runs a closed loop through a conversation: send a signed webhook, wait until
@@ -39,6 +41,18 @@
 //!
 //! `--campaign-recipients N` (survey or reference) measures replies idle and then while a
 //! campaign sends to N other contacts at `--campaign-rate`.
+//!
+//! Several instances on PostgreSQL: `--database postgres://…` runs the server on a fresh
+//! schema of that database (dropped at the end), `--instances N` starts N `flowgate serve`
+//! processes on it. The customers' webhooks and the fake's status webhooks go to the
+//! instances round robin (one webhook to the next instance), as a balancer would; the server
+//! CPU and RSS are summed over the instances, and the CPU of the database's PostgreSQL
+//! backends is printed beside them. The fake counts sends that repeat an idempotency key
+//! (`duplicate sends`: a message sent twice).
+//!
+//! `--compare --database postgres://…` runs SQLite, then PostgreSQL with 1, 2 and 3
+//! instances back to back (one phase each), and prints replies/s and p50/p99 for each in one
+//! table.
 //!
 //! For profiling: `LOADTEST_SERVER_LOG` sets the server's `RUST_LOG` (e.g. `sqlx=debug` logs
 //! every statement), and `LOADTEST_KEEP_DB=path` copies the database there at the end.
@@ -176,6 +190,7 @@ impl Scenario {
     }
 }
 
+#[derive(Clone)]
 struct Args {
     scenario: Scenario,
     customers: usize,
@@ -191,10 +206,17 @@ struct Args {
     campaign_recipients: usize,
     /// The campaign's `rate`, sends per second.
     campaign_rate: u32,
+    /// `flowgate serve` processes on one database.
+    instances: usize,
+    /// A PostgreSQL URL (a fresh schema of it per run); `None`: a SQLite file.
+    database: Option<String>,
+    /// SQLite, then 1, 2 and 3 instances on `database`, in one table.
+    compare: bool,
 }
 
 const USAGE: &str = "use --scenario survey|reference --customers N --seconds N --phases K \
-    --seed-messages N --no-statuses --bin PATH --campaign-recipients N --campaign-rate R";
+    --seed-messages N --no-statuses --bin PATH --campaign-recipients N --campaign-rate R \
+    --instances N --database postgres://… --compare";
 
 fn args() -> Args {
     let mut args = Args {
@@ -207,11 +229,18 @@ fn args() -> Args {
         binary: format!("{}/target/release/flowgate", env!("CARGO_MANIFEST_DIR")),
         campaign_recipients: 0,
         campaign_rate: 100,
+        instances: 1,
+        database: None,
+        compare: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         if a == "--no-statuses" {
             args.statuses = false;
+            continue;
+        }
+        if a == "--compare" {
+            args.compare = true;
             continue;
         }
         let value = it.next().unwrap_or_default();
@@ -238,9 +267,30 @@ fn args() -> Args {
                 args.campaign_recipients = number("--campaign-recipients") as usize
             }
             "--campaign-rate" => args.campaign_rate = number("--campaign-rate") as u32,
+            "--instances" => args.instances = number("--instances").max(1) as usize,
+            "--database" => {
+                assert!(
+                    value.starts_with("postgres://") || value.starts_with("postgresql://"),
+                    "--database takes a postgres:// URL, not `{value}` (SQLite is the default)"
+                );
+                args.database = Some(value)
+            }
             other => panic!("unknown argument {other}; {USAGE}"),
         }
     }
+    assert!(
+        args.instances == 1 || args.database.is_some(),
+        "--instances {} needs --database postgres://… (SQLite serves one instance)",
+        args.instances
+    );
+    assert!(
+        !args.compare || args.database.is_some(),
+        "--compare needs --database postgres://…"
+    );
+    assert!(
+        args.seed_messages == 0 || args.database.is_none(),
+        "--seed-messages writes into the SQLite file: leave out --database"
+    );
     args
 }
 
@@ -262,6 +312,9 @@ struct Fake {
     statuses_queued: Arc<AtomicU64>,
     statuses_posted: Arc<AtomicU64>,
     statuses_failed: Arc<AtomicU64>,
+    /// Idempotency keys sent so far, and sends that repeated one.
+    keys: Arc<Mutex<std::collections::HashSet<String>>>,
+    duplicates: Arc<AtomicU64>,
 }
 
 /// A message the fake accepted: its wamid, recipient and `biz_opaque_callback_data`
@@ -296,6 +349,11 @@ async fn fake_send(State(fake): State<Fake>, body: Bytes) -> axum::response::Res
         .to_string();
     let n = fake.sends.fetch_add(1, Ordering::Relaxed);
     let wamid = format!("wamid.load.{n}");
+    if let Some(key) = json["biz_opaque_callback_data"].as_str()
+        && !fake.keys.lock().unwrap().insert(key.to_string())
+    {
+        fake.duplicates.fetch_add(1, Ordering::Relaxed);
+    }
     match fake.waiters.lock().unwrap().get(&to) {
         Some(tx) => {
             let _ = tx.send((Instant::now(), sent_text(&json)));
@@ -338,7 +396,7 @@ async fn post_statuses(
     fake: Fake,
     rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Accepted>>>,
     client: reqwest::Client,
-    url: String,
+    urls: RoundRobin,
 ) {
     loop {
         let next = rx.lock().await.recv().await;
@@ -349,7 +407,7 @@ async fn post_statuses(
             let mut tries = 0;
             loop {
                 let answer = client
-                    .post(&url)
+                    .post(urls.next())
                     .header("content-type", "application/json")
                     .header("x-hub-signature-256", &signature)
                     .body(body.clone())
@@ -476,18 +534,190 @@ impl Server {
     }
 
     /// SIGTERM, then waits (at most 30 s) for the process to end; SIGKILL after that.
-    fn stop(mut self) {
+    /// Returns its exit status when it ended by itself.
+    fn stop(mut self) -> Option<std::process::ExitStatus> {
         let _ = Command::new("kill")
             .args(["-TERM", &self.0.id().to_string()])
             .status();
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return Some(status);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        None
     }
+}
+
+/// The instances' webhook URLs, taken in turn (a balancer in front of them).
+#[derive(Clone)]
+struct RoundRobin {
+    urls: Arc<Vec<String>>,
+    next: Arc<AtomicU64>,
+}
+
+impl RoundRobin {
+    fn new(urls: Vec<String>) -> Self {
+        Self {
+            urls: Arc::new(urls),
+            next: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn next(&self) -> &str {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize;
+        &self.urls[i % self.urls.len()]
+    }
+}
+
+/// The instances of one run.
+struct Servers(Vec<Server>);
+
+impl Servers {
+    /// CPU time all instances used so far.
+    fn cpu(&self) -> Duration {
+        self.0.iter().map(Server::cpu).sum()
+    }
+
+    /// Resident memory now and peak, summed over the instances.
+    fn rss(&self) -> (f64, f64) {
+        self.0
+            .iter()
+            .map(Server::rss)
+            .fold((0.0, 0.0), |(a, b), (c, d)| (a + c, b + d))
+    }
+
+    /// SIGTERM to every instance, then waits for each; says how each ended (a clean
+    /// drain exits 0).
+    fn stop(self) {
+        let started = Instant::now();
+        let ended: Vec<String> = self
+            .0
+            .into_iter()
+            .map(|server| match server.stop() {
+                Some(status) => status.to_string(),
+                None => "killed after 30 s".to_string(),
+            })
+            .collect();
+        println!(
+            "servers stopped:    SIGTERM -> {} in {:.1} s",
+            ended.join(", "),
+            started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+/// Where the run's data is: a SQLite file, or a schema of its own on PostgreSQL.
+enum Store {
+    Sqlite(PathBuf),
+    Postgres {
+        /// The server's URL, as given.
+        base: String,
+        schema: String,
+        /// The instances' `database:` URL (the schema as their search path).
+        url: String,
+    },
+}
+
+impl Store {
+    async fn new(dir: &Path, database: Option<&str>) -> Store {
+        let Some(base) = database else {
+            return Store::Sqlite(dir.join("flowgate.db"));
+        };
+        let schema = flowgate::store::create_test_schema(base, "loadtest")
+            .await
+            .unwrap_or_else(|e| panic!("cannot create a schema on {base}: {e}"));
+        let separator = if base.contains('?') { '&' } else { '?' };
+        Store::Postgres {
+            url: format!("{base}{separator}options[search_path]={schema}"),
+            base: base.to_string(),
+            schema,
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Store::Sqlite(path) => format!("sqlite://{}", path.display()),
+            Store::Postgres { url, .. } => url.clone(),
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Store::Sqlite(_) => "SQLite",
+            Store::Postgres { .. } => "PostgreSQL",
+        }
+    }
+
+    /// The messages stored so far.
+    async fn count_messages(&self) -> i64 {
+        match self {
+            Store::Sqlite(path) => count_messages(path),
+            Store::Postgres { url, .. } => {
+                let sql = "SELECT COALESCE(MAX(id), 0) FROM messages";
+                match postgres(url).await {
+                    Some(mut conn) => sqlx::query_scalar(sql)
+                        .fetch_one(&mut conn)
+                        .await
+                        .unwrap_or(-1),
+                    None => -1,
+                }
+            }
+        }
+    }
+
+    /// The PostgreSQL server processes serving this database now (none on SQLite).
+    async fn backends(&self) -> Vec<i32> {
+        let Store::Postgres { url, .. } = self else {
+            return Vec::new();
+        };
+        let Some(mut conn) = postgres(url).await else {
+            return Vec::new();
+        };
+        sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+             AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap_or_default()
+    }
+
+    /// Drops the run's schema.
+    async fn clean_up(self) {
+        if let Store::Postgres { base, schema, .. } = self
+            && let Some(mut conn) = postgres(&base).await
+        {
+            let drop = format!("DROP SCHEMA {schema} CASCADE");
+            if let Err(e) = sqlx::query(&drop).execute(&mut conn).await {
+                eprintln!("dropping the schema {schema} failed: {e}");
+            }
+        }
+    }
+}
+
+/// A connection to PostgreSQL at `url` (flowgate's `max_connections` taken out).
+async fn postgres(url: &str) -> Option<sqlx::PgConnection> {
+    use sqlx::Connection as _;
+    let url = url
+        .split(['?', '&'])
+        .filter(|p| !p.starts_with("max_connections="))
+        .enumerate()
+        .map(|(i, p)| match i {
+            0 => p.to_string(),
+            1 => format!("?{p}"),
+            _ => format!("&{p}"),
+        })
+        .collect::<String>();
+    sqlx::PgConnection::connect(&url).await.ok()
+}
+
+/// CPU time of the processes `pids` so far (0 for those gone).
+fn cpu_of(pids: &[i32]) -> HashMap<i32, Duration> {
+    pids.iter()
+        .map(|pid| (*pid, cpu_time(&format!("/proc/{pid}/stat"))))
+        .collect()
 }
 
 /// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux unless it says otherwise).
@@ -544,13 +774,17 @@ const ADMIN_TOKEN: &str = "loadtest-admin-token";
 const STATUS_POSTERS: usize = 256;
 
 /// Writes the project (flow, and with a campaign its template and file) and the config.
-fn write_project(dir: &Path, args: &Args, fake_addr: SocketAddr, port: u16) -> PathBuf {
+fn write_project(
+    dir: &Path,
+    args: &Args,
+    fake_addr: SocketAddr,
+    (database, port, instance): (&str, u16, usize),
+) -> PathBuf {
     std::fs::create_dir_all(dir.join("flows")).unwrap();
     let flow_file = format!("flows/{}.yaml", args.scenario.name());
     std::fs::write(dir.join(flow_file), args.scenario.flow()).unwrap();
     let mut config = format!(
-        "database: sqlite://{db}\nlisten: 127.0.0.1:{port}\nflows: flows\noutbox:\n  pace_recipients: false\nchannels:\n  - name: main\n    provider: cloud_api\n    phone_number_id: \"{PHONE_NUMBER_ID}\"\n    access_token: load-token\n    app_secret: {APP_SECRET}\n    verify_token: load-verify\n    api_base: http://{fake_addr}/v23.0\n    throughput_mps: 100000\n",
-        db = dir.join("flowgate.db").display()
+        "database: \"{database}\"\nlisten: 127.0.0.1:{port}\nflows: flows\noutbox:\n  pace_recipients: false\nchannels:\n  - name: main\n    provider: cloud_api\n    phone_number_id: \"{PHONE_NUMBER_ID}\"\n    access_token: load-token\n    app_secret: {APP_SECRET}\n    verify_token: load-verify\n    api_base: http://{fake_addr}/v23.0\n    throughput_mps: 100000\n"
     );
     if args.campaign_recipients > 0 {
         std::fs::create_dir_all(dir.join("campaigns")).unwrap();
@@ -564,7 +798,7 @@ fn write_project(dir: &Path, args: &Args, fake_addr: SocketAddr, port: u16) -> P
             "templates: templates.yaml\ncampaigns: campaigns\nadmin:\n  token: {ADMIN_TOKEN}\n"
         ));
     }
-    let path = dir.join("flowgate.yaml");
+    let path = dir.join(format!("flowgate-{instance}.yaml"));
     std::fs::write(&path, config).unwrap();
     path
 }
@@ -662,6 +896,10 @@ struct Phase {
     statuses_behind: u64,
     /// Messages in the database when the phase ended.
     messages: i64,
+    /// CPU time of the database's PostgreSQL backends over the phase.
+    postgres_cpu: Duration,
+    /// Sends that repeated an idempotency key during the phase.
+    duplicates: u64,
 }
 
 impl Phase {
@@ -675,6 +913,10 @@ impl Phase {
 
     fn cpu_per_reply_ms(&self) -> f64 {
         self.server_cpu.as_secs_f64() * 1e3 / self.replies.len().max(1) as f64
+    }
+
+    fn postgres_cpu_per_reply_ms(&self) -> f64 {
+        self.postgres_cpu.as_secs_f64() * 1e3 / self.replies.len().max(1) as f64
     }
 
     fn print(&self) {
@@ -703,6 +945,14 @@ impl Phase {
             self.server_cpu.as_secs_f64() / secs * 100.0,
             self.own_cpu.as_secs_f64()
         );
+        if self.postgres_cpu > Duration::ZERO {
+            println!(
+                "[{name}] PostgreSQL CPU:     {:.3} ms per reply ({:.1} s over the phase = {:.0} % of a core), this database's backends",
+                self.postgres_cpu_per_reply_ms(),
+                self.postgres_cpu.as_secs_f64(),
+                self.postgres_cpu.as_secs_f64() / secs * 100.0,
+            );
+        }
         println!(
             "[{name}] server RSS:         {:.0} MiB (peak {:.0} MiB)",
             self.rss_mib, self.peak_rss_mib
@@ -715,8 +965,8 @@ impl Phase {
             self.messages
         );
         println!(
-            "[{name}] errors/timeouts:    {}, wrong replies: {}",
-            self.errors, self.wrong
+            "[{name}] errors/timeouts:    {}, wrong replies: {}, duplicate sends: {}",
+            self.errors, self.wrong, self.duplicates
         );
     }
 }
@@ -745,7 +995,7 @@ static SHOWN_WRONG: AtomicU64 = AtomicU64::new(0);
 /// interrupts one in progress); an error or a wrong reply starts a new one too.
 async fn customer(
     client: reqwest::Client,
-    url: String,
+    urls: RoundRobin,
     (scenario, phase): (Scenario, usize),
     mut me: Customer,
     stop_at: Instant,
@@ -766,7 +1016,7 @@ async fn customer(
         n += 1;
         let sent = Instant::now();
         let response = client
-            .post(&url)
+            .post(urls.next())
             .header("content-type", "application/json")
             .header("x-hub-signature-256", sign(&body))
             .body(body)
@@ -812,9 +1062,12 @@ async fn customer(
 struct Bench {
     args: Args,
     client: reqwest::Client,
+    /// The first instance (for the admin API).
     base: String,
+    /// Every instance's webhook URL, in turn.
+    webhooks: RoundRobin,
     fake: Fake,
-    db: PathBuf,
+    store: Store,
     phases_run: usize,
 }
 
@@ -823,12 +1076,14 @@ impl Bench {
     /// next phase. A reply still in flight from the previous phase is dropped first.
     async fn run_phase(
         &mut self,
-        server: &Server,
+        server: &Servers,
         customers: &mut Vec<Customer>,
         name: &str,
     ) -> Phase {
         self.phases_run += 1;
         let cpu_before = server.cpu();
+        let backends_before = cpu_of(&self.store.backends().await);
+        let duplicates_before = self.fake.duplicates.load(Ordering::Relaxed);
         let own_before = own_cpu();
         let posted_before = self.fake.statuses_posted.load(Ordering::Relaxed);
         let start = Instant::now();
@@ -836,11 +1091,10 @@ impl Bench {
         let mut tasks = Vec::new();
         for mut c in customers.drain(..) {
             while c.rx.try_recv().is_ok() {}
-            let url = format!("{}/webhook/main", self.base);
             let who = (self.args.scenario, self.phases_run);
             tasks.push(tokio::spawn(customer(
                 self.client.clone(),
-                url,
+                self.webhooks.clone(),
                 who,
                 c,
                 stop_at,
@@ -860,12 +1114,20 @@ impl Bench {
         }
         out.elapsed = start.elapsed();
         out.server_cpu = server.cpu().saturating_sub(cpu_before);
+        let backends_after = cpu_of(&self.store.backends().await);
+        out.postgres_cpu = backends_after
+            .iter()
+            .map(|(pid, cpu)| {
+                cpu.saturating_sub(backends_before.get(pid).copied().unwrap_or_default())
+            })
+            .sum();
+        out.duplicates = self.fake.duplicates.load(Ordering::Relaxed) - duplicates_before;
         out.own_cpu = own_cpu().saturating_sub(own_before);
         (out.rss_mib, out.peak_rss_mib) = server.rss();
         let posted = self.fake.statuses_posted.load(Ordering::Relaxed);
         out.statuses_posted = posted - posted_before;
         out.statuses_behind = self.statuses_behind();
-        out.messages = count_messages(&self.db);
+        out.messages = self.store.count_messages().await;
         out.replies.sort();
         out.acks.sort();
         out.print();
@@ -1016,6 +1278,72 @@ fn seed_messages(db: &Path, n: u64) -> rusqlite::Result<u64> {
 #[tokio::main]
 async fn main() {
     let args = args();
+    if !args.compare {
+        let (instances, database) = (args.instances, args.database.clone());
+        run(args, instances, database).await;
+        return;
+    }
+    // One phase per setup, back to back, then one table.
+    let database = args.database.clone();
+    let setups = [
+        (1, None),
+        (1, database.clone()),
+        (2, database.clone()),
+        (3, database),
+    ];
+    let mut rows = Vec::new();
+    for (instances, database) in setups {
+        let args = Args {
+            phases: 1,
+            ..args.clone()
+        };
+        let label = match &database {
+            None => "SQLite, 1 instance".to_string(),
+            Some(_) => format!("PostgreSQL, {instances} instance(s)"),
+        };
+        let phase = run(args, instances, database).await.remove(0);
+        rows.push((label, phase, load_average()));
+        println!();
+    }
+    println!(
+        "comparison: scenario {}, {} customers, {} s each, statuses {}, {} CPUs",
+        args.scenario.name(),
+        args.customers,
+        args.seconds,
+        if args.statuses { "on" } else { "off" },
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "| setup | replies/s | p50 ms | p99 ms | flowgate CPU ms/reply | PostgreSQL CPU ms/reply | errors | wrong | duplicate sends | load (1 min) |"
+    );
+    println!("| --- | --: | --: | --: | --: | --: | --: | --: | --: | --: |");
+    for (label, p, load) in rows {
+        println!(
+            "| {label} | {:.0} | {:.1} | {:.1} | {:.3} | {:.3} | {} | {} | {} | {load} |",
+            p.rate(),
+            p.p(0.5),
+            p.p(0.99),
+            p.cpu_per_reply_ms(),
+            p.postgres_cpu_per_reply_ms(),
+            p.errors,
+            p.wrong,
+            p.duplicates
+        );
+    }
+}
+
+/// The machine's load average over the last minute (`/proc/loadavg`).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// One run: a fake Graph API, `instances` servers on a fresh database (a SQLite file, or a
+/// schema of `database`), the phases; returns the phases (the fresh ones with
+/// `--seed-messages`).
+async fn run(args: Args, instances: usize, database: Option<String>) -> Vec<Phase> {
     let dir = tempfile::tempdir().expect("a temp dir");
     let (status_tx, status_rx) = mpsc::unbounded_channel();
     let fake = Fake {
@@ -1027,38 +1355,57 @@ async fn main() {
         statuses_queued: Arc::new(AtomicU64::new(0)),
         statuses_posted: Arc::new(AtomicU64::new(0)),
         statuses_failed: Arc::new(AtomicU64::new(0)),
+        keys: Arc::new(Mutex::new(std::collections::HashSet::new())),
+        duplicates: Arc::new(AtomicU64::new(0)),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let fake_addr: SocketAddr = listener.local_addr().unwrap();
     let app = Router::new()
         .route("/{*path}", post(fake_send).get(fake_limit))
         .with_state(fake.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let fake_server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
-    let port = free_port();
-    let config_path = write_project(dir.path(), &args, fake_addr, port);
-    let base = format!("http://127.0.0.1:{port}");
+    let store = Store::new(dir.path(), database.as_deref()).await;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.customers + 64)
         .build()
         .unwrap();
-    let mut server = start_server(&args.binary, &config_path, &client, &base).await;
+    let mut configs = Vec::new();
+    let mut bases = Vec::new();
+    for i in 0..instances {
+        let port = free_port();
+        let url = store.url();
+        configs.push(write_project(dir.path(), &args, fake_addr, (&url, port, i)));
+        bases.push(format!("http://127.0.0.1:{port}"));
+    }
+    let mut servers = Vec::new();
+    for (config, base) in configs.iter().zip(&bases) {
+        servers.push(start_server(&args.binary, config, &client, base).await);
+    }
+    let mut servers = Servers(servers);
+    let webhooks = RoundRobin::new(bases.iter().map(|b| format!("{b}/webhook/main")).collect());
     let status_rx = Arc::new(tokio::sync::Mutex::new(status_rx));
+    let mut posters = Vec::new();
     for _ in 0..STATUS_POSTERS {
-        let url = format!("{base}/webhook/main");
-        let task = post_statuses(fake.clone(), status_rx.clone(), client.clone(), url);
-        tokio::spawn(task);
+        let task = post_statuses(
+            fake.clone(),
+            status_rx.clone(),
+            client.clone(),
+            webhooks.clone(),
+        );
+        posters.push(tokio::spawn(task));
     }
 
     println!(
         "flowgate load test: scenario {}, {} customers, {} phase(s) of {} s, statuses {}, \
-         release binary {}, SQLite",
+         release binary {}, {} with {instances} instance(s)",
         args.scenario.name(),
         args.customers,
         args.phases,
         args.seconds,
         if args.statuses { "on" } else { "off" },
-        args.binary
+        args.binary,
+        store.label()
     );
     let mut customers = Vec::new();
     for c in 0..args.customers {
@@ -1073,18 +1420,19 @@ async fn main() {
         });
     }
     let mut bench = Bench {
-        db: dir.path().join("flowgate.db"),
+        store,
         args,
         client,
-        base,
+        base: bases[0].clone(),
+        webhooks,
         fake,
         phases_run: 0,
     };
     if bench.args.campaign_recipients > 0 {
-        campaign_phases(&mut bench, &server, &mut customers).await;
-        drop(server);
+        let phases = campaign_phases(&mut bench, &servers, &mut customers).await;
+        drop(servers);
         keep_db(dir.path());
-        return;
+        return finish(bench, posters, fake_server, phases).await;
     }
     let mut fresh = Vec::new();
     for k in 1..=bench.args.phases {
@@ -1093,12 +1441,15 @@ async fn main() {
         } else {
             format!("phase {k}")
         };
-        fresh.push(bench.run_phase(&server, &mut customers, &name).await);
+        fresh.push(bench.run_phase(&servers, &mut customers, &name).await);
     }
     if bench.args.seed_messages > 0 {
-        server.stop();
+        servers.stop();
         let started = Instant::now();
-        let (db, n) = (bench.db.clone(), bench.args.seed_messages);
+        let Store::Sqlite(path) = &bench.store else {
+            unreachable!("--seed-messages is refused with --database")
+        };
+        let (db, n) = (path.clone(), bench.args.seed_messages);
         let contacts = tokio::task::spawn_blocking(move || seed_messages(&db, n))
             .await
             .unwrap()
@@ -1106,13 +1457,15 @@ async fn main() {
         println!(
             "seeded:             {n} messages of {contacts} contacts in {:.1} s; database {:.0} MiB",
             started.elapsed().as_secs_f64(),
-            std::fs::metadata(&bench.db).map(|m| m.len()).unwrap_or(0) as f64 / 1048576.0
+            std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) as f64 / 1048576.0
         );
-        server = start_server(&bench.args.binary, &config_path, &bench.client, &bench.base).await;
+        let server =
+            start_server(&bench.args.binary, &configs[0], &bench.client, &bench.base).await;
+        servers = Servers(vec![server]);
         let mut grown = Vec::new();
         for k in 1..=bench.args.phases {
             let name = format!("grown {k}");
-            grown.push(bench.run_phase(&server, &mut customers, &name).await);
+            grown.push(bench.run_phase(&servers, &mut customers, &name).await);
         }
         let mean = |phases: &[Phase], f: fn(&Phase) -> f64| {
             phases.iter().map(f).sum::<f64>() / phases.len() as f64
@@ -1125,17 +1478,38 @@ async fn main() {
         );
     }
     println!(
-        "fake Graph API:     {} sends, {} mark-as-read",
+        "fake Graph API:     {} sends ({} repeating a key), {} mark-as-read",
         bench.fake.sends.load(Ordering::Relaxed),
+        bench.fake.duplicates.load(Ordering::Relaxed),
         bench.fake.mark_reads.load(Ordering::Relaxed)
     );
-    drop(server);
+    servers.stop();
     keep_db(dir.path());
+    finish(bench, posters, fake_server, fresh).await
+}
+
+/// After the servers stopped: the status posters and the fake stopped, the schema dropped.
+async fn finish(
+    bench: Bench,
+    posters: Vec<tokio::task::JoinHandle<()>>,
+    fake_server: tokio::task::JoinHandle<()>,
+    phases: Vec<Phase>,
+) -> Vec<Phase> {
+    for p in posters {
+        p.abort();
+    }
+    fake_server.abort();
+    bench.store.clean_up().await;
+    phases
 }
 
 /// The campaign mode: the customers idle, then while the campaign sends; both phases and
 /// their ratio printed.
-async fn campaign_phases(bench: &mut Bench, server: &Server, customers: &mut Vec<Customer>) {
+async fn campaign_phases(
+    bench: &mut Bench,
+    server: &Servers,
+    customers: &mut Vec<Customer>,
+) -> Vec<Phase> {
     let args = &bench.args;
     let wanted = args.campaign_rate as usize * args.seconds as usize;
     if args.campaign_recipients < wanted {
@@ -1162,6 +1536,7 @@ async fn campaign_phases(bench: &mut Bench, server: &Server, customers: &mut Vec
         busy.p(0.99) / idle.p(0.99),
         busy.rate() / idle.rate()
     );
+    vec![idle, busy]
 }
 
 /// `LOADTEST_KEEP_DB=path`: the database copied there at the end.

@@ -128,9 +128,31 @@ impl Application {
     ) -> anyhow::Result<()> {
         let timers = self.runtime.clone();
         let campaigns = self.campaigns.clone();
-        let dispatcher = crate::campaign_runner::dispatch::Dispatcher::new(campaigns.clone());
+        // The number's limits are counted by the instance holding its channel's lease.
+        let channels: Vec<String> = self
+            .config
+            .channels
+            .iter()
+            .map(|c| c.name.clone())
+            .collect();
+        let leases = crate::outbox::ChannelLeases::start(
+            &self.runtime.db,
+            &channels,
+            crate::outbox::LeaseOptions::default(),
+        );
+        let dispatcher = crate::campaign_runner::dispatch::Dispatcher::new(campaigns.clone())
+            .with_leases(leases.clone());
+        // Other instances take template status webhooks too: on a shared database, read
+        // their statuses every few rounds (SQLite's one instance already has them).
+        let shared = self.runtime.db.backend() != "sqlite";
         let timer_task = tokio::spawn(async move {
-            loop {
+            for round in 0u64.. {
+                if shared
+                    && round % TEMPLATE_REFRESH_ROUNDS == 0
+                    && let Err(e) = timers.load_template_statuses().await
+                {
+                    tracing::error!(error = %e, "reading template statuses failed");
+                }
                 if let Err(e) = campaigns.tick().await {
                     tracing::error!(error = %e, "starting due campaign runs failed");
                 }
@@ -192,7 +214,7 @@ impl Application {
             media: self.config.upload_options(),
             ..Default::default()
         };
-        let senders = crate::outbox::spawn_senders(&self.runtime, &options);
+        let senders = crate::outbox::spawn_senders(&self.runtime, &options, &leases);
         let (stop_media, media_stop) = tokio::sync::watch::channel(false);
         let media_task = tokio::spawn(crate::media::download::run(
             self.runtime.clone(),
@@ -230,6 +252,7 @@ impl Application {
             ownership.db().close().await;
         }
         crate::outbox::shutdown_senders(senders).await;
+        leases.release().await;
         self.runtime.db.close().await;
         Ok(())
     }
@@ -263,6 +286,10 @@ fn wake_on_notifications(state: &AppState) -> Option<tokio::task::JoinHandle<()>
         }
     }))
 }
+
+/// Every this many rounds of the timer loop (half a second each), an instance on a shared
+/// database reads the template statuses other instances stored.
+const TEMPLATE_REFRESH_ROUNDS: u64 = 4;
 
 /// The admin API needs a token unless only this machine can reach it.
 fn refuse_open_admin(listen: &str, config: &Config) -> anyhow::Result<()> {

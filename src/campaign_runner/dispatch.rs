@@ -22,6 +22,12 @@
 //!    one transaction (`Db::send_campaign_message`, idempotency key from run and contact);
 //! 5. a run with nothing pending is `done`; a run past its ttl (`scheduled_for + ttl`)
 //!    starts no more sends: its recipients still pending are skipped and it is `done`.
+//!
+//! With several instances on one PostgreSQL database, a run is dispatched by the instance
+//! holding its channel's lease (`outbox::ChannelLeases`), the one that sends for the number:
+//! the run's bucket (its `rate`) and the messaging limit counted within a tick are then the
+//! number's, not an instance's. The rest is read from the store each tick (the backlog,
+//! the messaging limit's recipients, caps, the ledger).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -35,6 +41,7 @@ use crate::dispatch::{Runtime, count_decision};
 use crate::domain::{Contact, Origin, Outbound, OutboundContent, TemplateFallback};
 use crate::engine::{render_for_contact, render_message};
 use crate::metrics;
+use crate::outbox::ChannelLeases;
 use crate::policy::Policy;
 use crate::script::ScriptError;
 use crate::store::{
@@ -87,6 +94,10 @@ struct Limit {
 pub struct Dispatcher {
     runner: Arc<CampaignRunner>,
     buckets: Mutex<HashMap<i64, Bucket>>,
+    /// The channels' leases: a run is dispatched only by the instance that sends for its
+    /// channel, so its bucket and the messaging limit's count are the number's. `None`:
+    /// every run (one instance).
+    leases: Option<Arc<ChannelLeases>>,
 }
 
 /// One recipient's decision, before it is recorded.
@@ -101,7 +112,19 @@ impl Dispatcher {
         Self {
             runner,
             buckets: Mutex::new(HashMap::new()),
+            leases: None,
         }
+    }
+
+    /// Dispatches only the runs of channels whose lease this instance holds.
+    pub fn with_leases(mut self, leases: Arc<ChannelLeases>) -> Self {
+        self.leases = Some(leases);
+        self
+    }
+
+    /// Whether this instance dispatches `channel`'s runs now.
+    fn sends_for(&self, channel: &str) -> bool {
+        self.leases.as_ref().is_none_or(|l| l.holds(channel))
     }
 
     fn runtime(&self) -> &Arc<Runtime> {
@@ -112,15 +135,17 @@ impl Dispatcher {
     /// is approved again, and finishes the runs with nothing pending.
     pub async fn tick(&self) -> Result<Dispatched, RunnerError> {
         let mut done = Dispatched::default();
-        let runs = self.runtime().db.active_runs().await?;
+        let runs: Vec<(RunRow, Arc<Campaign>)> = (self.runtime().db.active_runs().await?)
+            .into_iter()
+            .filter_map(|run| Some((self.runner.campaign(&run.campaign)?, run)))
+            .filter(|(campaign, _)| self.sends_for(&campaign.channel))
+            .map(|(campaign, run)| (run, campaign))
+            .collect();
         self.buckets.lock().expect("buckets").retain(|id, _| {
             runs.iter()
-                .any(|r| r.id == *id && r.status == RunStatus::Running)
+                .any(|(r, _)| r.id == *id && r.status == RunStatus::Running)
         });
-        for run in runs {
-            let Some(campaign) = self.runner.campaign(&run.campaign) else {
-                continue;
-            };
+        for (run, campaign) in runs {
             match run.status {
                 RunStatus::Running => self.dispatch_run(&run, &campaign, &mut done).await?,
                 RunStatus::Paused => self.resume_if_approved(&run, &campaign, &mut done).await?,

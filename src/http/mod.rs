@@ -54,6 +54,10 @@ pub fn router(state: AppState, doors: Doors) -> Router {
 async fn ready(State(state): State<AppState>) -> Response {
     let db = &state.runtime.db;
     let backend = db.backend();
+    // Draining after SIGTERM: a balancer that still asks stops sending here.
+    if *state.closing.borrow() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
     // A database that takes longer than this to answer is as good as down to a balancer.
     match tokio::time::timeout(std::time::Duration::from_secs(2), db.check_ready()).await {
         Ok(Ok(())) => (StatusCode::OK, format!("ready: {backend}")).into_response(),

@@ -67,8 +67,11 @@
 //! (decide again, pace, post, record); `refusal` handles WhatsApp's refusals by class;
 //! `pace` has the token buckets and the jitter.
 
+mod lease;
 mod pace;
 mod refusal;
+
+pub use lease::{ChannelLeases, LeaseOptions};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -195,6 +198,9 @@ struct Inner {
     sent_writer: tokio::sync::Mutex<()>,
     /// Never set: the stop signal of [`Sender::run_once`].
     never: watch::Sender<bool>,
+    /// The channel's lease ([`ChannelLeases`]): the sender claims only while it reads
+    /// `true`. `None`: always (one instance, or a test's sender).
+    lease: Option<watch::Receiver<bool>>,
 }
 
 impl std::fmt::Debug for Sender {
@@ -271,8 +277,18 @@ impl Sender {
                 sent_writer: tokio::sync::Mutex::new(()),
                 never,
                 options,
+                lease: None,
             }),
         }
+    }
+
+    /// The sender claims only while `held` reads `true` (the channel's lease, from
+    /// [`ChannelLeases::watch`]): one instance sends for the number at a time.
+    pub fn with_lease(mut self, held: watch::Receiver<bool>) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("the lease is set before the sender runs")
+            .lease = Some(held);
+        self
     }
 
     pub fn channel(&self) -> &str {
@@ -295,7 +311,7 @@ impl Sender {
     /// channel is stopped.
     pub async fn run_once(&self) -> Result<usize, StoreError> {
         let inner = &self.inner;
-        if inner.still_stopped().await? {
+        if !inner.holds_lease() || inner.still_stopped().await? {
             return Ok(0);
         }
         let limit = inner.options.batch.min(inner.pace_budget());
@@ -371,14 +387,22 @@ impl SenderHandle {
 }
 
 /// Starts one sender per `cloud_api` / `dialog360` channel of `runtime` (a channel that
-/// cannot send is logged and skipped).
-pub fn spawn_senders(runtime: &Arc<Runtime>, options: &SenderOptions) -> Vec<SenderHandle> {
+/// cannot send is logged and skipped), each sending while this instance holds the
+/// channel's lease in `leases`.
+pub fn spawn_senders(
+    runtime: &Arc<Runtime>,
+    options: &SenderOptions,
+    leases: &ChannelLeases,
+) -> Vec<SenderHandle> {
     runtime
         .channels
         .iter()
         .filter(|c| c.provider != Provider::Sandbox)
         .filter_map(|c| match Sender::new(runtime.clone(), c, options.clone()) {
-            Ok(sender) => {
+            Ok(mut sender) => {
+                if let Some(held) = leases.watch(&c.name) {
+                    sender = sender.with_lease(held);
+                }
                 tracing::info!(channel = %c.name, owner = %sender.owner(), "outbox sender started");
                 Some(sender.spawn())
             }
@@ -439,12 +463,27 @@ pub async fn gauges(db: &Db, channels: &[ChannelConfig]) -> Result<Vec<Gauge>, S
 /// stop finish the tasks and release what is left.
 async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     let mut tasks: JoinSet<()> = JoinSet::new();
+    let mut lease = inner.lease.clone();
     loop {
         if *stop.borrow() {
             break;
         }
         while let Some(joined) = tasks.try_join_next() {
             log_panic(&inner.channel, joined);
+        }
+        if let Some(held) = lease.as_mut()
+            && !*held.borrow_and_update()
+        {
+            // Another instance sends for the channel: stand by (sends in flight finish).
+            tokio::select! {
+                changed = held.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                _ = stop.changed() => {}
+            }
+            continue;
         }
         if wait_while_stopped(&inner, &mut stop).await {
             continue;
@@ -659,6 +698,11 @@ impl Inner {
                 None
             }
         }
+    }
+
+    /// Whether this instance may send for the channel now (it holds the channel's lease).
+    fn holds_lease(&self) -> bool {
+        self.lease.as_ref().is_none_or(|held| *held.borrow())
     }
 
     /// Whether the channel is (still) stopped. Only asks the database once this process saw

@@ -38,7 +38,7 @@ pub(super) struct Postgres {
     pub(super) pool: sqlx::PgPool,
     /// The options the pool connects with (a test's schema is in them), for the migrator's
     /// own connection (boxed: they are large, and a `Db` is cloned often).
-    options: Arc<PgConnectOptions>,
+    pub(super) options: Arc<PgConnectOptions>,
 }
 
 /// Connections in a PostgreSQL pool unless the URL's `max_connections` says otherwise: the

@@ -30,6 +30,7 @@
 //! | `splits` | `split_assignments` (written by `turn`) | the per-branch report of A/B splits: [`Db::split_counts`] |
 //! | `template_statuses` | `template_statuses` | [`Db::save_template_status`], [`Db::template_statuses`] |
 //! | `timers` | reads `timers` | [`Db::due_timers`], [`Db::next_timer_at`], [`Db::timer_pending`] |
+//! | `channel_lease` | (PostgreSQL advisory locks) | which instance sends for a channel: [`Db::channel_lease`], [`ChannelLease`] |
 //!
 //! Beside them: `db` ([`Db`], its `Backend`, connect, migrate, close, and the two macros
 //! that open the backend for portable SQL), `error` ([`StoreError`]), `migrate` (the
@@ -71,6 +72,7 @@ mod import;
 mod inbox;
 mod media_uploads;
 mod media;
+mod channel_lease;
 mod leases;
 mod migrate;
 mod outbox;
@@ -108,6 +110,7 @@ pub use inbox::{
 pub use media_uploads::{MediaUpload, MediaUploadState};
 pub use media::{LocalMedia, MediaFinish, MediaRow};
 pub use leases::LeaseKey;
+pub use channel_lease::ChannelLease;
 pub use outbox::{ChannelStop, OutboundFilter, OutboxEntry, OutboxRow};
 pub use queue::{ExpiringMessage, FLUSH_LIMIT, QueuedMessage};
 pub use run_requests::ManualRun;

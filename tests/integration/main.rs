@@ -10,6 +10,7 @@ mod campaign_cli;
 mod campaign_crash;
 mod campaign_dispatch;
 mod campaigns;
+mod channel_lease;
 mod check;
 mod check_root_cause;
 mod console;
