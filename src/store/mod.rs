@@ -31,14 +31,16 @@
 //! Beside them: `db` ([`Db`], its `Backend`, connect, migrate, close, and the two macros
 //! that open the backend for portable SQL), `error` ([`StoreError`]), `migrate` (the
 //! embedded migrations of both backends), `identities` (the identity rules' statements per
-//! backend), `sql` (the helpers every aggregate shares), `writer` (SQLite's writer thread) and `resolved_cache`
+//! backend), `sql` (the helpers every aggregate shares), `writer` (SQLite's writer thread), `readers`
+//! (SQLite's hot reads, on the caller's thread) and `resolved_cache`
 //! (identities this process resolved). Modules import downwards only: aggregates import
 //! `db`, `error`, `sql` and each other's row types; `db` imports none of them.
 //!
 //! # The backend seam
 //!
 //! [`Db`] is a struct over a private `Backend` enum, with one variant per database: `Sqlite`
-//! (its reading pool, its writer thread, its identity cache) and `Postgres` (one pool).
+//! (its reading pool, its hot readers, its writer thread, its identity cache) and `Postgres`
+//! (one pool).
 //! Every operation reaches the backend in one of two ways:
 //!
 //! * portable SQL (`$n` placeholders, `ON CONFLICT`, `RETURNING`, times as unix
@@ -68,6 +70,7 @@ mod inbox;
 mod migrate;
 mod outbox;
 mod queue;
+mod readers;
 mod resolved_cache;
 mod run_requests;
 mod splits;
