@@ -173,15 +173,22 @@ impl Db {
         now: DateTime<Utc>,
         limit: i64,
     ) -> Result<Vec<InboxRow>, StoreError> {
-        const SQL: &str = CLAIM_AFTER;
-        let rows: Vec<InboxRaw> = with_pool!(self, |pool| {
-            sqlx::query_as(SQL)
-                .bind(now.timestamp_millis())
-                .bind(after)
-                .bind(limit.max(0))
-                .fetch_all(pool)
-                .await?
-        });
+        let (now, limit) = (now.timestamp_millis(), limit.max(0));
+        let rows: Vec<InboxRaw> = match &self.backend {
+            Backend::Sqlite(sqlite) => {
+                let sql = if after > 0 { CLAIM_NEW } else { CLAIM_AFTER };
+                (sqlite.readers)
+                    .query(sql, &[&now, &after, &limit], |row| Ok(InboxRaw::try_from(row)?))?
+            }
+            Backend::Postgres(postgres) => {
+                sqlx::query_as(CLAIM_AFTER)
+                    .bind(now)
+                    .bind(after)
+                    .bind(limit)
+                    .fetch_all(&postgres.pool)
+                    .await?
+            }
+        };
         rows.into_iter()
             .map(
                 |(
@@ -521,20 +528,37 @@ impl StatusJob {
     }
 }
 
-/// [`Db::claim_inbox_after`]'s query.
-const CLAIM_AFTER: &str = "SELECT i.id, i.channel, i.dedupe_key, i.kind, i.contact_key, \
-            i.payload, i.received_at, i.attempts, i.last_error \
-        FROM inbox i \
-        WHERE i.processed_at IS NULL AND i.next_attempt_at <= $1 AND i.id > $2 \
-          AND NOT (i.contact_key IS NOT NULL \
-            AND i.kind IN ('message', 'system', 'user_preference') \
-            AND EXISTS (SELECT 1 FROM inbox e \
-              WHERE e.processed_at IS NULL AND e.next_attempt_at > $1 \
-                AND e.channel = i.channel AND e.contact_key = i.contact_key \
-                AND e.id < i.id \
-                AND e.kind IN ('message', 'system', 'user_preference'))) \
-        ORDER BY i.id \
-        LIMIT $3";
+/// [`Db::claim_inbox_after`]'s query, with the term that finds unprocessed rows.
+macro_rules! claim_after {
+    ($unprocessed:literal) => {
+        concat!(
+            "SELECT i.id, i.channel, i.dedupe_key, i.kind, i.contact_key, \
+                i.payload, i.received_at, i.attempts, i.last_error \
+            FROM inbox i \
+            WHERE ",
+            $unprocessed,
+            " AND i.next_attempt_at <= $1 AND i.id > $2 \
+              AND NOT (i.contact_key IS NOT NULL \
+                AND i.kind IN ('message', 'system', 'user_preference') \
+                AND EXISTS (SELECT 1 FROM inbox e \
+                  WHERE e.processed_at IS NULL AND e.next_attempt_at > $1 \
+                    AND e.channel = i.channel AND e.contact_key = i.contact_key \
+                    AND e.id < i.id \
+                    AND e.kind IN ('message', 'system', 'user_preference'))) \
+            ORDER BY i.id \
+            LIMIT $3"
+        )
+    };
+}
+
+/// [`Db::claim_inbox_after`]'s query: every unprocessed row due (through `inbox_pending`).
+const CLAIM_AFTER: &str = claim_after!("i.processed_at IS NULL");
+
+/// The same on SQLite for a claim above a high-water mark (a wake-up's): only the rows
+/// above it, by id (`+` keeps SQLite off `inbox_pending`). Through `inbox_pending` it read
+/// every unprocessed row due, the rows in flight included, to keep the few new ones: under
+/// load, hundreds per claim (about 1 ms for a thousand, 0.06 ms by id).
+const CLAIM_NEW: &str = claim_after!("+i.processed_at IS NULL");
 
 /// Records a status's wamid on the message with its idempotency key ([`StatusJob`]).
 const STATUS_ADOPT: &str = "UPDATE messages SET wamid = $1 \
@@ -722,6 +746,7 @@ mod tests {
             ("status find", STATUS_FIND, "messages_outbound_wamid"),
             ("status adopt", STATUS_ADOPT, "messages_idempotency_key"),
             ("inbox claim", CLAIM_AFTER, "inbox"),
+            ("inbox claim of new rows", CLAIM_NEW, "INTEGER PRIMARY KEY (rowid>?)"),
             (
                 "conversation load",
                 crate::store::conversations::LOAD_CONVERSATION,
