@@ -440,7 +440,6 @@ pub(super) use with_writer;
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
 
     use super::*;
     use crate::domain::Contact;
@@ -523,7 +522,7 @@ mod tests {
             dedupe_key: "wamid.locked".into(),
             kind: "message".into(),
             contact_key: None,
-            payload: json!({}),
+            payload: "{}".into(),
         };
         let write = tokio::spawn({
             let db = db.clone();

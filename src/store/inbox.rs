@@ -42,8 +42,9 @@ pub struct NewInboxRow {
     pub kind: String,
     /// The contact (wa_id, else BSUID), if the update is about one.
     pub contact_key: Option<String>,
-    /// The parsed update with its raw JSON.
-    pub payload: serde_json::Value,
+    /// The parsed update with its raw JSON, as JSON text (stored as it is: no
+    /// `serde_json::Value` in between).
+    pub payload: String,
 }
 
 /// A stored update, as the worker claims it.
@@ -54,7 +55,7 @@ pub struct InboxRow {
     pub dedupe_key: String,
     pub kind: String,
     pub contact_key: Option<String>,
-    pub payload: serde_json::Value,
+    pub payload: String,
     pub received_at: DateTime<Utc>,
     /// Failed or postponed attempts so far.
     pub attempts: i64,
@@ -208,7 +209,7 @@ impl Db {
                         dedupe_key,
                         kind,
                         contact_key,
-                        payload: serde_json::from_str(&payload)?,
+                        payload,
                         received_at: from_millis(received_at, "inbox.received_at")?,
                         attempts,
                         last_error,
@@ -624,10 +625,6 @@ async fn insert_sqlite(
     now: DateTime<Utc>,
 ) -> Result<u64, StoreError> {
     let now = now.timestamp_millis();
-    let payloads = rows
-        .iter()
-        .map(|r| serde_json::to_string(&r.payload))
-        .collect::<Result<Vec<_>, _>>()?;
     let mut statements = Vec::new();
     for (chunk_index, chunk) in rows.chunks(INSERT_CHUNK).enumerate() {
         let mut sql = String::from(
@@ -657,15 +654,12 @@ async fn insert_sqlite(
         .map(|(sql, offset, len)| {
             let mut args = Vec::with_capacity(1 + len * 5);
             args.push(Value::Integer(now));
-            for (row, payload) in rows[offset..offset + len]
-                .iter()
-                .zip(&payloads[offset..offset + len])
-            {
+            for row in &rows[offset..offset + len] {
                 args.push(Value::Text(row.channel.clone()));
                 args.push(Value::Text(row.dedupe_key.clone()));
                 args.push(Value::Text(row.kind.clone()));
                 args.push(row.contact_key.clone().into());
-                args.push(Value::Text(payload.clone()));
+                args.push(Value::Text(row.payload.clone()));
             }
             (sql, args)
         })
@@ -699,10 +693,7 @@ async fn insert_postgres(
             WITH ORDINALITY AS u (channel, dedupe_key, kind, contact_key, payload, n) \
         ORDER BY n \
         ON CONFLICT (channel, dedupe_key) DO NOTHING";
-    let payloads = rows
-        .iter()
-        .map(|r| serde_json::to_string(&r.payload))
-        .collect::<Result<Vec<_>, _>>()?;
+    let payloads = rows.iter().map(|r| r.payload.as_str()).collect::<Vec<_>>();
     let column = |f: fn(&NewInboxRow) -> &str| rows.iter().map(f).collect::<Vec<_>>();
     let contact_keys: Vec<Option<&str>> = rows.iter().map(|r| r.contact_key.as_deref()).collect();
     Ok(sqlx::query(SQL)
