@@ -242,7 +242,12 @@ mod tests {
         assert_eq!(counter_value(NAME, &[]), 5);
         assert_eq!(counter_value(NAME, &[("kind", "a"), ("other", "x")]), 1);
         // A name that begins another's is another series.
-        count("flowgate_test_series_total_more", "More.", &[("kind", "b")], 7);
+        count(
+            "flowgate_test_series_total_more",
+            "More.",
+            &[("kind", "b")],
+            7,
+        );
         assert_eq!(counter_value(NAME, &[("kind", "b")]), 3);
         let text = render(&[]);
         let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(NAME)).collect();

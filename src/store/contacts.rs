@@ -433,9 +433,9 @@ impl Db {
                 Backend::Sqlite(sqlite) => {
                     let args: Vec<&dyn rusqlite::ToSql> =
                         chunk.iter().map(|id| id as &dyn rusqlite::ToSql).collect();
-                    sqlite.readers.query(&sql, &args, |row| {
-                        Ok(PolicyContactRaw::try_from(row)?)
-                    })?
+                    sqlite
+                        .readers
+                        .query(&sql, &args, |row| Ok(PolicyContactRaw::try_from(row)?))?
                 }
                 Backend::Postgres(postgres) => {
                     let mut q = sqlx::query_as(&sql);

@@ -178,8 +178,9 @@ impl Db {
         let rows: Vec<InboxRaw> = match &self.backend {
             Backend::Sqlite(sqlite) => {
                 let sql = if after > 0 { CLAIM_NEW } else { CLAIM_AFTER };
-                (sqlite.readers)
-                    .query(sql, &[&now, &after, &limit], |row| Ok(InboxRaw::try_from(row)?))?
+                (sqlite.readers).query(sql, &[&now, &after, &limit], |row| {
+                    Ok(InboxRaw::try_from(row)?)
+                })?
             }
             Backend::Postgres(postgres) => {
                 sqlx::query_as(CLAIM_AFTER)
@@ -737,7 +738,11 @@ mod tests {
             ("status find", STATUS_FIND, "messages_outbound_wamid"),
             ("status adopt", STATUS_ADOPT, "messages_idempotency_key"),
             ("inbox claim", CLAIM_AFTER, "inbox"),
-            ("inbox claim of new rows", CLAIM_NEW, "INTEGER PRIMARY KEY (rowid>?)"),
+            (
+                "inbox claim of new rows",
+                CLAIM_NEW,
+                "INTEGER PRIMARY KEY (rowid>?)",
+            ),
             (
                 "conversation load",
                 crate::store::conversations::LOAD_CONVERSATION,

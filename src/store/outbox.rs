@@ -183,11 +183,12 @@ async fn claim_sqlite(
         "SELECT m.id, m.status FROM messages m WHERE {CLAIMABLE} \
             ORDER BY m.priority, m.id LIMIT $3"
     );
-    let candidates: Vec<(i64, String)> = sqlite.readers.query(
-        &select,
-        &[&channel, &now_ms, &limit],
-        |row| Ok(<(i64, String)>::try_from(row)?),
-    )?;
+    let candidates: Vec<(i64, String)> =
+        sqlite
+            .readers
+            .query(&select, &[&channel, &now_ms, &limit], |row| {
+                Ok(<(i64, String)>::try_from(row)?)
+            })?;
     if candidates.is_empty() {
         return Ok((Vec::new(), candidates));
     }

@@ -155,9 +155,17 @@ mod tests {
             .unwrap();
         file.migrate().await.unwrap();
         for db in [file, memory_db().await] {
-            assert!(db.load_conversation(CH, "1555").await.unwrap().contact_id.is_none());
+            assert!(
+                db.load_conversation(CH, "1555")
+                    .await
+                    .unwrap()
+                    .contact_id
+                    .is_none()
+            );
             let contact = Contact::new("1555");
-            db.commit_turn(&bare_turn(None, &contact, t(0))).await.unwrap();
+            db.commit_turn(&bare_turn(None, &contact, t(0)))
+                .await
+                .unwrap();
             // The next read, on the same idle connection, sees the commit.
             let loaded = db.load_conversation(CH, "1555").await.unwrap();
             assert!(loaded.contact_id.is_some());
@@ -169,9 +177,11 @@ mod tests {
             assert!(err.to_string().contains("readonly"), "{err}");
             // A failed read does not keep its connection; the next read opens another.
             let n: Vec<i64> = readers(&db)
-                .query("SELECT COUNT(*) FROM contacts WHERE wa_id = $1", &[&"1555"], |row| {
-                    Ok(row.get(0)?)
-                })
+                .query(
+                    "SELECT COUNT(*) FROM contacts WHERE wa_id = $1",
+                    &[&"1555"],
+                    |row| Ok(row.get(0)?),
+                )
                 .unwrap();
             assert_eq!(n, [1]);
             // A statement that does not compile is an error, not a panic.
