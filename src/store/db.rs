@@ -183,6 +183,7 @@ impl Db {
         match &self.backend {
             Backend::Sqlite(sqlite) => {
                 sqlite.pool.close().await;
+                sqlite.readers.close();
                 sqlite.writer.close().await;
             }
             Backend::Postgres(postgres) => postgres.pool.close().await,

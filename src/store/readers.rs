@@ -121,6 +121,12 @@ impl Readers {
         })
     }
 
+    /// Closes the idle connections (before the writer's close, which checkpoints the WAL
+    /// only as the database's last connection). A read after this opens a new one.
+    pub(super) fn close(&self) {
+        self.idle.lock().expect("readers lock").clear();
+    }
+
     fn connect(&self) -> Result<rusqlite::Connection, StoreError> {
         let conn = rusqlite::Connection::open_with_flags(&self.path, self.flags)?;
         conn.busy_timeout(self.busy_timeout)?;
@@ -191,5 +197,8 @@ mod tests {
             assert!(err.to_string().contains("nowhere"), "{err}");
             db.close().await;
         }
+        // Closed, the database leaves no WAL behind: the readers closed before the writer,
+        // whose close was the last and checkpointed it.
+        assert!(!dir.path().join("r.db-wal").exists());
     }
 }
