@@ -192,7 +192,7 @@ mod tests {
             assert_eq!(n, [1]);
             // A statement that does not compile is an error, not a panic.
             let err = readers(&db)
-                .query_optional("SELECT nothing FROM nowhere", &[], |_| Ok(()))
+                .query_optional("SELECT x FROM nowhere", &[], |_| Ok(()))
                 .unwrap_err();
             assert!(err.to_string().contains("nowhere"), "{err}");
             db.close().await;
