@@ -41,11 +41,40 @@ fn labels(pairs: &[(&'static str, &str)]) -> Labels {
     pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
 }
 
+/// The series `name{pairs}` of `map`, added if new. Found without building its key (no
+/// allocation on the hot path): a name's series are adjacent in the map, from the one
+/// with no labels.
+fn series<'a, T: Default>(
+    map: &'a mut BTreeMap<(&'static str, Labels), T>,
+    name: &'static str,
+    pairs: &[(&'static str, &str)],
+) -> &'a mut T {
+    let same = |l: &Labels| {
+        l.len() == pairs.len()
+            && l.iter()
+                .zip(pairs)
+                .all(|((k, v), (pk, pv))| k == pk && v == pv)
+    };
+    let from = (name, Labels::new());
+    let known = map
+        .range(&from..)
+        .take_while(|((n, _), _)| *n == name)
+        .any(|((_, l), _)| same(l));
+    if !known {
+        map.insert((name, labels(pairs)), T::default());
+    }
+    map.range_mut(&from..)
+        .take_while(|((n, _), _)| *n == name)
+        .find(|((_, l), _)| same(l))
+        .map(|(_, value)| value)
+        .expect("the series was just added")
+}
+
 /// Adds `by` to the counter `name{labels}`.
 pub fn count(name: &'static str, help: &'static str, pairs: &[(&'static str, &str)], by: u64) {
     let mut r = registry().lock().expect("metrics lock");
     r.help.entry(name).or_insert(help);
-    *r.counters.entry((name, labels(pairs))).or_default() += by;
+    *series(&mut r.counters, name, pairs) += by;
 }
 
 /// Records one observation (in seconds) in the histogram `name{labels}`.
@@ -57,7 +86,7 @@ pub fn observe(
 ) {
     let mut r = registry().lock().expect("metrics lock");
     r.help.entry(name).or_insert(help);
-    let h = r.histograms.entry((name, labels(pairs))).or_default();
+    let h = series(&mut r.histograms, name, pairs);
     for (i, le) in BUCKETS.iter().enumerate() {
         if seconds <= *le {
             h.counts[i] += 1;
@@ -198,6 +227,40 @@ mod tests {
         assert!(text.contains("flowgate_test_seconds_count 1"));
         assert!(text.contains("flowgate_test_depth{channel=\"main\"} 7"));
         assert_eq!(counter_value("flowgate_test_total", &[("type", "text")]), 2);
+    }
+
+    #[test]
+    fn series_of_one_name_are_kept_apart_and_rendered_in_order() {
+        const NAME: &str = "flowgate_test_series_total";
+        for kind in ["b", "a", "b", "b"] {
+            count(NAME, "Series.", &[("kind", kind)], 1);
+        }
+        count(NAME, "Series.", &[], 5);
+        count(NAME, "Series.", &[("kind", "a"), ("other", "x")], 1);
+        assert_eq!(counter_value(NAME, &[("kind", "b")]), 3);
+        assert_eq!(counter_value(NAME, &[("kind", "a")]), 1);
+        assert_eq!(counter_value(NAME, &[]), 5);
+        assert_eq!(counter_value(NAME, &[("kind", "a"), ("other", "x")]), 1);
+        // A name that begins another's is another series.
+        count(
+            "flowgate_test_series_total_more",
+            "More.",
+            &[("kind", "b")],
+            7,
+        );
+        assert_eq!(counter_value(NAME, &[("kind", "b")]), 3);
+        let text = render(&[]);
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(NAME)).collect();
+        assert_eq!(
+            lines,
+            [
+                "flowgate_test_series_total 5",
+                "flowgate_test_series_total{kind=\"a\"} 1",
+                "flowgate_test_series_total{kind=\"a\",other=\"x\"} 1",
+                "flowgate_test_series_total{kind=\"b\"} 3",
+                "flowgate_test_series_total_more{kind=\"b\"} 7",
+            ]
+        );
     }
 
     #[test]

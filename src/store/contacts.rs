@@ -429,13 +429,22 @@ impl Db {
                 "SELECT id, wa_id, name, attrs, last_customer_message_at, policy FROM contacts \
                 WHERE id IN ({list})"
             );
-            let rows: Vec<PolicyContactRaw> = with_pool!(self, |pool| {
-                let mut q = sqlx::query_as(&sql);
-                for id in chunk {
-                    q = q.bind(*id);
+            let rows: Vec<PolicyContactRaw> = match &self.backend {
+                Backend::Sqlite(sqlite) => {
+                    let args: Vec<&dyn rusqlite::ToSql> =
+                        chunk.iter().map(|id| id as &dyn rusqlite::ToSql).collect();
+                    sqlite
+                        .readers
+                        .query(&sql, &args, |row| Ok(PolicyContactRaw::try_from(row)?))?
                 }
-                q.fetch_all(pool).await?
-            });
+                Backend::Postgres(postgres) => {
+                    let mut q = sqlx::query_as(&sql);
+                    for id in chunk {
+                        q = q.bind(*id);
+                    }
+                    q.fetch_all(&postgres.pool).await?
+                }
+            };
             for (id, wa_id, name, attrs, last, policy) in rows {
                 let mut contact = Contact::new(wa_id);
                 contact.name = name;

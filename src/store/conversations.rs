@@ -7,7 +7,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::Connection as _;
 
-use super::db::Db;
+use super::db::{Backend, Db};
 use super::db::{with_pool, with_writer};
 use super::error::StoreError;
 use super::sql::from_millis;
@@ -125,13 +125,22 @@ impl Db {
         wa_id: &str,
     ) -> Result<Conversation, StoreError> {
         const SQL: &str = LOAD_CONVERSATION;
-        let row: Option<ConversationRaw> = with_pool!(self, |pool| {
-            sqlx::query_as(SQL)
-                .bind(channel)
-                .bind(wa_id)
-                .fetch_optional(pool)
-                .await?
-        });
+        let row: Option<ConversationRaw> = match &self.backend {
+            Backend::Sqlite(sqlite) => {
+                sqlite
+                    .readers
+                    .query_optional(SQL, &[&channel, &wa_id], |row| {
+                        Ok(ConversationRaw::try_from(row)?)
+                    })?
+            }
+            Backend::Postgres(postgres) => {
+                sqlx::query_as(SQL)
+                    .bind(channel)
+                    .bind(wa_id)
+                    .fetch_optional(&postgres.pool)
+                    .await?
+            }
+        };
         let Some((
             id,
             name,

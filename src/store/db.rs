@@ -14,6 +14,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 
 use super::error::StoreError;
 use super::migrate::{postgres_migrator, sqlite_migrator};
+use super::readers::Readers;
 use super::resolved_cache::ResolvedCache;
 use super::writer::Writer;
 
@@ -54,6 +55,8 @@ pub const DEFAULT_POSTGRES_POOL: u32 = 16;
 pub(super) struct Sqlite {
     pub(super) pool: sqlx::SqlitePool,
     pub(super) writer: Writer,
+    /// The hot reads, on the caller's thread ([`super::readers`]).
+    pub(super) readers: Arc<Readers>,
     /// Contacts' identities this process has resolved (`store::contacts`).
     pub(super) identities: Arc<ResolvedCache>,
 }
@@ -80,7 +83,7 @@ impl Db {
                 reason: "flowgate supports SQLite and PostgreSQL URLs only".into(),
             });
         }
-        let sqlite = Sqlite::open(sqlite_options(url)?).await?;
+        let sqlite = Sqlite::open(sqlite_options(url)?, is_in_memory(url)).await?;
         tracing::debug!(url, "connected to SQLite");
         Ok(Db {
             backend: Backend::Sqlite(sqlite),
@@ -205,6 +208,7 @@ impl Db {
         match &self.backend {
             Backend::Sqlite(sqlite) => {
                 sqlite.pool.close().await;
+                sqlite.readers.close();
                 sqlite.writer.close().await;
             }
             Backend::Postgres(postgres) => postgres.pool.close().await,
@@ -327,13 +331,15 @@ pub fn redact(url: &str) -> String {
 
 impl Sqlite {
     /// Starts the writer, then the readers' pool, on `options`.
-    async fn open(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+    async fn open(options: SqliteConnectOptions, in_memory: bool) -> Result<Self, StoreError> {
         // The writer first: it creates the file and switches it to WAL.
         let writer = Writer::start(
             sqlx::ConnectOptions::connect(&options).await?,
             options.clone(),
         )
         .map_err(StoreError::WriterThread)?;
+        let mmap_size = (!in_memory).then_some(MMAP_SIZE);
+        let readers = Arc::new(Readers::new(&options, BUSY_TIMEOUT, mmap_size));
         let pool = SqlitePoolOptions::new()
             .test_before_acquire(false)
             .connect_with(options)
@@ -341,10 +347,18 @@ impl Sqlite {
         Ok(Sqlite {
             pool,
             writer,
+            readers,
             identities: Default::default(),
         })
     }
 }
+
+/// How long a SQLite connection waits for a lock another holds.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// SQLite's `mmap_size` for a file database: pages are read through a memory map rather
+/// than a read() call each, so under load the readers spend less time in the kernel.
+const MMAP_SIZE: i64 = 268_435_456;
 
 /// The connection options of a `sqlite:` URL; for a file, its directory is created.
 fn sqlite_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
@@ -355,7 +369,7 @@ fn sqlite_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
     let options = SqliteConnectOptions::from_str(url)
         .map_err(invalid)?
         .foreign_keys(true)
-        .busy_timeout(Duration::from_secs(5));
+        .busy_timeout(BUSY_TIMEOUT);
 
     // In memory, sqlx names each database and opens it with a shared cache, so the
     // writer and the readers see one database; it lives as long as a connection to it:
@@ -372,13 +386,11 @@ fn sqlite_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
             source,
         })?;
     }
-    // Pages are read through a memory map rather than a read() call each: under load
-    // the readers spend less time in the kernel.
     Ok(options
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
-        .pragma("mmap_size", "268435456"))
+        .pragma("mmap_size", MMAP_SIZE.to_string()))
 }
 
 /// Whether a SQLite URL names an in-memory database (which must not be opened as a file).
@@ -454,7 +466,6 @@ pub(super) use with_writer;
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
 
     use super::*;
     use crate::domain::Contact;
@@ -537,7 +548,7 @@ mod tests {
             dedupe_key: "wamid.locked".into(),
             kind: "message".into(),
             contact_key: None,
-            payload: json!({}),
+            payload: "{}".into(),
         };
         let write = tokio::spawn({
             let db = db.clone();

@@ -266,7 +266,7 @@ mod tests {
             dedupe_key: format!("wamid.{n}"),
             kind: "message".into(),
             contact_key: Some(format!("{}", 1000 + contact)),
-            payload: serde_json::json!({ "n": n }),
+            payload: serde_json::json!({ "n": n }).to_string(),
         }
     }
 

@@ -35,7 +35,8 @@
 //! Beside them: `db` ([`Db`], its `Backend`, connect, migrate, close, and the two macros
 //! that open the backend for portable SQL), `error` ([`StoreError`]), `migrate` (the
 //! embedded migrations of both backends), `identities` (the identity rules' statements per
-//! backend), `sql` (the helpers every aggregate shares), `writer` (SQLite's writer thread) and `resolved_cache`
+//! backend), `sql` (the helpers every aggregate shares), `writer` (SQLite's writer thread), `readers`
+//! (SQLite's hot reads, on the caller's thread) and `resolved_cache`
 //! (identities this process resolved), `wake` (on PostgreSQL, `LISTEN` for the other
 //! instances' notifications: [`Db::wake_ups`]). Modules import downwards only: aggregates import
 //! `db`, `error`, `sql` and each other's row types; `db` imports none of them.
@@ -43,7 +44,8 @@
 //! # The backend seam
 //!
 //! [`Db`] is a struct over a private `Backend` enum, with one variant per database: `Sqlite`
-//! (its reading pool, its writer thread, its identity cache) and `Postgres` (one pool).
+//! (its reading pool, its hot readers, its writer thread, its identity cache) and `Postgres`
+//! (one pool).
 //! Every operation reaches the backend in one of two ways:
 //!
 //! * portable SQL (`$n` placeholders, `ON CONFLICT`, `RETURNING`, times as unix
@@ -63,6 +65,7 @@
 mod api_requests;
 mod campaign_reports;
 mod campaigns;
+mod channel_lease;
 mod contacts;
 mod conversations;
 mod db;
@@ -70,13 +73,13 @@ mod error;
 mod identities;
 mod import;
 mod inbox;
-mod media_uploads;
-mod media;
-mod channel_lease;
 mod leases;
+mod media;
+mod media_uploads;
 mod migrate;
 mod outbox;
 mod queue;
+mod readers;
 mod resolved_cache;
 mod retention;
 mod run_requests;
@@ -98,6 +101,7 @@ pub use campaigns::{
     RecipientCount, RecipientDecision, RecipientOutcome, RunRow, RunStatus, RunTrigger,
     TemplateRecipients, campaign_message_key,
 };
+pub use channel_lease::ChannelLease;
 pub use contacts::{ContactFilter, ContactSummary, Identifiers, IdentityChanged, Resolved};
 pub use conversations::{Conversation, MessageDetail, MessageRow, SessionRow};
 pub use db::{DEFAULT_POSTGRES_POOL, Db, create_test_schema, redact as redact_url};
@@ -107,10 +111,9 @@ pub use inbox::{
     INBOX_RETENTION, InboxRow, NewInboxRow, ORDERED_KINDS, StatusChange, StatusOutcome, Stored,
     status_rank,
 };
-pub use media_uploads::{MediaUpload, MediaUploadState};
-pub use media::{LocalMedia, MediaFinish, MediaRow};
 pub use leases::LeaseKey;
-pub use channel_lease::ChannelLease;
+pub use media::{LocalMedia, MediaFinish, MediaRow};
+pub use media_uploads::{MediaUpload, MediaUploadState};
 pub use outbox::{ChannelStop, OutboundFilter, OutboxEntry, OutboxRow};
 pub use queue::{ExpiringMessage, FLUSH_LIMIT, QueuedMessage};
 pub use run_requests::ManualRun;

@@ -165,7 +165,7 @@ fn claim_update(ids: usize) -> String {
 /// one is reclaimed).
 type Claimed = (Vec<ClaimRaw>, Vec<(i64, String)>);
 
-/// SQLite's claim: a read on the pool, then the claiming UPDATE as a raw writer job.
+/// SQLite's claim: a read (on the caller's thread), then the claiming UPDATE as a raw writer job.
 async fn claim_sqlite(
     sqlite: &super::db::Sqlite,
     channel: &str,
@@ -183,12 +183,12 @@ async fn claim_sqlite(
         "SELECT m.id, m.status FROM messages m WHERE {CLAIMABLE} \
             ORDER BY m.priority, m.id LIMIT $3"
     );
-    let candidates: Vec<(i64, String)> = sqlx::query_as(&select)
-        .bind(channel)
-        .bind(now_ms)
-        .bind(limit)
-        .fetch_all(&sqlite.pool)
-        .await?;
+    let candidates: Vec<(i64, String)> =
+        sqlite
+            .readers
+            .query(&select, &[&channel, &now_ms, &limit], |row| {
+                Ok(<(i64, String)>::try_from(row)?)
+            })?;
     if candidates.is_empty() {
         return Ok((Vec::new(), candidates));
     }

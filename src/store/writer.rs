@@ -25,8 +25,9 @@
 //!   ([`Writer::run_raw`], [`Writer::query`]) instead runs on this thread, directly on the
 //!   connection's SQLite handle (through rusqlite, while sqlx's `lock_handle` keeps sqlx's
 //!   worker off it). The raw jobs of a group run first, together, under one lock; a group
-//!   of raw jobs only also begins and commits on the handle, so it costs one hand-off in
-//!   all. The hot writes (webhook updates, turns, claims, recorded sends, finished inbox
+//!   of raw jobs only also begins and commits on the handle, and the lock is kept for the
+//!   next group while it is raw too (waiting for it included), so a run of raw groups costs
+//!   one hand-off in all. The hot writes (webhook updates, turns, claims, recorded sends, finished inbox
 //!   rows) are raw; the rest stay on sqlx.
 //!
 //! A job is a closure over data it owns (`'static`): it gets the connection, runs its
@@ -251,47 +252,76 @@ impl Ran {
 async fn drive(
     mut conn: SqliteConnection,
     options: SqliteConnectOptions,
-    mut queue: mpsc::UnboundedReceiver<Command>,
+    queue: mpsc::UnboundedReceiver<Command>,
     committed: tokio::sync::watch::Sender<u64>,
 ) {
     let mut raw = RawView::default();
-    let mut closing = None;
+    let mut queue = Queue {
+        commands: queue,
+        closing: None,
+    };
     let mut group: Vec<Job> = Vec::with_capacity(GROUP_MAX);
-    while closing.is_none() {
-        match queue.recv().await {
-            Some(Command::Run(job)) => group.push(job),
-            Some(Command::Close(done)) => closing = Some(done),
-            None => break,
+    loop {
+        if group.is_empty() && (queue.closing.is_some() || !queue.fill(&mut group).await) {
+            break;
         }
-        while group.len() < GROUP_MAX && closing.is_none() {
-            match queue.try_recv() {
-                Ok(Command::Run(job)) => group.push(job),
-                Ok(Command::Close(done)) => closing = Some(done),
-                Err(_) => break,
-            }
+        if group.is_empty() {
+            continue;
         }
         // Jobs a broken group never started (or all of them, if it could not begin) run
         // again in a new transaction, on a new connection.
-        while !group.is_empty() {
-            let before = group.len();
-            if run_group(&mut conn, &mut raw, &mut group).await {
+        let before = group.len();
+        let ok = if group.iter().all(|job| matches!(job, Job::Raw(_))) {
+            run_raw_groups(&mut conn, &mut raw, &mut group, &mut queue, &committed).await
+        } else {
+            let ok = run_group(&mut conn, &mut raw, &mut group).await;
+            if ok {
                 committed.send_modify(|n| *n = n.wrapping_add(1));
-                continue;
             }
-            if group.len() == before {
-                // Not even BEGIN worked: wait a little before the next try.
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            }
-            raw.release(&mut conn).await;
-            conn = reconnect(conn, &options).await;
+            ok
+        };
+        if ok {
+            continue;
         }
+        if group.len() == before {
+            // Not even BEGIN worked: wait a little before the next try.
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        raw.release(&mut conn).await;
+        conn = reconnect(conn, &options).await;
     }
     raw.release(&mut conn).await;
     if let Err(e) = conn.close().await {
         tracing::warn!(error = %e, "closing the database's writer connection failed");
     }
-    if let Some(done) = closing {
+    if let Some(done) = queue.closing {
         let _ = done.send(());
+    }
+}
+
+/// The writer's queue of commands, and the close it was asked for.
+struct Queue {
+    commands: mpsc::UnboundedReceiver<Command>,
+    closing: Option<oneshot::Sender<()>>,
+}
+
+impl Queue {
+    /// Waits for a command, then takes what else is queued (up to [`GROUP_MAX`] jobs, or up
+    /// to a close) into `group`; `false` when every sender is gone.
+    async fn fill(&mut self, group: &mut Vec<Job>) -> bool {
+        match self.commands.recv().await {
+            Some(Command::Run(job)) => group.push(job),
+            Some(Command::Close(done)) => self.closing = Some(done),
+            None => return false,
+        }
+        while group.len() < GROUP_MAX && self.closing.is_none() {
+            match self.commands.try_recv() {
+                Ok(Command::Run(job)) => group.push(job),
+                Ok(Command::Close(done)) => self.closing = Some(done),
+                Err(_) => break,
+            }
+        }
+        true
     }
 }
 
@@ -343,23 +373,18 @@ impl Drop for RawView {
     }
 }
 
-/// Runs `jobs` in one transaction and answers each after the commit (or the rollback).
-/// Jobs it did not start stay in `jobs`. Returns `false` when the group broke or could not
-/// begin: the connection's transaction state is then unknown, and it must be opened again.
+/// Runs `jobs`, a group holding sqlx jobs, in one transaction and answers each after the
+/// commit (or the rollback). Jobs it did not start stay in `jobs`. Returns `false` when the
+/// group broke or could not begin: the connection's transaction state is then unknown, and
+/// it must be opened again. (Groups of raw jobs only, the usual case, go to
+/// [`run_raw_groups`].)
 ///
-/// Raw jobs run first, together, under one lock of the handle. A group of raw jobs only
-/// (the usual case: the hot writes are raw) also begins and commits on the handle, so the
-/// whole group costs one hand-off to sqlx's worker thread instead of one per statement.
+/// Raw jobs run first, together, under one lock of the handle.
 async fn run_group(conn: &mut SqliteConnection, raw: &mut RawView, jobs: &mut Vec<Job>) -> bool {
     jobs.sort_by_key(|job| matches!(job, Job::Sqlx(_)));
-    let all_raw = jobs.iter().all(|job| matches!(job, Job::Raw(_)));
     let mut pending = std::mem::take(jobs).into_iter().peekable();
     let mut ran = Vec::with_capacity(pending.len());
-    let (begun, group_error) = if all_raw {
-        run_raw_group(conn, raw, &mut pending, &mut ran).await
-    } else {
-        run_mixed_group(conn, raw, &mut pending, &mut ran).await
-    };
+    let (begun, group_error) = run_mixed_group(conn, raw, &mut pending, &mut ran).await;
     jobs.extend(pending);
     let broken = !begun || group_error.is_some();
     for outcome in ran {
@@ -375,28 +400,61 @@ const GROUP_BROKE: &str =
     "another write in its group commit failed, so none of the group was written";
 const COMMIT_FAILED: &str = "the group commit failed, so none of the group was written";
 
-/// A group of raw jobs, begun and committed on the locked handle. Returns whether it began,
-/// and the group's error if it did not commit.
-async fn run_raw_group(
+/// Groups of raw jobs, one after another, each begun and committed on the handle, under
+/// one lock of it: taking the lock is a hand-off to sqlx's worker thread and back, so it is
+/// kept (waiting for the next jobs included) until a group holds a sqlx job. Returns `false`
+/// when a group broke or could not begin (the jobs it did not start stay in `group`), else
+/// `true`, with the next group (it holds a sqlx job) in `group`, or nothing when the writer
+/// is closing.
+async fn run_raw_groups(
     conn: &mut SqliteConnection,
     raw: &mut RawView,
-    pending: &mut Pending,
-    ran: &mut Vec<Ran>,
-) -> (bool, Option<&'static str>) {
+    group: &mut Vec<Job>,
+    queue: &mut Queue,
+    committed: &tokio::sync::watch::Sender<u64>,
+) -> bool {
     let mut locked = match conn.lock_handle().await {
         Ok(locked) => locked,
         Err(e) => {
             tracing::error!(error = %e, "the database's writer could not reach its connection; opening it again");
-            return (false, None);
+            return false;
         }
     };
-    let db = match raw.get(&mut locked) {
-        Ok(db) => db,
-        Err(e) => {
-            tracing::error!(error = %e, "the database's writer could not use its connection; opening it again");
-            return (false, None);
+    loop {
+        let db = match raw.get(&mut locked) {
+            Ok(db) => db,
+            Err(e) => {
+                tracing::error!(error = %e, "the database's writer could not use its connection; opening it again");
+                return false;
+            }
+        };
+        let mut pending = std::mem::take(group).into_iter().peekable();
+        let mut ran = Vec::with_capacity(pending.len());
+        let (begun, group_error) = raw_transaction(db, &mut pending, &mut ran);
+        group.extend(pending);
+        for outcome in ran {
+            (outcome.reply)(group_error.map(|reason| StoreError::GroupFailed(reason.into())));
         }
-    };
+        if !begun || group_error.is_some() {
+            return false;
+        }
+        committed.send_modify(|n| *n = n.wrapping_add(1));
+        if queue.closing.is_some() || !queue.fill(group).await {
+            return true;
+        }
+        if group.is_empty() || group.iter().any(|job| matches!(job, Job::Sqlx(_))) {
+            return true;
+        }
+    }
+}
+
+/// One transaction of raw jobs on the locked handle. Returns whether it began, and the
+/// group's error if it did not commit.
+fn raw_transaction(
+    db: &rusqlite::Connection,
+    pending: &mut Pending,
+    ran: &mut Vec<Ran>,
+) -> (bool, Option<&'static str>) {
     if let Err(e) = db.execute_batch("BEGIN IMMEDIATE") {
         tracing::error!(error = %e, "the database's writer could not begin a transaction; opening it again");
         return (false, None);

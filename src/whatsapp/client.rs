@@ -20,8 +20,8 @@ use serde_json::Value;
 
 use super::errors::{ErrorOrigin, GraphError, NO_CODE};
 use super::limits::{MESSAGING_LIMIT_FIELD, MessagingLimit, parse_messaging_limit_response};
-use super::media_files::parse_upload_response;
 use super::media::{MediaInfo, download_url, parse_media_info};
+use super::media_files::parse_upload_response;
 use super::send::{
     SendOk, mark_read_body, parse_mark_read_response, parse_send_response, read_answer, snippet,
 };

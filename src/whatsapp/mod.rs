@@ -19,8 +19,8 @@
 pub mod client;
 pub mod errors;
 pub mod limits;
-pub mod media_files;
 pub mod media;
+pub mod media_files;
 pub mod send;
 pub mod signature;
 pub mod templates;

@@ -17,7 +17,7 @@ fn row(key: &str, kind: &str, contact: Option<&str>) -> NewInboxRow {
         dedupe_key: key.into(),
         kind: kind.into(),
         contact_key: contact.map(str::to_string),
-        payload: json!({ "key": key }),
+        payload: json!({ "key": key }).to_string(),
     }
 }
 
@@ -93,7 +93,7 @@ pub(super) async fn duplicates_are_counted_not_stored(db: Db) {
 
     let claimed = db.claim_inbox(t(1), 100).await.unwrap();
     assert_eq!(keys(&claimed), ["a", "b", "c", "a"]);
-    assert_eq!(claimed[0].payload, json!({"key": "a"}));
+    assert_eq!(claimed[0].payload, json!({"key": "a"}).to_string());
     assert_eq!(claimed[0].received_at, t(0));
     assert_eq!(db.inbox_depth().await.unwrap(), 4);
 }

@@ -17,7 +17,7 @@ fn row(key: &str, kind: &str, contact: Option<&str>) -> NewInboxRow {
         dedupe_key: key.into(),
         kind: kind.into(),
         contact_key: contact.map(str::to_string),
-        payload: json!({ "key": key }),
+        payload: json!({ "key": key }).to_string(),
     }
 }
 

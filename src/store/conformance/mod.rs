@@ -33,9 +33,9 @@ mod contacts;
 mod history;
 mod import;
 mod inbox;
-mod media_uploads;
-mod media;
 mod leases;
+mod media;
+mod media_uploads;
 mod turns;
 
 /// A fresh database for one test, with what must outlive it.
