@@ -41,7 +41,14 @@ pub enum DispatchError {
     Store(#[from] StoreError),
     #[error("stored session state is unreadable: {0}")]
     Corrupt(String),
+    /// Another instance sharing the database held the contact's lease all along.
+    #[error("contact {0} is held by another instance; try again later")]
+    ContactBusy(String),
 }
+
+/// How long a finished download waits for its contact's lease on a shared database: a
+/// contact lease lasts 12 s unless renewed, and is given back once its rows are done.
+pub const MEDIA_LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// One outgoing message as it was recorded.
 #[derive(Debug, Clone, PartialEq)]
@@ -201,7 +208,9 @@ impl Runtime {
 
     /// The download of a customer's file ended (`row` is `ok` or `failed`): a turn for its
     /// contact, in the contact's order like any event, that hands an `ask` waiting for the
-    /// file its variable ([`Event::Media`]); a session that moved on ignores it.
+    /// file its variable ([`Event::Media`]); a session that moved on ignores it. On a shared
+    /// database the turn runs under the contact's lease, like every other turn of the
+    /// contact; while another instance holds it, this waits up to [`MEDIA_LEASE_WAIT`].
     pub async fn media_ready(
         &self,
         row: &crate::store::MediaRow,
@@ -215,8 +224,24 @@ impl Runtime {
             message: row.wamid.clone(),
             value,
         };
-        self.handle(&row.channel, &row.wa_id, event, None, None, None)
-            .await
+        let Some(ownership) = &self.ownership else {
+            return self
+                .handle(&row.channel, &row.wa_id, event, None, None, None)
+                .await;
+        };
+        let lease = crate::store::LeaseKey::new(&row.channel, &row.wa_id);
+        let deadline = tokio::time::Instant::now() + MEDIA_LEASE_WAIT;
+        while !ownership.acquire(&lease).await? {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(DispatchError::ContactBusy(row.wa_id.clone()));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let report = self
+            .handle(&row.channel, &row.wa_id, event, None, None, None)
+            .await;
+        ownership.release(&lease).await;
+        report
     }
 
     /// Remembers the messaging limit WhatsApp states for `channel`'s number.
