@@ -332,20 +332,7 @@ impl Client {
             .text("type", mime.to_string())
             .part("file", part);
         let request = self.authorize(self.http.post(self.endpoint.upload_url()).multipart(form));
-        let response = request
-            .send()
-            .await
-            .map_err(|e| GraphError::transport(transport_message(&e)))?;
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| GraphError::transport(transport_message(&e)))?;
+        let (status, body, retry_after) = answer(request).await?;
         parse_upload_response(status, &body).map_err(|e| e.with_retry_after(retry_after))
     }
 
@@ -505,22 +492,30 @@ impl Client {
     /// Posts `body`: the status, the body and the `Retry-After`.
     async fn post(&self, body: &Value) -> Result<(u16, Vec<u8>, Option<Duration>), GraphError> {
         let request = self.authorize(self.http.post(self.endpoint.messages_url()).json(body));
-        let response = request
-            .send()
-            .await
-            .map_err(|e| GraphError::transport(transport_message(&e)))?;
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| GraphError::transport(transport_message(&e)))?;
-        Ok((status, bytes.to_vec(), retry_after))
+        answer(request).await
     }
+}
+
+/// Sends `request` and reads WhatsApp's answer whole: its status, its body and its
+/// `Retry-After`; a failure to connect or to read is a transport error.
+async fn answer(
+    request: reqwest::RequestBuilder,
+) -> Result<(u16, Vec<u8>, Option<Duration>), GraphError> {
+    let response = request
+        .send()
+        .await
+        .map_err(|e| GraphError::transport(transport_message(&e)))?;
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after);
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| GraphError::transport(transport_message(&e)))?;
+    Ok((status, body.to_vec(), retry_after))
 }
 
 /// The longest `Retry-After` honoured: a longer one (or a mistake) waits this long.
