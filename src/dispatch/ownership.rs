@@ -229,7 +229,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::clock::SystemClock;
+    use crate::clock::VirtualClock;
     use crate::store::conformance::{drop_schema, postgres_db, postgres_db_on};
 
     /// Two instances' `Ownership`s on one schema: a contact's lease is one instance's while
@@ -240,9 +240,9 @@ mod tests {
         let Some((db, schema)) = postgres_db().await else {
             return;
         };
-        let clock: SharedClock = Arc::new(SystemClock);
+        let clock: SharedClock = Arc::new(VirtualClock::new(VirtualClock::test_epoch()));
         let a = Ownership::new(db.clone(), clock.clone());
-        let b = Ownership::new(postgres_db_on(&schema).await, clock);
+        let b = Ownership::new(postgres_db_on(&schema).await, clock.clone());
         assert_ne!(a.owner(), b.owner());
         let contact = LeaseKey::new("main", "1555");
 
@@ -262,7 +262,7 @@ mod tests {
         a.release(&contact).await;
         assert_eq!(a.held_count(), 0);
         assert_eq!(
-            db.contact_lease_holder(&contact, chrono::Utc::now())
+            db.contact_lease_holder(&contact, clock.now())
                 .await
                 .unwrap(),
             None,

@@ -254,10 +254,8 @@ mod tests {
     use std::collections::HashMap;
     use std::time::Duration;
 
-    use chrono::Utc;
-
     use crate::store::NewInboxRow;
-    use crate::store::conformance::{drop_schema, postgres_db, postgres_db_on};
+    use crate::store::conformance::{drop_schema, postgres_db, postgres_db_on, t};
     use crate::store::wake::WakeUp;
 
     fn message(n: usize, contact: usize) -> NewInboxRow {
@@ -286,12 +284,12 @@ mod tests {
             return;
         };
         let rows: Vec<NewInboxRow> = (0..180).map(|n| message(n, n % 60)).collect();
-        db.insert_updates(&rows, Utc::now()).await.unwrap();
+        db.insert_updates(&rows, t(0)).await.unwrap();
         let mut instances = vec![db.clone()];
         for _ in 0..2 {
             instances.push(postgres_db_on(&schema).await);
         }
-        let now = Utc::now();
+        let now = t(0);
         let until = now + chrono::Duration::seconds(60);
         let mut tasks = Vec::new();
         for (i, db) in instances.iter().enumerate() {
@@ -352,9 +350,7 @@ mod tests {
         let mut wake_ups = listener.wake_ups().expect("PostgreSQL listens");
         assert_eq!(next(&mut wake_ups).await, WakeUp::Reconnected);
 
-        db.insert_updates(&[message(1, 1)], Utc::now())
-            .await
-            .unwrap();
+        db.insert_updates(&[message(1, 1)], t(0)).await.unwrap();
         assert_eq!(next(&mut wake_ups).await, WakeUp::Inbox);
 
         let contact = Contact::new("1555");
@@ -369,13 +365,13 @@ mod tests {
         }];
         db.commit_turn(&TurnWrite {
             outbound: &out,
-            ..bare_turn(None, &contact, Utc::now())
+            ..bare_turn(None, &contact, t(0))
         })
         .await
         .unwrap();
         assert_eq!(next(&mut wake_ups).await, WakeUp::Outbox(CH.to_string()));
 
-        let now = Utc::now();
+        let now = t(0);
         let taken = db
             .take_inbox_leases("A", now, now + chrono::Duration::seconds(10), 10)
             .await

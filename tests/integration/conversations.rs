@@ -95,11 +95,10 @@ async fn edge_case_conversations_pass() {
     );
 }
 
-/// The example booking project (`examples/booking/`: a form, a split, a location, a
-/// contact card) checks clean and its conversation test passes.
-#[tokio::test]
-async fn example_booking_project_checks_clean_and_its_test_passes() {
-    let loaded = load(Some(Path::new("examples/booking/flowgate.yaml")));
+/// An example project checks with no error and no warning, and its one conversation test
+/// passes.
+async fn example_checks_clean_and_its_test_passes(config: &str, test: &str) {
+    let loaded = load(Some(Path::new(config)));
     let diags = &loaded.project.diagnostics;
     assert_eq!(
         (diags.errors(), diags.warnings()),
@@ -107,28 +106,32 @@ async fn example_booking_project_checks_clean_and_its_test_passes() {
         "{}",
         diags.render(false)
     );
-    let test = PathBuf::from("examples/booking/flows/table_booking.test.yaml");
     let mut out = String::new();
-    let (passed, failed) = flowgate::conversation::run_all(&loaded, &[test], &mut out).await;
+    let (passed, failed) =
+        flowgate::conversation::run_all(&loaded, &[PathBuf::from(test)], &mut out).await;
     assert_eq!((passed, failed), (1, 0), "{out}");
+}
+
+/// The example booking project (`examples/booking/`: a form, a split, a location, a
+/// contact card) checks clean and its conversation test passes.
+#[tokio::test]
+async fn example_booking_project_checks_clean_and_its_test_passes() {
+    example_checks_clean_and_its_test_passes(
+        "examples/booking/flowgate.yaml",
+        "examples/booking/flows/table_booking.test.yaml",
+    )
+    .await;
 }
 
 /// The example parcel project (`examples/parcel/`: an `ask` for a photo passed to an
 /// `http` step) checks clean and its conversation test, which sends a photo, passes.
 #[tokio::test]
 async fn example_parcel_project_checks_clean_and_its_test_passes() {
-    let loaded = load(Some(Path::new("examples/parcel/flowgate.yaml")));
-    let diags = &loaded.project.diagnostics;
-    assert_eq!(
-        (diags.errors(), diags.warnings()),
-        (0, 0),
-        "{}",
-        diags.render(false)
-    );
-    let test = PathBuf::from("examples/parcel/flows/damaged_parcel.test.yaml");
-    let mut out = String::new();
-    let (passed, failed) = flowgate::conversation::run_all(&loaded, &[test], &mut out).await;
-    assert_eq!((passed, failed), (1, 0), "{out}");
+    example_checks_clean_and_its_test_passes(
+        "examples/parcel/flowgate.yaml",
+        "examples/parcel/flows/damaged_parcel.test.yaml",
+    )
+    .await;
 }
 
 /// The load test's reference flow (`examples/loadtest`) answers with the texts
