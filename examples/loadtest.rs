@@ -900,6 +900,8 @@ struct Phase {
     postgres_cpu: Duration,
     /// Sends that repeated an idempotency key during the phase.
     duplicates: u64,
+    /// The first instance's stage histograms over the phase (`/metrics`).
+    stages: Vec<(String, Histogram)>,
 }
 
 impl Phase {
@@ -968,7 +970,114 @@ impl Phase {
             "[{name}] errors/timeouts:    {}, wrong replies: {}, duplicate sends: {}",
             self.errors, self.wrong, self.duplicates
         );
+        for (stage, h) in &self.stages {
+            println!(
+                "[{name}] stage {stage:<13} {:>8} times, mean {:.3} ms, p50 <= {} ms, p99 <= {} ms (instance 1)",
+                h.count,
+                h.sum / h.count.max(1) as f64 * 1e3,
+                h.bound(0.5),
+                h.bound(0.99)
+            );
+        }
     }
+}
+
+/// One histogram of the server's `/metrics` (seconds): cumulative bucket counts by upper
+/// bound, their sum and count.
+#[derive(Clone, Default)]
+struct Histogram {
+    buckets: Vec<(f64, u64)>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    /// What happened since `before` (the same series, read earlier).
+    fn since(&self, before: Option<&Histogram>) -> Histogram {
+        let Some(b) = before else {
+            return self.clone();
+        };
+        Histogram {
+            buckets: (self.buckets.iter())
+                .map(|(le, n)| {
+                    let earlier = b.buckets.iter().find(|(l, _)| l == le).map_or(0, |x| x.1);
+                    (*le, n - earlier.min(*n))
+                })
+                .collect(),
+            sum: self.sum - b.sum,
+            count: self.count - b.count.min(self.count),
+        }
+    }
+
+    /// The upper bound (ms) of the bucket holding quantile `q`, as text ("inf" past the last).
+    fn bound(&self, q: f64) -> String {
+        let rank = (self.count as f64 * q).ceil() as u64;
+        (self.buckets.iter())
+            .find(|(_, n)| *n >= rank.max(1))
+            .map_or("inf".into(), |(le, _)| format!("{}", le * 1e3))
+    }
+}
+
+/// The stage histograms a server exposes at `/metrics`: the webhook's acknowledgement,
+/// each `flowgate_stage_seconds{stage}` and the send, in a reply's order.
+async fn stage_histograms(client: &reqwest::Client, base: &str) -> Vec<(String, Histogram)> {
+    let text = match client
+        .get(format!("{base}/metrics"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+    {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => return Vec::new(),
+    };
+    let series = [
+        ("webhook_ack", "flowgate_webhook_ack_seconds", ""),
+        (
+            "inbox_wait",
+            "flowgate_stage_seconds",
+            "stage=\"inbox_wait\"",
+        ),
+        ("turn", "flowgate_stage_seconds", "stage=\"turn\""),
+        ("commit", "flowgate_stage_seconds", "stage=\"commit\""),
+        (
+            "outbox_claim",
+            "flowgate_stage_seconds",
+            "stage=\"outbox_claim\"",
+        ),
+        ("send", "flowgate_send_seconds", ""),
+    ];
+    let mut out = Vec::new();
+    for (stage, name, label) in series {
+        let mut h = Histogram::default();
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with(name) && l.contains(label))
+        {
+            let Some((key, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let value: f64 = value.parse().unwrap_or(0.0);
+            if key.starts_with(&format!("{name}_bucket")) {
+                let le = key
+                    .split("le=\"")
+                    .nth(1)
+                    .and_then(|v| v.split('"').next())
+                    .map_or(f64::INFINITY, |v| v.parse().unwrap_or(f64::INFINITY));
+                // `send` is labelled by outcome: add its series up.
+                match h.buckets.iter_mut().find(|(l, _)| *l == le) {
+                    Some(b) => b.1 += value as u64,
+                    None => h.buckets.push((le, value as u64)),
+                }
+            } else if key.starts_with(&format!("{name}_sum")) {
+                h.sum += value;
+            } else if key.starts_with(&format!("{name}_count")) {
+                h.count += value as u64;
+            }
+        }
+        h.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        out.push((stage.to_string(), h));
+    }
+    out
 }
 
 /// A customer: their number, their reply inbox, and how many conversations they began.
@@ -1081,6 +1190,7 @@ impl Bench {
         name: &str,
     ) -> Phase {
         self.phases_run += 1;
+        let stages_before = stage_histograms(&self.client, &self.base).await;
         let cpu_before = server.cpu();
         let backends_before = cpu_of(&self.store.backends().await);
         let duplicates_before = self.fake.duplicates.load(Ordering::Relaxed);
@@ -1114,6 +1224,14 @@ impl Bench {
         }
         out.elapsed = start.elapsed();
         out.server_cpu = server.cpu().saturating_sub(cpu_before);
+        out.stages = (stage_histograms(&self.client, &self.base).await)
+            .into_iter()
+            .map(|(stage, h)| {
+                let before = stages_before.iter().find(|(s, _)| *s == stage);
+                let since = h.since(before.map(|(_, h)| h));
+                (stage, since)
+            })
+            .collect();
         let backends_after = cpu_of(&self.store.backends().await);
         out.postgres_cpu = backends_after
             .iter()

@@ -52,10 +52,10 @@ use crate::metrics;
 use crate::policy::{ConsentChange, Policy};
 use crate::state::AppState;
 use crate::store::{
-    INBOX_RETENTION, Identifiers, IdentityChanged, InboxRow, LeaseKey, NewInboxRow, ORDERED_KINDS,
-    StatusChange, StatusOutcome, StoreError, status_rank,
+    DeliveryStatus, INBOX_RETENTION, Identifiers, IdentityChanged, InboxRow, LeaseKey, NewInboxRow,
+    ORDERED_KINDS, StatusChange, StatusOutcome, StoreError, status_rank,
 };
-use crate::whatsapp::{GraphError, Preference, Update};
+use crate::whatsapp::{GraphError, Preference, StatusKind, Update};
 
 /// Rows processed at the same time, across contacts.
 pub const CONCURRENCY: usize = 64;
@@ -123,6 +123,45 @@ pub fn inbox_row(channel: &str, update: Update) -> NewInboxRow {
         kind,
         contact_key,
         payload: serde_json::to_string(&update).expect("an update serializes"),
+        delivery: delivery_status(&update),
+    }
+}
+
+/// The status a webhook's write applies at once ([`NewInboxRow::delivery`]): `sent`,
+/// `delivered`, `read` and `played` without errors. A `failed` one goes through the worker,
+/// which hands it to the policy.
+fn delivery_status(update: &Update) -> Option<DeliveryStatus> {
+    let Update::Status {
+        wamid,
+        status,
+        errors,
+        biz_opaque_callback_data,
+        ..
+    } = update
+    else {
+        return None;
+    };
+    let moves_forward = matches!(
+        status,
+        StatusKind::Sent | StatusKind::Delivered | StatusKind::Read | StatusKind::Played
+    );
+    (moves_forward && errors.is_empty()).then(|| DeliveryStatus {
+        wamid: wamid.clone(),
+        status: status.as_str().to_owned(),
+        idempotency_key: biz_opaque_callback_data.clone(),
+    })
+}
+
+/// Counts delivery statuses that moved their message, wherever they were applied (the
+/// webhook's write or the worker).
+pub fn count_moved_statuses(status: &str, n: u64) {
+    if n > 0 {
+        metrics::count(
+            "flowgate_message_statuses_total",
+            "Delivery statuses applied to outbound messages, by status.",
+            &[("status", label(status))],
+            n,
+        );
     }
 }
 
@@ -416,7 +455,7 @@ impl Worker {
         while let Some(row) = self.next_in_group(&key) {
             let outcome = {
                 let _permit = self.permits.acquire().await.expect("never closed");
-                self.process(&row).await
+                self.process_timed(&row).await
             };
             if !self.settle(&row, outcome).await {
                 self.stop_group(key, &row);
@@ -627,6 +666,23 @@ impl Worker {
     }
 
     /// Does what one row asks; a payload that cannot be read is given up.
+    /// [`Worker::process`], its wait in the inbox and a customer message's turn measured
+    /// (`flowgate_stage_seconds`).
+    async fn process_timed(&self, row: &InboxRow) -> Outcome {
+        let waited = self.state.runtime.clock.now() - row.received_at;
+        metrics::observe_stage(
+            "inbox_wait",
+            waited.to_std().unwrap_or_default().as_secs_f64(),
+        );
+        if row.kind != "message" {
+            return self.process(row).await;
+        }
+        let started = std::time::Instant::now();
+        let outcome = self.process(row).await;
+        metrics::observe_stage("turn", started.elapsed().as_secs_f64());
+        outcome
+    }
+
     async fn process(&self, row: &InboxRow) -> Outcome {
         match serde_json::from_str::<Update>(&row.payload) {
             Ok(update) => self.route(row, update).await,
@@ -843,12 +899,7 @@ impl Worker {
             .await;
         match applied {
             Ok(StatusOutcome::Updated { message_id }) => {
-                metrics::count(
-                    "flowgate_message_statuses_total",
-                    "Delivery statuses applied to outbound messages, by status.",
-                    &[("status", label(status))],
-                    1,
-                );
+                count_moved_statuses(status, 1);
                 match first_error.filter(|_| status == "failed") {
                     Some(e) => self.message_failed(row, message_id, e).await,
                     None => Outcome::Done,

@@ -96,6 +96,20 @@ pub fn observe(
     h.count += 1;
 }
 
+/// Records how long one stage of a reply's path took (`flowgate_stage_seconds{stage}`):
+/// `inbox_wait` (stored until a worker takes the row), `turn` (a customer message's row
+/// processed: flows, policy, commit), `commit` (its one write), `outbox_claim` (a sender's
+/// claim). The webhook's acknowledgement and the send have their own histograms
+/// (`flowgate_webhook_ack_seconds`, `flowgate_send_seconds`).
+pub fn observe_stage(stage: &'static str, seconds: f64) {
+    observe(
+        "flowgate_stage_seconds",
+        "Time spent in each stage of a reply's path, by stage.",
+        &[("stage", stage)],
+        seconds,
+    );
+}
+
 const CAMPAIGN_RECIPIENTS: &str = "flowgate_campaign_recipients_total";
 const CAMPAIGN_RECIPIENTS_HELP: &str =
     "Campaign recipients decided, by campaign, decision and reason class.";

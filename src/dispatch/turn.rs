@@ -18,6 +18,7 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::{Decision, Inbound, Origin, Outbound, OutboundContent, SplitMark};
 use crate::engine::{Effect, Event, Handled, TimerKind};
+use crate::metrics;
 use crate::policy::{ConsentChange, Policy};
 use crate::store::{
     CommittedTurn, Conversation, DequeuedRecord, NewTimer, OutboundRecord, SessionRow, TurnWrite,
@@ -240,6 +241,7 @@ impl Runtime {
                 .collect()
         });
         let conversation = &turn.conversation;
+        let started = std::time::Instant::now();
         let committed = self
             .db
             .commit_turn(&TurnWrite {
@@ -261,6 +263,7 @@ impl Runtime {
                 )
             })
             .await;
+        metrics::observe_stage("commit", started.elapsed().as_secs_f64());
         match committed {
             Ok(committed) => Ok(Some(committed)),
             Err(e) if e.is_duplicate() && turn.inbound.is_some() => Ok(None),

@@ -35,10 +35,10 @@ use serde_json::json;
 
 use super::{Refused, error, refused};
 use crate::config::{ChannelConfig, Provider};
-use crate::inbound::inbox_row;
+use crate::inbound::{count_moved_statuses, inbox_row};
 use crate::metrics;
 use crate::state::AppState;
-use crate::store::{NewInboxRow, Stored};
+use crate::store::{MOVED_STATUSES, NewInboxRow, Stored};
 use crate::whatsapp::signature::SIGNATURE_HEADER;
 use crate::whatsapp::{
     SignatureError, Update, parse_webhook, verify_shared_secret, verify_signature,
@@ -121,7 +121,9 @@ pub async fn receive(
     match store_webhook(&state, &name, &headers, body).await {
         Ok(received) => {
             count_received(&received, started);
-            let Stored { stored, duplicates } = received.stored;
+            let Stored {
+                stored, duplicates, ..
+            } = received.stored;
             tracing::debug!(channel = %name, stored, duplicates, "webhook stored");
             Json(json!({"stored": stored, "duplicates": duplicates})).into_response()
         }
@@ -148,7 +150,10 @@ async fn store_webhook(
     let updates = parse(name, &body)?;
     let (rows, kinds) = inbox_rows(channel, &state.config.channels, updates);
     let stored = store(state, name, &rows).await?;
-    state.inbox.notify_one();
+    // Delivery statuses are applied by now: only the other updates wake the worker.
+    if stored.pending > 0 {
+        state.inbox.notify_one();
+    }
     Ok(Received { kinds, stored })
 }
 
@@ -289,6 +294,9 @@ fn count_received(received: &Received, started: Instant) {
             &[("type", kind)],
             *n,
         );
+    }
+    for (status, n) in MOVED_STATUSES.iter().zip(received.stored.moved) {
+        count_moved_statuses(status, n);
     }
     if received.stored.duplicates > 0 {
         metrics::count(

@@ -617,6 +617,7 @@ impl Inner {
     /// Claims up to `limit` rows, each with its contact's window and consent as they are
     /// now (the policy decides each message again before it is sent).
     async fn claim(&self, limit: usize) -> Result<Vec<(OutboxRow, Contact)>, StoreError> {
+        let started = Instant::now();
         let rows = self
             .db
             .claim_outbox(
@@ -647,6 +648,8 @@ impl Inner {
             .await?
             .into_iter()
             .collect();
+        // Claims that found work only: the idle polls would drown them.
+        metrics::observe_stage("outbox_claim", started.elapsed().as_secs_f64());
         Ok(rows
             .into_iter()
             .map(|row| {

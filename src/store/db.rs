@@ -549,6 +549,7 @@ mod tests {
             kind: "message".into(),
             contact_key: None,
             payload: "{}".into(),
+            delivery: None,
         };
         let write = tokio::spawn({
             let db = db.clone();

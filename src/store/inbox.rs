@@ -30,7 +30,7 @@ pub const ORDERED_KINDS: [&str; 3] = ["message", "system", "user_preference"];
 pub const INBOX_RETENTION: chrono::Duration = chrono::Duration::days(14);
 
 /// One update to store.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct NewInboxRow {
     /// The channel the update is for (the webhook's channel, or the one its
     /// `phone_number_id` names).
@@ -46,6 +46,33 @@ pub struct NewInboxRow {
     /// The parsed update with its raw JSON, as JSON text (stored as it is: no
     /// `serde_json::Value` in between).
     pub payload: String,
+    /// A delivery status the webhook's own write applies at once ([`Db::insert_updates`]);
+    /// `None` for every other update (and for `failed` statuses, which the policy handles).
+    pub delivery: Option<DeliveryStatus>,
+}
+
+/// A `sent`, `delivered` or `read` (`played`) status: it only moves its message forward
+/// and asks nothing of the flows or the policy, so it is applied in the transaction that
+/// stores its webhook and its row is stored processed. One the store cannot place yet
+/// (its send is not recorded) is stored unprocessed for the worker to retry, as before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryStatus {
+    pub wamid: String,
+    pub status: String,
+    /// The status's `biz_opaque_callback_data` ([`StatusChange::idempotency_key`]).
+    pub idempotency_key: Option<String>,
+}
+
+impl DeliveryStatus {
+    fn change(&self) -> StatusChange<'_> {
+        StatusChange {
+            wamid: &self.wamid,
+            status: &self.status,
+            error_code: None,
+            error: None,
+            idempotency_key: self.idempotency_key.as_deref(),
+        }
+    }
 }
 
 /// A stored update, as the worker claims it.
@@ -70,7 +97,14 @@ pub struct Stored {
     pub stored: u64,
     /// Updates already stored (by an earlier delivery, or twice in this one).
     pub duplicates: u64,
+    /// New rows left for the worker (the rest were delivery statuses applied at once).
+    pub pending: u64,
+    /// Delivery statuses that moved their message, by [`MOVED_STATUSES`].
+    pub moved: [u64; 3],
 }
+
+/// The statuses [`Stored::moved`] counts, in its order.
+pub const MOVED_STATUSES: [&str; 3] = ["sent", "delivered", "read"];
 
 /// A status webhook for an outbound message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,14 +180,12 @@ impl Db {
             return Ok(Stored::default());
         }
         let count = rows.len() as u64;
-        let inserted = match &self.backend {
+        let mut stored = match &self.backend {
             Backend::Sqlite(sqlite) => insert_sqlite(&sqlite.writer, rows, now).await?,
             Backend::Postgres(postgres) => insert_postgres(&postgres.pool, rows, now).await?,
         };
-        Ok(Stored {
-            stored: inserted,
-            duplicates: count - inserted,
-        })
+        stored.duplicates = count - stored.stored;
+        Ok(stored)
     }
 
     /// Unprocessed updates due at `now`, in id order, at most `limit`. An update of the
@@ -334,15 +366,7 @@ impl Db {
         change: &StatusChange<'_>,
         now: DateTime<Utc>,
     ) -> Result<StatusOutcome, StoreError> {
-        let job = StatusJob {
-            channel: channel.to_owned(),
-            wamid: change.wamid.to_owned(),
-            key: change
-                .idempotency_key
-                .filter(|k| !k.is_empty())
-                .map(str::to_owned),
-            update: status_rank(change.status).map(|rank| StatusUpdate::new(change, rank, now)),
-        };
+        let job = StatusJob::new(channel, change, now);
         // One raw job on the writer: the status is one hand-off to the writer thread, and
         // none to sqlx's (three statuses per reply made this the most frequent write).
         match &self.backend {
@@ -395,6 +419,18 @@ struct StatusJob {
 }
 
 impl StatusJob {
+    fn new(channel: &str, change: &StatusChange<'_>, now: DateTime<Utc>) -> Self {
+        StatusJob {
+            channel: channel.to_owned(),
+            wamid: change.wamid.to_owned(),
+            key: change
+                .idempotency_key
+                .filter(|k| !k.is_empty())
+                .map(str::to_owned),
+            update: status_rank(change.status).map(|rank| StatusUpdate::new(change, rank, now)),
+        }
+    }
+
     fn run(&self, conn: &rusqlite::Connection) -> Result<StatusOutcome, StoreError> {
         if let Some(update) = &self.update {
             if let Some(message_id) = self.update_status(conn, update)? {
@@ -668,95 +704,163 @@ static STATUS_UPDATE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| 
     )
 });
 
-/// The webhook's rows as multi-row `INSERT`s of [`INSERT_CHUNK`] rows, one raw job on
-/// SQLite's writer; how many were new.
+/// What the webhook's delivery statuses did, applied before their rows are stored: each
+/// row's `processed_at` (the time for a status that found its message, else `None`), and
+/// the statuses that moved counted in [`Stored::moved`].
+struct Applied {
+    processed_at: Vec<Option<i64>>,
+    stored: Stored,
+}
+
+impl Applied {
+    fn new(rows: usize) -> Self {
+        Applied {
+            processed_at: Vec::with_capacity(rows),
+            stored: Stored::default(),
+        }
+    }
+
+    /// Records one row's status outcome (`None`: not a delivery status).
+    fn push(&mut self, job: Option<&StatusJob>, outcome: Option<StatusOutcome>, now: i64) {
+        let settled = match outcome {
+            Some(StatusOutcome::Updated { .. }) => {
+                let rank = job.and_then(|j| j.update.as_ref()).map_or(0, |u| u.rank);
+                if let Some(n) = usize::try_from(rank - 1)
+                    .ok()
+                    .and_then(|i| self.stored.moved.get_mut(i))
+                {
+                    *n += 1;
+                }
+                true
+            }
+            Some(StatusOutcome::Unchanged { .. }) => true,
+            Some(StatusOutcome::Unknown) | None => false,
+        };
+        self.processed_at.push(settled.then_some(now));
+    }
+
+    /// The insert's answer: one `processed_at IS NULL` flag per new row.
+    fn inserted(mut self, pending: impl Iterator<Item = bool>) -> Stored {
+        for new_row_pending in pending {
+            self.stored.stored += 1;
+            self.stored.pending += u64::from(new_row_pending);
+        }
+        self.stored
+    }
+}
+
+/// The delivery-status job of each row ([`NewInboxRow::delivery`]).
+fn status_jobs(rows: &[NewInboxRow], now: DateTime<Utc>) -> Vec<Option<StatusJob>> {
+    rows.iter()
+        .map(|row| (row.delivery.as_ref()).map(|d| StatusJob::new(&row.channel, &d.change(), now)))
+        .collect()
+}
+
+/// The webhook's delivery statuses applied, then its rows as multi-row `INSERT`s of
+/// [`INSERT_CHUNK`] rows: one raw job on SQLite's writer, so all of it commits or none.
 async fn insert_sqlite(
     writer: &Writer,
     rows: &[NewInboxRow],
     now: DateTime<Utc>,
-) -> Result<u64, StoreError> {
+) -> Result<Stored, StoreError> {
+    let jobs = status_jobs(rows, now);
     let now = now.timestamp_millis();
-    let mut statements = Vec::new();
-    for (chunk_index, chunk) in rows.chunks(INSERT_CHUNK).enumerate() {
-        let mut sql = String::from(
-            "INSERT INTO inbox (channel, dedupe_key, kind, contact_key, payload, \
-                 received_at) VALUES ",
-        );
-        for i in 0..chunk.len() {
-            if i > 0 {
-                sql.push(',');
-            }
-            let p = i * 5;
-            sql.push_str(&format!(
-                "(${}, ${}, ${}, ${}, ${}, $1)",
-                p + 2,
-                p + 3,
-                p + 4,
-                p + 5,
-                p + 6
-            ));
-        }
-        sql.push_str(" ON CONFLICT (channel, dedupe_key) DO NOTHING");
-        statements.push((sql, chunk_index * INSERT_CHUNK, chunk.len()));
-    }
-    // Each statement's parameters: the time, then five per row.
-    let statements: Vec<(String, Vec<Value>)> = statements
-        .into_iter()
-        .map(|(sql, offset, len)| {
-            let mut args = Vec::with_capacity(1 + len * 5);
-            args.push(Value::Integer(now));
-            for row in &rows[offset..offset + len] {
-                args.push(Value::Text(row.channel.clone()));
-                args.push(Value::Text(row.dedupe_key.clone()));
-                args.push(Value::Text(row.kind.clone()));
-                args.push(row.contact_key.clone().into());
-                args.push(Value::Text(row.payload.clone()));
-            }
-            (sql, args)
-        })
-        .collect();
-    // All statements in one job: all rows or none.
+    let rows = rows.to_vec();
     writer
         .run_raw(move |conn| {
-            let mut inserted = 0;
-            for (sql, args) in &statements {
-                let mut statement = conn.prepare_cached(sql)?;
-                bind_numbered(&mut statement, args)?;
-                inserted += statement.raw_execute()? as u64;
+            let mut applied = Applied::new(rows.len());
+            for job in &jobs {
+                let outcome = job.as_ref().map(|j| j.run(conn)).transpose()?;
+                applied.push(job.as_ref(), outcome, now);
             }
-            Ok(inserted)
+            let mut pending = Vec::with_capacity(rows.len());
+            for (chunk_index, chunk) in rows.chunks(INSERT_CHUNK).enumerate() {
+                let offset = chunk_index * INSERT_CHUNK;
+                let mut sql = String::from(
+                    "INSERT INTO inbox (channel, dedupe_key, kind, contact_key, payload, \
+                         processed_at, received_at) VALUES ",
+                );
+                let mut args = Vec::with_capacity(1 + chunk.len() * 6);
+                args.push(Value::Integer(now));
+                for (i, row) in chunk.iter().enumerate() {
+                    if i > 0 {
+                        sql.push(',');
+                    }
+                    let p = i * 6;
+                    sql.push_str(&format!(
+                        "(${}, ${}, ${}, ${}, ${}, ${}, $1)",
+                        p + 2,
+                        p + 3,
+                        p + 4,
+                        p + 5,
+                        p + 6,
+                        p + 7
+                    ));
+                    args.push(Value::Text(row.channel.clone()));
+                    args.push(Value::Text(row.dedupe_key.clone()));
+                    args.push(Value::Text(row.kind.clone()));
+                    args.push(row.contact_key.clone().into());
+                    args.push(Value::Text(row.payload.clone()));
+                    args.push(applied.processed_at[offset + i].into());
+                }
+                sql.push_str(
+                    " ON CONFLICT (channel, dedupe_key) DO NOTHING \
+                     RETURNING processed_at IS NULL",
+                );
+                let mut statement = conn.prepare_cached(&sql)?;
+                bind_numbered(&mut statement, &args)?;
+                let mut inserted = statement.raw_query();
+                while let Some(row) = inserted.next()? {
+                    pending.push(row.get::<_, bool>(0)?);
+                }
+            }
+            Ok(applied.inserted(pending.into_iter()))
         })
         .await
 }
 
-/// The webhook's rows in one statement on PostgreSQL (one round trip, one transaction):
-/// each column as one array parameter, unnested back into rows in their order; how many
-/// were new.
+/// The webhook's delivery statuses applied (each in a transaction of its own: applying
+/// one again changes nothing, so a webhook stored after a failure is safe), then its rows
+/// in one statement (one round trip, one transaction): each column as one array
+/// parameter, unnested back into rows in their order.
 async fn insert_postgres(
     pool: &sqlx::PgPool,
     rows: &[NewInboxRow],
     now: DateTime<Utc>,
-) -> Result<u64, StoreError> {
+) -> Result<Stored, StoreError> {
     const SQL: &str = "INSERT INTO inbox (channel, dedupe_key, kind, contact_key, payload, \
-            received_at) \
-        SELECT channel, dedupe_key, kind, contact_key, payload, $1 \
-        FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) \
-            WITH ORDINALITY AS u (channel, dedupe_key, kind, contact_key, payload, n) \
+            processed_at, received_at) \
+        SELECT channel, dedupe_key, kind, contact_key, payload, processed_at, $1 \
+        FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[]) \
+            WITH ORDINALITY AS u (channel, dedupe_key, kind, contact_key, payload, \
+                processed_at, n) \
         ORDER BY n \
-        ON CONFLICT (channel, dedupe_key) DO NOTHING";
+        ON CONFLICT (channel, dedupe_key) DO NOTHING \
+        RETURNING processed_at IS NULL";
+    let jobs = status_jobs(rows, now);
+    let now = now.timestamp_millis();
+    let mut applied = Applied::new(rows.len());
+    for job in &jobs {
+        let outcome = match job {
+            Some(job) => Some(job.run_postgres(pool).await?),
+            None => None,
+        };
+        applied.push(job.as_ref(), outcome, now);
+    }
     let payloads = rows.iter().map(|r| r.payload.as_str()).collect::<Vec<_>>();
     let column = |f: fn(&NewInboxRow) -> &str| rows.iter().map(f).collect::<Vec<_>>();
     let contact_keys: Vec<Option<&str>> = rows.iter().map(|r| r.contact_key.as_deref()).collect();
-    Ok(sqlx::query(SQL)
-        .bind(now.timestamp_millis())
+    let pending: Vec<bool> = sqlx::query_scalar(SQL)
+        .bind(now)
         .bind(column(|r| &r.channel))
         .bind(column(|r| &r.dedupe_key))
         .bind(column(|r| &r.kind))
         .bind(contact_keys)
         .bind(payloads)
-        .execute(pool)
-        .await?
-        .rows_affected())
+        .bind(&applied.processed_at)
+        .fetch_all(pool)
+        .await?;
+    Ok(applied.inserted(pending.into_iter()))
 }
 
 #[cfg(test)]

@@ -265,6 +265,7 @@ mod tests {
             kind: "message".into(),
             contact_key: Some(format!("{}", 1000 + contact)),
             payload: serde_json::json!({ "n": n }).to_string(),
+            delivery: None,
         }
     }
 

@@ -108,8 +108,8 @@ pub use db::{DEFAULT_POSTGRES_POOL, Db, create_test_schema, redact as redact_url
 pub use error::StoreError;
 pub use import::{IMPORT_CHUNK, ImportOutcome};
 pub use inbox::{
-    INBOX_RETENTION, InboxRow, NewInboxRow, ORDERED_KINDS, StatusChange, StatusOutcome, Stored,
-    status_rank,
+    DeliveryStatus, INBOX_RETENTION, InboxRow, MOVED_STATUSES, NewInboxRow, ORDERED_KINDS,
+    StatusChange, StatusOutcome, Stored, status_rank,
 };
 pub use leases::LeaseKey;
 pub use media::{LocalMedia, MediaFinish, MediaRow};

@@ -5,7 +5,7 @@ use serde_json::json;
 
 use super::with_pool;
 use crate::clock::VirtualClock;
-use crate::store::{Db, InboxRow, NewInboxRow, StatusChange, StatusOutcome};
+use crate::store::{Db, DeliveryStatus, InboxRow, NewInboxRow, StatusChange, StatusOutcome};
 
 fn t(seconds: i64) -> DateTime<Utc> {
     VirtualClock::test_epoch() + Duration::seconds(seconds)
@@ -18,6 +18,7 @@ fn row(key: &str, kind: &str, contact: Option<&str>) -> NewInboxRow {
         kind: kind.into(),
         contact_key: contact.map(str::to_string),
         payload: json!({ "key": key }).to_string(),
+        delivery: None,
     }
 }
 
@@ -264,6 +265,66 @@ pub(super) async fn callback_data_finds_a_send_whose_wamid_was_lost(db: Db) {
         db.apply_status("main", &stray, t(2)).await.unwrap(),
         StatusOutcome::Unknown
     );
+}
+
+/// A delivery status row as the webhook builds it ([`NewInboxRow::delivery`]).
+fn delivery(wamid: &str, status: &str, key: Option<&str>) -> NewInboxRow {
+    NewInboxRow {
+        delivery: Some(DeliveryStatus {
+            wamid: wamid.into(),
+            status: status.into(),
+            idempotency_key: key.map(str::to_owned),
+        }),
+        ..row(&format!("{wamid}:{status}"), "status", Some("15550001"))
+    }
+}
+
+pub(super) async fn delivery_statuses_apply_as_their_webhook_is_stored(db: Db) {
+    let known = outbound(&db, Some("wamid.K"), None, "sent").await;
+    let lost = outbound(&db, None, Some("idem-9"), "sending").await;
+    let webhook = [
+        delivery("wamid.K", "delivered", None),
+        delivery("wamid.K", "read", None),
+        // Its send's answer was lost: found by its key, as the worker would.
+        delivery("wamid.N", "sent", Some("idem-9")),
+        // No message has it yet: left for the worker to retry.
+        delivery("wamid.U", "delivered", None),
+        row("wamid.in", "message", Some("15550001")),
+    ];
+    let stored = db.insert_updates(&webhook, t(1)).await.unwrap();
+    assert_eq!(
+        (stored.stored, stored.duplicates, stored.pending),
+        (5, 0, 2)
+    );
+    assert_eq!(stored.moved, [1, 1, 1]);
+    assert_eq!(status_of(&db, known).await.0, "read");
+    assert_eq!(status_of(&db, lost).await.0, "sent");
+    // The worker sees only what is left to do, in order.
+    let claimed = db.claim_inbox(t(1), 100).await.unwrap();
+    assert_eq!(keys(&claimed), ["wamid.U:delivered", "wamid.in"]);
+
+    // Delivered again (WhatsApp retries): duplicates, and the message stays where it is.
+    let again = db.insert_updates(&webhook[..2], t(2)).await.unwrap();
+    assert_eq!(
+        (again.stored, again.duplicates, again.moved),
+        (0, 2, [0, 0, 0])
+    );
+    assert_eq!(status_of(&db, known).await.0, "read");
+    // A late `delivered` after `read` is stored, settled, and moves nothing.
+    let late = db
+        .insert_updates(&[delivery("wamid.N", "delivered", None)], t(3))
+        .await
+        .unwrap();
+    assert_eq!((late.stored, late.pending, late.moved[1]), (1, 0, 1));
+    let later = db
+        .insert_updates(&[delivery("wamid.K", "sent", None)], t(3))
+        .await
+        .unwrap();
+    assert_eq!(
+        (later.stored, later.pending, later.moved),
+        (1, 0, [0, 0, 0])
+    );
+    assert_eq!(status_of(&db, known).await.0, "read");
 }
 
 pub(super) async fn inbound_seen_reads_the_message_log(db: Db) {

@@ -18,6 +18,7 @@ fn row(key: &str, kind: &str, contact: Option<&str>) -> NewInboxRow {
         kind: kind.into(),
         contact_key: contact.map(str::to_string),
         payload: json!({ "key": key }).to_string(),
+        delivery: None,
     }
 }
 

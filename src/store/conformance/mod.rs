@@ -180,6 +180,7 @@ macro_rules! suite {
                 inbox::callback_data_finds_a_send_whose_wamid_was_lost,
                 inbox::a_status_ends_a_dead_senders_lease,
                 inbox::inbound_seen_reads_the_message_log,
+                inbox::delivery_statuses_apply_as_their_webhook_is_stored,
                 leases::a_contacts_lease_is_one_owners_until_released_or_expired,
                 leases::leases_follow_what_a_claim_could_take,
                 leases::a_fired_timer_is_no_longer_pending,
