@@ -60,9 +60,30 @@ fn definition_json(c: &Campaign) -> Value {
         crate::campaign::When::Cron { source, .. } => json!({ "schedule": source }),
         crate::campaign::When::At(at) => json!({ "at": at }),
     };
+    let template = |call: &crate::flow::TemplateCall| {
+        json!({ "name": call.name, "language": call.language })
+    };
+    let (single, split) = match c.variants.as_slice() {
+        [one] if !c.is_split() => (template(&one.template), Value::Null),
+        variants => (
+            Value::Null,
+            variants
+                .iter()
+                .map(|v| {
+                    json!({
+                        "name": v.name,
+                        "weight": v.weight,
+                        "template": template(&v.template),
+                        "in_window": c.in_window_of(v).is_some(),
+                    })
+                })
+                .collect(),
+        ),
+    };
     json!({
         "category": c.category,
-        "template": { "name": c.template.name, "language": c.template.language },
+        "template": single,
+        "split": split,
         "in_window": c.in_window.is_some(),
         "audience": { "tags": c.audience.tags, "where": c.audience.filter.as_ref().map(|f| &f.source) },
         "when": when,
