@@ -471,6 +471,7 @@ async fn the_idempotency_key_refuses_a_second_message_for_the_same_recipient() {
     let send = CampaignSend {
         run_id: row.run_id,
         contact_id: row.contact_id,
+        variant: None,
         channel: "main",
         message: &message,
         decision: &decision,
