@@ -3,8 +3,10 @@
 //!
 //! The template call, its parameters, the `in_window` message and the audience's `where`
 //! go through the flows' compiler ([`Fragments`]), so interpolation, Rhai and WhatsApp's
-//! limits are checked and reported exactly as in a flow. What is the campaign's own: the
-//! template's status and category, the cron (`croner`, 5 fields), the time zone
+//! limits are checked and reported exactly as in a flow. A `split:`'s variants each go
+//! through the same template and `in_window` checks as `template:`. What is the campaign's
+//! own: the template's status and category, the split's variants (two or more, unique
+//! names, whole positive weights), the cron (`croner`, 5 fields), the time zone
 //! (`chrono-tz`), times, rates, the frequency cap and `ttl`.
 
 use std::sync::Arc;
@@ -18,8 +20,8 @@ use super::raw::{
     RawAudience, RawCampaign, RawFrequencyCap, RawInWindow, RawQuietHours, RawVariant,
 };
 use super::{
-    Audience, Campaign, DEFAULT_MARKETING_CAP, DEFAULT_TTL, FrequencyCap, QuietHours, Rate, Variant,
-    When,
+    Audience, Campaign, DEFAULT_MARKETING_CAP, DEFAULT_TTL, FrequencyCap, QuietHours, Rate,
+    Variant, When,
 };
 use crate::config::ChannelConfig;
 use crate::diagnostic::{Diagnostic, Diagnostics, Loc, did_you_mean};
@@ -253,7 +255,10 @@ impl Compiler<'_> {
             (None, Some(split)) => self.split(split, category),
             (Some(_), Some(split)) => {
                 self.f
-                    .error(loc(&split), "a campaign has `template` or `split`, not both")
+                    .error(
+                        loc(&split),
+                        "a campaign has `template` or `split`, not both",
+                    )
                     .help = Some(
                     "with `split`, each variant names its own `template`: remove the campaign's"
                         .into(),
@@ -309,7 +314,10 @@ impl Compiler<'_> {
             } else if names.contains(&name.value) {
                 let at = self.f.value_loc(name);
                 self.f
-                    .error(at, format!("two variants of this split are named `{}`", name.value))
+                    .error(
+                        at,
+                        format!("two variants of this split are named `{}`", name.value),
+                    )
                     .help = Some(
                     "give each variant its own `name`: the report counts recipients by it".into(),
                 );

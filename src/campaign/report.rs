@@ -385,7 +385,10 @@ mod tests {
             of("short", row(Sent, None, Some("delivered"), None, 4)),
             of("short", row(Sent, None, Some("failed"), Some(131026), 2)),
         ];
-        let replied = [(Some("long".to_string()), 1), (Some("short".to_string()), 3)];
+        let replied = [
+            (Some("long".to_string()), 1),
+            (Some("short".to_string()), 3),
+        ];
         let r = report(&Counts {
             counts: &counts,
             replied: &replied,
@@ -393,11 +396,17 @@ mod tests {
             category: Category::Marketing,
             prices: None,
         });
-        assert_eq!((r.planned, r.sent, r.replied, r.failed.total), (10, 6, 4, 2));
+        assert_eq!(
+            (r.planned, r.sent, r.replied, r.failed.total),
+            (10, 6, 4, 2)
+        );
         let names: Vec<_> = r.variants.iter().map(|v| v.variant.as_deref()).collect();
         assert_eq!(names, [Some("long"), Some("short")]);
         let (long, short) = (&r.variants[0], &r.variants[1]);
-        assert_eq!((long.planned, long.sent, long.read, long.replied), (3, 2, 2, 1));
+        assert_eq!(
+            (long.planned, long.sent, long.read, long.replied),
+            (3, 2, 2, 1)
+        );
         assert_eq!(long.skipped.by["opted out"], 1);
         assert_eq!((short.planned, short.pending, short.sent), (7, 1, 4));
         assert_eq!((short.delivered, short.replied), (4, 3));

@@ -9,6 +9,9 @@
 //! script error, a value that is not true or false) is left out and counted; the first
 //! error is logged, so the marketer can fix the expression.
 //!
+//! A split campaign's recipients are snapshotted with their variant
+//! (`Campaign::variant_for`), so a run's pending recipients count under it too.
+//!
 //! Only contacts created at or before the run was claimed are selected: a contact added
 //! mid-run is not in the running run, and a snapshot taken again after a crash selects the
 //! same contacts (the ledger's insert-or-ignore adds only those still missing).

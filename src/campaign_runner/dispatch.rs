@@ -5,17 +5,18 @@
 //! (both read again each tick, so a pause or cancel through the store takes effect at the
 //! next tick):
 //!
-//! 1. the campaign's template must be approved: otherwise the run pauses itself (status
-//!    `paused`, the reason naming the template and its status) and its recipients stay
-//!    pending; a run paused that way resumes on a later tick once the template is approved
+//! 1. the campaign's template (every variant's, for a split) must be approved: otherwise
+//!    the run pauses itself (status `paused`, the reason naming the template and its
+//!    status) and its recipients stay pending; a run paused that way resumes on a later tick once the template is approved
 //!    again (a status webhook, a reload);
 //! 2. the run's token bucket (its `rate`, else the channel's `throughput_mps`; time from
 //!    the clock) says how many sends it may start now, at most one second's worth, and
 //!    fewer while the outbox still holds that many unsent campaign messages of the channel;
-//! 3. each recipient due now (`Db::pending_recipients`), under its contact's lock:
-//!    the campaign's rules (`campaign::recipient::gate`, with the contact's sends of the
-//!    campaign's category in the cap's period), then the message through the one policy
-//!    function (`Policy::decide`): the `in_window` message with the template as its
+//! 3. each recipient due now (`Db::pending_recipients`), with its variant of a split
+//!    campaign (`Campaign::variant_for`, the one its ledger row was snapshotted with),
+//!    under its contact's lock: the campaign's rules (`campaign::recipient::gate`, with
+//!    the contact's sends of the campaign's category in the cap's period), then the message through the one policy
+//!    function (`Policy::decide`): the variant's `in_window` message with its template as its
 //!    `outside_window`, so an open window sends the free-form message and a closed one the
 //!    template; the channel's messaging limit for a template to a contact not yet counted;
 //! 4. the outcome recorded in the ledger with its reason; a message and its `sent` row are
@@ -35,8 +36,8 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Duration, Utc};
 
 use super::{CampaignRunner, RunnerError};
-use crate::campaign::{Campaign, Variant};
 use crate::campaign::recipient::{Gate, category_name, defer, gate};
+use crate::campaign::{Campaign, Variant};
 use crate::dispatch::{Runtime, count_decision};
 use crate::domain::{Contact, Origin, Outbound, OutboundContent, TemplateFallback};
 use crate::engine::{render_for_contact, render_message};

@@ -417,11 +417,20 @@ fn variants_text(r: &Report) -> String {
     if r.variants.is_empty() {
         return String::new();
     }
-    let mut rows = vec![[
-        "VARIANT", "SHARE", "PLANNED", "SENT", "DELIVERED", "READ", "REPLIED", "FAILED",
-        "SKIPPED",
-    ]
-    .map(String::from)];
+    let mut rows = vec![
+        [
+            "VARIANT",
+            "SHARE",
+            "PLANNED",
+            "SENT",
+            "DELIVERED",
+            "READ",
+            "REPLIED",
+            "FAILED",
+            "SKIPPED",
+        ]
+        .map(String::from),
+    ];
     for v in &r.variants {
         rows.push([
             v.variant.clone().unwrap_or_else(|| "(none)".into()),
@@ -499,7 +508,10 @@ mod tests {
         };
         let text = report_table(&run);
         assert!(text.contains("by variant"), "{text}");
-        let long = text.lines().find(|l| l.trim_start().starts_with("long")).unwrap();
+        let long = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("long"))
+            .unwrap();
         let cells: Vec<&str> = long.split_whitespace().collect();
         assert_eq!(cells[..4], ["long", "30.0", "%", "3"], "{text}");
         assert!(text.lines().any(|l| l.trim_start().starts_with("short")));

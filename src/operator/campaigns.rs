@@ -60,9 +60,8 @@ fn definition_json(c: &Campaign) -> Value {
         crate::campaign::When::Cron { source, .. } => json!({ "schedule": source }),
         crate::campaign::When::At(at) => json!({ "at": at }),
     };
-    let template = |call: &crate::flow::TemplateCall| {
-        json!({ "name": call.name, "language": call.language })
-    };
+    let template =
+        |call: &crate::flow::TemplateCall| json!({ "name": call.name, "language": call.language });
     let (single, split) = match c.variants.as_slice() {
         [one] if !c.is_split() => (template(&one.template), Value::Null),
         variants => (

@@ -923,16 +923,21 @@ impl Db {
             .fetch_all(pool)
             .await?);
         raw.into_iter()
-            .map(|(variant, decision, reason, message_status, error_code, count)| {
-                Ok(RecipientCount {
-                    variant,
-                    decision: RecipientDecision::parse(&decision, "campaign_recipients.decision")?,
-                    reason,
-                    message_status,
-                    error_code,
-                    count,
-                })
-            })
+            .map(
+                |(variant, decision, reason, message_status, error_code, count)| {
+                    Ok(RecipientCount {
+                        variant,
+                        decision: RecipientDecision::parse(
+                            &decision,
+                            "campaign_recipients.decision",
+                        )?,
+                        reason,
+                        message_status,
+                        error_code,
+                        count,
+                    })
+                },
+            )
             .collect()
     }
 }

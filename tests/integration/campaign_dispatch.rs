@@ -776,11 +776,19 @@ async fn serve_splits(backend: super::support::Backend) {
     for send in &sends {
         let to = send.to().expect("a recipient");
         let template = send.text().expect("a template").to_string();
-        assert_eq!(template, expected(&to).template.name, "{to} got another variant");
+        assert_eq!(
+            template,
+            expected(&to).template.name,
+            "{to} got another variant"
+        );
         *per_template.entry(template).or_default() += 1;
     }
     assert_eq!(sends.len(), wa_ids.len(), "one message each");
-    assert_eq!(per_template.len(), 2, "both variants sent: {per_template:?}");
+    assert_eq!(
+        per_template.len(),
+        2,
+        "both variants sent: {per_template:?}"
+    );
     let run = server.db.campaign_runs("sale", 10).await.unwrap().remove(0);
     support::eventually("the run is done", || async {
         let run = server.db.run(run.id).await.unwrap().unwrap();
@@ -788,9 +796,19 @@ async fn serve_splits(backend: super::support::Backend) {
     })
     .await;
     let far = Utc.with_ymd_and_hms(2100, 1, 1, 0, 0, 0).unwrap();
-    for (id, contact) in server.db.audience_page("wa", &[], far, 0, 100).await.unwrap() {
+    for (id, contact) in server
+        .db
+        .audience_page("wa", &[], far, 0, 100)
+        .await
+        .unwrap()
+    {
         let row = server.db.ledger_row(run.id, id).await.unwrap().unwrap();
-        assert_eq!(row.variant, expected(&contact.wa_id).name, "{}", contact.wa_id);
+        assert_eq!(
+            row.variant,
+            expected(&contact.wa_id).name,
+            "{}",
+            contact.wa_id
+        );
     }
     // The report, as the API answers it: per variant, adding up to the run's.
     let answer: serde_json::Value = server
@@ -805,7 +823,10 @@ async fn serve_splits(backend: super::support::Backend) {
         .unwrap();
     let report = &answer["report"];
     let variants = report["variants"].as_array().expect("variants");
-    let names: Vec<&str> = variants.iter().map(|v| v["variant"].as_str().unwrap()).collect();
+    let names: Vec<&str> = variants
+        .iter()
+        .map(|v| v["variant"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["long", "short"]);
     for (variant, template) in [("long", "spring_sale_long"), ("short", "spring_sale")] {
         let v = &variants[usize::from(variant == "short")];

@@ -722,7 +722,11 @@ fn two_variants_with_one_name() {
     );
     let (at, d) = one_error(&split(&VARIANTS.replace("name: long", "name: \"lo ng\"")));
     assert_eq!(at, "8:12", "inside the quotes");
-    assert!(d.message.contains("not a valid variant name"), "{}", d.message);
+    assert!(
+        d.message.contains("not a valid variant name"),
+        "{}",
+        d.message
+    );
 }
 
 #[test]
@@ -743,7 +747,11 @@ fn a_variants_template_is_checked_like_the_campaigns() {
         r#"autumn_sale, language: en_US, params: ["{{name}}"]"#,
     )));
     assert_eq!(at, "10:63", "at the parameter's text");
-    assert!(d.message.contains("means nothing in a campaign"), "{}", d.message);
+    assert!(
+        d.message.contains("means nothing in a campaign"),
+        "{}",
+        d.message
+    );
 }
 
 #[test]
@@ -764,7 +772,11 @@ fn a_campaign_has_template_or_split() {
     let both = format!("{VALID}split:\n{VARIANTS}\n");
     let (at, d) = one_error(&both);
     assert!(at.starts_with("18:") || at.starts_with("19:"), "{at}");
-    assert!(d.message.contains("`template` or `split`, not both"), "{}", d.message);
+    assert!(
+        d.message.contains("`template` or `split`, not both"),
+        "{}",
+        d.message
+    );
     let (at, d) = one_error(&with("template", ""));
     assert_eq!(at, "1:11", "at the campaign's name");
     assert!(

@@ -604,16 +604,15 @@ pub(super) async fn a_split_runs_ledger_counts_and_replies_by_variant(db: Db) {
     })
     .await
     .unwrap();
-    let count = |variant: &str, decision, reason: Option<&str>, status: Option<&str>, n| {
-        RecipientCount {
+    let count =
+        |variant: &str, decision, reason: Option<&str>, status: Option<&str>, n| RecipientCount {
             variant: Some(variant.to_string()),
             decision,
             reason: reason.map(str::to_string),
             message_status: status.map(str::to_string),
             error_code: None,
             count: n,
-        }
-    };
+        };
     assert_eq!(
         db.run_counts(run_id).await.unwrap(),
         [
