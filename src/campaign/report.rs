@@ -16,13 +16,14 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::config::CampaignPrices;
 use crate::store::{ChargeCount, RecipientCount, RecipientDecision};
 use crate::templates::Category;
 
 /// A run's report.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Report {
     /// Recipients in the run's snapshot.
     pub planned: i64,
@@ -50,7 +51,7 @@ pub struct Report {
 }
 
 /// One variant's part of a run: the report's measures for the recipients it was given.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct VariantReport {
     /// The variant's name; `None` for recipients given none (the run started before the
     /// campaign had its split).
@@ -71,7 +72,7 @@ pub struct VariantReport {
 }
 
 /// A total and its parts (by error code or by reason).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Breakdown {
     pub total: i64,
     pub by: BTreeMap<String, i64>,
@@ -86,7 +87,7 @@ impl Breakdown {
 
 /// The cost estimate: charged and free sends per category, priced when the config gives a
 /// price.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Cost {
     /// The prices' currency; `None` when no prices are configured.
     pub currency: Option<String>,
@@ -96,7 +97,7 @@ pub struct Cost {
 }
 
 /// One category's part of the cost.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CategoryCost {
     /// `marketing`, `utility`, `authentication`, or `service` (free-form messages).
     pub category: String,
