@@ -119,18 +119,23 @@ const CAMPAIGN_SENDS_HELP: &str = "Campaign messages handed to the outbox, by ca
 /// Counts one campaign recipient's decision as the ledger records it (`sent` also counts a
 /// send of the campaign). The reason is reduced to its class
 /// ([`crate::campaign::report::reason_class`]): a label must not carry a zone or a count.
-pub fn count_campaign_recipient(campaign: &str, decision: &str, reason: Option<&str>) {
+/// A split campaign's recipients carry their `variant` too: the variants are the few the
+/// campaign's file names, so the label multiplies a campaign's series by that few; a
+/// campaign without a split has no `variant` label, as before splits.
+pub fn count_campaign_recipient(
+    campaign: &str,
+    variant: Option<&str>,
+    decision: &str,
+    reason: Option<&str>,
+) {
     let class = crate::campaign::report::reason_class(reason);
-    count(
-        CAMPAIGN_RECIPIENTS,
-        CAMPAIGN_RECIPIENTS_HELP,
-        &[
-            ("campaign", campaign),
-            ("decision", decision),
-            ("reason", class),
-        ],
-        1,
-    );
+    let mut pairs = vec![
+        ("campaign", campaign),
+        ("decision", decision),
+        ("reason", class),
+    ];
+    pairs.extend(variant.map(|v| ("variant", v)));
+    count(CAMPAIGN_RECIPIENTS, CAMPAIGN_RECIPIENTS_HELP, &pairs, 1);
     if decision == "sent" {
         count(
             CAMPAIGN_SENDS,
@@ -281,10 +286,19 @@ mod tests {
     fn a_campaign_recipient_counts_by_reason_class_and_a_send_by_campaign() {
         count_campaign_recipient(
             "metrics_test",
+            None,
             "skipped",
             Some("opted out of marketing (STOP)"),
         );
-        count_campaign_recipient("metrics_test", "sent", None);
+        count_campaign_recipient("metrics_test", None, "sent", None);
+        count_campaign_recipient("metrics_test", Some("long"), "sent", None);
+        let long = [
+            ("campaign", "metrics_test"),
+            ("decision", "sent"),
+            ("reason", "none"),
+            ("variant", "long"),
+        ];
+        assert_eq!(counter_value(CAMPAIGN_RECIPIENTS, &long), 1);
         let skipped = [
             ("campaign", "metrics_test"),
             ("decision", "skipped"),
@@ -293,7 +307,7 @@ mod tests {
         assert_eq!(counter_value(CAMPAIGN_RECIPIENTS, &skipped), 1);
         assert_eq!(
             counter_value(CAMPAIGN_SENDS, &[("campaign", "metrics_test")]),
-            1
+            2
         );
     }
 }

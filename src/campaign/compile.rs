@@ -3,8 +3,10 @@
 //!
 //! The template call, its parameters, the `in_window` message and the audience's `where`
 //! go through the flows' compiler ([`Fragments`]), so interpolation, Rhai and WhatsApp's
-//! limits are checked and reported exactly as in a flow. What is the campaign's own: the
-//! template's status and category, the cron (`croner`, 5 fields), the time zone
+//! limits are checked and reported exactly as in a flow. A `split:`'s variants each go
+//! through the same template and `in_window` checks as `template:`. What is the campaign's
+//! own: the template's status and category, the split's variants (two or more, unique
+//! names, whole positive weights), the cron (`croner`, 5 fields), the time zone
 //! (`chrono-tz`), times, rates, the frequency cap and `ttl`.
 
 use std::sync::Arc;
@@ -14,9 +16,12 @@ use chrono_tz::Tz;
 use croner::parser::{CronParser, Seconds, Year};
 use serde_saphyr::Spanned;
 
-use super::raw::{RawAudience, RawCampaign, RawFrequencyCap, RawInWindow, RawQuietHours};
+use super::raw::{
+    RawAudience, RawCampaign, RawFrequencyCap, RawInWindow, RawQuietHours, RawVariant,
+};
 use super::{
-    Audience, Campaign, DEFAULT_MARKETING_CAP, DEFAULT_TTL, FrequencyCap, QuietHours, Rate, When,
+    Audience, Campaign, DEFAULT_MARKETING_CAP, DEFAULT_TTL, FrequencyCap, QuietHours, Rate,
+    Variant, When,
 };
 use crate::config::ChannelConfig;
 use crate::diagnostic::{Diagnostic, Diagnostics, Loc, did_you_mean};
@@ -155,7 +160,7 @@ impl Compiler<'_> {
         self.name(&raw.campaign);
         let channel = self.channel(raw.channel.as_ref());
         let category = raw.category.value;
-        let template = self.template(&raw.template, category);
+        let variants = self.variants(&raw.campaign, raw.template, raw.split, category);
         let in_window = raw.in_window.map(|w| self.in_window(w.value));
         let audience = self.audience(&raw.audience);
         let timezone = self.timezone(raw.timezone.as_ref());
@@ -186,7 +191,7 @@ impl Compiler<'_> {
             source: Arc::from(text),
             channel: channel?,
             category,
-            template: template?,
+            variants: variants?,
             in_window: optional(in_window)?,
             audience: audience?,
             when: when?,
@@ -228,6 +233,125 @@ impl Compiler<'_> {
             "the config's channels are: {}",
             names.join(", ")
         )));
+        None
+    }
+
+    /// What the campaign sends: exactly one of `template` (one unnamed variant) and
+    /// `split` (named variants).
+    fn variants(
+        &mut self,
+        name: &Spanned<String>,
+        template: Option<Spanned<RawTemplateRef>>,
+        split: Option<Spanned<Vec<Spanned<RawVariant>>>>,
+        category: Category,
+    ) -> Option<Vec<Variant>> {
+        match (template, split) {
+            (Some(template), None) => Some(vec![Variant {
+                name: None,
+                weight: 1,
+                template: self.template(&template, category)?,
+                in_window: None,
+            }]),
+            (None, Some(split)) => self.split(split, category),
+            (Some(_), Some(split)) => {
+                self.f
+                    .error(
+                        loc(&split),
+                        "a campaign has `template` or `split`, not both",
+                    )
+                    .help = Some(
+                    "with `split`, each variant names its own `template`: remove the campaign's"
+                        .into(),
+                );
+                None
+            }
+            (None, None) => {
+                self.f
+                    .error(loc(name), "this campaign has neither `template` nor `split`")
+                    .help = Some(
+                    "add `template: { name: …, language: en_US }`, or `split:` with two or more variants"
+                        .into(),
+                );
+                None
+            }
+        }
+    }
+
+    /// A split's variants: at least two, each named (unique, `a-z0-9_-`), weighted by a
+    /// whole number above zero, its template checked like the campaign's `template`.
+    fn split(
+        &mut self,
+        raw: Spanned<Vec<Spanned<RawVariant>>>,
+        category: Category,
+    ) -> Option<Vec<Variant>> {
+        if raw.value.len() < 2 {
+            self.f
+                .error(
+                    loc(&raw),
+                    format!(
+                        "a `split` needs at least two variants; this one has {}",
+                        raw.value.len()
+                    ),
+                )
+                .help = Some(
+                "add `- { name: b, weight: 50, template: { name: …, language: en_US } }`, or write `template:` instead of `split:`"
+                    .into(),
+            );
+            return None;
+        }
+        let mut variants = Vec::new();
+        let mut names: Vec<String> = Vec::new();
+        let mut ok = true;
+        for raw in raw.value {
+            let v = raw.value;
+            let name = &v.name;
+            if !valid_name(&name.value) {
+                let at = self.f.value_loc(name);
+                self.f
+                    .error(at, format!("`{}` is not a valid variant name", name.value))
+                    .help = Some("use letters, digits, `_` and `-`".into());
+                ok = false;
+            } else if names.contains(&name.value) {
+                let at = self.f.value_loc(name);
+                self.f
+                    .error(
+                        at,
+                        format!("two variants of this split are named `{}`", name.value),
+                    )
+                    .help = Some(
+                    "give each variant its own `name`: the report counts recipients by it".into(),
+                );
+                ok = false;
+            }
+            names.push(name.value.clone());
+            let weight = self.weight(&v.weight);
+            let template = self.template(&v.template, category);
+            let in_window = v.in_window.map(|w| self.in_window(w.value));
+            match (weight, template, optional(in_window)) {
+                (Some(weight), Some(template), Some(in_window)) => variants.push(Variant {
+                    name: Some(name.value.clone()),
+                    weight,
+                    template,
+                    in_window,
+                }),
+                _ => ok = false,
+            }
+        }
+        ok.then_some(variants)
+    }
+
+    /// A variant's weight: a whole number above zero.
+    fn weight(&mut self, raw: &Spanned<f64>) -> Option<u32> {
+        let w = raw.value;
+        if w.fract() == 0.0 && w >= 1.0 && w <= f64::from(u32::MAX) {
+            return Some(w as u32);
+        }
+        self.f
+            .error(
+                loc(raw),
+                format!("a variant's weight is a whole number above zero, not {w}"),
+            )
+            .help = Some("weights are relative: 70 and 30 send 70 % and 30 % of recipients".into());
         None
     }
 

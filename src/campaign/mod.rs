@@ -29,7 +29,7 @@ use chrono::{Duration, NaiveDateTime};
 use chrono_tz::Tz;
 
 use crate::diagnostic::Loc;
-use crate::flow::{Expr, Message, TemplateCall};
+use crate::flow::{Expr, Message, TemplateCall, split_branch};
 use crate::templates::Category;
 
 /// How long a run keeps starting sends when the file names no `ttl`.
@@ -56,10 +56,11 @@ pub struct Campaign {
     pub channel: String,
     /// What the business says the campaign is; its template has this category.
     pub category: Category,
-    /// The template sent to recipients whose window is closed; its parameters interpolate
-    /// `{{contact.name}}`, `{{contact.wa_id}}` and `{{contact.attrs.KEY}}`.
-    pub template: TemplateCall,
-    /// The free-form message sent instead to recipients whose window is open.
+    /// What recipients are sent: one unnamed variant (the file's `template:`), or a
+    /// split's named variants (`split:`), one per recipient ([`Campaign::variant_for`]).
+    pub variants: Vec<Variant>,
+    /// The free-form message sent instead to recipients whose window is open, for the
+    /// variants without one of their own.
     pub in_window: Option<Message>,
     pub audience: Audience,
     pub when: When,
@@ -76,7 +77,57 @@ pub struct Campaign {
     pub ttl: Duration,
 }
 
+/// One message a campaign sends: its template and, optionally, its own `in_window` message.
+#[derive(Debug)]
+pub struct Variant {
+    /// The split's name for it; `None` for a campaign without `split:`.
+    pub name: Option<String>,
+    /// Its share of recipients, against the other variants' weights (1 when alone).
+    pub weight: u32,
+    /// The template sent to recipients whose window is closed; its parameters interpolate
+    /// `{{contact.name}}`, `{{contact.wa_id}}` and `{{contact.attrs.KEY}}`.
+    pub template: TemplateCall,
+    /// This variant's own `in_window` message; `None`: the campaign's.
+    pub in_window: Option<Message>,
+}
+
 impl Campaign {
+    /// The variant contact `wa_id` gets: the same every run of this campaign, on every
+    /// machine (the flows' split hash, [`split_branch`], keyed by the campaign's name), and
+    /// independent of other campaigns' splits. A campaign without `split:` has one.
+    pub fn variant_for(&self, wa_id: &str) -> &Variant {
+        &self.variants[self.variant_index(wa_id)]
+    }
+
+    /// The index in `variants` of [`Campaign::variant_for`]'s variant.
+    pub fn variant_index(&self, wa_id: &str) -> usize {
+        if self.variants.len() == 1 {
+            return 0;
+        }
+        let weights: Vec<f64> = self.variants.iter().map(|v| f64::from(v.weight)).collect();
+        // `:` is in no flow id, so the key is never a flow split's.
+        let key = format!("campaign:{}", self.name);
+        split_branch(wa_id, &key, "split", &weights)
+    }
+
+    /// Whether the campaign splits its recipients between named variants.
+    pub fn is_split(&self) -> bool {
+        self.variants.iter().any(|v| v.name.is_some())
+    }
+
+    /// The free-form message `variant` sends while the window is open, if any.
+    pub fn in_window_of<'a>(&'a self, variant: &'a Variant) -> Option<&'a Message> {
+        variant.in_window.as_ref().or(self.in_window.as_ref())
+    }
+
+    /// Every free-form message the campaign may send (the project files they name are
+    /// checked at load).
+    pub fn in_window_messages(&self) -> impl Iterator<Item = &Message> {
+        self.in_window
+            .iter()
+            .chain(self.variants.iter().filter_map(|v| v.in_window.as_ref()))
+    }
+
     /// When it runs, as the scheduler computes it (each local time once across DST).
     pub fn schedule(&self) -> Schedule {
         match &self.when {

@@ -18,7 +18,13 @@ pub struct RawCampaign {
     #[serde(default)]
     pub channel: Option<Spanned<String>>,
     pub category: Spanned<Category>,
-    pub template: Spanned<RawTemplateRef>,
+    /// The one template every recipient gets; a campaign has this or `split`.
+    #[serde(default)]
+    pub template: Option<Spanned<RawTemplateRef>>,
+    /// An A/B split: each recipient gets one variant's template (and `in_window` message).
+    #[serde(default)]
+    pub split: Option<Spanned<Vec<Spanned<RawVariant>>>>,
+    /// The free-form message for open windows; a variant's own `in_window` replaces it.
     #[serde(default)]
     pub in_window: Option<Spanned<RawInWindow>>,
     pub audience: Spanned<RawAudience>,
@@ -41,6 +47,19 @@ pub struct RawCampaign {
     pub frequency_cap: Option<Spanned<RawFrequencyCap>>,
     #[serde(default)]
     pub ttl: Option<Spanned<String>>,
+}
+
+/// One variant of a campaign's `split`: `{ name: short, weight: 50, template: {…} }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVariant {
+    /// Unique in the campaign: what the ledger and the report call it.
+    pub name: Spanned<String>,
+    /// A whole number above zero; recipients are spread in proportion to the weights.
+    pub weight: Spanned<f64>,
+    pub template: Spanned<RawTemplateRef>,
+    #[serde(default)]
+    pub in_window: Option<Spanned<RawInWindow>>,
 }
 
 /// The free-form message sent instead of the template when the recipient's window is open:

@@ -1,6 +1,7 @@
 //! A run's report, from the store's counts: how many recipients were planned, sent to,
 //! delivered, read, replied; failed by error code; skipped and deferred by reason; and what
-//! the sends cost, by category. Pure: the caller reads the counts ([`Db::run_counts`],
+//! the sends cost, by category. A split campaign's run has the same measures per variant
+//! too, with each variant's share of the recipients. Pure: the caller reads the counts ([`Db::run_counts`],
 //! [`Db::run_replied`], [`Db::run_charges`]) and the prices from the config.
 //!
 //! What is charged (WhatsApp's pricing): a marketing or authentication template always; a
@@ -15,13 +16,14 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::config::CampaignPrices;
 use crate::store::{ChargeCount, RecipientCount, RecipientDecision};
 use crate::templates::Category;
 
 /// A run's report.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Report {
     /// Recipients in the run's snapshot.
     pub planned: i64,
@@ -42,10 +44,35 @@ pub struct Report {
     pub deferred: Breakdown,
     pub cancelled: i64,
     pub cost: Cost,
+    /// A split campaign's recipients by variant (by name; empty without a split): the
+    /// measures above for each, adding up to them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub variants: Vec<VariantReport>,
+}
+
+/// One variant's part of a run: the report's measures for the recipients it was given.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VariantReport {
+    /// The variant's name; `None` for recipients given none (the run started before the
+    /// campaign had its split).
+    pub variant: Option<String>,
+    /// Its part of the run's recipients: `planned / the run's planned` (0 when none).
+    pub share: f64,
+    pub planned: i64,
+    pub pending: i64,
+    pub outbox: i64,
+    pub sent: i64,
+    pub delivered: i64,
+    pub read: i64,
+    pub replied: i64,
+    pub failed: Breakdown,
+    pub skipped: Breakdown,
+    pub deferred: Breakdown,
+    pub cancelled: i64,
 }
 
 /// A total and its parts (by error code or by reason).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Breakdown {
     pub total: i64,
     pub by: BTreeMap<String, i64>,
@@ -60,7 +87,7 @@ impl Breakdown {
 
 /// The cost estimate: charged and free sends per category, priced when the config gives a
 /// price.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Cost {
     /// The prices' currency; `None` when no prices are configured.
     pub currency: Option<String>,
@@ -70,7 +97,7 @@ pub struct Cost {
 }
 
 /// One category's part of the cost.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CategoryCost {
     /// `marketing`, `utility`, `authentication`, or `service` (free-form messages).
     pub category: String,
@@ -85,7 +112,10 @@ pub struct CategoryCost {
 /// What a report is made of.
 pub struct Counts<'a> {
     pub counts: &'a [RecipientCount],
-    pub replied: i64,
+    /// Recipients who replied, by variant ([`Db::run_replied`]).
+    ///
+    /// [`Db::run_replied`]: crate::store::Db::run_replied
+    pub replied: &'a [(Option<String>, i64)],
     pub charges: &'a [ChargeCount],
     /// The campaign's category (its template's).
     pub category: Category,
@@ -94,11 +124,62 @@ pub struct Counts<'a> {
 
 /// Builds a run's report from its counts.
 pub fn report(input: &Counts<'_>) -> Report {
+    let replied = input.replied.iter().map(|(_, n)| n).sum();
+    let mut r = tally(input.counts.iter(), replied);
+    r.cost = cost(input.charges, input.category, input.prices);
+    r.variants = variants(input, r.planned);
+    r
+}
+
+/// Each variant's measures, when any recipient has a variant.
+fn variants(input: &Counts<'_>, planned: i64) -> Vec<VariantReport> {
+    if input.counts.iter().all(|c| c.variant.is_none()) {
+        return Vec::new();
+    }
+    let mut names: Vec<&Option<String>> = input.counts.iter().map(|c| &c.variant).collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .map(|name| {
+            let rows = input.counts.iter().filter(|c| c.variant == *name);
+            let replied = input
+                .replied
+                .iter()
+                .filter(|(v, _)| v == name)
+                .map(|(_, n)| n)
+                .sum();
+            let r = tally(rows, replied);
+            VariantReport {
+                variant: name.clone(),
+                share: if planned > 0 {
+                    r.planned as f64 / planned as f64
+                } else {
+                    0.0
+                },
+                planned: r.planned,
+                pending: r.pending,
+                outbox: r.outbox,
+                sent: r.sent,
+                delivered: r.delivered,
+                read: r.read,
+                replied: r.replied,
+                failed: r.failed,
+                skipped: r.skipped,
+                deferred: r.deferred,
+                cancelled: r.cancelled,
+            }
+        })
+        .collect()
+}
+
+/// The measures of `rows` (no cost, no variants).
+fn tally<'a>(rows: impl Iterator<Item = &'a RecipientCount>, replied: i64) -> Report {
     let mut r = Report {
-        replied: input.replied,
+        replied,
         ..Report::default()
     };
-    for row in input.counts {
+    for row in rows {
         let n = row.count;
         r.planned += n;
         let reason = || row.reason.clone().unwrap_or_else(|| "unknown".into());
@@ -122,7 +203,6 @@ pub fn report(input: &Counts<'_>) -> Report {
             },
         }
     }
-    r.cost = cost(input.charges, input.category, input.prices);
     r
 }
 
@@ -227,6 +307,7 @@ mod tests {
         count: i64,
     ) -> RecipientCount {
         RecipientCount {
+            variant: None,
             decision,
             reason: reason.map(String::from),
             message_status: status.map(String::from),
@@ -275,7 +356,7 @@ mod tests {
         ];
         let r = report(&Counts {
             counts: &counts,
-            replied: 3,
+            replied: &[(None, 3)],
             charges: &[],
             category: Category::Marketing,
             prices: None,
@@ -289,6 +370,62 @@ mod tests {
         assert_eq!(r.skipped.by["opted out of marketing"], 6);
         assert_eq!(r.deferred.total, 2);
         assert_eq!(r.cancelled, 9);
+    }
+
+    #[test]
+    fn a_split_runs_report_has_each_variants_measures_adding_up_to_the_run() {
+        use RecipientDecision::*;
+        let of = |variant: &str, row: RecipientCount| RecipientCount {
+            variant: Some(variant.into()),
+            ..row
+        };
+        let counts = [
+            of("long", row(Sent, None, Some("read"), None, 2)),
+            of("long", row(Skipped, Some("opted out"), None, None, 1)),
+            of("short", row(Planned, None, None, None, 1)),
+            of("short", row(Sent, None, Some("delivered"), None, 4)),
+            of("short", row(Sent, None, Some("failed"), Some(131026), 2)),
+        ];
+        let replied = [
+            (Some("long".to_string()), 1),
+            (Some("short".to_string()), 3),
+        ];
+        let r = report(&Counts {
+            counts: &counts,
+            replied: &replied,
+            charges: &[],
+            category: Category::Marketing,
+            prices: None,
+        });
+        assert_eq!(
+            (r.planned, r.sent, r.replied, r.failed.total),
+            (10, 6, 4, 2)
+        );
+        let names: Vec<_> = r.variants.iter().map(|v| v.variant.as_deref()).collect();
+        assert_eq!(names, [Some("long"), Some("short")]);
+        let (long, short) = (&r.variants[0], &r.variants[1]);
+        assert_eq!(
+            (long.planned, long.sent, long.read, long.replied),
+            (3, 2, 2, 1)
+        );
+        assert_eq!(long.skipped.by["opted out"], 1);
+        assert_eq!((short.planned, short.pending, short.sent), (7, 1, 4));
+        assert_eq!((short.delivered, short.replied), (4, 3));
+        assert_eq!(short.failed.by["131026"], 2);
+        assert!((long.share - 0.3).abs() < 1e-9 && (short.share - 0.7).abs() < 1e-9);
+        let sum = |f: fn(&VariantReport) -> i64| r.variants.iter().map(f).sum::<i64>();
+        assert_eq!(sum(|v| v.planned), r.planned);
+        assert_eq!(sum(|v| v.sent), r.sent);
+        assert_eq!(sum(|v| v.replied), r.replied);
+        // Without a split, no variant rows.
+        let plain = report(&Counts {
+            counts: &[row(Sent, None, Some("sent"), None, 1)],
+            replied: &[],
+            charges: &[],
+            category: Category::Marketing,
+            prices: None,
+        });
+        assert!(plain.variants.is_empty());
     }
 
     #[test]

@@ -9,6 +9,9 @@
 //! script error, a value that is not true or false) is left out and counted; the first
 //! error is logged, so the marketer can fix the expression.
 //!
+//! A split campaign's recipients are snapshotted with their variant
+//! (`Campaign::variant_for`), so a run's pending recipients count under it too.
+//!
 //! Only contacts created at or before the run was claimed are selected: a contact added
 //! mid-run is not in the running run, and a snapshot taken again after a crash selects the
 //! same contacts (the ledger's insert-or-ignore adds only those still missing).
@@ -79,10 +82,15 @@ async fn walk(
         first_error = first_error.or(selected.first_error);
         added += match what {
             Walk::Snapshot(run_id) => {
-                db.snapshot_audience(run_id, &selected.ids, now, runtime.clock.now())
-                    .await?
+                let mut added = 0;
+                for (variant, ids) in by_variant(campaign, &selected.contacts) {
+                    added += db
+                        .snapshot_audience(run_id, variant, &ids, now, runtime.clock.now())
+                        .await?;
+                }
+                added
             }
-            Walk::Count => selected.ids.len() as u64,
+            Walk::Count => selected.contacts.len() as u64,
         };
         if !full {
             break;
@@ -104,15 +112,34 @@ async fn walk(
     Ok(added)
 }
 
+/// A page's selected contacts by the variant each is given (`Campaign::variant_for`; one
+/// group, `None`, without a split), for the ledger.
+fn by_variant<'a>(
+    campaign: &'a Campaign,
+    contacts: &[(i64, String)],
+) -> Vec<(Option<&'a str>, Vec<i64>)> {
+    let mut groups: Vec<(Option<&str>, Vec<i64>)> = campaign
+        .variants
+        .iter()
+        .map(|v| (v.name.as_deref(), Vec::new()))
+        .collect();
+    for (id, wa_id) in contacts {
+        groups[campaign.variant_index(wa_id)].1.push(*id);
+    }
+    groups.retain(|(_, ids)| !ids.is_empty());
+    groups
+}
+
 /// What a page's condition selected.
 #[derive(Debug, Default)]
 struct Selected {
-    ids: Vec<i64>,
+    /// Each contact's id and `wa_id` (its variant's key).
+    contacts: Vec<(i64, String)>,
     failed: u64,
     first_error: Option<String>,
 }
 
-/// The ids of `page` whose `where` is true, evaluated on a blocking thread.
+/// The contacts of `page` whose `where` is true, evaluated on a blocking thread.
 async fn select(
     scripting: &Arc<Scripting>,
     campaign: &Arc<Campaign>,
@@ -121,7 +148,7 @@ async fn select(
 ) -> Result<Selected, RunnerError> {
     if campaign.audience.filter.is_none() {
         return Ok(Selected {
-            ids: page.into_iter().map(|(id, _)| id).collect(),
+            contacts: page.into_iter().map(|(id, c)| (id, c.wa_id)).collect(),
             ..Selected::default()
         });
     }
@@ -130,7 +157,7 @@ async fn select(
         let mut selected = Selected::default();
         for (id, contact) in &page {
             match matches(&scripting, &campaign, contact, now) {
-                Ok(true) => selected.ids.push(*id),
+                Ok(true) => selected.contacts.push((*id, contact.wa_id.clone())),
                 Ok(false) => {}
                 Err(e) => {
                     selected.failed += 1;

@@ -5,17 +5,18 @@
 //! (both read again each tick, so a pause or cancel through the store takes effect at the
 //! next tick):
 //!
-//! 1. the campaign's template must be approved: otherwise the run pauses itself (status
-//!    `paused`, the reason naming the template and its status) and its recipients stay
-//!    pending; a run paused that way resumes on a later tick once the template is approved
+//! 1. the campaign's template (every variant's, for a split) must be approved: otherwise
+//!    the run pauses itself (status `paused`, the reason naming the template and its
+//!    status) and its recipients stay pending; a run paused that way resumes on a later tick once the template is approved
 //!    again (a status webhook, a reload);
 //! 2. the run's token bucket (its `rate`, else the channel's `throughput_mps`; time from
 //!    the clock) says how many sends it may start now, at most one second's worth, and
 //!    fewer while the outbox still holds that many unsent campaign messages of the channel;
-//! 3. each recipient due now (`Db::pending_recipients`), under its contact's lock:
-//!    the campaign's rules (`campaign::recipient::gate`, with the contact's sends of the
-//!    campaign's category in the cap's period), then the message through the one policy
-//!    function (`Policy::decide`): the `in_window` message with the template as its
+//! 3. each recipient due now (`Db::pending_recipients`), with its variant of a split
+//!    campaign (`Campaign::variant_for`, the one its ledger row was snapshotted with),
+//!    under its contact's lock: the campaign's rules (`campaign::recipient::gate`, with
+//!    the contact's sends of the campaign's category in the cap's period), then the message through the one policy
+//!    function (`Policy::decide`): the variant's `in_window` message with its template as its
 //!    `outside_window`, so an open window sends the free-form message and a closed one the
 //!    template; the channel's messaging limit for a template to a contact not yet counted;
 //! 4. the outcome recorded in the ledger with its reason; a message and its `sent` row are
@@ -35,11 +36,12 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Duration, Utc};
 
 use super::{CampaignRunner, RunnerError};
-use crate::campaign::Campaign;
 use crate::campaign::recipient::{Gate, category_name, defer, gate};
+use crate::campaign::{Campaign, Variant};
 use crate::dispatch::{Runtime, count_decision};
 use crate::domain::{Contact, Origin, Outbound, OutboundContent, TemplateFallback};
 use crate::engine::{render_for_contact, render_message};
+use crate::flow::TemplateCall;
 use crate::metrics;
 use crate::outbox::ChannelLeases;
 use crate::policy::Policy;
@@ -231,18 +233,22 @@ impl Dispatcher {
                 .collect();
             for row in batch {
                 decided += 1;
-                let outcome = match wa_ids.get(&row.contact_id) {
+                let (outcome, variant) = match wa_ids.get(&row.contact_id) {
                     Some(wa_id) => {
-                        let recipient = (row.contact_id, wa_id.as_str());
-                        self.recipient(run, campaign, recipient, &templates, &mut limit)
-                            .await?
+                        let variant = campaign.variant_for(wa_id);
+                        let recipient = (row.contact_id, wa_id.as_str(), variant);
+                        let outcome = self
+                            .recipient(run, campaign, recipient, &templates, &mut limit)
+                            .await?;
+                        (outcome, variant.name.as_deref())
                     }
-                    None => Outcome::Skip("the contact was deleted".into()),
+                    None => (Outcome::Skip("the contact was deleted".into()), None),
                 };
                 if matches!(outcome, Outcome::Sent) {
                     sends -= 1;
                 }
-                record(db, (run, campaign), row.contact_id, outcome, done, now).await?;
+                let recipient = (row.contact_id, variant);
+                record(db, (run, campaign), recipient, outcome, done, now).await?;
             }
         }
         self.spend(run.id, allowed - sends);
@@ -391,12 +397,12 @@ impl Dispatcher {
     }
 
     /// Decides one recipient under its contact's lock (the contact read again under it) and,
-    /// when it is sent, writes the message with its ledger row.
+    /// when it is sent, writes `variant`'s message with its ledger row.
     async fn recipient(
         &self,
         run: &RunRow,
         campaign: &Campaign,
-        (contact_id, wa_id): (i64, &str),
+        (contact_id, wa_id, variant): (i64, &str, &Variant),
         templates: &Registry,
         limit: &mut Option<Limit>,
     ) -> Result<Outcome, RunnerError> {
@@ -417,7 +423,7 @@ impl Dispatcher {
             Gate::Defer { until, reason } => return Ok(Outcome::Defer(until, reason)),
             Gate::Decide => {}
         }
-        let message = match self.message(run, campaign, &contact, now) {
+        let message = match self.message(run, (campaign, variant), &contact, now) {
             Ok(message) => message,
             Err(e) => return Ok(Outcome::Skip(format!("rendering the message failed: {e}"))),
         };
@@ -437,6 +443,7 @@ impl Dispatcher {
         let send = CampaignSend {
             run_id: run.id,
             contact_id,
+            variant: variant.name.as_deref(),
             channel: &campaign.channel,
             message: &message,
             decision: &decision,
@@ -471,18 +478,18 @@ impl Dispatcher {
             .await
     }
 
-    /// The campaign's message to `contact`: the `in_window` message (rendered like a step's)
-    /// with the template as its `outside_window`, else the template; parameters interpolated
-    /// with the contact.
+    /// The campaign's message to `contact`, as `variant` words it: the `in_window` message
+    /// (rendered like a step's) with the template as its `outside_window`, else the
+    /// template; parameters interpolated with the contact.
     fn message(
         &self,
         run: &RunRow,
-        campaign: &Campaign,
+        (campaign, variant): (&Campaign, &Variant),
         contact: &Contact,
         now: DateTime<Utc>,
     ) -> Result<Outbound, ScriptError> {
         let scripting = &self.runtime().engine.scripting;
-        let call = &campaign.template;
+        let call = &variant.template;
         let params = render_for_contact(scripting, contact, now, |s, ctx| {
             call.params.iter().map(|p| p.render(s, ctx)).collect()
         })?;
@@ -497,7 +504,7 @@ impl Dispatcher {
             language: call.language.clone(),
             params,
         };
-        let Some(in_window) = &campaign.in_window else {
+        let Some(in_window) = campaign.in_window_of(variant) else {
             let content = OutboundContent::Template {
                 name: template.name,
                 language: template.language,
@@ -554,10 +561,18 @@ impl Dispatcher {
     }
 }
 
-/// What is wrong with the campaign's template for sending, if anything: missing from the
-/// registry, or not approved (paused, disabled...).
+/// What is wrong with the campaign's templates for sending, if anything: one missing from
+/// the registry, or not approved (paused, disabled...). A split campaign waits for all of
+/// its variants' templates, so no variant's recipients get another's message meanwhile.
 fn template_problem(campaign: &Campaign, templates: &Registry) -> Option<String> {
-    let call = &campaign.template;
+    campaign
+        .variants
+        .iter()
+        .find_map(|v| call_problem(&v.template, templates))
+}
+
+/// What is wrong with one template call for sending, if anything.
+fn call_problem(call: &TemplateCall, templates: &Registry) -> Option<String> {
     let status = templates.find(&call.name, &call.language).map(|t| t.status);
     match status {
         Some(Status::Approved) => None,
@@ -580,7 +595,7 @@ fn template_problem(campaign: &Campaign, templates: &Registry) -> Option<String>
 async fn record(
     db: &crate::store::Db,
     (run, campaign): (&RunRow, &Campaign),
-    contact_id: i64,
+    (contact_id, variant): (i64, Option<&str>),
     outcome: Outcome,
     done: &mut Dispatched,
     now: DateTime<Utc>,
@@ -588,7 +603,7 @@ async fn record(
     let (decision, reason, not_before) = match &outcome {
         Outcome::Sent => {
             done.sent += 1;
-            metrics::count_campaign_recipient(&campaign.name, "sent", None);
+            metrics::count_campaign_recipient(&campaign.name, variant, "sent", None);
             return Ok(());
         }
         Outcome::Skip(reason) => {
@@ -600,9 +615,10 @@ async fn record(
             (RecipientDecision::Deferred, reason, Some(*until))
         }
     };
-    metrics::count_campaign_recipient(&campaign.name, decision.as_str(), Some(reason));
+    metrics::count_campaign_recipient(&campaign.name, variant, decision.as_str(), Some(reason));
     let outcome = RecipientOutcome {
         decision,
+        variant,
         reason: Some(reason),
         message_id: None,
         not_before,

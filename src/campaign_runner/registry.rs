@@ -411,7 +411,7 @@ impl CampaignRunner {
             .map_or(crate::templates::Category::Marketing, |c| c.category);
         Ok(report(&Counts {
             counts: &counts,
-            replied,
+            replied: &replied,
             charges: &charges,
             category,
             prices,

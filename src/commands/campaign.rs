@@ -407,8 +407,44 @@ pub fn report_table(run: &RunReport) -> String {
     }
     line("cancelled", r.cancelled);
     out.push_str(&indent(&table(&rows)));
+    out.push_str(&variants_text(r));
     out.push_str(&cost_text(r));
     out
+}
+
+/// A split campaign's run by variant: one row each, the run's measures as columns.
+fn variants_text(r: &Report) -> String {
+    if r.variants.is_empty() {
+        return String::new();
+    }
+    let mut rows = vec![
+        [
+            "VARIANT",
+            "SHARE",
+            "PLANNED",
+            "SENT",
+            "DELIVERED",
+            "READ",
+            "REPLIED",
+            "FAILED",
+            "SKIPPED",
+        ]
+        .map(String::from),
+    ];
+    for v in &r.variants {
+        rows.push([
+            v.variant.clone().unwrap_or_else(|| "(none)".into()),
+            format!("{:.1} %", v.share * 100.0),
+            v.planned.to_string(),
+            v.sent.to_string(),
+            v.delivered.to_string(),
+            v.read.to_string(),
+            v.replied.to_string(),
+            v.failed.total.to_string(),
+            v.skipped.total.to_string(),
+        ]);
+    }
+    format!("by variant\n{}", indent(&table(&rows)))
 }
 
 fn indent(text: &str) -> String {
@@ -449,6 +485,41 @@ mod tests {
         assert_eq!(listen_url("0.0.0.0:8080"), "http://127.0.0.1:8080");
         assert_eq!(listen_url("[::]:9000"), "http://[::1]:9000");
         assert_eq!(listen_url("127.0.0.1:8080"), "http://127.0.0.1:8080");
+    }
+
+    #[test]
+    fn a_split_runs_report_has_a_row_per_variant() {
+        use crate::campaign::report::VariantReport;
+        let variant = |name: &str, share, planned, sent| VariantReport {
+            variant: Some(name.into()),
+            share,
+            planned,
+            sent,
+            ..VariantReport::default()
+        };
+        let run = RunReport {
+            run: serde_json::json!({ "campaign": "sale", "id": 1, "status": "done" }),
+            report: Report {
+                planned: 10,
+                sent: 10,
+                variants: vec![variant("long", 0.3, 3, 3), variant("short", 0.7, 7, 7)],
+                ..Report::default()
+            },
+        };
+        let text = report_table(&run);
+        assert!(text.contains("by variant"), "{text}");
+        let long = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("long"))
+            .unwrap();
+        let cells: Vec<&str> = long.split_whitespace().collect();
+        assert_eq!(cells[..4], ["long", "30.0", "%", "3"], "{text}");
+        assert!(text.lines().any(|l| l.trim_start().starts_with("short")));
+        let plain = RunReport {
+            report: Report::default(),
+            ..run
+        };
+        assert!(!report_table(&plain).contains("by variant"));
     }
 
     #[test]

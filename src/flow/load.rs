@@ -112,9 +112,11 @@ fn check_project_files(
                 .into_iter()
                 .map(|(k, p)| (f.file.as_str(), k, p))
         })
-        .chain(campaigns.iter().filter_map(|c| {
-            let (kind, file) = c.in_window.as_ref()?.project_file()?;
-            Some((c.file.as_str(), kind, file))
+        .chain(campaigns.iter().flat_map(|c| {
+            c.in_window_messages().filter_map(|m| {
+                let (kind, file) = m.project_file()?;
+                Some((c.file.as_str(), kind, file))
+            })
         }));
     for (source, kind, file) in files {
         if let Err((message, help)) = check_project_file(&config.root, kind, &file.path) {

@@ -282,7 +282,7 @@ async fn list_runs(
 #[utoipa::path(get, path = "/campaigns/{name}/runs/{id}", tag = "campaigns",
     params(("name" = String, Path, description = "The campaign's name"), ("id" = i64, Path, description = "The run's id")),
     responses(
-        (status = 200, description = "The run's report: sent, delivered, read, replied, failed by code, skipped by reason, cost", body = Object),
+        (status = 200, description = "The run's report: sent, delivered, read, replied, failed by code, skipped by reason, cost; for a split campaign, `variants`: the same measures per variant with its `share` of the recipients", body = campaigns::RunReport),
         (status = 404, description = "`unknown_campaign` or `unknown_run`", body = ErrorBody),
         (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
     ))]
@@ -297,7 +297,7 @@ async fn run_report(
 #[utoipa::path(get, path = "/campaigns/{name}/report", tag = "campaigns",
     params(("name" = String, Path, description = "The campaign's name")),
     responses(
-        (status = 200, description = "The latest run's report: sent, delivered, read, replied, failed by code, skipped by reason, cost", body = Object),
+        (status = 200, description = "The latest run's report: sent, delivered, read, replied, failed by code, skipped by reason, cost; for a split campaign, `variants`: the same measures per variant with its `share` of the recipients", body = campaigns::RunReport),
         (status = 404, description = "`unknown_campaign`, or `no_runs`: it has not run yet", body = ErrorBody),
         (status = 401, description = "No or a wrong bearer token", body = ErrorBody),
     ))]

@@ -3,10 +3,13 @@
 //! delete, pause, resume, cancel, run now) are [`CampaignRunner`]'s; here they answer the
 //! campaign as it is after the change, and their errors become [`OperatorError`]s.
 
+use serde::Serialize;
 use serde_json::{Value, json};
+use utoipa::ToSchema;
 
 use super::{OperatorError, Paging};
 use crate::campaign::Campaign;
+use crate::campaign::report::Report;
 use crate::campaign_runner::registry::{ChangeError, RunNow, Write};
 use crate::diagnostic::Diagnostics;
 use crate::state::AppState;
@@ -60,9 +63,29 @@ fn definition_json(c: &Campaign) -> Value {
         crate::campaign::When::Cron { source, .. } => json!({ "schedule": source }),
         crate::campaign::When::At(at) => json!({ "at": at }),
     };
+    let template =
+        |call: &crate::flow::TemplateCall| json!({ "name": call.name, "language": call.language });
+    let (single, split) = match c.variants.as_slice() {
+        [one] if !c.is_split() => (template(&one.template), Value::Null),
+        variants => (
+            Value::Null,
+            variants
+                .iter()
+                .map(|v| {
+                    json!({
+                        "name": v.name,
+                        "weight": v.weight,
+                        "template": template(&v.template),
+                        "in_window": c.in_window_of(v).is_some(),
+                    })
+                })
+                .collect(),
+        ),
+    };
     json!({
         "category": c.category,
-        "template": { "name": c.template.name, "language": c.template.language },
+        "template": single,
+        "split": split,
         "in_window": c.in_window.is_some(),
         "audience": { "tags": c.audience.tags, "where": c.audience.filter.as_ref().map(|f| &f.source) },
         "when": when,
@@ -186,7 +209,7 @@ pub async fn runs(
 }
 
 /// Run `id` of `name` and its report.
-pub async fn run_report(state: &AppState, name: &str, id: i64) -> Result<Value, OperatorError> {
+pub async fn run_report(state: &AppState, name: &str, id: i64) -> Result<RunReport, OperatorError> {
     let run = state
         .runtime
         .db
@@ -206,7 +229,7 @@ pub async fn run_report(state: &AppState, name: &str, id: i64) -> Result<Value, 
 }
 
 /// `name`'s latest run and its report; `no_runs` when it has not run yet.
-pub async fn latest_report(state: &AppState, name: &str) -> Result<Value, OperatorError> {
+pub async fn latest_report(state: &AppState, name: &str) -> Result<RunReport, OperatorError> {
     stored(state, name).await?;
     let run = state
         .runtime
@@ -226,15 +249,27 @@ pub async fn latest_report(state: &AppState, name: &str) -> Result<Value, Operat
     report(state, &run).await
 }
 
+/// A run and its report, as the API answers them.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunReport {
+    /// The run: id, campaign, status, trigger, reason and its times.
+    #[schema(value_type = Object)]
+    pub run: Value,
+    pub report: Report,
+}
+
 /// A run and its report (the one `flowgate campaign report` prints).
-async fn report(state: &AppState, run: &RunRow) -> Result<Value, OperatorError> {
+async fn report(state: &AppState, run: &RunRow) -> Result<RunReport, OperatorError> {
     let window = state.config.policy.window.0;
     let report = state
         .campaigns
         .report(run, window, state.config.campaign_prices.as_ref())
         .await
         .map_err(OperatorError::failing("reading a run's report failed"))?;
-    Ok(json!({ "run": run_json(run), "report": report }))
+    Ok(RunReport {
+        run: run_json(run),
+        report,
+    })
 }
 
 /// Diagnostics as JSON: each with its place, and the text `check` prints.

@@ -36,15 +36,17 @@ pub struct ActiveRecipients {
 const ACCEPTED: &str = "m.status IN ('sent', 'delivered', 'read')";
 
 impl Db {
-    /// How many recipients of run `run_id` wrote after its message to them.
-    pub async fn run_replied(&self, run_id: i64) -> Result<i64, StoreError> {
-        const SQL: &str = "SELECT COUNT(*) FROM campaign_recipients r \
+    /// How many recipients of run `run_id` wrote after its message to them, by the split
+    /// campaign's variant (`None` without a split; only variants someone replied to).
+    pub async fn run_replied(&self, run_id: i64) -> Result<Vec<(Option<String>, i64)>, StoreError> {
+        const SQL: &str = "SELECT r.variant, COUNT(*) FROM campaign_recipients r \
             JOIN messages m ON m.id = r.message_id \
             WHERE r.run_id = $1 AND EXISTS (SELECT 1 FROM messages i \
-                WHERE i.contact_id = r.contact_id AND i.direction = 'in' AND i.id > m.id)";
-        Ok(with_pool!(self, |pool| sqlx::query_scalar(SQL)
+                WHERE i.contact_id = r.contact_id AND i.direction = 'in' AND i.id > m.id) \
+            GROUP BY r.variant ORDER BY r.variant";
+        Ok(with_pool!(self, |pool| sqlx::query_as(SQL)
             .bind(run_id)
-            .fetch_one(pool)
+            .fetch_all(pool)
             .await?))
     }
 

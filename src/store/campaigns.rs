@@ -187,12 +187,16 @@ pub struct LedgerRow {
     pub message_id: Option<i64>,
     pub not_before: DateTime<Utc>,
     pub decided_at: Option<DateTime<Utc>>,
+    /// The split campaign's variant it was given; `None` without a split.
+    pub variant: Option<String>,
 }
 
 /// What was decided for a recipient.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecipientOutcome<'a> {
     pub decision: RecipientDecision,
+    /// The split campaign's variant decided for; `None` keeps the row's.
+    pub variant: Option<&'a str>,
     pub reason: Option<&'a str>,
     /// The outbound message, for `Sent`.
     pub message_id: Option<i64>,
@@ -200,10 +204,12 @@ pub struct RecipientOutcome<'a> {
     pub not_before: Option<DateTime<Utc>>,
 }
 
-/// How many of a run's recipients share a decision, reason, and (for those sent) their
-/// message's status and error code: the rows of a run's report.
+/// How many of a run's recipients share a variant, decision, reason, and (for those sent)
+/// their message's status and error code: the rows of a run's report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RecipientCount {
+    /// The split campaign's variant; `None` without a split.
+    pub variant: Option<String>,
     pub decision: RecipientDecision,
     pub reason: Option<String>,
     pub message_status: Option<String>,
@@ -245,6 +251,7 @@ type LedgerRaw = (
     Option<i64>,
     i64,
     Option<i64>,
+    Option<String>,
 );
 
 const CAMPAIGN_COLUMNS: &str = "name, channel, source, origin, paused, pause_reason, \
@@ -252,7 +259,7 @@ const CAMPAIGN_COLUMNS: &str = "name, channel, source, origin, paused, pause_rea
 const RUN_COLUMNS: &str = "id, campaign, scheduled_for, trigger, status, reason, created_at, \
     started_at, finished_at, report, updated_at";
 const LEDGER_COLUMNS: &str =
-    "run_id, contact_id, decision, reason, message_id, not_before, decided_at";
+    "run_id, contact_id, decision, reason, message_id, not_before, decided_at, variant";
 
 /// [`Db::set_run_status`]'s statement.
 const UPDATE_RUN_STATUS: &str = "UPDATE campaign_runs SET status = $2, reason = $3, \
@@ -328,7 +335,7 @@ fn run_row(raw: RunRaw) -> Result<RunRow, StoreError> {
 }
 
 fn ledger_row(raw: LedgerRaw) -> Result<LedgerRow, StoreError> {
-    let (run_id, contact_id, decision, reason, message_id, not_before, decided_at) = raw;
+    let (run_id, contact_id, decision, reason, message_id, not_before, decided_at, variant) = raw;
     Ok(LedgerRow {
         run_id,
         contact_id,
@@ -337,6 +344,7 @@ fn ledger_row(raw: LedgerRaw) -> Result<LedgerRow, StoreError> {
         message_id,
         not_before: from_millis(not_before, "campaign_recipients.not_before")?,
         decided_at: millis_opt(decided_at, "campaign_recipients.decided_at")?,
+        variant,
     })
 }
 
@@ -764,13 +772,15 @@ fn pending_sql() -> String {
 
 // The ledger.
 impl Db {
-    /// Snapshots a run's audience: one `planned` row per contact, due at `not_before`.
-    /// Insert-or-ignore, so taking it again (after a crash mid-snapshot) adds only the rows
-    /// still missing; contacts no longer in the database are left out. Written in
-    /// transactions of 20,000 rows, 1,000 per statement. Answers how many rows were added.
+    /// Snapshots a run's audience: one `planned` row per contact, due at `not_before`, given
+    /// `variant` (a split campaign's; `None` without a split). Insert-or-ignore, so taking
+    /// it again (after a crash mid-snapshot) adds only the rows still missing; contacts no
+    /// longer in the database are left out. Written in transactions of 20,000 rows, 1,000
+    /// per statement. Answers how many rows were added.
     pub async fn snapshot_audience(
         &self,
         run_id: i64,
+        variant: Option<&str>,
         contact_ids: &[i64],
         not_before: DateTime<Utc>,
         now: DateTime<Utc>,
@@ -778,18 +788,23 @@ impl Db {
         let (not_before, now) = (not_before.timestamp_millis(), now.timestamp_millis());
         let mut added = 0;
         for ids in contact_ids.chunks(SNAPSHOT_ROWS_PER_STATEMENT * SNAPSHOT_STATEMENTS_PER_JOB) {
+            let variant = variant.map(str::to_string);
             added += with_writer!(self, own(ids), |pool| {
                 let mut tx = sqlx::Connection::begin(&mut *pool).await?;
                 let mut added = 0;
                 for chunk in ids.chunks(SNAPSHOT_ROWS_PER_STATEMENT) {
                     let sql = format!(
                         "INSERT INTO campaign_recipients (run_id, contact_id, decision, \
-                            not_before, created_at) \
-                        SELECT $1, id, 'planned', $2, $3 FROM contacts WHERE id IN ({}) \
+                            not_before, created_at, variant) \
+                        SELECT $1, id, 'planned', $2, $3, $4 FROM contacts WHERE id IN ({}) \
                         ON CONFLICT (run_id, contact_id) DO NOTHING",
-                        placeholders(4, chunk.len())
+                        placeholders(5, chunk.len())
                     );
-                    let mut query = sqlx::query(&sql).bind(run_id).bind(not_before).bind(now);
+                    let mut query = sqlx::query(&sql)
+                        .bind(run_id)
+                        .bind(not_before)
+                        .bind(now)
+                        .bind(&variant);
                     for id in chunk {
                         query = query.bind(*id);
                     }
@@ -860,9 +875,11 @@ impl Db {
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
         const SQL: &str = "UPDATE campaign_recipients SET decision = $3, reason = $4, \
-                message_id = $5, not_before = COALESCE($6, not_before), decided_at = $7 \
+                message_id = $5, not_before = COALESCE($6, not_before), decided_at = $7, \
+                variant = COALESCE($8, variant) \
             WHERE run_id = $1 AND contact_id = $2 AND decision IN ('planned', 'deferred')";
         let decision = outcome.decision.as_str();
+        let variant = outcome.variant.map(str::to_string);
         let reason = outcome.reason.map(str::to_string);
         let message_id = outcome.message_id;
         let not_before = outcome.not_before.map(|t| t.timestamp_millis());
@@ -876,6 +893,7 @@ impl Db {
                 .bind(message_id)
                 .bind(not_before)
                 .bind(now)
+                .bind(&variant)
                 .execute(pool)
                 .await?
                 .rows_affected()
@@ -883,29 +901,43 @@ impl Db {
         Ok(updated > 0)
     }
 
-    /// A run's recipients counted by decision and reason, and for those sent by their
-    /// message's status and error code: what a report adds up.
+    /// A run's recipients counted by variant, decision and reason, and for those sent by
+    /// their message's status and error code: what a report adds up.
     pub async fn run_counts(&self, run_id: i64) -> Result<Vec<RecipientCount>, StoreError> {
-        const SQL: &str = "SELECT r.decision, r.reason, m.status, m.error_code, COUNT(*) \
+        const SQL: &str = "SELECT r.variant, r.decision, r.reason, m.status, m.error_code, \
+                COUNT(*) \
             FROM campaign_recipients r LEFT JOIN messages m ON m.id = r.message_id \
             WHERE r.run_id = $1 \
-            GROUP BY r.decision, r.reason, m.status, m.error_code \
-            ORDER BY r.decision, r.reason, m.status, m.error_code";
-        type Raw = (String, Option<String>, Option<String>, Option<i64>, i64);
+            GROUP BY r.variant, r.decision, r.reason, m.status, m.error_code \
+            ORDER BY r.variant, r.decision, r.reason, m.status, m.error_code";
+        type Raw = (
+            Option<String>,
+            String,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+            i64,
+        );
         let raw: Vec<Raw> = with_pool!(self, |pool| sqlx::query_as(SQL)
             .bind(run_id)
             .fetch_all(pool)
             .await?);
         raw.into_iter()
-            .map(|(decision, reason, message_status, error_code, count)| {
-                Ok(RecipientCount {
-                    decision: RecipientDecision::parse(&decision, "campaign_recipients.decision")?,
-                    reason,
-                    message_status,
-                    error_code,
-                    count,
-                })
-            })
+            .map(
+                |(variant, decision, reason, message_status, error_code, count)| {
+                    Ok(RecipientCount {
+                        variant,
+                        decision: RecipientDecision::parse(
+                            &decision,
+                            "campaign_recipients.decision",
+                        )?,
+                        reason,
+                        message_status,
+                        error_code,
+                        count,
+                    })
+                },
+            )
             .collect()
     }
 }
@@ -921,6 +953,8 @@ pub fn campaign_message_key(run_id: i64, contact_id: i64) -> String {
 pub struct CampaignSend<'a> {
     pub run_id: i64,
     pub contact_id: i64,
+    /// The split campaign's variant the message is; `None` without a split.
+    pub variant: Option<&'a str>,
     pub channel: &'a str,
     /// As the policy decided it (`Policy::apply`).
     pub message: &'a Outbound,
@@ -982,7 +1016,7 @@ impl Db {
             VALUES ($1, $2, 'out', $3, $4, $5, $6, $7, $8, $8, $9, 1) RETURNING id";
         const POLICY: &str = "UPDATE contacts SET policy = $2 WHERE id = $1";
         const LEDGER: &str = "UPDATE campaign_recipients SET decision = 'sent', reason = $3, \
-                message_id = $4, decided_at = $5 \
+                message_id = $4, decided_at = $5, variant = $6 \
             WHERE run_id = $1 AND contact_id = $2 AND decision IN ('planned', 'deferred')";
         let (run_id, contact_id) = (send.run_id, send.contact_id);
         let key = Value::Text(campaign_message_key(run_id, contact_id));
@@ -1000,10 +1034,14 @@ impl Db {
             key.clone(),
         ];
         let policy = Value::Text(serde_json::to_string(send.policy)?);
+        let variant = send
+            .variant
+            .map_or(Value::Null, |v| Value::Text(v.to_string()));
         let sqlite = match &self.backend {
             Backend::Sqlite(sqlite) => sqlite,
             Backend::Postgres(postgres) => {
-                return send_campaign_postgres(&postgres.pool, insert, policy, run_id).await;
+                let last = [policy, Value::Integer(run_id), variant];
+                return send_campaign_postgres(&postgres.pool, insert, last).await;
             }
         };
         // A raw job (see `store::writer`): one per recipient, on the writer's own handle;
@@ -1036,6 +1074,7 @@ impl Db {
                     reason,
                     Value::Integer(message_id),
                     now,
+                    variant,
                 ];
                 run(LEDGER, &ledger)?;
                 Ok(CampaignSent {
@@ -1190,14 +1229,14 @@ impl Db {
 
 /// [`Db::send_campaign_message`] on PostgreSQL: one statement (one round trip, one
 /// transaction). `insert` holds the message's columns as SQLite's statement binds them
-/// (`$1` contact … `$9` key); the policy is `$10`, the run `$11`. When another instance
-/// wrote the recipient's message at the same moment, the insert finds its key taken and the
-/// statement returns nothing: it runs again, and finds that message.
+/// (`$1` contact … `$9` key); `last` the policy (`$10`), the run (`$11`) and the variant
+/// (`$12`). When another instance wrote the recipient's message at the same moment, the
+/// insert finds its key taken and the statement returns nothing: it runs again, and finds
+/// that message.
 async fn send_campaign_postgres(
     pool: &sqlx::PgPool,
     insert: Vec<Value>,
-    policy: Value,
-    run_id: i64,
+    last: [Value; 3],
 ) -> Result<CampaignSent, StoreError> {
     const SQL: &str = "WITH existing AS (SELECT id FROM messages WHERE idempotency_key = $9), \
         inserted AS (INSERT INTO messages (contact_id, channel, direction, kind, body, \
@@ -1210,16 +1249,17 @@ async fn send_campaign_postgres(
         message AS (SELECT id, TRUE AS created FROM inserted \
             UNION ALL SELECT id, FALSE FROM existing), \
         ledger AS (UPDATE campaign_recipients SET decision = 'sent', reason = $6, \
-                message_id = (SELECT id FROM message), decided_at = $8 \
+                message_id = (SELECT id FROM message), decided_at = $8, variant = $12 \
             WHERE run_id = $11 AND contact_id = $1 AND decision IN ('planned', 'deferred') \
                 AND EXISTS (SELECT 1 FROM message)) \
         SELECT id, created FROM message";
     for _ in 0..2 {
         let mut query = sqlx::query_as::<_, (i64, bool)>(SQL);
-        for value in insert.iter().chain([&policy]) {
+        for value in insert.iter().chain(&last) {
             query = match value {
                 Value::Integer(n) => query.bind(*n),
                 Value::Text(text) => query.bind(text.as_str()),
+                Value::Null => query.bind(None::<&str>),
                 other => {
                     return Err(StoreError::Corrupt(format!(
                         "a campaign send has an unexpected value {other:?}"
@@ -1227,7 +1267,7 @@ async fn send_campaign_postgres(
                 }
             };
         }
-        let row = query.bind(run_id).fetch_optional(pool).await?;
+        let row = query.fetch_optional(pool).await?;
         if let Some((message_id, created)) = row {
             return Ok(CampaignSent {
                 message_id,

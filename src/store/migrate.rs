@@ -79,6 +79,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "contact leases",
         include_str!("../../migrations/sqlite/0014_contact_leases.sql"),
     ),
+    (
+        15,
+        "campaign variants",
+        include_str!("../../migrations/sqlite/0015_campaign_variants.sql"),
+    ),
 ];
 
 /// The PostgreSQL migrations: the same numbers and names as SQLite's, each written for
@@ -150,6 +155,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         14,
         "contact leases",
         include_str!("../../migrations/postgres/0014_contact_leases.sql"),
+    ),
+    (
+        15,
+        "campaign variants",
+        include_str!("../../migrations/postgres/0015_campaign_variants.sql"),
     ),
 ];
 

@@ -13,7 +13,7 @@
 //!
 //! | module | tables | operations |
 //! |---|---|---|
-//! | `campaigns` | `campaigns`, `campaign_runs`, `campaign_recipients` | definitions ([`Db::save_campaign`], [`Db::due_campaigns`], pause, `next_run_at`); runs claimed once ([`Db::claim_run`], [`Db::record_missed_run`]); the ledger ([`Db::snapshot_audience`], [`Db::pending_recipients`], [`Db::record_recipient`], [`Db::run_counts`]) |
+//! | `campaigns` | `campaigns`, `campaign_runs`, `campaign_recipients` | definitions ([`Db::save_campaign`], [`Db::due_campaigns`], pause, `next_run_at`); runs claimed once ([`Db::claim_run`], [`Db::record_missed_run`]); the ledger ([`Db::snapshot_audience`], [`Db::pending_recipients`], [`Db::record_recipient`], [`Db::run_counts`]; a split campaign's variant on each row) |
 //! | `campaign_reports` | reads `campaign_runs`, `campaign_recipients`, `messages` | what a run's report adds to its counts: [`Db::run_replied`], [`Db::run_charges`]; for `/metrics`: [`Db::runs_by_status`], [`Db::active_recipients`] |
 //! | `run_requests` | `campaign_run_requests`, `campaign_runs` | run-now: [`Db::claim_manual_run`] (one run at a time per campaign; a request's `Idempotency-Key` answers the run it started) |
 //! | `api_requests` | `api_requests` | the admin API's idempotency keys: [`Db::api_request`], [`Db::remember_api_request`] |

@@ -228,6 +228,53 @@ async fn the_document_is_openapi_3_1_and_lists_every_route_the_router_serves() {
     api.server.shutdown().await;
 }
 
+/// A campaign's report is described as the API answers it: the run, and the report with a
+/// split's per-variant measures.
+#[tokio::test]
+async fn a_campaign_report_is_described_with_its_variants() {
+    let api = Api::start().await;
+    let (_, document) = api.get("/openapi.json").await;
+    let schemas = &document["components"]["schemas"];
+    for path in [
+        "/api/campaigns/{name}/report",
+        "/api/campaigns/{name}/runs/{id}",
+    ] {
+        let answer = &document["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]
+            ["schema"]["$ref"];
+        assert_eq!(answer, "#/components/schemas/RunReport", "{path}");
+    }
+    let report = &schemas["Report"]["properties"];
+    for measure in [
+        "planned",
+        "sent",
+        "delivered",
+        "read",
+        "replied",
+        "failed",
+        "skipped",
+    ] {
+        assert!(
+            report[measure].is_object(),
+            "Report has {measure}: {report}"
+        );
+    }
+    let variant = &schemas["VariantReport"]["properties"];
+    for measure in [
+        "variant", "share", "planned", "sent", "replied", "failed", "skipped",
+    ] {
+        assert!(
+            variant[measure].is_object(),
+            "VariantReport has {measure}: {variant}"
+        );
+    }
+    assert!(
+        report["variants"].to_string().contains("VariantReport"),
+        "{}",
+        report["variants"]
+    );
+    api.server.shutdown().await;
+}
+
 #[tokio::test]
 async fn every_documented_route_needs_the_token_and_answers_json() {
     let api = Api::start().await;

@@ -483,7 +483,7 @@ async fn a_runs_report_counts_its_ledger_replies_and_cost() {
         contact_id(&server, "4915100000003").await,
         contact_id(&server, "4915100000004").await,
     );
-    db.snapshot_audience(claim.run_id, &[ada, bo, cy, di], now, now)
+    db.snapshot_audience(claim.run_id, None, &[ada, bo, cy, di], now, now)
         .await
         .unwrap();
     // Ada was sent the flow's reply as the campaign's message, inside her window, and
@@ -491,6 +491,7 @@ async fn a_runs_report_counts_its_ledger_replies_and_cost() {
     let message = say_hi(&server, "4915100000001").await;
     let outcome = |decision, reason, message_id, not_before| RecipientOutcome {
         decision,
+        variant: None,
         reason,
         message_id,
         not_before,
@@ -648,7 +649,7 @@ async fn metrics_count_runs_by_status_and_active_recipients() {
     let ada = contact_id(&server, "4915100000001").await;
     server
         .db
-        .snapshot_audience(claim.run_id, &[ada], now, now)
+        .snapshot_audience(claim.run_id, None, &[ada], now, now)
         .await
         .unwrap();
     let text = server

@@ -35,6 +35,14 @@ fn sale(extra: &str) -> String {
     )
 }
 
+/// A second approved marketing template, for the split's other variant.
+const LONG_TEMPLATE: &str = r#"  - name: spring_sale_long
+    language: en_US
+    category: marketing
+    status: approved
+    body: "Hello {{1}}, our spring sale starts today: 20% off everything until Sunday."
+"#;
+
 /// A project in `root`: one sandbox channel `main` (with `channel_extra` keys), the
 /// `followup` flow for replies, and the campaign.
 fn project(root: &Path, campaign: &str, channel_extra: &str) -> Loaded {
@@ -47,7 +55,8 @@ fn project(root: &Path, campaign: &str, channel_extra: &str) -> Loaded {
          say: \"Thanks for answering {{campaign.name}} (run {{campaign.run}})\"\n",
     )
     .unwrap();
-    std::fs::write(root.join("templates.yaml"), TEMPLATES).unwrap();
+    let templates = format!("{TEMPLATES}{LONG_TEMPLATE}");
+    std::fs::write(root.join("templates.yaml"), templates).unwrap();
     std::fs::write(root.join("campaigns/sale.yaml"), campaign).unwrap();
     std::fs::write(
         root.join("flowgate.yaml"),
@@ -462,6 +471,7 @@ async fn the_idempotency_key_refuses_a_second_message_for_the_same_recipient() {
     let send = CampaignSend {
         run_id: row.run_id,
         contact_id: row.contact_id,
+        variant: None,
         channel: "main",
         message: &message,
         decision: &decision,
@@ -700,4 +710,137 @@ async fn whatsapps_stated_messaging_limit_is_read_and_the_tighter_limit_holds() 
     fake.serve_messaging_limit("TIER_UNLIMITED");
     read_stated_limits(rt).await;
     assert_eq!(rt.messaging_limit("wa"), Some(5000));
+}
+
+#[tokio::test]
+async fn serve_sends_each_recipient_of_a_split_its_variants_template_and_reports_by_variant() {
+    serve_splits(super::support::Backend::Sqlite).await;
+}
+
+/// The same on PostgreSQL (skipped without `FLOWGATE_TEST_POSTGRES_URL`).
+#[tokio::test]
+async fn serve_splits_a_campaign_on_postgres() {
+    serve_splits(super::support::Backend::Postgres).await;
+}
+
+/// A 50/50 split of 24 recipients through the real server and the fake Graph API: each
+/// recipient gets the template of the variant `Campaign::variant_for` gives it, the ledger
+/// records that variant, and the API's report counts each variant's recipients, adding up
+/// to the run's.
+async fn serve_splits(backend: super::support::Backend) {
+    use super::support::{self, fake_graph::FakeAuth, fake_graph::FakeGraph};
+    const TOKEN: &str = "split-token";
+    let dir = tempfile::tempdir().unwrap();
+    let Some(database) = support::TestDb::new(dir.path(), backend).await else {
+        return;
+    };
+    let fake = FakeGraph::start(FakeAuth::cloud_api("110000000000001", "token")).await;
+    let config = format!(
+        "    throughput_mps: 50\n  - name: wa\n    provider: cloud_api\n    \
+         phone_number_id: \"110000000000001\"\n    access_token: token\n    \
+         app_secret: test-secret\n    verify_token: test-verify\n    api_base: {}\n\
+         admin:\n  token: {TOKEN}\n",
+        fake.cloud_api_base()
+    );
+    let campaign = "campaign: sale\ncategory: marketing\nchannel: wa\nrate: 20/s\n\
+        split:\n  \
+          - { name: short, weight: 50, template: { name: spring_sale, language: en_US, params: [\"{{contact.name}}\"] } }\n  \
+          - { name: long, weight: 50, template: { name: spring_sale_long, language: en_US, params: [\"{{contact.name}}\"] } }\n\
+        audience: { where: 'true' }\nat: 2026-01-05T10:00:00\ntimezone: UTC\n";
+    let loaded = project(dir.path(), campaign, &config);
+    let compiled = loaded.project.campaigns[0].clone();
+    let clock = Arc::new(VirtualClock::new(at(9, 59)));
+    let server = support::Running::start(&loaded, &database.url, clock.clone()).await;
+    let wa_ids: Vec<String> = (0..24).map(|i| format!("49152000{i:05}")).collect();
+    let lines: Vec<String> = wa_ids.iter().map(|w| format!("{w},N{w},")).collect();
+    let text = format!("wa_id,name,timezone\n{}\n", lines.join("\n"));
+    let parsed = csv::parse(text.as_bytes()).unwrap();
+    server
+        .db
+        .import_contacts("wa", &parsed.rows, clock.now())
+        .await
+        .unwrap();
+    clock.advance_to(at(10, 0));
+    for _ in 0..600 {
+        if fake.sends().len() >= wa_ids.len() {
+            break;
+        }
+        clock.advance(Duration::milliseconds(500));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let sends = fake
+        .wait_for_sends(wa_ids.len(), std::time::Duration::from_secs(30))
+        .await;
+    let expected = |wa_id: &str| compiled.variant_for(wa_id);
+    let mut per_template: BTreeMap<String, i64> = BTreeMap::new();
+    for send in &sends {
+        let to = send.to().expect("a recipient");
+        let template = send.text().expect("a template").to_string();
+        assert_eq!(
+            template,
+            expected(&to).template.name,
+            "{to} got another variant"
+        );
+        *per_template.entry(template).or_default() += 1;
+    }
+    assert_eq!(sends.len(), wa_ids.len(), "one message each");
+    assert_eq!(
+        per_template.len(),
+        2,
+        "both variants sent: {per_template:?}"
+    );
+    let run = server.db.campaign_runs("sale", 10).await.unwrap().remove(0);
+    support::eventually("the run is done", || async {
+        let run = server.db.run(run.id).await.unwrap().unwrap();
+        run.status == RunStatus::Done
+    })
+    .await;
+    let far = Utc.with_ymd_and_hms(2100, 1, 1, 0, 0, 0).unwrap();
+    for (id, contact) in server
+        .db
+        .audience_page("wa", &[], far, 0, 100)
+        .await
+        .unwrap()
+    {
+        let row = server.db.ledger_row(run.id, id).await.unwrap().unwrap();
+        assert_eq!(
+            row.variant,
+            expected(&contact.wa_id).name,
+            "{}",
+            contact.wa_id
+        );
+    }
+    // The report, as the API answers it: per variant, adding up to the run's.
+    let answer: serde_json::Value = server
+        .client
+        .get(format!("{}/api/campaigns/sale/report", server.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let report = &answer["report"];
+    let variants = report["variants"].as_array().expect("variants");
+    let names: Vec<&str> = variants
+        .iter()
+        .map(|v| v["variant"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["long", "short"]);
+    for (variant, template) in [("long", "spring_sale_long"), ("short", "spring_sale")] {
+        let v = &variants[usize::from(variant == "short")];
+        assert_eq!(v["planned"], per_template[template], "{variant}: {v}");
+        assert_eq!(v["sent"], per_template[template], "{variant}: {v}");
+        let share = v["share"].as_f64().unwrap();
+        let expected = per_template[template] as f64 / wa_ids.len() as f64;
+        assert!((share - expected).abs() < 1e-9, "{variant}: {share}");
+    }
+    for measure in ["planned", "sent", "delivered", "read", "replied", "pending"] {
+        let sum: i64 = variants.iter().map(|v| v[measure].as_i64().unwrap()).sum();
+        assert_eq!(sum, report[measure].as_i64().unwrap(), "{measure}");
+    }
+    assert_eq!(report["planned"], wa_ids.len() as i64);
+    server.shutdown().await;
+    database.clean_up().await;
 }

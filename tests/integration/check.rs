@@ -532,6 +532,39 @@ fn campaign_templates_unknown_miscounted_paused_and_rejected() {
 }
 
 #[test]
+fn a_campaigns_split_is_checked_variant_by_variant() {
+    // The second variant: a name the first has, a weight of 0, an unknown template; the
+    // third's template is paused (a warning, as for `template:`).
+    let diags = check("campaign_split", 3, 1);
+    let at = |pos: &str| {
+        format!(
+            "{}:{pos}",
+            fixture_file("campaign_split", "campaigns/spring.yaml")
+        )
+    };
+    assert_eq!(
+        positions(&diags),
+        [at("5:13"), at("5:28"), at("5:49"), at("6:49")]
+    );
+    let sorted = diags.sorted();
+    assert!(
+        sorted[0]
+            .message
+            .contains("two variants of this split are named `short`")
+    );
+    assert!(
+        sorted[1]
+            .message
+            .contains("a variant's weight is a whole number above zero")
+    );
+    assert_eq!(
+        sorted[2].help.as_deref(),
+        Some("did you mean `spring_sale`?")
+    );
+    assert!(!sorted[3].is_error() && sorted[3].message.contains("is paused"));
+}
+
+#[test]
 fn unknown_key_in_a_campaign() {
     let file = fixture_file("campaign_unknown_key", "campaigns/spring.yaml");
     check_one(
@@ -581,11 +614,16 @@ fn example_campaign_passes_check() {
     let campaigns = &loaded.project.campaigns;
     assert_eq!(
         campaigns.len(),
-        1,
-        "examples/campaigns/spring_sale.yaml loads"
+        2,
+        "examples/campaigns/spring_sale.yaml and spring_sale_ab.yaml load"
     );
     assert_eq!(campaigns[0].name, "spring_sale");
     assert_eq!(campaigns[0].file, "examples/campaigns/spring_sale.yaml");
+    assert_eq!(campaigns[1].name, "spring_sale_ab");
+    assert!(
+        campaigns[1].is_split(),
+        "the A/B example splits its template"
+    );
     // The shipped flows are clean and the campaign adds no warning.
     let diags = &loaded.project.diagnostics;
     assert_eq!(

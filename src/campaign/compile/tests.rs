@@ -46,6 +46,12 @@ fn registry() -> Registry {
                 "Hi {{1}}!",
             ),
             template(
+                "autumn_sale",
+                Category::Marketing,
+                Status::Approved,
+                "Hello {{1}}, autumn is here.",
+            ),
+            template(
                 "order_shipped",
                 Category::Utility,
                 Status::Approved,
@@ -157,12 +163,16 @@ fn a_valid_campaign_compiles_to_its_model() {
     assert_eq!((c.file.as_str(), c.loc.line, c.loc.col), ("c.yaml", 1, 11));
     assert_eq!(c.channel, "support");
     assert_eq!(c.category, Category::Marketing);
+    assert_eq!(c.variants.len(), 1, "one unnamed variant");
+    let (variant, call) = (&c.variants[0], &c.variants[0].template);
+    assert_eq!((variant.name.as_deref(), variant.weight), (None, 1));
+    assert!(!c.is_split());
     assert_eq!(
-        (c.template.name.as_str(), c.template.language.as_str()),
+        (call.name.as_str(), call.language.as_str()),
         ("spring_sale", "en_US")
     );
-    assert_eq!(c.template.params.len(), 1);
-    assert_eq!(c.template.params[0].raw, "{{contact.name}}");
+    assert_eq!(call.params.len(), 1);
+    assert_eq!(call.params[0].raw, "{{contact.name}}");
     let in_window = c.in_window.expect("in_window");
     assert_eq!(
         in_window.text.raw,
@@ -610,4 +620,168 @@ fn the_on_reply_flow_is_linted_from_the_reply() {
     let warnings = window_hazards(&project.flows, window, &entries);
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert_eq!(warnings[0].position(), "f.yaml:8:10");
+}
+
+/// `VALID` with a 70/30 split instead of its template; the second variant has its own
+/// `in_window` message.
+fn split(variants: &str) -> String {
+    with("template", &format!("split:\n{variants}"))
+}
+
+const VARIANTS: &str = r#"  - name: short
+    weight: 70
+    template: { name: spring_sale, language: en_US, params: ["{{contact.name}}"] }
+  - name: long
+    weight: 30
+    template: { name: autumn_sale, language: en_US, params: ["{{contact.name}}"] }
+    in_window: { say: "Hello {{contact.name}}, the long version" }"#;
+
+#[test]
+fn a_split_compiles_to_named_weighted_variants() {
+    let compiled = compile(&split(VARIANTS));
+    assert!(
+        compiled.diagnostics.items.is_empty(),
+        "{}",
+        compiled.diagnostics.render(false)
+    );
+    let c = compiled.campaign.expect("compiles");
+    assert!(c.is_split());
+    let summary: Vec<_> = c
+        .variants
+        .iter()
+        .map(|v| (v.name.as_deref(), v.weight, v.template.name.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (Some("short"), 70, "spring_sale"),
+            (Some("long"), 30, "autumn_sale")
+        ]
+    );
+    let said = |i: usize| c.in_window_of(&c.variants[i]).map(|m| m.text.raw.clone());
+    assert_eq!(
+        said(0).as_deref(),
+        Some("Hi {{contact.name}}! Our spring sale starts today"),
+        "a variant without `in_window` sends the campaign's"
+    );
+    assert_eq!(
+        said(1).as_deref(),
+        Some("Hello {{contact.name}}, the long version")
+    );
+    assert_eq!(c.in_window_messages().count(), 2);
+}
+
+#[test]
+fn a_split_sends_each_contact_one_variant_in_proportion_to_the_weights() {
+    let c = compile(&split(VARIANTS)).campaign.expect("compiles");
+    let renamed = split(VARIANTS).replace("campaign: spring_sale", "campaign: other_sale");
+    let other = compile(&renamed).campaign.expect("compiles");
+    let contacts: Vec<String> = (0..10_000).map(|i| format!("4915{i:08}")).collect();
+    let mut short = 0;
+    let mut differ = 0;
+    for wa_id in &contacts {
+        let variant = c.variant_for(wa_id).name.as_deref();
+        for _ in 0..3 {
+            assert_eq!(c.variant_for(wa_id).name.as_deref(), variant, "{wa_id}");
+        }
+        short += usize::from(variant == Some("short"));
+        differ += usize::from(other.variant_for(wa_id).name.as_deref() != variant);
+    }
+    let share = short as f64 / contacts.len() as f64;
+    assert!((share - 0.7).abs() < 0.02, "short got {share}");
+    // Another campaign splits the same contacts independently: 70/30 twice agrees for
+    // 0.7² + 0.3² = 58 % of contacts, so about 42 % differ.
+    let differ = differ as f64 / contacts.len() as f64;
+    assert!((differ - 0.42).abs() < 0.03, "{differ} differ");
+}
+
+#[test]
+fn a_variants_weight_is_a_whole_number_above_zero() {
+    for bad in ["0", "-5", "2.5"] {
+        let text = split(&VARIANTS.replace("weight: 30", &format!("weight: {bad}")));
+        let (at, d) = one_error(&text);
+        assert_eq!(at, "9:13", "at the weight {bad}");
+        assert!(
+            d.message
+                .contains("a variant's weight is a whole number above zero"),
+            "{}",
+            d.message
+        );
+    }
+}
+
+#[test]
+fn two_variants_with_one_name() {
+    let (at, d) = one_error(&split(&VARIANTS.replace("name: long", "name: short")));
+    assert_eq!(at, "8:11", "at the second name");
+    assert!(
+        d.message
+            .contains("two variants of this split are named `short`"),
+        "{}",
+        d.message
+    );
+    let (at, d) = one_error(&split(&VARIANTS.replace("name: long", "name: \"lo ng\"")));
+    assert_eq!(at, "8:12", "inside the quotes");
+    assert!(
+        d.message.contains("not a valid variant name"),
+        "{}",
+        d.message
+    );
+}
+
+#[test]
+fn a_variants_template_is_checked_like_the_campaigns() {
+    let (at, d) = one_error(&split(&VARIANTS.replace("autumn_sale", "autumn_sal")));
+    assert_eq!(at, "10:23");
+    assert!(
+        d.message.contains("there is no template `autumn_sal`"),
+        "{}",
+        d.message
+    );
+    assert_eq!(d.help.as_deref(), Some("did you mean `autumn_sale`?"));
+    let (at, d) = one_error(&split(&VARIANTS.replace("autumn_sale", "order_shipped")));
+    assert_eq!(at, "10:23");
+    assert!(d.message.contains("is a utility template"), "{}", d.message);
+    let (at, d) = one_error(&split(&VARIANTS.replace(
+        r#"autumn_sale, language: en_US, params: ["{{contact.name}}"]"#,
+        r#"autumn_sale, language: en_US, params: ["{{name}}"]"#,
+    )));
+    assert_eq!(at, "10:63", "at the parameter's text");
+    assert!(
+        d.message.contains("means nothing in a campaign"),
+        "{}",
+        d.message
+    );
+}
+
+#[test]
+fn a_split_needs_two_variants() {
+    let one: String = VARIANTS.lines().take(3).collect::<Vec<_>>().join("\n");
+    let (at, d) = one_error(&split(&one));
+    assert_eq!(at, "5:3");
+    assert!(
+        d.message
+            .contains("a `split` needs at least two variants; this one has 1"),
+        "{}",
+        d.message
+    );
+}
+
+#[test]
+fn a_campaign_has_template_or_split() {
+    let both = format!("{VALID}split:\n{VARIANTS}\n");
+    let (at, d) = one_error(&both);
+    assert!(at.starts_with("18:") || at.starts_with("19:"), "{at}");
+    assert!(
+        d.message.contains("`template` or `split`, not both"),
+        "{}",
+        d.message
+    );
+    let (at, d) = one_error(&with("template", ""));
+    assert_eq!(at, "1:11", "at the campaign's name");
+    assert!(
+        d.message.contains("neither `template` nor `split`"),
+        "{}",
+        d.message
+    );
 }

@@ -649,8 +649,40 @@ fn run_markup(run: &RunRow, report: &Report) -> Markup {
         progress id="run-progress" max=(report.planned.max(1)) value=(decided) { (percent) "%" }
         h2 { "Report" }
         (chart(report))
+        (variants_table(report))
         @if let Some(total) = report.cost.total {
             p { "Estimated cost: " (format!("{total:.2}")) " " (report.cost.currency.as_deref().unwrap_or("")) }
+        }
+    }
+}
+
+/// A split campaign's run by variant: a row each with its share and the report's measures
+/// (nothing without a split).
+fn variants_table(report: &Report) -> Markup {
+    if report.variants.is_empty() {
+        return html! {};
+    }
+    html! {
+        h3 { "By variant" }
+        div class="table-wrap" {
+            table id="run-variants" {
+                thead { tr {
+                    @for column in ["Variant", "Share", "Planned", "Sent", "Delivered", "Read", "Replied", "Failed", "Skipped"] {
+                        th scope="col" { (column) }
+                    }
+                } }
+                tbody {
+                    @for v in &report.variants {
+                        tr data-variant=(v.variant.as_deref().unwrap_or("")) {
+                            th scope="row" { (v.variant.as_deref().unwrap_or("(none)")) }
+                            td { (format!("{:.1} %", v.share * 100.0)) }
+                            @for n in [v.planned, v.sent, v.delivered, v.read, v.replied, v.failed.total, v.skipped.total] {
+                                td { (n) }
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -729,6 +761,26 @@ mod tests {
         assert!(yaml.contains("tags: [\"vip\", \"\\\"odd\\\"\"]"), "{yaml}");
         assert!(yaml.contains("at: \"2026-01-05T10:00:00\""), "{yaml}");
         assert!(yaml.contains("timezone: \"Europe/Berlin\""), "{yaml}");
+    }
+
+    #[test]
+    fn a_split_runs_report_shows_a_row_per_variant() {
+        use crate::campaign::report::VariantReport;
+        let report = Report {
+            planned: 4,
+            variants: vec![VariantReport {
+                variant: Some("short".into()),
+                share: 0.25,
+                planned: 1,
+                replied: 1,
+                ..VariantReport::default()
+            }],
+            ..Report::default()
+        };
+        let html = variants_table(&report).into_string();
+        assert!(html.contains("data-variant=\"short\""), "{html}");
+        assert!(html.contains("25.0 %"), "{html}");
+        assert!(variants_table(&Report::default()).into_string().is_empty());
     }
 
     #[test]

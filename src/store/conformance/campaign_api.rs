@@ -67,7 +67,7 @@ pub(super) async fn replies_and_charges_are_read_from_the_log(db: Db) {
         count,
     };
     assert_eq!(charges, [charge(false, false, 1)]);
-    assert_eq!(db.run_replied(run_id).await.unwrap(), 0);
+    assert_eq!(db.run_replied(run_id).await.unwrap(), []);
 
     // The first recipient writes back: replied.
     let contact = Contact::new("15550001");
@@ -78,7 +78,7 @@ pub(super) async fn replies_and_charges_are_read_from_the_log(db: Db) {
     })
     .await
     .unwrap();
-    assert_eq!(db.run_replied(run_id).await.unwrap(), 1);
+    assert_eq!(db.run_replied(run_id).await.unwrap(), [(None, 1)]);
 
     // A template written ten minutes after a customer's message is inside a window of
     // 24 hours, not inside one of a minute.
@@ -112,11 +112,12 @@ pub(super) async fn replies_and_charges_are_read_from_the_log(db: Db) {
     let ManualRun::Started(other_run) = other_run else {
         panic!("{other_run:?}");
     };
-    db.snapshot_audience(other_run, &[committed.contact_id], t(41), t(41))
+    db.snapshot_audience(other_run, None, &[committed.contact_id], t(41), t(41))
         .await
         .unwrap();
     let sent = RecipientOutcome {
         decision: RecipientDecision::Sent,
+        variant: None,
         reason: None,
         message_id: Some(committed.outbound_ids[0]),
         not_before: None,
@@ -136,7 +137,7 @@ pub(super) async fn replies_and_charges_are_read_from_the_log(db: Db) {
             .unwrap(),
         [charge(true, false, 1)]
     );
-    assert_eq!(db.run_replied(other_run).await.unwrap(), 0);
+    assert_eq!(db.run_replied(other_run).await.unwrap(), []);
 
     // The gauges: both runs are not over.
     assert_eq!(

@@ -1,7 +1,7 @@
 //! Campaigns: definitions and `next_run_at`, runs claimed once, missed runs, the ledger
 //! (snapshots, outcomes) and a run's report counts.
 
-use super::{CH, bare_turn, contact_with_timers, said, t, with_pool};
+use super::{CH, bare_turn, contact_with_timers, inbound, said, t, with_pool};
 use crate::domain::{Contact, Decision, Origin, Outbound, OutboundContent};
 use crate::store::{
     CampaignOrigin, CampaignSend, CampaignSent, Db, NewCampaign, RecipientCount, RecipientDecision,
@@ -350,13 +350,13 @@ pub(super) async fn a_ledger_snapshot_taken_twice_adds_nothing(db: Db) {
     let mut audience = ids.clone();
     audience.push(ids.last().unwrap() + 1_000); // gone since it was selected
     assert_eq!(
-        db.snapshot_audience(run_id, &audience, t(10), t(10))
+        db.snapshot_audience(run_id, None, &audience, t(10), t(10))
             .await
             .unwrap(),
         25_001
     );
     assert_eq!(
-        db.snapshot_audience(run_id, &audience, t(10), t(11))
+        db.snapshot_audience(run_id, None, &audience, t(10), t(11))
             .await
             .unwrap(),
         0
@@ -368,13 +368,13 @@ pub(super) async fn a_ledger_snapshot_taken_twice_adds_nothing(db: Db) {
         .unwrap()
         .run_id;
     assert_eq!(
-        db.snapshot_audience(other, &ids[..12_345], t(20), t(20))
+        db.snapshot_audience(other, None, &ids[..12_345], t(20), t(20))
             .await
             .unwrap(),
         12_345
     );
     assert_eq!(
-        db.snapshot_audience(other, &ids, t(20), t(21))
+        db.snapshot_audience(other, None, &ids, t(20), t(21))
             .await
             .unwrap(),
         25_001 - 12_345
@@ -399,6 +399,7 @@ pub(super) async fn a_ledger_snapshot_taken_twice_adds_nothing(db: Db) {
     assert_eq!(
         db.run_counts(run_id).await.unwrap(),
         [RecipientCount {
+            variant: None,
             decision: RecipientDecision::Planned,
             reason: None,
             message_status: None,
@@ -444,6 +445,7 @@ async fn contact_with_messages(db: &Db) -> (i64, Vec<i64>) {
 fn decided(messages: &[i64]) -> [RecipientOutcome<'static>; 5] {
     let outcome = |decision, reason, message_id, not_before| RecipientOutcome {
         decision,
+        variant: None,
         reason,
         message_id,
         not_before,
@@ -516,6 +518,7 @@ pub(super) async fn outcomes_are_recorded_once_and_counted(db: Db) {
 
     let count =
         |decision, reason: Option<&str>, status: Option<&str>, code, count| RecipientCount {
+            variant: None,
             decision,
             reason: reason.map(str::to_string),
             message_status: status.map(str::to_string),
@@ -553,6 +556,75 @@ pub(super) async fn cancelling_a_run_cancels_its_pending_recipients(db: Db) {
     assert_eq!(
         (run.status, run.reason.as_deref()),
         (RunStatus::Cancelled, Some("operator"))
+    );
+}
+
+pub(super) async fn a_split_runs_ledger_counts_and_replies_by_variant(db: Db) {
+    use RecipientDecision::{Planned, Sent, Skipped};
+    let contacts = seed_contacts(&db, 4).await;
+    let run_id = db
+        .claim_run("spring_sale", t(10), RunTrigger::Schedule, t(10))
+        .await
+        .unwrap()
+        .run_id;
+    for (variant, ids) in [("short", &contacts[..2]), ("long", &contacts[2..])] {
+        let added = db
+            .snapshot_audience(run_id, Some(variant), ids, t(10), t(10))
+            .await
+            .unwrap();
+        assert_eq!(added, 2);
+    }
+    let pending = db.pending_recipients(run_id, t(10), 10).await.unwrap();
+    let variants: Vec<_> = pending.iter().map(|r| r.variant.as_deref()).collect();
+    assert_eq!(
+        variants,
+        [Some("short"), Some("short"), Some("long"), Some("long")]
+    );
+    // The send records the variant it was (here another than planned: the campaign changed).
+    variant_send(&db, (run_id, contacts[0]), Some("short"), "sent").await;
+    variant_send(&db, (run_id, contacts[1]), Some("long"), "sent").await;
+    // A skip names its variant, or keeps the planned one.
+    let skip = |variant| RecipientOutcome {
+        decision: Skipped,
+        variant,
+        reason: Some("opted out"),
+        message_id: None,
+        not_before: None,
+    };
+    db.record_recipient(run_id, contacts[2], &skip(Some("long")), t(21))
+        .await
+        .unwrap();
+    let row = db.ledger_row(run_id, contacts[1]).await.unwrap().unwrap();
+    assert_eq!((row.decision, row.variant.as_deref()), (Sent, Some("long")));
+    // The first recipient writes back after its message.
+    let reply = inbound("wamid.split-reply", "yes", t(30));
+    db.commit_turn(&TurnWrite {
+        inbound: Some(&reply),
+        ..bare_turn(Some(contacts[0]), &Contact::new("seed1"), t(30))
+    })
+    .await
+    .unwrap();
+    let count =
+        |variant: &str, decision, reason: Option<&str>, status: Option<&str>, n| RecipientCount {
+            variant: Some(variant.to_string()),
+            decision,
+            reason: reason.map(str::to_string),
+            message_status: status.map(str::to_string),
+            error_code: None,
+            count: n,
+        };
+    assert_eq!(
+        db.run_counts(run_id).await.unwrap(),
+        [
+            count("long", Planned, None, None, 1),
+            count("long", Sent, Some("window open"), Some("sent"), 1),
+            count("long", Skipped, Some("opted out"), None, 1),
+            count("short", Sent, Some("window open"), Some("sent"), 1),
+        ]
+    );
+    assert_eq!(
+        db.run_replied(run_id).await.unwrap(),
+        [(Some("short".to_string()), 1)]
     );
 }
 
@@ -615,7 +687,7 @@ async fn run_of(db: &Db, contacts: &[i64]) -> i64 {
         .await
         .unwrap()
         .run_id;
-    db.snapshot_audience(run_id, contacts, t(10), t(10))
+    db.snapshot_audience(run_id, None, contacts, t(10), t(10))
         .await
         .unwrap();
     run_id
@@ -623,6 +695,16 @@ async fn run_of(db: &Db, contacts: &[i64]) -> i64 {
 
 /// One campaign message written as the dispatcher writes it (pending, for a real channel).
 async fn campaign_send(db: &Db, run_id: i64, contact_id: i64, status: &str) -> CampaignSent {
+    variant_send(db, (run_id, contact_id), None, status).await
+}
+
+/// [`campaign_send`] of a split campaign's `variant`.
+async fn variant_send(
+    db: &Db,
+    (run_id, contact_id): (i64, i64),
+    variant: Option<&str>,
+    status: &str,
+) -> CampaignSent {
     let message = Outbound::new(
         OutboundContent::text("offer"),
         Origin::Campaign {
@@ -638,6 +720,7 @@ async fn campaign_send(db: &Db, run_id: i64, contact_id: i64, status: &str) -> C
     let send = CampaignSend {
         run_id,
         contact_id,
+        variant,
         channel: CH,
         message: &message,
         decision: &decision,

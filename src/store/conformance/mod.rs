@@ -196,6 +196,7 @@ macro_rules! suite {
                 campaigns::cancelling_a_run_cancels_its_pending_recipients,
                 campaigns::an_audience_page_selects_by_channel_every_tag_and_creation_time,
                 campaigns::a_campaign_message_and_its_ledger_row_are_one_write_once,
+                campaigns::a_split_runs_ledger_counts_and_replies_by_variant,
                 campaigns::the_outbox_claims_conversational_messages_before_campaign_ones,
                 media_uploads::an_upload_is_claimed_once_recorded_and_claimed_again_when_stale,
                 media_uploads::a_refused_id_is_dropped_unless_a_newer_one_replaced_it,
