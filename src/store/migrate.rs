@@ -79,6 +79,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "contact leases",
         include_str!("../../migrations/sqlite/0014_contact_leases.sql"),
     ),
+    (
+        16,
+        "media retention",
+        include_str!("../../migrations/sqlite/0016_media_retention.sql"),
+    ),
 ];
 
 /// The PostgreSQL migrations: the same numbers and names as SQLite's, each written for
@@ -150,6 +155,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         14,
         "contact leases",
         include_str!("../../migrations/postgres/0014_contact_leases.sql"),
+    ),
+    (
+        16,
+        "media retention",
+        include_str!("../../migrations/postgres/0016_media_retention.sql"),
     ),
 ];
 
