@@ -376,6 +376,21 @@ mod tests {
             })
         );
         assert_eq!(Input::parse("/form 2"), Input::BadForm);
+        assert_eq!(Input::parse("/help"), Input::Help);
+        assert_eq!(
+            Input::parse("/image parcel.png crushed corner"),
+            Input::File {
+                kind: "image",
+                arg: "parcel.png crushed corner"
+            }
+        );
+        assert_eq!(
+            Input::parse("/sticker smile.webp"),
+            Input::File {
+                kind: "sticker",
+                arg: "smile.webp"
+            }
+        );
         assert_eq!(
             Input::parse("/button yes"),
             Input::Message(InboundContent::ButtonReply {
@@ -395,6 +410,18 @@ mod tests {
             Reply::Print(text) => text,
             Reply::Quit => panic!("the chat ended at {line:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_file_that_cannot_be_read_or_is_missing_is_explained() {
+        let loaded = crate::app::load(None).expect("the shipped project loads");
+        let chat = Chat::start(&loaded, "15550001234").await.unwrap();
+        let missing = said(&chat, "/image no/such/photo.png").await;
+        assert!(missing.contains("cannot read no/such/photo.png"), "{missing}");
+        let bare = said(&chat, "/document").await;
+        assert!(bare.contains("/document takes a file's path"), "{bare}");
+        assert!(said(&chat, "/help").await.contains("/image PATH [caption]"));
+        assert!(said(&chat, "/nope").await.contains("/help lists them"));
     }
 
     #[tokio::test]
