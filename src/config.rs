@@ -277,7 +277,10 @@ pub struct MediaConfig {
     /// How long uploading a project file a message sends (`media: {file: …}`) may take:
     /// a file of many megabytes needs more than a message's 15 s. It runs while the sender
     /// holds the message's claim, so it must fit in `outbox.lease` with the send after it.
-    #[serde(default = "default_media_upload_timeout", deserialize_with = "duration")]
+    #[serde(
+        default = "default_media_upload_timeout",
+        deserialize_with = "duration"
+    )]
     pub upload_timeout: HumanDuration,
 }
 
@@ -851,7 +854,10 @@ mod tests {
     fn the_upload_timeout_fits_in_the_outbox_lease() {
         let parse = |text: &str| Config::from_str("f.yaml", text, Path::new(""));
         let default = parse("").unwrap();
-        assert_eq!(default.media.upload_timeout.0, chrono::Duration::seconds(30));
+        assert_eq!(
+            default.media.upload_timeout.0,
+            chrono::Duration::seconds(30)
+        );
         assert_eq!(
             default.upload_options().timeout,
             std::time::Duration::from_secs(30)
@@ -859,10 +865,15 @@ mod tests {
         let long = parse("media:\n  upload_timeout: 5m\noutbox:\n  lease: 10m\n").unwrap();
         let options = long.upload_options();
         assert_eq!(options.timeout, std::time::Duration::from_secs(300));
-        assert!(options.lease > options.timeout, "the claim outlasts the upload");
+        assert!(
+            options.lease > options.timeout,
+            "the claim outlasts the upload"
+        );
         let err = parse("media:\n  upload_timeout: 60s\n").unwrap_err();
         assert!(
-            err.items[0].message.contains("does not fit in `outbox.lease: 1m`")
+            err.items[0]
+                .message
+                .contains("does not fit in `outbox.lease: 1m`")
                 && err.items[0].message.contains("write at most 37s"),
             "{:?}",
             err.items

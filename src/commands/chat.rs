@@ -65,7 +65,10 @@ enum Input<'a> {
     Resume(&'a str),
     /// `/image PATH [caption]` (or `/document`, `/audio`, `/video`, `/sticker`): the
     /// customer sends that file.
-    File { kind: &'static str, arg: &'a str },
+    File {
+        kind: &'static str,
+        arg: &'a str,
+    },
     Help,
     Unknown(&'a str),
     /// `/form` with something that is not a JSON object.
@@ -101,12 +104,10 @@ impl<'a> Input<'a> {
             "/reset" => Self::Reset,
             "/resume" => Self::Resume(arg),
             "/help" => Self::Help,
-            c if c.starts_with('/') => {
-                match crate::media::local::kinds().find(|k| c[1..] == **k) {
-                    Some(kind) => Self::File { kind, arg },
-                    None => Self::Unknown(c),
-                }
-            }
+            c if c.starts_with('/') => match crate::media::local::kinds().find(|k| c[1..] == **k) {
+                Some(kind) => Self::File { kind, arg },
+                None => Self::Unknown(c),
+            },
             _ => Self::Message(InboundContent::text(input)),
         }
     }
@@ -417,7 +418,10 @@ mod tests {
         let loaded = crate::app::load(None).expect("the shipped project loads");
         let chat = Chat::start(&loaded, "15550001234").await.unwrap();
         let missing = said(&chat, "/image no/such/photo.png").await;
-        assert!(missing.contains("cannot read no/such/photo.png"), "{missing}");
+        assert!(
+            missing.contains("cannot read no/such/photo.png"),
+            "{missing}"
+        );
         let bare = said(&chat, "/document").await;
         assert!(bare.contains("/document takes a file's path"), "{bare}");
         assert!(said(&chat, "/help").await.contains("/image PATH [caption]"));

@@ -115,37 +115,43 @@ pub async fn sandbox_message(State(state): State<AppState>, body: axum::body::By
     );
     let reports = match said {
         Said::File(file) => {
-        let bytes = match base64::engine::general_purpose::STANDARD.decode(file.base64.trim()) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_file",
-                    format!("`file.base64` is not base64 ({e}): encode the file's bytes, e.g. `base64 -w0 parcel.png`"),
-                );
+            let bytes = match base64::engine::general_purpose::STANDARD.decode(file.base64.trim()) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_file",
+                        format!(
+                            "`file.base64` is not base64 ({e}): encode the file's bytes, e.g. `base64 -w0 parcel.png`"
+                        ),
+                    );
+                }
+            };
+            let given = GivenFile {
+                kind: &file.kind,
+                name: &file.name,
+                bytes,
+                caption: file.caption.as_deref(),
+            };
+            match local::receive(runtime, channel, from, name, given, now).await {
+                Ok(reports) => Ok(Vec::from(reports)),
+                Err(e @ GivenFileError::Kind(_)) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_file",
+                        format!("`file.kind`: {e}"),
+                    );
+                }
+                Err(e) => Err(e.to_string()),
             }
-        };
-        let given = GivenFile {
-            kind: &file.kind,
-            name: &file.name,
-            bytes,
-            caption: file.caption.as_deref(),
-        };
-        match local::receive(runtime, channel, from, name, given, now).await {
-            Ok(reports) => Ok(Vec::from(reports)),
-            Err(e @ GivenFileError::Kind(_)) => {
-                return error(StatusCode::BAD_REQUEST, "invalid_file", format!("`file.kind`: {e}"));
-            }
-            Err(e) => Err(e.to_string()),
-        }
         }
         Said::Content(content) => {
-        let inbound = Inbound::sandbox(content, now, now);
-        runtime
-            .inbound(channel, from, name, inbound)
-            .await
-            .map(|report| vec![report])
-            .map_err(|e| e.to_string())
+            let inbound = Inbound::sandbox(content, now, now);
+            runtime
+                .inbound(channel, from, name, inbound)
+                .await
+                .map(|report| vec![report])
+                .map_err(|e| e.to_string())
         }
     };
     match reports {

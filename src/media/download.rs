@@ -258,7 +258,10 @@ impl Worker {
     async fn attempt(&self, row: &MediaRow) -> Attempt {
         let max = self.media.max_bytes;
         let Some(media_id) = &row.provider_id else {
-            return failed("download_failed: the message names no media id".into(), Outcome::Failed);
+            return failed(
+                "download_failed: the message names no media id".into(),
+                Outcome::Failed,
+            );
         };
         let channel = self.runtime.channels.iter().find(|c| c.name == row.channel);
         let endpoint = match channel.map(Endpoint::for_channel) {

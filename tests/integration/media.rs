@@ -313,7 +313,13 @@ async fn photo_reaches_the_http_step(backend: Backend, dialog360: bool) {
     // `/metrics` counts the download (other tests in this process download too).
     let stored = r#"flowgate_media_downloads_total{outcome="stored"}"#;
     assert!(setup.server.metric(stored).await >= 1.0);
-    assert!(setup.server.metric("flowgate_media_download_bytes_total").await >= 3000.0);
+    assert!(
+        setup
+            .server
+            .metric("flowgate_media_download_bytes_total")
+            .await
+            >= 3000.0
+    );
     let timed = r#"flowgate_media_download_seconds_count{outcome="stored"}"#;
     assert!(setup.server.metric(timed).await >= 1.0);
     // The history shows the file with its status and a link that works.
@@ -455,7 +461,10 @@ async fn a_131052_is_retried_and_the_download_then_works() {
     let requests = setup.fake.media_requests();
     let statuses: Vec<u16> = requests.iter().map(|r| r.status).collect();
     assert_eq!(statuses, [400, 200, 200], "{requests:#?}");
-    assert!(setup.server.metric(expired).await > expired_before, "the 131052 is counted");
+    assert!(
+        setup.server.metric(expired).await > expired_before,
+        "the 131052 is counted"
+    );
     assert_eq!(
         setup.media_row("wamid.r.2").await,
         ("ok".into(), String::new(), 2)
@@ -541,8 +550,10 @@ async fn the_size_limit_holds_while_streaming_whatever_the_server_says() {
     let setup = Setup::start(Backend::Sqlite, false).await.unwrap();
     let too_large = r#"flowgate_media_downloads_total{outcome="too_large"}"#;
     let mismatch = r#"flowgate_media_downloads_total{outcome="sha256_mismatch"}"#;
-    let (too_large_before, mismatch_before) =
-        (setup.server.metric(too_large).await, setup.server.metric(mismatch).await);
+    let (too_large_before, mismatch_before) = (
+        setup.server.metric(too_large).await,
+        setup.server.metric(mismatch).await,
+    );
     const HUGE: usize = 32 * 1024 * 1024;
     let mut chunked = FakeMedia::new(photo_bytes(HUGE, 6), "image/jpeg");
     chunked.serving = Serving::Chunked(1024);

@@ -232,8 +232,10 @@ async fn an_upload_slower_than_its_timeout_is_given_up_and_retried() {
         .unwrap();
     let failed = r#"flowgate_media_uploads_total{outcome="failed"}"#;
     let uploaded = r#"flowgate_media_uploads_total{outcome="uploaded"}"#;
-    let (failed_before, uploaded_before) =
-        (p.server.metric(failed).await, p.server.metric(uploaded).await);
+    let (failed_before, uploaded_before) = (
+        p.server.metric(failed).await,
+        p.server.metric(uploaded).await,
+    );
     p.fake.delay_uploads(Duration::from_secs(3));
     let started = std::time::Instant::now();
     p.customer("15550006001", "menu").await;
@@ -245,7 +247,10 @@ async fn an_upload_slower_than_its_timeout_is_given_up_and_retried() {
         started.elapsed() < Duration::from_secs(3),
         "given up after its 1 s, not when the fake answered"
     );
-    assert!(p.fake.sends().is_empty(), "nothing was sent without its file");
+    assert!(
+        p.fake.sends().is_empty(),
+        "nothing was sent without its file"
+    );
     // WhatsApp is quick again; the retry's back-off passes on the virtual clock.
     p.fake.delay_uploads(Duration::ZERO);
     p.clock.advance(chrono::Duration::minutes(5));

@@ -98,9 +98,8 @@ async fn pruned_on(backend: Backend) {
     let new_photo = sends_photo(4, b"a new photo").await;
     let media_rows = "SELECT COUNT(*) FROM media";
     assert_eq!(support::count(&runtime.db, media_rows).await, 2);
-    let pruned_media = || {
-        flowgate::metrics::counter_value("flowgate_pruned_rows_total", &[("table", "media")])
-    };
+    let pruned_media =
+        || flowgate::metrics::counter_value("flowgate_pruned_rows_total", &[("table", "media")]);
     let pruned_before = pruned_media();
     let cutoff = (clock.now() - Duration::days(90)).timestamp_millis();
     let old = format!("SELECT COUNT(*) FROM messages WHERE created_at < {cutoff}");

@@ -154,7 +154,10 @@ async fn the_sandbox_door_takes_a_customers_file() {
             json!({"from": "15550008888", "file": file}),
         )
         .await;
-        assert_eq!((status, &body["error"]["code"]), (400, &json!("invalid_file")));
+        assert_eq!(
+            (status, &body["error"]["code"]),
+            (400, &json!("invalid_file"))
+        );
         let message = body["error"]["message"].as_str().unwrap();
         assert!(message.contains(problem), "{message}");
     }

@@ -263,9 +263,13 @@ pub async fn pruned_messages_take_their_files_and_pending_downloads_stay(db: Db)
         ("wamid.k1", 100 * DAY, Some(Some(&kept))),
     ];
     for (i, (wamid, at, _)) in plan.iter().enumerate() {
-        let contact = Contact::new(&format!("1555002{i}"));
+        let contact = Contact::new(format!("1555002{i}"));
         // Only the pending download was announced with the file that is kept for it.
-        let sha256 = if *wamid == "wamid.c1" { &coming_sha } else { "abc=" };
+        let sha256 = if *wamid == "wamid.c1" {
+            &coming_sha
+        } else {
+            "abc="
+        };
         let message = photo_with_sha256(wamid, &format!("m{i}"), sha256, t(*at));
         db.commit_turn(&crate::store::TurnWrite {
             inbound: Some(&message),
@@ -275,7 +279,10 @@ pub async fn pruned_messages_take_their_files_and_pending_downloads_stay(db: Db)
         .unwrap();
     }
     let now = t(100 * DAY);
-    let claimed = db.claim_media(now, now + Duration::minutes(5), 8).await.unwrap();
+    let claimed = db
+        .claim_media(now, now + Duration::minutes(5), 8)
+        .await
+        .unwrap();
     assert_eq!(claimed.len(), plan.len());
     for row in &claimed {
         let (_, _, outcome) = plan.iter().find(|p| p.0 == row.wamid).unwrap();
@@ -304,7 +311,10 @@ pub async fn pruned_messages_take_their_files_and_pending_downloads_stay(db: Db)
         (6, 5, 1)
     );
     assert_eq!(files.get(&shared).await.unwrap(), None);
-    assert!(files.get(&coming).await.unwrap().is_some(), "a pending download's");
+    assert!(
+        files.get(&coming).await.unwrap().is_some(),
+        "a pending download's"
+    );
     assert!(files.get(&kept).await.unwrap().is_some(), "a newer row's");
     let ids: Vec<i64> = claimed.iter().map(|r| r.id).collect();
     let left = |db: Db| {
@@ -323,7 +333,11 @@ pub async fn pruned_messages_take_their_files_and_pending_downloads_stay(db: Db)
     let again = crate::retention::prune(&db, Some(&files), cutoff, pause)
         .await
         .unwrap();
-    assert_eq!((again.media, again.media_files), (0, 0), "nothing is left to prune");
+    assert_eq!(
+        (again.media, again.media_files),
+        (0, 0),
+        "nothing is left to prune"
+    );
 
     // The pending download ends with the announced file: its row and the file go next.
     let c1 = claimed.iter().find(|r| r.wamid == "wamid.c1").unwrap().id;

@@ -994,14 +994,22 @@ fn media_download(shared: &Shared, path: &str, query: &str, headers: &HeaderMap)
                 streamed.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 Ok::<_, std::convert::Infallible>(chunk)
             });
-            (StatusCode::OK, content_type, axum::body::Body::from_stream(body)).into_response()
+            (
+                StatusCode::OK,
+                content_type,
+                axum::body::Body::from_stream(body),
+            )
+                .into_response()
         }
         Serving::ShortLength(length) => {
-            let body = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
-                Bytes::from(bytes),
-            )]);
-            let mut response =
-                (StatusCode::OK, content_type, axum::body::Body::from_stream(body)).into_response();
+            let body =
+                futures_util::stream::iter([Ok::<_, std::convert::Infallible>(Bytes::from(bytes))]);
+            let mut response = (
+                StatusCode::OK,
+                content_type,
+                axum::body::Body::from_stream(body),
+            )
+                .into_response();
             response.headers_mut().insert(
                 axum::http::header::CONTENT_LENGTH,
                 axum::http::HeaderValue::from(length),
