@@ -334,6 +334,21 @@ impl Loaded {
         Ok(runtime)
     }
 
+    /// Customers' files in memory, gone with the process (conversation tests and `chat`,
+    /// which run on an in-memory database too), links signed with a key of their own.
+    pub fn memory_media(&self) -> crate::media::Media {
+        let config = &self.config.media;
+        crate::media::Media::new(
+            Arc::new(crate::media::Memory::default()),
+            crate::media::Signer::new(
+                crate::media::random_key().into_bytes(),
+                &format!("http://{}", self.config.listen),
+                config.url_ttl.0,
+            ),
+            config.max_bytes,
+        )
+    }
+
     /// Customers' files as the config says: the local directory `media.dir`, links signed
     /// with `media.url_secret` (else the key generated once and kept in the database) on
     /// `media.public_url` (else the listener's address, set once it is bound).

@@ -274,6 +274,14 @@ pub struct MediaConfig {
     /// database (shared by every instance on it).
     #[serde(default)]
     pub url_secret: Option<Secret>,
+    /// How long uploading a project file a message sends (`media: {file: …}`) may take:
+    /// a file of many megabytes needs more than a message's 15 s. It runs while the sender
+    /// holds the message's claim, so it must fit in `outbox.lease` with the send after it.
+    #[serde(
+        default = "default_media_upload_timeout",
+        deserialize_with = "duration"
+    )]
+    pub upload_timeout: HumanDuration,
 }
 
 /// 16 MiB: WhatsApp's largest image, audio and video files, and most documents.
@@ -289,6 +297,17 @@ fn default_media_url_ttl() -> HumanDuration {
     HumanDuration(chrono::Duration::hours(1))
 }
 
+/// 30 s: a 16 MiB video at about 5 Mbit/s, and room in the default 60 s `outbox.lease` for
+/// the send after it ([`SEND_AFTER_UPLOAD`]).
+fn default_media_upload_timeout() -> HumanDuration {
+    HumanDuration(chrono::Duration::seconds(30))
+}
+
+/// What a message's lease must still hold after its file's upload: the send's request
+/// (15 s) and mark-as-read (3 s) timeouts, and 5 s to record the outcome (the sender's
+/// lease margin).
+pub const SEND_AFTER_UPLOAD: chrono::Duration = chrono::Duration::seconds(23);
+
 impl Default for MediaConfig {
     fn default() -> Self {
         Self {
@@ -297,6 +316,7 @@ impl Default for MediaConfig {
             public_url: None,
             url_ttl: default_media_url_ttl(),
             url_secret: None,
+            upload_timeout: default_media_upload_timeout(),
         }
     }
 }
@@ -623,11 +643,16 @@ impl Config {
             d.0.to_std()
                 .unwrap_or(std::time::Duration::from_secs(default))
         };
+        let defaults = crate::media::upload::UploadOptions::default();
+        let timeout = std(&self.media.upload_timeout, 30);
         crate::media::upload::UploadOptions {
             root: self.root.clone(),
             expiry: std(&self.outbox.media_expiry, 30 * 24 * 3600),
             renew_before: std(&self.outbox.media_renew_before, 24 * 3600),
-            ..Default::default()
+            timeout,
+            // A claim outlasts its upload, so no other instance takes it over meanwhile.
+            lease: (timeout + std::time::Duration::from_secs(60)).max(defaults.lease),
+            ..defaults
         }
     }
 
@@ -649,6 +674,20 @@ impl Config {
             problems.push(format!(
                 "`retention: {retention}` is shorter than {} days: WhatsApp redelivers a webhook for up to 7 days, and a redelivered message is recognised by the history; write e.g. `90d`",
                 crate::retention::MINIMUM.num_days()
+            ));
+        }
+        let upload = &self.media.upload_timeout;
+        let room = self.outbox.lease.0 - SEND_AFTER_UPLOAD;
+        if upload.0 <= chrono::Duration::zero() {
+            problems.push(format!(
+                "`media.upload_timeout: {upload}` leaves no time to upload a file; write e.g. `30s`"
+            ));
+        } else if upload.0 > room {
+            problems.push(format!(
+                "`media.upload_timeout: {upload}` does not fit in `outbox.lease: {}`: a file is uploaded while the sender holds the message's lease, and the send after it needs {}s more; write at most {}s, or raise `outbox.lease`",
+                self.outbox.lease,
+                SEND_AFTER_UPLOAD.num_seconds(),
+                room.num_seconds().max(0)
             ));
         }
         if let Some(prices) = &self.campaign_prices {
@@ -809,6 +848,42 @@ mod tests {
             err.items
         );
         assert!(parse("retention: soon\n").is_err());
+    }
+
+    #[test]
+    fn the_upload_timeout_fits_in_the_outbox_lease() {
+        let parse = |text: &str| Config::from_str("f.yaml", text, Path::new(""));
+        let default = parse("").unwrap();
+        assert_eq!(
+            default.media.upload_timeout.0,
+            chrono::Duration::seconds(30)
+        );
+        assert_eq!(
+            default.upload_options().timeout,
+            std::time::Duration::from_secs(30)
+        );
+        let long = parse("media:\n  upload_timeout: 5m\noutbox:\n  lease: 10m\n").unwrap();
+        let options = long.upload_options();
+        assert_eq!(options.timeout, std::time::Duration::from_secs(300));
+        assert!(
+            options.lease > options.timeout,
+            "the claim outlasts the upload"
+        );
+        let err = parse("media:\n  upload_timeout: 60s\n").unwrap_err();
+        assert!(
+            err.items[0]
+                .message
+                .contains("does not fit in `outbox.lease: 1m`")
+                && err.items[0].message.contains("write at most 37s"),
+            "{:?}",
+            err.items
+        );
+        let err = parse("media:\n  upload_timeout: 0s\n").unwrap_err();
+        assert!(
+            err.items[0].message.contains("leaves no time"),
+            "{:?}",
+            err.items
+        );
     }
 
     #[test]

@@ -236,15 +236,7 @@ impl<'a> Run<'a> {
             .map_err(|e| format!("cannot start the runtime: {e:#}"))?;
         runtime.reload(flows).await.map_err(|e| e.to_string())?;
         // A test's files live as long as its in-memory database.
-        let media = crate::media::Media::new(
-            Arc::new(crate::media::Memory::default()),
-            crate::media::Signer::new(
-                crate::media::random_key().into_bytes(),
-                &format!("http://{}", loaded.config.listen),
-                loaded.config.media.url_ttl.0,
-            ),
-            loaded.config.media.max_bytes,
-        );
+        let media = loaded.memory_media();
         let runtime = runtime.with_media(Arc::new(media));
         Ok(Run {
             loaded,
@@ -365,52 +357,18 @@ impl<'a> Run<'a> {
         bytes: Vec<u8>,
         user: &UserMessage,
     ) -> Result<TurnReport, String> {
-        let media = self
-            .runtime
-            .media
-            .clone()
-            .ok_or("the runtime keeps no files")?;
         let caption = match user {
             UserMessage::Rich(r) => r.caption.as_deref(),
             UserMessage::Text(_) => None,
         };
-        let size = bytes.len() as i64;
-        let too_large = bytes.len() as u64 > media.max_bytes;
-        let key = crate::media::store::content_key(&crate::media::sha256_hex(&bytes));
-        if !too_large {
-            media
-                .store
-                .put(&key, bytes)
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-        let filename = Path::new(name).file_name().and_then(|n| n.to_str());
-        let db = &self.runtime.db;
-        let id = db
-            .insert_local_media(
-                &crate::store::LocalMedia {
-                    channel: &self.runtime.default_channel,
-                    wa_id: TEST_WA_ID,
-                    wamid,
-                    kind,
-                    mime: mime_of(name),
-                    caption,
-                    filename: (kind == "document").then_some(filename).flatten(),
-                    size,
-                    store_key: &key,
-                    error: too_large.then_some("too_large"),
-                },
-                self.clock.now(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let row = db
-            .media(id)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("the file's row is gone")?;
-        self.runtime
-            .media_ready(&row)
+        let file = crate::media::local::GivenFile {
+            kind,
+            name,
+            bytes,
+            caption,
+        };
+        let channel = &self.runtime.default_channel;
+        crate::media::local::deliver(&self.runtime, channel, TEST_WA_ID, wamid, file)
             .await
             .map_err(|e| e.to_string())
     }
@@ -581,24 +539,6 @@ impl RichUser {
             (None, Some(name)) => Some(("document", name)),
             _ => None,
         }
-    }
-}
-
-/// A test file's type, by its extension.
-fn mime_of(name: &str) -> &'static str {
-    let ext = Path::new(name)
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    match ext.as_str() {
-        "jpg" | "jpeg" => "image/jpeg",
-        "png" => "image/png",
-        "webp" => "image/webp",
-        "gif" => "image/gif",
-        "pdf" => "application/pdf",
-        "txt" => "text/plain",
-        _ => "application/octet-stream",
     }
 }
 

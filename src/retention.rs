@@ -8,13 +8,15 @@
 //! `frequency_cap` period, since a cap counts the messages sent within it. What a pass
 //! deletes and what it keeps is the store's rule (`store::retention`): settled messages and
 //! idempotency keys go; unsettled messages, contacts, sessions, timers and campaign ledgers
-//! stay.
+//! stay. Customers' files go with their messages: the `media` rows, then each file no row
+//! names any more from the media store ([`prune_media`]); a download not yet over stays.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
 use crate::campaign_runner::CampaignRunner;
+use crate::media::MediaStore;
 use crate::store::{Db, StoreError};
 
 /// The shortest `retention` accepted: WhatsApp redelivers a webhook for up to 7 days, and a
@@ -32,6 +34,10 @@ const PAUSE: Duration = Duration::from_millis(50);
 pub struct Pruned {
     pub messages: u64,
     pub api_requests: u64,
+    /// `media` rows.
+    pub media: u64,
+    /// Files deleted from the media store.
+    pub media_files: u64,
 }
 
 /// How long history is kept: `retention`, or the longest frequency cap if that is longer.
@@ -43,20 +49,62 @@ pub fn kept_for(
 }
 
 /// Deletes what was written before `cutoff`, batch by batch, pausing `pause` between
-/// batches.
-pub async fn prune(db: &Db, cutoff: DateTime<Utc>, pause: Duration) -> Result<Pruned, StoreError> {
+/// batches: the messages, then their files (from `files`, the media store, when the runtime
+/// keeps files).
+pub async fn prune(
+    db: &Db,
+    files: Option<&dyn MediaStore>,
+    cutoff: DateTime<Utc>,
+    pause: Duration,
+) -> Result<Pruned, StoreError> {
     let mut pruned = Pruned {
         api_requests: db.prune_api_requests(cutoff).await?,
         ..Pruned::default()
     };
-    let Some(boundary) = db.history_boundary(cutoff).await? else {
-        return Ok(pruned);
+    if let Some(boundary) = db.history_boundary(cutoff).await? {
+        loop {
+            let n = db.prune_messages(boundary, cutoff, BATCH).await?;
+            pruned.messages += n;
+            if n < BATCH as u64 {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+    (pruned.media, pruned.media_files) = prune_media(db, files, cutoff, pause).await?;
+    Ok(pruned)
+}
+
+/// Deletes the `media` rows of pruned messages, then each file no row names any more and no
+/// pending download may be storing: `(rows, files)`. Without a store (`files` is `None`)
+/// the rows stay, so the files can still be found once one is configured.
+async fn prune_media(
+    db: &Db,
+    files: Option<&dyn MediaStore>,
+    cutoff: DateTime<Utc>,
+    pause: Duration,
+) -> Result<(u64, u64), StoreError> {
+    let (Some(files), Some(boundary)) = (files, db.media_boundary(cutoff).await?) else {
+        return Ok((0, 0));
     };
+    let (mut rows, mut deleted) = (0, 0);
     loop {
-        let n = db.prune_messages(boundary, cutoff, BATCH).await?;
-        pruned.messages += n;
-        if n < BATCH as u64 {
-            return Ok(pruned);
+        let batch = db.prune_media(boundary, cutoff, BATCH).await?;
+        rows += batch.rows;
+        for key in &batch.store_keys {
+            let [base64, hex] = crate::media::store::sha256_forms(key);
+            if db.media_file_in_use(key, [&base64, &hex]).await? {
+                continue;
+            }
+            // A file that cannot be deleted is left over (its rows are gone, so nothing
+            // serves it); the pass goes on.
+            match files.delete(key).await {
+                Ok(()) => deleted += 1,
+                Err(e) => tracing::warn!(key = %key, error = %e, "deleting a pruned file failed"),
+            }
+        }
+        if batch.rows < BATCH as u64 {
+            return Ok((rows, deleted));
         }
         tokio::time::sleep(pause).await;
     }
@@ -72,12 +120,15 @@ pub async fn run(
     loop {
         let kept = kept_for(retention, campaigns.longest_frequency_cap());
         let cutoff = runtime.clock.now() - kept;
-        match prune(&runtime.db, cutoff, PAUSE).await {
+        let files = runtime.media.as_ref().map(|m| m.store.as_ref());
+        match prune(&runtime.db, files, cutoff, PAUSE).await {
             Ok(pruned) => {
                 if pruned != Pruned::default() {
                     tracing::info!(
                         messages = pruned.messages,
                         api_requests = pruned.api_requests,
+                        media = pruned.media,
+                        media_files = pruned.media_files,
                         kept_days = kept.num_days(),
                         "pruned history older than the retention"
                     );
@@ -85,6 +136,7 @@ pub async fn run(
                 for (table, n) in [
                     ("messages", pruned.messages),
                     ("api_requests", pruned.api_requests),
+                    ("media", pruned.media),
                 ] {
                     crate::metrics::count(
                         "flowgate_pruned_rows_total",
@@ -93,6 +145,12 @@ pub async fn run(
                         n,
                     );
                 }
+                crate::metrics::count(
+                    "flowgate_pruned_media_files_total",
+                    "Customers' files deleted from the media store by the retention setting.",
+                    &[],
+                    pruned.media_files,
+                );
             }
             Err(e) => tracing::warn!(error = %e, "pruning the history failed"),
         }

@@ -25,7 +25,23 @@ pub enum ChatError {
     Dispatch(#[from] DispatchError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    File(#[from] crate::media::local::GivenFileError),
 }
+
+/// `/help`: every command.
+const HELP: &str = "  Type a message, or:
+  /button ID            tap a reply button (its id)
+  /list ID              pick a list row (its id)
+  /form {\"field\": 1}    answer a WhatsApp Flow with a JSON object
+  /image PATH [caption] send a file (also /document, /audio, /video, /sticker)
+  /wait 25h             move the clock on, firing what falls due
+  /state                the session, the contact and the policy now
+  /resume [FLOW [STEP]] a person gives the conversation back to the bot
+  /reset                forget the session and timers
+  /help                 this list
+  /quit                 leave
+";
 
 /// What to do after a line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +63,13 @@ enum Input<'a> {
     Reset,
     /// `/resume [FLOW [STEP]]`: a person gives the conversation back to the bot.
     Resume(&'a str),
+    /// `/image PATH [caption]` (or `/document`, `/audio`, `/video`, `/sticker`): the
+    /// customer sends that file.
+    File {
+        kind: &'static str,
+        arg: &'a str,
+    },
+    Help,
     Unknown(&'a str),
     /// `/form` with something that is not a JSON object.
     BadForm,
@@ -80,7 +103,11 @@ impl<'a> Input<'a> {
             "/state" => Self::State,
             "/reset" => Self::Reset,
             "/resume" => Self::Resume(arg),
-            c if c.starts_with('/') => Self::Unknown(c),
+            "/help" => Self::Help,
+            c if c.starts_with('/') => match crate::media::local::kinds().find(|k| c[1..] == **k) {
+                Some(kind) => Self::File { kind, arg },
+                None => Self::Unknown(c),
+            },
             _ => Self::Message(InboundContent::text(input)),
         }
     }
@@ -109,6 +136,8 @@ impl Chat {
     ) -> Result<Self, ChatError> {
         let clock = Arc::new(VirtualClock::new(at));
         let runtime = loaded.runtime("sqlite::memory:", clock.clone()).await?;
+        // The customer's files live as long as the in-memory database.
+        let runtime = runtime.with_media(Arc::new(loaded.memory_media()));
         Ok(Self {
             runtime,
             clock,
@@ -121,7 +150,7 @@ impl Chat {
     pub fn greeting(&self) -> String {
         format!(
             "flowgate chat: you are +{} on the sandbox channel. Flows: {}\n\
-             Type a message, or /button ID, /list ID, /wait 25h, /state, /resume, /reset, /quit.\n",
+             Type a message, or /button ID, /list ID, /image PATH, /wait 25h, /state, /help, /quit.\n",
             self.from,
             self.flows.join(", ")
         )
@@ -136,6 +165,8 @@ impl Chat {
             Input::Wait(by) => self.wait(by).await?,
             Input::State => self.state().await?,
             Input::Resume(arg) => self.resume(arg).await?,
+            Input::File { kind, arg } => self.file(kind, arg).await?,
+            Input::Help => HELP.to_string(),
             Input::Reset => {
                 self.runtime
                     .db
@@ -144,9 +175,7 @@ impl Chat {
                 "  [reset] session and timers forgotten\n".to_string()
             }
             Input::BadForm => "  /form takes the form's answer as a JSON object: /form {\"day\": \"2026-12-24\", \"guests\": 2}\n".to_string(),
-            Input::Unknown(c) => format!(
-                "  unknown command {c}: try /button ID, /list ID, /wait 25h, /state, /resume, /reset, /quit\n"
-            ),
+            Input::Unknown(c) => format!("  unknown command {c}: /help lists them\n"),
         };
         Ok(Reply::Print(text))
     }
@@ -165,6 +194,42 @@ impl Chat {
             )
             .await?;
         Ok(render_report(&report))
+    }
+
+    /// `/image PATH [caption]` and its kin: the customer sends the file at PATH (relative
+    /// to where `chat` runs), kept in memory as a download would be, and the flow told.
+    async fn file(&self, kind: &'static str, arg: &str) -> Result<String, ChatError> {
+        let (path, caption) = match arg.split_once(char::is_whitespace) {
+            Some((path, caption)) => (path, Some(caption.trim()).filter(|c| !c.is_empty())),
+            None => (arg, None),
+        };
+        if path.is_empty() {
+            return Ok(format!(
+                "  /{kind} takes a file's path (and a caption): /{kind} photo.jpg crushed corner\n"
+            ));
+        }
+        let bytes = match tokio::fs::read(path).await {
+            Ok(bytes) => bytes,
+            Err(e) => return Ok(format!("  cannot read {path}: {e}\n")),
+        };
+        let file = crate::media::local::GivenFile {
+            kind,
+            name: path,
+            bytes,
+            caption,
+        };
+        let channel = &self.runtime.default_channel;
+        let now = self.clock.now();
+        let reports = crate::media::local::receive(
+            &self.runtime,
+            channel,
+            &self.from,
+            Some("You"),
+            file,
+            now,
+        )
+        .await?;
+        Ok(reports.iter().map(render_report).collect())
     }
 
     /// `/resume [FLOW [STEP]]`: the agent hands the conversation back to the bot, at FLOW
@@ -312,6 +377,21 @@ mod tests {
             })
         );
         assert_eq!(Input::parse("/form 2"), Input::BadForm);
+        assert_eq!(Input::parse("/help"), Input::Help);
+        assert_eq!(
+            Input::parse("/image parcel.png crushed corner"),
+            Input::File {
+                kind: "image",
+                arg: "parcel.png crushed corner"
+            }
+        );
+        assert_eq!(
+            Input::parse("/sticker smile.webp"),
+            Input::File {
+                kind: "sticker",
+                arg: "smile.webp"
+            }
+        );
         assert_eq!(
             Input::parse("/button yes"),
             Input::Message(InboundContent::ButtonReply {
@@ -331,6 +411,21 @@ mod tests {
             Reply::Print(text) => text,
             Reply::Quit => panic!("the chat ended at {line:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_file_that_cannot_be_read_or_is_missing_is_explained() {
+        let loaded = crate::app::load(None).expect("the shipped project loads");
+        let chat = Chat::start(&loaded, "15550001234").await.unwrap();
+        let missing = said(&chat, "/image no/such/photo.png").await;
+        assert!(
+            missing.contains("cannot read no/such/photo.png"),
+            "{missing}"
+        );
+        let bare = said(&chat, "/document").await;
+        assert!(bare.contains("/document takes a file's path"), "{bare}");
+        assert!(said(&chat, "/help").await.contains("/image PATH [caption]"));
+        assert!(said(&chat, "/nope").await.contains("/help lists them"));
     }
 
     #[tokio::test]

@@ -1,8 +1,9 @@
 //! The sandbox channel's door: `POST /sandbox/messages` plays a customer. It takes
-//! `{"from": "15550001234", "text": "menu"}` (or `"button"`/`"list"` with an id, or `"form"`
-//! with a form's answer as an object) and answers
-//! with what the bot sent, so a newcomer can try flows with curl before any WhatsApp account
-//! exists.
+//! `{"from": "15550001234", "text": "menu"}` (or `"button"`/`"list"` with an id, `"form"`
+//! with a form's answer as an object, or `"file"`: `{"kind": "image", "name": "parcel.png",
+//! "base64": "…", "caption": "…"}`, put in the media store as a download would be) and
+//! answers with what the bot sent, so a newcomer can try flows with curl before any WhatsApp
+//! account exists. The body is JSON like every door's, so a file travels as base64 in it.
 
 use axum::Json;
 use axum::extract::State;
@@ -11,8 +12,11 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
+use base64::Engine as _;
+
 use super::error;
 use crate::domain::{Inbound, InboundContent};
+use crate::media::local::{self, GivenFile, GivenFileError};
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -31,6 +35,29 @@ struct SandboxMessage {
     /// test's `user: {form: …}` and `chat`'s `/form` give them.
     #[serde(default)]
     form: Option<serde_json::Map<String, serde_json::Value>>,
+    /// A file the customer sends (`chat`'s `/image PATH`).
+    #[serde(default)]
+    file: Option<SandboxFile>,
+}
+
+/// What the customer sends: a message, or a file.
+enum Said {
+    Content(InboundContent),
+    File(SandboxFile),
+}
+
+/// A customer's file, in the JSON body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SandboxFile {
+    /// image, document, audio, video or sticker.
+    kind: String,
+    /// Its name: the MIME type is read from the extension.
+    name: String,
+    /// The bytes, base64 (standard alphabet).
+    base64: String,
+    #[serde(default)]
+    caption: Option<String>,
 }
 
 pub async fn sandbox_message(State(state): State<AppState>, body: axum::body::Bytes) -> Response {
@@ -45,22 +72,31 @@ pub async fn sandbox_message(State(state): State<AppState>, body: axum::body::By
             );
         }
     };
-    let content = match (message.text, message.button, message.list, message.form) {
-        (Some(body), None, None, None) => InboundContent::Text { body },
-        (None, Some(id), None, None) => InboundContent::ButtonReply {
+    let said = match (
+        message.text,
+        message.button,
+        message.list,
+        message.form,
+        message.file,
+    ) {
+        (Some(body), None, None, None, None) => Said::Content(InboundContent::Text { body }),
+        (None, Some(id), None, None, None) => Said::Content(InboundContent::ButtonReply {
             title: id.clone(),
             id,
-        },
-        (None, None, Some(id), None) => InboundContent::ListReply {
+        }),
+        (None, None, Some(id), None, None) => Said::Content(InboundContent::ListReply {
             title: id.clone(),
             id,
-        },
-        (None, None, None, Some(response)) => InboundContent::FormReply { response },
+        }),
+        (None, None, None, Some(response), None) => {
+            Said::Content(InboundContent::FormReply { response })
+        }
+        (None, None, None, None, Some(file)) => Said::File(file),
         _ => {
             return error(
                 StatusCode::BAD_REQUEST,
                 "invalid_body",
-                "give exactly one of text, button, list or form",
+                "give exactly one of text, button, list, form or file",
             );
         }
     };
@@ -72,25 +108,65 @@ pub async fn sandbox_message(State(state): State<AppState>, body: axum::body::By
         );
     }
     let now = runtime.clock.now();
-    let inbound = Inbound::sandbox(content, now, now);
-    match runtime
-        .inbound(
-            &runtime.default_channel,
-            &message.from,
-            message.name.as_deref(),
-            inbound,
-        )
-        .await
-    {
-        Ok(report) => Json(json!({
-            "handled": report.handled.to_string(),
-            "replies": report.sent.iter().map(|m| json!({
-                "id": m.id,
-                "message": m.message.content,
-                "decision": m.decision,
-            })).collect::<Vec<_>>(),
-        }))
-        .into_response(),
+    let (channel, from, name) = (
+        &runtime.default_channel,
+        &message.from,
+        message.name.as_deref(),
+    );
+    let reports = match said {
+        Said::File(file) => {
+            let bytes = match base64::engine::general_purpose::STANDARD.decode(file.base64.trim()) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_file",
+                        format!(
+                            "`file.base64` is not base64 ({e}): encode the file's bytes, e.g. `base64 -w0 parcel.png`"
+                        ),
+                    );
+                }
+            };
+            let given = GivenFile {
+                kind: &file.kind,
+                name: &file.name,
+                bytes,
+                caption: file.caption.as_deref(),
+            };
+            match local::receive(runtime, channel, from, name, given, now).await {
+                Ok(reports) => Ok(Vec::from(reports)),
+                Err(e @ GivenFileError::Kind(_)) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_file",
+                        format!("`file.kind`: {e}"),
+                    );
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        Said::Content(content) => {
+            let inbound = Inbound::sandbox(content, now, now);
+            runtime
+                .inbound(channel, from, name, inbound)
+                .await
+                .map(|report| vec![report])
+                .map_err(|e| e.to_string())
+        }
+    };
+    match reports {
+        Ok(reports) => {
+            let last = reports.last().map(|r| r.handled.to_string());
+            Json(json!({
+                "handled": last,
+                "replies": reports.iter().flat_map(|r| &r.sent).map(|m| json!({
+                    "id": m.id,
+                    "message": m.message.content,
+                    "decision": m.decision,
+                })).collect::<Vec<_>>(),
+            }))
+            .into_response()
+        }
         Err(e) => {
             tracing::error!(error = %e, "sandbox message failed");
             error(

@@ -19,6 +19,10 @@
 //! expired URL, a timeout, a store that fails. Failed for good at once: `too_large`,
 //! `sha256_mismatch`. The last error of a download that runs out of attempts becomes
 //! `download_failed: …`.
+//!
+//! Every attempt is counted by how it ended ([`Outcome`]): `flowgate_media_downloads_total`,
+//! `flowgate_media_download_seconds`, and the bytes stored in
+//! `flowgate_media_download_bytes_total`.
 
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
@@ -30,6 +34,7 @@ use super::store::content_key;
 use super::{Media, sha256_hex, sha256_matches};
 use crate::dispatch::Runtime;
 use crate::store::{MediaFinish, MediaRow};
+use crate::whatsapp::media::MEDIA_DOWNLOAD_ERROR;
 use crate::whatsapp::{Client, DownloadError, Endpoint};
 
 /// Attempts of one download before it fails for good.
@@ -51,9 +56,72 @@ pub fn backoff(attempt: i64) -> Duration {
 /// How one attempt ended.
 #[derive(Debug)]
 enum Attempt {
-    Finished(MediaFinish),
+    Finished(MediaFinish, Outcome),
     /// Worth another try: the problem, as `download_failed` will name it.
-    Retry(String),
+    Retry(String, Outcome),
+}
+
+/// An attempt's outcome, the `outcome` label of the download metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Verified and in the media store.
+    Stored,
+    TooLarge,
+    Sha256Mismatch,
+    /// WhatsApp could not give the file (`131052`: the customer's media is gone or not yet
+    /// there); retried.
+    Expired,
+    /// The media store refused the bytes; retried.
+    StoreFailed,
+    /// Any other problem: an error answer, no answer, a channel that is gone.
+    Failed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stored => "stored",
+            Self::TooLarge => "too_large",
+            Self::Sha256Mismatch => "sha256_mismatch",
+            Self::Expired => "expired",
+            Self::StoreFailed => "store_failed",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// A Graph API problem's outcome: `131052` is [`Outcome::Expired`].
+    fn of(error: &crate::whatsapp::GraphError) -> Self {
+        if error.code == MEDIA_DOWNLOAD_ERROR {
+            Self::Expired
+        } else {
+            Self::Failed
+        }
+    }
+}
+
+/// Counts one attempt in the download metrics.
+fn count(outcome: Outcome, stored_bytes: u64, seconds: f64) {
+    let label = [("outcome", outcome.as_str())];
+    crate::metrics::count(
+        "flowgate_media_downloads_total",
+        "Download attempts of customers' files, by outcome.",
+        &label,
+        1,
+    );
+    crate::metrics::observe(
+        "flowgate_media_download_seconds",
+        "How long a download attempt of a customer's file took, by outcome.",
+        &label,
+        seconds,
+    );
+    if stored_bytes > 0 {
+        crate::metrics::count(
+            "flowgate_media_download_bytes_total",
+            "Bytes of customers' files downloaded and stored.",
+            &[],
+            stored_bytes,
+        );
+    }
 }
 
 /// The worker's shared parts.
@@ -122,9 +190,19 @@ impl Worker {
     async fn handle(&self, row: MediaRow) {
         let db = &self.runtime.db;
         let row = if row.status == "pending" {
-            let finish = match self.attempt(&row).await {
-                Attempt::Finished(finish) => finish,
-                Attempt::Retry(problem) if row.attempts + 1 < ATTEMPTS => {
+            let started = std::time::Instant::now();
+            let attempt = self.attempt(&row).await;
+            let outcome = match &attempt {
+                Attempt::Finished(_, outcome) | Attempt::Retry(_, outcome) => *outcome,
+            };
+            let stored = match &attempt {
+                Attempt::Finished(MediaFinish::Ok { size, .. }, _) => *size as u64,
+                _ => 0,
+            };
+            count(outcome, stored, started.elapsed().as_secs_f64());
+            let finish = match attempt {
+                Attempt::Finished(finish, _) => finish,
+                Attempt::Retry(problem, _) if row.attempts + 1 < ATTEMPTS => {
                     let at = self.runtime.clock.now() + backoff(row.attempts + 1);
                     tracing::warn!(media = row.id, attempt = row.attempts + 1, %problem, "media download failed; retrying");
                     if let Err(e) = db
@@ -135,7 +213,7 @@ impl Worker {
                     }
                     return;
                 }
-                Attempt::Retry(problem) => MediaFinish::Failed {
+                Attempt::Retry(problem, _) => MediaFinish::Failed {
                     error: format!("download_failed: {problem}"),
                 },
             };
@@ -180,31 +258,26 @@ impl Worker {
     async fn attempt(&self, row: &MediaRow) -> Attempt {
         let max = self.media.max_bytes;
         let Some(media_id) = &row.provider_id else {
-            return Attempt::Finished(MediaFinish::Failed {
-                error: "download_failed: the message names no media id".into(),
-            });
+            return failed(
+                "download_failed: the message names no media id".into(),
+                Outcome::Failed,
+            );
         };
         let channel = self.runtime.channels.iter().find(|c| c.name == row.channel);
         let endpoint = match channel.map(Endpoint::for_channel) {
             Some(Ok(endpoint)) => endpoint,
             Some(Err(problem)) => {
-                return Attempt::Finished(MediaFinish::Failed {
-                    error: format!("download_failed: {problem}"),
-                });
+                return failed(format!("download_failed: {problem}"), Outcome::Failed);
             }
             None => {
-                return Attempt::Finished(MediaFinish::Failed {
-                    error: format!(
-                        "download_failed: channel `{}` is not configured",
-                        row.channel
-                    ),
-                });
+                let problem = format!("channel `{}` is not configured", row.channel);
+                return failed(format!("download_failed: {problem}"), Outcome::Failed);
             }
         };
         let client = Client::with_http(self.http.clone(), endpoint);
         let info = match client.media_info(media_id).await {
             Ok(info) => info,
-            Err(e) => return Attempt::Retry(e.to_string()),
+            Err(e) => return Attempt::Retry(e.to_string(), Outcome::of(&e)),
         };
         if info.file_size.is_some_and(|size| size > max) {
             tracing::warn!(
@@ -213,9 +286,7 @@ impl Worker {
                 max,
                 "file larger than media.max_bytes"
             );
-            return Attempt::Finished(MediaFinish::Failed {
-                error: "too_large".into(),
-            });
+            return failed("too_large".into(), Outcome::TooLarge);
         }
         let bytes = match client.download(&info.url, max).await {
             Ok(bytes) => bytes,
@@ -226,29 +297,31 @@ impl Worker {
                     max,
                     "file larger than media.max_bytes"
                 );
-                return Attempt::Finished(MediaFinish::Failed {
-                    error: "too_large".into(),
-                });
+                return failed("too_large".into(), Outcome::TooLarge);
             }
-            Err(DownloadError::Failed(e)) => return Attempt::Retry(e.to_string()),
+            Err(DownloadError::Failed(e)) => return Attempt::Retry(e.to_string(), Outcome::of(&e)),
         };
         let expected = row.sha256.as_deref().or(info.sha256.as_deref());
         if !sha256_matches(&bytes, expected) {
-            return Attempt::Finished(MediaFinish::Failed {
-                error: "sha256_mismatch".into(),
-            });
+            return failed("sha256_mismatch".into(), Outcome::Sha256Mismatch);
         }
         let key = content_key(&sha256_hex(&bytes));
         let size = bytes.len() as i64;
         if let Err(e) = self.media.store.put(&key, bytes).await {
-            return Attempt::Retry(e.to_string());
+            return Attempt::Retry(e.to_string(), Outcome::StoreFailed);
         }
-        Attempt::Finished(MediaFinish::Ok {
+        let finish = MediaFinish::Ok {
             size,
             mime: info.mime_type.or_else(|| row.mime.clone()),
             store_key: key,
-        })
+        };
+        Attempt::Finished(finish, Outcome::Stored)
     }
+}
+
+/// An attempt that failed for good with `error`.
+fn failed(error: String, outcome: Outcome) -> Attempt {
+    Attempt::Finished(MediaFinish::Failed { error }, outcome)
 }
 
 #[cfg(test)]

@@ -9,9 +9,11 @@
 //! | `mod` | [`Media`]: the store, the link signer ([`Signer`]) and the size limit; the SHA-256 check ([`sha256_matches`]); what a flow's variable holds ([`Media::value`]) | no |
 //! | [`store`] | the [`store::MediaStore`] trait, a local directory and memory | yes |
 //! | [`download`] | the worker: claims due rows with a lease, fetches, verifies, stores, retries, and tells the contact's flow ([`crate::dispatch::Runtime::media_ready`]) | yes |
+//! | [`local`] | files given directly (conversation tests, `chat`, the sandbox door): stored as a download's would be, and the flow told | yes |
 //! | [`upload`] | files flowgate sends: project files uploaded to WhatsApp once and sent by id | yes |
 
 pub mod download;
+pub mod local;
 pub mod store;
 pub mod upload;
 

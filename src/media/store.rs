@@ -39,6 +39,17 @@ pub fn content_key(sha256_hex: &str) -> String {
     format!("{}/{sha256_hex}", &sha256_hex[..2.min(sha256_hex.len())])
 }
 
+/// The SHA-256 a file's key is made of, as a webhook gives it (base64 of the raw digest)
+/// and in hex: what a pending download of the same file was announced with.
+pub fn sha256_forms(key: &str) -> [String; 2] {
+    use base64::Engine as _;
+    let hex = key.rsplit('/').next().unwrap_or_default().to_string();
+    let base64 = hex::decode(&hex)
+        .map(|raw| base64::engine::general_purpose::STANDARD.encode(raw))
+        .unwrap_or_default();
+    [base64, hex]
+}
+
 /// Whether `key` is one flowgate makes: what keeps a key from leaving the store's directory.
 fn valid_key(key: &str) -> bool {
     !key.is_empty()

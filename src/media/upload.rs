@@ -50,6 +50,8 @@ pub struct UploadOptions {
     pub lease: Duration,
     /// How often a sender waiting for another instance's upload looks for its id.
     pub poll: Duration,
+    /// How long one upload may take (`media.upload_timeout`).
+    pub timeout: Duration,
 }
 
 impl Default for UploadOptions {
@@ -60,6 +62,7 @@ impl Default for UploadOptions {
             renew_before: Duration::from_secs(24 * 3600),
             lease: Duration::from_secs(120),
             poll: Duration::from_millis(100),
+            timeout: Duration::from_secs(30),
         }
     }
 }
@@ -278,13 +281,16 @@ impl Uploads {
                 message: m.message,
                 help: m.help,
             })?;
-        client
-            .upload_media(bytes, fits.mime, &name)
-            .await
-            .map_err(|error| UploadError::Upload {
-                path: path.into(),
-                error,
-            })
+        let size = bytes.len() as u64;
+        let started = std::time::Instant::now();
+        let result = client
+            .upload_media(bytes, fits.mime, &name, self.options.timeout)
+            .await;
+        count_upload(&result, size, started.elapsed().as_secs_f64());
+        result.map_err(|error| UploadError::Upload {
+            path: path.into(),
+            error,
+        })
     }
 
     /// The file's SHA-256, read again only when its modification time or size changed.
@@ -329,6 +335,38 @@ impl Uploads {
             .expect("ids lock")
             .insert(sha256.clone(), upload);
         Uploaded { sha256, media_id }
+    }
+}
+
+/// Counts one upload in the metrics: `flowgate_media_uploads_total{outcome}` (`uploaded`,
+/// `refused` by WhatsApp, `failed`: no answer, a timeout), its seconds, and the bytes
+/// uploaded.
+fn count_upload(result: &Result<String, GraphError>, size: u64, seconds: f64) {
+    let outcome = match result {
+        Ok(_) => "uploaded",
+        Err(e) if e.origin == crate::whatsapp::errors::ErrorOrigin::Transport => "failed",
+        Err(_) => "refused",
+    };
+    let label = [("outcome", outcome)];
+    crate::metrics::count(
+        "flowgate_media_uploads_total",
+        "Uploads of project files to WhatsApp, by outcome.",
+        &label,
+        1,
+    );
+    crate::metrics::observe(
+        "flowgate_media_upload_seconds",
+        "How long an upload of a project file took, by outcome.",
+        &label,
+        seconds,
+    );
+    if result.is_ok() {
+        crate::metrics::count(
+            "flowgate_media_upload_bytes_total",
+            "Bytes of project files uploaded to WhatsApp.",
+            &[],
+            size,
+        );
     }
 }
 

@@ -84,6 +84,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "campaign variants",
         include_str!("../../migrations/sqlite/0015_campaign_variants.sql"),
     ),
+    (
+        16,
+        "media retention",
+        include_str!("../../migrations/sqlite/0016_media_retention.sql"),
+    ),
 ];
 
 /// The PostgreSQL migrations: the same numbers and names as SQLite's, each written for
@@ -160,6 +165,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         15,
         "campaign variants",
         include_str!("../../migrations/postgres/0015_campaign_variants.sql"),
+    ),
+    (
+        16,
+        "media retention",
+        include_str!("../../migrations/postgres/0016_media_retention.sql"),
     ),
 ];
 

@@ -116,6 +116,7 @@ pub use media::{LocalMedia, MediaFinish, MediaRow};
 pub use media_uploads::{MediaUpload, MediaUploadState};
 pub use outbox::{ChannelStop, OutboundFilter, OutboxEntry, OutboxRow};
 pub use queue::{ExpiringMessage, FLUSH_LIMIT, QueuedMessage};
+pub use retention::PrunedMedia;
 pub use run_requests::ManualRun;
 pub use splits::SplitCount;
 pub use template_statuses::TemplateStatusRow;

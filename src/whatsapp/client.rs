@@ -316,12 +316,14 @@ impl Client {
     /// Uploads a file for sending by id: multipart `messaging_product=whatsapp`, `type` (its
     /// MIME type) and `file`, to [`Endpoint::upload_url`] with the channel's credentials.
     /// The media id WhatsApp answers, or its refusal (a transport failure is a
-    /// [`GraphError::transport`], like a send's).
+    /// [`GraphError::transport`], like a send's). `timeout` replaces the client's request
+    /// timeout: a large file takes longer than a message.
     pub async fn upload_media(
         &self,
         bytes: Vec<u8>,
         mime: &str,
         file_name: &str,
+        timeout: Duration,
     ) -> Result<String, GraphError> {
         let part = reqwest::multipart::Part::bytes(bytes)
             .file_name(file_name.to_string())
@@ -331,7 +333,8 @@ impl Client {
             .text("messaging_product", "whatsapp")
             .text("type", mime.to_string())
             .part("file", part);
-        let request = self.authorize(self.http.post(self.endpoint.upload_url()).multipart(form));
+        let request = self.http.post(self.endpoint.upload_url()).timeout(timeout);
+        let request = self.authorize(request.multipart(form));
         let (status, body, retry_after) = answer(request).await?;
         parse_upload_response(status, &body).map_err(|e| e.with_retry_after(retry_after))
     }

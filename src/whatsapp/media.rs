@@ -12,6 +12,10 @@ use serde_json::Value;
 use super::errors::GraphError;
 use super::send::{read_answer, snippet};
 
+/// WhatsApp's "media download error" (`131052`): it could not get the customer's file (gone
+/// from its servers, or not there yet).
+pub const MEDIA_DOWNLOAD_ERROR: i64 = 131_052;
+
 /// Where to download one file, and what it should be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MediaInfo {

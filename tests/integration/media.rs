@@ -13,7 +13,7 @@ use axum::extract::State;
 use flowgate::app;
 use flowgate::clock::SystemClock;
 use serde_json::{Value, json};
-use support::fake_graph::{FakeAuth, FakeGraph, FakeMedia};
+use support::fake_graph::{FakeAuth, FakeGraph, FakeMedia, Serving};
 use support::{Backend, Running, TestDb, eventually};
 
 const PHONE_NUMBER_ID: &str = "110000000000001";
@@ -90,7 +90,7 @@ async fn claims_service() -> (String, Arc<Mutex<Claims>>, tokio::task::JoinHandl
 }
 
 struct Setup {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     fake: FakeGraph,
     server: Running,
     database: TestDb,
@@ -139,7 +139,7 @@ impl Setup {
         let database = TestDb::new(root, backend).await?;
         let server = Running::start(&loaded, &database.url, Arc::new(SystemClock)).await;
         Some(Setup {
-            _dir: dir,
+            dir,
             fake,
             server,
             database,
@@ -239,6 +239,16 @@ impl Setup {
     }
 }
 
+/// How many files the media directory holds.
+fn files_stored(setup: &Setup) -> usize {
+    let Ok(dirs) = std::fs::read_dir(setup.dir.path().join("media")) else {
+        return 0;
+    };
+    dirs.flatten()
+        .map(|d| std::fs::read_dir(d.path()).map_or(0, |f| f.count()))
+        .sum()
+}
+
 /// Bytes that look like nothing in particular, `n` of them.
 fn photo_bytes(n: usize, seed: u8) -> Vec<u8> {
     (0..n)
@@ -300,6 +310,18 @@ async fn photo_reaches_the_http_step(backend: Backend, dialog360: bool) {
         setup.media_row("wamid.in.3").await,
         ("ok".into(), String::new(), 1)
     );
+    // `/metrics` counts the download (other tests in this process download too).
+    let stored = r#"flowgate_media_downloads_total{outcome="stored"}"#;
+    assert!(setup.server.metric(stored).await >= 1.0);
+    assert!(
+        setup
+            .server
+            .metric("flowgate_media_download_bytes_total")
+            .await
+            >= 3000.0
+    );
+    let timed = r#"flowgate_media_download_seconds_count{outcome="stored"}"#;
+    assert!(setup.server.metric(timed).await >= 1.0);
     // The history shows the file with its status and a link that works.
     let conversation: Value = setup
         .server
@@ -424,6 +446,8 @@ async fn a_wrong_sha256_and_an_oversized_file_are_refused_and_the_flow_takes_its
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_131052_is_retried_and_the_download_then_works() {
     let setup = Setup::start(Backend::Sqlite, false).await.unwrap();
+    let expired = r#"flowgate_media_downloads_total{outcome="expired"}"#;
+    let expired_before = setup.server.metric(expired).await;
     let bytes = photo_bytes(2000, 9);
     let mut media = FakeMedia::new(bytes.clone(), "image/png");
     media.errors_131052 = 1;
@@ -437,6 +461,10 @@ async fn a_131052_is_retried_and_the_download_then_works() {
     let requests = setup.fake.media_requests();
     let statuses: Vec<u16> = requests.iter().map(|r| r.status).collect();
     assert_eq!(statuses, [400, 200, 200], "{requests:#?}");
+    assert!(
+        setup.server.metric(expired).await > expired_before,
+        "the 131052 is counted"
+    );
     assert_eq!(
         setup.media_row("wamid.r.2").await,
         ("ok".into(), String::new(), 2)
@@ -508,5 +536,77 @@ async fn signed_links_refuse_a_tampered_signature_and_an_expired_one() {
     let future = chrono::Utc::now().timestamp() + 60;
     let fresh = get(format!("{}{}", setup.server.base, signer.path(1, future))).await;
     assert_eq!(fresh.0, 200, "the test signs as the server does");
+    setup.stop().await;
+}
+
+/// The size limit holds while reading, whatever the server says: a download sent chunked
+/// without `Content-Length`, whose description states a small `file_size` (a lie), is
+/// refused `too_large` once its bytes pass `media.max_bytes`, and the rest of it is never
+/// read (the fake produces its chunks only as they are read); a `Content-Length` smaller
+/// than the body gets only that many bytes, which fail the webhook's SHA-256. Nothing is
+/// stored, and `/metrics` counts both refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_size_limit_holds_while_streaming_whatever_the_server_says() {
+    let setup = Setup::start(Backend::Sqlite, false).await.unwrap();
+    let too_large = r#"flowgate_media_downloads_total{outcome="too_large"}"#;
+    let mismatch = r#"flowgate_media_downloads_total{outcome="sha256_mismatch"}"#;
+    let (too_large_before, mismatch_before) = (
+        setup.server.metric(too_large).await,
+        setup.server.metric(mismatch).await,
+    );
+    const HUGE: usize = 32 * 1024 * 1024;
+    let mut chunked = FakeMedia::new(photo_bytes(HUGE, 6), "image/jpeg");
+    chunked.serving = Serving::Chunked(1024);
+    chunked.stated_size = Some(1000);
+    let chunked_sha = setup.fake.serve_media("5000000000000001", chunked);
+    let mut short = FakeMedia::new(photo_bytes(2000, 8), "image/jpeg");
+    short.serving = Serving::ShortLength(1000);
+    short.hide_size = true;
+    let short_sha = setup.fake.serve_media("5000000000000002", short);
+
+    for (who, media, sha) in [
+        ("15555550401", "5000000000000001", &chunked_sha),
+        ("15555550402", "5000000000000002", &short_sha),
+    ] {
+        setup.text(who, &format!("wamid.t.{who}"), "damaged").await;
+        setup.reply_to(who, "send a photo").await;
+        setup
+            .photo(who, &format!("wamid.p.{who}"), media, sha)
+            .await;
+    }
+    assert_eq!(
+        setup.reply_to("15555550401", "could not read").await,
+        "We could not read that file (too_large)."
+    );
+    assert_eq!(
+        setup.reply_to("15555550402", "could not read").await,
+        "We could not read that file (sha256_mismatch)."
+    );
+    assert_eq!(
+        setup.media_row("wamid.p.15555550401").await,
+        ("failed".into(), "too_large".into(), 1)
+    );
+    assert_eq!(
+        setup.media_row("wamid.p.15555550402").await,
+        ("failed".into(), "sha256_mismatch".into(), 1)
+    );
+    // The reading stopped at the limit: what the fake produced is the limit, the chunks in
+    // flight and the sockets' buffers, far from the 32 MiB body.
+    let streamed = setup.fake.bytes_streamed("5000000000000001");
+    assert!(
+        (MAX_BYTES as u64..HUGE as u64 / 4).contains(&streamed),
+        "{streamed} bytes were produced"
+    );
+    assert_eq!(files_stored(&setup), 0, "nothing is stored");
+    assert_eq!(
+        support::count(
+            &setup.server.db,
+            "SELECT COUNT(*) FROM media WHERE store_key IS NOT NULL"
+        )
+        .await,
+        0
+    );
+    assert!(setup.server.metric(too_large).await > too_large_before);
+    assert!(setup.server.metric(mismatch).await > mismatch_before);
     setup.stop().await;
 }

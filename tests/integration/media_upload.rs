@@ -64,6 +64,11 @@ static MESSAGE: AtomicU64 = AtomicU64::new(0);
 
 impl Project {
     async fn start(backend: Backend, dialog360: bool) -> Option<Project> {
+        Self::start_with(backend, dialog360, "").await
+    }
+
+    /// [`Project::start`] with `extra` config.
+    async fn start_with(backend: Backend, dialog360: bool, extra: &str) -> Option<Project> {
         let fake = FakeGraph::start(if dialog360 {
             FakeAuth::dialog360(API_KEY)
         } else {
@@ -95,7 +100,7 @@ impl Project {
         };
         let config = format!(
             "flows: flows\ntemplates: templates.yaml\noutbox:\n  media_expiry: 30d\n  \
-             media_renew_before: 1d\nchannels:\n{channel}"
+             media_renew_before: 1d\nchannels:\n{channel}{extra}"
         );
         std::fs::write(root.join("flowgate.yaml"), config).unwrap();
         let loaded = flowgate::app::load(Some(&root.join("flowgate.yaml"))).expect("it loads");
@@ -215,6 +220,45 @@ async fn a_project_file_is_uploaded_once_and_its_id_reused() {
 #[tokio::test]
 async fn a_project_file_is_uploaded_once_and_its_id_reused_on_postgres() {
     one_upload_serves_every_send(Backend::Postgres).await;
+}
+
+/// `media.upload_timeout` bounds an upload: one slower than it is given up (counted
+/// `failed` on `/metrics`) and the message retried, which goes out once an upload fits.
+#[tokio::test]
+async fn an_upload_slower_than_its_timeout_is_given_up_and_retried() {
+    let extra = "media:\n  upload_timeout: 1s\n";
+    let p = Project::start_with(Backend::Sqlite, false, extra)
+        .await
+        .unwrap();
+    let failed = r#"flowgate_media_uploads_total{outcome="failed"}"#;
+    let uploaded = r#"flowgate_media_uploads_total{outcome="uploaded"}"#;
+    let (failed_before, uploaded_before) = (
+        p.server.metric(failed).await,
+        p.server.metric(uploaded).await,
+    );
+    p.fake.delay_uploads(Duration::from_secs(3));
+    let started = std::time::Instant::now();
+    p.customer("15550006001", "menu").await;
+    support::eventually("the slow upload is given up", || async {
+        p.server.metric(failed).await > failed_before
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "given up after its 1 s, not when the fake answered"
+    );
+    assert!(
+        p.fake.sends().is_empty(),
+        "nothing was sent without its file"
+    );
+    // WhatsApp is quick again; the retry's back-off passes on the virtual clock.
+    p.fake.delay_uploads(Duration::ZERO);
+    p.clock.advance(chrono::Duration::minutes(5));
+    let sends = p.accepted_sends(1).await;
+    assert_eq!(image_id(&sends[0]), p.fake.uploads().last().unwrap().id);
+    assert!(p.server.metric(uploaded).await > uploaded_before);
+    assert!(p.server.metric("flowgate_media_upload_bytes_total").await >= 2000.0);
+    p.clean_up().await;
 }
 
 #[tokio::test]

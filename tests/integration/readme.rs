@@ -176,6 +176,12 @@ async fn the_chat_transcript_is_what_chat_prints() {
     transcript("chat", &root()).await;
 }
 
+/// A customer's file in `chat`: `/image PATH` to `examples/parcel`, whose flow goes on.
+#[tokio::test]
+async fn the_chat_file_transcript_is_what_chat_prints() {
+    transcript("chat-file", &root()).await;
+}
+
 #[tokio::test]
 async fn the_test_transcript_is_what_test_prints() {
     transcript("test", &root()).await;

@@ -1,5 +1,7 @@
 //! `retention: 90d` on a virtual clock: the history older than 90 days is pruned by the
-//! real pruning task, the unsettled messages and the contacts stay, and conversations go on.
+//! real pruning task, with the customers' files of the pruned messages (their rows and the
+//! files in the media directory), the unsettled messages and the contacts stay, and
+//! conversations go on.
 
 use std::sync::Arc;
 
@@ -8,6 +10,9 @@ use flowgate::app;
 use flowgate::campaign_runner::CampaignRunner;
 use flowgate::clock::{Clock, VirtualClock};
 use flowgate::domain::{Inbound, InboundContent, OutboundContent};
+use flowgate::media::local::{GivenFile, receive};
+use flowgate::media::sha256_hex;
+use flowgate::media::store::content_key;
 
 use crate::support::{self, Backend, TestDb};
 
@@ -53,19 +58,49 @@ async fn pruned_on(backend: Backend) {
         }
     };
 
-    // Day 0: every customer talks to the bot. Day 2: an agent writes to customer 0, whose
-    // window has closed: the message is queued (unsettled, so never pruned).
+    let media_dir = dir.path().join("data/media");
+    let sends_photo = |i: usize, bytes: &'static [u8]| {
+        let runtime = runtime.clone();
+        let now = clock.now();
+        let media_dir = media_dir.clone();
+        async move {
+            let file = GivenFile {
+                kind: "image",
+                name: "parcel.png",
+                bytes: bytes.to_vec(),
+                caption: None,
+            };
+            receive(&runtime, "sandbox", &wa_id(i), None, file, now)
+                .await
+                .unwrap();
+            // Where the media directory keeps it.
+            let key = content_key(&sha256_hex(bytes));
+            media_dir.join(key)
+        }
+    };
+
+    // Day 0: every customer talks to the bot, and customer 3 sends a photo. Day 2: an agent
+    // writes to customer 0, whose window has closed: the message is queued (unsettled, so
+    // never pruned).
     for i in 0..CUSTOMERS {
         assert!(!says(i).await.sent.is_empty(), "the bot answers");
     }
+    let old_photo = sends_photo(3, b"an old photo").await;
+    assert!(old_photo.exists(), "{} is stored", old_photo.display());
     clock.advance(Duration::days(2));
     runtime
         .agent_message("sandbox", &wa_id(0), OutboundContent::text("Still there?"))
         .await
         .unwrap();
-    // Day 93: customer 1 writes again; the cutoff is day 3.
+    // Day 93: customer 1 writes again, customer 4 sends a photo; the cutoff is day 3.
     clock.advance(Duration::days(91));
     says(1).await;
+    let new_photo = sends_photo(4, b"a new photo").await;
+    let media_rows = "SELECT COUNT(*) FROM media";
+    assert_eq!(support::count(&runtime.db, media_rows).await, 2);
+    let pruned_media =
+        || flowgate::metrics::counter_value("flowgate_pruned_rows_total", &[("table", "media")]);
+    let pruned_before = pruned_media();
     let cutoff = (clock.now() - Duration::days(90)).timestamp_millis();
     let old = format!("SELECT COUNT(*) FROM messages WHERE created_at < {cutoff}");
     let before = support::count(&runtime.db, &old).await;
@@ -82,7 +117,14 @@ async fn pruned_on(backend: Backend) {
         support::count(&runtime.db, &old).await == 1
     })
     .await;
+    support::eventually("the old photo is pruned", || async {
+        support::count(&runtime.db, media_rows).await == 1 && !old_photo.exists()
+    })
+    .await;
     pruning.abort();
+    assert!(!old_photo.exists(), "the old photo's file is deleted");
+    assert!(new_photo.exists(), "the new photo's file stays");
+    assert!(pruned_media() > pruned_before, "the metric counts it");
 
     assert_eq!(
         support::text(

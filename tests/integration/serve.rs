@@ -101,6 +101,97 @@ async fn serve_answers_sandbox_messages_and_stops_cleanly() {
     );
 }
 
+/// The sandbox door takes a customer's file (base64 in the JSON body): a copy of
+/// `examples/parcel` asks for a photo, gets `parcel.png`, stores it in its media directory
+/// and goes on; a file that is not base64 or not a kind of file is refused, nothing stored.
+#[tokio::test]
+async fn the_sandbox_door_takes_a_customers_file() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/parcel");
+    std::fs::create_dir(dir.path().join("flows")).unwrap();
+    for file in ["flowgate.yaml", "flows/damaged_parcel.yaml"] {
+        std::fs::copy(example.join(file), dir.path().join(file)).unwrap();
+    }
+    let loaded = app::load(Some(&dir.path().join("flowgate.yaml"))).expect("the example loads");
+    let db = format!("sqlite://{}", dir.path().join("flowgate.db").display());
+    let server = support::Running::start(&loaded, &db, Arc::new(SystemClock)).await;
+    let url = format!("{}/sandbox/messages", server.base);
+    let photo = std::fs::read(example.join("flows/parcel.png")).unwrap();
+    let encoded = base64::engine::general_purpose::STANDARD.encode(&photo);
+    let stored = || {
+        let media = dir.path().join("data/media");
+        std::fs::read_dir(&media).map_or(0, |d| d.flatten().count())
+    };
+
+    let (status, body) = post(
+        &server.client,
+        &url,
+        json!({"from": "15550008888", "text": "my parcel is damaged"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["replies"][0]["message"]["body"]
+            .as_str()
+            .unwrap()
+            .contains("Please send a photo"),
+        "{body}"
+    );
+    for (file, problem) in [
+        (
+            json!({"kind": "image", "name": "parcel.png", "base64": "not base64!"}),
+            "not base64",
+        ),
+        (
+            json!({"kind": "gif", "name": "parcel.gif", "base64": encoded}),
+            "not a kind of file",
+        ),
+    ] {
+        let (status, body) = post(
+            &server.client,
+            &url,
+            json!({"from": "15550008888", "file": file}),
+        )
+        .await;
+        assert_eq!(
+            (status, &body["error"]["code"]),
+            (400, &json!("invalid_file"))
+        );
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(problem), "{message}");
+    }
+    assert_eq!(stored(), 0, "nothing is stored from a refused file");
+
+    let (status, body) = post(
+        &server.client,
+        &url,
+        json!({"from": "15550008888", "file": {
+            "kind": "image", "name": "parcel.png", "base64": encoded, "caption": "crushed corner",
+        }}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let said: Vec<&str> = body["replies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["message"]["body"].as_str())
+        .collect();
+    assert_eq!(
+        said,
+        [format!(
+            "Thanks! We have your photo ({} bytes) and will get back to you within a day.",
+            photo.len()
+        )],
+        "{body}"
+    );
+    assert_eq!(stored(), 1, "the photo is in the media directory");
+    let caption = support::text(&server.db, "SELECT caption FROM media").await;
+    assert_eq!(caption, "crushed corner");
+    server.shutdown().await;
+}
+
 /// A one-question survey; tests change `v1:` to make a new version.
 pub(crate) const V1: &str = r#"
 flow: survey

@@ -8,16 +8,25 @@ use crate::domain::{Contact, Inbound, InboundContent, MediaRef};
 use crate::store::{Db, LocalMedia, MediaFinish};
 
 fn photo(id: &str, media_id: &str) -> Inbound {
+    photo_with_sha256(id, media_id, "abc=", t(0))
+}
+
+fn photo_with_sha256(
+    id: &str,
+    media_id: &str,
+    sha256: &str,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Inbound {
     Inbound {
         id: id.into(),
-        timestamp: t(0),
+        timestamp: at,
         content: InboundContent::Media {
             kind: "image".into(),
             caption: Some("Damaged box".into()),
             file: Some(MediaRef {
                 id: media_id.into(),
                 mime_type: Some("image/jpeg".into()),
-                sha256: Some("abc=".into()),
+                sha256: Some(sha256.into()),
                 filename: None,
             }),
         },
@@ -227,4 +236,122 @@ pub async fn a_server_secret_is_generated_once(db: Db) {
         .await
         .unwrap();
     assert_eq!((first.as_str(), second.as_str()), ("one", "one"));
+}
+
+/// The retention takes the rows and files of pruned messages: a file two rows named goes
+/// once, a file a newer row names stays, a pending download stays with its row and keeps
+/// the file its webhook announced (it may be storing it now) until it is over.
+pub async fn pruned_messages_take_their_files_and_pending_downloads_stay(db: Db) {
+    use crate::media::store::{content_key, sha256_forms};
+    use crate::media::{MediaStore, Memory, sha256_hex};
+    let files = Memory::default();
+    let key = |bytes: &[u8]| content_key(&sha256_hex(bytes));
+    let (shared, coming, kept) = (key(b"twice"), key(b"coming"), key(b"kept"));
+    for k in [&shared, &coming, &kept] {
+        files.put(k, b"bytes".to_vec()).await.unwrap();
+    }
+    let coming_sha = sha256_forms(&coming)[0].clone();
+    const DAY: i64 = 24 * 60;
+    // (wamid, at, how the download ended: a file, a failure, or still pending)
+    let plan: [(&str, i64, Option<Option<&String>>); 7] = [
+        ("wamid.a1", 0, Some(Some(&shared))),
+        ("wamid.a2", 1, Some(Some(&shared))),
+        ("wamid.b1", 2, Some(None)),
+        ("wamid.c0", 3, Some(Some(&coming))),
+        ("wamid.c1", 4, None),
+        ("wamid.k0", 5, Some(Some(&kept))),
+        ("wamid.k1", 100 * DAY, Some(Some(&kept))),
+    ];
+    for (i, (wamid, at, _)) in plan.iter().enumerate() {
+        let contact = Contact::new(format!("1555002{i}"));
+        // Only the pending download was announced with the file that is kept for it.
+        let sha256 = if *wamid == "wamid.c1" {
+            &coming_sha
+        } else {
+            "abc="
+        };
+        let message = photo_with_sha256(wamid, &format!("m{i}"), sha256, t(*at));
+        db.commit_turn(&crate::store::TurnWrite {
+            inbound: Some(&message),
+            ..bare_turn(None, &contact, t(*at))
+        })
+        .await
+        .unwrap();
+    }
+    let now = t(100 * DAY);
+    let claimed = db
+        .claim_media(now, now + Duration::minutes(5), 8)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), plan.len());
+    for row in &claimed {
+        let (_, _, outcome) = plan.iter().find(|p| p.0 == row.wamid).unwrap();
+        let finish = match outcome {
+            None => continue,
+            Some(Some(key)) => MediaFinish::Ok {
+                size: 5,
+                mime: None,
+                store_key: (*key).clone(),
+            },
+            Some(None) => MediaFinish::Failed {
+                error: "too_large".into(),
+            },
+        };
+        db.media_finished(row.id, &finish, now).await.unwrap();
+        db.media_notified(row.id, now).await.unwrap();
+    }
+
+    let cutoff = t(10 * DAY);
+    let pause = std::time::Duration::ZERO;
+    let pruned = crate::retention::prune(&db, Some(&files), cutoff, pause)
+        .await
+        .unwrap();
+    assert_eq!(
+        (pruned.messages, pruned.media, pruned.media_files),
+        (6, 5, 1)
+    );
+    assert_eq!(files.get(&shared).await.unwrap(), None);
+    assert!(
+        files.get(&coming).await.unwrap().is_some(),
+        "a pending download's"
+    );
+    assert!(files.get(&kept).await.unwrap().is_some(), "a newer row's");
+    let ids: Vec<i64> = claimed.iter().map(|r| r.id).collect();
+    let left = |db: Db| {
+        let ids = ids.clone();
+        async move {
+            let mut wamids = Vec::new();
+            for id in ids {
+                if let Some(row) = db.media(id).await.unwrap() {
+                    wamids.push(row.wamid);
+                }
+            }
+            wamids
+        }
+    };
+    assert_eq!(left(db.clone()).await, ["wamid.c1", "wamid.k1"]);
+    let again = crate::retention::prune(&db, Some(&files), cutoff, pause)
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.media, again.media_files),
+        (0, 0),
+        "nothing is left to prune"
+    );
+
+    // The pending download ends with the announced file: its row and the file go next.
+    let c1 = claimed.iter().find(|r| r.wamid == "wamid.c1").unwrap().id;
+    let stored = MediaFinish::Ok {
+        size: 5,
+        mime: None,
+        store_key: coming.clone(),
+    };
+    db.media_finished(c1, &stored, now).await.unwrap();
+    db.media_notified(c1, now).await.unwrap();
+    let last = crate::retention::prune(&db, Some(&files), cutoff, pause)
+        .await
+        .unwrap();
+    assert_eq!((last.media, last.media_files), (1, 1));
+    assert_eq!(files.get(&coming).await.unwrap(), None);
+    assert_eq!(left(db.clone()).await, ["wamid.k1"]);
 }

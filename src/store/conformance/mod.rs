@@ -204,6 +204,7 @@ macro_rules! suite {
                 media::downloads_are_claimed_with_a_lease_retried_and_finished,
                 media::failures_and_local_files_keep_their_outcome,
                 media::a_server_secret_is_generated_once,
+                media::pruned_messages_take_their_files_and_pending_downloads_stay,
             );
         }
     };

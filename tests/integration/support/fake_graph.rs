@@ -28,6 +28,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use futures_util::StreamExt as _;
 use serde_json::{Value, json};
 
 /// The Graph API version in the fake's Cloud API paths.
@@ -253,6 +254,8 @@ struct FakeState {
     uploads: MediaUploads,
     /// Customers' files it serves, by media id ([`FakeGraph::serve_media`]).
     media: BTreeMap<String, FakeMedia>,
+    /// Bytes of each file a chunked download produced ([`FakeGraph::bytes_streamed`]).
+    streamed: BTreeMap<String, Arc<std::sync::atomic::AtomicU64>>,
 }
 
 #[derive(Clone)]
@@ -793,6 +796,23 @@ pub struct FakeMedia {
     pub hide_size: bool,
     /// The next this many descriptions answer error 131052.
     pub errors_131052: usize,
+    /// How the download sends the bytes.
+    pub serving: Serving,
+    /// The `file_size` the description states instead of the true one (a lie).
+    pub stated_size: Option<u64>,
+}
+
+/// How a download's bytes go out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Serving {
+    /// In one body with its `Content-Length`.
+    #[default]
+    Whole,
+    /// Chunked, without `Content-Length`, in chunks of this many bytes, produced only as
+    /// the client reads them: only reading tells the size.
+    Chunked(usize),
+    /// With a `Content-Length` of this many bytes, fewer than the body has.
+    ShortLength(u64),
 }
 
 impl FakeMedia {
@@ -819,6 +839,16 @@ impl FakeGraph {
         let mut state = self.shared.state.lock().unwrap();
         state.media.insert(media_id.to_string(), media);
         sha
+    }
+
+    /// How many bytes of the file `media_id` a [`Serving::Chunked`] download produced so
+    /// far (what the client read, plus what the sockets' buffers took).
+    pub fn bytes_streamed(&self, media_id: &str) -> u64 {
+        let state = self.shared.state.lock().unwrap();
+        state
+            .streamed
+            .get(media_id)
+            .map_or(0, |n| n.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Requests for files so far (descriptions and downloads), in arrival order.
@@ -923,7 +953,8 @@ fn media_description(shared: &Shared, path: &str, id: &str, headers: &HeaderMap)
         "id": id,
     });
     if !media.hide_size {
-        answer["file_size"] = json!(media.bytes.len().to_string());
+        let size = media.stated_size.unwrap_or(media.bytes.len() as u64);
+        answer["file_size"] = json!(size.to_string());
     }
     finish(shared, recorded, 200, answer.to_string())
 }
@@ -943,14 +974,49 @@ fn media_download(shared: &Shared, path: &str, query: &str, headers: &HeaderMap)
         return finish(shared, recorded, 404, graph_error_body(100).to_string());
     };
     recorded.status = 200;
-    shared.state.lock().unwrap().requests.push(recorded);
+    let streamed = {
+        let mut state = shared.state.lock().unwrap();
+        state.requests.push(recorded);
+        state.streamed.entry(id.to_string()).or_default().clone()
+    };
     shared.changed.notify_waiters();
-    (
-        StatusCode::OK,
-        [(axum::http::header::CONTENT_TYPE, media.mime.clone())],
-        media.wrong_bytes.unwrap_or(media.bytes),
-    )
-        .into_response()
+    let content_type = [(axum::http::header::CONTENT_TYPE, media.mime.clone())];
+    let bytes = media.wrong_bytes.unwrap_or(media.bytes);
+    match media.serving {
+        Serving::Whole => (StatusCode::OK, content_type, bytes).into_response(),
+        Serving::Chunked(size) => {
+            // A stream of unknown length: hyper sends it chunked, each chunk made only when
+            // the client reads on, and counted.
+            let (bytes, size) = (Bytes::from(bytes), size.max(1));
+            let chunks = (0..bytes.len().div_ceil(size))
+                .map(move |i| bytes.slice(i * size..((i + 1) * size).min(bytes.len())));
+            let body = futures_util::stream::iter(chunks).map(move |chunk| {
+                streamed.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                Ok::<_, std::convert::Infallible>(chunk)
+            });
+            (
+                StatusCode::OK,
+                content_type,
+                axum::body::Body::from_stream(body),
+            )
+                .into_response()
+        }
+        Serving::ShortLength(length) => {
+            let body =
+                futures_util::stream::iter([Ok::<_, std::convert::Infallible>(Bytes::from(bytes))]);
+            let mut response = (
+                StatusCode::OK,
+                content_type,
+                axum::body::Body::from_stream(body),
+            )
+                .into_response();
+            response.headers_mut().insert(
+                axum::http::header::CONTENT_LENGTH,
+                axum::http::HeaderValue::from(length),
+            );
+            response
+        }
+    }
 }
 
 fn finish(shared: &Shared, mut recorded: Recorded, status: u16, body: String) -> Response {

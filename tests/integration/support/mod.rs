@@ -96,6 +96,24 @@ pub struct Running {
 }
 
 impl Running {
+    /// The value of the series `series` (its name and labels, as written) on `/metrics`;
+    /// 0 when it is not there. Tests share the process's metrics: compare with a value read
+    /// before.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self
+            .client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     pub async fn start(
         loaded: &flowgate::app::Loaded,
         database_url: &str,
