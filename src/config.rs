@@ -277,11 +277,22 @@ pub struct MediaConfig {
     /// How long uploading a project file a message sends (`media: {file: …}`) may take:
     /// a file of many megabytes needs more than a message's 15 s. It runs while the sender
     /// holds the message's claim, so it must fit in `outbox.lease` with the send after it.
-    #[serde(
-        default = "default_media_upload_timeout",
-        deserialize_with = "duration"
-    )]
-    pub upload_timeout: HumanDuration,
+    /// Unset: [`MediaConfig::upload_timeout`] derives it from the lease.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub upload_timeout: Option<HumanDuration>,
+}
+
+impl MediaConfig {
+    /// The upload timeout in force: the configured one, else 30 s or what `lease` leaves
+    /// after the send ([`SEND_AFTER_UPLOAD`]) when that is less (at least 1 s: a config
+    /// with a lease that short sends no large files).
+    pub fn upload_timeout(&self, lease: chrono::Duration) -> chrono::Duration {
+        match &self.upload_timeout {
+            Some(set) => set.0,
+            None => (lease - SEND_AFTER_UPLOAD)
+                .clamp(chrono::Duration::seconds(1), DEFAULT_UPLOAD_TIMEOUT.0),
+        }
+    }
 }
 
 /// 16 MiB: WhatsApp's largest image, audio and video files, and most documents.
@@ -299,9 +310,7 @@ fn default_media_url_ttl() -> HumanDuration {
 
 /// 30 s: a 16 MiB video at about 5 Mbit/s, and room in the default 60 s `outbox.lease` for
 /// the send after it ([`SEND_AFTER_UPLOAD`]).
-fn default_media_upload_timeout() -> HumanDuration {
-    HumanDuration(chrono::Duration::seconds(30))
-}
+const DEFAULT_UPLOAD_TIMEOUT: HumanDuration = HumanDuration(chrono::Duration::seconds(30));
 
 /// What a message's lease must still hold after its file's upload: the send's request
 /// (15 s) and mark-as-read (3 s) timeouts, and 5 s to record the outcome (the sender's
@@ -316,7 +325,7 @@ impl Default for MediaConfig {
             public_url: None,
             url_ttl: default_media_url_ttl(),
             url_secret: None,
-            upload_timeout: default_media_upload_timeout(),
+            upload_timeout: None,
         }
     }
 }
@@ -644,7 +653,10 @@ impl Config {
                 .unwrap_or(std::time::Duration::from_secs(default))
         };
         let defaults = crate::media::upload::UploadOptions::default();
-        let timeout = std(&self.media.upload_timeout, 30);
+        let timeout = std(
+            &HumanDuration(self.media.upload_timeout(self.outbox.lease.0)),
+            30,
+        );
         crate::media::upload::UploadOptions {
             root: self.root.clone(),
             expiry: std(&self.outbox.media_expiry, 30 * 24 * 3600),
@@ -676,13 +688,17 @@ impl Config {
                 crate::retention::MINIMUM.num_days()
             ));
         }
-        let upload = &self.media.upload_timeout;
+        // Only a value written in the config is checked: the default fits the lease.
         let room = self.outbox.lease.0 - SEND_AFTER_UPLOAD;
-        if upload.0 <= chrono::Duration::zero() {
+        if let Some(upload) = &self.media.upload_timeout
+            && upload.0 <= chrono::Duration::zero()
+        {
             problems.push(format!(
                 "`media.upload_timeout: {upload}` leaves no time to upload a file; write e.g. `30s`"
             ));
-        } else if upload.0 > room {
+        } else if let Some(upload) = &self.media.upload_timeout
+            && upload.0 > room
+        {
             problems.push(format!(
                 "`media.upload_timeout: {upload}` does not fit in `outbox.lease: {}`: a file is uploaded while the sender holds the message's lease, and the send after it needs {}s more; write at most {}s, or raise `outbox.lease`",
                 self.outbox.lease,
@@ -855,12 +871,19 @@ mod tests {
         let parse = |text: &str| Config::from_str("f.yaml", text, Path::new(""));
         let default = parse("").unwrap();
         assert_eq!(
-            default.media.upload_timeout.0,
-            chrono::Duration::seconds(30)
-        );
-        assert_eq!(
             default.upload_options().timeout,
             std::time::Duration::from_secs(30)
+        );
+        // Unset under a short lease, it shrinks to fit (a test's 5 s lease starts).
+        let short = parse("outbox:\n  lease: 40s\n").unwrap();
+        assert_eq!(
+            short.upload_options().timeout,
+            std::time::Duration::from_secs(17)
+        );
+        let tiny = parse("outbox:\n  lease: 5s\n").unwrap();
+        assert_eq!(
+            tiny.upload_options().timeout,
+            std::time::Duration::from_secs(1)
         );
         let long = parse("media:\n  upload_timeout: 5m\noutbox:\n  lease: 10m\n").unwrap();
         let options = long.upload_options();

@@ -202,7 +202,7 @@ async fn the_sandbox_door_takes_a_forms_answer() {
         answer["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("text, button, list or form"),
+            .contains("text, button, list, form or file"),
         "{answer}"
     );
     let (status, _) = say(&server, json!({"from": from, "form": [1, 2]})).await;
