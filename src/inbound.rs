@@ -669,11 +669,14 @@ impl Worker {
     /// [`Worker::process`], its wait in the inbox and a customer message's turn measured
     /// (`flowgate_stage_seconds`).
     async fn process_timed(&self, row: &InboxRow) -> Outcome {
-        let waited = self.state.runtime.clock.now() - row.received_at;
-        metrics::observe_stage(
-            "inbox_wait",
-            waited.to_std().unwrap_or_default().as_secs_f64(),
-        );
+        // A first attempt only: a retried row's wait is its back-off.
+        if row.attempts == 0 {
+            let waited = self.state.runtime.clock.now() - row.received_at;
+            metrics::observe_stage(
+                "inbox_wait",
+                waited.to_std().unwrap_or_default().as_secs_f64(),
+            );
+        }
         if row.kind != "message" {
             return self.process(row).await;
         }

@@ -92,8 +92,11 @@ async fn prune_media(
         let batch = db.prune_media(boundary, cutoff, BATCH).await?;
         rows += batch.rows;
         for key in &batch.store_keys {
-            let [base64, hex] = crate::media::store::sha256_forms(key);
-            if db.media_file_in_use(key, [&base64, &hex]).await? {
+            let forms = crate::media::store::sha256_forms(key);
+            if db
+                .media_file_in_use(key, forms.each_ref().map(String::as_str))
+                .await?
+            {
                 continue;
             }
             // A file that cannot be deleted is left over (its rows are gone, so nothing

@@ -242,7 +242,10 @@ impl Dispatcher {
                             .await?;
                         (outcome, variant.name.as_deref())
                     }
-                    None => (Outcome::Skip("the contact was deleted".into()), None),
+                    None => (
+                        Outcome::Skip("the contact was deleted".into()),
+                        row.variant.as_deref(),
+                    ),
                 };
                 if matches!(outcome, Outcome::Sent) {
                     sends -= 1;

@@ -15,6 +15,9 @@ use crate::domain::{HumanDuration, Inbound, InboundContent, format_duration};
 use crate::engine::Handled;
 use crate::store::StoreError;
 
+/// The largest file `/image` and its kin read: WhatsApp's largest (a 100 MiB document); a
+/// smaller `media.max_bytes` still refuses it as a download would.
+const MAX_CHAT_FILE: u64 = 100 * 1024 * 1024;
 /// Why the chat cannot go on.
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
@@ -207,6 +210,18 @@ impl Chat {
             return Ok(format!(
                 "  /{kind} takes a file's path (and a caption): /{kind} photo.jpg crushed corner\n"
             ));
+        }
+        // Its size first: a device or a huge file is not read into memory.
+        match tokio::fs::metadata(path).await {
+            Ok(m) if !m.is_file() => return Ok(format!("  {path} is not a file\n")),
+            Ok(m) if m.len() > MAX_CHAT_FILE => {
+                return Ok(format!(
+                    "  {path} is larger than {} MiB: WhatsApp takes no file that large\n",
+                    MAX_CHAT_FILE >> 20
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => return Ok(format!("  cannot read {path}: {e}\n")),
         }
         let bytes = match tokio::fs::read(path).await {
             Ok(bytes) => bytes,

@@ -42,7 +42,11 @@ pub fn router(state: AppState, doors: Doors) -> Router {
         .route("/metrics", get(metrics).route_layer(door(doors.metrics)))
         .route(
             "/sandbox/messages",
-            post(sandbox::sandbox_message).route_layer(door(doors.sandbox)),
+            post(sandbox::sandbox_message)
+                .layer(axum::extract::DefaultBodyLimit::max(sandbox::body_limit(
+                    state.config.media.max_bytes,
+                )))
+                .route_layer(door(doors.sandbox)),
         )
         .route("/webhook/{channel}", webhook::routes())
         .route("/media/{id}", get(media::serve))

@@ -60,6 +60,15 @@ struct SandboxFile {
     caption: Option<String>,
 }
 
+/// The largest body the door takes: a file of `media.max_bytes` in base64 (4 bytes for 3)
+/// and room for the rest of the message, so a file too large for the media store is refused
+/// by the store's rule, with its reason, not by the body limit.
+pub fn body_limit(max_bytes: u64) -> usize {
+    usize::try_from(max_bytes.saturating_mul(4) / 3)
+        .unwrap_or(usize::MAX)
+        .saturating_add(64 * 1024)
+}
+
 pub async fn sandbox_message(State(state): State<AppState>, body: axum::body::Bytes) -> Response {
     let runtime = &state.runtime;
     let message: SandboxMessage = match serde_json::from_slice(&body) {

@@ -58,6 +58,11 @@ pub async fn receive(
     if !kinds().any(|k| k == file.kind) {
         return Err(GivenFileError::Kind(file.kind.to_string()));
     }
+    // Refused before the message is stored: a flow told of a file it will never get
+    // would wait for it.
+    if runtime.media.is_none() {
+        return Err(GivenFileError::NoStore);
+    }
     let content = InboundContent::Media {
         kind: file.kind.into(),
         caption: file.caption.map(str::to_string),

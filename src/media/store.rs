@@ -39,15 +39,23 @@ pub fn content_key(sha256_hex: &str) -> String {
     format!("{}/{sha256_hex}", &sha256_hex[..2.min(sha256_hex.len())])
 }
 
-/// The SHA-256 a file's key is made of, as a webhook gives it (base64 of the raw digest)
-/// and in hex: what a pending download of the same file was announced with.
-pub fn sha256_forms(key: &str) -> [String; 2] {
+/// The SHA-256 a file's key is made of, in every form a webhook may give it and
+/// [`super::sha256_matches`] accepts (base64 of the raw digest, standard and URL-safe; hex,
+/// lower and upper case): what a pending download of the same file was announced with.
+pub fn sha256_forms(key: &str) -> [String; 4] {
     use base64::Engine as _;
     let hex = key.rsplit('/').next().unwrap_or_default().to_string();
-    let base64 = hex::decode(&hex)
-        .map(|raw| base64::engine::general_purpose::STANDARD.encode(raw))
-        .unwrap_or_default();
-    [base64, hex]
+    let raw = hex::decode(&hex).unwrap_or_default();
+    let (standard, url_safe) = if raw.is_empty() {
+        (String::new(), String::new())
+    } else {
+        (
+            base64::engine::general_purpose::STANDARD.encode(&raw),
+            base64::engine::general_purpose::URL_SAFE.encode(&raw),
+        )
+    };
+    let upper = hex.to_ascii_uppercase();
+    [standard, url_safe, hex, upper]
 }
 
 /// Whether `key` is one flowgate makes: what keeps a key from leaving the store's directory.
@@ -175,6 +183,23 @@ impl MediaStore for Memory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_form_of_a_files_sha256_is_one_a_download_accepts() {
+        // Bytes whose digest has `+`/`/` in base64, so the URL-safe form differs.
+        let bytes = (0..64u8).find_map(|n| {
+            let b = vec![n; 100];
+            let forms = sha256_forms(&content_key(&super::super::sha256_hex(&b)));
+            (forms[0] != forms[1]).then_some((b, forms))
+        });
+        let (bytes, forms) = bytes.expect("some digest has + or / in base64");
+        for form in &forms {
+            assert!(super::super::sha256_matches(&bytes, Some(form)), "{form}");
+        }
+        assert_eq!(forms[3], forms[2].to_ascii_uppercase());
+        // A key that is not hex has no base64 forms.
+        assert_eq!(sha256_forms("zz/nothex")[..2], ["", ""]);
+    }
 
     async fn round_trip(store: &dyn MediaStore) {
         let key = content_key("ab12cd");

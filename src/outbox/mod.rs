@@ -725,6 +725,11 @@ impl Inner {
     /// How much of its lease a row must have left to be sent: time for mark-as-read, the
     /// request and recording it, but at most half the lease (a lease shorter than that is
     /// the operator's choice; see [`SenderOptions::lease`]).
+    /// Whether the row's claim could run out before a send started now is recorded.
+    fn lease_too_short(&self, row: &OutboxRow) -> bool {
+        self.clock.now() + chrono_duration(self.lease_margin()) > row.lease_until
+    }
+
     fn lease_margin(&self) -> Duration {
         let o = &self.options;
         (o.request_timeout + o.mark_read_timeout + Duration::from_secs(5)).min(o.lease / 2)
@@ -780,7 +785,7 @@ impl Inner {
             }
         }
         // Never send on a lease that could run out before the outcome is recorded.
-        if self.clock.now() + chrono_duration(self.lease_margin()) > row.lease_until {
+        if self.lease_too_short(&row) {
             self.defer(&row, self.clock.now(), None).await;
             return;
         }
@@ -802,6 +807,11 @@ impl Inner {
             Ok(ready) => ready,
             Err(e) => return self.upload_failed(&row, e, sent(sent_at)).await,
         };
+        // An upload (or a wait for another sender's) took time: the send must still fit.
+        if uploaded.is_some() && self.lease_too_short(&row) {
+            self.defer(&row, self.clock.now(), None).await;
+            return;
+        }
         let mut result = self.post(&row, recipient.clone(), &outgoing).await;
         // An id WhatsApp no longer knows: upload the file again, once.
         if let (Err(e), Some(refused)) = (&result, &uploaded)
@@ -815,6 +825,10 @@ impl Inner {
                 Ok((outgoing, _)) => outgoing,
                 Err(e) => return self.upload_failed(&row, e, sent(sent_at)).await,
             };
+            if self.lease_too_short(&row) {
+                self.defer(&row, self.clock.now(), None).await;
+                return;
+            }
             result = self.post(&row, recipient, &outgoing).await;
         }
         match result {

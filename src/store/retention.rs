@@ -51,8 +51,8 @@ const PRUNE_MEDIA: &str = "DELETE FROM media WHERE id IN (SELECT id FROM media \
 const FILE_NAMED: &str = "SELECT id FROM media WHERE store_key = $1 LIMIT 1";
 /// A download not yet over whose webhook gave this SHA-256 (base64, or hex): it may be
 /// storing this very file now.
-const FILE_COMING: &str =
-    "SELECT id FROM media WHERE notified = 0 AND status = 'pending' AND sha256 IN ($1, $2) LIMIT 1";
+const FILE_COMING: &str = "SELECT id FROM media WHERE notified = 0 AND status = 'pending' AND sha256 IN ($1, $2, $3, $4) \
+        LIMIT 1";
 
 /// What one batch of [`Db::prune_media`] deleted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -152,11 +152,11 @@ impl Db {
     }
 
     /// Whether the file `store_key` is still wanted: a row names it, or a pending download
-    /// was announced with its SHA-256 (`sha256_forms`: the webhook's base64 and hex).
+    /// was announced with its SHA-256 (`sha256_forms`: the webhook's base64 and hex, each way written).
     pub async fn media_file_in_use(
         &self,
         store_key: &str,
-        sha256_forms: [&str; 2],
+        sha256_forms: [&str; 4],
     ) -> Result<bool, StoreError> {
         let named: Option<i64> = with_pool!(self, |pool| {
             sqlx::query_scalar(FILE_NAMED)
@@ -167,11 +167,13 @@ impl Db {
         if named.is_some() {
             return Ok(true);
         }
-        let [base64, hex] = sha256_forms;
+        let [standard, url_safe, hex, upper] = sha256_forms;
         let coming: Option<i64> = with_pool!(self, |pool| {
             sqlx::query_scalar(FILE_COMING)
-                .bind(base64)
+                .bind(standard)
+                .bind(url_safe)
                 .bind(hex)
+                .bind(upper)
                 .fetch_optional(pool)
                 .await?
         });

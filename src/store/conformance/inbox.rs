@@ -310,7 +310,8 @@ pub(super) async fn delivery_statuses_apply_as_their_webhook_is_stored(db: Db) {
         (0, 2, [0, 0, 0])
     );
     assert_eq!(status_of(&db, known).await.0, "read");
-    // A late `delivered` after `read` is stored, settled, and moves nothing.
+    // A `delivered` for the message found by its key moves it on (its wamid is recorded);
+    // a late `sent` after `read` is stored, settled, and moves nothing.
     let late = db
         .insert_updates(&[delivery("wamid.N", "delivered", None)], t(3))
         .await
