@@ -1058,23 +1058,23 @@ impl Db {
                         None => None,
                     })
                 };
-                let (message_id, created) = match run(EXISTING, &[key])? {
+                let (message_id, created) = match run(EXISTING, std::slice::from_ref(&key))? {
                     Some(id) => (id, false),
                     None => {
                         let id = run(INSERT, &insert)?.ok_or_else(|| {
                             StoreError::Corrupt("INSERT … RETURNING id returned no row".into())
                         })?;
-                        run(POLICY, &[Value::Integer(contact_id), policy])?;
+                        run(POLICY, &[Value::Integer(contact_id), policy.clone()])?;
                         (id, true)
                     }
                 };
                 let ledger = [
                     Value::Integer(run_id),
                     Value::Integer(contact_id),
-                    reason,
+                    reason.clone(),
                     Value::Integer(message_id),
-                    now,
-                    variant,
+                    now.clone(),
+                    variant.clone(),
                 ];
                 run(LEDGER, &ledger)?;
                 Ok(CampaignSent {

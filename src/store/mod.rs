@@ -65,6 +65,7 @@
 mod api_requests;
 mod campaign_reports;
 mod campaigns;
+mod checkpoint;
 mod channel_lease;
 mod contacts;
 mod conversations;

@@ -27,8 +27,16 @@
 //!   worker off it). The raw jobs of a group run first, together, under one lock; a group
 //!   of raw jobs only also begins and commits on the handle, and the lock is kept for the
 //!   next group while it is raw too (waiting for it included), so a run of raw groups costs
-//!   one hand-off in all. The hot writes (webhook updates, turns, claims, recorded sends, finished inbox
-//!   rows) are raw; the rest stay on sqlx.
+//!   one hand-off in all. The hot writes (webhook updates, turns, claims, recorded sends,
+//!   finished inbox rows) are raw; the rest stay on sqlx.
+//! * **Savepoints only when a job fails.** A failed job must leave nothing behind, which a
+//!   savepoint around each job gives; but inside a group a savepoint makes SQLite copy each
+//!   page the job touches that the group touched before it (its sub-journal), and the jobs
+//!   of a group touch the same pages: under load that copying was a quarter of the writer's
+//!   time. So a group of raw jobs runs them bare first; if one fails, the transaction is
+//!   rolled back and the group runs again from its first job, each job in a savepoint of
+//!   its own. A raw job may therefore run twice (only the last run's writes and result
+//!   count): it must do nothing but its statements.
 //!
 //! A job is a closure over data it owns (`'static`): it gets the connection, runs its
 //! statements, and returns its result. Every job runs inside a transaction (its group's,
@@ -36,8 +44,8 @@
 //! order between them (raw jobs run first); a caller's own jobs run in the order it awaits
 //! them. Jobs must not begin or commit transactions with plain `BEGIN`/`COMMIT` text;
 //! `Connection::begin` works (sqlx makes it a savepoint), and so does `SAVEPOINT`/`RELEASE`
-//! text. A raw job runs inside a savepoint of its own: whatever it fails on, it leaves
-//! nothing behind and fails alone (unless the failure ended the whole transaction). A sqlx
+//! text. A raw job that fails leaves nothing behind and fails alone (unless the failure
+//! ended the whole transaction): it ran, or runs again, in a savepoint of its own. A sqlx
 //! job that can fail on a constraint after it has written must undo its own writes (a
 //! savepoint); one whose only statement that can fail is its first needs nothing.
 //!
@@ -53,6 +61,7 @@ use sqlx::sqlite::{LockedSqliteHandle, SqliteConnectOptions};
 use sqlx::{Connection as _, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
+use super::checkpoint::Checkpointer;
 use super::error::StoreError;
 use super::sql::bind_numbered;
 
@@ -69,7 +78,7 @@ struct Ran {
     reply: Box<dyn FnOnce(Option<StoreError>) + Send>,
 }
 
-#[derive(PartialEq)]
+#[derive(Clone, Copy, PartialEq)]
 enum Failure {
     /// SQLite undid the failing statement (or the job its savepoint); the rest stands.
     Statement,
@@ -81,7 +90,67 @@ enum Failure {
 type SqlxJob = Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Ran> + Send>;
 
 /// A job on the connection's SQLite handle, called directly on the writer thread.
-type RawJob = Box<dyn FnOnce(&rusqlite::Connection) -> Ran + Send>;
+type RawJob = Box<dyn RawWork>;
+
+/// A raw job: run (perhaps twice, see the module's doc), then answered.
+trait RawWork: Send {
+    /// Runs the job's statements; `isolated`: inside a savepoint of its own, so that
+    /// whatever fails leaves nothing behind. How it failed, if it did; its result is kept
+    /// (a later run replaces it).
+    fn attempt(&mut self, db: &rusqlite::Connection, isolated: bool) -> Option<Failure>;
+
+    /// The last run's outcome, waiting for the group's commit.
+    fn into_ran(self: Box<Self>) -> Ran;
+}
+
+/// [`RawWork`] for a closure and its caller's reply channel.
+struct RawTask<T, F> {
+    work: F,
+    last: Option<(Result<T, StoreError>, Option<Failure>)>,
+    tx: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> RawWork for RawTask<T, F>
+where
+    T: Send + 'static,
+    F: FnMut(&rusqlite::Connection) -> Result<T, StoreError> + Send,
+{
+    fn attempt(&mut self, db: &rusqlite::Connection, isolated: bool) -> Option<Failure> {
+        let (result, failed) = if isolated {
+            let exec = |sql: &str| db.prepare_cached(sql).and_then(|mut s| s.execute([]));
+            match exec("SAVEPOINT job") {
+                Err(e) => (Err(e.into()), Some(Failure::Transaction)),
+                Ok(_) => {
+                    let result = (self.work)(db);
+                    let ended = match result {
+                        Ok(_) => exec("RELEASE job"),
+                        Err(_) => exec("ROLLBACK TO job").and_then(|_| exec("RELEASE job")),
+                    };
+                    let failed = match (ended, &result) {
+                        (Ok(_), Ok(_)) => None,
+                        (Ok(_), Err(_)) => Some(Failure::Statement),
+                        (Err(_), _) => Some(Failure::Transaction),
+                    };
+                    (result, failed)
+                }
+            }
+        } else {
+            // Bare: what a failed job wrote is its group's to undo.
+            let result = (self.work)(db);
+            let failed = result.as_ref().err().map(|_| Failure::Transaction);
+            (result, failed)
+        };
+        self.last = Some((result, failed));
+        failed
+    }
+
+    fn into_ran(self: Box<Self>) -> Ran {
+        let (result, failed) = self
+            .last
+            .unwrap_or_else(|| (Err(StoreError::Closed), Some(Failure::Transaction)));
+        Ran::new(result, failed, self.tx)
+    }
+}
 
 enum Job {
     Sqlx(SqlxJob),
@@ -102,10 +171,21 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Hands `conn` to a new writer thread; `options` open it again if it breaks.
-    pub fn start(conn: SqliteConnection, options: SqliteConnectOptions) -> std::io::Result<Self> {
+    /// Hands `conn` to a new writer thread; `options` open it again if it breaks. `file`:
+    /// the database's file, whose WAL is then checkpointed by a thread of its own
+    /// ([`super::checkpoint`]) rather than by the writer (`None` in memory).
+    pub fn start(
+        conn: SqliteConnection,
+        options: SqliteConnectOptions,
+        file: Option<&std::path::Path>,
+    ) -> std::io::Result<Self> {
         let (jobs, queue) = mpsc::unbounded_channel();
         let (committed, commits) = tokio::sync::watch::channel(0u64);
+        let checkpointer = file.and_then(|path| {
+            Checkpointer::start(path, commits.clone())
+                .inspect_err(|e| tracing::warn!(error = %e, "cannot open a connection to checkpoint the database's WAL; the writer checkpoints it"))
+                .ok()
+        });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -113,7 +193,7 @@ impl Writer {
             .name("flowgate-writer".into())
             .spawn(move || {
                 let driven = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    runtime.block_on(drive(conn, options, queue, committed))
+                    runtime.block_on(drive(conn, options, queue, committed, checkpointer))
                 }));
                 if driven.is_err() {
                     // Without its writer the server can take no webhook; a restart (which
@@ -157,30 +237,18 @@ impl Writer {
 
     /// Runs `work` directly on the connection's SQLite handle (through rusqlite), on the
     /// writer thread, and returns its result once it is committed.
+    /// `work` may run twice (its group's first run rolled back because another job failed):
+    /// it must do nothing but its statements.
     pub async fn run_raw<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&rusqlite::Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnMut(&rusqlite::Connection) -> Result<T, StoreError> + Send + 'static,
     {
         self.submit(|tx| {
-            Job::Raw(Box::new(move |db| {
-                // A savepoint around the job: whatever fails, the job leaves nothing behind
-                // and fails alone, unless the failure ended the whole transaction.
-                let exec = |sql: &str| db.prepare_cached(sql).and_then(|mut s| s.execute([]));
-                if let Err(e) = exec("SAVEPOINT job") {
-                    return Ran::new(Err(e.into()), Some(Failure::Transaction), tx);
-                }
-                let result = work(db);
-                let ended = match result {
-                    Ok(_) => exec("RELEASE job"),
-                    Err(_) => exec("ROLLBACK TO job").and_then(|_| exec("RELEASE job")),
-                };
-                let failed = match (ended, &result) {
-                    (Ok(_), Ok(_)) => None,
-                    (Ok(_), Err(_)) => Some(Failure::Statement),
-                    (Err(_), _) => Some(Failure::Transaction),
-                };
-                Ran::new(result, failed, tx)
+            Job::Raw(Box::new(RawTask {
+                work,
+                last: None,
+                tx,
             }))
         })
         .await
@@ -254,7 +322,10 @@ async fn drive(
     options: SqliteConnectOptions,
     queue: mpsc::UnboundedReceiver<Command>,
     committed: tokio::sync::watch::Sender<u64>,
+    checkpointer: Option<Checkpointer>,
 ) {
+    let checkpointed = checkpointer.is_some();
+    leave_checkpoints(&mut conn, checkpointed).await;
     let mut raw = RawView::default();
     let mut queue = Queue {
         commands: queue,
@@ -289,13 +360,32 @@ async fn drive(
         }
         raw.release(&mut conn).await;
         conn = reconnect(conn, &options).await;
+        leave_checkpoints(&mut conn, checkpointed).await;
     }
     raw.release(&mut conn).await;
+    // The checkpointer's connection closes first: the writer's close, the last, then
+    // checkpoints what is left and removes the WAL.
+    if let Some(checkpointer) = checkpointer {
+        checkpointer.stop();
+    }
     if let Err(e) = conn.close().await {
         tracing::warn!(error = %e, "closing the database's writer connection failed");
     }
     if let Some(done) = queue.closing {
         let _ = done.send(());
+    }
+}
+
+/// Turns the writer connection's automatic checkpoints off when the checkpointer runs.
+async fn leave_checkpoints(conn: &mut SqliteConnection, checkpointed: bool) {
+    if !checkpointed {
+        return;
+    }
+    if let Err(e) = sqlx::query("PRAGMA wal_autocheckpoint = 0")
+        .execute(&mut *conn)
+        .await
+    {
+        tracing::warn!(error = %e, "cannot leave the WAL's checkpoints to their thread; the writer checkpoints too");
     }
 }
 
@@ -459,10 +549,33 @@ fn raw_transaction(
         tracing::error!(error = %e, "the database's writer could not begin a transaction; opening it again");
         return (false, None);
     }
-    if run_raw_jobs(db, pending, ran) {
-        let _ = db.execute_batch("ROLLBACK");
-        return (true, Some(GROUP_BROKE));
+    let mut jobs = Vec::new();
+    while let Some(Job::Raw(_)) = pending.peek() {
+        let Some(Job::Raw(job)) = pending.next() else {
+            unreachable!("just peeked")
+        };
+        jobs.push(job);
     }
+    // Bare first; after a failure, again from the start, each job in its savepoint.
+    let clean = jobs.iter_mut().all(|job| job.attempt(db, false).is_none());
+    if !clean {
+        match run_isolated_again(db, &mut jobs) {
+            Rerun::Clean => {}
+            Rerun::NotBegun => {
+                put_back(pending, jobs);
+                return (false, None);
+            }
+            Rerun::BrokeAt(last) => {
+                put_back(pending, jobs.split_off(last + 1));
+                ran.extend(jobs.into_iter().map(RawWork::into_ran));
+                if !db.is_autocommit() {
+                    let _ = db.execute_batch("ROLLBACK");
+                }
+                return (true, Some(GROUP_BROKE));
+            }
+        }
+    }
+    ran.extend(jobs.into_iter().map(RawWork::into_ran));
     match db.execute_batch("COMMIT") {
         Ok(()) => (true, None),
         Err(e) => {
@@ -471,6 +584,49 @@ fn raw_transaction(
             (true, Some(COMMIT_FAILED))
         }
     }
+}
+
+/// How a group's second run went.
+enum Rerun {
+    Clean,
+    /// The transaction could not begin again: no job counts as started.
+    NotBegun,
+    /// The job at this index broke the transaction; the jobs after it did not start.
+    BrokeAt(usize),
+}
+
+/// After a job of a bare run failed: rolls the transaction back and runs `jobs` again in a
+/// new one, each in a savepoint of its own.
+fn run_isolated_again(db: &rusqlite::Connection, jobs: &mut [RawJob]) -> Rerun {
+    // A failure may have ended the transaction already (SQLite rolls back on some errors).
+    let again = if db.is_autocommit() {
+        db.execute_batch("BEGIN IMMEDIATE")
+    } else {
+        db.execute_batch("ROLLBACK; BEGIN IMMEDIATE")
+    };
+    if let Err(e) = again {
+        tracing::error!(error = %e, "the database's writer could not run a group again after a failed job; opening it again");
+        return Rerun::NotBegun;
+    }
+    match jobs
+        .iter_mut()
+        .position(|job| job.attempt(db, true) == Some(Failure::Transaction))
+    {
+        Some(last) => Rerun::BrokeAt(last),
+        None => Rerun::Clean,
+    }
+}
+
+/// Returns raw jobs that did not start to the front of `pending`.
+fn put_back(pending: &mut Pending, jobs: Vec<RawJob>) {
+    let rest = std::mem::replace(pending, Vec::new().into_iter().peekable());
+    *pending = jobs
+        .into_iter()
+        .map(Job::Raw)
+        .chain(rest)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .peekable();
 }
 
 /// A group with sqlx jobs: begun and committed through sqlx, its raw jobs under one lock.
@@ -529,12 +685,11 @@ async fn run_mixed_group(
 /// jobs after it stay in `pending`).
 fn run_raw_jobs(db: &rusqlite::Connection, pending: &mut Pending, ran: &mut Vec<Ran>) -> bool {
     while let Some(Job::Raw(_)) = pending.peek() {
-        let Some(Job::Raw(job)) = pending.next() else {
+        let Some(Job::Raw(mut job)) = pending.next() else {
             unreachable!("just peeked")
         };
-        let outcome = job(db);
-        let broken = outcome.failed == Some(Failure::Transaction);
-        ran.push(outcome);
+        let broken = job.attempt(db, true) == Some(Failure::Transaction);
+        ran.push(job.into_ran());
         if broken {
             return true;
         }
@@ -611,7 +766,7 @@ mod tests {
             .execute(&mut conn)
             .await
             .unwrap();
-        let writer = Writer::start(conn, options.clone()).unwrap();
+        let writer = Writer::start(conn, options.clone(), Some(&dir.path().join("w.db"))).unwrap();
         let pool = SqlitePool::connect_with(options).await.unwrap();
         (writer, pool, dir)
     }
@@ -641,7 +796,7 @@ mod tests {
         tokio::spawn(async move {
             if raw {
                 let rows = writer
-                    .run_raw(move |db| Ok(db.execute(sql, [v])? as u64))
+                    .run_raw(move |db| Ok(db.execute(sql, [&v])? as u64))
                     .await?;
                 return Ok(rows);
             }
@@ -794,6 +949,89 @@ mod tests {
         assert_eq!(other.await.unwrap().unwrap(), 1);
         // Its first insert went with its savepoint; the job before it in its group stands.
         assert_eq!(values(&pool).await, ["other", "taken"]);
+    }
+
+    #[tokio::test]
+    async fn a_raw_group_runs_again_in_savepoints_only_after_a_failed_job() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (writer, pool, _dir) = setup().await;
+        insert(&writer, "taken", Mode::Raw, 0)
+            .await
+            .unwrap()
+            .unwrap();
+        // Queued behind a held writer, so that they make one group, in this order.
+        let counted = |value: &'static str, runs: &Arc<AtomicUsize>| {
+            let (writer, runs) = (writer.clone(), runs.clone());
+            tokio::spawn(async move {
+                writer
+                    .run_raw(move |db| {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        Ok(db.execute("INSERT INTO t (v) VALUES (?1)", [value])?)
+                    })
+                    .await
+            })
+        };
+        let (first, last) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+
+        let release = writer.hold().await;
+        let clean = [counted("a", &first), counted("b", &last)];
+        queued().await;
+        release.send(()).unwrap();
+        for call in clean {
+            assert_eq!(call.await.unwrap().unwrap(), 1);
+        }
+        assert_eq!(
+            (first.load(Ordering::SeqCst), last.load(Ordering::SeqCst)),
+            (1, 1),
+            "a group without a failure runs each job once"
+        );
+
+        let release = writer.hold().await;
+        let before = counted("c", &first);
+        queued().await;
+        let failing = insert(&writer, "taken", Mode::Raw, 1);
+        queued().await;
+        let after = counted("d", &last);
+        queued().await;
+        release.send(()).unwrap();
+        assert_eq!(before.await.unwrap().unwrap(), 1);
+        assert!(failing.await.unwrap().unwrap_err().is_duplicate());
+        assert_eq!(after.await.unwrap().unwrap(), 1);
+        // The job before the failure ran bare, then again in its savepoint; the one after it
+        // only in its savepoint. Each wrote once.
+        assert_eq!(
+            (first.load(Ordering::SeqCst), last.load(Ordering::SeqCst)),
+            (1 + 2, 1 + 1)
+        );
+        assert_eq!(values(&pool).await, ["a", "b", "c", "d", "taken"]);
+    }
+
+    #[tokio::test]
+    async fn the_wal_is_checkpointed_beside_the_writer_not_by_it() {
+        let (writer, pool, dir) = setup().await;
+        let autocheckpoint: i64 = writer
+            .run_raw(|db| Ok(db.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(autocheckpoint, 0, "the writer leaves checkpoints to their thread");
+        let file = dir.path().join("w.db");
+        let size = || std::fs::metadata(&file).unwrap().len();
+        let before = size();
+        // Far fewer pages than SQLite's automatic threshold (1,000): only the thread copies
+        // them into the database file.
+        for i in 0..200 {
+            insert(&writer, &format!("row {i:03}"), Mode::Raw, 0)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while size() <= before && std::time::Instant::now() < deadline {
+            tokio::time::sleep(super::super::checkpoint::EVERY).await;
+        }
+        assert!(size() > before, "the rows reached the database file");
+        assert_eq!(values(&pool).await.len(), 200);
     }
 
     #[tokio::test]
