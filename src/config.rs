@@ -312,10 +312,35 @@ fn default_media_url_ttl() -> HumanDuration {
 /// the send after it ([`SEND_AFTER_UPLOAD`]).
 const DEFAULT_UPLOAD_TIMEOUT: HumanDuration = HumanDuration(chrono::Duration::seconds(30));
 
-/// What a message's lease must still hold after its file's upload: the send's request
-/// (15 s) and mark-as-read (3 s) timeouts, and 5 s to record the outcome (the sender's
-/// lease margin).
-pub const SEND_AFTER_UPLOAD: chrono::Duration = chrono::Duration::seconds(23);
+/// How long one Graph API request may take, connecting included (`whatsapp::client::TIMEOUT`,
+/// a send's by default). Defined here, where the config's checks need it: the client and
+/// the outbox import the config, not the other way.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// How long mark-as-read may hold back a reply, by default
+/// (`outbox::SenderOptions::mark_read_timeout`).
+pub const MARK_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// What a send needs of its message's lease: its `request` and `mark_read` timeouts, and
+/// 5 s to record the outcome. The sender keeps it as its lease margin
+/// (`outbox::Sender::lease_margin`, with its options' timeouts); an upload must leave it
+/// ([`SEND_AFTER_UPLOAD`]).
+pub const fn send_margin(
+    request: std::time::Duration,
+    mark_read: std::time::Duration,
+) -> std::time::Duration {
+    request
+        .saturating_add(mark_read)
+        .saturating_add(std::time::Duration::from_secs(5))
+}
+
+/// What a message's lease must still hold after its file's upload: the send's margin with
+/// the default timeouts ([`send_margin`], 23 s).
+pub const SEND_AFTER_UPLOAD: chrono::Duration =
+    match chrono::Duration::from_std(send_margin(REQUEST_TIMEOUT, MARK_READ_TIMEOUT)) {
+        Ok(margin) => margin,
+        Err(_) => panic!("the send margin fits a chrono::Duration"),
+    };
 
 impl Default for MediaConfig {
     fn default() -> Self {
@@ -897,6 +922,9 @@ mod tests {
             err.items[0]
                 .message
                 .contains("does not fit in `outbox.lease: 1m`")
+                && err.items[0]
+                    .message
+                    .contains("the send after it needs 23s more")
                 && err.items[0].message.contains("write at most 37s"),
             "{:?}",
             err.items

@@ -389,7 +389,7 @@ async fn run_now(client: &campaign::Client, name: &str, detach: bool) -> anyhow:
     let every = std::time::Duration::from_millis(500);
     let report = client
         .follow(name, run, every, |r| {
-            bar.set_length(r.report.planned.max(0) as u64);
+            bar.set_length(r.report.measures.planned.max(0) as u64);
             bar.set_position(r.decided());
             bar.set_message(r.progress_line());
         })

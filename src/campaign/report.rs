@@ -25,6 +25,19 @@ use crate::templates::Category;
 /// A run's report.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Report {
+    /// The run's measures (flattened: on the wire they are the report's own fields).
+    #[serde(flatten)]
+    pub measures: Measures,
+    pub cost: Cost,
+    /// A split campaign's recipients by variant (by name; empty without a split): the
+    /// same measures for each, adding up to the run's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub variants: Vec<VariantReport>,
+}
+
+/// What a run's recipients came to: the measures of a report and of each of its variants.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Measures {
     /// Recipients in the run's snapshot.
     pub planned: i64,
     /// Not decided yet (planned, or deferred until later).
@@ -43,11 +56,6 @@ pub struct Report {
     /// Waiting for a later time (quiet hours, a back-off, the messaging limit).
     pub deferred: Breakdown,
     pub cancelled: i64,
-    pub cost: Cost,
-    /// A split campaign's recipients by variant (by name; empty without a split): the
-    /// measures above for each, adding up to them.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub variants: Vec<VariantReport>,
 }
 
 /// One variant's part of a run: the report's measures for the recipients it was given.
@@ -58,17 +66,9 @@ pub struct VariantReport {
     pub variant: Option<String>,
     /// Its part of the run's recipients: `planned / the run's planned` (0 when none).
     pub share: f64,
-    pub planned: i64,
-    pub pending: i64,
-    pub outbox: i64,
-    pub sent: i64,
-    pub delivered: i64,
-    pub read: i64,
-    pub replied: i64,
-    pub failed: Breakdown,
-    pub skipped: Breakdown,
-    pub deferred: Breakdown,
-    pub cancelled: i64,
+    /// The variant's measures (flattened, as in the run's report).
+    #[serde(flatten)]
+    pub measures: Measures,
 }
 
 /// A total and its parts (by error code or by reason).
@@ -125,10 +125,12 @@ pub struct Counts<'a> {
 /// Builds a run's report from its counts.
 pub fn report(input: &Counts<'_>) -> Report {
     let replied = input.replied.iter().map(|(_, n)| n).sum();
-    let mut r = tally(input.counts.iter(), replied);
-    r.cost = cost(input.charges, input.category, input.prices);
-    r.variants = variants(input, r.planned);
-    r
+    let measures = tally(input.counts.iter(), replied);
+    Report {
+        variants: variants(input, measures.planned),
+        cost: cost(input.charges, input.category, input.prices),
+        measures,
+    }
 }
 
 /// Each variant's measures, when any recipient has a variant.
@@ -149,35 +151,25 @@ fn variants(input: &Counts<'_>, planned: i64) -> Vec<VariantReport> {
                 .filter(|(v, _)| v == name)
                 .map(|(_, n)| n)
                 .sum();
-            let r = tally(rows, replied);
+            let measures = tally(rows, replied);
             VariantReport {
                 variant: name.clone(),
                 share: if planned > 0 {
-                    r.planned as f64 / planned as f64
+                    measures.planned as f64 / planned as f64
                 } else {
                     0.0
                 },
-                planned: r.planned,
-                pending: r.pending,
-                outbox: r.outbox,
-                sent: r.sent,
-                delivered: r.delivered,
-                read: r.read,
-                replied: r.replied,
-                failed: r.failed,
-                skipped: r.skipped,
-                deferred: r.deferred,
-                cancelled: r.cancelled,
+                measures,
             }
         })
         .collect()
 }
 
-/// The measures of `rows` (no cost, no variants).
-fn tally<'a>(rows: impl Iterator<Item = &'a RecipientCount>, replied: i64) -> Report {
-    let mut r = Report {
+/// The measures of `rows`.
+fn tally<'a>(rows: impl Iterator<Item = &'a RecipientCount>, replied: i64) -> Measures {
+    let mut r = Measures {
         replied,
-        ..Report::default()
+        ..Measures::default()
     };
     for row in rows {
         let n = row.count;
@@ -354,13 +346,14 @@ mod tests {
             row(Skipped, Some("opted out of marketing"), None, None, 6),
             row(Cancelled, Some("cancelled by an operator"), None, None, 9),
         ];
-        let r = report(&Counts {
+        let r = &report(&Counts {
             counts: &counts,
             replied: &[(None, 3)],
             charges: &[],
             category: Category::Marketing,
             prices: None,
-        });
+        })
+        .measures;
         assert_eq!(r.planned, 40);
         assert_eq!((r.pending, r.outbox), (6, 1));
         assert_eq!((r.sent, r.delivered, r.read, r.replied), (15, 12, 7, 3));
@@ -397,13 +390,16 @@ mod tests {
             category: Category::Marketing,
             prices: None,
         });
+        let run = &r.measures;
         assert_eq!(
-            (r.planned, r.sent, r.replied, r.failed.total),
+            (run.planned, run.sent, run.replied, run.failed.total),
             (10, 6, 4, 2)
         );
         let names: Vec<_> = r.variants.iter().map(|v| v.variant.as_deref()).collect();
         assert_eq!(names, [Some("long"), Some("short")]);
         let (long, short) = (&r.variants[0], &r.variants[1]);
+        assert!((long.share - 0.3).abs() < 1e-9 && (short.share - 0.7).abs() < 1e-9);
+        let (long, short) = (&long.measures, &short.measures);
         assert_eq!(
             (long.planned, long.sent, long.read, long.replied),
             (3, 2, 2, 1)
@@ -412,11 +408,10 @@ mod tests {
         assert_eq!((short.planned, short.pending, short.sent), (7, 1, 4));
         assert_eq!((short.delivered, short.replied), (4, 3));
         assert_eq!(short.failed.by["131026"], 2);
-        assert!((long.share - 0.3).abs() < 1e-9 && (short.share - 0.7).abs() < 1e-9);
-        let sum = |f: fn(&VariantReport) -> i64| r.variants.iter().map(f).sum::<i64>();
-        assert_eq!(sum(|v| v.planned), r.planned);
-        assert_eq!(sum(|v| v.sent), r.sent);
-        assert_eq!(sum(|v| v.replied), r.replied);
+        let sum = |f: fn(&Measures) -> i64| r.variants.iter().map(|v| f(&v.measures)).sum::<i64>();
+        assert_eq!(sum(|m| m.planned), run.planned);
+        assert_eq!(sum(|m| m.sent), run.sent);
+        assert_eq!(sum(|m| m.replied), run.replied);
         // Without a split, no variant rows.
         let plain = report(&Counts {
             counts: &[row(Sent, None, Some("sent"), None, 1)],
@@ -426,6 +421,35 @@ mod tests {
             prices: None,
         });
         assert!(plain.variants.is_empty());
+    }
+
+    #[test]
+    fn the_measures_are_the_reports_own_fields_on_the_wire() {
+        let measures = |planned| Measures {
+            planned,
+            ..Measures::default()
+        };
+        let report = Report {
+            measures: measures(2),
+            variants: vec![VariantReport {
+                variant: Some("short".into()),
+                share: 0.5,
+                measures: measures(1),
+            }],
+            ..Report::default()
+        };
+        let zero = r#""total":0,"by":{}"#;
+        let rest = format!(
+            r#""pending":0,"outbox":0,"sent":0,"delivered":0,"read":0,"replied":0,"failed":{{{zero}}},"skipped":{{{zero}}},"deferred":{{{zero}}},"cancelled":0"#
+        );
+        let json = serde_json::to_string(&report).unwrap();
+        assert_eq!(
+            json,
+            format!(
+                r#"{{"planned":2,{rest},"cost":{{"currency":null,"categories":[],"total":null}},"variants":[{{"variant":"short","share":0.5,"planned":1,{rest}}}]}}"#
+            )
+        );
+        assert_eq!(serde_json::from_str::<Report>(&json).unwrap(), report);
     }
 
     #[test]

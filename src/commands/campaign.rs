@@ -294,13 +294,13 @@ impl RunReport {
 
     /// Recipients decided for good: the progress bar's position.
     pub fn decided(&self) -> u64 {
-        let r = &self.report;
+        let r = &self.report.measures;
         (r.planned - r.pending - r.outbox).max(0) as u64
     }
 
     /// One line: where the run is.
     pub fn progress_line(&self) -> String {
-        let r = &self.report;
+        let r = &self.report.measures;
         format!(
             "{}: sent {}, delivered {}, read {}, failed {}, skipped {}, deferred {}",
             self.status(),
@@ -388,24 +388,25 @@ pub fn report_table(run: &RunReport) -> String {
     );
     let mut rows: Vec<[String; 2]> = Vec::new();
     let mut line = |label: &str, n: i64| rows.push([label.to_string(), n.to_string()]);
-    line("planned", r.planned);
-    line("pending", r.pending);
-    line("in the outbox", r.outbox);
-    line("sent", r.sent);
-    line("delivered", r.delivered);
-    line("read", r.read);
-    line("replied", r.replied);
+    let m = &r.measures;
+    line("planned", m.planned);
+    line("pending", m.pending);
+    line("in the outbox", m.outbox);
+    line("sent", m.sent);
+    line("delivered", m.delivered);
+    line("read", m.read);
+    line("replied", m.replied);
     for (label, part) in [
-        ("failed", &r.failed),
-        ("skipped", &r.skipped),
-        ("deferred", &r.deferred),
+        ("failed", &m.failed),
+        ("skipped", &m.skipped),
+        ("deferred", &m.deferred),
     ] {
         line(label, part.total);
         for (why, n) in &part.by {
             line(&format!("  {why}"), *n);
         }
     }
-    line("cancelled", r.cancelled);
+    line("cancelled", m.cancelled);
     out.push_str(&indent(&table(&rows)));
     out.push_str(&variants_text(r));
     out.push_str(&cost_text(r));
@@ -432,16 +433,17 @@ fn variants_text(r: &Report) -> String {
         .map(String::from),
     ];
     for v in &r.variants {
+        let m = &v.measures;
         rows.push([
             v.variant.clone().unwrap_or_else(|| "(none)".into()),
             format!("{:.1} %", v.share * 100.0),
-            v.planned.to_string(),
-            v.sent.to_string(),
-            v.delivered.to_string(),
-            v.read.to_string(),
-            v.replied.to_string(),
-            v.failed.total.to_string(),
-            v.skipped.total.to_string(),
+            m.planned.to_string(),
+            m.sent.to_string(),
+            m.delivered.to_string(),
+            m.read.to_string(),
+            m.replied.to_string(),
+            m.failed.total.to_string(),
+            m.skipped.total.to_string(),
         ]);
     }
     format!("by variant\n{}", indent(&table(&rows)))
@@ -489,19 +491,24 @@ mod tests {
 
     #[test]
     fn a_split_runs_report_has_a_row_per_variant() {
-        use crate::campaign::report::VariantReport;
+        use crate::campaign::report::{Measures, VariantReport};
         let variant = |name: &str, share, planned, sent| VariantReport {
             variant: Some(name.into()),
             share,
-            planned,
-            sent,
-            ..VariantReport::default()
+            measures: Measures {
+                planned,
+                sent,
+                ..Measures::default()
+            },
         };
         let run = RunReport {
             run: serde_json::json!({ "campaign": "sale", "id": 1, "status": "done" }),
             report: Report {
-                planned: 10,
-                sent: 10,
+                measures: Measures {
+                    planned: 10,
+                    sent: 10,
+                    ..Measures::default()
+                },
                 variants: vec![variant("long", 0.3, 3, 3), variant("short", 0.7, 7, 7)],
                 ..Report::default()
             },

@@ -140,7 +140,7 @@ impl Default for SenderOptions {
             idle_poll: Duration::from_millis(20),
             stopped_poll: Duration::from_secs(2),
             pair_limit: Some(PairLimit::default()),
-            mark_read_timeout: Duration::from_secs(3),
+            mark_read_timeout: crate::config::MARK_READ_TIMEOUT,
             connect_timeout: crate::whatsapp::client::CONNECT_TIMEOUT,
             request_timeout: crate::whatsapp::client::TIMEOUT,
             media: UploadOptions::default(),
@@ -730,9 +730,11 @@ impl Inner {
         self.clock.now() + chrono_duration(self.lease_margin()) > row.lease_until
     }
 
+    /// The send's margin ([`crate::config::send_margin`]) with this sender's timeouts, at
+    /// most half the lease.
     fn lease_margin(&self) -> Duration {
         let o = &self.options;
-        (o.request_timeout + o.mark_read_timeout + Duration::from_secs(5)).min(o.lease / 2)
+        crate::config::send_margin(o.request_timeout, o.mark_read_timeout).min(o.lease / 2)
     }
 
     /// Rows worth claiming at the current pace: about a second of sending, so a claimed row

@@ -60,6 +60,15 @@ impl LeaseKey {
     }
 }
 
+// A lease as the statements that take or renew leases return it (`RETURNING channel,
+// contact_key`), on either backend.
+super::sql::from_row_on_every_backend!(LeaseKey, |row| {
+    Ok(Self {
+        channel: row.try_get("channel")?,
+        key: row.try_get("contact_key")?,
+    })
+});
+
 /// One statement that writes: on SQLite a job on the writer, on PostgreSQL the pool (one
 /// statement commits alone, so no transaction round trips around it).
 macro_rules! one_write {
@@ -114,7 +123,7 @@ impl Db {
         );
         let now = now.timestamp_millis();
         let until = until.timestamp_millis();
-        let rows: Vec<(String, String)> = one_write!(self, own(owner), |pool| {
+        let leases: Vec<LeaseKey> = one_write!(self, own(owner), |pool| {
             sqlx::query_as(SQL)
                 .bind(now)
                 .bind(limit.max(0))
@@ -123,10 +132,7 @@ impl Db {
                 .fetch_all(pool)
                 .await?
         });
-        Ok(rows
-            .into_iter()
-            .map(|(channel, key)| LeaseKey { channel, key })
-            .collect())
+        Ok(leases)
     }
 
     /// Takes (or keeps) one contact's lease until `until`, as [`Db::take_inbox_leases`] does;
@@ -168,17 +174,14 @@ impl Db {
         const SQL: &str = "UPDATE contact_leases SET lease_until = $2 WHERE owner = $1 \
             RETURNING channel, contact_key";
         let until = until.timestamp_millis();
-        let rows: Vec<(String, String)> = one_write!(self, own(owner), |pool| {
+        let leases: Vec<LeaseKey> = one_write!(self, own(owner), |pool| {
             sqlx::query_as(SQL)
                 .bind(owner)
                 .bind(until)
                 .fetch_all(pool)
                 .await?
         });
-        Ok(rows
-            .into_iter()
-            .map(|(channel, key)| LeaseKey { channel, key })
-            .collect())
+        Ok(leases)
     }
 
     /// Gives back `owner`'s leases of `leases` (another instance's, taken after ours

@@ -35,7 +35,7 @@ pub const GRAPH_BASE_URL: &str = "https://graph.facebook.com";
 pub const DIALOG360_BASE_URL: &str = "https://waba-v2.360dialog.io";
 /// How long one request may take, connecting included, before it counts as a transport
 /// failure.
-pub const TIMEOUT: Duration = Duration::from_secs(15);
+pub const TIMEOUT: Duration = crate::config::REQUEST_TIMEOUT;
 /// How long connecting may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 

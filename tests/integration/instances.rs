@@ -120,6 +120,34 @@ impl Cluster {
     async fn database(&self) -> flowgate::store::Db {
         flowgate::store::Db::connect(&self.db.url).await.unwrap()
     }
+
+    /// Stops the instances still running and drops the test's schema.
+    async fn stop(self, servers: Vec<Option<Server>>) {
+        drop(servers);
+        self.db.clean_up().await;
+    }
+}
+
+/// A cluster at work, as both tests start it: the fake Graph API (answering sends 50 ms
+/// later, statuses posted back to instance [`STATUSES_TO`]), the cluster of test `name`'s
+/// `files` at it, every instance started (in order; a test sets one to `None` while it is
+/// down), and when they began starting. `None` when PostgreSQL is not configured (after
+/// printing `SKIPPED`).
+async fn start_cluster(
+    name: &str,
+    files: &[(&str, String)],
+) -> Option<(FakeGraph, Cluster, Vec<Option<Server>>, Instant)> {
+    let fake = fake_graph(Duration::from_millis(50)).await;
+    let cluster = Cluster::new(name, &fake.cloud_api_base(), files).await?;
+    echo_statuses(&fake, &cluster);
+    let started = Instant::now();
+    let servers = cluster.start_all().await;
+    Some((fake, cluster, servers, started))
+}
+
+/// A client whose requests give up after `timeout`.
+fn client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder().timeout(timeout).build().unwrap()
 }
 
 /// The fake Graph API, accepting every send and answering it `answer_after` later (a kill
@@ -233,23 +261,15 @@ async fn three_instances_process_each_webhook_once_in_order_through_a_kill() {
     const MESSAGES: usize = 3;
     const TOTAL: usize = CUSTOMERS * MESSAGES;
     let effects = Effects::start().await;
-    let fake = fake_graph(Duration::from_millis(50)).await;
-    let Some(cluster) = Cluster::new(
+    let Some((fake, cluster, mut servers, started)) = start_cluster(
         "three_instances_process_each_webhook_once_in_order_through_a_kill",
-        &fake.cloud_api_base(),
         &[("flows/effect.yaml", effect_flow(&effects.url))],
     )
     .await
     else {
         return;
     };
-    echo_statuses(&fake, &cluster);
-    let started = Instant::now();
-    let mut servers = cluster.start_all().await;
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let client = client(Duration::from_secs(10));
 
     // Customers write at once (a few dozen at a time), each one message after another.
     let answered = Arc::new(AtomicUsize::new(0));
@@ -386,8 +406,7 @@ async fn three_instances_process_each_webhook_once_in_order_through_a_kill() {
     .await;
     assert_eq!(held, 0, "idle instances hold no contact's lease");
     db.close().await;
-    drop(servers);
-    cluster.db.clean_up().await;
+    cluster.stop(servers).await;
 }
 
 /// A marketing campaign to every contact of `main`, no quiet hours, scheduled far ahead so
@@ -404,10 +423,8 @@ fn campaign(rate: u32) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_send_a_campaign_once_per_recipient_through_a_kill() {
     const RECIPIENTS: usize = 400;
-    let fake = fake_graph(Duration::from_millis(50)).await;
-    let Some(cluster) = Cluster::new(
+    let Some((fake, cluster, mut servers, started)) = start_cluster(
         "three_instances_send_a_campaign_once_per_recipient_through_a_kill",
-        &fake.cloud_api_base(),
         &[
             (
                 "flows/hello.yaml",
@@ -422,13 +439,7 @@ async fn three_instances_send_a_campaign_once_per_recipient_through_a_kill() {
     else {
         return;
     };
-    echo_statuses(&fake, &cluster);
-    let started = Instant::now();
-    let mut servers = cluster.start_all().await;
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap();
+    let client = client(Duration::from_secs(120));
 
     let mut csv = String::from("wa_id,name\n");
     for i in 0..RECIPIENTS {
@@ -526,6 +537,5 @@ async fn three_instances_send_a_campaign_once_per_recipient_through_a_kill() {
         "one message per recipient in the log"
     );
     db.close().await;
-    drop(servers);
-    cluster.db.clean_up().await;
+    cluster.stop(servers).await;
 }

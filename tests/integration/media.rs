@@ -13,14 +13,10 @@ use axum::extract::State;
 use flowgate::app;
 use flowgate::clock::SystemClock;
 use serde_json::{Value, json};
-use support::fake_graph::{FakeAuth, FakeGraph, FakeMedia, Serving};
+use support::channel::MainChannel;
+use support::fake_graph::{FakeGraph, FakeMedia, Serving};
 use support::{Backend, Running, TestDb, eventually};
 
-const PHONE_NUMBER_ID: &str = "110000000000001";
-const TOKEN: &str = "test-access-token";
-const APP_SECRET: &str = "test-app-secret";
-const API_KEY: &str = "test-api-key";
-const D360_SECRET: &str = "test-webhook-secret";
 const MEDIA_SECRET: &str = "test-media-secret";
 /// `media.max_bytes` in these tests.
 const MAX_BYTES: usize = 4096;
@@ -96,17 +92,13 @@ struct Setup {
     database: TestDb,
     claims: Arc<Mutex<Claims>>,
     _target: tokio::task::JoinHandle<()>,
-    dialog360: bool,
+    channel: MainChannel,
 }
 
 impl Setup {
     async fn start(backend: Backend, dialog360: bool) -> Option<Setup> {
-        let auth = if dialog360 {
-            FakeAuth::dialog360(API_KEY)
-        } else {
-            FakeAuth::cloud_api(PHONE_NUMBER_ID, TOKEN)
-        };
-        let fake = FakeGraph::start(auth).await;
+        let channel = MainChannel { dialog360 };
+        let fake = channel.fake().await;
         let (target, claims, task) = claims_service().await;
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
@@ -116,23 +108,10 @@ impl Setup {
             FLOW.replace("${MEDIA_TEST_TARGET}", &target),
         )
         .unwrap();
-        let channel = if dialog360 {
-            format!(
-                "  - name: main\n    provider: dialog360\n    api_key: {API_KEY}\n    \
-                 webhook_secret: {D360_SECRET}\n    api_base: {}\n",
-                fake.url
-            )
-        } else {
-            format!(
-                "  - name: main\n    provider: cloud_api\n    phone_number_id: \"{PHONE_NUMBER_ID}\"\n    \
-                 access_token: {TOKEN}\n    app_secret: {APP_SECRET}\n    verify_token: v\n    \
-                 api_base: {}\n",
-                fake.cloud_api_base()
-            )
-        };
         let config = format!(
-            "flows: flows\nchannels:\n{channel}outbox:\n  pace_recipients: false\n\
-             media:\n  dir: media\n  max_bytes: {MAX_BYTES}\n  url_secret: {MEDIA_SECRET}\n"
+            "flows: flows\nchannels:\n{}outbox:\n  pace_recipients: false\n\
+             media:\n  dir: media\n  max_bytes: {MAX_BYTES}\n  url_secret: {MEDIA_SECRET}\n",
+            channel.config(&fake)
         );
         std::fs::write(root.join("flowgate.yaml"), config).unwrap();
         let loaded = app::load(Some(&root.join("flowgate.yaml"))).expect("the project loads");
@@ -145,7 +124,7 @@ impl Setup {
             database,
             claims,
             _target: task,
-            dialog360,
+            channel,
         })
     }
 
@@ -158,25 +137,7 @@ impl Setup {
     async fn webhook(&self, from: &str, mut message: Value) {
         message["from"] = json!(from);
         message["timestamp"] = json!(support::now_timestamp());
-        let body = support::envelope(
-            PHONE_NUMBER_ID,
-            json!({
-                "contacts": [{"profile": {"name": "Ana"}, "wa_id": from}],
-                "messages": [message],
-            }),
-        );
-        let mut request = self
-            .server
-            .client
-            .post(format!("{}/webhook/main", self.server.base))
-            .header("content-type", "application/json");
-        request = if self.dialog360 {
-            request.header("X-Flowgate-Secret", D360_SECRET)
-        } else {
-            request.header("X-Hub-Signature-256", support::sign(APP_SECRET, &body))
-        };
-        let response = request.body(body).send().await.unwrap();
-        assert_eq!(response.status().as_u16(), 200);
+        self.channel.post_message(&self.server, message).await;
     }
 
     /// The customer `from` writes `text`.

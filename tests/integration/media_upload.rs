@@ -13,13 +13,9 @@ use std::time::Duration;
 use chrono::Utc;
 use flowgate::clock::{Clock, VirtualClock};
 use serde_json::{Value, json};
-use support::fake_graph::{FakeAuth, FakeGraph, Recorded, Reply, Script};
+use support::channel::{MainChannel, PHONE_NUMBER_ID};
+use support::fake_graph::{FakeGraph, Recorded, Reply, Script};
 use support::{Backend, Running, TestDb};
-
-const PHONE_NUMBER_ID: &str = "110000000000001";
-const TOKEN: &str = "media-token";
-const API_KEY: &str = "media-d360-key";
-const SECRET: &str = "media-app-secret";
 
 const FLOW: &str = r#"
 flow: menu
@@ -56,8 +52,7 @@ struct Project {
     clock: Arc<VirtualClock>,
     database: TestDb,
     server: Running,
-    channel: &'static str,
-    dialog360: bool,
+    channel: MainChannel,
 }
 
 static MESSAGE: AtomicU64 = AtomicU64::new(0);
@@ -69,12 +64,8 @@ impl Project {
 
     /// [`Project::start`] with `extra` config.
     async fn start_with(backend: Backend, dialog360: bool, extra: &str) -> Option<Project> {
-        let fake = FakeGraph::start(if dialog360 {
-            FakeAuth::dialog360(API_KEY)
-        } else {
-            FakeAuth::cloud_api(PHONE_NUMBER_ID, TOKEN)
-        })
-        .await;
+        let channel = MainChannel { dialog360 };
+        let fake = channel.fake().await;
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         std::fs::create_dir_all(root.join("flows")).unwrap();
@@ -84,23 +75,10 @@ impl Project {
         std::fs::write(root.join("media/menu.jpg"), jpeg(2000, 7)).unwrap();
         std::fs::write(root.join("media/terms.pdf"), b"%PDF-1.7\n% terms\n").unwrap();
         std::fs::write(root.join("templates.yaml"), "templates: []\n").unwrap();
-        let channel = if dialog360 {
-            format!(
-                "  - name: main\n    provider: dialog360\n    api_key: {API_KEY}\n    \
-                 webhook_secret: {SECRET}\n    api_base: {}\n",
-                fake.url
-            )
-        } else {
-            format!(
-                "  - name: main\n    provider: cloud_api\n    phone_number_id: \"{PHONE_NUMBER_ID}\"\n    \
-                 access_token: {TOKEN}\n    app_secret: {SECRET}\n    verify_token: v\n    \
-                 api_base: {}\n",
-                fake.cloud_api_base()
-            )
-        };
         let config = format!(
             "flows: flows\ntemplates: templates.yaml\noutbox:\n  media_expiry: 30d\n  \
-             media_renew_before: 1d\nchannels:\n{channel}{extra}"
+             media_renew_before: 1d\nchannels:\n{}{extra}",
+            channel.config(&fake)
         );
         std::fs::write(root.join("flowgate.yaml"), config).unwrap();
         let loaded = flowgate::app::load(Some(&root.join("flowgate.yaml"))).expect("it loads");
@@ -113,8 +91,7 @@ impl Project {
             clock,
             database,
             server,
-            channel: "main",
-            dialog360,
+            channel,
         })
     }
 
@@ -132,22 +109,7 @@ impl Project {
             "type": "text",
             "text": {"body": text},
         });
-        let body = support::envelope(
-            PHONE_NUMBER_ID,
-            json!({"contacts": [{"profile": {"name": "Ana"}, "wa_id": wa_id}], "messages": [message]}),
-        );
-        let request = self
-            .server
-            .client
-            .post(format!("{}/webhook/{}", self.server.base, self.channel))
-            .header("content-type", "application/json");
-        let request = if self.dialog360 {
-            request.header("x-flowgate-secret", SECRET)
-        } else {
-            request.header("x-hub-signature-256", support::sign(SECRET, &body))
-        };
-        let answer = request.body(body).send().await.unwrap();
-        assert_eq!(answer.status(), 200, "the webhook is taken");
+        self.channel.post_message(&self.server, message).await;
     }
 
     /// The accepted sends (answered with a wamid), once there are `n`.

@@ -21,7 +21,7 @@ use maud::{Markup, html};
 use serde::Deserialize;
 
 use super::{Nav, Session, csrf_field, error_page, page, raw, segment, when};
-use crate::campaign::report::Report;
+use crate::campaign::report::{Measures, Report};
 use crate::campaign_runner::audience;
 use crate::campaign_runner::registry::{ChangeError, Write};
 use crate::state::AppState;
@@ -633,9 +633,10 @@ pub async fn run_fragment(
 }
 
 fn run_markup(run: &RunRow, report: &Report) -> Markup {
-    let decided = (report.planned - report.pending - report.outbox).max(0);
-    let percent = if report.planned > 0 {
-        decided * 100 / report.planned
+    let planned = report.measures.planned;
+    let decided = (planned - report.measures.pending - report.measures.outbox).max(0);
+    let percent = if planned > 0 {
+        decided * 100 / planned
     } else {
         100
     };
@@ -645,10 +646,10 @@ fn run_markup(run: &RunRow, report: &Report) -> Markup {
             dt { "Scheduled for" } dd { (when(&run.scheduled_for)) }
             @if let Some(reason) = &run.reason { dt { "Reason" } dd { (reason) } }
         }
-        label for="run-progress" { "Progress: " (decided) " of " (report.planned) " recipients decided" }
-        progress id="run-progress" max=(report.planned.max(1)) value=(decided) { (percent) "%" }
+        label for="run-progress" { "Progress: " (decided) " of " (planned) " recipients decided" }
+        progress id="run-progress" max=(planned.max(1)) value=(decided) { (percent) "%" }
         h2 { "Report" }
-        (chart(report))
+        (chart(&report.measures))
         (variants_table(report))
         @if let Some(total) = report.cost.total {
             p { "Estimated cost: " (format!("{total:.2}")) " " (report.cost.currency.as_deref().unwrap_or("")) }
@@ -676,7 +677,8 @@ fn variants_table(report: &Report) -> Markup {
                         tr data-variant=(v.variant.as_deref().unwrap_or("")) {
                             th scope="row" { (v.variant.as_deref().unwrap_or("(none)")) }
                             td { (format!("{:.1} %", v.share * 100.0)) }
-                            @for n in [v.planned, v.sent, v.delivered, v.read, v.replied, v.failed.total, v.skipped.total] {
+                            @let m = &v.measures;
+                            @for n in [m.planned, m.sent, m.delivered, m.read, m.replied, m.failed.total, m.skipped.total] {
                                 td { (n) }
                             }
                         }
@@ -687,21 +689,21 @@ fn variants_table(report: &Report) -> Markup {
     }
 }
 
-/// The report as horizontal bars (inline SVG): sent, delivered, read, replied, failed,
+/// A report's measures as horizontal bars (inline SVG): sent, delivered, read, replied, failed,
 /// then skipped by reason.
-pub fn chart(report: &Report) -> Markup {
+pub fn chart(measures: &Measures) -> Markup {
     let mut bars: Vec<(String, i64, &str)> = vec![
-        ("sent".into(), report.sent, "sent"),
-        ("delivered".into(), report.delivered, "delivered"),
-        ("read".into(), report.read, "read"),
-        ("replied".into(), report.replied, "replied"),
-        ("failed".into(), report.failed.total, "failed"),
+        ("sent".into(), measures.sent, "sent"),
+        ("delivered".into(), measures.delivered, "delivered"),
+        ("read".into(), measures.read, "read"),
+        ("replied".into(), measures.replied, "replied"),
+        ("failed".into(), measures.failed.total, "failed"),
     ];
-    for (reason, n) in &report.skipped.by {
+    for (reason, n) in &measures.skipped.by {
         bars.push((format!("skipped: {reason}"), *n, "skipped"));
     }
-    if report.skipped.by.is_empty() {
-        bars.push(("skipped".into(), report.skipped.total, "skipped"));
+    if measures.skipped.by.is_empty() {
+        bars.push(("skipped".into(), measures.skipped.total, "skipped"));
     }
     let max = bars.iter().map(|b| b.1).max().unwrap_or(0).max(1);
     let (row, label_w, bar_w) = (28, 230, 300);
@@ -767,13 +769,18 @@ mod tests {
     fn a_split_runs_report_shows_a_row_per_variant() {
         use crate::campaign::report::VariantReport;
         let report = Report {
-            planned: 4,
+            measures: Measures {
+                planned: 4,
+                ..Measures::default()
+            },
             variants: vec![VariantReport {
                 variant: Some("short".into()),
                 share: 0.25,
-                planned: 1,
-                replied: 1,
-                ..VariantReport::default()
+                measures: Measures {
+                    planned: 1,
+                    replied: 1,
+                    ..Measures::default()
+                },
             }],
             ..Report::default()
         };

@@ -1,5 +1,6 @@
 //! Helpers shared by the integration test modules (`use crate::support;`).
 
+pub mod channel;
 pub mod fake_graph;
 
 /// A `flowgate.yaml` in `dir` for the repository's own flows, scripts and templates, with
