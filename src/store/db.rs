@@ -333,11 +333,9 @@ impl Sqlite {
     /// Starts the writer, then the readers' pool, on `options`.
     async fn open(options: SqliteConnectOptions, in_memory: bool) -> Result<Self, StoreError> {
         // The writer first: it creates the file and switches it to WAL.
-        let file = (!in_memory).then(|| options.get_filename().to_path_buf());
         let writer = Writer::start(
             sqlx::ConnectOptions::connect(&options).await?,
             options.clone(),
-            file.as_deref(),
         )
         .map_err(StoreError::WriterThread)?;
         let mmap_size = (!in_memory).then_some(MMAP_SIZE);

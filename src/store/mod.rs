@@ -65,7 +65,6 @@
 mod api_requests;
 mod campaign_reports;
 mod campaigns;
-mod checkpoint;
 mod channel_lease;
 mod contacts;
 mod conversations;

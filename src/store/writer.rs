@@ -61,7 +61,6 @@ use sqlx::sqlite::{LockedSqliteHandle, SqliteConnectOptions};
 use sqlx::{Connection as _, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
-use super::checkpoint::Checkpointer;
 use super::error::StoreError;
 use super::sql::bind_numbered;
 
@@ -171,21 +170,10 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Hands `conn` to a new writer thread; `options` open it again if it breaks. `file`:
-    /// the database's file, whose WAL is then checkpointed by a thread of its own
-    /// ([`super::checkpoint`]) rather than by the writer (`None` in memory).
-    pub fn start(
-        conn: SqliteConnection,
-        options: SqliteConnectOptions,
-        file: Option<&std::path::Path>,
-    ) -> std::io::Result<Self> {
+    /// Hands `conn` to a new writer thread; `options` open it again if it breaks.
+    pub fn start(conn: SqliteConnection, options: SqliteConnectOptions) -> std::io::Result<Self> {
         let (jobs, queue) = mpsc::unbounded_channel();
         let (committed, commits) = tokio::sync::watch::channel(0u64);
-        let checkpointer = file.and_then(|path| {
-            Checkpointer::start(path, commits.clone())
-                .inspect_err(|e| tracing::warn!(error = %e, "cannot open a connection to checkpoint the database's WAL; the writer checkpoints it"))
-                .ok()
-        });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -193,7 +181,7 @@ impl Writer {
             .name("flowgate-writer".into())
             .spawn(move || {
                 let driven = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    runtime.block_on(drive(conn, options, queue, committed, checkpointer))
+                    runtime.block_on(drive(conn, options, queue, committed))
                 }));
                 if driven.is_err() {
                     // Without its writer the server can take no webhook; a restart (which
@@ -322,10 +310,7 @@ async fn drive(
     options: SqliteConnectOptions,
     queue: mpsc::UnboundedReceiver<Command>,
     committed: tokio::sync::watch::Sender<u64>,
-    checkpointer: Option<Checkpointer>,
 ) {
-    let checkpointed = checkpointer.is_some();
-    leave_checkpoints(&mut conn, checkpointed).await;
     let mut raw = RawView::default();
     let mut queue = Queue {
         commands: queue,
@@ -360,32 +345,13 @@ async fn drive(
         }
         raw.release(&mut conn).await;
         conn = reconnect(conn, &options).await;
-        leave_checkpoints(&mut conn, checkpointed).await;
     }
     raw.release(&mut conn).await;
-    // The checkpointer's connection closes first: the writer's close, the last, then
-    // checkpoints what is left and removes the WAL.
-    if let Some(checkpointer) = checkpointer {
-        checkpointer.stop();
-    }
     if let Err(e) = conn.close().await {
         tracing::warn!(error = %e, "closing the database's writer connection failed");
     }
     if let Some(done) = queue.closing {
         let _ = done.send(());
-    }
-}
-
-/// Turns the writer connection's automatic checkpoints off when the checkpointer runs.
-async fn leave_checkpoints(conn: &mut SqliteConnection, checkpointed: bool) {
-    if !checkpointed {
-        return;
-    }
-    if let Err(e) = sqlx::query("PRAGMA wal_autocheckpoint = 0")
-        .execute(&mut *conn)
-        .await
-    {
-        tracing::warn!(error = %e, "cannot leave the WAL's checkpoints to their thread; the writer checkpoints too");
     }
 }
 
@@ -766,7 +732,7 @@ mod tests {
             .execute(&mut conn)
             .await
             .unwrap();
-        let writer = Writer::start(conn, options.clone(), Some(&dir.path().join("w.db"))).unwrap();
+        let writer = Writer::start(conn, options.clone()).unwrap();
         let pool = SqlitePool::connect_with(options).await.unwrap();
         (writer, pool, dir)
     }
@@ -1005,33 +971,6 @@ mod tests {
             (1 + 2, 1 + 1)
         );
         assert_eq!(values(&pool).await, ["a", "b", "c", "d", "taken"]);
-    }
-
-    #[tokio::test]
-    async fn the_wal_is_checkpointed_beside_the_writer_not_by_it() {
-        let (writer, pool, dir) = setup().await;
-        let autocheckpoint: i64 = writer
-            .run_raw(|db| Ok(db.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))?))
-            .await
-            .unwrap();
-        assert_eq!(autocheckpoint, 0, "the writer leaves checkpoints to their thread");
-        let file = dir.path().join("w.db");
-        let size = || std::fs::metadata(&file).unwrap().len();
-        let before = size();
-        // Far fewer pages than SQLite's automatic threshold (1,000): only the thread copies
-        // them into the database file.
-        for i in 0..200 {
-            insert(&writer, &format!("row {i:03}"), Mode::Raw, 0)
-                .await
-                .unwrap()
-                .unwrap();
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while size() <= before && std::time::Instant::now() < deadline {
-            tokio::time::sleep(super::super::checkpoint::EVERY).await;
-        }
-        assert!(size() > before, "the rows reached the database file");
-        assert_eq!(values(&pool).await.len(), 200);
     }
 
     #[tokio::test]
