@@ -58,6 +58,13 @@ pub struct Measures {
     pub cancelled: i64,
 }
 
+impl Measures {
+    /// Recipients decided for good (neither pending nor in the outbox): a run's progress.
+    pub fn decided(&self) -> i64 {
+        (self.planned - self.pending - self.outbox).max(0)
+    }
+}
+
 /// One variant's part of a run: the report's measures for the recipients it was given.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct VariantReport {

@@ -294,8 +294,7 @@ impl RunReport {
 
     /// Recipients decided for good: the progress bar's position.
     pub fn decided(&self) -> u64 {
-        let r = &self.report.measures;
-        (r.planned - r.pending - r.outbox).max(0) as u64
+        self.report.measures.decided() as u64
     }
 
     /// One line: where the run is.

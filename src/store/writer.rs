@@ -515,33 +515,26 @@ fn raw_transaction(
         tracing::error!(error = %e, "the database's writer could not begin a transaction; opening it again");
         return (false, None);
     }
-    let mut jobs = Vec::new();
-    while let Some(Job::Raw(_)) = pending.peek() {
-        let Some(Job::Raw(job)) = pending.next() else {
-            unreachable!("just peeked")
-        };
-        jobs.push(job);
-    }
+    let mut jobs = take_raw(pending);
     // Bare first; after a failure, again from the start, each job in its savepoint.
     let clean = jobs.iter_mut().all(|job| job.attempt(db, false).is_none());
-    if !clean {
+    let broke_at = if clean {
+        None
+    } else {
         match run_isolated_again(db, &mut jobs) {
-            Rerun::Clean => {}
-            Rerun::NotBegun => {
+            Ok(broke_at) => broke_at,
+            Err(()) => {
                 put_back(pending, jobs);
                 return (false, None);
             }
-            Rerun::BrokeAt(last) => {
-                put_back(pending, jobs.split_off(last + 1));
-                ran.extend(jobs.into_iter().map(RawWork::into_ran));
-                if !db.is_autocommit() {
-                    let _ = db.execute_batch("ROLLBACK");
-                }
-                return (true, Some(GROUP_BROKE));
-            }
         }
+    };
+    if settle(pending, ran, jobs, broke_at) {
+        if !db.is_autocommit() {
+            let _ = db.execute_batch("ROLLBACK");
+        }
+        return (true, Some(GROUP_BROKE));
     }
-    ran.extend(jobs.into_iter().map(RawWork::into_ran));
     match db.execute_batch("COMMIT") {
         Ok(()) => (true, None),
         Err(e) => {
@@ -552,18 +545,10 @@ fn raw_transaction(
     }
 }
 
-/// How a group's second run went.
-enum Rerun {
-    Clean,
-    /// The transaction could not begin again: no job counts as started.
-    NotBegun,
-    /// The job at this index broke the transaction; the jobs after it did not start.
-    BrokeAt(usize),
-}
-
 /// After a job of a bare run failed: rolls the transaction back and runs `jobs` again in a
-/// new one, each in a savepoint of its own.
-fn run_isolated_again(db: &rusqlite::Connection, jobs: &mut [RawJob]) -> Rerun {
+/// new one ([`run_isolated`]). `Err` when the transaction could not begin again: no job
+/// counts as started.
+fn run_isolated_again(db: &rusqlite::Connection, jobs: &mut [RawJob]) -> Result<Option<usize>, ()> {
     // A failure may have ended the transaction already (SQLite rolls back on some errors).
     let again = if db.is_autocommit() {
         db.execute_batch("BEGIN IMMEDIATE")
@@ -572,15 +557,44 @@ fn run_isolated_again(db: &rusqlite::Connection, jobs: &mut [RawJob]) -> Rerun {
     };
     if let Err(e) = again {
         tracing::error!(error = %e, "the database's writer could not run a group again after a failed job; opening it again");
-        return Rerun::NotBegun;
+        return Err(());
     }
-    match jobs
-        .iter_mut()
+    Ok(run_isolated(db, jobs))
+}
+
+/// Runs `jobs` in order, each in a savepoint of its own, until one breaks the transaction:
+/// that job's index (the jobs after it did not start).
+fn run_isolated(db: &rusqlite::Connection, jobs: &mut [RawJob]) -> Option<usize> {
+    jobs.iter_mut()
         .position(|job| job.attempt(db, true) == Some(Failure::Transaction))
-    {
-        Some(last) => Rerun::BrokeAt(last),
-        None => Rerun::Clean,
+}
+
+/// The raw jobs at the front of `pending`, taken out of it.
+fn take_raw(pending: &mut Pending) -> Vec<RawJob> {
+    let mut jobs = Vec::new();
+    while let Some(Job::Raw(_)) = pending.peek() {
+        let Some(Job::Raw(job)) = pending.next() else {
+            unreachable!("just peeked")
+        };
+        jobs.push(job);
     }
+    jobs
+}
+
+/// Answers the jobs that ran (up to the one at `broke_at`, which broke the transaction,
+/// if any) once the group ends, and returns the rest to the front of `pending`. Whether
+/// the transaction broke.
+fn settle(
+    pending: &mut Pending,
+    ran: &mut Vec<Ran>,
+    mut jobs: Vec<RawJob>,
+    broke_at: Option<usize>,
+) -> bool {
+    if let Some(last) = broke_at {
+        put_back(pending, jobs.split_off(last + 1));
+    }
+    ran.extend(jobs.into_iter().map(RawWork::into_ran));
+    broke_at.is_some()
 }
 
 /// Returns raw jobs that did not start to the front of `pending`.
@@ -650,17 +664,9 @@ async fn run_mixed_group(
 /// Runs the raw jobs at the front of `pending`; `true` when one broke the transaction (the
 /// jobs after it stay in `pending`).
 fn run_raw_jobs(db: &rusqlite::Connection, pending: &mut Pending, ran: &mut Vec<Ran>) -> bool {
-    while let Some(Job::Raw(_)) = pending.peek() {
-        let Some(Job::Raw(mut job)) = pending.next() else {
-            unreachable!("just peeked")
-        };
-        let broken = job.attempt(db, true) == Some(Failure::Transaction);
-        ran.push(job.into_ran());
-        if broken {
-            return true;
-        }
-    }
-    false
+    let mut jobs = take_raw(pending);
+    let broke_at = run_isolated(db, &mut jobs);
+    settle(pending, ran, jobs, broke_at)
 }
 
 /// Closes a connection in an unknown state (an open transaction is rolled back) and opens

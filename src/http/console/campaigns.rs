@@ -634,7 +634,7 @@ pub async fn run_fragment(
 
 fn run_markup(run: &RunRow, report: &Report) -> Markup {
     let planned = report.measures.planned;
-    let decided = (planned - report.measures.pending - report.measures.outbox).max(0);
+    let decided = report.measures.decided();
     let percent = if planned > 0 {
         decided * 100 / planned
     } else {
