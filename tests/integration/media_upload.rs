@@ -213,9 +213,17 @@ async fn an_upload_slower_than_its_timeout_is_given_up_and_retried() {
         p.fake.sends().is_empty(),
         "nothing was sent without its file"
     );
-    // WhatsApp is quick again; the retry's back-off passes on the virtual clock.
+    // WhatsApp is quick again; the retry's back-off passes on the virtual clock. The sender
+    // counts the failure before it reads the clock for the retry's time, so the clock goes
+    // on moving (a second per poll, well inside the customer's window) until the retry is
+    // sent: under load it may read the clock after the first five minutes were added.
     p.fake.delay_uploads(Duration::ZERO);
     p.clock.advance(chrono::Duration::minutes(5));
+    support::eventually("the retry is sent", || {
+        p.clock.advance(chrono::Duration::seconds(1));
+        std::future::ready(p.fake.sends().iter().any(|s| s.wamid.is_some()))
+    })
+    .await;
     let sends = p.accepted_sends(1).await;
     assert_eq!(image_id(&sends[0]), p.fake.uploads().last().unwrap().id);
     assert!(p.server.metric(uploaded).await > uploaded_before);
